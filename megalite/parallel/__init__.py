@@ -1,0 +1,1 @@
+"""Tensor, pipeline, context and data parallelism: the grid, communication and parallel layers."""

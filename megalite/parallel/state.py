@@ -1,0 +1,243 @@
+"""The process-group manager: one object that owns the TP x CP x DP x PP grid.
+
+Ranks are laid out with tensor parallelism fastest, then context, data and pipeline parallelism
+(Megatron-LM's default order), so that one node of 8 GPUs holds whole TP groups::
+
+    rank = tp + TP * (cp + CP * (dp + DP * pp))
+
+Worked example, 8 ranks with TP=2, DP=2, PP=2 (CP=1)::
+
+    tp groups     [0,1] [2,3] [4,5] [6,7]
+    dp groups     [0,2] [1,3] [4,6] [5,7]
+    pp groups     [0,4] [1,5] [2,6] [3,7]
+    model-parallel (tp x pp) groups  [0,1,4,5] [2,3,6,7]
+
+Every process group of a run is created here, by :func:`initialize_grid`, and read everywhere
+else through :func:`get_grid`.  ``torch.distributed.new_group`` must be called by every rank for
+every group in the same order, so the constructor walks all groups of each kind, creating them on
+every rank and keeping the one this rank belongs to.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch.distributed as dist
+
+# Kinds of group, each named by the grid axes it spans.
+GROUP_AXES = {
+    "tp": ("tp",),
+    "cp": ("cp",),
+    "dp": ("dp",),
+    "pp": ("pp",),
+    "mp": ("tp", "pp"),          # model-parallel: everything that holds one replica of the model
+    "tp_dp": ("tp", "dp"),
+    "dp_cp": ("cp", "dp"),       # gradients are averaged over DP and CP together
+    "tp_cp": ("tp", "cp"),
+}
+AXES = ("tp", "cp", "dp", "pp")  # fastest first
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    tp: int
+    cp: int
+    dp: int
+    pp: int
+
+
+def grid_group_ranks(sizes: Dict[str, int], kind: str) -> List[List[int]]:
+    """All rank lists of one kind of group, for a grid of ``sizes`` (pure arithmetic, no torch).
+
+    >>> grid_group_ranks({"tp": 2, "cp": 1, "dp": 2, "pp": 2}, "dp")
+    [[0, 2], [1, 3], [4, 6], [5, 7]]
+    """
+    if kind == "embedding":
+        return [[pipeline[0], pipeline[-1]] if len(pipeline) > 1 else pipeline
+                for pipeline in grid_group_ranks(sizes, "pp")]
+    spanned = GROUP_AXES[kind]
+    fixed = [a for a in AXES if a not in spanned]
+    groups = []
+    # Walk the fixed axes slowest-first so groups come out in ascending order of their first rank.
+    for fixed_values in itertools.product(*(range(sizes[a]) for a in reversed(fixed))):
+        coords = dict(zip(reversed(fixed), fixed_values))
+        members = []
+        for spanned_values in itertools.product(*(range(sizes[a]) for a in reversed(spanned))):
+            coords.update(zip(reversed(spanned), spanned_values))
+            members.append(_rank_of(sizes, coords))
+        groups.append(sorted(members))
+    return sorted(groups)
+
+
+def _rank_of(sizes, coords) -> int:
+    return coords["tp"] + sizes["tp"] * (coords["cp"] + sizes["cp"] * (coords["dp"] + sizes["dp"] * coords["pp"]))
+
+
+def validate_grid(world_size: int, tp: int, pp: int, cp: int = 1, dp: Optional[int] = None) -> int:
+    """Return the data-parallel size, or raise a ValueError that names the numbers."""
+    for name, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--context-parallel-size", cp)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    model_ranks = tp * pp * cp
+    if world_size % model_ranks != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) x context ({cp}) "
+            f"parallel sizes = {model_ranks}; use a world size that is a multiple of {model_ranks}, "
+            f"or sizes whose product divides {world_size}")
+    derived_dp = world_size // model_ranks
+    if dp is not None and dp != derived_dp:
+        raise ValueError(
+            f"grid TP={tp} x CP={cp} x DP={dp} x PP={pp} = {tp * cp * dp * pp} ranks does not match "
+            f"the world size {world_size}; with these TP, CP and PP sizes DP must be {derived_dp}")
+    return derived_dp
+
+
+class ProcessGrid:
+    """This rank's view of the TP x CP x DP x PP grid and every process group on it.
+
+    Attributes: ``tp_size``, ``cp_size``, ``dp_size``, ``pp_size``, ``world_size``, ``rank``;
+    this rank's coordinates ``tp_rank``, ``cp_rank``, ``dp_rank``, ``pp_rank``; the groups
+    ``tp_group``, ``cp_group``, ``dp_group``, ``pp_group``, ``mp_group`` (tp x pp),
+    ``tp_dp_group``, ``dp_cp_group``, ``tp_cp_group`` and ``embedding_group`` (first and last stage
+    of this rank's pipeline), with their member lists in ``ranks[kind]``.
+
+    With a virtual pipeline (interleaved schedule) each rank holds ``virtual_pp_size`` model chunks;
+    :meth:`is_first_stage` and :meth:`is_last_stage` take the chunk into account.
+    """
+
+    def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
+                 virtual_pp: Optional[int] = None):
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized; call megalite.parallel.launch.init_distributed() "
+                               "(or torch.distributed.init_process_group) before initialize_grid()")
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.backend = dist.get_backend()
+        self.dp_size = validate_grid(self.world_size, tp, pp, cp, dp)
+        self.tp_size, self.pp_size, self.cp_size = tp, pp, cp
+        if virtual_pp is not None and virtual_pp > 1 and pp == 1:
+            raise ValueError(f"--virtual-pipeline-model-parallel-size {virtual_pp} needs "
+                             f"--pipeline-model-parallel-size > 1 (got 1); drop the virtual size or add stages")
+        self.virtual_pp_size = virtual_pp if virtual_pp and virtual_pp > 1 else None
+        self.virtual_pp_rank = 0
+
+        coords = self.coordinates(self.rank)
+        self.tp_rank, self.cp_rank, self.dp_rank, self.pp_rank = coords.tp, coords.cp, coords.dp, coords.pp
+
+        self.ranks: Dict[str, List[int]] = {}
+        self._groups: Dict[str, dist.ProcessGroup] = {}
+        created: Dict[tuple, dist.ProcessGroup] = {}  # kinds with equal members share one group
+        for kind in list(GROUP_AXES) + ["embedding"]:
+            for members in grid_group_ranks(self.sizes, kind):
+                key = tuple(members)
+                if key not in created:
+                    # Every rank must call new_group for every group, in the same order.
+                    created[key] = dist.new_group(members) if len(members) < self.world_size else dist.group.WORLD
+                if self.rank in members:
+                    self.ranks[kind], self._groups[kind] = members, created[key]
+
+    # -- geometry -----------------------------------------------------------------------------
+    @property
+    def sizes(self) -> Dict[str, int]:
+        return {"tp": self.tp_size, "cp": self.cp_size, "dp": self.dp_size, "pp": self.pp_size}
+
+    def coordinates(self, rank: int) -> Coordinates:
+        tp = rank % self.tp_size
+        cp = rank // self.tp_size % self.cp_size
+        dp = rank // (self.tp_size * self.cp_size) % self.dp_size
+        pp = rank // (self.tp_size * self.cp_size * self.dp_size)
+        return Coordinates(tp, cp, dp, pp)
+
+    def rank_of(self, tp: int = 0, cp: int = 0, dp: int = 0, pp: int = 0) -> int:
+        return _rank_of(self.sizes, {"tp": tp, "cp": cp, "dp": dp, "pp": pp})
+
+    def group_ranks(self, kind: str) -> List[List[int]]:
+        """Every group of one kind on the grid (not only this rank's), e.g. ``group_ranks("tp")``."""
+        return grid_group_ranks(self.sizes, kind)
+
+    # -- groups ---------------------------------------------------------------------------------
+    def group(self, kind: str):
+        return self._groups[kind]
+
+    tp_group = property(lambda self: self._groups["tp"])
+    cp_group = property(lambda self: self._groups["cp"])
+    dp_group = property(lambda self: self._groups["dp"])
+    pp_group = property(lambda self: self._groups["pp"])
+    mp_group = property(lambda self: self._groups["mp"])
+    tp_dp_group = property(lambda self: self._groups["tp_dp"])
+    dp_cp_group = property(lambda self: self._groups["dp_cp"])
+    tp_cp_group = property(lambda self: self._groups["tp_cp"])
+    embedding_group = property(lambda self: self._groups["embedding"])
+
+    # -- pipeline -------------------------------------------------------------------------------
+    def is_first_stage(self, chunk: Optional[int] = None, ignore_virtual: bool = False) -> bool:
+        """True on the stage that holds the embedding (chunk 0 of pipeline rank 0)."""
+        if not ignore_virtual and self.virtual_pp_size is not None:
+            chunk = self.virtual_pp_rank if chunk is None else chunk
+            if chunk != 0:
+                return False
+        return self.pp_rank == 0
+
+    def is_last_stage(self, chunk: Optional[int] = None, ignore_virtual: bool = False) -> bool:
+        """True on the stage that holds the output layer and loss (last chunk of the last rank)."""
+        if not ignore_virtual and self.virtual_pp_size is not None:
+            chunk = self.virtual_pp_rank if chunk is None else chunk
+            if chunk != self.virtual_pp_size - 1:
+                return False
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def next_stage_rank(self) -> int:
+        """Global rank of the next pipeline stage (wrapping around, as the interleaved schedule needs)."""
+        return self.ranks["pp"][(self.pp_rank + 1) % self.pp_size]
+
+    @property
+    def prev_stage_rank(self) -> int:
+        return self.ranks["pp"][(self.pp_rank - 1) % self.pp_size]
+
+    @property
+    def is_embedding_rank(self) -> bool:
+        return self.rank in self.ranks["embedding"]
+
+    def __repr__(self) -> str:
+        return (f"ProcessGrid(rank={self.rank}/{self.world_size}, TP={self.tp_size}, CP={self.cp_size}, "
+                f"DP={self.dp_size}, PP={self.pp_size}, vPP={self.virtual_pp_size}, coords=(tp={self.tp_rank}, "
+                f"cp={self.cp_rank}, dp={self.dp_rank}, pp={self.pp_rank}))")
+
+
+_GRID: Optional[ProcessGrid] = None
+
+
+def initialize_grid(tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
+                    virtual_pp: Optional[int] = None) -> ProcessGrid:
+    """Build the grid (collective: every rank calls it with the same sizes) and make it current."""
+    global _GRID
+    if _GRID is not None:
+        raise RuntimeError("the process grid is already initialized; call destroy_grid() first")
+    _GRID = ProcessGrid(tp=tp, pp=pp, cp=cp, dp=dp, virtual_pp=virtual_pp)
+    return _GRID
+
+
+def get_grid() -> ProcessGrid:
+    if _GRID is None:
+        raise RuntimeError("the process grid is not initialized; call megalite.parallel.state.initialize_grid()")
+    return _GRID
+
+
+def grid_is_initialized() -> bool:
+    return _GRID is not None
+
+
+def destroy_grid() -> None:
+    """Forget the grid and destroy its groups (the default group stays)."""
+    global _GRID
+    if _GRID is None:
+        return
+    seen = set()
+    for group in _GRID._groups.values():
+        if group is not dist.group.WORLD and id(group) not in seen:
+            seen.add(id(group))
+            dist.destroy_process_group(group)
+    _GRID = None

@@ -1,0 +1,61 @@
+# Sourced by examples/quickstart.sh and tests/run.sh: creates or reuses a virtual environment,
+# installs megalite's dependencies and builds its extensions.  Safe to re-run: each step is
+# skipped when already done.  Leaves $PY pointing at the environment's python.
+#
+# CPU machines get torch==2.13.0 (its CPU wheel lies on disk; an unpinned torch would pull a
+# multi-GB CUDA build).  A machine whose python3 already has torch (the GPU machines, which have
+# no network) gets a venv with --system-site-packages that reuses that torch.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MEGALITE_VENV:-$ROOT/.venv}"
+TORCH_PIN="torch==2.13.0"
+
+say() { echo "[setup] $*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if python3 -c "import torch" >/dev/null 2>&1; then
+    say "python3 already has torch $(python3 -c 'import torch; print(torch.__version__)'): reusing it"
+    python3 -m venv --system-site-packages "$VENV"
+  else
+    say "creating $VENV"
+    python3 -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+export PY
+
+pip_quiet() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v -E "^WARNING: Location|is ignored" || true; }
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  say "installing $TORCH_PIN (CPU)"
+  pip_quiet "$TORCH_PIN"
+fi
+
+# module name -> pip requirement; only missing ones are installed (GPU machines have no network).
+need=()
+for pair in numpy:numpy regex:regex pytest:pytest pybind11:pybind11 setuptools:setuptools \
+            wheel:wheel ninja:ninja tiktoken:tiktoken tokenizers:tokenizers \
+            matplotlib:matplotlib tqdm:tqdm; do
+  mod="${pair%%:*}"; req="${pair#*:}"
+  "$PY" -c "import $mod" >/dev/null 2>&1 || need+=("$req")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  pip_quiet "${need[@]}"
+fi
+
+# Rebuild the extensions only when their sources or the build files changed.
+stamp="$VENV/.megalite-build-stamp"
+digest=$(cd "$ROOT" && cat setup.py pyproject.toml $(find csrc -type f | sort) 2>/dev/null | sha1sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! "$PY" -c "import megalite" >/dev/null 2>&1; then
+  say "building megalite (C++ extensions; ~1-2 minutes on 2 cores)"
+  start=$(date +%s)
+  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install --disable-pip-version-check -q \
+      --no-build-isolation --no-deps -e . 2>&1 | grep -v -E "^WARNING: Location|is ignored" || true)
+  "$PY" -c "import megalite" || { echo "[setup] megalite failed to install" >&2; exit 1; }
+  echo "$digest" > "$stamp"
+  say "built in $(( $(date +%s) - start )) s"
+fi
+
+# GPT-2's vocabulary files (used by the tokenizer tests); a miss only skips those tests.
+"$PY" "$ROOT/tools/fetch_gpt2_vocab.py" --quiet || say "could not fetch GPT-2 vocabulary files; GPT-2 BPE tests will skip"

@@ -1,0 +1,88 @@
+"""Build megalite and its native extensions.
+
+Three extensions, each built only when its sources exist:
+
+* ``megalite._C``     C++ CPU kernels (fused Adam, LayerNorm/RMSNorm) against the torch headers,
+                      OpenMP-parallel.  Built everywhere.
+* ``megalite._cuda``  the same kernels for CUDA.  Built only where torch was built with CUDA and
+                      ``nvcc`` exists (``MEGALITE_BUILD_CUDA=0`` turns it off).
+* ``megalite._data``  the indexed-dataset builder and sample/blending index helpers: pybind11 and
+                      numpy only, no torch headers, so it compiles in seconds.
+
+Install with ``pip install --no-build-isolation -e .``: build isolation would download another
+torch instead of using the one in the environment.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def openmp_flags():
+    return ["-fopenmp"] if os.name != "nt" else ["/openmp"]
+
+
+def extensions():
+    exts, cmdclass = [], {}
+    from torch.utils import cpp_extension
+
+    cpu_sources = sources("csrc/cpu/*.cpp")
+    if cpu_sources:
+        exts.append(cpp_extension.CppExtension(
+            "megalite._C", cpu_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args=["-O3", "-std=c++17"] + openmp_flags(),
+            extra_link_args=openmp_flags(),
+        ))
+
+    cuda_sources = sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
+    want_cuda = os.environ.get("MEGALITE_BUILD_CUDA", "1") != "0"
+    import torch
+    has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
+    if cuda_sources and want_cuda and torch.version.cuda is not None and has_nvcc:
+        exts.append(cpp_extension.CUDAExtension(
+            "megalite._cuda", cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+        ))
+
+    data_sources = sources("csrc/data/*.cpp")
+    if data_sources:
+        import numpy
+        import pybind11
+        from setuptools import Extension
+        exts.append(Extension(
+            "megalite._data", data_sources,
+            include_dirs=[pybind11.get_include(), numpy.get_include(), os.path.join(ROOT, "csrc")],
+            extra_compile_args=["-O3", "-std=c++17"] + openmp_flags(),
+            extra_link_args=openmp_flags(),
+            language="c++",
+        ))
+
+    if exts:
+        cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    return exts, cmdclass
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="megalite",
+    version="0.1.0",
+    description="Small, readable Megatron-style 3D-parallel training for GPT-family models",
+    packages=find_packages(include=["megalite", "megalite.*"]),
+    python_requires=">=3.9",
+    # torch is deliberately unpinned here: scripts/setup_env.sh pins torch==2.13.0 on CPU machines
+    # and reuses a preinstalled CUDA torch on GPU machines.
+    install_requires=["torch>=2.1", "numpy", "regex"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
