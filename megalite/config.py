@@ -88,3 +88,36 @@ class ModelConfig:
         """Vocabulary padded to a multiple of make_vocab_size_divisible_by x TP (Megatron's rule)."""
         multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
         return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW, clipping, mixed precision and gradient reduction (Megatron flag names)."""
+
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0                      # 0 disables clipping
+    bf16: bool = False
+    fp16: bool = False
+    loss_scale: Optional[float] = None          # constant scale for fp16; None = dynamic
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    use_distributed_optimizer: bool = False     # ZeRO-1
+    overlap_grad_reduce: bool = False
+    ddp_bucket_size: Optional[int] = None       # elements per bucket; None = one bucket per 40M elements
+
+    def __post_init__(self):
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 are exclusive; choose one")
+        if self.lr < 0 or self.min_lr < 0:
+            raise ValueError(f"--lr {self.lr} and --min-lr {self.min_lr} must be non-negative")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
+        if self.clip_grad < 0:
+            raise ValueError(f"--clip-grad {self.clip_grad} must be >= 0 (0 disables clipping)")
