@@ -1,0 +1,102 @@
+"""tools/preprocess_data.py: formats, sharded workers, bad lines, atomic output; merge_datasets."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+import merge_datasets
+import preprocess_data
+from megalite.data.indexed import IndexedDataset, IndexedDatasetError
+from megalite.data.tokenizer import build_tokenizer
+
+
+def run(inputs, prefix, tokenizer, *extra):
+    vocab, merges = tokenizer
+    preprocess_data.main(["--input", *inputs, "--output-prefix", prefix, "--vocab-file", vocab,
+                          "--merge-file", merges, "--quiet", *extra])
+    return IndexedDataset(prefix)
+
+
+def write_jsonl(path, texts, bad=()):
+    """bad: {line number: raw bytes} inserted at those 1-based line numbers."""
+    lines, texts = [], list(texts)
+    for number in range(1, len(texts) + len(bad) + 1):
+        lines.append(bad[number] if number in bad else json.dumps({"text": texts.pop(0)}).encode())
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+
+
+TEXTS = [f"document {i}: " + "words and more words " * (i % 7) for i in range(300)]
+
+
+def test_jsonl_workers_give_identical_output_and_report_bad_lines(tmp_path, small_tokenizer, capsys):
+    bad = {3: b'{"text": broken', 10: b'{"other": "no text key"}', 20: b'{"text": "caf\xe9"}', 25: b'["a list"]'}
+    write_jsonl(tmp_path / "in.jsonl", TEXTS, bad)
+    one = run([str(tmp_path / "in.jsonl")], str(tmp_path / "w1"), small_tokenizer, "--append-eod")
+    report = capsys.readouterr().out
+    two = run([str(tmp_path / "in.jsonl")], str(tmp_path / "w2"), small_tokenizer, "--append-eod", "--workers", "2")
+    for ext in (".bin", ".idx"):
+        assert open(tmp_path / f"w1{ext}", "rb").read() == open(tmp_path / f"w2{ext}", "rb").read()
+    assert one.num_documents == len(TEXTS) == two.num_documents
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=small_tokenizer[0], merge_file=small_tokenizer[1])
+    for i in (0, 1, 150, 299):
+        ids = two[i]
+        assert ids[-1] == tok.eod and tok.decode(ids[:-1]) == TEXTS[i]
+    assert one.dtype == np.uint16
+    assert "skipped 4 bad lines" in report
+    for line, reason in ((3, "invalid JSON"), (10, "no string under key 'text'"), (20, "not UTF-8"),
+                         (25, "not a JSON object")):
+        assert f"in.jsonl:{line}: {reason}" in report
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "w1.bin", "w1.idx", "w2.bin", "w2.idx"]  # no leftovers
+
+
+def test_gzip_folder_pattern_and_plain_text(tmp_path, small_tokenizer):
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps({"text": t, "title": "T"}) for t in TEXTS[:5]) + "\n")
+    ds = run([str(tmp_path / "a.jsonl.gz")], str(tmp_path / "gz"), small_tokenizer, "--json-keys", "text", "title")
+    assert ds.num_documents == 10  # each key is its own document
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "one.py").write_text("x = 1\n")
+    (src / "pkg" / "two.py").write_text("y = 2\n")
+    (src / "notes.md").write_text("not python")
+    (src / "empty.py").write_text("")
+    ds = run([str(src)], str(tmp_path / "py"), small_tokenizer, "--pattern", "*.py")
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=small_tokenizer[0], merge_file=small_tokenizer[1])
+    assert [tok.decode(ds[i]) for i in range(len(ds))] == ["x = 1\n", "y = 2\n"]  # the empty file is skipped
+
+
+def test_strict_fails_on_a_bad_line_and_writes_nothing(tmp_path, small_tokenizer, capsys):
+    write_jsonl(tmp_path / "in.jsonl", TEXTS[:20], {7: b"not json"})
+    with pytest.raises(SystemExit) as info:
+        run([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), small_tokenizer, "--strict", "--workers", "2")
+    assert info.value.code == 2 and "in.jsonl:7: invalid JSON" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_a_failing_run_leaves_no_output(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", ["1 2 3", "4 5", "oops not ids", "7"])
+    with pytest.raises(SystemExit):
+        preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                              "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--quiet"])
+    assert "ValueError" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_merge_datasets(tmp_path, small_tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", TEXTS[:10])
+    write_jsonl(tmp_path / "b.jsonl", TEXTS[10:25])
+    write_jsonl(tmp_path / "all.jsonl", TEXTS[:25])
+    for name in ("a", "b", "all"):
+        run([str(tmp_path / f"{name}.jsonl")], str(tmp_path / name), small_tokenizer)
+    merge_datasets.main(["--input", str(tmp_path / "a"), str(tmp_path / "b"), "--output-prefix", str(tmp_path / "m")])
+    for ext in (".bin", ".idx"):
+        assert open(tmp_path / f"m{ext}", "rb").read() == open(tmp_path / f"all{ext}", "rb").read()
+    write_jsonl(tmp_path / "n.jsonl", ["1 2 3"])
+    preprocess_data.main(["--input", str(tmp_path / "n.jsonl"), "--output-prefix", str(tmp_path / "wide"),
+                          "--tokenizer-type", "NullTokenizer", "--vocab-size", "70000", "--quiet"])
+    with pytest.raises(IndexedDatasetError, match="wide.idx: token dtype int32"):
+        merge_datasets.merge([str(tmp_path / "a"), str(tmp_path / "wide")], str(tmp_path / "bad"))
+    assert not any(n.startswith("bad") for n in os.listdir(tmp_path))
