@@ -1,0 +1,152 @@
+"""GPT and LLaMA-style language models, one pipeline chunk at a time.
+
+    GPT:    learned positions, LayerNorm, GELU MLP, output layer tied to the word embedding
+    LLaMA:  rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, untied output layer
+            (``--position-embedding-type rope --normalization RMSNorm --swiglu
+            --num-query-groups G --untie-embeddings-and-output-weights``)
+
+A :class:`GPTModel` holds the layers ``layer_numbers`` (global indices) of the full model, plus the
+embedding if it is the first pipeline chunk (``pre_process``) and the final norm, output layer and
+loss if it is the last (``post_process``).  Every parameter is drawn from (seed, its name in the full
+model), so the model is the same under any TP / PP / virtual-PP split.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from megalite.config import ModelConfig
+from megalite.model.transformer import Dropout, TransformerBlock, build_norm, rotary_tables
+from megalite.parallel.layers import (ColumnParallelLinear, Init, VocabParallelEmbedding,
+                                      initialize_from_seed, vocab_parallel_cross_entropy)
+from megalite.parallel.mappings import scatter_to_sp, tp_world
+
+WORD_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+class Embedding(nn.Module):
+    """tokens [b, s] (and position_ids [b, s]) -> hidden [s(/t if SP), b, h]: word (+ position) embeddings, dropout."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        # Padding rows (ids >= vocab_size) stay zero: the real rows do not depend on the TP padding.
+        self.word_embeddings = VocabParallelEmbedding(
+            config.padded_vocab_size, config.hidden_size,
+            init=Init("normal", config.init_method_std, real_rows=config.vocab_size))
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.position_embeddings.weight.init = Init("normal", config.init_method_std)
+        self.sequence_parallel = config.sequence_parallel
+        self.dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
+
+    def forward(self, tokens, position_ids):
+        x = self.word_embeddings(tokens.t())                               # [s, b, h]
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids.t())
+        if self.sequence_parallel:
+            # The sum is replicated; each rank keeps its tokens (backward all-gathers the full grad,
+            # so the position table's grad is complete on every rank).
+            x = scatter_to_sp(x)                                           # [s/t, b, h]
+        return self.dropout(x)
+
+
+class GPTModel(nn.Module):
+    """One pipeline chunk of a GPT / LLaMA-style model (see the module docstring).
+
+    forward(tokens [b, s] int64, position_ids [b, s] or None, labels [b, s] or None) returns
+      post_process with labels   -> per-token loss [b, s] float32
+      post_process, no labels    -> logits [s, b, padded_vocab/t] (columns >= vocab_size are padding)
+      not post_process           -> hidden states [s(/t if SP), b, h]
+    When not pre_process, ``tokens`` are ignored and the tensor given to :meth:`set_input_tensor` is used.
+    """
+
+    def __init__(self, config: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
+                 layer_numbers: Optional[Sequence[int]] = None):
+        super().__init__()
+        tp = tp_world()[0]
+        if tp != config.tensor_model_parallel_size:
+            raise ValueError(f"the process grid has TP size {tp} but the model config says "
+                             f"--tensor-model-parallel-size {config.tensor_model_parallel_size}; build both from "
+                             f"the same flags")
+        self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_numbers = list(range(config.num_layers)) if layer_numbers is None else list(layer_numbers)
+        self.tied = not config.untie_embeddings_and_output_weights
+        self.rope = config.position_embedding_type == "rope"
+        self.input_tensor = None
+
+        if pre_process:
+            self.embedding = Embedding(config)
+        self.decoder = TransformerBlock(config, len(self.layer_numbers))
+        if post_process:
+            self.final_norm = build_norm(config)
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, config.padded_vocab_size, bias=False, sequence_parallel=config.sequence_parallel,
+                init=Init("normal", config.init_method_std, real_rows=config.vocab_size))
+            if self.tied and pre_process:
+                self.output_layer.weight = self.embedding.word_embeddings.weight  # one parameter
+        if self.tied:
+            # The first and last stage each hold the word embedding; grads are summed over the
+            # embedding group by finalize_model_grads (no-op when both are this chunk).
+            for param in self._word_embedding_copies():
+                param.shared_embedding = True
+        initialize_from_seed(self._full_named_parameters(), config.seed)
+
+    def _word_embedding_copies(self):
+        copies = []
+        if self.pre_process:
+            copies.append(self.embedding.word_embeddings.weight)
+        if self.post_process and not (self.tied and self.pre_process):
+            copies.append(self.output_layer.weight)
+        return copies
+
+    def _full_named_parameters(self):
+        """(name in the full model with global layer numbers, param); the tied output layer's
+        weight is named after the word embedding it copies, so both draw the same values."""
+        for name, param in self.named_parameters():
+            parts = name.split(".")
+            if parts[:2] == ["decoder", "layers"]:
+                parts[2] = str(self.layer_numbers[int(parts[2])])
+            name = ".".join(parts)
+            if self.tied and name == "output_layer.weight":
+                name = WORD_EMBEDDING
+            yield name, param
+
+    def set_input_tensor(self, tensor) -> None:
+        """Pipeline: hidden states [s(/t if SP), b, h] from the previous stage (a 1-list is accepted)."""
+        if isinstance(tensor, (list, tuple)):
+            tensor = tensor[0]
+        self.input_tensor = tensor
+
+    def forward(self, tokens, position_ids=None, labels=None):
+        if self.pre_process:
+            batch, seq = tokens.shape
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("this pipeline chunk has no embedding (pre_process=False): hand it the previous "
+                                   "stage's hidden states with set_input_tensor() before forward")
+            seq = self.input_tensor.shape[0] * (tp_world()[0] if self.config.sequence_parallel else 1)
+            batch = self.input_tensor.shape[1]
+        if position_ids is None:
+            device = tokens.device if tokens is not None else self.input_tensor.device
+            position_ids = torch.arange(seq, device=device).expand(batch, seq)
+
+        x = self.embedding(tokens, position_ids) if self.pre_process else self.input_tensor
+        rotary = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base) if self.rope else None
+        x = self.decoder(x, rotary)                                        # [s(/t), b, h]
+        if not self.post_process:
+            return x
+        logits = self.output_layer(self.final_norm(x))                     # [s, b, V/t]
+        if labels is None:
+            return logits
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size)  # [s, b] float32
+        return loss.t().contiguous()                                       # [b, s]
+
+
+def loss_from_per_token(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean loss over the tokens that count: sum(l * m) / sum(m).  per_token_loss, loss_mask: [b, s]."""
+    loss_mask = loss_mask.to(per_token_loss.dtype)
+    return (per_token_loss * loss_mask).sum() / loss_mask.sum()

@@ -1,0 +1,247 @@
+"""The transformer layer: attention, MLP, residuals and norms, in ``[s, b, h]`` layout.
+
+One layer (pre-norm, as GPT-2 and LLaMA):
+
+    x = x + dropout(Attention(Norm(x)))
+    x = x + dropout(MLP(Norm(x)))
+
+Tensor parallelism enters only through the layers: the QKV and first MLP projections are
+column-parallel (this rank's heads / hidden units), the output projections row-parallel (partial
+sums reduced over TP).  Under sequence parallelism the residual stream, norms and dropout live on
+``s/t`` tokens; the column-parallel layers gather the tokens and the row-parallel ones scatter them
+back.  Symbols: s sequence, b micro-batch, h hidden, a heads, g query groups, d head dim, t TP size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megalite.config import ModelConfig
+from megalite.ops import layer_norm, rms_norm
+from megalite.parallel import random as tp_random
+from megalite.parallel.layers import ColumnParallelLinear, Init, RowParallelLinear, _new_param
+from megalite.parallel.mappings import tp_world
+
+
+# -- norms and dropout ------------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+    """x: [s(/t), b, h] -> same; weight and bias replicated over TP (grads summed over TP under SP)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps = config.norm_epsilon
+        self.weight = _new_param((config.hidden_size,), Init("ones"), sequence_parallel=config.sequence_parallel)
+        self.bias = _new_param((config.hidden_size,), Init("zeros"), sequence_parallel=config.sequence_parallel)
+
+    def forward(self, x):
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """x: [s(/t), b, h] -> x / rms(x) * weight (Zhang & Sennrich 2019)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps = config.norm_epsilon
+        self.weight = _new_param((config.hidden_size,), Init("ones"), sequence_parallel=config.sequence_parallel)
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def build_norm(config: ModelConfig) -> nn.Module:
+    return RMSNorm(config) if config.normalization == "RMSNorm" else LayerNorm(config)
+
+
+class Dropout(nn.Module):
+    """Dropout on hidden states [s(/t), b, h].
+
+    Replicated activations draw the same mask on every TP rank (default generator); under sequence
+    parallelism each rank's tokens draw their own (the tracker's sequence-parallel stream).
+    """
+
+    def __init__(self, p: float, sequence_parallel: bool):
+        super().__init__()
+        self.p, self.sequence_parallel = p, sequence_parallel
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        with tp_random.dropout_stream(self.sequence_parallel):
+            return F.dropout(x, self.p, training=True)
+
+
+# -- rotary position embedding ----------------------------------------------------------------------
+def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [s, b, 1, d], for position_ids [b, s] (Su et al. 2021, Eq. 34, "rotate half" layout).
+
+    Angles are computed in float32 whatever the model's dtype: positions times frequencies loses
+    digits fast in 16-bit.
+    """
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.t().unsqueeze(-1).float() * inv_freq          # [s, b, d/2]
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)            # [s, b, 1, d]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [s, b, n, d] rotated pairwise (x_i, x_{i+d/2}) by the position's angle."""
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-second, first], dim=-1)
+    return (x.float() * cos + rotated_half.float() * sin).to(x.dtype)
+
+
+# -- attention --------------------------------------------------------------------------------------
+class CoreAttention(nn.Module):
+    """softmax(q k^T / sqrt(d) + causal mask) v, dropout on the probabilities.
+
+    q: [s, b, a/t, d], k and v: [s, b, g/t, d] -> [s, b, a/t * d].  Each group's k/v serve a/g query
+    heads (grouped-query attention, Ainslie et al. 2023).  Dropout draws from the TP-distinct stream:
+    every rank holds different heads, which must not share masks.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dropout = config.attention_dropout
+
+    def forward(self, q, k, v):
+        s, b = q.shape[:2]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))   # [b, heads, s, d]
+        dropout = self.dropout if self.training else 0.0
+        with tp_random.get_rng_tracker().fork(tp_random.TENSOR_PARALLEL_RNG):
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                 enable_gqa=k.shape[1] != q.shape[1])
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+class SelfAttention(nn.Module):
+    """Causal self-attention with fused QKV. x: [s(/t), b, h] -> [s(/t), b, h].
+
+    Fused QKV layout of the FULL weight ``[(a + 2g) d, h]``: one block per query group,
+    ``[q of its a/g heads | k | v]``, so each TP rank's contiguous slice holds g/t whole groups.
+    """
+
+    def __init__(self, config: ModelConfig, output_init_std: float):
+        super().__init__()
+        tp = tp_world()[0]
+        if config.num_query_groups % tp:
+            raise ValueError(f"--num-query-groups {config.num_query_groups} is not divisible by "
+                             f"--tensor-model-parallel-size {tp}; use a TP size that divides it")
+        self.head_dim = config.head_dim
+        self.heads_per_group = config.num_attention_heads // config.num_query_groups
+        self.local_groups = config.num_query_groups // tp
+        qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
+        common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel)
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size,
+                                               init=Init("normal", config.init_method_std), **common)
+        self.core_attention = CoreAttention(config)
+        self.linear_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                             init=Init("normal", output_init_std), **common)
+        # Selective recompute (Korthikanti et al. 2022, Sec. 5): keep q, k, v; recompute the
+        # [b, a, s, s] scores, probabilities and dropout mask in backward.
+        self.recompute_core_attention = config.recompute_granularity == "selective"
+
+    def forward(self, x, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        qkv = self.linear_qkv(x)                                            # [s, b, g/t * (a/g + 2) * d]
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
+        q, k, v = qkv.split([self.heads_per_group, 1, 1], dim=3)
+        q = q.reshape(s, b, -1, self.head_dim)                              # [s, b, a/t, d]
+        k, v = k.squeeze(3), v.squeeze(3)                                   # [s, b, g/t, d]
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if self.recompute_core_attention and torch.is_grad_enabled():
+            context = tp_random.checkpoint(self.core_attention, q, k, v)
+        else:
+            context = self.core_attention(q, k, v)                          # [s, b, a/t * d]
+        return self.linear_proj(context)
+
+
+# -- MLP --------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """x: [s(/t), b, h] -> [s(/t), b, h].  GELU: W2 gelu(W1 x).  SwiGLU: W2 (silu(W_gate x) * W_up x)
+    (Shazeer 2020).  With SwiGLU the FULL fused weight interleaves rows (gate_0, up_0, gate_1, up_1, ...),
+    so each TP rank's contiguous slice holds matching gate and up units."""
+
+    def __init__(self, config: ModelConfig, output_init_std: float):
+        super().__init__()
+        self.swiglu = config.swiglu
+        ffn = config.ffn_hidden_size
+        common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel)
+        self.linear_fc1 = ColumnParallelLinear(config.hidden_size, 2 * ffn if self.swiglu else ffn,
+                                               init=Init("normal", config.init_method_std), **common)
+        self.linear_fc2 = RowParallelLinear(ffn, config.hidden_size, init=Init("normal", output_init_std), **common)
+
+    def forward(self, x):
+        hidden = self.linear_fc1(x)                                         # [s, b, (2) ffn/t]
+        if self.swiglu:
+            gate, up = hidden.unflatten(-1, (-1, 2)).unbind(-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(hidden)
+        return self.linear_fc2(hidden)
+
+
+# -- the layer and the stack ------------------------------------------------------------------------
+class TransformerLayer(nn.Module):
+    """Pre-norm block. x: [s(/t), b, h] -> [s(/t), b, h]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        # GPT-2's scaled init of the projections that write into the residual stream: std / sqrt(2 L).
+        output_init_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+        self.input_norm = build_norm(config)
+        self.self_attention = SelfAttention(config, output_init_std)
+        self.pre_mlp_norm = build_norm(config)
+        self.mlp = MLP(config, output_init_std)
+        self.hidden_dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
+
+    def forward(self, x, rotary=None):
+        x = x + self.hidden_dropout(self.self_attention(self.input_norm(x), rotary))
+        x = x + self.hidden_dropout(self.mlp(self.pre_mlp_norm(x)))
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """The layers this pipeline chunk holds, with full activation recompute if configured.
+
+    Full recompute keeps only the inputs of recomputed spans and replays them in backward:
+    ``uniform`` checkpoints consecutive spans of ``recompute_num_layers`` layers; ``block``
+    checkpoints each of the first ``recompute_num_layers`` layers of this chunk and keeps the rest
+    (Megatron-LM's two methods).  ``recompute_num_layers`` defaults to 1.
+    """
+
+    def __init__(self, config: ModelConfig, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(num_layers))
+        self.recompute_method = config.recompute_method if config.recompute_granularity == "full" else None
+        self.recompute_num_layers = config.recompute_num_layers or 1
+
+    def _spans(self) -> Sequence[Tuple[int, int, bool]]:
+        """(start, end, recompute) spans of the layer list, in order."""
+        n, k = len(self.layers), self.recompute_num_layers
+        if self.recompute_method == "uniform":
+            return [(i, min(i + k, n), True) for i in range(0, n, k)]
+        if self.recompute_method == "block":
+            return [(i, i + 1, i < k) for i in range(n)]
+        return [(0, n, False)]
+
+    def _run(self, start: int, end: int):
+        def run_layers(x, *rotary):
+            for layer in self.layers[start:end]:
+                x = layer(x, rotary or None)
+            return x
+        return run_layers
+
+    def forward(self, x, rotary=None):
+        """x: [s(/t), b, h] -> same; rotary: (cos, sin) [s, b, 1, d] each, or None."""
+        for start, end, recompute in self._spans():
+            if recompute and torch.is_grad_enabled():
+                x = tp_random.checkpoint(self._run(start, end), x, *(rotary or ()))
+            else:
+                x = self._run(start, end)(x, *(rotary or ()))
+        return x
