@@ -199,7 +199,7 @@ class ProcessGrid:
 
     @property
     def is_embedding_rank(self) -> bool:
-        return self.rank in self.ranks["embedding"]
+        return self.rank in self.ranks.get("embedding", ())  # middle stages belong to no embedding group
 
     def __repr__(self) -> str:
         return (f"ProcessGrid(rank={self.rank}/{self.world_size}, TP={self.tp_size}, CP={self.cp_size}, "

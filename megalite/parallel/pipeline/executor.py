@@ -1,0 +1,302 @@
+"""Run a pipeline schedule: one rank's passes, in its order, with a real model and real messages.
+
+The order comes from ``orders.py``.  When messages move is decided once, by simulating the order
+with unit costs (``simulator.py``): the forward output of F(mb) at virtual stage s is exchanged
+with stage s+1 at the simulated end of that pass, and likewise the input gradient of B(mb).  Each
+rank runs its passes and, before a pass that starts at simulated time t, the exchanges up to t.
+Every rank derives the same exchanges from the same simulation, so sends meet receives in the same
+order at both ends; an exchange waits only for passes that start earlier, so none can deadlock.
+
+Backward passes:
+
+- ``B`` without a split (GPipe, 1F1B, interleaved): ``torch.autograd.backward`` from the stage
+  output's gradient edge; the received input (a leaf) collects the gradient to send back.
+- ``B`` and ``W`` for ZB-H1: during F, forward hooks note the output ``y`` of every module that owns
+  parameters directly.  B asks autograd for the gradients of the stage input *and* of those
+  outputs, keeping the graph; autograd skips the weight-gradient branches (no parameter is asked
+  for).  W then runs, per module, ``backward(y, dL/dy, inputs=module's parameters)``, which walks only
+  from ``y`` back into that module's own parameters.  This needs every parameter to be used inside
+  the forward of the module that owns it (true of GPTModel); a parameter no hook covers is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+
+from .orders import Pass, build_order
+from .p2p import exchange, message_shape, release_output
+from .schedules import forward_and_loss
+from .simulator import Message, messages, simulate
+from .timeline import record
+
+
+def pipelined_forward_backward(*, schedule: str, forward_step_func, data_iterator, model, num_microbatches: int,
+                               seq_length: int, micro_batch_size: int, forward_only: bool = False,
+                               no_sync_func=None, grid=None, timeline=None) -> List[dict]:
+    if grid is None:
+        from megalite.parallel.state import get_grid
+        grid = get_grid()
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    v = grid.virtual_pp_size or 1
+    if len(chunks) != v:
+        raise ValueError(f"rank {grid.rank} holds {len(chunks)} model chunks but the virtual pipeline size is {v}")
+    order = build_order(schedule, grid.pp_size, num_microbatches, v, forward_only)
+    stage = StageRunner(order, chunks, grid, forward_step_func, data_iterator, seq_length, micro_batch_size,
+                        forward_only, no_sync_func, timeline)
+    return stage.run()
+
+
+class StageRunner:
+    """One rank's state during one step: received inputs, outputs awaiting their gradient, ..."""
+
+    def __init__(self, order, chunks, grid, forward_step_func, data_iterator, seq_length, micro_batch_size,
+                 forward_only, no_sync_func, timeline):
+        self.order, self.chunks, self.grid = order, chunks, grid
+        self.p, self.v, self.rank = order.pp_size, order.virtual_pp_size, grid.pp_rank
+        self.num_microbatches = order.num_microbatches
+        self.forward_step_func, self.forward_only = forward_step_func, forward_only
+        self.feeds = microbatch_feeds(data_iterator, self.v)
+        self.no_sync = no_sync_func or contextlib.nullcontext
+        self.timeline = timeline
+        config = getattr(unwrap(chunks[0]), "config")
+        self.shape = message_shape(config, seq_length, micro_batch_size)
+        self.dtype = next((p.dtype for p in chunks[0].parameters() if p.is_floating_point()), torch.float32)
+        self.device = next((p.device for p in chunks[0].parameters()), torch.device("cpu"))
+        self.passes = order.per_rank[self.rank]
+        spans = simulate(order)
+        self.starts = [s.start for s in spans if s.stage == self.rank]   # same order as self.passes
+        self.messages = [m for m in messages(order, spans) if self.rank in (m.src, m.dst)]
+        weight_kind = "W" if order.split_backward else "B"
+        self.last_weight_pass = max((i for i, s in enumerate(self.passes) if s.kind == weight_kind), default=-1)
+        # (micro-batch, chunk) -> tensors in flight
+        self.inputs: Dict[tuple, torch.Tensor] = {}
+        self.outputs: Dict[tuple, object] = {}        # stage output tensor, its gradient edge once sent, or loss
+        self.output_grads: Dict[tuple, torch.Tensor] = {}
+        self.input_grads: Dict[tuple, torch.Tensor] = {}
+        self.weight_work: Dict[tuple, list] = {}
+        self.captured: Dict[tuple, list] = {}
+        self.losses: List[dict] = []
+        self.activations = LiveActivations() if timeline is not None else None
+
+    def run(self) -> List[dict]:
+        next_message = 0
+        for index, (step, start) in enumerate(zip(self.passes, self.starts)):
+            next_message = self.exchange_until(start, next_message)
+            with self.activations.tagged((step.microbatch, step.chunk)) if self.activations else contextlib.nullcontext():
+                with record(self.timeline, step.kind, step.microbatch, step.chunk):
+                    with self.sync_context(index, step):
+                        getattr(self, "run_" + step.kind)(step)
+            if self.activations:
+                self.activations.sample()
+        self.exchange_until(float("inf"), next_message)
+        if self.activations:
+            self.timeline.peak_live_activations = self.activations.peak
+        return self.losses
+
+    def sync_context(self, index: int, step: Pass):
+        """DDP reduces gradients once per step: during the rank's last weight-gradient pass."""
+        if self.forward_only or step.kind == "F" or index == self.last_weight_pass:
+            return contextlib.nullcontext()
+        return self.no_sync()
+
+    # -- the three passes ---------------------------------------------------------------------------
+    def run_F(self, step: Pass) -> None:
+        key, chunk = (step.microbatch, step.chunk), self.chunks[step.chunk]
+        first, last = self.is_first(step.chunk), self.is_last(step.chunk)
+        unwrap(chunk).set_input_tensor(None if first else self.inputs[key])
+        feed = self.feeds[step.chunk].for_microbatch(step.microbatch)
+        hooks = self.capture_module_outputs(chunk, key) if self.order.split_backward else []
+        try:
+            with torch.set_grad_enabled(not self.forward_only):
+                if last:
+                    loss = forward_and_loss(self.forward_step_func, feed, chunk, self.num_microbatches, self.losses)
+                    if not self.forward_only:
+                        self.outputs[key] = loss
+                else:
+                    output, _ = self.forward_step_func(feed, chunk)
+                    if tuple(output.shape) != self.shape:
+                        raise RuntimeError(f"stage output of shape {tuple(output.shape)} does not match the pipeline "
+                                           f"message shape {self.shape} [s(/tp under SP), b, h]")
+                    self.outputs[key] = output
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if self.forward_only:
+            self.inputs.pop(key, None)
+
+    def run_B(self, step: Pass) -> None:
+        key = (step.microbatch, step.chunk)
+        output = self.outputs.pop(key)
+        grad = None if self.is_last(step.chunk) else [self.output_grads.pop(key)]
+        stage_input = self.inputs.pop(key, None)
+        if not self.order.split_backward:
+            torch.autograd.backward([output], grad)
+            if stage_input is not None:
+                self.input_grads[key] = stage_input.grad
+            return
+        captured = self.captured.pop(key)
+        targets = ([stage_input] if stage_input is not None else []) + [y for y, _ in captured]
+        grads = torch.autograd.grad([output], targets, grad, retain_graph=True, allow_unused=True)
+        if stage_input is not None:
+            self.input_grads[key], grads = grads[0], grads[1:]
+        self.weight_work[key] = [(y, dy, params) for (y, params), dy in zip(captured, grads) if dy is not None]
+
+    def run_W(self, step: Pass) -> None:
+        for y, dy, params in self.weight_work.pop((step.microbatch, step.chunk)):
+            torch.autograd.backward([y], [dy], inputs=params)
+
+    def capture_module_outputs(self, chunk, key) -> list:
+        """Forward hooks noting (output, own parameters) of each module that owns parameters directly."""
+        captured, covered = self.captured.setdefault(key, []), set()
+
+        def hook(module, args, output):
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            outputs = output if isinstance(output, (tuple, list)) else [output]
+            for y in outputs:
+                if isinstance(y, torch.Tensor) and y.requires_grad:
+                    captured.append((y, params))
+                    covered.update(id(p) for p in params)
+
+        handles = [m.register_forward_hook(hook) for m in chunk.modules()
+                   if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+        def check_coverage():
+            missing = [n for n, p in chunk.named_parameters() if p.requires_grad and id(p) not in covered]
+            if missing:
+                raise RuntimeError(f"zb-h1 cannot split the backward: parameters {missing[:4]} were not used by the "
+                                   f"forward of the module that owns them (activation recompute is not supported "
+                                   f"with zb-h1); use --pipeline-schedule 1f1b")
+
+        class CoverageCheck:
+            def remove(self):
+                if not self.__dict__.get("done"):
+                    self.done = True
+                    check_coverage()
+        return handles + [CoverageCheck()]
+
+    # -- messages -------------------------------------------------------------------------------------
+    def exchange_until(self, time: float, next_message: int) -> int:
+        """Run the exchanges whose simulated time is <= ``time``, each as one batch."""
+        while next_message < len(self.messages) and self.messages[next_message].time <= time:
+            now = self.messages[next_message].time
+            batch = []
+            while next_message < len(self.messages) and self.messages[next_message].time == now:
+                batch.append(self.messages[next_message])
+                next_message += 1
+            self.exchange(batch)
+        return next_message
+
+    def exchange(self, batch: List[Message]) -> None:
+        sends, recvs, received = [], [], []
+        pp_ranks = self.grid.ranks["pp"]
+        for msg in batch:
+            tag = 2 * (msg.microbatch * self.p * self.v + msg.stage) + (msg.kind == "grad")
+            if msg.src == self.rank:
+                if msg.kind == "activation":
+                    key = (msg.microbatch, (msg.stage - 1) // self.p)
+                    output = self.outputs[key]
+                    tensor = output.detach()
+                    # Past this point only the autograd graph needs the output, not our reference to it.
+                    self.outputs[key] = None if self.forward_only else release_output(output)
+                else:
+                    tensor = self.input_grads.pop((msg.microbatch, (msg.stage + 1) // self.p))
+                sends.append((tensor.contiguous(), pp_ranks[msg.dst], tag))
+            else:
+                buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                recvs.append((buffer, pp_ranks[msg.src], tag))
+                received.append((msg, buffer))
+        exchange(sends, recvs, self.grid.pp_group)
+        for msg, buffer in received:
+            key = (msg.microbatch, msg.stage // self.p)
+            if msg.kind == "activation":
+                self.inputs[key] = buffer.requires_grad_(not self.forward_only)
+            else:
+                self.output_grads[key] = buffer
+        if self.forward_only:
+            self.outputs = {k: o for k, o in self.outputs.items() if o is not None}
+
+    def is_first(self, chunk: int) -> bool:
+        return self.rank == 0 and chunk == 0
+
+    def is_last(self, chunk: int) -> bool:
+        return self.rank == self.p - 1 and chunk == self.v - 1
+
+
+def unwrap(module):
+    """The model inside wrappers (DDP) that do not forward ``set_input_tensor``."""
+    while not hasattr(module, "set_input_tensor") and hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def microbatch_feeds(data_iterator, v: int) -> list:
+    """One feed per chunk: from a list of iterators, one per chunk (Megatron's interleaved
+    convention), or one feed shared by every chunk when a single iterator is given."""
+    if isinstance(data_iterator, (list, tuple)):
+        if len(data_iterator) != v:
+            raise ValueError(f"got {len(data_iterator)} data iterators for {v} model chunks")
+        return [MicrobatchFeed(it) for it in data_iterator]
+    return [MicrobatchFeed(data_iterator)] * v
+
+
+class MicrobatchFeed:
+    """Hands micro-batch ``i`` of a data iterator to whichever pass asks for it, in any order.
+
+    Schedules reach micro-batches out of order across chunks (interleaved), so each forward gets an
+    iterator that yields exactly its own micro-batch; batches are drawn from the source in order
+    and kept for the step.  Shared between chunks when one iterator serves them all.
+    """
+
+    def __init__(self, source):
+        self.source = source
+        self.batches: list = []
+
+    def for_microbatch(self, microbatch: int):
+        if self.source is None:
+            return None
+        feed = self
+
+        class OneBatch:
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                while len(feed.batches) <= microbatch:
+                    feed.batches.append(next(feed.source))
+                return feed.batches[microbatch]
+        return OneBatch()
+
+
+class LiveActivations:
+    """Counts the (micro-batch, chunk) pairs whose saved-for-backward tensors are still alive.
+
+    A ``saved_tensors_hooks`` pair wraps every tensor autograd saves in a small holder tagged with
+    the pass that saved it; a holder dies when autograd frees it (after backward, or when the graph
+    is dropped), so the live tags are what the stage really keeps, not what the schedule intends.
+    """
+
+    def __init__(self):
+        self.holders = weakref.WeakSet()
+        self.peak = 0
+
+    @contextlib.contextmanager
+    def tagged(self, key):
+        class Holder:
+            __slots__ = ("tensor", "key", "__weakref__")
+
+        def pack(tensor):
+            holder = Holder()
+            # detach: a saved *output* would otherwise point back at its own grad_fn through the
+            # holder, a reference cycle that outlives the graph until the garbage collector runs.
+            holder.tensor, holder.key = tensor.detach(), key
+            self.holders.add(holder)
+            return holder
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
+            yield
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, len({h.key for h in self.holders}))

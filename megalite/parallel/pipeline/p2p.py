@@ -1,0 +1,52 @@
+"""Point-to-point messages between pipeline stages: activations forward, their gradients back.
+
+Every message has the fixed shape ``[s/tp if sequence-parallel else s, b, h]`` (DESIGN.md), so the
+receiver allocates its buffer without being told a shape.  A schedule never waits on a single
+send or receive: it runs the *exchanges* the simulator derived from its order (``executor.py``),
+each a batch of sends and receives that every involved rank posts at the same point of its order,
+through ``batch_isend_irecv``.  Batching is what makes this safe on NCCL, where the sends and
+receives between two ranks share one stream and a lone blocking send facing a lone blocking send
+would deadlock; on gloo each op is an independent isend/irecv.  Ops inside an exchange are
+sorted the same way on both ends, and carry distinct tags, so they pair up on either backend.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+
+def message_shape(config, seq_length: int, micro_batch_size: int) -> Tuple[int, int, int]:
+    """``[s/tp if sequence-parallel else s, b, h]``: the shape of every pipeline message."""
+    seq = seq_length
+    if getattr(config, "sequence_parallel", False):
+        tp = getattr(config, "tensor_model_parallel_size", 1)
+        if seq % tp:
+            raise ValueError(f"--seq-length {seq} is not divisible by --tensor-model-parallel-size {tp} "
+                             f"under --sequence-parallel")
+        seq //= tp
+    return (seq, micro_batch_size, config.hidden_size)
+
+
+def exchange(sends: List[Tuple[torch.Tensor, int, int]], recvs: List[Tuple[torch.Tensor, int, int]], group) -> None:
+    """Post ``sends`` and ``recvs`` ((tensor, peer global rank, tag) each) as one batch and wait for all."""
+    ops = [dist.P2POp(dist.isend, tensor, peer, group, tag) for tensor, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, tensor, peer, group, tag) for tensor, peer, tag in recvs]
+    if not ops:
+        return
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
+def release_output(output: torch.Tensor) -> GradientEdge:
+    """Keep only the autograd edge of a sent activation, so its storage can go.
+
+    Megatron-LM frees a sent output's storage by hand (``deallocate_output_tensor``) and then needs a
+    backward that skips the shape check against the freed tensor.  Holding the gradient edge
+    (grad_fn, output_nr) instead of the tensor does both: the tensor's memory is returned unless the
+    graph itself saved it for backward, and ``torch.autograd.backward(edge, grad)`` checks ``grad``
+    against the shape the edge recorded.
+    """
+    return get_gradient_edge(output)

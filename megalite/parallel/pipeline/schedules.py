@@ -1,0 +1,103 @@
+"""Forward-backward schedules: which micro-batch each stage runs forward or backward, and when.
+
+Every schedule has the signature of :func:`forward_backward_no_pipelining`::
+
+    forward_backward(*, forward_step_func, data_iterator, model, num_microbatches, seq_length,
+                     micro_batch_size, forward_only=False, no_sync_func=None, grid=None,
+                     timeline=None) -> list[dict]
+
+- ``forward_step_func(data_iterator, model_chunk) -> (output_tensor, loss_func)``; on the last stage
+  ``loss_func(output_tensor) -> (loss, {"lm loss": loss.detach()})``.
+- Each micro-batch's loss is divided by ``num_microbatches`` before backward, so the accumulated
+  gradient is that of the mean loss over the step's micro-batches.
+- The returned list holds the ``loss_func`` dicts, one per micro-batch, on the last stage ([] on
+  the others); the caller averages them (and broadcasts for logging).
+- ``no_sync_func() -> context manager`` suppresses DDP's gradient all-reduce; it wraps every
+  backward but the last micro-batch's, so the reduction runs once per step.
+- ``timeline`` (:class:`~megalite.parallel.pipeline.timeline.Timeline`) records every pass.
+
+Pick one with :func:`get_forward_backward_func`.  The pipelined schedules (GPipe, 1F1B,
+interleaved 1F1B, ZB-H1) are in ``orders.py`` (the order of passes, pure Python, shared with the
+simulator) and ``executor.py`` (running an order with a model and point-to-point messages).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Optional
+
+import torch
+
+from .timeline import record
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+
+
+def get_forward_backward_func(pp_size: int, virtual_pp_size: Optional[int] = None,
+                              schedule: Optional[str] = None) -> Callable[..., List[dict]]:
+    """The schedule for this layout: ``--pipeline-schedule`` (``gpipe``, ``1f1b``, ``interleaved``,
+    ``zb-h1``) or, when None, no pipelining for PP=1, interleaved 1F1B with a virtual pipeline, else 1F1B.
+    """
+    virtual = virtual_pp_size is not None and virtual_pp_size > 1
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"--pipeline-schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if pp_size == 1:
+        if virtual:
+            raise ValueError(f"--virtual-pipeline-model-parallel-size {virtual_pp_size} needs "
+                             f"--pipeline-model-parallel-size > 1")
+        return forward_backward_no_pipelining  # every pipelined schedule degenerates to this at PP=1
+    if schedule is None:
+        schedule = "interleaved" if virtual else "1f1b"
+    if virtual and schedule != "interleaved":
+        raise ValueError(f"--pipeline-schedule {schedule} runs one chunk per rank, but "
+                         f"--virtual-pipeline-model-parallel-size is {virtual_pp_size}; use --pipeline-schedule "
+                         f"interleaved or drop the virtual size")
+    if schedule == "interleaved" and not virtual:
+        raise ValueError("--pipeline-schedule interleaved needs --virtual-pipeline-model-parallel-size > 1 "
+                         "(or --num-layers-per-virtual-pipeline-stage)")
+    from .executor import pipelined_forward_backward
+
+    def forward_backward(**kwargs) -> List[dict]:
+        return pipelined_forward_backward(schedule=schedule, **kwargs)
+
+    forward_backward.__name__ = f"forward_backward_{schedule.replace('-', '_')}"
+    forward_backward.__doc__ = f"The {schedule} pipeline schedule (see megalite.parallel.pipeline.orders)."
+    return forward_backward
+
+
+def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, num_microbatches: int,
+                                   seq_length: int, micro_batch_size: int, forward_only: bool = False,
+                                   no_sync_func=None, grid=None, timeline=None) -> List[dict]:
+    """Gradient accumulation on one stage: forward and backward each micro-batch in turn.
+
+    Gradients of micro-batches 0..m-2 accumulate locally (inside ``no_sync_func()``); the last
+    micro-batch's backward runs outside it, so DDP reduces the summed gradient once.
+    """
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    if len(chunks) != 1:
+        raise ValueError(f"no pipelining runs one model chunk, got {len(chunks)}; "
+                         f"use a virtual pipeline only with --pipeline-model-parallel-size > 1")
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be at least 1, got {num_microbatches}")
+    (chunk,) = chunks
+    no_sync = no_sync_func or contextlib.nullcontext
+    losses: List[dict] = []
+    for microbatch in range(num_microbatches):
+        last = microbatch == num_microbatches - 1
+        with (contextlib.nullcontext() if last else no_sync()):
+            with record(timeline, "F", microbatch), torch.set_grad_enabled(not forward_only):
+                loss = forward_and_loss(forward_step_func, data_iterator, chunk, num_microbatches, losses)
+            if not forward_only:
+                with record(timeline, "B", microbatch):
+                    loss.backward()
+    return losses
+
+
+def forward_and_loss(forward_step_func, data_iterator, chunk, num_microbatches: int, losses: List[dict]):
+    """Run one micro-batch through the last stage's chunk and return its loss / num_microbatches.
+
+    The loss_func's dict is appended to ``losses`` (logging sees the undivided per-micro-batch loss).
+    """
+    output_tensor, loss_func = forward_step_func(data_iterator, chunk)
+    loss, loss_dict = loss_func(output_tensor)
+    losses.append(loss_dict)
+    return loss / num_microbatches
