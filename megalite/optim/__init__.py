@@ -1,0 +1,1 @@
+"""Optimizers: fused Adam kernels front, mixed precision, ZeRO-1, learning-rate schedules."""

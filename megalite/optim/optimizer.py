@@ -1,0 +1,261 @@
+"""The optimizer the training loop steps: AdamW with fp32 masters, grid-wide clipping and loss scaling.
+
+One step, after ``finalize_model_grads`` has reduced the gradients::
+
+    grads  = param.main_grad (fp32, DDP) or param.grad           [the pieces this rank updates]
+    grads *= 1 / loss_scale                                      (fp16 only)
+    norm, found_inf = global_grad_norm(grads)                     one all-reduce per group (clip_grads.py)
+    if found_inf: skip the step, back off the loss scale          (every rank agrees: the flag is reduced)
+    grads *= min(1, clip_grad / norm)
+    adam_step(masters, grads, exp_avgs, exp_avg_sqs)             megalite/optim/adam.py (fused kernels)
+    params <- masters                                             (half-precision models only)
+
+The unit of update is a *piece*: a contiguous flat range of one parameter.  Here a piece is the
+whole parameter; the ZeRO-1 optimizer (``distributed.py``) makes the pieces the parts of each
+parameter that fall in this rank's shard of the grad buffer, and adds an all-gather after the
+update -- the rest of the step is shared.
+
+Weight decay applies to matrices only: 1-D parameters (biases, norm weights) get none, as in
+Megatron-LM and GPT-2/3 training practice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from megalite.optim.adam import adam_step  # fused kernels (csrc) behind this call
+from megalite.optim.clip_grads import clip_grads_by_norm_, global_grad_norm, param_is_counted_in_norm
+from megalite.optim.mixed_precision import build_loss_scaler
+
+
+@dataclass
+class Piece:
+    """A contiguous range [start, end) of one flattened parameter that this rank updates."""
+
+    param: torch.nn.Parameter
+    start: int
+    end: int
+    model_view: torch.Tensor    # param.view(-1)[start:end] (same storage as the model's parameter)
+    master: torch.Tensor        # fp32; IS model_view when the parameter is fp32 (no copy)
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    counted_in_norm: bool
+
+    @property
+    def has_own_master(self) -> bool:
+        return self.master is not self.model_view
+
+    def grad(self) -> torch.Tensor:
+        """fp32 gradient of the piece: a view of ``main_grad`` (DDP) or of/from ``.grad`` (plain module)."""
+        main_grad = getattr(self.param, "main_grad", None)
+        if main_grad is not None:
+            return main_grad.view(-1)[self.start:self.end]
+        if self.param.grad is None:  # unused this step: a zero grad, as DDP's zeroed buffer gives
+            return torch.zeros_like(self.master)
+        return self.param.grad.view(-1)[self.start:self.end].float()
+
+
+def make_piece(param: torch.nn.Parameter, start: int, end: int, grid) -> Piece:
+    model_view = param.detach().view(-1)[start:end]
+    master = model_view if param.dtype == torch.float32 else model_view.float()  # .float() copies
+    return Piece(param, start, end, model_view, master, torch.zeros_like(master), torch.zeros_like(master),
+                 param_is_counted_in_norm(param, grid))
+
+
+def unique_parameters(model_chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Parameter]:
+    seen, params = set(), []
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+def uses_weight_decay(param: torch.nn.Parameter) -> bool:
+    return param.dim() > 1
+
+
+class MegaliteOptimizer:
+    """AdamW over fp32 masters; ``step() -> (stepped, grad_norm)``; see the module docstring.
+
+    ``param_groups``: ``[{"params", "lr", "weight_decay"}, ...]`` (decayed matrices, then undecayed
+    1-D params); the LR scheduler writes ``lr``.
+    """
+
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], config, grid):
+        self.model_chunks = list(model_chunks)
+        self.config, self.grid = config, grid
+        self.loss_scaler = build_loss_scaler(config)
+        self.num_steps = 0          # steps applied (Adam's bias-correction step count)
+        self.num_skipped_steps = 0  # fp16 overflows
+        params = unique_parameters(self.model_chunks)
+        if not params:
+            raise ValueError("the model has no trainable parameters; nothing to optimize")
+        self.param_groups = [
+            group for group in (
+                {"params": [p for p in params if uses_weight_decay(p)], "lr": config.lr,
+                 "weight_decay": config.weight_decay},
+                {"params": [p for p in params if not uses_weight_decay(p)], "lr": config.lr, "weight_decay": 0.0})
+            if group["params"]]
+        self.pieces: List[List[Piece]] = [self._build_pieces(group["params"]) for group in self.param_groups]
+
+    # -- what this rank updates (ZeRO-1 overrides) --------------------------------------------------
+    def _build_pieces(self, params: Sequence[torch.nn.Parameter]) -> List[Piece]:
+        return [make_piece(p, 0, p.numel(), self.grid) for p in params]
+
+    def _norm_groups(self) -> list:
+        """Groups whose ranks hold disjoint parts of one model replica's gradient."""
+        return [] if self.grid is None else [self.grid.mp_group]
+
+    def _after_update(self) -> None:
+        """Hook for ZeRO-1: all-gather the updated parameter shards."""
+
+    def all_pieces(self) -> List[Piece]:
+        return [piece for group in self.pieces for piece in group]
+
+    # -- loss scaling ------------------------------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return 1.0 if self.loss_scaler is None else self.loss_scaler.scale
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on: ``loss * loss_scale`` under fp16, ``loss`` otherwise."""
+        return loss if self.loss_scaler is None else loss * self.loss_scaler.scale
+
+    # -- the step ----------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Zero the DDP grad buffers (``main_grad``) and drop any ``.grad``."""
+        for chunk in self.model_chunks:
+            if hasattr(chunk, "zero_grad_buffer"):
+                chunk.zero_grad_buffer()
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> Tuple[bool, Optional[float]]:
+        """Clip, maybe skip (fp16 overflow), update.  Returns (stepped, grad_norm); grad_norm is None if skipped."""
+        pieces = self.all_pieces()
+        grads = [piece.grad() for piece in pieces]
+        if self.loss_scaler is not None and grads:
+            torch._foreach_mul_(grads, 1.0 / self.loss_scaler.scale)
+        grad_norm, found_inf = global_grad_norm(grads, [p.counted_in_norm for p in pieces], self._norm_groups())
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(found_inf)
+        if found_inf:
+            if self.loss_scaler is None:
+                raise FloatingPointError(f"gradient norm is {grad_norm} (inf/nan) in a {self._precision()} run; "
+                                         f"lower --lr or check the data")
+            self.num_skipped_steps += 1
+            return False, None
+        if self.config.clip_grad > 0:
+            clip_grads_by_norm_(grads, self.config.clip_grad, grad_norm)
+
+        self.num_steps += 1
+        start = 0
+        for group, group_pieces in zip(self.param_groups, self.pieces):
+            group_grads = grads[start:start + len(group_pieces)]
+            start += len(group_pieces)
+            if not group_pieces:
+                continue
+            adam_step([p.master for p in group_pieces], group_grads, [p.exp_avg for p in group_pieces],
+                      [p.exp_avg_sq for p in group_pieces], step=self.num_steps, lr=group["lr"],
+                      beta1=self.config.adam_beta1, beta2=self.config.adam_beta2, eps=self.config.adam_eps,
+                      weight_decay=group["weight_decay"], adam_w_mode=True)
+        for piece in pieces:
+            if piece.has_own_master:
+                piece.model_view.copy_(piece.master)  # fp32 -> bf16/fp16, round to nearest
+        self._after_update()
+        return True, grad_norm
+
+    def _precision(self) -> str:
+        return "bf16" if self.config.bf16 else "fp16" if self.config.fp16 else "fp32"
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Copy the model's (e.g. just loaded) parameters into the fp32 masters."""
+        for piece in self.all_pieces():
+            if piece.has_own_master:
+                piece.master.copy_(piece.model_view)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's state: Adam moments and fp32 masters of its pieces, in piece order, plus scalars."""
+        return {
+            "step": self.num_steps,
+            "skipped_steps": self.num_skipped_steps,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "pieces": [{"exp_avg": p.exp_avg, "exp_avg_sq": p.exp_avg_sq,
+                        **({"master": p.master} if p.has_own_master else {})} for p in self.all_pieces()],
+            "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        pieces = self.all_pieces()
+        if len(state["pieces"]) != len(pieces) or len(state["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"optimizer state has {len(state['pieces'])} parameter pieces in "
+                             f"{len(state['param_groups'])} groups, this optimizer {len(pieces)} in "
+                             f"{len(self.param_groups)}; it was saved for another model or parallel layout")
+        for i, (piece, saved) in enumerate(zip(pieces, state["pieces"])):
+            if saved["exp_avg"].shape != piece.exp_avg.shape:
+                raise ValueError(f"optimizer state piece {i} has shape {tuple(saved['exp_avg'].shape)}, expected "
+                                 f"{tuple(piece.exp_avg.shape)}; it was saved for another parallel layout")
+            piece.exp_avg.copy_(saved["exp_avg"])
+            piece.exp_avg_sq.copy_(saved["exp_avg_sq"])
+            if piece.has_own_master:
+                if "master" in saved:
+                    piece.master.copy_(saved["master"])
+                else:  # saved by an fp32 run: the model's loaded parameters are the masters
+                    piece.master.copy_(piece.model_view)
+        for group, saved in zip(self.param_groups, state["param_groups"]):
+            group.update(saved)
+        self.num_steps = int(state["step"])
+        self.num_skipped_steps = int(state.get("skipped_steps", 0))
+        if self.loss_scaler is not None and state.get("loss_scaler") is not None:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
+
+    # -- memory --------------------------------------------------------------------------------------
+    def memory_bytes(self) -> dict:
+        """Bytes this rank holds for training state: model params, grads, fp32 masters, Adam moments.
+
+        Counts the DDP buffers (padded) where the model is DDP-wrapped.
+        """
+        params = unique_parameters(self.model_chunks)
+        buffers = [b for chunk in self.model_chunks for b in getattr(chunk, "buffers_by_dtype", {}).values()]
+        if buffers:
+            grad_bytes = sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers)
+            param_bytes = sum(b.param_data.numel() * b.param_data.element_size() if b.param_data is not None
+                              else sum(p.numel() * p.element_size() for p in b.params) for b in buffers)
+        else:
+            grad_bytes = sum(p.numel() * p.element_size() for p in params)  # .grad has the param's dtype
+            param_bytes = grad_bytes
+        pieces = self.all_pieces()
+        return {"params": param_bytes, "grads": grad_bytes,
+                "master": sum(p.master.numel() * 4 for p in pieces if p.has_own_master),
+                "adam": sum((p.exp_avg.numel() + p.exp_avg_sq.numel()) * 4 for p in pieces),
+                "num_params": sum(p.numel() for p in params)}
+
+    def bytes_per_param(self) -> float:
+        """(params + grads + masters + Adam moments) bytes on this rank / parameters on this rank."""
+        mem = self.memory_bytes()
+        return (mem["params"] + mem["grads"] + mem["master"] + mem["adam"]) / mem["num_params"]
+
+
+def build_optimizer(model_chunks: Sequence[torch.nn.Module], opt_config, grid) -> MegaliteOptimizer:
+    """The optimizer for ``model_chunks`` (plain or DDP-wrapped modules, one per virtual pipeline chunk).
+
+    With ``--use-distributed-optimizer`` the chunks must be DDP-wrapped with
+    ``use_distributed_optimizer=True``, and the ZeRO-1 optimizer is returned.
+    """
+    if opt_config.use_distributed_optimizer:
+        from megalite.optim.distributed import DistributedOptimizer
+        return DistributedOptimizer(model_chunks, opt_config, grid)
+    if any(getattr(chunk, "use_distributed_optimizer", False) for chunk in model_chunks):
+        # Such DDP only reduce-scatters: each rank's grads are valid in its own shard only.
+        raise ValueError("the model is wrapped for --use-distributed-optimizer (ZeRO-1) but the optimizer config "
+                         "does not set use_distributed_optimizer; pass the flag to both or to neither")
+    return MegaliteOptimizer(model_chunks, opt_config, grid)

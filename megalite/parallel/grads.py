@@ -1,0 +1,105 @@
+"""Finish a step's gradients: data-parallel reduction, then the sums the model's layout needs.
+
+After backward, three kinds of parameter still hold only part of their gradient:
+
+1. every parameter, over data parallelism: each replica saw a different slice of the batch
+   (DDP averages over DP x CP; with --overlap-grad-reduce most of it already happened in backward);
+2. the tied word embedding under pipeline parallelism: the first stage's input embedding and the last
+   stage's output layer are one parameter of the unsplit model, held twice
+   (``param.shared_embedding``): d(loss)/dW = the sum of both stages' grads, over ``grid.embedding_group``;
+3. parameters replicated over TP but fed a sequence shard under sequence parallelism (norm weights,
+   row-parallel biases; ``param.sequence_parallel``): each TP rank saw s/tp tokens, so the full grad is
+   the sum over the TP group (Korthikanti et al. 2022, Sec. 4.2.2).
+
+After :func:`finalize_model_grads` every copy of a parameter holds the gradient of the
+single-process model (for ZeRO-1: within the range of the grad buffer this rank owns).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def _grad_of(param: torch.nn.Parameter) -> torch.Tensor:
+    """The tensor holding ``param``'s gradient: DDP's fp32 ``main_grad``, else ``.grad`` (zeros if unused)."""
+    main_grad = getattr(param, "main_grad", None)
+    if main_grad is not None:
+        return main_grad
+    if param.grad is None:
+        # Unused here, but the peer rank still sums with us: take part with zeros.
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
+def _all_reduce_coalesced(grads: List[torch.Tensor], group) -> None:
+    """Sum ``grads`` over ``group`` with one collective (flatten, all-reduce, copy back)."""
+    if not grads or dist.get_world_size(group) == 1:
+        return
+    by_dtype = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for dtype in sorted(by_dtype, key=str):  # same order on every rank
+        same = by_dtype[dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for grad in same:
+            grad.view(-1).copy_(flat[offset:offset + grad.numel()])
+            offset += grad.numel()
+
+
+def _params(model_chunks: Sequence[torch.nn.Module], attribute: str) -> List[torch.nn.Parameter]:
+    seen, params = set(), []
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            if param.requires_grad and getattr(param, attribute, False) and id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+@torch.no_grad()
+def allreduce_plain_data_parallel_grads(model_chunks: Sequence[torch.nn.Module], grid) -> None:
+    """Average ``.grad`` of modules that are not DDP-wrapped over DP x CP (no overlap, no buckets)."""
+    group = grid.dp_cp_group
+    size = dist.get_world_size(group)
+    if size == 1 or not model_chunks:
+        return
+    grads = [_grad_of(p) for p in _params(model_chunks, "requires_grad")]
+    torch._foreach_mul_(grads, 1.0 / size)
+    _all_reduce_coalesced(grads, group)
+
+
+@torch.no_grad()
+def allreduce_embedding_grads(model_chunks: Sequence[torch.nn.Module], grid) -> None:
+    """Sum the tied embedding's grads over the first and last pipeline stage (no-op without PP)."""
+    if grid.pp_size == 1 or not grid.is_embedding_rank:
+        return
+    _all_reduce_coalesced([_grad_of(p) for p in _params(model_chunks, "shared_embedding")], grid.embedding_group)
+
+
+@torch.no_grad()
+def allreduce_sequence_parallel_grads(model_chunks: Sequence[torch.nn.Module], grid) -> None:
+    """Sum the grads of TP-replicated, sequence-sharded parameters over TP (no-op without TP)."""
+    if grid.tp_size == 1:
+        return
+    _all_reduce_coalesced([_grad_of(p) for p in _params(model_chunks, "sequence_parallel")], grid.tp_group)
+
+
+def finalize_model_grads(model_chunks: Sequence[torch.nn.Module], grid) -> None:
+    """Finish DP reduction of every chunk, then the embedding (PP) and sequence-parallel (TP) sums.
+
+    ``model_chunks``: this rank's model chunks, DDP-wrapped (grads in ``param.main_grad``) or plain
+    (grads in ``param.grad``, averaged here over DP x CP with one blocking collective per dtype).
+    """
+    plain_chunks = []
+    for chunk in model_chunks:
+        if hasattr(chunk, "finish_grad_sync"):
+            chunk.finish_grad_sync()
+        else:
+            plain_chunks.append(chunk)
+    allreduce_plain_data_parallel_grads(plain_chunks, grid)
+    allreduce_sequence_parallel_grads(model_chunks, grid)
+    allreduce_embedding_grads(model_chunks, grid)
