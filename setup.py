@@ -38,7 +38,9 @@ def extensions():
         exts.append(cpp_extension.CppExtension(
             "megalite._C", cpu_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args=["-O3", "-std=c++17"] + openmp_flags(),
+            # -fno-math-errno: otherwise GCC keeps a scalar errno-setting sqrtf call in the Adam loop
+            # and cannot vectorize it (no code reads errno).  AVX2 is chosen at run time, not here.
+            extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno"] + openmp_flags(),
             extra_link_args=openmp_flags(),
         ))
 

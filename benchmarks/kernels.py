@@ -1,0 +1,238 @@
+"""megalite's fused kernels against PyTorch's own, side by side in one process.
+
+    python benchmarks/kernels.py                 # CPU (2 threads), and CUDA when present
+    python benchmarks/kernels.py --device cpu --threads 2 --repeats 7
+
+Prints one table: what, shape, megalite ms, peer, peer ms, speedup (peer time / megalite time, >1
+means megalite is faster), and megalite's achieved bandwidth against a measured copy bandwidth --
+the ceiling for these memory-bound kernels.  "GB/s" counts the bytes each operation must move at
+least (every input read once, every output written once), the same for both sides.
+
+The optimizer rows use GPT-2 small's 148 parameter tensors (124,439,808 parameters: wte, wpe, 12
+blocks of ln_1/attn.c_attn/attn.c_proj/ln_2/mlp.c_fc/mlp.c_proj weights and biases, ln_f).  The
+mixed-precision peer is what a PyTorch user would run for the same inputs and outputs: convert the
+bf16 grads to fp32, torch.optim.AdamW(fused=True) on the fp32 masters, copy masters into the bf16
+params (with fp32 grads, as in Megatron's main_grad, the conversion is left out on both sides).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import statistics
+import time
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megalite.ops import backend_name, layer_norm, rms_norm
+from megalite.optim.adam import FusedAdam, adam_step_master
+
+
+def gpt2_small_shapes(vocab: int = 50257, positions: int = 1024, hidden: int = 768, layers: int = 12) -> List[tuple]:
+    shapes = [(vocab, hidden), (positions, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden,), (hidden,),                          # ln_1 weight, bias
+                   (hidden, 3 * hidden), (3 * hidden,),           # attn.c_attn (fused qkv)
+                   (hidden, hidden), (hidden,),                   # attn.c_proj
+                   (hidden,), (hidden,),                          # ln_2
+                   (hidden, 4 * hidden), (4 * hidden,),           # mlp.c_fc
+                   (4 * hidden, hidden), (hidden,)]               # mlp.c_proj
+    shapes += [(hidden,), (hidden,)]                              # ln_f
+    return shapes
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, repeats: int) -> float:
+    """GB/s of dst.copy_(src) over 256 MiB fp32 (bytes read + bytes written)."""
+    src = torch.randn(64 * 2**20, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+class Table:
+    def __init__(self, header: str, copy_gbps: float):
+        self.header, self.copy_gbps, self.rows = header, copy_gbps, []
+
+    def add(self, what: str, shape: str, ours_ms: float, peer: str, peer_ms: float, nbytes: float) -> None:
+        gbps = nbytes / ours_ms / 1e6
+        self.rows.append((what, shape, f"{ours_ms:.2f}", peer, f"{peer_ms:.2f}", f"{peer_ms / ours_ms:.2f}x",
+                          f"{gbps:.1f}", f"{100 * gbps / self.copy_gbps:.0f}%"))
+        print("  " + " | ".join(self.rows[-1]), flush=True)
+
+    def render(self) -> str:
+        titles = ("what", "shape", "megalite ms", "peer", "peer ms", "speedup", "megalite GB/s", "of copy")
+        widths = [max(len(str(r[i])) for r in self.rows + [titles]) for i in range(len(titles))]
+        line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+        out = [self.header, line(titles), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        return "\n".join(out + [line(r) for r in self.rows])
+
+
+def bench_adam_fp32(table: Table, device: torch.device, repeats: int) -> None:
+    shapes = gpt2_small_shapes()
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    numel = sum(p.numel() for p in params)
+    hyper = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    label = f"{len(params)} tensors, {numel / 1e6:.1f}M fp32"
+    ours = FusedAdam(params, **hyper)
+    ours_ms = median_ms(ours.step, device, repeats)
+    del ours
+    for peer_name, kwargs in (("torch AdamW fused", dict(fused=True)), ("torch AdamW foreach", dict(foreach=True))):
+        peer = torch.optim.AdamW(params, **hyper, **kwargs)
+        peer_ms = median_ms(peer.step, device, repeats)
+        del peer
+        gc.collect()
+        table.add("Adam step (fp32)", label, ours_ms, peer_name, peer_ms, 28 * numel)
+
+
+def bench_adam_master(table: Table, device: torch.device, repeats: int, grad_dtype: torch.dtype) -> None:
+    shapes = gpt2_small_shapes()
+    model = [torch.randn(s, device=device, dtype=torch.bfloat16) for s in shapes]
+    grads = [torch.randn(s, device=device, dtype=grad_dtype) * 1e-3 for s in shapes]
+    masters = [torch.nn.Parameter(p.float()) for p in model]
+    exp_avgs = [torch.zeros_like(p) for p in masters]
+    exp_avg_sqs = [torch.zeros_like(p) for p in masters]
+    found_inf = torch.zeros(1, device=device)
+    numel = sum(p.numel() for p in model)
+    step = [0]
+
+    def ours():
+        step[0] += 1
+        adam_step_master(model, grads, masters, exp_avgs, exp_avg_sqs, step=step[0], lr=6e-4, beta1=0.9, beta2=0.95,
+                         eps=1e-8, weight_decay=0.1, found_inf=found_inf)
+
+    ours_ms = median_ms(ours, device, repeats)
+    del exp_avgs, exp_avg_sqs
+    gc.collect()
+    peer_opt = torch.optim.AdamW(masters, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    if grad_dtype == torch.float32:
+        for master, grad in zip(masters, grads):
+            master.grad = grad                      # fp32 grads are used as they are
+    else:
+        for master in masters:
+            master.grad = torch.empty_like(master)  # the fp32 copy of the half grads
+
+    def peer():
+        if grad_dtype != torch.float32:
+            torch._foreach_copy_([m.grad for m in masters], grads)
+        peer_opt.step()
+        torch._foreach_copy_(model, masters)
+
+    peer_ms = median_ms(peer, device, repeats)
+    gsize = torch.finfo(grad_dtype).bits // 8
+    nbytes = numel * (gsize + 3 * 4 + 3 * 4 + 2)   # read grad, master, m, v; write master, m, v, bf16 param
+    table.add(f"mixed-precision step ({str(grad_dtype)[6:]} grads)", f"{numel / 1e6:.1f}M, bf16 params", ours_ms,
+              "fused AdamW + copies", peer_ms, nbytes)
+    del peer_opt, masters, grads, model
+    gc.collect()
+
+
+def rms_norm_expression(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The RMSNorm PyTorch users write (LLaMA's reference): fp32 statistics, result in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def bench_norms(table: Table, device: torch.device, repeats: int) -> None:
+    for rows, cols in ((8192, 1024), (4096, 4096)):
+        for dtype in (torch.float32, torch.bfloat16):
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            x0 = torch.randn(rows, cols, generator=gen).to(device=device, dtype=dtype)
+            dy = torch.randn(rows, cols, generator=gen).to(device=device, dtype=dtype)
+            weight = torch.randn(cols, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+            bias = torch.randn(cols, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+            x = x0.clone().requires_grad_()
+            nbytes = 5 * x.numel() * x.element_size()   # fwd: read x, write y; bwd: read x, dy, write dx
+            label = f"[{rows}, {cols}] {str(dtype)[6:]}"
+
+            def fwd_bwd(fn, *args):
+                def run():
+                    x.grad = weight.grad = bias.grad = None
+                    fn(x, *args).backward(dy)
+                return run
+
+            ours_ms = median_ms(fwd_bwd(layer_norm, weight, bias, 1e-5), device, repeats)
+            peer_ms = median_ms(fwd_bwd(lambda t, w, b: F.layer_norm(t, (cols,), w, b, 1e-5), weight, bias), device,
+                                repeats)
+            table.add("LayerNorm fwd+bwd", label, ours_ms, "F.layer_norm", peer_ms, nbytes)
+            ours_ms = median_ms(fwd_bwd(rms_norm, weight, 1e-5), device, repeats)
+            peer_ms = median_ms(fwd_bwd(rms_norm_expression, weight, 1e-5), device, repeats)
+            table.add("RMSNorm fwd+bwd", label, ours_ms, "PyTorch expression", peer_ms, nbytes)
+            peer_ms = median_ms(fwd_bwd(lambda t, w, e: F.rms_norm(t, (cols,), w, e), weight, 1e-5), device, repeats)
+            table.add("RMSNorm fwd+bwd", label, ours_ms, "F.rms_norm", peer_ms, nbytes)
+
+
+def run(device: torch.device, repeats: int, threads: Optional[int], only: Optional[str]) -> str:
+    if device.type == "cpu":
+        if threads:
+            torch.set_num_threads(threads)
+        import megalite._C as native
+        machine = (f"{cpu_name()}, {torch.get_num_threads()} threads, megalite ISA {native.isa()}, "
+                   f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")
+    else:
+        machine = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    copy_gbps = copy_bandwidth(device, repeats)
+    header = (f"machine: {machine}; kernels: {backend_name(device)}; measured copy bandwidth {copy_gbps:.1f} GB/s; "
+              f"median of {repeats}")
+    print(header, flush=True)
+    table = Table(header, copy_gbps)
+    if only in (None, "adam"):
+        bench_adam_fp32(table, device, repeats)
+        bench_adam_master(table, device, repeats, torch.bfloat16)
+        bench_adam_master(table, device, repeats, torch.float32)
+    if only in (None, "norms"):
+        bench_norms(table, device, repeats)
+    return table.render()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and megalite)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", choices=("adam", "norms"), default=None)
+    args = parser.parse_args()
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    tables = []
+    for name in devices:
+        if name == "cuda" and not torch.cuda.is_available():
+            print("(no CUDA device: CUDA rows skipped)")
+            continue
+        tables.append(run(torch.device(name), args.repeats, args.threads, args.only))
+    print()
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+// megalite._C: registers the kernels as PyTorch operators (torch.ops.megalite.*) and implements
+// them for CPU tensors.  The only CPU translation unit that includes torch headers: it checks the
+// tensors, allocates outputs and hands raw pointers to the kernels (kernels.h), which compile
+// without torch.  The CUDA extension (csrc/cuda/bindings.cpp) adds CUDA implementations of the
+// same schemas, so the dispatcher picks the device.
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace megalite::cpu {
+namespace {
+
+const KernelTable* active_table = nullptr;   // null: best_kernels(); set by _C.set_isa() (tests, benchmarks)
+
+const KernelTable& kernels() { return active_table != nullptr ? *active_table : best_kernels(); }
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: TORCH_CHECK(false, name, " has dtype ", t.scalar_type(), "; megalite kernels take float32, bfloat16, float16");
+  }
+  return DType::Float32;
+}
+
+void check_cpu_contiguous(const at::Tensor& t, const std::string& name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " is on ", t.device(), "; megalite._C runs CPU tensors");
+  TORCH_CHECK(t.is_contiguous(), name, " is not contiguous; pass ", name, ".contiguous()");
+}
+
+// Raw pointers and sizes of parallel tensor lists, checked: equal lengths and numels, CPU, contiguous.
+struct TensorLists {
+  std::vector<std::vector<void*>> pointers;   // [list][tensor]
+  std::vector<int64_t> numels;
+};
+
+TensorLists gather_lists(const std::vector<std::pair<at::TensorList, at::ScalarType>>& lists,
+                         const std::vector<const char*>& names) {
+  TensorLists out;
+  const size_t count = lists[0].first.size();
+  for (size_t l = 0; l < lists.size(); ++l) {
+    TORCH_CHECK(lists[l].first.size() == count, names[l], " has ", lists[l].first.size(), " tensors, ", names[0],
+                " has ", count);
+  }
+  out.pointers.resize(lists.size());
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t numel = lists[0].first[i].numel();
+    for (size_t l = 0; l < lists.size(); ++l) {
+      const at::Tensor& t = lists[l].first[i];
+      const std::string name = std::string(names[l]) + "[" + std::to_string(i) + "]";
+      check_cpu_contiguous(t, name);
+      if (lists[l].second != at::ScalarType::Undefined) {
+        TORCH_CHECK(t.scalar_type() == lists[l].second, name, " has dtype ", t.scalar_type(), ", expected ",
+                    lists[l].second);
+      }
+      TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " elements, ", names[0], "[", i, "] has ", numel);
+      out.pointers[l].push_back(t.data_ptr());
+    }
+    out.numels.push_back(numel);
+  }
+  return out;
+}
+
+template <typename T>
+std::vector<T*> typed(const std::vector<void*>& pointers) {
+  std::vector<T*> out(pointers.size());
+  for (size_t i = 0; i < pointers.size(); ++i) out[i] = static_cast<T*>(pointers[i]);
+  return out;
+}
+
+void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode) {
+  if (params.empty()) return;
+  const TensorLists lists = gather_lists(
+      {{params, at::kFloat}, {grads, at::kFloat}, {exp_avgs, at::kFloat}, {exp_avg_sqs, at::kFloat}},
+      {"params", "grads", "exp_avgs", "exp_avg_sqs"});
+  const AdamHyper hyper = make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode);
+  const std::vector<float*> p = typed<float>(lists.pointers[0]), m = typed<float>(lists.pointers[2]),
+                            v = typed<float>(lists.pointers[3]);
+  const std::vector<float*> g = typed<float>(lists.pointers[1]);
+  kernels().adam(p.data(), const_cast<const float* const*>(g.data()), m.data(), v.data(), lists.numels.data(),
+                 static_cast<int64_t>(p.size()), hyper, at::get_num_threads());
+}
+
+void adam_step_master(at::TensorList model_params, at::TensorList grads, at::TensorList master_params,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const at::Tensor& found_inf, int64_t step,
+                      double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode,
+                      double grad_scale) {
+  check_cpu_contiguous(found_inf, "found_inf");
+  TORCH_CHECK(found_inf.scalar_type() == at::kFloat && found_inf.numel() == 1,
+              "found_inf must be a 1-element float32 tensor");
+  float* flag = found_inf.data_ptr<float>();
+  if (*flag != 0.f || model_params.empty()) return;   // an earlier check already skipped this step
+  const at::ScalarType model_type = model_params[0].scalar_type();
+  const at::ScalarType grad_type = grads.empty() ? model_type : grads[0].scalar_type();
+  TORCH_CHECK(model_type == at::kBFloat16 || model_type == at::kHalf, "model_params have dtype ", model_type,
+              "; master-weight mode writes bfloat16 or float16 parameters");
+  const TensorLists lists = gather_lists({{model_params, model_type}, {grads, grad_type}, {master_params, at::kFloat},
+                                          {exp_avgs, at::kFloat}, {exp_avg_sqs, at::kFloat}},
+                                         {"model_params", "grads", "master_params", "exp_avgs", "exp_avg_sqs"});
+  const AdamHyper hyper = make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode);
+  const std::vector<float*> master = typed<float>(lists.pointers[2]), m = typed<float>(lists.pointers[3]),
+                            v = typed<float>(lists.pointers[4]);
+  const std::vector<const void*> g(lists.pointers[1].begin(), lists.pointers[1].end());
+  const bool nonfinite = kernels().adam_master(
+      lists.pointers[0].data(), dtype_of(model_params[0], "model_params"), g.data(), dtype_of(grads[0], "grads"),
+      master.data(), m.data(), v.data(), lists.numels.data(), static_cast<int64_t>(master.size()), hyper,
+      static_cast<float>(1.0 / grad_scale), at::get_num_threads());
+  if (nonfinite) *flag = 1.f;
+}
+
+NormShape norm_shape(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_cpu_contiguous(x, "x");
+  check_cpu_contiguous(weight, "weight");
+  TORCH_CHECK(x.dim() == 2, "x must be [rows, h] (the Python front flattens leading dims), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), "weight has shape ", weight.sizes(), ", x has ",
+              x.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, "weight has dtype ",
+              weight.scalar_type(), "; use x's dtype (", x.scalar_type(), ") or float32");
+  if (bias.has_value() && bias->defined()) {
+    check_cpu_contiguous(*bias, "bias");
+    TORCH_CHECK(bias->sizes() == weight.sizes() && bias->scalar_type() == weight.scalar_type(),
+                "bias must match weight's shape and dtype");
+  }
+  return NormShape{x.size(0), x.size(1), dtype_of(x, "x"), dtype_of(weight, "weight"), at::get_num_threads()};
+}
+
+at::Tensor row_stats(const at::Tensor& x) { return at::empty({x.size(0)}, x.options().dtype(at::kFloat)); }
+
+// A fresh output like `like`, backed by transparent huge pages where the kernel allows it.  Why: a
+// multi-MiB allocation is a new mmap, and the first write to each 4 KiB page faults; on a VM that
+// costs more than the norm itself (64 MiB: 34 ms of faults vs 7.5 ms with 2 MiB pages, measured on
+// the 2-core CI machine).  MADV_HUGEPAGE is only a hint: on failure nothing changes.
+at::Tensor empty_output(const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kPage = 4096, kHugePage = uintptr_t{2} << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t begin = (start + kPage - 1) / kPage * kPage, end = (start + out.nbytes()) / kPage * kPage;
+  if (end > begin + 2 * kHugePage) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                                  const c10::optional<at::Tensor>& bias, double eps) {
+  const NormShape shape = norm_shape(x, weight, bias);
+  at::Tensor y = empty_output(x), mean = row_stats(x), rstd = row_stats(x);
+  const void* bias_ptr = bias.has_value() && bias->defined() ? bias->data_ptr() : nullptr;
+  kernels().layer_norm_forward(shape, x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), mean.data_ptr<float>(),
+                               rstd.data_ptr<float>(), static_cast<float>(eps));
+  return {y, mean, rstd};
+}
+
+void check_backward_inputs(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& stats) {
+  check_cpu_contiguous(dy, "dy");
+  check_cpu_contiguous(stats, "rstd");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "dy ", dy.sizes(), " ",
+              dy.scalar_type(), " must match x ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == x.size(0), "row statistics must be float32 [rows]");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                                   const at::Tensor& weight) {
+  const NormShape shape = norm_shape(x, weight, c10::nullopt);
+  check_backward_inputs(dy, x, rstd);
+  check_backward_inputs(dy, x, mean);
+  at::Tensor dx = empty_output(x), dweight = at::empty_like(weight), dbias = at::empty_like(weight);
+  at::Tensor workspace = at::empty({2 * shape.num_threads * shape.cols}, x.options().dtype(at::kFloat));
+  kernels().layer_norm_backward(shape, dy.data_ptr(), x.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                                weight.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
+                                workspace.data_ptr<float>());
+  return {dx, dweight, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const NormShape shape = norm_shape(x, weight, c10::nullopt);
+  at::Tensor y = empty_output(x), rstd = row_stats(x);
+  kernels().rms_norm_forward(shape, x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr<float>(),
+                             static_cast<float>(eps));
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
+                                                     const at::Tensor& weight) {
+  const NormShape shape = norm_shape(x, weight, c10::nullopt);
+  check_backward_inputs(dy, x, rstd);
+  at::Tensor dx = empty_output(x), dweight = at::empty_like(weight);
+  at::Tensor workspace = at::empty({shape.num_threads * shape.cols}, x.options().dtype(at::kFloat));
+  kernels().rms_norm_backward(shape, dy.data_ptr(), x.data_ptr(), rstd.data_ptr<float>(), weight.data_ptr(),
+                              dx.data_ptr(), dweight.data_ptr(), workspace.data_ptr<float>());
+  return {dx, dweight};
+}
+
+}  // namespace
+}  // namespace megalite::cpu
+
+TORCH_LIBRARY(megalite, m) {
+  m.def("adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "int step, float lr, float beta1, float beta2, float eps, float weight_decay, bool adam_w_mode) -> ()");
+  m.def("adam_step_master(Tensor(a!)[] model_params, Tensor[] grads, Tensor(b!)[] master_params, "
+        "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!) found_inf, int step, float lr, float beta1, "
+        "float beta2, float eps, float weight_decay, bool adam_w_mode, float grad_scale) -> ()");
+  m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor weight) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor rstd, Tensor weight) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(megalite, CPU, m) {
+  m.impl("adam_step", &megalite::cpu::adam_step);
+  m.impl("adam_step_master", &megalite::cpu::adam_step_master);
+  m.impl("layer_norm_forward", &megalite::cpu::layer_norm_forward);
+  m.impl("layer_norm_backward", &megalite::cpu::layer_norm_backward);
+  m.impl("rms_norm_forward", &megalite::cpu::rms_norm_forward);
+  m.impl("rms_norm_backward", &megalite::cpu::rms_norm_backward);
+}
+
+// -- the Python module: importing it registers the operators above; isa()/set_isa() expose the
+//    instruction-set choice so tests can run both kernel tables.
+namespace {
+
+PyObject* isa(PyObject*, PyObject*) { return PyUnicode_FromString(megalite::cpu::kernels().isa); }
+
+PyObject* set_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  using megalite::cpu::active_table;
+  if (std::strcmp(name, "auto") == 0) {
+    active_table = nullptr;
+  } else if (std::strcmp(name, "generic") == 0) {
+    active_table = &megalite::cpu::generic_kernels();
+  } else if (std::strcmp(name, "avx2") == 0 && std::strcmp(megalite::cpu::best_kernels().isa, "avx2") == 0) {
+    active_table = &megalite::cpu::avx2_kernels();
+  } else {
+    PyErr_Format(PyExc_ValueError, "isa %s is not one of auto, generic, avx2 (avx2 only where the CPU has it)", name);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"isa", isa, METH_NOARGS, "The instruction set the CPU kernels run with: 'avx2' or 'generic'."},
+    {"set_isa", set_isa, METH_O, "Use 'generic', 'avx2' or 'auto' (the best this CPU has) kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "megalite CPU kernels (torch.ops.megalite.*)", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }

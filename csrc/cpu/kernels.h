@@ -1,0 +1,56 @@
+// The CPU kernels' entry points, on raw pointers (no torch headers): bindings.cpp calls them.
+//
+// Each kernel is compiled twice, for baseline x86-64 (kernels_generic.cpp) and for AVX2+FMA
+// (kernels_avx2.cpp), and best_kernels() picks the table for the CPU it runs on, so one build
+// runs on any x86-64 yet uses the wide vectors where they exist.
+#pragma once
+
+#include <cstdint>
+
+#include "adam_math.h"
+#include "cpu/float_formats.h"
+
+namespace megalite::cpu {
+
+// A batch of rows for the norms: x is [rows, cols] row-major; weight and bias are [cols].
+struct NormShape {
+  int64_t rows;
+  int64_t cols;
+  DType x_dtype;        // also the dtype of y, dy and dx
+  DType weight_dtype;   // x_dtype or Float32 (also of bias, dweight, dbias)
+  int num_threads;
+};
+
+struct KernelTable {
+  const char* isa;
+
+  // fp32 Adam/AdamW over num_tensors tensors; entry i of each array has numels[i] elements.
+  void (*adam)(float* const* params, const float* const* grads, float* const* exp_avgs, float* const* exp_avg_sqs,
+               const int64_t* numels, int64_t num_tensors, const AdamHyper& hyper, int num_threads);
+
+  // Master-weight Adam: grads (grad_dtype) * inv_grad_scale update fp32 masters and moments, and the
+  // rounded master is written into model_params (model_dtype).  Checks every unscaled gradient first;
+  // returns true (and writes nothing) if one is inf/nan.
+  bool (*adam_master)(void* const* model_params, DType model_dtype, const void* const* grads, DType grad_dtype,
+                      float* const* masters, float* const* exp_avgs, float* const* exp_avg_sqs,
+                      const int64_t* numels, int64_t num_tensors, const AdamHyper& hyper, float inv_grad_scale,
+                      int num_threads);
+
+  // bias may be null.  mean, rstd: [rows] fp32 outputs.
+  void (*layer_norm_forward)(const NormShape& shape, const void* x, const void* weight, const void* bias, void* y,
+                             float* mean, float* rstd, float eps);
+  // workspace: 2 * num_threads * cols floats (per-thread partial sums of dweight and dbias).
+  void (*layer_norm_backward)(const NormShape& shape, const void* dy, const void* x, const float* mean,
+                              const float* rstd, const void* weight, void* dx, void* dweight, void* dbias,
+                              float* workspace);
+  void (*rms_norm_forward)(const NormShape& shape, const void* x, const void* weight, void* y, float* rstd, float eps);
+  // workspace: num_threads * cols floats.
+  void (*rms_norm_backward)(const NormShape& shape, const void* dy, const void* x, const float* rstd,
+                            const void* weight, void* dx, void* dweight, float* workspace);
+};
+
+const KernelTable& generic_kernels();
+const KernelTable& avx2_kernels();
+const KernelTable& best_kernels();
+
+}  // namespace megalite::cpu

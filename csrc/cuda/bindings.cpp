@@ -1,0 +1,208 @@
+// megalite._cuda: CUDA implementations of the operators that megalite._C defines
+// (torch.ops.megalite.*, schemas in csrc/cpu/bindings.cpp).  The only CUDA translation unit that
+// includes torch headers: it checks tensors, allocates outputs on the caching allocator, and calls
+// the launchers in kernels.h on the current stream.  The operator implementations are named *_op,
+// apart from the launchers of the same name.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cuda/kernels.h"
+
+namespace megalite::cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: TORCH_CHECK(false, name, " has dtype ", t.scalar_type(), "; megalite kernels take float32, bfloat16, float16");
+  }
+  return DType::Float32;
+}
+
+void check_on(const at::Tensor& t, const at::Device& device, const std::string& name) {
+  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but the other inputs are on ", device);
+  TORCH_CHECK(t.is_contiguous(), name, " is not contiguous; pass ", name, ".contiguous()");
+}
+
+// Device pointers of parallel tensor lists, checked: equal lengths and numels, one device, contiguous.
+std::vector<std::vector<void*>> gather_lists(const std::vector<std::pair<at::TensorList, at::ScalarType>>& lists,
+                                             const std::vector<const char*>& names, const at::Device& device,
+                                             std::vector<int64_t>& numels) {
+  const size_t count = lists[0].first.size();
+  std::vector<std::vector<void*>> pointers(lists.size());
+  for (size_t l = 0; l < lists.size(); ++l) {
+    TORCH_CHECK(lists[l].first.size() == count, names[l], " has ", lists[l].first.size(), " tensors, ", names[0],
+                " has ", count);
+  }
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t numel = lists[0].first[i].numel();
+    for (size_t l = 0; l < lists.size(); ++l) {
+      const at::Tensor& t = lists[l].first[i];
+      const std::string name = std::string(names[l]) + "[" + std::to_string(i) + "]";
+      check_on(t, device, name);
+      TORCH_CHECK(t.scalar_type() == lists[l].second, name, " has dtype ", t.scalar_type(), ", expected ",
+                  lists[l].second);
+      TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " elements, ", names[0], "[", i, "] has ", numel);
+      pointers[l].push_back(t.data_ptr());
+    }
+    numels.push_back(numel);
+  }
+  return pointers;
+}
+
+template <typename T>
+std::vector<T*> typed(const std::vector<void*>& pointers) {
+  std::vector<T*> out(pointers.size());
+  for (size_t i = 0; i < pointers.size(); ++i) out[i] = static_cast<T*>(pointers[i]);
+  return out;
+}
+
+void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode) {
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  std::vector<int64_t> numels;
+  const auto lists = gather_lists(
+      {{params, at::kFloat}, {grads, at::kFloat}, {exp_avgs, at::kFloat}, {exp_avg_sqs, at::kFloat}},
+      {"params", "grads", "exp_avgs", "exp_avg_sqs"}, device, numels);
+  const std::vector<float*> p = typed<float>(lists[0]), g = typed<float>(lists[1]), m = typed<float>(lists[2]),
+                            v = typed<float>(lists[3]);
+  adam_fp32(p.data(), const_cast<const float* const*>(g.data()), m.data(), v.data(), numels.data(),
+            static_cast<int64_t>(p.size()), make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode),
+            c10::cuda::getCurrentCUDAStream());
+}
+
+void adam_step_master_op(at::TensorList model_params, at::TensorList grads, at::TensorList master_params,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const at::Tensor& found_inf, int64_t step,
+                      double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode,
+                      double grad_scale) {
+  if (model_params.empty()) return;
+  const at::Device device = model_params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_on(found_inf, device, "found_inf");
+  TORCH_CHECK(found_inf.scalar_type() == at::kFloat && found_inf.numel() == 1,
+              "found_inf must be a 1-element float32 tensor");
+  const at::ScalarType model_type = model_params[0].scalar_type();
+  const at::ScalarType grad_type = grads.empty() ? model_type : grads[0].scalar_type();
+  TORCH_CHECK(model_type == at::kBFloat16 || model_type == at::kHalf, "model_params have dtype ", model_type,
+              "; master-weight mode writes bfloat16 or float16 parameters");
+  std::vector<int64_t> numels;
+  const auto lists = gather_lists({{model_params, model_type}, {grads, grad_type}, {master_params, at::kFloat},
+                                   {exp_avgs, at::kFloat}, {exp_avg_sqs, at::kFloat}},
+                                  {"model_params", "grads", "master_params", "exp_avgs", "exp_avg_sqs"}, device,
+                                  numels);
+  const std::vector<const void*> g(lists[1].begin(), lists[1].end());
+  const std::vector<float*> master = typed<float>(lists[2]), m = typed<float>(lists[3]), v = typed<float>(lists[4]);
+  adam_master(lists[0].data(), dtype_of(model_params[0], "model_params"), g.data(), dtype_of(grads[0], "grads"),
+              master.data(), m.data(), v.data(), numels.data(), static_cast<int64_t>(master.size()),
+              make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode),
+              static_cast<float>(1.0 / grad_scale), found_inf.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+}
+
+NormShape norm_shape(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.is_cuda(), "x is on ", x.device(), "; megalite._cuda runs CUDA tensors");
+  check_on(x, x.device(), "x");
+  check_on(weight, x.device(), "weight");
+  TORCH_CHECK(x.dim() == 2, "x must be [rows, h] (the Python front flattens leading dims), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), "weight has shape ", weight.sizes(), ", x has ",
+              x.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, "weight has dtype ",
+              weight.scalar_type(), "; use x's dtype (", x.scalar_type(), ") or float32");
+  if (bias.has_value() && bias->defined()) {
+    check_on(*bias, x.device(), "bias");
+    TORCH_CHECK(bias->sizes() == weight.sizes() && bias->scalar_type() == weight.scalar_type(),
+                "bias must match weight's shape and dtype");
+  }
+  return NormShape{x.size(0), x.size(1), dtype_of(x, "x"), dtype_of(weight, "weight")};
+}
+
+at::Tensor row_stats(const at::Tensor& x) { return at::empty({x.size(0)}, x.options().dtype(at::kFloat)); }
+
+void check_backward_inputs(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& stats) {
+  check_on(dy, x.device(), "dy");
+  check_on(stats, x.device(), "row statistics");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "dy must match x's shape and dtype");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == x.size(0), "row statistics must be float32 [rows]");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_op(const at::Tensor& x, const at::Tensor& weight,
+                                                                  const c10::optional<at::Tensor>& bias, double eps) {
+  const NormShape shape = norm_shape(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x), mean = row_stats(x), rstd = row_stats(x);
+  const void* bias_ptr = bias.has_value() && bias->defined() ? bias->data_ptr() : nullptr;
+  megalite::cuda::layer_norm_forward(shape, x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(),
+                                     mean.data_ptr<float>(), rstd.data_ptr<float>(), static_cast<float>(eps),
+                                     c10::cuda::getCurrentCUDAStream());
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_op(const at::Tensor& dy, const at::Tensor& x,
+                                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                                   const at::Tensor& weight) {
+  const NormShape shape = norm_shape(x, weight, c10::nullopt);
+  check_backward_inputs(dy, x, mean);
+  check_backward_inputs(dy, x, rstd);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty_like(x), dweight = at::empty_like(weight), dbias = at::empty_like(weight);
+  at::Tensor workspace = at::empty({2 * norm_weight_grad_splits(shape) * shape.cols}, x.options().dtype(at::kFloat));
+  megalite::cuda::layer_norm_backward(shape, dy.data_ptr(), x.data_ptr(), mean.data_ptr<float>(),
+                                      rstd.data_ptr<float>(), weight.data_ptr(), dx.data_ptr(), dweight.data_ptr(),
+                                      dbias.data_ptr(), workspace.data_ptr<float>(),
+                                      c10::cuda::getCurrentCUDAStream());
+  return {dx, dweight, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const NormShape shape = norm_shape(x, weight, c10::nullopt);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x), rstd = row_stats(x);
+  megalite::cuda::rms_norm_forward(shape, x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr<float>(),
+                                   static_cast<float>(eps), c10::cuda::getCurrentCUDAStream());
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
+                                                     const at::Tensor& weight) {
+  const NormShape shape = norm_shape(x, weight, c10::nullopt);
+  check_backward_inputs(dy, x, rstd);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty_like(x), dweight = at::empty_like(weight);
+  at::Tensor workspace = at::empty({norm_weight_grad_splits(shape) * shape.cols}, x.options().dtype(at::kFloat));
+  megalite::cuda::rms_norm_backward(shape, dy.data_ptr(), x.data_ptr(), rstd.data_ptr<float>(), weight.data_ptr(),
+                                    dx.data_ptr(), dweight.data_ptr(), workspace.data_ptr<float>(),
+                                    c10::cuda::getCurrentCUDAStream());
+  return {dx, dweight};
+}
+
+}  // namespace
+}  // namespace megalite::cuda
+
+TORCH_LIBRARY_IMPL(megalite, CUDA, m) {
+  m.impl("adam_step", &megalite::cuda::adam_step_op);
+  m.impl("adam_step_master", &megalite::cuda::adam_step_master_op);
+  m.impl("layer_norm_forward", &megalite::cuda::layer_norm_forward_op);
+  m.impl("layer_norm_backward", &megalite::cuda::layer_norm_backward_op);
+  m.impl("rms_norm_forward", &megalite::cuda::rms_norm_forward_op);
+  m.impl("rms_norm_backward", &megalite::cuda::rms_norm_backward_op);
+}
+
+namespace {
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cuda", "megalite CUDA kernels (torch.ops.megalite.* on CUDA)", -1,
+                      nullptr};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__cuda() { return PyModule_Create(&module); }

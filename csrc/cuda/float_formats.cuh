@@ -1,0 +1,30 @@
+// fp32 / bf16 / fp16 loads and stores on the device: widen exactly, round to nearest even.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "dtypes.h"
+
+namespace megalite::cuda {
+
+__device__ __forceinline__ float load(float x) { return x; }
+__device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float load(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T store(float x);
+template <> __device__ __forceinline__ float store<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half store<__half>(float x) { return __float2half_rn(x); }
+
+// Calls fn(tag) with a value of the storage type named by dtype (host side dispatch).
+template <typename Fn>
+void with_dtype(DType dtype, const Fn& fn) {
+  switch (dtype) {
+    case DType::Float32: fn(float{}); break;
+    case DType::BFloat16: fn(__nv_bfloat16{}); break;
+    case DType::Float16: fn(__half{}); break;
+  }
+}
+
+}  // namespace megalite::cuda
