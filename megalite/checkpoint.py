@@ -1,0 +1,220 @@
+"""Save and resume training: model, optimizer, LR schedule, every RNG and the data position.
+
+Layout on disk, Megatron-LM's (one folder per tensor x pipeline rank)::
+
+    SAVE/latest_checkpointed_iteration.txt        "10"
+    SAVE/iter_0000010/mp_rank_{tp:02d}_{pp:03d}/
+        model_optim_rng.pt     model (one entry per virtual chunk), optimizer, scheduler, iteration,
+                               consumed samples, the run's settings; written by DP rank 0 of CP rank 0
+        optimizer_dp{dp:03d}_cp{cp:03d}.pt   the optimizer shard of each DP rank (only with ZeRO-1)
+        rng_dp{dp:03d}_cp{cp:03d}.pt         every rank's RNG states (torch CPU/CUDA, python, numpy,
+                                             the TP RNG tracker): dropout masks differ per rank
+
+Everything is stored as tensors and plain python containers and read back with
+``torch.load(weights_only=True)``: loading a checkpoint never runs code from the file.  Resuming
+restores the exact state, so the resumed loss curve is the uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def rank_dir(root: str, iteration: int, tp_rank: int, pp_rank: int) -> str:
+    return os.path.join(iteration_dir(root, iteration), f"mp_rank_{tp_rank:02d}_{pp_rank:03d}")
+
+
+def read_latest_iteration(root: str) -> Optional[int]:
+    """The iteration in ``latest_checkpointed_iteration.txt``, or None when there is no checkpoint."""
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path} should hold an iteration number, found {text!r}")
+    return int(text)
+
+
+# -- RNG -------------------------------------------------------------------------------------------
+def _rng_tracker():
+    """The TP RNG tracker (megalite/parallel/random.py) when it exists, else None."""
+    try:
+        from megalite.parallel import random as tp_random
+    except ImportError:
+        return None
+    getter = getattr(tp_random, "get_rng_tracker", None) or getattr(tp_random, "get_cuda_rng_tracker", None)
+    return getter() if getter is not None else None
+
+
+def get_rng_state() -> dict:
+    """All RNG states of this process, as tensors and plain containers."""
+    np_state = np.random.get_state()
+    state = {
+        "torch_cpu": torch.get_rng_state(),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    tracker = _rng_tracker()
+    if tracker is not None and hasattr(tracker, "get_states"):
+        state["tracker"] = tracker.get_states()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+    tracker = _rng_tracker()
+    if "tracker" in state and tracker is not None and hasattr(tracker, "set_states"):
+        tracker.set_states(state["tracker"])
+
+
+# -- model -----------------------------------------------------------------------------------------
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP (or any ``.module``) wrapper."""
+    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    # A view into a larger buffer (contiguous grad/param buffers) would save the whole buffer.
+    tensor = tensor.detach()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor.cpu()
+
+
+def _model_key(index: int, num_chunks: int) -> str:
+    return "model" if num_chunks == 1 else f"model{index}"
+
+
+def partition_metadata(chunk: torch.nn.Module) -> dict:
+    """For each parameter: its TP partition dimension (None when replicated), so shards can be merged."""
+    meta = {}
+    for name, param in unwrap(chunk).named_parameters():
+        meta[name] = int(param.partition_dim) if getattr(param, "tensor_model_parallel", False) else None
+    return meta
+
+
+# -- save ------------------------------------------------------------------------------------------
+def _atomic_save(obj, path: str) -> None:
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.Module], optimizer, scheduler, grid,
+                    *, consumed_samples: int, settings: Optional[dict] = None,
+                    sharded_optimizer: bool = False, layer_numbers: Optional[Sequence[Sequence[int]]] = None) -> str:
+    """Write iteration ``iteration`` under ``root`` (collective over all ranks); returns its folder.
+
+    ``settings`` is a plain dict of the run's configs (kept so tools can rebuild the model);
+    ``sharded_optimizer`` saves each DP rank's optimizer state (ZeRO-1) instead of DP rank 0's.
+    """
+    folder = rank_dir(root, iteration, grid.tp_rank, grid.pp_rank)
+    os.makedirs(folder, exist_ok=True)
+    writes_model = grid.dp_rank == 0 and grid.cp_rank == 0
+    if writes_model:
+        state = {
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "layout": {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1,
+                       "tp_rank": grid.tp_rank, "pp_rank": grid.pp_rank},
+            "settings": settings or {},
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "partition_dims": [partition_metadata(c) for c in model_chunks],
+            "layer_numbers": [list(ln) for ln in layer_numbers] if layer_numbers is not None else None,
+        }
+        for i, chunk in enumerate(model_chunks):
+            state[_model_key(i, len(model_chunks))] = {k: _own_storage(v) for k, v in unwrap(chunk).state_dict().items()}
+        if optimizer is not None and not sharded_optimizer:
+            state["optimizer"] = optimizer.state_dict()
+        _atomic_save(state, os.path.join(folder, "model_optim_rng.pt"))
+    suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
+    if optimizer is not None and sharded_optimizer:
+        _atomic_save(optimizer.state_dict(), os.path.join(folder, "optimizer_" + suffix))
+    _atomic_save(get_rng_state(), os.path.join(folder, "rng_" + suffix))
+    # Only when every rank has written is the checkpoint announced.
+    dist.barrier()
+    if grid.rank == 0:
+        tracker = os.path.join(root, TRACKER_FILE)
+        with open(tracker + ".tmp", "w") as f:
+            f.write(str(iteration))
+        os.replace(tracker + ".tmp", tracker)
+    dist.barrier()
+    return iteration_dir(root, iteration)
+
+
+# -- load ------------------------------------------------------------------------------------------
+def _load(path: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path} is missing; was the checkpoint saved with a different "
+                                f"parallel layout or interrupted while saving?")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimizer, scheduler, grid, *,
+                    iteration: Optional[int] = None, sharded_optimizer: bool = False,
+                    load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
+    """Restore the state saved by :func:`save_checkpoint`; returns ``(iteration, consumed_samples)``.
+
+    With no checkpoint under ``root`` returns ``(0, 0)`` (a fresh run), as Megatron does.
+    """
+    if iteration is None:
+        iteration = read_latest_iteration(root)
+        if iteration is None:
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f"--load {root}: no such directory")
+            return 0, 0
+    folder = rank_dir(root, iteration, grid.tp_rank, grid.pp_rank)
+    if not os.path.isdir(folder):
+        saved = sorted(os.listdir(iteration_dir(root, iteration))) if os.path.isdir(iteration_dir(root, iteration)) else []
+        raise ValueError(f"--load {root}: iteration {iteration} has no folder for TP rank {grid.tp_rank}, PP rank "
+                         f"{grid.pp_rank} (found {saved}); load with the layout it was saved with")
+    state = _load(os.path.join(folder, "model_optim_rng.pt"))
+    layout = state["layout"]
+    mine = {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1}
+    if any(layout[k] != v for k, v in mine.items()):
+        raise ValueError(f"--load {root}: checkpoint was saved with TP={layout['tp']} PP={layout['pp']} "
+                         f"virtual PP={layout['vpp']}, this run has TP={mine['tp']} PP={mine['pp']} "
+                         f"virtual PP={mine['vpp']}; run with the saved layout")
+    for i, chunk in enumerate(model_chunks):
+        unwrap(chunk).load_state_dict(state[_model_key(i, len(model_chunks))])
+    if optimizer is not None and hasattr(optimizer, "reload_model_params"):
+        optimizer.reload_model_params()  # fp32 masters of a half-precision model follow the loaded weights
+    suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
+    if optimizer is not None and load_optimizer:
+        if sharded_optimizer:
+            optimizer.load_state_dict(_load(os.path.join(folder, "optimizer_" + suffix)))
+        elif "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            raise ValueError(f"--load {root}: the checkpoint holds sharded optimizer states (saved with "
+                             f"--use-distributed-optimizer); pass that flag to resume")
+    # After the optimizer: its load_state_dict replaces the param groups the scheduler sets lr in.
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if load_rng:
+        rng_path = os.path.join(folder, "rng_" + suffix)
+        if os.path.isfile(rng_path):
+            set_rng_state(_load(rng_path))
+    return int(state["iteration"]), int(state["consumed_samples"])

@@ -1,0 +1,1 @@
+"""Scaling arithmetic: parameter and FLOP counts, model FLOPs utilization (MFU)."""

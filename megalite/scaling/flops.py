@@ -1,0 +1,89 @@
+"""Parameter and FLOP counts of a GPT, and model FLOPs utilization (MFU).
+
+FLOPs follow Megatron-LM's ``num_floating_point_operations`` (Narayanan et al. 2021, "Efficient
+Large-Scale Language Model Training on GPU Clusters", Appendix / Eq. 3, extended with grouped-query
+attention and gated MLPs).  Per token and layer, a forward pass costs (a multiply-add = 2 FLOPs):
+
+    QKV projection        2 h (h + 2 h g/a)        g = query groups, a = heads
+    scores and values     2 * 2 s h                full s x s attention, causal mask NOT discounted
+    output projection     2 h h
+    MLP                   2 * 2 h f * m            m = 3/2 with SwiGLU (three matrices), else 1
+and once per token the logits 2 h V.  Backward costs twice the forward, so a training step is
+3 x forward:
+
+    F = 12 B s L h^2 [ (1 + g/a + s/h) + m f/h + V / (2 L h) ]      (B sequences, V padded vocab)
+
+This is *model* FLOPs: activation recompute is not counted, so MFU does not reward recomputing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megalite.config import ModelConfig
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of the whole (unpartitioned) model, with the padded vocabulary, tied weights once."""
+    h, f, layers = config.hidden_size, config.ffn_hidden_size, config.num_layers
+    kv = 2 * config.num_query_groups * config.head_dim
+    bias = config.add_bias_linear
+    norm = 2 * h if config.normalization == "LayerNorm" else h
+    gated = 2 if config.swiglu else 1
+    per_layer = (
+        h * (h + kv) + (h + kv) * bias                 # fused QKV
+        + h * h + h * bias                             # attention output projection
+        + h * f * gated + f * gated * bias             # MLP up (gate and up with SwiGLU)
+        + f * h + h * bias                             # MLP down
+        + 2 * norm                                     # pre-attention and pre-MLP norms
+    )
+    embedding = config.padded_vocab_size * h
+    if config.position_embedding_type == "learned_absolute":
+        embedding += config.max_position_embeddings * h
+    output = config.padded_vocab_size * h if config.untie_embeddings_and_output_weights else 0
+    return embedding + layers * per_layer + norm + output
+
+
+def flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_length: Optional[int] = None) -> float:
+    """Model FLOPs of one training step (forward + backward) over ``global_batch_size`` sequences."""
+    s = seq_length or config.seq_length
+    h, layers = config.hidden_size, config.num_layers
+    query_groups_ratio = config.num_query_groups / config.num_attention_heads
+    gated = 1.5 if config.swiglu else 1.0
+    attention = 1 + query_groups_ratio + s / h
+    mlp = gated * config.ffn_hidden_size / h
+    logits = config.padded_vocab_size / (2 * layers * h)
+    return 12.0 * global_batch_size * s * layers * h * h * (attention + mlp + logits)
+
+
+# Dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
+_GPU_PEAK_TFLOPS = {  # name fragment: (bf16/fp16 tensor core, tf32 tensor core)
+    "H200": (989.0, 494.5),
+    "H100": (989.0, 494.5),   # SXM; the PCIe card is lower: pass --peak-tflops
+    "A100": (312.0, 156.0),
+    "L40S": (362.0, 183.0),
+    "A10": (125.0, 62.5),
+    "V100": (125.0, 15.7),
+    "T4": (65.0, 8.1),
+}
+# A CPU core with two 256-bit FMA units does 2 units x 8 fp32 lanes x 2 FLOPs = 32 FLOPs per cycle;
+# at a nominal 3 GHz that is ~96 GFLOP/s per core.  Nominal, not measured: pass --peak-tflops to be exact.
+_CPU_FLOPS_PER_CORE = 32 * 3.0e9
+
+
+def default_peak_tflops(half_precision: bool, device: Optional[torch.device] = None) -> float:
+    """Peak dense TFLOP/s of one device: a table for known GPUs, a nominal figure for CPU cores."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, (half, tf32) in _GPU_PEAK_TFLOPS.items():
+            if fragment in name:
+                return half if half_precision else tf32
+        return 100.0  # unknown GPU: a round number; --peak-tflops overrides it
+    return torch.get_num_threads() * _CPU_FLOPS_PER_CORE / 1e12
+
+
+def mfu(achieved_tflops_per_device: float, peak_tflops_per_device: float) -> float:
+    """Model FLOPs utilization: achieved model FLOP/s over the device's peak (0..1)."""
+    return achieved_tflops_per_device / peak_tflops_per_device

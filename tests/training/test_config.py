@@ -1,0 +1,94 @@
+"""The command line fills the configs 1:1 and refuses bad values with a message that carries the fix."""
+import pytest
+
+from megalite.config import (DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig, build_parser,
+                             parse_args)
+
+MOCK = ["--mock-data"]
+
+
+def test_every_field_is_a_flag_with_megatron_name():
+    flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                 "seq_length", "max_position_embeddings", "micro_batch_size", "global_batch_size", "train_iters",
+                 "lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "weight_decay", "clip_grad", "seed",
+                 "data_path", "split", "tokenizer_type", "vocab_file", "merge_file", "save", "load", "save_interval",
+                 "eval_interval", "eval_iters", "log_interval", "hidden_dropout", "attention_dropout",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "bf16", "fp16", "normalization",
+                 "swiglu", "position_embedding_type", "untie_embeddings_and_output_weights", "mock_data",
+                 "make_vocab_size_divisible_by", "init_method_std", "adam_beta1", "adam_beta2", "adam_eps",
+                 "distributed_timeout_minutes", "context_parallel_size", "virtual_pipeline_model_parallel_size",
+                 "num_layers_per_virtual_pipeline_stage", "sequence_parallel", "recompute_granularity",
+                 "recompute_method", "recompute_num_layers", "pipeline_schedule", "use_distributed_optimizer",
+                 "overlap_grad_reduce", "ddp_bucket_size", "loss_scale", "initial_loss_scale", "min_loss_scale",
+                 "loss_scale_window", "hysteresis", "tokenizer_model", "log_json", "exit_interval"):
+        assert flags[name] == "--" + name.replace("_", "-"), name
+    assert flags["add_bias_linear"] == "--disable-bias-linear"
+
+
+def test_flags_reach_fields():
+    model, parallel, opt, data, train = parse_args(
+        MOCK + ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "8", "--group-query-attention",
+                "--num-query-groups", "2", "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type",
+                "rope", "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--lr", "1e-3",
+                "--min-lr", "1e-4", "--bf16", "--adam-beta2", "0.95", "--micro-batch-size", "2",
+                "--global-batch-size", "16", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                "--lr-decay-style", "cosine", "--log-json", "x.jsonl"], world_size=8)
+    assert (model.num_layers, model.hidden_size, model.num_query_groups, model.swiglu) == (4, 128, 2, True)
+    assert (model.normalization, model.position_embedding_type, model.add_bias_linear) == ("RMSNorm", "rope", False)
+    assert model.untie_embeddings_and_output_weights
+    # TP and SP are one flag each, copied into the model config that builds the layers.
+    assert model.tensor_model_parallel_size == parallel.tensor_model_parallel_size == 2
+    assert model.sequence_parallel and parallel.sequence_parallel
+    assert parallel.virtual_pipeline_model_parallel_size == 2 and parallel.data_parallel_size == 2
+    assert (opt.lr, opt.min_lr, opt.bf16, opt.adam_beta2) == (1e-3, 1e-4, True, 0.95)
+    assert (train.micro_batch_size, train.global_batch_size, train.lr_decay_style) == (2, 16, "cosine")
+    assert train.lr_decay_iters == train.train_iters and train.log_json == "x.jsonl"
+    assert data.mock_data and data.data_path is None
+
+
+def test_defaults_fill_from_other_configs():
+    _, _, _, _, train = parse_args(MOCK + ["--micro-batch-size", "3"], world_size=4)
+    assert train.global_batch_size == 12          # micro-batch x DP
+    assert train.num_microbatches(4) == 1
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--global-batch-size", "7", "--micro-batch-size", "2"], 2,
+     "--global-batch-size 7 is not divisible by --micro-batch-size 2 x data-parallel size 2 = 4; try 8"),
+    (["--tensor-model-parallel-size", "3"], 4, "world size 4 is not divisible by --tensor-model-parallel-size 3"),
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2, "use a multiple of 2 layers"),
+    (["--virtual-pipeline-model-parallel-size", "2"], 1, "needs --pipeline-model-parallel-size > 1"),
+    (["--hidden-size", "30", "--num-attention-heads", "4"], 1, "--hidden-size 30 is not divisible by"),
+    (["--num-query-groups", "2"], 1, "add that flag"),
+    (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], 1, "--min-lr 0.001 is above --lr 0.0001"),
+    (["--lr-warmup-iters", "50", "--train-iters", "10"], 1, "--lr-warmup-iters 50 exceeds --lr-decay-iters 10"),
+    (["--lr-decay-style", "exp"], 1, "invalid choice: 'exp'"),
+    (["--save-interval", "5"], 1, "--save-interval 5 needs --save DIR"),
+    (["--num-layers", "two"], 1, "invalid int value: 'two'"),
+    (["--split", "a,b"], 1, "--split 'a,b' must be comma-separated numbers"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], 1, "needs --vocab-file and --merge-file"),
+])
+def test_bad_values_are_refused_with_the_fix(argv, world, message):
+    with pytest.raises(ValueError) as error:
+        parse_args(MOCK + argv, world_size=world)
+    assert message in str(error.value)
+
+
+def test_missing_data_path():
+    with pytest.raises(ValueError, match="--data-path is required .* or pass --mock-data"):
+        parse_args(["--num-layers", "2"], world_size=1)
+    with pytest.raises(ValueError, match="--data-path needs --tokenizer-type"):
+        parse_args(["--data-path", "corpus_text_document"], world_size=1)
+
+
+def test_configs_construct_directly():
+    # The dataclasses validate themselves without the command line too.
+    with pytest.raises(ValueError, match="world size 6 is not divisible"):
+        ParallelConfig(tensor_model_parallel_size=4, world_size=6)
+    with pytest.raises(ValueError, match="--micro-batch-size must be at least 1"):
+        TrainingConfig(micro_batch_size=0)
+    assert DataConfig(mock_data=True).split == "969,30,1"
+    assert ModelConfig().padded_vocab_size == 256 and OptimizerConfig().clip_grad == 1.0

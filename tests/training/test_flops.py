@@ -1,0 +1,41 @@
+"""Parameter and FLOP counts against hand-computed numbers."""
+import pytest
+
+from megalite.config import ModelConfig
+from megalite.scaling import flops
+
+
+def test_flops_hand_computed_gpt():
+    # L=2, h=64, a=4 heads (g=4), f=256, s=32, V=256 (already a multiple of 128), batch 8.
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=256)
+    s, h, L, V, f, B = 32, 64, 2, 256, 256, 8
+    # Forward per token per layer: QKV 2h*3h, scores+values 4sh, projection 2h^2, MLP 4hf.
+    forward_per_token = L * (2 * h * 3 * h + 4 * s * h + 2 * h * h + 4 * h * f) + 2 * h * V
+    expected = 3 * B * s * forward_per_token          # backward = 2 x forward
+    assert expected == 12 * B * s * L * h * h * (1 + 1 + s / h + f / h + V / (2 * L * h))
+    assert flops.flops_per_iteration(cfg, B) == pytest.approx(expected, rel=1e-12)
+    assert expected == 188_743_680   # 768 x 245,760 FLOPs per token forward
+
+
+def test_flops_gqa_and_swiglu():
+    cfg = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=128,
+                      seq_length=16, vocab_size=100, make_vocab_size_divisible_by=64, swiglu=True)
+    s, h, V, f = 16, 64, 128, 128
+    kv = 2 * 2 * 8    # 2 (k and v) x groups x head_dim
+    forward_per_token = 2 * h * (h + kv) + 4 * s * h + 2 * h * h + 2 * 3 * h * f + 2 * h * V
+    assert flops.flops_per_iteration(cfg, 1) == pytest.approx(3 * s * forward_per_token, rel=1e-12)
+
+
+def test_parameter_count_hand_computed():
+    cfg = ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, ffn_hidden_size=32, seq_length=4,
+                      vocab_size=10, make_vocab_size_divisible_by=16)
+    embedding = 16 * 8 + 4 * 8                                   # padded vocab 16, 4 positions
+    layer = (8 * 24 + 24) + (8 * 8 + 8) + (8 * 32 + 32) + (32 * 8 + 8) + 2 * 16
+    assert flops.count_parameters(cfg) == embedding + 2 * layer + 16   # final LayerNorm; output tied
+    untied = ModelConfig(**{**cfg.__dict__, "untie_embeddings_and_output_weights": True})
+    assert flops.count_parameters(untied) == flops.count_parameters(cfg) + 16 * 8
+
+
+def test_mfu_and_peaks():
+    assert flops.mfu(50.0, 200.0) == 0.25
+    assert flops.default_peak_tflops(False) > 0
