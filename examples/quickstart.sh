@@ -6,8 +6,11 @@
 #
 # Everything lands in runs/quickstart/ (gitignored).  Safe to re-run: the corpus, tokenizer and
 # tokenized data are reused when present; training starts afresh each time.
-# Knobs (environment): ITERS (training iterations), NPROC (ranks; >1 launches torchrun on gloo),
-# PARALLEL_FLAGS (e.g. "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2").
+# By default it trains on 8 CPU ranks in the full 3D layout -- TP=2 x PP=2 x DP=2 with sequence
+# parallelism, the interleaved pipeline schedule (2 virtual stages per rank) and the ZeRO-1
+# distributed optimizer -- launched by torchrun on gloo; the loss equals a one-rank run's.
+# Knobs (environment): ITERS (training iterations), NPROC (ranks; 1 trains on one process),
+# PARALLEL_FLAGS (the layout flags; default: the 3D layout above when NPROC=8, none otherwise).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 start=$(date +%s)
@@ -15,9 +18,15 @@ source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 
 OUT=runs/quickstart
-ITERS="${ITERS:-300}"
-NPROC="${NPROC:-1}"
-PARALLEL_FLAGS="${PARALLEL_FLAGS:-}"
+ITERS="${ITERS:-250}"
+NPROC="${NPROC:-8}"
+if [ "$NPROC" = 8 ]; then
+  DEFAULT_LAYOUT="--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel
+    --virtual-pipeline-model-parallel-size 2 --use-distributed-optimizer"
+else
+  DEFAULT_LAYOUT=""
+fi
+PARALLEL_FLAGS="${PARALLEL_FLAGS:-$DEFAULT_LAYOUT}"
 VOCAB_SIZE=4096
 mkdir -p "$OUT"
 say() { echo "[quickstart] $*"; }
@@ -54,14 +63,14 @@ fi
 rm -rf "$OUT/checkpoints" "$OUT/log.jsonl"
 TRAIN_FLAGS=(
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 --max-position-embeddings 128
-  --micro-batch-size 8 --global-batch-size 16 --train-iters "$ITERS"
+  --micro-batch-size 2 --global-batch-size 16 --train-iters "$ITERS"
   --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 20 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0
   --hidden-dropout 0.0 --attention-dropout 0.0 --seed 1234
   --data-path "$DATA" --split 98,2,0 "${TOKENIZER_FLAGS[@]}"
   --log-interval 20 --eval-interval 100 --eval-iters 4
-  --save "$OUT/checkpoints" --log-json "$OUT/log.jsonl"
+  --save "$OUT/checkpoints" --log-json "$OUT/log.jsonl" --timeline "$OUT/pipeline_timeline.png"
 )
-say "training for $ITERS iterations on $NPROC rank(s) $PARALLEL_FLAGS"
+say "training for $ITERS iterations on $NPROC rank(s) "$PARALLEL_FLAGS
 if [ "$NPROC" -gt 1 ]; then
   OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc-per-node "$NPROC" \
       examples/pretrain_gpt.py "${TRAIN_FLAGS[@]}" $PARALLEL_FLAGS

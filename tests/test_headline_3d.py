@@ -10,8 +10,6 @@ import pytest
 
 from megalite.testing import run_on_ranks
 
-pytest.importorskip("megalite.model.gpt", reason="the GPT model (model/TP issue) has not landed yet")
-
 ITERS = 10
 MODEL = ["--mock-data", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
          "--seq-length", "16", "--max-position-embeddings", "16", "--vocab-size", "96",

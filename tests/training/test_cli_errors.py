@@ -36,21 +36,15 @@ def test_global_batch_not_divisible():
                           "--global-batch-size 7 is not divisible by --micro-batch-size 2 x data-parallel size 1")
 
 
-def _needs_data_package():
-    data = pytest.importorskip("megalite.data")
-    if not hasattr(data, "build_tokenizer"):
-        pytest.skip("megalite.data has not landed yet")
-
-
 def test_nonexistent_dataset(tmp_path):
-    _needs_data_package()
     assert_one_line_error(run_cli("--data-path", str(tmp_path / "nothing"), "--tokenizer-type", "NullTokenizer",
                                   "--vocab-size", "100"), "nothing")
 
 
 def test_corrupt_and_truncated_idx(tmp_path):
-    indexed = pytest.importorskip("megalite.data.indexed")
     import numpy as np
+
+    from megalite.data import indexed
     prefix = str(tmp_path / "corpus")
     builder = indexed.IndexedDatasetBuilder(prefix + ".bin", np.uint16)
     for doc in ([1, 2, 3, 4, 5], [6, 7, 8]):
@@ -61,19 +55,18 @@ def test_corrupt_and_truncated_idx(tmp_path):
     flags = ("--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "100")
     with open(prefix + ".idx", "wb") as f:
         f.write(b"NOTANIDX" + good[8:])
-    assert_one_line_error(run_cli(*flags), "")
+    assert_one_line_error(run_cli(*flags), "corpus.idx: bad magic")
     with open(prefix + ".idx", "wb") as f:
         f.write(good[: len(good) // 2])
-    assert_one_line_error(run_cli(*flags), "")
+    assert_one_line_error(run_cli(*flags), "corpus.idx: truncated index")
 
 
 def test_vocab_file_that_does_not_parse(tmp_path):
-    _needs_data_package()
     vocab, merges = tmp_path / "vocab.json", tmp_path / "merges.txt"
     vocab.write_text("{this is not json")
     merges.write_text("#version: 0.2\n")
     assert_one_line_error(run_cli("--mock-data", "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(vocab),
-                                  "--merge-file", str(merges)), "")
+                                  "--merge-file", str(merges)), "vocab.json is not valid JSON")
 
 
 def test_unknown_flag():
