@@ -219,7 +219,9 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
 
     run = Run(model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg, grid, device, model, layer_numbers,
               optimizer, scheduler, forward_backward, train_dataset, valid_dataset, tokenizer, num_microbatches)
-    if train_cfg.load is not None:
+    # `--save X --load X` is the resume idiom: before the first save there is nothing to load.
+    fresh_resume = train_cfg.load is not None and train_cfg.load == train_cfg.save and not os.path.isdir(train_cfg.load)
+    if train_cfg.load is not None and not fresh_resume:
         run.iteration, run.consumed_samples = checkpoint.load_checkpoint(
             train_cfg.load, model, optimizer, scheduler, grid, sharded_optimizer=opt_cfg.use_distributed_optimizer)
         if run.iteration:
