@@ -108,7 +108,9 @@ def draw_timeline(spans: Sequence[Span], path: str, title: str = "") -> str:
     ax.set_xlabel("time (s)" if makespan > 0 and not float(makespan).is_integer() else "time (unit passes)")
     kinds = sorted({s.kind for s in spans}, key="FBW".index)
     names = {"F": "forward", "B": "backward" if "W" not in kinds else "backward (input grad)", "W": "weight grad"}
-    ax.legend(handles=[Patch(color=COLOURS[k], label=names[k]) for k in kinds], loc="upper right", fontsize=8)
+    # Outside the axes: inside, it hides the last passes of stage 0.
+    ax.legend(handles=[Patch(color=COLOURS[k], label=names[k]) for k in kinds], loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(f"{title}  bubble {bubble_fraction(spans):.3f}" if title else f"bubble {bubble_fraction(spans):.3f}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -3,7 +3,7 @@ import pytest
 from megalite.parallel.pipeline.stages import build_model_chunks, layer_numbers_for, virtual_stage_layer_counts
 from megalite.testing import run_on_ranks
 
-from .toy_model import ToyConfig, ToyModel
+from .harness import model_config
 
 
 @pytest.mark.parametrize("layers,pp,v,first,last,expected", [
@@ -34,11 +34,13 @@ def test_layer_split_errors(args, message):
 def _chunks(rank, world_size):
     from megalite.parallel.state import initialize_grid
     grid = initialize_grid(pp=world_size, virtual_pp=2)
-    chunks = build_model_chunks(ToyConfig(num_layers=8), grid, ToyModel)
-    return [(c.pre_process, c.post_process, list(c.layers)) for c in chunks]
+    chunks = build_model_chunks(model_config("gpt", num_layers=8), grid)  # GPTModel by default
+    return [(c.pre_process, c.post_process, c.layer_numbers, len(c.decoder.layers),
+             sorted(n for n, p in c.named_parameters() if getattr(p, "shared_embedding", False))) for c in chunks]
 
 
 def test_build_model_chunks_places_embedding_and_output():
     first, last = run_on_ranks(_chunks, 2)
-    assert first == [(True, False, ["0", "1"]), (False, False, ["4", "5"])]
-    assert last == [(False, False, ["2", "3"]), (False, True, ["6", "7"])]
+    # Rank 0 chunk 0 holds the embedding, rank 1's last chunk the output layer: both carry the tied weight.
+    assert first == [(True, False, [0, 1], 2, ["embedding.word_embeddings.weight"]), (False, False, [4, 5], 2, [])]
+    assert last == [(False, False, [2, 3], 2, []), (False, True, [6, 7], 2, ["output_layer.weight"])]
