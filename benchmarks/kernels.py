@@ -2,17 +2,24 @@
 
     python benchmarks/kernels.py                 # CPU (2 threads), and CUDA when present
     python benchmarks/kernels.py --device cpu --threads 2 --repeats 7
+    python benchmarks/kernels.py --quick         # 3 timed rounds, 1 warm-up: a smoke run, ~1 minute on CPU
 
 Prints one table: what, shape, megalite ms, peer, peer ms, speedup (peer time / megalite time, >1
 means megalite is faster), and megalite's achieved bandwidth against a measured copy bandwidth --
 the ceiling for these memory-bound kernels.  "GB/s" counts the bytes each operation must move at
-least (every input read once, every output written once), the same for both sides.
+least (every input read once, every output written once), the same for both sides.  Adam can show
+more than 100% of copy: a copy's stores into a buffer it never read also cost a read of each line
+(write-allocate), which copy's GB/s does not count, while Adam stores only into lines it just read.
+
+megalite and its peers are timed in alternating rounds (ours, peer, ours, peer, ...), so that on a
+machine shared with other work a change of load hits both sides instead of skewing the ratio.
 
 The optimizer rows use GPT-2 small's 148 parameter tensors (124,439,808 parameters: wte, wpe, 12
 blocks of ln_1/attn.c_attn/attn.c_proj/ln_2/mlp.c_fc/mlp.c_proj weights and biases, ln_f).  The
 mixed-precision peer is what a PyTorch user would run for the same inputs and outputs: convert the
 bf16 grads to fp32, torch.optim.AdamW(fused=True) on the fp32 masters, copy masters into the bf16
 params (with fp32 grads, as in Megatron's main_grad, the conversion is left out on both sides).
+Ours also checks every gradient for inf/nan first (the found_inf flag); the peer does not.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ import torch.nn.functional as F
 
 from megalite.ops import backend_name, layer_norm, rms_norm
 from megalite.optim.adam import FusedAdam, adam_step_master
+
+WARMUP = 2   # untimed runs of each function before its timed rounds (--quick: 1)
 
 
 def gpt2_small_shapes(vocab: int = 50257, positions: int = 1024, hidden: int = 768, layers: int = 12) -> List[tuple]:
@@ -58,24 +67,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_ms(fns: List[Callable[[], None]], device: torch.device, repeats: int) -> List[float]:
+    """Median ms of each fn, timed in rounds (fn 0, fn 1, ..., fn 0, fn 1, ...)."""
+    for fn in fns:
+        for _ in range(WARMUP):
+            fn()
+    times: List[List[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for fn, fn_times in zip(fns, times):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            fn_times.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def copy_bandwidth(device: torch.device, repeats: int) -> float:
     """GB/s of dst.copy_(src) over 256 MiB fp32 (bytes read + bytes written)."""
     src = torch.randn(64 * 2**20, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, repeats)
+    [ms] = interleaved_ms([lambda: dst.copy_(src)], device, repeats)
     return 2 * src.numel() * 4 / ms / 1e6
 
 
@@ -106,14 +118,14 @@ def bench_adam_fp32(table: Table, device: torch.device, repeats: int) -> None:
     hyper = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     label = f"{len(params)} tensors, {numel / 1e6:.1f}M fp32"
     ours = FusedAdam(params, **hyper)
-    ours_ms = median_ms(ours.step, device, repeats)
-    del ours
-    for peer_name, kwargs in (("torch AdamW fused", dict(fused=True)), ("torch AdamW foreach", dict(foreach=True))):
-        peer = torch.optim.AdamW(params, **hyper, **kwargs)
-        peer_ms = median_ms(peer.step, device, repeats)
-        del peer
-        gc.collect()
-        table.add("Adam step (fp32)", label, ours_ms, peer_name, peer_ms, 28 * numel)
+    peers = {"torch AdamW fused": torch.optim.AdamW(params, **hyper, fused=True),
+             "torch AdamW foreach": torch.optim.AdamW(params, **hyper, foreach=True)}
+    # All three update the same parameters in turn (timing only: each keeps its own moments).
+    ours_ms, *peer_ms = interleaved_ms([ours.step] + [peer.step for peer in peers.values()], device, repeats)
+    for peer_name, ms in zip(peers, peer_ms):
+        table.add("Adam step (fp32)", label, ours_ms, peer_name, ms, 28 * numel)
+    del ours, peers, params
+    gc.collect()
 
 
 def bench_adam_master(table: Table, device: torch.device, repeats: int, grad_dtype: torch.dtype) -> None:
@@ -132,9 +144,6 @@ def bench_adam_master(table: Table, device: torch.device, repeats: int, grad_dty
         adam_step_master(model, grads, masters, exp_avgs, exp_avg_sqs, step=step[0], lr=6e-4, beta1=0.9, beta2=0.95,
                          eps=1e-8, weight_decay=0.1, found_inf=found_inf)
 
-    ours_ms = median_ms(ours, device, repeats)
-    del exp_avgs, exp_avg_sqs
-    gc.collect()
     peer_opt = torch.optim.AdamW(masters, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
     if grad_dtype == torch.float32:
         for master, grad in zip(masters, grads):
@@ -149,12 +158,12 @@ def bench_adam_master(table: Table, device: torch.device, repeats: int, grad_dty
         peer_opt.step()
         torch._foreach_copy_(model, masters)
 
-    peer_ms = median_ms(peer, device, repeats)
+    ours_ms, peer_ms = interleaved_ms([ours, peer], device, repeats)
     gsize = torch.finfo(grad_dtype).bits // 8
     nbytes = numel * (gsize + 3 * 4 + 3 * 4 + 2)   # read grad, master, m, v; write master, m, v, bf16 param
     table.add(f"mixed-precision step ({str(grad_dtype)[6:]} grads)", f"{numel / 1e6:.1f}M, bf16 params", ours_ms,
               "fused AdamW + copies", peer_ms, nbytes)
-    del peer_opt, masters, grads, model
+    del peer_opt, masters, grads, model, exp_avgs, exp_avg_sqs
     gc.collect()
 
 
@@ -182,15 +191,15 @@ def bench_norms(table: Table, device: torch.device, repeats: int) -> None:
                     fn(x, *args).backward(dy)
                 return run
 
-            ours_ms = median_ms(fwd_bwd(layer_norm, weight, bias, 1e-5), device, repeats)
-            peer_ms = median_ms(fwd_bwd(lambda t, w, b: F.layer_norm(t, (cols,), w, b, 1e-5), weight, bias), device,
-                                repeats)
+            ours_ms, peer_ms = interleaved_ms(
+                [fwd_bwd(layer_norm, weight, bias, 1e-5),
+                 fwd_bwd(lambda t, w, b: F.layer_norm(t, (cols,), w, b, 1e-5), weight, bias)], device, repeats)
             table.add("LayerNorm fwd+bwd", label, ours_ms, "F.layer_norm", peer_ms, nbytes)
-            ours_ms = median_ms(fwd_bwd(rms_norm, weight, 1e-5), device, repeats)
-            peer_ms = median_ms(fwd_bwd(rms_norm_expression, weight, 1e-5), device, repeats)
-            table.add("RMSNorm fwd+bwd", label, ours_ms, "PyTorch expression", peer_ms, nbytes)
-            peer_ms = median_ms(fwd_bwd(lambda t, w, e: F.rms_norm(t, (cols,), w, e), weight, 1e-5), device, repeats)
-            table.add("RMSNorm fwd+bwd", label, ours_ms, "F.rms_norm", peer_ms, nbytes)
+            ours_ms, expression_ms, functional_ms = interleaved_ms(
+                [fwd_bwd(rms_norm, weight, 1e-5), fwd_bwd(rms_norm_expression, weight, 1e-5),
+                 fwd_bwd(lambda t, w, e: F.rms_norm(t, (cols,), w, e), weight, 1e-5)], device, repeats)
+            table.add("RMSNorm fwd+bwd", label, ours_ms, "PyTorch expression", expression_ms, nbytes)
+            table.add("RMSNorm fwd+bwd", label, ours_ms, "F.rms_norm", functional_ms, nbytes)
 
 
 def run(device: torch.device, repeats: int, threads: Optional[int], only: Optional[str]) -> str:
@@ -204,7 +213,7 @@ def run(device: torch.device, repeats: int, threads: Optional[int], only: Option
         machine = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     copy_gbps = copy_bandwidth(device, repeats)
     header = (f"machine: {machine}; kernels: {backend_name(device)}; measured copy bandwidth {copy_gbps:.1f} GB/s; "
-              f"median of {repeats}")
+              f"median of {repeats} alternating rounds")
     print(header, flush=True)
     table = Table(header, copy_gbps)
     if only in (None, "adam"):
@@ -217,12 +226,17 @@ def run(device: torch.device, repeats: int, threads: Optional[int], only: Option
 
 
 def main() -> None:
+    global WARMUP
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and megalite)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", choices=("adam", "norms"), default=None)
+    parser.add_argument("--quick", action="store_true", help="short run: 3 timed rounds, 1 warm-up per row")
     args = parser.parse_args()
+    if args.quick:
+        WARMUP = 1
+        args.repeats = min(args.repeats, 3)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     tables = []
     for name in devices:

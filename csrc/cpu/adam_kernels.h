@@ -10,6 +10,7 @@
 
 #include "adam_math.h"
 #include "cpu/float_formats.h"
+#include "cpu/row_sums.h"
 
 namespace megalite::cpu {
 namespace {
@@ -65,9 +66,7 @@ bool any_nonfinite(const void* const* grads, const int64_t* numels, int64_t num_
   parallel_over_elements(numels, num_tensors, num_threads, [&](int64_t t, int64_t begin, int64_t end) {
     const TGrad* __restrict g = static_cast<const TGrad*>(grads[t]);
     const float scale = inv_grad_scale;   // a local, not the captured reference: lets the loop vectorize
-    float probe = 0.f;
-#pragma omp simd reduction(+ : probe)
-    for (int64_t i = begin; i < end; ++i) probe += load(g[i]) * scale * 0.f;
+    const float probe = row_sum(begin, end, [=](int64_t i) { return load(g[i]) * scale * 0.f; });
     if (probe != probe) {
 #pragma omp atomic write
       found = 1;
@@ -79,10 +78,10 @@ bool any_nonfinite(const void* const* grads, const int64_t* numels, int64_t num_
 template <typename TModel, typename TGrad>
 bool adam_master_typed(void* const* model_params, const void* const* grads, float* const* masters,
                        float* const* exp_avgs, float* const* exp_avg_sqs, const int64_t* numels, int64_t num_tensors,
-                       const AdamHyper& hyper, float inv_grad_scale, int num_threads) {
+                       const AdamHyper& hyper, float inv_grad_scale, bool check_finite, int num_threads) {
   // All or nothing: a step with an overflowed gradient must leave every tensor untouched, so the
   // check runs over all gradients before the first write (it reads only the gradients).
-  if (any_nonfinite<TGrad>(grads, numels, num_tensors, inv_grad_scale, num_threads)) return true;
+  if (check_finite && any_nonfinite<TGrad>(grads, numels, num_tensors, inv_grad_scale, num_threads)) return true;
   parallel_over_elements(numels, num_tensors, num_threads, [&](int64_t t, int64_t begin, int64_t end) {
     const AdamHyper h = hyper;
     const float scale = inv_grad_scale;
@@ -102,10 +101,12 @@ bool adam_master_typed(void* const* model_params, const void* const* grads, floa
 
 bool adam_master(void* const* model_params, DType model_dtype, const void* const* grads, DType grad_dtype,
                  float* const* masters, float* const* exp_avgs, float* const* exp_avg_sqs, const int64_t* numels,
-                 int64_t num_tensors, const AdamHyper& hyper, float inv_grad_scale, int num_threads) {
+                 int64_t num_tensors, const AdamHyper& hyper, float inv_grad_scale, bool check_finite,
+                 int num_threads) {
   auto run = [&](auto model_tag, auto grad_tag) {
     return adam_master_typed<decltype(model_tag), decltype(grad_tag)>(
-        model_params, grads, masters, exp_avgs, exp_avg_sqs, numels, num_tensors, hyper, inv_grad_scale, num_threads);
+        model_params, grads, masters, exp_avgs, exp_avg_sqs, numels, num_tensors, hyper, inv_grad_scale, check_finite,
+        num_threads);
   };
   auto with_grad = [&](auto model_tag) {
     switch (grad_dtype) {

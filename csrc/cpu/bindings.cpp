@@ -102,7 +102,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 void adam_step_master(at::TensorList model_params, at::TensorList grads, at::TensorList master_params,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const at::Tensor& found_inf, int64_t step,
                       double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode,
-                      double grad_scale) {
+                      double grad_scale, bool check_finite) {
   check_cpu_contiguous(found_inf, "found_inf");
   TORCH_CHECK(found_inf.scalar_type() == at::kFloat && found_inf.numel() == 1,
               "found_inf must be a 1-element float32 tensor");
@@ -122,7 +122,7 @@ void adam_step_master(at::TensorList model_params, at::TensorList grads, at::Ten
   const bool nonfinite = kernels().adam_master(
       lists.pointers[0].data(), dtype_of(model_params[0], "model_params"), g.data(), dtype_of(grads[0], "grads"),
       master.data(), m.data(), v.data(), lists.numels.data(), static_cast<int64_t>(master.size()), hyper,
-      static_cast<float>(1.0 / grad_scale), at::get_num_threads());
+      static_cast<float>(1.0 / grad_scale), check_finite, at::get_num_threads());
   if (nonfinite) *flag = 1.f;
 }
 
@@ -218,7 +218,7 @@ TORCH_LIBRARY(megalite, m) {
         "int step, float lr, float beta1, float beta2, float eps, float weight_decay, bool adam_w_mode) -> ()");
   m.def("adam_step_master(Tensor(a!)[] model_params, Tensor[] grads, Tensor(b!)[] master_params, "
         "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!) found_inf, int step, float lr, float beta1, "
-        "float beta2, float eps, float weight_decay, bool adam_w_mode, float grad_scale) -> ()");
+        "float beta2, float eps, float weight_decay, bool adam_w_mode, float grad_scale, bool check_finite) -> ()");
   m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor weight) "
         "-> (Tensor, Tensor, Tensor)");
@@ -263,7 +263,8 @@ PyMethodDef methods[] = {
     {"set_isa", set_isa, METH_O, "Use 'generic', 'avx2' or 'auto' (the best this CPU has) kernels."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "megalite CPU kernels (torch.ops.megalite.*)", -1, methods};
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "megalite CPU kernels (torch.ops.megalite.*)", -1, methods,
+                      nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

@@ -51,8 +51,9 @@ template <> inline bf16 store<bf16>(float f) {
   const uint32_t bits = float_to_bits(f);
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;   // round to nearest, ties to even
   const uint32_t quiet_nan = (bits >> 16) | 0x40u;
-  const bool is_nan = (bits & 0x7fffffffu) > 0x7f800000u;
-  return static_cast<bf16>(select_bits(is_nan, quiet_nan, rounded));
+  // A lone ?: on a float compare becomes one blend; select_bits' mask arithmetic cost ~30% of a
+  // bf16 LayerNorm forward (perf, AVX2).
+  return static_cast<bf16>(f != f ? quiet_nan : rounded);
 }
 
 // fp32 -> fp16, round to nearest even, by the classic float-arithmetic trick: for normal results,

@@ -17,6 +17,7 @@
 
 #include "cpu/float_formats.h"
 #include "cpu/kernels.h"
+#include "cpu/row_sums.h"
 #include "norm_math.h"
 
 namespace megalite::cpu {
@@ -47,16 +48,11 @@ void layer_norm_forward_typed(const NormShape& shape, const T* x, const W* weigh
     // Sum x - x[0], not x: with a large common offset (mean 1e4, spread 1) the plain fp32 sum would
     // lose the spread's digits; the shifted terms are of the spread's size (Chan et al. 1983, Sec. 3).
     const float shift = load(xr[0]);
-    float shifted_sum = 0.f;
-#pragma omp simd reduction(+ : shifted_sum)
-    for (int64_t c = 0; c < cols; ++c) shifted_sum += load(xr[c]) - shift;
-    const float mu = shift + shifted_sum * inv_cols;
-    float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t c = 0; c < cols; ++c) {
+    const float mu = shift + row_sum(0, cols, [=](int64_t c) { return load(xr[c]) - shift; }) * inv_cols;
+    const float squares = row_sum(0, cols, [=](int64_t c) {
       const float d = load(xr[c]) - mu;
-      squares += d * d;
-    }
+      return d * d;
+    });
     const float rs = 1.f / std::sqrt(squares * inv_cols + eps);
     if (bias != nullptr) {
 #pragma omp simd
@@ -99,13 +95,12 @@ void layer_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, 
       const T* __restrict dyr = dy + r * cols;
       T* __restrict dxr = dx + r * cols;
       const float mu = mean[r], rs = rstd[r];
-      float sum_g = 0.f, sum_g_xhat = 0.f;
-#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
-      for (int64_t c = 0; c < cols; ++c) {
+      float sum_g, sum_g_xhat;
+      row_sum2(0, cols, [=](int64_t c, float& g_part, float& g_xhat_part) {
         const float g = load(dyr[c]) * load(weight[c]);
-        sum_g += g;
-        sum_g_xhat += g * ((load(xr[c]) - mu) * rs);
-      }
+        g_part += g;
+        g_xhat_part += g * ((load(xr[c]) - mu) * rs);
+      }, sum_g, sum_g_xhat);
       const float mean_g = sum_g * inv_cols, mean_g_xhat = sum_g_xhat * inv_cols;
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {
@@ -130,12 +125,10 @@ void rms_norm_forward_typed(const NormShape& shape, const T* x, const W* weight,
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict xr = x + r * cols;
     T* __restrict yr = y + r * cols;
-    float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t c = 0; c < cols; ++c) {
+    const float squares = row_sum(0, cols, [=](int64_t c) {
       const float v = load(xr[c]);
-      squares += v * v;
-    }
+      return v * v;
+    });
     const float rs = 1.f / std::sqrt(squares * inv_cols + eps);
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) yr[c] = store<T>(load(xr[c]) * rs * load(weight[c]));
@@ -160,9 +153,8 @@ void rms_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, co
       const T* __restrict dyr = dy + r * cols;
       T* __restrict dxr = dx + r * cols;
       const float rs = rstd[r];
-      float sum_g_xhat = 0.f;
-#pragma omp simd reduction(+ : sum_g_xhat)
-      for (int64_t c = 0; c < cols; ++c) sum_g_xhat += load(dyr[c]) * load(weight[c]) * (load(xr[c]) * rs);
+      const float sum_g_xhat =
+          row_sum(0, cols, [=](int64_t c) { return load(dyr[c]) * load(weight[c]) * (load(xr[c]) * rs); });
       const float mean_g_xhat = sum_g_xhat * inv_cols;
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {

@@ -136,17 +136,19 @@ void adam_fp32(float* const* params, const float* const* grads, float* const* ex
 
 void adam_master(void* const* model_params, DType model_dtype, const void* const* grads, DType grad_dtype,
                  float* const* masters, float* const* exp_avgs, float* const* exp_avg_sqs, const int64_t* numels,
-                 int64_t num_tensors, const AdamHyper& hyper, float inv_grad_scale, float* found_inf,
-                 cudaStream_t stream) {
+                 int64_t num_tensors, const AdamHyper& hyper, float inv_grad_scale, bool check_finite,
+                 float* found_inf, cudaStream_t stream) {
   void* const* grad_list[1] = {const_cast<void* const*>(grads)};
   void* const* lists[5] = {model_params, const_cast<void* const*>(grads), reinterpret_cast<void* const*>(masters),
                            reinterpret_cast<void* const*>(exp_avgs), reinterpret_cast<void* const*>(exp_avg_sqs)};
   with_dtype(grad_dtype, [&](auto grad_tag) {
     using TGrad = decltype(grad_tag);
     // Every check launch precedes every update launch on the stream: the step is all or nothing.
-    multi_tensor_apply<1>(grad_list, numels, num_tensors, [&](const TensorListMeta<1>& meta, int blocks) {
-      check_finite_kernel<TGrad><<<blocks, kThreads, 0, stream>>>(meta, inv_grad_scale, found_inf);
-    });
+    if (check_finite) {
+      multi_tensor_apply<1>(grad_list, numels, num_tensors, [&](const TensorListMeta<1>& meta, int blocks) {
+        check_finite_kernel<TGrad><<<blocks, kThreads, 0, stream>>>(meta, inv_grad_scale, found_inf);
+      });
+    }
     with_dtype(model_dtype, [&](auto model_tag) {
       using TModel = decltype(model_tag);
       if constexpr (!std::is_same_v<TModel, float>) {

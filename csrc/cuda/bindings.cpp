@@ -88,7 +88,7 @@ void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList ex
 void adam_step_master_op(at::TensorList model_params, at::TensorList grads, at::TensorList master_params,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const at::Tensor& found_inf, int64_t step,
                       double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode,
-                      double grad_scale) {
+                      double grad_scale, bool check_finite) {
   if (model_params.empty()) return;
   const at::Device device = model_params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -109,7 +109,8 @@ void adam_step_master_op(at::TensorList model_params, at::TensorList grads, at::
   adam_master(lists[0].data(), dtype_of(model_params[0], "model_params"), g.data(), dtype_of(grads[0], "grads"),
               master.data(), m.data(), v.data(), numels.data(), static_cast<int64_t>(master.size()),
               make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode),
-              static_cast<float>(1.0 / grad_scale), found_inf.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+              static_cast<float>(1.0 / grad_scale), check_finite, found_inf.data_ptr<float>(),
+              c10::cuda::getCurrentCUDAStream());
 }
 
 NormShape norm_shape(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -202,7 +203,7 @@ TORCH_LIBRARY_IMPL(megalite, CUDA, m) {
 
 namespace {
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cuda", "megalite CUDA kernels (torch.ops.megalite.* on CUDA)", -1,
-                      nullptr};
+                      nullptr, nullptr, nullptr, nullptr, nullptr};
 }  // namespace
 
 PyMODINIT_FUNC PyInit__cuda() { return PyModule_Create(&module); }

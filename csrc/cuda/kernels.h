@@ -16,11 +16,12 @@ void adam_fp32(float* const* params, const float* const* grads, float* const* ex
                const int64_t* numels, int64_t num_tensors, const AdamHyper& hyper, cudaStream_t stream);
 
 // found_inf: device pointer to one float.  If it is nonzero when the update kernels run (set before
-// the call, or by this call's check of the unscaled gradients), nothing is written.
+// the call, or by this call's check of the unscaled gradients), nothing is written.  Without
+// check_finite the gradients are not checked (the caller vouches that they are finite).
 void adam_master(void* const* model_params, DType model_dtype, const void* const* grads, DType grad_dtype,
                  float* const* masters, float* const* exp_avgs, float* const* exp_avg_sqs, const int64_t* numels,
-                 int64_t num_tensors, const AdamHyper& hyper, float inv_grad_scale, float* found_inf,
-                 cudaStream_t stream);
+                 int64_t num_tensors, const AdamHyper& hyper, float inv_grad_scale, bool check_finite,
+                 float* found_inf, cudaStream_t stream);
 
 struct NormShape {
   int64_t rows;

@@ -23,7 +23,10 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if weight is None:
         raise ValueError("weight is None; megalite's norms need a weight of shape [h] (use torch.ones(h))")
     check_tensor("x", x, x.device, _DTYPES)
-    hidden = x.shape[-1] if x.dim() > 0 else None
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x has shape {tuple(x.shape)}; the norms need x: [..., h] with h >= 1 "
+                         f"(for a single vector use x.view(1, -1))")
+    hidden = x.shape[-1]
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is None:
             continue

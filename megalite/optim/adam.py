@@ -57,12 +57,12 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1
 @torch.no_grad()
 def adam_step_master_reference(model_params, grads, master_params, exp_avgs, exp_avg_sqs, *, step, lr, beta1,
                                beta2, eps, weight_decay, adam_w_mode=True, grad_scale=1.0,
-                               found_inf: torch.Tensor) -> None:
+                               found_inf: torch.Tensor, check_finite: bool = True) -> None:
     if found_inf.item() != 0:  # the reference may synchronize; the kernels decide on the device
         return
     inv_scale = torch.tensor(1.0 / grad_scale, dtype=torch.float32).item()  # the kernels' fp32 multiplier
     grads32 = [g.float() * inv_scale for g in grads]
-    if not all(torch.isfinite(g).all() for g in grads32):
+    if check_finite and not all(torch.isfinite(g).all() for g in grads32):
         found_inf.fill_(1.0)
         return
     adam_step_reference(master_params, grads32, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1, beta2=beta2,
@@ -123,7 +123,8 @@ def adam_step(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: L
 def adam_step_master(model_params: List[torch.Tensor], grads: List[torch.Tensor], master_params: List[torch.Tensor],
                      exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], *, step: int, lr: float,
                      beta1: float, beta2: float, eps: float, weight_decay: float, adam_w_mode: bool = True,
-                     grad_scale: float = 1.0, found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     grad_scale: float = 1.0, found_inf: Optional[torch.Tensor] = None,
+                     check_finite: bool = True) -> torch.Tensor:
     """Mixed-precision Adam/AdamW in one pass over the data; returns the ``found_inf`` flag.
 
     model_params: bf16/fp16 (written: the updated master, rounded to nearest even);
@@ -138,7 +139,9 @@ def adam_step_master(model_params: List[torch.Tensor], grads: List[torch.Tensor]
       * otherwise every unscaled gradient is checked first; if any is inf/nan, found_inf is set
         to 1 and nothing is written -- masters, moments and model params keep their old values.
     The caller reads found_inf (one sync, when it wants) to back off the loss scale; ``step``
-    should then not advance.  The check costs one extra read of the gradients.
+    should then not advance.  The check costs one extra read of the gradients; a caller that has
+    already proven them finite (e.g. MegaliteOptimizer, from the grid-wide gradient norm) passes
+    ``check_finite=False`` to skip it -- an inf/nan gradient then reaches the weights.
     """
     step = _check_step(step)
     device = _check_lists(("model_params", "grads", "master_params", "exp_avgs", "exp_avg_sqs"),
@@ -154,7 +157,8 @@ def adam_step_master(model_params: List[torch.Tensor], grads: List[torch.Tensor]
     if not model_params:
         return found_inf
     hyper = dict(step=step, lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-                 weight_decay=float(weight_decay), adam_w_mode=bool(adam_w_mode), grad_scale=float(grad_scale))
+                 weight_decay=float(weight_decay), adam_w_mode=bool(adam_w_mode), grad_scale=float(grad_scale),
+                 check_finite=bool(check_finite))
     if not use_native(device):
         adam_step_master_reference(model_params, grads, master_params, exp_avgs, exp_avg_sqs, found_inf=found_inf,
                                    **hyper)

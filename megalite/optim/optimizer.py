@@ -10,6 +10,9 @@ One step, after ``finalize_model_grads`` has reduced the gradients::
     adam_step(masters, grads, exp_avgs, exp_avg_sqs)             megalite/optim/adam.py (fused kernels)
     params <- masters                                             (half-precision models only)
 
+For half-precision parameters the last two lines are one pass (``adam_step_master``: update the
+fp32 master and moments, write the master rounded to bf16/fp16 into the parameter).
+
 The unit of update is a *piece*: a contiguous flat range of one parameter.  Here a piece is the
 whole parameter; the ZeRO-1 optimizer (``distributed.py``) makes the pieces the parts of each
 parameter that fall in this rank's shard of the grad buffer, and adds an all-gather after the
@@ -25,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from megalite.optim.adam import adam_step  # fused kernels (csrc) behind this call
+from megalite.optim.adam import adam_step, adam_step_master  # fused kernels (csrc) behind these calls
 from megalite.optim.clip_grads import clip_grads_by_norm_, global_grad_norm, param_is_counted_in_norm
 from megalite.optim.mixed_precision import build_loss_scaler
 
@@ -161,15 +164,30 @@ class MegaliteOptimizer:
             start += len(group_pieces)
             if not group_pieces:
                 continue
-            adam_step([p.master for p in group_pieces], group_grads, [p.exp_avg for p in group_pieces],
-                      [p.exp_avg_sq for p in group_pieces], step=self.num_steps, lr=group["lr"],
-                      beta1=self.config.adam_beta1, beta2=self.config.adam_beta2, eps=self.config.adam_eps,
-                      weight_decay=group["weight_decay"], adam_w_mode=True)
-        for piece in pieces:
-            if piece.has_own_master:
-                piece.model_view.copy_(piece.master)  # fp32 -> bf16/fp16, round to nearest
+            self._update_group(group, group_pieces, group_grads)
         self._after_update()
         return True, grad_norm
+
+    def _update_group(self, group: dict, pieces: List[Piece], grads: List[torch.Tensor]) -> None:
+        """Adam on one group: fp32 params in place; half-precision params through their fp32 masters,
+        with the rounded master written back in the same pass (one call per model dtype)."""
+        hyper = dict(step=self.num_steps, lr=group["lr"], beta1=self.config.adam_beta1,
+                     beta2=self.config.adam_beta2, eps=self.config.adam_eps, weight_decay=group["weight_decay"],
+                     adam_w_mode=True)
+        by_dtype = {}
+        for piece, grad in zip(pieces, grads):
+            key = piece.model_view.dtype if piece.has_own_master else torch.float32
+            by_dtype.setdefault(key, []).append((piece, grad))
+        for dtype, pairs in by_dtype.items():
+            masters = [p.master for p, _ in pairs]
+            moments = ([p.exp_avg for p, _ in pairs], [p.exp_avg_sq for p, _ in pairs])
+            if dtype == torch.float32:
+                adam_step(masters, [g for _, g in pairs], *moments, **hyper)
+            else:
+                # The grads are unscaled and proven finite by the grid-wide norm in step(), so the
+                # kernel's own inf/nan pre-check would only re-read them.
+                adam_step_master([p.model_view for p, _ in pairs], [g for _, g in pairs], masters, *moments,
+                                 **hyper, check_finite=False)
 
     def _precision(self) -> str:
         return "bf16" if self.config.bf16 else "fp16" if self.config.fp16 else "fp32"

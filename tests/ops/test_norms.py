@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from megalite.ops import layer_norm, reference, rms_norm
-from tests.ops.kernel_tables import cpu_isa  # noqa: F401  (fixture: every CPU kernel table)
+from tests.ops.kernel_tables import cpu_isa, native_isa  # noqa: F401  (fixtures: CPU kernel tables)
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5),   # dweight/dbias: scaled by rows, see below
              torch.bfloat16: dict(rtol=2 ** -8, atol=2 ** -7),
@@ -25,7 +25,7 @@ def tolerance(name, dtype, x):
     return TOLERANCE[dtype]
 
 
-SHAPES = [(1, 7), (5, 1), (33, 77), (3, 4, 129), (1000, 64), (2, 1031)]
+SHAPES = [(1, 7), (5, 1), (33, 77), (3, 4, 129), (1001, 64), (2, 1031)]   # 1001 rows: uneven thread split
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -53,7 +53,7 @@ def make_inputs(shape, dtype, weight_dtype, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fp32_weight", [False, True])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_layer_norm_matches_reference(cpu_isa, shape, dtype, fp32_weight, with_bias):
+def test_layer_norm_matches_reference(native_isa, shape, dtype, fp32_weight, with_bias):
     x, dy, weight, bias = make_inputs(shape, dtype, torch.float32 if fp32_weight else dtype)
     bias = bias if with_bias else None
     ours = run_with_grads(lambda a, w, b: layer_norm(a, w, b, 1e-5), x, weight, bias, dy)
@@ -66,7 +66,7 @@ def test_layer_norm_matches_reference(cpu_isa, shape, dtype, fp32_weight, with_b
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fp32_weight", [False, True])
-def test_rms_norm_matches_reference(cpu_isa, shape, dtype, fp32_weight):
+def test_rms_norm_matches_reference(native_isa, shape, dtype, fp32_weight):
     x, dy, weight, _ = make_inputs(shape, dtype, torch.float32 if fp32_weight else dtype)
     ours = run_with_grads(lambda a, w, b: rms_norm(a, w, 1e-5), x, weight, None, dy)
     expected = run_with_grads(lambda a, w, b: reference.rms_norm(a, w, 1e-5), x, weight, None, dy)
@@ -120,6 +120,10 @@ def test_wrong_device_is_refused():
 
 def test_bad_shapes_and_dtypes_are_refused():
     x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"x has shape \(\); the norms need x: \[..., h\]"):
+        layer_norm(torch.tensor(1.0), torch.ones(1), None, 1e-5)
+    with pytest.raises(ValueError, match=r"x has shape \(3, 0\).*h >= 1"):
+        rms_norm(torch.zeros(3, 0), torch.ones(0), 1e-5)
     with pytest.raises(ValueError, match=r"weight has shape \(7,\)"):
         layer_norm(x, torch.ones(7), None, 1e-5)
     with pytest.raises(TypeError, match="x has dtype torch.float64"):

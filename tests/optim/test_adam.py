@@ -120,6 +120,58 @@ def test_master_step_matches_reference(cpu_isa, model_dtype, grad_dtype, grad_sc
         assert torch.equal(param, master.to(model_dtype)), "model param must be its master rounded to nearest even"
 
 
+@pytest.mark.parametrize("model_dtype,grad_scale", [(torch.bfloat16, 1.0), (torch.float16, 2.0 ** 12)])
+def test_master_trajectory_matches_torch_adamw_on_fp32_masters(cpu_isa, model_dtype, grad_scale):
+    """20 steps against what a PyTorch user writes for mixed precision: unscale the half grads into
+    fp32, torch.optim.AdamW on the fp32 masters, copy the masters into the half params.  Step 8 has
+    an overflowed gradient: ours must raise the flag and write nothing; the peer skips that step."""
+    gen = torch.Generator().manual_seed(4)
+    masters0 = [torch.randn(shape, generator=gen) for shape in SHAPES]
+    peer_masters = [torch.nn.Parameter(m.clone()) for m in masters0]
+    groups = lambda params: [{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:], "weight_decay": 0.0}]
+    peer = torch.optim.AdamW(groups(peer_masters), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    masters = [m.clone() for m in masters0]
+    model = [m.to(model_dtype) for m in masters]
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(m) for m in masters], [torch.zeros_like(m) for m in masters]
+    step = 0
+    for iteration in range(20):
+        grads = [(torch.randn(m.shape, generator=gen) * grad_scale).to(model_dtype) for m in masters]
+        if iteration == 7:
+            grads[2].view(-1)[123] = float("nan")
+        found_inf = torch.zeros(1)
+        for lo, hi, weight_decay in ((0, 3, 0.1), (3, len(SHAPES), 0.0)):   # one call per group, as the optimizer
+            adam_step_master(model[lo:hi], grads[lo:hi], masters[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi],
+                             step=step + 1, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=weight_decay,
+                             grad_scale=grad_scale, found_inf=found_inf)
+        if iteration == 7:
+            assert found_inf.item() == 1.0
+            continue
+        assert found_inf.item() == 0.0
+        step += 1
+        for p, g in zip(peer_masters, grads):
+            p.grad = g.float() / grad_scale     # a power-of-two scale: division and our multiply agree exactly
+        peer.step()
+    assert step == 19
+    for ours, theirs, param in zip(masters, peer_masters, model):
+        torch.testing.assert_close(ours, theirs.detach(), **TRAJECTORY_TOLERANCE)
+        assert torch.equal(param, ours.to(model_dtype))
+    for index, (exp_avg_sq, p) in enumerate(zip(exp_avg_sqs, peer_masters)):
+        torch.testing.assert_close(exp_avg_sq, peer.state[p]["exp_avg_sq"], **TRAJECTORY_TOLERANCE)
+
+
+def test_master_step_without_finite_check(cpu_isa):
+    """check_finite=False (the caller proved the grads finite) updates exactly as the checked step,
+    and really skips the check: an inf then reaches the weights and the flag stays down."""
+    checked, unchecked = master_case(torch.bfloat16, torch.float32, 1.0), master_case(torch.bfloat16, torch.float32, 1.0)
+    adam_step_master(*checked, **HYPER)
+    assert adam_step_master(*unchecked, **HYPER, check_finite=False).item() == 0.0
+    for got, want in zip(sum(unchecked, []), sum(checked, [])):
+        assert torch.equal(got, want)
+    unchecked[1][1][3] = float("inf")
+    assert adam_step_master(*unchecked, **{**HYPER, "step": 4}, check_finite=False).item() == 0.0
+    assert not torch.isfinite(unchecked[2][1][3])
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_nonfinite_grad_skips_the_whole_step(cpu_isa, grad_dtype):
     ours = master_case(torch.float16, grad_dtype, 512.0)
@@ -187,6 +239,13 @@ def test_master_mode_refuses_mismatched_lists():
         adam_step_master(model, grads, model, exp_avgs, exp_avg_sqs, **HYPER)
     with pytest.raises(ValueError, match="grad_scale 0.0"):
         adam_step_master(model, grads, masters, exp_avgs, exp_avg_sqs, **HYPER, grad_scale=0.0)
+    with pytest.raises(ValueError, match=r"model_params\[5\].*not contiguous"):
+        adam_step_master(model + [torch.zeros(3, 2, dtype=torch.bfloat16).t()], grads + [torch.zeros(6).bfloat16()],
+                         masters + [torch.zeros(6)], exp_avgs + [torch.zeros(6)], exp_avg_sqs + [torch.zeros(6)],
+                         **HYPER)
+    with pytest.raises(ValueError, match="found_inf is on meta but the other inputs are on cpu"):
+        adam_step_master(model, grads, masters, exp_avgs, exp_avg_sqs, **HYPER,
+                         found_inf=torch.zeros(1, device="meta"))
 
 
 # -- adam_step's own checks ------------------------------------------------------------------------
