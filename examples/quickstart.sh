@@ -18,7 +18,7 @@ source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 
 OUT=runs/quickstart
-ITERS="${ITERS:-250}"
+ITERS="${ITERS:-200}"
 NPROC="${NPROC:-8}"
 if [ "$NPROC" = 8 ]; then
   DEFAULT_LAYOUT="--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel
