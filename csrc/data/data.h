@@ -19,17 +19,23 @@ class IndexedDatasetBuilder {
  public:
   IndexedDatasetBuilder(const std::string& bin_path, int dtype_code, int itemsize);
   ~IndexedDatasetBuilder();
-  void add_item(py::buffer tokens);
+  // tokens: a C-contiguous array of any integer dtype; it is converted to the builder's dtype
+  // while being copied into the write buffer (no temporary), and a value the dtype cannot hold
+  // is refused.
+  void add_item(py::array tokens);
   void end_document();
-  void add_document(py::buffer tokens, py::array_t<int64_t, py::array::c_style | py::array::forcecast> lengths);
+  void add_document(py::array tokens, py::array_t<int64_t, py::array::c_style | py::array::forcecast> lengths);
   void add_index(const std::string& bin_path, py::array_t<int32_t, py::array::c_style | py::array::forcecast> lengths,
                  py::array_t<int64_t, py::array::c_style | py::array::forcecast> document_indices);
   void finalize(const std::string& idx_path);
 
  private:
-  void append_bytes(const void* data, size_t nbytes);
+  size_t append_tokens(const py::array& tokens);   // returns the token count
+  template <typename Src, typename Dst>
+  void append_converted(const Src* src, size_t n);
+  template <typename Src>
+  void append_from(const Src* src, size_t n);
   void flush();
-  size_t token_count(const py::buffer_info& info) const;
 
   std::string bin_path_;
   FILE* bin_ = nullptr;

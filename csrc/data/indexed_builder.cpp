@@ -1,5 +1,8 @@
 // The indexed-dataset builder: the same bytes as megalite/data/indexed.py's Python builder.
+#include <algorithm>
 #include <cerrno>
+#include <limits>
+#include <type_traits>
 #include <cstring>
 #include <stdexcept>
 
@@ -8,6 +11,19 @@
 namespace megalite_data {
 
 namespace {
+// Whether integer value v is representable in Dst (signed/unsigned aware).
+template <typename Dst, typename Src>
+bool in_range(Src v) {
+  if constexpr (std::is_floating_point_v<Dst>) {
+    return true;
+  } else if constexpr (std::is_signed_v<Src>) {
+    return v >= 0 ? static_cast<uint64_t>(v) <= static_cast<uint64_t>(std::numeric_limits<Dst>::max())
+                  : std::is_signed_v<Dst> && static_cast<int64_t>(v) >= static_cast<int64_t>(std::numeric_limits<Dst>::min());
+  } else {
+    return static_cast<uint64_t>(v) <= static_cast<uint64_t>(std::numeric_limits<Dst>::max());
+  }
+}
+
 constexpr size_t kBufferBytes = size_t(16) << 20;  // one fwrite per 16 MiB of tokens
 const char kMagic[9] = {'M', 'M', 'I', 'D', 'I', 'D', 'X', 0, 0};
 
@@ -35,44 +51,91 @@ void IndexedDatasetBuilder::flush() {
   buffered_ = 0;
 }
 
-void IndexedDatasetBuilder::append_bytes(const void* data, size_t nbytes) {
-  if (!bin_) throw std::runtime_error("builder for " + bin_path_ + " is already finalized");
-  if (buffered_ + nbytes > buffer_.size()) {
-    flush();
-    if (nbytes > buffer_.size()) {  // a huge document goes straight to the file
-      write_all(bin_, data, nbytes, bin_path_);
-      return;
+template <typename Src, typename Dst>
+void IndexedDatasetBuilder::append_converted(const Src* src, size_t n) {
+  if constexpr (!std::is_same_v<Src, Dst>) {
+    // One pass for the range (vectorizes), then one converting copy in buffer-sized pieces.
+    if (n) {
+      Src lo = src[0], hi = src[0];
+      for (size_t i = 1; i < n; ++i) {
+        lo = src[i] < lo ? src[i] : lo;
+        hi = src[i] > hi ? src[i] : hi;
+      }
+      if (!std::is_floating_point_v<Dst> &&
+          (!in_range<Dst>(lo) || !in_range<Dst>(hi))) {
+        throw std::invalid_argument("token id " + std::to_string(in_range<Dst>(lo) ? hi : lo) +
+                                    " does not fit the dataset's dtype (code " + std::to_string(dtype_code_) +
+                                    "); use a wider --dtype / a vocabulary that fits");
+      }
     }
   }
-  std::memcpy(buffer_.data() + buffered_, data, nbytes);
-  buffered_ += nbytes;
-}
-
-size_t IndexedDatasetBuilder::token_count(const py::buffer_info& info) const {
-  if (info.itemsize != itemsize_) {
-    throw std::invalid_argument("tokens have itemsize " + std::to_string(info.itemsize) +
-                                ", the builder's dtype has " + std::to_string(itemsize_));
+  if (!bin_) throw std::runtime_error("builder for " + bin_path_ + " is already finalized");
+  const size_t per_piece = buffer_.size() / sizeof(Dst);
+  while (n) {
+    if (buffered_ + sizeof(Dst) > buffer_.size()) flush();
+    const size_t room = (buffer_.size() - buffered_) / sizeof(Dst);
+    const size_t take = std::min({n, room, per_piece});
+    Dst* out = reinterpret_cast<Dst*>(buffer_.data() + buffered_);
+    for (size_t i = 0; i < take; ++i) out[i] = static_cast<Dst>(src[i]);
+    buffered_ += take * sizeof(Dst);
+    src += take;
+    n -= take;
   }
-  return static_cast<size_t>(info.size);
 }
 
-void IndexedDatasetBuilder::add_item(py::buffer tokens) {
-  py::buffer_info info = tokens.request();
-  size_t n = token_count(info);
-  append_bytes(info.ptr, n * itemsize_);
-  sequence_lengths_.push_back(static_cast<int32_t>(n));
+template <typename Src>
+void IndexedDatasetBuilder::append_from(const Src* src, size_t n) {
+  switch (dtype_code_) {  // Megatron's dtype codes (megalite/data/indexed.py DTYPE_CODES)
+    case 1: return append_converted<Src, uint8_t>(src, n);
+    case 2: return append_converted<Src, int8_t>(src, n);
+    case 3: return append_converted<Src, int16_t>(src, n);
+    case 4: return append_converted<Src, int32_t>(src, n);
+    case 5: return append_converted<Src, int64_t>(src, n);
+    case 6: return append_converted<Src, double>(src, n);
+    case 7: return append_converted<Src, float>(src, n);
+    case 8: return append_converted<Src, uint16_t>(src, n);
+    default: throw std::invalid_argument("unknown dtype code " + std::to_string(dtype_code_));
+  }
+}
+
+size_t IndexedDatasetBuilder::append_tokens(const py::array& tokens) {
+  if (!(tokens.flags() & py::array::c_style)) throw std::invalid_argument("tokens must be C-contiguous");
+  const size_t n = static_cast<size_t>(tokens.size());
+  const py::dtype dt = tokens.dtype();
+  const char kind = dt.kind();
+  const void* ptr = tokens.data();
+  if (kind != 'i' && kind != 'u') {
+    throw std::invalid_argument(std::string("token ids must be integers, got dtype kind '") + kind + "'");
+  }
+  const bool is_signed = kind == 'i';
+  switch (dt.itemsize()) {
+    case 1: is_signed ? append_from(static_cast<const int8_t*>(ptr), n) : append_from(static_cast<const uint8_t*>(ptr), n); break;
+    case 2: is_signed ? append_from(static_cast<const int16_t*>(ptr), n) : append_from(static_cast<const uint16_t*>(ptr), n); break;
+    case 4: is_signed ? append_from(static_cast<const int32_t*>(ptr), n) : append_from(static_cast<const uint32_t*>(ptr), n); break;
+    case 8: is_signed ? append_from(static_cast<const int64_t*>(ptr), n) : append_from(static_cast<const uint64_t*>(ptr), n); break;
+    default: throw std::invalid_argument("unsupported token itemsize " + std::to_string(dt.itemsize()));
+  }
+  return n;
+}
+
+void IndexedDatasetBuilder::add_item(py::array tokens) {
+  sequence_lengths_.push_back(static_cast<int32_t>(append_tokens(tokens)));
 }
 
 void IndexedDatasetBuilder::end_document() {
   document_indices_.push_back(static_cast<int64_t>(sequence_lengths_.size()));
 }
 
-void IndexedDatasetBuilder::add_document(py::buffer tokens,
+void IndexedDatasetBuilder::add_document(py::array tokens,
                                          py::array_t<int64_t, py::array::c_style | py::array::forcecast> lengths) {
-  py::buffer_info info = tokens.request();
-  size_t n = token_count(info);
-  append_bytes(info.ptr, n * itemsize_);
   auto len = lengths.unchecked<1>();
+  int64_t total = 0;
+  for (py::ssize_t i = 0; i < len.shape(0); ++i) total += len(i);
+  if (total != static_cast<int64_t>(tokens.size())) {
+    throw std::invalid_argument("add_document: the lengths sum to " + std::to_string(total) +
+                                " but the document has " + std::to_string(tokens.size()) + " tokens");
+  }
+  append_tokens(tokens);
   for (py::ssize_t i = 0; i < len.shape(0); ++i) sequence_lengths_.push_back(static_cast<int32_t>(len(i)));
   end_document();
 }

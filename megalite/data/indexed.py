@@ -262,14 +262,33 @@ class IndexedDatasetBuilder:
             self._impl = PythonIndexedDatasetBuilder(bin_path, self.dtype)
         self.native = module is not None
 
+    def _tokens(self, tokens) -> np.ndarray:
+        # The native builder converts any integer array to the dataset's dtype while copying (and
+        # refuses ids the dtype cannot hold); only lists and strided views need numpy first.
+        if self.native:
+            if isinstance(tokens, np.ndarray) and tokens.flags.c_contiguous and tokens.dtype.kind in "iu":
+                return tokens
+            return np.ascontiguousarray(tokens, dtype=np.int64)
+        tokens = np.asarray(tokens)
+        if tokens.size and self.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"token id {lo if lo < info.min else hi} does not fit the dataset's dtype "
+                                 f"{self.dtype}; use a wider dtype / a vocabulary that fits")
+        return np.ascontiguousarray(tokens, dtype=self.dtype)
+
     def add_item(self, tokens) -> None:
-        self._impl.add_item(np.ascontiguousarray(tokens, dtype=self.dtype))
+        self._impl.add_item(self._tokens(tokens))
 
     def end_document(self) -> None:
         self._impl.end_document()
 
     def add_document(self, tokens, lengths) -> None:
-        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        tokens = self._tokens(tokens)
+        if self.native:   # checks that the lengths sum to the token count
+            self._impl.add_document(tokens, lengths)
+            return
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"add_document: the lengths sum to {int(lengths.sum())} but the document "

@@ -93,6 +93,31 @@ def test_add_index_merges_shards(tmp_path, native):
         assert open(str(tmp_path / "merged") + ext, "rb").read() == open(whole + ext, "rb").read()
 
 
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("source", [np.int64, np.int32, np.uint32, np.int8, np.uint16])
+def test_any_integer_input_dtype_writes_the_same_bytes(tmp_path, native, source):
+    """Tokens arrive as int64 from tokenizers, int32 from numpy code...: converted while copied."""
+    docs = [np.array([0, 5, 127], dtype=source), np.array([3, 1], dtype=source)]
+    expected = np.concatenate(docs).astype(np.uint16).tobytes()
+    builder = IndexedDatasetBuilder(str(tmp_path / "d.bin"), np.uint16, native=native)
+    for doc in docs:
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(str(tmp_path / "d.idx"))
+    assert open(tmp_path / "d.bin", "rb").read() == expected
+    assert list(IndexedDataset(str(tmp_path / "d")).sequence_lengths) == [3, 2]
+
+
+@pytest.mark.parametrize("native", NATIVE)
+def test_builders_refuse_ids_the_dtype_cannot_hold(tmp_path, native):
+    builder = IndexedDatasetBuilder(str(tmp_path / "d.bin"), np.uint16, native=native)
+    with pytest.raises(ValueError, match="token id 70000 does not fit"):
+        builder.add_document(np.array([1, 70000], dtype=np.int64), [2])
+    with pytest.raises(ValueError, match="token id -1 does not fit"):
+        builder.add_item(np.array([-1, 3], dtype=np.int32))
+    with pytest.raises(ValueError, match="lengths sum to 3 but the document has 2 tokens"):
+        builder.add_document(np.array([1, 2]), [1, 2])
+
+
 def test_add_index_refuses_a_shard_of_another_dtype(tmp_path):
     prefix = write(str(tmp_path / "wide"), [[[1, 2]]], dtype=np.int32)
     builder = IndexedDatasetBuilder(str(tmp_path / "out.bin"), np.uint16)
