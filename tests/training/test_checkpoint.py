@@ -33,6 +33,8 @@ LAYOUTS = {
     "dp2": (2, []),
     "dp2-zero1": (2, ["--use-distributed-optimizer"]),   # optimizer shards saved per DP rank
     "bf16": (1, ["--bf16"]),                              # fp32 master weights saved and restored
+    "tp2-pp2-sp": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                       "--sequence-parallel"]),           # one file per (tp, pp) shard; TP dropout streams
 }
 
 
