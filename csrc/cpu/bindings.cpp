@@ -22,67 +22,22 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "tensor_checks.h"
 
 namespace megalite::cpu {
 namespace {
+
+using megalite::dtype_of;
+using megalite::gather_lists;
+using megalite::TensorLists;
+using megalite::typed;
 
 const KernelTable* active_table = nullptr;   // null: best_kernels(); set by _C.set_isa() (tests, benchmarks)
 
 const KernelTable& kernels() { return active_table != nullptr ? *active_table : best_kernels(); }
 
-DType dtype_of(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::Float32;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    default: TORCH_CHECK(false, name, " has dtype ", t.scalar_type(), "; megalite kernels take float32, bfloat16, float16");
-  }
-  return DType::Float32;
-}
-
 void check_cpu_contiguous(const at::Tensor& t, const std::string& name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " is on ", t.device(), "; megalite._C runs CPU tensors");
-  TORCH_CHECK(t.is_contiguous(), name, " is not contiguous; pass ", name, ".contiguous()");
-}
-
-// Raw pointers and sizes of parallel tensor lists, checked: equal lengths and numels, CPU, contiguous.
-struct TensorLists {
-  std::vector<std::vector<void*>> pointers;   // [list][tensor]
-  std::vector<int64_t> numels;
-};
-
-TensorLists gather_lists(const std::vector<std::pair<at::TensorList, at::ScalarType>>& lists,
-                         const std::vector<const char*>& names) {
-  TensorLists out;
-  const size_t count = lists[0].first.size();
-  for (size_t l = 0; l < lists.size(); ++l) {
-    TORCH_CHECK(lists[l].first.size() == count, names[l], " has ", lists[l].first.size(), " tensors, ", names[0],
-                " has ", count);
-  }
-  out.pointers.resize(lists.size());
-  for (size_t i = 0; i < count; ++i) {
-    const int64_t numel = lists[0].first[i].numel();
-    for (size_t l = 0; l < lists.size(); ++l) {
-      const at::Tensor& t = lists[l].first[i];
-      const std::string name = std::string(names[l]) + "[" + std::to_string(i) + "]";
-      check_cpu_contiguous(t, name);
-      if (lists[l].second != at::ScalarType::Undefined) {
-        TORCH_CHECK(t.scalar_type() == lists[l].second, name, " has dtype ", t.scalar_type(), ", expected ",
-                    lists[l].second);
-      }
-      TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " elements, ", names[0], "[", i, "] has ", numel);
-      out.pointers[l].push_back(t.data_ptr());
-    }
-    out.numels.push_back(numel);
-  }
-  return out;
-}
-
-template <typename T>
-std::vector<T*> typed(const std::vector<void*>& pointers) {
-  std::vector<T*> out(pointers.size());
-  for (size_t i = 0; i < pointers.size(); ++i) out[i] = static_cast<T*>(pointers[i]);
-  return out;
+  check_on(t, at::Device(at::kCPU), name);
 }
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -90,7 +45,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   if (params.empty()) return;
   const TensorLists lists = gather_lists(
       {{params, at::kFloat}, {grads, at::kFloat}, {exp_avgs, at::kFloat}, {exp_avg_sqs, at::kFloat}},
-      {"params", "grads", "exp_avgs", "exp_avg_sqs"});
+      {"params", "grads", "exp_avgs", "exp_avg_sqs"}, at::Device(at::kCPU));
   const AdamHyper hyper = make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode);
   const std::vector<float*> p = typed<float>(lists.pointers[0]), m = typed<float>(lists.pointers[2]),
                             v = typed<float>(lists.pointers[3]);
@@ -114,7 +69,8 @@ void adam_step_master(at::TensorList model_params, at::TensorList grads, at::Ten
               "; master-weight mode writes bfloat16 or float16 parameters");
   const TensorLists lists = gather_lists({{model_params, model_type}, {grads, grad_type}, {master_params, at::kFloat},
                                           {exp_avgs, at::kFloat}, {exp_avg_sqs, at::kFloat}},
-                                         {"model_params", "grads", "master_params", "exp_avgs", "exp_avg_sqs"});
+                                         {"model_params", "grads", "master_params", "exp_avgs", "exp_avg_sqs"},
+                                         at::Device(at::kCPU));
   const AdamHyper hyper = make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode);
   const std::vector<float*> master = typed<float>(lists.pointers[2]), m = typed<float>(lists.pointers[3]),
                             v = typed<float>(lists.pointers[4]);

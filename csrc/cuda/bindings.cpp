@@ -17,67 +17,27 @@
 #include <vector>
 
 #include "cuda/kernels.h"
+#include "tensor_checks.h"
 
 namespace megalite::cuda {
 namespace {
 
-DType dtype_of(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::Float32;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    default: TORCH_CHECK(false, name, " has dtype ", t.scalar_type(), "; megalite kernels take float32, bfloat16, float16");
-  }
-  return DType::Float32;
-}
-
-void check_on(const at::Tensor& t, const at::Device& device, const std::string& name) {
-  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but the other inputs are on ", device);
-  TORCH_CHECK(t.is_contiguous(), name, " is not contiguous; pass ", name, ".contiguous()");
-}
-
-// Device pointers of parallel tensor lists, checked: equal lengths and numels, one device, contiguous.
-std::vector<std::vector<void*>> gather_lists(const std::vector<std::pair<at::TensorList, at::ScalarType>>& lists,
-                                             const std::vector<const char*>& names, const at::Device& device,
-                                             std::vector<int64_t>& numels) {
-  const size_t count = lists[0].first.size();
-  std::vector<std::vector<void*>> pointers(lists.size());
-  for (size_t l = 0; l < lists.size(); ++l) {
-    TORCH_CHECK(lists[l].first.size() == count, names[l], " has ", lists[l].first.size(), " tensors, ", names[0],
-                " has ", count);
-  }
-  for (size_t i = 0; i < count; ++i) {
-    const int64_t numel = lists[0].first[i].numel();
-    for (size_t l = 0; l < lists.size(); ++l) {
-      const at::Tensor& t = lists[l].first[i];
-      const std::string name = std::string(names[l]) + "[" + std::to_string(i) + "]";
-      check_on(t, device, name);
-      TORCH_CHECK(t.scalar_type() == lists[l].second, name, " has dtype ", t.scalar_type(), ", expected ",
-                  lists[l].second);
-      TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " elements, ", names[0], "[", i, "] has ", numel);
-      pointers[l].push_back(t.data_ptr());
-    }
-    numels.push_back(numel);
-  }
-  return pointers;
-}
-
-template <typename T>
-std::vector<T*> typed(const std::vector<void*>& pointers) {
-  std::vector<T*> out(pointers.size());
-  for (size_t i = 0; i < pointers.size(); ++i) out[i] = static_cast<T*>(pointers[i]);
-  return out;
-}
+using megalite::check_on;
+using megalite::dtype_of;
+using megalite::gather_lists;
+using megalite::TensorLists;
+using megalite::typed;
 
 void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  std::vector<int64_t> numels;
-  const auto lists = gather_lists(
+  const TensorLists gathered = gather_lists(
       {{params, at::kFloat}, {grads, at::kFloat}, {exp_avgs, at::kFloat}, {exp_avg_sqs, at::kFloat}},
-      {"params", "grads", "exp_avgs", "exp_avg_sqs"}, device, numels);
+      {"params", "grads", "exp_avgs", "exp_avg_sqs"}, device);
+  const auto& lists = gathered.pointers;
+  const std::vector<int64_t>& numels = gathered.numels;
   const std::vector<float*> p = typed<float>(lists[0]), g = typed<float>(lists[1]), m = typed<float>(lists[2]),
                             v = typed<float>(lists[3]);
   adam_fp32(p.data(), const_cast<const float* const*>(g.data()), m.data(), v.data(), numels.data(),
@@ -99,11 +59,11 @@ void adam_step_master_op(at::TensorList model_params, at::TensorList grads, at::
   const at::ScalarType grad_type = grads.empty() ? model_type : grads[0].scalar_type();
   TORCH_CHECK(model_type == at::kBFloat16 || model_type == at::kHalf, "model_params have dtype ", model_type,
               "; master-weight mode writes bfloat16 or float16 parameters");
-  std::vector<int64_t> numels;
-  const auto lists = gather_lists({{model_params, model_type}, {grads, grad_type}, {master_params, at::kFloat},
-                                   {exp_avgs, at::kFloat}, {exp_avg_sqs, at::kFloat}},
-                                  {"model_params", "grads", "master_params", "exp_avgs", "exp_avg_sqs"}, device,
-                                  numels);
+  const TensorLists gathered = gather_lists({{model_params, model_type}, {grads, grad_type}, {master_params, at::kFloat},
+                                             {exp_avgs, at::kFloat}, {exp_avg_sqs, at::kFloat}},
+                                            {"model_params", "grads", "master_params", "exp_avgs", "exp_avg_sqs"}, device);
+  const auto& lists = gathered.pointers;
+  const std::vector<int64_t>& numels = gathered.numels;
   const std::vector<const void*> g(lists[1].begin(), lists[1].end());
   const std::vector<float*> master = typed<float>(lists[2]), m = typed<float>(lists[3]), v = typed<float>(lists[4]);
   adam_master(lists[0].data(), dtype_of(model_params[0], "model_params"), g.data(), dtype_of(grads[0], "grads"),
