@@ -51,6 +51,24 @@ py::array_t<T> sample_idx_impl(const int32_t* sizes, const int32_t* document_ind
 
 }  // namespace
 
+// The candidate dataset furthest below its share after sample i (weight x samples so far minus the
+// samples it has given); the first one wins a tie, as in Megatron-LM's helper.
+template <typename Candidates>
+int32_t most_behind(const double* w, const std::vector<int64_t>& taken, int64_t i,
+                    const Candidates& candidates) {
+  const double position = std::max(static_cast<double>(i), 1.0);
+  int32_t best = -1;
+  double best_error = std::numeric_limits<double>::lowest();
+  for (int32_t d : candidates) {
+    const double error = w[d] * position - static_cast<double>(taken[d]);
+    if (error > best_error) {
+      best_error = error;
+      best = d;
+    }
+  }
+  return best;
+}
+
 py::array build_sample_idx(py::array_t<int32_t, py::array::c_style | py::array::forcecast> sizes,
                            py::array_t<int32_t, py::array::c_style | py::array::forcecast> document_index,
                            int32_t seq_length, int32_t num_epochs, int64_t tokens_per_epoch,
@@ -88,17 +106,10 @@ void build_blending_indices(py::array_t<int16_t> dataset_index, py::array_t<int6
   auto out_sample = dataset_sample_index.mutable_unchecked<1>();
   const double* w = weights.data();
   std::vector<int64_t> taken(num_datasets, 0);
+  std::vector<int32_t> all(num_datasets);
+  for (int32_t d = 0; d < num_datasets; ++d) all[d] = d;
   for (int64_t i = 0; i < size; ++i) {
-    const double position = std::max(static_cast<double>(i), 1.0);
-    int32_t best = 0;
-    double best_error = w[0] * position - static_cast<double>(taken[0]);
-    for (int32_t d = 1; d < num_datasets; ++d) {
-      const double error = w[d] * position - static_cast<double>(taken[d]);
-      if (error > best_error) {
-        best_error = error;
-        best = d;
-      }
-    }
+    const int32_t best = most_behind(w, taken, i, all);
     out_dataset(i) = static_cast<int16_t>(best);
     out_sample(i) = taken[best]++;
   }
@@ -127,16 +138,7 @@ void build_exhaustive_blending_indices(py::array_t<int16_t> dataset_index,
   std::set<int32_t> open;
   for (int32_t d = 0; d < num_datasets; ++d) open.insert(d);
   for (int64_t i = 0; !open.empty(); ++i) {
-    const double position = std::max(static_cast<double>(i), 1.0);
-    int32_t best = -1;
-    double best_error = std::numeric_limits<double>::lowest();
-    for (int32_t d : open) {
-      const double error = w[d] * position - static_cast<double>(taken[d]);
-      if (error > best_error) {
-        best_error = error;
-        best = d;
-      }
-    }
+    const int32_t best = most_behind(w.data(), taken, i, open);
     out_dataset(i) = static_cast<int16_t>(best);
     out_sample(i) = taken[best]++;
     if (taken[best] == size_ptr[best]) open.erase(best);
