@@ -5,8 +5,9 @@
 
 Rows: builder vs megatron-core's IndexedDatasetBuilder.add_document (when installed); sample
 index vs megatron-core's C++ helper; preprocessing (2 workers, shard per worker) vs a pool that
-pickles token lists back to a single writer, same tokenizer and cores; our pure-Python GPT-2 BPE
-vs tiktoken.  ratio = peer time / megalite time (> 1: megalite is faster).
+pickles token lists back to a single writer (Megatron's preprocess_data.py design), same tokenizer
+and cores, once with our C++ GPT-2 BPE and once with tiktoken; our GPT-2 BPE (C++, and the
+pure-Python reference) vs tiktoken.  ratio = peer time / megalite time (> 1: megalite is faster).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -28,8 +30,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import numpy as np  # noqa: E402
 
 from megalite.data import helpers  # noqa: E402
-from megalite.data.indexed import IndexedDatasetBuilder  # noqa: E402
-from megalite.data.tokenizer import build_tokenizer  # noqa: E402
+from megalite.data.indexed import IndexedDatasetBuilder, native_data_module  # noqa: E402
+from megalite.data.tokenizer import GPT2BPETokenizer, build_tokenizer  # noqa: E402
 
 GPT2 = os.path.join(ROOT, ".cache", "gpt2")
 
@@ -43,6 +45,17 @@ def timed(fn, repeat=1):
     return best
 
 
+def alternating(ours, theirs, rounds):
+    """Median seconds of each, run in alternating rounds (a noisy neighbour hits both alike)."""
+    times = ([], [])
+    for _ in range(rounds):
+        for fn, out in ((ours, times[0]), (theirs, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def megatron_core(module):
     try:
         return __import__(f"megatron.core.datasets.{module}", fromlist=["_"])
@@ -50,13 +63,12 @@ def megatron_core(module):
         return None
 
 
-def bench_builder(tmp, num_tokens):
+def bench_builder(tmp, num_tokens, rounds):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 50000, 1000).astype(np.int64) for _ in range(int(num_tokens) // 1000)]
-    ours = timed(lambda: write_ours(os.path.join(tmp, "ours"), docs))
     mc = megatron_core("indexed_dataset")
     if mc is None:
-        return ("builder, add_document", ours, None)
+        return ("builder, add_document", timed(lambda: write_ours(os.path.join(tmp, "ours"), docs)), None)
     import torch
     tensors = [torch.from_numpy(d) for d in docs]
 
@@ -65,7 +77,8 @@ def bench_builder(tmp, num_tokens):
         for t in tensors:
             builder.add_document(t, [len(t)])
         builder.finalize(os.path.join(tmp, "theirs.idx"))
-    return (f"builder, add_document ({num_tokens / 1e6:.0f}M tokens)", ours, timed(write_theirs))
+    ours, theirs = alternating(lambda: write_ours(os.path.join(tmp, "ours"), docs), write_theirs, rounds)
+    return (f"builder, add_document ({num_tokens / 1e6:.0f}M tokens)", ours, theirs)
 
 
 def write_ours(prefix, docs):
@@ -102,56 +115,62 @@ def stdlib_texts(max_bytes):
 _POOL_TOKENIZER = None
 
 
-def _pool_encode(text):
-    ids = _POOL_TOKENIZER.encode(text)
+def _pool_encode(line):
+    """A pool worker's job in the single-writer design: parse one JSON line, return its ids."""
+    ids = _POOL_TOKENIZER.encode(json.loads(line)["text"])
     ids.append(_POOL_TOKENIZER.eod)
     return ids
 
 
-def single_writer(jsonl, prefix, workers):
-    """The classic design: a pool tokenizes, pickles token lists to the parent, which writes."""
+def single_writer(jsonl, prefix, workers, tokenizer_type):
+    """The classic design: the parent reads lines, a pool parses and tokenizes them and pickles the
+    token lists back, and the parent writes every document through one builder."""
     global _POOL_TOKENIZER
-    _POOL_TOKENIZER = build_tokenizer("TikTokenizer", vocab_file=os.path.join(GPT2, "encoder.json"),
+    _POOL_TOKENIZER = build_tokenizer(tokenizer_type, vocab_file=os.path.join(GPT2, "encoder.json"),
                                       merge_file=os.path.join(GPT2, "vocab.bpe"))
     builder = IndexedDatasetBuilder(prefix + ".bin", np.uint16)
     with open(jsonl, encoding="utf-8") as f, mp.get_context("fork").Pool(workers) as pool:
-        texts = (json.loads(line)["text"] for line in f)
-        for ids in pool.imap(_pool_encode, texts, chunksize=32):
+        for ids in pool.imap(_pool_encode, f, chunksize=32):
             builder.add_document(np.asarray(ids, np.uint16), [len(ids)])
     builder.finalize(prefix + ".idx")
 
 
-def bench_preprocess(tmp, megabytes):
+def write_jsonl(path, megabytes):
     texts = stdlib_texts(2_000_000)
-    jsonl = os.path.join(tmp, "corpus.jsonl")
-    with open(jsonl, "w") as f:
+    with open(path, "w") as f:
         written, i = 0, 0
         while written < megabytes * 1e6:
             line = json.dumps({"text": texts[i % len(texts)]}) + "\n"
             f.write(line)
             written += len(line)
             i += 1
+    return written
+
+
+def bench_preprocess(tmp, jsonl, written, tokenizer_type, label, rounds):
     import preprocess_data
     _, args = preprocess_data.parse_args(["--input", jsonl, "--output-prefix", os.path.join(tmp, "pp"),
+                                          "--tokenizer-type", tokenizer_type,
                                           "--vocab-file", os.path.join(GPT2, "encoder.json"),
                                           "--merge-file", os.path.join(GPT2, "vocab.bpe"), "--append-eod",
                                           "--workers", "2", "--quiet"])
-    ours = timed(lambda: preprocess_data.preprocess(args))
-    theirs = timed(lambda: single_writer(jsonl, os.path.join(tmp, "sw"), 2))
+    ours, theirs = alternating(lambda: preprocess_data.preprocess(args),
+                               lambda: single_writer(jsonl, os.path.join(tmp, "sw"), 2, tokenizer_type), rounds)
     same = open(os.path.join(tmp, "pp.bin"), "rb").read() == open(os.path.join(tmp, "sw.bin"), "rb").read()
-    return (f"preprocess {written / 1e6:.0f} MB JSONL, 2 workers{'' if same else ' (OUTPUTS DIFFER)'}",
+    return (f"preprocess {written / 1e6:.0f} MB JSONL, 2 workers, {label}{'' if same else ' (OUTPUTS DIFFER)'}",
             ours, theirs, f"{written / 1e6 / ours:.1f} vs {written / 1e6 / theirs:.1f} MB/s")
 
 
-def bench_tokenizer():
-    text = "".join(stdlib_texts(1_000_000))
-    ours = build_tokenizer("GPT2BPETokenizer", vocab_file=os.path.join(GPT2, "encoder.json"),
-                           merge_file=os.path.join(GPT2, "vocab.bpe"))
+def bench_tokenizer(native):
+    text = "".join(stdlib_texts(1_000_000 if not native else 5_000_000))
+    ours = GPT2BPETokenizer(os.path.join(GPT2, "encoder.json"), os.path.join(GPT2, "vocab.bpe"), native=native)
     tik = build_tokenizer("TikTokenizer", vocab_file=os.path.join(GPT2, "encoder.json"),
                           merge_file=os.path.join(GPT2, "vocab.bpe"))
-    t_ours = timed(lambda: ours.encode(text))
-    t_tik = timed(lambda: tik.encode(text))
-    return (f"GPT-2 BPE encode, {len(text) / 1e6:.1f} MB stdlib (pure Python vs tiktoken)", t_ours, t_tik,
+    repeat = 3 if native else 1  # best of 3: the first pass also fills our piece cache
+    t_ours = timed(lambda: ours.encode(text), repeat)
+    t_tik = timed(lambda: tik.encode(text), repeat)
+    kind = "C++" if native else "pure Python"
+    return (f"GPT-2 BPE encode, {len(text) / 1e6:.1f} MB stdlib ({kind} vs tiktoken)", t_ours, t_tik,
             f"{len(text) / 1e6 / t_ours:.2f} vs {len(text) / 1e6 / t_tik:.1f} MB/s")
 
 
@@ -159,17 +178,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=float, default=50e6)
     parser.add_argument("--jsonl-mb", type=float, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="builder and preprocessing: median of this many alternating rounds")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, numpy {np.__version__}, "
           f"megatron-core {'installed' if megatron_core('helpers') else 'not installed'}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(bench_builder(tmp, args.tokens))
+        rows.append(bench_builder(tmp, args.tokens, args.rounds))
         rows.append(bench_sample_idx(args.tokens))
         if os.path.exists(os.path.join(GPT2, "vocab.bpe")):
-            rows.append(bench_preprocess(tmp, args.jsonl_mb))
-            rows.append(bench_tokenizer())
+            jsonl = os.path.join(tmp, "corpus.jsonl")
+            written = write_jsonl(jsonl, args.jsonl_mb)
+            if native_data_module() is not None:
+                rows.append(bench_preprocess(tmp, jsonl, written, "GPT2BPETokenizer", "our C++ BPE",
+                                             args.rounds))
+            rows.append(bench_preprocess(tmp, jsonl, written, "TikTokenizer", "tiktoken", args.rounds))
+            if native_data_module() is not None:
+                rows.append(bench_tokenizer(native=True))
+            rows.append(bench_tokenizer(native=False))
     print(f"{'what':<62} {'megalite':>10} {'peer':>10} {'ratio':>7}  note")
     for row in rows:
         what, ours, theirs, *note = row

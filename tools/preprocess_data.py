@@ -24,8 +24,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-
 from megalite.data.corpus import DEFAULT_EXCLUDE, find_files, iter_documents, plan_work  # noqa: E402
 from megalite.data.indexed import IndexedDatasetBuilder, best_token_dtype, bin_path_of, idx_path_of  # noqa: E402
 from megalite.data.tokenizer import TOKENIZER_TYPES, build_fast_tokenizer  # noqa: E402
@@ -46,13 +44,11 @@ def worker(rank, units, args, tokenizer, shard_prefix, dtype, progress, result_q
         problems, docs, tokens, empty = [], 0, 0, 0
         for unit in units:
             for _, text in iter_documents(unit, args.json_keys, problems):
-                ids = tokenizer.encode(text)
-                if args.append_eod:
-                    ids.append(tokenizer.eod)
-                if not ids:
+                ids = tokenizer.encode_array(text, args.append_eod)  # int32; the builder narrows it
+                if not len(ids):
                     empty += 1  # an empty document has no tokens to learn from: skipped, counted
                     continue
-                builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                builder.add_document(ids, [len(ids)])
                 docs += 1
                 tokens += len(ids)
                 progress[2 * rank] = docs

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from megalite.data.indexed import _native_module
+from megalite.data.indexed import native_data_module
 
 
 def build_sample_idx_reference(sizes, document_index, seq_length: int, num_epochs: int,
@@ -61,7 +61,7 @@ def build_exhaustive_blending_indices_reference(sizes):
 
 def build_sample_idx(sizes, document_index, seq_length: int, num_epochs: int, tokens_per_epoch: int,
                      add_extra_token: int = 1) -> np.ndarray:
-    native = _native_module()
+    native = native_data_module()
     if native is None:
         return build_sample_idx_reference(sizes, document_index, seq_length, num_epochs, tokens_per_epoch,
                                           add_extra_token)
@@ -70,7 +70,7 @@ def build_sample_idx(sizes, document_index, seq_length: int, num_epochs: int, to
 
 
 def build_blending_indices(weights, size: int):
-    native = _native_module()
+    native = native_data_module()
     if native is None:
         return build_blending_indices_reference(weights, size)
     dataset_index = np.zeros(size, dtype=np.int16)
@@ -84,7 +84,7 @@ def build_exhaustive_blending_indices(sizes):
     sizes = np.asarray(sizes, dtype=np.int64)
     if (sizes <= 0).any():
         raise ValueError(f"exhaustive blending needs positive dataset sizes, got {sizes.tolist()}")
-    native = _native_module()
+    native = native_data_module()
     if native is None:
         return build_exhaustive_blending_indices_reference(sizes)
     total = int(sizes.sum())

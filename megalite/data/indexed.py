@@ -192,7 +192,9 @@ def write_index(idx_path: str, dtype, sequence_lengths, document_indices) -> Non
         f.write(np.asarray(document_indices, dtype=np.int64).tobytes())
 
 
-def _native_module():
+def native_data_module():
+    """``megalite._data`` (the C++ builder, index helpers and BPE), or None when it is not built or
+    ``MEGALITE_DATA_NATIVE=0`` asks for the Python implementations."""
     if os.environ.get("MEGALITE_DATA_NATIVE", "1") == "0":
         return None
     try:
@@ -252,7 +254,7 @@ class IndexedDatasetBuilder:
     def __init__(self, bin_path: str, dtype=np.int32, native: bool | None = None):
         self.dtype = np.dtype(dtype)
         self.bin_path = bin_path
-        module = _native_module() if native in (None, True) else None
+        module = native_data_module() if native in (None, True) else None
         if native and module is None:
             raise RuntimeError("the native data builder megalite._data is not built; run "
                                "`python setup.py build_ext --inplace`")

@@ -9,6 +9,10 @@ Byte-level BPE (Radford et al. 2019, GPT-2):
   2. write each word's UTF-8 bytes as printable characters (bytes_to_unicode below),
   3. repeatedly merge the adjacent pair with the lowest merge rank until no pair is in the merges.
 The vocabulary file maps each merged string to its id; the merges file lists pairs by rank.
+
+``GPT2BPETokenizer`` runs the C++ implementation in ``megalite._data`` (csrc/data/bpe.cpp) when it
+is built, and the pure-Python one below otherwise (``native=False``, or
+``MEGALITE_DATA_NATIVE=0``); the Python one is the specification the tests hold both to.
 """
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ import json
 from collections import OrderedDict
 from functools import lru_cache
 
+import numpy as np
 import regex
+
+from megalite.data.indexed import native_data_module
 
 # GPT-2's pre-tokenizer (the same pattern as tiktoken's r50k/gpt2 and HF's ByteLevel).
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -44,6 +51,27 @@ def bytes_to_unicode() -> dict[int, str]:
             mapping[byte] = chr(256 + extra)
             extra += 1
     return mapping
+
+
+@lru_cache(maxsize=None)
+def code_point_classes() -> np.ndarray:
+    """One byte per code point for the C++ pre-tokenizer: 1 letter (\\p{L}), 2 number (\\p{N}),
+    4 whitespace (\\s), 0 anything else; computed with ``regex``, the Python path's engine."""
+    every_code_point = "".join(map(chr, range(0x110000)))
+    classes = np.zeros(0x110000, dtype=np.uint8)
+    for bit, pattern in ((1, r"\p{L}+"), (2, r"\p{N}+"), (4, r"\s+")):
+        for match in regex.finditer(pattern, every_code_point):
+            classes[match.start():match.end()] |= bit
+    return classes
+
+
+def utf8(text: str) -> bytes:
+    """UTF-8 bytes of text.  A JSON "\\ud83d\\ude00" escape pair becomes its character and a lone
+    surrogate becomes one U+FFFD, as in tiktoken (through UTF-16, which pairs surrogates)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 def load_vocab(path: str) -> dict[str, int]:
@@ -85,14 +113,27 @@ def find_eod(vocab: dict[str, int], path: str) -> int:
                              f"add {ENDOFTEXT!r} to the vocabulary (tools/train_tokenizer.py does)")
 
 
-class GPT2BPETokenizer:
-    """Our GPT-2 byte-level BPE over ``vocab_file`` (encoder.json / vocab.json) and ``merge_file``
-    (vocab.bpe / merges.txt).  Pure Python; ``TikTokenizer`` gives the same ids, faster."""
+class Tokenizer:
+    """What every tokenizer here has besides ``encode``/``decode``/``eod``/``vocab_size``."""
 
-    def __init__(self, vocab_file: str, merge_file: str, cache_size: int = 1 << 16):
+    def encode_array(self, text: str, append_eod: bool = False) -> np.ndarray:
+        """The ids as an int32 array (what the dataset builder takes), EOD appended if asked."""
+        ids = self.encode(text)
+        if append_eod:
+            ids.append(self.eod)
+        return np.asarray(ids, dtype=np.int32)
+
+
+class GPT2BPETokenizer(Tokenizer):
+    """Our GPT-2 byte-level BPE over ``vocab_file`` (encoder.json / vocab.json) and ``merge_file``
+    (vocab.bpe / merges.txt): C++ when ``megalite._data`` is built (``native=None``), else Python."""
+
+    def __init__(self, vocab_file: str, merge_file: str, cache_size: int = 1 << 16, native: bool | None = None):
+        self.vocab_file_name = vocab_file
         self.encoder = load_vocab(vocab_file)
         self.decoder = {i: s for s, i in self.encoder.items()}
-        self.bpe_ranks = {pair: rank for rank, pair in enumerate(load_merges(merge_file))}
+        merges = load_merges(merge_file)
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.pattern = regex.compile(GPT2_SPLIT_PATTERN)
@@ -104,6 +145,24 @@ class GPT2BPETokenizer:
             if left + right not in self.encoder:
                 raise TokenizerFileError(f"{merge_file} does not belong to {vocab_file}: the first merge "
                                          f"{left + right!r} is not in the vocabulary")
+        self._native = self._build_native(merges, cache_size) if native is not False else None
+        if native and self._native is None:
+            raise RuntimeError("native=True but megalite._data is not available: build it (pip install "
+                               "--no-build-isolation -e .) and leave MEGALITE_DATA_NATIVE unset")
+
+    def _build_native(self, merges, cache_size):
+        module = native_data_module()
+        if module is None:
+            return None
+        as_bytes = {c: bytes([b]) for b, c in self.byte_encoder.items()}
+        to_bytes = lambda token: b"".join(as_bytes[c] for c in token)  # noqa: E731
+        vocab = [(to_bytes(t), i) for t, i in self.encoder.items() if all(c in as_bytes for c in t)
+                 and t not in EOD_SPELLINGS]
+        try:
+            return module.ByteLevelBPE(code_point_classes(), vocab, [(to_bytes(a), to_bytes(b)) for a, b in merges],
+                                       cache_size)
+        except ValueError as error:  # a vocabulary/merges pair that is not byte-level BPE
+            raise TokenizerFileError(f"{self.vocab_file_name}: {error}") from None
 
     def _bpe(self, word: str) -> list[str]:
         parts = list(word)
@@ -138,8 +197,19 @@ class GPT2BPETokenizer:
         return ids
 
     def encode(self, text: str) -> list[int]:
+        if self._native is not None:
+            return self._native.encode(utf8(text)).tolist()
+        return self.encode_python(text)
+
+    def encode_array(self, text: str, append_eod: bool = False) -> np.ndarray:
+        if self._native is not None:
+            return self._native.encode(utf8(text), self.eod if append_eod else -1)
+        return super().encode_array(text, append_eod)
+
+    def encode_python(self, text: str) -> list[int]:
+        """The pure-Python encoding: the reference the C++ one is tested against."""
         ids = []
-        for word in self.pattern.findall(text):
+        for word in self.pattern.findall(utf8(text).decode("utf-8")):
             ids.extend(self._encode_word(word))
         return ids
 
@@ -148,7 +218,7 @@ class GPT2BPETokenizer:
         return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
 
 
-class TikTokenizer:
+class TikTokenizer(Tokenizer):
     """The same byte-level BPE through ``tiktoken`` (Rust), built offline from the same files.
 
     tiktoken merges by the rank of the *merged* token; we use the vocabulary id as that rank,
@@ -179,7 +249,7 @@ class TikTokenizer:
         return self.encoding.decode([int(i) for i in ids], errors="replace")
 
 
-class HuggingFaceTokenizer:
+class HuggingFaceTokenizer(Tokenizer):
     """A Hugging Face ``tokenizer.json`` through the ``tokenizers`` library."""
 
     def __init__(self, tokenizer_file: str):
@@ -203,7 +273,7 @@ class HuggingFaceTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-class NullTokenizer:
+class NullTokenizer(Tokenizer):
     """Text is already ids separated by spaces; EOD is the extra id ``vocab_size`` (as Megatron)."""
 
     def __init__(self, vocab_size: int):
@@ -240,13 +310,15 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None, merge_fi
 
 
 def build_fast_tokenizer(tokenizer_type: str, **files):
-    """The fastest tokenizer with the same output: TikTokenizer for GPT-2 BPE files when tiktoken
-    is installed (tests check the two agree token for token)."""
+    """The fastest tokenizer with the same output.  For GPT-2 BPE files that is our C++ BPE when
+    ``megalite._data`` is built, else tiktoken when installed, else the Python BPE (tests check
+    all three agree token for token)."""
     if tokenizer_type == "GPT2BPETokenizer":
-        try:
-            import tiktoken  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            tokenizer_type = "TikTokenizer"
+        if native_data_module() is None:
+            try:
+                import tiktoken  # noqa: F401
+            except ImportError:
+                pass
+            else:
+                tokenizer_type = "TikTokenizer"
     return build_tokenizer(tokenizer_type, **files)

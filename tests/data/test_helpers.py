@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from megalite.data import helpers
-from megalite.data.indexed import _native_module
+from megalite.data.indexed import native_data_module
 
-native = _native_module()
+native = native_data_module()
 needs_native = pytest.mark.skipif(native is None, reason="megalite._data is not built")
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from megalite.data.indexed import (IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError,
-                                   _native_module, best_token_dtype)
+                                   native_data_module, best_token_dtype)
 
-NATIVE = [False] + ([True] if _native_module() is not None else [])
+NATIVE = [False] + ([True] if native_data_module() is not None else [])
 
 
 def write(prefix, docs, dtype=np.uint16, native=False):

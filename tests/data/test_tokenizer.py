@@ -6,6 +6,7 @@ import sysconfig
 
 import pytest
 
+from megalite.data.indexed import native_data_module
 from megalite.data.tokenizer import (GPT2BPETokenizer, NullTokenizer, TokenizerFileError, build_tokenizer)
 
 GPT2_DIR = os.environ.get("MEGALITE_GPT2_DIR") or os.path.join(
@@ -23,9 +24,16 @@ EDGE_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    return GPT2BPETokenizer(VOCAB, MERGES)
+def native_built():
+    return native_data_module() is not None
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def gpt2(request):
+    """Both implementations of our GPT-2 BPE: the C++ one (csrc/data/bpe.cpp) and the Python one."""
+    if request.param == "native" and not native_built():
+        pytest.skip("megalite._data is not built")
+    return GPT2BPETokenizer(VOCAB, MERGES, native=request.param == "native")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +84,40 @@ def test_stdlib_sources_match_tiktoken(gpt2, tiktoken_gpt2):
     text = "".join(text)
     assert len(text) > 50_000
     assert gpt2.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+
+
+@needs_gpt2
+def test_lone_surrogates_match_tiktoken(gpt2, tiktoken_gpt2):
+    # JSON text may hold "\\ud800" escapes: a lone surrogate is one U+FFFD, a pair is its character.
+    for text in ["\ud800abc \udfff", "x\ud83d\ude00y", "\udfff\ud800"]:
+        assert gpt2.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+
+
+@needs_gpt2
+@pytest.mark.skipif(not native_built(), reason="megalite._data is not available")
+def test_native_splits_every_code_point_like_the_regex():
+    # The C++ pre-tokenizer classifies code points through a table built with `regex`; each code
+    # point below U+20000 (and every 97th above) sits between separators that exercise every
+    # alternative of the pattern: contractions, optional leading space, whitespace runs.
+    import random
+    rng = random.Random(0)
+    separators = [" ", "  ", "\n", "a", "1", "'s", " x", "", "\u3000", "\u00e9", "\t\t", " \n ", "'ll", "!"]
+    points = [c for c in list(range(0x20000)) + list(range(0x20000, 0x110000, 97)) if not 0xD800 <= c < 0xE000]
+    text = "".join(chr(c) + rng.choice(separators) for c in points)
+    native = GPT2BPETokenizer(VOCAB, MERGES, native=True)
+    python = GPT2BPETokenizer(VOCAB, MERGES, native=False)
+    assert native.encode(text) == python.encode(text)
+    array = native.encode_array("Hello world", append_eod=True)
+    assert array.dtype.name == "int32" and array.tolist() == [15496, 995, native.eod]
+
+
+@pytest.mark.skipif(not native_built(), reason="megalite._data is not available")
+def test_native_refuses_a_vocabulary_that_is_not_byte_level(tmp_path):
+    vocab, merges = tmp_path / "vocab.json", tmp_path / "merges.txt"
+    vocab.write_text(json.dumps({"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}))
+    merges.write_text("#version: 0.2\na b\n")
+    with pytest.raises(TokenizerFileError, match="vocab.json: vocabulary lacks the single byte 0"):
+        GPT2BPETokenizer(str(vocab), str(merges), native=True)
 
 
 def test_bad_vocab_file_names_the_file(tmp_path):
