@@ -11,6 +11,12 @@ least (every input read once, every output written once), the same for both side
 more than 100% of copy: a copy's stores into a buffer it never read also cost a read of each line
 (write-allocate), which copy's GB/s does not count, while Adam stores only into lines it just read.
 
+On the CPU each norm row also counts page faults per call (both sides): a fresh multi-MiB output
+is a new mmap whose pages fault on first write.  megalite advises 2 MiB pages for its outputs
+(csrc/cpu/bindings.cpp, empty_output), PyTorch's outputs fault per 4 KiB page; how much that costs
+depends on the host (a busy VM pays much more per fault), which is most of the run-to-run spread of
+the LayerNorm fp32 ratio.
+
 megalite and its peers are timed in alternating rounds (ours, peer, ours, peer, ...), so that on a
 machine shared with other work a change of load hits both sides instead of skewing the ratio.
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import platform
+import resource
 import statistics
 import time
 from typing import Callable, List, Optional
@@ -83,6 +90,14 @@ def interleaved_ms(fns: List[Callable[[], None]], device: torch.device, repeats:
     return [statistics.median(t) for t in times]
 
 
+def page_faults_per_call(fn: Callable[[], None], calls: int = 3) -> float:
+    """Minor page faults of this process per call of fn (CPU only)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def copy_bandwidth(device: torch.device, repeats: int) -> float:
     """GB/s of dst.copy_(src) over 256 MiB fp32 (bytes read + bytes written)."""
     src = torch.randn(64 * 2**20, device=device)
@@ -93,7 +108,11 @@ def copy_bandwidth(device: torch.device, repeats: int) -> float:
 
 class Table:
     def __init__(self, header: str, copy_gbps: float):
-        self.header, self.copy_gbps, self.rows = header, copy_gbps, []
+        self.header, self.copy_gbps, self.rows, self.notes = header, copy_gbps, [], []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print("  " + text, flush=True)
 
     def add(self, what: str, shape: str, ours_ms: float, peer: str, peer_ms: float, nbytes: float) -> None:
         gbps = nbytes / ours_ms / 1e6
@@ -106,7 +125,7 @@ class Table:
         widths = [max(len(str(r[i])) for r in self.rows + [titles]) for i in range(len(titles))]
         line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
         out = [self.header, line(titles), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-        return "\n".join(out + [line(r) for r in self.rows])
+        return "\n".join(out + [line(r) for r in self.rows] + self.notes)
 
 
 def bench_adam_fp32(table: Table, device: torch.device, repeats: int) -> None:
@@ -191,10 +210,13 @@ def bench_norms(table: Table, device: torch.device, repeats: int) -> None:
                     fn(x, *args).backward(dy)
                 return run
 
-            ours_ms, peer_ms = interleaved_ms(
-                [fwd_bwd(layer_norm, weight, bias, 1e-5),
-                 fwd_bwd(lambda t, w, b: F.layer_norm(t, (cols,), w, b, 1e-5), weight, bias)], device, repeats)
+            ours, peer = (fwd_bwd(layer_norm, weight, bias, 1e-5),
+                          fwd_bwd(lambda t, w, b: F.layer_norm(t, (cols,), w, b, 1e-5), weight, bias))
+            ours_ms, peer_ms = interleaved_ms([ours, peer], device, repeats)
             table.add("LayerNorm fwd+bwd", label, ours_ms, "F.layer_norm", peer_ms, nbytes)
+            if device.type == "cpu":
+                table.note(f"page faults per LayerNorm fwd+bwd {label}: megalite {page_faults_per_call(ours):,.0f}, "
+                           f"F.layer_norm {page_faults_per_call(peer):,.0f}")
             ours_ms, expression_ms, functional_ms = interleaved_ms(
                 [fwd_bwd(rms_norm, weight, 1e-5), fwd_bwd(rms_norm_expression, weight, 1e-5),
                  fwd_bwd(lambda t, w, e: F.rms_norm(t, (cols,), w, e), weight, 1e-5)], device, repeats)
