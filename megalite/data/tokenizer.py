@@ -164,6 +164,15 @@ class GPT2BPETokenizer(Tokenizer):
         except ValueError as error:  # a vocabulary/merges pair that is not byte-level BPE
             raise TokenizerFileError(f"{self.vocab_file_name}: {error}") from None
 
+    def __getstate__(self):  # the C++ object does not pickle: rebuilt from the ranks on arrival
+        return dict(self.__dict__, _native=self._native is not None)
+
+    def __setstate__(self, state):
+        native = state.pop("_native")
+        self.__dict__.update(state, _native=None)
+        if native:
+            self._native = self._build_native(sorted(self.bpe_ranks, key=self.bpe_ranks.get), self._cache_size)
+
     def _bpe(self, word: str) -> list[str]:
         parts = list(word)
         while len(parts) > 1:

@@ -56,6 +56,15 @@ def test_known_ids(gpt2):
 
 
 @needs_gpt2
+def test_pickles_for_spawned_workers(gpt2):
+    import pickle
+    copy = pickle.loads(pickle.dumps(gpt2))
+    assert (copy._native is None) == (gpt2._native is None)
+    text = "It's 3.14 — ünïcode  spaces\n"
+    assert copy.encode(text) == gpt2.encode(text) == gpt2.encode_python(text)
+
+
+@needs_gpt2
 def test_special_token_spelling_is_plain_text(gpt2):
     ids = gpt2.encode("a<|endoftext|>b")
     assert gpt2.eod not in ids and gpt2.decode(ids) == "a<|endoftext|>b"
