@@ -11,11 +11,13 @@ least (every input read once, every output written once), the same for both side
 more than 100% of copy: a copy's stores into a buffer it never read also cost a read of each line
 (write-allocate), which copy's GB/s does not count, while Adam stores only into lines it just read.
 
-On the CPU each norm row also counts page faults per call (both sides): a fresh multi-MiB output
-is a new mmap whose pages fault on first write.  megalite advises 2 MiB pages for its outputs
-(csrc/cpu/bindings.cpp, empty_output), PyTorch's outputs fault per 4 KiB page; how much that costs
-depends on the host (a busy VM pays much more per fault), which is most of the run-to-run spread of
-the LayerNorm fp32 ratio.
+On the CPU each norm row also counts page faults per call (both sides).  A fresh multi-MiB output
+from malloc is a new mmap whose 4 KiB pages fault on first write: on the 2-core CI VM, writing a
+fresh 32 MiB buffer costs ~21 ms that way against ~1.7 ms for memory written before.  megalite's
+norm outputs of 4 MiB and more come from a cache of kept blocks (csrc/cpu/output_cache.h, what
+CUDA's caching allocator does on the GPU), so after the warm-up they fault no more; PyTorch's CPU
+outputs come from malloc.  Part of the LayerNorm ratio is therefore allocation, not arithmetic: the
+"of copy" column shows how close megalite's kernels themselves come to the memory's speed.
 
 megalite and its peers are timed in alternating rounds (ours, peer, ours, peer, ...), so that on a
 machine shared with other work a change of load hits both sides instead of skewing the ratio.

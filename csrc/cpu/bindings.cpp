@@ -11,10 +11,6 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -22,6 +18,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/output_cache.h"
 #include "tensor_checks.h"
 
 namespace megalite::cpu {
@@ -100,21 +97,6 @@ NormShape norm_shape(const at::Tensor& x, const at::Tensor& weight, const c10::o
 
 at::Tensor row_stats(const at::Tensor& x) { return at::empty({x.size(0)}, x.options().dtype(at::kFloat)); }
 
-// A fresh output like `like`, backed by transparent huge pages where the kernel allows it.  Why: a
-// multi-MiB allocation is a new mmap, and the first write to each 4 KiB page faults; on a VM that
-// costs more than the norm itself (64 MiB: 34 ms of faults vs 7.5 ms with 2 MiB pages, measured on
-// the 2-core CI machine).  MADV_HUGEPAGE is only a hint: on failure nothing changes.
-at::Tensor empty_output(const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kPage = 4096, kHugePage = uintptr_t{2} << 20;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t begin = (start + kPage - 1) / kPage * kPage, end = (start + out.nbytes()) / kPage * kPage;
-  if (end > begin + 2 * kHugePage) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor& weight,
                                                                   const c10::optional<at::Tensor>& bias, double eps) {
   const NormShape shape = norm_shape(x, weight, bias);
@@ -192,7 +174,8 @@ TORCH_LIBRARY_IMPL(megalite, CPU, m) {
 }
 
 // -- the Python module: importing it registers the operators above; isa()/set_isa() expose the
-//    instruction-set choice so tests can run both kernel tables.
+//    instruction-set choice so tests can run both kernel tables; output_cache_stats() and
+//    set_output_cache_limit() the norm outputs' cache (cpu/output_cache.h).
 namespace {
 
 PyObject* isa(PyObject*, PyObject*) { return PyUnicode_FromString(megalite::cpu::kernels().isa); }
@@ -214,9 +197,31 @@ PyObject* set_isa(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* output_cache_stats(PyObject*, PyObject*) {
+  const megalite::cpu::OutputCacheStats s = megalite::cpu::output_cache_stats();
+  return Py_BuildValue("{sLsLsLsLsL}", "cached_bytes", static_cast<long long>(s.cached_bytes), "cached_blocks",
+                       static_cast<long long>(s.cached_blocks), "limit_bytes", static_cast<long long>(s.limit_bytes),
+                       "hits", static_cast<long long>(s.hits), "misses", static_cast<long long>(s.misses));
+}
+
+PyObject* set_output_cache_limit(PyObject*, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  if (bytes < 0) {
+    PyErr_Format(PyExc_ValueError, "output cache limit must be >= 0 bytes, got %lld", bytes);
+    return nullptr;
+  }
+  megalite::cpu::set_output_cache_limit(static_cast<size_t>(bytes));
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"isa", isa, METH_NOARGS, "The instruction set the CPU kernels run with: 'avx2' or 'generic'."},
     {"set_isa", set_isa, METH_O, "Use 'generic', 'avx2' or 'auto' (the best this CPU has) kernels."},
+    {"output_cache_stats", output_cache_stats, METH_NOARGS,
+     "The CPU norm outputs' cache: cached_bytes/cached_blocks (unused, kept), limit_bytes, hits, misses."},
+    {"set_output_cache_limit", set_output_cache_limit, METH_O,
+     "Keep at most this many bytes of unused norm-output blocks (0: none, and release the cached ones)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "megalite CPU kernels (torch.ops.megalite.*)", -1, methods,
