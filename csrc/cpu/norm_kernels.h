@@ -36,6 +36,19 @@ inline int threads_for(const NormShape& shape) {
   return static_cast<int>(useful < shape.num_threads ? useful : shape.num_threads);
 }
 
+// Ask for the first 4 KiB of the next row while this one is worked on in the cache.  The forwards
+// read a row from memory in their first pass only, so without this the memory idles through the
+// cached passes until the next row's first miss; the hardware prefetcher does not cross into it
+// early enough.  Measured on the CI VM: LayerNorm forward [8192, 1024] fp32 13% faster, the other
+// shapes 0-5%.  Prefetching a whole 16 KiB row, or the backward's next x and dy rows, was slower
+// in the same measurement, so the backward does without.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t cols) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  const int64_t n = cols * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < (n < 4096 ? n : 4096); b += 64) __builtin_prefetch(bytes + b);
+}
+
 template <typename T, typename W>
 void layer_norm_forward_typed(const NormShape& shape, const T* x, const W* weight, const W* bias, T* y, float* mean,
                               float* rstd, float eps) {
@@ -49,6 +62,7 @@ void layer_norm_forward_typed(const NormShape& shape, const T* x, const W* weigh
     // lose the spread's digits; the shifted terms are of the spread's size (Chan et al. 1983, Sec. 3).
     const float shift = load(xr[0]);
     const float mu = shift + row_sum(0, cols, [=](int64_t c) { return load(xr[c]) - shift; }) * inv_cols;
+    if (r + 1 < rows) prefetch_row(xr + cols, cols);
     const float squares = row_sum(0, cols, [=](int64_t c) {
       const float d = load(xr[c]) - mu;
       return d * d;
@@ -130,6 +144,7 @@ void rms_norm_forward_typed(const NormShape& shape, const T* x, const W* weight,
       return v * v;
     });
     const float rs = 1.f / std::sqrt(squares * inv_cols + eps);
+    if (r + 1 < rows) prefetch_row(xr + cols, cols);
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) yr[c] = store<T>(load(xr[c]) * rs * load(weight[c]));
     rstd[r] = rs;
