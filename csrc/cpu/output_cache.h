@@ -99,7 +99,13 @@ class OutputCache final : public c10::Allocator {
   OutputCache() : limit_(default_limit()) {}
 
   static size_t default_limit() {
-    if (const char* mb = std::getenv("MEGALITE_CPU_OUTPUT_CACHE_MB")) return std::strtoull(mb, nullptr, 10) << 20;
+    if (const char* mb = std::getenv("MEGALITE_CPU_OUTPUT_CACHE_MB")) {
+      char* end = nullptr;
+      const unsigned long long value = std::strtoull(mb, &end, 10);
+      TORCH_CHECK(end != mb && *end == '\0' && mb[0] != '-', "MEGALITE_CPU_OUTPUT_CACHE_MB='", mb,
+                  "' is not a whole number of MiB; set e.g. 1024, or 0 to turn the norm output cache off");
+      return static_cast<size_t>(value) << 20;
+    }
     const size_t physical = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGESIZE));
     const size_t gib = size_t{1} << 30;
     return physical / 16 < gib ? physical / 16 : gib;

@@ -1,5 +1,7 @@
 """The CPU norms' output cache (csrc/cpu/output_cache.h): outputs of 4 MiB and more come from kept,
 2 MiB-aligned blocks, reused for the next output of the same rounded size; small ones from PyTorch."""
+import os
+import subprocess
 import sys
 
 import pytest
@@ -106,3 +108,18 @@ def test_a_cached_output_is_an_ordinary_tensor(cache, tmp_path):
     torch.testing.assert_close(z, expected, rtol=0, atol=0)
     torch.save(z, tmp_path / "y.pt")
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value, error", [("512", None), ("-5", "'-5' is not a whole number of MiB")])
+def test_the_environment_sets_the_limit(value, error):
+    """Read once per process, at the first cached output: checked in a fresh interpreter."""
+    script = ("import torch, megalite._C as C\n"
+              "y = torch.ops.megalite.rms_norm_forward(torch.ones(1024, 2048), torch.ones(2048), 1e-5)[0]\n"
+              "print(C.output_cache_stats()['limit_bytes'])")
+    env = dict(os.environ, MEGALITE_CPU_OUTPUT_CACHE_MB=value)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    if error is None:
+        assert result.returncode == 0, result.stderr
+        assert int(result.stdout) == int(value) << 20
+    else:
+        assert result.returncode != 0 and error in result.stderr
