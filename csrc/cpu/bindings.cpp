@@ -197,11 +197,25 @@ PyObject* set_isa(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+// The cache reads MEGALITE_CPU_OUTPUT_CACHE_MB on first use and throws on a bad value: as a Python
+// error here (a C++ exception must not cross the C API).
+template <typename Fn>
+PyObject* raising_runtime_error(const Fn& fn) {
+  try {
+    return fn();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 PyObject* output_cache_stats(PyObject*, PyObject*) {
-  const megalite::cpu::OutputCacheStats s = megalite::cpu::output_cache_stats();
-  return Py_BuildValue("{sLsLsLsLsL}", "cached_bytes", static_cast<long long>(s.cached_bytes), "cached_blocks",
-                       static_cast<long long>(s.cached_blocks), "limit_bytes", static_cast<long long>(s.limit_bytes),
-                       "hits", static_cast<long long>(s.hits), "misses", static_cast<long long>(s.misses));
+  return raising_runtime_error([] {
+    const megalite::cpu::OutputCacheStats s = megalite::cpu::output_cache_stats();
+    return Py_BuildValue("{sLsLsLsLsL}", "cached_bytes", static_cast<long long>(s.cached_bytes), "cached_blocks",
+                         static_cast<long long>(s.cached_blocks), "limit_bytes", static_cast<long long>(s.limit_bytes),
+                         "hits", static_cast<long long>(s.hits), "misses", static_cast<long long>(s.misses));
+  });
 }
 
 PyObject* set_output_cache_limit(PyObject*, PyObject* arg) {
@@ -211,8 +225,10 @@ PyObject* set_output_cache_limit(PyObject*, PyObject* arg) {
     PyErr_Format(PyExc_ValueError, "output cache limit must be >= 0 bytes, got %lld", bytes);
     return nullptr;
   }
-  megalite::cpu::set_output_cache_limit(static_cast<size_t>(bytes));
-  Py_RETURN_NONE;
+  return raising_runtime_error([bytes] {
+    megalite::cpu::set_output_cache_limit(static_cast<size_t>(bytes));
+    Py_RETURN_NONE;
+  });
 }
 
 PyMethodDef methods[] = {
