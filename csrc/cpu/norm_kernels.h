@@ -14,6 +14,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "cpu/float_formats.h"
 #include "cpu/kernels.h"
@@ -49,10 +51,27 @@ inline void prefetch_row(const T* row, int64_t cols) {
   for (int64_t b = 0; b < (n < 4096 ? n : 4096); b += 64) __builtin_prefetch(bytes + b);
 }
 
+// bf16/fp16 weights (and bias) widened to fp32 once per call, so the row loops load fp32 instead of
+// converting the same [cols] values again for every row; fp32 ones are used in place.
+template <typename W>
+const float* widened(const W* values, int64_t cols, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<W, float>) {
+    return values;
+  } else {
+    if (values == nullptr) return nullptr;
+    buffer.resize(cols);
+    for (int64_t c = 0; c < cols; ++c) buffer[c] = load(values[c]);
+    return buffer.data();
+  }
+}
+
 template <typename T, typename W>
-void layer_norm_forward_typed(const NormShape& shape, const T* x, const W* weight, const W* bias, T* y, float* mean,
-                              float* rstd, float eps) {
+void layer_norm_forward_typed(const NormShape& shape, const T* x, const W* weight_in, const W* bias_in, T* y,
+                              float* mean, float* rstd, float eps) {
   const int64_t rows = shape.rows, cols = shape.cols;
+  std::vector<float> weight_buffer, bias_buffer;
+  const float* weight = widened(weight_in, cols, weight_buffer);
+  const float* bias = widened(bias_in, cols, bias_buffer);
   const float inv_cols = 1.f / static_cast<float>(cols);
 #pragma omp parallel for schedule(static) num_threads(threads_for(shape))
   for (int64_t r = 0; r < rows; ++r) {
@@ -70,10 +89,10 @@ void layer_norm_forward_typed(const NormShape& shape, const T* x, const W* weigh
     const float rs = 1.f / std::sqrt(squares * inv_cols + eps);
     if (bias != nullptr) {
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) yr[c] = store<T>((load(xr[c]) - mu) * rs * load(weight[c]) + load(bias[c]));
+      for (int64_t c = 0; c < cols; ++c) yr[c] = store<T>((load(xr[c]) - mu) * rs * weight[c] + bias[c]);
     } else {
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) yr[c] = store<T>((load(xr[c]) - mu) * rs * load(weight[c]));
+      for (int64_t c = 0; c < cols; ++c) yr[c] = store<T>((load(xr[c]) - mu) * rs * weight[c]);
     }
     mean[r] = mu;
     rstd[r] = rs;
@@ -93,8 +112,10 @@ inline void reduce_columns(const float* first, int64_t stride, int64_t count, in
 
 template <typename T, typename W>
 void layer_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, const float* mean, const float* rstd,
-                               const W* weight, T* dx, W* dweight, W* dbias, float* workspace) {
+                               const W* weight_in, T* dx, W* dweight, W* dbias, float* workspace) {
   const int64_t rows = shape.rows, cols = shape.cols;
+  std::vector<float> weight_buffer;
+  const float* weight = widened(weight_in, cols, weight_buffer);
   const float inv_cols = 1.f / static_cast<float>(cols);
 #pragma omp parallel num_threads(threads_for(shape))
   {
@@ -111,7 +132,7 @@ void layer_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, 
       const float mu = mean[r], rs = rstd[r];
       float sum_g, sum_g_xhat;
       row_sum2(0, cols, [=](int64_t c, float& g_part, float& g_xhat_part) {
-        const float g = load(dyr[c]) * load(weight[c]);
+        const float g = load(dyr[c]) * weight[c];
         g_part += g;
         g_xhat_part += g * ((load(xr[c]) - mu) * rs);
       }, sum_g, sum_g_xhat);
@@ -120,7 +141,7 @@ void layer_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, 
       for (int64_t c = 0; c < cols; ++c) {
         const float d = load(dyr[c]);
         const float xhat = (load(xr[c]) - mu) * rs;
-        dxr[c] = store<T>(layer_norm_dx(d * load(weight[c]), xhat, mean_g, mean_g_xhat, rs));
+        dxr[c] = store<T>(layer_norm_dx(d * weight[c], xhat, mean_g, mean_g_xhat, rs));
         dw_sum[c] += d * xhat;
         db_sum[c] += d;
       }
@@ -132,8 +153,10 @@ void layer_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, 
 }
 
 template <typename T, typename W>
-void rms_norm_forward_typed(const NormShape& shape, const T* x, const W* weight, T* y, float* rstd, float eps) {
+void rms_norm_forward_typed(const NormShape& shape, const T* x, const W* weight_in, T* y, float* rstd, float eps) {
   const int64_t rows = shape.rows, cols = shape.cols;
+  std::vector<float> weight_buffer;
+  const float* weight = widened(weight_in, cols, weight_buffer);
   const float inv_cols = 1.f / static_cast<float>(cols);
 #pragma omp parallel for schedule(static) num_threads(threads_for(shape))
   for (int64_t r = 0; r < rows; ++r) {
@@ -146,15 +169,17 @@ void rms_norm_forward_typed(const NormShape& shape, const T* x, const W* weight,
     const float rs = 1.f / std::sqrt(squares * inv_cols + eps);
     if (r + 1 < rows) prefetch_row(xr + cols, cols);
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) yr[c] = store<T>(load(xr[c]) * rs * load(weight[c]));
+    for (int64_t c = 0; c < cols; ++c) yr[c] = store<T>(load(xr[c]) * rs * weight[c]);
     rstd[r] = rs;
   }
 }
 
 template <typename T, typename W>
-void rms_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, const float* rstd, const W* weight, T* dx,
-                             W* dweight, float* workspace) {
+void rms_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, const float* rstd, const W* weight_in,
+                             T* dx, W* dweight, float* workspace) {
   const int64_t rows = shape.rows, cols = shape.cols;
+  std::vector<float> weight_buffer;
+  const float* weight = widened(weight_in, cols, weight_buffer);
   const float inv_cols = 1.f / static_cast<float>(cols);
 #pragma omp parallel num_threads(threads_for(shape))
   {
@@ -169,13 +194,13 @@ void rms_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, co
       T* __restrict dxr = dx + r * cols;
       const float rs = rstd[r];
       const float sum_g_xhat =
-          row_sum(0, cols, [=](int64_t c) { return load(dyr[c]) * load(weight[c]) * (load(xr[c]) * rs); });
+          row_sum(0, cols, [=](int64_t c) { return load(dyr[c]) * weight[c] * (load(xr[c]) * rs); });
       const float mean_g_xhat = sum_g_xhat * inv_cols;
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {
         const float d = load(dyr[c]);
         const float xhat = load(xr[c]) * rs;
-        dxr[c] = store<T>(rms_norm_dx(d * load(weight[c]), xhat, mean_g_xhat, rs));
+        dxr[c] = store<T>(rms_norm_dx(d * weight[c], xhat, mean_g_xhat, rs));
         dw_sum[c] += d * xhat;
       }
     }
