@@ -56,23 +56,21 @@ class OutputCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(n);
     const size_t bytes = (n + kBlock - 1) / kBlock * kBlock;
-    void* block = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const auto it = free_.find(bytes);
-      if (it != free_.end()) {
-        block = it->second;
+      if (it != free_.end()) {   // a hit: one lock, no system call
+        void* block = it->second;
         free_.erase(it);
         cached_bytes_ -= bytes;
         ++hits_;
-      } else {
-        ++misses_;
+        return track_locked(block, bytes);
       }
+      ++misses_;
     }
-    if (block == nullptr) block = map_block(bytes);
+    void* block = map_block(bytes);   // outside the lock: mapping can take a while
     std::lock_guard<std::mutex> lock(mutex_);
-    live_[block] = bytes;
-    return {block, block, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
+    return track_locked(block, bytes);
   }
 
   void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
@@ -139,6 +137,11 @@ class OutputCache final : public c10::Allocator {
     cache.free_.emplace(bytes, block);
     cache.cached_bytes_ += bytes;
     cache.trim_locked();
+  }
+
+  c10::DataPtr track_locked(void* block, size_t bytes) {
+    live_[block] = bytes;
+    return {block, block, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
   }
 
   // Unmap the largest unused blocks until the cache is within its limit.
