@@ -17,7 +17,13 @@ fresh 32 MiB buffer costs ~21 ms that way against ~1.7 ms for memory written bef
 norm outputs of 4 MiB and more come from a cache of kept blocks (csrc/cpu/output_cache.h, what
 CUDA's caching allocator does on the GPU), so after the warm-up they fault no more; PyTorch's CPU
 outputs come from malloc.  Part of the LayerNorm ratio is therefore allocation, not arithmetic: the
-"of copy" column shows how close megalite's kernels themselves come to the memory's speed.
+"of copy" column shows how close megalite's kernels themselves come to the memory's speed.  Whether
+PyTorch's outputs fault depends on the process's history: glibc raises its mmap threshold (up to
+32 MiB) after a large free, so in a full run, after the Adam rows, they usually do not; with
+MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 they never do (kernel against
+kernel).  megalite's norm outputs of 16 MiB and more are written with streaming stores, which skip
+the read of each line a store into uncached memory costs (write-allocate): kernel against kernel,
+that is most of the fp32 LayerNorm's lead.
 
 megalite and its peers are timed in alternating rounds (ours, peer, ours, peer, ...), so that on a
 machine shared with other work a change of load hits both sides instead of skewing the ratio.

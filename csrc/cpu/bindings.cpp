@@ -33,6 +33,14 @@ const KernelTable* active_table = nullptr;   // null: best_kernels(); set by _C.
 
 const KernelTable& kernels() { return active_table != nullptr ? *active_table : best_kernels(); }
 
+// Norm outputs (y, dx) of at least this many bytes are written with streaming stores (write_row in
+// norm_kernels.h).  Measured on the CI VM (32 MiB L3), LayerNorm forward followed by y.sum(), fp32:
+// at 8 MiB the cached output is faster (its consumer reads it from the L3), from 16 MiB the streamed
+// one (0.52 vs 0.72 ms at 8 MiB; 1.41 vs 1.53 ms at 16 MiB, 2.9 vs 3.8 ms at 32 MiB).  bf16/fp16
+// kernels are bound by their conversions, not by memory: streaming costs them 2-3% at 16 MiB.
+// _C.set_stream_min_bytes() changes the threshold (tests force both paths with it).
+int64_t stream_min_bytes = int64_t{16} << 20;
+
 void check_cpu_contiguous(const at::Tensor& t, const std::string& name) {
   check_on(t, at::Device(at::kCPU), name);
 }
@@ -92,7 +100,8 @@ NormShape norm_shape(const at::Tensor& x, const at::Tensor& weight, const c10::o
     TORCH_CHECK(bias->sizes() == weight.sizes() && bias->scalar_type() == weight.scalar_type(),
                 "bias must match weight's shape and dtype");
   }
-  return NormShape{x.size(0), x.size(1), dtype_of(x, "x"), dtype_of(weight, "weight"), at::get_num_threads()};
+  return NormShape{x.size(0), x.size(1), dtype_of(x, "x"), dtype_of(weight, "weight"), at::get_num_threads(),
+                   static_cast<int64_t>(x.nbytes()) >= stream_min_bytes};
 }
 
 at::Tensor row_stats(const at::Tensor& x) { return at::empty({x.size(0)}, x.options().dtype(at::kFloat)); }
@@ -231,6 +240,18 @@ PyObject* set_output_cache_limit(PyObject*, PyObject* arg) {
   });
 }
 
+PyObject* set_stream_min_bytes(PyObject*, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  if (bytes < 0) {
+    PyErr_Format(PyExc_ValueError, "stream_min_bytes must be >= 0, got %lld", bytes);
+    return nullptr;
+  }
+  const long long previous = megalite::cpu::stream_min_bytes;
+  megalite::cpu::stream_min_bytes = bytes;
+  return PyLong_FromLongLong(previous);
+}
+
 PyMethodDef methods[] = {
     {"isa", isa, METH_NOARGS, "The instruction set the CPU kernels run with: 'avx2' or 'generic'."},
     {"set_isa", set_isa, METH_O, "Use 'generic', 'avx2' or 'auto' (the best this CPU has) kernels."},
@@ -238,6 +259,8 @@ PyMethodDef methods[] = {
      "The CPU norm outputs' cache: cached_bytes/cached_blocks (unused, kept), limit_bytes, hits, misses."},
     {"set_output_cache_limit", set_output_cache_limit, METH_O,
      "Keep at most this many bytes of unused norm-output blocks (0: none, and release the cached ones)."},
+    {"set_stream_min_bytes", set_stream_min_bytes, METH_O,
+     "Write norm outputs of at least this many bytes with streaming stores; returns the previous value."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "megalite CPU kernels (torch.ops.megalite.*)", -1, methods,

@@ -19,6 +19,7 @@ struct NormShape {
   DType x_dtype;        // also the dtype of y, dy and dx
   DType weight_dtype;   // x_dtype or Float32 (also of bias, dweight, dbias)
   int num_threads;
+  bool stream_output;   // write y/dx with non-temporal stores (bindings.cpp: outputs too big for the cache)
 };
 
 struct KernelTable {

@@ -1,4 +1,6 @@
 """Fixtures that run a kernel test under every CPU kernel table this machine has (import them)."""
+import os
+
 import pytest
 
 
@@ -33,3 +35,21 @@ def native_isa(request, monkeypatch):
     """Only the compiled tables: for tests whose oracle IS the reference (comparing the reference
     with itself would prove nothing).  Falls back to the reference where _C is not built."""
     yield from _use(request, monkeypatch, request.param)
+
+
+@pytest.fixture(params=["cached", "streamed"])
+def output_stores(request):
+    """How the C++ norms write y and dx: stores through the cache, or streaming stores (which they
+    use for outputs of 16 MiB and more; forced here so that small shapes take that path too)."""
+    if request.param == "cached":
+        yield "cached"
+        return
+    if os.environ.get("MEGALITE_KERNELS") == "reference":
+        pytest.skip("the reference has no streaming stores (it would only repeat the 'cached' run)")
+    try:
+        import megalite._C as native
+    except ImportError:
+        pytest.skip("streaming stores are a path of the C++ kernels, and megalite._C is not built")
+    previous = native.set_stream_min_bytes(0)
+    yield "streamed"
+    native.set_stream_min_bytes(previous)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from megalite.ops import layer_norm, reference, rms_norm
-from tests.ops.kernel_tables import cpu_isa, native_isa  # noqa: F401  (fixtures: CPU kernel tables)
+from tests.ops.kernel_tables import cpu_isa, native_isa, output_stores  # noqa: F401  (fixtures: CPU kernel tables)
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5),   # dweight/dbias: scaled by rows, see below
              torch.bfloat16: dict(rtol=2 ** -8, atol=2 ** -7),
@@ -53,7 +53,7 @@ def make_inputs(shape, dtype, weight_dtype, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fp32_weight", [False, True])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_layer_norm_matches_reference(native_isa, shape, dtype, fp32_weight, with_bias):
+def test_layer_norm_matches_reference(native_isa, output_stores, shape, dtype, fp32_weight, with_bias):
     x, dy, weight, bias = make_inputs(shape, dtype, torch.float32 if fp32_weight else dtype)
     bias = bias if with_bias else None
     ours = run_with_grads(lambda a, w, b: layer_norm(a, w, b, 1e-5), x, weight, bias, dy)
@@ -66,7 +66,7 @@ def test_layer_norm_matches_reference(native_isa, shape, dtype, fp32_weight, wit
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fp32_weight", [False, True])
-def test_rms_norm_matches_reference(native_isa, shape, dtype, fp32_weight):
+def test_rms_norm_matches_reference(native_isa, output_stores, shape, dtype, fp32_weight):
     x, dy, weight, _ = make_inputs(shape, dtype, torch.float32 if fp32_weight else dtype)
     ours = run_with_grads(lambda a, w, b: rms_norm(a, w, 1e-5), x, weight, None, dy)
     expected = run_with_grads(lambda a, w, b: reference.rms_norm(a, w, 1e-5), x, weight, None, dy)
@@ -83,7 +83,7 @@ def test_references_match_torch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_norm_large_inputs_match_reference(cpu_isa, dtype):
+def test_layer_norm_large_inputs_match_reference(cpu_isa, output_stores, dtype):
     """Benchmark-sized inputs (> 8 MiB, many rows per thread); odd row length, so rows are not 16-byte aligned."""
     shape = (2 * 2**20 // 1031 + 3, 1031) if dtype == torch.float32 else (4 * 2**20 // 1031 + 3, 1031)
     x, dy, weight, bias = make_inputs(shape, dtype, dtype)
@@ -96,6 +96,18 @@ def test_layer_norm_large_inputs_match_reference(cpu_isa, dtype):
             # rounding by one ulp, up to 2^-7 relative at the bottom of a binade
             tol = dict(rtol=2 ** -7, atol=2 ** -7)
         torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_stream_threshold_setter():
+    native = pytest.importorskip("megalite._C")
+    previous = native.set_stream_min_bytes(123)
+    try:
+        assert native.set_stream_min_bytes(456) == 123
+        with pytest.raises(ValueError, match="stream_min_bytes must be >= 0, got -1"):
+            native.set_stream_min_bytes(-1)
+        assert native.set_stream_min_bytes(previous) == 456
+    finally:
+        native.set_stream_min_bytes(previous)
 
 
 def test_large_mean_keeps_precision(cpu_isa):
