@@ -11,6 +11,7 @@
 #include "adam_math.h"
 #include "cpu/float_formats.h"
 #include "cpu/row_sums.h"
+#include "cpu/streaming_stores.h"
 
 namespace megalite::cpu {
 namespace {
@@ -78,7 +79,8 @@ bool any_nonfinite(const void* const* grads, const int64_t* numels, int64_t num_
 template <typename TModel, typename TGrad>
 bool adam_master_typed(void* const* model_params, const void* const* grads, float* const* masters,
                        float* const* exp_avgs, float* const* exp_avg_sqs, const int64_t* numels, int64_t num_tensors,
-                       const AdamHyper& hyper, float inv_grad_scale, bool check_finite, int num_threads) {
+                       const AdamHyper& hyper, float inv_grad_scale, bool check_finite, bool stream_model,
+                       int num_threads) {
   // All or nothing: a step with an overflowed gradient must leave every tensor untouched, so the
   // check runs over all gradients before the first write (it reads only the gradients).
   if (check_finite && any_nonfinite<TGrad>(grads, numels, num_tensors, inv_grad_scale, num_threads)) return true;
@@ -90,11 +92,12 @@ bool adam_master_typed(void* const* model_params, const void* const* grads, floa
     float* __restrict p = masters[t];
     float* __restrict m = exp_avgs[t];
     float* __restrict v = exp_avg_sqs[t];
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
+    write_row(model + begin, end - begin, stream_model, [=](int64_t j) {
+      const int64_t i = begin + j;
       adam_update(p[i], m[i], v[i], load(g[i]) * scale, h);
-      model[i] = store<TModel>(p[i]);
-    }
+      return store<TModel>(p[i]);
+    });
+    end_streaming(stream_model);
   });
   return false;
 }
@@ -102,11 +105,11 @@ bool adam_master_typed(void* const* model_params, const void* const* grads, floa
 bool adam_master(void* const* model_params, DType model_dtype, const void* const* grads, DType grad_dtype,
                  float* const* masters, float* const* exp_avgs, float* const* exp_avg_sqs, const int64_t* numels,
                  int64_t num_tensors, const AdamHyper& hyper, float inv_grad_scale, bool check_finite,
-                 int num_threads) {
+                 bool stream_model, int num_threads) {
   auto run = [&](auto model_tag, auto grad_tag) {
     return adam_master_typed<decltype(model_tag), decltype(grad_tag)>(
         model_params, grads, masters, exp_avgs, exp_avg_sqs, numels, num_tensors, hyper, inv_grad_scale, check_finite,
-        num_threads);
+        stream_model, num_threads);
   };
   auto with_grad = [&](auto model_tag) {
     switch (grad_dtype) {

@@ -33,12 +33,13 @@ const KernelTable* active_table = nullptr;   // null: best_kernels(); set by _C.
 
 const KernelTable& kernels() { return active_table != nullptr ? *active_table : best_kernels(); }
 
-// Norm outputs (y, dx) of at least this many bytes are written with streaming stores (write_row in
-// norm_kernels.h).  Measured on the CI VM (32 MiB L3), LayerNorm forward followed by y.sum(), fp32:
-// at 8 MiB the cached output is faster (its consumer reads it from the L3), from 16 MiB the streamed
-// one (0.52 vs 0.72 ms at 8 MiB; 1.41 vs 1.53 ms at 16 MiB, 2.9 vs 3.8 ms at 32 MiB).  bf16/fp16
-// kernels are bound by their conversions, not by memory: streaming costs them 2-3% at 16 MiB.
-// _C.set_stream_min_bytes() changes the threshold (tests force both paths with it).
+// Outputs of at least this many bytes are written with streaming stores (cpu/streaming_stores.h):
+// a norm's y or dx, or master-mode Adam's model params (all of a call's together).  Measured on the
+// CI VM (32 MiB L3), LayerNorm forward followed by y.sum(), fp32: at 8 MiB the cached output is
+// faster (its consumer reads it from the L3), from 16 MiB the streamed one (0.52 vs 0.72 ms at
+// 8 MiB; 1.41 vs 1.53 ms at 16 MiB, 2.9 vs 3.8 ms at 32 MiB).  bf16/fp16 norms are bound by their
+// conversions, not by memory: streaming costs them 2-3% at 16 MiB.  _C.set_stream_min_bytes()
+// changes the threshold (tests force both paths with it).
 int64_t stream_min_bytes = int64_t{16} << 20;
 
 void check_cpu_contiguous(const at::Tensor& t, const std::string& name) {
@@ -80,10 +81,12 @@ void adam_step_master(at::TensorList model_params, at::TensorList grads, at::Ten
   const std::vector<float*> master = typed<float>(lists.pointers[2]), m = typed<float>(lists.pointers[3]),
                             v = typed<float>(lists.pointers[4]);
   const std::vector<const void*> g(lists.pointers[1].begin(), lists.pointers[1].end());
+  int64_t model_bytes = 0;
+  for (const at::Tensor& t : model_params) model_bytes += static_cast<int64_t>(t.nbytes());
   const bool nonfinite = kernels().adam_master(
       lists.pointers[0].data(), dtype_of(model_params[0], "model_params"), g.data(), dtype_of(grads[0], "grads"),
       master.data(), m.data(), v.data(), lists.numels.data(), static_cast<int64_t>(master.size()), hyper,
-      static_cast<float>(1.0 / grad_scale), check_finite, at::get_num_threads());
+      static_cast<float>(1.0 / grad_scale), check_finite, model_bytes >= stream_min_bytes, at::get_num_threads());
   if (nonfinite) *flag = 1.f;
 }
 

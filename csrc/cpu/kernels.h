@@ -32,11 +32,12 @@ struct KernelTable {
   // Master-weight Adam: grads (grad_dtype) * inv_grad_scale update fp32 masters and moments, and the
   // rounded master is written into model_params (model_dtype).  With check_finite, checks every
   // unscaled gradient first and returns true (writing nothing) if one is inf/nan; without, the
-  // caller vouches that they are finite (it saves that extra read of the gradients).
+  // caller vouches that they are finite (it saves that extra read of the gradients).  With
+  // stream_model, model_params are written with streaming stores (cpu/streaming_stores.h).
   bool (*adam_master)(void* const* model_params, DType model_dtype, const void* const* grads, DType grad_dtype,
                       float* const* masters, float* const* exp_avgs, float* const* exp_avg_sqs,
                       const int64_t* numels, int64_t num_tensors, const AdamHyper& hyper, float inv_grad_scale,
-                      bool check_finite, int num_threads);
+                      bool check_finite, bool stream_model, int num_threads);
 
   // bias may be null.  mean, rstd: [rows] fp32 outputs.
   void (*layer_norm_forward)(const NormShape& shape, const void* x, const void* weight, const void* bias, void* y,

@@ -39,8 +39,9 @@ def native_isa(request, monkeypatch):
 
 @pytest.fixture(params=["cached", "streamed"])
 def output_stores(request):
-    """How the C++ norms write y and dx: stores through the cache, or streaming stores (which they
-    use for outputs of 16 MiB and more; forced here so that small shapes take that path too)."""
+    """How the C++ kernels write their large outputs (the norms' y and dx, master-mode Adam's model
+    params): stores through the cache, or streaming stores (which they use from 16 MiB; forced here
+    so that small shapes take that path too)."""
     if request.param == "cached":
         yield "cached"
         return

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megalite.optim.adam import FusedAdam, adam_step, adam_step_master, adam_step_master_reference
-from tests.ops.kernel_tables import cpu_isa  # noqa: F401  (fixture: every CPU kernel table)
+from tests.ops.kernel_tables import cpu_isa, output_stores  # noqa: F401  (fixtures: CPU kernel tables, store kinds)
 
 TRAJECTORY_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 SHAPES = [(1,), (7,), (65537,), (), (3, 5)]
@@ -105,7 +105,7 @@ HYPER = dict(step=3, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 @pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("grad_scale", [1.0, 1024.0])
-def test_master_step_matches_reference(cpu_isa, model_dtype, grad_dtype, grad_scale):
+def test_master_step_matches_reference(cpu_isa, output_stores, model_dtype, grad_dtype, grad_scale):
     ours = master_case(model_dtype, grad_dtype, grad_scale)
     expected = copy.deepcopy(ours)
     found_inf = adam_step_master(*ours, **HYPER, grad_scale=grad_scale)
@@ -121,7 +121,7 @@ def test_master_step_matches_reference(cpu_isa, model_dtype, grad_dtype, grad_sc
 
 
 @pytest.mark.parametrize("model_dtype,grad_scale", [(torch.bfloat16, 1.0), (torch.float16, 2.0 ** 12)])
-def test_master_trajectory_matches_torch_adamw_on_fp32_masters(cpu_isa, model_dtype, grad_scale):
+def test_master_trajectory_matches_torch_adamw_on_fp32_masters(cpu_isa, output_stores, model_dtype, grad_scale):
     """20 steps against what a PyTorch user writes for mixed precision: unscale the half grads into
     fp32, torch.optim.AdamW on the fp32 masters, copy the masters into the half params.  Step 8 has
     an overflowed gradient: ours must raise the flag and write nothing; the peer skips that step."""
@@ -200,7 +200,7 @@ def test_raised_flag_skips_the_step_on_entry(cpu_isa):
 
 
 @pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16])
-def test_model_params_round_to_nearest_even_like_torch(cpu_isa, model_dtype):
+def test_model_params_round_to_nearest_even_like_torch(cpu_isa, output_stores, model_dtype):
     """lr=0 leaves the masters as they are, so the written params must equal torch's rounding of them:
     random values across the format's range, halfway ties, subnormals, overflow, inf and nan."""
     gen = torch.Generator().manual_seed(5)
