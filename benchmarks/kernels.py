@@ -52,6 +52,7 @@ from megalite.ops import backend_name, layer_norm, rms_norm
 from megalite.optim.adam import FusedAdam, adam_step_master
 
 WARMUP = 2   # untimed runs of each function before its timed rounds (--quick: 1)
+NORM_ROUNDS = 3   # the norm rows take 5-50 ms a call: 3x the rounds for a steadier median on a shared machine
 
 
 def gpt2_small_shapes(vocab: int = 50257, positions: int = 1024, hidden: int = 768, layers: int = 12) -> List[tuple]:
@@ -213,9 +214,12 @@ def bench_norms(table: Table, device: torch.device, repeats: int) -> None:
             label = f"[{rows}, {cols}] {str(dtype)[6:]}"
 
             def fwd_bwd(fn, *args):
+                # Each side drops its own gradients inside its own call: freed at the start of the
+                # next call instead, the other side's would be, and freeing PyTorch's (a munmap of a
+                # 16-64 MiB block when its malloc took a fresh mmap) cost megalite up to 2x.
                 def run():
-                    x.grad = weight.grad = bias.grad = None
                     fn(x, *args).backward(dy)
+                    x.grad = weight.grad = bias.grad = None
                 return run
 
             ours, peer = (fwd_bwd(layer_norm, weight, bias, 1e-5),
@@ -243,7 +247,7 @@ def run(device: torch.device, repeats: int, threads: Optional[int], only: Option
         machine = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     copy_gbps = copy_bandwidth(device, repeats)
     header = (f"machine: {machine}; kernels: {backend_name(device)}; measured copy bandwidth {copy_gbps:.1f} GB/s; "
-              f"median of {repeats} alternating rounds")
+              f"median of {repeats} alternating rounds (norms: {NORM_ROUNDS * repeats})")
     print(header, flush=True)
     table = Table(header, copy_gbps)
     if only in (None, "adam"):
@@ -251,7 +255,7 @@ def run(device: torch.device, repeats: int, threads: Optional[int], only: Option
         bench_adam_master(table, device, repeats, torch.bfloat16)
         bench_adam_master(table, device, repeats, torch.float32)
     if only in (None, "norms"):
-        bench_norms(table, device, repeats)
+        bench_norms(table, device, NORM_ROUNDS * repeats)
     return table.render()
 
 
