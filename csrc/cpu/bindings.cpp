@@ -230,13 +230,20 @@ PyObject* output_cache_stats(PyObject*, PyObject*) {
   });
 }
 
-PyObject* set_output_cache_limit(PyObject*, PyObject* arg) {
-  const long long bytes = PyLong_AsLongLong(arg);
-  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+// A Python int that counts bytes: false (with a Python error set) unless it is one and >= 0.
+bool byte_count(PyObject* arg, const char* what, long long& bytes) {
+  bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return false;
   if (bytes < 0) {
-    PyErr_Format(PyExc_ValueError, "output cache limit must be >= 0 bytes, got %lld", bytes);
-    return nullptr;
+    PyErr_Format(PyExc_ValueError, "%s must be >= 0 bytes, got %lld", what, bytes);
+    return false;
   }
+  return true;
+}
+
+PyObject* set_output_cache_limit(PyObject*, PyObject* arg) {
+  long long bytes;
+  if (!byte_count(arg, "output cache limit", bytes)) return nullptr;
   return raising_runtime_error([bytes] {
     megalite::cpu::set_output_cache_limit(static_cast<size_t>(bytes));
     Py_RETURN_NONE;
@@ -244,12 +251,8 @@ PyObject* set_output_cache_limit(PyObject*, PyObject* arg) {
 }
 
 PyObject* set_stream_min_bytes(PyObject*, PyObject* arg) {
-  const long long bytes = PyLong_AsLongLong(arg);
-  if (bytes == -1 && PyErr_Occurred()) return nullptr;
-  if (bytes < 0) {
-    PyErr_Format(PyExc_ValueError, "stream_min_bytes must be >= 0, got %lld", bytes);
-    return nullptr;
-  }
+  long long bytes;
+  if (!byte_count(arg, "stream_min_bytes", bytes)) return nullptr;
   const long long previous = megalite::cpu::stream_min_bytes;
   megalite::cpu::stream_min_bytes = bytes;
   return PyLong_FromLongLong(previous);

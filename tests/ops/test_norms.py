@@ -103,7 +103,7 @@ def test_stream_threshold_setter():
     previous = native.set_stream_min_bytes(123)
     try:
         assert native.set_stream_min_bytes(456) == 123
-        with pytest.raises(ValueError, match="stream_min_bytes must be >= 0, got -1"):
+        with pytest.raises(ValueError, match="stream_min_bytes must be >= 0 bytes, got -1"):
             native.set_stream_min_bytes(-1)
         assert native.set_stream_min_bytes(previous) == 456
     finally:
