@@ -17,7 +17,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import sys
 import sysconfig
 import tempfile
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 from megalite.data import helpers  # noqa: E402
 from megalite.data.indexed import IndexedDatasetBuilder, native_data_module  # noqa: E402
 from megalite.data.tokenizer import GPT2BPETokenizer, build_tokenizer  # noqa: E402
+from timing import alternating  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 GPT2 = os.path.join(ROOT, ".cache", "gpt2")
 
@@ -43,17 +43,6 @@ def timed(fn, repeat=1):
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def alternating(ours, theirs, rounds):
-    """Median seconds of each, run in alternating rounds (a noisy neighbour hits both alike)."""
-    times = ([], [])
-    for _ in range(rounds):
-        for fn, out in ((ours, times[0]), (theirs, times[1])):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def megatron_core(module):
@@ -77,7 +66,7 @@ def bench_builder(tmp, num_tokens, rounds):
         for t in tensors:
             builder.add_document(t, [len(t)])
         builder.finalize(os.path.join(tmp, "theirs.idx"))
-    ours, theirs = alternating(lambda: write_ours(os.path.join(tmp, "ours"), docs), write_theirs, rounds)
+    ours, theirs = alternating([lambda: write_ours(os.path.join(tmp, "ours"), docs), write_theirs], rounds)
     return (f"builder, add_document ({num_tokens / 1e6:.0f}M tokens)", ours, theirs)
 
 
@@ -154,8 +143,8 @@ def bench_preprocess(tmp, jsonl, written, tokenizer_type, label, rounds):
                                           "--vocab-file", os.path.join(GPT2, "encoder.json"),
                                           "--merge-file", os.path.join(GPT2, "vocab.bpe"), "--append-eod",
                                           "--workers", "2", "--quiet"])
-    ours, theirs = alternating(lambda: preprocess_data.preprocess(args),
-                               lambda: single_writer(jsonl, os.path.join(tmp, "sw"), 2, tokenizer_type), rounds)
+    ours, theirs = alternating([lambda: preprocess_data.preprocess(args),
+                                lambda: single_writer(jsonl, os.path.join(tmp, "sw"), 2, tokenizer_type)], rounds)
     same = open(os.path.join(tmp, "pp.bin"), "rb").read() == open(os.path.join(tmp, "sw.bin"), "rb").read()
     return (f"preprocess {written / 1e6:.0f} MB JSONL, 2 workers, {label}{'' if same else ' (OUTPUTS DIFFER)'}",
             ours, theirs, f"{written / 1e6 / ours:.1f} vs {written / 1e6 / theirs:.1f} MB/s")

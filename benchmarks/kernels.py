@@ -41,8 +41,6 @@ import argparse
 import gc
 import platform
 import resource
-import statistics
-import time
 from typing import Callable, List, Optional
 
 import torch
@@ -50,6 +48,7 @@ import torch.nn.functional as F
 
 from megalite.ops import backend_name, layer_norm, rms_norm
 from megalite.optim.adam import FusedAdam, adam_step_master
+from timing import alternating  # benchmarks/timing.py, beside this script
 
 WARMUP = 2   # untimed runs of each function before its timed rounds (--quick: 1)
 NORM_ROUNDS = 3   # the norm rows take 5-50 ms a call: 3x the rounds for a steadier median on a shared machine
@@ -84,19 +83,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def interleaved_ms(fns: List[Callable[[], None]], device: torch.device, repeats: int) -> List[float]:
-    """Median ms of each fn, timed in rounds (fn 0, fn 1, ..., fn 0, fn 1, ...)."""
-    for fn in fns:
-        for _ in range(WARMUP):
-            fn()
-    times: List[List[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, fn_times in zip(fns, times):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            fn_times.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
+    """Median ms of each fn, timed in alternating rounds after WARMUP untimed calls."""
+    return [1e3 * t for t in alternating(fns, repeats, WARMUP, lambda: synchronize(device))]
 
 
 def page_faults_per_call(fn: Callable[[], None], calls: int = 3) -> float:

@@ -187,7 +187,8 @@ TORCH_LIBRARY_IMPL(megalite, CPU, m) {
 
 // -- the Python module: importing it registers the operators above; isa()/set_isa() expose the
 //    instruction-set choice so tests can run both kernel tables; output_cache_stats() and
-//    set_output_cache_limit() the norm outputs' cache (cpu/output_cache.h).
+//    set_output_cache_limit() the norm outputs' cache (cpu/output_cache.h); set_stream_min_bytes()
+//    the size from which outputs are written with streaming stores.
 namespace {
 
 PyObject* isa(PyObject*, PyObject*) { return PyUnicode_FromString(megalite::cpu::kernels().isa); }
@@ -266,7 +267,8 @@ PyMethodDef methods[] = {
     {"set_output_cache_limit", set_output_cache_limit, METH_O,
      "Keep at most this many bytes of unused norm-output blocks (0: none, and release the cached ones)."},
     {"set_stream_min_bytes", set_stream_min_bytes, METH_O,
-     "Write norm outputs of at least this many bytes with streaming stores; returns the previous value."},
+     "Write outputs (norm y/dx, master-mode Adam's half params) of at least this many bytes with streaming "
+     "stores; returns the previous value."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "megalite CPU kernels (torch.ops.megalite.*)", -1, methods,

@@ -1,10 +1,10 @@
 // The indexed-dataset builder: the same bytes as megalite/data/indexed.py's Python builder.
 #include <algorithm>
 #include <cerrno>
-#include <limits>
-#include <type_traits>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
+#include <type_traits>
 
 #include "data.h"
 
@@ -61,8 +61,7 @@ void IndexedDatasetBuilder::append_converted(const Src* src, size_t n) {
         lo = src[i] < lo ? src[i] : lo;
         hi = src[i] > hi ? src[i] : hi;
       }
-      if (!std::is_floating_point_v<Dst> &&
-          (!in_range<Dst>(lo) || !in_range<Dst>(hi))) {
+      if (!in_range<Dst>(lo) || !in_range<Dst>(hi)) {   // always in range for a float dataset
         throw std::invalid_argument("token id " + std::to_string(in_range<Dst>(lo) ? hi : lo) +
                                     " does not fit the dataset's dtype (code " + std::to_string(dtype_code_) +
                                     "); use a wider --dtype / a vocabulary that fits");
@@ -70,11 +69,9 @@ void IndexedDatasetBuilder::append_converted(const Src* src, size_t n) {
     }
   }
   if (!bin_) throw std::runtime_error("builder for " + bin_path_ + " is already finalized");
-  const size_t per_piece = buffer_.size() / sizeof(Dst);
   while (n) {
     if (buffered_ + sizeof(Dst) > buffer_.size()) flush();
-    const size_t room = (buffer_.size() - buffered_) / sizeof(Dst);
-    const size_t take = std::min({n, room, per_piece});
+    const size_t take = std::min(n, (buffer_.size() - buffered_) / sizeof(Dst));
     Dst* out = reinterpret_cast<Dst*>(buffer_.data() + buffered_);
     for (size_t i = 0; i < take; ++i) out[i] = static_cast<Dst>(src[i]);
     buffered_ += take * sizeof(Dst);

@@ -1,0 +1,25 @@
+"""Timing shared by the benchmark scripts: megalite and its peer in alternating rounds."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, List, Sequence
+
+
+def alternating(fns: Sequence[Callable[[], object]], rounds: int, warmup: int = 0,
+                synchronize: Callable[[], None] = lambda: None) -> List[float]:
+    """Median seconds of each fn, timed in rounds (fn 0, fn 1, ..., fn 0, fn 1, ...), so that a
+    change of load on a shared machine hits every side alike instead of skewing the ratio.
+    ``warmup`` untimed calls of each fn come first; ``synchronize`` waits for queued device work."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, fn_times in zip(fns, times):
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
