@@ -30,8 +30,8 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
-import torch.distributed as dist
 
+from megalite.parallel.collectives import all_gather_into
 from megalite.optim.optimizer import MegaliteOptimizer, Piece, make_piece
 
 
@@ -80,4 +80,4 @@ class DistributedOptimizer(MegaliteOptimizer):
                 continue
             for _, bucket, start, end in chunk.owned_ranges():
                 local = bucket.param_data[start - bucket.offset:end - bucket.offset].clone()  # input must not alias output
-                dist.all_gather_single(bucket.param_data, local, group=chunk.group)
+                all_gather_into(bucket.param_data, local, group=chunk.group)

@@ -40,6 +40,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megalite.parallel.collectives import reduce_scatter_into
+
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements; Megatron-LM's default (max(40M, 1M x DP))
 SHARD_ALIGNMENT = 64              # elements per ZeRO-1 shard are a multiple of this (256-byte fp32 rows)
 
@@ -218,8 +220,8 @@ class DistributedDataParallel(torch.nn.Module):
         bucket.grad_data.mul_(1.0 / self.group_size)
         if self.use_distributed_optimizer:
             start, end = bucket.shard_range(self.group_rank, self.group_size)
-            bucket.work = dist.reduce_scatter_single(bucket.grad_data[start:end], bucket.grad_data,
-                                                     group=self.group, async_op=True)
+            bucket.work = reduce_scatter_into(bucket.grad_data[start:end], bucket.grad_data,
+                                               group=self.group, async_op=True)
         else:
             bucket.work = dist.all_reduce(bucket.grad_data, group=self.group, async_op=True)
         self.num_collectives += 1

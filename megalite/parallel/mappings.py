@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.parallel import state
+from megalite.parallel.collectives import all_gather_into, reduce_scatter_into
 
 
 class CommCounter:
@@ -92,7 +93,7 @@ def _all_gather(x: torch.Tensor, dim: int, group=None, kind: str = "all_gather")
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((size * x.shape[0],) + x.shape[1:], dtype=x.dtype, device=x.device)
     comm_counter.add(kind, out.numel() * out.element_size(), size)
-    dist.all_gather_single(out, x, group=group if group is not None else tp_group())
+    all_gather_into(out, x, group=group if group is not None else tp_group())
     return out.movedim(0, dim)
 
 
@@ -107,7 +108,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // size,) + x.shape[1:], dtype=x.dtype, device=x.device)
     comm_counter.add("reduce_scatter", x.numel() * x.element_size(), size)
-    dist.reduce_scatter_single(out, x, group=group if group is not None else tp_group())
+    reduce_scatter_into(out, x, group=group if group is not None else tp_group())
     return out.movedim(0, dim)
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from megalite.config import OptimizerConfig
 from megalite.optim.optimizer import build_optimizer
+from megalite.parallel import collectives
 from megalite.parallel.data_parallel import SHARD_ALIGNMENT, DistributedDataParallel
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.state import initialize_grid
@@ -136,14 +137,15 @@ def test_parity_with_single_rank(dp):
 def _count_collectives(rank, world_size):
     grid = initialize_grid()
     calls = []
-    for name in ("all_reduce", "reduce_scatter_single", "all_gather_single"):
-        original = getattr(dist, name)
+    # The torch functions behind megalite's collectives (megalite/parallel/collectives.py).
+    for module, name in ((dist, "all_reduce"), (collectives, "_reduce_scatter"), (collectives, "_all_gather")):
+        original = getattr(module, name)
 
-        def counting(*args, _name=name, _original=original, **kwargs):
+        def counting(*args, _name=name.strip("_"), _original=original, **kwargs):
             if kwargs.get("group") is grid.dp_group:
                 calls.append(_name)
             return _original(*args, **kwargs)
-        setattr(dist, name, counting)
+        setattr(module, name, counting)
     layouts, counts = {}, {}
     for zero, accumulation, overlap in MATRIX:
         model = DistributedDataParallel(ToyMLP(), grid, bucket_size=500, overlap_grad_reduce=overlap,
@@ -175,7 +177,7 @@ def test_bucket_layout_and_collectives_per_step():
         # Two steps x two buckets, whatever the accumulation (no_sync) or overlap.  ZeRO-1 adds one
         # all-gather per bucket after each update, and one all-reduce per step of the shards'
         # [sum of squares, inf count] for the grad norm.
-        expected = (["all_gather_single"] * 4 + ["all_reduce"] * 2 + ["reduce_scatter_single"] * 4 if zero
+        expected = (["all_gather"] * 4 + ["all_reduce"] * 2 + ["reduce_scatter"] * 4 if zero
                     else ["all_reduce"] * 4)
         assert calls == expected, (zero, accumulation, overlap)
 
