@@ -24,6 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalite.parallel.data_parallel import unwrap_model
+from megalite.parallel.param_info import param_info
+from megalite.parallel.random import get_rng_tracker
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 
@@ -47,16 +51,6 @@ def read_latest_iteration(root: str) -> Optional[int]:
 
 
 # -- RNG -------------------------------------------------------------------------------------------
-def _rng_tracker():
-    """The TP RNG tracker (megalite/parallel/random.py) when it exists, else None."""
-    try:
-        from megalite.parallel import random as tp_random
-    except ImportError:
-        return None
-    getter = getattr(tp_random, "get_rng_tracker", None) or getattr(tp_random, "get_cuda_rng_tracker", None)
-    return getter() if getter is not None else None
-
-
 def get_rng_state() -> dict:
     """All RNG states of this process, as tensors and plain containers."""
     np_state = np.random.get_state()
@@ -68,9 +62,7 @@ def get_rng_state() -> dict:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    tracker = _rng_tracker()
-    if tracker is not None and hasattr(tracker, "get_states"):
-        state["tracker"] = tracker.get_states()
+    state["tracker"] = get_rng_tracker().get_states()
     return state
 
 
@@ -83,19 +75,11 @@ def set_rng_state(state: dict) -> None:
                          n["cached_gaussian"]))
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["torch_cuda"])
-    tracker = _rng_tracker()
-    if "tracker" in state and tracker is not None and hasattr(tracker, "set_states"):
-        tracker.set_states(state["tracker"])
+    if "tracker" in state:
+        get_rng_tracker().set_states(state["tracker"])
 
 
 # -- model -----------------------------------------------------------------------------------------
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP (or any ``.module``) wrapper."""
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
-
-
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     # A view into a larger buffer (contiguous grad/param buffers) would save the whole buffer.
     tensor = tensor.detach()
@@ -111,8 +95,8 @@ def _model_key(index: int, num_chunks: int) -> str:
 def partition_metadata(chunk: torch.nn.Module) -> dict:
     """For each parameter: its TP partition dimension (None when replicated), so shards can be merged."""
     meta = {}
-    for name, param in unwrap(chunk).named_parameters():
-        meta[name] = int(param.partition_dim) if getattr(param, "tensor_model_parallel", False) else None
+    for name, param in unwrap_model(chunk).named_parameters():
+        meta[name] = param_info(param).partition_dim
     return meta
 
 
@@ -145,7 +129,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
             "layer_numbers": [list(ln) for ln in layer_numbers] if layer_numbers is not None else None,
         }
         for i, chunk in enumerate(model_chunks):
-            state[_model_key(i, len(model_chunks))] = {k: _own_storage(v) for k, v in unwrap(chunk).state_dict().items()}
+            state[_model_key(i, len(model_chunks))] = {k: _own_storage(v) for k, v in unwrap_model(chunk).state_dict().items()}
         if optimizer is not None and not sharded_optimizer:
             state["optimizer"] = optimizer.state_dict()
         _atomic_save(state, os.path.join(folder, "model_optim_rng.pt"))
@@ -198,7 +182,7 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
                          f"virtual PP={layout['vpp']}, this run has TP={mine['tp']} PP={mine['pp']} "
                          f"virtual PP={mine['vpp']}; run with the saved layout")
     for i, chunk in enumerate(model_chunks):
-        unwrap(chunk).load_state_dict(state[_model_key(i, len(model_chunks))])
+        unwrap_model(chunk).load_state_dict(state[_model_key(i, len(model_chunks))])
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()  # fp32 masters of a half-precision model follow the loaded weights
     suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"

@@ -210,7 +210,7 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
         dtype = torch.bfloat16 if opt_cfg.bf16 else torch.float16
         model = [chunk.to(dtype) for chunk in model]
     model = wrap_ddp(model, opt_cfg, grid)
-    from megalite.optim.optimizer import build_optimizer
+    from megalite.optim import build_optimizer
     optimizer = build_optimizer(model, opt_cfg, grid)
     scheduler = LRScheduler(optimizer, opt_cfg.lr, opt_cfg.min_lr, train_cfg.lr_warmup_iters,
                             train_cfg.lr_decay_iters, train_cfg.lr_decay_style)

@@ -65,7 +65,7 @@ def real_run(rank, world_size, schedule, m, v, config):
 
     from megalite.config import OptimizerConfig
     from megalite.model.gpt import loss_from_per_token
-    from megalite.optim.optimizer import build_optimizer
+    from megalite.optim import build_optimizer
     from megalite.parallel.grads import finalize_model_grads
     from megalite.parallel.pipeline.schedules import get_forward_backward_func
     from megalite.parallel.pipeline.stages import build_model_chunks

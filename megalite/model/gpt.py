@@ -19,9 +19,10 @@ from torch import nn
 
 from megalite.config import ModelConfig
 from megalite.model.transformer import Dropout, TransformerBlock, build_norm, rotary_tables
-from megalite.parallel.layers import (ColumnParallelLinear, Init, VocabParallelEmbedding,
-                                      initialize_from_seed, vocab_parallel_cross_entropy)
-from megalite.parallel.mappings import scatter_to_sp, tp_world
+from megalite.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, initialize_from_seed,
+                                      vocab_parallel_cross_entropy)
+from megalite.parallel.mappings import scatter_to_sp, tp_size
+from megalite.parallel.param_info import Init, ParamInfo, mark_shared_embedding, set_param_info
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 
@@ -38,7 +39,7 @@ class Embedding(nn.Module):
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-            self.position_embeddings.weight.init = Init("normal", config.init_method_std)
+            set_param_info(self.position_embeddings.weight, ParamInfo(init=Init("normal", config.init_method_std)))
         self.sequence_parallel = config.sequence_parallel
         self.dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
 
@@ -66,7 +67,7 @@ class GPTModel(nn.Module):
     def __init__(self, config: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
                  layer_numbers: Optional[Sequence[int]] = None):
         super().__init__()
-        tp = tp_world()[0]
+        tp = tp_size()
         if tp != config.tensor_model_parallel_size:
             raise ValueError(f"the process grid has TP size {tp} but the model config says "
                              f"--tensor-model-parallel-size {config.tensor_model_parallel_size}; build both from "
@@ -92,7 +93,7 @@ class GPTModel(nn.Module):
             # The first and last stage each hold the word embedding; grads are summed over the
             # embedding group by finalize_model_grads (no-op when both are this chunk).
             for param in self._word_embedding_copies():
-                param.shared_embedding = True
+                mark_shared_embedding(param)
         initialize_from_seed(self._full_named_parameters(), config.seed)
 
     def _word_embedding_copies(self):
@@ -128,7 +129,7 @@ class GPTModel(nn.Module):
             if self.input_tensor is None:
                 raise RuntimeError("this pipeline chunk has no embedding (pre_process=False): hand it the previous "
                                    "stage's hidden states with set_input_tensor() before forward")
-            seq = self.input_tensor.shape[0] * (tp_world()[0] if self.config.sequence_parallel else 1)
+            seq = self.input_tensor.shape[0] * (tp_size() if self.config.sequence_parallel else 1)
             batch = self.input_tensor.shape[1]
         if position_ids is None:
             device = tokens.device if tokens is not None else self.input_tensor.device

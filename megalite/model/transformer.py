@@ -23,8 +23,9 @@ from torch import nn
 from megalite.config import ModelConfig
 from megalite.ops import layer_norm, rms_norm
 from megalite.parallel import random as tp_random
-from megalite.parallel.layers import ColumnParallelLinear, Init, RowParallelLinear, _new_param
-from megalite.parallel.mappings import tp_world
+from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear, new_parameter
+from megalite.parallel.mappings import tp_size
+from megalite.parallel.param_info import Init
 
 
 # -- norms and dropout ------------------------------------------------------------------------------
@@ -34,8 +35,8 @@ class LayerNorm(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.eps = config.norm_epsilon
-        self.weight = _new_param((config.hidden_size,), Init("ones"), sequence_parallel=config.sequence_parallel)
-        self.bias = _new_param((config.hidden_size,), Init("zeros"), sequence_parallel=config.sequence_parallel)
+        self.weight = new_parameter((config.hidden_size,), Init("ones"), sequence_parallel=config.sequence_parallel)
+        self.bias = new_parameter((config.hidden_size,), Init("zeros"), sequence_parallel=config.sequence_parallel)
 
     def forward(self, x):
         return layer_norm(x, self.weight, self.bias, self.eps)
@@ -47,7 +48,7 @@ class RMSNorm(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.eps = config.norm_epsilon
-        self.weight = _new_param((config.hidden_size,), Init("ones"), sequence_parallel=config.sequence_parallel)
+        self.weight = new_parameter((config.hidden_size,), Init("ones"), sequence_parallel=config.sequence_parallel)
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
@@ -127,7 +128,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, output_init_std: float):
         super().__init__()
-        tp = tp_world()[0]
+        tp = tp_size()
         if config.num_query_groups % tp:
             raise ValueError(f"--num-query-groups {config.num_query_groups} is not divisible by "
                              f"--tensor-model-parallel-size {tp}; use a TP size that divides it")

@@ -1,1 +1,32 @@
-"""Optimizers: fused Adam kernels front, mixed precision, ZeRO-1, learning-rate schedules."""
+"""Optimizers: fused Adam kernels front, mixed precision, ZeRO-1, learning-rate schedules.
+
+:func:`build_optimizer` sits above both shardings so that neither module imports the other.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from megalite.config import OptimizerConfig
+from megalite.optim.distributed import ZeroOneShards
+from megalite.optim.optimizer import MegaliteOptimizer
+from megalite.parallel.state import ProcessGrid
+
+__all__ = ["build_optimizer", "MegaliteOptimizer"]
+
+
+def build_optimizer(model_chunks: Sequence[torch.nn.Module], opt_config: OptimizerConfig,
+                    grid: Optional[ProcessGrid]) -> MegaliteOptimizer:
+    """The optimizer for ``model_chunks`` (plain or DDP-wrapped modules, one per virtual pipeline chunk).
+
+    With ``--use-distributed-optimizer`` the chunks must be DDP-wrapped with
+    ``use_distributed_optimizer=True``, and the optimizer updates only this rank's ZeRO-1 shards.
+    """
+    if opt_config.use_distributed_optimizer:
+        return MegaliteOptimizer(model_chunks, opt_config, grid, sharding=ZeroOneShards(model_chunks))
+    if any(getattr(chunk, "use_distributed_optimizer", False) for chunk in model_chunks):
+        # Such DDP only reduce-scatters: each rank's grads are valid in its own shard only.
+        raise ValueError("the model is wrapped for --use-distributed-optimizer (ZeRO-1) but the optimizer config "
+                         "does not set use_distributed_optimizer; pass the flag to both or to neither")
+    return MegaliteOptimizer(model_chunks, opt_config, grid)

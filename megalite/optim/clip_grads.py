@@ -6,10 +6,10 @@ The norm must be the norm of the single-process model's gradient, whatever the l
 
 Each rank holds pieces; a piece is counted on exactly one rank:
 
-- tensor-parallel shards (``param.tensor_model_parallel``) are disjoint: every TP rank counts its own;
+- tensor-parallel shards (``ParamInfo.partition_dim`` set) are disjoint: every TP rank counts its own;
 - parameters replicated over TP (norm weights, row-parallel biases; their grads are equal on every TP
   rank once ``finalize_model_grads`` has summed the sequence-parallel ones) count on TP rank 0 only;
-- the tied word embedding lives on the first and the last pipeline stage (``param.shared_embedding``,
+- the tied word embedding lives on the first and the last pipeline stage (``ParamInfo.shared_embedding``,
   grads summed over the embedding group): it counts on the first stage only;
 - data-parallel replicas hold equal, already-averaged grads and count nothing extra -- except under
   ZeRO-1, where each DP rank holds a disjoint shard and counts it.
@@ -26,14 +26,17 @@ from typing import Iterable, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megalite.parallel.param_info import param_info
+
 
 def param_is_counted_in_norm(param: torch.nn.Parameter, grid) -> bool:
     """False for a copy whose gradient another rank of the same replica already counts (see module doc)."""
     if grid is None:
         return True
-    if not getattr(param, "tensor_model_parallel", False) and grid.tp_rank != 0:
+    info = param_info(param)
+    if not info.tensor_parallel and grid.tp_rank != 0:
         return False
-    if getattr(param, "shared_embedding", False) and grid.pp_size > 1 and grid.pp_rank != 0:
+    if info.shared_embedding and grid.pp_size > 1 and grid.pp_rank != 0:
         return False
     return True
 

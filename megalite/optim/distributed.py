@@ -27,12 +27,15 @@ N x 64 elements per bucket.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
+from megalite.optim.optimizer import Piece, make_piece
 from megalite.parallel.collectives import all_gather_into
-from megalite.optim.optimizer import MegaliteOptimizer, Piece, make_piece
+from megalite.parallel.state import ProcessGrid
+
+__all__ = ["ZeroOneShards", "zero1_bytes_per_param"]
 
 
 def zero1_bytes_per_param(param_bytes: int, dp_size: int) -> float:
@@ -41,22 +44,22 @@ def zero1_bytes_per_param(param_bytes: int, dp_size: int) -> float:
     return param_bytes + 4 + (master_bytes + 8) / dp_size
 
 
-class DistributedOptimizer(MegaliteOptimizer):
-    """The ZeRO-1 optimizer: same step as :class:`MegaliteOptimizer`, on this rank's shards only."""
+class ZeroOneShards:
+    """The ZeRO-1 sharding of :class:`~megalite.optim.optimizer.MegaliteOptimizer`: this rank's
+    shards of every bucket, then an all-gather of the updated parameters."""
 
-    def __init__(self, model_chunks: Sequence[torch.nn.Module], config, grid):
-        for i, chunk in enumerate(model_chunks):
+    def __init__(self, ddp_chunks: Sequence[torch.nn.Module]):
+        for i, chunk in enumerate(ddp_chunks):
             if not getattr(chunk, "use_distributed_optimizer", False):
                 raise ValueError(f"--use-distributed-optimizer needs model chunk {i} wrapped in "
                                  f"DistributedDataParallel(..., use_distributed_optimizer=True) before "
                                  f"build_optimizer; got {type(chunk).__name__}")
-        self._ddp_chunks = list(model_chunks)
-        super().__init__(model_chunks, config, grid)
+        self.ddp_chunks = list(ddp_chunks)
 
-    def _build_pieces(self, params: Sequence[torch.nn.Parameter]) -> List[Piece]:
+    def pieces(self, params: Sequence[torch.nn.Parameter], grid: Optional[ProcessGrid]) -> List[Piece]:
         wanted = {id(p) for p in params}
         found = {}
-        for chunk in self._ddp_chunks:
+        for chunk in self.ddp_chunks:
             for buffer, bucket, start, end in chunk.owned_ranges():
                 for param in bucket.params:
                     if id(param) not in wanted:
@@ -65,17 +68,17 @@ class DistributedOptimizer(MegaliteOptimizer):
                     lo, hi = max(start, p_start), min(end, p_end)
                     if lo < hi:  # a parameter lies in one bucket, so in at most one owned range
                         found[id(param)] = (param, lo - p_start, hi - p_start)
-        return [make_piece(param, lo, hi, self.grid) for param, lo, hi in
+        return [make_piece(param, lo, hi, grid) for param, lo, hi in
                 (found[id(p)] for p in params if id(p) in found)]
 
-    def _norm_groups(self) -> list:
+    def norm_groups(self, grid: Optional[ProcessGrid]) -> list:
         # Shards are disjoint over DP x CP as well as over the model-parallel group.
-        return [self.grid.mp_group, self.grid.dp_cp_group]
+        return [grid.mp_group, grid.dp_cp_group]
 
     @torch.no_grad()
-    def _after_update(self) -> None:
+    def after_update(self) -> None:
         """All-gather every bucket's updated parameter shards into the contiguous parameter buffer."""
-        for chunk in self._ddp_chunks:
+        for chunk in self.ddp_chunks:
             if chunk.group_size == 1:
                 continue
             for _, bucket, start, end in chunk.owned_ranges():

@@ -13,10 +13,11 @@ One step, after ``finalize_model_grads`` has reduced the gradients::
 For half-precision parameters the last two lines are one pass (``adam_step_master``: update the
 fp32 master and moments, write the master rounded to bf16/fp16 into the parameter).
 
-The unit of update is a *piece*: a contiguous flat range of one parameter.  Here a piece is the
-whole parameter; the ZeRO-1 optimizer (``distributed.py``) makes the pieces the parts of each
-parameter that fall in this rank's shard of the grad buffer, and adds an all-gather after the
-update -- the rest of the step is shared.
+The unit of update is a *piece*: a contiguous flat range of one parameter.  Which pieces this
+rank updates is the optimizer's *sharding*: :class:`ReplicatedParams` (every rank updates whole
+parameters) or ZeRO-1's ``ZeroOneShards`` (``distributed.py``: the parts of each parameter that
+fall in this rank's shard of the grad buffer, plus an all-gather after the update) -- the rest of
+the step is shared.
 
 Weight decay applies to matrices only: 1-D parameters (biases, norm weights) get none, as in
 Megatron-LM and GPT-2/3 training practice.
@@ -24,13 +25,15 @@ Megatron-LM and GPT-2/3 training practice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
 from megalite.optim.adam import adam_step, adam_step_master  # fused kernels (csrc) behind these calls
 from megalite.optim.clip_grads import clip_grads_by_norm_, global_grad_norm, param_is_counted_in_norm
 from megalite.optim.mixed_precision import build_loss_scaler
+from megalite.config import OptimizerConfig
+from megalite.parallel.state import ProcessGrid
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Piece:
         return self.param.grad.view(-1)[self.start:self.end].float()
 
 
-def make_piece(param: torch.nn.Parameter, start: int, end: int, grid) -> Piece:
+def make_piece(param: torch.nn.Parameter, start: int, end: int, grid: Optional[ProcessGrid]) -> Piece:
     model_view = param.detach().view(-1)[start:end]
     master = model_view if param.dtype == torch.float32 else model_view.float()  # .float() copies
     return Piece(param, start, end, model_view, master, torch.zeros_like(master), torch.zeros_like(master),
@@ -81,16 +84,45 @@ def uses_weight_decay(param: torch.nn.Parameter) -> bool:
     return param.dim() > 1
 
 
+class ParamSharding(Protocol):
+    """Which parts of the parameters this rank updates, and what the step adds for that."""
+
+    def pieces(self, params: Sequence[torch.nn.Parameter], grid: Optional[ProcessGrid]) -> List[Piece]:
+        """This rank's pieces of ``params``, in the order of ``params``."""
+
+    def norm_groups(self, grid: Optional[ProcessGrid]) -> list:
+        """Groups whose ranks hold disjoint parts of one model replica's gradient."""
+
+    def after_update(self) -> None:
+        """Make every rank's model whole again after the update."""
+
+
+class ReplicatedParams:
+    """No optimizer sharding: every rank updates whole parameters (its TP/PP shard of the model)."""
+
+    def pieces(self, params: Sequence[torch.nn.Parameter], grid: Optional[ProcessGrid]) -> List[Piece]:
+        return [make_piece(p, 0, p.numel(), grid) for p in params]
+
+    def norm_groups(self, grid: Optional[ProcessGrid]) -> list:
+        return [] if grid is None else [grid.mp_group]
+
+    def after_update(self) -> None:
+        pass
+
+
 class MegaliteOptimizer:
     """AdamW over fp32 masters; ``step() -> (stepped, grad_norm)``; see the module docstring.
 
     ``param_groups``: ``[{"params", "lr", "weight_decay"}, ...]`` (decayed matrices, then undecayed
-    1-D params); the LR scheduler writes ``lr``.
+    1-D params); the LR scheduler writes ``lr``.  ``sharding`` decides what this rank updates
+    (default :class:`ReplicatedParams`).
     """
 
-    def __init__(self, model_chunks: Sequence[torch.nn.Module], config, grid):
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], config: OptimizerConfig,
+                 grid: Optional[ProcessGrid], sharding: Optional[ParamSharding] = None):
         self.model_chunks = list(model_chunks)
         self.config, self.grid = config, grid
+        self.sharding = sharding if sharding is not None else ReplicatedParams()
         self.loss_scaler = build_loss_scaler(config)
         self.num_steps = 0          # steps applied (Adam's bias-correction step count)
         self.num_skipped_steps = 0  # fp16 overflows
@@ -103,18 +135,7 @@ class MegaliteOptimizer:
                  "weight_decay": config.weight_decay},
                 {"params": [p for p in params if not uses_weight_decay(p)], "lr": config.lr, "weight_decay": 0.0})
             if group["params"]]
-        self.pieces: List[List[Piece]] = [self._build_pieces(group["params"]) for group in self.param_groups]
-
-    # -- what this rank updates (ZeRO-1 overrides) --------------------------------------------------
-    def _build_pieces(self, params: Sequence[torch.nn.Parameter]) -> List[Piece]:
-        return [make_piece(p, 0, p.numel(), self.grid) for p in params]
-
-    def _norm_groups(self) -> list:
-        """Groups whose ranks hold disjoint parts of one model replica's gradient."""
-        return [] if self.grid is None else [self.grid.mp_group]
-
-    def _after_update(self) -> None:
-        """Hook for ZeRO-1: all-gather the updated parameter shards."""
+        self.pieces: List[List[Piece]] = [self.sharding.pieces(group["params"], grid) for group in self.param_groups]
 
     def all_pieces(self) -> List[Piece]:
         return [piece for group in self.pieces for piece in group]
@@ -145,7 +166,7 @@ class MegaliteOptimizer:
         grads = [piece.grad() for piece in pieces]
         if self.loss_scaler is not None and grads:
             torch._foreach_mul_(grads, 1.0 / self.loss_scaler.scale)
-        grad_norm, found_inf = global_grad_norm(grads, [p.counted_in_norm for p in pieces], self._norm_groups())
+        grad_norm, found_inf = global_grad_norm(grads, [p.counted_in_norm for p in pieces], self.sharding.norm_groups(self.grid))
         if self.loss_scaler is not None:
             self.loss_scaler.update(found_inf)
         if found_inf:
@@ -165,7 +186,7 @@ class MegaliteOptimizer:
             if not group_pieces:
                 continue
             self._update_group(group, group_pieces, group_grads)
-        self._after_update()
+        self.sharding.after_update()
         return True, grad_norm
 
     def _update_group(self, group: dict, pieces: List[Piece], grads: List[torch.Tensor]) -> None:
@@ -262,18 +283,3 @@ class MegaliteOptimizer:
         mem = self.memory_bytes()
         return (mem["params"] + mem["grads"] + mem["master"] + mem["adam"]) / mem["num_params"]
 
-
-def build_optimizer(model_chunks: Sequence[torch.nn.Module], opt_config, grid) -> MegaliteOptimizer:
-    """The optimizer for ``model_chunks`` (plain or DDP-wrapped modules, one per virtual pipeline chunk).
-
-    With ``--use-distributed-optimizer`` the chunks must be DDP-wrapped with
-    ``use_distributed_optimizer=True``, and the ZeRO-1 optimizer is returned.
-    """
-    if opt_config.use_distributed_optimizer:
-        from megalite.optim.distributed import DistributedOptimizer
-        return DistributedOptimizer(model_chunks, opt_config, grid)
-    if any(getattr(chunk, "use_distributed_optimizer", False) for chunk in model_chunks):
-        # Such DDP only reduce-scatters: each rank's grads are valid in its own shard only.
-        raise ValueError("the model is wrapped for --use-distributed-optimizer (ZeRO-1) but the optimizer config "
-                         "does not set use_distributed_optimizer; pass the flag to both or to neither")
-    return MegaliteOptimizer(model_chunks, opt_config, grid)

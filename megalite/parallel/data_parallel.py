@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.parallel.collectives import reduce_scatter_into
+from megalite.parallel.param_info import param_info
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements; Megatron-LM's default (max(40M, 1M x DP))
 SHARD_ALIGNMENT = 64              # elements per ZeRO-1 shard are a multiple of this (256-byte fp32 rows)
@@ -82,7 +83,7 @@ class GradBuffer:
         pad_to = num_shards * SHARD_ALIGNMENT if sharded else 1
 
         def isolate(param):  # see the module docstring: the tied embedding's shards must line up
-            return sharded and getattr(param, "shared_embedding", False)
+            return sharded and param_info(param).shared_embedding
 
         self.dtype = params[0].dtype
         self.params = params
@@ -127,6 +128,13 @@ class GradBuffer:
             if self.param_data is not None:
                 self.param_data[start:end].copy_(param.data.view(-1))
                 param.data = self.param_data[start:end].view(param.shape)
+
+
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a :class:`DistributedDataParallel` (or any ``.module``) wrapper."""
+    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+        chunk = chunk.module
+    return chunk
 
 
 class DistributedDataParallel(torch.nn.Module):

@@ -6,9 +6,9 @@ After backward, three kinds of parameter still hold only part of their gradient:
    (DDP averages over DP x CP; with --overlap-grad-reduce most of it already happened in backward);
 2. the tied word embedding under pipeline parallelism: the first stage's input embedding and the last
    stage's output layer are one parameter of the unsplit model, held twice
-   (``param.shared_embedding``): d(loss)/dW = the sum of both stages' grads, over ``grid.embedding_group``;
+   (``ParamInfo.shared_embedding``): d(loss)/dW = the sum of both stages' grads, over ``grid.embedding_group``;
 3. parameters replicated over TP but fed a sequence shard under sequence parallelism (norm weights,
-   row-parallel biases; ``param.sequence_parallel``): each TP rank saw s/tp tokens, so the full grad is
+   row-parallel biases; ``ParamInfo.sequence_parallel``): each TP rank saw s/tp tokens, so the full grad is
    the sum over the TP group (Korthikanti et al. 2022, Sec. 4.2.2).
 
 After :func:`finalize_model_grads` every copy of a parameter holds the gradient of the
@@ -16,10 +16,13 @@ single-process model (for ZeRO-1: within the range of the grad buffer this rank 
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 import torch.distributed as dist
+
+from megalite.parallel.param_info import ParamInfo, param_info
+from megalite.parallel.state import ProcessGrid
 
 
 def _grad_of(param: torch.nn.Parameter) -> torch.Tensor:
@@ -50,45 +53,47 @@ def _all_reduce_coalesced(grads: List[torch.Tensor], group) -> None:
             offset += grad.numel()
 
 
-def _params(model_chunks: Sequence[torch.nn.Module], attribute: str) -> List[torch.nn.Parameter]:
+def _params(model_chunks: Sequence[torch.nn.Module],
+            wanted: Callable[[ParamInfo], bool] = lambda info: True) -> List[torch.nn.Parameter]:
+    """Each trainable parameter of the chunks once, if ``wanted(its ParamInfo)``."""
     seen, params = set(), []
     for chunk in model_chunks:
         for param in chunk.parameters():
-            if param.requires_grad and getattr(param, attribute, False) and id(param) not in seen:
+            if param.requires_grad and wanted(param_info(param)) and id(param) not in seen:
                 seen.add(id(param))
                 params.append(param)
     return params
 
 
 @torch.no_grad()
-def allreduce_plain_data_parallel_grads(model_chunks: Sequence[torch.nn.Module], grid) -> None:
+def allreduce_plain_data_parallel_grads(model_chunks: Sequence[torch.nn.Module], grid: ProcessGrid) -> None:
     """Average ``.grad`` of modules that are not DDP-wrapped over DP x CP (no overlap, no buckets)."""
     group = grid.dp_cp_group
     size = dist.get_world_size(group)
     if size == 1 or not model_chunks:
         return
-    grads = [_grad_of(p) for p in _params(model_chunks, "requires_grad")]
+    grads = [_grad_of(p) for p in _params(model_chunks)]
     torch._foreach_mul_(grads, 1.0 / size)
     _all_reduce_coalesced(grads, group)
 
 
 @torch.no_grad()
-def allreduce_embedding_grads(model_chunks: Sequence[torch.nn.Module], grid) -> None:
+def allreduce_embedding_grads(model_chunks: Sequence[torch.nn.Module], grid: ProcessGrid) -> None:
     """Sum the tied embedding's grads over the first and last pipeline stage (no-op without PP)."""
     if grid.pp_size == 1 or not grid.is_embedding_rank:
         return
-    _all_reduce_coalesced([_grad_of(p) for p in _params(model_chunks, "shared_embedding")], grid.embedding_group)
+    _all_reduce_coalesced([_grad_of(p) for p in _params(model_chunks, lambda info: info.shared_embedding)], grid.embedding_group)
 
 
 @torch.no_grad()
-def allreduce_sequence_parallel_grads(model_chunks: Sequence[torch.nn.Module], grid) -> None:
+def allreduce_sequence_parallel_grads(model_chunks: Sequence[torch.nn.Module], grid: ProcessGrid) -> None:
     """Sum the grads of TP-replicated, sequence-sharded parameters over TP (no-op without TP)."""
     if grid.tp_size == 1:
         return
-    _all_reduce_coalesced([_grad_of(p) for p in _params(model_chunks, "sequence_parallel")], grid.tp_group)
+    _all_reduce_coalesced([_grad_of(p) for p in _params(model_chunks, lambda info: info.sequence_parallel)], grid.tp_group)
 
 
-def finalize_model_grads(model_chunks: Sequence[torch.nn.Module], grid) -> None:
+def finalize_model_grads(model_chunks: Sequence[torch.nn.Module], grid: ProcessGrid) -> None:
     """Finish DP reduction of every chunk, then the embedding (PP) and sequence-parallel (TP) sums.
 
     ``model_chunks``: this rank's model chunks, DDP-wrapped (grads in ``param.main_grad``) or plain

@@ -13,7 +13,7 @@ With ``t`` TP ranks (Shoeybi et al. 2019, Sec. 3; Korthikanti et al. 2022, Sec. 
 - :func:`vocab_parallel_cross_entropy` softmax cross-entropy on logits that stay split over the
   vocabulary: only ``[s, b]``-sized max / sums cross the wire.
 
-Initialization is TP-invariant: every parameter carries an :class:`Init`; :func:`initialize_from_seed`
+Initialization is TP-invariant: every parameter carries an :class:`~megalite.parallel.param_info.Init`; :func:`initialize_from_seed`
 generates the FULL tensor from a generator seeded by (seed, the parameter's name in the full model)
 and keeps this rank's slice, so the TP=4 model holds exactly the slices of the TP=1 model.
 """
@@ -28,34 +28,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megalite.parallel.mappings import (_all_gather, _reduce_scatter, all_reduce, copy_to_tp, gather_from_tp,
-                                        reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp, tp_world)
+from megalite.parallel.mappings import (all_gather_along, all_reduce, copy_to_tp, gather_from_tp, reduce_from_tp,
+                                        reduce_scatter_along, reduce_scatter_to_sp, scatter_to_tp, tp_rank, tp_size)
+from megalite.parallel.param_info import Init, ParamInfo, param_info, set_param_info
 
 
 # -- initialization ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Init:
-    """How the FULL (unpartitioned) tensor of a parameter is drawn.
-
-    ``kind``: "normal" (mean 0, ``std``), "zeros" or "ones".  ``real_rows``: rows from this index on
-    are vocabulary padding, left at zero, so the real rows do not depend on how much padding TP adds.
-    """
-
-    kind: str
-    std: float = 0.0
-    real_rows: Optional[int] = None
-
-    def full_tensor(self, shape, generator: torch.Generator) -> torch.Tensor:
-        if self.kind == "zeros":
-            return torch.zeros(shape)
-        if self.kind == "ones":
-            return torch.ones(shape)
-        rows = shape[0] if self.real_rows is None else self.real_rows
-        full = torch.zeros(shape)
-        full[:rows] = torch.randn((rows,) + tuple(shape[1:]), generator=generator) * self.std
-        return full
-
-
 def name_seed(seed: int, name: str) -> int:
     """A 63-bit generator seed from (run seed, parameter name); stable across processes and versions."""
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
@@ -64,9 +42,9 @@ def name_seed(seed: int, name: str) -> int:
 
 def full_shape(param: torch.Tensor) -> Tuple[int, ...]:
     """The shape of ``param`` in the unpartitioned model."""
-    shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= tp_world()[0]
+    shape, dim = list(param.shape), param_info(param).partition_dim
+    if dim is not None:
+        shape[dim] *= tp_size()
     return tuple(shape)
 
 
@@ -76,24 +54,26 @@ def initialize_from_seed(named_params: Iterable[Tuple[str, nn.Parameter]], seed:
 
     The full tensor is drawn on the CPU, so the values do not depend on the device either.
     """
-    size, rank = tp_world()
+    size, rank = tp_size(), tp_rank()
     for name, param in named_params:
-        full = param.init.full_tensor(full_shape(param), torch.Generator().manual_seed(name_seed(seed, name)))
-        if getattr(param, "tensor_model_parallel", False):
-            full = full.chunk(size, param.partition_dim)[rank]
+        info = param_info(param)
+        if info.init is None:
+            raise ValueError(f"parameter {name} has no init recipe; make it with new_parameter() or set its ParamInfo")
+        full = info.init.full_tensor(full_shape(param), torch.Generator().manual_seed(name_seed(seed, name)))
+        if info.tensor_parallel:
+            full = full.chunk(size, info.partition_dim)[rank]
         param.copy_(full)
 
 
-def _new_param(shape, init: Init, partition_dim: Optional[int] = None, sequence_parallel: bool = False) -> nn.Parameter:
-    """An (uninitialized) parameter with the attributes the grads/optimizer/checkpoint code reads."""
-    param = nn.Parameter(torch.empty(shape))
-    param.init = init
-    param.tensor_model_parallel = partition_dim is not None
-    if partition_dim is not None:
-        param.partition_dim = partition_dim
-    # Replicated over TP but fed s/t tokens under SP: its grad is summed over TP (finalize_model_grads).
-    param.sequence_parallel = sequence_parallel
-    return param
+def new_parameter(shape, init: Init, partition_dim: Optional[int] = None,
+                  sequence_parallel: bool = False) -> nn.Parameter:
+    """An (uninitialized) parameter carrying the :class:`ParamInfo` that grads/optimizer/checkpoints read.
+
+    ``sequence_parallel``: replicated over TP but fed s/t tokens under SP, so its grad is summed over
+    TP (``finalize_model_grads``).
+    """
+    return set_param_info(nn.Parameter(torch.empty(shape)),
+                          ParamInfo(partition_dim=partition_dim, sequence_parallel=sequence_parallel, init=init))
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -115,13 +95,13 @@ class _LinearOnGatheredTokens(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.linear(_all_gather(x, 0), weight, bias)
+        return F.linear(all_gather_along(x, 0), weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        x_full = _all_gather(x, 0, kind="all_gather_regather")
-        grad_x = _reduce_scatter(grad_out.matmul(weight), 0)
+        x_full = all_gather_along(x, 0, kind="all_gather_regather")
+        grad_x = reduce_scatter_along(grad_out.matmul(weight), 0)
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
         grad_weight = grad_out_2d.t().matmul(x_full.reshape(-1, x_full.shape[-1]))
         grad_bias = grad_out_2d.sum(0) if ctx.has_bias else None
@@ -142,11 +122,11 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
                  sequence_parallel: bool = False, init: Init = Init("normal", 0.02)):
         super().__init__()
-        tp = tp_world()[0]
+        tp = tp_size()
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
         local = _divide(output_size, tp, "output size of a column-parallel layer")
-        self.weight = _new_param((local, input_size), init, partition_dim=0)
-        self.bias = _new_param((local,), Init("zeros"), partition_dim=0) if bias else None
+        self.weight = new_parameter((local, input_size), init, partition_dim=0)
+        self.bias = new_parameter((local,), Init("zeros"), partition_dim=0) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -166,12 +146,12 @@ class RowParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, input_is_parallel: bool = True,
                  sequence_parallel: bool = False, init: Init = Init("normal", 0.02)):
         super().__init__()
-        tp = tp_world()[0]
+        tp = tp_size()
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
-        self.weight = _new_param((output_size, _divide(input_size, tp, "input size of a row-parallel layer")),
+        self.weight = new_parameter((output_size, _divide(input_size, tp, "input size of a row-parallel layer")),
                                  init, partition_dim=1)
         # Added after the reduction (once, not t times); replicated, so under SP its grad is partial.
-        self.bias = _new_param((output_size,), Init("zeros"), sequence_parallel=sequence_parallel) if bias else None
+        self.bias = new_parameter((output_size,), Init("zeros"), sequence_parallel=sequence_parallel) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -190,10 +170,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, init: Init = Init("normal", 0.02)):
         super().__init__()
-        tp, rank = tp_world()
+        tp, rank = tp_size(), tp_rank()
         self.rows_per_rank = _divide(num_embeddings, tp, "padded vocabulary size")
         self.vocab_start = rank * self.rows_per_rank
-        self.weight = _new_param((self.rows_per_rank, embedding_dim), init, partition_dim=0)
+        self.weight = new_parameter((self.rows_per_rank, embedding_dim), init, partition_dim=0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local_ids = ids - self.vocab_start
@@ -214,7 +194,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, vocab_size, label_smoothing):
-        size, rank = tp_world()
+        size, rank = tp_size(), tp_rank()
         local_vocab, logits_dtype = logits.shape[-1], logits.dtype
         start = rank * local_vocab
         logits = logits.float()
@@ -261,7 +241,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
     in their own dtype.
     """
     if vocab_size is None:
-        vocab_size = logits.shape[-1] * tp_world()[0]
+        vocab_size = logits.shape[-1] * tp_size()
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label smoothing {label_smoothing} must be in [0, 1)")
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, label_smoothing)

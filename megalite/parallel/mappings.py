@@ -65,17 +65,21 @@ def tp_group():
     return state.get_grid().tp_group if state.grid_is_initialized() else None
 
 
-def tp_world(group=None) -> tuple[int, int]:
-    """(size, rank) of ``group`` (default: the TP group); (1, 0) without a grid."""
+def tp_size(group=None) -> int:
+    """Ranks in ``group`` (default: the TP group); 1 without a grid."""
     group = group if group is not None else tp_group()
-    if group is None:
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def tp_rank(group=None) -> int:
+    """This rank's index in ``group`` (default: the TP group); 0 without a grid."""
+    group = group if group is not None else tp_group()
+    return 0 if group is None else dist.get_rank(group)
 
 
 def all_reduce(x: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Sum (or ``op``) of ``x`` over the group, in place on a contiguous copy; returns it."""
-    size, _ = tp_world(group)
+    size = tp_size(group)
     if size == 1:
         return x
     x = x.contiguous()
@@ -84,9 +88,9 @@ def all_reduce(x: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tenso
     return x
 
 
-def _all_gather(x: torch.Tensor, dim: int, group=None, kind: str = "all_gather") -> torch.Tensor:
+def all_gather_along(x: torch.Tensor, dim: int, group=None, kind: str = "all_gather") -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim``; counted under ``kind``."""
-    size, _ = tp_world(group)
+    size = tp_size(group)
     if size == 1:
         return x
     # The collective gathers along dim 0; move ``dim`` there and back.
@@ -97,9 +101,9 @@ def _all_gather(x: torch.Tensor, dim: int, group=None, kind: str = "all_gather")
     return out.movedim(0, dim)
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+def reduce_scatter_along(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
     """Sum ``x`` over the ranks and keep this rank's slice of ``dim``."""
-    size, _ = tp_world(group)
+    size = tp_size(group)
     if size == 1:
         return x
     if x.shape[dim] % size:
@@ -112,9 +116,9 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
-def _split(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+def split_along(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
     """This rank's slice of ``dim`` (no communication)."""
-    size, rank = tp_world(group)
+    size, rank = tp_size(group), tp_rank(group)
     if size == 1:
         return x
     if x.shape[dim] % size:
@@ -153,11 +157,11 @@ class _ScatterToTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        return _split(x, -1)
+        return split_along(x, -1)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, -1)
+        return all_gather_along(grad, -1)
 
 
 class _GatherFromTP(torch.autograd.Function):
@@ -165,11 +169,11 @@ class _GatherFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        return _all_gather(x, -1)
+        return all_gather_along(x, -1)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split(grad, -1)
+        return split_along(grad, -1)
 
 
 class _ScatterToSP(torch.autograd.Function):
@@ -177,11 +181,11 @@ class _ScatterToSP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        return _split(x, 0)
+        return split_along(x, 0)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, 0)
+        return all_gather_along(grad, 0)
 
 
 class _GatherFromSP(torch.autograd.Function):
@@ -189,11 +193,11 @@ class _GatherFromSP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        return _all_gather(x, 0)
+        return all_gather_along(x, 0)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split(grad, 0)
+        return split_along(grad, 0)
 
 
 class _AllGatherFromSP(torch.autograd.Function):
@@ -202,11 +206,11 @@ class _AllGatherFromSP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        return _all_gather(x, 0)
+        return all_gather_along(x, 0)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, 0)
+        return reduce_scatter_along(grad, 0)
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
@@ -214,11 +218,11 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        return _reduce_scatter(x, 0)
+        return reduce_scatter_along(x, 0)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, 0)
+        return all_gather_along(grad, 0)
 
 
 def copy_to_tp(x: torch.Tensor) -> torch.Tensor:

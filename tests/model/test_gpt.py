@@ -4,6 +4,7 @@ import torch
 
 from megalite.config import ModelConfig
 from megalite.model.gpt import GPTModel, loss_from_per_token
+from megalite.parallel.param_info import param_info
 
 GPT = dict()
 LLAMA = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, num_query_groups=2,
@@ -92,12 +93,12 @@ def test_init_is_bit_reproducible_and_split_invariant(variant):
 def test_tied_output_layer_is_the_embedding_and_marked_shared():
     model = GPTModel(tiny_config("gpt"))
     assert model.output_layer.weight is model.embedding.word_embeddings.weight
-    assert model.output_layer.weight.shared_embedding
+    assert param_info(model.output_layer.weight).shared_embedding
     last = GPTModel(tiny_config("gpt"), pre_process=False, layer_numbers=[1])
-    assert last.output_layer.weight.shared_embedding
+    assert param_info(last.output_layer.weight).shared_embedding
     assert torch.equal(last.output_layer.weight, model.embedding.word_embeddings.weight)
     untied = GPTModel(tiny_config("llama"))
-    assert not getattr(untied.output_layer.weight, "shared_embedding", False)
+    assert not param_info(untied.output_layer.weight).shared_embedding
     assert not torch.equal(untied.output_layer.weight[:50], untied.embedding.word_embeddings.weight[:50])
 
 
@@ -106,11 +107,11 @@ def test_parameter_attributes():
     params = dict(model.named_parameters())
     qkv = params["decoder.layers.0.self_attention.linear_qkv.weight"]
     proj = params["decoder.layers.0.self_attention.linear_proj.weight"]
-    assert qkv.tensor_model_parallel and qkv.partition_dim == 0
-    assert proj.tensor_model_parallel and proj.partition_dim == 1
-    assert not params["decoder.layers.0.input_norm.weight"].tensor_model_parallel
-    assert not params["decoder.layers.0.input_norm.weight"].sequence_parallel   # SP off
-    sp = dict(GPTModel(tiny_config("gpt", sequence_parallel=True)).named_parameters())
+    assert param_info(qkv).tensor_parallel and param_info(qkv).partition_dim == 0
+    assert param_info(proj).tensor_parallel and param_info(proj).partition_dim == 1
+    assert not param_info(params["decoder.layers.0.input_norm.weight"]).tensor_parallel
+    assert not param_info(params["decoder.layers.0.input_norm.weight"]).sequence_parallel   # SP off
+    sp = {name: param_info(p) for name, p in GPTModel(tiny_config("gpt", sequence_parallel=True)).named_parameters()}
     assert sp["decoder.layers.0.input_norm.weight"].sequence_parallel
     assert sp["decoder.layers.0.mlp.linear_fc2.bias"].sequence_parallel
     assert not sp["decoder.layers.0.mlp.linear_fc1.bias"].sequence_parallel  # split over TP, not replicated

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from megalite.optim.distributed import zero1_bytes_per_param
-from megalite.optim.optimizer import build_optimizer
+from megalite.optim import build_optimizer
 from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.state import initialize_grid
 from megalite.testing import run_on_ranks

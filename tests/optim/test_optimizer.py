@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megalite.optim.optimizer import build_optimizer
+from megalite.optim import build_optimizer
 from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.grads import finalize_model_grads
+from megalite.parallel.param_info import ParamInfo, mark_shared_embedding, set_param_info
 from megalite.parallel.state import initialize_grid
 from megalite.testing import run_on_ranks
 from tests.parallel.test_data_parallel import ToyMLP, flat_params, opt_config, toy_batch, train_toy
@@ -68,10 +69,10 @@ def _grid_norm(rank, world_size, zero):
     grid = initialize_grid(tp=2, pp=2)
     stage = torch.nn.Module()
     stage.tied = torch.nn.Parameter(torch.zeros(4, 3))
-    stage.tied.shared_embedding = True
+    mark_shared_embedding(stage.tied)
     stage.norm = torch.nn.Parameter(torch.zeros(5))
     stage.shard = torch.nn.Parameter(torch.zeros(2, 3))
-    stage.shard.tensor_model_parallel, stage.shard.partition_dim = True, 0
+    set_param_info(stage.shard, ParamInfo(partition_dim=0))
     model = DistributedDataParallel(stage, grid, use_distributed_optimizer=zero)
     # Grads equal where the model says they are copies (tied: all ranks; norm: over TP), distinct per
     # TP and PP rank for the shard; equal over DP so the DP average leaves them unchanged.

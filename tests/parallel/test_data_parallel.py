@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite.config import OptimizerConfig
-from megalite.optim.optimizer import build_optimizer
+from megalite.optim import build_optimizer
 from megalite.parallel import collectives
-from megalite.parallel.data_parallel import SHARD_ALIGNMENT, DistributedDataParallel
+from megalite.parallel.data_parallel import SHARD_ALIGNMENT, DistributedDataParallel, unwrap_model
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.state import initialize_grid
 from megalite.testing import run_on_ranks
@@ -57,12 +57,8 @@ def opt_config(**overrides) -> OptimizerConfig:
     return OptimizerConfig(**settings)
 
 
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def flat_params(model) -> torch.Tensor:
-    return torch.cat([p.detach().float().reshape(-1) for p in unwrap(model).parameters()])
+    return torch.cat([p.detach().float().reshape(-1) for p in unwrap_model(model).parameters()])
 
 
 def train_toy(model, optimizer, grid, accumulation: int, steps: int = STEPS, dp_size: int = 1, dp_rank: int = 0,
@@ -75,7 +71,7 @@ def train_toy(model, optimizer, grid, accumulation: int, steps: int = STEPS, dp_
         per_rank = x.shape[0] // dp_size
         x, y = x[dp_rank * per_rank:(dp_rank + 1) * per_rank], y[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         micro = per_rank // accumulation
-        dtype = next(unwrap(model).parameters()).dtype
+        dtype = next(unwrap_model(model).parameters()).dtype
         step_loss = 0.0
         for i in range(accumulation):
             last = i == accumulation - 1

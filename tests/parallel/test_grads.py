@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.grads import finalize_model_grads
+from megalite.parallel.param_info import ParamInfo, mark_shared_embedding, set_param_info
 from megalite.parallel.state import initialize_grid
 from megalite.testing import run_on_ranks
 
@@ -16,11 +17,11 @@ class Stage(nn.Module):
     def __init__(self):
         super().__init__()
         self.tied = nn.Parameter(torch.zeros(3, 2))       # word embedding (pp 0) / output layer (pp 1)
-        self.tied.shared_embedding = True
+        mark_shared_embedding(self.tied)
         self.norm = nn.Parameter(torch.zeros(2))           # TP-replicated, fed a sequence shard
-        self.norm.sequence_parallel = True
+        set_param_info(self.norm, ParamInfo(sequence_parallel=True))
         self.shard = nn.Parameter(torch.zeros(2, 2))       # a TP shard
-        self.shard.tensor_model_parallel, self.shard.partition_dim = True, 0
+        set_param_info(self.shard, ParamInfo(partition_dim=0))
 
 
 def coded_grad(index, tp, dp, pp):
@@ -78,7 +79,7 @@ def _tied_embedding_under_zero1(rank, world_size):
     """PP=2 x DP=2, ZeRO-1: the stages hold different parameters around the tied one, so only a
     bucket of its own makes both stages shard it alike (else the shard-to-shard sum mixes elements)."""
     from megalite.config import OptimizerConfig
-    from megalite.optim.optimizer import build_optimizer
+    from megalite.optim import build_optimizer
     grid = initialize_grid(pp=2)
     stage = nn.Module()
     if grid.pp_rank == 0:
@@ -87,7 +88,7 @@ def _tied_embedding_under_zero1(rank, world_size):
     else:
         stage.other = nn.Parameter(torch.zeros(50, 3))
         stage.tied = nn.Parameter(torch.ones(40, 4))   # output layer, registered last
-    stage.tied.shared_embedding = True
+    mark_shared_embedding(stage.tied)
     model = DistributedDataParallel(stage, grid, bucket_size=10 ** 6, use_distributed_optimizer=True)
     loss = (1.0 + 10 * grid.dp_rank + 100 * grid.pp_rank) * stage.tied.sum() + stage.other.sum()
     loss.backward()

@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from megalite.config import ModelConfig
 from megalite.parallel import state
+from megalite.parallel.param_info import param_info
 
 # GPT: vocabulary 101 with no rounding -> padded to 101 / 102 / 104 at TP 1 / 2 / 4 (not divisible by TP).
 # LLaMA: GQA with 4 groups of 2 heads; vocabulary 100 rounded to multiples of 8 x TP (104 / 112 / 128).
@@ -43,11 +44,12 @@ def batch(config: ModelConfig, micro_batch: int = 2, seed: int = 3):
 
 def gather_full(name: str, tensor: torch.Tensor, param: torch.nn.Parameter, vocab_size: int) -> torch.Tensor:
     """``tensor`` (a TP shard of ``param``, or its grad) concatenated over the TP group, vocabulary padding cut."""
-    if getattr(param, "tensor_model_parallel", False) and state.grid_is_initialized() and state.get_grid().tp_size > 1:
+    dim = param_info(param).partition_dim
+    if dim is not None and state.grid_is_initialized() and state.get_grid().tp_size > 1:
         grid = state.get_grid()
         parts = [torch.empty_like(tensor) for _ in range(grid.tp_size)]
         dist.all_gather(parts, tensor.contiguous(), group=grid.tp_group)
-        tensor = torch.cat(parts, dim=param.partition_dim)
+        tensor = torch.cat(parts, dim=dim)
     if name in VOCAB_PARALLEL:
         tensor = tensor[:vocab_size]
     return tensor.detach().clone()

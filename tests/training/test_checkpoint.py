@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megalite import checkpoint
+from megalite.parallel.data_parallel import unwrap_model
 from megalite.testing import run_on_ranks
 
 TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -22,7 +23,7 @@ def _train_and_report(rank, world_size, argv):
     run = setup(argv)
     history = train(run)
     params = {f"{i}.{k}": v.detach().clone() for i, c in enumerate(run.model)
-              for k, v in checkpoint.unwrap(c).state_dict().items()}
+              for k, v in unwrap_model(c).state_dict().items()}
     state.destroy_grid()
     return [(r["iteration"], r["loss"], r["lr"], r["grad_norm"]) for r in history], params
 

@@ -26,9 +26,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megalite.parallel.data_parallel import unwrap_model
+from megalite.parallel.state import ProcessGrid, get_grid
+
 from .orders import Pass, build_order
 from .p2p import exchange, message_shape, release_output
-from .schedules import forward_and_loss
+from .microbatch import forward_and_loss
 from .simulator import Message, messages, simulate
 from .timeline import record
 
@@ -37,7 +40,6 @@ def pipelined_forward_backward(*, schedule: str, forward_step_func, data_iterato
                                seq_length: int, micro_batch_size: int, forward_only: bool = False,
                                no_sync_func=None, grid=None, timeline=None) -> List[dict]:
     if grid is None:
-        from megalite.parallel.state import get_grid
         grid = get_grid()
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     v = grid.virtual_pp_size or 1
@@ -61,7 +63,7 @@ class StageRunner:
         self.feeds = microbatch_feeds(data_iterator, self.v)
         self.no_sync = no_sync_func or contextlib.nullcontext
         self.timeline = timeline
-        config = getattr(unwrap(chunks[0]), "config")
+        config = unwrap_model(chunks[0]).config
         self.shape = message_shape(config, seq_length, micro_batch_size)
         self.dtype = next((p.dtype for p in chunks[0].parameters() if p.is_floating_point()), torch.float32)
         self.device = next((p.device for p in chunks[0].parameters()), torch.device("cpu"))
@@ -106,7 +108,7 @@ class StageRunner:
     def run_F(self, step: Pass) -> None:
         key, chunk = (step.microbatch, step.chunk), self.chunks[step.chunk]
         first, last = self.is_first(step.chunk), self.is_last(step.chunk)
-        unwrap(chunk).set_input_tensor(None if first else self.inputs[key])
+        unwrap_model(chunk).set_input_tensor(None if first else self.inputs[key])
         feed = self.feeds[step.chunk].for_microbatch(step.microbatch)
         hooks = self.capture_module_outputs(chunk, key) if self.order.split_backward else []
         try:
@@ -223,13 +225,6 @@ class StageRunner:
 
     def is_last(self, chunk: int) -> bool:
         return self.rank == self.p - 1 and chunk == self.v - 1
-
-
-def unwrap(module):
-    """The model inside wrappers (DDP) that do not forward ``set_input_tensor``."""
-    while not hasattr(module, "set_input_tensor") and hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def microbatch_feeds(data_iterator, v: int) -> list:

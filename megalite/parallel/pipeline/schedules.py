@@ -27,6 +27,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .executor import pipelined_forward_backward
+from .microbatch import forward_and_loss
 from .timeline import record
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
@@ -54,8 +56,6 @@ def get_forward_backward_func(pp_size: int, virtual_pp_size: Optional[int] = Non
     if schedule == "interleaved" and not virtual:
         raise ValueError("--pipeline-schedule interleaved needs --virtual-pipeline-model-parallel-size > 1 "
                          "(or --num-layers-per-virtual-pipeline-stage)")
-    from .executor import pipelined_forward_backward
-
     def forward_backward(**kwargs) -> List[dict]:
         return pipelined_forward_backward(schedule=schedule, **kwargs)
 
@@ -91,13 +91,3 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
                     loss.backward()
     return losses
 
-
-def forward_and_loss(forward_step_func, data_iterator, chunk, num_microbatches: int, losses: List[dict]):
-    """Run one micro-batch through the last stage's chunk and return its loss / num_microbatches.
-
-    The loss_func's dict is appended to ``losses`` (logging sees the undivided per-micro-batch loss).
-    """
-    output_tensor, loss_func = forward_step_func(data_iterator, chunk)
-    loss, loss_dict = loss_func(output_tensor)
-    losses.append(loss_dict)
-    return loss / num_microbatches

@@ -16,7 +16,7 @@ import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
 from megalite.config import ModelConfig, OptimizerConfig
 from megalite.model.gpt import loss_from_per_token
-from megalite.optim.optimizer import build_optimizer
+from megalite.optim import build_optimizer
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.pipeline.schedules import get_forward_backward_func
 from megalite.parallel.pipeline.stages import build_model_chunks

@@ -1,5 +1,6 @@
 import pytest
 
+from megalite.parallel.param_info import param_info
 from megalite.parallel.pipeline.stages import build_model_chunks, layer_numbers_for, virtual_stage_layer_counts
 from megalite.testing import run_on_ranks
 
@@ -36,7 +37,7 @@ def _chunks(rank, world_size):
     grid = initialize_grid(pp=world_size, virtual_pp=2)
     chunks = build_model_chunks(model_config("gpt", num_layers=8), grid)  # GPTModel by default
     return [(c.pre_process, c.post_process, c.layer_numbers, len(c.decoder.layers),
-             sorted(n for n, p in c.named_parameters() if getattr(p, "shared_embedding", False))) for c in chunks]
+             sorted(n for n, p in c.named_parameters() if param_info(p).shared_embedding)) for c in chunks]
 
 
 def test_build_model_chunks_places_embedding_and_output():
