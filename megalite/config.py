@@ -1,49 +1,111 @@
-"""Settings as dataclasses that validate themselves, filled from Megatron-LM-compatible flags.
+"""Settings as dataclasses that validate themselves; each field is also the definition of its flag.
 
-Each field is named after its Megatron flag (``--num-query-groups`` -> ``num_query_groups``).
-Validation happens in ``__post_init__`` and says what would work, so a bad run is refused before
-any process waits on another.
+A field is named after its Megatron-LM flag (``--num-query-groups`` <-> ``num_query_groups``) and
+declared with :func:`flag`: its type (``Literal[...]`` lists the allowed values), default, help
+sentence and range live together here, and ``arguments.py`` generates the command line from them,
+so ``--help`` shows exactly what is declared.  Each class checks its own fields in ``__post_init__``
+(the declared choices and ranges, then the rules among its fields) and says what would work; rules that span
+two configs are checked once, in ``arguments.validate_together``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Literal, Optional, get_args, get_origin, get_type_hints
+
+from megalite.parallel.pipeline.orders import PipelineSchedule
+
+__all__ = ["ModelConfig", "OptimizerConfig", "ParallelConfig", "DataConfig", "TrainingConfig", "CONFIG_CLASSES",
+           "flag", "flag_name", "choices", "check_batch_sizes"]
+
+
+def flag(default: Any, help: str, *, at_least: Optional[float] = None, above: Optional[float] = None,
+         at_most: Optional[float] = None, below: Optional[float] = None, name: Optional[str] = None,
+         cli: bool = True) -> Any:
+    """A config field that is also a command-line flag.
+
+    ``help``: the sentence ``--help`` shows.  ``at_least`` / ``above`` / ``at_most`` / ``below``: the
+    allowed range (checked in ``__post_init__``; None values are not checked).  ``name``: the flag
+    when Megatron spells it otherwise than ``--field-name``.  ``cli=False``: filled by code, not a flag.
+    """
+    return field(default=default, metadata={"help": help, "at_least": at_least, "above": above,
+                                            "at_most": at_most, "below": below, "name": name, "cli": cli})
+
+
+def flag_name(f) -> str:
+    return f.metadata.get("name") or "--" + f.name.replace("_", "-")
+
+
+def choices(annotation) -> Optional[tuple]:
+    """The allowed values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) annotation, else None."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    for arg in get_args(annotation):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return None
+
+
+def _check_fields(config) -> None:
+    """Each field against its declared choices and range (a None value is 'use the default')."""
+    hints = get_type_hints(type(config))
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None:
+            continue
+        allowed = choices(hints[f.name])
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{flag_name(f)} {value!r}: choose one of {', '.join(allowed)}")
+        if isinstance(value, (bool, str, list)):
+            continue
+        for key, fails, words in (("at_least", lambda v, b: v < b, "at least"), ("above", lambda v, b: v <= b, "above"),
+                                  ("at_most", lambda v, b: v > b, "at most"), ("below", lambda v, b: v >= b, "below")):
+            bound = meta.get(key)
+            if bound is not None and fails(value, bound):
+                raise ValueError(f"{flag_name(f)} must be {words} {bound:g}, got {value}")
 
 
 @dataclass
 class ModelConfig:
     """The transformer's shape and flavour (GPT by default; LLaMA-style with the switches below)."""
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None      # grouped-query attention; None = one group per head
-    ffn_hidden_size: Optional[int] = None       # None = 4 * hidden_size
-    seq_length: int = 64
-    max_position_embeddings: Optional[int] = None  # None = seq_length
-    vocab_size: int = 256                       # the tokenizer's size; padded_vocab_size adds padding
-    make_vocab_size_divisible_by: int = 128
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    normalization: str = "LayerNorm"            # or "RMSNorm"
-    norm_epsilon: float = 1e-5
-    swiglu: bool = False
-    position_embedding_type: str = "learned_absolute"  # or "rope"
-    rotary_base: float = 10000.0
-    untie_embeddings_and_output_weights: bool = False
-    add_bias_linear: bool = True
-    init_method_std: float = 0.02
-    seed: int = 1234                            # weights are drawn from (seed, parameter name)
-    # Parallelism that changes what a layer computes locally.
-    tensor_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    # Activation recompute.
-    recompute_granularity: Optional[str] = None  # None, "full" or "selective"
-    recompute_method: Optional[str] = None       # "uniform" or "block" (with "full")
-    recompute_num_layers: Optional[int] = None
+    num_layers: int = flag(2, "transformer layers", at_least=1)
+    hidden_size: int = flag(64, "width of the residual stream", at_least=1)
+    num_attention_heads: int = flag(4, "attention heads", at_least=1)
+    num_query_groups: Optional[int] = flag(None, "key/value groups for grouped-query attention (with "
+                                                 "--group-query-attention); default one per head", at_least=1)
+    ffn_hidden_size: Optional[int] = flag(None, "MLP width; default 4 x hidden size", at_least=1)
+    seq_length: int = flag(64, "tokens per sample", at_least=1)
+    max_position_embeddings: Optional[int] = flag(None, "rows of the learned position table; default the "
+                                                        "sequence length", at_least=1)
+    vocab_size: int = flag(256, "vocabulary size without padding (a tokenizer's size overrides it)", at_least=1)
+    make_vocab_size_divisible_by: int = flag(128, "pad the vocabulary to a multiple of this x TP size", at_least=1)
+    hidden_dropout: float = flag(0.1, "dropout probability after attention, MLP and embedding", at_least=0, below=1)
+    attention_dropout: float = flag(0.1, "dropout probability on the attention weights", at_least=0, below=1)
+    normalization: Literal["LayerNorm", "RMSNorm"] = flag("LayerNorm", "normalization layer")
+    norm_epsilon: float = flag(1e-5, "epsilon added to the variance in the norms", above=0)
+    swiglu: bool = flag(False, "SwiGLU MLP (LLaMA) instead of GELU")
+    position_embedding_type: Literal["learned_absolute", "rope"] = flag("learned_absolute", "position encoding")
+    rotary_base: float = flag(10000.0, "RoPE base period", above=0)
+    untie_embeddings_and_output_weights: bool = flag(False, "give the output layer its own weights instead of "
+                                                            "the word embedding's")
+    add_bias_linear: bool = flag(True, "drop the biases of every linear layer (LLaMA style)",
+                                 name="--disable-bias-linear")
+    init_method_std: float = flag(0.02, "standard deviation of the normal weight initialization", at_least=0)
+    seed: int = flag(1234, "random seed: weights are drawn from (seed, parameter name)")
+    # Parallelism that changes what a layer computes locally: copied from ParallelConfig.
+    tensor_model_parallel_size: int = flag(1, "copied from ParallelConfig", at_least=1, cli=False)
+    sequence_parallel: bool = flag(False, "copied from ParallelConfig", cli=False)
+    recompute_granularity: Optional[Literal["full", "selective"]] = flag(
+        None, "recompute activations in backward: whole layers (full) or attention's core (selective)")
+    recompute_method: Optional[Literal["uniform", "block"]] = flag(
+        None, "with full recompute: checkpoint spans of --recompute-num-layers (uniform) or only the first "
+              "--recompute-num-layers layers of each stage (block)")
+    recompute_num_layers: Optional[int] = flag(None, "layers per recompute span / recomputed layers; default 1",
+                                               at_least=1)
 
     def __post_init__(self):
+        _check_fields(self)
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
@@ -69,14 +131,7 @@ class ModelConfig:
         if self.seq_length > self.max_position_embeddings and self.position_embedding_type == "learned_absolute":
             raise ValueError(f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
                              f"{self.max_position_embeddings}")
-        if self.normalization not in ("LayerNorm", "RMSNorm"):
-            raise ValueError(f"--normalization {self.normalization!r}: choose LayerNorm or RMSNorm")
-        if self.position_embedding_type not in ("learned_absolute", "rope"):
-            raise ValueError(f"--position-embedding-type {self.position_embedding_type!r}: "
-                             f"choose learned_absolute or rope")
-        if self.recompute_granularity not in (None, "full", "selective"):
-            raise ValueError(f"--recompute-granularity {self.recompute_granularity!r}: choose full or selective")
-        if self.recompute_granularity == "full" and self.recompute_method not in ("uniform", "block"):
+        if self.recompute_granularity == "full" and self.recompute_method is None:
             raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
 
     @property
@@ -94,57 +149,56 @@ class ModelConfig:
 class OptimizerConfig:
     """AdamW, clipping, mixed precision and gradient reduction (Megatron flag names)."""
 
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0                      # 0 disables clipping
-    bf16: bool = False
-    fp16: bool = False
-    loss_scale: Optional[float] = None          # constant scale for fp16; None = dynamic
-    initial_loss_scale: float = 2.0 ** 32
-    min_loss_scale: float = 1.0
-    loss_scale_window: int = 1000
-    hysteresis: int = 2
-    use_distributed_optimizer: bool = False     # ZeRO-1
-    overlap_grad_reduce: bool = False
-    ddp_bucket_size: Optional[int] = None       # elements per bucket; None = one bucket per 40M elements
+    lr: float = flag(3e-4, "peak learning rate", at_least=0)
+    min_lr: float = flag(0.0, "learning rate at the end of the decay", at_least=0)
+    weight_decay: float = flag(0.01, "decoupled weight decay of the matrices (biases and norms get none)", at_least=0)
+    adam_beta1: float = flag(0.9, "Adam's first-moment decay", at_least=0, below=1)
+    adam_beta2: float = flag(0.999, "Adam's second-moment decay", at_least=0, below=1)
+    adam_eps: float = flag(1e-8, "Adam's denominator epsilon", above=0)
+    clip_grad: float = flag(1.0, "clip the global gradient norm to this (0 disables clipping)", at_least=0)
+    bf16: bool = flag(False, "bfloat16 parameters and activations with fp32 master weights")
+    fp16: bool = flag(False, "float16 parameters and activations with fp32 masters and loss scaling")
+    loss_scale: Optional[float] = flag(None, "constant fp16 loss scale; default dynamic scaling", above=0)
+    initial_loss_scale: float = flag(2.0 ** 32, "first dynamic fp16 loss scale", above=0)
+    min_loss_scale: float = flag(1.0, "the dynamic loss scale never falls below this", above=0)
+    loss_scale_window: int = flag(1000, "steps without overflow before the dynamic scale doubles", at_least=1)
+    hysteresis: int = flag(2, "overflows tolerated before the dynamic scale halves", at_least=1)
+    use_distributed_optimizer: bool = flag(False, "shard fp32 masters and Adam moments over data parallelism "
+                                                  "(ZeRO-1)")
+    overlap_grad_reduce: bool = flag(False, "reduce gradient buckets during backward")
+    ddp_bucket_size: Optional[int] = flag(None, "elements per gradient bucket; default 40M", at_least=1)
 
     def __post_init__(self):
+        _check_fields(self)
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are exclusive; choose one")
-        if self.lr < 0 or self.min_lr < 0:
-            raise ValueError(f"--lr {self.lr} and --min-lr {self.min_lr} must be non-negative")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
-        if self.clip_grad < 0:
-            raise ValueError(f"--clip-grad {self.clip_grad} must be >= 0 (0 disables clipping)")
 
 
 @dataclass
 class ParallelConfig:
     """How the world is cut: TP x CP x DP x PP (DP derived from the world size), and the schedule."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    num_layers_per_virtual_pipeline_stage: Optional[int] = None  # alternative way to ask for virtual stages
-    decoder_first_pipeline_num_layers: Optional[int] = None
-    decoder_last_pipeline_num_layers: Optional[int] = None
-    sequence_parallel: bool = False
-    pipeline_schedule: Optional[str] = None     # None = the default for (pp, virtual pp); see schedules.py
-    distributed_timeout_minutes: float = 10.0
-    world_size: int = 1                         # not a flag: WORLD_SIZE under torchrun, else 1
+    tensor_model_parallel_size: int = flag(1, "tensor-parallel ranks (TP)", at_least=1)
+    pipeline_model_parallel_size: int = flag(1, "pipeline stages (PP)", at_least=1)
+    context_parallel_size: int = flag(1, "context-parallel ranks (CP)", at_least=1)
+    virtual_pipeline_model_parallel_size: Optional[int] = flag(None, "model chunks per pipeline rank "
+                                                                     "(interleaved schedule)", at_least=1)
+    num_layers_per_virtual_pipeline_stage: Optional[int] = flag(None, "layers per model chunk: another way to set "
+                                                                      "the virtual pipeline size", at_least=1)
+    decoder_first_pipeline_num_layers: Optional[int] = flag(None, "layers on the first pipeline stage; default an "
+                                                                  "even split", at_least=0)
+    decoder_last_pipeline_num_layers: Optional[int] = flag(None, "layers on the last pipeline stage; default an "
+                                                                 "even split", at_least=0)
+    sequence_parallel: bool = flag(False, "split norms and dropout over the TP ranks along the sequence")
+    pipeline_schedule: Optional[PipelineSchedule] = flag(None, "pipeline schedule; default 1f1b, or interleaved "
+                                                               "with a virtual pipeline")
+    distributed_timeout_minutes: float = flag(10.0, "a collective that waits longer fails", above=0)
+    world_size: int = flag(1, "WORLD_SIZE under torchrun, else 1", at_least=1, cli=False)
 
     def __post_init__(self):
-        for flag, value in (("--tensor-model-parallel-size", self.tensor_model_parallel_size),
-                            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
-                            ("--context-parallel-size", self.context_parallel_size)):
-            if value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value}")
+        _check_fields(self)
         model_ranks = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
         if self.world_size % model_ranks:
             raise ValueError(
@@ -152,10 +206,15 @@ class ParallelConfig:
                 f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size {self.pipeline_model_parallel_size}"
                 f" x --context-parallel-size {self.context_parallel_size} = {model_ranks}; launch a multiple of "
                 f"{model_ranks} ranks or choose sizes whose product divides {self.world_size}")
-        vpp = self.virtual_pipeline_model_parallel_size
-        if vpp is not None and self.num_layers_per_virtual_pipeline_stage is not None:
+        if self.virtual_pipeline_model_parallel_size is not None and \
+                self.num_layers_per_virtual_pipeline_stage is not None:
             raise ValueError("give either --virtual-pipeline-model-parallel-size or "
                              "--num-layers-per-virtual-pipeline-stage, not both")
+        self.check_virtual_pipeline()
+
+    def check_virtual_pipeline(self) -> None:
+        """A virtual pipeline needs pipeline stages (checked again once the virtual size is derived)."""
+        vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and vpp > 1 and self.pipeline_model_parallel_size == 1:
             raise ValueError(f"--virtual-pipeline-model-parallel-size {vpp} needs "
                              f"--pipeline-model-parallel-size > 1; drop it or add pipeline stages")
@@ -170,14 +229,15 @@ class ParallelConfig:
 class DataConfig:
     """Where tokens come from: indexed datasets (.bin/.idx prefixes) or deterministic mock tokens."""
 
-    data_path: Optional[list] = None            # Megatron style: [prefix] or [weight prefix weight prefix ...]
-    split: str = "969,30,1"                     # train,valid,test proportions
-    mock_data: bool = False
-    data_cache_path: Optional[str] = None
-    tokenizer_type: Optional[str] = None        # GPT2BPETokenizer, HuggingFaceTokenizer, TikTokenizer, NullTokenizer
-    vocab_file: Optional[str] = None
-    merge_file: Optional[str] = None
-    tokenizer_model: Optional[str] = None
+    data_path: Optional[List[str]] = flag(None, "a .bin/.idx prefix, or weight prefix weight prefix ... to blend")
+    split: str = flag("969,30,1", "train,valid,test proportions")
+    mock_data: bool = flag(False, "train on deterministic synthetic tokens instead of --data-path")
+    data_cache_path: Optional[str] = flag(None, "folder for the sample index cache; default next to the data")
+    tokenizer_type: Optional[Literal["GPT2BPETokenizer", "HuggingFaceTokenizer", "TikTokenizer", "NullTokenizer"]] = \
+        flag(None, "tokenizer the data was made with (its size sets the vocabulary)")
+    vocab_file: Optional[str] = flag(None, "GPT-2 BPE vocab.json")
+    merge_file: Optional[str] = flag(None, "GPT-2 BPE merges.txt")
+    tokenizer_model: Optional[str] = flag(None, "Hugging Face tokenizer.json or tiktoken encoding name/file")
 
     def __post_init__(self):
         if not self.mock_data and not self.data_path:
@@ -201,35 +261,27 @@ class DataConfig:
 class TrainingConfig:
     """Batches, iterations, the learning-rate schedule, checkpoints, evaluation and logging."""
 
-    micro_batch_size: int = 1
-    global_batch_size: Optional[int] = None     # None = micro_batch_size x data-parallel size
-    train_iters: int = 100
-    lr_warmup_iters: int = 0
-    lr_decay_iters: Optional[int] = None        # None = train_iters
-    lr_decay_style: str = "linear"              # linear, cosine or constant (Megatron's default is linear)
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: Optional[int] = None
-    eval_interval: int = 1000
-    eval_iters: int = 10
-    log_interval: int = 100
-    log_json: Optional[str] = None
-    exit_interval: Optional[int] = None         # stop (after saving) once iteration % exit_interval == 0
-    timeline: Optional[str] = None              # PNG path: draw the pipeline timeline of the last iteration
-    peak_tflops: Optional[float] = None         # per-device peak for MFU; None = scaling.flops default
+    micro_batch_size: int = flag(1, "samples per micro-batch on each data-parallel rank", at_least=1)
+    global_batch_size: Optional[int] = flag(None, "samples per optimizer step; default micro batch x DP", at_least=1)
+    train_iters: int = flag(100, "optimizer steps to train for", at_least=1)
+    lr_warmup_iters: int = flag(0, "steps of linear warm-up", at_least=0)
+    lr_decay_iters: Optional[int] = flag(None, "steps over which the learning rate decays; default --train-iters",
+                                         at_least=1)
+    lr_decay_style: Literal["linear", "cosine", "constant"] = flag("linear", "shape of the decay")
+    save: Optional[str] = flag(None, "folder to save checkpoints to")
+    load: Optional[str] = flag(None, "folder to resume from (may equal --save)")
+    save_interval: Optional[int] = flag(None, "save every this many steps (and at the end)", at_least=1)
+    eval_interval: int = flag(1000, "evaluate every this many steps (and at the end)", at_least=1)
+    eval_iters: int = flag(10, "global batches per evaluation (0: none)", at_least=0)
+    log_interval: int = flag(100, "print a line every this many steps", at_least=1)
+    log_json: Optional[str] = flag(None, "also write one JSON record per step to this file")
+    exit_interval: Optional[int] = flag(None, "stop (after saving) once the step is a multiple of this", at_least=1)
+    timeline: Optional[str] = flag(None, "PNG path: draw the pipeline timeline of the last step")
+    peak_tflops: Optional[float] = flag(None, "per-device peak TFLOP/s for MFU; default by device and precision",
+                                        above=0)
 
     def __post_init__(self):
-        for flag, value in (("--micro-batch-size", self.micro_batch_size), ("--train-iters", self.train_iters),
-                            ("--log-interval", self.log_interval), ("--eval-interval", self.eval_interval)):
-            if value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value}")
-        if self.global_batch_size is not None and self.global_batch_size < 1:
-            raise ValueError(f"--global-batch-size must be at least 1, got {self.global_batch_size}")
-        if self.eval_iters < 0 or self.lr_warmup_iters < 0:
-            raise ValueError(f"--eval-iters {self.eval_iters} and --lr-warmup-iters {self.lr_warmup_iters} "
-                             f"must be non-negative")
-        if self.lr_decay_style not in ("linear", "cosine", "constant"):
-            raise ValueError(f"--lr-decay-style {self.lr_decay_style!r}: choose linear, cosine or constant")
+        _check_fields(self)
         if self.lr_decay_iters is None:
             self.lr_decay_iters = self.train_iters
         if self.lr_warmup_iters > self.lr_decay_iters:
@@ -237,15 +289,14 @@ class TrainingConfig:
                              f"{self.lr_decay_iters}; shorten the warm-up or lengthen the decay")
         if self.save_interval is not None and self.save is None:
             raise ValueError(f"--save-interval {self.save_interval} needs --save DIR")
-        if self.save_interval is not None and self.save_interval < 1:
-            raise ValueError(f"--save-interval must be at least 1, got {self.save_interval}")
-        if self.peak_tflops is not None and self.peak_tflops <= 0:
-            raise ValueError(f"--peak-tflops must be positive, got {self.peak_tflops}")
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         """Micro-batches per rank per step: global batch / (micro batch x DP), refused unless exact."""
         check_batch_sizes(self.global_batch_size, self.micro_batch_size, data_parallel_size)
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
+
+
+CONFIG_CLASSES = (ModelConfig, ParallelConfig, OptimizerConfig, DataConfig, TrainingConfig)
 
 
 def check_batch_sizes(global_batch_size: int, micro_batch_size: int, data_parallel_size: int) -> None:
@@ -255,146 +306,3 @@ def check_batch_sizes(global_batch_size: int, micro_batch_size: int, data_parall
         raise ValueError(
             f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size {micro_batch_size} x "
             f"data-parallel size {data_parallel_size} = {per_step}; try {suggestion}")
-
-
-# --------------------------------------------------------------------------------------------------
-# The command line.  Every field of the dataclasses above is a flag named after it
-# (num_layers <-> --num-layers), so the mapping stays 1:1 without a hand-written table; a few flags
-# differ from that rule because Megatron spells them differently, listed here.
-_FLAG_EXCEPTIONS = {
-    # field: (flag, argparse kwargs)
-    "add_bias_linear": ("--disable-bias-linear", {"action": "store_false"}),
-    "data_path": ("--data-path", {"nargs": "+"}),
-}
-# Fields that are not flags: derived or copied from another config.
-_NOT_FLAGS = {
-    ModelConfig: {"tensor_model_parallel_size", "sequence_parallel"},  # filled from ParallelConfig
-    ParallelConfig: {"world_size"},                                   # from the launcher
-}
-_CHOICES = {
-    "normalization": ("LayerNorm", "RMSNorm"),
-    "position_embedding_type": ("learned_absolute", "rope"),
-    "lr_decay_style": ("linear", "cosine", "constant"),
-    "recompute_granularity": ("full", "selective"),
-    "recompute_method": ("uniform", "block"),
-    "pipeline_schedule": ("gpipe", "1f1b", "interleaved", "zb-h1"),   # megalite/parallel/pipeline/schedules.py
-    "tokenizer_type": ("GPT2BPETokenizer", "HuggingFaceTokenizer", "TikTokenizer", "NullTokenizer"),
-}
-_CONFIG_CLASSES = ("ModelConfig", "ParallelConfig", "OptimizerConfig", "DataConfig", "TrainingConfig")
-
-
-class _ArgumentParser(__import__("argparse").ArgumentParser):
-    """argparse that raises ValueError instead of exiting, so callers (and tests) decide how to report."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
-def _config_classes():
-    g = globals()
-    return [g[name] for name in _CONFIG_CLASSES]
-
-
-def _argparse_type(annotation: str):
-    # Annotations are strings (from __future__ import annotations): "Optional[int]", "float", "bool".
-    base = annotation.replace("Optional[", "").rstrip("]")
-    return {"int": int, "float": float, "str": str, "bool": bool, "list": str}[base]
-
-
-def build_parser():
-    from dataclasses import MISSING, fields
-
-    parser = _ArgumentParser(prog="pretrain_gpt.py", description="Train a GPT with megalite (Megatron-LM flags).")
-    seen = {}
-    for cls in _config_classes():
-        group = parser.add_argument_group(cls.__name__)
-        for f in fields(cls):
-            if f.name in _NOT_FLAGS.get(cls, ()):
-                continue
-            if f.name in seen:
-                raise RuntimeError(f"field {f.name} is in both {seen[f.name]} and {cls.__name__}")
-            seen[f.name] = cls.__name__
-            flag, kwargs = _FLAG_EXCEPTIONS.get(f.name, ("--" + f.name.replace("_", "-"), {}))
-            kwargs = dict(kwargs, dest=f.name, default=MISSING)
-            kind = _argparse_type(f.type)
-            if "action" not in kwargs and "nargs" not in kwargs:
-                if kind is bool:
-                    kwargs["action"] = "store_true"
-                else:
-                    kwargs["type"] = kind
-                    if f.name in _CHOICES:
-                        kwargs["choices"] = _CHOICES[f.name]
-            default = f.default if f.default is not MISSING else None
-            kwargs["help"] = f"(default: {default})"
-            group.add_argument(flag, **kwargs)
-    # A switch Megatron has that only gates another flag: --num-query-groups counts only with it.
-    parser.add_argument("--group-query-attention", action="store_true", dest="group_query_attention",
-                        default=False, help="use --num-query-groups key/value groups (grouped-query attention)")
-    return parser
-
-
-def parse_args(argv=None, world_size: Optional[int] = None):
-    """Parse Megatron-style flags into ``(model, parallel, optimizer, data, training)`` configs.
-
-    Raises ValueError (one line, naming the flag and the fix) on a bad value or combination.
-    ``world_size`` defaults to $WORLD_SIZE (set by torchrun) or 1.
-    """
-    import os
-    import sys
-    from dataclasses import MISSING, fields
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    ns = vars(build_parser().parse_args(argv))
-    gqa = ns.pop("group_query_attention")
-    given = {k: v for k, v in ns.items() if v is not MISSING}
-    if gqa and given.get("num_query_groups") is None:
-        raise ValueError("--group-query-attention needs --num-query-groups N")
-    if not gqa and given.get("num_query_groups") is not None:
-        raise ValueError(f"--num-query-groups {given['num_query_groups']} takes effect only with "
-                         f"--group-query-attention (as in Megatron-LM); add that flag")
-
-    def pick(cls, **extra):
-        names = {f.name for f in fields(cls)} - set(extra)
-        return cls(**{k: v for k, v in given.items() if k in names}, **extra)
-
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    parallel = pick(ParallelConfig, world_size=world_size)
-    model = pick(ModelConfig, tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-                 sequence_parallel=parallel.sequence_parallel)
-    optimizer = pick(OptimizerConfig)
-    data = pick(DataConfig)
-    training = pick(TrainingConfig)
-    validate_together(model, parallel, optimizer, data, training)
-    return model, parallel, optimizer, data, training
-
-
-def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig,
-                      data: DataConfig, training: TrainingConfig) -> None:
-    """Checks that need more than one config; fills the defaults that depend on another config."""
-    dp = parallel.data_parallel_size
-    if training.global_batch_size is None:
-        training.global_batch_size = training.micro_batch_size * dp
-    check_batch_sizes(training.global_batch_size, training.micro_batch_size, dp)
-    if model.tensor_model_parallel_size != parallel.tensor_model_parallel_size or \
-            model.sequence_parallel != parallel.sequence_parallel:
-        raise ValueError("ModelConfig and ParallelConfig disagree on tensor-model-parallel-size/sequence-parallel")
-    pp = parallel.pipeline_model_parallel_size
-    per_virtual = parallel.num_layers_per_virtual_pipeline_stage
-    if per_virtual is not None:
-        if model.num_layers % (pp * per_virtual):
-            raise ValueError(f"--num-layers {model.num_layers} is not divisible by --pipeline-model-parallel-size "
-                             f"{pp} x --num-layers-per-virtual-pipeline-stage {per_virtual}")
-        parallel.virtual_pipeline_model_parallel_size = model.num_layers // (pp * per_virtual)
-        parallel.num_layers_per_virtual_pipeline_stage = None
-        if parallel.virtual_pipeline_model_parallel_size > 1 and pp == 1:
-            raise ValueError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-    uneven = parallel.decoder_first_pipeline_num_layers is not None or \
-        parallel.decoder_last_pipeline_num_layers is not None
-    stages = pp * (parallel.virtual_pipeline_model_parallel_size or 1)
-    if not uneven and model.num_layers % stages:
-        raise ValueError(f"--num-layers {model.num_layers} does not split into --pipeline-model-parallel-size {pp}"
-                         f" x virtual size {parallel.virtual_pipeline_model_parallel_size or 1} = {stages} equal "
-                         f"stages; use a multiple of {stages} layers")
-    if data.data_path and not data.mock_data and data.tokenizer_type is None:
-        raise ValueError("--data-path needs --tokenizer-type (and its files) so the vocabulary size is known")

@@ -20,7 +20,9 @@ from typing import Dict, List, Optional
 import torch
 
 from megalite import checkpoint
-from megalite.config import ModelConfig
+from megalite.config import DataConfig, ModelConfig
+from megalite.data.training_data import tokenizer_from_config
+from megalite.model.gpt import GPTModel
 
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
 
@@ -80,7 +82,6 @@ def merge_checkpoint(root: str, iteration: Optional[int] = None):
 
 def load_model(root: str, iteration: Optional[int] = None, device: str = "cpu"):
     """(model, settings): a TP=1, one-stage GPTModel holding the checkpoint's weights, in eval mode."""
-    from megalite.model.gpt import GPTModel
     state, settings = merge_checkpoint(root, iteration)
     fields = dict(settings["model"], tensor_model_parallel_size=1, sequence_parallel=False,
                   recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
@@ -129,10 +130,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         model, settings = load_model(args.load, args.iteration)
-        from megalite.training import build_tokenizer
-        from megalite.config import DataConfig
         data = DataConfig(**dict(settings["data"], mock_data=True))  # the tokenizer fields only
-        tokenizer = build_tokenizer(data, settings["model"]["vocab_size"])
+        tokenizer = tokenizer_from_config(data, settings["model"]["vocab_size"])
     except (ValueError, FileNotFoundError) as error:
         print(f"generate: error: {error}", file=sys.stderr)
         return 2

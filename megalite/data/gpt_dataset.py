@@ -23,6 +23,7 @@ import re
 
 import numpy as np
 
+from megalite.data.blended import BlendedDataset, samples_per_dataset
 from megalite.data.helpers import build_sample_idx
 from megalite.data.index_cache import cached_indices
 from megalite.data.indexed import IndexedDataset, check_dataset_exists
@@ -172,8 +173,6 @@ def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: 
     alternating weights and prefixes (``0.3 a 0.7 b``).  cache_dir: where the index arrays are
     kept as .npy files keyed by a hash of the settings (None: build in memory every time).
     """
-    from megalite.data.blended import BlendedDataset, samples_per_dataset
-
     prefixes, weights = parse_blend(data_path)
     for prefix in prefixes:
         check_dataset_exists(prefix)

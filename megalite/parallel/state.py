@@ -75,11 +75,14 @@ def _rank_of(sizes, coords) -> int:
 
 
 def validate_grid(world_size: int, tp: int, pp: int, cp: int = 1, dp: Optional[int] = None) -> int:
-    """Return the data-parallel size, or raise a ValueError that names the numbers."""
-    for name, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                        ("--context-parallel-size", cp)):
+    """Return the data-parallel size, or raise a ValueError that names the numbers.
+
+    The command line's sizes were checked with their flag names (``config.ParallelConfig``); this is
+    the grid's own invariant, for grids built directly.
+    """
+    for name, value in (("tp", tp), ("pp", pp), ("cp", cp)):
         if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise ValueError(f"grid size {name}={value} must be at least 1")
     model_ranks = tp * pp * cp
     if world_size % model_ranks != 0:
         raise ValueError(
@@ -118,8 +121,7 @@ class ProcessGrid:
         self.dp_size = validate_grid(self.world_size, tp, pp, cp, dp)
         self.tp_size, self.pp_size, self.cp_size = tp, pp, cp
         if virtual_pp is not None and virtual_pp > 1 and pp == 1:
-            raise ValueError(f"--virtual-pipeline-model-parallel-size {virtual_pp} needs "
-                             f"--pipeline-model-parallel-size > 1 (got 1); drop the virtual size or add stages")
+            raise ValueError(f"a virtual pipeline of size {virtual_pp} needs a pipeline size > 1")
         self.virtual_pp_size = virtual_pp if virtual_pp and virtual_pp > 1 else None
         self.virtual_pp_rank = 0
 

@@ -40,7 +40,7 @@ def test_pipeline_of_four_layout():
     (8, 3, 1, 1, None, "world size 8 is not divisible by tensor (3) x pipeline (1) x context (1)"),
     (8, 2, 3, 1, None, "= 6"),
     (8, 2, 2, 1, 4, "DP must be 2"),
-    (4, 0, 1, 1, None, "--tensor-model-parallel-size must be at least 1, got 0"),
+    (4, 0, 1, 1, None, "grid size tp=0 must be at least 1"),
 ])
 def test_bad_grids_are_refused_with_the_numbers(world, tp, pp, cp, dp, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -89,7 +89,7 @@ def test_grid_refuses_world_mismatch_on_ranks():
 def test_virtual_pipeline_needs_pipeline():
     def build(rank, world_size):
         state.initialize_grid(tp=1, pp=1, virtual_pp=2)
-    with pytest.raises(RankFailed, match="needs --pipeline-model-parallel-size > 1"):
+    with pytest.raises(RankFailed, match="needs a pipeline size > 1"):
         run_on_ranks(build, 1)
 
 

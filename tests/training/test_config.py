@@ -1,8 +1,8 @@
 """The command line fills the configs 1:1 and refuses bad values with a message that carries the fix."""
 import pytest
 
-from megalite.config import (DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig, build_parser,
-                             parse_args)
+from megalite.arguments import build_parser, parse_args
+from megalite.config import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 
 MOCK = ["--mock-data"]
 
@@ -70,6 +70,19 @@ def test_defaults_fill_from_other_configs():
     (["--num-layers", "two"], 1, "invalid int value: 'two'"),
     (["--split", "a,b"], 1, "--split 'a,b' must be comma-separated numbers"),
     (["--tokenizer-type", "GPT2BPETokenizer"], 1, "needs --vocab-file and --merge-file"),
+    # Declared ranges (config.flag): each bad size or probability is one line naming the flag.
+    (["--num-attention-heads", "0"], 1, "--num-attention-heads must be at least 1, got 0"),
+    (["--hidden-size", "-64"], 1, "--hidden-size must be at least 1, got -64"),
+    (["--seq-length", "0"], 1, "--seq-length must be at least 1, got 0"),
+    (["--make-vocab-size-divisible-by", "0"], 1, "--make-vocab-size-divisible-by must be at least 1, got 0"),
+    (["--hidden-dropout", "1.5"], 1, "--hidden-dropout must be below 1, got 1.5"),
+    (["--ffn-hidden-size", "0"], 1, "--ffn-hidden-size must be at least 1, got 0"),
+    (["--adam-beta1", "2"], 1, "--adam-beta1 must be below 1, got 2.0"),
+    (["--distributed-timeout-minutes", "0"], 1, "--distributed-timeout-minutes must be above 0, got 0.0"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "5"], 2,
+     "--decoder-first-pipeline-num-layers 5: first stage 5 and last stage None layers do not add up"),
+    (["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "interleaved"], 2,
+     "--pipeline-schedule interleaved with --virtual-pipeline-model-parallel-size 1: the interleaved schedule needs"),
 ])
 def test_bad_values_are_refused_with_the_fix(argv, world, message):
     with pytest.raises(ValueError) as error:
@@ -92,3 +105,20 @@ def test_configs_construct_directly():
         TrainingConfig(micro_batch_size=0)
     assert DataConfig(mock_data=True).split == "969,30,1"
     assert ModelConfig().padded_vocab_size == 256 and OptimizerConfig().clip_grad == 1.0
+
+
+def test_help_comes_from_the_fields():
+    help_text = " ".join(build_parser().format_help().split())
+    # The sentence declared next to the field, its default, its choices; a switch reads the right way round.
+    assert "--seq-length SEQ_LENGTH tokens per sample (default: 64)" in help_text
+    assert "--normalization {LayerNorm,RMSNorm} normalization layer (default: LayerNorm)" in help_text
+    assert "--disable-bias-linear drop the biases of every linear layer (LLaMA style)" in help_text
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+def test_configs_check_their_choices_when_built_directly():
+    with pytest.raises(ValueError, match="--normalization 'BatchNorm': choose one of LayerNorm, RMSNorm"):
+        ModelConfig(normalization="BatchNorm")
+    with pytest.raises(ValueError, match="--pipeline-schedule 'pipedream': choose one of gpipe, 1f1b"):
+        ParallelConfig(pipeline_schedule="pipedream")

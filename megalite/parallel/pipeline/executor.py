@@ -69,7 +69,7 @@ class StageRunner:
         self.device = next((p.device for p in chunks[0].parameters()), torch.device("cpu"))
         self.passes = order.per_rank[self.rank]
         spans = simulate(order)
-        self.starts = [s.start for s in spans if s.stage == self.rank]   # same order as self.passes
+        self.starts = [s.start for s in spans if s.pp_rank == self.rank]   # same order as self.passes
         self.messages = [m for m in messages(order, spans) if self.rank in (m.src, m.dst)]
         weight_kind = "W" if order.split_backward else "B"
         self.last_weight_pass = max((i for i, s in enumerate(self.passes) if s.kind == weight_kind), default=-1)
@@ -170,7 +170,7 @@ class StageRunner:
             if missing:
                 raise RuntimeError(f"zb-h1 cannot split the backward: parameters {missing[:4]} were not used by the "
                                    f"forward of the module that owns them (activation recompute is not supported "
-                                   f"with zb-h1); use --pipeline-schedule 1f1b")
+                                   f"with zb-h1); use the 1f1b schedule")
 
         class CoverageCheck:
             def remove(self):
@@ -195,16 +195,16 @@ class StageRunner:
         sends, recvs, received = [], [], []
         pp_ranks = self.grid.ranks["pp"]
         for msg in batch:
-            tag = 2 * (msg.microbatch * self.p * self.v + msg.stage) + (msg.kind == "grad")
+            tag = 2 * (msg.microbatch * self.p * self.v + msg.virtual_stage) + (msg.kind == "grad")
             if msg.src == self.rank:
                 if msg.kind == "activation":
-                    key = (msg.microbatch, (msg.stage - 1) // self.p)
+                    key = (msg.microbatch, (msg.virtual_stage - 1) // self.p)
                     output = self.outputs[key]
                     tensor = output.detach()
                     # Past this point only the autograd graph needs the output, not our reference to it.
                     self.outputs[key] = None if self.forward_only else release_output(output)
                 else:
-                    tensor = self.input_grads.pop((msg.microbatch, (msg.stage + 1) // self.p))
+                    tensor = self.input_grads.pop((msg.microbatch, (msg.virtual_stage + 1) // self.p))
                 sends.append((tensor.contiguous(), pp_ranks[msg.dst], tag))
             else:
                 buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
@@ -212,7 +212,7 @@ class StageRunner:
                 received.append((msg, buffer))
         exchange(sends, recvs, self.grid.pp_group)
         for msg, buffer in received:
-            key = (msg.microbatch, msg.stage // self.p)
+            key = (msg.microbatch, msg.virtual_stage // self.p)
             if msg.kind == "activation":
                 self.inputs[key] = buffer.requires_grad_(not self.forward_only)
             else:

@@ -11,7 +11,11 @@ micro-batch's forward visits virtual stages 0, 1, ..., p*v-1 and its backward th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Literal, NamedTuple, Optional, Tuple, get_args
+
+# The schedules, defined once: the config's --pipeline-schedule choices come from here.
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved", "zb-h1"]
+SCHEDULES: Tuple[str, ...] = get_args(PipelineSchedule)
 
 
 class Pass(NamedTuple):
@@ -109,9 +113,9 @@ def interleaved_table(p: int, v: int, m: int) -> List[Tuple[int, int]]:
 def check_interleaved_microbatches(p: int, v: int, m: int) -> None:
     if m % p:
         lower, upper = max(p, m // p * p), (m // p + 1) * p
-        raise ValueError(f"the interleaved schedule runs micro-batches in groups of --pipeline-model-parallel-size "
+        raise ValueError(f"the interleaved schedule runs micro-batches in groups of the pipeline size "
                          f"{p}, so {m} micro-batches per step do not fit; use a multiple of {p} "
-                         f"(e.g. {lower} or {upper}) via --global-batch-size, or a non-interleaved schedule")
+                         f"(e.g. {lower} or {upper}) via the global batch size, or a non-interleaved schedule")
 
 
 def interleaved(p: int, rank: int, m: int, v: int) -> List[Pass]:
@@ -144,19 +148,36 @@ def forward_only(p: int, rank: int, m: int, v: int = 1) -> List[Pass]:
     return [Pass("F", mb, chunk) for mb, chunk in interleaved_table(p, v, m)]
 
 
+def default_schedule(pp_size: int, virtual_pp_size: Optional[int] = None) -> Optional[str]:
+    """None (no pipelining) for one stage, interleaved 1F1B with a virtual pipeline, else 1F1B."""
+    if pp_size == 1:
+        return None
+    return "interleaved" if (virtual_pp_size or 1) > 1 else "1f1b"
+
+
+def check_schedule(schedule: str, pp_size: int, virtual_pp_size: Optional[int] = None) -> None:
+    """The one rule of which schedule runs which layout; raises ValueError saying what would run."""
+    v = virtual_pp_size or 1
+    if v > 1 and pp_size == 1:
+        raise ValueError(f"a virtual pipeline of size {v} needs a pipeline size > 1")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if v > 1 and schedule != "interleaved":
+        raise ValueError(f"the {schedule} schedule runs one chunk per rank but the virtual pipeline size is {v}; "
+                         f"use the interleaved schedule or drop the virtual pipeline")
+    if schedule == "interleaved" and v == 1:
+        raise ValueError("the interleaved schedule needs a virtual pipeline size > 1")
+
+
 def build_order(schedule: str, p: int, m: int, v: Optional[int] = None, forward_only_: bool = False) -> ScheduleOrder:
     """Every rank's order for ``schedule`` in gpipe, 1f1b, interleaved, zb-h1."""
     v = v or 1
     if m < 1:
         raise ValueError(f"num_microbatches must be at least 1, got {m}")
-    if (schedule == "interleaved") != (v > 1):
-        raise ValueError(f"--pipeline-schedule {schedule} with virtual pipeline size {v}: the interleaved "
-                         f"schedule needs a virtual size > 1 and the others a virtual size of 1")
+    check_schedule(schedule, p, v)
     if forward_only_:
         return ScheduleOrder(schedule, p, v, m, False, [forward_only(p, r, m, v) for r in range(p)])
     builders = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb-h1": zb_h1,
                 "interleaved": lambda p, r, m: interleaved(p, r, m, v)}
-    if schedule not in builders:
-        raise ValueError(f"--pipeline-schedule {schedule!r} is not one of {', '.join(builders)}")
     per_rank = [builders[schedule](p, r, m) for r in range(p)]
     return ScheduleOrder(schedule, p, v, m, schedule == "zb-h1", per_rank)

@@ -24,8 +24,8 @@ def message_shape(config, seq_length: int, micro_batch_size: int) -> Tuple[int, 
     if getattr(config, "sequence_parallel", False):
         tp = getattr(config, "tensor_model_parallel_size", 1)
         if seq % tp:
-            raise ValueError(f"--seq-length {seq} is not divisible by --tensor-model-parallel-size {tp} "
-                             f"under --sequence-parallel")
+            raise ValueError(f"sequence length {seq} is not divisible by the TP size {tp} under sequence "
+                             f"parallelism")
         seq //= tp
     return (seq, micro_batch_size, config.hidden_size)
 

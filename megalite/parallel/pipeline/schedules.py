@@ -29,33 +29,19 @@ import torch
 
 from .executor import pipelined_forward_backward
 from .microbatch import forward_and_loss
+from .orders import check_schedule, default_schedule
 from .timeline import record
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
-
 
 def get_forward_backward_func(pp_size: int, virtual_pp_size: Optional[int] = None,
                               schedule: Optional[str] = None) -> Callable[..., List[dict]]:
-    """The schedule for this layout: ``--pipeline-schedule`` (``gpipe``, ``1f1b``, ``interleaved``,
-    ``zb-h1``) or, when None, no pipelining for PP=1, interleaved 1F1B with a virtual pipeline, else 1F1B.
-    """
-    virtual = virtual_pp_size is not None and virtual_pp_size > 1
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"--pipeline-schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if pp_size == 1:
-        if virtual:
-            raise ValueError(f"--virtual-pipeline-model-parallel-size {virtual_pp_size} needs "
-                             f"--pipeline-model-parallel-size > 1")
-        return forward_backward_no_pipelining  # every pipelined schedule degenerates to this at PP=1
+    """The schedule for this layout: ``schedule`` (one of ``orders.SCHEDULES``) or, when None, the
+    default of ``orders.default_schedule`` (no pipelining for one stage)."""
     if schedule is None:
-        schedule = "interleaved" if virtual else "1f1b"
-    if virtual and schedule != "interleaved":
-        raise ValueError(f"--pipeline-schedule {schedule} runs one chunk per rank, but "
-                         f"--virtual-pipeline-model-parallel-size is {virtual_pp_size}; use --pipeline-schedule "
-                         f"interleaved or drop the virtual size")
-    if schedule == "interleaved" and not virtual:
-        raise ValueError("--pipeline-schedule interleaved needs --virtual-pipeline-model-parallel-size > 1 "
-                         "(or --num-layers-per-virtual-pipeline-stage)")
+        schedule = default_schedule(pp_size, virtual_pp_size)
+    if pp_size == 1 and (virtual_pp_size or 1) == 1:
+        return forward_backward_no_pipelining  # every pipelined schedule degenerates to this at PP=1
+    check_schedule(schedule, pp_size, virtual_pp_size)
+
     def forward_backward(**kwargs) -> List[dict]:
         return pipelined_forward_backward(schedule=schedule, **kwargs)
 
@@ -75,7 +61,7 @@ def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, n
     chunks = model if isinstance(model, (list, tuple)) else [model]
     if len(chunks) != 1:
         raise ValueError(f"no pipelining runs one model chunk, got {len(chunks)}; "
-                         f"use a virtual pipeline only with --pipeline-model-parallel-size > 1")
+                         f"a virtual pipeline needs a pipeline size > 1")
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be at least 1, got {num_microbatches}")
     (chunk,) = chunks

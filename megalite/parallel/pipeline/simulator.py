@@ -26,7 +26,7 @@ class Message(NamedTuple):
     time: float
     kind: str          # "activation" (forward output) or "grad" (input gradient)
     microbatch: int
-    stage: int         # virtual stage that consumes it
+    virtual_stage: int  # virtual stage that consumes it
     src: int
     dst: int
 
@@ -86,11 +86,11 @@ def messages(order: ScheduleOrder, spans: List[Span]) -> List[Message]:
     p, last_stage = order.pp_size, order.pp_size * order.virtual_pp_size - 1
     out = []
     for s in spans:
-        stage = s.chunk * p + s.stage
+        stage = s.chunk * p + s.pp_rank
         if s.kind == "F" and stage < last_stage:
-            out.append(Message(s.end, "activation", s.microbatch, stage + 1, s.stage, (stage + 1) % p))
+            out.append(Message(s.end, "activation", s.microbatch, stage + 1, s.pp_rank, (stage + 1) % p))
         elif s.kind == "B" and stage > 0:
-            out.append(Message(s.end, "grad", s.microbatch, stage - 1, s.stage, (stage - 1) % p))
+            out.append(Message(s.end, "grad", s.microbatch, stage - 1, s.pp_rank, (stage - 1) % p))
     return sorted(out)
 
 
@@ -113,5 +113,5 @@ def bubble_time(spans: List[Span]) -> Dict[int, float]:
     makespan = max(s.end for s in spans) - min(s.start for s in spans)
     busy: Dict[int, float] = {}
     for s in spans:
-        busy[s.stage] = busy.get(s.stage, 0.0) + s.end - s.start
+        busy[s.pp_rank] = busy.get(s.pp_rank, 0.0) + s.end - s.start
     return {rank: makespan - b for rank, b in busy.items()}

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+from megalite.config import ModelConfig
+from megalite.model.gpt import GPTModel
+from megalite.parallel.state import ProcessGrid
+
 
 def virtual_stage_layer_counts(num_layers: int, pp_size: int, virtual_pp_size: Optional[int] = None,
                                first_stage_layers: Optional[int] = None,
@@ -30,14 +34,13 @@ def virtual_stage_layer_counts(num_layers: int, pp_size: int, virtual_pp_size: O
     """
     v = virtual_pp_size or 1
     if num_layers < 1 or pp_size < 1:
-        raise ValueError(f"--num-layers {num_layers} and --pipeline-model-parallel-size {pp_size} must be >= 1")
+        raise ValueError(f"{num_layers} layers over {pp_size} pipeline stages: both must be at least 1")
     if v > 1 and pp_size == 1:
-        raise ValueError(f"--virtual-pipeline-model-parallel-size {v} needs --pipeline-model-parallel-size > 1; "
-                         f"drop the virtual size or use 2 or more pipeline stages")
+        raise ValueError(f"a virtual pipeline of size {v} needs a pipeline size > 1")
     uneven = first_stage_layers is not None or last_stage_layers is not None
     if uneven and pp_size == 1:
-        raise ValueError("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1; "
-                         "with one stage every layer is on it")
+        raise ValueError("first/last stage layer counts need a pipeline size > 1; with one stage every "
+                         "layer is on it")
 
     per_rank: List[Optional[int]] = [None] * pp_size
     if first_stage_layers is not None:
@@ -48,19 +51,18 @@ def virtual_stage_layer_counts(num_layers: int, pp_size: int, virtual_pp_size: O
     free_ranks = [r for r in range(pp_size) if per_rank[r] is None]
     rest = num_layers - fixed
     if rest < 0 or (not free_ranks and rest != 0):
-        raise ValueError(f"--decoder-first-pipeline-num-layers {first_stage_layers} and "
-                         f"--decoder-last-pipeline-num-layers {last_stage_layers} do not add up with "
-                         f"--num-layers {num_layers} over {pp_size} stages")
+        raise ValueError(f"first stage {first_stage_layers} and last stage {last_stage_layers} layers do not add "
+                         f"up with {num_layers} layers over {pp_size} stages")
     if free_ranks:
         unit = len(free_ranks) * v
         if rest % unit:
             what = "the middle stages" if uneven else "the stages"
-            raise ValueError(f"--num-layers {num_layers} does not split evenly: {rest} layers over {what} "
+            raise ValueError(f"{num_layers} layers do not split evenly: {rest} layers over {what} "
                              f"({len(free_ranks)} ranks x {v} virtual chunks = {unit}); use a multiple of {unit} "
                              f"layers" + (" there" if uneven else "") + " or change the pipeline/virtual size")
         for r in free_ranks:
             per_rank[r] = rest // len(free_ranks)
-    for r, name in ((0, "--decoder-first-pipeline-num-layers"), (pp_size - 1, "--decoder-last-pipeline-num-layers")):
+    for r, name in ((0, "the first stage's layer count"), (pp_size - 1, "the last stage's layer count")):
         if per_rank[r] % v:
             raise ValueError(f"{name} {per_rank[r]} does not split into {v} virtual chunks; use a multiple of {v}")
     return [per_rank[r] // v for _chunk in range(v) for r in range(pp_size)]
@@ -85,7 +87,7 @@ def layer_numbers_for(num_layers: int, pp_size: int, pp_rank: int, virtual_pp_si
     return list(range(start, start + counts[stage]))
 
 
-def build_model_chunks(config, grid, model_cls=None, *, first_stage_layers: Optional[int] = None,
+def build_model_chunks(config: ModelConfig, grid: ProcessGrid, model_cls=None, *, first_stage_layers: Optional[int] = None,
                        last_stage_layers: Optional[int] = None, **kwargs) -> list:
     """This rank's model chunks (one per virtual stage; one without a virtual pipeline).
 
@@ -95,7 +97,6 @@ def build_model_chunks(config, grid, model_cls=None, *, first_stage_layers: Opti
     :class:`megalite.model.gpt.GPTModel`.
     """
     if model_cls is None:
-        from megalite.model.gpt import GPTModel  # imported lazily: the model imports the parallel layers
         model_cls = GPTModel
     v = grid.virtual_pp_size or 1
     chunks = []

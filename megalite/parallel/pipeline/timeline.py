@@ -15,10 +15,15 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import torch
+import torch.distributed as dist
+
+from megalite.parallel.state import ProcessGrid
+
 
 @dataclass(frozen=True)
 class Span:
-    stage: int          # pipeline rank (row of the chart)
+    pp_rank: int        # pipeline rank (row of the chart)
     kind: str           # "F", "B" or "W"
     microbatch: int
     chunk: int          # virtual chunk (0 without a virtual pipeline)
@@ -29,8 +34,8 @@ class Span:
 class Timeline:
     """Records this rank's passes; pass it to a schedule as ``timeline=``."""
 
-    def __init__(self, stage: int = 0, clock=time.perf_counter):
-        self.stage = stage
+    def __init__(self, pp_rank: int = 0, clock=time.perf_counter):
+        self.pp_rank = pp_rank
         self.clock = clock
         self.spans: List[Span] = []
 
@@ -38,7 +43,7 @@ class Timeline:
     def span(self, kind: str, microbatch: int, chunk: int = 0):
         start = self.clock()
         yield
-        self.spans.append(Span(self.stage, kind, microbatch, chunk, start, self.clock()))
+        self.spans.append(Span(self.pp_rank, kind, microbatch, chunk, start, self.clock()))
 
     def clear(self) -> None:
         self.spans.clear()
@@ -49,21 +54,19 @@ def record(timeline: Optional[Timeline], kind: str, microbatch: int, chunk: int 
     return timeline.span(kind, microbatch, chunk) if timeline is not None else contextlib.nullcontext()
 
 
-def gather_spans(timeline: Timeline, grid) -> Optional[List[Span]]:
+def gather_spans(timeline: Timeline, grid: ProcessGrid) -> Optional[List[Span]]:
     """All stages' spans on pipeline rank 0 (None elsewhere), times relative to the earliest start.
 
     Collective over the pipeline group.  Clocks of different processes on one machine share
     ``perf_counter``'s epoch; across machines the offsets are unknown, so draw per-machine runs only.
     """
-    import torch.distributed as dist
-
     gathered: List[Optional[List[Span]]] = [None] * grid.pp_size
     dist.all_gather_object(gathered, timeline.spans, group=grid.pp_group)
     if grid.pp_rank != 0:
         return None
     spans = [s for stage_spans in gathered for s in stage_spans]
     t0 = min((s.start for s in spans), default=0.0)
-    return [Span(s.stage, s.kind, s.microbatch, s.chunk, s.start - t0, s.end - t0) for s in spans]
+    return [Span(s.pp_rank, s.kind, s.microbatch, s.chunk, s.start - t0, s.end - t0) for s in spans]
 
 
 def bubble_fraction(spans: Sequence[Span]) -> float:
@@ -77,7 +80,7 @@ def bubble_fraction(spans: Sequence[Span]) -> float:
     makespan = max(s.end for s in spans) - min(s.start for s in spans)
     busy: Dict[int, float] = {}
     for s in spans:
-        busy[s.stage] = busy.get(s.stage, 0.0) + (s.end - s.start)
+        busy[s.pp_rank] = busy.get(s.pp_rank, 0.0) + (s.end - s.start)
     return sum((makespan - b) / b for b in busy.values()) / len(busy)
 
 
@@ -92,15 +95,15 @@ def draw_timeline(spans: Sequence[Span], path: str, title: str = "") -> str:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    stages = sorted({s.stage for s in spans})
+    stages = sorted({s.pp_rank for s in spans})
     makespan = max(s.end for s in spans) if spans else 1.0
     fig, ax = plt.subplots(figsize=(max(8.0, min(24.0, len(spans) / len(stages) * 0.45)), 0.6 * len(stages) + 1.4))
     for s in spans:
         shade = 1.0 - 0.35 * s.chunk  # later virtual chunks drawn lighter
-        ax.barh(s.stage, s.end - s.start, left=s.start, height=0.8, color=COLOURS[s.kind],
+        ax.barh(s.pp_rank, s.end - s.start, left=s.start, height=0.8, color=COLOURS[s.kind],
                 alpha=max(0.35, shade), edgecolor="black", linewidth=0.4)
         label = str(s.microbatch) if s.chunk == 0 else f"{s.microbatch}.{s.chunk}"
-        ax.text(s.start + (s.end - s.start) / 2, s.stage, label, ha="center", va="center", fontsize=7)
+        ax.text(s.start + (s.end - s.start) / 2, s.pp_rank, label, ha="center", va="center", fontsize=7)
     ax.set_yticks(stages)
     ax.set_yticklabels([f"stage {p}" for p in stages])
     ax.invert_yaxis()
@@ -116,3 +119,16 @@ def draw_timeline(spans: Sequence[Span], path: str, title: str = "") -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def draw_step_timeline(timeline: Timeline, grid: ProcessGrid, path: str, title: str,
+                       device: torch.device) -> float:
+    """Gather one step's spans over the pipeline, draw them to ``path`` (global rank 0) and return
+    the bubble fraction, known on every rank of the pipeline.  Collective over the pipeline group."""
+    spans = gather_spans(timeline, grid) if grid.pp_size > 1 else list(timeline.spans)
+    bubble = torch.tensor([bubble_fraction(spans) if spans is not None else 0.0], dtype=torch.float64, device=device)
+    if grid.pp_size > 1:  # pipeline rank 0 has the number; make it known to the whole pipeline
+        dist.broadcast(bubble, src=grid.ranks["pp"][0], group=grid.pp_group)
+    if grid.rank == 0:
+        draw_timeline(spans, path, title=title)
+    return float(bubble)

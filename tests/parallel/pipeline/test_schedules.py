@@ -26,9 +26,8 @@ import functools
 import pytest
 import torch
 
-from megalite.parallel.pipeline.orders import build_order
-from megalite.parallel.pipeline.schedules import (SCHEDULES, forward_backward_no_pipelining,
-                                                  get_forward_backward_func)
+from megalite.parallel.pipeline.orders import SCHEDULES, build_order
+from megalite.parallel.pipeline.schedules import forward_backward_no_pipelining, get_forward_backward_func
 from megalite.parallel.pipeline.simulator import peak_in_flight
 from megalite.testing import run_on_ranks
 
@@ -136,9 +135,9 @@ def test_get_forward_backward_func_choices_and_errors():
     assert get_forward_backward_func(4, None).__name__ == "forward_backward_1f1b"
     assert get_forward_backward_func(4, 2).__name__ == "forward_backward_interleaved"
     assert get_forward_backward_func(4, None, "zb-h1").__name__ == "forward_backward_zb_h1"
-    with pytest.raises(ValueError, match="needs --pipeline-model-parallel-size > 1"):
+    with pytest.raises(ValueError, match="needs a pipeline size > 1"):
         get_forward_backward_func(1, 2)
-    with pytest.raises(ValueError, match="use --pipeline-schedule interleaved"):
+    with pytest.raises(ValueError, match="use the interleaved schedule"):
         get_forward_backward_func(4, 2, "1f1b")
     with pytest.raises(ValueError, match="not one of"):
         get_forward_backward_func(4, None, "pipedream")

@@ -62,5 +62,5 @@ def test_interleaved_table_example_and_errors():
     assert interleaved_table(2, 2, 4) == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0), (2, 1), (3, 1)]
     with pytest.raises(ValueError, match="use a multiple of 4 \\(e.g. 4 or 8\\)"):
         build_order("interleaved", 4, 6, 2)
-    with pytest.raises(ValueError, match="virtual size"):
+    with pytest.raises(ValueError, match="virtual pipeline size is 2"):
         build_order("1f1b", 4, 8, 2)

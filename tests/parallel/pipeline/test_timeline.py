@@ -5,7 +5,7 @@ from megalite.parallel.pipeline.timeline import Span, Timeline, bubble_fraction,
 
 def test_timeline_records_spans_in_order():
     ticks = iter(range(10))
-    timeline = Timeline(stage=2, clock=lambda: next(ticks))
+    timeline = Timeline(pp_rank=2, clock=lambda: next(ticks))
     with timeline.span("F", 3, 1):
         pass
     assert timeline.spans == [Span(2, "F", 3, 1, 0, 1)]

@@ -1,0 +1,73 @@
+"""The data a training run reads: its tokenizer, train/valid datasets and per-rank micro-batches,
+built from the run's configs (``config.DataConfig`` and friends)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Protocol, Tuple
+
+import numpy as np
+import torch
+
+from megalite.config import DataConfig, ModelConfig, TrainingConfig
+from megalite.data.gpt_dataset import MockGPTDataset, build_gpt_datasets
+from megalite.data.sampler import PretrainingSampler
+from megalite.data.tokenizer import Tokenizer, build_tokenizer
+
+__all__ = ["SampleDataset", "MicroBatches", "tokenizer_from_config", "datasets_from_config"]
+
+
+class SampleDataset(Protocol):
+    """GPT samples by index: tokens, labels, loss_mask, position_ids, each ``[s]`` (GPTDataset,
+    BlendedDataset, MockGPTDataset)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Dict[str, np.ndarray]: ...
+
+
+class MicroBatches:
+    """This DP rank's micro-batches as dicts of tensors: tokens, labels, position_ids [b, s] int64,
+    loss_mask [b, s] float32.  Resumable: starts after ``consumed_samples`` (global count)."""
+
+    def __init__(self, dataset: SampleDataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 device: torch.device):
+        self.dataset, self.device = dataset, device
+        self.sampler = iter(PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        indices = next(self.sampler)
+        items = [self.dataset[i] for i in indices]
+        return {key: torch.from_numpy(np.stack([item[key] for item in items])).to(self.device)
+                for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def tokenizer_from_config(data: DataConfig, vocab_size: int) -> Optional[Tokenizer]:
+    """The ``--tokenizer-type`` tokenizer with its files, or None when no type is given."""
+    if data.tokenizer_type is None:
+        return None
+    return build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file, merge_file=data.merge_file,
+                           tokenizer_model=data.tokenizer_model, vocab_size=vocab_size)
+
+
+def datasets_from_config(data: DataConfig, model: ModelConfig, training: TrainingConfig) -> Tuple[SampleDataset, Optional[SampleDataset]]:
+    """(train, valid) datasets sized for the run; valid is None when the split gives it nothing."""
+    train_samples = training.train_iters * training.global_batch_size
+    eval_samples = training.eval_iters * training.global_batch_size
+    if data.mock_data:
+        # The validation stream uses another seed, so evaluation never sees training samples.
+        train = MockGPTDataset(model.vocab_size, model.seq_length, train_samples, model.seed)
+        valid = MockGPTDataset(model.vocab_size, model.seq_length, max(eval_samples, 1), model.seed + 1)
+        return train, valid
+    prefixes = list(data.data_path)
+    # As in Megatron: index arrays are cached next to the data unless --data-cache-path says where,
+    # so one rank builds them and every other rank (and every later run) memory-maps them.
+    cache_dir = data.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[-1])), "cache",
+                                                     "GPTDataset_indices")
+    train, valid, _ = build_gpt_datasets(prefixes, data.split, model.seq_length, model.seed,
+                                         (train_samples, eval_samples, 0), cache_dir=cache_dir)
+    if train is None:
+        raise ValueError(f"--split {data.split!r} leaves no training data; give the first part a positive weight")
+    return train, valid

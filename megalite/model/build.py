@@ -1,0 +1,48 @@
+"""A rank's model as training runs it: its pipeline chunks, in the run's precision, wrapped for
+data parallelism when that is needed."""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from megalite.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megalite.model.gpt import GPTModel
+from megalite.parallel.data_parallel import DistributedDataParallel
+from megalite.parallel.pipeline import stages
+from megalite.parallel.state import ProcessGrid
+
+__all__ = ["build_model", "wrap_for_data_parallel"]
+
+
+def build_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, grid: ProcessGrid,
+                device: torch.device) -> Tuple[List[torch.nn.Module], List[List[int]]]:
+    """Model chunks of this rank (one per virtual stage) and their global layer numbers."""
+    chunks = stages.build_model_chunks(model_cfg, grid, model_cls=GPTModel,
+                                       first_stage_layers=parallel_cfg.decoder_first_pipeline_num_layers,
+                                       last_stage_layers=parallel_cfg.decoder_last_pipeline_num_layers)
+    layer_numbers = [stages.layer_numbers_for(model_cfg.num_layers, grid.pp_size, grid.pp_rank,
+                                              grid.virtual_pp_size, v,
+                                              parallel_cfg.decoder_first_pipeline_num_layers,
+                                              parallel_cfg.decoder_last_pipeline_num_layers)
+                     for v in range(len(chunks))]
+    return [chunk.to(device) for chunk in chunks], layer_numbers
+
+
+def wrap_for_data_parallel(chunks: Sequence[torch.nn.Module], opt_cfg: OptimizerConfig,
+                           grid: ProcessGrid) -> List[torch.nn.Module]:
+    """Wrap each chunk in megalite's DDP (contiguous fp32 grad buffer, bucketed reduction) when it helps.
+
+    DDP is needed for data parallelism with overlap or ZeRO-1, and gives half-precision models fp32
+    gradient accumulation.  A lone fp32 replica stays a plain module: finalize_model_grads handles
+    plain modules (grads in ``.grad``), and there is nothing to reduce.
+    """
+    needed = grid.dp_size * grid.cp_size > 1 or opt_cfg.bf16 or opt_cfg.fp16 or \
+        opt_cfg.use_distributed_optimizer or opt_cfg.overlap_grad_reduce
+    if not needed:
+        return list(chunks)
+    kwargs = {"overlap_grad_reduce": opt_cfg.overlap_grad_reduce,
+              "use_distributed_optimizer": opt_cfg.use_distributed_optimizer}
+    if opt_cfg.ddp_bucket_size is not None:
+        kwargs["bucket_size"] = opt_cfg.ddp_bucket_size
+    return [DistributedDataParallel(chunk, grid, **kwargs) for chunk in chunks]
