@@ -27,11 +27,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import numpy as np  # noqa: E402
+from timing import alternating  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from megalite.data import helpers  # noqa: E402
 from megalite.data.indexed import IndexedDatasetBuilder, native_data_module  # noqa: E402
 from megalite.data.tokenizer import GPT2BPETokenizer, build_tokenizer  # noqa: E402
-from timing import alternating  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 GPT2 = os.path.join(ROOT, ".cache", "gpt2")
 
@@ -167,7 +167,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=float, default=50e6)
     parser.add_argument("--jsonl-mb", type=float, default=20)
-    parser.add_argument("--rounds", type=int, default=3, help="builder and preprocessing: median of this many alternating rounds")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="builder and preprocessing: median of this many alternating rounds")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, numpy {np.__version__}, "

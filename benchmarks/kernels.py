@@ -45,10 +45,10 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
+from timing import alternating  # benchmarks/timing.py, beside this script
 
 from megalite.ops import backend_name, layer_norm, rms_norm
 from megalite.optim.adam import FusedAdam, adam_step_master
-from timing import alternating  # benchmarks/timing.py, beside this script
 
 WARMUP = 2   # untimed runs of each function before its timed rounds (--quick: 1)
 NORM_ROUNDS = 3   # the norm rows take 5-50 ms a call: 3x the rounds for a steadier median on a shared machine
@@ -120,7 +120,9 @@ class Table:
     def render(self) -> str:
         titles = ("what", "shape", "megalite ms", "peer", "peer ms", "speedup", "megalite GB/s", "of copy")
         widths = [max(len(str(r[i])) for r in self.rows + [titles]) for i in range(len(titles))]
-        line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+
+        def line(row) -> str:
+            return "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"
         out = [self.header, line(titles), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         return "\n".join(out + [line(r) for r in self.rows] + self.notes)
 
@@ -179,8 +181,7 @@ def bench_adam_master(table: Table, device: torch.device, repeats: int, grad_dty
     nbytes = numel * (gsize + 3 * 4 + 3 * 4 + 2)   # read grad, master, m, v; write master, m, v, bf16 param
     table.add(f"mixed-precision step ({str(grad_dtype)[6:]} grads)", f"{numel / 1e6:.1f}M, bf16 params", ours_ms,
               "fused AdamW + copies", peer_ms, nbytes)
-    del peer_opt, masters, grads, model, exp_avgs, exp_avg_sqs
-    gc.collect()
+    # The buffers go with this frame (the timed closures hold them until it returns).
 
 
 def rms_norm_expression(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

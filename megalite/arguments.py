@@ -13,8 +13,17 @@ import sys
 from dataclasses import MISSING, fields
 from typing import List, Optional, Sequence, Tuple, get_args, get_type_hints
 
-from megalite.config import (CONFIG_CLASSES, DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig,
-                             check_batch_sizes, choices, flag_name)
+from megalite.config import (
+    CONFIG_CLASSES,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainingConfig,
+    check_batch_sizes,
+    choices,
+    flag_name,
+)
 from megalite.parallel.pipeline.orders import check_schedule, default_schedule
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 

@@ -24,9 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalite.optim.optimizer import MegaliteOptimizer
+from megalite.optim.schedulers import LRScheduler
 from megalite.parallel.data_parallel import unwrap_model
 from megalite.parallel.param_info import param_info
 from megalite.parallel.random import get_rng_tracker
+from megalite.parallel.state import ProcessGrid
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
@@ -106,7 +109,8 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.Module], optimizer, scheduler, grid,
+def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.Module], optimizer: MegaliteOptimizer,
+                    scheduler: LRScheduler, grid: ProcessGrid,
                     *, consumed_samples: int, settings: Optional[dict] = None,
                     sharded_optimizer: bool = False, layer_numbers: Optional[Sequence[Sequence[int]]] = None) -> str:
     """Write iteration ``iteration`` under ``root`` (collective over all ranks); returns its folder.
@@ -129,7 +133,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
             "layer_numbers": [list(ln) for ln in layer_numbers] if layer_numbers is not None else None,
         }
         for i, chunk in enumerate(model_chunks):
-            state[_model_key(i, len(model_chunks))] = {k: _own_storage(v) for k, v in unwrap_model(chunk).state_dict().items()}
+            state[_model_key(i, len(model_chunks))] = {k: _own_storage(v)
+                                                        for k, v in unwrap_model(chunk).state_dict().items()}
         if optimizer is not None and not sharded_optimizer:
             state["optimizer"] = optimizer.state_dict()
         _atomic_save(state, os.path.join(folder, "model_optim_rng.pt"))
@@ -156,7 +161,8 @@ def _load(path: str):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimizer, scheduler, grid, *,
+def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: MegaliteOptimizer,
+                    scheduler: LRScheduler, grid: ProcessGrid, *,
                     iteration: Optional[int] = None, sharded_optimizer: bool = False,
                     load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
     """Restore the state saved by :func:`save_checkpoint`; returns ``(iteration, consumed_samples)``.
@@ -171,7 +177,8 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
             return 0, 0
     folder = rank_dir(root, iteration, grid.tp_rank, grid.pp_rank)
     if not os.path.isdir(folder):
-        saved = sorted(os.listdir(iteration_dir(root, iteration))) if os.path.isdir(iteration_dir(root, iteration)) else []
+        folder = iteration_dir(root, iteration)
+        saved = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         raise ValueError(f"--load {root}: iteration {iteration} has no folder for TP rank {grid.tp_rank}, PP rank "
                          f"{grid.pp_rank} (found {saved}); load with the layout it was saved with")
     state = _load(os.path.join(folder, "model_optim_rng.pt"))

@@ -203,9 +203,10 @@ class ParallelConfig:
         if self.world_size % model_ranks:
             raise ValueError(
                 f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
-                f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size {self.pipeline_model_parallel_size}"
-                f" x --context-parallel-size {self.context_parallel_size} = {model_ranks}; launch a multiple of "
-                f"{model_ranks} ranks or choose sizes whose product divides {self.world_size}")
+                f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                f"{self.pipeline_model_parallel_size} x --context-parallel-size {self.context_parallel_size} = "
+                f"{model_ranks}; launch a multiple of {model_ranks} ranks or choose sizes whose product divides "
+                f"{self.world_size}")
         if self.virtual_pipeline_model_parallel_size is not None and \
                 self.num_layers_per_virtual_pipeline_stage is not None:
             raise ValueError("give either --virtual-pipeline-model-parallel-size or "

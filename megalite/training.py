@@ -272,7 +272,8 @@ def train(run: Run) -> List[dict]:
     try:
         while run.iteration < cfg.train_iters:
             start = time.perf_counter()
-            last = run.iteration + 1 == cfg.train_iters or (cfg.exit_interval and (run.iteration + 1) % cfg.exit_interval == 0)
+            upcoming = run.iteration + 1
+            last = upcoming == cfg.train_iters or (cfg.exit_interval and upcoming % cfg.exit_interval == 0)
             timeline = Timeline(pp_rank=g.pp_rank) if cfg.timeline and last else None
             record = train_step(run, timeline)
             seconds = time.perf_counter() - start

@@ -35,7 +35,7 @@ fi
 need=()
 for pair in numpy:numpy regex:regex pytest:pytest pybind11:pybind11 setuptools:setuptools \
             wheel:wheel ninja:ninja tiktoken:tiktoken tokenizers:tokenizers \
-            matplotlib:matplotlib tqdm:tqdm; do
+            matplotlib:matplotlib tqdm:tqdm ruff:ruff; do
   mod="${pair%%:*}"; req="${pair#*:}"
   "$PY" -c "import $mod" >/dev/null 2>&1 || need+=("$req")
 done

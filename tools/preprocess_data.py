@@ -88,7 +88,8 @@ def preprocess(args) -> dict:
     context = mp.get_context("fork")
     progress = context.Array("q", 2 * len(shares), lock=False)  # per worker: docs, bytes done
     results = context.Queue()
-    processes = [context.Process(target=worker, args=(r, share, args, tokenizer, shard_prefixes[r], dtype, progress, results),
+    processes = [context.Process(target=worker,
+                                 args=(r, share, args, tokenizer, shard_prefixes[r], dtype, progress, results),
                                  daemon=True) for r, share in enumerate(shares)]
     stats = {}
     try:

@@ -52,7 +52,8 @@ def tokenizer_from_config(data: DataConfig, vocab_size: int) -> Optional[Tokeniz
                            tokenizer_model=data.tokenizer_model, vocab_size=vocab_size)
 
 
-def datasets_from_config(data: DataConfig, model: ModelConfig, training: TrainingConfig) -> Tuple[SampleDataset, Optional[SampleDataset]]:
+def datasets_from_config(data: DataConfig, model: ModelConfig,
+                         training: TrainingConfig) -> Tuple[SampleDataset, Optional[SampleDataset]]:
     """(train, valid) datasets sized for the run; valid is None when the split gives it nothing."""
     train_samples = training.train_iters * training.global_batch_size
     eval_samples = training.eval_iters * training.global_batch_size

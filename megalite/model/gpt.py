@@ -19,8 +19,12 @@ from torch import nn
 
 from megalite.config import ModelConfig
 from megalite.model.transformer import Dropout, TransformerBlock, build_norm, rotary_tables
-from megalite.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, initialize_from_seed,
-                                      vocab_parallel_cross_entropy)
+from megalite.parallel.layers import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    initialize_from_seed,
+    vocab_parallel_cross_entropy,
+)
 from megalite.parallel.mappings import scatter_to_sp, tp_size
 from megalite.parallel.param_info import Init, ParamInfo, mark_shared_embedding, set_param_info
 

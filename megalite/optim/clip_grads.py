@@ -21,15 +21,16 @@ whether an fp16 step overflowed at no extra collective.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megalite.parallel.param_info import param_info
+from megalite.parallel.state import ProcessGrid
 
 
-def param_is_counted_in_norm(param: torch.nn.Parameter, grid) -> bool:
+def param_is_counted_in_norm(param: torch.nn.Parameter, grid: Optional[ProcessGrid]) -> bool:
     """False for a copy whose gradient another rank of the same replica already counts (see module doc)."""
     if grid is None:
         return True

@@ -82,5 +82,6 @@ class ZeroOneShards:
             if chunk.group_size == 1:
                 continue
             for _, bucket, start, end in chunk.owned_ranges():
-                local = bucket.param_data[start - bucket.offset:end - bucket.offset].clone()  # input must not alias output
+                # A copy: the collective's input must not alias its output.
+                local = bucket.param_data[start - bucket.offset:end - bucket.offset].clone()
                 all_gather_into(bucket.param_data, local, group=chunk.group)

@@ -29,10 +29,10 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
+from megalite.config import OptimizerConfig
 from megalite.optim.adam import adam_step, adam_step_master  # fused kernels (csrc) behind these calls
 from megalite.optim.clip_grads import clip_grads_by_norm_, global_grad_norm, param_is_counted_in_norm
 from megalite.optim.mixed_precision import build_loss_scaler
-from megalite.config import OptimizerConfig
 from megalite.parallel.state import ProcessGrid
 
 
@@ -166,7 +166,8 @@ class MegaliteOptimizer:
         grads = [piece.grad() for piece in pieces]
         if self.loss_scaler is not None and grads:
             torch._foreach_mul_(grads, 1.0 / self.loss_scaler.scale)
-        grad_norm, found_inf = global_grad_norm(grads, [p.counted_in_norm for p in pieces], self.sharding.norm_groups(self.grid))
+        grad_norm, found_inf = global_grad_norm(grads, [p.counted_in_norm for p in pieces],
+                                                self.sharding.norm_groups(self.grid))
         if self.loss_scaler is not None:
             self.loss_scaler.update(found_inf)
         if found_inf:

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from megalite.parallel.collectives import reduce_scatter_into
 from megalite.parallel.param_info import param_info
+from megalite.parallel.state import ProcessGrid
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements; Megatron-LM's default (max(40M, 1M x DP))
 SHARD_ALIGNMENT = 64              # elements per ZeRO-1 shard are a multiple of this (256-byte fp32 rows)
@@ -145,7 +146,7 @@ class DistributedDataParallel(torch.nn.Module):
     reduce-scatter into ZeRO-1 shards and keep parameters in a contiguous buffer.
     """
 
-    def __init__(self, module: torch.nn.Module, grid, bucket_size: Optional[int] = DEFAULT_BUCKET_SIZE,
+    def __init__(self, module: torch.nn.Module, grid: ProcessGrid, bucket_size: Optional[int] = DEFAULT_BUCKET_SIZE,
                  overlap_grad_reduce: bool = False, use_distributed_optimizer: bool = False):
         super().__init__()
         self.module = module

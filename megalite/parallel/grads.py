@@ -82,7 +82,8 @@ def allreduce_embedding_grads(model_chunks: Sequence[torch.nn.Module], grid: Pro
     """Sum the tied embedding's grads over the first and last pipeline stage (no-op without PP)."""
     if grid.pp_size == 1 or not grid.is_embedding_rank:
         return
-    _all_reduce_coalesced([_grad_of(p) for p in _params(model_chunks, lambda info: info.shared_embedding)], grid.embedding_group)
+    tied = _params(model_chunks, lambda info: info.shared_embedding)
+    _all_reduce_coalesced([_grad_of(p) for p in tied], grid.embedding_group)
 
 
 @torch.no_grad()
@@ -90,7 +91,8 @@ def allreduce_sequence_parallel_grads(model_chunks: Sequence[torch.nn.Module], g
     """Sum the grads of TP-replicated, sequence-sharded parameters over TP (no-op without TP)."""
     if grid.tp_size == 1:
         return
-    _all_reduce_coalesced([_grad_of(p) for p in _params(model_chunks, lambda info: info.sequence_parallel)], grid.tp_group)
+    sequence_sharded = _params(model_chunks, lambda info: info.sequence_parallel)
+    _all_reduce_coalesced([_grad_of(p) for p in sequence_sharded], grid.tp_group)
 
 
 def finalize_model_grads(model_chunks: Sequence[torch.nn.Module], grid: ProcessGrid) -> None:

@@ -13,14 +13,13 @@ With ``t`` TP ranks (Shoeybi et al. 2019, Sec. 3; Korthikanti et al. 2022, Sec. 
 - :func:`vocab_parallel_cross_entropy` softmax cross-entropy on logits that stay split over the
   vocabulary: only ``[s, b]``-sized max / sums cross the wire.
 
-Initialization is TP-invariant: every parameter carries an :class:`~megalite.parallel.param_info.Init`; :func:`initialize_from_seed`
+Initialization is TP-invariant: every parameter carries an ``Init`` (``param_info.py``); :func:`initialize_from_seed`
 generates the FULL tensor from a generator seeded by (seed, the parameter's name in the full model)
 and keeps this rank's slice, so the TP=4 model holds exactly the slices of the TP=1 model.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -28,8 +27,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megalite.parallel.mappings import (all_gather_along, all_reduce, copy_to_tp, gather_from_tp, reduce_from_tp,
-                                        reduce_scatter_along, reduce_scatter_to_sp, scatter_to_tp, tp_rank, tp_size)
+from megalite.parallel.mappings import (
+    all_gather_along,
+    all_reduce,
+    copy_to_tp,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_along,
+    reduce_scatter_to_sp,
+    scatter_to_tp,
+    tp_rank,
+    tp_size,
+)
 from megalite.parallel.param_info import Init, ParamInfo, param_info, set_param_info
 
 
@@ -194,7 +203,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, vocab_size, label_smoothing):
-        size, rank = tp_size(), tp_rank()
+        rank = tp_rank()
         local_vocab, logits_dtype = logits.shape[-1], logits.dtype
         start = rank * local_vocab
         logits = logits.float()

@@ -6,8 +6,13 @@ import struct
 import numpy as np
 import pytest
 
-from megalite.data.indexed import (IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError,
-                                   native_data_module, best_token_dtype)
+from megalite.data.indexed import (
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    IndexedDatasetError,
+    best_token_dtype,
+    native_data_module,
+)
 
 NATIVE = [False] + ([True] if native_data_module() is not None else [])
 

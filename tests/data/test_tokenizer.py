@@ -7,7 +7,7 @@ import sysconfig
 import pytest
 
 from megalite.data.indexed import native_data_module
-from megalite.data.tokenizer import (GPT2BPETokenizer, NullTokenizer, TokenizerFileError, build_tokenizer)
+from megalite.data.tokenizer import GPT2BPETokenizer, NullTokenizer, TokenizerFileError, build_tokenizer
 
 GPT2_DIR = os.environ.get("MEGALITE_GPT2_DIR") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".cache", "gpt2")
@@ -17,7 +17,7 @@ needs_gpt2 = pytest.mark.skipif(not (os.path.exists(VOCAB) and os.path.exists(ME
 
 EDGE_CASES = [
     "Hello world", "", " ", "   leading spaces", "trailing spaces   ", "a" + " " * 40 + "b", "\n\n\t\n  \n",
-    "emoji 😀👍🏽 family 👨‍👩‍👧‍👦 flags 🇫🇷", "CJK 中文字符 日本語のテキスト 한국어", "combining: e\u0301 n\u0303 a\u030a\u0323",
+    "emoji 😀👍🏽 family 👨‍👩‍👧‍👦 flags 🇫🇷", "CJK 中文字符 日本語のテキスト 한국어", "combining: e\u0301 n\u0303 a\u030a\u0323",  # noqa: E501
     "<|endoftext|>", "text<|endoftext|>more <|endoftext|>", "It's they're we've I'm you'll he'd 'S",
     "numbers 12345 3.14159 1e-10 0x1F", "tabs\tand\r\nwindows\r\nlines", "\u00a0nbsp and \u2028 separators",
     "mixed123abc___!!!???", "ﬁ ligature Ω ß Straße", "\x00\x01 control \x7f bytes",

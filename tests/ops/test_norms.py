@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from megalite.ops import layer_norm, reference, rms_norm
-from tests.ops.kernel_tables import cpu_isa, native_isa, output_stores  # noqa: F401  (fixtures: CPU kernel tables)
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5),   # dweight/dbias: scaled by rows, see below
              torch.bfloat16: dict(rtol=2 ** -8, atol=2 ** -7),

@@ -115,7 +115,7 @@ def test_the_environment_sets_the_limit(value, error):
     """Read once per process, at the cache's first use: checked in a fresh interpreter.  A bad value is
     a RuntimeError from the norm and from the cache's own functions, not a crash."""
     script = ("import torch, megalite._C as C\n"
-              "for call in (lambda: torch.ops.megalite.rms_norm_forward(torch.ones(1024, 2048), torch.ones(2048), 1e-5),\n"
+              "for call in (lambda: torch.ops.megalite.rms_norm_forward(torch.ones(1024, 2048), torch.ones(2048), 1e-5),\n"  # noqa: E501 (a script)
               "             lambda: print(C.output_cache_stats()['limit_bytes'])):\n"
               "    try:\n"
               "        call()\n"

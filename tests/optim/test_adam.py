@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from megalite.optim.adam import FusedAdam, adam_step, adam_step_master, adam_step_master_reference
-from tests.ops.kernel_tables import cpu_isa, output_stores  # noqa: F401  (fixtures: CPU kernel tables, store kinds)
 
 TRAJECTORY_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 SHAPES = [(1,), (7,), (65537,), (), (3, 5)]
@@ -128,7 +127,9 @@ def test_master_trajectory_matches_torch_adamw_on_fp32_masters(cpu_isa, output_s
     gen = torch.Generator().manual_seed(4)
     masters0 = [torch.randn(shape, generator=gen) for shape in SHAPES]
     peer_masters = [torch.nn.Parameter(m.clone()) for m in masters0]
-    groups = lambda params: [{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:], "weight_decay": 0.0}]
+
+    def groups(params):
+        return [{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:], "weight_decay": 0.0}]
     peer = torch.optim.AdamW(groups(peer_masters), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     masters = [m.clone() for m in masters0]
     model = [m.to(model_dtype) for m in masters]
@@ -162,7 +163,8 @@ def test_master_trajectory_matches_torch_adamw_on_fp32_masters(cpu_isa, output_s
 def test_master_step_without_finite_check(cpu_isa):
     """check_finite=False (the caller proved the grads finite) updates exactly as the checked step,
     and really skips the check: an inf then reaches the weights and the flag stays down."""
-    checked, unchecked = master_case(torch.bfloat16, torch.float32, 1.0), master_case(torch.bfloat16, torch.float32, 1.0)
+    checked = master_case(torch.bfloat16, torch.float32, 1.0)
+    unchecked = master_case(torch.bfloat16, torch.float32, 1.0)
     adam_step_master(*checked, **HYPER)
     assert adam_step_master(*unchecked, **HYPER, check_finite=False).item() == 0.0
     for got, want in zip(sum(unchecked, []), sum(checked, [])):

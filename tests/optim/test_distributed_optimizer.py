@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from megalite.optim.distributed import zero1_bytes_per_param
 from megalite.optim import build_optimizer
+from megalite.optim.distributed import zero1_bytes_per_param
 from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.state import initialize_grid
 from megalite.testing import run_on_ranks

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from megalite.optim.mixed_precision import ConstantLossScaler, DynamicLossScaler
 from megalite.optim import build_optimizer
+from megalite.optim.mixed_precision import ConstantLossScaler, DynamicLossScaler
 from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.state import initialize_grid
 from megalite.testing import run_on_ranks

@@ -290,14 +290,15 @@ def _train_gpt(model, optimizer, grid, accumulation, dp_size, dp_rank, steps=STE
         optimizer.zero_grad()
         tokens, labels = _gpt_batch(step)
         per_rank = tokens.shape[0] // dp_size
-        tokens, labels = tokens[dp_rank * per_rank:(dp_rank + 1) * per_rank], labels[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        tokens, labels = tokens[mine], labels[mine]
         micro = per_rank // accumulation
         for i in range(accumulation):
             sync = contextlib.nullcontext() if i == accumulation - 1 or grid is None else model.no_sync()
             with sync:
-                t, l = tokens[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro]
+                t, y = tokens[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro]
                 positions = torch.arange(t.shape[1]).expand_as(t)
-                loss = loss_from_per_token(model(t, positions, labels=l), torch.ones_like(l, dtype=torch.float32))
+                loss = loss_from_per_token(model(t, positions, labels=y), torch.ones_like(y, dtype=torch.float32))
                 (loss / accumulation).backward()
         if grid is not None:
             finalize_model_grads([model], grid)
@@ -324,7 +325,8 @@ def test_gpt_parity_dp2_zero1_overlap_accumulation():
     # micro-batches, so only the DP machinery differs (a single micro-batch of 8 changes the
     # activations' round-off by itself; that is the matmul's business, not DDP's).
     reference_model = gpt.GPTModel(_gpt_config())
-    reference, reference_losses = _train_gpt(reference_model, build_optimizer([reference_model], opt_config(lr=3e-3), None),
+    reference_optimizer = build_optimizer([reference_model], opt_config(lr=3e-3), None)
+    reference, reference_losses = _train_gpt(reference_model, reference_optimizer,
                                              None, accumulation=4, dp_size=1, dp_rank=0)
     assert reference_losses[-1] < reference_losses[0] - 0.2
     for results in run_on_ranks(_gpt_parity, 2):

@@ -4,8 +4,14 @@ import torch
 import torch.nn.functional as F
 
 from megalite.parallel import state
-from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      initialize_from_seed, name_seed, vocab_parallel_cross_entropy)
+from megalite.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    initialize_from_seed,
+    name_seed,
+    vocab_parallel_cross_entropy,
+)
 from megalite.parallel.param_info import Init
 from megalite.testing import run_on_ranks
 

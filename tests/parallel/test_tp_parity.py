@@ -1,4 +1,4 @@
-"""Parity: a TP / SP / recompute layout trains exactly like the one-process model (DESIGN.md, "Parity").
+"""Parity: a TP / SP / recompute layout trains exactly like the one-process model (docs/architecture.md, "Parity").
 
 The matrix: variant {GPT, LLaMA-with-GQA} x TP {1, 2, 4} x sequence parallelism {off, on} x recompute
 {none, selective, full-uniform, full-block}, dropout off: the full product at TP 2 and 4 (32 cases);

@@ -3,11 +3,11 @@ import gzip
 import json
 import os
 
+import merge_datasets
 import numpy as np
+import preprocess_data
 import pytest
 
-import merge_datasets
-import preprocess_data
 from megalite.data.indexed import IndexedDataset, IndexedDatasetError
 from megalite.data.tokenizer import build_tokenizer
 

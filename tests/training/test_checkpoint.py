@@ -50,7 +50,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
     assert os.path.isfile(os.path.join(save, "iter_0000003", "mp_rank_00_000", "model_optim_rng.pt"))
     if "--use-distributed-optimizer" in flags:
         for dp_rank in range(world):
-            assert os.path.isfile(os.path.join(checkpoint.rank_dir(save, 3, 0, 0), f"optimizer_dp{dp_rank:03d}_cp000.pt"))
+            shard = f"optimizer_dp{dp_rank:03d}_cp000.pt"
+            assert os.path.isfile(os.path.join(checkpoint.rank_dir(save, 3, 0, 0), shard))
     second, resumed_params = run_on_ranks(_train_and_report, world, argv + ["--load", save], timeout=120)[0]
 
     assert [r[0] for r in first] == [1, 2, 3] and [r[0] for r in second] == [4, 5, 6]
@@ -62,7 +63,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
 
 def test_checkpoint_loads_with_weights_only(tmp_path):
     save = str(tmp_path / "ckpt")
-    run_on_ranks(_train_and_report, 1, TINY + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", save], timeout=120)
+    run_on_ranks(_train_and_report, 1, TINY + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", save],
+                 timeout=120)
     folder = checkpoint.rank_dir(save, 1, 0, 0)
     state = torch.load(os.path.join(folder, "model_optim_rng.pt"), weights_only=True)
     assert state["iteration"] == 1 and state["consumed_samples"] == 4
@@ -85,7 +87,8 @@ def test_rng_state_round_trip():
 
 def test_load_refuses_a_different_layout_and_missing_dir(tmp_path):
     save = str(tmp_path / "ckpt")
-    run_on_ranks(_train_and_report, 1, TINY + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", save], timeout=120)
+    run_on_ranks(_train_and_report, 1, TINY + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", save],
+                 timeout=120)
     with open(os.path.join(save, checkpoint.TRACKER_FILE), "w") as f:
         f.write("oops")
     with pytest.raises(ValueError, match="should hold an iteration number"):

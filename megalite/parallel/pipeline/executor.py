@@ -29,16 +29,17 @@ import torch
 from megalite.parallel.data_parallel import unwrap_model
 from megalite.parallel.state import ProcessGrid, get_grid
 
-from .orders import Pass, build_order
-from .p2p import exchange, message_shape, release_output
 from .microbatch import forward_and_loss
+from .orders import Pass, ScheduleOrder, build_order
+from .p2p import exchange, message_shape, release_output
 from .simulator import Message, messages, simulate
-from .timeline import record
+from .timeline import Timeline, record
 
 
 def pipelined_forward_backward(*, schedule: str, forward_step_func, data_iterator, model, num_microbatches: int,
                                seq_length: int, micro_batch_size: int, forward_only: bool = False,
-                               no_sync_func=None, grid=None, timeline=None) -> List[dict]:
+                               no_sync_func=None, grid: Optional[ProcessGrid] = None,
+                               timeline: Optional[Timeline] = None) -> List[dict]:
     if grid is None:
         grid = get_grid()
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -54,8 +55,9 @@ def pipelined_forward_backward(*, schedule: str, forward_step_func, data_iterato
 class StageRunner:
     """One rank's state during one step: received inputs, outputs awaiting their gradient, ..."""
 
-    def __init__(self, order, chunks, grid, forward_step_func, data_iterator, seq_length, micro_batch_size,
-                 forward_only, no_sync_func, timeline):
+    def __init__(self, order: ScheduleOrder, chunks: List[torch.nn.Module], grid: ProcessGrid, forward_step_func,
+                 data_iterator, seq_length: int, micro_batch_size: int, forward_only: bool, no_sync_func,
+                 timeline: Optional[Timeline]):
         self.order, self.chunks, self.grid = order, chunks, grid
         self.p, self.v, self.rank = order.pp_size, order.virtual_pp_size, grid.pp_rank
         self.num_microbatches = order.num_microbatches
@@ -87,7 +89,8 @@ class StageRunner:
         next_message = 0
         for index, (step, start) in enumerate(zip(self.passes, self.starts)):
             next_message = self.exchange_until(start, next_message)
-            with self.activations.tagged((step.microbatch, step.chunk)) if self.activations else contextlib.nullcontext():
+            tagged = self.activations.tagged((step.microbatch, step.chunk)) if self.activations else None
+            with tagged or contextlib.nullcontext():
                 with record(self.timeline, step.kind, step.microbatch, step.chunk):
                     with self.sync_context(index, step):
                         getattr(self, "run_" + step.kind)(step)

@@ -1,6 +1,6 @@
 """Point-to-point messages between pipeline stages: activations forward, their gradients back.
 
-Every message has the fixed shape ``[s/tp if sequence-parallel else s, b, h]`` (DESIGN.md), so the
+Every message has the fixed shape ``[s/tp if sequence-parallel else s, b, h]`` (docs/architecture.md), so the
 receiver allocates its buffer without being told a shape.  A schedule never waits on a single
 send or receive: it runs the *exchanges* the simulator derived from its order (``executor.py``),
 each a batch of sends and receives that every involved rank posts at the same point of its order,

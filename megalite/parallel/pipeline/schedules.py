@@ -27,10 +27,13 @@ from typing import Callable, List, Optional
 
 import torch
 
+from megalite.parallel.state import ProcessGrid
+
 from .executor import pipelined_forward_backward
 from .microbatch import forward_and_loss
 from .orders import check_schedule, default_schedule
-from .timeline import record
+from .timeline import Timeline, record
+
 
 def get_forward_backward_func(pp_size: int, virtual_pp_size: Optional[int] = None,
                               schedule: Optional[str] = None) -> Callable[..., List[dict]]:
@@ -52,7 +55,8 @@ def get_forward_backward_func(pp_size: int, virtual_pp_size: Optional[int] = Non
 
 def forward_backward_no_pipelining(*, forward_step_func, data_iterator, model, num_microbatches: int,
                                    seq_length: int, micro_batch_size: int, forward_only: bool = False,
-                                   no_sync_func=None, grid=None, timeline=None) -> List[dict]:
+                                   no_sync_func=None, grid: Optional[ProcessGrid] = None,
+                                   timeline: Optional[Timeline] = None) -> List[dict]:
     """Gradient accumulation on one stage: forward and backward each micro-batch in turn.
 
     Gradients of micro-batches 0..m-2 accumulate locally (inside ``no_sync_func()``); the last

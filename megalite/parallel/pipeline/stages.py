@@ -87,7 +87,8 @@ def layer_numbers_for(num_layers: int, pp_size: int, pp_rank: int, virtual_pp_si
     return list(range(start, start + counts[stage]))
 
 
-def build_model_chunks(config: ModelConfig, grid: ProcessGrid, model_cls=None, *, first_stage_layers: Optional[int] = None,
+def build_model_chunks(config: ModelConfig, grid: ProcessGrid, model_cls=None, *,
+                       first_stage_layers: Optional[int] = None,
                        last_stage_layers: Optional[int] = None, **kwargs) -> list:
     """This rank's model chunks (one per virtual stage; one without a virtual pipeline).
 

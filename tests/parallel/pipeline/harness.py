@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 # Imported here, before run_on_ranks forks: autograd imports it lazily on the first backward from a
 # GradientEdge (the executor's sent outputs), ~1 s that every forked rank would otherwise pay.
 import torch.fx.experimental.symbolic_shapes  # noqa: F401

@@ -1,6 +1,6 @@
 """Pipelined training of GPTModel equals one-rank training: loss per step and parameters after 5 steps.
 
-The matrix (issue 4): PP {2, 4} x schedule {GPipe, 1F1B, interleaved v=2, ZB-H1} x micro-batches
+The matrix: PP {2, 4} x schedule {GPipe, 1F1B, interleaved v=2, ZB-H1} x micro-batches
 {PP, PP+1, 2 PP} (the odd PP+1 is refused by interleaved; see test_simulator) for a GPT model (tied
 embedding), and PP {2, 4} x every schedule at 2 PP micro-batches for a LLaMA-style one (RMSNorm,
 SwiGLU, rotary, GQA, untied output).  The model has 2 layers per pipeline rank (1 per virtual
