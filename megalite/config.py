@@ -15,7 +15,13 @@ from typing import Any, List, Literal, Optional, get_args, get_origin, get_type_
 
 from megalite.parallel.pipeline.orders import PipelineSchedule
 
+# Choices that the code reading them imports from here (optim/schedulers.py, data/tokenizer.py);
+# the pipeline schedules live with their orders.
+DecayStyle = Literal["linear", "cosine", "constant"]
+TokenizerType = Literal["GPT2BPETokenizer", "HuggingFaceTokenizer", "TikTokenizer", "NullTokenizer"]
+
 __all__ = ["ModelConfig", "OptimizerConfig", "ParallelConfig", "DataConfig", "TrainingConfig", "CONFIG_CLASSES",
+           "DecayStyle", "TokenizerType",
            "flag", "flag_name", "choices", "check_batch_sizes"]
 
 
@@ -234,8 +240,8 @@ class DataConfig:
     split: str = flag("969,30,1", "train,valid,test proportions")
     mock_data: bool = flag(False, "train on deterministic synthetic tokens instead of --data-path")
     data_cache_path: Optional[str] = flag(None, "folder for the sample index cache; default next to the data")
-    tokenizer_type: Optional[Literal["GPT2BPETokenizer", "HuggingFaceTokenizer", "TikTokenizer", "NullTokenizer"]] = \
-        flag(None, "tokenizer the data was made with (its size sets the vocabulary)")
+    tokenizer_type: Optional[TokenizerType] = flag(None, "tokenizer the data was made with (its size sets the "
+                                                         "vocabulary)")
     vocab_file: Optional[str] = flag(None, "GPT-2 BPE vocab.json")
     merge_file: Optional[str] = flag(None, "GPT-2 BPE merges.txt")
     tokenizer_model: Optional[str] = flag(None, "Hugging Face tokenizer.json or tiktoken encoding name/file")
@@ -268,7 +274,7 @@ class TrainingConfig:
     lr_warmup_iters: int = flag(0, "steps of linear warm-up", at_least=0)
     lr_decay_iters: Optional[int] = flag(None, "steps over which the learning rate decays; default --train-iters",
                                          at_least=1)
-    lr_decay_style: Literal["linear", "cosine", "constant"] = flag("linear", "shape of the decay")
+    lr_decay_style: DecayStyle = flag("linear", "shape of the decay")
     save: Optional[str] = flag(None, "folder to save checkpoints to")
     load: Optional[str] = flag(None, "folder to resume from (may equal --save)")
     save_interval: Optional[int] = flag(None, "save every this many steps (and at the end)", at_least=1)

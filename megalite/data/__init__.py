@@ -4,8 +4,6 @@ from megalite.data.gpt_dataset import GPTDataset, MockGPTDataset, build_gpt_data
 from megalite.data.indexed import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
 from megalite.data.sampler import PretrainingSampler
 from megalite.data.tokenizer import Tokenizer, build_tokenizer
-from megalite.data.training_data import MicroBatches, datasets_from_config, tokenizer_from_config
 
 __all__ = ["BlendedDataset", "GPTDataset", "MockGPTDataset", "build_gpt_datasets", "IndexedDataset",
-           "IndexedDatasetBuilder", "IndexedDatasetError", "PretrainingSampler", "Tokenizer", "build_tokenizer",
-           "MicroBatches", "datasets_from_config", "tokenizer_from_config"]
+           "IndexedDatasetBuilder", "IndexedDatasetError", "PretrainingSampler", "Tokenizer", "build_tokenizer"]

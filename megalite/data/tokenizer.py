@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from functools import lru_cache
+from typing import get_args
 
 import numpy as np
 import regex
 
+from megalite.config import TokenizerType
 from megalite.data.indexed import native_data_module
 
 # GPT-2's pre-tokenizer (the same pattern as tiktoken's r50k/gpt2 and HF's ByteLevel).
@@ -296,7 +298,7 @@ class NullTokenizer(Tokenizer):
         return " ".join(str(int(i)) for i in ids)
 
 
-TOKENIZER_TYPES = ("GPT2BPETokenizer", "TikTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = get_args(TokenizerType)
 
 
 def build_tokenizer(tokenizer_type: str, vocab_file: str | None = None, merge_file: str | None = None,

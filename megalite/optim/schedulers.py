@@ -16,21 +16,24 @@ So the step right after warm-up runs at max_lr, and min_lr is reached after deca
 from __future__ import annotations
 
 import math
+from typing import get_args
+
+from megalite.config import DecayStyle
 
 
 class LRScheduler:
     """Sets ``optimizer.param_groups[*]["lr"]`` for the coming step; ``step()`` after each optimizer step."""
 
-    STYLES = ("linear", "cosine", "constant")
+    STYLES = get_args(DecayStyle)
 
     def __init__(self, optimizer, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
                  decay_style: str = "linear"):
         if decay_style not in self.STYLES:
-            raise ValueError(f"--lr-decay-style {decay_style!r}: choose one of {', '.join(self.STYLES)}")
+            raise ValueError(f"decay style {decay_style!r}: choose one of {', '.join(self.STYLES)}")
         if warmup_iters > decay_iters:
-            raise ValueError(f"--lr-warmup-iters {warmup_iters} exceeds --lr-decay-iters {decay_iters}")
+            raise ValueError(f"a warm-up of {warmup_iters} steps exceeds the decay's {decay_iters} steps")
         if min_lr > max_lr:
-            raise ValueError(f"--min-lr {min_lr} is above --lr {max_lr}")
+            raise ValueError(f"the minimum learning rate {min_lr} is above the peak {max_lr}")
         self.optimizer = optimizer
         self.max_lr, self.min_lr = float(max_lr), float(min_lr)
         self.warmup_iters, self.decay_iters, self.decay_style = int(warmup_iters), int(decay_iters), decay_style

@@ -1,7 +1,9 @@
-"""Fixtures that run a kernel test under every CPU kernel table this machine has (import them)."""
+"""Fixtures that run a kernel test under every CPU kernel table this machine has (loaded for every
+test by tests/conftest.py)."""
 import os
 
 import pytest
+import torch  # noqa: F401  (megalite._C links against torch's libraries: torch must be loaded first)
 
 
 def _native_isas():

@@ -52,7 +52,7 @@ def test_step_sets_optimizer_lr_and_state_round_trips():
 
 
 def test_bad_schedule_is_refused():
-    with pytest.raises(ValueError, match="--lr-warmup-iters 30 exceeds --lr-decay-iters 20"):
+    with pytest.raises(ValueError, match="a warm-up of 30 steps exceeds the decay's 20 steps"):
         make("linear", warmup=30, decay=20)
     with pytest.raises(ValueError, match="choose one of linear, cosine, constant"):
         make("wsd")

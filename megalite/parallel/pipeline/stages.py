@@ -35,8 +35,6 @@ def virtual_stage_layer_counts(num_layers: int, pp_size: int, virtual_pp_size: O
     v = virtual_pp_size or 1
     if num_layers < 1 or pp_size < 1:
         raise ValueError(f"{num_layers} layers over {pp_size} pipeline stages: both must be at least 1")
-    if v > 1 and pp_size == 1:
-        raise ValueError(f"a virtual pipeline of size {v} needs a pipeline size > 1")
     uneven = first_stage_layers is not None or last_stage_layers is not None
     if uneven and pp_size == 1:
         raise ValueError("first/last stage layer counts need a pipeline size > 1; with one stage every "
