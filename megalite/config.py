@@ -180,6 +180,9 @@ class OptimizerConfig:
             raise ValueError("--bf16 and --fp16 are exclusive; choose one")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
+        if self.min_loss_scale > self.initial_loss_scale:
+            raise ValueError(f"--min-loss-scale {self.min_loss_scale} is above --initial-loss-scale "
+                             f"{self.initial_loss_scale}")
 
 
 @dataclass

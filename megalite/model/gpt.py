@@ -73,9 +73,8 @@ class GPTModel(nn.Module):
         super().__init__()
         tp = tp_size()
         if tp != config.tensor_model_parallel_size:
-            raise ValueError(f"the process grid has TP size {tp} but the model config says "
-                             f"--tensor-model-parallel-size {config.tensor_model_parallel_size}; build both from "
-                             f"the same flags")
+            raise ValueError(f"the process grid has TP size {tp} but the model config's tensor_model_parallel_size "
+                             f"is {config.tensor_model_parallel_size}; build both from the same settings")
         self.config = config
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_numbers = list(range(config.num_layers)) if layer_numbers is None else list(layer_numbers)

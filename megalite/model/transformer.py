@@ -128,10 +128,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, output_init_std: float):
         super().__init__()
-        tp = tp_size()
-        if config.num_query_groups % tp:
-            raise ValueError(f"--num-query-groups {config.num_query_groups} is not divisible by "
-                             f"--tensor-model-parallel-size {tp}; use a TP size that divides it")
+        tp = tp_size()  # divides num_query_groups (ModelConfig checks it; GPTModel checks the grid agrees)
         self.head_dim = config.head_dim
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.local_groups = config.num_query_groups // tp

@@ -27,6 +27,6 @@ def build_optimizer(model_chunks: Sequence[torch.nn.Module], opt_config: Optimiz
         return MegaliteOptimizer(model_chunks, opt_config, grid, sharding=ZeroOneShards(model_chunks))
     if any(getattr(chunk, "use_distributed_optimizer", False) for chunk in model_chunks):
         # Such DDP only reduce-scatters: each rank's grads are valid in its own shard only.
-        raise ValueError("the model is wrapped for --use-distributed-optimizer (ZeRO-1) but the optimizer config "
-                         "does not set use_distributed_optimizer; pass the flag to both or to neither")
+        raise ValueError("the model is wrapped for ZeRO-1 (use_distributed_optimizer) but the optimizer config "
+                         "does not set use_distributed_optimizer; set it for both or for neither")
     return MegaliteOptimizer(model_chunks, opt_config, grid)

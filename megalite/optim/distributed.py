@@ -51,7 +51,7 @@ class ZeroOneShards:
     def __init__(self, ddp_chunks: Sequence[torch.nn.Module]):
         for i, chunk in enumerate(ddp_chunks):
             if not getattr(chunk, "use_distributed_optimizer", False):
-                raise ValueError(f"--use-distributed-optimizer needs model chunk {i} wrapped in "
+                raise ValueError(f"ZeRO-1 needs model chunk {i} wrapped in "
                                  f"DistributedDataParallel(..., use_distributed_optimizer=True) before "
                                  f"build_optimizer; got {type(chunk).__name__}")
         self.ddp_chunks = list(ddp_chunks)

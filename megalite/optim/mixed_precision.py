@@ -31,7 +31,7 @@ class ConstantLossScaler:
 
     def __init__(self, scale: float):
         if scale <= 0:
-            raise ValueError(f"--loss-scale {scale} must be positive")
+            raise ValueError(f"loss scale {scale} must be positive")
         self.scale = float(scale)
 
     def update(self, found_inf: bool) -> None:
@@ -50,13 +50,13 @@ class DynamicLossScaler:
     def __init__(self, initial_scale: float = 2.0 ** 32, min_scale: float = 1.0, growth_interval: int = 1000,
                  hysteresis: int = 2, growth_factor: float = 2.0, backoff_factor: float = 0.5):
         if initial_scale <= 0 or min_scale <= 0:
-            raise ValueError(f"--initial-loss-scale {initial_scale} and --min-loss-scale {min_scale} must be positive")
+            raise ValueError(f"initial scale {initial_scale} and minimum scale {min_scale} must be positive")
         if min_scale > initial_scale:
-            raise ValueError(f"--min-loss-scale {min_scale} is above --initial-loss-scale {initial_scale}")
+            raise ValueError(f"minimum scale {min_scale} is above the initial scale {initial_scale}")
         if growth_interval < 1:
-            raise ValueError(f"--loss-scale-window {growth_interval} must be at least 1")
+            raise ValueError(f"growth interval {growth_interval} must be at least 1")
         if hysteresis < 1:
-            raise ValueError(f"--hysteresis {hysteresis} must be at least 1")
+            raise ValueError(f"hysteresis {hysteresis} must be at least 1")
         self.scale = float(initial_scale)
         self.min_scale = float(min_scale)
         self.growth_interval = growth_interval

@@ -156,7 +156,7 @@ class DistributedDataParallel(torch.nn.Module):
         self.group_rank = dist.get_rank(self.group)
         self.bucket_size = DEFAULT_BUCKET_SIZE if bucket_size is None else int(bucket_size)
         if self.bucket_size < 1:
-            raise ValueError(f"--ddp-bucket-size {bucket_size} must be at least 1 element")
+            raise ValueError(f"bucket size {bucket_size} must be at least 1 element")
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
         self.sync_enabled = True

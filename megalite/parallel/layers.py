@@ -87,7 +87,7 @@ def new_parameter(shape, init: Init, partition_dim: Optional[int] = None,
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
-        raise ValueError(f"{what} {numerator} is not divisible by --tensor-model-parallel-size {denominator}")
+        raise ValueError(f"{what} {numerator} is not divisible by the TP size {denominator}")
     return numerator // denominator
 
 

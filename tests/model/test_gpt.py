@@ -140,5 +140,5 @@ def test_grouped_query_attention_needs_tp_to_divide_the_groups():
 
 
 def test_refuses_config_whose_tp_disagrees_with_the_grid():
-    with pytest.raises(ValueError, match="--tensor-model-parallel-size 2"):
+    with pytest.raises(ValueError, match="tensor_model_parallel_size is 2"):
         GPTModel(tiny_config("gpt", tensor_model_parallel_size=2))

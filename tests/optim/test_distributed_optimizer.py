@@ -104,7 +104,7 @@ def test_zero1_needs_ddp_wrapped_chunks():
         except ValueError as error:
             return str(error)
     message = run_on_ranks(body, 1)[0]
-    assert "--use-distributed-optimizer" in message and "DistributedDataParallel" in message
+    assert "ZeRO-1" in message and "DistributedDataParallel" in message
 
 
 def test_zero1_wrapped_model_needs_the_zero1_optimizer():
@@ -115,4 +115,4 @@ def test_zero1_wrapped_model_needs_the_zero1_optimizer():
             build_optimizer([model], opt_config(), grid)
         except ValueError as error:
             return str(error)
-    assert "--use-distributed-optimizer" in run_on_ranks(body, 1)[0]
+    assert "wrapped for ZeRO-1" in run_on_ranks(body, 1)[0]

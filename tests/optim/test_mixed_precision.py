@@ -40,11 +40,11 @@ def test_dynamic_scaler_grows_after_window_and_backs_off_after_hysteresis():
 
 
 def test_scaler_arguments_are_validated():
-    with pytest.raises(ValueError, match="--min-loss-scale 8"):
+    with pytest.raises(ValueError, match="minimum scale 8.0 is above the initial scale 4.0"):
         DynamicLossScaler(initial_scale=4.0, min_scale=8.0)
-    with pytest.raises(ValueError, match="--hysteresis 0"):
+    with pytest.raises(ValueError, match="hysteresis 0 must be at least 1"):
         DynamicLossScaler(hysteresis=0)
-    with pytest.raises(ValueError, match="--loss-scale -1"):
+    with pytest.raises(ValueError, match="loss scale -1 must be positive"):
         ConstantLossScaler(-1)
 
 

@@ -266,7 +266,7 @@ def test_bad_bucket_size_is_refused():
             DistributedDataParallel(ToyMLP(), grid, bucket_size=0)
         except ValueError as error:
             return str(error)
-    assert "--ddp-bucket-size 0" in run_on_ranks(body, 1)[0]
+    assert "bucket size 0 must be at least 1" in run_on_ranks(body, 1)[0]
 
 
 # -- the real model ----------------------------------------------------------------------------------

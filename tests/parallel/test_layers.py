@@ -156,5 +156,5 @@ def test_name_seed_is_stable_and_name_dependent():
 
 
 def test_sizes_that_do_not_split_are_refused(tp2):
-    assert "output size of a column-parallel layer 7 is not divisible by --tensor-model-parallel-size 2" in \
+    assert "output size of a column-parallel layer 7 is not divisible by the TP size 2" in \
         tp2[0]["refusal"]
