@@ -25,7 +25,8 @@ LINE_MARKER = re.compile(r'^# \d+ "([^"]+)"((?: \d)*)$')
 
 
 def sources_with_target_pragmas():
-    return sorted(p for p in CSRC.rglob("*.cpp") if any(TARGET_PRAGMA.match(l) for l in p.read_text().splitlines()))
+    return sorted(path for path in CSRC.rglob("*.cpp")
+                  if any(TARGET_PRAGMA.match(line) for line in path.read_text().splitlines()))
 
 
 def preprocess(compiler, source):
@@ -78,7 +79,7 @@ def test_no_system_header_below_a_target_pragma(compiler, source):
         pytest.skip(f"{compiler} finds no omp.h (clang needs libomp-dev), so it cannot build megalite here")
     assert result.returncode == 0, f"{compiler} -E {source.name} failed:\n{result.stderr[-2000:]}"
     pragma_seen, late = headers_entered_below_pragma(result.stdout, source.resolve())
-    assert pragma_seen, f"{compiler} -E {source.name}: no target pragma in the preprocessed output; update TARGET_PRAGMA"
+    assert pragma_seen, f"{compiler} -E {source.name}: no target pragma found in its output; update TARGET_PRAGMA"
     assert not late, "\n".join(
         f"{source.name}: {header} is first included (from {includer}) below the target pragma; "
         f"include it above the pragma in {source.name}" for header, includer in late)
