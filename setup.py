@@ -76,15 +76,9 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 
+# Name, version and dependencies (the torch floor among them) are in pyproject.toml's [project].
 setup(
-    name="megalite",
-    version="0.1.0",
-    description="Small, readable Megatron-style 3D-parallel training for GPT-family models",
     packages=find_packages(include=["megalite", "megalite.*"]),
-    python_requires=">=3.9",
-    # torch is deliberately unpinned here: scripts/setup_env.sh pins torch==2.13.0 on CPU machines
-    # and reuses a preinstalled CUDA torch on GPU machines.
-    install_requires=["torch>=2.1", "numpy", "regex"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

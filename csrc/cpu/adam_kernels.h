@@ -2,6 +2,8 @@
 //
 // Included by kernels_generic.cpp and kernels_avx2.cpp; everything here has internal linkage
 // (anonymous namespace) so each includer gets its own copy compiled for its instruction set.
+// A system header these kernel headers start to use must also be included above kernels_avx2.cpp's
+// target pragma (why: there; tests/ops/test_kernel_build.py fails until it is).
 #pragma once
 
 #include <omp.h>

@@ -97,6 +97,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # -- attention --------------------------------------------------------------------------------------
+# scaled_dot_product_attention takes enable_gqa from torch 2.5 on; below, down to the 2.4 floor in
+# pyproject.toml, causal_attention repeats k and v to the query heads, which is what it computes.
+SDPA_TAKES_GQA = torch.__version__ >= (2, 5)
+
+
+def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
+    """q: [b, a, s, d], k and v: [b, g, s, d] -> [b, a, s, d]; query head i reads group i // (a/g)."""
+    if k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if SDPA_TAKES_GQA:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
+    heads_per_group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(heads_per_group, dim=1), v.repeat_interleave(heads_per_group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
 class CoreAttention(nn.Module):
     """softmax(q k^T / sqrt(d) + causal mask) v, dropout on the probabilities.
 
@@ -114,8 +130,7 @@ class CoreAttention(nn.Module):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))   # [b, heads, s, d]
         dropout = self.dropout if self.training else 0.0
         with tp_random.get_rng_tracker().fork(tp_random.TENSOR_PARALLEL_RNG):
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                 enable_gqa=k.shape[1] != q.shape[1])
+            out = causal_attention(q, k, v, dropout)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 

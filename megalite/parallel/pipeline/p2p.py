@@ -40,13 +40,18 @@ def exchange(sends: List[Tuple[torch.Tensor, int, int]], recvs: List[Tuple[torch
         work.wait()
 
 
-def release_output(output: torch.Tensor) -> GradientEdge:
+# torch.autograd.backward and .grad take GradientEdges as outputs from torch 2.5 on.
+BACKWARD_TAKES_EDGES = torch.__version__ >= (2, 5)
+
+
+def release_output(output: torch.Tensor) -> GradientEdge | torch.Tensor:
     """Keep only the autograd edge of a sent activation, so its storage can go.
 
     Megatron-LM frees a sent output's storage by hand (``deallocate_output_tensor``) and then needs a
     backward that skips the shape check against the freed tensor.  Holding the gradient edge
     (grad_fn, output_nr) instead of the tensor does both: the tensor's memory is returned unless the
     graph itself saved it for backward, and ``torch.autograd.backward(edge, grad)`` checks ``grad``
-    against the shape the edge recorded.
+    against the shape the edge recorded.  Below torch 2.5 (down to the 2.4 floor) the output itself
+    is kept: the same backward, without the saving.
     """
-    return get_gradient_edge(output)
+    return get_gradient_edge(output) if BACKWARD_TAKES_EDGES else output
