@@ -1,18 +1,25 @@
 """The Megatron-style command line, generated from the config fields (``config.py``).
 
-Every field declared with ``config.flag`` becomes one flag: its name, type, choices (from a
+Every field declared with ``flags.flag`` becomes one flag: its name, type, choices (from a
 ``Literal``), default and help sentence all come from the field, so nothing about a flag is
 written twice.  :func:`parse_args` fills the five configs and then checks, once, the rules that
 span two of them (:func:`validate_together`).
+
+``--config run.yaml`` reads flags from a YAML mapping whose keys are flag names (``seq-length``
+or ``seq_length``); flags on the command line override the file.  :func:`resolved_config` is the
+inverse: the settings a run ended up with, as a mapping the same option reads back.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from dataclasses import MISSING, fields
-from typing import List, Optional, Sequence, Tuple, get_args, get_type_hints
+from dataclasses import MISSING, asdict, fields
+from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_type_hints
 
+import yaml
+
+from megalite.batch_schedule import BatchSchedule
 from megalite.config import (
     CONFIG_CLASSES,
     DataConfig,
@@ -21,13 +28,12 @@ from megalite.config import (
     ParallelConfig,
     TrainingConfig,
     check_batch_sizes,
-    choices,
-    flag_name,
 )
+from megalite.flags import choices, flag_name
 from megalite.parallel.pipeline.orders import check_schedule, default_schedule
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 
-__all__ = ["build_parser", "parse_args", "validate_together"]
+__all__ = ["build_parser", "parse_args", "validate_together", "resolved_config"]
 
 Configs = Tuple[ModelConfig, ParallelConfig, OptimizerConfig, DataConfig, TrainingConfig]
 
@@ -84,7 +90,51 @@ def build_parser() -> ArgumentParser:
     # A switch Megatron has that only gates another flag: --num-query-groups counts only with it.
     parser.add_argument("--group-query-attention", action="store_true",
                         help="use --num-query-groups key/value groups (grouped-query attention)")
+    parser.add_argument("--config", metavar="YAML", help="read flags from this YAML file (keys are flag names); "
+                        "the command line overrides it")
     return parser
+
+
+def yaml_defaults(parser: ArgumentParser, path: str) -> Dict[str, Any]:
+    """The flags of a YAML file as parser defaults (so that the command line overrides them)."""
+    try:
+        with open(path) as f:
+            document = yaml.safe_load(f)
+    except OSError as error:
+        raise ValueError(f"--config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ValueError(f"--config {path} must hold a mapping of flag names to values, "
+                         f"not a {type(document).__name__}")
+    actions = {option: action for action in parser._actions for option in action.option_strings}
+    defaults = {}
+    for key, value in document.items():
+        option = "--" + str(key).replace("_", "-")
+        action = actions.get(option)
+        if action is None or option in ("--config", "--help"):
+            raise ValueError(f"--config {path}: {key!r} is not a flag; see --help for the names")
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path}: {key} is a switch; give true or false, not {value!r}")
+            value = value if isinstance(action, argparse._StoreTrueAction) else not value
+        elif value is not None:
+            values = value if isinstance(value, list) else [value]
+            if action.nargs is None and isinstance(value, list):
+                raise ValueError(f"--config {path}: {key} takes one value, not a list")
+            try:
+                values = [action.type(v) if action.type else v for v in values]
+            except (TypeError, ValueError):
+                raise ValueError(f"--config {path}: {key}: {value!r} is not a valid {action.type.__name__}") from None
+            for v in values:
+                if action.choices is not None and v not in action.choices:
+                    allowed = ", ".join(map(str, action.choices))
+                    raise ValueError(f"--config {path}: {key}: {v!r} is not one of {allowed}")
+            value = values if action.nargs is not None else values[0]
+        defaults[action.dest] = value
+    return defaults
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> Configs:
@@ -95,8 +145,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    config_file = parser.parse_known_args(argv)[0].config
+    if config_file is not None:
+        parser.set_defaults(**yaml_defaults(parser, config_file))
     namespace = vars(parser.parse_args(argv))
-    gqa = namespace.pop("group_query_attention")
+    namespace.pop("config")
+    gqa = namespace.pop("group_query_attention", False)
     # Only what the command line gave (or a field's own default) reaches the dataclasses.
     given = {k: v for k, v in namespace.items() if v is not MISSING}
     if gqa and given.get("num_query_groups") is None:
@@ -126,6 +180,13 @@ def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: O
     if training.global_batch_size is None:
         training.global_batch_size = training.micro_batch_size * dp
     check_batch_sizes(training.global_batch_size, training.micro_batch_size, dp)
+    try:
+        batches = BatchSchedule(training.global_batch_size, training.micro_batch_size, dp, training.rampup_batch_size)
+    except ValueError as error:
+        raise ValueError(f"--rampup-batch-size {' '.join(map(str, training.rampup_batch_size))} with "
+                         f"--global-batch-size {training.global_batch_size}: {error}") from None
+    if training.train_samples is not None:
+        training.train_iters = batches.num_iterations(training.train_samples)
     if model.tensor_model_parallel_size != parallel.tensor_model_parallel_size or \
             model.sequence_parallel != parallel.sequence_parallel:
         raise ValueError("ModelConfig and ParallelConfig disagree on tensor-model-parallel-size/sequence-parallel")
@@ -162,3 +223,26 @@ def _given(config, name: str) -> str:
     field_ = next(f for f in fields(config) if f.name == name)
     return "" if value is None else f", {flag_name(field_)} {value}"
 
+
+
+def resolved_config(configs: Sequence[Any]) -> Dict[str, Any]:
+    """Every flag's value in a run's configs (derived defaults filled in), as ``--config`` reads it."""
+    parser = build_parser()
+    dests = {action.dest: action for action in parser._actions if action.option_strings}
+    resolved = {}
+    for config in configs:
+        for name, value in asdict(config).items():
+            action = dests.get(name)
+            if action is None:
+                continue  # not a flag (world size, the copies ModelConfig keeps of ParallelConfig's)
+            key = action.option_strings[0][2:].replace("-", "_")
+            resolved[key] = (not value) if isinstance(action, argparse._StoreFalseAction) else value
+    # What would read back as a contradiction: the iteration count derived from --train-samples,
+    # and query groups that are only a flag together with the switch that enables them.
+    if resolved.get("train_samples") is not None:
+        resolved.pop("train_iters")
+    if resolved["num_query_groups"] == resolved["num_attention_heads"]:
+        resolved.pop("num_query_groups")
+    else:
+        resolved["group_query_attention"] = True
+    return resolved

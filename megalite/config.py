@@ -1,7 +1,7 @@
 """Settings as dataclasses that validate themselves; each field is also the definition of its flag.
 
 A field is named after its Megatron-LM flag (``--num-query-groups`` <-> ``num_query_groups``) and
-declared with :func:`flag`: its type (``Literal[...]`` lists the allowed values), default, help
+declared with ``flags.flag``: its type (``Literal[...]`` lists the allowed values), default, help
 sentence and range live together here, and ``arguments.py`` generates the command line from them,
 so ``--help`` shows exactly what is declared.  Each class checks its own fields in ``__post_init__``
 (the declared choices and ranges, then the rules among its fields) and says what would work; rules that span
@@ -10,9 +10,10 @@ two configs are checked once, in ``arguments.validate_together``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any, List, Literal, Optional, get_args, get_origin, get_type_hints
+from dataclasses import dataclass
+from typing import List, Literal, Optional, Tuple
 
+from megalite.flags import check_fields, flag
 from megalite.parallel.pipeline.orders import PipelineSchedule
 
 # Choices that the code reading them imports from here (optim/schedulers.py, data/tokenizer.py);
@@ -22,53 +23,7 @@ TokenizerType = Literal["GPT2BPETokenizer", "HuggingFaceTokenizer", "TikTokenize
 
 __all__ = ["ModelConfig", "OptimizerConfig", "ParallelConfig", "DataConfig", "TrainingConfig", "CONFIG_CLASSES",
            "DecayStyle", "TokenizerType",
-           "flag", "flag_name", "choices", "check_batch_sizes"]
-
-
-def flag(default: Any, help: str, *, at_least: Optional[float] = None, above: Optional[float] = None,
-         at_most: Optional[float] = None, below: Optional[float] = None, name: Optional[str] = None,
-         cli: bool = True) -> Any:
-    """A config field that is also a command-line flag.
-
-    ``help``: the sentence ``--help`` shows.  ``at_least`` / ``above`` / ``at_most`` / ``below``: the
-    allowed range (checked in ``__post_init__``; None values are not checked).  ``name``: the flag
-    when Megatron spells it otherwise than ``--field-name``.  ``cli=False``: filled by code, not a flag.
-    """
-    return field(default=default, metadata={"help": help, "at_least": at_least, "above": above,
-                                            "at_most": at_most, "below": below, "name": name, "cli": cli})
-
-
-def flag_name(f) -> str:
-    return f.metadata.get("name") or "--" + f.name.replace("_", "-")
-
-
-def choices(annotation) -> Optional[tuple]:
-    """The allowed values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) annotation, else None."""
-    if get_origin(annotation) is Literal:
-        return get_args(annotation)
-    for arg in get_args(annotation):
-        if get_origin(arg) is Literal:
-            return get_args(arg)
-    return None
-
-
-def _check_fields(config) -> None:
-    """Each field against its declared choices and range (a None value is 'use the default')."""
-    hints = get_type_hints(type(config))
-    for f in fields(config):
-        value, meta = getattr(config, f.name), f.metadata
-        if value is None:
-            continue
-        allowed = choices(hints[f.name])
-        if allowed is not None and value not in allowed:
-            raise ValueError(f"{flag_name(f)} {value!r}: choose one of {', '.join(allowed)}")
-        if isinstance(value, (bool, str, list)):
-            continue
-        for key, fails, words in (("at_least", lambda v, b: v < b, "at least"), ("above", lambda v, b: v <= b, "above"),
-                                  ("at_most", lambda v, b: v > b, "at most"), ("below", lambda v, b: v >= b, "below")):
-            bound = meta.get(key)
-            if bound is not None and fails(value, bound):
-                raise ValueError(f"{flag_name(f)} must be {words} {bound:g}, got {value}")
+           "check_batch_sizes"]
 
 
 @dataclass
@@ -109,9 +64,19 @@ class ModelConfig:
               "--recompute-num-layers layers of each stage (block)")
     recompute_num_layers: Optional[int] = flag(None, "layers per recompute span / recomputed layers; default 1",
                                                at_least=1)
+    checkpoint_activations: bool = flag(False, "Megatron's older name for --recompute-granularity full "
+                                               "--recompute-method uniform")
+    # Accepted so Megatron's scripts run unchanged: attention always goes through torch's
+    # scaled_dot_product_attention, which picks the flash kernel by itself where the device has it.
+    use_flash_attn: bool = flag(False, "accepted for Megatron's scripts: attention uses torch's scaled-dot-product "
+                                       "attention, which picks flash attention itself where it can")
+    attention_backend: Literal["auto", "flash", "fused", "unfused", "local"] = flag(
+        "auto", "accepted for Megatron's scripts; every choice runs torch's scaled-dot-product attention")
 
     def __post_init__(self):
-        _check_fields(self)
+        check_fields(self)
+        if self.checkpoint_activations and self.recompute_granularity is None:
+            self.recompute_granularity, self.recompute_method = "full", self.recompute_method or "uniform"
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
@@ -175,7 +140,7 @@ class OptimizerConfig:
     ddp_bucket_size: Optional[int] = flag(None, "elements per gradient bucket; default 40M", at_least=1)
 
     def __post_init__(self):
-        _check_fields(self)
+        check_fields(self)
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are exclusive; choose one")
         if self.min_lr > self.lr:
@@ -204,10 +169,12 @@ class ParallelConfig:
     pipeline_schedule: Optional[PipelineSchedule] = flag(None, "pipeline schedule; default 1f1b, or interleaved "
                                                                "with a virtual pipeline")
     distributed_timeout_minutes: float = flag(10.0, "a collective that waits longer fails", above=0)
+    distributed_backend: Optional[Literal["nccl", "gloo"]] = flag(None, "collective backend; default nccl on GPUs, "
+                                                                        "gloo on CPUs")
     world_size: int = flag(1, "WORLD_SIZE under torchrun, else 1", at_least=1, cli=False)
 
     def __post_init__(self):
-        _check_fields(self)
+        check_fields(self)
         model_ranks = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
         if self.world_size % model_ranks:
             raise ValueError(
@@ -242,6 +209,8 @@ class DataConfig:
     data_path: Optional[List[str]] = flag(None, "a .bin/.idx prefix, or weight prefix weight prefix ... to blend")
     split: str = flag("969,30,1", "train,valid,test proportions")
     mock_data: bool = flag(False, "train on deterministic synthetic tokens instead of --data-path")
+    data_impl: Literal["mmap"] = flag("mmap", "indexed-dataset format: Megatron's memory-mapped .bin/.idx (the only "
+                                              "one it still has)")
     data_cache_path: Optional[str] = flag(None, "folder for the sample index cache; default next to the data")
     tokenizer_type: Optional[TokenizerType] = flag(None, "tokenizer the data was made with (its size sets the "
                                                          "vocabulary)")
@@ -269,39 +238,97 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    """Batches, iterations, the learning-rate schedule, checkpoints, evaluation and logging."""
+    """Batches, iterations, the learning-rate schedule, checkpoints, evaluation, logging and profiling.
+
+    The schedule counts iterations (``--train-iters``, ``--lr-*-iters``) or, Megatron's other way,
+    samples (``--train-samples``, ``--lr-*-samples``); ``lr_schedule_steps`` gives it in its unit.
+    """
 
     micro_batch_size: int = flag(1, "samples per micro-batch on each data-parallel rank", at_least=1)
     global_batch_size: Optional[int] = flag(None, "samples per optimizer step; default micro batch x DP", at_least=1)
-    train_iters: int = flag(100, "optimizer steps to train for", at_least=1)
+    rampup_batch_size: Optional[List[int]] = flag(None, "START INCR SAMPLES: grow the global batch from START by INCR "
+                                                        "over the first SAMPLES samples")
+    train_iters: Optional[int] = flag(None, "optimizer steps to train for; default 100", at_least=1)
+    train_samples: Optional[int] = flag(None, "samples to train on instead of --train-iters (the learning-rate "
+                                              "schedule then counts samples)", at_least=1)
     lr_warmup_iters: int = flag(0, "steps of linear warm-up", at_least=0)
     lr_decay_iters: Optional[int] = flag(None, "steps over which the learning rate decays; default --train-iters",
                                          at_least=1)
+    lr_warmup_samples: int = flag(0, "samples of linear warm-up (with --train-samples)", at_least=0)
+    lr_decay_samples: Optional[int] = flag(None, "samples over which the learning rate decays (with --train-samples)"
+                                                 "; default --train-samples", at_least=1)
+    lr_warmup_fraction: Optional[float] = flag(None, "warm-up as a fraction of the decay, instead of a count",
+                                               at_least=0, at_most=1)
     lr_decay_style: DecayStyle = flag("linear", "shape of the decay")
     save: Optional[str] = flag(None, "folder to save checkpoints to")
     load: Optional[str] = flag(None, "folder to resume from (may equal --save)")
     save_interval: Optional[int] = flag(None, "save every this many steps (and at the end)", at_least=1)
     eval_interval: int = flag(1000, "evaluate every this many steps (and at the end)", at_least=1)
     eval_iters: int = flag(10, "global batches per evaluation (0: none)", at_least=0)
+    exit_interval: Optional[int] = flag(None, "stop (after saving) once the step is a multiple of this", at_least=1)
+    exit_duration_in_mins: Optional[float] = flag(None, "save and stop once the run has lasted this many minutes",
+                                                  above=0)
     log_interval: int = flag(100, "print a line every this many steps", at_least=1)
     log_json: Optional[str] = flag(None, "also write one JSON record per step to this file")
-    exit_interval: Optional[int] = flag(None, "stop (after saving) once the step is a multiple of this", at_least=1)
+    log_throughput: bool = flag(False, "add the TFLOP/s per device to the log line, as Megatron does")
+    tensorboard_dir: Optional[str] = flag(None, "write TensorBoard scalars (loss, learning rate, grad norm, loss "
+                                                "scale, throughput, MFU, memory, eval) here")
+    wandb_project: Optional[str] = flag(None, "log the same scalars to this Weights & Biases project")
+    wandb_exp_name: Optional[str] = flag(None, "the Weights & Biases run name")
+    wandb_save_dir: Optional[str] = flag(None, "local folder of the Weights & Biases run; default next to "
+                                               "--save or --tensorboard-dir")
     timeline: Optional[str] = flag(None, "PNG path: draw the pipeline timeline of the last step")
     peak_tflops: Optional[float] = flag(None, "per-device peak TFLOP/s for MFU; default by device and precision",
                                         above=0)
+    profile: bool = flag(False, "profile steps --profile-step-start to --profile-step-end")
+    use_pytorch_profiler: bool = flag(False, "with --profile: record a torch.profiler trace per rank")
+    profile_step_start: int = flag(10, "first profiled step", at_least=1)
+    profile_step_end: int = flag(12, "the step at which profiling stops (not profiled)", at_least=1)
+    profile_ranks: Optional[List[int]] = flag(None, "global ranks to profile; default rank 0")
+    profile_dir: Optional[str] = flag(None, "where traces go; default --tensorboard-dir, else ./profile")
 
     def __post_init__(self):
-        _check_fields(self)
-        if self.lr_decay_iters is None:
+        check_fields(self)
+        sample_based = self.train_samples is not None
+        if sample_based and self.train_iters is not None:
+            raise ValueError("give --train-iters or --train-samples, not both")
+        if not sample_based and self.train_iters is None:
+            self.train_iters = 100
+        given = {"--lr-warmup-iters": self.lr_warmup_iters > 0, "--lr-decay-iters": self.lr_decay_iters is not None,
+                 "--lr-warmup-samples": self.lr_warmup_samples > 0,
+                 "--lr-decay-samples": self.lr_decay_samples is not None}
+        for name, is_given in given.items():
+            if is_given and name.endswith("samples") != sample_based:
+                needs = "--train-samples" if sample_based is False else "--train-iters"
+                raise ValueError(f"{name} goes with {needs}; count the schedule in one unit")
+        if self.lr_warmup_fraction is not None and (self.lr_warmup_iters or self.lr_warmup_samples):
+            raise ValueError("give --lr-warmup-fraction or a warm-up count, not both")
+        if not sample_based and self.lr_decay_iters is None:
             self.lr_decay_iters = self.train_iters
-        if self.lr_warmup_iters > self.lr_decay_iters:
-            raise ValueError(f"--lr-warmup-iters {self.lr_warmup_iters} exceeds --lr-decay-iters "
-                             f"{self.lr_decay_iters}; shorten the warm-up or lengthen the decay")
+        if sample_based and self.lr_decay_samples is None:
+            self.lr_decay_samples = self.train_samples
+        warmup, decay = self.lr_schedule_steps()
+        if warmup > decay:
+            unit = "samples" if sample_based else "iters"
+            raise ValueError(f"--lr-warmup-{unit} {warmup} exceeds --lr-decay-{unit} {decay}; shorten the warm-up "
+                             f"or lengthen the decay")
         if self.save_interval is not None and self.save is None:
             raise ValueError(f"--save-interval {self.save_interval} needs --save DIR")
+        if self.profile_step_end <= self.profile_step_start:
+            raise ValueError(f"--profile-step-end {self.profile_step_end} must come after --profile-step-start "
+                             f"{self.profile_step_start}")
+        if self.wandb_exp_name is not None and self.wandb_project is None:
+            raise ValueError("--wandb-exp-name needs --wandb-project")
+
+    def lr_schedule_steps(self) -> Tuple[int, int]:
+        """(warm-up, decay) length of the learning-rate schedule, in samples with --train-samples, else steps."""
+        decay = self.lr_decay_samples if self.train_samples is not None else self.lr_decay_iters
+        count = self.lr_warmup_samples if self.train_samples is not None else self.lr_warmup_iters
+        warmup = round(self.lr_warmup_fraction * decay) if self.lr_warmup_fraction is not None else count
+        return warmup, decay
 
     def num_microbatches(self, data_parallel_size: int) -> int:
-        """Micro-batches per rank per step: global batch / (micro batch x DP), refused unless exact."""
+        """Micro-batches per rank in a full step: global batch / (micro batch x DP), refused unless exact."""
         check_batch_sizes(self.global_batch_size, self.micro_batch_size, data_parallel_size)
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
 

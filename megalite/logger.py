@@ -1,25 +1,79 @@
-"""What a run tells its user: a line every --log-interval on global rank 0, a JSON record per
-iteration in --log-json, with throughput, TFLOP/s, MFU and peak memory (``scaling/flops.py``)."""
+"""What a run tells its user: Megatron-LM's log line every --log-interval, a JSON record per
+iteration in --log-json, and the same scalars in TensorBoard and Weights & Biases (``metric_writers``).
+
+The log line keeps Megatron's fields, order and number formats, so parsers written for Megatron's
+logs read megalite's, then adds megalite's own (tokens/s, MFU, peak memory, ETA)::
+
+     [2026-11-30 02:00:00] iteration       20/     200 | consumed samples:          320 | elapsed time per
+     iteration (ms): 180.3 | learning rate: 2.000000E-03 | global batch size:    16 | lm loss: 6.651268E+00 |
+     loss scale: 1.0 | grad norm: 0.912 | number of skipped iterations:   0 | number of nan iterations:   0 |
+     tokens/s: 11,361 | TFLOP/s/device: 0.013 | MFU: 2.41% | peak memory (MB): 359 | ETA: 00:32 |
+
+(one line).  Messages go through Python's ``logging`` (logger ``megalite``): rank 0 speaks for the
+run; a message only one rank knows is prefixed ``[rank N]``.
+"""
 from __future__ import annotations
 
+import datetime
 import json
+import logging
+import math
 import os
 import resource
+import sys
 import time
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megalite.config import ModelConfig, TrainingConfig
+from megalite.metric_writers import MetricWriter
 from megalite.scaling import flops
 
-__all__ = ["Logger", "print_rank0", "peak_memory_mb"]
+__all__ = ["Logger", "log", "print_rank0", "print_rank", "peak_memory_mb"]
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a message comes (a test's capture, a redirect)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):
+        pass
 
 
-def print_rank0(*args, **kwargs) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
+log = logging.getLogger("megalite")
+if not log.handlers:  # the run's own stream: one line per message, no logging prefixes
+    _handler = _StdoutHandler()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def print_rank0(message: str) -> None:
+    """A message about the whole run, said once (by global rank 0)."""
+    if _rank() == 0:
+        log.info(message)
+        _flush()
+
+
+def print_rank(message: str) -> None:
+    """A message only this rank knows, prefixed with its rank."""
+    log.info(f"[rank {_rank()}] {message}")
+    _flush()
+
+
+def _flush() -> None:
+    for handler in log.handlers:
+        handler.flush()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -36,18 +90,15 @@ def format_eta(seconds: float) -> str:
 
 
 class Logger:
-    """Prints a line every --log-interval (rank 0) and writes every iteration to --log-json.
-
-    ``record()`` completes an iteration's record (loss, lr, grad norm, ...) with its timing figures
-    and returns it.
-    """
+    """Completes each iteration's record with its timing figures, prints the log line every
+    --log-interval (rank 0) and hands every record to --log-json and the metric writers."""
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainingConfig, *, rank: int, world_size: int,
-                 device: torch.device, half_precision: bool, start_iteration: int):
-        self.train_cfg, self.world_size, self.device = train_cfg, world_size, device
-        self.flops_per_iter = flops.flops_per_iteration(model_cfg, train_cfg.global_batch_size)
+                 device: torch.device, half_precision: bool, start_iteration: int,
+                 writers: Optional[List[MetricWriter]] = None):
+        self.model_cfg, self.train_cfg, self.world_size, self.device = model_cfg, train_cfg, world_size, device
         self.peak_tflops = train_cfg.peak_tflops or flops.default_peak_tflops(half_precision, device)
-        self.tokens_per_iter = train_cfg.global_batch_size * model_cfg.seq_length
+        self.writers = list(writers or [])
         self.json_file = None
         if rank == 0 and train_cfg.log_json:
             os.makedirs(os.path.dirname(os.path.abspath(train_cfg.log_json)), exist_ok=True)
@@ -58,38 +109,61 @@ class Logger:
         self.start_iteration = start_iteration
 
     def record(self, record: dict, step_seconds: float) -> dict:
-        tflops = self.flops_per_iter / step_seconds / self.world_size / 1e12
-        record.update(elapsed_ms=step_seconds * 1e3, tokens_per_sec=self.tokens_per_iter / step_seconds,
+        """Add elapsed time, tokens/s, TFLOP/s, MFU and peak memory to ``record``; log it; return it."""
+        batch = record["global_batch_size"]
+        tflops = flops.flops_per_iteration(self.model_cfg, batch) / step_seconds / self.world_size / 1e12
+        record.update(elapsed_ms=step_seconds * 1e3, tokens_per_sec=batch * self.model_cfg.seq_length / step_seconds,
                       tflops_per_device=tflops, mfu=flops.mfu(tflops, self.peak_tflops),
                       peak_memory_mb=peak_memory_mb(self.device))
         self.window.append(record)
         if self.json_file is not None:
             self.json_file.write(json.dumps(record) + "\n")
             self.json_file.flush()
+        for writer in self.writers:
+            writer.write(record)
         if record["iteration"] % self.train_cfg.log_interval == 0 or record["iteration"] == self.train_cfg.train_iters:
             self.print_window()
         return record
 
     def print_window(self) -> None:
+        """Megatron's line for the iterations since the last one: mean loss and time, last lr and norm."""
         if not self.window:
             return
-        w, train_iters = self.window, self.train_cfg.train_iters
-        last = w[-1]
-        seconds = sum(r["elapsed_ms"] for r in w) / 1e3
+        w, last = self.window, self.window[-1]
         done = last["iteration"] - self.start_iteration
-        eta = (time.perf_counter() - self.start_time) / max(done, 1) * (train_iters - last["iteration"])
-        grad_norm = "n/a" if last["grad_norm"] is None else f"{last['grad_norm']:.3f}"
-        line = (f"iteration {last['iteration']:>6}/{train_iters} | "
-                f"loss {sum(r['loss'] for r in w) / len(w):.4f} | lr {last['lr']:.3e} | grad norm {grad_norm} | "
-                f"tokens/s {self.tokens_per_iter * len(w) / seconds:,.0f} | "
-                f"TFLOP/s/device {sum(r['tflops_per_device'] for r in w) / len(w):.3f} | "
-                f"MFU {100 * sum(r['mfu'] for r in w) / len(w):.2f}% | "
-                f"peak mem {last['peak_memory_mb']:.0f} MB | skipped {last['skipped_steps']} | ETA {format_eta(eta)}")
-        if "eval_loss" in last:
-            line += f" | eval loss {last['eval_loss']:.4f} ppl {last['eval_ppl']:.2f}"
+        eta = (time.perf_counter() - self.start_time) / max(done, 1) * (self.train_cfg.train_iters - last["iteration"])
+        first_skipped = w[0]["skipped_steps"] - (1 if w[0]["grad_norm"] is None else 0)
+        nan_iterations = sum(1 for r in w if not math.isfinite(r["loss"]))
+        grad_norm = 0.0 if last["grad_norm"] is None else last["grad_norm"]
+        tokens_per_sec = sum(r["global_batch_size"] for r in w) * self.model_cfg.seq_length / _mean(w, "elapsed_ms") \
+            / len(w) * 1e3
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        line = (f" [{stamp}] iteration {last['iteration']:8d}/{self.train_cfg.train_iters:8d} | "
+                f"consumed samples: {last['consumed_samples']:12d} | "
+                f"elapsed time per iteration (ms): {_mean(w, 'elapsed_ms'):.1f} | ")
+        if self.train_cfg.log_throughput:
+            line += f"throughput per GPU (TFLOP/s/GPU): {_mean(w, 'tflops_per_device'):.1f} | "
+        line += (f"learning rate: {last['lr']:.6E} | global batch size: {last['global_batch_size']:5d} | "
+                 f"lm loss: {_mean(w, 'loss'):.6E} | loss scale: {last['loss_scale']:.1f} | "
+                 f"grad norm: {grad_norm:.3f} | "
+                 f"number of skipped iterations: {last['skipped_steps'] - first_skipped:3d} | "
+                 f"number of nan iterations: {nan_iterations:3d} | "
+                 f"tokens/s: {tokens_per_sec:,.0f} | "
+                 f"TFLOP/s/device: {_mean(w, 'tflops_per_device'):.3f} | MFU: {100 * _mean(w, 'mfu'):.2f}% | "
+                 f"peak memory (MB): {last['peak_memory_mb']:.0f} | ETA: {format_eta(eta)} |")
         print_rank0(line)
+        if "eval_loss" in last:
+            text = (f" validation loss at iteration {last['iteration']} | lm loss value: {last['eval_loss']:.6E} | "
+                    f"lm loss PPL: {last['eval_ppl']:.6E} |")
+            print_rank0("-" * len(text) + "\n" + text + "\n" + "-" * len(text))
         self.window = []
 
     def close(self) -> None:
         if self.json_file is not None:
             self.json_file.close()
+        for writer in self.writers:
+            writer.close()
+
+
+def _mean(records: List[dict], key: str) -> float:
+    return sum(r[key] for r in records) / len(records)

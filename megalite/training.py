@@ -27,13 +27,16 @@ from typing import Callable, Iterator, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from megalite import checkpoint
-from megalite.arguments import parse_args
+from megalite.arguments import parse_args, resolved_config
+from megalite.batch_schedule import BatchSchedule
 from megalite.config import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 from megalite.data.tokenizer import Tokenizer
 from megalite.data.training_data import MicroBatches, SampleDataset, datasets_from_config, tokenizer_from_config
 from megalite.logger import Logger, print_rank0
+from megalite.metric_writers import build_writers
 from megalite.model.build import build_model, wrap_for_data_parallel
 from megalite.model.gpt import loss_from_per_token
 from megalite.optim import build_optimizer
@@ -46,6 +49,7 @@ from megalite.parallel.pipeline.schedules import get_forward_backward_func
 from megalite.parallel.pipeline.timeline import Timeline, draw_step_timeline
 from megalite.parallel.random import model_parallel_seed
 from megalite.parallel.state import ProcessGrid
+from megalite.profiling import StepProfiler
 from megalite.scaling import flops
 
 __all__ = ["SETUP_ERRORS", "Run", "setup", "train_step", "evaluate", "save", "train", "pretrain"]
@@ -74,17 +78,22 @@ class Run:
     train_dataset: SampleDataset
     valid_dataset: Optional[SampleDataset]
     tokenizer: Optional[Tokenizer]
-    num_microbatches: int
+    batch_schedule: BatchSchedule
+    num_microbatches: int       # in a full step (of --global-batch-size); a ramp's early steps have fewer
     iteration: int = 0
     consumed_samples: int = 0
     train_iter: Optional[Iterator[dict]] = None
     history: List[dict] = field(default_factory=list)   # one record per iteration (what --log-json writes)
+    started_at: float = field(default_factory=time.time)  # for --exit-duration-in-mins
 
     def settings(self) -> dict:
         """The configs as plain dicts (stored in checkpoints; read by megalite/generate.py)."""
         return {name: dataclasses.asdict(cfg) for name, cfg in (
             ("model", self.model_cfg), ("parallel", self.parallel_cfg), ("optimizer", self.opt_cfg),
             ("data", self.data_cfg), ("training", self.train_cfg))}
+
+    def configs(self) -> tuple:
+        return self.model_cfg, self.parallel_cfg, self.opt_cfg, self.data_cfg, self.train_cfg
 
 
 def seed_everything(seed: int) -> None:
@@ -100,10 +109,11 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
 
     Raises ValueError / FileNotFoundError (one-line messages) on bad input, before training starts.
     """
+    started_at = time.time()
     if world_size is None and dist.is_initialized():  # e.g. ranks forked by megalite.testing, no WORLD_SIZE
         world_size = dist.get_world_size()
     model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg = parse_args(argv, world_size=world_size)
-    init_distributed(timeout_minutes=parallel_cfg.distributed_timeout_minutes)
+    init_distributed(backend=parallel_cfg.distributed_backend, timeout_minutes=parallel_cfg.distributed_timeout_minutes)
     if dist.get_world_size() != parallel_cfg.world_size:
         raise ValueError(f"the launcher started {dist.get_world_size()} ranks but the flags were checked for "
                          f"world size {parallel_cfg.world_size}; set WORLD_SIZE to match")
@@ -119,6 +129,8 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
                                  cp=parallel_cfg.context_parallel_size,
                                  virtual_pp=parallel_cfg.virtual_pipeline_model_parallel_size)
     num_microbatches = train_cfg.num_microbatches(grid.dp_size)
+    batch_schedule = BatchSchedule(train_cfg.global_batch_size, train_cfg.micro_batch_size, grid.dp_size,
+                                   train_cfg.rampup_batch_size)
     # Dropout differs per pipeline stage (Megatron's seed offset); the TP tracker derives its own.
     seed_everything(model_cfg.seed + 100 * grid.pp_rank)
 
@@ -128,12 +140,13 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
         model = [chunk.to(dtype) for chunk in model]
     model = wrap_for_data_parallel(model, opt_cfg, grid)
     optimizer = build_optimizer(model, opt_cfg, grid)
-    scheduler = LRScheduler(optimizer, opt_cfg.lr, opt_cfg.min_lr, train_cfg.lr_warmup_iters,
-                            train_cfg.lr_decay_iters, train_cfg.lr_decay_style)
+    scheduler = LRScheduler(optimizer, opt_cfg.lr, opt_cfg.min_lr, *train_cfg.lr_schedule_steps(),
+                            train_cfg.lr_decay_style)
     forward_backward = get_forward_backward_func(grid.pp_size, grid.virtual_pp_size, parallel_cfg.pipeline_schedule)
 
     run = Run(model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg, grid, device, model, layer_numbers,
-              optimizer, scheduler, forward_backward, train_dataset, valid_dataset, tokenizer, num_microbatches)
+              optimizer, scheduler, forward_backward, train_dataset, valid_dataset, tokenizer, batch_schedule,
+              num_microbatches, started_at=started_at)
     # `--save X --load X` is the resume idiom: before the first save there is nothing to load.
     fresh_resume = train_cfg.load is not None and train_cfg.load == train_cfg.save and not os.path.isdir(train_cfg.load)
     if train_cfg.load is not None and not fresh_resume:
@@ -189,26 +202,31 @@ def average_loss(run: Run, losses: List[dict]) -> float:
     return float(total[0] / total[1])
 
 
-def train_step(run: Run, timeline: Optional[Timeline] = None) -> dict:
+def train_step(run: Run, timeline: Optional[Timeline] = None, num_microbatches: Optional[int] = None) -> dict:
     """One optimizer step over the global batch; returns the iteration's record (loss, lr, grad norm).
 
-    ``timeline`` (pipeline/timeline.py) records every forward/backward pass of this step."""
+    ``timeline`` (pipeline/timeline.py) records every forward/backward pass of this step.
+    ``num_microbatches`` overrides the batch schedule's size of this step (per data-parallel rank)."""
+    if num_microbatches is None:
+        num_microbatches = run.batch_schedule.num_microbatches(run.consumed_samples)
+    global_batch_size = num_microbatches * run.train_cfg.micro_batch_size * run.grid.dp_size
     for chunk in run.model:
         chunk.train()
     run.optimizer.zero_grad()
     lr = run.scheduler.lr
     losses = run.forward_backward(
         forward_step_func=forward_step_func(run, scale_loss=True), data_iterator=run.train_iter, model=run.model,
-        num_microbatches=run.num_microbatches, seq_length=run.model_cfg.seq_length,
+        num_microbatches=num_microbatches, seq_length=run.model_cfg.seq_length,
         micro_batch_size=run.train_cfg.micro_batch_size, forward_only=False,
         no_sync_func=no_sync_func(run.model), grid=run.grid, timeline=timeline)
     finalize_model_grads(run.model, run.grid)
     stepped, grad_norm = run.optimizer.step()
-    if stepped:
-        run.scheduler.step()
+    if stepped:  # the schedule counts samples with --train-samples, else steps
+        run.scheduler.step(global_batch_size if run.train_cfg.train_samples is not None else 1)
     run.iteration += 1
-    run.consumed_samples += run.train_cfg.global_batch_size
+    run.consumed_samples += global_batch_size
     return {"iteration": run.iteration, "loss": average_loss(run, losses), "lr": lr,
+            "global_batch_size": global_batch_size,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "loss_scale": float(run.optimizer.loss_scale), "skipped_steps": run.optimizer.num_skipped_steps,
             "consumed_samples": run.consumed_samples}
@@ -248,12 +266,35 @@ def save(run: Run) -> None:
     print_rank0(f"saved checkpoint of iteration {run.iteration} to {run.train_cfg.save}")
 
 
-def draw_timeline(run: Run, timeline: Timeline) -> float:
+def write_resolved_config(run: Run) -> None:
+    """The settings the run ended up with, as --config reads them, next to its checkpoints and logs."""
+    if run.grid.rank != 0:
+        return
+    cfg = run.train_cfg
+    folders = {cfg.save, cfg.tensorboard_dir, os.path.dirname(os.path.abspath(cfg.log_json)) if cfg.log_json else None}
+    text = yaml.safe_dump(resolved_config(run.configs()), sort_keys=False)
+    for folder in sorted(f for f in folders if f):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.yaml"), "w") as f:
+            f.write(text)
+
+
+def out_of_time(run: Run) -> bool:
+    """--exit-duration-in-mins has passed on some rank (every rank agrees: one all-reduce)."""
+    minutes = run.train_cfg.exit_duration_in_mins
+    if minutes is None:
+        return False
+    late = torch.tensor([float(time.time() - run.started_at > minutes * 60)], device=run.device)
+    dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late.item())
+
+
+def draw_timeline(run: Run, timeline: Timeline, num_microbatches: int) -> float:
     """Draw this step's pipeline timeline to --timeline; returns the bubble fraction."""
     g = run.grid
     bubble = draw_step_timeline(timeline, g, run.train_cfg.timeline, device=run.device,
                                 title=f"iteration {run.iteration}: PP={g.pp_size} vPP={g.virtual_pp_size or 1}, "
-                                      f"{run.num_microbatches} micro-batches")
+                                      f"{num_microbatches} micro-batches")
     print_rank0(f"pipeline timeline of iteration {run.iteration}: {run.train_cfg.timeline} "
                 f"(bubble fraction {bubble:.3f})")
     return bubble
@@ -262,8 +303,11 @@ def draw_timeline(run: Run, timeline: Timeline) -> float:
 def train(run: Run) -> List[dict]:
     """Train from run.iteration to --train-iters; returns the per-iteration records."""
     cfg, g = run.train_cfg, run.grid
+    write_resolved_config(run)
     logger = Logger(run.model_cfg, cfg, rank=g.rank, world_size=g.world_size, device=run.device,
-                    half_precision=run.opt_cfg.bf16 or run.opt_cfg.fp16, start_iteration=run.iteration)
+                    half_precision=run.opt_cfg.bf16 or run.opt_cfg.fp16, start_iteration=run.iteration,
+                    writers=build_writers(cfg, g.rank, resolved_config(run.configs())))
+    profiler = StepProfiler(cfg, g.rank)
     print_rank0(f"training {flops.count_parameters(run.model_cfg):,} parameters on {g.world_size} rank(s) "
                 f"(TP={g.tp_size} PP={g.pp_size} DP={g.dp_size} CP={g.cp_size}), global batch "
                 f"{cfg.global_batch_size} = {run.num_microbatches} micro-batches x {cfg.micro_batch_size} x DP "
@@ -275,10 +319,13 @@ def train(run: Run) -> List[dict]:
             upcoming = run.iteration + 1
             last = upcoming == cfg.train_iters or (cfg.exit_interval and upcoming % cfg.exit_interval == 0)
             timeline = Timeline(pp_rank=g.pp_rank) if cfg.timeline and last else None
+            profiler.before_step(upcoming)
             record = train_step(run, timeline)
             seconds = time.perf_counter() - start
+            profiler.after_step(upcoming, last=upcoming == cfg.train_iters)
             if timeline is not None:
-                record["bubble_fraction"] = draw_timeline(run, timeline)
+                step_microbatches = record["global_batch_size"] // (cfg.micro_batch_size * g.dp_size)
+                record["bubble_fraction"] = draw_timeline(run, timeline, step_microbatches)
             if run.iteration % cfg.eval_interval == 0 or run.iteration == cfg.train_iters:
                 evaluation = evaluate(run)
                 if evaluation is not None:
@@ -289,6 +336,10 @@ def train(run: Run) -> List[dict]:
                 saved_at = run.iteration
             if cfg.exit_interval and run.iteration % cfg.exit_interval == 0:
                 print_rank0(f"exiting at iteration {run.iteration} (--exit-interval {cfg.exit_interval})")
+                break
+            if out_of_time(run):
+                print_rank0(f"exiting at iteration {run.iteration} (--exit-duration-in-mins "
+                            f"{cfg.exit_duration_in_mins:g})")
                 break
         if cfg.save and saved_at != run.iteration:
             save(run)

@@ -12,6 +12,8 @@ Megatron's k so that the first step does not run at lr 0::
     k > decay_iters:             lr = min_lr (constant: max_lr)
 
 So the step right after warm-up runs at max_lr, and min_lr is reached after decay_iters steps.
+A schedule counted in samples (``--train-samples``) reads every "step" above as a sample:
+``step(increment=samples of the step)``, and n is the samples consumed before the step plus one.
 """
 from __future__ import annotations
 
@@ -66,8 +68,9 @@ class LRScheduler:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
 
-    def step(self) -> None:
-        self.num_steps += 1
+    def step(self, increment: int = 1) -> None:
+        """After an optimizer step: ``increment`` is 1, or the step's samples for a sample-based schedule."""
+        self.num_steps += increment
         self._apply()
 
     def state_dict(self) -> dict:

@@ -1,0 +1,55 @@
+"""How a config field becomes a command-line flag: :func:`flag` declares it (default, help sentence,
+range, Megatron's spelling), :func:`check_fields` checks a config against its declarations, and
+``arguments.py`` reads the same declarations to build the parser."""
+from __future__ import annotations
+
+from dataclasses import field, fields
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
+
+__all__ = ["flag", "flag_name", "choices", "check_fields"]
+
+
+def flag(default: Any, help: str, *, at_least: Optional[float] = None, above: Optional[float] = None,
+         at_most: Optional[float] = None, below: Optional[float] = None, name: Optional[str] = None,
+         cli: bool = True) -> Any:
+    """A config field that is also a command-line flag.
+
+    ``help``: the sentence ``--help`` shows.  ``at_least`` / ``above`` / ``at_most`` / ``below``: the
+    allowed range (checked in ``__post_init__``; None values are not checked).  ``name``: the flag
+    when Megatron spells it otherwise than ``--field-name``.  ``cli=False``: filled by code, not a flag.
+    """
+    return field(default=default, metadata={"help": help, "at_least": at_least, "above": above,
+                                            "at_most": at_most, "below": below, "name": name, "cli": cli})
+
+
+def flag_name(f) -> str:
+    return f.metadata.get("name") or "--" + f.name.replace("_", "-")
+
+
+def choices(annotation) -> Optional[tuple]:
+    """The allowed values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) annotation, else None."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    for arg in get_args(annotation):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return None
+
+
+def check_fields(config) -> None:
+    """Each field against its declared choices and range (a None value is 'use the default')."""
+    hints = get_type_hints(type(config))
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None:
+            continue
+        allowed = choices(hints[f.name])
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{flag_name(f)} {value!r}: choose one of {', '.join(allowed)}")
+        if isinstance(value, (bool, str, list)):
+            continue
+        for key, fails, words in (("at_least", lambda v, b: v < b, "at least"), ("above", lambda v, b: v <= b, "above"),
+                                  ("at_most", lambda v, b: v > b, "at most"), ("below", lambda v, b: v >= b, "below")):
+            bound = meta.get(key)
+            if bound is not None and fails(value, bound):
+                raise ValueError(f"{flag_name(f)} must be {words} {bound:g}, got {value}")
