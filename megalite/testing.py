@@ -25,7 +25,9 @@ How the ranks start (``MEGALITE_RANK_START``, default ``auto``):
 - ``forkserver``: ranks are forked from a helper interpreter that ``multiprocessing`` starts with
   ``exec`` on first use and that only imports modules (torch, megalite), so it is clean whatever
   the caller did.  The function and its arguments travel by pickle: they must be module-level
-  functions and plain data.  The helper's start costs a few seconds once per process.
+  functions and plain data, and a script that calls run_on_ranks needs the
+  ``if __name__ == "__main__":`` guard (each rank imports the caller's main module).  The helper's
+  start costs ~3 s once per process, each call ~20 ms more than a fork on a 2-core machine.
 - ``auto``: ``fork`` where torch sees no accelerator (the engine then never starts device threads
   and CUDA cannot be initialised), ``forkserver`` otherwise.
 
@@ -40,6 +42,7 @@ import multiprocessing.connection
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -47,8 +50,11 @@ from typing import Any, Callable, List, Optional
 
 START_ENV = "MEGALITE_RANK_START"
 _START_METHODS = ("auto", "fork", "forkserver")
-# Imported once by the fork server so that each rank does not pay for them.  The fx import is the
-# one autograd does lazily on the first backward through a GradientEdge (~1 s per rank otherwise).
+# Imported once by the fork server so that each rank does not pay for them; with them, every
+# megalite module the caller has imported by then (under pytest: all that the collected tests use).
+# The fx import is the one autograd does lazily on the first backward through a GradientEdge (~1 s
+# per rank otherwise).  Nothing here may initialise CUDA (a child of a process that did cannot use
+# it), which is why megalite._cuda, whose kernels ranks never run, is left out.
 _SERVER_PRELOAD = ["torch", "torch.distributed", "torch.fx.experimental.symbolic_shapes", "numpy", "pytest",
                    "megalite.testing", "megalite.training"]
 
@@ -118,7 +124,8 @@ def _child(fn, rank, world_size, store_path, result_path, timeout_s, args, kwarg
 def _context(method: str):
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(_SERVER_PRELOAD)  # read when the server starts, once
+        imported = sorted(name for name in sys.modules if name.startswith("megalite.") and name != "megalite._cuda")
+        context.set_forkserver_preload(_SERVER_PRELOAD + imported)  # read when the server starts, once
     return context
 
 
