@@ -21,7 +21,8 @@ The optimizer hyper-parameters are megalite's defaults (lr 3e-4, betas 0.9/0.999
 weight decay 0.01, clip 1.0) on both sides.
 
 Reported per contender: tokens/s and step time (median of the timed steps; warm-up steps are not
-timed), peak memory (CUDA: max allocated; CPU: the process's peak RSS) and MFU.  MFU uses
+timed), peak memory (CUDA: max allocated; CPU: the process's peak RSS, which also counts each
+side's imported libraries -- transformers adds ~100 MiB) and MFU.  MFU uses
 megalite's model-FLOP count (megalite/scaling/flops.py) for every contender, so the MFU ratio is
 the throughput ratio; it counts megalite's padded vocabulary (50304 for GPT-2), which megalite
 computes and the peers (50257) do not.  The table's ratio is megalite / peer: above 1 is better
