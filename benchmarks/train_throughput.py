@@ -205,7 +205,10 @@ def worker(args) -> None:
 def run_contender(name: str, argv: List[str], args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-argv", json.dumps(argv),
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.contender_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within --contender-timeout {args.contender_timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
@@ -249,6 +252,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 5 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="toy shapes in fp32: a smoke run")
+    parser.add_argument("--contender-timeout", type=float, default=None,
+                        help="seconds per contender process; one that takes longer is reported as failed and "
+                             "the others' rows still print (scripts/gpu_check.sh uses it)")
     parser.add_argument("--worker", choices=("megalite",) + PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-argv", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -7,10 +7,10 @@
 #
 # Every step runs even when an earlier one failed; the exit status is non-zero if any failed.  Each
 # step has a time budget (`timeout`) so that the whole check ends within 8 minutes on one H200:
-# build 110 s, suite 140 s, kernels 50 s, throughput 2 x 85 s (one call per model, so a slow model
-# cannot take the other's table with it).  Without CUDA it is a CPU smoke test: the suite, then
-# the throughput benchmark with --quick, with budgets for a 2-core machine (suite 400 s, throughput
-# 240 s); the CUDA-only steps say that they were skipped.
+# build 100 s, suite 130 s, kernels 40 s, throughput 2 x 100 s (one call per model, each contender
+# at most 45 s, so a slow compile cannot take the other rows with it).  Without CUDA it is a CPU
+# smoke test: the suite, then the throughput benchmark with --quick, with budgets for a 2-core
+# machine (suite 400 s, throughput 240 s); the CUDA-only steps say that they were skipped.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "${1:-$ROOT/gpu_check_out}" && cd "${1:-$ROOT/gpu_check_out}" && pwd)"
@@ -44,7 +44,7 @@ step() {
 # 1. Build.  setup_env.sh reuses a system torch through a --system-site-packages venv and installs
 # only what is missing; offline, a missing optional package is reported and skipped, not fatal.
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-step setup 110 bash -c 'source scripts/setup_env.sh'
+step setup 100 bash -c 'source scripts/setup_env.sh'
 PY="${MEGALITE_VENV:-$ROOT/.venv}/bin/python"
 [ -x "$PY" ] || PY=python3
 
@@ -65,15 +65,15 @@ note "versions: $versions"
 command -v nvidia-smi >/dev/null 2>&1 && note "driver: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
 
 # 2. The whole suite.
-# 140 s on the H200 node; a CPU smoke run gets more (the suite takes ~90 s on an idle 2-core VM).
-step tests "$([ "$has_cuda" = "1" ] && echo 140 || echo 400)" "$PY" -m pytest -q -p no:cacheprovider tests
+# 130 s on the H200 node; a CPU smoke run gets more (the suite takes ~90 s on an idle 2-core VM).
+step tests "$([ "$has_cuda" = "1" ] && echo 130 || echo 400)" "$PY" -m pytest -q -p no:cacheprovider tests
 note "tests: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -1)"
 
 # 3. Kernels on CUDA; 4. training throughput.
 if [ "$has_cuda" = "1" ]; then
-  step kernels 50 "$PY" benchmarks/kernels.py --device cuda
-  step throughput_gpt2 85 "$PY" benchmarks/train_throughput.py --models gpt2 --steps 10 --warmup 3
-  step throughput_llama 85 "$PY" benchmarks/train_throughput.py --models llama --steps 10 --warmup 3
+  step kernels 40 "$PY" benchmarks/kernels.py --device cuda
+  step throughput_gpt2 100 "$PY" benchmarks/train_throughput.py --models gpt2 --steps 10 --warmup 3 --contender-timeout 45
+  step throughput_llama 100 "$PY" benchmarks/train_throughput.py --models llama --steps 10 --warmup 3 --contender-timeout 45
 else
   note "step kernels: skipped, no CUDA device (benchmarks/kernels.py --device cuda needs one)"
   step throughput_quick 240 "$PY" benchmarks/train_throughput.py --quick
