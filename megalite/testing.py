@@ -59,6 +59,10 @@ _SERVER_PRELOAD = ["torch", "torch.distributed", "torch.fx.experimental.symbolic
                    "megalite.testing", "megalite.training"]
 
 
+# After one rank fails, how long the others get to finish (and report their own errors).
+_FAILURE_GRACE_S = 2.0
+
+
 class RankFailed(RuntimeError):
     pass
 
@@ -156,23 +160,28 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float 
             ranks.append(process)
 
         deadline = time.monotonic() + timeout
+        grace_deadline = None
         exit_codes = {}
         while True:
             for rank, process in enumerate(ranks):
                 if rank not in exit_codes and process.exitcode is not None:
                     exit_codes[rank] = process.exitcode
-            if any(code != 0 for code in exit_codes.values()):
-                # One rank failed: its peers would only wait for it until their collective timeout.
-                time.sleep(0.2)
-                break
             if len(exit_codes) == world_size:
                 break
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if grace_deadline is None and any(code != 0 for code in exit_codes.values()):
+                # A rank failed.  Its peers either fail soon after (gloo sees the peer gone) -- wait
+                # for them, or the first traceback read could be a peer's echo of the failure
+                # rather than its cause -- or wait in a collective until its timeout: not that long.
+                grace_deadline = now + _FAILURE_GRACE_S
+            if grace_deadline is not None and now >= grace_deadline:
+                break
+            if now >= deadline:
                 hung = sorted(set(range(world_size)) - set(exit_codes))
                 raise RanksHung(f"rank(s) {hung} of {world_size} did not finish within {timeout:.0f} s "
                                 f"(finished: {sorted(exit_codes)})")
             running = [process.sentinel for rank, process in enumerate(ranks) if rank not in exit_codes]
-            multiprocessing.connection.wait(running, timeout=max(0.0, deadline - time.monotonic()))
+            multiprocessing.connection.wait(running, timeout=max(0.0, min(deadline, grace_deadline or deadline) - now))
 
         results, errors = [], []
         for rank in range(world_size):

@@ -59,7 +59,9 @@ def _raise_on_rank_one(rank, world_size):
 
 
 def test_a_failing_rank_fails_with_its_traceback(start_method):
-    with pytest.raises(RankFailed, match=r"(?s)1 of 2 ranks failed.*rank 1 raised.*ArithmeticError: rank one's own"):
+    # Not "1 of 2": rank 0 may or may not have finished when the harness stops waiting, and gloo may
+    # make it fail too once rank 1 has gone (seen in a full suite on a loaded machine).
+    with pytest.raises(RankFailed, match=r"(?s)of 2 ranks failed.*rank 1 raised.*ArithmeticError: rank one's own"):
         run_on_ranks(_raise_on_rank_one, 2)
 
 
@@ -70,8 +72,9 @@ def _sleep_on_rank_zero(rank, world_size):
 
 
 def test_a_hung_rank_is_killed_and_named(start_method):
-    with pytest.raises(RanksHung, match=r"rank\(s\) \[0\] of 2 did not finish within 2 s \(finished: \[1\]\)"):
-        run_on_ranks(_sleep_on_rank_zero, 2, timeout=2)
+    # 4 s: time enough for rank 1 to finish on a loaded 2-core machine, so that only rank 0 is named.
+    with pytest.raises(RanksHung, match=r"rank\(s\) \[0\] of 2 did not finish within 4 s \(finished: \[1\]\)"):
+        run_on_ranks(_sleep_on_rank_zero, 2, timeout=4)
 
 
 def test_the_fork_server_refuses_a_local_function_by_name(monkeypatch):
