@@ -1,12 +1,4 @@
-"""Run a function on N forked CPU ranks over gloo: the harness of every multi-rank test.
-
-Forking is what makes it fast: spawning a fresh interpreter that imports torch costs over a second
-per rank on a 2-core machine, a fork costs milliseconds.  Each child sets
-``torch.set_num_threads(1)`` first (N ranks share the cores, and OpenMP pools do not survive a
-fork), rendezvouses through a ``file://`` store in a private temporary folder, runs the function
-and sends back its (picklable) result.  If a rank raises, the test fails with that rank's
-traceback; if any rank is still running at the deadline, every rank is killed and the test fails
-naming the ranks that hung.
+"""Run a function on N CPU ranks over gloo: the harness of every multi-rank test.
 
     def check(rank, world_size, scale):
         t = torch.ones(1) * rank * scale
@@ -14,18 +6,61 @@ naming the ranks that hung.
         return t.item()
 
     assert run_on_ranks(check, 4, 2.0) == [12.0] * 4
+
+Each rank sets ``torch.set_num_threads(1)`` first (N ranks share the cores, and OpenMP pools do
+not survive a fork), rendezvouses through a ``file://`` store in a private temporary folder, runs
+the function and sends back its (picklable) result.  If a rank raises, the test fails with that
+rank's traceback; if any rank is still running at the deadline, every rank is killed and the test
+fails naming the ranks that hung.
+
+How the ranks start (``MEGALITE_RANK_START``, default ``auto``):
+
+- ``fork``: fork the calling process.  Cheap -- milliseconds, where a fresh interpreter importing
+  torch costs over a second per rank on a 2-core machine -- but only safe while the caller has
+  not started autograd's device threads or CUDA.  On a build that sees an accelerator, the autograd
+  engine starts one thread per device on the process's FIRST backward, even a CPU-only one, and a
+  child forked after that fails its own first backward ("Unable to handle autograd's threading in
+  combination with fork-based multiprocessing"); a child of a process that initialised CUDA cannot
+  use CUDA.  torch offers no way to ask whether the threads were started.
+- ``forkserver``: ranks are forked from a helper interpreter that ``multiprocessing`` starts with
+  ``exec`` on first use and that only imports modules (torch, megalite), so it is clean whatever
+  the caller did.  The function and its arguments travel by pickle: they must be module-level
+  functions and plain data, and a script that calls run_on_ranks needs the
+  ``if __name__ == "__main__":`` guard (each rank imports the caller's main module).  The helper's
+  start costs ~3 s once per process, each call ~20 ms more than a fork on a 2-core machine.
+- ``auto``: ``fork`` where torch sees no accelerator (the engine then never starts device threads
+  and CUDA cannot be initialised), ``forkserver`` otherwise.
+
+Ranks always run on the CPU: accelerators are hidden from every rank started through the fork
+server, so a parity test compares float32 CPU ranks against a float32 CPU reference on any machine.
 """
 from __future__ import annotations
 
 import datetime
+import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import shutil
-import signal
+import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
+
+START_ENV = "MEGALITE_RANK_START"
+_START_METHODS = ("auto", "fork", "forkserver")
+# Imported once by the fork server so that each rank does not pay for them; with them, every
+# megalite module the caller has imported by then (under pytest: all that the collected tests use).
+# The fx import is the one autograd does lazily on the first backward through a GradientEdge (~1 s
+# per rank otherwise).  Nothing here may initialise CUDA (a child of a process that did cannot use
+# it), which is why megalite._cuda, whose kernels ranks never run, is left out.
+_SERVER_PRELOAD = ["torch", "torch.distributed", "torch.fx.experimental.symbolic_shapes", "numpy", "pytest",
+                   "megalite.testing", "megalite.training"]
+
+
+# After one rank fails, how long the others get to finish (and report their own errors).
+_FAILURE_GRACE_S = 2.0
 
 
 class RankFailed(RuntimeError):
@@ -36,7 +71,32 @@ class RanksHung(TimeoutError):
     pass
 
 
-def _child(fn, rank, world_size, store_path, result_path, timeout_s, args, kwargs):
+def _accelerator_present() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def rank_start_method() -> str:
+    """'fork' or 'forkserver': how :func:`run_on_ranks` starts ranks in this process now."""
+    choice = os.environ.get(START_ENV, "auto").strip().lower() or "auto"
+    if choice not in _START_METHODS:
+        raise ValueError(f"{START_ENV}={choice!r} is not one of {_START_METHODS}; unset it to let megalite choose")
+    if choice != "auto":
+        return choice
+    return "forkserver" if _accelerator_present() else "fork"
+
+
+def _child(fn, rank, world_size, store_path, result_path, timeout_s, args, kwargs, environ: Optional[dict]):
+    if environ is not None:
+        # A fork-server child inherits the server's environment, not the caller's: give it the
+        # caller's (a test may have set MEGALITE_KERNELS, say), and no accelerator (module doc).
+        os.environ.clear()
+        os.environ.update(environ)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
     import torch.distributed as dist
 
@@ -65,45 +125,63 @@ def _child(fn, rank, world_size, store_path, result_path, timeout_s, args, kwarg
     os._exit(status)
 
 
+def _context(method: str):
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        imported = sorted(name for name in sys.modules if name.startswith("megalite.") and name != "megalite._cuda")
+        context.set_forkserver_preload(_SERVER_PRELOAD + imported)  # read when the server starts, once
+    return context
+
+
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 120.0, **kwargs) -> List[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` forked gloo ranks.
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks.
 
     Returns the list of the ranks' return values, in rank order.  Collectives inside get a timeout
     of ``timeout`` seconds too, so a rank stuck in one fails with gloo's error rather than a hang.
     """
+    method = rank_start_method()
+    context = _context(method)
+    environ = dict(os.environ) if method == "forkserver" else None
     workdir = tempfile.mkdtemp(prefix="megalite-ranks-")
     store_path = os.path.join(workdir, "rendezvous")
-    pids = {}
+    ranks = []
     try:
         for rank in range(world_size):
             result_path = os.path.join(workdir, f"result-{rank}.pkl")
-            pid = os.fork()
-            if pid == 0:  # child
-                try:
-                    _child(fn, rank, world_size, store_path, result_path, timeout, args, kwargs)
-                finally:
-                    os._exit(1)
-            pids[pid] = rank
+            process = context.Process(target=_child, name=f"megalite-rank-{rank}",
+                                      args=(fn, rank, world_size, store_path, result_path, timeout, args, kwargs,
+                                            environ))
+            try:
+                process.start()
+            except (pickle.PicklingError, AttributeError, TypeError) as error:
+                raise TypeError(f"run_on_ranks: {getattr(fn, '__qualname__', fn)!r} or its arguments cannot be "
+                                f"pickled for {START_ENV}={method} ({error}); define the function at module "
+                                f"level and pass plain data") from error
+            ranks.append(process)
 
         deadline = time.monotonic() + timeout
+        grace_deadline = None
         exit_codes = {}
-        while len(exit_codes) < world_size:
-            for pid, rank in pids.items():
-                if rank in exit_codes:
-                    continue
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    exit_codes[rank] = status
-            failed = [r for r, status in exit_codes.items() if status != 0]
-            if failed:
-                # One rank failed: its peers would only wait for it until their collective timeout.
-                time.sleep(0.2)
+        while True:
+            for rank, process in enumerate(ranks):
+                if rank not in exit_codes and process.exitcode is not None:
+                    exit_codes[rank] = process.exitcode
+            if len(exit_codes) == world_size:
                 break
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if grace_deadline is None and any(code != 0 for code in exit_codes.values()):
+                # A rank failed.  Its peers either fail soon after (gloo sees the peer gone) -- wait
+                # for them, or the first traceback read could be a peer's echo of the failure
+                # rather than its cause -- or wait in a collective until its timeout: not that long.
+                grace_deadline = now + _FAILURE_GRACE_S
+            if grace_deadline is not None and now >= grace_deadline:
+                break
+            if now >= deadline:
                 hung = sorted(set(range(world_size)) - set(exit_codes))
                 raise RanksHung(f"rank(s) {hung} of {world_size} did not finish within {timeout:.0f} s "
                                 f"(finished: {sorted(exit_codes)})")
-            time.sleep(0.005)
+            running = [process.sentinel for rank, process in enumerate(ranks) if rank not in exit_codes]
+            multiprocessing.connection.wait(running, timeout=max(0.0, min(deadline, grace_deadline or deadline) - now))
 
         results, errors = [], []
         for rank in range(world_size):
@@ -124,13 +202,9 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float 
             raise RankFailed(f"{len(errors)} of {world_size} ranks failed\n" + "\n".join(errors))
         return results
     finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+        for process in ranks:
+            if process.exitcode is None:
+                process.kill()
+            process.join()
+            process.close()
         shutil.rmtree(workdir, ignore_errors=True)

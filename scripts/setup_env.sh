@@ -44,6 +44,21 @@ if [ ${#need[@]} -gt 0 ]; then
   pip_quiet "${need[@]}"
 fi
 
+# Optional: only benchmarks and the tests that skip without them use these.  One short try (no
+# network on the GPU machines: pip fails in seconds), and a miss is a line here, never a failure.
+# transformers: the peer of benchmarks/train_throughput.py (~18 MB of wheels, ~140 MB installed, ~30 s beside torch).
+optional=()
+for mod in transformers; do   # each is its pip name too
+  "$PY" -c "import $mod" >/dev/null 2>&1 || optional+=("$mod")
+done
+if [ ${#optional[@]} -gt 0 ]; then
+  say "installing optional ${optional[*]}"
+  pip_quiet --retries 1 --timeout 15 "${optional[@]}"
+  for req in "${optional[@]}"; do
+    "$PY" -c "import $req" >/dev/null 2>&1 || say "optional $req is not installed (offline?): what needs it skips"
+  done
+fi
+
 # Rebuild the extensions only when their sources or the build files changed.
 stamp="$VENV/.megalite-build-stamp"
 digest=$(cd "$ROOT" && cat setup.py pyproject.toml $(find csrc -type f | sort) 2>/dev/null | sha1sum | cut -d' ' -f1)

@@ -96,23 +96,27 @@ def test_zero1_sharded_state_dict_resumes_exactly():
     assert sum(numel for _, numel in results) == n  # each rank saved only its shard
 
 
+def _zero1_on_plain_chunks(rank, world_size):
+    grid = initialize_grid()
+    try:
+        build_optimizer([ToyMLP()], opt_config(use_distributed_optimizer=True), grid)
+    except ValueError as error:
+        return str(error)
+
+
 def test_zero1_needs_ddp_wrapped_chunks():
-    def body(rank, world_size):
-        grid = initialize_grid()
-        try:
-            build_optimizer([ToyMLP()], opt_config(use_distributed_optimizer=True), grid)
-        except ValueError as error:
-            return str(error)
-    message = run_on_ranks(body, 1)[0]
+    message = run_on_ranks(_zero1_on_plain_chunks, 1)[0]
     assert "ZeRO-1" in message and "DistributedDataParallel" in message
 
 
+def _plain_optimizer_on_zero1_model(rank, world_size):
+    grid = initialize_grid()
+    model = DistributedDataParallel(ToyMLP(), grid, use_distributed_optimizer=True)
+    try:
+        build_optimizer([model], opt_config(), grid)
+    except ValueError as error:
+        return str(error)
+
+
 def test_zero1_wrapped_model_needs_the_zero1_optimizer():
-    def body(rank, world_size):
-        grid = initialize_grid()
-        model = DistributedDataParallel(ToyMLP(), grid, use_distributed_optimizer=True)
-        try:
-            build_optimizer([model], opt_config(), grid)
-        except ValueError as error:
-            return str(error)
-    assert "wrapped for ZeRO-1" in run_on_ranks(body, 1)[0]
+    assert "wrapped for ZeRO-1" in run_on_ranks(_plain_optimizer_on_zero1_model, 1)[0]

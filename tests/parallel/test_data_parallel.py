@@ -259,14 +259,16 @@ def test_averages_over_dp_times_cp():
         torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-7)
 
 
+def _zero_bucket_size(rank, world_size):
+    grid = initialize_grid()
+    try:
+        DistributedDataParallel(ToyMLP(), grid, bucket_size=0)
+    except ValueError as error:
+        return str(error)
+
+
 def test_bad_bucket_size_is_refused():
-    def body(rank, world_size):
-        grid = initialize_grid()
-        try:
-            DistributedDataParallel(ToyMLP(), grid, bucket_size=0)
-        except ValueError as error:
-            return str(error)
-    assert "bucket size 0 must be at least 1" in run_on_ranks(body, 1)[0]
+    assert "bucket size 0 must be at least 1" in run_on_ranks(_zero_bucket_size, 1)[0]
 
 
 # -- the real model ----------------------------------------------------------------------------------

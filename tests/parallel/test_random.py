@@ -91,18 +91,36 @@ def test_streams_across_tensor_parallel_ranks():
     assert not torch.equal(ranks[0][tp_random.TENSOR_PARALLEL_RNG], ranks[0][tp_random.SEQUENCE_PARALLEL_RNG])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_streams_fork_and_restore():
-    torch.cuda.init()
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_streams_fork_and_restore_on(device):
+    """The tracker on each device's default generator: the default stream is restored after a fork,
+    and a stream continues where its last fork left it, from seed + offset + tp_rank.
+
+    "Continues" is checked against a private generator making the same calls, not against one
+    longer draw: on CUDA, torch.rand(3) twice is not torch.rand(6) -- element i of a draw comes from
+    Philox subsequence i at the generator's offset, and each call advances the offset (by 4 for a
+    small tensor), so the second draw starts a new offset, not element 3.  (On the CPU's Mersenne
+    Twister the two happen to agree, which is what the CPU-only test above relies on.)
+    """
+    if device == "cuda":
+        torch.cuda.init()  # the tracker keeps a CUDA state only once CUDA is initialised
+        saved_cuda = torch.cuda.get_rng_state()
     tp_random.model_parallel_seed(5)
-    expected = torch.rand(5, device="cuda")
+    expected = torch.rand(5, device=device)
     tp_random.model_parallel_seed(5)
     tracker = tp_random.get_rng_tracker()
     with tracker.fork(tp_random.TENSOR_PARALLEL_RNG):
-        first = torch.rand(3, device="cuda")
-    assert torch.equal(torch.rand(5, device="cuda"), expected)
+        first = torch.rand(3, device=device)
+    assert torch.equal(torch.rand(5, device=device), expected)
     with tracker.fork(tp_random.TENSOR_PARALLEL_RNG):
-        second = torch.rand(3, device="cuda")
+        second = torch.rand(3, device=device)
     assert not torch.equal(first, second)
-    torch.cuda.manual_seed(5 + 2718)
-    assert torch.equal(torch.rand(6, device="cuda"), torch.cat([first, second]))
+    stream = torch.Generator(device=device).manual_seed(5 + 2718)  # seed + offset + tp_rank 0
+    assert torch.equal(first, torch.rand(3, device=device, generator=stream))
+    assert torch.equal(second, torch.rand(3, device=device, generator=stream))
+    if device == "cuda":
+        torch.cuda.set_rng_state(saved_cuda)

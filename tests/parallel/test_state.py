@@ -79,24 +79,27 @@ def test_grid_groups_on_eight_gloo_ranks():
         assert same
 
 
+# Rank functions live at module level: the fork server receives them by pickle (megalite/testing.py).
+def _build_grid(rank, world_size, **sizes):
+    state.initialize_grid(**sizes)
+
+
 def test_grid_refuses_world_mismatch_on_ranks():
-    def build(rank, world_size):
-        state.initialize_grid(tp=3)
     with pytest.raises(RankFailed, match="world size 4 is not divisible"):
-        run_on_ranks(build, 4)
+        run_on_ranks(_build_grid, 4, tp=3)
 
 
 def test_virtual_pipeline_needs_pipeline():
-    def build(rank, world_size):
-        state.initialize_grid(tp=1, pp=1, virtual_pp=2)
     with pytest.raises(RankFailed, match="needs a pipeline size > 1"):
-        run_on_ranks(build, 1)
+        run_on_ranks(_build_grid, 1, tp=1, pp=1, virtual_pp=2)
+
+
+def _hang_on_rank_one(rank, world_size):
+    import time
+    if rank == 1:
+        time.sleep(60)
 
 
 def test_harness_names_the_rank_that_hung():
-    def hang_on_rank_one(rank, world_size):
-        import time
-        if rank == 1:
-            time.sleep(60)
     with pytest.raises(RanksHung, match=r"rank\(s\) \[1\] of 2"):
-        run_on_ranks(hang_on_rank_one, 2, timeout=3)
+        run_on_ranks(_hang_on_rank_one, 2, timeout=3)

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One command for a GPU node: build megalite against the torch already installed (no network
+# needed), run the whole test suite, the kernel benchmark on CUDA and the training-throughput
+# benchmark, and write every log plus a short summary.txt into OUT_DIR.
+#
+#     bash scripts/gpu_check.sh [OUT_DIR]          # default ./gpu_check_out
+#
+# Every step runs even when an earlier one failed; the exit status is non-zero if any failed.  Each
+# step has a time budget (`timeout`) so that the whole check ends within 8 minutes on one H200:
+# build 100 s, suite 130 s, kernels 40 s, throughput 2 x 100 s (one call per model, each contender
+# at most 45 s, so a slow compile cannot take the other rows with it).  Without CUDA it is a CPU
+# smoke test: the suite, then the throughput benchmark with --quick, with budgets for a 2-core
+# machine (suite 600 s, throughput 240 s); the CUDA-only steps say that they were skipped.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="$(mkdir -p "${1:-$ROOT/gpu_check_out}" && cd "${1:-$ROOT/gpu_check_out}" && pwd)"
+SUMMARY="$OUT/summary.txt"
+cd "$ROOT"
+: > "$SUMMARY"
+failures=0
+check_start=$(date +%s)
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME BUDGET_S COMMAND...: run COMMAND under `timeout`, log to OUT/NAME.log, record the outcome.
+step() {
+  local name="$1" budget="$2"; shift 2
+  local start status
+  start=$(date +%s)
+  echo "[gpu_check] $name (budget ${budget} s) -> $OUT/$name.log"
+  timeout --kill-after=10 "$budget" "$@" > "$OUT/$name.log" 2>&1
+  status=$?
+  local took=$(( $(date +%s) - start ))
+  if [ "$status" -eq 0 ]; then
+    note "step $name: ok in ${took} s"
+  elif [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    note "step $name: FAILED, timed out after ${budget} s (log: $name.log)"; failures=$((failures + 1))
+  else
+    note "step $name: FAILED with status $status in ${took} s (log: $name.log)"; failures=$((failures + 1))
+  fi
+  return 0
+}
+
+# 1. Build.  setup_env.sh reuses a system torch through a --system-site-packages venv and installs
+# only what is missing; offline, a missing optional package is reported and skipped, not fatal.
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+step setup 100 bash -c 'source scripts/setup_env.sh'
+PY="${MEGALITE_VENV:-$ROOT/.venv}/bin/python"
+[ -x "$PY" ] || PY=python3
+
+has_cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+versions=$("$PY" - <<'EOF' 2>&1
+import platform, torch
+try:
+    import transformers
+    hf = transformers.__version__
+except ImportError:
+    hf = "not installed"
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {gpu}, "
+      f"transformers {hf}")
+EOF
+)
+note "versions: $versions"
+command -v nvidia-smi >/dev/null 2>&1 && note "driver: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+
+# 2. The whole suite.
+# 130 s on the H200 node; a CPU smoke run gets more (the suite takes ~90 s on an idle 2-core VM and
+# over 400 s on one shared with other work).
+step tests "$([ "$has_cuda" = "1" ] && echo 130 || echo 600)" "$PY" -m pytest -q -p no:cacheprovider tests
+note "tests: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -1)"
+
+# 3. Kernels on CUDA; 4. training throughput.
+if [ "$has_cuda" = "1" ]; then
+  step kernels 40 "$PY" benchmarks/kernels.py --device cuda
+  step throughput_gpt2 100 "$PY" benchmarks/train_throughput.py --models gpt2 --steps 10 --warmup 3 --contender-timeout 45
+  step throughput_llama 100 "$PY" benchmarks/train_throughput.py --models llama --steps 10 --warmup 3 --contender-timeout 45
+else
+  note "step kernels: skipped, no CUDA device (benchmarks/kernels.py --device cuda needs one)"
+  step throughput_quick 240 "$PY" benchmarks/train_throughput.py --quick
+fi
+
+# The benchmarks' tables: the machine line and every row with its ratio.
+if [ -f "$OUT/kernels.log" ]; then
+  note ""
+  note "== kernels.log (speedup = PyTorch time / megalite time)"
+  # The rendered table is the last block, from its "machine:" line on (rows also stream as they finish).
+  awk '/^machine:/ {block = ""} {block = block $0 "\n"} END {printf "%s", block}' "$OUT/kernels.log" >> "$SUMMARY"
+fi
+for log in "$OUT"/throughput_*.log; do
+  [ -f "$log" ] || continue
+  note ""
+  note "== $(basename "$log")"
+  grep -E '^# machine|^model |^(gpt2|llama) |^ratio =' "$log" | grep -v ': loss ' >> "$SUMMARY"
+done
+note ""
+note "wall time: $(( $(date +%s) - check_start )) s; failed steps: $failures"
+exit $(( failures > 0 ))
