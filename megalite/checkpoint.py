@@ -9,6 +9,8 @@ Layout on disk, Megatron-LM's (one folder per tensor x pipeline rank)::
         optimizer_dp{dp:03d}_cp{cp:03d}.pt   the optimizer shard of each DP rank (only with ZeRO-1)
         rng_dp{dp:03d}_cp{cp:03d}.pt         every rank's RNG states (torch CPU/CUDA, python, numpy,
                                              the TP RNG tracker): dropout masks differ per rank
+    SAVE/iter_0000010/manifest.json                 size and CRC-32 of every file, the run's id; written
+                                                    last, then the tracker (checkpoint_manifest.py)
 
 Everything is stored as tensors and plain python containers and read back with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs code from the file.  Resuming
@@ -18,12 +20,24 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalite.checkpoint_manifest import (
+    MANIFEST,
+    CheckpointError,
+    complete_iterations,
+    durable_write,
+    file_entry,
+    fsync_dir,
+    read_manifest,
+    verify_file,
+    write_manifest,
+)
+from megalite.logger import print_rank0
 from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.optim.schedulers import LRScheduler
 from megalite.parallel.data_parallel import unwrap_model
@@ -104,24 +118,47 @@ def partition_metadata(chunk: torch.nn.Module) -> dict:
 
 
 # -- save ------------------------------------------------------------------------------------------
-def _atomic_save(obj, path: str) -> None:
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def _save(obj, path: str) -> None:
+    durable_write(path, lambda f: torch.save(obj, f))
+
+
+def _check_not_another_runs(root: str, iteration: int, run_id: str, grid: ProcessGrid) -> None:
+    """Rank 0 looks, every rank learns: an iteration another run finished is never overwritten.  A
+    manifest of this run's own (a resumed run saving the same iteration again) is removed first."""
+    verdict = [None]
+    if grid.rank == 0:
+        folder = iteration_dir(root, iteration)
+        try:
+            manifest = read_manifest(folder)
+        except CheckpointError:
+            manifest = {"run_id": "unknown (unreadable manifest)"}
+        if manifest is not None and manifest.get("run_id") != run_id:
+            verdict[0] = (f"--save {root}: iteration {iteration} there was written by another run (run "
+                          f"{manifest.get('run_id')}, this is run {run_id}); save to a new folder, or move that "
+                          f"one away")
+        elif manifest is not None:
+            os.remove(os.path.join(folder, MANIFEST))
+            fsync_dir(folder)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
 
 
 def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.Module], optimizer: MegaliteOptimizer,
                     scheduler: LRScheduler, grid: ProcessGrid,
-                    *, consumed_samples: int, settings: Optional[dict] = None,
+                    *, consumed_samples: int, run_id: str, settings: Optional[dict] = None,
                     sharded_optimizer: bool = False, layer_numbers: Optional[Sequence[Sequence[int]]] = None) -> str:
     """Write iteration ``iteration`` under ``root`` (collective over all ranks); returns its folder.
 
     ``settings`` is a plain dict of the run's configs (kept so tools can rebuild the model);
     ``sharded_optimizer`` saves each DP rank's optimizer state (ZeRO-1) instead of DP rank 0's.
+    Files are made durable, then rank 0 writes the manifest (checkpoint_manifest.py), then the tracker.
     """
+    _check_not_another_runs(root, iteration, run_id, grid)
     folder = rank_dir(root, iteration, grid.tp_rank, grid.pp_rank)
     os.makedirs(folder, exist_ok=True)
-    writes_model = grid.dp_rank == 0 and grid.cp_rank == 0
-    if writes_model:
+    written = []
+    if grid.dp_rank == 0 and grid.cp_rank == 0:
         state = {
             "iteration": iteration,
             "consumed_samples": consumed_samples,
@@ -137,51 +174,116 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
                                                         for k, v in unwrap_model(chunk).state_dict().items()}
         if optimizer is not None and not sharded_optimizer:
             state["optimizer"] = optimizer.state_dict()
-        _atomic_save(state, os.path.join(folder, "model_optim_rng.pt"))
+        written.append("model_optim_rng.pt")
+        _save(state, os.path.join(folder, written[-1]))
     suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
     if optimizer is not None and sharded_optimizer:
-        _atomic_save(optimizer.state_dict(), os.path.join(folder, "optimizer_" + suffix))
-    _atomic_save(get_rng_state(), os.path.join(folder, "rng_" + suffix))
-    # Only when every rank has written is the checkpoint announced.
-    dist.barrier()
+        written.append("optimizer_" + suffix)
+        _save(optimizer.state_dict(), os.path.join(folder, written[-1]))
+    written.append("rng_" + suffix)
+    _save(get_rng_state(), os.path.join(folder, written[-1]))
+    fsync_dir(folder)
+    mine = {os.path.join(os.path.basename(folder), name): file_entry(os.path.join(folder, name)) for name in written}
+    everyone: list = [None] * grid.world_size
+    dist.all_gather_object(everyone, mine)
+    # Only when every rank's files are durable and listed is the checkpoint announced.
     if grid.rank == 0:
-        tracker = os.path.join(root, TRACKER_FILE)
-        with open(tracker + ".tmp", "w") as f:
-            f.write(str(iteration))
-        os.replace(tracker + ".tmp", tracker)
+        write_manifest(iteration_dir(root, iteration), iteration, run_id,
+                       {path: entry for files in everyone for path, entry in files.items()})
+        durable_write(os.path.join(root, TRACKER_FILE), lambda f: f.write(str(iteration).encode()))
     dist.barrier()
     return iteration_dir(root, iteration)
 
 
 # -- load ------------------------------------------------------------------------------------------
+class Resumed(NamedTuple):
+    iteration: int
+    consumed_samples: int
+    run_id: Optional[str]       # None: nothing was loaded, or a checkpoint from before manifests
+
+
 def _load(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path} is missing; was the checkpoint saved with a different "
-                                f"parallel layout or interrupted while saving?")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling fault is this file's, said in one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {first}") from None
+
+
+def _choose_iteration(root: str) -> Optional[int]:
+    """The tracker's iteration; without a tracker, the newest complete one (said once); None: fresh."""
+    iteration = read_latest_iteration(root)
+    if iteration is not None:
+        return iteration
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--load {root}: no such directory")
+    complete = complete_iterations(root)
+    if complete:
+        print_rank0(f"{os.path.join(root, TRACKER_FILE)} is missing; resuming from the newest complete iteration, "
+                    f"{complete[-1]}")
+        return complete[-1]
+    started = sorted(name for name in os.listdir(root) if name.startswith("iter_"))
+    if started:
+        raise CheckpointError(f"--load {root} has {', '.join(started)} but no tracker and no iteration that finished "
+                              f"saving; move them away to start afresh")
+    return None
+
+
+def _files_to_read(folder: str, suffix: str, sharded_optimizer: bool, load_optimizer: bool,
+                   load_rng: bool) -> List[str]:
+    names = ["model_optim_rng.pt"]
+    if load_optimizer and sharded_optimizer:
+        names.append("optimizer_" + suffix)
+    if load_rng:
+        names.append("rng_" + suffix)
+    return [os.path.join(os.path.basename(folder), name) for name in names]
+
+
+def _verify_everywhere(root: str, iteration: int, relatives: List[str], manifest: Optional[dict],
+                       grid: ProcessGrid) -> Dict[str, str]:
+    """Every rank checks its own files; every rank learns of any fault, so all stop together."""
+    fault = None
+    paths = {}
+    try:
+        for relative in relatives:
+            paths[relative] = verify_file(iteration_dir(root, iteration), relative, manifest)
+    except CheckpointError as error:
+        fault = str(error)
+    faults: list = [None] * grid.world_size
+    dist.all_gather_object(faults, fault)
+    if fault is not None:
+        raise CheckpointError(fault)
+    for rank, other in enumerate(faults):
+        if other is not None:
+            raise CheckpointError(f"rank {rank}: {other}")
+    return paths
 
 
 def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: MegaliteOptimizer,
                     scheduler: LRScheduler, grid: ProcessGrid, *,
                     iteration: Optional[int] = None, sharded_optimizer: bool = False,
-                    load_optimizer: bool = True, load_rng: bool = True) -> tuple[int, int]:
-    """Restore the state saved by :func:`save_checkpoint`; returns ``(iteration, consumed_samples)``.
+                    load_optimizer: bool = True, load_rng: bool = True) -> Resumed:
+    """Restore the state saved by :func:`save_checkpoint`.
 
-    With no checkpoint under ``root`` returns ``(0, 0)`` (a fresh run), as Megatron does.
+    With no checkpoint under ``root`` returns iteration 0 (a fresh run), as Megatron does.  Every file
+    is checked against the iteration's manifest first; a missing RNG file is an error unless
+    ``load_rng`` is False (``--no-load-rng``).
     """
     if iteration is None:
-        iteration = read_latest_iteration(root)
+        iteration = _choose_iteration(root)
         if iteration is None:
-            if not os.path.isdir(root):
-                raise FileNotFoundError(f"--load {root}: no such directory")
-            return 0, 0
+            return Resumed(0, 0, None)
     folder = rank_dir(root, iteration, grid.tp_rank, grid.pp_rank)
     if not os.path.isdir(folder):
-        folder = iteration_dir(root, iteration)
-        saved = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        saved = sorted(os.listdir(iteration_dir(root, iteration))) if os.path.isdir(iteration_dir(root, iteration)) \
+            else []
         raise ValueError(f"--load {root}: iteration {iteration} has no folder for TP rank {grid.tp_rank}, PP rank "
                          f"{grid.pp_rank} (found {saved}); load with the layout it was saved with")
-    state = _load(os.path.join(folder, "model_optim_rng.pt"))
+    manifest = read_manifest(iteration_dir(root, iteration))
+    suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
+    relatives = _files_to_read(folder, suffix, sharded_optimizer, load_optimizer and optimizer is not None, load_rng)
+    paths = _verify_everywhere(root, iteration, relatives, manifest, grid)
+    state = _load(paths[relatives[0]])
     layout = state["layout"]
     mine = {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1}
     if any(layout[k] != v for k, v in mine.items()):
@@ -192,10 +294,9 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         unwrap_model(chunk).load_state_dict(state[_model_key(i, len(model_chunks))])
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()  # fp32 masters of a half-precision model follow the loaded weights
-    suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
     if optimizer is not None and load_optimizer:
         if sharded_optimizer:
-            optimizer.load_state_dict(_load(os.path.join(folder, "optimizer_" + suffix)))
+            optimizer.load_state_dict(_load(paths[relatives[1]]))
         elif "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
         else:
@@ -205,7 +306,6 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if load_rng:
-        rng_path = os.path.join(folder, "rng_" + suffix)
-        if os.path.isfile(rng_path):
-            set_rng_state(_load(rng_path))
-    return int(state["iteration"]), int(state["consumed_samples"])
+        set_rng_state(_load(paths[relatives[-1]]))
+    return Resumed(int(state["iteration"]), int(state["consumed_samples"]),
+                   manifest.get("run_id") if manifest is not None else None)

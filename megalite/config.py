@@ -263,11 +263,15 @@ class TrainingConfig:
     save: Optional[str] = flag(None, "folder to save checkpoints to")
     load: Optional[str] = flag(None, "folder to resume from (may equal --save)")
     save_interval: Optional[int] = flag(None, "save every this many steps (and at the end)", at_least=1)
+    no_load_optim: bool = flag(False, "with --load: take the weights and position, not the optimizer state")
+    no_load_rng: bool = flag(False, "with --load: do not restore the RNG states (a missing RNG file is then no error)")
     eval_interval: int = flag(1000, "evaluate every this many steps (and at the end)", at_least=1)
     eval_iters: int = flag(10, "global batches per evaluation (0: none)", at_least=0)
     exit_interval: Optional[int] = flag(None, "stop (after saving) once the step is a multiple of this", at_least=1)
     exit_duration_in_mins: Optional[float] = flag(None, "save and stop once the run has lasted this many minutes",
                                                   above=0)
+    max_skipped_iterations_in_a_row: int = flag(10, "stop with an error after this many optimizer steps in a row "
+                                                    "skipped for inf/nan gradients (fp16)", at_least=1)
     log_interval: int = flag(100, "print a line every this many steps", at_least=1)
     log_json: Optional[str] = flag(None, "also write one JSON record per step to this file")
     log_throughput: bool = flag(False, "add the TFLOP/s per device to the log line, as Megatron does")

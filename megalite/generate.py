@@ -118,6 +118,22 @@ def sample(model, config: ModelConfig, prompt_ids: List[int], max_new_tokens: in
     return ids
 
 
+def prompt_to_ids(prompt: str, tokenizer, vocab_size: int) -> List[int]:
+    """The prompt's token ids: encoded by the run's tokenizer, or given as ids when it had none."""
+    if tokenizer is not None:
+        return tokenizer.encode(prompt) if prompt else [tokenizer.eod]
+    try:
+        ids = [int(t) for t in prompt.split()] or [0]
+    except ValueError:
+        raise ValueError(f"--prompt {prompt!r}: this checkpoint has no tokenizer, so the prompt is token ids "
+                         f"separated by spaces") from None
+    outside = [i for i in ids if not 0 <= i < vocab_size]
+    if outside:
+        raise ValueError(f"--prompt token id {outside[0]} is outside the vocabulary of {vocab_size} ids "
+                         f"(0 to {vocab_size - 1})")
+    return ids
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megalite.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--load", required=True, help="checkpoint folder (the --save of training)")
@@ -132,14 +148,11 @@ def main(argv=None) -> int:
         model, settings = load_model(args.load, args.iteration)
         data = DataConfig(**dict(settings["data"], mock_data=True))  # the tokenizer fields only
         tokenizer = tokenizer_from_config(data, settings["model"]["vocab_size"])
+        prompt_ids = prompt_to_ids(args.prompt, tokenizer, settings["model"]["vocab_size"])
     except (ValueError, FileNotFoundError) as error:
         print(f"generate: error: {error}", file=sys.stderr)
         return 2
     config = ModelConfig(**dict(settings["model"], tensor_model_parallel_size=1, sequence_parallel=False))
-    if tokenizer is None:
-        prompt_ids = [int(t) for t in args.prompt.split()] or [0]
-    else:
-        prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eod]
     ids = sample(model, config, prompt_ids, args.max_new_tokens, settings["model"]["vocab_size"],
                  args.temperature, args.top_k, args.seed)
     print(tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids)))

@@ -102,6 +102,8 @@ class Logger:
         self.json_file = None
         if rank == 0 and train_cfg.log_json:
             os.makedirs(os.path.dirname(os.path.abspath(train_cfg.log_json)), exist_ok=True)
+            if train_cfg.load:
+                keep_records_up_to(train_cfg.log_json, start_iteration)
             # Appending keeps the earlier records of a resumed run.
             self.json_file = open(train_cfg.log_json, "a" if train_cfg.load else "w")
         self.window: List[dict] = []
@@ -163,6 +165,20 @@ class Logger:
             self.json_file.close()
         for writer in self.writers:
             writer.close()
+
+
+def keep_records_up_to(path: str, iteration: int) -> None:
+    """Drop --log-json records past ``iteration`` (written after the checkpoint a run resumes from,
+    before it stopped), so that each iteration appears once."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["iteration"] <= iteration]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def _mean(records: List[dict], key: str) -> float:

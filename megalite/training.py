@@ -32,6 +32,7 @@ import yaml
 from megalite import checkpoint
 from megalite.arguments import parse_args, resolved_config
 from megalite.batch_schedule import BatchSchedule
+from megalite.checkpoint_manifest import new_run_id
 from megalite.config import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 from megalite.data.tokenizer import Tokenizer
 from megalite.data.training_data import MicroBatches, SampleDataset, datasets_from_config, tokenizer_from_config
@@ -52,11 +53,15 @@ from megalite.parallel.state import ProcessGrid
 from megalite.profiling import StepProfiler
 from megalite.scaling import flops
 
-__all__ = ["SETUP_ERRORS", "Run", "setup", "train_step", "evaluate", "save", "train", "pretrain"]
+__all__ = ["SETUP_ERRORS", "TrainingDiverged", "Run", "setup", "train_step", "evaluate", "save", "train", "pretrain"]
 
 # What bad input raises during setup (a flag, a dataset, a tokenizer file); the data package's
 # IndexedDatasetError and json/unicode decoding errors are ValueErrors.  Everything else is a bug.
 SETUP_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row skipped for inf/nan gradients: the run cannot recover."""
 
 
 @dataclass
@@ -85,6 +90,7 @@ class Run:
     train_iter: Optional[Iterator[dict]] = None
     history: List[dict] = field(default_factory=list)   # one record per iteration (what --log-json writes)
     started_at: float = field(default_factory=time.time)  # for --exit-duration-in-mins
+    run_id: str = ""            # drawn at a fresh start, kept across resumes (checkpoint_manifest.py)
 
     def settings(self) -> dict:
         """The configs as plain dicts (stored in checkpoints; read by megalite/generate.py)."""
@@ -94,6 +100,13 @@ class Run:
 
     def configs(self) -> tuple:
         return self.model_cfg, self.parallel_cfg, self.opt_cfg, self.data_cfg, self.train_cfg
+
+
+def agreed_run_id() -> str:
+    """A fresh run id, the same on every rank (rank 0 draws it)."""
+    drawn = [new_run_id()]
+    dist.broadcast_object_list(drawn, src=0)
+    return drawn[0]
 
 
 def seed_everything(seed: int) -> None:
@@ -149,12 +162,16 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
               num_microbatches, started_at=started_at)
     # `--save X --load X` is the resume idiom: before the first save there is nothing to load.
     fresh_resume = train_cfg.load is not None and train_cfg.load == train_cfg.save and not os.path.isdir(train_cfg.load)
+    resumed = None
     if train_cfg.load is not None and not fresh_resume:
-        run.iteration, run.consumed_samples = checkpoint.load_checkpoint(
-            train_cfg.load, model, optimizer, scheduler, grid, sharded_optimizer=opt_cfg.use_distributed_optimizer)
+        resumed = checkpoint.load_checkpoint(
+            train_cfg.load, model, optimizer, scheduler, grid, sharded_optimizer=opt_cfg.use_distributed_optimizer,
+            load_optimizer=not train_cfg.no_load_optim, load_rng=not train_cfg.no_load_rng)
+        run.iteration, run.consumed_samples = resumed.iteration, resumed.consumed_samples
         if run.iteration:
             print_rank0(f"resumed from {train_cfg.load} at iteration {run.iteration} "
                         f"({run.consumed_samples} samples consumed)")
+    run.run_id = resumed.run_id if resumed is not None and resumed.run_id else agreed_run_id()
     run.train_iter = MicroBatches(train_dataset, run.consumed_samples, train_cfg.micro_batch_size,
                                   grid.dp_rank, grid.dp_size, device)
     return run
@@ -260,7 +277,8 @@ def evaluate(run: Run) -> Optional[dict]:
 # -- the loop --------------------------------------------------------------------------------------
 def save(run: Run) -> None:
     checkpoint.save_checkpoint(run.train_cfg.save, run.iteration, run.model, run.optimizer, run.scheduler,
-                               run.grid, consumed_samples=run.consumed_samples, settings=run.settings(),
+                               run.grid, consumed_samples=run.consumed_samples, run_id=run.run_id,
+                               settings=run.settings(),
                                sharded_optimizer=run.opt_cfg.use_distributed_optimizer,
                                layer_numbers=run.layer_numbers)
     print_rank0(f"saved checkpoint of iteration {run.iteration} to {run.train_cfg.save}")
@@ -312,7 +330,7 @@ def train(run: Run) -> List[dict]:
                 f"(TP={g.tp_size} PP={g.pp_size} DP={g.dp_size} CP={g.cp_size}), global batch "
                 f"{cfg.global_batch_size} = {run.num_microbatches} micro-batches x {cfg.micro_batch_size} x DP "
                 f"{g.dp_size}, {cfg.train_iters} iterations")
-    saved_at = None
+    saved_at, skipped_in_a_row = None, 0
     try:
         while run.iteration < cfg.train_iters:
             start = time.perf_counter()
@@ -331,6 +349,12 @@ def train(run: Run) -> List[dict]:
                 if evaluation is not None:
                     record.update(evaluation)
             run.history.append(logger.record(record, seconds))
+            skipped_in_a_row = skipped_in_a_row + 1 if record["grad_norm"] is None else 0
+            if skipped_in_a_row >= cfg.max_skipped_iterations_in_a_row:
+                raise TrainingDiverged(
+                    f"{skipped_in_a_row} optimizer steps in a row (to iteration {run.iteration}) were skipped for "
+                    f"inf/nan gradients, loss scale now {record['loss_scale']:g}; the run diverged: lower --lr or "
+                    f"check the data (the limit is --max-skipped-iterations-in-a-row)")
             if cfg.save and cfg.save_interval and run.iteration % cfg.save_interval == 0:
                 save(run)
                 saved_at = run.iteration

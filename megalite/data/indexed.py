@@ -150,6 +150,12 @@ class IndexedDataset:
     def num_documents(self) -> int:
         return len(self.document_indices) - 1
 
+    def largest_token_id(self) -> int:
+        """The largest id in the .bin (-1 when empty), read in 64 MiB slices of the memory map."""
+        tokens = np.frombuffer(self._bin, self.dtype) if len(self._bin) else np.zeros(0, self.dtype)
+        step = (64 << 20) // self.dtype.itemsize
+        return max((int(tokens[i:i + step].max()) for i in range(0, len(tokens), step)), default=-1)
+
     def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens [offset, offset+length) of sequence idx (to its end when length is None)."""
         if length is None:

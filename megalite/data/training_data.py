@@ -9,11 +9,13 @@ import numpy as np
 import torch
 
 from megalite.config import DataConfig, ModelConfig, TrainingConfig
-from megalite.data.gpt_dataset import MockGPTDataset, build_gpt_datasets
+from megalite.data.gpt_dataset import MockGPTDataset, build_gpt_datasets, parse_blend
+from megalite.data.index_cache import cached_indices
+from megalite.data.indexed import IndexedDataset, bin_path_of, idx_path_of
 from megalite.data.sampler import PretrainingSampler
 from megalite.data.tokenizer import Tokenizer, build_tokenizer
 
-__all__ = ["SampleDataset", "MicroBatches", "tokenizer_from_config", "datasets_from_config"]
+__all__ = ["SampleDataset", "MicroBatches", "tokenizer_from_config", "datasets_from_config", "check_token_ids"]
 
 
 class SampleDataset(Protocol):
@@ -69,6 +71,21 @@ def datasets_from_config(data: DataConfig, model: ModelConfig,
                                                      "GPTDataset_indices")
     train, valid, _ = build_gpt_datasets(prefixes, data.split, model.seq_length, model.seed,
                                          (train_samples, eval_samples, 0), cache_dir=cache_dir)
+    check_token_ids(parse_blend(prefixes)[0], model.vocab_size, cache_dir)
     if train is None:
         raise ValueError(f"--split {data.split!r} leaves no training data; give the first part a positive weight")
     return train, valid
+
+
+def check_token_ids(prefixes, vocab_size: int, cache_dir: Optional[str]) -> None:
+    """Refuse data holding ids the model has no row for (the embedding would read zeros and the loss a
+    0 logit: a run that trains on garbage and exits 0).  Each dataset's largest id is found once and
+    kept beside the index cache."""
+    for prefix in prefixes:
+        (largest,) = cached_indices(cache_dir, {"largest_token_id": prefix}, [bin_path_of(prefix), idx_path_of(prefix)],
+                                    lambda p=prefix: (np.array([IndexedDataset(p).largest_token_id()]),),
+                                    ["largest_token_id"])
+        if int(largest[0]) >= vocab_size:
+            raise ValueError(f"--data-path {prefix} holds token id {int(largest[0])} but the vocabulary has "
+                             f"{vocab_size} ids (--vocab-size or the tokenizer's); use the tokenizer the data was "
+                             f"made with")

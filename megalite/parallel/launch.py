@@ -5,8 +5,10 @@ that never comes fails with an error instead of hanging forever.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import shutil
 import tempfile
 
 import torch
@@ -30,7 +32,9 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) 
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     else:
         # A single process: a file store in a private folder avoids picking a TCP port.
-        store = os.path.join(tempfile.mkdtemp(prefix="megalite-"), "rendezvous")
+        folder = tempfile.mkdtemp(prefix="megalite-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # nothing of the run stays in /tmp
+        store = os.path.join(folder, "rendezvous")
         if backend == "nccl":
             torch.cuda.set_device(0)
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
