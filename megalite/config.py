@@ -270,6 +270,8 @@ class TrainingConfig:
     exit_interval: Optional[int] = flag(None, "stop (after saving) once the step is a multiple of this", at_least=1)
     exit_duration_in_mins: Optional[float] = flag(None, "save and stop once the run has lasted this many minutes",
                                                   above=0)
+    exit_signal_handler: bool = flag(False, "on SIGTERM (a scheduler's preemption notice), save at the end of the "
+                                            "current iteration and exit 0")
     max_skipped_iterations_in_a_row: int = flag(10, "stop with an error after this many optimizer steps in a row "
                                                     "skipped for inf/nan gradients (fp16)", at_least=1)
     log_interval: int = flag(100, "print a line every this many steps", at_least=1)

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional
@@ -297,14 +298,33 @@ def write_resolved_config(run: Run) -> None:
             f.write(text)
 
 
-def out_of_time(run: Run) -> bool:
-    """--exit-duration-in-mins has passed on some rank (every rank agrees: one all-reduce)."""
-    minutes = run.train_cfg.exit_duration_in_mins
-    if minutes is None:
-        return False
-    late = torch.tensor([float(time.time() - run.started_at > minutes * 60)], device=run.device)
-    dist.all_reduce(late, op=dist.ReduceOp.MAX)
-    return bool(late.item())
+class ExitSignal:
+    """--exit-signal-handler: SIGTERM (what SLURM sends before preemption, with ``#SBATCH --signal``)
+    only marks the run; it saves and stops at the end of the current iteration."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        if enabled:
+            signal.signal(signal.SIGTERM, self._mark)
+
+    def _mark(self, signum, frame) -> None:
+        self.received = True
+
+
+def exit_reason(run: Run, exit_signal: ExitSignal) -> Optional[str]:
+    """Why the run stops now (a signal, --exit-duration-in-mins), agreed by every rank with one
+    all-reduce; None to go on.  No collective when neither is asked for."""
+    cfg = run.train_cfg
+    if cfg.exit_duration_in_mins is None and not cfg.exit_signal_handler:
+        return None
+    late = cfg.exit_duration_in_mins is not None and time.time() - run.started_at > cfg.exit_duration_in_mins * 60
+    flags = torch.tensor([float(exit_signal.received), float(late)], device=run.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0]:
+        return "SIGTERM (--exit-signal-handler)"
+    if flags[1]:
+        return f"--exit-duration-in-mins {cfg.exit_duration_in_mins:g}"
+    return None
 
 
 def draw_timeline(run: Run, timeline: Timeline, num_microbatches: int) -> float:
@@ -326,6 +346,7 @@ def train(run: Run) -> List[dict]:
                     half_precision=run.opt_cfg.bf16 or run.opt_cfg.fp16, start_iteration=run.iteration,
                     writers=build_writers(cfg, g.rank, resolved_config(run.configs())))
     profiler = StepProfiler(cfg, g.rank)
+    exit_signal = ExitSignal(cfg.exit_signal_handler)
     print_rank0(f"training {flops.count_parameters(run.model_cfg):,} parameters on {g.world_size} rank(s) "
                 f"(TP={g.tp_size} PP={g.pp_size} DP={g.dp_size} CP={g.cp_size}), global batch "
                 f"{cfg.global_batch_size} = {run.num_microbatches} micro-batches x {cfg.micro_batch_size} x DP "
@@ -361,9 +382,9 @@ def train(run: Run) -> List[dict]:
             if cfg.exit_interval and run.iteration % cfg.exit_interval == 0:
                 print_rank0(f"exiting at iteration {run.iteration} (--exit-interval {cfg.exit_interval})")
                 break
-            if out_of_time(run):
-                print_rank0(f"exiting at iteration {run.iteration} (--exit-duration-in-mins "
-                            f"{cfg.exit_duration_in_mins:g})")
+            reason = exit_reason(run, exit_signal)
+            if reason is not None:
+                print_rank0(f"exiting at iteration {run.iteration} ({reason})")
                 break
         if cfg.save and saved_at != run.iteration:
             save(run)

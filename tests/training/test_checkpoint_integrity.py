@@ -144,3 +144,33 @@ def test_generate_refuses_prompt_ids_outside_the_vocabulary(tmp_path, capsys):
     assert generate_main(["--load", save, "--prompt", "99999", "--max-new-tokens", "2"]) == 2
     assert "--prompt token id 99999 is outside the vocabulary of 64 ids" in capsys.readouterr().err
     assert generate_main(["--load", save, "--prompt", "3 5", "--max-new-tokens", "2"]) == 0
+
+
+def _train_until_sigterm(rank, world_size, argv, log):
+    import signal
+    import threading
+    import time
+
+    def preempt():  # the scheduler's notice, once two iterations are logged
+        while not os.path.exists(log) or len(open(log).read().splitlines()) < 2:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+    if rank == 0:
+        threading.Thread(target=preempt, daemon=True).start()
+    from megalite.training import pretrain
+    return [r["iteration"] for r in pretrain(argv)]
+
+
+def test_sigterm_saves_at_the_end_of_the_iteration_and_exits_cleanly(tmp_path):
+    save, log = str(tmp_path / "ckpt"), str(tmp_path / "log.jsonl")
+    argv = TINY + ["--train-iters", "10000", "--save", save, "--exit-signal-handler", "--log-json", log]
+    iterations = run_on_ranks(_train_until_sigterm, 2, argv, log, timeout=120)
+    assert iterations[0] == iterations[1] and 2 <= len(iterations[0]) < 10000   # both ranks stopped together
+    assert checkpoint.read_latest_iteration(save) == iterations[0][-1]           # and saved where they stopped
+
+
+def test_exit_duration_stops_and_saves(tmp_path):
+    save = str(tmp_path / "ckpt")
+    history = run_on_ranks(_train, 1, TINY + ["--train-iters", "10000", "--save", save,
+                                              "--exit-duration-in-mins", "0.0001"], timeout=120)[0]
+    assert len(history) == 1 and checkpoint.read_latest_iteration(save) == 1
