@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_typ
 import yaml
 
 from megalite.batch_schedule import BatchSchedule
+from megalite.checkpoint import TRACKER_FILE, rank_dir, read_latest_iteration
 from megalite.config import (
     CONFIG_CLASSES,
     DataConfig,
@@ -145,9 +146,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    config_file = parser.parse_known_args(argv)[0].config
-    if config_file is not None:
-        parser.set_defaults(**yaml_defaults(parser, config_file))
+    known = parser.parse_known_args(argv)[0]
+    if known.config is not None:
+        parser.set_defaults(**yaml_defaults(parser, known.config))
+    if getattr(known, "use_checkpoint_args", False) and known.load is not None:
+        parser.set_defaults(**checkpoint_model_defaults(known.load))
     namespace = vars(parser.parse_args(argv))
     namespace.pop("config")
     gqa = namespace.pop("group_query_attention", False)
@@ -223,6 +226,27 @@ def _given(config, name: str) -> str:
     field_ = next(f for f in fields(config) if f.name == name)
     return "" if value is None else f", {flag_name(field_)} {value}"
 
+
+
+def checkpoint_model_defaults(root: str) -> Dict[str, Any]:
+    """--use-checkpoint-args: the model flags a checkpoint was saved with, as parser defaults."""
+    iteration = read_latest_iteration(root)
+    if iteration is None:
+        raise ValueError(f"--use-checkpoint-args: --load {root} has no {TRACKER_FILE}")
+    path = os.path.join(rank_dir(root, iteration, 0, 0), "model_optim_rng.pt")
+    try:
+        import torch
+        settings = torch.load(path, map_location="cpu", weights_only=True).get("settings", {})
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"--use-checkpoint-args: cannot read {path}: {error}") from None
+    model = dict(settings.get("model", {}))
+    for copied in ("tensor_model_parallel_size", "sequence_parallel"):   # the layout is this run's own
+        model.pop(copied, None)
+    if model.get("num_query_groups") == model.get("num_attention_heads"):
+        model.pop("num_query_groups", None)        # one group per head: the default, not a GQA flag
+    elif model.get("num_query_groups") is not None:
+        model["group_query_attention"] = True
+    return model
 
 
 def resolved_config(configs: Sequence[Any]) -> Dict[str, Any]:

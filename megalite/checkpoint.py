@@ -262,13 +262,16 @@ def _verify_everywhere(root: str, iteration: int, relatives: List[str], manifest
 def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: MegaliteOptimizer,
                     scheduler: LRScheduler, grid: ProcessGrid, *,
                     iteration: Optional[int] = None, sharded_optimizer: bool = False,
-                    load_optimizer: bool = True, load_rng: bool = True) -> Resumed:
+                    load_optimizer: bool = True, load_rng: bool = True, weights_only: bool = False) -> Resumed:
     """Restore the state saved by :func:`save_checkpoint`.
 
     With no checkpoint under ``root`` returns iteration 0 (a fresh run), as Megatron does.  Every file
     is checked against the iteration's manifest first; a missing RNG file is an error unless
-    ``load_rng`` is False (``--no-load-rng``).
+    ``load_rng`` is False (``--no-load-rng``).  ``weights_only`` (``--finetune``) takes the model and
+    nothing else, and returns iteration 0.
     """
+    if weights_only:
+        load_optimizer = load_rng = False
     if iteration is None:
         iteration = _choose_iteration(root)
         if iteration is None:
@@ -303,6 +306,8 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
             raise ValueError(f"--load {root}: the checkpoint holds sharded optimizer states (saved with "
                              f"--use-distributed-optimizer); pass that flag to resume")
     # After the optimizer: its load_state_dict replaces the param groups the scheduler sets lr in.
+    if weights_only:
+        return Resumed(0, 0, None)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if load_rng:

@@ -46,6 +46,7 @@ class ModelConfig:
     normalization: Literal["LayerNorm", "RMSNorm"] = flag("LayerNorm", "normalization layer")
     norm_epsilon: float = flag(1e-5, "epsilon added to the variance in the norms", above=0)
     swiglu: bool = flag(False, "SwiGLU MLP (LLaMA) instead of GELU")
+    openai_gelu: bool = flag(False, "GELU's tanh approximation, as GPT-2 was trained with (default: exact GELU)")
     position_embedding_type: Literal["learned_absolute", "rope"] = flag("learned_absolute", "position encoding")
     rotary_base: float = flag(10000.0, "RoPE base period", above=0)
     untie_embeddings_and_output_weights: bool = flag(False, "give the output layer its own weights instead of "
@@ -263,6 +264,10 @@ class TrainingConfig:
     save: Optional[str] = flag(None, "folder to save checkpoints to")
     load: Optional[str] = flag(None, "folder to resume from (may equal --save)")
     save_interval: Optional[int] = flag(None, "save every this many steps (and at the end)", at_least=1)
+    finetune: bool = flag(False, "with --load: take only the weights; start at iteration 0 with a fresh optimizer, "
+                                 "schedule and data position")
+    use_checkpoint_args: bool = flag(False, "with --load: take the model's flags from the checkpoint (flags on the "
+                                            "command line still win)")
     no_load_optim: bool = flag(False, "with --load: take the weights and position, not the optimizer state")
     no_load_rng: bool = flag(False, "with --load: do not restore the RNG states (a missing RNG file is then no error)")
     eval_interval: int = flag(1000, "evaluate every this many steps (and at the end)", at_least=1)

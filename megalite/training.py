@@ -20,7 +20,6 @@ import dataclasses
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional
@@ -37,6 +36,7 @@ from megalite.checkpoint_manifest import new_run_id
 from megalite.config import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 from megalite.data.tokenizer import Tokenizer
 from megalite.data.training_data import MicroBatches, SampleDataset, datasets_from_config, tokenizer_from_config
+from megalite.exit_conditions import ExitSignal, exit_reason
 from megalite.logger import Logger, print_rank0
 from megalite.metric_writers import build_writers
 from megalite.model.build import build_model, wrap_for_data_parallel
@@ -167,7 +167,8 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
     if train_cfg.load is not None and not fresh_resume:
         resumed = checkpoint.load_checkpoint(
             train_cfg.load, model, optimizer, scheduler, grid, sharded_optimizer=opt_cfg.use_distributed_optimizer,
-            load_optimizer=not train_cfg.no_load_optim, load_rng=not train_cfg.no_load_rng)
+            load_optimizer=not train_cfg.no_load_optim, load_rng=not train_cfg.no_load_rng,
+            weights_only=train_cfg.finetune)
         run.iteration, run.consumed_samples = resumed.iteration, resumed.consumed_samples
         if run.iteration:
             print_rank0(f"resumed from {train_cfg.load} at iteration {run.iteration} "
@@ -298,35 +299,6 @@ def write_resolved_config(run: Run) -> None:
             f.write(text)
 
 
-class ExitSignal:
-    """--exit-signal-handler: SIGTERM (what SLURM sends before preemption, with ``#SBATCH --signal``)
-    only marks the run; it saves and stops at the end of the current iteration."""
-
-    def __init__(self, enabled: bool):
-        self.received = False
-        if enabled:
-            signal.signal(signal.SIGTERM, self._mark)
-
-    def _mark(self, signum, frame) -> None:
-        self.received = True
-
-
-def exit_reason(run: Run, exit_signal: ExitSignal) -> Optional[str]:
-    """Why the run stops now (a signal, --exit-duration-in-mins), agreed by every rank with one
-    all-reduce; None to go on.  No collective when neither is asked for."""
-    cfg = run.train_cfg
-    if cfg.exit_duration_in_mins is None and not cfg.exit_signal_handler:
-        return None
-    late = cfg.exit_duration_in_mins is not None and time.time() - run.started_at > cfg.exit_duration_in_mins * 60
-    flags = torch.tensor([float(exit_signal.received), float(late)], device=run.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[0]:
-        return "SIGTERM (--exit-signal-handler)"
-    if flags[1]:
-        return f"--exit-duration-in-mins {cfg.exit_duration_in_mins:g}"
-    return None
-
-
 def draw_timeline(run: Run, timeline: Timeline, num_microbatches: int) -> float:
     """Draw this step's pipeline timeline to --timeline; returns the bubble fraction."""
     g = run.grid
@@ -382,7 +354,7 @@ def train(run: Run) -> List[dict]:
             if cfg.exit_interval and run.iteration % cfg.exit_interval == 0:
                 print_rank0(f"exiting at iteration {run.iteration} (--exit-interval {cfg.exit_interval})")
                 break
-            reason = exit_reason(run, exit_signal)
+            reason = exit_reason(cfg, run.started_at, run.device, exit_signal)
             if reason is not None:
                 print_rank0(f"exiting at iteration {run.iteration} ({reason})")
                 break

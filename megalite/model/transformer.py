@@ -183,6 +183,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, output_init_std: float):
         super().__init__()
         self.swiglu = config.swiglu
+        self.gelu_approximation = "tanh" if config.openai_gelu else "none"
         ffn = config.ffn_hidden_size
         common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel)
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, 2 * ffn if self.swiglu else ffn,
@@ -195,7 +196,7 @@ class MLP(nn.Module):
             gate, up = hidden.unflatten(-1, (-1, 2)).unbind(-1)
             hidden = F.silu(gate) * up
         else:
-            hidden = F.gelu(hidden)
+            hidden = F.gelu(hidden, approximate=self.gelu_approximation)
         return self.linear_fc2(hidden)
 
 
