@@ -1,4 +1,4 @@
-"""Tokenize a corpus into a Megatron-compatible ``<output-prefix>.bin`` / ``.idx`` pair.
+"""Tokenize a corpus into a Megatron-compatible ``<output-prefix>.bin`` / ``.idx`` pair: ``megalite-preprocess``.
 
 Inputs: JSONL (``.jsonl``, ``.json``), gzipped JSONL (``.jsonl.gz``), or plain text files and
 folders where each file is one document (``--pattern '*.py'`` picks files inside folders).
@@ -9,10 +9,13 @@ back to one writer); the shards are then concatenated in order (``add_index``), 
 the same for any number of workers.  Everything is written under temporary names and renamed
 into place only when complete.  Bad lines (invalid JSON, a missing key, bytes that are not UTF-8)
 are skipped, counted and listed with their line numbers; ``--strict`` makes them fatal.
+Documents that ``--skip-tables`` / ``--max-line-length`` leave out are counted by reason.
 
-    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+    megalite-preprocess --input corpus.jsonl --output-prefix data/corpus \\
         --tokenizer-type GPT2BPETokenizer --vocab-file gpt2/encoder.json --merge-file gpt2/vocab.bpe \\
         --append-eod --workers 2
+
+(``python tools/preprocess_data.py``, Megatron's name, runs the same.)
 """
 from __future__ import annotations
 
@@ -21,12 +24,14 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections import Counter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megalite.data.corpus import add_corpus_arguments, document_filter, find_files, iter_documents, plan_work
+from megalite.data.indexed import IndexedDatasetBuilder, best_token_dtype, bin_path_of, idx_path_of
+from megalite.data.tokenizer import TOKENIZER_TYPES, build_fast_tokenizer
+from megalite.extras import require
 
-from megalite.data.corpus import DEFAULT_EXCLUDE, find_files, iter_documents, plan_work  # noqa: E402
-from megalite.data.indexed import IndexedDatasetBuilder, best_token_dtype, bin_path_of, idx_path_of  # noqa: E402
-from megalite.data.tokenizer import TOKENIZER_TYPES, build_fast_tokenizer  # noqa: E402
+PROG = "megalite-preprocess"
 
 MAX_LISTED_PROBLEMS = 20
 
@@ -41,9 +46,14 @@ def worker(rank, units, args, tokenizer, shard_prefix, dtype, progress, result_q
     Workers are forked, so they share the parent's tokenizer instead of building their own."""
     try:
         builder = IndexedDatasetBuilder(bin_path_of(shard_prefix), dtype)
-        problems, docs, tokens, empty = [], 0, 0, 0
+        problems, docs, tokens, empty, left_out = [], 0, 0, 0, Counter()
+        keep = document_filter(args)
         for unit in units:
             for _, text in iter_documents(unit, args.json_keys, problems):
+                reason = keep.reason_to_skip(text)
+                if reason is not None:
+                    left_out[reason] += 1
+                    continue
                 ids = tokenizer.encode_array(text, args.append_eod)  # int32; the builder narrows it
                 if not len(ids):
                     empty += 1  # an empty document has no tokens to learn from: skipped, counted
@@ -56,7 +66,8 @@ def worker(rank, units, args, tokenizer, shard_prefix, dtype, progress, result_q
             if args.strict and problems:
                 break
         builder.finalize(idx_path_of(shard_prefix))
-        result_queue.put((rank, {"docs": docs, "tokens": tokens, "empty": empty, "problems": problems}))
+        result_queue.put((rank, {"docs": docs, "tokens": tokens, "empty": empty, "left_out": left_out,
+                                 "problems": problems}))
     except BaseException as error:  # reported to the parent, which fails the run with it
         result_queue.put((rank, {"error": f"{type(error).__name__}: {error}"}))
 
@@ -73,6 +84,7 @@ def show_progress(progress, num_workers, total_bytes, start, bar):
 
 
 def preprocess(args) -> dict:
+    document_filter(args)  # a bad --max-line-length fails here, not in every worker
     files = find_files(args.input, args.pattern, tuple(args.exclude))
     if not files:
         raise FileNotFoundError(f"no input files match --pattern {args.pattern!r} under {args.input}")
@@ -83,6 +95,7 @@ def preprocess(args) -> dict:
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     temporary = f"{args.output_prefix}.tmp-{os.getpid()}"
+    tqdm = require("tqdm").tqdm  # a missing extra fails before any worker starts
     shard_prefixes = [f"{temporary}-shard{r}" for r in range(len(shares))]
     start = time.perf_counter()
     context = mp.get_context("fork")
@@ -95,7 +108,6 @@ def preprocess(args) -> dict:
     try:
         for p in processes:
             p.start()
-        from tqdm import tqdm
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
                   disable=args.quiet, mininterval=0.5) as bar:
             while len(stats) < len(processes):
@@ -137,6 +149,7 @@ def preprocess(args) -> dict:
     seconds = time.perf_counter() - start
     summary = {"files": len(files), "docs": sum(s["docs"] for s in stats.values()),
                "tokens": sum(s["tokens"] for s in stats.values()), "empty": sum(s["empty"] for s in stats.values()),
+               "left_out": sum((s["left_out"] for s in stats.values()), Counter()),
                "problems": problems, "bytes": total_bytes, "seconds": seconds}
     return summary
 
@@ -148,6 +161,9 @@ def report(summary, args):
           f"{s['bytes'] / 1e6 / s['seconds']:.1f} MB/s) -> {args.output_prefix}.bin/.idx")
     if s["empty"]:
         print(f"[preprocess] skipped {s['empty']} empty documents (no tokens)")
+    if s["left_out"]:
+        reasons = ", ".join(f"{count} for a {reason}" for reason, count in sorted(s["left_out"].items()))
+        print(f"[preprocess] left out {sum(s['left_out'].values())} documents ({reasons})")
     if s["problems"]:
         print(f"[preprocess] skipped {len(s['problems'])} bad lines:")
         for path, line, reason in s["problems"][:MAX_LISTED_PROBLEMS]:
@@ -156,11 +172,10 @@ def report(summary, args):
             print(f"  ... and {len(s['problems']) - MAX_LISTED_PROBLEMS} more")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="files and/or folders")
-    parser.add_argument("--pattern", default="*", help="file-name glob inside folders, e.g. '*.py' or '*.jsonl'")
-    parser.add_argument("--exclude", nargs="*", default=list(DEFAULT_EXCLUDE), help="folder names to skip")
+def parse_args(argv=None, prog: str = PROG):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_corpus_arguments(parser)
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--json-keys", nargs="+", default=["text"])
     parser.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=TOKENIZER_TYPES)
@@ -178,16 +193,17 @@ def parse_args(argv=None):
     return parser, args
 
 
-def main(argv=None):
-    parser, args = parse_args(argv)
+def main(argv=None, prog: str = PROG) -> int:
+    parser, args = parse_args(argv, prog)
     try:
         summary = preprocess(args)
-    except (OSError, ValueError, RuntimeError) as error:
-        parser.exit(2, f"preprocess_data: error: {error}\n")
+    except (OSError, ValueError, RuntimeError, ImportError) as error:
+        parser.exit(2, f"{prog}: error: {error}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "preprocess_data: interrupted; no output was written\n")
+        parser.exit(130, f"{prog}: interrupted; no output was written\n")
     report(summary, args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(prog="python -m megalite.data.preprocess"))
