@@ -24,7 +24,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import numpy as np  # noqa: E402
 from timing import alternating  # noqa: E402  (benchmarks/timing.py, beside this script)
@@ -137,7 +136,7 @@ def write_jsonl(path, megabytes):
 
 
 def bench_preprocess(tmp, jsonl, written, tokenizer_type, label, rounds):
-    import preprocess_data
+    from megalite.data import preprocess as preprocess_data
     _, args = preprocess_data.parse_args(["--input", jsonl, "--output-prefix", os.path.join(tmp, "pp"),
                                           "--tokenizer-type", tokenizer_type,
                                           "--vocab-file", os.path.join(GPT2, "encoder.json"),

@@ -32,17 +32,25 @@ mkdir -p "$OUT"
 say() { echo "[quickstart] $*"; }
 
 # 1. Corpus: the standard library's own sources (every machine with Python has them), one
-#    document per .py file; tests and vendored trees are left out.
+#    document per .py file.  Left out: tests, vendored trees, pydoc_data (the manual as one generated
+#    dict of strings), generated tables of hex/escape literals (--skip-tables: the encodings/cp*.py
+#    charmaps, html/entities.py, stringprep.py; 1.4 MB of 11 MB, which otherwise fill the samples with
+#    '\x..' lines) and files with a line over 200 characters (data, not code).
 STDLIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-EXCLUDE=(test tests idlelib lib2to3 site-packages dist-packages __pycache__ ensurepip)
+EXCLUDE=(test tests idlelib lib2to3 site-packages dist-packages __pycache__ ensurepip pydoc_data)
+CORPUS_FLAGS=(--input "$STDLIB" --pattern "*.py" --exclude "${EXCLUDE[@]}" --skip-tables --max-line-length 200)
 say "corpus: the *.py files under $STDLIB"
+# The tokenizer and data below are reused only when made from this very corpus selection.
+CORPUS_KEY="$(printf '%s\n' "${CORPUS_FLAGS[@]}" "vocab $VOCAB_SIZE")"
+if [ "$(cat "$OUT/corpus.key" 2>/dev/null)" != "$CORPUS_KEY" ]; then
+  rm -rf "$OUT/tokenizer" "$OUT/data"
+fi
 
 # 2. A byte-level BPE tokenizer trained on that corpus (GPT-2 file format: vocab.json + merges.txt).
 TOK="$OUT/tokenizer"
 if [ ! -s "$TOK/merges.txt" ]; then
   say "training a byte-level BPE tokenizer (vocabulary $VOCAB_SIZE)"
-  "$PY" tools/train_tokenizer.py --input "$STDLIB" --pattern "*.py" --exclude "${EXCLUDE[@]}" \
-      --vocab-size "$VOCAB_SIZE" --output-dir "$TOK"
+  "$VENV/bin/megalite-train-tokenizer" "${CORPUS_FLAGS[@]}" --vocab-size "$VOCAB_SIZE" --output-dir "$TOK"
 else
   say "tokenizer: reusing $TOK"
 fi
@@ -53,11 +61,13 @@ DATA="$OUT/data/stdlib"
 if [ ! -s "$DATA.idx" ]; then
   say "tokenizing the corpus into $DATA.{bin,idx}"
   mkdir -p "$OUT/data"
-  "$PY" tools/preprocess_data.py --input "$STDLIB" --pattern "*.py" --exclude "${EXCLUDE[@]}" \
-      --output-prefix "$DATA" --append-eod --workers 2 --quiet "${TOKENIZER_FLAGS[@]}"
+  "$VENV/bin/megalite-preprocess" "${CORPUS_FLAGS[@]}" --output-prefix "$DATA" --append-eod --workers 2 --quiet \
+      "${TOKENIZER_FLAGS[@]}"
 else
   say "data: reusing $DATA.{bin,idx}"
 fi
+
+echo "$CORPUS_KEY" > "$OUT/corpus.key"
 
 # 4. Train.  A small GPT: 4 layers, hidden 128, 128-token context.
 rm -rf "$OUT/checkpoints" "$OUT/log.jsonl"
@@ -73,9 +83,9 @@ TRAIN_FLAGS=(
 say "training for $ITERS iterations on $NPROC rank(s) "$PARALLEL_FLAGS
 if [ "$NPROC" -gt 1 ]; then
   OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc-per-node "$NPROC" \
-      examples/pretrain_gpt.py "${TRAIN_FLAGS[@]}" $PARALLEL_FLAGS
+      -m megalite.train "${TRAIN_FLAGS[@]}" $PARALLEL_FLAGS
 else
-  "$PY" examples/pretrain_gpt.py "${TRAIN_FLAGS[@]}" $PARALLEL_FLAGS
+  "$VENV/bin/megalite-train" "${TRAIN_FLAGS[@]}" $PARALLEL_FLAGS
 fi
 
 # 5. What it learned: the loss, a sample, the curve.
@@ -88,7 +98,7 @@ print(f"[quickstart] loss: first 10 iterations {first:.3f} -> last 10 iterations
       f"(fell by {first - last:.3f} nats/token)")
 PYEOF
 say "a sample from the trained model (prompt 'def '):"
-"$PY" -m megalite.generate --load "$OUT/checkpoints" --prompt "def " --max-new-tokens 120 --temperature 0.7
+"$VENV/bin/megalite-generate" --load "$OUT/checkpoints" --prompt "def " --max-new-tokens 120 --temperature 0.7
 PNG=$("$PY" examples/plot_loss.py "$OUT/log.jsonl" "$OUT/loss.png" --title "megalite quickstart: GPT on the Python stdlib")
 say "loss curve: $ROOT/$PNG"
 say "done in $(( $(date +%s) - start )) s"

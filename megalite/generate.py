@@ -1,6 +1,6 @@
 """Sample text from a megalite checkpoint, on one process (shards of any TP x PP layout are merged).
 
-    python -m megalite.generate --load runs/quickstart/checkpoints --prompt "def " --max-new-tokens 200
+    megalite-generate --load runs/quickstart/checkpoints --prompt "def " --max-new-tokens 200
 
 The checkpoint holds the run's settings (model shape, tokenizer), so only the folder is needed.
 Tensor-parallel shards are concatenated along each parameter's partition dimension (stored in the
@@ -134,8 +134,8 @@ def prompt_to_ids(prompt: str, tokenizer, vocab_size: int) -> List[int]:
     return ids
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megalite.generate", description=__doc__.splitlines()[0])
+def main(argv=None, prog: str = "megalite-generate") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--load", required=True, help="checkpoint folder (the --save of training)")
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest")
     parser.add_argument("--prompt", default="")
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         tokenizer = tokenizer_from_config(data, settings["model"]["vocab_size"])
         prompt_ids = prompt_to_ids(args.prompt, tokenizer, settings["model"]["vocab_size"])
     except (ValueError, FileNotFoundError) as error:
-        print(f"generate: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     config = ModelConfig(**dict(settings["model"], tensor_model_parallel_size=1, sequence_parallel=False))
     ids = sample(model, config, prompt_ids, args.max_new_tokens, settings["model"]["vocab_size"],
@@ -160,4 +160,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m megalite.generate"))

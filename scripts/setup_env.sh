@@ -1,6 +1,7 @@
 # Sourced by examples/quickstart.sh and tests/run.sh: creates or reuses a virtual environment,
-# installs megalite's dependencies and builds its extensions.  Safe to re-run: each step is
-# skipped when already done.  Leaves $PY pointing at the environment's python.
+# installs megalite's dependencies (those pyproject.toml lists, with the extras in $MEGALITE_EXTRAS)
+# and builds its extensions.  Safe to re-run: each step is skipped when already done.  Leaves $PY
+# pointing at the environment's python.
 #
 # CPU machines get torch==2.13.0 (its CPU wheel lies on disk; an unpinned torch would pull a
 # multi-GB CUDA build).  A machine whose python3 already has torch (the GPU machines, which have
@@ -31,17 +32,26 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   pip_quiet "$TORCH_PIN"
 fi
 
-# module name -> pip requirement; only missing ones are installed (GPU machines have no network).
+# Everything else comes from pyproject.toml, the one list of dependencies: the build requirements,
+# the runtime dependencies and the extras in $MEGALITE_EXTRAS.  Only what is missing is installed
+# (GPU machines have torch and more preinstalled and no network), pip may never replace the installed
+# torch (a constraint pins it), and a failed install is a line here, never a failure: what needs a
+# missing package fails or skips later and names it.
+EXTRAS="${MEGALITE_EXTRAS-data,plot,hf,tensorboard,wandb,dev}"
+missing_requirements() {
+  "$PY" "$ROOT/scripts/missing_requirements.py" "$ROOT/pyproject.toml" "$EXTRAS" \
+    || say "could not read the requirements of pyproject.toml (above); installing none" >&2
+}
 need=()
-for pair in numpy:numpy regex:regex pytest:pytest pybind11:pybind11 setuptools:setuptools \
-            wheel:wheel ninja:ninja tiktoken:tiktoken tokenizers:tokenizers \
-            matplotlib:matplotlib tqdm:tqdm ruff:ruff; do
-  mod="${pair%%:*}"; req="${pair#*:}"
-  "$PY" -c "import $mod" >/dev/null 2>&1 || need+=("$req")
-done
+missing=$(missing_requirements)
+[ -z "$missing" ] || mapfile -t need <<< "$missing"
 if [ ${#need[@]} -gt 0 ]; then
   say "installing ${need[*]}"
-  pip_quiet "${need[@]}"
+  keep_torch="$VENV/.megalite-keep-torch.txt"
+  "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
+  pip_quiet --retries 1 --timeout 30 -c "$keep_torch" "${need[@]}"
+  still=$(missing_requirements)
+  [ -z "$still" ] || say "not installed (offline?): $(echo $still); what needs them fails or skips, naming them"
 fi
 
 # Optional: only benchmarks and the tests that skip without them use these.  One short try (no

@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from megalite.parallel.pipeline.orders import (
-    SCHEDULES,  # noqa: E402
-    build_order,  # noqa: E402
+    SCHEDULES,
+    build_order,
 )
-from megalite.parallel.pipeline.simulator import simulate  # noqa: E402
-from megalite.parallel.pipeline.stages import virtual_stage_layer_counts  # noqa: E402
-from megalite.parallel.pipeline.timeline import Span, bubble_fraction, draw_timeline  # noqa: E402
+from megalite.parallel.pipeline.simulator import simulate
+from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
+from megalite.parallel.pipeline.timeline import Span, bubble_fraction, draw_timeline
 
 WARMUP_STEPS = 2
 MICRO_BATCH = 2

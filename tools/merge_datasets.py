@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megalite.data.indexed import IndexedDataset, IndexedDatasetBuilder, bin_path_of, check_dataset_exists, idx_path_of  # noqa: E402
+from megalite.data.indexed import IndexedDataset, IndexedDatasetBuilder, bin_path_of, check_dataset_exists, idx_path_of
 
 
 def expand_inputs(inputs) -> list[str]:

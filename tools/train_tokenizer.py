@@ -1,80 +1,8 @@
-"""Train a byte-level BPE tokenizer on local files, written in GPT-2's file format.
-
-Writes ``vocab.json`` and ``merges.txt`` (plus ``<|endoftext|>``) into --output-dir; load them with
-``--tokenizer-type GPT2BPETokenizer --vocab-file DIR/vocab.json --merge-file DIR/merges.txt``
-(TikTokenizer reads the same pair).  Training runs in the Rust ``tokenizers`` library.
-
-    python tools/train_tokenizer.py --input "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \\
-        --pattern "*.py" --vocab-size 4096 --output-dir data/tokenizer
-"""
-from __future__ import annotations
-
-import argparse
-import os
+#!/usr/bin/env python
+"""The checkout's name for ``megalite-train-tokenizer`` (megalite/data/train_tokenizer.py); needs megalite installed."""
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megalite.data.corpus import DEFAULT_EXCLUDE, find_files  # noqa: E402
-
-ENDOFTEXT = "<|endoftext|>"
-
-
-def read_texts(files, max_bytes: int | None):
-    """Yield each file's text (undecodable bytes replaced) until max_bytes have been read."""
-    used = 0
-    for path in files:
-        if max_bytes is not None and used >= max_bytes:
-            return
-        try:
-            with open(path, "rb") as f:
-                data = f.read() if max_bytes is None else f.read(max_bytes - used)
-        except OSError as error:
-            print(f"[train_tokenizer] skipping {path}: {error}", file=sys.stderr)
-            continue
-        used += len(data)
-        yield data.decode("utf-8", errors="replace")
-
-
-def train(files, vocab_size: int, output_dir: str, max_bytes: int | None = None, min_frequency: int = 2):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if vocab_size < 257:
-        raise ValueError(f"--vocab-size {vocab_size} is below 257 (256 bytes + {ENDOFTEXT})")
-    tokenizer = Tokenizer(models.BPE())
-    # GPT-2's split regex, no prefix space: the same pre-tokenizer as GPT2BPETokenizer.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=[ENDOFTEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(read_texts(files, max_bytes), trainer=trainer)
-    os.makedirs(output_dir, exist_ok=True)
-    tokenizer.model.save(output_dir)  # vocab.json + merges.txt
-    return os.path.join(output_dir, "vocab.json"), os.path.join(output_dir, "merges.txt")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="files and/or folders")
-    parser.add_argument("--pattern", default="*", help="file-name glob inside folders, e.g. '*.py'")
-    parser.add_argument("--exclude", nargs="*", default=list(DEFAULT_EXCLUDE), help="folder names to skip")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--max-bytes", type=int, default=None, help="stop reading after this many bytes")
-    parser.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to merge")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        files = find_files(args.input, args.pattern, tuple(args.exclude))
-        if not files:
-            raise FileNotFoundError(f"no files match --pattern {args.pattern!r} under {args.input}")
-        vocab, merges = train(files, args.vocab_size, args.output_dir, args.max_bytes, args.min_frequency)
-    except (OSError, ValueError) as error:
-        parser.exit(2, f"train_tokenizer: error: {error}\n")
-    print(f"[train_tokenizer] {len(files)} files -> {vocab}, {merges} "
-          f"({time.perf_counter() - start:.1f} s)")
-
+from megalite.data.train_tokenizer import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(prog="train_tokenizer.py"))

@@ -3,17 +3,64 @@
 Formats: ``.jsonl`` / ``.json`` (one JSON object per line, text under --json-keys), the same
 gzipped (``.jsonl.gz``), and any other file as plain text where the whole file is one document
 (a ``.py`` or ``.txt`` file).  Large JSONL files are cut into byte ranges at line boundaries so
-several workers share one file while the output keeps the input's order.
+several workers share one file while the output keeps the input's order.  A :class:`DocumentFilter`
+leaves out documents that are data rather than text: generated tables and very long lines.
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 DEFAULT_EXCLUDE = ("site-packages", "__pycache__", ".git")
+
+# A hex number or a code-point escape: what every line of a generated table holds (the
+# encodings/cp*.py charmaps, html/entities.py, stringprep.py) and few lines of written code do.
+TABLE_LITERAL = re.compile(r"0x[0-9A-Fa-f]+|\\x[0-9A-Fa-f]{2}|\\u[0-9A-Fa-f]{4}|\\U[0-9A-Fa-f]{8}")
+# Share of non-blank lines holding such a literal above which a document is a table.  Measured on
+# Python 3.11's standard library: the charmaps and html/entities.py are at 0.94-0.97, stringprep.py
+# at 0.7; the most literal-heavy written module (re/_casefix.py, itself generated) is at 0.4 and
+# ordinary modules are under 0.05, so 0.5 keeps all code and drops the tables.
+TABLE_LINE_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class DocumentFilter:
+    """Which documents to leave out of a corpus.  The default leaves out none."""
+    skip_tables: bool = False                # documents whose lines are mostly hex/escape literals
+    max_line_length: Optional[int] = None    # documents holding a longer line (minified or generated data)
+
+    def reason_to_skip(self, text: str) -> Optional[str]:
+        """None to keep ``text``; else why it is left out ("table" or "long line")."""
+        if self.max_line_length is not None and any(len(line) > self.max_line_length for line in text.splitlines()):
+            return "long line"
+        if self.skip_tables:
+            lines = [line for line in text.splitlines() if line.strip()]
+            if lines and sum(1 for line in lines if TABLE_LITERAL.search(line)) > TABLE_LINE_SHARE * len(lines):
+                return "table"
+        return None
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose a corpus's files and documents, shared by preprocessing and tokenizer training."""
+    parser.add_argument("--input", nargs="+", required=True, help="files and/or folders")
+    parser.add_argument("--pattern", default="*", help="file-name glob inside folders, e.g. '*.py' or '*.jsonl'")
+    parser.add_argument("--exclude", nargs="*", default=list(DEFAULT_EXCLUDE), help="folder names to skip")
+    parser.add_argument("--skip-tables", action="store_true",
+                        help="leave out documents whose lines are mostly hex numbers or escapes (generated tables)")
+    parser.add_argument("--max-line-length", type=int, default=None,
+                        help="leave out documents holding a line longer than this many characters")
+
+
+def document_filter(args: argparse.Namespace) -> DocumentFilter:
+    if args.max_line_length is not None and args.max_line_length < 1:
+        raise ValueError(f"--max-line-length {args.max_line_length} must be at least 1 (or left out: no limit)")
+    return DocumentFilter(skip_tables=args.skip_tables, max_line_length=args.max_line_length)
 
 
 def is_jsonl(path: str) -> bool:

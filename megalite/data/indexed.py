@@ -70,7 +70,7 @@ def check_dataset_exists(prefix: str) -> None:
     missing = [p for p in (bin_path_of(prefix), idx_path_of(prefix)) if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"dataset prefix {prefix!r}: missing {' and '.join(missing)} "
-                                f"(make it with tools/preprocess_data.py --output-prefix {prefix})")
+                                f"(make it with megalite-preprocess --output-prefix {prefix})")
 
 
 class IndexHeader:

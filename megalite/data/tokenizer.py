@@ -112,7 +112,7 @@ def find_eod(vocab: dict[str, int], path: str) -> int:
         if spelling in vocab:
             return vocab[spelling]
     raise TokenizerFileError(f"{path} has no end-of-document token (looked for {', '.join(EOD_SPELLINGS)}); "
-                             f"add {ENDOFTEXT!r} to the vocabulary (tools/train_tokenizer.py does)")
+                             f"add {ENDOFTEXT!r} to the vocabulary (megalite-train-tokenizer does)")
 
 
 class Tokenizer:

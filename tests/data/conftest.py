@@ -1,8 +1,16 @@
-"""Small corpora written once per test session."""
+"""Small corpora and a small trained tokenizer, written once per test session."""
 import numpy as np
 import pytest
 
+from megalite.data import train_tokenizer
 from megalite.data.indexed import IndexedDatasetBuilder
+
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "emoji 😀 and CJK 中文 and <|endoftext|> spelled out",
+    "class Point:\n    x: int = 0\n    y: int = 0\n",
+]
 
 
 def write_corpus(prefix, num_docs, seed, max_len=60, vocab=1000):
@@ -26,3 +34,16 @@ def corpora(tmp_path_factory):
         prefix = str(root / name)
         out[name] = (prefix, write_corpus(prefix, n, seed))
     return out
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory):
+    """A byte-level BPE trained by megalite-train-tokenizer on a tiny corpus: (vocab, merges)."""
+    root = tmp_path_factory.mktemp("tok")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(CORPUS * 5):
+        (corpus / f"doc{i}.py").write_text(text)
+    train_tokenizer.main(["--input", str(corpus), "--pattern", "*.py", "--vocab-size", "300",
+                          "--output-dir", str(root / "out")])
+    return str(root / "out" / "vocab.json"), str(root / "out" / "merges.txt")

@@ -1,20 +1,19 @@
-"""tools/preprocess_data.py: formats, sharded workers, bad lines, atomic output; merge_datasets."""
+"""megalite-preprocess: formats, sharded workers, bad lines, left-out documents, atomic output."""
 import gzip
 import json
 import os
 
-import merge_datasets
 import numpy as np
-import preprocess_data
 import pytest
 
-from megalite.data.indexed import IndexedDataset, IndexedDatasetError
+from megalite.data import preprocess
+from megalite.data.indexed import IndexedDataset
 from megalite.data.tokenizer import build_tokenizer
 
 
 def run(inputs, prefix, tokenizer, *extra):
     vocab, merges = tokenizer
-    preprocess_data.main(["--input", *inputs, "--output-prefix", prefix, "--vocab-file", vocab,
+    preprocess.main(["--input", *inputs, "--output-prefix", prefix, "--vocab-file", vocab,
                           "--merge-file", merges, "--quiet", *extra])
     return IndexedDataset(prefix)
 
@@ -79,24 +78,28 @@ def test_strict_fails_on_a_bad_line_and_writes_nothing(tmp_path, small_tokenizer
 def test_a_failing_run_leaves_no_output(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", ["1 2 3", "4 5", "oops not ids", "7"])
     with pytest.raises(SystemExit):
-        preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
-                              "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--quiet"])
+        preprocess.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                         "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--quiet"])
     assert "ValueError" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["in.jsonl"]
 
 
-def test_merge_datasets(tmp_path, small_tokenizer):
-    write_jsonl(tmp_path / "a.jsonl", TEXTS[:10])
-    write_jsonl(tmp_path / "b.jsonl", TEXTS[10:25])
-    write_jsonl(tmp_path / "all.jsonl", TEXTS[:25])
-    for name in ("a", "b", "all"):
-        run([str(tmp_path / f"{name}.jsonl")], str(tmp_path / name), small_tokenizer)
-    merge_datasets.main(["--input", str(tmp_path / "a"), str(tmp_path / "b"), "--output-prefix", str(tmp_path / "m")])
-    for ext in (".bin", ".idx"):
-        assert open(tmp_path / f"m{ext}", "rb").read() == open(tmp_path / f"all{ext}", "rb").read()
-    write_jsonl(tmp_path / "n.jsonl", ["1 2 3"])
-    preprocess_data.main(["--input", str(tmp_path / "n.jsonl"), "--output-prefix", str(tmp_path / "wide"),
-                          "--tokenizer-type", "NullTokenizer", "--vocab-size", "70000", "--quiet"])
-    with pytest.raises(IndexedDatasetError, match="wide.idx: token dtype int32"):
-        merge_datasets.merge([str(tmp_path / "a"), str(tmp_path / "wide")], str(tmp_path / "bad"))
-    assert not any(n.startswith("bad") for n in os.listdir(tmp_path))
+def test_left_out_documents_are_counted_by_reason(tmp_path, small_tokenizer, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "code.py").write_text("def f(x):\n    return x + 1\n")
+    (src / "table.py").write_text("".join(f"    '\\x{i:02x}'  # 0x{i:02X} -> CHAR {i}\n" for i in range(40)))
+    (src / "minified.py").write_text("x = [" + "1, " * 200 + "]\n")
+    ds = run([str(src)], str(tmp_path / "out"), small_tokenizer, "--pattern", "*.py", "--skip-tables",
+             "--max-line-length", "200")
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=small_tokenizer[0], merge_file=small_tokenizer[1])
+    assert [tok.decode(ds[i]) for i in range(len(ds))] == ["def f(x):\n    return x + 1\n"]
+    assert "left out 2 documents (1 for a long line, 1 for a table)" in capsys.readouterr().out
+
+
+def test_bad_max_line_length_names_the_flag(tmp_path, small_tokenizer, capsys):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    with pytest.raises(SystemExit) as info:
+        run([str(tmp_path / "a.py")], str(tmp_path / "out"), small_tokenizer, "--max-line-length", "0")
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("megalite-preprocess: error: --max-line-length 0 must be at least 1")
