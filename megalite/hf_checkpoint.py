@@ -1,8 +1,10 @@
 """Hugging Face in and out: megalite checkpoints as ``config.json`` + ``model.safetensors`` that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads, and back.
 
-    python -m megalite.hf_checkpoint --to hf --load CKPT --save HF_DIR       (any TP x PP layout)
-    python -m megalite.hf_checkpoint --from hf --load HF_DIR --save CKPT     (a TP=1, PP=1 checkpoint)
+    megalite-convert --to hf --load CKPT --save HF_DIR       (any TP x PP layout)
+    megalite-convert --from hf --load HF_DIR --save CKPT     (a TP=1, PP=1 checkpoint)
+
+(``tools/convert_checkpoint.py`` and ``python -m megalite.hf_checkpoint`` are the same command.)
 
 Two families: GPT-2 (``GPT2LMHeadModel``: learned positions, LayerNorm, GELU, tied output) and
 LLaMA (``LlamaForCausalLM``: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied).  The
@@ -240,8 +242,8 @@ def import_checkpoint(load: str, save: str) -> str:
     return save
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megalite.hf_checkpoint", description=__doc__.splitlines()[0])
+def main(argv=None, prog: str = "megalite-convert") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=["hf"], help="export a megalite checkpoint to Hugging Face")
     direction.add_argument("--from", dest="source", choices=["hf"], help="import a Hugging Face model")
@@ -258,4 +260,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m megalite.hf_checkpoint"))
