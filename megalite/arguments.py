@@ -12,6 +12,7 @@ inverse: the settings a run ended up with, as a mapping the same option reads ba
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import MISSING, asdict, fields
@@ -34,7 +35,7 @@ from megalite.flags import choices, flag_name
 from megalite.parallel.pipeline.orders import check_schedule, default_schedule
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 
-__all__ = ["build_parser", "parse_args", "validate_together", "resolved_config"]
+__all__ = ["build_parser", "parse_args", "validate_together", "check_context_parallel", "resolved_config"]
 
 Configs = Tuple[ModelConfig, ParallelConfig, OptimizerConfig, DataConfig, TrainingConfig]
 
@@ -193,6 +194,7 @@ def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: O
     if model.tensor_model_parallel_size != parallel.tensor_model_parallel_size or \
             model.sequence_parallel != parallel.sequence_parallel:
         raise ValueError("ModelConfig and ParallelConfig disagree on tensor-model-parallel-size/sequence-parallel")
+    check_context_parallel(model, parallel)
     pp = parallel.pipeline_model_parallel_size
     per_virtual = parallel.num_layers_per_virtual_pipeline_stage
     if per_virtual is not None:
@@ -219,6 +221,22 @@ def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: O
                              f"{vpp or 1}: {error}") from None
     if data.data_path and not data.mock_data and data.tokenizer_type is None:
         raise ValueError("--data-path needs --tokenizer-type (and its files) so the vocabulary size is known")
+
+
+def check_context_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Each sequence is cut into 2 x CP chunks (parallel/context_parallel.py), and under sequence
+    parallelism each CP rank's s/CP tokens are cut again over TP."""
+    cp, tp, seq = parallel.context_parallel_size, parallel.tensor_model_parallel_size, model.seq_length
+    if cp == 1:
+        return
+    if seq % (2 * cp):
+        raise ValueError(f"--context-parallel-size {cp} cuts each sequence into 2 x {cp} chunks (two per rank, so "
+                         f"causal attention is balanced): --seq-length {seq} is not divisible by {2 * cp}; use a "
+                         f"multiple of {2 * cp}")
+    if parallel.sequence_parallel and (seq // cp) % tp:
+        raise ValueError(f"--sequence-parallel with --context-parallel-size {cp} splits each CP rank's {seq // cp} "
+                         f"tokens over --tensor-model-parallel-size {tp}: use a --seq-length divisible by "
+                         f"{math.lcm(2 * cp, cp * tp)}")
 
 
 def _given(config, name: str) -> str:

@@ -162,7 +162,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
         state = {
             "iteration": iteration,
             "consumed_samples": consumed_samples,
-            "layout": {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1,
+            "layout": {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1, "cp": grid.cp_size,
                        "tp_rank": grid.tp_rank, "pp_rank": grid.pp_rank},
             "settings": settings or {},
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -288,11 +288,12 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
     paths = _verify_everywhere(root, iteration, relatives, manifest, grid)
     state = _load(paths[relatives[0]])
     layout = state["layout"]
-    mine = {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1}
-    if any(layout[k] != v for k, v in mine.items()):
-        raise ValueError(f"--load {root}: checkpoint was saved with TP={layout['tp']} PP={layout['pp']} "
-                         f"virtual PP={layout['vpp']}, this run has TP={mine['tp']} PP={mine['pp']} "
-                         f"virtual PP={mine['vpp']}; run with the saved layout")
+    mine = {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1, "cp": grid.cp_size}
+    saved = {key: layout.get(key, 1) for key in mine}     # checkpoints before CP hold no "cp": CP=1
+    if saved != mine:
+        raise ValueError(f"--load {root}: checkpoint was saved with TP={saved['tp']} PP={saved['pp']} "
+                         f"virtual PP={saved['vpp']} CP={saved['cp']}, this run has TP={mine['tp']} PP={mine['pp']} "
+                         f"virtual PP={mine['vpp']} CP={mine['cp']}; run with the saved layout")
     for i, chunk in enumerate(model_chunks):
         unwrap_model(chunk).load_state_dict(state[_model_key(i, len(model_chunks))])
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):

@@ -40,11 +40,11 @@ from megalite.exit_conditions import ExitSignal, exit_reason
 from megalite.logger import Logger, print_rank0
 from megalite.metric_writers import build_writers
 from megalite.model.build import build_model, wrap_for_data_parallel
-from megalite.model.gpt import loss_from_per_token
 from megalite.optim import build_optimizer
 from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.optim.schedulers import LRScheduler
 from megalite.parallel import state
+from megalite.parallel.context_parallel import context_parallel_loss
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.launch import init_distributed
 from megalite.parallel.pipeline.schedules import get_forward_backward_func
@@ -175,21 +175,25 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
                         f"({run.consumed_samples} samples consumed)")
     run.run_id = resumed.run_id if resumed is not None and resumed.run_id else agreed_run_id()
     run.train_iter = MicroBatches(train_dataset, run.consumed_samples, train_cfg.micro_batch_size,
-                                  grid.dp_rank, grid.dp_size, device)
+                                  grid.dp_rank, grid.dp_size, device, grid.cp_size, grid.cp_rank)
     return run
 
 
 # -- one step --------------------------------------------------------------------------------------
 def forward_step_func(run: Run, scale_loss: bool):
-    """The schedules' ``forward_step_func``: one micro-batch through a chunk, and its loss function."""
+    """The schedules' ``forward_step_func``: one micro-batch through a chunk, and its loss function.
+
+    Under context parallelism the batch holds this CP rank's tokens (``MicroBatches``); the loss
+    to backpropagate is scaled so that DDP's average over DP x CP gives the one-rank gradient, and
+    the logged loss is the micro-batch's mean over all its tokens (``context_parallel_loss``)."""
     def forward_step(data_iterator, model_chunk):
         batch = next(data_iterator)
         output = model_chunk(batch["tokens"], batch["position_ids"], labels=batch["labels"])
 
-        def loss_func(per_token_loss):  # per_token_loss: [b, s] float32, on the last stage only
-            loss = loss_from_per_token(per_token_loss.float(), batch["loss_mask"])
+        def loss_func(per_token_loss):  # per_token_loss: [b, s/cp] float32, on the last stage only
+            loss, mean_loss = context_parallel_loss(per_token_loss.float(), batch["loss_mask"])
             backward_loss = run.optimizer.scale_loss(loss) if scale_loss else loss
-            return backward_loss, {"lm loss": loss.detach()}
+            return backward_loss, {"lm loss": mean_loss}
         return output, loss_func
     return forward_step
 
@@ -263,7 +267,7 @@ def evaluate(run: Run) -> Optional[dict]:
     for chunk in run.model:
         chunk.eval()
     batches = MicroBatches(run.valid_dataset, 0, run.train_cfg.micro_batch_size, run.grid.dp_rank,
-                           run.grid.dp_size, run.device)
+                           run.grid.dp_size, run.device, run.grid.cp_size, run.grid.cp_rank)
     losses = []
     for _ in range(run.train_cfg.eval_iters):
         losses += run.forward_backward(

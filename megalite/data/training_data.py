@@ -14,6 +14,7 @@ from megalite.data.index_cache import cached_indices
 from megalite.data.indexed import IndexedDataset, bin_path_of, idx_path_of
 from megalite.data.sampler import PretrainingSampler
 from megalite.data.tokenizer import Tokenizer, build_tokenizer
+from megalite.parallel.context_parallel import split_for_context_parallel
 
 __all__ = ["SampleDataset", "MicroBatches", "tokenizer_from_config", "datasets_from_config", "check_token_ids"]
 
@@ -29,11 +30,15 @@ class SampleDataset(Protocol):
 
 class MicroBatches:
     """This DP rank's micro-batches as dicts of tensors: tokens, labels, position_ids [b, s] int64,
-    loss_mask [b, s] float32.  Resumable: starts after ``consumed_samples`` (global count)."""
+    loss_mask [b, s] float32.  Resumable: starts after ``consumed_samples`` (global count).
+
+    Under context parallelism (``cp_size`` > 1) every tensor holds only this CP rank's s/cp tokens
+    (``split_for_context_parallel``: two chunks, with their true position ids)."""
 
     def __init__(self, dataset: SampleDataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 device: torch.device):
+                 device: torch.device, cp_size: int = 1, cp_rank: int = 0):
         self.dataset, self.device = dataset, device
+        self.cp_size, self.cp_rank = cp_size, cp_rank
         self.sampler = iter(PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size))
 
     def __iter__(self):
@@ -42,8 +47,10 @@ class MicroBatches:
     def __next__(self) -> dict:
         indices = next(self.sampler)
         items = [self.dataset[i] for i in indices]
-        return {key: torch.from_numpy(np.stack([item[key] for item in items])).to(self.device)
-                for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch = {key: torch.from_numpy(np.stack([item[key] for item in items]))
+                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        return {key: value.to(self.device) for key, value in
+                split_for_context_parallel(batch, self.cp_size, self.cp_rank).items()}
 
 
 def tokenizer_from_config(data: DataConfig, vocab_size: int) -> Optional[Tokenizer]:

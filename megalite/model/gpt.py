@@ -19,6 +19,7 @@ from torch import nn
 
 from megalite.config import ModelConfig
 from megalite.model.transformer import Dropout, TransformerBlock, build_norm, rotary_tables
+from megalite.parallel.context_parallel import context_parallel_positions
 from megalite.parallel.layers import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -62,6 +63,8 @@ class GPTModel(nn.Module):
     """One pipeline chunk of a GPT / LLaMA-style model (see the module docstring).
 
     forward(tokens [b, s] int64, position_ids [b, s] or None, labels [b, s] or None) returns
+    (under context parallelism s is this rank's s/cp tokens, split_for_context_parallel's order, and
+    position_ids default to their true positions)
       post_process with labels   -> per-token loss [b, s] float32
       post_process, no labels    -> logits [s, b, padded_vocab/t] (columns >= vocab_size are padding)
       not post_process           -> hidden states [s(/t if SP), b, h]
@@ -136,7 +139,7 @@ class GPTModel(nn.Module):
             batch = self.input_tensor.shape[1]
         if position_ids is None:
             device = tokens.device if tokens is not None else self.input_tensor.device
-            position_ids = torch.arange(seq, device=device).expand(batch, seq)
+            position_ids = context_parallel_positions(seq, device).expand(batch, seq)  # arange without CP
 
         x = self.embedding(tokens, position_ids) if self.pre_process else self.input_tensor
         rotary = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base) if self.rope else None

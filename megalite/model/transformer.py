@@ -9,7 +9,9 @@ Tensor parallelism enters only through the layers: the QKV and first MLP project
 column-parallel (this rank's heads / hidden units), the output projections row-parallel (partial
 sums reduced over TP).  Under sequence parallelism the residual stream, norms and dropout live on
 ``s/t`` tokens; the column-parallel layers gather the tokens and the row-parallel ones scatter them
-back.  Symbols: s sequence, b micro-batch, h hidden, a heads, g query groups, d head dim, t TP size.
+back.  Under context parallelism every tensor holds this rank's s/cp tokens of the sequence; only
+attention reads the other CP ranks' keys and values (``context_parallel.attention_over_cp``).
+Symbols: s sequence, b micro-batch, h hidden, a heads, g query groups, d head dim, t TP size.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch import nn
 from megalite.config import ModelConfig
 from megalite.ops import layer_norm, rms_norm
 from megalite.parallel import random as tp_random
+from megalite.parallel.context_parallel import attention_over_cp
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear, new_parameter
 from megalite.parallel.mappings import tp_size
 from megalite.parallel.param_info import Init
@@ -102,23 +105,30 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 SDPA_TAKES_GQA = torch.__version__ >= (2, 5)
 
 
-def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
-    """q: [b, a, s, d], k and v: [b, g, s, d] -> [b, a, s, d]; query head i reads group i // (a/g)."""
+def causal_attention(q, k, v, dropout_p: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q: [b, a, sq, d], k and v: [b, g, sk, d] -> [b, a, sq, d]; query head i reads group i // (a/g).
+
+    ``mask``: None for the causal mask of a whole sequence (sq == sk), or [sq, sk] bool, True where
+    the query may read the key (a context-parallel chunk's causal mask, context_parallel.py).
+    """
+    causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
     if k.shape[1] == q.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)
     if SDPA_TAKES_GQA:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=True, **causal)
     heads_per_group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(heads_per_group, dim=1), v.repeat_interleave(heads_per_group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **causal)
 
 
 class CoreAttention(nn.Module):
     """softmax(q k^T / sqrt(d) + causal mask) v, dropout on the probabilities.
 
-    q: [s, b, a/t, d], k and v: [s, b, g/t, d] -> [s, b, a/t * d].  Each group's k/v serve a/g query
-    heads (grouped-query attention, Ainslie et al. 2023).  Dropout draws from the TP-distinct stream:
-    every rank holds different heads, which must not share masks.
+    q: [s(/cp), b, a/t, d], k and v: [s(/cp), b, g/t, d] -> [s(/cp), b, a/t * d].  Each group's k/v
+    serve a/g query heads (grouped-query attention, Ainslie et al. 2023).  Under context parallelism
+    the queries are this rank's tokens and the keys the whole sequence's (``attention_over_cp``).
+    Dropout draws from the TP-distinct stream: every rank holds different heads (and, under CP,
+    different queries), which must not share masks.
     """
 
     def __init__(self, config: ModelConfig):
@@ -129,8 +139,11 @@ class CoreAttention(nn.Module):
         s, b = q.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))   # [b, heads, s, d]
         dropout = self.dropout if self.training else 0.0
+
+        def attend(q, k, v, mask):
+            return causal_attention(q, k, v, dropout, mask)
         with tp_random.get_rng_tracker().fork(tp_random.TENSOR_PARALLEL_RNG):
-            out = causal_attention(q, k, v, dropout)
+            out = attention_over_cp(q, k, v, attend)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 

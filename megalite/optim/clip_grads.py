@@ -1,4 +1,4 @@
-"""The global gradient norm over the whole TP x PP x DP grid, and clipping by it.
+"""The global gradient norm over the whole TP x CP x DP x PP grid, and clipping by it.
 
 The norm must be the norm of the single-process model's gradient, whatever the layout:
 
@@ -11,8 +11,9 @@ Each rank holds pieces; a piece is counted on exactly one rank:
   rank once ``finalize_model_grads`` has summed the sequence-parallel ones) count on TP rank 0 only;
 - the tied word embedding lives on the first and the last pipeline stage (``ParamInfo.shared_embedding``,
   grads summed over the embedding group): it counts on the first stage only;
-- data-parallel replicas hold equal, already-averaged grads and count nothing extra -- except under
-  ZeRO-1, where each DP rank holds a disjoint shard and counts it.
+- data-parallel and context-parallel replicas hold equal, already-averaged grads (DDP averages over
+  DP x CP) and count nothing extra -- except under ZeRO-1, where each DP x CP rank holds a disjoint
+  shard and counts it.
 
 The partial sums of squares are then summed over the groups that split the replica (the
 model-parallel group, plus the DP x CP group under ZeRO-1).  The same all-reduce carries the count

@@ -101,17 +101,17 @@ def all_gather_along(x: torch.Tensor, dim: int, group=None, kind: str = "all_gat
     return out.movedim(0, dim)
 
 
-def reduce_scatter_along(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
-    """Sum ``x`` over the ranks and keep this rank's slice of ``dim``."""
+def reduce_scatter_along(x: torch.Tensor, dim: int, group=None, kind: str = "reduce_scatter") -> torch.Tensor:
+    """Sum ``x`` over the ranks and keep this rank's slice of ``dim``; counted under ``kind``."""
     size = tp_size(group)
     if size == 1:
         return x
     if x.shape[dim] % size:
         raise ValueError(f"reduce-scatter of a tensor of shape {tuple(x.shape)} along dim {dim}: "
-                         f"{x.shape[dim]} is not divisible by the TP size {size}")
+                         f"{x.shape[dim]} is not divisible by the group size {size}")
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // size,) + x.shape[1:], dtype=x.dtype, device=x.device)
-    comm_counter.add("reduce_scatter", x.numel() * x.element_size(), size)
+    comm_counter.add(kind, x.numel() * x.element_size(), size)
     reduce_scatter_into(out, x, group=group if group is not None else tp_group())
     return out.movedim(0, dim)
 

@@ -7,7 +7,9 @@ Which dropout mask a rank draws decides whether TP still computes the single-ran
 - attention probabilities of this rank's heads must get masks that DIFFER between TP ranks
   (else head h and head h + a/t would share a mask): the ``TENSOR_PARALLEL_RNG`` stream;
 - under sequence parallelism each rank holds different tokens of the hidden states, so each rank
-  draws its own masks: the ``SEQUENCE_PARALLEL_RNG`` stream.
+  draws its own masks: the ``SEQUENCE_PARALLEL_RNG`` stream;
+- under context parallelism the CP ranks of a group hold different tokens (and attention queries)
+  of the same sequences: every stream, the default one included, is seeded apart per CP rank.
 
 A stream is a saved generator state; :meth:`RNGStatesTracker.fork` swaps it into the default
 generators (CPU, and CUDA when initialized) for the duration of a ``with`` block and saves the
@@ -30,6 +32,9 @@ TENSOR_PARALLEL_RNG = "tensor-parallel-rng"      # differs across TP ranks: atte
 SEQUENCE_PARALLEL_RNG = "sequence-parallel-rng"  # differs across TP ranks: dropout on a token shard
 # Seed offsets (Megatron-LM uses 2718 for its model-parallel stream); any distinct constants work.
 _SEED_OFFSETS = {TENSOR_PARALLEL_RNG: 2718, SEQUENCE_PARALLEL_RNG: 3141}
+# Seeds of CP rank r are shifted by r x this: above every offset plus TP rank and the training loop's
+# 100 x pipeline rank, so no two (TP, CP, PP) coordinates share a stream's seed.
+_CP_SEED_STRIDE = 10_000
 
 
 def _cuda_live() -> bool:
@@ -108,12 +113,16 @@ def get_rng_tracker() -> RNGStatesTracker:
 
 
 def model_parallel_seed(seed: int, reseed_default: bool = True) -> None:
-    """Seed the default generators with ``seed`` (same on every TP rank) and the TP-distinct streams.
+    """Seed the default generators (same on every TP rank) and the TP-distinct streams.
 
     Call once per process after the grid exists; the training loop passes a seed that already
-    differs per pipeline stage.  Stream seeds: ``seed + offset + tp_rank``.
+    differs per pipeline stage.  With ``shift = 10000 x cp_rank``: the default generators get
+    ``seed + shift`` (hidden-state dropout, replicated over TP, must still differ between the CP
+    ranks' tokens) and stream ``name`` gets ``seed + shift + offset(name) + tp_rank``.
     """
-    tp_rank = state.get_grid().tp_rank if state.grid_is_initialized() else 0
+    grid = state.get_grid() if state.grid_is_initialized() else None
+    tp_rank = grid.tp_rank if grid is not None else 0
+    seed += _CP_SEED_STRIDE * (grid.cp_rank if grid is not None else 0)
     if reseed_default:
         torch.manual_seed(seed)
     _TRACKER.reset()

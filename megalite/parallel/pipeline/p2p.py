@@ -1,6 +1,6 @@
 """Point-to-point messages between pipeline stages: activations forward, their gradients back.
 
-Every message has the fixed shape ``[s/tp if sequence-parallel else s, b, h]`` (docs/architecture.md), so the
+Every message has the fixed shape ``[s/cp/tp if sequence-parallel else s/cp, b, h]`` (docs/architecture.md), so the
 receiver allocates its buffer without being told a shape.  A schedule never waits on a single
 send or receive: it runs the *exchanges* the simulator derived from its order (``executor.py``),
 each a batch of sends and receives that every involved rank posts at the same point of its order,
@@ -18,13 +18,18 @@ import torch.distributed as dist
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 
-def message_shape(config, seq_length: int, micro_batch_size: int) -> Tuple[int, int, int]:
-    """``[s/tp if sequence-parallel else s, b, h]``: the shape of every pipeline message."""
-    seq = seq_length
+def message_shape(config, seq_length: int, micro_batch_size: int, cp_size: int = 1) -> Tuple[int, int, int]:
+    """``[s/cp/tp if sequence-parallel else s/cp, b, h]``: the shape of every pipeline message.
+
+    ``cp_size``: context-parallel ranks, each of which holds s/cp tokens of every sequence.
+    """
+    if seq_length % cp_size:
+        raise ValueError(f"sequence length {seq_length} is not divisible by the CP size {cp_size}")
+    seq = seq_length // cp_size
     if getattr(config, "sequence_parallel", False):
         tp = getattr(config, "tensor_model_parallel_size", 1)
         if seq % tp:
-            raise ValueError(f"sequence length {seq} is not divisible by the TP size {tp} under sequence "
+            raise ValueError(f"{seq} tokens per CP rank are not divisible by the TP size {tp} under sequence "
                              f"parallelism")
         seq //= tp
     return (seq, micro_batch_size, config.hidden_size)
