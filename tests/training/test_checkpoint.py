@@ -36,6 +36,7 @@ LAYOUTS = {
     "bf16": (1, ["--bf16"]),                              # fp32 master weights saved and restored
     "tp2-pp2-sp": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                        "--sequence-parallel"]),           # one file per (tp, pp) shard; TP dropout streams
+    "cp2": (2, ["--context-parallel-size", "2"]),          # RNG files per CP rank: CP-distinct dropout
 }
 
 
