@@ -87,6 +87,10 @@ def _attention_errors(size, rank):
         out = attention_over_cp(*local, lambda q, k, v, mask: causal_attention(q, k, v, 0.0, mask))
         (out * split_sequence(weight, size, rank, dim=2)).sum().backward()
         assert dict(comm_counter.calls) == {"cp_all_gather": 1, "cp_reduce_scatter": 1}
+        # Ring cost (mappings.py): each rank sends (n-1)/n of the gathered K and V, [2, b, g, s, d] fp32,
+        # forward, and as many gradient bytes in the backward's reduce-scatter.
+        volume = round((size - 1) / size * 2 * 2 * 2 * s * 8 * 4)
+        assert comm_counter.bytes["cp_all_gather"] == comm_counter.bytes["cp_reduce_scatter"] == volume
         pairs = [(out, reference)] + [(x.grad, full.grad) for x, full in zip(local, (q, k, v))]
         errors.append(max((a - split_sequence(b, size, rank, dim=2)).abs().max().item() for a, b in pairs))
     return errors

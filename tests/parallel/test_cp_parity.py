@@ -46,6 +46,8 @@ CASES = [
                                                     "2", "--virtual-pipeline-model-parallel-size", "2"]),
     ("gpt-cp2-dp2-zero1", "gpt", 4, ["--context-parallel-size", "2", "--use-distributed-optimizer",
                                      "--overlap-grad-reduce", "--ddp-bucket-size", "2000"]),
+    ("gpt-tp2-pp2-cp2", "gpt", 8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                                   "--context-parallel-size", "2"]),
     ("llama-tp2-cp2-dp2-sp-zero1", "llama", 8, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
                                                 "--sequence-parallel", "--use-distributed-optimizer"]),
 ]
