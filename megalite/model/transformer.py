@@ -25,7 +25,7 @@ from torch import nn
 from megalite.config import ModelConfig
 from megalite.ops import layer_norm, rms_norm
 from megalite.parallel import random as tp_random
-from megalite.parallel.context_parallel import attention_over_cp
+from megalite.parallel.context_parallel import attention_over_cp, cp_size
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear, new_parameter
 from megalite.parallel.mappings import tp_size
 from megalite.parallel.param_info import Init
@@ -180,7 +180,10 @@ class SelfAttention(nn.Module):
         k, v = k.squeeze(3), v.squeeze(3)                                   # [s, b, g/t, d]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if self.recompute_core_attention and torch.is_grad_enabled():
+        # Under context parallelism the core attention is recomputed too: backward then gathers K and V
+        # again instead of keeping the whole sequence's, so activation memory falls as 1/CP (one more
+        # attention forward and K/V all-gather per layer, the price the ring's backward pays in sends).
+        if (self.recompute_core_attention or cp_size() > 1) and torch.is_grad_enabled():
             context = tp_random.checkpoint(self.core_attention, q, k, v)
         else:
             context = self.core_attention(q, k, v)                          # [s, b, a/t * d]
