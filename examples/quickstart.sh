@@ -11,6 +11,9 @@
 # distributed optimizer -- launched by torchrun on gloo; the loss equals a one-rank run's.
 # Knobs (environment): ITERS (training iterations), NPROC (ranks; 1 trains on one process),
 # PARALLEL_FLAGS (the layout flags; default: the 3D layout above when NPROC=8, none otherwise).
+# Context parallelism splits each 128-token sequence over ranks too, e.g. on 8 ranks:
+#   PARALLEL_FLAGS="--tensor-model-parallel-size 2 --context-parallel-size 2 --sequence-parallel" \
+#   bash examples/quickstart.sh        (TP=2 x CP=2 x DP=2; the loss still equals one rank's)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 start=$(date +%s)
