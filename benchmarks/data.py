@@ -141,7 +141,7 @@ def bench_preprocess(tmp, jsonl, written, tokenizer_type, label, rounds):
                                           "--tokenizer-type", tokenizer_type,
                                           "--vocab-file", os.path.join(GPT2, "encoder.json"),
                                           "--merge-file", os.path.join(GPT2, "vocab.bpe"), "--append-eod",
-                                          "--workers", "2", "--quiet"])
+                                          "--workers", "2", "--quiet", "--overwrite"])
     ours, theirs = alternating([lambda: preprocess_data.preprocess(args),
                                 lambda: single_writer(jsonl, os.path.join(tmp, "sw"), 2, tokenizer_type)], rounds)
     same = open(os.path.join(tmp, "pp.bin"), "rb").read() == open(os.path.join(tmp, "sw.bin"), "rb").read()

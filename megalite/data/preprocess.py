@@ -84,6 +84,10 @@ def show_progress(progress, num_workers, total_bytes, start, bar):
 
 
 def preprocess(args) -> dict:
+    existing = [p for p in (bin_path_of(args.output_prefix), idx_path_of(args.output_prefix)) if os.path.exists(p)]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"--output-prefix {args.output_prefix}: {' and '.join(existing)} exist already; pass "
+                              f"--overwrite to replace them, or choose another prefix")
     document_filter(args)  # a bad --max-line-length fails here, not in every worker
     files = find_files(args.input, args.pattern, tuple(args.exclude))
     if not files:
@@ -187,6 +191,7 @@ def parse_args(argv=None, prog: str = PROG):
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-prefix dataset")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers {args.workers} must be at least 1")
@@ -202,6 +207,10 @@ def main(argv=None, prog: str = PROG) -> int:
     except KeyboardInterrupt:
         parser.exit(130, f"{prog}: interrupted; no output was written\n")
     report(summary, args)
+    if summary["docs"] == 0:
+        print(f"{prog}: warning: no document had any text, so {args.output_prefix}.bin/.idx hold an empty dataset; "
+              f"check --input, --pattern and --json-keys", file=sys.stderr)
+        return 2 if args.strict else 0
     return 0
 
 

@@ -103,3 +103,24 @@ def test_bad_max_line_length_names_the_flag(tmp_path, small_tokenizer, capsys):
         run([str(tmp_path / "a.py")], str(tmp_path / "out"), small_tokenizer, "--max-line-length", "0")
     assert info.value.code == 2
     assert capsys.readouterr().err.startswith("megalite-preprocess: error: --max-line-length 0 must be at least 1")
+
+
+def test_an_existing_dataset_is_not_overwritten_without_overwrite(tmp_path, small_tokenizer, capsys):
+    write_jsonl(tmp_path / "in.jsonl", TEXTS[:5])
+    prefix = str(tmp_path / "out")
+    first = len(run([str(tmp_path / "in.jsonl")], prefix, small_tokenizer))
+    write_jsonl(tmp_path / "in.jsonl", TEXTS[:8])
+    with pytest.raises(SystemExit) as info:
+        run([str(tmp_path / "in.jsonl")], prefix, small_tokenizer)
+    assert info.value.code == 2 and "exist already; pass --overwrite" in capsys.readouterr().err
+    assert len(IndexedDataset(prefix)) == first == 5                      # untouched
+    assert len(run([str(tmp_path / "in.jsonl")], prefix, small_tokenizer, "--overwrite")) == 8
+
+
+def test_zero_documents_warn_and_fail_under_strict(tmp_path, small_tokenizer, capsys):
+    write_jsonl(tmp_path / "in.jsonl", [""] * 3)
+    vocab, merges = small_tokenizer
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--vocab-file", vocab, "--merge-file", merges, "--quiet"]
+    assert preprocess.main(argv + ["--output-prefix", str(tmp_path / "a")]) == 0
+    assert "warning: no document had any text" in capsys.readouterr().err
+    assert preprocess.main(argv + ["--output-prefix", str(tmp_path / "b"), "--strict"]) == 2
