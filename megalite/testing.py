@@ -208,3 +208,23 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float 
             process.join()
             process.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def saved_activation_bytes(module, x):
+    """Bytes autograd keeps for the backward of ``module(x)`` (its activations): each storage counted
+    once (a saved view keeps its whole storage alive), the module's own parameters left out."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    y.backward(torch.ones_like(y))
+    return sum(saved.values())

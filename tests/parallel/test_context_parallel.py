@@ -23,7 +23,7 @@ from megalite.parallel.context_parallel import (
     split_sequence,
 )
 from megalite.parallel.mappings import comm_counter
-from megalite.testing import run_on_ranks
+from megalite.testing import run_on_ranks, saved_activation_bytes
 from tests.parallel.tp_harness import batch, model_config
 
 
@@ -223,20 +223,8 @@ def _saved_bytes():
     config = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=A, seq_length=S, hidden_dropout=0.0,
                          attention_dropout=0.0)
     layer = TransformerLayer(config).train()
-    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     x = torch.randn(S // (state.get_grid().cp_size if state.grid_is_initialized() else 1), B, H, requires_grad=True)
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:   # a view keeps its whole storage alive: count storages
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    y.backward(torch.ones_like(y))
-    return sum(saved.values())
+    return saved_activation_bytes(layer, x)
 
 
 def _memory(rank, world_size):

@@ -20,7 +20,7 @@ from megalite.model.transformer import TransformerLayer
 from megalite.parallel import random as tp_random
 from megalite.parallel import state
 from megalite.parallel.mappings import comm_counter
-from megalite.testing import run_on_ranks
+from megalite.testing import run_on_ranks, saved_activation_bytes
 
 S, B, H, A = 64, 2, 64, 4          # ffn = 4h, as the formula assumes
 SBH_BYTES = S * B * H * 4           # one [s, b, h] float32 tensor
@@ -31,22 +31,10 @@ def _one_layer(tp: int, sp: bool):
     config = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=A, seq_length=S, hidden_dropout=0.1,
                          attention_dropout=0.1, tensor_model_parallel_size=tp, sequence_parallel=sp)
     layer = TransformerLayer(config).train()
-    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     tp_random.model_parallel_seed(1)
     x = torch.randn(S // tp if sp else S, B, H, requires_grad=True)
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:   # a view keeps its whole storage alive: count storages
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     comm_counter.reset()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    y.backward(torch.ones_like(y))
-    return sum(saved.values()), dict(comm_counter.bytes), dict(comm_counter.calls)
+    return saved_activation_bytes(layer, x), dict(comm_counter.bytes), dict(comm_counter.calls)
 
 
 def _measure(rank, world_size):
