@@ -1,3 +1,3 @@
-"""Scaling arithmetic: parameter and FLOP counts, model FLOPs utilization (MFU)."""
+"""Scaling arithmetic: parameter and FLOP counts, model FLOPs utilization (MFU), activation memory."""
 
-__all__ = ["flops"]
+__all__ = ["activations", "flops"]
