@@ -39,3 +39,22 @@ def test_parameter_count_hand_computed():
 def test_mfu_and_peaks():
     assert flops.mfu(50.0, 200.0) == 0.25
     assert flops.default_peak_tflops(False) > 0
+
+
+# Narayanan et al. 2021, Table 1: (published parameters in billions, heads, hidden, layers); GPT with
+# vocabulary 51,200 and sequence 2,048.
+NARAYANAN_TABLE_1 = [(1.7, 24, 2304, 24), (3.6, 32, 3072, 30), (7.5, 32, 4096, 36), (18.4, 48, 6144, 40),
+                     (39.1, 64, 8192, 48), (76.1, 80, 10240, 60), (145.6, 96, 12288, 80), (310.1, 128, 16384, 96),
+                     (529.6, 128, 20480, 105), (1008.0, 160, 25600, 128)]
+
+
+@pytest.mark.parametrize("published, a, h, layers", NARAYANAN_TABLE_1, ids=lambda v: str(v))
+def test_papers_parameter_and_flop_counts(published, a, h, layers):
+    V, s, batch = 51200, 2048, 512
+    cfg = ModelConfig(num_layers=layers, hidden_size=h, num_attention_heads=a, seq_length=s, vocab_size=V)
+    eq2 = 12 * layers * h * h * (1 + 13 / (12 * h) + (V + s) / (12 * layers * h))   # Narayanan Eq. 2
+    assert flops.count_parameters(cfg) == pytest.approx(eq2 + 2 * h, rel=1e-12)      # + the final LayerNorm
+    assert flops.count_parameters(cfg) / 1e9 == pytest.approx(published, rel=0.03)   # the table's rounding
+    # Model FLOPs, Korthikanti et al. 2022 Eq. 7 (Narayanan's Eq. 3 without the recomputed forward).
+    eq7 = 72 * batch * s * layers * h * h * (1 + s / (6 * h) + V / (12 * layers * h))
+    assert flops.flops_per_iteration(cfg, batch) == pytest.approx(eq7, rel=1e-12)
