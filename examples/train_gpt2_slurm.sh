@@ -14,9 +14,16 @@
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
+# Preemption: SIGTERM to every task's processes 5 minutes before the time limit (the training
+# processes save and exit 0, --exit-signal-handler), and the job goes back in the queue when
+# preempted; it resumes from the newest checkpoint (--load = --save).
+#SBATCH --signal=TERM@300
+#SBATCH --requeue
 set -euo pipefail
 ROOT="${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The whole list first: `| head -n 1` could end scontrol with SIGPIPE, which pipefail makes fatal.
+HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${HOSTS%%$'\n'*}
 export MASTER_ADDR MASTER_PORT="${MASTER_PORT:-29500}" NNODES="$SLURM_NNODES"
 # One srun task per node; SLURM_NODEID becomes torchrun's node rank inside each task.
 srun --kill-on-bad-exit=1 bash -c 'NODE_RANK=$SLURM_NODEID exec bash "$0" "$@"' \

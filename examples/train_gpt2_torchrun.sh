@@ -10,6 +10,9 @@
 # and win over them (argparse keeps the last value), e.g. `... -- --train-iters 100`.
 # Layout knobs: TP, PP, VPP (virtual stages per rank; empty = none); DP is what is left.
 # CPU machines work too (gloo): NPROC_PER_NODE sets the ranks per node (default: GPUs, else 2).
+# The run resumes from its newest checkpoint when started again (--load = --save), and SIGTERM to
+# the training processes (a scheduler's preemption notice) saves at the end of the iteration and
+# exits 0 (--exit-signal-handler).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -49,7 +52,7 @@ TRAIN_FLAGS=(--micro-batch-size 4 --global-batch-size 256 --train-iters 20000
              --weight-decay 0.1 --clip-grad 1.0 --seed 1234
              --log-interval 10 --eval-interval 1000 --eval-iters 20
              --save "$OUT/checkpoints" --load "$OUT/checkpoints" --save-interval 1000
-             --log-json "$OUT/log.jsonl")
+             --log-json "$OUT/log.jsonl" --exit-signal-handler)
 
 mkdir -p "$OUT"
 exec "$PY" -m torch.distributed.run --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" \
