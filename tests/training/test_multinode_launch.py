@@ -26,9 +26,8 @@ def free_port() -> int:
 
 
 def environment(out, port, **extra):
-    env = dict(os.environ, PY=sys.executable, OUT=str(out), NPROC_PER_NODE="1", NNODES="2",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **extra)
-    return env
+    return {**os.environ, "PY": sys.executable, "OUT": str(out), "NPROC_PER_NODE": "1", "NNODES": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **extra}
 
 
 def logged(out):
@@ -110,3 +109,28 @@ def test_slurm_script_with_stub_srun(tmp_path):
 
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the worker processes")
+
+
+def test_kill_9_of_one_rank_then_resume_follows_the_uninterrupted_curve(tmp_path):
+    script = os.path.join(ROOT, "examples", "train_gpt2_torchrun.sh")
+    flags = [*TINY, "--train-iters", "8", "--save-interval", "2"]
+
+    def start(out):
+        env = environment(out, free_port(), NNODES="1", NODE_RANK="0", NPROC_PER_NODE="2")
+        return subprocess.Popen(["bash", script, *flags], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    assert start(tmp_path / "straight").wait(timeout=180) == 0
+    out = tmp_path / "killed"
+    run = start(out)
+    deadline = time.time() + 120
+    while len(logged(out)) < 5:
+        assert time.time() < deadline and run.poll() is None, "the run did not get going"
+        time.sleep(0.05)
+    os.kill(workers_of([run.pid])[1], signal.SIGKILL)     # one rank dies; torchrun ends the other
+    assert run.wait(timeout=120) != 0
+    assert start(out).wait(timeout=180) == 0                # the same command resumes
+    losses = {json.loads(line)["iteration"]: json.loads(line)["loss"]
+              for line in open(os.path.join(out, "log.jsonl"))}
+    straight = [json.loads(line)["loss"] for line in open(os.path.join(tmp_path / "straight", "log.jsonl"))]
+    assert logged(out) == list(range(1, 9)) and [losses[i] for i in range(1, 9)] == straight
