@@ -46,7 +46,8 @@ namespace {
 
 #if defined(MEGALITE_HAVE_AVX512_TABLE)
 // How write_row rounds bf16 results here: a 64-byte line (32 values) at a time with vcvtne2ps2bf16,
-// one instruction for what float_formats.h's store<bf16> does in ~5 integer operations per vector.
+// one instruction for what float_formats.h's store<bf16> does with integer operations per vector
+// (the rounding bias, the shift, the nan blend) and a narrowing of 32-bit lanes to 16.
 // The instruction rounds to nearest even exactly as store<bf16> (and torch) do -- normals, overflow
 // to inf, inf, and nan quieted by setting the same mantissa bit -- except that it flushes fp32
 // subnormal inputs to zero, where torch rounds them to bf16 subnormals (1e-40 stays 1e-40).  So a
