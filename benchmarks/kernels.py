@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                 # CPU (2 threads), and CUDA when present
     python benchmarks/kernels.py --device cpu --threads 2 --repeats 7
     python benchmarks/kernels.py --quick         # 3 timed rounds, 1 warm-up: a smoke run, ~1 minute on CPU
+    python benchmarks/kernels.py --device cpu --isa avx2   # megalite's AVX2 table on an AVX-512 CPU
 
 Prints one table: what, shape, megalite ms, peer, peer ms, speedup (peer time / megalite time, >1
 means megalite is faster), and megalite's achieved bandwidth against a measured copy bandwidth --
@@ -225,11 +226,12 @@ def bench_norms(table: Table, device: torch.device, repeats: int) -> None:
             table.add("RMSNorm fwd+bwd", label, ours_ms, "F.rms_norm", functional_ms, nbytes)
 
 
-def run(device: torch.device, repeats: int, threads: Optional[int], only: Optional[str]) -> str:
+def run(device: torch.device, repeats: int, threads: Optional[int], only: Optional[str], isa: str) -> str:
     if device.type == "cpu":
         if threads:
             torch.set_num_threads(threads)
         import megalite._C as native
+        native.set_isa(isa)
         machine = (f"{cpu_name()}, {torch.get_num_threads()} threads, megalite ISA {native.isa()}, "
                    f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")
     else:
@@ -256,6 +258,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", choices=("adam", "norms"), default=None)
     parser.add_argument("--quick", action="store_true", help="short run: 3 timed rounds, 1 warm-up per row")
+    parser.add_argument("--isa", choices=("auto", "generic", "avx2", "avx512"), default="auto",
+                        help="megalite's CPU kernel table (default: the widest this CPU has)")
     args = parser.parse_args()
     if args.quick:
         WARMUP = 1
@@ -266,7 +270,7 @@ def main() -> None:
         if name == "cuda" and not torch.cuda.is_available():
             print("(no CUDA device: CUDA rows skipped)")
             continue
-        tables.append(run(torch.device(name), args.repeats, args.threads, args.only))
+        tables.append(run(torch.device(name), args.repeats, args.threads, args.only, args.isa))
     print()
     print("\n\n".join(tables))
 

@@ -1,9 +1,10 @@
 // CPU fused Adam: one OpenMP parallel region per call over all tensors of a parameter group.
 //
-// Included by kernels_generic.cpp and kernels_avx2.cpp; everything here has internal linkage
-// (anonymous namespace) so each includer gets its own copy compiled for its instruction set.
-// A system header these kernel headers start to use must also be included above kernels_avx2.cpp's
-// target pragma (why: there; tests/ops/test_kernel_build.py fails until it is).
+// Included by kernels_generic.cpp, kernels_avx2.cpp and kernels_avx512.cpp; everything here has
+// internal linkage (anonymous namespace) so each includer gets its own copy compiled for its
+// instruction set.  A system header these kernel headers start to use must also be included above
+// the target pragmas of kernels_avx2.cpp and kernels_avx512.cpp (why: there;
+// tests/ops/test_kernel_build.py fails until it is).
 #pragma once
 
 #include <omp.h>
@@ -78,7 +79,7 @@ bool any_nonfinite(const void* const* grads, const int64_t* numels, int64_t num_
   return found != 0;
 }
 
-template <typename TModel, typename TGrad>
+template <class Rounding, typename TModel, typename TGrad>
 bool adam_master_typed(void* const* model_params, const void* const* grads, float* const* masters,
                        float* const* exp_avgs, float* const* exp_avg_sqs, const int64_t* numels, int64_t num_tensors,
                        const AdamHyper& hyper, float inv_grad_scale, bool check_finite, bool stream_model,
@@ -94,22 +95,24 @@ bool adam_master_typed(void* const* model_params, const void* const* grads, floa
     float* __restrict p = masters[t];
     float* __restrict m = exp_avgs[t];
     float* __restrict v = exp_avg_sqs[t];
-    write_row(model + begin, end - begin, stream_model, [=](int64_t j) {
+    write_row<Rounding>(model + begin, end - begin, stream_model, [=](int64_t j) {
       const int64_t i = begin + j;
       adam_update(p[i], m[i], v[i], load(g[i]) * scale, h);
-      return store<TModel>(p[i]);
+      return p[i];
     });
     end_streaming(stream_model);
   });
   return false;
 }
 
+// Rounding: how the rounded masters are written (PortableRounding, or the table's own; see write_row).
+template <class Rounding>
 bool adam_master(void* const* model_params, DType model_dtype, const void* const* grads, DType grad_dtype,
                  float* const* masters, float* const* exp_avgs, float* const* exp_avg_sqs, const int64_t* numels,
                  int64_t num_tensors, const AdamHyper& hyper, float inv_grad_scale, bool check_finite,
                  bool stream_model, int num_threads) {
   auto run = [&](auto model_tag, auto grad_tag) {
-    return adam_master_typed<decltype(model_tag), decltype(grad_tag)>(
+    return adam_master_typed<Rounding, decltype(model_tag), decltype(grad_tag)>(
         model_params, grads, masters, exp_avgs, exp_avg_sqs, numels, num_tensors, hyper, inv_grad_scale, check_finite,
         stream_model, num_threads);
   };

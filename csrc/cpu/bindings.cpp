@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -197,14 +196,22 @@ PyObject* set_isa(PyObject*, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8(arg);
   if (name == nullptr) return nullptr;
   using megalite::cpu::active_table;
-  if (std::strcmp(name, "auto") == 0) {
+  const std::string isa = name;
+  if (isa == "auto") {
     active_table = nullptr;
-  } else if (std::strcmp(name, "generic") == 0) {
+  } else if (isa == "generic") {
     active_table = &megalite::cpu::generic_kernels();
-  } else if (std::strcmp(name, "avx2") == 0 && std::strcmp(megalite::cpu::best_kernels().isa, "avx2") == 0) {
+  } else if (isa == "avx2" && megalite::cpu::cpu_has_avx2()) {
     active_table = &megalite::cpu::avx2_kernels();
+  } else if (isa == "avx512" && megalite::cpu::cpu_has_avx512()) {
+    active_table = &megalite::cpu::avx512_kernels();
+  } else if (isa == "avx2" || isa == "avx512") {
+    PyErr_Format(PyExc_ValueError, "isa %s: this CPU lacks %s; it runs 'generic'%s", name,
+                 isa == "avx2" ? "AVX2 or FMA" : "one of AVX-512 F, BW, DQ, VL",
+                 megalite::cpu::cpu_has_avx2() ? " and 'avx2'" : "");
+    return nullptr;
   } else {
-    PyErr_Format(PyExc_ValueError, "isa %s is not one of auto, generic, avx2 (avx2 only where the CPU has it)", name);
+    PyErr_Format(PyExc_ValueError, "isa %s is not one of auto, generic, avx2, avx512", name);
     return nullptr;
   }
   Py_RETURN_NONE;
@@ -260,8 +267,8 @@ PyObject* set_stream_min_bytes(PyObject*, PyObject* arg) {
 }
 
 PyMethodDef methods[] = {
-    {"isa", isa, METH_NOARGS, "The instruction set the CPU kernels run with: 'avx2' or 'generic'."},
-    {"set_isa", set_isa, METH_O, "Use 'generic', 'avx2' or 'auto' (the best this CPU has) kernels."},
+    {"isa", isa, METH_NOARGS, "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'generic'."},
+    {"set_isa", set_isa, METH_O, "Use 'generic', 'avx2', 'avx512' (each only where the CPU has it) or 'auto' (the best it has) kernels."},
     {"output_cache_stats", output_cache_stats, METH_NOARGS,
      "The CPU norm outputs' cache: cached_bytes/cached_blocks (unused, kept), limit_bytes, hits, misses."},
     {"set_output_cache_limit", set_output_cache_limit, METH_O,

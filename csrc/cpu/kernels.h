@@ -1,8 +1,8 @@
 // The CPU kernels' entry points, on raw pointers (no torch headers): bindings.cpp calls them.
 //
-// Each kernel is compiled twice, for baseline x86-64 (kernels_generic.cpp) and for AVX2+FMA
-// (kernels_avx2.cpp), and best_kernels() picks the table for the CPU it runs on, so one build
-// runs on any x86-64 yet uses the wide vectors where they exist.
+// Each kernel is compiled three times, for baseline x86-64 (kernels_generic.cpp), for AVX2+FMA
+// (kernels_avx2.cpp) and for AVX-512 (kernels_avx512.cpp), and best_kernels() picks the table for
+// the CPU it runs on, so one build runs on any x86-64 yet uses the wide vectors where they exist.
 #pragma once
 
 #include <cstdint>
@@ -53,7 +53,13 @@ struct KernelTable {
 };
 
 const KernelTable& generic_kernels();
-const KernelTable& avx2_kernels();
-const KernelTable& best_kernels();
+const KernelTable& avx2_kernels();     // use only where cpu_has_avx2()
+const KernelTable& avx512_kernels();   // use only where cpu_has_avx512()
+const KernelTable& best_kernels();     // the widest table this CPU can run
+
+// What the CPU (and the OS, which must save the wider registers) supports, asked at run time.
+bool cpu_has_avx2();          // AVX2 and FMA
+bool cpu_has_avx512();        // AVX-512 F, BW, DQ and VL (Skylake-SP and later, Zen 4 and later)
+bool cpu_has_avx512_bf16();   // AVX512_BF16: fp32 -> bf16 conversion in one instruction
 
 }  // namespace megalite::cpu

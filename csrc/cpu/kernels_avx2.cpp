@@ -43,8 +43,13 @@ namespace megalite::cpu {
 
 const KernelTable& avx2_kernels() {
 #if defined(MEGALITE_HAVE_AVX2_TABLE)
-  static const KernelTable table{"avx2", adam_fp32, adam_master, layer_norm_forward, layer_norm_backward,
-                                 rms_norm_forward, rms_norm_backward};
+  static const KernelTable table{"avx2",
+                                 adam_fp32,
+                                 adam_master<PortableRounding>,
+                                 layer_norm_forward<PortableRounding>,
+                                 layer_norm_backward<PortableRounding>,
+                                 rms_norm_forward<PortableRounding>,
+                                 rms_norm_backward<PortableRounding>};
   return table;
 #else
   return generic_kernels();

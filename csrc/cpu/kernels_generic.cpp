@@ -7,17 +7,50 @@
 namespace megalite::cpu {
 
 const KernelTable& generic_kernels() {
-  static const KernelTable table{"generic", adam_fp32, adam_master, layer_norm_forward, layer_norm_backward,
-                                 rms_norm_forward, rms_norm_backward};
+  static const KernelTable table{"generic",
+                                 adam_fp32,
+                                 adam_master<PortableRounding>,
+                                 layer_norm_forward<PortableRounding>,
+                                 layer_norm_backward<PortableRounding>,
+                                 rms_norm_forward<PortableRounding>,
+                                 rms_norm_backward<PortableRounding>};
   return table;
 }
 
-const KernelTable& best_kernels() {
+// __builtin_cpu_supports reports a feature only where the OS also saves its registers (libgcc and
+// compiler-rt check XCR0 for the AVX and AVX-512 state), so a table chosen here cannot fault.
+bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (has_avx2) return avx2_kernels();
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
 #endif
-  return generic_kernels();
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+const KernelTable& best_kernels() {
+  static const KernelTable& best =
+      cpu_has_avx512() ? avx512_kernels() : cpu_has_avx2() ? avx2_kernels() : generic_kernels();
+  return best;
 }
 
 }  // namespace megalite::cpu

@@ -8,7 +8,7 @@
 // the same result for the same thread count.  Outputs too large for the cache are written with
 // streaming stores (write_row).
 //
-// Internal linkage, included by kernels_generic.cpp and kernels_avx2.cpp (see adam_kernels.h).
+// Internal linkage, included by the kernels_*.cpp tables (see adam_kernels.h).
 #pragma once
 
 #include <omp.h>
@@ -67,7 +67,7 @@ const float* widened(const W* values, int64_t cols, std::vector<float>& buffer) 
   }
 }
 
-template <typename T, typename W>
+template <class Rounding, typename T, typename W>
 void layer_norm_forward_typed(const NormShape& shape, const T* x, const W* weight_in, const W* bias_in, T* y,
                               float* mean, float* rstd, float eps) {
   const int64_t rows = shape.rows, cols = shape.cols;
@@ -91,11 +91,11 @@ void layer_norm_forward_typed(const NormShape& shape, const T* x, const W* weigh
       });
       const float rs = 1.f / std::sqrt(squares * inv_cols + eps);
       if (bias != nullptr) {
-        write_row(y + r * cols, cols, shape.stream_output,
-                  [=](int64_t c) { return store<T>((load(xr[c]) - mu) * rs * weight[c] + bias[c]); });
+        write_row<Rounding>(y + r * cols, cols, shape.stream_output,
+                  [=](int64_t c) { return (load(xr[c]) - mu) * rs * weight[c] + bias[c]; });
       } else {
-        write_row(y + r * cols, cols, shape.stream_output,
-                  [=](int64_t c) { return store<T>((load(xr[c]) - mu) * rs * weight[c]); });
+        write_row<Rounding>(y + r * cols, cols, shape.stream_output,
+                  [=](int64_t c) { return (load(xr[c]) - mu) * rs * weight[c]; });
       }
       mean[r] = mu;
       rstd[r] = rs;
@@ -115,7 +115,7 @@ inline void reduce_columns(const float* first, int64_t stride, int64_t count, in
   }
 }
 
-template <typename T, typename W>
+template <class Rounding, typename T, typename W>
 void layer_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, const float* mean, const float* rstd,
                                const W* weight_in, T* dx, W* dweight, W* dbias, float* workspace) {
   const int64_t rows = shape.rows, cols = shape.cols;
@@ -141,12 +141,12 @@ void layer_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, 
         g_xhat_part += g * ((load(xr[c]) - mu) * rs);
       }, sum_g, sum_g_xhat);
       const float mean_g = sum_g * inv_cols, mean_g_xhat = sum_g_xhat * inv_cols;
-      write_row(dx + r * cols, cols, shape.stream_output, [=](int64_t c) {
+      write_row<Rounding>(dx + r * cols, cols, shape.stream_output, [=](int64_t c) {
         const float d = load(dyr[c]);
         const float xhat = (load(xr[c]) - mu) * rs;
         dw_sum[c] += d * xhat;
         db_sum[c] += d;
-        return store<T>(layer_norm_dx(d * weight[c], xhat, mean_g, mean_g_xhat, rs));
+        return layer_norm_dx(d * weight[c], xhat, mean_g, mean_g_xhat, rs);
       });
     }
     end_streaming(shape.stream_output);
@@ -156,7 +156,7 @@ void layer_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, 
   }
 }
 
-template <typename T, typename W>
+template <class Rounding, typename T, typename W>
 void rms_norm_forward_typed(const NormShape& shape, const T* x, const W* weight_in, T* y, float* rstd, float eps) {
   const int64_t rows = shape.rows, cols = shape.cols;
   std::vector<float> weight_buffer;
@@ -173,15 +173,15 @@ void rms_norm_forward_typed(const NormShape& shape, const T* x, const W* weight_
       });
       const float rs = 1.f / std::sqrt(squares * inv_cols + eps);
       if (r + 1 < rows) prefetch_row(xr + cols, cols);
-      write_row(y + r * cols, cols, shape.stream_output,
-                [=](int64_t c) { return store<T>(load(xr[c]) * rs * weight[c]); });
+      write_row<Rounding>(y + r * cols, cols, shape.stream_output,
+                [=](int64_t c) { return load(xr[c]) * rs * weight[c]; });
       rstd[r] = rs;
     }
     end_streaming(shape.stream_output);
   }
 }
 
-template <typename T, typename W>
+template <class Rounding, typename T, typename W>
 void rms_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, const float* rstd, const W* weight_in,
                              T* dx, W* dweight, float* workspace) {
   const int64_t rows = shape.rows, cols = shape.cols;
@@ -202,11 +202,11 @@ void rms_norm_backward_typed(const NormShape& shape, const T* dy, const T* x, co
       const float sum_g_xhat =
           row_sum(0, cols, [=](int64_t c) { return load(dyr[c]) * weight[c] * (load(xr[c]) * rs); });
       const float mean_g_xhat = sum_g_xhat * inv_cols;
-      write_row(dx + r * cols, cols, shape.stream_output, [=](int64_t c) {
+      write_row<Rounding>(dx + r * cols, cols, shape.stream_output, [=](int64_t c) {
         const float d = load(dyr[c]);
         const float xhat = load(xr[c]) * rs;
         dw_sum[c] += d * xhat;
-        return store<T>(rms_norm_dx(d * weight[c], xhat, mean_g_xhat, rs));
+        return rms_norm_dx(d * weight[c], xhat, mean_g_xhat, rs);
       });
     }
     end_streaming(shape.stream_output);
@@ -226,42 +226,46 @@ void with_norm_types(const NormShape& shape, const Fn& fn) {
   }
 }
 
+template <class Rounding>
 void layer_norm_forward(const NormShape& shape, const void* x, const void* weight, const void* bias, void* y,
                         float* mean, float* rstd, float eps) {
   with_norm_types(shape, [&](auto x_tag, auto w_tag) {
     using T = decltype(x_tag);
     using W = decltype(w_tag);
-    layer_norm_forward_typed(shape, static_cast<const T*>(x), static_cast<const W*>(weight),
+    layer_norm_forward_typed<Rounding>(shape, static_cast<const T*>(x), static_cast<const W*>(weight),
                              static_cast<const W*>(bias), static_cast<T*>(y), mean, rstd, eps);
   });
 }
 
+template <class Rounding>
 void layer_norm_backward(const NormShape& shape, const void* dy, const void* x, const float* mean, const float* rstd,
                          const void* weight, void* dx, void* dweight, void* dbias, float* workspace) {
   with_norm_types(shape, [&](auto x_tag, auto w_tag) {
     using T = decltype(x_tag);
     using W = decltype(w_tag);
-    layer_norm_backward_typed(shape, static_cast<const T*>(dy), static_cast<const T*>(x), mean, rstd,
+    layer_norm_backward_typed<Rounding>(shape, static_cast<const T*>(dy), static_cast<const T*>(x), mean, rstd,
                               static_cast<const W*>(weight), static_cast<T*>(dx), static_cast<W*>(dweight),
                               static_cast<W*>(dbias), workspace);
   });
 }
 
+template <class Rounding>
 void rms_norm_forward(const NormShape& shape, const void* x, const void* weight, void* y, float* rstd, float eps) {
   with_norm_types(shape, [&](auto x_tag, auto w_tag) {
     using T = decltype(x_tag);
     using W = decltype(w_tag);
-    rms_norm_forward_typed(shape, static_cast<const T*>(x), static_cast<const W*>(weight), static_cast<T*>(y), rstd,
+    rms_norm_forward_typed<Rounding>(shape, static_cast<const T*>(x), static_cast<const W*>(weight), static_cast<T*>(y), rstd,
                            eps);
   });
 }
 
+template <class Rounding>
 void rms_norm_backward(const NormShape& shape, const void* dy, const void* x, const float* rstd, const void* weight,
                        void* dx, void* dweight, float* workspace) {
   with_norm_types(shape, [&](auto x_tag, auto w_tag) {
     using T = decltype(x_tag);
     using W = decltype(w_tag);
-    rms_norm_backward_typed(shape, static_cast<const T*>(dy), static_cast<const T*>(x), rstd,
+    rms_norm_backward_typed<Rounding>(shape, static_cast<const T*>(dy), static_cast<const T*>(x), rstd,
                             static_cast<const W*>(weight), static_cast<T*>(dx), static_cast<W*>(dweight), workspace);
   });
 }

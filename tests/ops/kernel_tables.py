@@ -11,7 +11,8 @@ def _native_isas():
         import megalite._C as native
     except ImportError:
         return []
-    return ["generic", "avx2"] if native.isa() == "avx2" else ["generic"]
+    tables = ["generic", "avx2", "avx512"]   # each CPU that has a table also has the ones before it
+    return tables[:tables.index(native.isa()) + 1]
 
 
 def _use(request, monkeypatch, isa):
@@ -27,8 +28,8 @@ def _use(request, monkeypatch, isa):
 
 @pytest.fixture(params=_native_isas() + ["reference"])
 def cpu_isa(request, monkeypatch):
-    """The CPU kernels for this test: 'generic', 'avx2' (where the CPU has it), or 'reference'
-    (MEGALITE_KERNELS=reference: the same assertions then hold for the pure-PyTorch path)."""
+    """The CPU kernels for this test: 'generic', 'avx2' and 'avx512' (each where the CPU has it), or
+    'reference' (MEGALITE_KERNELS=reference: the same assertions then hold for the pure-PyTorch path)."""
     yield from _use(request, monkeypatch, request.param)
 
 

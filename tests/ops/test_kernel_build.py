@@ -1,12 +1,14 @@
-"""How the CPU kernels are compiled: the AVX2 copy builds with every compiler, and is the one used.
+"""How the CPU kernels are compiled: the AVX2 and AVX-512 copies build with every compiler, and the
+widest one the CPU has is used.
 
-csrc/cpu/kernels_avx2.cpp compiles the kernel headers under a target pragma (AVX2 + FMA) so that
-one build runs on any x86-64 and picks the AVX2 table at run time.  Its rule: every header that is
-not one of ours is included above the pragma.  A standard-library header first entered below it
-breaks the build under GCC 13+ (libstdc++'s always_inline allocator members become AVX2 functions
-that baseline callers cannot inline: "target specific option mismatch"), though GCC 12 -- the CI's
-compiler -- accepts it.  So the rule is checked here on the preprocessed source, which needs only
-a compiler's preprocessor, whatever its version.
+csrc/cpu/kernels_avx2.cpp and kernels_avx512.cpp compile the kernel headers under a target pragma
+(AVX2 + FMA; AVX-512 F/BW/DQ/VL + BF16) so that one build runs on any x86-64 and picks the widest
+table at run time.  Their rule: every header that is not one of ours is included above the pragma.
+A standard-library header first entered below it breaks the build under GCC 13+ (libstdc++'s
+always_inline allocator members become AVX2 functions that baseline callers cannot inline: "target
+specific option mismatch"), though GCC 12 -- the CI's compiler -- accepts it.  So the rule is
+checked here on the preprocessed source, which needs only a compiler's preprocessor, whatever its
+version.
 """
 import os
 import pathlib
@@ -93,15 +95,33 @@ def test_the_guard_sees_a_late_header():
     assert headers_entered_below_pragma(preprocessed, source) == (True, [("/usr/include/c++/13/vector", str(source))])
 
 
-def cpu_has_avx2_and_fma():
+def test_every_table_is_checked():
+    # A table whose pragma TARGET_PRAGMA does not recognise would silently escape the check above.
+    assert {"kernels_avx2.cpp", "kernels_avx512.cpp"} <= {path.name for path in sources_with_target_pragmas()}
+
+
+def widest_table_of_this_cpu():
+    """The table best_kernels() must pick, from the flags /proc/cpuinfo lists (None without it)."""
     try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+        flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+        return None
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "generic"
 
 
-@pytest.mark.skipif(not cpu_has_avx2_and_fma(), reason="this CPU reports no AVX2+FMA (or no /proc/cpuinfo)")
-def test_avx2_kernels_are_chosen_where_the_cpu_has_them():
+@pytest.mark.skipif(widest_table_of_this_cpu() is None, reason="no /proc/cpuinfo to compare with")
+def test_the_widest_table_the_cpu_has_is_chosen():
     native = pytest.importorskip("megalite._C", reason="the C++ extension is not built")
-    assert native.isa() == "avx2"
+    assert native.isa() == widest_table_of_this_cpu()
+
+
+def test_set_isa_refuses_what_it_cannot_run():
+    native = pytest.importorskip("megalite._C", reason="the C++ extension is not built")
+    with pytest.raises(ValueError, match="avx1024 is not one of auto, generic, avx2, avx512"):
+        native.set_isa("avx1024")
+    if widest_table_of_this_cpu() in ("generic", "avx2"):
+        with pytest.raises(ValueError, match="this CPU lacks one of AVX-512 F, BW, DQ, VL"):
+            native.set_isa("avx512")
+    assert native.isa() == widest_table_of_this_cpu()   # a refused name leaves the choice as it was
