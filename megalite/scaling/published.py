@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional
 
 __all__ = ["NarayananRow", "NARAYANAN_TABLE_1", "KorthikantiRow", "KORTHIKANTI_TABLE_3", "SEQ_LENGTH", "VOCAB_SIZE",
-           "model_flags"]
+           "model_flags", "narayanan_flags", "korthikanti_flags"]
 
 SEQ_LENGTH = 2048
 VOCAB_SIZE = 51200
@@ -83,3 +83,18 @@ def model_flags(heads: int, hidden: int, layers: int, tp: int, pp: int, batch: i
     if micro_batch is not None:
         flags += ["--micro-batch-size", str(micro_batch)]
     return flags
+
+
+def narayanan_flags(row: NarayananRow) -> List[str]:
+    """As the paper ran it: full recompute, the interleaved schedule where there is a pipeline."""
+    flags = model_flags(row.heads, row.hidden, row.layers, row.tp, row.pp, row.batch)
+    flags += ["--recompute-granularity", "full", "--recompute-method", "uniform"]
+    if row.pp > 1:
+        flags += ["--pipeline-schedule", "interleaved"]
+    return flags
+
+
+def korthikanti_flags(row: KorthikantiRow) -> List[str]:
+    """As the paper ran it: sequence parallelism and selective recompute."""
+    flags = model_flags(row.heads, row.hidden, row.layers, row.tp, row.pp, row.batch, row.micro_batch)
+    return flags + ["--sequence-parallel", "--recompute-granularity", "selective"]
