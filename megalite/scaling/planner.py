@@ -123,8 +123,12 @@ def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
         candidates.append(_try(argv, flags, hardware, world_size))
     best = _best(candidates)
     if best is None:
-        reasons = sorted({c.reason for c in candidates})
-        raise ValueError(f"no micro-batch / virtual pipeline size fits: {reasons[0]}")
+        too_big = [c for c in candidates if c.prediction is not None]
+        if not too_big:   # the flags themselves do not split: the trainer's own message
+            raise ValueError(candidates[0].reason)
+        smallest = min(too_big, key=lambda c: c.prediction.memory_gb_per_gpu)
+        raise ValueError(f"no micro-batch / virtual pipeline size fits: the smallest layout ({describe(smallest)}) "
+                         f"{smallest.reason}")
     best.chosen = [name for name, is_open in (("micro_batch_size", open_mbs),
                                               ("virtual_pipeline_model_parallel_size", open_vpp)) if is_open]
     return best

@@ -79,6 +79,7 @@ def test_calibrate_calls_the_calibration_module(capsys, monkeypatch, tmp_path):
     (["--world-size", "6", "--tensor-model-parallel-size", "4"], "world size 6 is not divisible"),
     (["--gpu", "tpu"], "--gpu tpu is not known"),
     (["--world-size", "0"], "--world-size 0 must be at least 1"),
+    (["--world-size", "8", "--num-layers", "3", "--pipeline-model-parallel-size", "2"], "3 layers do not split evenly"),
     (["--world-size", "1", "--num-layers", "8", "--hidden-size", "65536", "--num-attention-heads", "64",
       "--global-batch-size", "1", "--gpu", "a100-40gb"], "no micro-batch / virtual pipeline size fits"),
 ])
