@@ -60,8 +60,8 @@ def run_dtype(optimizer: OptimizerConfig) -> str:
     return "bfloat16" if optimizer.bf16 else "float16" if optimizer.fp16 else "float32"
 
 
-def _stage_pass_times(model: ModelConfig, chunks: Sequence[int], first: bool, last: bool, layer: PassTimes,
-                      logits: PassTimes, layer_comm_f: float, layer_comm_b: float, p2p: float) -> PassTimes:
+def _stage_pass_times(chunks: Sequence[int], first: bool, last: bool, layer: PassTimes, logits: PassTimes,
+                      layer_comm_f: float, layer_comm_b: float, p2p: float) -> PassTimes:
     """One stage's passes (all its chunks) for one micro-batch, communication included."""
     layers = sum(chunks)
     times = layer.scaled(layers)
@@ -113,7 +113,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
 
     counts = virtual_stage_layer_counts(model.num_layers, pp, vpp, parallel.decoder_first_pipeline_num_layers,
                                         parallel.decoder_last_pipeline_num_layers)
-    stages = [_stage_pass_times(model, [counts[c * pp + r] for c in range(v)], r == 0, r == pp - 1, layer, logits,
+    stages = [_stage_pass_times([counts[c * pp + r] for c in range(v)], r == 0, r == pp - 1, layer, logits,
                                 layer_comm_f, layer_comm_b, p2p) for r in range(pp)]
     slowest = max(stages, key=lambda t: t.forward + t.backward_input + t.backward_weight)
     pipe = pipeline_time(schedule, pp, v, m, slowest.forward, slowest.backward_input, slowest.backward_weight)
@@ -148,7 +148,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     hw_flops = hardware_flops_per_iteration(model, gbs, recompute)
     tflops = model_flops / iteration / world / 1e12
     chunks_of_slowest = [counts[c * pp + stages.index(slowest)] for c in range(v)]
-    compute_only = _stage_pass_times(model, chunks_of_slowest, slowest is stages[0], slowest is stages[-1], layer,
+    compute_only = _stage_pass_times(chunks_of_slowest, slowest is stages[0], slowest is stages[-1], layer,
                                      logits, 0.0, 0.0, 0.0)
     compute = m * (compute_only.forward + compute_only.backward_input + compute_only.backward_weight)
     busy = m * (slowest.forward + slowest.backward_input + slowest.backward_weight)
