@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 from megalite.arguments import parse_args
 from megalite.scaling.hardware import Hardware
-from megalite.scaling.predict import Prediction, predict
+from megalite.scaling.predict import GIB, Prediction, layout_of, memory_per_stage, predict
 
 __all__ = ["Candidate", "with_flags", "given", "predict_argv", "plan", "search", "describe", "MICRO_BATCHES"]
 
@@ -28,6 +28,8 @@ class Candidate:
     flags: Dict[str, object]                 # the flags this candidate sets (name -> value; None = dropped)
     prediction: Optional[Prediction] = None
     reason: str = ""                         # why it was rejected ("" when it fits)
+    memory_gib: Optional[float] = None       # the most loaded rank's memory, when the flags split
+    description: str = ""                    # TP, PP, DP, micro-batch, virtual size, recompute
     chosen: List[str] = field(default_factory=list)
 
 
@@ -58,24 +60,37 @@ def with_flags(argv: Sequence[str], flags: Dict[str, object]) -> List[str]:
     return out
 
 
-def predict_argv(argv: Sequence[str], hardware: Hardware, world_size: int) -> Prediction:
-    """Parse trainer flags as ``megalite-train`` does (``--mock-data`` when no data is named) and predict."""
+def _configs(argv: Sequence[str], world_size: int):
     argv = list(argv)
     if not given(argv, "--mock-data") and not given(argv, "--data-path"):
         argv.append("--mock-data")
     model, parallel, optimizer, _data, training = parse_args(argv, world_size=world_size)
-    return predict(model, parallel, training, optimizer, hardware, world_size)
+    return model, parallel, training, optimizer
+
+
+def predict_argv(argv: Sequence[str], hardware: Hardware, world_size: int) -> Prediction:
+    """Parse trainer flags as ``megalite-train`` does (``--mock-data`` when no data is named) and predict."""
+    return predict(*_configs(argv, world_size), hardware, world_size)
 
 
 def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, world_size: int) -> Candidate:
+    """A candidate's prediction, or why it is rejected; memory is checked first (closed-form in-flight
+    counts), so a layout that cannot fit is never simulated."""
     candidate = Candidate(flags)
     try:
-        candidate.prediction = predict_argv(with_flags(argv, flags), hardware, world_size)
+        model, parallel, training, optimizer = _configs(with_flags(argv, flags), world_size)
+        layout = layout_of(parallel, training, optimizer, world_size)
+        candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
+                                 f"recompute={model.recompute_granularity or 'none'}")
+        candidate.memory_gib = max(s.total for s in memory_per_stage(model, parallel, optimizer, layout)) / GIB
+        if candidate.memory_gib <= hardware.hbm_gb:
+            candidate.prediction = predict(model, parallel, training, optimizer, hardware, world_size)
+            candidate.memory_gib = candidate.prediction.memory_gb_per_gpu
     except ValueError as error:
         candidate.reason = str(error).splitlines()[0]
         return candidate
-    if not candidate.prediction.fits:
-        candidate.reason = (f"needs {candidate.prediction.memory_gb_per_gpu:.1f} GiB per GPU, more than the "
+    if candidate.memory_gib > hardware.hbm_gb:
+        candidate.reason = (f"needs {candidate.memory_gib:.1f} GiB per GPU, more than the "
                             f"{hardware.hbm_gb:g} GiB of {hardware.name}")
     return candidate
 
@@ -123,10 +138,10 @@ def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
         candidates.append(_try(argv, flags, hardware, world_size))
     best = _best(candidates)
     if best is None:
-        too_big = [c for c in candidates if c.prediction is not None]
+        too_big = [c for c in candidates if c.memory_gib is not None]
         if not too_big:   # the flags themselves do not split: the trainer's own message
             raise ValueError(candidates[0].reason)
-        smallest = min(too_big, key=lambda c: c.prediction.memory_gb_per_gpu)
+        smallest = min(too_big, key=lambda c: c.memory_gib)
         raise ValueError(f"no micro-batch / virtual pipeline size fits: the smallest layout ({describe(smallest)}) "
                          f"{smallest.reason}")
     best.chosen = [name for name, is_open in (("micro_batch_size", open_mbs),
@@ -175,10 +190,8 @@ def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Can
 
 def describe(candidate: Candidate) -> str:
     """TP x PP x DP, micro-batch, virtual size and recompute of a candidate, in one short string."""
-    if candidate.prediction is not None:
-        layout = candidate.prediction.layout
-        return (f"TP{layout['tp']} PP{layout['pp']} DP{layout['dp']} mbs{layout['micro_batch_size']} "
-                f"vpp{layout['vpp']} recompute={layout['recompute'] or 'none'}")
+    if candidate.description:
+        return candidate.description
     flags = candidate.flags
     return (f"TP{flags.get('--tensor-model-parallel-size')} PP{flags.get('--pipeline-model-parallel-size')} "
             f"mbs{flags.get('--micro-batch-size')} vpp{flags.get('--virtual-pipeline-model-parallel-size') or 1} "

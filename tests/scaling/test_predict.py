@@ -4,7 +4,7 @@ import pytest
 from megalite.arguments import parse_args
 from megalite.scaling.compute import layer_times, logits_times
 from megalite.scaling.hardware import PRESETS
-from megalite.scaling.predict import predict
+from megalite.scaling.predict import layout_of, memory_per_stage, predict
 
 H100 = PRESETS["h100-sxm"]
 MODEL = ["--mock-data", "--num-layers", "16", "--hidden-size", "4096", "--num-attention-heads", "32",
@@ -64,3 +64,17 @@ def test_pipeline_bubble_shrinks_with_the_virtual_size():
     assert one.bubble_fraction == pytest.approx(3 / 8, rel=0.1)       # (p-1)/m, m = 32 / DP 4
     assert two.bubble_fraction < one.bubble_fraction
     assert two.memory_gb_per_gpu > one.memory_gb_per_gpu * 0.99       # more in flight on rank 0
+
+
+@pytest.mark.parametrize("flags", [
+    ("--pipeline-model-parallel-size", "4"),
+    ("--pipeline-model-parallel-size", "4", "--virtual-pipeline-model-parallel-size", "2"),
+    ("--pipeline-model-parallel-size", "2", "--pipeline-schedule", "zb-h1"),
+])
+def test_closed_form_memory_equals_the_simulated_one(flags):
+    """The planner rejects layouts by memory before simulating them (closed-form in-flight counts)."""
+    argv = MODEL + ["--micro-batch-size", "1", "--global-batch-size", "32", *flags]
+    model, parallel, optimizer, _data, training = parse_args(argv, world_size=16)
+    simulated = predict(model, parallel, training, optimizer, H100, 16).memory_gb_per_stage
+    closed_form = memory_per_stage(model, parallel, optimizer, layout_of(parallel, training, optimizer, 16))
+    assert [s.total / 2 ** 30 for s in closed_form] == pytest.approx(simulated, rel=1e-12)
