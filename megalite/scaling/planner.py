@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from megalite.arguments import parse_args
+from megalite.arguments import build_parser, parse_args, yaml_defaults
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.predict import GIB, Prediction, layout_of, memory_per_stage, predict
 
@@ -34,8 +34,22 @@ class Candidate:
 
 
 def given(argv: Sequence[str], name: str) -> bool:
-    """Whether flag ``name`` (e.g. ``--micro-batch-size``) is on the command line."""
-    return any(a == name or a.startswith(name + "=") for a in argv)
+    """Whether flag ``name`` (e.g. ``--micro-batch-size``) is on the command line or in its ``--config`` file."""
+    return any(a == name or a.startswith(name + "=") for a in argv) or _dest(name) in _config_file(argv)
+
+
+def _dest(name: str) -> str:
+    return name[2:].replace("-", "_")
+
+
+def _config_file(argv: Sequence[str]) -> Dict[str, object]:
+    """The flags of ``--config FILE`` (arguments.yaml_defaults: field name -> value), or {}."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return yaml_defaults(build_parser(), arg.split("=", 1)[1])
+        if arg == "--config" and index + 1 < len(argv):
+            return yaml_defaults(build_parser(), argv[index + 1])
+    return {}
 
 
 def with_flags(argv: Sequence[str], flags: Dict[str, object]) -> List[str]:
@@ -150,15 +164,21 @@ def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
 
 
 def _flag_value(argv: Sequence[str], name: str, default: int) -> int:
+    """An integer flag's value: the command line's, else the ``--config`` file's, else ``default``."""
     for index, arg in enumerate(argv):
         if arg.startswith(name + "="):
-            return int(arg.split("=", 1)[1])
+            return _integer(name, arg.split("=", 1)[1])
         if arg == name and index + 1 < len(argv):
-            try:
-                return int(argv[index + 1])
-            except ValueError:
-                raise ValueError(f"{name} {argv[index + 1]!r} is not an integer") from None
-    return default
+            return _integer(name, argv[index + 1])
+    value = _config_file(argv).get(_dest(name))
+    return default if value is None else _integer(name, value)
+
+
+def _integer(name: str, value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {value!r} is not an integer") from None
 
 
 def _divisors(n: int) -> List[int]:

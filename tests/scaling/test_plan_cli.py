@@ -91,3 +91,13 @@ def test_bad_input_is_one_line(capsys, argv, message):
 def test_with_flags_replaces_and_removes():
     argv = ["--a", "1", "--b=2", "--switch", "--c", "3"]
     assert with_flags(argv, {"--a": 5, "--b": None, "--switch": None, "--d": True}) == ["--c", "3", "--a", "5", "--d"]
+
+
+def test_sizes_in_a_config_file_count_as_given(capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("micro-batch-size: 2\npipeline-model-parallel-size: 2\nnum-layers: 8\n")
+    code, out, _ = run(capsys, "--world-size", "8", "--config", str(config), "--hidden-size", "1024",
+                       "--num-attention-heads", "16", "--seq-length", "1024", "--global-batch-size", "32", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["chosen"] == ["virtual_pipeline_model_parallel_size"]
+    assert result["micro_batch_size"] == 2 and result["layout"]["pp"] == 2
