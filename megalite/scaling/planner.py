@@ -87,9 +87,10 @@ def predict_argv(argv: Sequence[str], hardware: Hardware, world_size: int) -> Pr
     return predict(*_configs(argv, world_size), hardware, world_size)
 
 
-def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, world_size: int) -> Candidate:
+def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, world_size: int,
+         always_predict: bool = False) -> Candidate:
     """A candidate's prediction, or why it is rejected; memory is checked first (closed-form in-flight
-    counts), so a layout that cannot fit is never simulated."""
+    counts), so a layout that cannot fit is not simulated unless ``always_predict``."""
     candidate = Candidate(flags)
     try:
         model, parallel, training, optimizer = _configs(with_flags(argv, flags), world_size)
@@ -97,7 +98,7 @@ def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, worl
         candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
                                  f"recompute={model.recompute_granularity or 'none'}")
         candidate.memory_gib = max(s.total for s in memory_per_stage(model, parallel, optimizer, layout)) / GIB
-        if candidate.memory_gib <= hardware.hbm_gb:
+        if always_predict or candidate.memory_gib <= hardware.hbm_gb:
             candidate.prediction = predict(model, parallel, training, optimizer, hardware, world_size)
             candidate.memory_gib = candidate.prediction.memory_gb_per_gpu
     except ValueError as error:
@@ -126,7 +127,8 @@ def _virtual_sizes(layers: int, pp: int) -> List[Optional[int]]:
 def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
     """The prediction of ``argv``, choosing the micro-batch and virtual pipeline sizes it leaves out.
 
-    Raises ValueError (one line) when the flags are invalid or nothing fits.
+    Raises ValueError (one line) when the flags are invalid, or when sizes are left open and none fits;
+    a layout given whole is predicted even if it does not fit (``fits`` says so).
     """
     argv = list(argv)
     layers = _flag_value(argv, "--num-layers", 2)
@@ -135,8 +137,8 @@ def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
     open_mbs = not given(argv, "--micro-batch-size") and given(argv, "--global-batch-size")
     open_vpp = pp > 1 and not (given(argv, "--virtual-pipeline-model-parallel-size")
                                or given(argv, "--num-layers-per-virtual-pipeline-stage"))
-    if not open_mbs and not open_vpp:
-        candidate = _try(argv, {}, hardware, world_size)
+    if not open_mbs and not open_vpp:   # nothing to choose: the prediction, whether it fits or not
+        candidate = _try(argv, {}, hardware, world_size, always_predict=True)
         if candidate.prediction is None:
             raise ValueError(candidate.reason)
         return candidate

@@ -101,3 +101,10 @@ def test_sizes_in_a_config_file_count_as_given(capsys, tmp_path):
     result = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and result["chosen"] == ["virtual_pipeline_model_parallel_size"]
     assert result["micro_batch_size"] == 2 and result["layout"]["pp"] == 2
+
+
+def test_a_whole_layout_that_does_not_fit_is_still_predicted(capsys):
+    code, out, _ = run(capsys, "--world-size", "1", "--gpu", "a100-40gb", "--num-layers", "8", "--hidden-size", "16384",
+                       "--num-attention-heads", "64", "--micro-batch-size", "1", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and not result["fits"] and result["memory_gb_per_gpu"] > 40 and "DOES NOT FIT" in out
