@@ -36,6 +36,7 @@ TARGETS = {
     "single": (1, []),
     "dp2-zero1": (2, ["--use-distributed-optimizer"]),
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "cp2": (2, ["--context-parallel-size", "2"]),
     "pp4": (4, ["--pipeline-model-parallel-size", "4"]),
 }
 
