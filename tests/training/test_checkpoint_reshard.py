@@ -152,3 +152,67 @@ def test_reshard_honours_the_load_flags(tmp_path, flags):
     assert not isinstance(curve, str), curve
     # --finetune starts at iteration 0 from the loaded weights; the others continue at 2.
     assert [i for i, _ in curve] == ([1, 2] if "--finetune" in flags else [2])
+
+
+def _optimizer_state_after(rank, world_size, argv, train_first):
+    """{parameter name: [(start, end, master, exp_avg, exp_avg_sq), ...]} of this rank's pieces, after
+    training (``train_first``) or right after setup (which loads ``--load``)."""
+    from megalite.parallel import state
+    from megalite.parallel.data_parallel import unwrap_model
+    from megalite.training import setup, train
+    run = setup(argv)
+    if train_first:
+        train(run)
+    names = {id(p): n for chunk in run.model for n, p in unwrap_model(chunk).named_parameters()}
+    pieces = {}
+    for piece in run.optimizer.all_pieces():
+        pieces.setdefault(names[id(piece.param)], []).append(
+            (piece.start, piece.end, piece.master.clone(), piece.exp_avg.clone(), piece.exp_avg_sq.clone()))
+    state.destroy_grid()
+    return pieces
+
+
+def test_zero1_bf16_masters_and_moments_move_exactly_to_one_rank(tmp_path):
+    """DP=2 ZeRO-1 pieces (flat ranges of the bucket, cut across rows) of the fp32 masters and Adam
+    moments, loaded at one rank without ZeRO-1: every element is the saved one, bit for bit."""
+    save = str(tmp_path / "ckpt")
+    argv = MODEL + ["--bf16", "--train-iters", "2"]
+    saved = run_on_ranks(_optimizer_state_after, 2, argv + ["--use-distributed-optimizer", "--save", save], True,
+                         timeout=120)
+    loaded = run_on_ranks(_optimizer_state_after, 1, argv + ["--train-iters", "3", "--load", save], False,
+                          timeout=120)[0]
+    assert set(loaded) == set(saved[0]) | set(saved[1])
+    for name, [(start, end, *whole)] in loaded.items():
+        assert (start, end) == (0, whole[0].numel())
+        pieces = sorted(p for rank in saved for p in rank.get(name, []) if p[1] > p[0])
+        assert [p[0] for p in pieces][0] == 0 and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+        for k, what in enumerate(("master", "exp_avg", "exp_avg_sq")):
+            assert torch.equal(whole[k], torch.cat([p[2 + k] for p in pieces])), f"{name} {what}"
+    assert any(len([p for rank in saved for p in rank.get(name, [])]) == 2 for name in loaded)  # a split one
+
+
+def _rng_after_setup(rank, world_size, argv):
+    from megalite.parallel import state
+    from megalite.parallel.random import get_rng_tracker
+    from megalite.training import setup
+    setup(argv)
+    drawn = (torch.get_rng_state(), get_rng_tracker().get_states())   # {stream: {device: state}}
+    state.destroy_grid()
+    return drawn
+
+
+def test_rng_of_ranks_that_existed_is_restored_and_new_ranks_are_seeded_as_a_fresh_run(tmp_path):
+    save = str(tmp_path / "ckpt")
+    argv = MODEL + ["--train-iters", "1", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]  # streams move
+    run_on_ranks(_train_runs, 1, [(argv + ["--save", save], None)], timeout=120)
+    saved = torch.load(os.path.join(checkpoint.rank_dir(save, 1, 0, 0), "rng_dp000_cp000.pt"), weights_only=True)
+    resumed = run_on_ranks(_rng_after_setup, 2, argv + ["--train-iters", "2", "--load", save], timeout=120)
+    fresh = run_on_ranks(_rng_after_setup, 2, argv + ["--train-iters", "2"], timeout=120)
+    def same_tracker(a, b):
+        return a.keys() == b.keys() and all(a[k].keys() == b[k].keys() and
+                                            all(torch.equal(a[k][d], b[k][d]) for d in a[k]) for k in a)
+    assert torch.equal(resumed[0][0], saved["torch_cpu"])               # DP rank 0 existed: its saved stream
+    assert same_tracker(resumed[0][1], saved["tracker"])
+    assert not torch.equal(resumed[0][0], fresh[0][0])
+    assert torch.equal(resumed[1][0], fresh[1][0])                      # DP rank 1 is new: a fresh run's seeding
+    assert same_tracker(resumed[1][1], fresh[1][1])
