@@ -226,7 +226,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "optimizer": None if optimizer is None else
                  {k: v for k, v in optimizer.state_dict().items() if k != "pieces"},
-                 "slices": [part for _, rank_slices in everyone for part in rank_slices]}
+                 "slices": [part for _, rank_slices in everyone for part in rank_slices], "no_optimizer_because": None}
         _save(index, os.path.join(iteration_dir(root, iteration), TENSOR_INDEX))
         files[TENSOR_INDEX] = file_entry(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX))
         write_manifest(iteration_dir(root, iteration), iteration, run_id, files)

@@ -2,8 +2,9 @@
 ZeRO-1 on or off, SP on or off (SP changes no tensor's layout).
 
     load_any_layout(root, model_chunks, optimizer, scheduler, grid, ...)
+        the iteration's tensor index     -> tensor_index.pt; for older saves, derived from the files
+                                            (checkpoint_legacy.py; ZeRO-1 shards: weights only)
         the saved layout == this run's   -> checkpoint.load_checkpoint: file for file, bit for bit
-        no tensor index (older saves)    -> checkpoint.load_checkpoint (its own layout only)
         otherwise                        -> reshard:
 
     for every tensor this rank holds in the NEW layout (a parameter's TP box; a ZeRO-1 piece of
@@ -66,6 +67,7 @@ from megalite.checkpoint_index import (
     overlaps,
     parameter_names,
 )
+from megalite.checkpoint_legacy import legacy_index
 from megalite.checkpoint_manifest import read_manifest
 from megalite.logger import print_rank0
 from megalite.optim.optimizer import MegaliteOptimizer
@@ -97,11 +99,8 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         iteration = choose_iteration(root)
         if iteration is None:
             return Resumed(0, 0, None)
-    if not os.path.isfile(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX)):
-        return load_checkpoint(root, model_chunks, optimizer, scheduler, grid, iteration=iteration, **common)
     manifest = read_manifest(iteration_dir(root, iteration))
-    index_path = verify_everywhere(root, iteration, [TENSOR_INDEX], manifest, grid)[TENSOR_INDEX]
-    index = load_file(index_path)
+    index = _read_index(root, iteration, manifest, grid)
     mine = saved_layout(grid, sharded_optimizer)
     if index["layout"] == mine:
         return load_checkpoint(root, model_chunks, optimizer, scheduler, grid, iteration=iteration, **common)
@@ -111,8 +110,9 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         load_optimizer = load_rng = False
     load_optimizer = load_optimizer and optimizer is not None
     if load_optimizer and index["optimizer"] is None:
-        raise ValueError(f"--load {root}: iteration {iteration} holds no optimizer state; pass --no-load-optim "
-                         f"or --finetune to take the weights only")
+        why = index.get("no_optimizer_because") or "it was saved without one"
+        raise ValueError(f"--load {root}: iteration {iteration} holds no optimizer state this layout can load: "
+                         f"{why}; or pass --no-load-optim (or --finetune) to take the weights only")
     layer_numbers = chunk_layer_numbers(model_chunks, layer_numbers)
     saved = defaultdict(list)
     for part in index["slices"]:
@@ -141,6 +141,10 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         value = opened[source["file"]]
         for key in source["where"]:
             value = value[key]
+        if value.numel() != source["end"] - source["start"]:
+            raise ValueError(f"{source['file']} holds {value.numel()} elements at {source['where']}, its index "
+                             f"says {source['end'] - source['start']} ({source['name']}); the index does not match "
+                             f"the files")
         return value.reshape(-1)
 
     try:
@@ -162,6 +166,23 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         set_rng_state(load_file(paths[rng_file]))
     return Resumed(int(index["iteration"]), int(index["consumed_samples"]),
                    manifest.get("run_id") if manifest is not None else None)
+
+
+def _read_index(root: str, iteration: int, manifest: Optional[dict], grid: ProcessGrid) -> dict:
+    """The iteration's tensor index, verified on every rank; for a checkpoint saved before indexes,
+    the one rank 0 derives from its files (checkpoint_legacy.py), shared with every rank."""
+    if os.path.isfile(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX)):
+        return load_file(verify_everywhere(root, iteration, [TENSOR_INDEX], manifest, grid)[TENSOR_INDEX])
+    derived: list = [None]
+    if grid.rank == 0:
+        try:
+            derived[0] = legacy_index(iteration_dir(root, iteration), manifest)
+        except ValueError as error:      # CheckpointError included: a damaged file, named
+            derived[0] = f"--load {root}: {error}"
+    torch.distributed.broadcast_object_list(derived, src=0)
+    if isinstance(derived[0], str):
+        raise ValueError(derived[0] if grid.rank == 0 else f"rank 0: {derived[0]}")
+    return derived[0]
 
 
 def _stop_together(fault: Optional[str], grid: ProcessGrid) -> None:
