@@ -161,9 +161,10 @@ def key_shape_of(target: dict, sources: Sequence[dict]) -> List[int]:
 def fill_slice(out: torch.Tensor, target: dict, sources: Sequence[dict], read) -> None:
     """Write into ``out`` (1-D, the target slice's elements) the values the ``sources`` slices hold.
 
-    ``read(source)`` returns a source slice's values as a 1-D tensor.  Elements in rows beyond the
-    saved row count (vocabulary padding of a larger TP) are set to zero; any other element that no
-    source holds is an error naming the tensor.
+    ``read(source)`` returns a source slice's values as a 1-D CPU tensor; ``out`` may live on any
+    device (the values are gathered on the CPU and copied once).  Elements in rows beyond the saved
+    row count (vocabulary padding of a larger TP) are set to zero; any other element that no source
+    holds is an error naming the tensor.  Memory: int64 keys of the target and of one source at a time.
     """
     if not sources:
         raise ValueError(f"the checkpoint holds no {target['kind']} of {target['name']}; it was saved for another "
@@ -171,9 +172,7 @@ def fill_slice(out: torch.Tensor, target: dict, sources: Sequence[dict], read) -
     key_shape = key_shape_of(target, sources)
     wanted = element_keys(target, key_shape)
     filled = torch.zeros(wanted.numel(), dtype=torch.bool)
-    # Only vocabulary rows may be missing (see the module docstring); anything else is an error.
-    vocab = target["name"] in VOCAB_ROWS and key_shape
-    saved_rows = min(s["shape"][0] for s in sources) if vocab else (key_shape[0] if key_shape else 0)
+    staged = torch.zeros(wanted.numel(), dtype=out.dtype)
     for source in sources:
         if not overlaps(source, target, key_shape):
             continue
@@ -181,11 +180,18 @@ def fill_slice(out: torch.Tensor, target: dict, sources: Sequence[dict], read) -
         position = torch.searchsorted(have, wanted).clamp_(max=have.numel() - 1)
         hit = have[position] == wanted
         values = read(source)
-        out[hit] = values[position[hit]].to(out.dtype)
+        staged[hit] = values[position[hit]].to(out.dtype)
         filled |= hit
-    if bool(filled.all()):
-        return
-    missing = ~filled
+    if not bool(filled.all()):
+        _check_only_padding_is_missing(~filled, wanted, target, sources, key_shape)
+    out.copy_(staged)      # the missing (padding) elements are the zeros staged was made of
+
+
+def _check_only_padding_is_missing(missing: torch.Tensor, wanted: torch.Tensor, target: dict,
+                                   sources: Sequence[dict], key_shape: Sequence[int]) -> None:
+    # Only vocabulary rows may be missing (see the module docstring); anything else is an error.
+    vocab = target["name"] in VOCAB_ROWS and key_shape
+    saved_rows = min(s["shape"][0] for s in sources) if vocab else (key_shape[0] if key_shape else 0)
     row_stride = 1
     for size in key_shape[1:]:
         row_stride *= size
@@ -194,4 +200,3 @@ def fill_slice(out: torch.Tensor, target: dict, sources: Sequence[dict], read) -
         raise ValueError(f"the checkpoint holds no {target['kind']} values for {int((missing & ~padding).sum())} "
                          f"elements of {target['name']} (shape {target['shape']}, saved {sources[0]['shape']}); it "
                          f"was saved for another model or its tensor index is incomplete")
-    out[missing] = 0

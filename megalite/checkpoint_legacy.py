@@ -22,7 +22,7 @@ import torch
 from megalite.checkpoint_index import global_name, logical_box
 from megalite.checkpoint_manifest import verify_file
 
-__all__ = ["legacy_index"]
+__all__ = ["legacy_layout", "legacy_index"]
 
 _RNG = re.compile(r"^rng_dp(\d{3})_cp000\.pt$")
 _OPTIMIZER_SHARD = re.compile(r"^optimizer_dp\d{3}_cp\d{3}\.pt$")
@@ -32,14 +32,28 @@ def _chunk_keys(state: dict) -> List[str]:
     return sorted((k for k in state if re.fullmatch(r"model\d*", k)), key=lambda k: int(k[5:] or 0))
 
 
-def legacy_index(iteration_folder: str, manifest: Optional[dict]) -> dict:
-    """The index ``checkpoint.save_checkpoint`` would have written (checkpoint_index.py), from the files."""
+def _shards(iteration_folder: str) -> List[str]:
     shards = sorted(d for d in os.listdir(iteration_folder) if d.startswith("mp_rank_"))
     if not shards:
         raise ValueError(f"{iteration_folder} holds no mp_rank_* folder; it is not a megalite checkpoint")
-    first_names = os.listdir(os.path.join(iteration_folder, shards[0]))
+    return shards
+
+
+def legacy_layout(iteration_folder: str, manifest: Optional[dict]) -> dict:
+    """The layout that wrote the checkpoint (``checkpoint.saved_layout``'s keys), from its first shard."""
+    first_shard = _shards(iteration_folder)[0]
+    relative = os.path.join(first_shard, "model_optim_rng.pt")
+    layout = torch.load(verify_file(iteration_folder, relative, manifest), map_location="cpu", weights_only=True,
+                        mmap=True)["layout"]
+    names = os.listdir(os.path.join(iteration_folder, first_shard))
+    return {"tp": layout["tp"], "pp": layout["pp"], "vpp": layout.get("vpp", 1), "cp": layout.get("cp", 1),
+            "dp": len([n for n in names if _RNG.match(n)]), "zero1": any(_OPTIMIZER_SHARD.match(n) for n in names)}
+
+
+def legacy_index(iteration_folder: str, manifest: Optional[dict]) -> dict:
+    """The index ``checkpoint.save_checkpoint`` would have written (checkpoint_index.py), from the files."""
     slices, optimizer, first = [], None, None
-    for shard in shards:
+    for shard in _shards(iteration_folder):
         relative = os.path.join(shard, "model_optim_rng.pt")
         state = torch.load(verify_file(iteration_folder, relative, manifest), map_location="cpu", weights_only=True,
                            mmap=True)
@@ -76,12 +90,8 @@ def legacy_index(iteration_folder: str, manifest: Optional[dict]) -> dict:
                                                                                   layout["tp"]),
                                            start=0, end=tensor.numel(), file=relative,
                                            where=["optimizer", "pieces", i, kind]))
-    layout = first["layout"]
-    dp = len([n for n in first_names if _RNG.match(n)])
-    zero1 = any(_OPTIMIZER_SHARD.match(n) for n in first_names)
+    layout = legacy_layout(iteration_folder, manifest)
     return {"format": 0, "iteration": first["iteration"], "consumed_samples": first["consumed_samples"],
-            "layout": {"tp": layout["tp"], "pp": layout["pp"], "vpp": layout.get("vpp", 1), "cp": layout.get("cp", 1),
-                       "dp": dp, "zero1": zero1},
-            "scheduler": first.get("scheduler"), "optimizer": optimizer, "slices": slices,
+            "layout": layout, "scheduler": first.get("scheduler"), "optimizer": optimizer, "slices": slices,
             "no_optimizer_because": ("its ZeRO-1 shards were saved before tensor indexes; load it at its own "
-                                     "layout and save again to reshard them") if zero1 else None}
+                                     "layout and save again to reshard them") if layout["zero1"] else None}

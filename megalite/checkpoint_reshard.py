@@ -67,7 +67,7 @@ from megalite.checkpoint_index import (
     overlaps,
     parameter_names,
 )
-from megalite.checkpoint_legacy import legacy_index
+from megalite.checkpoint_legacy import legacy_index, legacy_layout
 from megalite.checkpoint_manifest import read_manifest
 from megalite.logger import print_rank0
 from megalite.optim.optimizer import MegaliteOptimizer
@@ -100,8 +100,8 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         if iteration is None:
             return Resumed(0, 0, None)
     manifest = read_manifest(iteration_dir(root, iteration))
-    index = _read_index(root, iteration, manifest, grid)
     mine = saved_layout(grid, sharded_optimizer)
+    index = _read_index(root, iteration, manifest, grid, mine)
     if index["layout"] == mine:
         return load_checkpoint(root, model_chunks, optimizer, scheduler, grid, iteration=iteration, **common)
     print_rank0(f"resharding iteration {iteration} of {root}: saved with {describe_layout(index['layout'])}, "
@@ -168,15 +168,18 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
                    manifest.get("run_id") if manifest is not None else None)
 
 
-def _read_index(root: str, iteration: int, manifest: Optional[dict], grid: ProcessGrid) -> dict:
+def _read_index(root: str, iteration: int, manifest: Optional[dict], grid: ProcessGrid, mine: dict) -> dict:
     """The iteration's tensor index, verified on every rank; for a checkpoint saved before indexes,
-    the one rank 0 derives from its files (checkpoint_legacy.py), shared with every rank."""
+    the one rank 0 derives from its files (checkpoint_legacy.py), shared with every rank -- only its
+    layout when that is this run's (the files then load as they are)."""
     if os.path.isfile(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX)):
         return load_file(verify_everywhere(root, iteration, [TENSOR_INDEX], manifest, grid)[TENSOR_INDEX])
     derived: list = [None]
     if grid.rank == 0:
         try:
-            derived[0] = legacy_index(iteration_dir(root, iteration), manifest)
+            folder = iteration_dir(root, iteration)
+            layout = legacy_layout(folder, manifest)
+            derived[0] = {"layout": layout} if layout == mine else legacy_index(folder, manifest)
         except ValueError as error:      # CheckpointError included: a damaged file, named
             derived[0] = f"--load {root}: {error}"
     torch.distributed.broadcast_object_list(derived, src=0)
