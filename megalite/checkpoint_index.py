@@ -15,11 +15,13 @@ per unit (SwiGLU gate/up) precisely so that a TP rank's contiguous slice holds w
 tensor, and no per-parameter permutation is needed.  The two copies of a tied word embedding
 (first and last pipeline stage) are one logical tensor, ``embedding.word_embeddings.weight``.
 
-Resharding compares elements by their *global coordinates*: an element at local coordinate ``c``
-of a box sits at ``c + offset`` along the split dim, and its key is that coordinate ravelled
-row-major in a shape large enough for every layout (:func:`element_keys`).  Keys of a slice grow
-with the flat index (a box's row-major order is the global row-major order restricted to it), so
-finding a target's elements in a source is one ``searchsorted``.
+Resharding works box by box: an element at local coordinate ``c`` of a box sits at ``c + offset``
+along the split dim, so two boxes of one logical tensor share a rectangle, copied as one strided
+slice (:func:`fill_slice`); a flat range is laid into its box first (the ZeRO-1 pieces of one TP
+shard, from several DP ranks, fill that shard's box together).  :func:`element_keys` ravels global
+coordinates row-major in a shape large enough for every layout; keys of a slice grow with the flat
+index (a box's row-major order is the global order restricted to it), so the keys of a slice's
+first and last elements tell whether two slices can meet (:func:`overlaps`) without reading them.
 
 Vocabulary padding depends on TP (``padded_vocab_size`` is a multiple of divisible-by x TP), so
 the logical embedding and output rows differ in count between layouts.  Rule: the rows both
@@ -30,7 +32,7 @@ Adam moment, and weight decay of zero is zero -- so this is the value they would
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -157,46 +159,76 @@ def key_shape_of(target: dict, sources: Sequence[dict]) -> List[int]:
     return shape
 
 
+def _box_ranges(part: dict) -> List[range]:
+    """The global coordinates the slice's box spans, per dim."""
+    return [range(part["offset"], part["offset"] + size) if d == part["dim"] else range(size)
+            for d, size in enumerate(part["local_shape"])]
+
+
+def _intersection(target: dict, source: dict) -> Optional[Tuple[tuple, tuple]]:
+    """(index into the target box, index into the source box) of the rectangle both boxes cover."""
+    into, out_of = [], []
+    for mine, theirs in zip(_box_ranges(target), _box_ranges(source)):
+        lo, hi = max(mine.start, theirs.start), min(mine.stop, theirs.stop)
+        if lo >= hi:
+            return None
+        into.append(slice(lo - mine.start, hi - mine.start))
+        out_of.append(slice(lo - theirs.start, hi - theirs.start))
+    return tuple(into), tuple(out_of)
+
+
 @torch.no_grad()
 def fill_slice(out: torch.Tensor, target: dict, sources: Sequence[dict], read) -> None:
     """Write into ``out`` (1-D, the target slice's elements) the values the ``sources`` slices hold.
 
     ``read(source)`` returns a source slice's values as a 1-D CPU tensor; ``out`` may live on any
-    device (the values are gathered on the CPU and copied once).  Elements in rows beyond the saved
-    row count (vocabulary padding of a larger TP) are set to zero; any other element that no source
-    holds is an error naming the tensor.  Memory: int64 keys of the target and of one source at a time.
+    device.  Boxes do the work: the saved ranges of one box (the ZeRO-1 pieces of one TP shard,
+    from several DP ranks' files) are laid into that box, the rectangle it shares with the
+    target's box is copied as one strided slice, and the target's range is cut from its box.
+    Memory: the target's box and one source box (TP-local tensors), on the CPU.  Elements in rows
+    beyond the saved row count (vocabulary padding of a larger TP) are set to zero; any other
+    element that no source holds is an error naming the tensor.
     """
     if not sources:
         raise ValueError(f"the checkpoint holds no {target['kind']} of {target['name']}; it was saved for another "
                          f"model")
     key_shape = key_shape_of(target, sources)
-    wanted = element_keys(target, key_shape)
-    filled = torch.zeros(wanted.numel(), dtype=torch.bool)
-    staged = torch.zeros(wanted.numel(), dtype=out.dtype)
+    box = torch.zeros(target["local_shape"], dtype=out.dtype)
+    filled = torch.zeros(target["local_shape"], dtype=torch.bool)
+    by_box: Dict[tuple, List[dict]] = {}
     for source in sources:
-        if not overlaps(source, target, key_shape):
+        if overlaps(source, target, key_shape):
+            by_box.setdefault((source["offset"], tuple(source["local_shape"])), []).append(source)
+    for pieces in by_box.values():
+        meeting = _intersection(target, pieces[0])
+        if meeting is None:
             continue
-        have = element_keys(source, key_shape)
-        position = torch.searchsorted(have, wanted).clamp_(max=have.numel() - 1)
-        hit = have[position] == wanted
-        values = read(source)
-        staged[hit] = values[position[hit]].to(out.dtype)
-        filled |= hit
-    if not bool(filled.all()):
-        _check_only_padding_is_missing(~filled, wanted, target, sources, key_shape)
-    out.copy_(staged)      # the missing (padding) elements are the zeros staged was made of
+        source_box = torch.zeros(pieces[0]["local_shape"], dtype=out.dtype)
+        source_has = torch.zeros(pieces[0]["local_shape"], dtype=torch.bool)
+        for piece in pieces:
+            source_box.view(-1)[piece["start"]:piece["end"]] = read(piece).to(out.dtype)
+            source_has.view(-1)[piece["start"]:piece["end"]] = True
+        into, out_of = meeting
+        has = source_has[out_of]
+        box[into] = torch.where(has, source_box[out_of], box[into])
+        filled[into] |= has
+    wanted = filled.view(-1)[target["start"]:target["end"]]
+    if not bool(wanted.all()):
+        _check_only_padding_is_missing(~filled, target, sources)
+    out.copy_(box.view(-1)[target["start"]:target["end"]])   # missing padding rows: the zeros box began with
 
 
-def _check_only_padding_is_missing(missing: torch.Tensor, wanted: torch.Tensor, target: dict,
-                                   sources: Sequence[dict], key_shape: Sequence[int]) -> None:
+def _check_only_padding_is_missing(missing: torch.Tensor, target: dict, sources: Sequence[dict]) -> None:
+    """``missing``: the target's box, True where no source had the element (only its range matters)."""
+    missing = missing.reshape(-1).clone()
+    missing[:target["start"]] = False
+    missing[target["end"]:] = False
     # Only vocabulary rows may be missing (see the module docstring); anything else is an error.
-    vocab = target["name"] in VOCAB_ROWS and key_shape
-    saved_rows = min(s["shape"][0] for s in sources) if vocab else (key_shape[0] if key_shape else 0)
-    row_stride = 1
-    for size in key_shape[1:]:
-        row_stride *= size
-    padding = wanted // row_stride >= saved_rows if key_shape else torch.zeros_like(missing)
-    if bool((missing & ~padding).any()):
-        raise ValueError(f"the checkpoint holds no {target['kind']} values for {int((missing & ~padding).sum())} "
-                         f"elements of {target['name']} (shape {target['shape']}, saved {sources[0]['shape']}); it "
-                         f"was saved for another model or its tensor index is incomplete")
+    if target["name"] in VOCAB_ROWS and target["local_shape"]:
+        first_row = target["offset"] if target["dim"] == 0 else 0
+        saved_local_rows = max(0, min(s["shape"][0] for s in sources) - first_row)
+        missing = missing.view(target["local_shape"][0], -1)[:saved_local_rows]
+    if bool(missing.any()):
+        raise ValueError(f"the checkpoint holds no {target['kind']} values for {int(missing.sum())} elements of "
+                         f"{target['name']} (shape {target['shape']}, saved {sources[0]['shape']}); it was saved "
+                         f"for another model or its tensor index is incomplete")

@@ -198,9 +198,12 @@ def _stop_together(fault: Optional[str], grid: ProcessGrid) -> None:
 
 
 def _model_targets(model_chunks, layer_numbers: List[List[int]], grid: ProcessGrid) -> List[Target]:
-    targets = []
+    targets, seen = [], set()
     for chunk, numbers in zip(model_chunks, layer_numbers):
         for name, tensor in unwrap_model(chunk).state_dict(keep_vars=True).items():
+            if id(tensor) in seen:      # a tied output layer in the embedding's chunk: one parameter
+                continue
+            seen.add(id(tensor))
             info = param_info(tensor)
             target = dict(name=global_name(name, numbers, info.shared_embedding), kind="param",
                           **logical_box(tensor, info.partition_dim, grid.tp_rank, grid.tp_size),

@@ -50,7 +50,10 @@ def _assemble(parts, shape):
 
 
 @pytest.mark.parametrize("dim", [0, 1, None])
-@pytest.mark.parametrize("source, target", [((2, 3), (1, 1)), ((1, 1), (4, 2)), ((2, 1), (4, 5)), ((4, 2), (2, 3))])
+# (TP, cuts per box): one cut is a whole box (model weights: strided copies), more are ZeRO-1-like
+# flat ranges (coordinate arithmetic).
+@pytest.mark.parametrize("source, target", [((2, 1), (4, 1)), ((4, 1), (1, 1)), ((2, 3), (1, 1)), ((1, 1), (4, 2)),
+                                            ((2, 1), (4, 5)), ((4, 2), (2, 3))])
 def test_any_cut_refills_any_other_cut(dim, source, target):
     full = torch.randn(8, 12)
     saved = _slices(full, dim, *source)
@@ -69,6 +72,9 @@ def test_vocabulary_rows_copy_the_common_rows_and_zero_the_rest():
     torch.testing.assert_close(_assemble(larger, (16, 4)), expected, rtol=0, atol=0)
     smaller = _refill(saved, (6, 4), 0, 1, 3, name="embedding.word_embeddings.weight")   # less padding
     torch.testing.assert_close(_assemble(smaller, (6, 4)), saved_full[:6], rtol=0, atol=0)
+    whole = _slices(saved_full, 0, 2, 1, name="embedding.word_embeddings.weight")      # whole boxes both ways
+    larger = _refill(whole, (16, 4), 0, 4, 1, name="embedding.word_embeddings.weight")
+    torch.testing.assert_close(_assemble(larger, (16, 4)), expected, rtol=0, atol=0)
 
 
 def test_a_tensor_the_checkpoint_does_not_cover_is_an_error():
