@@ -112,7 +112,7 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
     if load_optimizer and index["optimizer"] is None:
         why = index.get("no_optimizer_because") or "it was saved without one"
         raise ValueError(f"--load {root}: iteration {iteration} holds no optimizer state this layout can load: "
-                         f"{why}; or pass --no-load-optim (or --finetune) to take the weights only")
+                         f"{why}. To take the weights only, pass --no-load-optim (or --finetune)")
     layer_numbers = chunk_layer_numbers(model_chunks, layer_numbers)
     saved = defaultdict(list)
     for part in index["slices"]:
@@ -154,7 +154,7 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         fault = f"--load {root}: {error}"
     _stop_together(fault, grid)
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):
-        # Masters follow the loaded weights first; saved masters (below) then replace them.
+        # Masters this run keeps and the checkpoint did not save (an fp32 run's) are the loaded weights.
         _reload_masters_not_loaded(optimizer, {id(out) for out, _, _ in plan})
     if load_optimizer:
         _load_optimizer_scalars(optimizer, index["optimizer"])
