@@ -37,6 +37,7 @@ TARGETS = {
     "dp2-zero1": (2, ["--use-distributed-optimizer"]),
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "cp2": (2, ["--context-parallel-size", "2"]),
+    "pp2-uneven": (2, ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"]),
     "pp4": (4, ["--pipeline-model-parallel-size", "4"]),
 }
 
@@ -156,6 +157,17 @@ def test_zero1_shards_saved_before_tensor_indexes_reshard_the_weights_and_name_t
     assert isinstance(refused, str) and "ZeRO-1 shards were saved before tensor indexes" in refused, refused
     assert "--no-load-optim" in refused
     assert not isinstance(weights, str) and [i for i, _ in weights] == [2], weights
+
+
+def test_an_untied_output_layer_reshards_its_vocabulary_rows(tmp_path):
+    """TP=2 pads the output layer to 128 rows, TP=1 to 64: the saved padding rows are dropped."""
+    save = str(tmp_path / "ckpt")
+    argv = MODEL + ["--train-iters", "3", "--untie-embeddings-and-output-weights"]
+    source = run_on_ranks(_train_runs, 2, [(argv + ["--tensor-model-parallel-size", "2", "--save", save,
+                                                    "--save-interval", "1"], None)], timeout=120)[0][0]
+    resumed = run_on_ranks(_train_runs, 1, [(argv + ["--load", save], (save, 1))], timeout=120)[0][0]
+    assert not isinstance(resumed, str), resumed
+    _assert_same_curve(resumed, source[1:])
 
 
 @pytest.mark.parametrize("flags", [["--no-load-optim", "--no-load-rng"], ["--finetune"]])
