@@ -244,3 +244,16 @@ def test_rng_of_ranks_that_existed_is_restored_and_new_ranks_are_seeded_as_a_fre
     assert not torch.equal(resumed[0][0], fresh[0][0])
     assert torch.equal(resumed[1][0], fresh[1][0])                      # DP rank 1 is new: a fresh run's seeding
     assert same_tracker(resumed[1][1], fresh[1][1])
+
+
+def test_a_damaged_tensor_index_is_named(tmp_path):
+    save = str(tmp_path / "ckpt")
+    argv = MODEL + ["--train-iters", "2"]
+    run_on_ranks(_train_runs, 1, [(argv + ["--save", save, "--exit-interval", "1"], None)], timeout=120)
+    path = os.path.join(checkpoint.iteration_dir(save, 1), checkpoint.TENSOR_INDEX)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(data)
+    refused = run_on_ranks(_train_runs, 2, [(argv + ["--tensor-model-parallel-size", "2", "--load", save], None)],
+                           timeout=120)[0][0]
+    assert isinstance(refused, str) and f"{path} is corrupt" in refused, refused
