@@ -9,8 +9,13 @@ Layout on disk, Megatron-LM's (one folder per tensor x pipeline rank)::
         optimizer_dp{dp:03d}_cp{cp:03d}.pt   the optimizer shard of each DP rank (only with ZeRO-1)
         rng_dp{dp:03d}_cp{cp:03d}.pt         every rank's RNG states (torch CPU/CUDA, python, numpy,
                                              the TP RNG tracker): dropout masks differ per rank
+    SAVE/iter_0000010/tensor_index.pt               every saved tensor as a slice of a logical tensor
+                                                    (checkpoint_index.py), the layout, scheduler, step
     SAVE/iter_0000010/manifest.json                 size and CRC-32 of every file, the run's id; written
                                                     last, then the tracker (checkpoint_manifest.py)
+
+:func:`load_checkpoint` reads the files of its own layout; a different layout (TP, PP, virtual PP,
+CP, DP, ZeRO-1) is loaded through the tensor index by ``checkpoint_reshard.py``.
 
 Everything is stored as tensors and plain python containers and read back with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs code from the file.  Resuming
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalite.checkpoint_index import chunk_layer_numbers, describe_model, describe_optimizer, parameter_names
 from megalite.checkpoint_manifest import (
     MANIFEST,
     CheckpointError,
@@ -46,6 +52,7 @@ from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ProcessGrid
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+TENSOR_INDEX = "tensor_index.pt"
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -118,6 +125,29 @@ def partition_metadata(chunk: torch.nn.Module) -> dict:
 
 
 # -- save ------------------------------------------------------------------------------------------
+def saved_layout(grid: ProcessGrid, sharded_optimizer: bool) -> dict:
+    """What decides which files hold which tensors; a checkpoint loads file for file only at its own."""
+    return {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1, "cp": grid.cp_size,
+            "dp": grid.dp_size, "zero1": bool(sharded_optimizer)}
+
+
+def _describe_saved_tensors(model_chunks, optimizer, grid: ProcessGrid, shard: str, sharded_optimizer: bool,
+                            layer_numbers, suffix: str) -> List[dict]:
+    """The slices (checkpoint_index.py) of the tensors this rank just wrote, for the iteration's index."""
+    layer_numbers = chunk_layer_numbers(model_chunks, layer_numbers)
+    slices = []
+    names = parameter_names(model_chunks, layer_numbers)
+    model_file = os.path.join(shard, "model_optim_rng.pt")
+    if grid.dp_rank == 0 and grid.cp_rank == 0:
+        slices += describe_model(model_chunks, layer_numbers, grid.tp_rank, grid.tp_size, model_file)
+        if optimizer is not None and not sharded_optimizer:
+            slices += describe_optimizer(optimizer, names, grid.tp_rank, grid.tp_size, model_file, root=["optimizer"])
+    if optimizer is not None and sharded_optimizer:
+        slices += describe_optimizer(optimizer, names, grid.tp_rank, grid.tp_size,
+                                     os.path.join(shard, "optimizer_" + suffix))
+    return slices
+
+
 def _save(obj, path: str) -> None:
     durable_write(path, lambda f: torch.save(obj, f))
 
@@ -184,12 +214,22 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     _save(get_rng_state(), os.path.join(folder, written[-1]))
     fsync_dir(folder)
     mine = {os.path.join(os.path.basename(folder), name): file_entry(os.path.join(folder, name)) for name in written}
+    slices = _describe_saved_tensors(model_chunks, optimizer, grid, os.path.basename(folder), sharded_optimizer,
+                                     layer_numbers, suffix)
     everyone: list = [None] * grid.world_size
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, (mine, slices))
     # Only when every rank's files are durable and listed is the checkpoint announced.
     if grid.rank == 0:
-        write_manifest(iteration_dir(root, iteration), iteration, run_id,
-                       {path: entry for files in everyone for path, entry in files.items()})
+        files = {path: entry for rank_files, _ in everyone for path, entry in rank_files.items()}
+        index = {"format": 1, "iteration": iteration, "consumed_samples": consumed_samples,
+                 "layout": saved_layout(grid, sharded_optimizer),
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "optimizer": None if optimizer is None else
+                 {k: v for k, v in optimizer.state_dict().items() if k != "pieces"},
+                 "slices": [part for _, rank_slices in everyone for part in rank_slices], "no_optimizer_because": None}
+        _save(index, os.path.join(iteration_dir(root, iteration), TENSOR_INDEX))
+        files[TENSOR_INDEX] = file_entry(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX))
+        write_manifest(iteration_dir(root, iteration), iteration, run_id, files)
         durable_write(os.path.join(root, TRACKER_FILE), lambda f: f.write(str(iteration).encode()))
     dist.barrier()
     return iteration_dir(root, iteration)
@@ -202,15 +242,15 @@ class Resumed(NamedTuple):
     run_id: Optional[str]       # None: nothing was loaded, or a checkpoint from before manifests
 
 
-def _load(path: str):
+def load_file(path: str, mmap: bool = False):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - any unpickling fault is this file's, said in one line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint file {path} cannot be read: {first}") from None
 
 
-def _choose_iteration(root: str) -> Optional[int]:
+def choose_iteration(root: str) -> Optional[int]:
     """The tracker's iteration; without a tracker, the newest complete one (said once); None: fresh."""
     iteration = read_latest_iteration(root)
     if iteration is not None:
@@ -239,7 +279,7 @@ def _files_to_read(folder: str, suffix: str, sharded_optimizer: bool, load_optim
     return [os.path.join(os.path.basename(folder), name) for name in names]
 
 
-def _verify_everywhere(root: str, iteration: int, relatives: List[str], manifest: Optional[dict],
+def verify_everywhere(root: str, iteration: int, relatives: List[str], manifest: Optional[dict],
                        grid: ProcessGrid) -> Dict[str, str]:
     """Every rank checks its own files; every rank learns of any fault, so all stop together."""
     fault = None
@@ -273,7 +313,7 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
     if weights_only:
         load_optimizer = load_rng = False
     if iteration is None:
-        iteration = _choose_iteration(root)
+        iteration = choose_iteration(root)
         if iteration is None:
             return Resumed(0, 0, None)
     folder = rank_dir(root, iteration, grid.tp_rank, grid.pp_rank)
@@ -285,22 +325,23 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
     manifest = read_manifest(iteration_dir(root, iteration))
     suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
     relatives = _files_to_read(folder, suffix, sharded_optimizer, load_optimizer and optimizer is not None, load_rng)
-    paths = _verify_everywhere(root, iteration, relatives, manifest, grid)
-    state = _load(paths[relatives[0]])
+    paths = verify_everywhere(root, iteration, relatives, manifest, grid)
+    state = load_file(paths[relatives[0]])
     layout = state["layout"]
     mine = {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1, "cp": grid.cp_size}
     saved = {key: layout.get(key, 1) for key in mine}     # checkpoints before CP hold no "cp": CP=1
     if saved != mine:
         raise ValueError(f"--load {root}: checkpoint was saved with TP={saved['tp']} PP={saved['pp']} "
                          f"virtual PP={saved['vpp']} CP={saved['cp']}, this run has TP={mine['tp']} PP={mine['pp']} "
-                         f"virtual PP={mine['vpp']} CP={mine['cp']}; run with the saved layout")
+                         f"virtual PP={mine['vpp']} CP={mine['cp']}; load it through "
+                         f"checkpoint_reshard.load_any_layout, or run with the saved layout")
     for i, chunk in enumerate(model_chunks):
         unwrap_model(chunk).load_state_dict(state[_model_key(i, len(model_chunks))])
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()  # fp32 masters of a half-precision model follow the loaded weights
     if optimizer is not None and load_optimizer:
         if sharded_optimizer:
-            optimizer.load_state_dict(_load(paths[relatives[1]]))
+            optimizer.load_state_dict(load_file(paths[relatives[1]]))
         elif "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
         else:
@@ -312,6 +353,6 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if load_rng:
-        set_rng_state(_load(paths[relatives[-1]]))
+        set_rng_state(load_file(paths[relatives[-1]]))
     return Resumed(int(state["iteration"]), int(state["consumed_samples"]),
                    manifest.get("run_id") if manifest is not None else None)

@@ -33,6 +33,7 @@ from megalite import checkpoint
 from megalite.arguments import parse_args, resolved_config
 from megalite.batch_schedule import BatchSchedule
 from megalite.checkpoint_manifest import new_run_id
+from megalite.checkpoint_reshard import load_any_layout
 from megalite.config import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 from megalite.data.tokenizer import Tokenizer
 from megalite.data.training_data import MicroBatches, SampleDataset, datasets_from_config, tokenizer_from_config
@@ -165,8 +166,9 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
     fresh_resume = train_cfg.load is not None and train_cfg.load == train_cfg.save and not os.path.isdir(train_cfg.load)
     resumed = None
     if train_cfg.load is not None and not fresh_resume:
-        resumed = checkpoint.load_checkpoint(
-            train_cfg.load, model, optimizer, scheduler, grid, sharded_optimizer=opt_cfg.use_distributed_optimizer,
+        resumed = load_any_layout(
+            train_cfg.load, model, optimizer, scheduler, grid, layer_numbers=layer_numbers,
+            sharded_optimizer=opt_cfg.use_distributed_optimizer,
             load_optimizer=not train_cfg.no_load_optim, load_rng=not train_cfg.no_load_rng,
             weights_only=train_cfg.finetune)
         run.iteration, run.consumed_samples = resumed.iteration, resumed.consumed_samples

@@ -39,7 +39,8 @@ def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
     save, _ = _saved_run(tmp_path)
     assert complete_iterations(save) == [2, 4]
     manifest = json.loads(open(os.path.join(checkpoint.iteration_dir(save, 4), MANIFEST)).read())
-    assert sorted(manifest["files"]) == ["mp_rank_00_000/model_optim_rng.pt", "mp_rank_00_000/rng_dp000_cp000.pt"]
+    assert sorted(manifest["files"]) == ["mp_rank_00_000/model_optim_rng.pt", "mp_rank_00_000/rng_dp000_cp000.pt",
+                                         checkpoint.TENSOR_INDEX]
     entry = manifest["files"]["mp_rank_00_000/model_optim_rng.pt"]
     path = os.path.join(checkpoint.rank_dir(save, 4, 0, 0), "model_optim_rng.pt")
     assert entry["bytes"] == os.path.getsize(path) and entry["crc32"] > 0
