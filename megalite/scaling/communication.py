@@ -1,0 +1,109 @@
+"""Time of the collectives of a step: the alpha-beta (latency-bandwidth) model of ring algorithms.
+
+For ``n`` ranks, a message of ``B`` bytes (the whole tensor), bandwidth ``bw`` per direction per rank
+and per-hop latency ``alpha`` (Thakur, Rabenseifner and Gropp 2005; NCCL's ring):
+
+    all-reduce       2 (n-1)/n * B / bw + 2 (n-1) alpha       (reduce-scatter, then all-gather)
+    all-gather       (n-1)/n * B / bw + (n-1) alpha           (B: the gathered size)
+    reduce-scatter   (n-1)/n * B / bw + (n-1) alpha           (B: the size before scattering)
+    point-to-point   B / bw + alpha
+
+Which link a group uses follows the Megatron grid order (TP fastest, then CP, DP, PP:
+``rank = tp + TP*(cp + CP*(dp + DP*pp))``): a group whose members are ``stride`` ranks apart spans
+nodes when ``stride * size > gpus_per_node``.  Inside a node it runs on NVLink; across nodes each of
+the ``k`` members a node holds drives its own network card, so the ring's node-crossing bandwidth is
+``min(NVLink, k * IB per GPU)`` (NCCL runs one ring per card) and its latency the network's.
+
+What a step sends, per micro-batch and layer (``s`` tokens, ``b`` micro-batch, ``h`` hidden, ``e`` bytes):
+tensor parallelism all-reduces ``sbh e`` twice in forward and twice in backward (Shoeybi et al.
+2019, Fig. 3), or with sequence parallelism all-gathers and reduce-scatters it as often (Korthikanti
+et al. 2022, Sec. 4.2.2); full recompute repeats the forward's.  Pipeline stages exchange one
+activation ``[s, b, h]`` (``/t`` with SP) per chunk forward and one gradient per chunk backward.  Data
+parallelism all-reduces the fp32 gradient buffer once per step (ZeRO-1: reduce-scatter, then the
+all-gather of the updated parameters in their own dtype).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalite.scaling.hardware import Hardware, Link
+
+__all__ = ["all_reduce_time", "all_gather_time", "reduce_scatter_time", "p2p_time", "group_link",
+           "GridStrides", "tp_time_per_layer", "pp_message_bytes", "dp_gradient_time",
+           "zero1_gather_time"]
+
+
+def all_reduce_time(nbytes: float, n: int, link: Link) -> float:
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / (link.bandwidth_gbs * 1e9) + 2 * (n - 1) * link.latency_us * 1e-6
+
+
+def all_gather_time(nbytes: float, n: int, link: Link) -> float:
+    if n <= 1:
+        return 0.0
+    return (n - 1) / n * nbytes / (link.bandwidth_gbs * 1e9) + (n - 1) * link.latency_us * 1e-6
+
+
+reduce_scatter_time = all_gather_time   # the same ring, the same bytes on every hop
+
+
+def p2p_time(nbytes: float, link: Link) -> float:
+    return nbytes / (link.bandwidth_gbs * 1e9) + link.latency_us * 1e-6
+
+
+def group_link(hardware: Hardware, size: int, stride: int) -> Link:
+    """The link a ring of ``size`` ranks, ``stride`` apart in the global rank order, runs on."""
+    per_node = hardware.gpus_per_node
+    if size <= 1 or size * stride <= per_node:
+        return hardware.intra_node
+    members_per_node = max(1, min(size, per_node // stride))
+    bandwidth = min(hardware.intra_node.bandwidth_gbs, members_per_node * hardware.inter_node.bandwidth_gbs)
+    return Link(bandwidth, hardware.inter_node.latency_us)
+
+
+@dataclass(frozen=True)
+class GridStrides:
+    """Group sizes of a layout; strides follow ``rank = tp + TP*(cp + CP*(dp + DP*pp))``."""
+
+    tp: int
+    cp: int
+    dp: int
+    pp: int
+
+    def tp_link(self, hw: Hardware) -> Link:
+        return group_link(hw, self.tp, 1)
+
+    def dp_link(self, hw: Hardware) -> Link:
+        # gradients are averaged over DP x CP: CP ranks sit between TP and DP, so the group is contiguous in cp
+        return group_link(hw, self.dp * self.cp, self.tp)
+
+    def pp_link(self, hw: Hardware) -> Link:
+        """Neighbouring stages are TP*CP*DP ranks apart: another node once that reaches the node size."""
+        stride = self.tp * self.cp * self.dp
+        return hw.inter_node if stride >= hw.gpus_per_node else hw.intra_node
+
+
+def tp_time_per_layer(tokens_bytes: float, tp: int, link: Link, sequence_parallel: bool) -> float:
+    """One layer's tensor-parallel communication in one pass direction (two collectives of ``sbh e``)."""
+    if sequence_parallel:
+        return 2 * (all_gather_time(tokens_bytes, tp, link) + reduce_scatter_time(tokens_bytes, tp, link))
+    return 2 * all_reduce_time(tokens_bytes, tp, link)
+
+
+def pp_message_bytes(seq: int, micro_batch: int, hidden: int, element_size: int, tp: int,
+                     sequence_parallel: bool) -> float:
+    """The activation (and its gradient) between two stages: ``[s, b, h]``, ``[s/t, b, h]`` with SP."""
+    return seq * micro_batch * hidden * element_size / (tp if sequence_parallel else 1)
+
+
+def dp_gradient_time(grad_elements: float, dp: int, link: Link, zero1: bool) -> float:
+    """The data-parallel gradient average of the fp32 grad buffer (``grad_elements`` on this rank):
+    an all-reduce of ``4 N`` bytes, or with ZeRO-1 a reduce-scatter of them."""
+    grad_bytes = 4.0 * grad_elements
+    return reduce_scatter_time(grad_bytes, dp, link) if zero1 else all_reduce_time(grad_bytes, dp, link)
+
+
+def zero1_gather_time(param_elements: float, param_element_size: int, dp: int, link: Link) -> float:
+    """ZeRO-1's all-gather of the updated parameters (``e N`` bytes) after the optimizer step."""
+    return all_gather_time(param_element_size * param_elements, dp, link)

@@ -1,0 +1,224 @@
+"""Compute time of one transformer layer (and the logits) for one micro-batch on one TP rank.
+
+A pass is a list of GEMMs plus memory-bound elementwise work.  A GEMM ``[m, k] x [k, n]`` (``batch``
+of them) costs ``2 m n k batch`` FLOPs and runs at
+
+    rate = min(peak * gemm_efficiency * quantization(m, n),  intensity * HBM bandwidth * memory_efficiency)
+    intensity = 2 m n k / (e (m k + k n + m n))                   (FLOPs per byte moved, e bytes/element)
+
+(the roofline: Williams, Waterman and Patterson 2009), where ``quantization`` is the useful fraction
+of the thread-block tiles (256 x 128 or 128 x 256) launched in whole waves over the SMs (NVIDIA's
+"Matrix Multiplication Background" guide: tile and wave quantization).  A calibration table of
+measured GEMM throughput replaces the formula: the rate is interpolated in log(m, n, k) space.
+
+Per layer (``s`` tokens, ``b`` micro-batch, ``h`` hidden, ``a`` heads of ``d = h/a``, ``f`` MLP width,
+``t`` TP ranks, ``g`` query groups):
+
+    QKV      [bs, h] x [h, (h + 2 g d)/t]         scores   (ab/t) x [s, d] x [d, s]
+    proj     [bs, h/t] x [h/t, h]                 context  (ab/t) x [s, s] x [s, d]
+    fc1      [bs, h] x [h, f m/t]  (m = 2 SwiGLU) fc2      [bs, f/t] x [f/t, h]
+
+Backward runs each linear twice (input gradient ``[m, n] x [n, k]``, weight gradient
+``[k, m] x [m, n]``) and the attention core's four products.  Elementwise passes (norms, softmax,
+dropout, GELU, bias-dropout-add) move these bytes in forward, one read and one write each, and twice
+as many in backward (the gradient and the saved input in, the gradient out) -- Korthikanti et al.'s
+inventory (activations.py) is what they read:
+
+    norms 2 x 2 sbh e/sp, bias-dropout-add 2 x (3e + 1) sbh/sp, softmax 2 e as^2b/t,
+    attention dropout (2e + 1) as^2b/t, GELU 2 e sbf/t                  (sp = t with SP, else 1)
+
+Recompute: full adds the layer's forward to its backward; selective adds the attention core.  So
+hardware FLOPs are 4 x forward with full recompute (Narayanan et al. 2021, Eq. 3) and 3 x forward
+plus the attention core with selective (Korthikanti et al. 2022, Sec. 6).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional
+
+from megalite.config import ModelConfig
+from megalite.scaling.flops import flops_per_iteration
+from megalite.scaling.hardware import Hardware
+
+__all__ = ["Gemm", "PassTimes", "gemm_rate", "gemm_seconds", "layer_gemms", "layer_times", "logits_times",
+           "hardware_flops_per_iteration", "element_size"]
+
+_TILES = ((256, 128), (128, 256))
+
+
+class Gemm(NamedTuple):
+    name: str
+    m: int
+    n: int
+    k: int
+    batch: int = 1
+    attention_core: bool = False   # what selective recompute recomputes (no weights)
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k * self.batch
+
+
+@dataclass(frozen=True)
+class PassTimes:
+    """Seconds of one layer (or the logits) on one micro-batch: forward, input gradient, weight gradient."""
+
+    forward: float
+    backward_input: float
+    backward_weight: float
+
+    def __add__(self, other: "PassTimes") -> "PassTimes":
+        return PassTimes(self.forward + other.forward, self.backward_input + other.backward_input,
+                         self.backward_weight + other.backward_weight)
+
+    def scaled(self, factor: float) -> "PassTimes":
+        return PassTimes(self.forward * factor, self.backward_input * factor, self.backward_weight * factor)
+
+
+def element_size(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def quantization(m: int, n: int, batch: int, num_sms: int) -> float:
+    """Useful fraction of the tiles launched in whole waves (1 when the device has no SM count)."""
+    if num_sms <= 0:
+        return 1.0
+    best = 0.0
+    for tile_m, tile_n in _TILES:
+        tiles = math.ceil(m / tile_m) * math.ceil(n / tile_n) * batch
+        waves = math.ceil(tiles / num_sms)
+        best = max(best, m * n * batch / (waves * num_sms * tile_m * tile_n))
+    return best
+
+
+def _table_rate(hardware: Hardware, dtype: str, m: int, n: int, k: int) -> Optional[float]:
+    """Measured TFLOP/s interpolated (inverse squared distance in log2 m, n, k), or None without a table."""
+    rows = [r for r in hardware.matmul if r[3] == dtype]
+    if not rows:
+        return None
+    point = (math.log2(m), math.log2(n), math.log2(k))
+    weights, total = 0.0, 0.0
+    for rm, rn, rk, _dtype, tflops in rows:
+        distance = sum((a - math.log2(b)) ** 2 for a, b in zip(point, (rm, rn, rk)))
+        if distance < 1e-12:
+            return tflops
+        weights += 1.0 / distance
+        total += tflops / distance
+    return total / weights
+
+
+def gemm_rate(gemm: Gemm, hardware: Hardware, dtype: str) -> float:
+    """Achieved TFLOP/s of ``gemm`` in ``dtype``: the calibration table, else the roofline."""
+    measured = _table_rate(hardware, dtype, gemm.m * gemm.batch, gemm.n, gemm.k)
+    if measured is not None:
+        return measured
+    e = element_size(dtype)
+    moved = e * gemm.batch * (gemm.m * gemm.k + gemm.k * gemm.n + gemm.m * gemm.n)
+    memory_bound = gemm.flops / moved * hardware.hbm_gbs * hardware.memory_efficiency / 1e3
+    compute_bound = (hardware.peak(dtype) * hardware.gemm_efficiency
+                     * quantization(gemm.m, gemm.n, gemm.batch, hardware.num_sms))
+    return min(compute_bound, memory_bound)
+
+
+def gemm_seconds(gemm: Gemm, hardware: Hardware, dtype: str) -> float:
+    return gemm.flops / (gemm_rate(gemm, hardware, dtype) * 1e12)
+
+
+def layer_gemms(model: ModelConfig, micro_batch: int, tp: int, cp: int = 1) -> List[Gemm]:
+    """The forward GEMMs of one layer on one TP rank (tokens: this CP rank's s/cp of each sequence)."""
+    s, h, b = model.seq_length, model.hidden_size, micro_batch
+    tokens = b * s // cp
+    d, a = model.head_dim, model.num_attention_heads
+    kv = 2 * model.num_query_groups * d
+    ffn, gated = model.ffn_hidden_size, 2 if model.swiglu else 1
+    heads = b * a // tp
+    return [
+        Gemm("qkv", tokens, (h + kv) // tp, h),
+        Gemm("scores", s // cp, s, d, heads, True),
+        Gemm("context", s // cp, d, s, heads, True),
+        Gemm("proj", tokens, h, h // tp),
+        Gemm("fc1", tokens, ffn * gated // tp, h),
+        Gemm("fc2", tokens, h, ffn // tp),
+    ]
+
+
+def _backward_gemms(gemm: Gemm) -> List[Gemm]:
+    """Input-gradient and weight-gradient products of a forward GEMM (the attention core has no weights:
+    both of its operands' gradients are input gradients)."""
+    grad_input = Gemm(gemm.name + ".dgrad", gemm.m, gemm.k, gemm.n, gemm.batch, gemm.attention_core)
+    grad_other = Gemm(gemm.name + ".wgrad", gemm.k, gemm.n, gemm.m, gemm.batch, gemm.attention_core)
+    return [grad_input, grad_other]
+
+
+def _elementwise_bytes(model: ModelConfig, micro_batch: int, tp: int, cp: int, sequence_parallel: bool, e: int):
+    """Forward bytes of one layer's memory-bound passes: (everything, the attention-core part)."""
+    s, h, b, a = model.seq_length // cp, model.hidden_size, micro_batch, model.num_attention_heads
+    sbh = s * b * h / (tp if sequence_parallel else 1)
+    scores = a * s * model.seq_length * b / tp
+    dropout = model.hidden_dropout > 0
+    attention_dropout = model.attention_dropout > 0
+    core = 2 * e * scores + ((2 * e + 1) * scores if attention_dropout else 0)
+    rest = (2 * 2 * e * sbh                                          # two norms
+            + 2 * ((3 * e + 1) if dropout else 3 * e) * sbh          # two bias-dropout-adds
+            + 2 * e * s * b * model.ffn_hidden_size / tp)            # activation function
+    return rest + core, core
+
+
+def _seconds(gemms: List[Gemm], hardware: Hardware, dtype: str) -> float:
+    return sum(gemm_seconds(g, hardware, dtype) for g in gemms)
+
+
+def layer_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1, cp: int = 1,
+                sequence_parallel: bool = False, recompute: Optional[str] = None) -> PassTimes:
+    """Compute seconds of one layer on one micro-batch, on one TP rank (communication excluded)."""
+    e = element_size(dtype)
+    bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
+    forward_gemms = layer_gemms(model, micro_batch, tp, cp)
+    elementwise, core_elementwise = _elementwise_bytes(model, micro_batch, tp, cp, sequence_parallel, e)
+    forward = _seconds(forward_gemms, hardware, dtype) + elementwise / bandwidth
+    backward_input = 2 * elementwise / bandwidth
+    backward_weight = 0.0
+    for gemm in forward_gemms:
+        grad_input, grad_weight = _backward_gemms(gemm)
+        backward_input += gemm_seconds(grad_input, hardware, dtype)
+        if gemm.attention_core:
+            backward_input += gemm_seconds(grad_weight, hardware, dtype)
+        else:
+            backward_weight += gemm_seconds(grad_weight, hardware, dtype)
+    if recompute == "full":
+        backward_input += forward
+    elif recompute == "selective":
+        core = [g for g in forward_gemms if g.attention_core]
+        backward_input += _seconds(core, hardware, dtype) + core_elementwise / bandwidth
+    return PassTimes(forward, backward_input, backward_weight)
+
+
+def logits_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1,
+                 cp: int = 1) -> PassTimes:
+    """The output layer ``[bs, h] x [h, V/t]`` and the fp32 cross-entropy over its ``sbV/t`` logits."""
+    tokens = micro_batch * model.seq_length // cp
+    vocab = model.padded_vocab_size // tp
+    gemm = Gemm("logits", tokens, vocab, model.hidden_size)
+    grad_input, grad_weight = _backward_gemms(gemm)
+    bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
+    softmax_bytes = tokens * vocab * (element_size(dtype) + 4 + 4)   # logits in, fp32 copy, fp32 softmax out
+    return PassTimes(gemm_seconds(gemm, hardware, dtype) + softmax_bytes / bandwidth,
+                     gemm_seconds(grad_input, hardware, dtype) + 2 * softmax_bytes / bandwidth,
+                     gemm_seconds(grad_weight, hardware, dtype))
+
+
+def hardware_flops_per_iteration(model: ModelConfig, global_batch_size: int, recompute: Optional[str]) -> float:
+    """FLOPs the devices execute in one step: model FLOPs plus what recompute repeats.
+
+    Full recompute repeats every layer's forward: ``96 B s L h^2 (1 + s/6h + V/16Lh)`` for a GPT, the
+    FLOPs Narayanan et al. 2021 (Eq. 3) count.  Selective repeats the attention core, ``4 B s^2 L h``.
+    """
+    model_flops = flops_per_iteration(model, global_batch_size)
+    s, h, layers = model.seq_length, model.hidden_size, model.num_layers
+    if recompute == "full":
+        logits = 6.0 * global_batch_size * s * h * model.padded_vocab_size
+        return model_flops + (model_flops - logits) / 3
+    if recompute == "selective":
+        return model_flops + 4.0 * global_batch_size * s * s * layers * h
+    return model_flops

@@ -1,0 +1,193 @@
+"""The machine a run is planned for: one accelerator and the two networks between accelerators.
+
+A :class:`Hardware` holds what the performance model reads, each figure from a data sheet:
+
+    peak_tflops[dtype]     dense tensor-core (or vector) peak of one device
+    hbm_gb, hbm_gbs        device memory: capacity and bandwidth
+    intra_node             Link(bandwidth per direction per device in GB/s, latency in us): NVLink
+    inter_node             Link(...): the network card(s) of one device (InfiniBand)
+    gpus_per_node          devices that share the intra-node link
+    num_sms                streaming multiprocessors (for GEMM tile and wave quantization); 0 = none
+    gemm_efficiency        the fraction of peak a large, well-shaped GEMM reaches
+    memory_efficiency      the fraction of the HBM bandwidth a streaming kernel reaches
+    matmul                 optional measured GEMM throughput by shape: (m, n, k, dtype, tflops)
+    optimizer_bytes_per_s  optional measured Adam throughput (bytes of optimizer state per second)
+
+Presets: ``a100-40gb``, ``a100-80gb``, ``h100-sxm``, ``h200``; ``cpu`` is read from a calibration
+JSON file (the schema of :func:`from_calibration`), and ``--cluster FILE.yaml`` overrides any field
+of a preset (``load_hardware``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+__all__ = ["Link", "Hardware", "PRESETS", "from_calibration", "load_hardware", "with_overrides"]
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network as one device sees it: GB/s per direction, and the latency of one message (us)."""
+
+    bandwidth_gbs: float
+    latency_us: float
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_tflops: Dict[str, float]
+    hbm_gb: float
+    hbm_gbs: float
+    intra_node: Link
+    inter_node: Link
+    gpus_per_node: int = 8
+    num_sms: int = 0
+    gemm_efficiency: float = 1.0
+    memory_efficiency: float = 1.0
+    matmul: Tuple[Tuple[int, int, int, str, float], ...] = field(default=())
+    optimizer_bytes_per_s: Optional[float] = None
+
+    def peak(self, dtype: str) -> float:
+        """Peak TFLOP/s for ``dtype`` (float16 falls back to bfloat16's and the other way round)."""
+        for name in (dtype, {"float16": "bfloat16", "bfloat16": "float16"}.get(dtype, dtype)):
+            if name in self.peak_tflops:
+                return self.peak_tflops[name]
+        raise ValueError(f"hardware {self.name} has no peak TFLOP/s for {dtype}; "
+                         f"add peak_tflops.{dtype} to the --cluster file")
+
+
+# Shared by the A100 SXM4 presets.  Sources: NVIDIA A100 Tensor Core GPU data sheet (2021):
+# 312 TFLOP/s dense BF16/FP16 tensor core, 19.5 TFLOP/s FP32 (no TF32: torch's default), 108 SMs
+# (A100 architecture white paper); NVLink 3 with NVSwitch: 600 GB/s total = 300 GB/s per direction;
+# DGX A100 / Selene node: 8 GPUs and 8 x 200 Gb/s HDR InfiniBand = 25 GB/s per GPU (DGX A100 user
+# guide).  Latencies: an NVLink/NVSwitch hop and an InfiniBand hop as NCCL's ring steps see them
+# (order of magnitude from the NCCL tests' small-message times: ~5 us and ~10 us) -- assumed.
+_A100 = dict(peak_tflops={"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+             intra_node=Link(300.0, 5.0), inter_node=Link(25.0, 10.0), gpus_per_node=8, num_sms=108,
+             # Calibrated once for the whole A100 family (not per model): cuBLAS's large bf16/fp16
+             # GEMMs on an A100 reach ~80% of the 312 TFLOP/s peak (NVIDIA's "Matrix Multiplication
+             # Background" guide shows the plateau near 250 TFLOP/s); the value below is that
+             # plateau, also the one constant the Narayanan et al. 2021 Table 1 check depends on most.
+             gemm_efficiency=0.80,
+             # Streaming kernels reach ~90% of the HBM bandwidth on A100 (the STREAM-like copy
+             # figures vendors quote: ~1.8 of 2.0 TB/s) -- assumed, not fitted.
+             memory_efficiency=0.90)
+
+PRESETS: Dict[str, Hardware] = {
+    # A100 SXM4 40GB: HBM2, 1,555 GB/s (data sheet).
+    "a100-40gb": Hardware("a100-40gb", hbm_gb=40.0, hbm_gbs=1555.0, **_A100),
+    # A100 SXM4 80GB: HBM2e, 2,039 GB/s (data sheet).
+    "a100-80gb": Hardware("a100-80gb", hbm_gb=80.0, hbm_gbs=2039.0, **_A100),
+    # H100 SXM5: 989 TFLOP/s dense BF16/FP16, 67 FP32, 80 GB HBM3 at 3.35 TB/s, 132 SMs, NVLink 4 900 GB/s
+    # total = 450 per direction (H100 data sheet); DGX H100: 8 x 400 Gb/s NDR per node = 50 GB/s per GPU.
+    "h100-sxm": Hardware("h100-sxm", peak_tflops={"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+                         hbm_gb=80.0, hbm_gbs=3350.0, intra_node=Link(450.0, 5.0), inter_node=Link(50.0, 10.0),
+                         gpus_per_node=8, num_sms=132, gemm_efficiency=0.80, memory_efficiency=0.90),
+    # H200 SXM: the H100's compute with 141 GB HBM3e at 4.8 TB/s (H200 data sheet); same NVLink and NDR.
+    "h200": Hardware("h200", peak_tflops={"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+                     hbm_gb=141.0, hbm_gbs=4800.0, intra_node=Link(450.0, 5.0), inter_node=Link(50.0, 10.0),
+                     gpus_per_node=8, num_sms=132, gemm_efficiency=0.80, memory_efficiency=0.90),
+}
+
+
+def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[float] = None) -> Hardware:
+    """A Hardware from a calibration file's JSON::
+
+        {"name": str, "peak_tflops": {"float32": f, "bfloat16": f},
+         "matmul": [{"m": int, "n": int, "k": int, "dtype": "float32"|"bfloat16", "tflops": f}, ...],
+         "memory_bandwidth_gbs": f,
+         "network": {"intra_node": {"bandwidth_gbs": f, "latency_us": f},
+                     "inter_node": {"bandwidth_gbs": f, "latency_us": f}},
+         "gpus_per_node": int, "optimizer_bytes_per_s": f (optional),
+         "memory_gb": f (optional; default the machine's RAM)}
+
+    The measured figures ARE the efficiencies: gemm_efficiency and memory_efficiency stay 1.
+    """
+    try:
+        network = document["network"]
+        matmul = tuple((int(r["m"]), int(r["n"]), int(r["k"]), str(r["dtype"]), float(r["tflops"]))
+                       for r in document.get("matmul", []))
+        if memory_gb is None:
+            memory_gb = float(document.get("memory_gb") or _system_memory_gb())
+        return Hardware(
+            name=str(document.get("name", name)),
+            peak_tflops={k: float(v) for k, v in document["peak_tflops"].items()},
+            hbm_gb=memory_gb, hbm_gbs=float(document["memory_bandwidth_gbs"]),
+            intra_node=Link(float(network["intra_node"]["bandwidth_gbs"]), float(network["intra_node"]["latency_us"])),
+            inter_node=Link(float(network["inter_node"]["bandwidth_gbs"]), float(network["inter_node"]["latency_us"])),
+            gpus_per_node=int(document.get("gpus_per_node", 1)), num_sms=0, matmul=matmul,
+            optimizer_bytes_per_s=(float(document["optimizer_bytes_per_s"])
+                                   if document.get("optimizer_bytes_per_s") else None))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"calibration file {name}: missing or malformed field {error}; expected the schema in "
+                         f"megalite/scaling/hardware.py from_calibration") from None
+
+
+def _system_memory_gb() -> float:
+    try:
+        import os
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return 16.0
+
+
+def with_overrides(hardware: Hardware, overrides: dict, source: str = "--cluster") -> Hardware:
+    """``hardware`` with the fields of ``overrides`` replaced (links and peaks as nested mappings)."""
+    known = {f.name for f in dataclasses.fields(Hardware)}
+    changes = {}
+    for key, value in overrides.items():
+        key = str(key).replace("-", "_")
+        if key not in known:
+            raise ValueError(f"{source}: {key!r} is not a hardware field; use one of {', '.join(sorted(known))}")
+        if key in ("intra_node", "inter_node"):
+            old = getattr(hardware, key)
+            value = Link(float(value.get("bandwidth_gbs", old.bandwidth_gbs)),
+                         float(value.get("latency_us", old.latency_us)))
+        elif key == "peak_tflops":
+            value = {**hardware.peak_tflops, **{k: float(v) for k, v in value.items()}}
+        elif key == "matmul":
+            value = tuple((int(r["m"]), int(r["n"]), int(r["k"]), str(r["dtype"]), float(r["tflops"]))
+                          for r in value)
+        changes[key] = value
+    return dataclasses.replace(hardware, **changes)
+
+
+def load_hardware(gpu: str, gpus_per_node: Optional[int] = None, cluster: Optional[str] = None,
+                  calibration: Optional[str] = None) -> Hardware:
+    """The preset ``gpu`` (or, for ``cpu``, the calibration file), then ``--cluster`` YAML overrides."""
+    if gpu == "cpu":
+        if calibration is None:
+            raise ValueError("--gpu cpu reads its figures from a calibration file: pass --calibration FILE.json "
+                             "(write one with --calibrate FILE.json)")
+        try:
+            with open(calibration) as f:
+                hardware = from_calibration(json.load(f), calibration)
+        except OSError as error:
+            raise ValueError(f"--calibration {calibration}: {error.strerror}") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--calibration {calibration} is not JSON: {error}") from None
+    elif gpu in PRESETS:
+        hardware = PRESETS[gpu]
+    else:
+        raise ValueError(f"--gpu {gpu} is not known; choose one of {', '.join(list(PRESETS) + ['cpu'])}, "
+                         f"or describe it with --cluster FILE.yaml over the nearest preset")
+    if cluster is not None:
+        import yaml
+        try:
+            with open(cluster) as f:
+                document = yaml.safe_load(f) or {}
+        except OSError as error:
+            raise ValueError(f"--cluster {cluster}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ValueError(f"--cluster {cluster} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(document, dict):
+            raise ValueError(f"--cluster {cluster} must hold a mapping of hardware fields")
+        hardware = with_overrides(hardware, document, f"--cluster {cluster}")
+    if gpus_per_node is not None:
+        if gpus_per_node < 1:
+            raise ValueError(f"--gpus-per-node {gpus_per_node} must be at least 1")
+        hardware = dataclasses.replace(hardware, gpus_per_node=gpus_per_node)
+    return hardware

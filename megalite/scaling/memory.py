@@ -1,0 +1,146 @@
+"""Device memory of each pipeline rank: model state, activations in flight, the logits.
+
+Model state, per parameter element held by a rank (mixed precision, Megatron's layout; Rajbhandari
+et al. 2020 "ZeRO", Sec. 3 count the same 2 + 4 + 12 minus the fp32 gradient they do not keep):
+
+    weights            e bytes (2 for bf16/fp16, 4 for fp32)
+    gradient buffer    4 bytes (the contiguous fp32 ``main_grad`` buffer, data_parallel.py)
+    optimizer          (4 fp32 master if e = 2) + 4 Adam m + 4 Adam v,  / (DP x CP) with ZeRO-1
+
+A rank holds ``L_r / t`` of the layers' weights (``L_r`` its layers over all its chunks), the word
+embedding ``V h / t`` (+ the position table) on the first rank, and the final norm and the output
+layer on the last (tied weights: the last rank keeps its own copy of the embedding).
+
+Activations: Korthikanti et al. 2022 per layer and micro-batch (activations.py; Eq. 1, 2, 4,
+selective and full recompute) times the layers of a chunk times the (micro-batch, chunk) pairs the
+rank holds at once.  That count is the schedule's (simulator.peak_in_flight); in closed form, for rank
+``r`` of ``p`` with ``m`` micro-batches and ``v`` chunks:
+
+    GPipe           m
+    1F1B, ZB-H1     min(p - r, m)                  (ZB-H1 keeps W's inputs: min(p, m) on every rank)
+    interleaved     min(2 (p - r - 1) + (v - 1) p + 1, m v),  or m v when m = p
+
+which for rank 0 of the interleaved schedule is Korthikanti's ``L (1 + (p-1)/(p v))`` layers.  With
+full recompute a rank also holds, during one layer's backward, that layer's full activations (the
+recomputed forward).  The first rank keeps the embedding's dropout mask (``sbh`` bytes) per
+micro-batch in flight; the last rank holds one micro-batch's fp32 logits and their gradient
+(``2 x 4 s b V / t``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import List, Optional
+
+from megalite.config import ModelConfig
+from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
+from megalite.scaling.activations import activation_bytes_per_layer
+from megalite.scaling.flops import count_parameters
+
+__all__ = ["StageMemory", "in_flight_formula", "parameter_split", "activation_bytes", "stage_memories"]
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one rank of a pipeline stage."""
+
+    pp_rank: int
+    parameters: float          # elements
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+
+def in_flight_formula(schedule: Optional[str], p: int, v: int, m: int, rank: int) -> int:
+    """(micro-batch, chunk) activations rank ``rank`` holds at its peak, in closed form."""
+    if schedule is None or p == 1:
+        return 1
+    if schedule == "gpipe":
+        return m
+    if schedule == "1f1b":
+        return min(p - rank, m)
+    if schedule == "zb-h1":
+        return min(p, m)
+    if schedule == "interleaved":
+        return m * v if m == p else min(2 * (p - rank - 1) + (v - 1) * p + 1, m * v)
+    raise ValueError(f"schedule {schedule!r} has no in-flight formula")
+
+
+def parameter_split(model: ModelConfig):
+    """(per-layer, embedding (+ positions), final norm) parameter counts of the whole model."""
+    one = count_parameters(dataclasses.replace(model, num_layers=1))
+    per_layer = count_parameters(dataclasses.replace(model, num_layers=2)) - one
+    embedding = model.padded_vocab_size * model.hidden_size
+    if model.position_embedding_type == "learned_absolute":
+        embedding += model.max_position_embeddings * model.hidden_size
+    final_norm = one - per_layer - embedding
+    if model.untie_embeddings_and_output_weights:
+        final_norm -= model.padded_vocab_size * model.hidden_size
+    return per_layer, embedding, final_norm
+
+
+def _layers_on_rank(model: ModelConfig, pp: int, vpp: Optional[int], rank: int, first: Optional[int],
+                    last: Optional[int]) -> List[int]:
+    counts = virtual_stage_layer_counts(model.num_layers, pp, vpp, first, last)
+    return [counts[chunk * pp + rank] for chunk in range(vpp or 1)]
+
+
+def activation_bytes(model: ModelConfig, micro_batch: int, *, tp: int = 1, cp: int = 1,
+                     sequence_parallel: bool = False, recompute: Optional[str] = None, element_size: int = 2) -> float:
+    """One layer, one micro-batch, one rank: Korthikanti et al. 2022 (activations.py), 1-byte dropout
+    masks when dropout is on, a CP rank's s/cp tokens."""
+    dropout = model.hidden_dropout > 0 or model.attention_dropout > 0
+    return activation_bytes_per_layer(model.seq_length // cp, micro_batch, model.hidden_size,
+                                      model.num_attention_heads, tp=tp, sequence_parallel=sequence_parallel,
+                                      recompute=recompute, element_size=element_size,
+                                      ffn=model.ffn_hidden_size, dropout=dropout)
+
+
+def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp: int, dp: int,
+                   vpp: Optional[int], in_flight: List[int], element_size: int, zero1: bool,
+                   sequence_parallel: bool = False, recompute: Optional[str] = None,
+                   recompute_method: Optional[str] = None, recompute_num_layers: Optional[int] = None,
+                   first_stage_layers: Optional[int] = None,
+                   last_stage_layers: Optional[int] = None) -> List[StageMemory]:
+    """Memory of one rank of each pipeline stage; ``in_flight[r]`` (micro-batch, chunk) pairs held by rank r."""
+    per_layer, embedding, final_norm = parameter_split(model)
+    h, s, b = model.hidden_size, model.seq_length // cp, micro_batch
+    stored = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=recompute,
+                              element_size=element_size)
+    whole = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=None,
+                             element_size=element_size)
+    span = recompute_num_layers or 1
+    optimizer_bytes = (4 if element_size == 2 else 0) + 8
+    out = []
+    for rank in range(pp):
+        chunks = _layers_on_rank(model, pp, vpp, rank, first_stage_layers, last_stage_layers)
+        layers = sum(chunks)
+        params = layers * per_layer / tp
+        if rank == 0:
+            params += embedding / tp
+        if rank == pp - 1:
+            own_output = pp > 1 or model.untie_embeddings_and_output_weights   # else the embedding is it
+            params += final_norm + (model.padded_vocab_size * h / tp if own_output else 0.0)
+        per_chunk = max(chunks)
+        if recompute == "full" and recompute_method == "block":
+            recomputed = min(span, per_chunk)
+            chunk_bytes = recomputed * stored + (per_chunk - recomputed) * whole
+            working = whole
+        elif recompute == "full":
+            chunk_bytes = per_chunk * stored / span
+            working = span * whole
+        else:
+            chunk_bytes, working = per_chunk * stored, 0.0
+        activations = in_flight[rank] * chunk_bytes + working
+        if rank == 0 and model.hidden_dropout > 0:
+            activations += in_flight[rank] * s * b * h / (tp if sequence_parallel else 1)
+        logits = 2 * 4.0 * s * b * model.padded_vocab_size / tp if rank == pp - 1 else 0.0
+        out.append(StageMemory(rank, params, params * element_size, params * 4.0,
+                               params * optimizer_bytes / (dp * cp if zero1 else 1), activations, logits))
+    return out

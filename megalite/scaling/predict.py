@@ -1,0 +1,175 @@
+"""``predict``: the step time, throughput and memory of a run's settings on a given machine.
+
+    iteration time = pipeline makespan (simulated; passes = compute + their exposed TP/CP/PP communication)
+                     + exposed data-parallel reduction (all of it, or what the last micro-batch's
+                       backward cannot hide with --overlap-grad-reduce) + the tied-embedding all-reduce
+                     + optimizer step (memory-bound Adam) + ZeRO-1's parameter all-gather
+
+    TFLOP/s per GPU = model FLOPs per step / iteration time / world size  (flops.py: no recompute);
+    the hardware TFLOP/s count recompute too (compute.hardware_flops_per_iteration: Narayanan Eq. 3).
+
+The pieces: compute.py (pass times), communication.py (collective times and links), schedule.py
+(makespan, bubble, in-flight micro-batches), memory.py (bytes per pipeline rank), hardware.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from megalite.config import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+from megalite.parallel.pipeline.orders import default_schedule
+from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
+from megalite.scaling import communication as comm
+from megalite.scaling.compute import PassTimes, element_size, hardware_flops_per_iteration, layer_times, logits_times
+from megalite.scaling.flops import count_parameters, flops_per_iteration
+from megalite.scaling.hardware import Hardware
+from megalite.scaling.memory import activation_bytes, stage_memories
+from megalite.scaling.schedule import pipeline_time
+
+__all__ = ["Prediction", "predict", "run_dtype"]
+
+GIB = 2.0 ** 30
+
+
+@dataclass
+class Prediction:
+    params: int
+    flops_per_iteration: float              # model FLOPs (no recompute)
+    hardware_flops_per_iteration: float     # with recompute
+    iteration_time_s: float
+    tflops_per_gpu: float                   # model FLOPs
+    hardware_tflops_per_gpu: float
+    mfu: float
+    memory_gb_per_gpu: float                # GiB on the most loaded rank
+    activation_bytes_per_layer: float       # one micro-batch, one rank
+    bubble_fraction: float
+    micro_batch_size: int
+    virtual_pipeline_model_parallel_size: Optional[int]
+    fits: bool
+    breakdown: Dict[str, float]             # seconds: compute, exposed_communication, bubble, optimizer
+    layout: Dict[str, object] = field(default_factory=dict)
+    memory_gb_per_stage: List[float] = field(default_factory=list)
+    hardware: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_dtype(optimizer: OptimizerConfig) -> str:
+    return "bfloat16" if optimizer.bf16 else "float16" if optimizer.fp16 else "float32"
+
+
+def _stage_pass_times(model: ModelConfig, chunks: Sequence[int], first: bool, last: bool, layer: PassTimes,
+                      logits: PassTimes, layer_comm_f: float, layer_comm_b: float, p2p: float) -> PassTimes:
+    """One stage's passes (all its chunks) for one micro-batch, communication included."""
+    layers = sum(chunks)
+    times = layer.scaled(layers)
+    if last:
+        times = times + logits
+    # TP collectives of each layer; a chunk receives one activation (forward) and one gradient (backward)
+    # unless it is the first (last) virtual stage.
+    receives_f = len(chunks) - (1 if first else 0)
+    receives_b = len(chunks) - (1 if last else 0)
+    return times + PassTimes(layers * layer_comm_f + receives_f * p2p, layers * layer_comm_b + receives_b * p2p, 0.0)
+
+
+def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
+            hardware: Hardware, world_size: Optional[int] = None) -> Prediction:
+    """Predicted step time, throughput and per-rank memory of these settings on ``world_size`` devices of
+    ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``."""
+    world = world_size or parallel.world_size
+    tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                  parallel.context_parallel_size)
+    if world % (tp * pp * cp):
+        raise ValueError(f"world size {world} is not divisible by TP {tp} x PP {pp} x CP {cp}")
+    dp = world // (tp * pp * cp)
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    v = vpp or 1
+    b = training.micro_batch_size
+    gbs = training.global_batch_size or b * dp
+    if gbs % (b * dp):
+        raise ValueError(f"global batch {gbs} is not divisible by micro-batch {b} x data-parallel {dp}")
+    m = gbs // (b * dp)
+    sp = parallel.sequence_parallel
+    recompute = model.recompute_granularity
+    schedule = parallel.pipeline_schedule or default_schedule(pp, vpp)
+    dtype = run_dtype(optimizer)
+    e = element_size(dtype)
+
+    layer = layer_times(model, b, hardware, dtype, tp=tp, cp=cp, sequence_parallel=sp, recompute=recompute)
+    logits = logits_times(model, b, hardware, dtype, tp=tp, cp=cp)
+    grid = comm.GridStrides(tp, cp, dp, pp)
+    tokens_bytes = model.seq_length // cp * b * model.hidden_size * e
+    tp_pass = comm.tp_time_per_layer(tokens_bytes, tp, grid.tp_link(hardware), sp)
+    cp_pass = 0.0
+    if cp > 1:   # K and V of this rank's tokens all-gathered over CP (forward; reduce-scattered in backward)
+        kv_bytes = 2 * model.seq_length * b * model.num_query_groups * model.head_dim * e / tp
+        cp_pass = comm.all_gather_time(kv_bytes, cp, comm.group_link(hardware, cp, tp))
+    layer_comm_f = tp_pass + cp_pass
+    layer_comm_b = tp_pass + cp_pass + (layer_comm_f if recompute == "full" else 0.0)
+    p2p = comm.p2p_time(comm.pp_message_bytes(model.seq_length // cp, b, model.hidden_size, e, tp, sp),
+                        grid.pp_link(hardware)) if pp > 1 else 0.0
+
+    counts = virtual_stage_layer_counts(model.num_layers, pp, vpp, parallel.decoder_first_pipeline_num_layers,
+                                        parallel.decoder_last_pipeline_num_layers)
+    stages = [_stage_pass_times(model, [counts[c * pp + r] for c in range(v)], r == 0, r == pp - 1, layer, logits,
+                                layer_comm_f, layer_comm_b, p2p) for r in range(pp)]
+    slowest = max(stages, key=lambda t: t.forward + t.backward_input + t.backward_weight)
+    pipe = pipeline_time(schedule, pp, v, m, slowest.forward, slowest.backward_input, slowest.backward_weight)
+
+    memories = stage_memories(model, micro_batch=b, tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, in_flight=list(pipe.in_flight),
+                              element_size=e, zero1=optimizer.use_distributed_optimizer, sequence_parallel=sp,
+                              recompute=recompute, recompute_method=model.recompute_method,
+                              recompute_num_layers=model.recompute_num_layers,
+                              first_stage_layers=parallel.decoder_first_pipeline_num_layers,
+                              last_stage_layers=parallel.decoder_last_pipeline_num_layers)
+    heaviest = max(memories, key=lambda s: s.total)
+    params_on_rank = max(s.parameters for s in memories)
+
+    # Data parallelism: the gradient reduction, hidden behind the last micro-batch's backward when overlapped.
+    dp_link = grid.dp_link(hardware)
+    zero1 = optimizer.use_distributed_optimizer and dp * cp > 1
+    dp_grad = comm.dp_gradient_time(params_on_rank, dp * cp, dp_link, zero1)
+    window = slowest.backward_input + slowest.backward_weight
+    dp_exposed = max(0.0, dp_grad - window) if optimizer.overlap_grad_reduce else dp_grad
+    zero_gather = comm.zero1_gather_time(params_on_rank, e, dp * cp, dp_link) if zero1 else 0.0
+    embedding_sync = 0.0
+    if pp > 1 and not model.untie_embeddings_and_output_weights:
+        embedding_bytes = 4.0 * model.padded_vocab_size * model.hidden_size / tp
+        embedding_sync = comm.all_reduce_time(embedding_bytes, 2, grid.pp_link(hardware))
+    state_elements = params_on_rank / (dp * cp if zero1 else 1)
+    optimizer_bytes = state_elements * (32 + e)   # grad read + norm, master, m, v read and written, half copy
+    rate = hardware.optimizer_bytes_per_s or hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
+    optimizer_time = optimizer_bytes / rate
+
+    iteration = pipe.makespan + dp_exposed + zero_gather + embedding_sync + optimizer_time
+    model_flops = flops_per_iteration(model, gbs)
+    hw_flops = hardware_flops_per_iteration(model, gbs, recompute)
+    tflops = model_flops / iteration / world / 1e12
+    chunks_of_slowest = [counts[c * pp + stages.index(slowest)] for c in range(v)]
+    compute_only = _stage_pass_times(model, chunks_of_slowest, slowest is stages[0], slowest is stages[-1], layer,
+                                     logits, 0.0, 0.0, 0.0)
+    compute = m * (compute_only.forward + compute_only.backward_input + compute_only.backward_weight)
+    busy = m * (slowest.forward + slowest.backward_input + slowest.backward_weight)
+    exposed_in_passes = busy - compute
+    breakdown = {
+        "compute": compute,
+        "exposed_communication": exposed_in_passes + dp_exposed + zero_gather + embedding_sync,
+        "bubble": pipe.makespan - busy,
+        "optimizer": optimizer_time,
+    }
+    capacity = hardware.hbm_gb * GIB
+    return Prediction(
+        params=count_parameters(model), flops_per_iteration=model_flops, hardware_flops_per_iteration=hw_flops,
+        iteration_time_s=iteration, tflops_per_gpu=tflops, hardware_tflops_per_gpu=hw_flops / iteration / world / 1e12,
+        mfu=tflops / hardware.peak(dtype), memory_gb_per_gpu=heaviest.total / GIB,
+        activation_bytes_per_layer=activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sp, recompute=recompute,
+                                                    element_size=e),
+        bubble_fraction=pipe.bubble_fraction, micro_batch_size=b, virtual_pipeline_model_parallel_size=vpp,
+        fits=heaviest.total <= capacity and not math.isnan(heaviest.total),
+        breakdown=breakdown,
+        layout=dict(tp=tp, pp=pp, cp=cp, dp=dp, vpp=v, micro_batch_size=b, num_microbatches=m, schedule=schedule,
+                    recompute=recompute, sequence_parallel=sp, dtype=dtype, world_size=world,
+                    zero1=optimizer.use_distributed_optimizer),
+        memory_gb_per_stage=[s.total / GIB for s in memories], hardware=hardware.name)
