@@ -1,0 +1,75 @@
+"""The performance model against published runs: ``python -m megalite.scaling.validate``.
+
+Narayanan et al. 2021, Table 1 (published.py): each row's flags as the paper ran it -- fp16, full
+recompute, the interleaved schedule where there is a pipeline -- on the ``a100-80gb`` preset, with the
+micro-batch and virtual pipeline sizes (which the table does not give) chosen by the planner.  The
+compared figure is the hardware TFLOP/s per GPU, FLOPs counted as the paper's Eq. 3 does (recompute
+included).  Korthikanti et al. 2022, Table 3: the four configurations with sequence parallelism and
+selective recompute, model FLOPs utilization.  Prints a Markdown table (docs/scaling.md pastes it).
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+from megalite.scaling.hardware import PRESETS, Hardware
+from megalite.scaling.planner import Candidate, plan
+from megalite.scaling.published import (
+    KORTHIKANTI_TABLE_3,
+    NARAYANAN_TABLE_1,
+    KorthikantiRow,
+    NarayananRow,
+    model_flags,
+)
+
+__all__ = ["narayanan_flags", "korthikanti_flags", "narayanan_predictions", "korthikanti_predictions", "main"]
+
+
+def narayanan_flags(row: NarayananRow) -> List[str]:
+    flags = model_flags(row.heads, row.hidden, row.layers, row.tp, row.pp, row.batch)
+    flags += ["--recompute-granularity", "full", "--recompute-method", "uniform"]
+    if row.pp > 1:
+        flags += ["--pipeline-schedule", "interleaved"]
+    return flags
+
+
+def korthikanti_flags(row: KorthikantiRow) -> List[str]:
+    flags = model_flags(row.heads, row.hidden, row.layers, row.tp, row.pp, row.batch, row.micro_batch)
+    return flags + ["--sequence-parallel", "--recompute-granularity", "selective"]
+
+
+def narayanan_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[NarayananRow, Candidate]]:
+    hardware = hardware or PRESETS["a100-80gb"]
+    return [(row, plan(narayanan_flags(row), hardware, row.gpus)) for row in NARAYANAN_TABLE_1]
+
+
+def korthikanti_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[KorthikantiRow, Candidate]]:
+    hardware = hardware or PRESETS["a100-80gb"]
+    return [(row, plan(korthikanti_flags(row), hardware, row.gpus)) for row in KORTHIKANTI_TABLE_3]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    hardware = PRESETS["a100-80gb"]
+    print(f"Narayanan et al. 2021, Table 1, on the {hardware.name} preset (TFLOP/s per GPU, Eq. 3 FLOPs)\n")
+    print("| params | GPUs | TP | PP | batch | paper | predicted | ratio | mbs | vpp | bubble | GiB/GPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row, candidate in narayanan_predictions(hardware):
+        p = candidate.prediction
+        print(f"| {row.params_billion}B | {row.gpus} | {row.tp} | {row.pp} | {row.batch} | {row.tflops_per_gpu:g} | "
+              f"{p.hardware_tflops_per_gpu:.1f} | {p.hardware_tflops_per_gpu / row.tflops_per_gpu:.3f} | "
+              f"{p.micro_batch_size} | {p.layout['vpp']} | {p.bubble_fraction:.3f} | {p.memory_gb_per_gpu:.1f} |")
+    print(f"\nKorthikanti et al. 2022, Table 3 (sequence parallel + selective recompute), on {hardware.name}\n")
+    print("| model | GPUs | TP | PP | batch | mbs | paper MFU | predicted MFU | paper HFU | predicted HFU | vpp "
+          "| GiB/GPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row, candidate in korthikanti_predictions(hardware):
+        p = candidate.prediction
+        hfu = p.hardware_tflops_per_gpu / hardware.peak("float16")
+        print(f"| {row.name} | {row.gpus} | {row.tp} | {row.pp} | {row.batch} | {row.micro_batch} | "
+              f"{row.mfu_percent:g}% | {100 * p.mfu:.1f}% | {row.hfu_percent:g}% | {100 * hfu:.1f}% | "
+              f"{p.layout['vpp']} | {p.memory_gb_per_gpu:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,51 @@
+"""Ring collective times (alpha-beta model) on hand-computed cases, and which link a group runs on."""
+import pytest
+
+from megalite.scaling import communication as comm
+from megalite.scaling.hardware import PRESETS, Link
+
+LINK = Link(bandwidth_gbs=100.0, latency_us=10.0)   # 1e11 B/s, 1e-5 s per hop
+GB = 1e9
+
+
+def test_all_reduce_on_four_ranks():
+    # 2 (n-1)/n * B / bw + 2 (n-1) alpha = 2 * 3/4 * 1e9 / 1e11 + 6 * 1e-5 = 0.015 + 0.00006
+    assert comm.all_reduce_time(GB, 4, LINK) == pytest.approx(0.01506, rel=1e-12)
+
+
+def test_all_gather_and_reduce_scatter_are_half_an_all_reduce():
+    # (n-1)/n * B / bw + (n-1) alpha = 7/8 * 1e9 / 1e11 + 7e-5
+    assert comm.all_gather_time(GB, 8, LINK) == pytest.approx(0.00875 + 0.00007, rel=1e-12)
+    assert comm.reduce_scatter_time(GB, 8, LINK) == comm.all_gather_time(GB, 8, LINK)
+    assert comm.all_reduce_time(GB, 8, LINK) == pytest.approx(2 * comm.all_gather_time(GB, 8, LINK), rel=1e-12)
+
+
+def test_point_to_point_and_single_rank():
+    assert comm.p2p_time(GB, LINK) == pytest.approx(0.01 + 1e-5, rel=1e-12)
+    assert comm.all_reduce_time(GB, 1, LINK) == 0.0 and comm.all_gather_time(GB, 1, LINK) == 0.0
+
+
+@pytest.mark.parametrize("size, stride, bandwidth, latency", [
+    (8, 1, 300.0, 5.0),         # TP 8: one node, NVLink
+    (4, 2, 300.0, 5.0),         # DP 4 over TP 2: still one node
+    (32, 1, 200.0, 10.0),       # DP 32 with TP 1: 8 per node, 8 NICs of 25 GB/s = 200 GB/s across nodes
+    (6, 8, 25.0, 10.0),         # DP 6 over TP 8: one member per node, one NIC
+    (4, 4, 50.0, 10.0),         # two members per node
+])
+def test_group_link_follows_the_grid_order(size, stride, bandwidth, latency):
+    link = comm.group_link(PRESETS["a100-80gb"], size, stride)
+    assert (link.bandwidth_gbs, link.latency_us) == (bandwidth, latency)
+
+
+def test_layer_tp_traffic_and_dp_reduction():
+    hw = PRESETS["a100-80gb"]
+    nbytes = 2048 * 1 * 4096 * 2
+    # two all-reduces per pass direction; SP: two all-gathers + two reduce-scatters, the same ring bytes
+    link = hw.intra_node
+    assert comm.tp_time_per_layer(nbytes, 8, link, False) == pytest.approx(2 * comm.all_reduce_time(nbytes, 8, link))
+    assert comm.tp_time_per_layer(nbytes, 8, link, True) == pytest.approx(
+        comm.tp_time_per_layer(nbytes, 8, link, False))
+    # 1e9 fp32 gradients over DP 2 on NVLink: 2 * 1/2 * 4e9 / 3e11 + 2 * 5e-6
+    assert comm.dp_gradient_time(1e9, 2, link, zero1=False) == pytest.approx(4e9 / 3e11 + 1e-5)
+    assert comm.dp_gradient_time(1e9, 2, link, zero1=True) == pytest.approx(0.5 * 4e9 / 3e11 + 5e-6)
+    assert comm.zero1_gather_time(1e9, 2, 2, link) == pytest.approx(0.5 * 2e9 / 3e11 + 5e-6)

@@ -1,0 +1,54 @@
+"""GEMM rates (roofline, quantization, calibration table) and hardware FLOPs with recompute."""
+import dataclasses
+
+import pytest
+
+from megalite.config import ModelConfig
+from megalite.scaling.compute import Gemm, gemm_rate, hardware_flops_per_iteration, layer_times, quantization
+from megalite.scaling.flops import flops_per_iteration
+from megalite.scaling.hardware import PRESETS
+
+A100 = PRESETS["a100-80gb"]
+
+
+def test_large_gemm_runs_at_the_efficient_peak():
+    # 27 x 27 tiles of 256 x 128 ... choose a shape that fills whole waves: 108 SMs x 4 waves
+    gemm = Gemm("big", 256 * 12, 128 * 36, 8192)     # 12 x 36 = 432 tiles = 4 full waves
+    assert quantization(gemm.m, gemm.n, 1, 108) == 1.0
+    assert gemm_rate(gemm, A100, "bfloat16") == pytest.approx(312 * 0.8)
+
+
+def test_wave_quantization_and_memory_bound():
+    assert quantization(256, 128 * 109, 1, 108) == pytest.approx(109 / 216)   # one tile into a second wave
+    skinny = Gemm("skinny", 8192, 8192, 16)          # k = 16: intensity ~ 16 FLOP/B, memory-bound
+    intensity = 2 * 8192 * 8192 * 16 / (2 * (8192 * 16 * 2 + 8192 * 8192))
+    assert gemm_rate(skinny, A100, "bfloat16") == pytest.approx(intensity * 2039 * 0.9 / 1e3)
+
+
+def test_calibration_table_is_interpolated():
+    hw = dataclasses.replace(A100, matmul=((1024, 1024, 1024, "float32", 1.0), (4096, 4096, 4096, "float32", 3.0)))
+    assert gemm_rate(Gemm("a", 1024, 1024, 1024), hw, "float32") == 1.0
+    middle = gemm_rate(Gemm("b", 2048, 2048, 2048), hw, "float32")
+    assert middle == pytest.approx(2.0)               # equidistant in log space
+    assert gemm_rate(Gemm("c", 1024, 1024, 1024), hw, "bfloat16") == pytest.approx(312 * 0.8 * quantization(
+        1024, 1024, 1, 108))                          # no bf16 rows: the roofline
+
+
+def test_hardware_flops_are_narayanan_eq_3_with_full_recompute():
+    B, s, L, h, V = 512, 2048, 24, 2304, 51200
+    model = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=24, seq_length=s, vocab_size=V)
+    eq3 = 96 * B * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))
+    assert hardware_flops_per_iteration(model, B, "full") == pytest.approx(eq3, rel=1e-12)
+    assert hardware_flops_per_iteration(model, B, None) == flops_per_iteration(model, B)
+    assert hardware_flops_per_iteration(model, B, "selective") == pytest.approx(
+        flops_per_iteration(model, B) + 4 * B * s * s * L * h)
+
+
+def test_recompute_adds_to_backward_only():
+    model = ModelConfig(num_layers=2, hidden_size=1024, num_attention_heads=16, seq_length=1024)
+    plain = layer_times(model, 2, A100, "bfloat16")
+    full = layer_times(model, 2, A100, "bfloat16", recompute="full")
+    selective = layer_times(model, 2, A100, "bfloat16", recompute="selective")
+    assert full.forward == plain.forward and full.backward_input == pytest.approx(plain.backward_input + plain.forward)
+    assert plain.backward_input < selective.backward_input < full.backward_input
+    assert plain.backward_weight == full.backward_weight > 0

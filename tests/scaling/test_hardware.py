@@ -1,0 +1,46 @@
+"""Presets, the cpu calibration file, --cluster overrides and their one-line errors."""
+import pathlib
+
+import pytest
+
+from megalite.scaling.hardware import PRESETS, load_hardware
+
+EXAMPLE = str(pathlib.Path(__file__).with_name("cpu_calibration.json"))
+
+
+def test_a100_80gb_preset_is_the_data_sheet():
+    hw = PRESETS["a100-80gb"]
+    assert hw.peak("bfloat16") == hw.peak("float16") == 312.0 and hw.hbm_gb == 80.0 and hw.hbm_gbs == 2039.0
+    assert hw.intra_node.bandwidth_gbs == 300.0 and hw.inter_node.bandwidth_gbs == 25.0 and hw.gpus_per_node == 8
+
+
+def test_cpu_reads_the_calibration_file():
+    hw = load_hardware("cpu", calibration=EXAMPLE)
+    assert hw.name == "example-cpu" and hw.peak("float32") == 0.2 and hw.hbm_gbs == 20.0 and hw.hbm_gb == 16
+    assert hw.matmul[0] == (256, 256, 256, "float32", 0.05) and hw.optimizer_bytes_per_s == 4e9
+    assert hw.intra_node.bandwidth_gbs == 5.0 and hw.inter_node.latency_us == 50.0 and hw.gpus_per_node == 2
+
+
+def test_cluster_file_overrides_fields(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("hbm_gb: 96\ninter_node: {bandwidth_gbs: 50}\npeak_tflops: {bfloat16: 400}\n")
+    hw = load_hardware("a100-80gb", gpus_per_node=4, cluster=str(cluster))
+    assert (hw.hbm_gb, hw.inter_node.bandwidth_gbs, hw.inter_node.latency_us) == (96, 50.0, 10.0)
+    assert hw.peak("bfloat16") == 400.0 and hw.peak("float32") == 19.5 and hw.gpus_per_node == 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gpu="b300"), "--gpu b300 is not known"),
+    (dict(gpu="cpu"), "pass --calibration FILE.json"),
+    (dict(gpu="cpu", calibration="/nonexistent.json"), "--calibration /nonexistent.json"),
+])
+def test_bad_hardware_is_one_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        load_hardware(**kwargs)
+
+
+def test_unknown_cluster_field(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("hbm: 96\n")
+    with pytest.raises(ValueError, match="'hbm' is not a hardware field"):
+        load_hardware("h100-sxm", cluster=str(cluster))

@@ -1,0 +1,72 @@
+"""The memory model: Korthikanti's activations (activations.py), the schedule's in-flight count in
+closed form against the simulator's, model state by hand, and Korthikanti et al. 2022's Table 3 runs."""
+import pytest
+
+from megalite.config import ModelConfig
+from megalite.parallel.pipeline.orders import build_order
+from megalite.parallel.pipeline.simulator import peak_in_flight
+from megalite.scaling.activations import activation_bytes_per_layer
+from megalite.scaling.hardware import PRESETS
+from megalite.scaling.memory import activation_bytes, in_flight_formula, parameter_split, stage_memories
+from megalite.scaling.planner import predict_argv
+from megalite.scaling.published import KORTHIKANTI_TABLE_3, model_flags
+
+GPT_22B = dict(num_layers=48, hidden_size=6144, num_attention_heads=64, seq_length=2048, vocab_size=51200)
+
+
+@pytest.mark.parametrize("recompute", [None, "selective", "full"])
+@pytest.mark.parametrize("tp, sp", [(1, False), (8, False), (8, True)])
+def test_activations_are_korthikantis(recompute, tp, sp):
+    model = ModelConfig(**GPT_22B, tensor_model_parallel_size=tp, sequence_parallel=sp)
+    expected = activation_bytes_per_layer(2048, 4, 6144, 64, tp=tp, sequence_parallel=sp, recompute=recompute)
+    assert activation_bytes(model, 4, tp=tp, sequence_parallel=sp, recompute=recompute) == expected
+    # fp32 activations: every activation at 4 bytes, the 1-byte masks unchanged
+    no_dropout = ModelConfig(**GPT_22B, hidden_dropout=0.0, attention_dropout=0.0)
+    assert activation_bytes(no_dropout, 1, element_size=4) == activation_bytes_per_layer(
+        2048, 1, 6144, 64, element_size=4, dropout=False)
+
+
+@pytest.mark.parametrize("schedule, p, v, m", [
+    ("1f1b", 4, 1, 8), ("1f1b", 8, 1, 3), ("gpipe", 4, 1, 6), ("zb-h1", 4, 1, 8),
+    ("interleaved", 4, 2, 8), ("interleaved", 4, 3, 12), ("interleaved", 2, 4, 2), ("interleaved", 8, 2, 16),
+])
+def test_in_flight_formula_agrees_with_the_simulator(schedule, p, v, m):
+    simulated = peak_in_flight(build_order(schedule, p, m, v))
+    assert [in_flight_formula(schedule, p, v, m, r) for r in range(p)] == simulated
+
+
+def test_interleaved_first_rank_holds_korthikantis_layers():
+    # Korthikanti et al. 2022 Sec. 4.2.3: rank 0 of the interleaved schedule holds L (1 + (p-1)/(p v)) layers
+    p, v, layers = 8, 4, 64
+    chunks = in_flight_formula("interleaved", p, v, 64, 0)
+    assert chunks * layers / (p * v) == pytest.approx(layers * (1 + (p - 1) / (p * v)))
+
+
+def test_model_state_by_hand():
+    model = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=256)
+    per_layer, embedding, final_norm = parameter_split(model)
+    assert per_layer == 12 * 64 * 64 + 13 * 64 and embedding == (256 + 32) * 64 and final_norm == 2 * 64
+    stages = stage_memories(model, micro_batch=1, tp=1, pp=2, cp=1, dp=4, vpp=None, in_flight=[2, 1],
+                            element_size=2, zero1=True)
+    first = 2 * per_layer + embedding
+    assert stages[0].parameters == first
+    assert stages[1].parameters == 2 * per_layer + final_norm + 256 * 64   # own copy of the tied output layer
+    # bf16 weights 2 B, fp32 grad buffer 4 B, fp32 master + Adam m, v = 12 B sharded over DP 4
+    assert (stages[0].weights, stages[0].gradients, stages[0].optimizer) == (2 * first, 4 * first, 3 * first)
+    per_micro_batch = activation_bytes(model, 1)
+    assert stages[0].activations == 2 * 2 * per_micro_batch + 2 * 32 * 64    # 2 in flight x 2 layers + masks
+    assert stages[1].logits == 2 * 4 * 32 * 256
+
+
+@pytest.mark.parametrize("row", KORTHIKANTI_TABLE_3, ids=lambda r: r.name)
+def test_korthikanti_table_3_fits_only_with_their_method(row):
+    """The paper trained each with sequence parallelism + selective recompute on 80 GB A100s (their Fig. 1
+    shows the larger ones exceed 80 GB without recompute)."""
+    flags = model_flags(row.heads, row.hidden, row.layers, row.tp, row.pp, row.batch, row.micro_batch)
+    ran = predict_argv(flags + ["--sequence-parallel", "--recompute-granularity", "selective"],
+                       PRESETS["a100-80gb"], row.gpus)
+    assert ran.fits, f"{row.name}: {ran.memory_gb_per_gpu:.1f} GiB"
+    plain = predict_argv(flags, PRESETS["a100-80gb"], row.gpus)
+    assert plain.memory_gb_per_gpu > ran.memory_gb_per_gpu
+    if row.name in ("530B", "1T"):
+        assert not plain.fits
