@@ -2,7 +2,7 @@
 
 ``activations.py`` counts what backward needs the way Korthikanti et al. 2022 do, for GPU kernels:
 16-bit activations, 1-byte dropout masks, an explicit softmax.  On CPU the same layer saves other
-tensors, found item by item with saved-tensor hooks (``tests/training/test_scaling_cpu_activations.py``
+tensors, found item by item with saved-tensor hooks (``tests/scaling/test_cpu_activations.py``
 checks the sum); with ``e`` the run's element size (4 fp32, 2 bf16), the differences are:
 
 1. Dropout masks have the activation's element size (``e`` bytes), not 1 byte.
