@@ -12,6 +12,9 @@ Every configuration is a real ``megalite-train`` run (``python -m torch.distribu
     tokens/s     global batch x sequence / step s
     peak MiB     rank 0's peak resident set (CPU; it includes the interpreter and torch, ~0.3-0.5 GiB)
     bubble       the last step's measured bubble fraction (``--timeline``; pipeline runs only)
+    cpu step s   median CPU time of rank 0's process in a step (``cpu_ms``): the wall step less what
+                 the rank waited, on its peers or for a core; with one thread per rank, what the step
+                 costs rank 0's core (below the step on an idle machine by the bubble and collectives)
     load         the machine's 1-minute load average when the run started (other work on the cores)
     cpu share    CPU seconds the run's processes got over (wall seconds x ranks), start-up included:
                  about 1 on an idle machine (less by the time ranks wait on each other), lower when
@@ -120,6 +123,7 @@ def run_config(config: Config, folder: str, iters: int, timeout: float) -> dict:
     step = statistics.median(r["elapsed_ms"] for r in timed) / 1e3
     last = records[-1]
     return {"step_s": step, "step_min_s": min(r["elapsed_ms"] for r in timed) / 1e3,
+            "cpu_step_s": statistics.median(r["cpu_ms"] for r in timed) / 1e3,
             "tokens_per_s": last["global_batch_size"] * seq_length(config.flags) / step,
             "peak_mib": max(r["peak_memory_mb"] for r in records), "bubble": last.get("bubble_fraction"),
             "wall_s": wall, "cpu_share": cpu_seconds / (wall * config.ranks), "load": load_before, "argv": argv}
@@ -163,7 +167,8 @@ def load_calibration(path: str, ranks: int):
 
 
 COLUMNS = ["group", "name", "ranks", "step_s", "pred_step_s", "step_ratio", "tokens_per_s", "bubble", "pred_bubble",
-           "peak_mib", "pred_memory_mib", "pred_layer_act_mib", "cpu_layer_act_mib", "load", "cpu_share"]
+           "peak_mib", "pred_memory_mib", "pred_layer_act_mib", "cpu_layer_act_mib", "cpu_step_s", "cpu_ratio", "load",
+           "cpu_share"]
 
 
 def format_value(value) -> str:
@@ -250,6 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         row.update(run_config(config, os.path.join(args.out, "runs"), args.iters, timeout=600))
         row.update(predicted(config, hardware))
         row["step_ratio"] = row["step_s"] / row["pred_step_s"]
+        row["cpu_ratio"] = row["cpu_step_s"] / row["pred_step_s"]
         print(f"{config.name:28s} measured {row['step_s']:.3f} s  predicted {row['pred_step_s']:.3f} s  "
               f"({row['step_ratio']:.2f}x)  [{row['wall_s']:.0f} s]", flush=True)
         rows.append(row)
