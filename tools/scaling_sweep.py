@@ -246,6 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args = parser.parse_args(argv)
     if args.iters < WARMUP + 2:
         parser.error(f"--iters {args.iters}: at least {WARMUP + 2} (the first {WARMUP} are warm-up)")
+    args.out = os.path.abspath(args.out)   # the runs start in OUT/runs: every path they get is absolute
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     hardware = load_calibration(args.calibration or os.path.join(args.out, "calibration.json"), 2)
     configs = [c for c in grid(args.smoke) if not args.only or args.only in c.group or args.only in c.name]
