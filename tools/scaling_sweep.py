@@ -253,7 +253,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     rows: List[Dict] = []
     for config in configs:
         row = {"group": config.group, "name": config.name, "ranks": config.ranks}
-        row.update(run_config(config, os.path.join(args.out, "runs"), args.iters, timeout=600))
+        for attempt in (1, 2):   # one retry: a run that aborts once (seen: at exit, after its last step) is rerun
+            try:
+                row.update(run_config(config, os.path.join(args.out, "runs"), args.iters, timeout=600))
+                break
+            except RuntimeError as error:
+                if attempt == 2:
+                    raise
+                print(f"{config.name}: failed, rerunning once: {str(error).splitlines()[1:2]}", flush=True)
+        row["attempts"] = attempt
         row.update(predicted(config, hardware))
         row["step_ratio"] = row["step_s"] / row["pred_step_s"]
         row["cpu_ratio"] = row["cpu_step_s"] / row["pred_step_s"]
