@@ -44,7 +44,7 @@ case "$where" in
   *) echo "[check_install] megalite was imported from $where, not from the fresh environment $ENV" >&2; exit 1 ;;
 esac
 
-for script in megalite-train megalite-preprocess megalite-generate megalite-train-tokenizer; do
+for script in megalite-train megalite-preprocess megalite-generate megalite-train-tokenizer megalite-plan; do
   usage=$("$script" --help | head -1)
   case "$usage" in
     "usage: $script "*) say "$script --help: ${usage:0:70}..." ;;
@@ -63,4 +63,6 @@ megalite-train --num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-len
     --data-path data/json --split 90,10,0 "${TOK[@]}" --log-interval 1 --eval-interval 4 --eval-iters 1 \
     --save ckpt --save-interval 4
 megalite-generate --load ckpt --prompt "def " --max-new-tokens 16
+megalite-plan --world-size 64 --num-layers 24 --hidden-size 2048 --num-attention-heads 16 --seq-length 2048 \
+    --global-batch-size 256 --bf16 --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --json | tail -n 1
 say "passed in $(( $(date +%s) - start )) s"

@@ -79,9 +79,10 @@ class GridStrides:
         return group_link(hw, self.dp * self.cp, self.tp)
 
     def pp_link(self, hw: Hardware) -> Link:
-        """Neighbouring stages are TP*CP*DP ranks apart: another node once that reaches the node size."""
+        """Neighbouring stages are TP*CP*DP ranks apart; once the pipeline spans nodes some stage boundary
+        crosses one, and the slowest boundary paces the pipeline."""
         stride = self.tp * self.cp * self.dp
-        return hw.inter_node if stride >= hw.gpus_per_node else hw.intra_node
+        return hw.inter_node if stride * self.pp > hw.gpus_per_node else hw.intra_node
 
 
 def tp_time_per_layer(tokens_bytes: float, tp: int, link: Link, sequence_parallel: bool) -> float:

@@ -11,7 +11,8 @@ A :class:`Hardware` holds what the performance model reads, each figure from a d
     gemm_efficiency        the fraction of peak a large, well-shaped GEMM reaches
     memory_efficiency      the fraction of the HBM bandwidth a streaming kernel reaches
     matmul                 optional measured GEMM throughput by shape: (m, n, k, dtype, tflops)
-    optimizer_bytes_per_s  optional measured Adam throughput (bytes of optimizer state per second)
+    optimizer_bytes_per_s  optional measured Adam throughput: bytes per second, counting (32 + e) bytes per
+                           parameter updated (fp32 grad, master, m, v, and the e-byte model copy)
 
 Presets: ``a100-40gb``, ``a100-80gb``, ``h100-sxm``, ``h200``; ``cpu`` is read from a calibration
 JSON file (the schema of :func:`from_calibration`), and ``--cluster FILE.yaml`` overrides any field

@@ -125,8 +125,8 @@ def run(argv: List[str], prog: str) -> int:
         for c in candidates[len(fitting):]:
             print(f"  {describe(c):<44} {c.reason}")
         if ours.json:
-            print(json.dumps({"fits": [dict(layout=describe(c), **summary(c.prediction)) for c in fitting],
-                              "rejected": [{"layout": describe(c), "reason": c.reason}
+            print(json.dumps({"fits": [dict(summary(c.prediction), description=describe(c)) for c in fitting],
+                              "rejected": [{"description": describe(c), "reason": c.reason}
                                            for c in candidates[len(fitting):]]}))
         return 0
     best = plan(rest, hardware, world)

@@ -13,9 +13,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from megalite.arguments import parse_args
+from megalite.arguments import build_parser, parse_args, yaml_defaults
 from megalite.scaling.hardware import Hardware
-from megalite.scaling.predict import Prediction, predict
+from megalite.scaling.predict import GIB, Prediction, layout_of, memory_per_stage, predict
 
 __all__ = ["Candidate", "with_flags", "given", "predict_argv", "plan", "search", "describe", "MICRO_BATCHES"]
 
@@ -28,12 +28,28 @@ class Candidate:
     flags: Dict[str, object]                 # the flags this candidate sets (name -> value; None = dropped)
     prediction: Optional[Prediction] = None
     reason: str = ""                         # why it was rejected ("" when it fits)
+    memory_gib: Optional[float] = None       # the most loaded rank's memory, when the flags split
+    description: str = ""                    # TP, PP, DP, micro-batch, virtual size, recompute
     chosen: List[str] = field(default_factory=list)
 
 
 def given(argv: Sequence[str], name: str) -> bool:
-    """Whether flag ``name`` (e.g. ``--micro-batch-size``) is on the command line."""
-    return any(a == name or a.startswith(name + "=") for a in argv)
+    """Whether flag ``name`` (e.g. ``--micro-batch-size``) is on the command line or in its ``--config`` file."""
+    return any(a == name or a.startswith(name + "=") for a in argv) or _dest(name) in _config_file(argv)
+
+
+def _dest(name: str) -> str:
+    return name[2:].replace("-", "_")
+
+
+def _config_file(argv: Sequence[str]) -> Dict[str, object]:
+    """The flags of ``--config FILE`` (arguments.yaml_defaults: field name -> value), or {}."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return yaml_defaults(build_parser(), arg.split("=", 1)[1])
+        if arg == "--config" and index + 1 < len(argv):
+            return yaml_defaults(build_parser(), argv[index + 1])
+    return {}
 
 
 def with_flags(argv: Sequence[str], flags: Dict[str, object]) -> List[str]:
@@ -58,24 +74,38 @@ def with_flags(argv: Sequence[str], flags: Dict[str, object]) -> List[str]:
     return out
 
 
-def predict_argv(argv: Sequence[str], hardware: Hardware, world_size: int) -> Prediction:
-    """Parse trainer flags as ``megalite-train`` does (``--mock-data`` when no data is named) and predict."""
+def _configs(argv: Sequence[str], world_size: int):
     argv = list(argv)
     if not given(argv, "--mock-data") and not given(argv, "--data-path"):
         argv.append("--mock-data")
     model, parallel, optimizer, _data, training = parse_args(argv, world_size=world_size)
-    return predict(model, parallel, training, optimizer, hardware, world_size)
+    return model, parallel, training, optimizer
 
 
-def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, world_size: int) -> Candidate:
+def predict_argv(argv: Sequence[str], hardware: Hardware, world_size: int) -> Prediction:
+    """Parse trainer flags as ``megalite-train`` does (``--mock-data`` when no data is named) and predict."""
+    return predict(*_configs(argv, world_size), hardware, world_size)
+
+
+def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, world_size: int,
+         always_predict: bool = False) -> Candidate:
+    """A candidate's prediction, or why it is rejected; memory is checked first (closed-form in-flight
+    counts), so a layout that cannot fit is not simulated unless ``always_predict``."""
     candidate = Candidate(flags)
     try:
-        candidate.prediction = predict_argv(with_flags(argv, flags), hardware, world_size)
+        model, parallel, training, optimizer = _configs(with_flags(argv, flags), world_size)
+        layout = layout_of(parallel, training, optimizer, world_size)
+        candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
+                                 f"recompute={model.recompute_granularity or 'none'}")
+        candidate.memory_gib = max(s.total for s in memory_per_stage(model, parallel, optimizer, layout)) / GIB
+        if always_predict or candidate.memory_gib <= hardware.hbm_gb:
+            candidate.prediction = predict(model, parallel, training, optimizer, hardware, world_size)
+            candidate.memory_gib = candidate.prediction.memory_gb_per_gpu
     except ValueError as error:
         candidate.reason = str(error).splitlines()[0]
         return candidate
-    if not candidate.prediction.fits:
-        candidate.reason = (f"needs {candidate.prediction.memory_gb_per_gpu:.1f} GiB per GPU, more than the "
+    if candidate.memory_gib > hardware.hbm_gb:
+        candidate.reason = (f"needs {candidate.memory_gib:.1f} GiB per GPU, more than the "
                             f"{hardware.hbm_gb:g} GiB of {hardware.name}")
     return candidate
 
@@ -97,7 +127,8 @@ def _virtual_sizes(layers: int, pp: int) -> List[Optional[int]]:
 def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
     """The prediction of ``argv``, choosing the micro-batch and virtual pipeline sizes it leaves out.
 
-    Raises ValueError (one line) when the flags are invalid or nothing fits.
+    Raises ValueError (one line) when the flags are invalid, or when sizes are left open and none fits;
+    a layout given whole is predicted even if it does not fit (``fits`` says so).
     """
     argv = list(argv)
     layers = _flag_value(argv, "--num-layers", 2)
@@ -106,8 +137,8 @@ def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
     open_mbs = not given(argv, "--micro-batch-size") and given(argv, "--global-batch-size")
     open_vpp = pp > 1 and not (given(argv, "--virtual-pipeline-model-parallel-size")
                                or given(argv, "--num-layers-per-virtual-pipeline-stage"))
-    if not open_mbs and not open_vpp:
-        candidate = _try(argv, {}, hardware, world_size)
+    if not open_mbs and not open_vpp:   # nothing to choose: the prediction, whether it fits or not
+        candidate = _try(argv, {}, hardware, world_size, always_predict=True)
         if candidate.prediction is None:
             raise ValueError(candidate.reason)
         return candidate
@@ -123,23 +154,33 @@ def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
         candidates.append(_try(argv, flags, hardware, world_size))
     best = _best(candidates)
     if best is None:
-        reasons = sorted({c.reason for c in candidates})
-        raise ValueError(f"no micro-batch / virtual pipeline size fits: {reasons[0]}")
+        too_big = [c for c in candidates if c.memory_gib is not None]
+        if not too_big:   # the flags themselves do not split: the trainer's own message
+            raise ValueError(candidates[0].reason)
+        smallest = min(too_big, key=lambda c: c.memory_gib)
+        raise ValueError(f"no micro-batch / virtual pipeline size fits: the smallest layout ({describe(smallest)}) "
+                         f"{smallest.reason}")
     best.chosen = [name for name, is_open in (("micro_batch_size", open_mbs),
                                               ("virtual_pipeline_model_parallel_size", open_vpp)) if is_open]
     return best
 
 
 def _flag_value(argv: Sequence[str], name: str, default: int) -> int:
+    """An integer flag's value: the command line's, else the ``--config`` file's, else ``default``."""
     for index, arg in enumerate(argv):
         if arg.startswith(name + "="):
-            return int(arg.split("=", 1)[1])
+            return _integer(name, arg.split("=", 1)[1])
         if arg == name and index + 1 < len(argv):
-            try:
-                return int(argv[index + 1])
-            except ValueError:
-                raise ValueError(f"{name} {argv[index + 1]!r} is not an integer") from None
-    return default
+            return _integer(name, argv[index + 1])
+    value = _config_file(argv).get(_dest(name))
+    return default if value is None else _integer(name, value)
+
+
+def _integer(name: str, value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {value!r} is not an integer") from None
 
 
 def _divisors(n: int) -> List[int]:
@@ -171,10 +212,8 @@ def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Can
 
 def describe(candidate: Candidate) -> str:
     """TP x PP x DP, micro-batch, virtual size and recompute of a candidate, in one short string."""
-    if candidate.prediction is not None:
-        layout = candidate.prediction.layout
-        return (f"TP{layout['tp']} PP{layout['pp']} DP{layout['dp']} mbs{layout['micro_batch_size']} "
-                f"vpp{layout['vpp']} recompute={layout['recompute'] or 'none'}")
+    if candidate.description:
+        return candidate.description
     flags = candidate.flags
     return (f"TP{flags.get('--tensor-model-parallel-size')} PP{flags.get('--pipeline-model-parallel-size')} "
             f"mbs{flags.get('--micro-batch-size')} vpp{flags.get('--virtual-pipeline-model-parallel-size') or 1} "

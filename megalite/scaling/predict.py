@@ -24,10 +24,10 @@ from megalite.scaling import communication as comm
 from megalite.scaling.compute import PassTimes, element_size, hardware_flops_per_iteration, layer_times, logits_times
 from megalite.scaling.flops import count_parameters, flops_per_iteration
 from megalite.scaling.hardware import Hardware
-from megalite.scaling.memory import activation_bytes, stage_memories
+from megalite.scaling.memory import StageMemory, activation_bytes, in_flight_formula, stage_memories
 from megalite.scaling.schedule import pipeline_time
 
-__all__ = ["Prediction", "predict", "run_dtype"]
+__all__ = ["Prediction", "predict", "Layout", "layout_of", "memory_per_stage", "run_dtype"]
 
 GIB = 2.0 ** 30
 
@@ -60,8 +60,8 @@ def run_dtype(optimizer: OptimizerConfig) -> str:
     return "bfloat16" if optimizer.bf16 else "float16" if optimizer.fp16 else "float32"
 
 
-def _stage_pass_times(model: ModelConfig, chunks: Sequence[int], first: bool, last: bool, layer: PassTimes,
-                      logits: PassTimes, layer_comm_f: float, layer_comm_b: float, p2p: float) -> PassTimes:
+def _stage_pass_times(chunks: Sequence[int], first: bool, last: bool, layer: PassTimes, logits: PassTimes,
+                      layer_comm_f: float, layer_comm_b: float, p2p: float) -> PassTimes:
     """One stage's passes (all its chunks) for one micro-batch, communication included."""
     layers = sum(chunks)
     times = layer.scaled(layers)
@@ -74,10 +74,29 @@ def _stage_pass_times(model: ModelConfig, chunks: Sequence[int], first: bool, la
     return times + PassTimes(layers * layer_comm_f + receives_f * p2p, layers * layer_comm_b + receives_b * p2p, 0.0)
 
 
-def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
-            hardware: Hardware, world_size: Optional[int] = None) -> Prediction:
-    """Predicted step time, throughput and per-rank memory of these settings on ``world_size`` devices of
-    ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``."""
+@dataclass(frozen=True)
+class Layout:
+    """The sizes of a run that the model reads, derived once from the configs."""
+
+    world: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    vpp: Optional[int]
+    micro_batch: int
+    global_batch: int
+    num_microbatches: int
+    schedule: Optional[str]
+    dtype: str
+
+    @property
+    def v(self) -> int:
+        return self.vpp or 1
+
+
+def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
+              world_size: Optional[int] = None) -> Layout:
     world = world_size or parallel.world_size
     tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                   parallel.context_parallel_size)
@@ -85,16 +104,39 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
         raise ValueError(f"world size {world} is not divisible by TP {tp} x PP {pp} x CP {cp}")
     dp = world // (tp * pp * cp)
     vpp = parallel.virtual_pipeline_model_parallel_size
-    v = vpp or 1
     b = training.micro_batch_size
     gbs = training.global_batch_size or b * dp
     if gbs % (b * dp):
         raise ValueError(f"global batch {gbs} is not divisible by micro-batch {b} x data-parallel {dp}")
-    m = gbs // (b * dp)
+    schedule = parallel.pipeline_schedule or default_schedule(pp, vpp)
+    return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer))
+
+
+def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig, layout: Layout,
+                     in_flight: Optional[Sequence[int]] = None) -> List[StageMemory]:
+    """Bytes on one rank of each pipeline stage; ``in_flight`` per rank defaults to the closed form
+    (memory.in_flight_formula, equal to the simulator's count)."""
+    lay = layout
+    if in_flight is None:
+        in_flight = [in_flight_formula(lay.schedule, lay.pp, lay.v, lay.num_microbatches, r) for r in range(lay.pp)]
+    return stage_memories(model, micro_batch=lay.micro_batch, tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp,
+                          vpp=lay.vpp, in_flight=list(in_flight), element_size=element_size(lay.dtype),
+                          zero1=optimizer.use_distributed_optimizer, sequence_parallel=parallel.sequence_parallel,
+                          recompute=model.recompute_granularity, recompute_method=model.recompute_method,
+                          recompute_num_layers=model.recompute_num_layers,
+                          first_stage_layers=parallel.decoder_first_pipeline_num_layers,
+                          last_stage_layers=parallel.decoder_last_pipeline_num_layers)
+
+
+def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
+            hardware: Hardware, world_size: Optional[int] = None) -> Prediction:
+    """Predicted step time, throughput and per-rank memory of these settings on ``world_size`` devices of
+    ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``."""
+    lay = layout_of(parallel, training, optimizer, world_size)
+    world, tp, pp, cp, dp, vpp, v = lay.world, lay.tp, lay.pp, lay.cp, lay.dp, lay.vpp, lay.v
+    b, gbs, m, schedule, dtype = lay.micro_batch, lay.global_batch, lay.num_microbatches, lay.schedule, lay.dtype
     sp = parallel.sequence_parallel
     recompute = model.recompute_granularity
-    schedule = parallel.pipeline_schedule or default_schedule(pp, vpp)
-    dtype = run_dtype(optimizer)
     e = element_size(dtype)
 
     layer = layer_times(model, b, hardware, dtype, tp=tp, cp=cp, sequence_parallel=sp, recompute=recompute)
@@ -113,17 +155,12 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
 
     counts = virtual_stage_layer_counts(model.num_layers, pp, vpp, parallel.decoder_first_pipeline_num_layers,
                                         parallel.decoder_last_pipeline_num_layers)
-    stages = [_stage_pass_times(model, [counts[c * pp + r] for c in range(v)], r == 0, r == pp - 1, layer, logits,
+    stages = [_stage_pass_times([counts[c * pp + r] for c in range(v)], r == 0, r == pp - 1, layer, logits,
                                 layer_comm_f, layer_comm_b, p2p) for r in range(pp)]
     slowest = max(stages, key=lambda t: t.forward + t.backward_input + t.backward_weight)
     pipe = pipeline_time(schedule, pp, v, m, slowest.forward, slowest.backward_input, slowest.backward_weight)
 
-    memories = stage_memories(model, micro_batch=b, tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, in_flight=list(pipe.in_flight),
-                              element_size=e, zero1=optimizer.use_distributed_optimizer, sequence_parallel=sp,
-                              recompute=recompute, recompute_method=model.recompute_method,
-                              recompute_num_layers=model.recompute_num_layers,
-                              first_stage_layers=parallel.decoder_first_pipeline_num_layers,
-                              last_stage_layers=parallel.decoder_last_pipeline_num_layers)
+    memories = memory_per_stage(model, parallel, optimizer, lay, pipe.in_flight)
     heaviest = max(memories, key=lambda s: s.total)
     params_on_rank = max(s.parameters for s in memories)
 
@@ -148,7 +185,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     hw_flops = hardware_flops_per_iteration(model, gbs, recompute)
     tflops = model_flops / iteration / world / 1e12
     chunks_of_slowest = [counts[c * pp + stages.index(slowest)] for c in range(v)]
-    compute_only = _stage_pass_times(model, chunks_of_slowest, slowest is stages[0], slowest is stages[-1], layer,
+    compute_only = _stage_pass_times(chunks_of_slowest, slowest is stages[0], slowest is stages[-1], layer,
                                      logits, 0.0, 0.0, 0.0)
     compute = m * (compute_only.forward + compute_only.backward_input + compute_only.backward_weight)
     busy = m * (slowest.forward + slowest.backward_input + slowest.backward_weight)

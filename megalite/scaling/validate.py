@@ -19,23 +19,11 @@ from megalite.scaling.published import (
     NARAYANAN_TABLE_1,
     KorthikantiRow,
     NarayananRow,
-    model_flags,
+    korthikanti_flags,
+    narayanan_flags,
 )
 
-__all__ = ["narayanan_flags", "korthikanti_flags", "narayanan_predictions", "korthikanti_predictions", "main"]
-
-
-def narayanan_flags(row: NarayananRow) -> List[str]:
-    flags = model_flags(row.heads, row.hidden, row.layers, row.tp, row.pp, row.batch)
-    flags += ["--recompute-granularity", "full", "--recompute-method", "uniform"]
-    if row.pp > 1:
-        flags += ["--pipeline-schedule", "interleaved"]
-    return flags
-
-
-def korthikanti_flags(row: KorthikantiRow) -> List[str]:
-    flags = model_flags(row.heads, row.hidden, row.layers, row.tp, row.pp, row.batch, row.micro_batch)
-    return flags + ["--sequence-parallel", "--recompute-granularity", "selective"]
+__all__ = ["narayanan_predictions", "korthikanti_predictions", "main"]
 
 
 def narayanan_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[NarayananRow, Candidate]]:

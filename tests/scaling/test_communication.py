@@ -49,3 +49,11 @@ def test_layer_tp_traffic_and_dp_reduction():
     assert comm.dp_gradient_time(1e9, 2, link, zero1=False) == pytest.approx(4e9 / 3e11 + 1e-5)
     assert comm.dp_gradient_time(1e9, 2, link, zero1=True) == pytest.approx(0.5 * 4e9 / 3e11 + 5e-6)
     assert comm.zero1_gather_time(1e9, 2, 2, link) == pytest.approx(0.5 * 2e9 / 3e11 + 5e-6)
+
+
+@pytest.mark.parametrize("tp, dp, pp, inter", [(8, 1, 2, True), (2, 1, 4, False), (2, 1, 8, True), (1, 8, 2, True),
+                                               (1, 1, 8, False)])
+def test_pipeline_link_is_the_slowest_boundary(tp, dp, pp, inter):
+    hw = PRESETS["a100-80gb"]
+    link = comm.GridStrides(tp, 1, dp, pp).pp_link(hw)
+    assert link == (hw.inter_node if inter else hw.intra_node)

@@ -60,8 +60,8 @@ def test_model_state_by_hand():
 
 @pytest.mark.parametrize("row", KORTHIKANTI_TABLE_3, ids=lambda r: r.name)
 def test_korthikanti_table_3_fits_only_with_their_method(row):
-    """The paper trained each with sequence parallelism + selective recompute on 80 GB A100s (their Fig. 1
-    shows the larger ones exceed 80 GB without recompute)."""
+    """The paper trained each with sequence parallelism + selective recompute on 80 GB A100s; without
+    either, the activations of the two largest cannot fit (the paper's motivation)."""
     flags = model_flags(row.heads, row.hidden, row.layers, row.tp, row.pp, row.batch, row.micro_batch)
     ran = predict_argv(flags + ["--sequence-parallel", "--recompute-granularity", "selective"],
                        PRESETS["a100-80gb"], row.gpus)

@@ -1,0 +1,80 @@
+"""predict() on its own: the pieces add up, and each switch moves what it should."""
+import pytest
+
+from megalite.arguments import parse_args
+from megalite.scaling.compute import layer_times, logits_times
+from megalite.scaling.hardware import PRESETS
+from megalite.scaling.predict import layout_of, memory_per_stage, predict
+
+H100 = PRESETS["h100-sxm"]
+MODEL = ["--mock-data", "--num-layers", "16", "--hidden-size", "4096", "--num-attention-heads", "32",
+         "--seq-length", "2048", "--max-position-embeddings", "2048", "--vocab-size", "50257", "--bf16"]
+
+
+def prediction(*flags, world=16, hardware=H100):
+    model, parallel, optimizer, _data, training = parse_args(MODEL + list(flags), world_size=world)
+    return predict(model, parallel, training, optimizer, hardware, world)
+
+
+def test_one_device_is_its_passes_plus_the_optimizer():
+    p = prediction("--micro-batch-size", "2", "--global-batch-size", "8", world=1)
+    model, *_ = parse_args(MODEL, world_size=1)
+    layer, logits = layer_times(model, 2, H100, "bfloat16"), logits_times(model, 2, H100, "bfloat16")
+    per_micro_batch = 16 * (layer.forward + layer.backward_input + layer.backward_weight) + (
+        logits.forward + logits.backward_input + logits.backward_weight)
+    assert p.breakdown["compute"] == pytest.approx(4 * per_micro_batch)
+    assert p.breakdown["bubble"] == 0 and p.breakdown["exposed_communication"] == 0
+    assert p.iteration_time_s == pytest.approx(4 * per_micro_batch + p.breakdown["optimizer"])
+    assert p.tflops_per_gpu == pytest.approx(p.flops_per_iteration / p.iteration_time_s / 1e12)
+    assert p.mfu == pytest.approx(p.tflops_per_gpu / 989.0)
+
+
+def test_overlapped_grad_reduce_hides_data_parallel_time():
+    base = ("--micro-batch-size", "1", "--global-batch-size", "32", "--tensor-model-parallel-size", "2")
+    exposed = prediction(*base)
+    hidden = prediction(*base, "--overlap-grad-reduce")
+    assert hidden.breakdown["exposed_communication"] < exposed.breakdown["exposed_communication"]
+    assert hidden.breakdown["compute"] == exposed.breakdown["compute"]
+
+
+def test_zero1_shards_the_optimizer_state():
+    base = ("--micro-batch-size", "1", "--global-batch-size", "32", "--tensor-model-parallel-size", "2")
+    plain, sharded = prediction(*base), prediction(*base, "--use-distributed-optimizer")
+    params_on_rank = plain.params / 2    # roughly: the layers and the vocabulary split over TP 2
+    saved_gib = (plain.memory_gb_per_gpu - sharded.memory_gb_per_gpu) * 2 ** 30
+    assert saved_gib == pytest.approx(12 * params_on_rank * (1 - 1 / 8), rel=0.02)   # DP 8
+
+
+def test_sequence_parallel_and_recompute_cut_activations():
+    base = ("--micro-batch-size", "1", "--global-batch-size", "32", "--tensor-model-parallel-size", "4")
+    plain = prediction(*base)
+    sp = prediction(*base, "--sequence-parallel")
+    full = prediction(*base, "--recompute-granularity", "full", "--recompute-method", "uniform")
+    assert sp.activation_bytes_per_layer < plain.activation_bytes_per_layer
+    assert full.activation_bytes_per_layer < sp.activation_bytes_per_layer
+    assert full.memory_gb_per_gpu < plain.memory_gb_per_gpu
+    assert full.iteration_time_s > plain.iteration_time_s
+    assert full.hardware_flops_per_iteration == pytest.approx(plain.flops_per_iteration * 4 / 3, rel=0.02)
+
+
+def test_pipeline_bubble_shrinks_with_the_virtual_size():
+    base = ("--micro-batch-size", "1", "--global-batch-size", "32", "--pipeline-model-parallel-size", "4")
+    one = prediction(*base)
+    two = prediction(*base, "--virtual-pipeline-model-parallel-size", "2")
+    assert one.bubble_fraction == pytest.approx(3 / 8, rel=0.1)       # (p-1)/m, m = 32 / DP 4
+    assert two.bubble_fraction < one.bubble_fraction
+    assert two.memory_gb_per_gpu > one.memory_gb_per_gpu * 0.99       # more in flight on rank 0
+
+
+@pytest.mark.parametrize("flags", [
+    ("--pipeline-model-parallel-size", "4"),
+    ("--pipeline-model-parallel-size", "4", "--virtual-pipeline-model-parallel-size", "2"),
+    ("--pipeline-model-parallel-size", "2", "--pipeline-schedule", "zb-h1"),
+])
+def test_closed_form_memory_equals_the_simulated_one(flags):
+    """The planner rejects layouts by memory before simulating them (closed-form in-flight counts)."""
+    argv = MODEL + ["--micro-batch-size", "1", "--global-batch-size", "32", *flags]
+    model, parallel, optimizer, _data, training = parse_args(argv, world_size=16)
+    simulated = predict(model, parallel, training, optimizer, H100, 16).memory_gb_per_stage
+    closed_form = memory_per_stage(model, parallel, optimizer, layout_of(parallel, training, optimizer, 16))
+    assert [s.total / 2 ** 30 for s in closed_form] == pytest.approx(simulated, rel=1e-12)
