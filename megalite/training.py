@@ -332,13 +332,16 @@ def train(run: Run) -> List[dict]:
     saved_at, skipped_in_a_row = None, 0
     try:
         while run.iteration < cfg.train_iters:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             upcoming = run.iteration + 1
             last = upcoming == cfg.train_iters or (cfg.exit_interval and upcoming % cfg.exit_interval == 0)
             timeline = Timeline(pp_rank=g.pp_rank) if cfg.timeline and last else None
             profiler.before_step(upcoming)
             record = train_step(run, timeline)
             seconds = time.perf_counter() - start
+            # This process's CPU time in the step: below the wall time by what it waited (on peers, or
+            # for a core other processes held).
+            record["cpu_ms"] = (time.process_time() - cpu_start) * 1e3
             profiler.after_step(upcoming, last=upcoming == cfg.train_iters)
             if timeline is not None:
                 step_microbatches = record["global_batch_size"] // (cfg.micro_batch_size * g.dp_size)

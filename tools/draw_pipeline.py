@@ -57,8 +57,9 @@ def model_config(layers: int, hidden: int, heads: int, seq: int):
                        vocab_size=256, hidden_dropout=0.0, attention_dropout=0.0)
 
 
-def real_run(rank, world_size, schedule, m, v, config):
-    """Train WARMUP_STEPS + 1 steps on pipeline rank ``rank``; the last step's spans of every stage on rank 0."""
+def real_run(rank, world_size, schedule, m, v, config, measured_steps=1):
+    """Train WARMUP_STEPS + ``measured_steps`` steps on pipeline rank ``rank``; on rank 0, the spans of
+    every stage for each measured step (a list of ``measured_steps`` span lists)."""
     import torch
 
     from megalite.config import OptimizerConfig
@@ -86,7 +87,8 @@ def real_run(rank, world_size, schedule, m, v, config):
         return per_token_loss, loss_func
 
     timeline = Timeline(grid.pp_rank)
-    for step in range(WARMUP_STEPS + 1):
+    measured = []
+    for step in range(WARMUP_STEPS + measured_steps):
         timeline.clear()
         g = torch.Generator().manual_seed(step)
         data = [torch.randint(0, config.vocab_size, (MICRO_BATCH, seq + 1), generator=g) for _ in range(m)]
@@ -95,7 +97,9 @@ def real_run(rank, world_size, schedule, m, v, config):
                          seq_length=seq, micro_batch_size=MICRO_BATCH, grid=grid, timeline=timeline)
         finalize_model_grads(chunks, grid)
         optimizer.step()
-    return gather_spans(timeline, grid)
+        if step >= WARMUP_STEPS:
+            measured.append(gather_spans(timeline, grid))
+    return measured
 
 
 def main(argv=None):
@@ -132,7 +136,7 @@ def main(argv=None):
             # Sizes that do not divide or layers that do not split are refused here, not in a forked rank.
             config = model_config(args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length)
             virtual_stage_layer_counts(args.num_layers, args.pp, v if v > 1 else None)
-            spans = run_on_ranks(real_run, args.pp, schedule, args.microbatches, v, config, timeout=600)[0]
+            spans = run_on_ranks(real_run, args.pp, schedule, args.microbatches, v, config, timeout=600)[0][-1]
         out = args.out if not args.all else args.out.replace(".png", f"_{schedule}.png")
         kind = "simulated" if args.simulate else "measured"
         title = f"{schedule}, p={args.pp}, m={args.microbatches}" + (f", v={v}" if v > 1 else "") + f" ({kind})"

@@ -1,13 +1,12 @@
 """Point-to-point messages between pipeline stages: activations forward, their gradients back.
 
 Every message has the fixed shape ``[s/cp/tp if sequence-parallel else s/cp, b, h]`` (docs/architecture.md), so the
-receiver allocates its buffer without being told a shape.  A schedule never waits on a single
-send or receive: it runs the *exchanges* the simulator derived from its order (``executor.py``),
-each a batch of sends and receives that every involved rank posts at the same point of its order,
-through ``batch_isend_irecv``.  Batching is what makes this safe on NCCL, where the sends and
-receives between two ranks share one stream and a lone blocking send facing a lone blocking send
-would deadlock; on gloo each op is an independent isend/irecv.  Ops inside an exchange are
-sorted the same way on both ends, and carry distinct tags, so they pair up on either backend.
+receiver allocates its buffer without being told a shape.  Messages are posted without waiting
+(:class:`Postbox`): a send as soon as the pass that produced its tensor has run, a receive early,
+and a rank waits only on the receive that the pass it is about to run needs (``executor.py``).
+Both ends post the messages between them in the same order (the simulator's), and every message
+carries a distinct tag: gloo pairs sends with receives by tag, NCCL by the order in which each
+pair of ranks posts them, so they pair up on either backend.
 """
 from __future__ import annotations
 
@@ -35,14 +34,32 @@ def message_shape(config, seq_length: int, micro_batch_size: int, cp_size: int =
     return (seq, micro_batch_size, config.hidden_size)
 
 
-def exchange(sends: List[Tuple[torch.Tensor, int, int]], recvs: List[Tuple[torch.Tensor, int, int]], group) -> None:
-    """Post ``sends`` and ``recvs`` ((tensor, peer global rank, tag) each) as one batch and wait for all."""
-    ops = [dist.P2POp(dist.isend, tensor, peer, group, tag) for tensor, peer, tag in sends]
-    ops += [dist.P2POp(dist.irecv, tensor, peer, group, tag) for tensor, peer, tag in recvs]
-    if not ops:
-        return
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
+class Postbox:
+    """Posted sends and receives of one step, each waited for only when it must be.
+
+    A send's tensor must stay untouched until its send completes, so the postbox keeps it (and the
+    work) until then: :meth:`reap` drops the completed ones, :meth:`wait_all` ends the step.
+    """
+
+    def __init__(self, group):
+        self.group = group
+        self.sends: List[Tuple[object, torch.Tensor]] = []
+
+    def send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        """Post ``tensor`` to global rank ``peer`` and return at once."""
+        self.sends.append((dist.isend(tensor, peer, group=self.group, tag=tag), tensor))
+
+    def recv(self, buffer: torch.Tensor, peer: int, tag: int):
+        """Post a receive into ``buffer`` from global rank ``peer``; wait on the returned work before reading it."""
+        return dist.irecv(buffer, peer, group=self.group, tag=tag)
+
+    def reap(self) -> None:
+        self.sends = [(work, tensor) for work, tensor in self.sends if not work.is_completed()]
+
+    def wait_all(self) -> None:
+        for work, _ in self.sends:
+            work.wait()
+        self.sends = []
 
 
 # torch.autograd.backward and .grad take GradientEdges as outputs from torch 2.5 on.

@@ -1,0 +1,244 @@
+"""Measure this machine for the performance model: GEMMs, memory bandwidth, collectives, the Adam step.
+
+    python -m megalite.scaling.calibrate OUT.json [--ranks 2] [--quick]
+
+writes the calibration file that ``hardware.from_calibration`` reads (``megalite-plan --gpu cpu
+--calibration OUT.json``)::
+
+    {"name": str, "peak_tflops": {"float32": f, "bfloat16": f},
+     "matmul": [{"m": int, "n": int, "k": int, "dtype": "float32"|"bfloat16", "tflops": f}, ...],
+     "memory_bandwidth_gbs": f,
+     "network": {"intra_node": {"bandwidth_gbs": f, "latency_us": f}, "inter_node": {...}},
+     "gpus_per_node": int, "optimizer_bytes_per_s": f}
+
+plus what was measured to get there ("threads_per_rank", "collectives": the fit of each collective
+alone, "samples": every collective timing).  What each figure is:
+
+- GEMM: ``[m, k] x [k, n]`` timed (median of repeats) at ``2 m n k / t``; ``peak_tflops[dtype]`` is
+  the best of the grid.  The grid spans the shapes of small models' layers (tokens ``m`` = b*s,
+  widths and head dimensions ``n``, ``k``), from 32 to 2048.
+- Memory bandwidth: ``c = a + b`` over tensors far larger than the caches, ``3 x bytes / t`` (two
+  reads, one write): what the model's memory-bound passes (norms, softmax, GELU) see.
+- Network: all-reduce, all-gather, reduce-scatter and a send/recv pair over ``ranks`` forked gloo
+  ranks on this machine, each at several sizes, fitted to the alpha-beta ring model of
+  ``communication.py`` (``t = hops x alpha + bytes_factor x B / bw``, hops = 2(n-1), n-1, n-1, 1 and
+  bytes_factor = 2(n-1)/n, (n-1)/n, (n-1)/n, 1) by least squares on relative error, all four
+  together.  One machine has one network: ``inter_node`` = ``intra_node``, ``gpus_per_node`` = ranks.
+- Optimizer: megalite's fused AdamW on fp32 pieces, in the bytes ``predict`` charges per state
+  element (``32 + e``: gradient read, master, both moments read and written, the parameter copy)
+  per second.
+
+Every rank of a run on this machine shares its cores: the measurements run at
+``threads_per_rank = cores // ranks`` torch threads, what each of ``ranks`` ranks gets when they run
+at once (megalite's multi-rank runs here set one thread per rank on two cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+__all__ = ["calibrate", "fit_alpha_beta", "COLLECTIVES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GEMM_SIZES = (32, 128, 512, 2048)          # m, n and k each
+GEMM_SIZES_QUICK = (32, 256)
+MESSAGE_BYTES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 8 << 20)
+MESSAGE_BYTES_QUICK = (4 << 10, 256 << 10)
+
+# name -> (latency hops, bandwidth factor) for n ranks: the ring model of communication.py.
+COLLECTIVES: Dict[str, Callable[[int], Tuple[float, float]]] = {
+    "all_reduce": lambda n: (2.0 * (n - 1), 2.0 * (n - 1) / n),
+    "all_gather": lambda n: (float(n - 1), (n - 1) / n),
+    "reduce_scatter": lambda n: (float(n - 1), (n - 1) / n),
+    "send_recv": lambda n: (1.0, 1.0),
+}
+
+
+def median_seconds(fn: Callable[[], object], min_time: float = 0.05, max_repeats: int = 50) -> float:
+    """Median wall time of ``fn`` after one untimed call; repeats until ``min_time`` has passed."""
+    fn()
+    times: List[float] = []
+    started = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - started < min_time and len(times) < max_repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_matmul(sizes: Sequence[int], min_time: float) -> List[dict]:
+    rows = []
+    for dtype_name, dtype in DTYPES.items():
+        for m in sizes:
+            for n in sizes:
+                for k in sizes:
+                    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+                    seconds = median_seconds(lambda: torch.mm(a, b), min_time)
+                    tflops = 2.0 * m * n * k / seconds / 1e12
+                    rows.append({"m": m, "n": n, "k": k, "dtype": dtype_name, "tflops": tflops})
+    return rows
+
+
+def measure_memory_bandwidth(elements: int, min_time: float) -> float:
+    """GB/s of ``c = a + b`` in fp32: two tensors read, one written."""
+    a, b, c = torch.rand(elements), torch.rand(elements), torch.empty(elements)
+    seconds = median_seconds(lambda: torch.add(a, b, out=c), min_time)
+    return 3 * 4 * elements / seconds / 1e9
+
+
+def measure_optimizer(elements: int, min_time: float) -> float:
+    """Bytes of optimizer state per second of megalite's fused AdamW (fp32: 32 + 4 bytes per element)."""
+    from megalite.optim.adam import adam_step
+
+    params, grads = [torch.randn(elements)], [torch.randn(elements) * 1e-3]
+    exp_avgs, exp_avg_sqs = [torch.zeros(elements)], [torch.zeros(elements)]
+    step = [0]
+
+    def one_step():
+        step[0] += 1
+        adam_step(params, grads, exp_avgs, exp_avg_sqs, step=step[0], lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
+                  weight_decay=0.01)
+    return (32 + 4) * elements / median_seconds(one_step, min_time)
+
+
+def time_collectives(rank: int, world_size: int, sizes: Sequence[int], repeats: int) -> List[tuple]:
+    """On each of ``world_size`` gloo ranks: (collective, bytes B of the ring model, seconds) per size,
+    the median of ``repeats`` (a fixed count: every rank must call each collective as often) on the
+    slowest rank (a collective ends when its last rank does)."""
+    import torch.distributed as dist
+
+    from megalite.parallel.collectives import all_gather_into, reduce_scatter_into
+
+    samples = []
+    for nbytes in sizes:
+        elements = max(world_size, nbytes // 4 // world_size * world_size)
+        full, part = torch.ones(elements), torch.ones(elements // world_size)
+        peer = rank ^ 1   # ranks pair up 0-1, 2-3, ...; an unpaired last rank sits the send/recv out
+
+        def send_recv():
+            if peer >= world_size:
+                return
+            if rank % 2 == 0:
+                dist.send(full, peer)
+                dist.recv(full, peer)
+            else:
+                dist.recv(full, peer)
+                dist.send(full, peer)
+        ops = {"all_reduce": (lambda: dist.all_reduce(full)),
+               "all_gather": (lambda: all_gather_into(full, part)),
+               "reduce_scatter": (lambda: reduce_scatter_into(part, full)),
+               "send_recv": send_recv}
+        for name, op in ops.items():
+            dist.barrier()
+            op()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                op()
+                times.append(time.perf_counter() - t0)
+            seconds = statistics.median(times)
+            if name == "send_recv":
+                seconds /= 2   # a round trip: two one-way messages
+            slowest = torch.tensor([seconds], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            samples.append((name, 4 * elements, float(slowest)))
+    return samples
+
+
+def fit_alpha_beta(samples: Sequence[tuple], n: int) -> Tuple[float, float]:
+    """(bandwidth GB/s, latency us) minimizing sum(((hops alpha + factor B / bw) - t) / t)^2 over
+    ``samples`` of (collective, B, t), collective a key of COLLECTIVES (its hops and factor at n ranks)."""
+    # Weighted linear least squares in (alpha, 1/bw): rows (hops/t, factor B/t) against 1.
+    s_aa = s_ab = s_bb = s_a = s_b = 0.0
+    for name, nbytes, seconds in samples:
+        hops, factor = COLLECTIVES[name](n)
+        x_a, x_b = hops / seconds, factor * nbytes / seconds
+        s_aa, s_ab, s_bb, s_a, s_b = s_aa + x_a * x_a, s_ab + x_a * x_b, s_bb + x_b * x_b, s_a + x_a, s_b + x_b
+    determinant = s_aa * s_bb - s_ab * s_ab
+    alpha = (s_a * s_bb - s_b * s_ab) / determinant if determinant > 0 else 0.0
+    inverse_bw = (s_b * s_aa - s_a * s_ab) / determinant if determinant > 0 else 0.0
+    if alpha <= 0:          # latency not resolvable: a pure-bandwidth fit
+        alpha, inverse_bw = 0.0, s_b / s_bb
+    if inverse_bw <= 0:     # bandwidth not resolvable: a pure-latency fit
+        alpha, inverse_bw = s_a / s_aa, 1e-12
+    return 1.0 / inverse_bw / 1e9, alpha * 1e6
+
+
+def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
+    """Measure this machine, write the calibration JSON to ``path`` and return it.
+
+    ``ranks``: gloo ranks of the collective measurements (and the ranks that share the cores);
+    ``quick``: tiny sizes and short timings (seconds), for a test of the file, not for planning.
+    """
+    if ranks < 2:
+        raise ValueError(f"--ranks {ranks}: collectives need at least 2 ranks")
+    from megalite.testing import run_on_ranks
+
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // ranks)
+    min_time = 0.005 if quick else 0.05
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        matmul = measure_matmul(GEMM_SIZES_QUICK if quick else GEMM_SIZES, min_time)
+        bandwidth = measure_memory_bandwidth((1 << 20) if quick else (32 << 20), min_time)
+        optimizer = measure_optimizer((1 << 18) if quick else (8 << 20), min_time)
+    finally:
+        torch.set_num_threads(previous_threads)
+    sizes = MESSAGE_BYTES_QUICK if quick else MESSAGE_BYTES
+    samples = run_on_ranks(time_collectives, ranks, sizes, 3 if quick else 20, timeout=300)[0]
+    network_bw, network_latency = fit_alpha_beta(samples, ranks)
+    per_collective = {}
+    for name in COLLECTIVES:
+        bw, latency = fit_alpha_beta([s for s in samples if s[0] == name], ranks)
+        per_collective[name] = {"bandwidth_gbs": bw, "latency_us": latency}
+    link = {"bandwidth_gbs": network_bw, "latency_us": network_latency}
+    document = {
+        "name": f"cpu: {platform.processor() or platform.machine()}, {cores} cores, {threads} thread(s) per rank",
+        "peak_tflops": {dtype: max(r["tflops"] for r in matmul if r["dtype"] == dtype) for dtype in DTYPES},
+        "matmul": matmul,
+        "memory_bandwidth_gbs": bandwidth,
+        "network": {"intra_node": dict(link), "inter_node": dict(link)},
+        "gpus_per_node": ranks,
+        "optimizer_bytes_per_s": optimizer,
+        "threads_per_rank": threads,
+        "collectives": per_collective,
+        "samples": [{"collective": name, "bytes": nbytes, "seconds": seconds} for name, nbytes, seconds in samples],
+        "torch": torch.__version__,
+    }
+    bad = [key for key in ("memory_bandwidth_gbs", "optimizer_bytes_per_s") if not document[key] > 0]
+    bad += [f"matmul {r}" for r in matmul if not (r["tflops"] > 0 and math.isfinite(r["tflops"]))]
+    if bad:
+        raise RuntimeError(f"calibration measured non-positive figures: {bad[:3]}")
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1)
+    return document
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Measure this machine for megalite's performance model.")
+    parser.add_argument("path", help="the calibration JSON to write")
+    parser.add_argument("--ranks", type=int, default=2, help="gloo ranks of the collective measurements")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks the file, not the machine")
+    args = parser.parse_args(argv)
+    try:
+        document = calibrate(args.path, args.ranks, args.quick)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    link = document["network"]["intra_node"]
+    print(f"{document['name']}: peak {document['peak_tflops']['float32']:.3f} TFLOP/s fp32, "
+          f"{document['peak_tflops']['bfloat16']:.3f} bf16; memory {document['memory_bandwidth_gbs']:.1f} GB/s; "
+          f"gloo {link['bandwidth_gbs']:.2f} GB/s, {link['latency_us']:.0f} us; "
+          f"Adam {document['optimizer_bytes_per_s'] / 1e9:.2f} GB/s -> {args.path}")
+
+
+if __name__ == "__main__":
+    main()

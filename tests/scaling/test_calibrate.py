@@ -1,0 +1,51 @@
+"""megalite/scaling/calibrate.py: the file has the planner's schema with positive figures, loads as a
+Hardware, and the alpha-beta fit recovers a known link."""
+import json
+
+import pytest
+
+from megalite.scaling.calibrate import COLLECTIVES, calibrate, fit_alpha_beta
+from megalite.scaling.hardware import from_calibration
+
+
+def test_quick_calibration_has_the_schema(tmp_path):
+    path = tmp_path / "machine.json"
+    returned = calibrate(str(path), ranks=2, quick=True)
+    with open(path) as f:
+        document = json.load(f)
+    assert document == json.loads(json.dumps(returned))
+    assert isinstance(document["name"], str) and document["name"]
+    assert set(document["peak_tflops"]) == {"float32", "bfloat16"}
+    assert all(v > 0 for v in document["peak_tflops"].values())
+    assert {(r["dtype"]) for r in document["matmul"]} == {"float32", "bfloat16"}
+    for row in document["matmul"]:
+        assert all(isinstance(row[key], int) and row[key] > 0 for key in "mnk")
+        assert row["tflops"] > 0
+    for dtype in ("float32", "bfloat16"):
+        assert document["peak_tflops"][dtype] == max(r["tflops"] for r in document["matmul"] if r["dtype"] == dtype)
+    assert document["memory_bandwidth_gbs"] > 0 and document["optimizer_bytes_per_s"] > 0
+    for link in ("intra_node", "inter_node"):
+        assert document["network"][link]["bandwidth_gbs"] > 0
+        assert document["network"][link]["latency_us"] >= 0
+    assert document["gpus_per_node"] == 2
+    hardware = from_calibration(document)
+    assert hardware.peak("float32") == document["peak_tflops"]["float32"]
+    assert len(hardware.matmul) == len(document["matmul"])
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_alpha_beta_fit_recovers_a_known_link(n):
+    bandwidth_gbs, latency_us = 2.5, 40.0
+    samples = []
+    for name, model in COLLECTIVES.items():
+        hops, factor = model(n)
+        for nbytes in (1 << 12, 1 << 16, 1 << 20, 1 << 24):
+            samples.append((name, nbytes, hops * latency_us * 1e-6 + factor * nbytes / (bandwidth_gbs * 1e9)))
+    fitted_bw, fitted_latency = fit_alpha_beta(samples, n)
+    assert fitted_bw == pytest.approx(bandwidth_gbs, rel=1e-9)
+    assert fitted_latency == pytest.approx(latency_us, rel=1e-9)
+
+
+def test_one_rank_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--ranks 1"):
+        calibrate(str(tmp_path / "x.json"), ranks=1)

@@ -1,0 +1,37 @@
+"""tools/scaling_sweep.py --smoke end to end: a real one-rank megalite-train run, its prediction from a
+(quick) calibration file, and the table, CSV and JSON with one row of positive figures.  No timing
+is asserted: the measured-vs-predicted figures of the full sweep are in docs/scaling_measured.md."""
+import csv
+import json
+
+import scaling_sweep
+
+from megalite.scaling.calibrate import calibrate
+
+
+def test_smoke_sweep_writes_the_table(tmp_path):
+    calibration = tmp_path / "machine.json"
+    calibrate(str(calibration), ranks=2, quick=True)
+    out = tmp_path / "sweep"
+    rows = scaling_sweep.main(["--out", str(out), "--smoke", "--iters", "4", "--calibration", str(calibration)])
+    assert [row["name"] for row in rows] == ["h64 1 rank"]
+    with open(out / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 1 and list(table[0]) == scaling_sweep.COLUMNS
+    row = table[0]
+    for column in ("step_s", "pred_step_s", "step_ratio", "tokens_per_s", "peak_mib", "pred_memory_mib",
+                   "pred_layer_act_mib", "cpu_layer_act_mib"):
+        assert float(row[column]) > 0, column
+    assert row["bubble"] == "" and row["pred_bubble"] == ""      # one rank: no pipeline
+    with open(out / "sweep.json") as f:
+        document = json.load(f)
+    assert document["machine"].startswith("cpu") and len(document["rows"]) == 1
+    assert "| smoke | h64 1 rank | 1 |" in (out / "sweep.md").read_text()
+
+
+def test_too_few_iterations_are_refused(tmp_path, capsys):
+    try:
+        scaling_sweep.main(["--out", str(tmp_path), "--smoke", "--iters", "2"])
+    except SystemExit as exit:
+        assert exit.code == 2
+    assert "--iters 2: at least 4" in capsys.readouterr().err
