@@ -36,11 +36,13 @@ def logged(out):
 
 
 def workers_of(pids):
-    """The training processes torchrun started (its children that run python)."""
+    """The training processes: the children of the torchrun agents among these processes and their
+    descendants (the torchrun script runs its agent as a child)."""
     found = []
     for pid in pids:
+        agent = b"torch.distributed.run" in open(f"/proc/{pid}/cmdline", "rb").read()
         for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
-            found.append(int(child))
+            found.extend([int(child)] if agent else workers_of([int(child)]))
     return found
 
 
