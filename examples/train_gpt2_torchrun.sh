@@ -12,7 +12,10 @@
 # CPU machines work too (gloo): NPROC_PER_NODE sets the ranks per node (default: GPUs, else 2).
 # The run resumes from its newest checkpoint when started again (--load = --save), and SIGTERM to
 # the training processes (a scheduler's preemption notice) saves at the end of the iteration and
-# exits 0 (--exit-signal-handler).
+# exits 0 (--exit-signal-handler).  MAX_RESTARTS=N lets torchrun restart the ranks up to N times
+# when one dies (they resume from the newest checkpoint).  When ranks fail, the first one's error
+# line, `[rank N] ...`, is printed again as the last line (after torchrun's summary), and the script
+# exits non-zero.  TRAIN_SCRIPT replaces examples/pretrain_gpt.py as the program torchrun starts.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -6,16 +6,19 @@ created just before it strikes, so the same command, run again (or restarted by 
 without it:
 
     kill-after-save:ITER:RANK      RANK is SIGKILLed once iteration ITER's checkpoint is complete; when
-                                   torchrun restarts it, it starts 4 s late, as a slow node would
+                                   torchrun restarts it, it starts 6 s late, as a slow node would
     kill-before-manifest:ITER      rank 0 is SIGKILLed with every file of ITER durable but no manifest
     kill-mid-files:ITER:RANK       RANK is SIGKILLed after writing its first file of iteration ITER
     missing-data:RANK              RANK alone fails to find its data file during setup (a node without it)
     disk-full:ITER:RANK            RANK alone cannot write its checkpoint files of iteration ITER (ENOSPC)
+    none                           no fault; after main() each rank prints the threads it still has,
+                                   `[rank N] threads left: <names>` (none should outlive the run)
 """
 import errno
 import os
 import signal
 import sys
+import threading
 import time
 
 from megalite import checkpoint, training
@@ -43,7 +46,7 @@ def _plant(fault: str) -> None:
     if kind == "kill-after-save":
         iteration, victim = int(where[0]), int(where[1])
         if rank == victim and os.path.exists(os.environ["MEGALITE_TEST_FAULT_ONCE"]):
-            time.sleep(4)   # the others meet first, where the failed attempt's keys still are
+            time.sleep(6)   # the others meet first, where the failed attempt's keys still are
         save = training.save
 
         def save_then_die(run):
@@ -82,10 +85,15 @@ def _plant(fault: str) -> None:
                                         f"(/data/shard-{rank}.bin)")
             return datasets(*args, **kwargs)
         training.datasets_from_config = datasets_or_missing
-    else:
+    elif kind != "none":
         raise SystemExit(f"faulty_train.py: unknown MEGALITE_TEST_FAULT {fault!r}")
 
 
 if __name__ == "__main__":
     _plant(os.environ["MEGALITE_TEST_FAULT"])
-    sys.exit(main(prog="pretrain_gpt.py"))
+    status = main(prog="pretrain_gpt.py")
+    if os.environ["MEGALITE_TEST_FAULT"] == "none":
+        others = [open(f"/proc/self/task/{tid}/comm").read().strip()
+                  for tid in os.listdir("/proc/self/task") if int(tid) != threading.get_native_id()]
+        print(f"[rank {os.environ['RANK']}] threads left: {others}", flush=True)
+    sys.exit(status)

@@ -57,15 +57,21 @@ def straight(tmp_path_factory):
     return losses(cwd / "run")
 
 
-def test_data_parallel_runs_exit_0_without_an_abort_at_shutdown(tmp_path):
+def test_data_parallel_runs_exit_0_and_leave_no_collective_thread_behind(tmp_path):
+    """The shutdown abort: a process group kept alive past main() (DDP's gradient hooks held it) has
+    gloo threads that may still be releasing a collective's tensors while Python finalizes, and are
+    then ended inside a destructor (SIGABRT, "terminate called without an active exception").  It
+    struck about one exit in fifteen on this machine under load, so the test checks the cause,
+    every thread gone once main() returns, besides the exit status."""
     variants = {"plain": [], "overlap": ["--overlap-grad-reduce"], "zero1": ["--use-distributed-optimizer"],
                 "zero1-overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce"]}
-    # All at once: the abort was seen on loaded machines.
-    runs = {name: launch(tmp_path / name, tmp_path, [*TINY, "--train-iters", "3", *flags])
-            for name, flags in variants.items()}
+    runs = {name: launch(tmp_path / name, tmp_path, [*TINY, "--train-iters", "3", *flags], fault="none")
+            for name, flags in variants.items()}     # all at once: the abort needs a loaded machine
     for name, run in runs.items():
         status, output = finish(run)
         assert status == 0 and "terminate called" not in output, f"{name}: exit {status}\n{output[-3000:]}"
+        for rank in (0, 1):
+            assert f"[rank {rank}] threads left: []" in output, f"{name}:\n{output[-3000:]}"
 
 
 def test_torchrun_restarts_a_killed_rank_and_resumes_from_the_newest_checkpoint(tmp_path, straight):
