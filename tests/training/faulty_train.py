@@ -6,7 +6,7 @@ created just before it strikes, so the same command, run again (or restarted by 
 without it:
 
     kill-after-save:ITER:RANK      RANK is SIGKILLed once iteration ITER's checkpoint is complete; when
-                                   torchrun restarts it, it starts 6 s late, as a slow node would
+                                   torchrun restarts the ranks, RANK joins late, as a slow node would
     kill-before-manifest:ITER      rank 0 is SIGKILLed with every file of ITER durable but no manifest
     kill-mid-files:ITER:RANK       RANK is SIGKILLed after writing its first file of iteration ITER
     missing-data:RANK              RANK alone fails to find its data file during setup (a node without it)
@@ -20,6 +20,8 @@ import signal
 import sys
 import threading
 import time
+
+import torch.distributed as dist
 
 from megalite import checkpoint, training
 from megalite.train import main
@@ -40,13 +42,31 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _restart_victim_late(victim: int, rank: int) -> None:
+    """The other ranks start to meet first, where the failed attempt's keys are still in torchrun's
+    store; the victim joins 5 s later (gloo gives up on a refused address after about 4 s)."""
+    marker = os.environ["MEGALITE_TEST_FAULT_ONCE"] + ".meeting"
+    if rank != victim:
+        init_process_group = dist.init_process_group
+
+        def announce_then_init(*args, **kwargs):
+            open(f"{marker}.{rank}", "w").close()
+            return init_process_group(*args, **kwargs)
+        dist.init_process_group = announce_then_init
+        return
+    others = [r for r in range(int(os.environ["WORLD_SIZE"])) if r != victim]
+    while not all(os.path.exists(f"{marker}.{r}") for r in others):
+        time.sleep(0.05)
+    time.sleep(5)
+
+
 def _plant(fault: str) -> None:
     kind, *where = fault.split(":")
     rank = int(os.environ["RANK"])
     if kind == "kill-after-save":
         iteration, victim = int(where[0]), int(where[1])
-        if rank == victim and os.path.exists(os.environ["MEGALITE_TEST_FAULT_ONCE"]):
-            time.sleep(6)   # the others meet first, where the failed attempt's keys still are
+        if os.path.exists(os.environ["MEGALITE_TEST_FAULT_ONCE"]):
+            _restart_victim_late(victim, rank)
         save = training.save
 
         def save_then_die(run):
