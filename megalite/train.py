@@ -73,7 +73,6 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     if "-h" in argv or "--help" in argv:
         print_help(prog)
         return 0
-    run = None
     try:
         try:
             run = setup(argv)
@@ -91,7 +90,6 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
         record(error_line(prog, f"{type(error).__name__}: {first_line(error)}"))
         raise
     finally:
-        run = None  # noqa: F841 - a bug's traceback keeps this frame; the run must not outlive main()
         state.destroy_grid()
         if dist.is_initialized():
             dist.destroy_process_group()
