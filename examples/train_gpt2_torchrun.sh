@@ -12,7 +12,10 @@
 # CPU machines work too (gloo): NPROC_PER_NODE sets the ranks per node (default: GPUs, else 2).
 # The run resumes from its newest checkpoint when started again (--load = --save), and SIGTERM to
 # the training processes (a scheduler's preemption notice) saves at the end of the iteration and
-# exits 0 (--exit-signal-handler).
+# exits 0 (--exit-signal-handler).  MAX_RESTARTS=N lets torchrun restart the ranks up to N times
+# when one dies (they resume from the newest checkpoint).  When ranks fail, the first one's error
+# line, `[rank N] ...`, is printed again as the last line (after torchrun's summary), and the script
+# exits non-zero.  TRAIN_SCRIPT replaces examples/pretrain_gpt.py as the program torchrun starts.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -29,6 +32,8 @@ TP="${TP:-1}"
 PP="${PP:-1}"
 VPP="${VPP:-}"
 OUT="${OUT:-runs/gpt2-small}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+TRAIN_SCRIPT="${TRAIN_SCRIPT:-examples/pretrain_gpt.py}"
 
 if [ -n "${DATA_PATH:-}" ]; then
   [ -s .cache/gpt2/encoder.json ] || "$PY" tools/fetch_gpt2_vocab.py
@@ -54,8 +59,28 @@ TRAIN_FLAGS=(--micro-batch-size 4 --global-batch-size 256 --train-iters 20000
              --save "$OUT/checkpoints" --load "$OUT/checkpoints" --save-interval 1000
              --log-json "$OUT/log.jsonl" --exit-signal-handler)
 
+RDZV_FLAGS=(--max-restarts "$MAX_RESTARTS" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+
 mkdir -p "$OUT"
-exec "$PY" -m torch.distributed.run --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" \
-    --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-    examples/pretrain_gpt.py "${MODEL_FLAGS[@]}" "${TRAIN_FLAGS[@]}" "${DATA_FLAGS[@]}" \
-    "${PARALLEL_FLAGS[@]}" ${PRECISION_FLAGS[@]+"${PRECISION_FLAGS[@]}"} "$@"
+# Every rank that fails appends its one error line here; the first is the cause (the others mostly
+# lost their peer), and it is printed again last, below torchrun's own summary.
+export MEGALITE_ERROR_FILE="$OUT/errors.node$NODE_RANK.txt"
+: > "$MEGALITE_ERROR_FILE"
+# torchrun in the background so that this script outlives it: a SIGTERM or SIGINT sent to the script
+# goes on to torchrun, which passes it to the training processes.
+"$PY" -m torch.distributed.run --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" "${RDZV_FLAGS[@]}" \
+    "$TRAIN_SCRIPT" "${MODEL_FLAGS[@]}" "${TRAIN_FLAGS[@]}" "${DATA_FLAGS[@]}" \
+    "${PARALLEL_FLAGS[@]}" ${PRECISION_FLAGS[@]+"${PRECISION_FLAGS[@]}"} "$@" &
+TORCHRUN=$!
+trap 'kill -TERM "$TORCHRUN" 2>/dev/null' TERM
+trap 'kill -INT "$TORCHRUN" 2>/dev/null' INT
+status=0
+# wait returns early (>128) when a trapped signal arrives; wait again until torchrun has ended.
+while true; do
+  wait "$TORCHRUN" && status=0 || status=$?
+  kill -0 "$TORCHRUN" 2>/dev/null || break
+done
+if [ "$status" -ne 0 ] && [ -s "$MEGALITE_ERROR_FILE" ]; then
+  head -n 1 "$MEGALITE_ERROR_FILE" >&2
+fi
+exit "$status"

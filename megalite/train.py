@@ -9,6 +9,11 @@ Bad input (a flag value, a missing or corrupt dataset, a vocabulary that does no
 sizes that do not divide) is reported as one line, ``<program>: error: ...``, with exit status 2,
 where <program> is the name the user typed (``megalite-train``, ``python -m megalite.train`` or
 ``pretrain_gpt.py``).  Anything else is a bug and keeps its traceback.
+
+Under a launcher, one rank's fault is said by that rank, ``... error: [rank 3] ...``, and also
+appended to the file named by MEGALITE_ERROR_FILE (a bug as ``[rank 3] <Type>: <message>``), before
+the rank leaves the process group: its peers, blocked in a collective, fail only once it has gone,
+so the file's first line is the cause.  examples/train_gpt2_torchrun.sh prints that line last.
 """
 from __future__ import annotations
 
@@ -30,14 +35,33 @@ def print_help(prog: str) -> None:
     parser.print_help()
 
 
-def report(prog: str, error: BaseException) -> None:
-    """One line on stderr.  Before the ranks meet, every rank fails alike and rank 0 speaks; after,
-    a fault may be one rank's own (a file only it reads), so each rank says it with its rank."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def error_line(prog: str, message: str) -> Optional[str]:
+    """``<prog>: error: [rank N] <message>``.  Before the ranks meet, every rank fails alike and rank 0
+    speaks (None elsewhere); after, a fault may be one rank's own (a file only it reads)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        print(f"{prog}: error: [rank {dist.get_rank()}] {message}", file=sys.stderr, flush=True)
-    elif int(os.environ.get("RANK", "0")) == 0:
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return f"{prog}: error: [rank {dist.get_rank()}] {message}"
+    return f"{prog}: error: {message}" if int(os.environ.get("RANK", "0")) == 0 else None
+
+
+def record(line: Optional[str]) -> None:
+    """Append the line to MEGALITE_ERROR_FILE when the launcher set it (one short write: ranks on a
+    node share the file, and O_APPEND keeps their lines whole)."""
+    path = os.environ.get("MEGALITE_ERROR_FILE")
+    if line is not None and path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def report(prog: str, error: BaseException) -> None:
+    """Bad input: one line on stderr, and recorded."""
+    line = error_line(prog, first_line(error))
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
+    record(line)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
@@ -60,6 +84,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
         except (TrainingDiverged, CheckpointError) as error:
             report(prog, error)
             return 2
+    except Exception as error:
+        # A bug (or a peer's fault felt as a lost connection): the traceback follows; the record
+        # names it in one line.
+        record(error_line(prog, f"{type(error).__name__}: {first_line(error)}"))
+        raise
     finally:
         state.destroy_grid()
         if dist.is_initialized():

@@ -35,6 +35,7 @@ identically and its grads can be summed shard-to-shard after the reduce-scatter.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -131,6 +132,26 @@ class GradBuffer:
                 param.data = self.param_data[start:end].view(param.shape)
 
 
+def _calls_grad_hook_of(ddp: "DistributedDataParallel"):
+    """A parameter's hook that holds the wrapper weakly.
+
+    Hooks live on the C++ side of a tensor, out of reach of Python's cycle collector: a bound method
+    there would keep the wrapper -- and its process group -- alive until the process ends.  gloo
+    runs collectives on the group's threads, and such a thread releases a finished collective (its
+    tensors, which takes the GIL) a moment after ``work.wait()`` returned; if the interpreter is
+    finalizing by then, the thread is ended inside a destructor: std::terminate ("terminate called
+    without an active exception"), SIGABRT at the exit of a run that succeeded.  Held weakly, the
+    wrapper and the group go when the run does, and the group joins its threads.
+    """
+    wrapper = weakref.ref(ddp)
+
+    def hook(param: torch.nn.Parameter) -> None:
+        live = wrapper()
+        if live is not None:
+            live._grad_hook(param)
+    return hook
+
+
 def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
     """The model inside a :class:`DistributedDataParallel` (or any ``.module``) wrapper."""
     while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
@@ -179,7 +200,7 @@ class DistributedDataParallel(torch.nn.Module):
         self.num_collectives = 0        # launched since construction (tests and logs read it)
         for bucket in self.buckets:
             bucket.reset()
-        self._hook_handles = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in params]
+        self._hook_handles = [p.register_post_accumulate_grad_hook(_calls_grad_hook_of(self)) for p in params]
         self._names = {id(p): name for name, p in module.named_parameters()}
 
     # -- the wrapped module ------------------------------------------------------------------------

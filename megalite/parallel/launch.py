@@ -2,6 +2,12 @@
 
 Collectives get a timeout (``--distributed-timeout-minutes``), so a rank that waits for a peer
 that never comes fails with an error instead of hanging forever.
+
+Restarts (``torchrun --max-restarts``): the workers meet in the store of torchrun's agent, which
+outlives a restart, and the keys of the attempt that failed stay in it -- among them each rank's
+gloo/NCCL address.  A restarted rank that reads a peer's key before the restarted peer rewrites it
+connects to a dead process and waits out the timeout.  So each attempt meets under its own prefix,
+``megalite/attempt<TORCHELASTIC_RESTART_COUNT>/``.
 """
 from __future__ import annotations
 
@@ -19,6 +25,16 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _store_of_this_attempt(world_size: int, timeout: datetime.timedelta):
+    """torchrun's agent store, under a prefix of this restart attempt; None (env://) outside torchrun."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"megalite/attempt{attempt}/", store)
+
+
 def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> None:
     """Initialize the default process group once; a no-op when it already is."""
     if dist.is_initialized():
@@ -29,7 +45,8 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) 
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        dist.init_process_group(backend, store=_store_of_this_attempt(world, timeout), rank=rank, world_size=world,
+                                timeout=timeout)
     else:
         # A single process: a file store in a private folder avoids picking a TCP port.
         folder = tempfile.mkdtemp(prefix="megalite-")

@@ -3,6 +3,7 @@ and 1, rendezvous on 127.0.0.1) train, take a SIGTERM, save, exit 0, and resume;
 does the same with ``srun`` and ``scontrol`` replaced by stubs that start one agent per node."""
 import json
 import os
+import random
 import signal
 import socket
 import stat
@@ -20,9 +21,18 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (ip_local_port_range): torchrun binds it
+    seconds later, and a port the kernel hands out meanwhile to some connection (gloo opens many)
+    would be taken by then."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    while True:
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def environment(out, port, **extra):
@@ -36,11 +46,13 @@ def logged(out):
 
 
 def workers_of(pids):
-    """The training processes torchrun started (its children that run python)."""
+    """The training processes: the children of the torchrun agents among these processes and their
+    descendants (the torchrun script runs its agent as a child)."""
     found = []
     for pid in pids:
+        agent = b"torch.distributed.run" in open(f"/proc/{pid}/cmdline", "rb").read()
         for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
-            found.append(int(child))
+            found.extend([int(child)] if agent else workers_of([int(child)]))
     return found
 
 
