@@ -5,7 +5,7 @@
 Builds megalite's ``TransformerLayer`` (no parallelism, fp32, dropout off, sequence 256, micro-batch
 4, heads = hidden / 32: the sweep's one-rank models) and times, at the calibration's
 ``threads_per_rank`` torch threads, the process CPU time of the forward and of forward + backward
-(median of ``--repeats`` after two warm-up calls; CPU time, so other processes on the cores do not
+(median of ``--repeats`` after a second of warm-up calls; CPU time, so other processes on the cores do not
 count, though they still share caches and memory bandwidth).  Prints each against the model's
 ``forward`` and ``forward + backward_input + backward_weight`` with that calibration file.
 """
@@ -19,9 +19,14 @@ import time
 import torch
 
 
-def cpu_seconds(fn, repeats: int) -> float:
-    fn()
-    fn()
+def cpu_seconds(fn, repeats: int, warmup_s: float = 1.0) -> float:
+    """Median process CPU time of ``fn`` after warm-up calls for ``warmup_s`` wall seconds (at least two:
+    a fresh process's first second of allocations runs far slower than its steady state)."""
+    started = time.perf_counter()
+    for calls in range(1000):
+        fn()
+        if calls >= 1 and time.perf_counter() - started > warmup_s:
+            break
     times = []
     for _ in range(repeats):
         t0 = time.process_time()
