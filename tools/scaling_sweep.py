@@ -268,6 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                     raise
                 print(f"{config.name}: failed, rerunning once: {str(error).splitlines()[1:2]}", flush=True)
         row["attempts"] = attempt
+        row["threads_per_rank"] = threads
         row.update(predicted(config, hardware))
         row["step_ratio"] = row["step_s"] / row["pred_step_s"]
         row["cpu_ratio"] = row["cpu_step_s"] / row["pred_step_s"]
