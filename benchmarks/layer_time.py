@@ -5,7 +5,7 @@
 Builds megalite's ``TransformerLayer`` (no parallelism, fp32, dropout off, sequence 256, micro-batch
 4, heads = hidden / 32: the sweep's one-rank models) and times, at the calibration's
 ``threads_per_rank`` torch threads, the process CPU time of the forward and of forward + backward
-(median of ``--repeats`` after a second of warm-up calls; CPU time, so other processes on the cores do not
+(median of ``--repeats`` after 3 s of warm-up calls; CPU time, so other processes on the cores do not
 count, though they still share caches and memory bandwidth).  Prints each against the model's
 ``forward`` and ``forward + backward_input + backward_weight`` with that calibration file.
 """
@@ -19,9 +19,10 @@ import time
 import torch
 
 
-def cpu_seconds(fn, repeats: int, warmup_s: float = 1.0) -> float:
+def cpu_seconds(fn, repeats: int, warmup_s: float = 3.0) -> float:
     """Median process CPU time of ``fn`` after warm-up calls for ``warmup_s`` wall seconds (at least two:
-    a fresh process's first second of allocations runs far slower than its steady state)."""
+    the first shapes timed in a fresh process have run up to 10x slower than later here, cause not
+    established)."""
     started = time.perf_counter()
     for calls in range(1000):
         fn()
