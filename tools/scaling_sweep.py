@@ -4,8 +4,10 @@
     python tools/scaling_sweep.py --out /tmp/sweep --smoke             # one tiny run: checks the tool
 
 Every configuration is a real ``megalite-train`` run (``python -m torch.distributed.run --standalone
--m megalite.train``) on mock data, one thread per rank (``OMP_NUM_THREADS=1``: the calibration's
-``threads_per_rank`` on two cores), fp32, dropout off.  From its ``--log-json`` records (rank 0):
+-m megalite.train``) on mock data, fp32, dropout off, each rank at the calibration file's
+``threads_per_rank`` torch threads (``OMP_NUM_THREADS``; cores / 2 ranks, one on two cores): the
+thread count every figure the prediction reads was measured at, one-rank runs included.  From its
+``--log-json`` records (rank 0):
 
     step s       median ``elapsed_ms`` of the steps after the first ``WARMUP`` (the last step is left
                  out when it records the pipeline timeline)
@@ -97,8 +99,9 @@ def grid(smoke: bool) -> List[Config]:
     return configs
 
 
-def run_config(config: Config, folder: str, iters: int, timeout: float) -> dict:
-    """Train ``config`` for ``iters`` steps; the measured figures from its --log-json records."""
+def run_config(config: Config, folder: str, iters: int, timeout: float, threads: int = 1) -> dict:
+    """Train ``config`` for ``iters`` steps at ``threads`` torch threads per rank; the measured figures
+    from its --log-json records."""
     slug = config.name.replace(" ", "_").replace(",", "")
     log = os.path.join(folder, f"{slug}.jsonl")
     pipeline = "--pipeline-model-parallel-size" in config.flags
@@ -107,7 +110,8 @@ def run_config(config: Config, folder: str, iters: int, timeout: float) -> dict:
         argv += ["--timeline", os.path.join(folder, f"{slug}_timeline.png")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.ranks}",
                "-m", "megalite.train"] + argv
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     load_before = os.getloadavg()[0]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -156,6 +160,7 @@ def predicted(config: Config, hardware) -> dict:
 
 
 def load_calibration(path: str, ranks: int):
+    """(Hardware, threads per rank) of the calibration file at ``path``, measured first if missing."""
     from megalite.scaling.hardware import from_calibration
 
     if not os.path.exists(path):
@@ -163,7 +168,8 @@ def load_calibration(path: str, ranks: int):
         print(f"measuring this machine -> {path}", flush=True)
         calibrate(path, ranks)
     with open(path) as f:
-        return from_calibration(json.load(f), path)
+        document = json.load(f)
+    return from_calibration(document, path), int(document.get("threads_per_rank", 1))
 
 
 COLUMNS = ["group", "name", "ranks", "step_s", "pred_step_s", "step_ratio", "tokens_per_s", "bubble", "pred_bubble",
@@ -248,20 +254,21 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         parser.error(f"--iters {args.iters}: at least {WARMUP + 2} (the first {WARMUP} are warm-up)")
     args.out = os.path.abspath(args.out)   # the runs start in OUT/runs: every path they get is absolute
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-    hardware = load_calibration(args.calibration or os.path.join(args.out, "calibration.json"), 2)
+    hardware, threads = load_calibration(args.calibration or os.path.join(args.out, "calibration.json"), 2)
     configs = [c for c in grid(args.smoke) if not args.only or args.only in c.group or args.only in c.name]
     rows: List[Dict] = []
     for config in configs:
         row = {"group": config.group, "name": config.name, "ranks": config.ranks}
         for attempt in (1, 2):   # one retry: a run that aborts once (seen: at exit, after its last step) is rerun
             try:
-                row.update(run_config(config, os.path.join(args.out, "runs"), args.iters, timeout=600))
+                row.update(run_config(config, os.path.join(args.out, "runs"), args.iters, timeout=600, threads=threads))
                 break
             except RuntimeError as error:
                 if attempt == 2:
                     raise
                 print(f"{config.name}: failed, rerunning once: {str(error).splitlines()[1:2]}", flush=True)
         row["attempts"] = attempt
+        row["threads_per_rank"] = threads
         row.update(predicted(config, hardware))
         row["step_ratio"] = row["step_s"] / row["pred_step_s"]
         row["cpu_ratio"] = row["cpu_step_s"] / row["pred_step_s"]

@@ -9,7 +9,9 @@ writes the calibration file that ``hardware.from_calibration`` reads (``megalite
      "matmul": [{"m": int, "n": int, "k": int, "dtype": "float32"|"bfloat16", "tflops": f}, ...],
      "memory_bandwidth_gbs": f,
      "network": {"intra_node": {"bandwidth_gbs": f, "latency_us": f}, "inter_node": {...}},
-     "gpus_per_node": int, "optimizer_bytes_per_s": f}
+     "gpus_per_node": int, "optimizer_bytes_per_s": f,
+     "attention": [{"heads", "s", "d", "dtype", "forward_tflops", "backward_tflops"}, ...],
+     "elementwise": [{"op", "dtype", "bytes", "forward_gbs", "backward_gbs"}, ...]}
 
 plus what was measured to get there ("threads_per_rank", "collectives": the fit of each collective
 alone, "samples": every collective timing).  What each figure is:
@@ -24,6 +26,9 @@ alone, "samples": every collective timing).  What each figure is:
   ``communication.py`` (``t = hops x alpha + bytes_factor x B / bw``, hops = 2(n-1), n-1, n-1, 1 and
   bytes_factor = 2(n-1)/n, (n-1)/n, (n-1)/n, 1) by least squares on relative error, all four
   together.  One machine has one network: ``inter_node`` = ``intra_node``, ``gpus_per_node`` = ranks.
+- Attention core and elementwise ops (``calibrate_ops.py``): SDPA with megalite's head copies by
+  (heads, s, d) and LayerNorm, GELU, the residual add and the cross-entropy by size, forward and
+  backward, as effective rates on what ``compute.py`` counts for them.
 - Optimizer: megalite's fused AdamW on fp32 pieces, in the bytes ``predict`` charges per state
   element (``32 + e``: gradient read, master, both moments read and written, the parameter copy)
   per second.
@@ -45,10 +50,13 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from megalite.scaling.calibrate_ops import measure_attention, measure_elementwise
+from megalite.scaling.timing import median_seconds
+
 __all__ = ["calibrate", "fit_alpha_beta", "COLLECTIVES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-GEMM_SIZES = (32, 128, 512, 2048)          # m, n and k each
+GEMM_SIZES = (32, 128, 256, 512, 1024, 2048)          # m, n and k each
 GEMM_SIZES_QUICK = (32, 256)
 MESSAGE_BYTES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 8 << 20)
 MESSAGE_BYTES_QUICK = (4 << 10, 256 << 10)
@@ -60,18 +68,6 @@ COLLECTIVES: Dict[str, Callable[[int], Tuple[float, float]]] = {
     "reduce_scatter": lambda n: (float(n - 1), (n - 1) / n),
     "send_recv": lambda n: (1.0, 1.0),
 }
-
-
-def median_seconds(fn: Callable[[], object], min_time: float = 0.05, max_repeats: int = 50) -> float:
-    """Median wall time of ``fn`` after one untimed call; repeats until ``min_time`` has passed."""
-    fn()
-    times: List[float] = []
-    started = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - started < min_time and len(times) < max_repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure_matmul(sizes: Sequence[int], min_time: float) -> List[dict]:
@@ -191,6 +187,8 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
         matmul = measure_matmul(GEMM_SIZES_QUICK if quick else GEMM_SIZES, min_time)
         bandwidth = measure_memory_bandwidth((1 << 20) if quick else (32 << 20), min_time)
         optimizer = measure_optimizer((1 << 18) if quick else (8 << 20), min_time)
+        attention = measure_attention(DTYPES, quick, min_time)
+        elementwise = measure_elementwise(DTYPES, quick, min_time)
     finally:
         torch.set_num_threads(previous_threads)
     sizes = MESSAGE_BYTES_QUICK if quick else MESSAGE_BYTES
@@ -209,6 +207,8 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
         "network": {"intra_node": dict(link), "inter_node": dict(link)},
         "gpus_per_node": ranks,
         "optimizer_bytes_per_s": optimizer,
+        "attention": attention,
+        "elementwise": elementwise,
         "threads_per_rank": threads,
         "collectives": per_collective,
         "samples": [{"collective": name, "bytes": nbytes, "seconds": seconds} for name, nbytes, seconds in samples],
@@ -216,6 +216,8 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
     }
     bad = [key for key in ("memory_bandwidth_gbs", "optimizer_bytes_per_s") if not document[key] > 0]
     bad += [f"matmul {r}" for r in matmul if not (r["tflops"] > 0 and math.isfinite(r["tflops"]))]
+    bad += [f"{table} {r}" for table in ("attention", "elementwise") for r in document[table]
+            if not all(v > 0 and math.isfinite(v) for k, v in r.items() if k.endswith(("tflops", "gbs")))]
     if bad:
         raise RuntimeError(f"calibration measured non-positive figures: {bad[:3]}")
     with open(path, "w") as f:

@@ -152,17 +152,73 @@ def _backward_gemms(gemm: Gemm) -> List[Gemm]:
 
 
 def _elementwise_bytes(model: ModelConfig, micro_batch: int, tp: int, cp: int, sequence_parallel: bool, e: int):
-    """Forward bytes of one layer's memory-bound passes: (everything, the attention-core part)."""
+    """Forward bytes of one layer's memory-bound passes by op family (``elementwise_seconds``'s names),
+    and the attention core's softmax and dropout bytes."""
     s, h, b, a = model.seq_length // cp, model.hidden_size, micro_batch, model.num_attention_heads
     sbh = s * b * h / (tp if sequence_parallel else 1)
     scores = a * s * model.seq_length * b / tp
-    dropout = model.hidden_dropout > 0
-    attention_dropout = model.attention_dropout > 0
-    core = 2 * e * scores + ((2 * e + 1) * scores if attention_dropout else 0)
-    rest = (2 * 2 * e * sbh                                          # two norms
-            + 2 * ((3 * e + 1) if dropout else 3 * e) * sbh          # two bias-dropout-adds
-            + 2 * e * s * b * model.ffn_hidden_size / tp)            # activation function
-    return rest + core, core
+    core = 2 * e * scores + ((2 * e + 1) * scores if model.attention_dropout > 0 else 0)
+    families = {
+        "norm": (2, 2 * e * sbh),                                                   # two norms
+        "dropout_add" if model.hidden_dropout > 0 else "add":                      # two bias-dropout-adds
+            (2, ((3 * e + 1) if model.hidden_dropout > 0 else 3 * e) * sbh),
+        "swiglu" if model.swiglu else "activation": (1, 2 * e * s * b * model.ffn_hidden_size / tp),
+    }
+    return families, core
+
+
+def _interpolate_log(points, x: float) -> float:
+    """Piecewise-linear interpolation of sorted (x, y) ``points`` in log2 x, constant beyond the ends."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (math.log2(x) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
+    return points[-1][1]
+
+
+def elementwise_seconds(op: str, nbytes: float, hardware: Hardware, dtype: str) -> tuple:
+    """(forward, backward) seconds of an elementwise op that ``compute.py`` counts at ``nbytes`` forward
+    (and ``2 nbytes`` backward): the calibration's measured effective GB/s for ``op`` at that size
+    (interpolated in log bytes), else the memory bandwidth for both."""
+    rows = sorted((r[2], r[3], r[4]) for r in hardware.elementwise if r[0] == op and r[1] == dtype)
+    if not rows:
+        bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
+        return nbytes / bandwidth, 2 * nbytes / bandwidth
+    forward_gbs = _interpolate_log([(r[0], r[1]) for r in rows], nbytes)
+    backward_gbs = _interpolate_log([(r[0], r[2]) for r in rows], nbytes)
+    return nbytes / (forward_gbs * 1e9), 2 * nbytes / (backward_gbs * 1e9)
+
+
+def attention_rates(hardware: Hardware, dtype: str, heads: int, s: int, d: int) -> Optional[tuple]:
+    """Measured (forward, backward) TFLOP/s of the attention core on its ``4 heads s^2 d`` (forward) and
+    ``8 heads s^2 d`` (backward) FLOPs, interpolated like the GEMM table; None without a table."""
+    rows = [r for r in hardware.attention if r[3] == dtype]
+    if not rows:
+        return None
+    point = (math.log2(heads), math.log2(s), math.log2(d))
+    weights, forward, backward = 0.0, 0.0, 0.0
+    for rh, rs, rd, _dtype, rate_forward, rate_backward in rows:
+        distance = sum((p - math.log2(q)) ** 2 for p, q in zip(point, (rh, rs, rd)))
+        if distance < 1e-12:
+            return rate_forward, rate_backward
+        weights, forward, backward = weights + 1 / distance, forward + rate_forward / distance, \
+            backward + rate_backward / distance
+    return forward / weights, backward / weights
+
+
+def _core_times(model: ModelConfig, core: List[Gemm], core_bytes: float, hardware: Hardware, dtype: str) -> tuple:
+    """(forward, backward) seconds of the attention core: measured SDPA when the calibration has it
+    (and attention dropout is off: the table is of the dropout-free kernel), else its GEMMs plus
+    the softmax/dropout bytes at the memory bandwidth."""
+    scores = core[0]
+    rates = attention_rates(hardware, dtype, scores.batch, model.seq_length, model.head_dim)
+    if rates is not None and model.attention_dropout == 0:
+        flops = sum(g.flops for g in core)
+        return flops / (rates[0] * 1e12), 2 * flops / (rates[1] * 1e12)
+    bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
+    backward = sum(gemm_seconds(b, hardware, dtype) for g in core for b in _backward_gemms(g))
+    return _seconds(core, hardware, dtype) + core_bytes / bandwidth, backward + 2 * core_bytes / bandwidth
 
 
 def _seconds(gemms: List[Gemm], hardware: Hardware, dtype: str) -> float:
@@ -173,24 +229,25 @@ def layer_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype:
                 sequence_parallel: bool = False, recompute: Optional[str] = None) -> PassTimes:
     """Compute seconds of one layer on one micro-batch, on one TP rank (communication excluded)."""
     e = element_size(dtype)
-    bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     forward_gemms = layer_gemms(model, micro_batch, tp, cp)
-    elementwise, core_elementwise = _elementwise_bytes(model, micro_batch, tp, cp, sequence_parallel, e)
-    forward = _seconds(forward_gemms, hardware, dtype) + elementwise / bandwidth
-    backward_input = 2 * elementwise / bandwidth
-    backward_weight = 0.0
+    families, core_bytes = _elementwise_bytes(model, micro_batch, tp, cp, sequence_parallel, e)
+    core_forward, core_backward = _core_times(model, [g for g in forward_gemms if g.attention_core], core_bytes,
+                                              hardware, dtype)
+    forward, backward_input, backward_weight = core_forward, core_backward, 0.0
+    for op, (count, nbytes) in families.items():
+        op_forward, op_backward = elementwise_seconds(op, nbytes, hardware, dtype)
+        forward, backward_input = forward + count * op_forward, backward_input + count * op_backward
     for gemm in forward_gemms:
-        grad_input, grad_weight = _backward_gemms(gemm)
-        backward_input += gemm_seconds(grad_input, hardware, dtype)
         if gemm.attention_core:
-            backward_input += gemm_seconds(grad_weight, hardware, dtype)
-        else:
-            backward_weight += gemm_seconds(grad_weight, hardware, dtype)
+            continue
+        grad_input, grad_weight = _backward_gemms(gemm)
+        forward += gemm_seconds(gemm, hardware, dtype)
+        backward_input += gemm_seconds(grad_input, hardware, dtype)
+        backward_weight += gemm_seconds(grad_weight, hardware, dtype)
     if recompute == "full":
         backward_input += forward
     elif recompute == "selective":
-        core = [g for g in forward_gemms if g.attention_core]
-        backward_input += _seconds(core, hardware, dtype) + core_elementwise / bandwidth
+        backward_input += core_forward
     return PassTimes(forward, backward_input, backward_weight)
 
 
@@ -201,10 +258,10 @@ def logits_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype
     vocab = model.padded_vocab_size // tp
     gemm = Gemm("logits", tokens, vocab, model.hidden_size)
     grad_input, grad_weight = _backward_gemms(gemm)
-    bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     softmax_bytes = tokens * vocab * (element_size(dtype) + 4 + 4)   # logits in, fp32 copy, fp32 softmax out
-    return PassTimes(gemm_seconds(gemm, hardware, dtype) + softmax_bytes / bandwidth,
-                     gemm_seconds(grad_input, hardware, dtype) + 2 * softmax_bytes / bandwidth,
+    loss_forward, loss_backward = elementwise_seconds("cross_entropy", softmax_bytes, hardware, dtype)
+    return PassTimes(gemm_seconds(gemm, hardware, dtype) + loss_forward,
+                     gemm_seconds(grad_input, hardware, dtype) + loss_backward,
                      gemm_seconds(grad_weight, hardware, dtype))
 
 

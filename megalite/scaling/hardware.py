@@ -13,6 +13,10 @@ A :class:`Hardware` holds what the performance model reads, each figure from a d
     matmul                 optional measured GEMM throughput by shape: (m, n, k, dtype, tflops)
     optimizer_bytes_per_s  optional measured Adam throughput: bytes per second, counting (32 + e) bytes per
                            parameter updated (fp32 grad, master, m, v, and the e-byte model copy)
+    attention              optional measured attention core (SDPA and its copies) by shape:
+                           (heads, s, d, dtype, forward_tflops, backward_tflops), calibrate_ops.py
+    elementwise            optional measured elementwise ops by size: (op, dtype, bytes, forward_gbs,
+                           backward_gbs), effective GB/s on the bytes compute.py counts, calibrate_ops.py
 
 Presets: ``a100-40gb``, ``a100-80gb``, ``h100-sxm``, ``h200``; ``cpu`` is read from a calibration
 JSON file (the schema of :func:`from_calibration`), and ``--cluster FILE.yaml`` overrides any field
@@ -50,6 +54,8 @@ class Hardware:
     memory_efficiency: float = 1.0
     matmul: Tuple[Tuple[int, int, int, str, float], ...] = field(default=())
     optimizer_bytes_per_s: Optional[float] = None
+    attention: Tuple[Tuple[int, int, int, str, float, float], ...] = field(default=())
+    elementwise: Tuple[Tuple[str, str, int, float, float], ...] = field(default=())
 
     def peak(self, dtype: str) -> float:
         """Peak TFLOP/s for ``dtype`` (float16 falls back to bfloat16's and the other way round)."""
@@ -103,14 +109,21 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
          "network": {"intra_node": {"bandwidth_gbs": f, "latency_us": f},
                      "inter_node": {"bandwidth_gbs": f, "latency_us": f}},
          "gpus_per_node": int, "optimizer_bytes_per_s": f (optional),
+         "attention": [{"heads": int, "s": int, "d": int, "dtype": str, "forward_tflops": f,
+                        "backward_tflops": f}, ...] (optional),
+         "elementwise": [{"op": str, "dtype": str, "bytes": int, "forward_gbs": f, "backward_gbs": f}, ...]
+                        (optional),
          "memory_gb": f (optional; default the machine's RAM)}
 
-    The measured figures ARE the efficiencies: gemm_efficiency and memory_efficiency stay 1.
+    The measured figures ARE the efficiencies: gemm_efficiency and memory_efficiency stay 1.  Files
+    without the optional tables load as before (the model then counts bytes at the memory bandwidth).
     """
     try:
         network = document["network"]
         matmul = tuple((int(r["m"]), int(r["n"]), int(r["k"]), str(r["dtype"]), float(r["tflops"]))
                        for r in document.get("matmul", []))
+        attention = _attention_rows(document.get("attention", []))
+        elementwise = _elementwise_rows(document.get("elementwise", []))
         if memory_gb is None:
             memory_gb = float(document.get("memory_gb") or _system_memory_gb())
         return Hardware(
@@ -120,11 +133,30 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
             intra_node=Link(float(network["intra_node"]["bandwidth_gbs"]), float(network["intra_node"]["latency_us"])),
             inter_node=Link(float(network["inter_node"]["bandwidth_gbs"]), float(network["inter_node"]["latency_us"])),
             gpus_per_node=int(document.get("gpus_per_node", 1)), num_sms=0, matmul=matmul,
+            attention=attention, elementwise=elementwise,
             optimizer_bytes_per_s=(float(document["optimizer_bytes_per_s"])
                                    if document.get("optimizer_bytes_per_s") else None))
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"calibration file {name}: missing or malformed field {error}; expected the schema in "
                          f"megalite/scaling/hardware.py from_calibration") from None
+
+
+def _attention_rows(rows) -> tuple:
+    table = tuple((int(r["heads"]), int(r["s"]), int(r["d"]), str(r["dtype"]), float(r["forward_tflops"]),
+                   float(r["backward_tflops"])) for r in rows)
+    for row in table:
+        if min(row[4:]) <= 0:
+            raise ValueError(f"attention row {row}: rates must be positive")
+    return table
+
+
+def _elementwise_rows(rows) -> tuple:
+    table = tuple((str(r["op"]), str(r["dtype"]), int(r["bytes"]), float(r["forward_gbs"]), float(r["backward_gbs"]))
+                  for r in rows)
+    for row in table:
+        if min(row[2:]) <= 0:
+            raise ValueError(f"elementwise row {row}: bytes and rates must be positive")
+    return table
 
 
 def _system_memory_gb() -> float:
@@ -152,6 +184,10 @@ def with_overrides(hardware: Hardware, overrides: dict, source: str = "--cluster
         elif key == "matmul":
             value = tuple((int(r["m"]), int(r["n"]), int(r["k"]), str(r["dtype"]), float(r["tflops"]))
                           for r in value)
+        elif key == "attention":
+            value = _attention_rows(value)
+        elif key == "elementwise":
+            value = _elementwise_rows(value)
         changes[key] = value
     return dataclasses.replace(hardware, **changes)
 

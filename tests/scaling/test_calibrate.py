@@ -5,6 +5,7 @@ import json
 import pytest
 
 from megalite.scaling.calibrate import COLLECTIVES, calibrate, fit_alpha_beta
+from megalite.scaling.calibrate_ops import ATTENTION_GRID_QUICK
 from megalite.scaling.hardware import from_calibration
 
 
@@ -28,9 +29,17 @@ def test_quick_calibration_has_the_schema(tmp_path):
         assert document["network"][link]["bandwidth_gbs"] > 0
         assert document["network"][link]["latency_us"] >= 0
     assert document["gpus_per_node"] == 2
+    assert {(r["dtype"], r["heads"], r["s"], r["d"]) for r in document["attention"]} == {
+        (dtype, heads, s, d) for dtype in ("float32", "bfloat16") for heads, s, d in ATTENTION_GRID_QUICK}
+    assert all(r["forward_tflops"] > 0 and r["backward_tflops"] > 0 for r in document["attention"])
+    assert {(r["dtype"], r["op"]) for r in document["elementwise"]} == {
+        (dtype, op) for dtype in ("float32", "bfloat16") for op in ("norm", "activation", "add", "cross_entropy")}
+    assert all(r["bytes"] > 0 and r["forward_gbs"] > 0 and r["backward_gbs"] > 0 for r in document["elementwise"])
     hardware = from_calibration(document)
     assert hardware.peak("float32") == document["peak_tflops"]["float32"]
     assert len(hardware.matmul) == len(document["matmul"])
+    assert len(hardware.attention) == len(document["attention"]) and len(hardware.elementwise) == len(
+        document["elementwise"])
 
 
 @pytest.mark.parametrize("n", [2, 4])

@@ -4,7 +4,18 @@ import dataclasses
 import pytest
 
 from megalite.config import ModelConfig
-from megalite.scaling.compute import Gemm, gemm_rate, hardware_flops_per_iteration, layer_times, quantization
+from megalite.scaling.compute import (
+    Gemm,
+    attention_rates,
+    elementwise_seconds,
+    gemm_rate,
+    gemm_seconds,
+    hardware_flops_per_iteration,
+    layer_gemms,
+    layer_times,
+    logits_times,
+    quantization,
+)
 from megalite.scaling.flops import flops_per_iteration
 from megalite.scaling.hardware import PRESETS
 
@@ -52,3 +63,37 @@ def test_recompute_adds_to_backward_only():
     assert full.forward == plain.forward and full.backward_input == pytest.approx(plain.backward_input + plain.forward)
     assert plain.backward_input < selective.backward_input < full.backward_input
     assert plain.backward_weight == full.backward_weight > 0
+
+
+def test_elementwise_table_is_interpolated_in_log_bytes_and_clamped():
+    hw = dataclasses.replace(A100, elementwise=(("norm", "float32", 1 << 10, 1.0, 0.5),
+                                                ("norm", "float32", 1 << 12, 3.0, 1.5)))
+    assert elementwise_seconds("norm", 1 << 10, hw, "float32") == pytest.approx((1024 / 1e9, 2 * 1024 / 0.5e9))
+    forward, backward = elementwise_seconds("norm", 1 << 11, hw, "float32")      # log-midpoint: 2 and 1 GB/s
+    assert (forward, backward) == pytest.approx((2048 / 2e9, 2 * 2048 / 1e9))
+    assert elementwise_seconds("norm", 1 << 20, hw, "float32")[0] == pytest.approx((1 << 20) / 3e9)   # clamped
+    bandwidth = A100.hbm_gbs * 1e9 * A100.memory_efficiency                    # no row for the op: bandwidth
+    assert elementwise_seconds("activation", 1e6, hw, "float32") == pytest.approx((1e6 / bandwidth, 2e6 / bandwidth))
+
+
+def test_layer_uses_the_measured_tables():
+    model = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8, seq_length=256, hidden_dropout=0.0,
+                        attention_dropout=0.0)
+    cpu = dataclasses.replace(A100, matmul=((1024, 1024, 1024, "float32", 0.2),))
+    plain = layer_times(model, 4, cpu, "float32")
+    core = [g for g in layer_gemms(model, 4, 1) if g.attention_core]
+    flops = sum(g.flops for g in core)                                         # 4 (b a) s^2 d
+    assert flops == 4 * 4 * 8 * 256 * 256 * 32
+    table = dataclasses.replace(cpu, attention=((32, 256, 32, "float32", 0.05, 0.02),))
+    assert attention_rates(table, "float32", 32, 256, 32) == (0.05, 0.02)
+    measured = layer_times(model, 4, table, "float32")
+    e, scores = 4, 8 * 256 * 256 * 4
+    modelled_core = sum(gemm_seconds(g, cpu, "float32") for g in core) + 2 * e * scores / (A100.hbm_gbs * 0.9e9)
+    assert measured.forward == pytest.approx(plain.forward - modelled_core + flops / 0.05e12)
+    assert measured.backward_weight == plain.backward_weight
+    dropout = dataclasses.replace(model, attention_dropout=0.1)                # the table is of the dropout-free kernel
+    assert layer_times(dropout, 4, table, "float32") == layer_times(dropout, 4, cpu, "float32")
+    loss = dataclasses.replace(cpu, elementwise=(("cross_entropy", "float32", 1, 1.0, 1.0),))
+    logits_bytes = 4 * 256 * model.padded_vocab_size * 12
+    assert logits_times(model, 4, loss, "float32").forward == pytest.approx(
+        gemm_seconds(Gemm("logits", 1024, model.padded_vocab_size, 256), cpu, "float32") + logits_bytes / 1e9)

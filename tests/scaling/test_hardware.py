@@ -1,9 +1,10 @@
 """Presets, the cpu calibration file, --cluster overrides and their one-line errors."""
+import json
 import pathlib
 
 import pytest
 
-from megalite.scaling.hardware import PRESETS, load_hardware
+from megalite.scaling.hardware import PRESETS, from_calibration, load_hardware
 
 EXAMPLE = str(pathlib.Path(__file__).with_name("cpu_calibration.json"))
 
@@ -19,6 +20,30 @@ def test_cpu_reads_the_calibration_file():
     assert hw.name == "example-cpu" and hw.peak("float32") == 0.2 and hw.hbm_gbs == 20.0 and hw.hbm_gb == 16
     assert hw.matmul[0] == (256, 256, 256, "float32", 0.05) and hw.optimizer_bytes_per_s == 4e9
     assert hw.intra_node.bandwidth_gbs == 5.0 and hw.inter_node.latency_us == 50.0 and hw.gpus_per_node == 2
+    assert hw.attention == () and hw.elementwise == ()      # a file from before the tables loads as before
+
+
+def _with_tables(attention_rate=0.1, gbs=5.0):
+    with open(EXAMPLE) as f:
+        document = json.load(f)
+    document["attention"] = [{"heads": 16, "s": 256, "d": 32, "dtype": "float32", "forward_tflops": attention_rate,
+                              "backward_tflops": 0.05}]
+    document["elementwise"] = [{"op": "norm", "dtype": "float32", "bytes": 1 << 20, "forward_gbs": gbs,
+                                "backward_gbs": 2.5}]
+    return document
+
+
+def test_calibration_tables_load():
+    hw = from_calibration(_with_tables())
+    assert hw.attention == ((16, 256, 32, "float32", 0.1, 0.05),)
+    assert hw.elementwise == (("norm", "float32", 1 << 20, 5.0, 2.5),)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(attention_rate=0.0), "attention row"),
+                                             (dict(gbs=-1.0), "elementwise row")])
+def test_non_positive_table_rate_is_one_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        from_calibration(_with_tables(**kwargs), "bad.json")
 
 
 def test_cluster_file_overrides_fields(tmp_path):

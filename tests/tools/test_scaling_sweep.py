@@ -26,6 +26,8 @@ def test_smoke_sweep_writes_the_table(tmp_path):
     with open(out / "sweep.json") as f:
         document = json.load(f)
     assert document["machine"].startswith("cpu") and len(document["rows"]) == 1
+    with open(calibration) as f:                 # each rank ran at the threads the calibration was measured at
+        assert document["rows"][0]["threads_per_rank"] == json.load(f)["threads_per_rank"]
     assert "| smoke | h64 1 rank | 1 |" in (out / "sweep.md").read_text()
 
 
