@@ -85,27 +85,10 @@ __device__ __forceinline__ ChunkRange chunk_of_block(const TensorListMeta<Depth>
   return {tensor, begin, end};
 }
 
-// N consecutive elements of one array, moved by one load/store instruction when N * sizeof(T) is 4,
-// 8 or 16 bytes (N == 1: the scalar tail).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
 template <int N>
 struct Width {
   static constexpr int value = N;
 };
-
-template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* base, int64_t i) {
-  return *reinterpret_cast<const Pack<T, N>*>(base + i);
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_pack(T* base, int64_t i, const Pack<T, N>& pack) {
-  *reinterpret_cast<Pack<T, N>*>(base + i) = pack;
-}
 
 template <typename T>
 __device__ __forceinline__ bool vector_aligned(const void* p) {
