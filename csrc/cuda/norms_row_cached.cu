@@ -93,7 +93,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// Dynamic shared memory: the block's dweight accumulators [cols], then (LayerNorm) dbias [cols].
+// Dynamic shared memory: the block's dweight accumulators, then (LayerNorm) dbias, each [V][packs]
+// (element e of pack p at e * packs + p: consecutive threads touch consecutive words, no bank
+// conflicts), written out in column order (column p V + e) at the end.
 template <typename T, typename W, bool kRms, int kPacks>
 __global__ void __launch_bounds__(kMaxThreads)
     cached_backward_kernel(const T* dy, const T* x, const float* mean, const float* rstd, const W* weight, T* dx,
@@ -140,16 +142,20 @@ __global__ void __launch_bounds__(kMaxThreads)
         const float g = grad_out[k][e] * load(w.v[e]);
         out.v[e] = store<T>(kRms ? rms_norm_dx(g, xhat[k][e], mean_g_xhat, rs)
                                  : layer_norm_dx(g, xhat[k][e], mean_g, mean_g_xhat, rs));
-        const int col = pack * V + e;
-        dweight_sum[col] += grad_out[k][e] * xhat[k][e];
-        if (!kRms) dbias_sum[col] += grad_out[k][e];
+        const int slot = e * packs + pack;
+        dweight_sum[slot] += grad_out[k][e] * xhat[k][e];
+        if (!kRms) dbias_sum[slot] += grad_out[k][e];
       }
       store_pack<V>(dx, row_start + static_cast<int64_t>(pack) * V, out);
     }
   }
   __syncthreads();
   float* partial_row = partial + static_cast<int64_t>(blockIdx.x) * (kRms ? 1 : 2) * cols;
-  for (int c = threadIdx.x; c < (kRms ? 1 : 2) * cols; c += blockDim.x) partial_row[c] = accumulators[c];
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    const int slot = (c % V) * packs + c / V;
+    partial_row[c] = dweight_sum[slot];
+    if (!kRms) partial_row[cols + c] = dbias_sum[slot];
+  }
 }
 
 // partial: [blocks][(dweight | dbias)][cols] -> dweight, dbias (a fixed summation order per column).
