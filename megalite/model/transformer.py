@@ -155,7 +155,10 @@ class CoreAttention(nn.Module):
 
         def attend(q, k, v, mask):
             return causal_attention(q, k, v, dropout, mask)
-        with tp_random.get_rng_tracker().fork(tp_random.TENSOR_PARALLEL_RNG):
+        if dropout > 0:
+            with tp_random.get_rng_tracker().fork(tp_random.TENSOR_PARALLEL_RNG):
+                out = attention_over_cp(q, k, v, attend)
+        else:   # no random draws: no stream switch (whose RNG-state copies torch.compile cannot trace)
             out = attention_over_cp(q, k, v, attend)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
