@@ -53,9 +53,10 @@ NORMS = {"layer_norm": (lambda x, w, b: layer_norm(x, w, b, 1e-5), lambda x, w, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm", sorted(NORMS))
 def test_norms_at_unaligned_addresses(norm, offset, dtype):
-    """x, dy and the weights at element offsets (1024 columns, a cached shape): the launcher must see
-    the misalignment and take the general kernels.  The leaves are the misaligned views themselves
-    (run_with_grads would clone them into fresh, aligned memory)."""
+    """x, dy and the weights at element offsets (1024 columns, a cached shape): offsets 1 and 2 break
+    the 16-byte alignment and must send the launcher to the general kernels; offset 4 keeps it for
+    fp32 (the cached kernels at an offset) and breaks it for bf16.  The leaves are the misaligned
+    views themselves (run_with_grads would clone them into fresh, aligned memory)."""
     ours_fn, reference_fn = NORMS[norm]
     x, dy, weight, bias = make_inputs((64, 1024), dtype, dtype)
     bias = bias if norm == "layer_norm" else None
@@ -66,6 +67,24 @@ def test_norms_at_unaligned_addresses(norm, offset, dtype):
                               dy.cuda())
     for name, got, want in zip(("y", "dx", "dweight", "dbias"), ours, expected):
         torch.testing.assert_close(got.float(), want.float(), **tolerance(name, dtype, x))
+
+
+@pytest.mark.parametrize("shape, offset, path", [((16, 4096), 0, "cached"), ((300, 1024), 0, "cached"),
+                                                 ((300, 1024), 1, "general"), ((5, 8200), 0, "general")])
+def test_norm_launcher_takes_the_expected_path(shape, offset, path):
+    """Which kernels ran, by name in the profiler: the register-cached ones for aligned rows of whole
+    packs up to 8192 columns, the general ones otherwise (a wrong choice would still be correct,
+    and only slow, so the other tests cannot see it)."""
+    from torch.profiler import ProfilerActivity, profile
+    x, dy, weight, bias = make_inputs(shape, torch.bfloat16, torch.bfloat16)
+    leaves = [misaligned(t.cuda(), offset).requires_grad_() for t in (x, weight, bias)]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        layer_norm(*leaves, 1e-5).backward(misaligned(dy.cuda(), offset))
+        torch.cuda.synchronize()
+    names = " ".join(event.key for event in prof.key_averages())
+    cached = "cached_forward_kernel" in names and "cached_backward_kernel" in names
+    general = "norm_forward_kernel" in names and "norm_backward_dx_kernel" in names
+    assert (cached, general) == ((True, False) if path == "cached" else (False, True)), names
 
 
 def test_adam_many_small_and_unaligned_tensors():
