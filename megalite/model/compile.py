@@ -5,9 +5,10 @@ Each :class:`~megalite.model.transformer.TransformerLayer` is compiled in place
 another, activation recompute still checkpoints whole layers (replaying the compiled forward in
 backward), and the parameters keep their names, so checkpoints do not change.  Inside the compiled
 region the norms run their pure-PyTorch reference (``ops.backend.use_native``), which the compiler
-fuses with the residual adds and casts around them.  Layers of one chunk share their compiled code:
-they are the same module class with the same shapes, so the compiler traces once and guards on the
-layer's parameters.
+fuses with the residual adds and casts around them.  Without dropout a layer is one graph; with
+dropout, the switches of RNG stream around it (``parallel/random.py``) split the layer into a few,
+and inductor draws the masks from its own generator (so a run with dropout is not bit for bit an
+eager run's; without dropout it matches to float32 round-off).
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 The backend is aot_eager: it traces each layer into a graph, differentiates it ahead of time and
 runs that graph, so tracing, graph breaks, recompute of a compiled layer and the norms' switch to
 their reference are all exercised, without the minutes inductor's C++ code generation takes on a
-2-core CPU.  Dropout is off: a compiled graph may draw its random numbers otherwise than eager.
+2-core CPU.  Dropout is off but in one case: inductor draws its own random numbers, aot_eager runs
+torch's dropout in eager's order, so with it the losses still match; the switches of RNG stream
+around dropout then split each layer into a few graphs.
 """
 import math
 
@@ -19,6 +21,7 @@ TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attent
 LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope", "--disable-bias-linear",
          "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "2"]
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform"]
+DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]   # later flags win
 
 
 def _losses_and_compiled_layers(rank, world_size, argv):
@@ -42,7 +45,8 @@ def _losses_and_compiled_layers(rank, world_size, argv):
 
 
 @pytest.mark.slow   # 10-30 s each on a shared 2-core CPU: tracing and ahead-of-time autograd
-@pytest.mark.parametrize("model", [[], LLAMA, LLAMA + RECOMPUTE], ids=["gpt", "llama", "llama-recompute"])
+@pytest.mark.parametrize("model", [[], LLAMA, LLAMA + RECOMPUTE, DROPOUT],
+                         ids=["gpt", "llama", "llama-recompute", "gpt-dropout"])
 def test_compiled_layers_train_like_eager(model):
     eager, none_compiled, (no_graphs, _) = run_on_ranks(_losses_and_compiled_layers, 1, TINY + model, timeout=120)[0]
     compiled, layers, (graphs, breaks) = run_on_ranks(_losses_and_compiled_layers, 1,
@@ -50,7 +54,8 @@ def test_compiled_layers_train_like_eager(model):
                                             timeout=240)[0]
     assert none_compiled == [] and no_graphs == 0
     assert layers == [(2, "aot_eager")] and graphs >= 1   # the layers were traced, not run eagerly
-    assert breaks == 0   # one graph per layer: nothing in a layer (RNG streams, the norms) splits it
+    if model != DROPOUT:   # one graph per layer: nothing in a layer (RNG streams, the norms) splits it
+        assert breaks == 0
     assert len(eager) == 3 and all(math.isfinite(x) for x in eager)
     # The same float32 operations, regrouped by the traced graph: round-off of ~1e-7 per op, grown
     # over three optimizer steps of a 2-layer model, stays far below 1e-5.
