@@ -92,6 +92,40 @@ def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float) -> Tup
     return angles.cos(), angles.sin()
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """x: [s, b, ..., d] -> contiguous, x's shape and dtype; each pair (x1, x2) = (x_i, x_{i+d/2})
+    rotated by +angle (or -angle when ``inverse``) in float32, rounded once on store."""
+    s, b, half = x.shape[0], x.shape[1], x.shape[-1] // 2
+    cos, sin = (t.view(s, b, *([1] * (x.dim() - 3)), half) for t in (cos, sin))
+    first, second = x.chunk(2, dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if inverse:
+        out.narrow(-1, 0, half).copy_(first * cos + second * sin)
+        out.narrow(-1, half, half).copy_(second * cos - first * sin)
+    else:
+        out.narrow(-1, 0, half).copy_(first * cos - second * sin)
+        out.narrow(-1, half, half).copy_(second * cos + first * sin)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """A rotation's gradient is the inverse rotation (its transpose): dx1 = g1 cos + g2 sin,
+    dx2 = g2 cos - g1 sin -- written as one tensor, where autograd would chain casts, products and
+    a concatenation of the halves."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_shape = x.shape
+        out = _rotate(x, cos, sin, inverse=False)
+        return out.view(x.shape[0], x.shape[1], -1, x.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad.reshape(ctx.x_shape), cos, sin, inverse=True), None, None
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [s, b, n, d], or [s, b, g, n/g, d] (a strided view into the fused QKV output) -> [s, b, n, d]
     contiguous, in x's dtype; each pair (x1, x2) = (x_i, x_{i+d/2}) rotated by its angle, in float32:
@@ -99,17 +133,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         y1 = x1 cos - x2 sin,    y2 = x2 cos + x1 sin
 
     The two halves are written into one output (no rotated copy of x is concatenated), and a strided
-    x is read in place, so merging q's heads costs no copy of its own.  Bit for bit the rotate-half
-    form x cos + rotate_half(x) sin: x1 cos + (-x2) sin is x1 cos - x2 sin exactly.
+    x is read in place, so merging q's heads costs no copy of its own.  The forward is bit for bit
+    the rotate-half form x cos + rotate_half(x) sin (x1 cos + (-x2) sin is x1 cos - x2 sin exactly);
+    so is the backward in float32, while a 16-bit gradient is rounded once instead of per term.
     """
-    s, b, half = x.shape[0], x.shape[1], x.shape[-1] // 2
-    cos, sin = (t.view(s, b, *([1] * (x.dim() - 3)), half) for t in (cos, sin))
-    first, second = x.chunk(2, dim=-1)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    # narrow, not chunk: autograd lets a single view be written in place, not one of chunk's several.
-    out.narrow(-1, 0, half).copy_(first * cos - second * sin)   # float32 (cos is), rounded on store
-    out.narrow(-1, half, half).copy_(second * cos + first * sin)
-    return out.view(s, b, -1, x.shape[-1])
+    return _Rotary.apply(x, cos, sin)
 
 
 # -- attention --------------------------------------------------------------------------------------

@@ -36,8 +36,10 @@ def rotate_half_reference(x, position_ids, head_dim, base):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_apply_rotary_is_the_rotate_half_formula_bit_for_bit(dtype, grouped):
-    """Forward and backward equal to the rotate-half form exactly (the same float32 products and sums),
-    for a plain [s, b, n, d] input and for q's strided view [s, b, g, n/g, d] of a fused QKV output."""
+    """Forward equal to the rotate-half form exactly (the same float32 products and sums), and so is
+    the float32 backward; for a plain [s, b, n, d] input and for q's strided view [s, b, g, n/g, d]
+    of a fused QKV output.  A bf16 gradient is rounded once, so it is at least as close to the exact
+    one as autograd's."""
     s, b, groups, heads_per_group, d = 6, 2, 2, 3, 8
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(s, b, groups, heads_per_group + 2, d, generator=gen).to(dtype)
@@ -57,4 +59,27 @@ def test_apply_rotary_is_the_rotate_half_formula_bit_for_bit(dtype, grouped):
 
     assert ours.is_contiguous() and ours.shape == expected.shape
     assert torch.equal(ours, expected)
-    assert torch.equal(leaf.grad, reference_leaf.grad)
+    if dtype == torch.float32:
+        assert torch.equal(leaf.grad, reference_leaf.grad)
+    else:   # one rounding of g1 cos + g2 sin against autograd's two (each product, then their sum)
+        exact = rotary_gradient_in_float64(dy, qkv.shape, position_ids, d, heads_per_group)
+        ours_error = (leaf.grad.double() - exact).abs().max()
+        assert ours_error <= (reference_leaf.grad.double() - exact).abs().max()
+        # Apart by about one bf16 step (2^-7 relative) plus one at the gradients' scale (~1): where
+        # g1 cos + g2 sin cancels, the two roundings differ relatively by far more than bf16's epsilon.
+        torch.testing.assert_close(leaf.grad, reference_leaf.grad, rtol=2 ** -7, atol=2 ** -7)
+
+
+def rotary_gradient_in_float64(dy, qkv_shape, position_ids, head_dim, heads_per_group):
+    """d(sum dy * rope(q))/d qkv in float64: the inverse rotation of dy in q's slots, zero elsewhere."""
+    s, b = qkv_shape[:2]
+    q = torch.zeros(qkv_shape, dtype=torch.float64).split([heads_per_group, 1, 1], dim=3)[0]
+    q = q.reshape(s, b, -1, head_dim).requires_grad_()
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = (position_ids.t().unsqueeze(-1).double() * inv_freq).unsqueeze(2)
+    angles = torch.cat([angles, angles], dim=-1)
+    first, second = q.chunk(2, dim=-1)
+    (q * angles.cos() + torch.cat([-second, first], dim=-1) * angles.sin()).mul(dy.double()).sum().backward()
+    grad = torch.zeros(qkv_shape, dtype=torch.float64)
+    grad.split([heads_per_group, 1, 1], dim=3)[0].copy_(q.grad.view(s, b, -1, heads_per_group, head_dim))
+    return grad
