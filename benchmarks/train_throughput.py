@@ -308,7 +308,9 @@ def main(argv=None) -> int:
         flops = flops_per_iteration(model_cfg, train_cfg.global_batch_size)
         peak = default_peak_tflops(bf16)
         results = {}
-        for name in ours + peers:
+        # megalite's eager path and the peers first: the hand-written path against HF compiled is the
+        # comparison the targets name, so under a step's time limit --compile's row is the one cut.
+        for name in [o for o in ours if o == "megalite"] + peers + [o for o in ours if o != "megalite"]:
             started = time.perf_counter()
             raw = run_contender(name, argv, args)
             if "error" in raw:

@@ -10,7 +10,8 @@
 # build 95 s, suite 100 s, kernels 30 s, throughput 105 s (GPT-2) + 120 s (LLaMA) (one call per
 # model; each of its four contenders -- megalite eager and --compile, HF eager and compiled -- at
 # most 35/40 s, so a slow compile cannot take the other rows with it, and each contender's numbers
-# print as it finishes, so a step cut short keeps the rows it has), the LLaMA step's kernel profile
+# print as it finishes, so a step cut short keeps the rows it has; megalite --compile runs last),
+# the LLaMA step's kernel profile
 # 20 s (the top kernels and the time by kind: the before/after a change reads).  Sum 470 s.  The
 # profile of the compiled step (benchmarks/profile_step.py --compile) is left out for time.
 # Without CUDA it is a CPU smoke test: the suite, the throughput benchmark with --quick and the
