@@ -11,9 +11,9 @@
 # model; each of its four contenders -- megalite eager and --compile, HF eager and compiled -- at
 # most 35/40 s, so a slow compile cannot take the other rows with it, and each contender's numbers
 # print as it finishes, so a step cut short keeps the rows it has; megalite --compile runs last),
-# the LLaMA step's kernel profile
-# 20 s (the top kernels and the time by kind: the before/after a change reads).  Sum 470 s.  The
-# profile of the compiled step (benchmarks/profile_step.py --compile) is left out for time.
+# the LLaMA step's kernel profile 20 s (the top kernels and the time by kind: the before/after a
+# change reads).  Sum 470 s.  The profile of the compiled step (benchmarks/profile_step.py
+# --compile) is left out for time.
 # Without CUDA it is a CPU smoke test: the suite, the throughput benchmark with --quick and the
 # profile with --quick, with budgets for a 2-core machine (build 600 s, suite 600 s, throughput
 # 240 s, profile 120 s; 381 s in all on a shared 2-core VM); the CUDA-only steps say that they were
