@@ -291,6 +291,9 @@ class TrainingConfig:
     timeline: Optional[str] = flag(None, "PNG path: draw the pipeline timeline of the last step")
     peak_tflops: Optional[float] = flag(None, "per-device peak TFLOP/s for MFU; default by device and precision",
                                         above=0)
+    compile: bool = flag(False, "torch.compile each transformer layer (pipeline chunks and recompute keep working)")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = flag(
+        "inductor", "the torch.compile backend of --compile (aot_eager: trace without generating kernels)")
     profile: bool = flag(False, "profile steps --profile-step-start to --profile-step-end")
     use_pytorch_profiler: bool = flag(False, "with --profile: record a torch.profiler trace per rank")
     profile_step_start: int = flag(10, "first profiled step", at_least=1)

@@ -41,6 +41,7 @@ from megalite.exit_conditions import ExitSignal, exit_reason
 from megalite.logger import Logger, print_rank0
 from megalite.metric_writers import build_writers
 from megalite.model.build import build_model, wrap_for_data_parallel
+from megalite.model.compile import compile_layers
 from megalite.optim import build_optimizer
 from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.optim.schedulers import LRScheduler
@@ -153,6 +154,9 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
     if opt_cfg.bf16 or opt_cfg.fp16:
         dtype = torch.bfloat16 if opt_cfg.bf16 else torch.float16
         model = [chunk.to(dtype) for chunk in model]
+    if train_cfg.compile:
+        for chunk in model:
+            compile_layers(chunk, train_cfg.compile_backend)
     model = wrap_for_data_parallel(model, opt_cfg, grid)
     optimizer = build_optimizer(model, opt_cfg, grid)
     scheduler = LRScheduler(optimizer, opt_cfg.lr, opt_cfg.min_lr, *train_cfg.lr_schedule_steps(),

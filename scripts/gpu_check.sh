@@ -7,10 +7,17 @@
 #
 # Every step runs even when an earlier one failed; the exit status is non-zero if any failed.  Each
 # step has a time budget (`timeout`) so that the whole check ends within 8 minutes on one H200:
-# build 100 s, suite 130 s, kernels 40 s, throughput 2 x 100 s (one call per model, each contender
-# at most 45 s, so a slow compile cannot take the other rows with it).  Without CUDA it is a CPU
-# smoke test: the suite, then the throughput benchmark with --quick, with budgets for a 2-core
-# machine (suite 600 s, throughput 240 s); the CUDA-only steps say that they were skipped.
+# build 95 s, suite 100 s, kernels 30 s, throughput 105 s (GPT-2) + 120 s (LLaMA) (one call per
+# model; each of its four contenders -- megalite eager and --compile, HF eager and compiled -- at
+# most 35/40 s, so a slow compile cannot take the other rows with it, and each contender's numbers
+# print as it finishes, so a step cut short keeps the rows it has; megalite --compile runs last),
+# the LLaMA step's kernel profile 20 s (the top kernels and the time by kind: the before/after a
+# change reads).  Sum 470 s.  The profile of the compiled step (benchmarks/profile_step.py
+# --compile) is left out for time.
+# Without CUDA it is a CPU smoke test: the suite, the throughput benchmark with --quick and the
+# profile with --quick, with budgets for a 2-core machine (build 600 s, suite 600 s, throughput
+# 240 s, profile 120 s; 381 s in all on a shared 2-core VM); the CUDA-only steps say that they were
+# skipped.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "${1:-$ROOT/gpu_check_out}" && cd "${1:-$ROOT/gpu_check_out}" && pwd)"
@@ -44,7 +51,9 @@ step() {
 # 1. Build.  setup_env.sh reuses a system torch through a --system-site-packages venv and installs
 # only what is missing; offline, a missing optional package is reported and skipped, not fatal.
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-step setup 100 bash -c 'source scripts/setup_env.sh'
+# A GPU node (nvidia-smi present) builds on 16 cores; a CPU smoke run may build on 2 (~5 minutes).
+gpu_node=$(command -v nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)
+step setup "$([ "$gpu_node" = "1" ] && echo 95 || echo 600)" bash -c 'source scripts/setup_env.sh'
 PY="${MEGALITE_VENV:-$ROOT/.venv}/bin/python"
 [ -x "$PY" ] || PY=python3
 
@@ -65,19 +74,21 @@ note "versions: $versions"
 command -v nvidia-smi >/dev/null 2>&1 && note "driver: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
 
 # 2. The whole suite.
-# 130 s on the H200 node; a CPU smoke run gets more (the suite takes ~90 s on an idle 2-core VM and
+# 100 s on the H200 node (the suite took ~60 s there); a CPU smoke run gets more (the suite takes ~90 s on an idle 2-core VM and
 # over 400 s on one shared with other work).
-step tests "$([ "$has_cuda" = "1" ] && echo 130 || echo 600)" "$PY" -m pytest -q -p no:cacheprovider tests
+step tests "$([ "$has_cuda" = "1" ] && echo 100 || echo 600)" "$PY" -m pytest -q -p no:cacheprovider tests
 note "tests: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -1)"
 
-# 3. Kernels on CUDA; 4. training throughput.
+# 3. Kernels on CUDA; 4. training throughput; 5. where the LLaMA step's GPU time goes.
 if [ "$has_cuda" = "1" ]; then
-  step kernels 40 "$PY" benchmarks/kernels.py --device cuda
-  step throughput_gpt2 100 "$PY" benchmarks/train_throughput.py --models gpt2 --steps 10 --warmup 3 --contender-timeout 45
-  step throughput_llama 100 "$PY" benchmarks/train_throughput.py --models llama --steps 10 --warmup 3 --contender-timeout 45
+  step kernels 30 "$PY" benchmarks/kernels.py --device cuda
+  step throughput_gpt2 105 "$PY" benchmarks/train_throughput.py --models gpt2 --steps 10 --warmup 3 --contender-timeout 35
+  step throughput_llama 120 "$PY" benchmarks/train_throughput.py --models llama --steps 10 --warmup 3 --contender-timeout 40
+  step profile_llama 20 "$PY" benchmarks/profile_step.py --models llama --steps 3 --warmup 3
 else
   note "step kernels: skipped, no CUDA device (benchmarks/kernels.py --device cuda needs one)"
   step throughput_quick 240 "$PY" benchmarks/train_throughput.py --quick
+  step profile_quick 120 "$PY" benchmarks/profile_step.py --quick --top 15
 fi
 
 # The benchmarks' tables: the machine line and every row with its ratio.
@@ -91,7 +102,13 @@ for log in "$OUT"/throughput_*.log; do
   [ -f "$log" ] || continue
   note ""
   note "== $(basename "$log")"
-  grep -E '^# machine|^model |^(gpt2|llama) |^ratio =' "$log" | grep -v ': loss ' >> "$SUMMARY"
+  grep -E '^# machine|^model |^(gpt2|llama) |^ratio =' "$log" >> "$SUMMARY"
+done
+for log in "$OUT"/profile_*.log; do
+  [ -f "$log" ] || continue
+  note ""
+  note "== $(basename "$log") (top kernels by self time; the 'by kind' line sums them)"
+  grep -vE '^USDT|profiler_(start|stop)|^STAGE:' "$log" | grep -E '^== |steps, |^ share|^ *[0-9.]+%|^by kind' >> "$SUMMARY"
 done
 note ""
 note "wall time: $(( $(date +%s) - check_start )) s; failed steps: $failures"

@@ -1,7 +1,14 @@
 // CUDA fused Adam by multi-tensor apply: the tensors of a parameter group are cut into chunks of
 // kChunk elements, one thread block per chunk, and one launch carries the pointers of up to
 // kMaxTensors tensors and kMaxBlocks chunks in its (by-value) argument -- so 148 tensors take a
-// handful of launches instead of 148 (the design of apex's multi_tensor_apply; our code).
+// handful of launches instead of 148 (the design of apex's multi_tensor_apply; our code).  The host
+// work per call is one walk over the tensors filling that argument; nothing is copied to the device.
+//
+// Inside a chunk each thread moves kVec consecutive elements per iteration with one vector load or
+// store per array (16 bytes for fp32, 8 for bf16/fp16): four independent updates in flight per
+// thread instead of one, and a quarter of the memory instructions.  A chunk starts at a multiple of
+// kChunk elements, so it is vector-aligned exactly when its tensor's base pointers are; a chunk of a
+// tensor that is not (a view at an odd offset) and the last numel % kVec elements take the scalar loop.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -19,6 +26,8 @@ constexpr int kChunk = 65536;       // elements per block
 constexpr int kThreads = 512;
 constexpr int kMaxTensors = 24;     // keeps TensorListMeta<5> under the 4 KiB kernel-argument limit
 constexpr int kMaxBlocks = 320;
+constexpr int kVec = 4;             // elements per thread per iteration (one 16-byte fp32 load)
+static_assert(kChunk % kVec == 0, "chunks must start vector-aligned");
 
 template <int Depth>
 struct TensorListMeta {
@@ -76,19 +85,47 @@ __device__ __forceinline__ ChunkRange chunk_of_block(const TensorListMeta<Depth>
   return {tensor, begin, end};
 }
 
+template <int N>
+struct Width {
+  static constexpr int value = N;
+};
+
+template <typename T>
+__device__ __forceinline__ bool vector_aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kVec) == 0;
+}
+
+// Calls body(Width<kVec>{}, i) for the vector part of [0, n) (when `vectorized`), then
+// body(Width<1>{}, i) for the elements left; each thread of the block takes every blockDim.x-th step.
+template <typename Body>
+__device__ __forceinline__ void for_each_pack(int64_t n, bool vectorized, const Body& body) {
+  int64_t scalar_start = 0;
+  if (vectorized) {
+    const int64_t packs = n / kVec;
+    for (int64_t k = threadIdx.x; k < packs; k += blockDim.x) body(Width<kVec>{}, k * kVec);
+    scalar_start = packs * kVec;
+  }
+  for (int64_t i = scalar_start + threadIdx.x; i < n; i += blockDim.x) body(Width<1>{}, i);
+}
+
 __global__ void adam_fp32_kernel(TensorListMeta<4> meta, AdamHyper hyper) {
   const ChunkRange r = chunk_of_block(meta);
-  float* p = static_cast<float*>(meta.addresses[0][r.tensor]);
-  const float* g = static_cast<const float*>(meta.addresses[1][r.tensor]);
-  float* m = static_cast<float*>(meta.addresses[2][r.tensor]);
-  float* v = static_cast<float*>(meta.addresses[3][r.tensor]);
-  for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
-    float pi = p[i], mi = m[i], vi = v[i];
-    adam_update(pi, mi, vi, g[i], hyper);
-    p[i] = pi;
-    m[i] = mi;
-    v[i] = vi;
-  }
+  float* p = static_cast<float*>(meta.addresses[0][r.tensor]) + r.begin;
+  const float* g = static_cast<const float*>(meta.addresses[1][r.tensor]) + r.begin;
+  float* m = static_cast<float*>(meta.addresses[2][r.tensor]) + r.begin;
+  float* v = static_cast<float*>(meta.addresses[3][r.tensor]) + r.begin;
+  const bool vectorized = vector_aligned<float>(p) && vector_aligned<float>(g) && vector_aligned<float>(m) &&
+                          vector_aligned<float>(v);
+  for_each_pack(r.end - r.begin, vectorized, [&](auto width, int64_t i) {
+    constexpr int N = decltype(width)::value;
+    Pack<float, N> pp = load_pack<N>(p, i), mp = load_pack<N>(m, i), vp = load_pack<N>(v, i);
+    const Pack<float, N> gp = load_pack<N>(g, i);
+#pragma unroll
+    for (int k = 0; k < N; ++k) adam_update(pp.v[k], mp.v[k], vp.v[k], gp.v[k], hyper);
+    store_pack<N>(p, i, pp);
+    store_pack<N>(m, i, mp);
+    store_pack<N>(v, i, vp);
+  });
 }
 
 // Pass 1 of the master-weight step: raise *found_inf if any unscaled gradient is inf/nan (racing
@@ -96,9 +133,14 @@ __global__ void adam_fp32_kernel(TensorListMeta<4> meta, AdamHyper hyper) {
 template <typename TGrad>
 __global__ void check_finite_kernel(TensorListMeta<1> meta, float inv_grad_scale, float* found_inf) {
   const ChunkRange r = chunk_of_block(meta);
-  const TGrad* g = static_cast<const TGrad*>(meta.addresses[0][r.tensor]);
+  const TGrad* g = static_cast<const TGrad*>(meta.addresses[0][r.tensor]) + r.begin;
   bool finite = true;
-  for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) finite &= isfinite(load(g[i]) * inv_grad_scale);
+  for_each_pack(r.end - r.begin, vector_aligned<TGrad>(g), [&](auto width, int64_t i) {
+    constexpr int N = decltype(width)::value;
+    const Pack<TGrad, N> gp = load_pack<N>(g, i);
+#pragma unroll
+    for (int k = 0; k < N; ++k) finite &= isfinite(load(gp.v[k]) * inv_grad_scale);
+  });
   if (__syncthreads_or(!finite) && threadIdx.x == 0) *found_inf = 1.f;
 }
 
@@ -108,19 +150,28 @@ __global__ void adam_master_kernel(TensorListMeta<5> meta, AdamHyper hyper, floa
                                    const float* found_inf) {
   if (*found_inf != 0.f) return;
   const ChunkRange r = chunk_of_block(meta);
-  TModel* model = static_cast<TModel*>(meta.addresses[0][r.tensor]);
-  const TGrad* g = static_cast<const TGrad*>(meta.addresses[1][r.tensor]);
-  float* p = static_cast<float*>(meta.addresses[2][r.tensor]);
-  float* m = static_cast<float*>(meta.addresses[3][r.tensor]);
-  float* v = static_cast<float*>(meta.addresses[4][r.tensor]);
-  for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
-    float pi = p[i], mi = m[i], vi = v[i];
-    adam_update(pi, mi, vi, load(g[i]) * inv_grad_scale, hyper);
-    p[i] = pi;
-    m[i] = mi;
-    v[i] = vi;
-    model[i] = store<TModel>(pi);
-  }
+  TModel* model = static_cast<TModel*>(meta.addresses[0][r.tensor]) + r.begin;
+  const TGrad* g = static_cast<const TGrad*>(meta.addresses[1][r.tensor]) + r.begin;
+  float* p = static_cast<float*>(meta.addresses[2][r.tensor]) + r.begin;
+  float* m = static_cast<float*>(meta.addresses[3][r.tensor]) + r.begin;
+  float* v = static_cast<float*>(meta.addresses[4][r.tensor]) + r.begin;
+  const bool vectorized = vector_aligned<TModel>(model) && vector_aligned<TGrad>(g) && vector_aligned<float>(p) &&
+                          vector_aligned<float>(m) && vector_aligned<float>(v);
+  for_each_pack(r.end - r.begin, vectorized, [&](auto width, int64_t i) {
+    constexpr int N = decltype(width)::value;
+    Pack<float, N> pp = load_pack<N>(p, i), mp = load_pack<N>(m, i), vp = load_pack<N>(v, i);
+    const Pack<TGrad, N> gp = load_pack<N>(g, i);
+    Pack<TModel, N> model_pack;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      adam_update(pp.v[k], mp.v[k], vp.v[k], load(gp.v[k]) * inv_grad_scale, hyper);
+      model_pack.v[k] = store<TModel>(pp.v[k]);
+    }
+    store_pack<N>(p, i, pp);
+    store_pack<N>(m, i, mp);
+    store_pack<N>(v, i, vp);
+    store_pack<N>(model, i, model_pack);
+  });
 }
 
 }  // namespace

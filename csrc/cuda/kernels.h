@@ -1,5 +1,6 @@
 // The CUDA kernels' launchers, on raw device pointers and a stream (no torch headers):
-// csrc/cuda/bindings.cpp calls them.  Sources: adam.cu (multi-tensor apply), norms.cu.
+// csrc/cuda/bindings.cpp calls them.  Sources: adam.cu (multi-tensor apply), norms.cu (which hands
+// rows that fit to norms_row_cached.cu).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -30,7 +31,8 @@ struct NormShape {
   DType weight_dtype;   // x_dtype or Float32
 };
 
-// Rows of the column-reduction grid for dweight/dbias; the workspace holds this many partial rows.
+// The most rows of fp32 partial sums the backward writes for dweight (and as many for dbias): the
+// workspace holds this many.
 int64_t norm_weight_grad_splits(const NormShape& shape);
 
 void layer_norm_forward(const NormShape& shape, const void* x, const void* weight, const void* bias, void* y,

@@ -1,6 +1,8 @@
-// CUDA LayerNorm / RMSNorm (the formulas: csrc/norm_math.h).
+// CUDA LayerNorm / RMSNorm (the formulas: csrc/norm_math.h): the launchers, and the general kernels
+// for rows the register-cached path (norms_row_cached.cu) does not take -- rows longer than
+// kMaxCachedCols, not whole 16-byte packs, or tensors at unaligned offsets.
 //
-// Forward and the dx part of backward: one thread block per row; each thread walks the row with
+// General path: forward and the dx part of backward: one thread block per row; each thread walks the row with
 // stride blockDim.x, the row statistics are combined across threads (Welford/Chan merges for the
 // forward, plain sums for the backward) through warp shuffles and shared memory, then a second walk
 // writes the output (the row is hot in L1/L2).  dweight/dbias: a separate column reduction -- a
@@ -10,15 +12,14 @@
 
 #include <cstdint>
 
+#include "cuda/block_sum.cuh"
 #include "cuda/float_formats.cuh"
 #include "cuda/kernels.h"
+#include "cuda/norms_row_cached.h"
 #include "norm_math.h"
 
 namespace megalite::cuda {
 namespace {
-
-constexpr int kWarp = 32;
-constexpr int kMaxWarps = 32;
 
 int row_threads(int64_t cols) {
   if (cols <= 256) return 64;
@@ -47,29 +48,6 @@ __device__ Welford block_welford(Welford w) {
     w = lane < static_cast<int>(blockDim.x / kWarp) ? warp_results[lane] : Welford{};
     for (int offset = kWarp / 2; offset > 0; offset /= 2) w = welford_merge(w, shuffle_down(w, offset));
     if (lane == 0) total = w;
-  }
-  __syncthreads();
-  return total;
-}
-
-// Sum two floats over the block; valid in all threads.
-__device__ float2 block_sum2(float2 v) {
-  __shared__ float2 warp_results[kMaxWarps];
-  __shared__ float2 total;
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v.x += __shfl_down_sync(0xffffffffu, v.x, offset);
-    v.y += __shfl_down_sync(0xffffffffu, v.y, offset);
-  }
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  if (lane == 0) warp_results[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < static_cast<int>(blockDim.x / kWarp) ? warp_results[lane] : make_float2(0.f, 0.f);
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      v.x += __shfl_down_sync(0xffffffffu, v.x, offset);
-      v.y += __shfl_down_sync(0xffffffffu, v.y, offset);
-    }
-    if (lane == 0) total = v;
   }
   __syncthreads();
   return total;
@@ -177,6 +155,16 @@ __global__ void norm_weight_grad_final_kernel(const float* partial, int64_t spli
   if (!kRms) dbias[col] = store<W>(db);
 }
 
+int64_t column_reduction_splits(const NormShape& shape) {
+  // Enough row splits to fill the GPU (~ a few blocks per SM with the column tiles), few enough that
+  // the final sum over splits stays short.
+  const int64_t col_tiles = (shape.cols + kTileCols - 1) / kTileCols;
+  const int64_t wanted = (1024 + col_tiles - 1) / col_tiles;
+  const int64_t max_by_rows = (shape.rows + kTileRows - 1) / kTileRows;
+  const int64_t splits = wanted < max_by_rows ? wanted : max_by_rows;
+  return splits < 1 ? 1 : (splits > 256 ? 256 : splits);
+}
+
 template <typename Fn>
 void with_norm_types(const NormShape& shape, const Fn& fn) {
   with_dtype(shape.x_dtype, [&](auto x_tag) {
@@ -192,6 +180,10 @@ template <bool kRms>
 void forward(const NormShape& shape, const void* x, const void* weight, const void* bias, void* y, float* mean,
              float* rstd, float eps, cudaStream_t stream) {
   if (shape.rows == 0) return;
+  if (row_cached_fits(shape, {x, y}, {weight, bias})) {
+    row_cached_forward<kRms>(shape, x, weight, bias, y, mean, rstd, eps, stream);
+    return;
+  }
   with_norm_types(shape, [&](auto x_tag, auto w_tag) {
     using T = decltype(x_tag);
     using W = decltype(w_tag);
@@ -204,7 +196,11 @@ void forward(const NormShape& shape, const void* x, const void* weight, const vo
 template <bool kRms>
 void backward(const NormShape& shape, const void* dy, const void* x, const float* mean, const float* rstd,
               const void* weight, void* dx, void* dweight, void* dbias, float* workspace, cudaStream_t stream) {
-  const int64_t splits = norm_weight_grad_splits(shape);
+  if (row_cached_fits(shape, {dy, x, dx}, {weight, dweight, dbias})) {
+    row_cached_backward<kRms>(shape, dy, x, mean, rstd, weight, dx, dweight, dbias, workspace, stream);
+    return;
+  }
+  const int64_t splits = column_reduction_splits(shape);
   with_norm_types(shape, [&](auto x_tag, auto w_tag) {
     using T = decltype(x_tag);
     using W = decltype(w_tag);
@@ -226,13 +222,10 @@ void backward(const NormShape& shape, const void* dy, const void* x, const float
 }  // namespace
 
 int64_t norm_weight_grad_splits(const NormShape& shape) {
-  // Enough row splits to fill the GPU (~ a few blocks per SM with the column tiles), few enough that
-  // the final sum over splits stays short.
-  const int64_t col_tiles = (shape.cols + kTileCols - 1) / kTileCols;
-  const int64_t wanted = (1024 + col_tiles - 1) / col_tiles;
-  const int64_t max_by_rows = (shape.rows + kTileRows - 1) / kTileRows;
-  const int64_t splits = wanted < max_by_rows ? wanted : max_by_rows;
-  return splits < 1 ? 1 : (splits > 256 ? 256 : splits);
+  const int64_t general = column_reduction_splits(shape);
+  if (!row_cached_fits(shape, {}, {})) return general;
+  const int64_t cached = row_cached_max_blocks(shape);
+  return cached > general ? cached : general;
 }
 
 void layer_norm_forward(const NormShape& shape, const void* x, const void* weight, const void* bias, void* y,

@@ -81,22 +81,63 @@ class Dropout(nn.Module):
 
 # -- rotary position embedding ----------------------------------------------------------------------
 def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each [s, b, 1, d], for position_ids [b, s] (Su et al. 2021, Eq. 34, "rotate half" layout).
+    """(cos, sin), each [s, b, 1, d/2], for position_ids [b, s]: the angle pos * base^(-2i/d) of the
+    pair (x_i, x_{i+d/2}) (Su et al. 2021, Eq. 34, in the "rotate half" layout).
 
     Angles are computed in float32 whatever the model's dtype: positions times frequencies loses
-    digits fast in 16-bit.
+    digits fast in 16-bit.  One table per half serves both halves (``apply_rotary``).
     """
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    angles = position_ids.t().unsqueeze(-1).float() * inv_freq          # [s, b, d/2]
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)            # [s, b, 1, d]
+    angles = (position_ids.t().unsqueeze(-1).float() * inv_freq).unsqueeze(2)   # [s, b, 1, d/2]
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [s, b, n, d] rotated pairwise (x_i, x_{i+d/2}) by the position's angle."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """x: [s, b, ..., d] -> contiguous, x's shape and dtype; each pair (x1, x2) = (x_i, x_{i+d/2})
+    rotated by +angle (or -angle when ``inverse``) in float32, rounded once on store."""
+    s, b, half = x.shape[0], x.shape[1], x.shape[-1] // 2
+    cos, sin = (t.view(s, b, *([1] * (x.dim() - 3)), half) for t in (cos, sin))
     first, second = x.chunk(2, dim=-1)
-    rotated_half = torch.cat([-second, first], dim=-1)
-    return (x.float() * cos + rotated_half.float() * sin).to(x.dtype)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if inverse:
+        out.narrow(-1, 0, half).copy_(first * cos + second * sin)
+        out.narrow(-1, half, half).copy_(second * cos - first * sin)
+    else:
+        out.narrow(-1, 0, half).copy_(first * cos - second * sin)
+        out.narrow(-1, half, half).copy_(second * cos + first * sin)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """A rotation's gradient is the inverse rotation (its transpose): dx1 = g1 cos + g2 sin,
+    dx2 = g2 cos - g1 sin -- written as one tensor, where autograd would chain casts, products and
+    a concatenation of the halves."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_shape = x.shape
+        out = _rotate(x, cos, sin, inverse=False)
+        return out.view(x.shape[0], x.shape[1], -1, x.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad.reshape(ctx.x_shape), cos, sin, inverse=True), None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [s, b, n, d], or [s, b, g, n/g, d] (a strided view into the fused QKV output) -> [s, b, n, d]
+    contiguous, in x's dtype; each pair (x1, x2) = (x_i, x_{i+d/2}) rotated by its angle, in float32:
+
+        y1 = x1 cos - x2 sin,    y2 = x2 cos + x1 sin
+
+    The two halves are written into one output (no rotated copy of x is concatenated), and a strided
+    x is read in place, so merging q's heads costs no copy of its own.  The forward is bit for bit
+    the rotate-half form x cos + rotate_half(x) sin (x1 cos + (-x2) sin is x1 cos - x2 sin exactly);
+    so is the backward in float32, while a 16-bit gradient is rounded once instead of per term.
+    """
+    return _Rotary.apply(x, cos, sin)
 
 
 # -- attention --------------------------------------------------------------------------------------
@@ -142,7 +183,10 @@ class CoreAttention(nn.Module):
 
         def attend(q, k, v, mask):
             return causal_attention(q, k, v, dropout, mask)
-        with tp_random.get_rng_tracker().fork(tp_random.TENSOR_PARALLEL_RNG):
+        if dropout > 0:
+            with tp_random.get_rng_tracker().fork(tp_random.TENSOR_PARALLEL_RNG):
+                out = attention_over_cp(q, k, v, attend)
+        else:   # no random draws: no stream switch (whose RNG-state copies torch.compile cannot trace)
             out = attention_over_cp(q, k, v, attend)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
@@ -175,11 +219,12 @@ class SelfAttention(nn.Module):
         qkv = self.linear_qkv(x)                                            # [s, b, g/t * (a/g + 2) * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
-        q, k, v = qkv.split([self.heads_per_group, 1, 1], dim=3)
-        q = q.reshape(s, b, -1, self.head_dim)                              # [s, b, a/t, d]
+        q, k, v = qkv.split([self.heads_per_group, 1, 1], dim=3)           # views, no copies
         k, v = k.squeeze(3), v.squeeze(3)                                   # [s, b, g/t, d]
-        if rotary is not None:
+        if rotary is not None:   # writes q's heads merged: [s, b, a/t, d]
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        else:                    # a view when a == g (one head per group); a copy under grouped queries
+            q = q.reshape(s, b, -1, self.head_dim)                          # [s, b, a/t, d]
         # Under context parallelism the core attention is recomputed too: backward then gathers K and V
         # again instead of keeping the whole sequence's, so activation memory falls as 1/CP (one more
         # attention forward and K/V all-gather per layer, the price the ring's backward pays in sends).
@@ -268,7 +313,7 @@ class TransformerBlock(nn.Module):
         return run_layers
 
     def forward(self, x, rotary=None):
-        """x: [s(/t), b, h] -> same; rotary: (cos, sin) [s, b, 1, d] each, or None."""
+        """x: [s(/t), b, h] -> same; rotary: (cos, sin) [s, b, 1, d/2] each, or None."""
         for start, end, recompute in self._spans():
             if recompute and torch.is_grad_enabled():
                 x = tp_random.checkpoint(self._run(start, end), x, *(rotary or ()))

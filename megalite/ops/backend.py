@@ -55,8 +55,12 @@ def native_available(device: torch.device) -> bool:
 
 
 def use_native(device: torch.device) -> bool:
-    """Whether kernels on ``device`` should run the compiled operators (False -> reference)."""
-    if forced_reference():
+    """Whether kernels on ``device`` should run the compiled operators (False -> reference).
+
+    Under torch.compile (``--compile``) the reference runs: the compiler fuses it with its
+    neighbours, and the native operators have no fake-tensor implementation to be traced with.
+    """
+    if forced_reference() or torch.compiler.is_compiling():
         return False
     device = torch.device(device)
     if native_available(device):

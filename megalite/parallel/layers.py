@@ -206,22 +206,28 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rank = tp_rank()
         local_vocab, logits_dtype = logits.shape[-1], logits.dtype
         start = rank * local_vocab
+        # One fp32 [tokens, v/t] buffer, overwritten in place: logits -> shifted -> exp -> softmax (each
+        # step would otherwise be another full fp32 copy of the logits).  A low-precision input is
+        # copied by .float(); an fp32 one is the caller's, so the first write makes the copy.
+        owned = logits.dtype != torch.float32
         logits = logits.float()
         real = torch.arange(start, start + local_vocab, device=logits.device) < vocab_size
-        logits = logits.masked_fill(~real, float("-inf"))
+        if start + local_vocab > vocab_size:   # this rank holds padding columns
+            logits = logits.masked_fill_(~real, float("-inf")) if owned else logits.masked_fill(~real, float("-inf"))
+            owned = True
         # Subtract the global max so exp never overflows (it cancels in softmax and logZ).
-        global_max = all_reduce(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
-        shifted = logits - global_max.unsqueeze(-1)
-        exp = shifted.exp()
-        sum_exp = all_reduce(exp.sum(dim=-1))
+        global_max = all_reduce(logits.max(dim=-1).values, op=dist.ReduceOp.MAX).unsqueeze(-1)
+        shifted = logits.sub_(global_max) if owned else logits - global_max
         on_this_rank = (target >= start) & (target < start + local_vocab)
         local_target = (target - start).clamp(0, local_vocab - 1)
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
         target_logit = all_reduce(torch.where(on_this_rank, target_logit, torch.zeros_like(target_logit)))
+        sum_logits = all_reduce(shifted.masked_fill(~real, 0.0).sum(dim=-1)) if label_smoothing > 0 else None
+        exp = shifted.exp_()
+        sum_exp = all_reduce(exp.sum(dim=-1))
         log_z = sum_exp.log()
         loss = log_z - target_logit
         if label_smoothing > 0:
-            sum_logits = all_reduce(shifted.masked_fill(~real, 0.0).sum(dim=-1))
             loss = (1 - label_smoothing) * loss + label_smoothing * (log_z - sum_logits / vocab_size)
         softmax = exp.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, local_target, on_this_rank, real)

@@ -226,13 +226,17 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
 
 def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
-    """Enter a TP region with a replicated input. x: [..., h] (same on every rank)."""
-    return _CopyToTP.apply(x)
+    """Enter a TP region with a replicated input. x: [..., h] (same on every rank).
+
+    TP size 1: x itself (the pair's backward would copy the gradient only to sum it over one rank)."""
+    return _CopyToTP.apply(x) if tp_size() > 1 else x
 
 
 def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
-    """Leave a TP region by summing partial results. x: [..., h] partial -> [..., h] full."""
-    return _ReduceFromTP.apply(x)
+    """Leave a TP region by summing partial results. x: [..., h] partial -> [..., h] full.
+
+    TP size 1: x itself (the sum over one rank is x; the pair would copy it first)."""
+    return _ReduceFromTP.apply(x) if tp_size() > 1 else x
 
 
 def scatter_to_tp(x: torch.Tensor) -> torch.Tensor:

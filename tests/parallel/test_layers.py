@@ -148,6 +148,16 @@ def test_cross_entropy_keeps_low_precision_logits_dtype_and_computes_in_fp32():
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("vocab_size", [VOCAB, None], ids=["padded", "unpadded"])
+def test_cross_entropy_leaves_fp32_logits_untouched(vocab_size):
+    """The loss works in one fp32 buffer overwritten in place; fp32 logits are the caller's, not it."""
+    d = _data()
+    logits = d["logits"].clone().requires_grad_()
+    before = logits.detach().clone()
+    vocab_parallel_cross_entropy(logits, d["ids"], vocab_size=vocab_size).sum().backward()
+    assert torch.equal(logits.detach(), before)
+
+
 def test_name_seed_is_stable_and_name_dependent():
     name = "decoder.layers.0.mlp.linear_fc1.weight"
     assert name_seed(1234, name) == name_seed(1234, name)
