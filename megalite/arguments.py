@@ -221,6 +221,22 @@ def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: O
                              f"{vpp or 1}: {error}") from None
     if data.data_path and not data.mock_data and data.tokenizer_type is None:
         raise ValueError("--data-path needs --tokenizer-type (and its files) so the vocabulary size is known")
+    if training.compile and model.recompute_granularity is not None:
+        check_compile_with_recompute(model.recompute_granularity)
+
+
+# The first torch where --compile with recompute was verified (tests/model/test_compile.py); torch
+# 2.4.1's compiler fails on it (it meets the RNG state recompute saves as a real tensor while tracing).
+COMPILE_WITH_RECOMPUTE_FROM = (2, 13)
+
+
+def check_compile_with_recompute(granularity: str) -> None:
+    import torch
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < COMPILE_WITH_RECOMPUTE_FROM:
+        raise ValueError(f"--compile with --recompute-granularity {granularity} is verified from torch "
+                         f"{'.'.join(map(str, COMPILE_WITH_RECOMPUTE_FROM))} on (torch 2.4's compiler fails on it); "
+                         f"this is torch {torch.__version__}: drop --compile or the recompute, or upgrade torch")
 
 
 def check_context_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:

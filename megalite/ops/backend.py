@@ -59,8 +59,10 @@ def use_native(device: torch.device) -> bool:
 
     Under torch.compile (``--compile``) the reference runs: the compiler fuses it with its
     neighbours, and the native operators have no fake-tensor implementation to be traced with.
+    (Asked first: the compiler of torch 2.4 cannot trace the environment read of ``forced_reference``,
+    and broke each layer's graph there.)
     """
-    if forced_reference() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or forced_reference():
         return False
     device = torch.device(device)
     if native_available(device):

@@ -18,6 +18,11 @@ checks the sum); with ``e`` the run's element size (4 fp32, 2 bf16), the differe
 4. Selective recompute checkpoints the attention core with Q, K and V as its inputs: views of the
    fused QKV output, ``3 sbh e`` bytes, whatever the kernel.  Full recompute keeps each layer's input.
 
+These are the kernels of torch 2.13 (where the test holds the sum to the byte).  torch 2.4.1's differ
+in two items (measured): its math kernel keeps bf16 inputs in bf16 (no fp32 copies), and its flash
+kernel saves one of Q, K, V as a separate copy rather than a view of the QKV buffer; versions between
+were not measured.
+
 Everything else is Korthikanti's list: the two norm inputs, the QKV input, the projection input, the
 MLP's fc1 input, activation input and fc2 input.  Tensor parallelism (t) splits what lies between
 the TP communication (heads, the MLP width); sequence parallelism also splits the rest (the norms,

@@ -10,7 +10,9 @@ around dropout then split each layer into a few graphs.
 import math
 
 import pytest
+import torch
 
+from megalite.arguments import COMPILE_WITH_RECOMPUTE_FROM, parse_args
 from megalite.testing import run_on_ranks
 
 TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -22,6 +24,7 @@ LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", 
          "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "2"]
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform"]
 DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]   # later flags win
+TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def _losses_and_compiled_layers(rank, world_size, argv):
@@ -48,6 +51,8 @@ def _losses_and_compiled_layers(rank, world_size, argv):
 @pytest.mark.parametrize("model", [[], LLAMA, LLAMA + RECOMPUTE, DROPOUT],
                          ids=["gpt", "llama", "llama-recompute", "gpt-dropout"])
 def test_compiled_layers_train_like_eager(model):
+    if model == LLAMA + RECOMPUTE and TORCH < COMPILE_WITH_RECOMPUTE_FROM:
+        pytest.skip(f"--compile with recompute is refused on torch {torch.__version__} (arguments.py)")
     eager, none_compiled, (no_graphs, _) = run_on_ranks(_losses_and_compiled_layers, 1, TINY + model, timeout=120)[0]
     compiled, layers, (graphs, breaks) = run_on_ranks(_losses_and_compiled_layers, 1,
                                             TINY + model + ["--compile", "--compile-backend", "aot_eager"],
@@ -72,3 +77,10 @@ def test_compile_keeps_parameter_names():
     names = [name for name, _ in block.named_parameters()]
     assert compile_layers(block, "aot_eager") == 2
     assert [name for name, _ in block.named_parameters()] == names
+
+
+def test_compile_with_recompute_is_refused_on_a_torch_it_fails_on(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
+    with pytest.raises(ValueError, match=r"--compile with --recompute-granularity full .* this is torch 2.4.1"):
+        parse_args(TINY + RECOMPUTE + ["--compile"], world_size=1)
+    parse_args(TINY + ["--compile"], world_size=1)     # without recompute it is fine there
