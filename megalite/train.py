@@ -66,7 +66,7 @@ def report(prog: str, error: BaseException) -> None:
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     from megalite.checkpoint_manifest import CheckpointError
-    from megalite.parallel import state
+    from megalite.parallel.launch import shut_down_distributed
     from megalite.training import SETUP_ERRORS, TrainingDiverged, setup, train
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -90,9 +90,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
         record(error_line(prog, f"{type(error).__name__}: {first_line(error)}"))
         raise
     finally:
-        state.destroy_grid()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shut_down_distributed()
     return 0
 
 

@@ -48,7 +48,7 @@ from megalite.optim.schedulers import LRScheduler
 from megalite.parallel import state
 from megalite.parallel.context_parallel import context_parallel_loss
 from megalite.parallel.grads import finalize_model_grads
-from megalite.parallel.launch import init_distributed
+from megalite.parallel.launch import init_distributed, shut_down_distributed
 from megalite.parallel.pipeline.schedules import get_forward_backward_func
 from megalite.parallel.pipeline.timeline import Timeline, draw_step_timeline
 from megalite.parallel.random import model_parallel_seed
@@ -385,6 +385,4 @@ def pretrain(argv=None) -> List[dict]:
         run = setup(argv)
         return train(run)
     finally:
-        state.destroy_grid()
-        if started_distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        shut_down_distributed(destroy_default=started_distributed)
