@@ -216,8 +216,9 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     mine = {os.path.join(os.path.basename(folder), name): file_entry(os.path.join(folder, name)) for name in written}
     slices = _describe_saved_tensors(model_chunks, optimizer, grid, os.path.basename(folder), sharded_optimizer,
                                      layer_numbers, suffix)
-    everyone: list = [None] * grid.world_size
-    dist.all_gather_object(everyone, (mine, slices))
+    # Only rank 0 writes the index and the manifest, so only rank 0 receives every rank's part.
+    everyone: Optional[list] = [None] * grid.world_size if grid.rank == 0 else None
+    dist.gather_object((mine, slices), everyone, dst=0)
     # Only when every rank's files are durable and listed is the checkpoint announced.
     if grid.rank == 0:
         files = {path: entry for rank_files, _ in everyone for path, entry in rank_files.items()}
