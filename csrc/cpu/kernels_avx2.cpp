@@ -36,20 +36,13 @@
 #define MEGALITE_HAVE_AVX2_TABLE 1
 #endif
 
-#include "cpu/adam_kernels.h"
-#include "cpu/norm_kernels.h"
+#include "cpu/kernel_table.h"
 
 namespace megalite::cpu {
 
 const KernelTable& avx2_kernels() {
 #if defined(MEGALITE_HAVE_AVX2_TABLE)
-  static const KernelTable table{"avx2",
-                                 adam_fp32,
-                                 adam_master<PortableRounding>,
-                                 layer_norm_forward<PortableRounding>,
-                                 layer_norm_backward<PortableRounding>,
-                                 rms_norm_forward<PortableRounding>,
-                                 rms_norm_backward<PortableRounding>};
+  static const KernelTable table = kernel_table<PortableRounding>("avx2");
   return table;
 #else
   return generic_kernels();

@@ -38,8 +38,7 @@
 #define MEGALITE_HAVE_AVX512_TABLE 1
 #endif
 
-#include "cpu/adam_kernels.h"
-#include "cpu/norm_kernels.h"
+#include "cpu/kernel_table.h"
 
 namespace megalite::cpu {
 namespace {
@@ -85,13 +84,7 @@ struct Avx512Rounding {
 
 const KernelTable& avx512_kernels() {
 #if defined(MEGALITE_HAVE_AVX512_TABLE)
-  static const KernelTable table{"avx512",
-                                 adam_fp32,
-                                 adam_master<Avx512Rounding>,
-                                 layer_norm_forward<Avx512Rounding>,
-                                 layer_norm_backward<Avx512Rounding>,
-                                 rms_norm_forward<Avx512Rounding>,
-                                 rms_norm_backward<Avx512Rounding>};
+  static const KernelTable table = kernel_table<Avx512Rounding>("avx512");
   return table;
 #else
   return generic_kernels();

@@ -1,19 +1,12 @@
 // The CPU kernels compiled for baseline x86-64 (SSE2), and the choice of table at run time.
 #include "cpu/kernels.h"
 
-#include "cpu/adam_kernels.h"
-#include "cpu/norm_kernels.h"
+#include "cpu/kernel_table.h"
 
 namespace megalite::cpu {
 
 const KernelTable& generic_kernels() {
-  static const KernelTable table{"generic",
-                                 adam_fp32,
-                                 adam_master<PortableRounding>,
-                                 layer_norm_forward<PortableRounding>,
-                                 layer_norm_backward<PortableRounding>,
-                                 rms_norm_forward<PortableRounding>,
-                                 rms_norm_backward<PortableRounding>};
+  static const KernelTable table = kernel_table<PortableRounding>("generic");
   return table;
 }
 
