@@ -232,8 +232,8 @@ COMPILE_WITH_RECOMPUTE_FROM = (2, 13)
 
 def check_compile_with_recompute(granularity: str) -> None:
     import torch
-    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    if version < COMPILE_WITH_RECOMPUTE_FROM:
+    from torch.torch_version import TorchVersion
+    if TorchVersion(torch.__version__) < COMPILE_WITH_RECOMPUTE_FROM:
         raise ValueError(f"--compile with --recompute-granularity {granularity} is verified from torch "
                          f"{'.'.join(map(str, COMPILE_WITH_RECOMPUTE_FROM))} on (torch 2.4's compiler fails on it); "
                          f"this is torch {torch.__version__}: drop --compile or the recompute, or upgrade torch")

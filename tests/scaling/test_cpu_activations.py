@@ -19,7 +19,6 @@ from megalite.scaling.cpu_activations import cpu_activation_bytes_per_layer
 from megalite.testing import run_on_ranks, saved_activation_bytes
 
 S, B, H, A, LAYERS = 64, 2, 64, 4, 2
-TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # name: (tp, sequence parallel, recompute, dropout)
 LAYOUTS = {
@@ -71,7 +70,7 @@ def test_cpu_inventory_matches_the_saved_bytes(measured, layout, dtype):
                                            recompute=recompute, hidden_dropout=dropout, attention_dropout=dropout)
     paper = activation_bytes_per_layer(S, B, H, A, tp=tp, sequence_parallel=sp, recompute=recompute,
                                        element_size=e, dropout=dropout)
-    if TORCH < (2, 13) and recompute is None and (not dropout or dtype == "bfloat16"):
+    if torch.__version__ < (2, 13) and recompute is None and (not dropout or dtype == "bfloat16"):
         pytest.skip(f"the inventory is torch 2.13's SDPA; torch {torch.__version__}'s saves other tensors here "
                     f"(cpu_activations.py names them)")
     saved = measured[layout, dtype]
