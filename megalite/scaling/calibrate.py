@@ -6,29 +6,38 @@ writes the calibration file that ``hardware.from_calibration`` reads (``megalite
 --calibration OUT.json``)::
 
     {"name": str, "peak_tflops": {"float32": f, "bfloat16": f},
-     "matmul": [{"m": int, "n": int, "k": int, "dtype": "float32"|"bfloat16", "tflops": f}, ...],
+     "matmul": [{"m": int, "n": int, "k": int, "dtype": "float32"|"bfloat16", "layout": "nn"|"nt"|"tn",
+                 "tflops": f}, ...],
      "memory_bandwidth_gbs": f,
      "network": {"intra_node": {"bandwidth_gbs": f, "latency_us": f}, "inter_node": {...}},
      "gpus_per_node": int, "optimizer_bytes_per_s": f,
      "attention": [{"heads", "s", "d", "dtype", "forward_tflops", "backward_tflops"}, ...],
-     "elementwise": [{"op", "dtype", "bytes", "forward_gbs", "backward_gbs"}, ...]}
+     "elementwise": [{"op", "dtype", "bytes", "forward_gbs", "backward_gbs"}, ...],
+     "collectives": {name: {"bandwidth_gbs": f, "latency_us": f}, ...},
+     "host_overhead": {"layer_s": f, "micro_batch_s": f, "step_s": f}}
 
-plus what was measured to get there ("threads_per_rank", "collectives": the fit of each collective
-alone, "samples": every collective timing).  What each figure is:
+plus what was measured to get there ("threads_per_rank", "samples": every collective timing).
+What each figure is:
 
-- GEMM: ``[m, k] x [k, n]`` timed (median of repeats) at ``2 m n k / t``; ``peak_tflops[dtype]`` is
-  the best of the grid.  The grid spans the shapes of small models' layers (tokens ``m`` = b*s,
+- GEMM: ``[m, k] x [k, n]`` timed (median of repeats) at ``2 m n k / t``, in each operand layout a
+  linear layer runs (``x @ W^T`` forward, ``g @ W``, ``x^T @ g`` backward); ``peak_tflops[dtype]``
+  is the best of the grid.  The grid spans the shapes of small models' layers (tokens ``m`` = b*s,
   widths and head dimensions ``n``, ``k``), from 32 to 2048.
 - Memory bandwidth: ``c = a + b`` over tensors far larger than the caches, ``3 x bytes / t`` (two
   reads, one write): what the model's memory-bound passes (norms, softmax, GELU) see.
 - Network: all-reduce, all-gather, reduce-scatter and a send/recv pair over ``ranks`` forked gloo
-  ranks on this machine, each at several sizes, fitted to the alpha-beta ring model of
-  ``communication.py`` (``t = hops x alpha + bytes_factor x B / bw``, hops = 2(n-1), n-1, n-1, 1 and
-  bytes_factor = 2(n-1)/n, (n-1)/n, (n-1)/n, 1) by least squares on relative error, all four
-  together.  One machine has one network: ``inter_node`` = ``intra_node``, ``gpus_per_node`` = ranks.
+  ranks on this machine, each at several sizes and each call after 2 ms of compute (as in a step),
+  fitted to the alpha-beta ring model of ``communication.py`` (``t = hops x alpha + bytes_factor x
+  B / bw``, hops = 2(n-1), n-1, n-1, 1 and bytes_factor = 2(n-1)/n, (n-1)/n, (n-1)/n, 1) by least
+  squares on relative error: all four together (``network``) and each alone (``collectives``, what
+  the model uses).  One machine has one network: ``inter_node`` = ``intra_node``, ``gpus_per_node`` =
+  ranks.
 - Attention core and elementwise ops (``calibrate_ops.py``): SDPA with megalite's head copies by
   (heads, s, d) and LayerNorm, GELU, the residual add and the cross-entropy by size, forward and
   backward, as effective rates on what ``compute.py`` counts for them.
+- Host overhead (``calibrate_overhead.py``): megalite's real training step at a vanishing width, split
+  into a fixed cost per layer and micro-batch, per micro-batch and per step, less what the tables
+  predict for the same runs.
 - Optimizer: megalite's fused AdamW on fp32 pieces, in the bytes ``predict`` charges per state
   element (``32 + e``: gradient read, master, both moments read and written, the parameter copy)
   per second.
@@ -51,6 +60,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from megalite.scaling.calibrate_ops import measure_attention, measure_elementwise
+from megalite.scaling.calibrate_overhead import measure_overhead
 from megalite.scaling.timing import median_seconds
 
 __all__ = ["calibrate", "fit_alpha_beta", "COLLECTIVES"]
@@ -58,8 +68,11 @@ __all__ = ["calibrate", "fit_alpha_beta", "COLLECTIVES"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GEMM_SIZES = (32, 128, 256, 512, 1024, 2048)          # m, n and k each
 GEMM_SIZES_QUICK = (32, 256)
+GEMM_LAYOUTS = ("nn", "nt", "tn")   # compute.Gemm.layout: A @ B, A @ B^T, A^T @ B
 MESSAGE_BYTES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 8 << 20)
 MESSAGE_BYTES_QUICK = (4 << 10, 256 << 10)
+COMPUTE_GAP_S = 0.002   # compute before each timed collective: a step never calls them back to back
+CHAINS = 5              # chains of (compute, collective) per measurement; the median chain counts
 
 # name -> (latency hops, bandwidth factor) for n ranks: the ring model of communication.py.
 COLLECTIVES: Dict[str, Callable[[int], Tuple[float, float]]] = {
@@ -70,16 +83,25 @@ COLLECTIVES: Dict[str, Callable[[int], Tuple[float, float]]] = {
 }
 
 
+def _operands(layout: str, m: int, n: int, k: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A [m, k] and B [k, n] as ``layout`` lays them out: "nt" B is a transposed [n, k] (a linear
+    layer's weight), "tn" A is a transposed [k, m] (the tokens-major input of a weight gradient)."""
+    a = torch.randn(k, m).to(dtype).t() if layout == "tn" else torch.randn(m, k).to(dtype)
+    b = torch.randn(n, k).to(dtype).t() if layout == "nt" else torch.randn(k, n).to(dtype)
+    return a, b
+
+
 def measure_matmul(sizes: Sequence[int], min_time: float) -> List[dict]:
     rows = []
     for dtype_name, dtype in DTYPES.items():
-        for m in sizes:
-            for n in sizes:
-                for k in sizes:
-                    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-                    seconds = median_seconds(lambda: torch.mm(a, b), min_time)
-                    tflops = 2.0 * m * n * k / seconds / 1e12
-                    rows.append({"m": m, "n": n, "k": k, "dtype": dtype_name, "tflops": tflops})
+        for layout in GEMM_LAYOUTS:
+            for m in sizes:
+                for n in sizes:
+                    for k in sizes:
+                        a, b = _operands(layout, m, n, k, dtype)
+                        seconds = median_seconds(lambda: torch.mm(a, b), min_time)
+                        rows.append({"m": m, "n": n, "k": k, "dtype": dtype_name, "layout": layout,
+                                     "tflops": 2.0 * m * n * k / seconds / 1e12})
     return rows
 
 
@@ -105,14 +127,43 @@ def measure_optimizer(elements: int, min_time: float) -> float:
     return (32 + 4) * elements / median_seconds(one_step, min_time)
 
 
-def time_collectives(rank: int, world_size: int, sizes: Sequence[int], repeats: int) -> List[tuple]:
+def _step_work(seconds: float) -> Callable[[], None]:
+    """A fixed amount of GEMM work taking about ``seconds`` on this rank, the same on every rank (the
+    largest count any rank needs): as in a step, ranks do equal work, not equal time, so a collective
+    after it also waits for the slower peer."""
+    import torch.distributed as dist
+
+    a = torch.ones(256, 256)
+    torch.mm(a, a)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        torch.mm(a, a)
+    count = torch.tensor([max(1, round(seconds / ((time.perf_counter() - t0) / 10)))])
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+
+    def work():
+        for _ in range(int(count)):
+            torch.mm(a, a)
+    return work
+
+
+def time_collectives(rank: int, world_size: int, sizes: Sequence[int], repeats: int,
+                     gap: float = COMPUTE_GAP_S) -> List[tuple]:
     """On each of ``world_size`` gloo ranks: (collective, bytes B of the ring model, seconds) per size,
-    the median of ``repeats`` (a fixed count: every rank must call each collective as often) on the
-    slowest rank (a collective ends when its last rank does)."""
+    on the slowest rank (a collective ends when its last rank does).
+
+    A step issues its collectives between stretches of compute, one after another with no barrier
+    between them, and pays for each on average.  So each is timed the same way: a chain of
+    ``repeats`` (compute of about ``gap`` seconds, then the call), its mean per call less that of the
+    same chain without the calls, the median of ``CHAINS`` chains.  That counts what calls timed
+    back to back miss: the wake-up of gloo's threads, a peer arriving late (the ranks drift apart
+    between synchronizations) and what the collective's threads take from the compute (on a 2-core
+    machine, a 512 KiB all-reduce: ~0.8 ms back to back, ~1.6-2 ms in such a chain)."""
     import torch.distributed as dist
 
     from megalite.parallel.collectives import all_gather_into, reduce_scatter_into
 
+    work = _step_work(gap)
     samples = []
     for nbytes in sizes:
         elements = max(world_size, nbytes // 4 // world_size * world_size)
@@ -132,15 +183,20 @@ def time_collectives(rank: int, world_size: int, sizes: Sequence[int], repeats: 
                "all_gather": (lambda: all_gather_into(full, part)),
                "reduce_scatter": (lambda: reduce_scatter_into(part, full)),
                "send_recv": send_recv}
-        for name, op in ops.items():
-            dist.barrier()
+        def after_work(op: Callable[[], object]) -> float:
             op()
-            times = []
-            for _ in range(repeats):
+            chains = []
+            for _ in range(CHAINS):
+                dist.barrier()
                 t0 = time.perf_counter()
-                op()
-                times.append(time.perf_counter() - t0)
-            seconds = statistics.median(times)
+                for _ in range(repeats):
+                    work()
+                    op()
+                chains.append((time.perf_counter() - t0) / repeats)
+            return statistics.median(chains)
+        work_alone = after_work(lambda: None)
+        for name, op in ops.items():
+            seconds = max(1e-6, after_work(op) - work_alone)
             if name == "send_recv":
                 seconds /= 2   # a round trip: two one-way messages
             slowest = torch.tensor([seconds], dtype=torch.float64)
@@ -214,6 +270,7 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
         "samples": [{"collective": name, "bytes": nbytes, "seconds": seconds} for name, nbytes, seconds in samples],
         "torch": torch.__version__,
     }
+    document["host_overhead"] = measure_overhead(document, quick)
     bad = [key for key in ("memory_bandwidth_gbs", "optimizer_bytes_per_s") if not document[key] > 0]
     bad += [f"matmul {r}" for r in matmul if not (r["tflops"] > 0 and math.isfinite(r["tflops"]))]
     bad += [f"{table} {r}" for table in ("attention", "elementwise") for r in document[table]

@@ -13,6 +13,9 @@ Which link a group uses follows the Megatron grid order (TP fastest, then CP, DP
 nodes when ``stride * size > gpus_per_node``.  Inside a node it runs on NVLink; across nodes each of
 the ``k`` members a node holds drives its own network card, so the ring's node-crossing bandwidth is
 ``min(NVLink, k * IB per GPU)`` (NCCL runs one ring per card) and its latency the network's.
+A calibrated CPU's link carries each collective's own fit of these formulas (``Link.for_collective``):
+gloo's algorithms are not NCCL's rings, and its all-reduce and reduce-scatter cost more than the ring
+form of its send/recv would say.
 
 What a step sends, per micro-batch and layer (``s`` tokens, ``b`` micro-batch, ``h`` hidden, ``e`` bytes):
 tensor parallelism all-reduces ``sbh e`` twice in forward and twice in backward (Shoeybi et al.
@@ -21,6 +24,13 @@ et al. 2022, Sec. 4.2.2); full recompute repeats the forward's.  Pipeline stages
 activation ``[s, b, h]`` (``/t`` with SP) per chunk forward and one gradient per chunk backward.  Data
 parallelism all-reduces the fp32 gradient buffer once per step (ZeRO-1: reduce-scatter, then the
 all-gather of the updated parameters in their own dtype).
+
+Around the layers (``tp_embedding_time``, ``tp_logits_time``): the vocabulary-parallel embedding
+all-reduces its ``sbh e`` output (with SP then keeps its tokens, and backward all-gathers their
+gradient); the output layer's input is copied to the TP ranks (backward all-reduces its gradient;
+with SP all-gathered forward, reduce-scattered backward); the vocabulary-parallel cross-entropy
+all-reduces three fp32 values per token (the max logit, the target's logit, the sum of
+exponentials).
 """
 from __future__ import annotations
 
@@ -29,26 +39,34 @@ from dataclasses import dataclass
 from megalite.scaling.hardware import Hardware, Link
 
 __all__ = ["all_reduce_time", "all_gather_time", "reduce_scatter_time", "p2p_time", "group_link",
-           "GridStrides", "tp_time_per_layer", "pp_message_bytes", "dp_gradient_time",
-           "zero1_gather_time"]
+           "GridStrides", "tp_time_per_layer", "tp_embedding_time", "tp_logits_time", "pp_message_bytes",
+           "dp_gradient_time", "zero1_gather_time"]
 
 
 def all_reduce_time(nbytes: float, n: int, link: Link) -> float:
     if n <= 1:
         return 0.0
+    link = link.for_collective("all_reduce")
     return 2 * (n - 1) / n * nbytes / (link.bandwidth_gbs * 1e9) + 2 * (n - 1) * link.latency_us * 1e-6
 
 
-def all_gather_time(nbytes: float, n: int, link: Link) -> float:
+def _half_ring(nbytes: float, n: int, link: Link) -> float:
     if n <= 1:
         return 0.0
     return (n - 1) / n * nbytes / (link.bandwidth_gbs * 1e9) + (n - 1) * link.latency_us * 1e-6
 
 
-reduce_scatter_time = all_gather_time   # the same ring, the same bytes on every hop
+def all_gather_time(nbytes: float, n: int, link: Link) -> float:
+    return _half_ring(nbytes, n, link.for_collective("all_gather"))
+
+
+def reduce_scatter_time(nbytes: float, n: int, link: Link) -> float:
+    """The same ring as the all-gather, the same bytes on every hop (a measured link may differ)."""
+    return _half_ring(nbytes, n, link.for_collective("reduce_scatter"))
 
 
 def p2p_time(nbytes: float, link: Link) -> float:
+    link = link.for_collective("send_recv")
     return nbytes / (link.bandwidth_gbs * 1e9) + link.latency_us * 1e-6
 
 
@@ -90,6 +108,21 @@ def tp_time_per_layer(tokens_bytes: float, tp: int, link: Link, sequence_paralle
     if sequence_parallel:
         return 2 * (all_gather_time(tokens_bytes, tp, link) + reduce_scatter_time(tokens_bytes, tp, link))
     return 2 * all_reduce_time(tokens_bytes, tp, link)
+
+
+def tp_embedding_time(tokens_bytes: float, tp: int, link: Link, sequence_parallel: bool) -> tuple:
+    """(forward, backward) seconds of the vocabulary-parallel embedding's collectives, one micro-batch."""
+    backward = all_gather_time(tokens_bytes, tp, link) if sequence_parallel else 0.0
+    return all_reduce_time(tokens_bytes, tp, link), backward
+
+
+def tp_logits_time(tokens_bytes: float, tokens: int, tp: int, link: Link, sequence_parallel: bool) -> tuple:
+    """(forward, backward) seconds of the output layer's and the cross-entropy's collectives (``tokens``
+    = s b of one micro-batch on this rank), one micro-batch."""
+    loss = 3 * all_reduce_time(4.0 * tokens, tp, link)
+    if sequence_parallel:
+        return all_gather_time(tokens_bytes, tp, link) + loss, reduce_scatter_time(tokens_bytes, tp, link)
+    return loss, all_reduce_time(tokens_bytes, tp, link)
 
 
 def pp_message_bytes(seq: int, micro_batch: int, hidden: int, element_size: int, tp: int,

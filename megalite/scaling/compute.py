@@ -9,7 +9,9 @@ of them) costs ``2 m n k batch`` FLOPs and runs at
 (the roofline: Williams, Waterman and Patterson 2009), where ``quantization`` is the useful fraction
 of the thread-block tiles (256 x 128 or 128 x 256) launched in whole waves over the SMs (NVIDIA's
 "Matrix Multiplication Background" guide: tile and wave quantization).  A calibration table of
-measured GEMM throughput replaces the formula: the rate is interpolated in log(m, n, k) space.
+measured GEMM throughput replaces the formula: the rate is read at (m, n, k) between its grid points
+(interpolate.py), in the operands' layout (a linear layer's forward ``x @ W^T``, input gradient
+``g @ W`` and weight gradient ``x^T @ g`` run different kernels, up to 1.5x apart on a CPU).
 
 Per layer (``s`` tokens, ``b`` micro-batch, ``h`` hidden, ``a`` heads of ``d = h/a``, ``f`` MLP width,
 ``t`` TP ranks, ``g`` query groups):
@@ -40,9 +42,10 @@ from typing import List, NamedTuple, Optional
 from megalite.config import ModelConfig
 from megalite.scaling.flops import flops_per_iteration
 from megalite.scaling.hardware import Hardware
+from megalite.scaling.interpolate import interpolate
 
-__all__ = ["Gemm", "PassTimes", "gemm_rate", "gemm_seconds", "layer_gemms", "layer_times", "logits_times",
-           "hardware_flops_per_iteration", "element_size"]
+__all__ = ["Gemm", "PassTimes", "gemm_rate", "gemm_seconds", "layer_gemms", "backward_gemms", "layer_times",
+           "logits_times", "hardware_flops_per_iteration", "element_size"]
 
 _TILES = ((256, 128), (128, 256))
 
@@ -54,6 +57,9 @@ class Gemm(NamedTuple):
     k: int
     batch: int = 1
     attention_core: bool = False   # what selective recompute recomputes (no weights)
+    # How the operands lie, as the calibration table keys them: "nn" A @ B; "nt" A @ B^T (a linear
+    # layer's forward, x @ W^T); "tn" A^T @ B (its weight gradient, over the tokens).
+    layout: str = "nn"
 
     @property
     def flops(self) -> float:
@@ -92,25 +98,17 @@ def quantization(m: int, n: int, batch: int, num_sms: int) -> float:
     return best
 
 
-def _table_rate(hardware: Hardware, dtype: str, m: int, n: int, k: int) -> Optional[float]:
-    """Measured TFLOP/s interpolated (inverse squared distance in log2 m, n, k), or None without a table."""
+def _table_rate(hardware: Hardware, dtype: str, m: int, n: int, k: int, layout: str) -> Optional[float]:
+    """Measured TFLOP/s at (m, n, k) in ``layout`` (interpolate.py), else in any layout the table has
+    for ``dtype`` (files written before layouts were measured hold "nn" only); None without rows."""
     rows = [r for r in hardware.matmul if r[3] == dtype]
-    if not rows:
-        return None
-    point = (math.log2(m), math.log2(n), math.log2(k))
-    weights, total = 0.0, 0.0
-    for rm, rn, rk, _dtype, tflops in rows:
-        distance = sum((a - math.log2(b)) ** 2 for a, b in zip(point, (rm, rn, rk)))
-        if distance < 1e-12:
-            return tflops
-        weights += 1.0 / distance
-        total += tflops / distance
-    return total / weights
+    rows = [r for r in rows if r[5] == layout] or rows
+    return interpolate([((r[0], r[1], r[2]), r[4]) for r in rows], (m, n, k))
 
 
 def gemm_rate(gemm: Gemm, hardware: Hardware, dtype: str) -> float:
     """Achieved TFLOP/s of ``gemm`` in ``dtype``: the calibration table, else the roofline."""
-    measured = _table_rate(hardware, dtype, gemm.m * gemm.batch, gemm.n, gemm.k)
+    measured = _table_rate(hardware, dtype, gemm.m * gemm.batch, gemm.n, gemm.k, gemm.layout)
     if measured is not None:
         return measured
     e = element_size(dtype)
@@ -134,20 +132,23 @@ def layer_gemms(model: ModelConfig, micro_batch: int, tp: int, cp: int = 1) -> L
     ffn, gated = model.ffn_hidden_size, 2 if model.swiglu else 1
     heads = b * a // tp
     return [
-        Gemm("qkv", tokens, (h + kv) // tp, h),
+        Gemm("qkv", tokens, (h + kv) // tp, h, layout="nt"),
         Gemm("scores", s // cp, s, d, heads, True),
         Gemm("context", s // cp, d, s, heads, True),
-        Gemm("proj", tokens, h, h // tp),
-        Gemm("fc1", tokens, ffn * gated // tp, h),
-        Gemm("fc2", tokens, h, ffn // tp),
+        Gemm("proj", tokens, h, h // tp, layout="nt"),
+        Gemm("fc1", tokens, ffn * gated // tp, h, layout="nt"),
+        Gemm("fc2", tokens, h, ffn // tp, layout="nt"),
     ]
 
 
-def _backward_gemms(gemm: Gemm) -> List[Gemm]:
+def backward_gemms(gemm: Gemm) -> List[Gemm]:
     """Input-gradient and weight-gradient products of a forward GEMM (the attention core has no weights:
-    both of its operands' gradients are input gradients)."""
+    both of its operands' gradients are input gradients).  A linear layer's are ``g @ W`` ("nn") and
+    ``x^T @ g`` ("tn")."""
+    linear = gemm.layout == "nt"
     grad_input = Gemm(gemm.name + ".dgrad", gemm.m, gemm.k, gemm.n, gemm.batch, gemm.attention_core)
-    grad_other = Gemm(gemm.name + ".wgrad", gemm.k, gemm.n, gemm.m, gemm.batch, gemm.attention_core)
+    grad_other = Gemm(gemm.name + ".wgrad", gemm.k, gemm.n, gemm.m, gemm.batch, gemm.attention_core,
+                      "tn" if linear else "nn")
     return [grad_input, grad_other]
 
 
@@ -167,16 +168,6 @@ def _elementwise_bytes(model: ModelConfig, micro_batch: int, tp: int, cp: int, s
     return families, core
 
 
-def _interpolate_log(points, x: float) -> float:
-    """Piecewise-linear interpolation of sorted (x, y) ``points`` in log2 x, constant beyond the ends."""
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            return y0 + (y1 - y0) * (math.log2(x) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
-    return points[-1][1]
-
-
 def elementwise_seconds(op: str, nbytes: float, hardware: Hardware, dtype: str) -> tuple:
     """(forward, backward) seconds of an elementwise op that ``compute.py`` counts at ``nbytes`` forward
     (and ``2 nbytes`` backward): the calibration's measured effective GB/s for ``op`` at that size
@@ -185,8 +176,8 @@ def elementwise_seconds(op: str, nbytes: float, hardware: Hardware, dtype: str) 
     if not rows:
         bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
         return nbytes / bandwidth, 2 * nbytes / bandwidth
-    forward_gbs = _interpolate_log([(r[0], r[1]) for r in rows], nbytes)
-    backward_gbs = _interpolate_log([(r[0], r[2]) for r in rows], nbytes)
+    forward_gbs = interpolate([((r[0],), r[1]) for r in rows], (nbytes,))
+    backward_gbs = interpolate([((r[0],), r[2]) for r in rows], (nbytes,))
     return nbytes / (forward_gbs * 1e9), 2 * nbytes / (backward_gbs * 1e9)
 
 
@@ -196,15 +187,8 @@ def attention_rates(hardware: Hardware, dtype: str, heads: int, s: int, d: int) 
     rows = [r for r in hardware.attention if r[3] == dtype]
     if not rows:
         return None
-    point = (math.log2(heads), math.log2(s), math.log2(d))
-    weights, forward, backward = 0.0, 0.0, 0.0
-    for rh, rs, rd, _dtype, rate_forward, rate_backward in rows:
-        distance = sum((p - math.log2(q)) ** 2 for p, q in zip(point, (rh, rs, rd)))
-        if distance < 1e-12:
-            return rate_forward, rate_backward
-        weights, forward, backward = weights + 1 / distance, forward + rate_forward / distance, \
-            backward + rate_backward / distance
-    return forward / weights, backward / weights
+    point = (heads, s, d)
+    return (interpolate([(r[:3], r[4]) for r in rows], point), interpolate([(r[:3], r[5]) for r in rows], point))
 
 
 def _core_times(model: ModelConfig, core: List[Gemm], core_bytes: float, hardware: Hardware, dtype: str) -> tuple:
@@ -217,7 +201,7 @@ def _core_times(model: ModelConfig, core: List[Gemm], core_bytes: float, hardwar
         flops = sum(g.flops for g in core)
         return flops / (rates[0] * 1e12), 2 * flops / (rates[1] * 1e12)
     bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
-    backward = sum(gemm_seconds(b, hardware, dtype) for g in core for b in _backward_gemms(g))
+    backward = sum(gemm_seconds(b, hardware, dtype) for g in core for b in backward_gemms(g))
     return _seconds(core, hardware, dtype) + core_bytes / bandwidth, backward + 2 * core_bytes / bandwidth
 
 
@@ -240,7 +224,7 @@ def layer_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype:
     for gemm in forward_gemms:
         if gemm.attention_core:
             continue
-        grad_input, grad_weight = _backward_gemms(gemm)
+        grad_input, grad_weight = backward_gemms(gemm)
         forward += gemm_seconds(gemm, hardware, dtype)
         backward_input += gemm_seconds(grad_input, hardware, dtype)
         backward_weight += gemm_seconds(grad_weight, hardware, dtype)
@@ -256,8 +240,8 @@ def logits_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype
     """The output layer ``[bs, h] x [h, V/t]`` and the fp32 cross-entropy over its ``sbV/t`` logits."""
     tokens = micro_batch * model.seq_length // cp
     vocab = model.padded_vocab_size // tp
-    gemm = Gemm("logits", tokens, vocab, model.hidden_size)
-    grad_input, grad_weight = _backward_gemms(gemm)
+    gemm = Gemm("logits", tokens, vocab, model.hidden_size, layout="nt")
+    grad_input, grad_weight = backward_gemms(gemm)
     softmax_bytes = tokens * vocab * (element_size(dtype) + 4 + 4)   # logits in, fp32 copy, fp32 softmax out
     loss_forward, loss_backward = elementwise_seconds("cross_entropy", softmax_bytes, hardware, dtype)
     return PassTimes(gemm_seconds(gemm, hardware, dtype) + loss_forward,

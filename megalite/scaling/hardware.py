@@ -10,13 +10,19 @@ A :class:`Hardware` holds what the performance model reads, each figure from a d
     num_sms                streaming multiprocessors (for GEMM tile and wave quantization); 0 = none
     gemm_efficiency        the fraction of peak a large, well-shaped GEMM reaches
     memory_efficiency      the fraction of the HBM bandwidth a streaming kernel reaches
-    matmul                 optional measured GEMM throughput by shape: (m, n, k, dtype, tflops)
+    matmul                 optional measured GEMM throughput by shape: (m, n, k, dtype, tflops, layout),
+                           layout "nn", "nt" or "tn" (compute.Gemm)
     optimizer_bytes_per_s  optional measured Adam throughput: bytes per second, counting (32 + e) bytes per
                            parameter updated (fp32 grad, master, m, v, and the e-byte model copy)
     attention              optional measured attention core (SDPA and its copies) by shape:
                            (heads, s, d, dtype, forward_tflops, backward_tflops), calibrate_ops.py
     elementwise            optional measured elementwise ops by size: (op, dtype, bytes, forward_gbs,
                            backward_gbs), effective GB/s on the bytes compute.py counts, calibrate_ops.py
+    overlaps_communication whether a collective issued beside compute costs no compute time (a GPU);
+                           False for a calibrated CPU, whose collectives run on the ranks' own cores
+    layer_overhead_s, micro_batch_overhead_s, step_overhead_s
+                           the host's fixed cost per layer and micro-batch, per micro-batch and per
+                           step, beyond the tables (calibrate_overhead.py); 0 for the GPU presets
 
 Presets: ``a100-40gb``, ``a100-80gb``, ``h100-sxm``, ``h200``; ``cpu`` is read from a calibration
 JSON file (the schema of :func:`from_calibration`), and ``--cluster FILE.yaml`` overrides any field
@@ -34,10 +40,22 @@ __all__ = ["Link", "Hardware", "PRESETS", "from_calibration", "load_hardware", "
 
 @dataclass(frozen=True)
 class Link:
-    """A network as one device sees it: GB/s per direction, and the latency of one message (us)."""
+    """A network as one device sees it: GB/s per direction, and the latency of one message (us).
+
+    ``measured`` optionally holds (collective, GB/s, us) fitted to each collective alone on a machine
+    whose library does not run the model's rings (gloo on a CPU, ``calibrate.py``); a collective found
+    there uses its own figures (``for_collective``), any other the link's.
+    """
 
     bandwidth_gbs: float
     latency_us: float
+    measured: Tuple[Tuple[str, float, float], ...] = ()
+
+    def for_collective(self, name: str) -> "Link":
+        for collective, bandwidth, latency in self.measured:
+            if collective == name:
+                return Link(bandwidth, latency)
+        return self
 
 
 @dataclass(frozen=True)
@@ -52,10 +70,18 @@ class Hardware:
     num_sms: int = 0
     gemm_efficiency: float = 1.0
     memory_efficiency: float = 1.0
-    matmul: Tuple[Tuple[int, int, int, str, float], ...] = field(default=())
+    matmul: Tuple[Tuple[int, int, int, str, float, str], ...] = field(default=())
     optimizer_bytes_per_s: Optional[float] = None
     attention: Tuple[Tuple[int, int, int, str, float, float], ...] = field(default=())
     elementwise: Tuple[Tuple[str, str, int, float, float], ...] = field(default=())
+    # Whether communication can run beside compute without slowing it: a GPU's collectives run on
+    # their own SMs and copy engines; a CPU rank's gloo threads share the rank's cores.
+    overlaps_communication: bool = True
+    # The host's fixed cost of a step beyond the tables' ops, in seconds (calibrate_overhead.py):
+    # per layer and micro-batch, per micro-batch, per step.  0 on a GPU, whose launches run ahead.
+    layer_overhead_s: float = 0.0
+    micro_batch_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
 
     def peak(self, dtype: str) -> float:
         """Peak TFLOP/s for ``dtype`` (float16 falls back to bfloat16's and the other way round)."""
@@ -104,7 +130,8 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
     """A Hardware from a calibration file's JSON::
 
         {"name": str, "peak_tflops": {"float32": f, "bfloat16": f},
-         "matmul": [{"m": int, "n": int, "k": int, "dtype": "float32"|"bfloat16", "tflops": f}, ...],
+         "matmul": [{"m": int, "n": int, "k": int, "dtype": "float32"|"bfloat16", "tflops": f,
+                     "layout": "nn"|"nt"|"tn" (optional, default "nn")}, ...],
          "memory_bandwidth_gbs": f,
          "network": {"intra_node": {"bandwidth_gbs": f, "latency_us": f},
                      "inter_node": {"bandwidth_gbs": f, "latency_us": f}},
@@ -113,32 +140,49 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
                         "backward_tflops": f}, ...] (optional),
          "elementwise": [{"op": str, "dtype": str, "bytes": int, "forward_gbs": f, "backward_gbs": f}, ...]
                         (optional),
+         "collectives": {"all_reduce": {"bandwidth_gbs": f, "latency_us": f}, "all_gather": ...,
+                         "reduce_scatter": ..., "send_recv": ...} (optional),
+         "host_overhead": {"layer_s": f, "micro_batch_s": f, "step_s": f} (optional),
          "memory_gb": f (optional; default the machine's RAM)}
 
     The measured figures ARE the efficiencies: gemm_efficiency and memory_efficiency stay 1.  Files
-    without the optional tables load as before (the model then counts bytes at the memory bandwidth).
+    without the optional tables load as before (the model then counts bytes at the memory bandwidth,
+    and every collective at the network's joint fit).  The machine is one node: both links carry the
+    per-collective fits.  Its ranks' collectives run on their cores, so nothing overlaps.
     """
     try:
         network = document["network"]
-        matmul = tuple((int(r["m"]), int(r["n"]), int(r["k"]), str(r["dtype"]), float(r["tflops"]))
-                       for r in document.get("matmul", []))
+        matmul = _matmul_rows(document.get("matmul", []))
         attention = _attention_rows(document.get("attention", []))
         elementwise = _elementwise_rows(document.get("elementwise", []))
+        measured = tuple((str(name), float(fit["bandwidth_gbs"]), float(fit["latency_us"]))
+                         for name, fit in document.get("collectives", {}).items())
+        overhead = document.get("host_overhead", {})
         if memory_gb is None:
             memory_gb = float(document.get("memory_gb") or _system_memory_gb())
         return Hardware(
             name=str(document.get("name", name)),
             peak_tflops={k: float(v) for k, v in document["peak_tflops"].items()},
             hbm_gb=memory_gb, hbm_gbs=float(document["memory_bandwidth_gbs"]),
-            intra_node=Link(float(network["intra_node"]["bandwidth_gbs"]), float(network["intra_node"]["latency_us"])),
-            inter_node=Link(float(network["inter_node"]["bandwidth_gbs"]), float(network["inter_node"]["latency_us"])),
+            intra_node=Link(float(network["intra_node"]["bandwidth_gbs"]), float(network["intra_node"]["latency_us"]),
+                            measured),
+            inter_node=Link(float(network["inter_node"]["bandwidth_gbs"]), float(network["inter_node"]["latency_us"]),
+                            measured),
             gpus_per_node=int(document.get("gpus_per_node", 1)), num_sms=0, matmul=matmul,
-            attention=attention, elementwise=elementwise,
+            attention=attention, elementwise=elementwise, overlaps_communication=False,
+            layer_overhead_s=float(overhead.get("layer_s", 0.0)),
+            micro_batch_overhead_s=float(overhead.get("micro_batch_s", 0.0)),
+            step_overhead_s=float(overhead.get("step_s", 0.0)),
             optimizer_bytes_per_s=(float(document["optimizer_bytes_per_s"])
                                    if document.get("optimizer_bytes_per_s") else None))
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"calibration file {name}: missing or malformed field {error}; expected the schema in "
                          f"megalite/scaling/hardware.py from_calibration") from None
+
+
+def _matmul_rows(rows) -> tuple:
+    return tuple((int(r["m"]), int(r["n"]), int(r["k"]), str(r["dtype"]), float(r["tflops"]),
+                   str(r.get("layout", "nn"))) for r in rows)
 
 
 def _attention_rows(rows) -> tuple:
@@ -182,8 +226,7 @@ def with_overrides(hardware: Hardware, overrides: dict, source: str = "--cluster
         elif key == "peak_tflops":
             value = {**hardware.peak_tflops, **{k: float(v) for k, v in value.items()}}
         elif key == "matmul":
-            value = tuple((int(r["m"]), int(r["n"]), int(r["k"]), str(r["dtype"]), float(r["tflops"]))
-                          for r in value)
+            value = _matmul_rows(value)
         elif key == "attention":
             value = _attention_rows(value)
         elif key == "elementwise":

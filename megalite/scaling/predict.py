@@ -2,8 +2,11 @@
 
     iteration time = pipeline makespan (simulated; passes = compute + their exposed TP/CP/PP communication)
                      + exposed data-parallel reduction (all of it, or what the last micro-batch's
-                       backward cannot hide with --overlap-grad-reduce) + the tied-embedding all-reduce
+                       backward cannot hide with --overlap-grad-reduce on hardware whose communication
+                       overlaps compute) + the tied-embedding all-reduce
                      + optimizer step (memory-bound Adam) + ZeRO-1's parameter all-gather
+                     + the host's fixed cost per step (a calibrated CPU; its fixed costs per layer and
+                       per micro-batch are part of the layer and output-layer passes)
 
     TFLOP/s per GPU = model FLOPs per step / iteration time / world size  (flops.py: no recompute);
     the hardware TFLOP/s count recompute too (compute.hardware_flops_per_iteration: Narayanan Eq. 3).
@@ -47,7 +50,8 @@ class Prediction:
     micro_batch_size: int
     virtual_pipeline_model_parallel_size: Optional[int]
     fits: bool
-    breakdown: Dict[str, float]             # seconds: compute, exposed_communication, bubble, optimizer
+    breakdown: Dict[str, float]             # seconds: compute, exposed_communication, bubble, optimizer,
+                                            # host_overhead
     layout: Dict[str, object] = field(default_factory=dict)
     memory_gb_per_stage: List[float] = field(default_factory=list)
     hardware: str = ""
@@ -61,17 +65,27 @@ def run_dtype(optimizer: OptimizerConfig) -> str:
 
 
 def _stage_pass_times(chunks: Sequence[int], first: bool, last: bool, layer: PassTimes, logits: PassTimes,
-                      layer_comm_f: float, layer_comm_b: float, p2p: float) -> PassTimes:
-    """One stage's passes (all its chunks) for one micro-batch, communication included."""
+                      layer_comm_f: float, layer_comm_b: float, p2p: float,
+                      ends: Sequence[PassTimes] = (PassTimes(0.0, 0.0, 0.0),) * 2) -> PassTimes:
+    """One stage's passes (all its chunks) for one micro-batch, communication included; ``ends`` are
+    the embedding's and the output layer's collectives (first and last stage)."""
     layers = sum(chunks)
     times = layer.scaled(layers)
+    if first:
+        times = times + ends[0]
     if last:
-        times = times + logits
+        times = times + logits + ends[1]
     # TP collectives of each layer; a chunk receives one activation (forward) and one gradient (backward)
     # unless it is the first (last) virtual stage.
     receives_f = len(chunks) - (1 if first else 0)
     receives_b = len(chunks) - (1 if last else 0)
     return times + PassTimes(layers * layer_comm_f + receives_f * p2p, layers * layer_comm_b + receives_b * p2p, 0.0)
+
+
+def _with_overhead(times: PassTimes, seconds: float) -> PassTimes:
+    """``times`` plus the host's fixed ``seconds``, shared out over its passes in proportion to them."""
+    total = times.forward + times.backward_input + times.backward_weight
+    return times.scaled((total + seconds) / total) if seconds and total > 0 else times
 
 
 @dataclass(frozen=True)
@@ -139,8 +153,9 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     recompute = model.recompute_granularity
     e = element_size(dtype)
 
-    layer = layer_times(model, b, hardware, dtype, tp=tp, cp=cp, sequence_parallel=sp, recompute=recompute)
-    logits = logits_times(model, b, hardware, dtype, tp=tp, cp=cp)
+    layer = _with_overhead(layer_times(model, b, hardware, dtype, tp=tp, cp=cp, sequence_parallel=sp,
+                                       recompute=recompute), hardware.layer_overhead_s)
+    logits = _with_overhead(logits_times(model, b, hardware, dtype, tp=tp, cp=cp), hardware.micro_batch_overhead_s)
     grid = comm.GridStrides(tp, cp, dp, pp)
     tokens_bytes = model.seq_length // cp * b * model.hidden_size * e
     tp_pass = comm.tp_time_per_layer(tokens_bytes, tp, grid.tp_link(hardware), sp)
@@ -152,11 +167,14 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     layer_comm_b = tp_pass + cp_pass + (layer_comm_f if recompute == "full" else 0.0)
     p2p = comm.p2p_time(comm.pp_message_bytes(model.seq_length // cp, b, model.hidden_size, e, tp, sp),
                         grid.pp_link(hardware)) if pp > 1 else 0.0
+    ends = (PassTimes(*comm.tp_embedding_time(tokens_bytes, tp, grid.tp_link(hardware), sp), 0.0),
+            PassTimes(*comm.tp_logits_time(tokens_bytes, model.seq_length // cp * b, tp, grid.tp_link(hardware), sp),
+                      0.0))
 
     counts = virtual_stage_layer_counts(model.num_layers, pp, vpp, parallel.decoder_first_pipeline_num_layers,
                                         parallel.decoder_last_pipeline_num_layers)
     stages = [_stage_pass_times([counts[c * pp + r] for c in range(v)], r == 0, r == pp - 1, layer, logits,
-                                layer_comm_f, layer_comm_b, p2p) for r in range(pp)]
+                                layer_comm_f, layer_comm_b, p2p, ends) for r in range(pp)]
     slowest = max(stages, key=lambda t: t.forward + t.backward_input + t.backward_weight)
     pipe = pipeline_time(schedule, pp, v, m, slowest.forward, slowest.backward_input, slowest.backward_weight)
 
@@ -169,7 +187,8 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     zero1 = optimizer.use_distributed_optimizer and dp * cp > 1
     dp_grad = comm.dp_gradient_time(params_on_rank, dp * cp, dp_link, zero1)
     window = slowest.backward_input + slowest.backward_weight
-    dp_exposed = max(0.0, dp_grad - window) if optimizer.overlap_grad_reduce else dp_grad
+    overlapped = optimizer.overlap_grad_reduce and hardware.overlaps_communication
+    dp_exposed = max(0.0, dp_grad - window) if overlapped else dp_grad
     zero_gather = comm.zero1_gather_time(params_on_rank, e, dp * cp, dp_link) if zero1 else 0.0
     embedding_sync = 0.0
     if pp > 1 and not model.untie_embeddings_and_output_weights:
@@ -180,7 +199,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     rate = hardware.optimizer_bytes_per_s or hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     optimizer_time = optimizer_bytes / rate
 
-    iteration = pipe.makespan + dp_exposed + zero_gather + embedding_sync + optimizer_time
+    iteration = pipe.makespan + dp_exposed + zero_gather + embedding_sync + optimizer_time + hardware.step_overhead_s
     model_flops = flops_per_iteration(model, gbs)
     hw_flops = hardware_flops_per_iteration(model, gbs, recompute)
     tflops = model_flops / iteration / world / 1e12
@@ -195,6 +214,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
         "exposed_communication": exposed_in_passes + dp_exposed + zero_gather + embedding_sync,
         "bubble": pipe.makespan - busy,
         "optimizer": optimizer_time,
+        "host_overhead": hardware.step_overhead_s,
     }
     capacity = hardware.hbm_gb * GIB
     return Prediction(

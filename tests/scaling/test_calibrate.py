@@ -6,6 +6,7 @@ import pytest
 
 from megalite.scaling.calibrate import COLLECTIVES, calibrate, fit_alpha_beta
 from megalite.scaling.calibrate_ops import ATTENTION_GRID_QUICK
+from megalite.scaling.calibrate_overhead import split_overhead
 from megalite.scaling.hardware import from_calibration
 
 
@@ -40,6 +41,15 @@ def test_quick_calibration_has_the_schema(tmp_path):
     assert len(hardware.matmul) == len(document["matmul"])
     assert len(hardware.attention) == len(document["attention"]) and len(hardware.elementwise) == len(
         document["elementwise"])
+    assert {r["layout"] for r in document["matmul"]} == {"nn", "nt", "tn"}
+    assert set(document["collectives"]) == set(COLLECTIVES)
+    assert all(fit["bandwidth_gbs"] > 0 and fit["latency_us"] >= 0 for fit in document["collectives"].values())
+    link = hardware.intra_node.for_collective("all_reduce")
+    assert (link.bandwidth_gbs, link.latency_us) == tuple(document["collectives"]["all_reduce"].values())
+    assert set(document["host_overhead"]) == {"layer_s", "micro_batch_s", "step_s"}
+    assert all(0 <= v < 0.1 for v in document["host_overhead"].values())
+    assert hardware.layer_overhead_s == document["host_overhead"]["layer_s"]
+    assert not hardware.overlaps_communication
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -53,6 +63,13 @@ def test_alpha_beta_fit_recovers_a_known_link(n):
     fitted_bw, fitted_latency = fit_alpha_beta(samples, n)
     assert fitted_bw == pytest.approx(bandwidth_gbs, rel=1e-9)
     assert fitted_latency == pytest.approx(latency_us, rel=1e-9)
+
+
+def test_overhead_split_recovers_known_costs():
+    layer, micro_batch, step = 0.002, 0.003, 0.005
+    times = {(L, m): step + m * (micro_batch + L * layer) for L in (1, 3) for m in (1, 3)}
+    assert split_overhead(times) == pytest.approx({"layer_s": layer, "micro_batch_s": micro_batch, "step_s": step})
+    assert split_overhead({key: -1.0 for key in times})["step_s"] == 0.0      # clamped: never negative
 
 
 def test_one_rank_is_refused(tmp_path):

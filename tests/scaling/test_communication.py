@@ -57,3 +57,27 @@ def test_pipeline_link_is_the_slowest_boundary(tp, dp, pp, inter):
     hw = PRESETS["a100-80gb"]
     link = comm.GridStrides(tp, 1, dp, pp).pp_link(hw)
     assert link == (hw.inter_node if inter else hw.intra_node)
+
+
+def test_a_measured_collective_uses_its_own_fit():
+    # gloo on a CPU: each collective fitted alone; a collective the link has no fit for keeps the link's.
+    measured = Link(100.0, 10.0, (("all_reduce", 50.0, 200.0), ("send_recv", 10.0, 1.0)))
+    assert comm.all_reduce_time(GB, 2, measured) == pytest.approx(1e9 / 50e9 + 2 * 200e-6, rel=1e-12)
+    assert comm.p2p_time(GB, measured) == pytest.approx(0.1 + 1e-6, rel=1e-12)
+    assert comm.all_gather_time(GB, 2, measured) == comm.all_gather_time(GB, 2, LINK)
+    assert comm.reduce_scatter_time(GB, 2, measured) == comm.reduce_scatter_time(GB, 2, LINK)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_embedding_and_output_layer_collectives(sp):
+    nbytes, tokens = 2048 * 4096 * 2, 2048
+    embedding, logits = comm.tp_embedding_time(nbytes, 4, LINK, sp), comm.tp_logits_time(nbytes, tokens, 4, LINK, sp)
+    loss = 3 * comm.all_reduce_time(4 * tokens, 4, LINK)     # max, target logit, sum of exponentials
+    if sp:   # embedding all-reduce then scatter (backward all-gathers); output layer all-gather / reduce-scatter
+        assert embedding == (comm.all_reduce_time(nbytes, 4, LINK), comm.all_gather_time(nbytes, 4, LINK))
+        assert logits == (comm.all_gather_time(nbytes, 4, LINK) + loss, comm.reduce_scatter_time(nbytes, 4, LINK))
+    else:    # embedding all-reduce; the output layer's input gradient all-reduced
+        assert embedding == (comm.all_reduce_time(nbytes, 4, LINK), 0.0)
+        assert logits == (loss, comm.all_reduce_time(nbytes, 4, LINK))
+    assert comm.tp_embedding_time(nbytes, 1, LINK, sp) == (0.0, 0.0)
+    assert comm.tp_logits_time(nbytes, tokens, 1, LINK, sp) == (0.0, 0.0)

@@ -7,6 +7,7 @@ from megalite.config import ModelConfig
 from megalite.scaling.compute import (
     Gemm,
     attention_rates,
+    backward_gemms,
     elementwise_seconds,
     gemm_rate,
     gemm_seconds,
@@ -37,12 +38,27 @@ def test_wave_quantization_and_memory_bound():
 
 
 def test_calibration_table_is_interpolated():
-    hw = dataclasses.replace(A100, matmul=((1024, 1024, 1024, "float32", 1.0), (4096, 4096, 4096, "float32", 3.0)))
+    hw = dataclasses.replace(A100, matmul=((1024, 1024, 1024, "float32", 1.0, "nn"),
+                                           (4096, 4096, 4096, "float32", 3.0, "nn")))
     assert gemm_rate(Gemm("a", 1024, 1024, 1024), hw, "float32") == 1.0
     middle = gemm_rate(Gemm("b", 2048, 2048, 2048), hw, "float32")
     assert middle == pytest.approx(2.0)               # equidistant in log space
     assert gemm_rate(Gemm("c", 1024, 1024, 1024), hw, "bfloat16") == pytest.approx(312 * 0.8 * quantization(
         1024, 1024, 1, 108))                          # no bf16 rows: the roofline
+
+
+def test_a_linear_layer_reads_each_product_in_its_layout():
+    rates = {"nn": 1.0, "nt": 2.0, "tn": 4.0}
+    hw = dataclasses.replace(A100, matmul=tuple((1024, 1024, 1024, "float32", rate, layout)
+                                                for layout, rate in rates.items()))
+    model = ModelConfig(num_layers=2, hidden_size=1024, num_attention_heads=8, seq_length=256)
+    qkv = layer_gemms(model, 4, 1)[0]
+    assert qkv.layout == "nt" and gemm_rate(qkv, hw, "float32") == 2.0                  # x @ W^T
+    dgrad, wgrad = backward_gemms(qkv)
+    assert (dgrad.layout, wgrad.layout) == ("nn", "tn")                                  # g @ W, x^T @ g
+    assert gemm_rate(dgrad, hw, "float32") == 1.0 and gemm_rate(wgrad, hw, "float32") == 4.0
+    only_nn = dataclasses.replace(hw, matmul=hw.matmul[:1])                              # an older file
+    assert gemm_rate(qkv, only_nn, "float32") == 1.0
 
 
 def test_hardware_flops_are_narayanan_eq_3_with_full_recompute():
@@ -79,7 +95,7 @@ def test_elementwise_table_is_interpolated_in_log_bytes_and_clamped():
 def test_layer_uses_the_measured_tables():
     model = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8, seq_length=256, hidden_dropout=0.0,
                         attention_dropout=0.0)
-    cpu = dataclasses.replace(A100, matmul=((1024, 1024, 1024, "float32", 0.2),))
+    cpu = dataclasses.replace(A100, matmul=((1024, 1024, 1024, "float32", 0.2, "nn"),))
     plain = layer_times(model, 4, cpu, "float32")
     core = [g for g in layer_gemms(model, 4, 1) if g.attention_core]
     flops = sum(g.flops for g in core)                                         # 4 (b a) s^2 d

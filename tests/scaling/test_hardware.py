@@ -18,7 +18,7 @@ def test_a100_80gb_preset_is_the_data_sheet():
 def test_cpu_reads_the_calibration_file():
     hw = load_hardware("cpu", calibration=EXAMPLE)
     assert hw.name == "example-cpu" and hw.peak("float32") == 0.2 and hw.hbm_gbs == 20.0 and hw.hbm_gb == 16
-    assert hw.matmul[0] == (256, 256, 256, "float32", 0.05) and hw.optimizer_bytes_per_s == 4e9
+    assert hw.matmul[0] == (256, 256, 256, "float32", 0.05, "nn") and hw.optimizer_bytes_per_s == 4e9
     assert hw.intra_node.bandwidth_gbs == 5.0 and hw.inter_node.latency_us == 50.0 and hw.gpus_per_node == 2
     assert hw.attention == () and hw.elementwise == ()      # a file from before the tables loads as before
 

@@ -30,7 +30,7 @@ def test_json_line_has_the_fields_and_chosen_sizes(capsys):
     assert code == 0
     result = json.loads(out.strip().splitlines()[-1])
     assert FIELDS <= set(result)
-    assert set(result["breakdown"]) == {"compute", "exposed_communication", "bubble", "optimizer"}
+    assert set(result["breakdown"]) == {"compute", "exposed_communication", "bubble", "optimizer", "host_overhead"}
     assert result["chosen"] == ["micro_batch_size", "virtual_pipeline_model_parallel_size"]
     assert "(chosen)" in out and result["fits"]
     assert result["iteration_time_s"] == pytest.approx(sum(result["breakdown"].values()), rel=1e-9)

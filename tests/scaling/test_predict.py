@@ -1,7 +1,10 @@
 """predict() on its own: the pieces add up, and each switch moves what it should."""
+import dataclasses
+
 import pytest
 
 from megalite.arguments import parse_args
+from megalite.scaling import communication as comm
 from megalite.scaling.compute import layer_times, logits_times
 from megalite.scaling.hardware import PRESETS
 from megalite.scaling.predict import layout_of, memory_per_stage, predict
@@ -35,6 +38,34 @@ def test_overlapped_grad_reduce_hides_data_parallel_time():
     hidden = prediction(*base, "--overlap-grad-reduce")
     assert hidden.breakdown["exposed_communication"] < exposed.breakdown["exposed_communication"]
     assert hidden.breakdown["compute"] == exposed.breakdown["compute"]
+
+
+def test_host_overhead_adds_per_layer_micro_batch_and_step():
+    base = ("--micro-batch-size", "2", "--global-batch-size", "8")
+    plain = prediction(*base, world=1)
+    host = dataclasses.replace(H100, layer_overhead_s=1e-3, micro_batch_overhead_s=2e-3, step_overhead_s=3e-3)
+    loaded = prediction(*base, world=1, hardware=host)
+    assert loaded.iteration_time_s == pytest.approx(plain.iteration_time_s + 4 * (16 * 1e-3 + 2e-3) + 3e-3)
+    assert loaded.breakdown["host_overhead"] == 3e-3 and plain.breakdown["host_overhead"] == 0.0
+
+
+def test_without_overlap_the_gradient_reduction_stays_exposed():
+    # a calibrated CPU: gloo's threads run on the ranks' own cores, so nothing hides behind backward
+    cpu = dataclasses.replace(H100, overlaps_communication=False)
+    base = ("--micro-batch-size", "1", "--global-batch-size", "32", "--tensor-model-parallel-size", "2")
+    exposed = prediction(*base, hardware=cpu)
+    assert prediction(*base, "--overlap-grad-reduce", hardware=cpu).iteration_time_s == exposed.iteration_time_s
+
+
+def test_tensor_parallel_counts_the_embedding_and_output_layer_collectives():
+    # TP 2 on one device's worth of layers: every collective of a micro-batch, four per layer plus the
+    # embedding's all-reduce, the output layer's input-gradient all-reduce and the loss's three.
+    p = prediction("--micro-batch-size", "1", "--global-batch-size", "4", "--tensor-model-parallel-size", "2",
+                   world=2)
+    link, nbytes, tokens = H100.intra_node, 2048 * 4096 * 2, 2048
+    per_micro_batch = (16 * 2 * comm.tp_time_per_layer(nbytes, 2, link, False)
+                       + 2 * comm.all_reduce_time(nbytes, 2, link) + 3 * comm.all_reduce_time(4 * tokens, 2, link))
+    assert p.breakdown["exposed_communication"] == pytest.approx(4 * per_micro_batch, rel=1e-9)
 
 
 def test_zero1_shards_the_optimizer_state():
