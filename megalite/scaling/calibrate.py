@@ -13,25 +13,26 @@ writes the calibration file that ``hardware.from_calibration`` reads (``megalite
      "gpus_per_node": int, "optimizer_bytes_per_s": f,
      "attention": [{"heads", "s", "d", "dtype", "forward_tflops", "backward_tflops"}, ...],
      "elementwise": [{"op", "dtype", "bytes", "forward_gbs", "backward_gbs"}, ...],
-     "collectives": {name: {"bandwidth_gbs": f, "latency_us": f}, ...},
+     "collectives": {name: [{"gap_s": f, "bandwidth_gbs": f, "latency_us": f}, ...], ...},
      "host_overhead": {"layer_s": f, "micro_batch_s": f, "step_s": f}}
 
 plus what was measured to get there ("threads_per_rank", "samples": every collective timing).
 What each figure is:
 
 - GEMM: ``[m, k] x [k, n]`` timed (median of repeats) at ``2 m n k / t``, in each operand layout a
-  linear layer runs (``x @ W^T`` forward, ``g @ W``, ``x^T @ g`` backward); ``peak_tflops[dtype]``
-  is the best of the grid.  The grid spans the shapes of small models' layers (tokens ``m`` = b*s,
+  linear layer runs (``x @ W^T`` forward, ``g @ W``, ``x^T @ g`` backward), its operands fetched
+  from memory each call (``_cold_operands``); ``peak_tflops[dtype]`` is the best of the grid.
+  The grid spans the shapes of small models' layers (tokens ``m`` = b*s,
   widths and head dimensions ``n``, ``k``), from 32 to 2048.
 - Memory bandwidth: ``c = a + b`` over tensors far larger than the caches, ``3 x bytes / t`` (two
   reads, one write): what the model's memory-bound passes (norms, softmax, GELU) see.
 - Network: all-reduce, all-gather, reduce-scatter and a send/recv pair over ``ranks`` forked gloo
-  ranks on this machine, each at several sizes and each call after 2 ms of compute (as in a step),
-  fitted to the alpha-beta ring model of ``communication.py`` (``t = hops x alpha + bytes_factor x
-  B / bw``, hops = 2(n-1), n-1, n-1, 1 and bytes_factor = 2(n-1)/n, (n-1)/n, (n-1)/n, 1) by least
-  squares on relative error: all four together (``network``) and each alone (``collectives``, what
-  the model uses).  One machine has one network: ``inter_node`` = ``intra_node``, ``gpus_per_node`` =
-  ranks.
+  ranks on this machine, each at several sizes and each call after 2 ms, then 8 ms, of compute (as
+  in a step: ``time_collectives``), fitted to the alpha-beta ring model of ``communication.py``
+  (``t = hops x alpha + bytes_factor x B / bw``, hops = 2(n-1), n-1, n-1, 1 and bytes_factor =
+  2(n-1)/n, (n-1)/n, (n-1)/n, 1) by least squares on relative error: all four together at 2 ms
+  (``network``) and each alone at each gap (``collectives``, what the model uses).  One machine
+  has one network: ``inter_node`` = ``intra_node``, ``gpus_per_node`` = ranks.
 - Attention core and elementwise ops (``calibrate_ops.py``): SDPA with megalite's head copies by
   (heads, s, d) and LayerNorm, GELU, the residual add and the cross-entropy by size, forward and
   backward, as effective rates on what ``compute.py`` counts for them.
@@ -69,9 +70,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GEMM_SIZES = (32, 128, 256, 512, 1024, 2048)          # m, n and k each
 GEMM_SIZES_QUICK = (32, 256)
 GEMM_LAYOUTS = ("nn", "nt", "tn")   # compute.Gemm.layout: A @ B, A @ B^T, A^T @ B
+GEMM_POOL_BYTES = 64 << 20          # the operands rotate through this much memory (_cold_operands)
 MESSAGE_BYTES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 8 << 20)
 MESSAGE_BYTES_QUICK = (4 << 10, 256 << 10)
-COMPUTE_GAP_S = 0.002   # compute before each timed collective: a step never calls them back to back
+# (seconds of compute before each timed collective, calls per chain): a step never calls them back to
+# back, and the ranks drift apart the longer they compute (on a 2-core machine a 2 MiB all-reduce
+# costs ~2.9 ms after 1 ms of GEMMs, ~3.9 ms after 8 to 32 ms); the model reads the fits in between.
+COMPUTE_GAPS = ((0.002, 20), (0.008, 10))
 CHAINS = 5              # chains of (compute, collective) per measurement; the median chain counts
 
 # name -> (latency hops, bandwidth factor) for n ranks: the ring model of communication.py.
@@ -83,23 +88,36 @@ COLLECTIVES: Dict[str, Callable[[int], Tuple[float, float]]] = {
 }
 
 
-def _operands(layout: str, m: int, n: int, k: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A [m, k] and B [k, n] as ``layout`` lays them out: "nt" B is a transposed [n, k] (a linear
-    layer's weight), "tn" A is a transposed [k, m] (the tokens-major input of a weight gradient)."""
-    a = torch.randn(k, m).to(dtype).t() if layout == "tn" else torch.randn(m, k).to(dtype)
-    b = torch.randn(n, k).to(dtype).t() if layout == "nt" else torch.randn(k, n).to(dtype)
-    return a, b
+def _cold_operands(layout: str, m: int, n: int, k: int,
+                   pool: torch.Tensor) -> Callable[[], Tuple[torch.Tensor, torch.Tensor]]:
+    """A function returning A [m, k] and B [k, n] laid out as ``layout`` says ("nt": B is a transposed
+    [n, k], a linear layer's weight; "tn": A is a transposed [k, m], the tokens-major input of a
+    weight gradient), each call the next slices of ``pool``: far larger than a core's private caches,
+    so the operands come from memory, as a step's do (written by other ops, or last read a micro-batch
+    ago).  Timed on one cached pair instead, a GEMM here runs ~10% faster than in a training step."""
+    size = m * k + k * n
+    slots = max(1, pool.numel() // size)
+    calls = iter(range(1 << 62))
+
+    def operands():
+        base = (next(calls) % slots) * size
+        a, b = pool[base:base + m * k], pool[base + m * k:base + size]
+        a = a.view(k, m).t() if layout == "tn" else a.view(m, k)
+        b = b.view(n, k).t() if layout == "nt" else b.view(k, n)
+        return a, b
+    return operands
 
 
 def measure_matmul(sizes: Sequence[int], min_time: float) -> List[dict]:
     rows = []
     for dtype_name, dtype in DTYPES.items():
+        pool = torch.full((GEMM_POOL_BYTES * 8 // torch.finfo(dtype).bits,), 0.5, dtype=dtype)
         for layout in GEMM_LAYOUTS:
             for m in sizes:
                 for n in sizes:
                     for k in sizes:
-                        a, b = _operands(layout, m, n, k, dtype)
-                        seconds = median_seconds(lambda: torch.mm(a, b), min_time)
+                        operands = _cold_operands(layout, m, n, k, pool)
+                        seconds = median_seconds(lambda: torch.mm(*operands()), min_time)
                         rows.append({"m": m, "n": n, "k": k, "dtype": dtype_name, "layout": layout,
                                      "tflops": 2.0 * m * n * k / seconds / 1e12})
     return rows
@@ -148,7 +166,7 @@ def _step_work(seconds: float) -> Callable[[], None]:
 
 
 def time_collectives(rank: int, world_size: int, sizes: Sequence[int], repeats: int,
-                     gap: float = COMPUTE_GAP_S) -> List[tuple]:
+                     gap: float = COMPUTE_GAPS[0][0]) -> List[tuple]:
     """On each of ``world_size`` gloo ranks: (collective, bytes B of the ring model, seconds) per size,
     on the slowest rank (a collective ends when its last rank does).
 
@@ -248,12 +266,14 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
     finally:
         torch.set_num_threads(previous_threads)
     sizes = MESSAGE_BYTES_QUICK if quick else MESSAGE_BYTES
-    samples = run_on_ranks(time_collectives, ranks, sizes, 3 if quick else 20, timeout=300)[0]
-    network_bw, network_latency = fit_alpha_beta(samples, ranks)
-    per_collective = {}
-    for name in COLLECTIVES:
-        bw, latency = fit_alpha_beta([s for s in samples if s[0] == name], ranks)
-        per_collective[name] = {"bandwidth_gbs": bw, "latency_us": latency}
+    by_gap = {gap: run_on_ranks(time_collectives, ranks, sizes, 3 if quick else repeats, gap, timeout=300)[0]
+              for gap, repeats in COMPUTE_GAPS}
+    network_bw, network_latency = fit_alpha_beta(by_gap[COMPUTE_GAPS[0][0]], ranks)
+    per_collective = {name: [] for name in COLLECTIVES}
+    for gap, samples in by_gap.items():
+        for name in COLLECTIVES:
+            bw, latency = fit_alpha_beta([s for s in samples if s[0] == name], ranks)
+            per_collective[name].append({"gap_s": gap, "bandwidth_gbs": bw, "latency_us": latency})
     link = {"bandwidth_gbs": network_bw, "latency_us": network_latency}
     document = {
         "name": f"cpu: {platform.processor() or platform.machine()}, {cores} cores, {threads} thread(s) per rank",
@@ -267,7 +287,8 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
         "elementwise": elementwise,
         "threads_per_rank": threads,
         "collectives": per_collective,
-        "samples": [{"collective": name, "bytes": nbytes, "seconds": seconds} for name, nbytes, seconds in samples],
+        "samples": [{"collective": name, "gap_s": gap, "bytes": nbytes, "seconds": seconds}
+                    for gap, samples in by_gap.items() for name, nbytes, seconds in samples],
         "torch": torch.__version__,
     }
     document["host_overhead"] = measure_overhead(document, quick)

@@ -15,7 +15,8 @@ the ``k`` members a node holds drives its own network card, so the ring's node-c
 ``min(NVLink, k * IB per GPU)`` (NCCL runs one ring per card) and its latency the network's.
 A calibrated CPU's link carries each collective's own fit of these formulas (``Link.for_collective``):
 gloo's algorithms are not NCCL's rings, and its all-reduce and reduce-scatter cost more than the ring
-form of its send/recv would say.
+form of its send/recv would say.  Those fits depend on ``gap_s``, the compute before the call (the
+ranks' drift); the model passes the compute of the pass each collective follows.
 
 What a step sends, per micro-batch and layer (``s`` tokens, ``b`` micro-batch, ``h`` hidden, ``e`` bytes):
 tensor parallelism all-reduces ``sbh e`` twice in forward and twice in backward (Shoeybi et al.
@@ -43,10 +44,10 @@ __all__ = ["all_reduce_time", "all_gather_time", "reduce_scatter_time", "p2p_tim
            "dp_gradient_time", "zero1_gather_time"]
 
 
-def all_reduce_time(nbytes: float, n: int, link: Link) -> float:
+def all_reduce_time(nbytes: float, n: int, link: Link, gap_s: float = 0.0) -> float:
     if n <= 1:
         return 0.0
-    link = link.for_collective("all_reduce")
+    link = link.for_collective("all_reduce", gap_s)
     return 2 * (n - 1) / n * nbytes / (link.bandwidth_gbs * 1e9) + 2 * (n - 1) * link.latency_us * 1e-6
 
 
@@ -56,17 +57,17 @@ def _half_ring(nbytes: float, n: int, link: Link) -> float:
     return (n - 1) / n * nbytes / (link.bandwidth_gbs * 1e9) + (n - 1) * link.latency_us * 1e-6
 
 
-def all_gather_time(nbytes: float, n: int, link: Link) -> float:
-    return _half_ring(nbytes, n, link.for_collective("all_gather"))
+def all_gather_time(nbytes: float, n: int, link: Link, gap_s: float = 0.0) -> float:
+    return _half_ring(nbytes, n, link.for_collective("all_gather", gap_s))
 
 
-def reduce_scatter_time(nbytes: float, n: int, link: Link) -> float:
+def reduce_scatter_time(nbytes: float, n: int, link: Link, gap_s: float = 0.0) -> float:
     """The same ring as the all-gather, the same bytes on every hop (a measured link may differ)."""
-    return _half_ring(nbytes, n, link.for_collective("reduce_scatter"))
+    return _half_ring(nbytes, n, link.for_collective("reduce_scatter", gap_s))
 
 
-def p2p_time(nbytes: float, link: Link) -> float:
-    link = link.for_collective("send_recv")
+def p2p_time(nbytes: float, link: Link, gap_s: float = 0.0) -> float:
+    link = link.for_collective("send_recv", gap_s)
     return nbytes / (link.bandwidth_gbs * 1e9) + link.latency_us * 1e-6
 
 
@@ -103,26 +104,31 @@ class GridStrides:
         return hw.inter_node if stride * self.pp > hw.gpus_per_node else hw.intra_node
 
 
-def tp_time_per_layer(tokens_bytes: float, tp: int, link: Link, sequence_parallel: bool) -> float:
+def tp_time_per_layer(tokens_bytes: float, tp: int, link: Link, sequence_parallel: bool,
+                      gap_s: float = 0.0) -> float:
     """One layer's tensor-parallel communication in one pass direction (two collectives of ``sbh e``)."""
     if sequence_parallel:
-        return 2 * (all_gather_time(tokens_bytes, tp, link) + reduce_scatter_time(tokens_bytes, tp, link))
-    return 2 * all_reduce_time(tokens_bytes, tp, link)
+        return 2 * (all_gather_time(tokens_bytes, tp, link, gap_s) + reduce_scatter_time(tokens_bytes, tp, link, gap_s))
+    return 2 * all_reduce_time(tokens_bytes, tp, link, gap_s)
 
 
-def tp_embedding_time(tokens_bytes: float, tp: int, link: Link, sequence_parallel: bool) -> tuple:
+def tp_embedding_time(tokens_bytes: float, tp: int, link: Link, sequence_parallel: bool,
+                      gap_s: float = 0.0) -> tuple:
     """(forward, backward) seconds of the vocabulary-parallel embedding's collectives, one micro-batch."""
-    backward = all_gather_time(tokens_bytes, tp, link) if sequence_parallel else 0.0
-    return all_reduce_time(tokens_bytes, tp, link), backward
+    backward = all_gather_time(tokens_bytes, tp, link, gap_s) if sequence_parallel else 0.0
+    return all_reduce_time(tokens_bytes, tp, link, gap_s), backward
 
 
-def tp_logits_time(tokens_bytes: float, tokens: int, tp: int, link: Link, sequence_parallel: bool) -> tuple:
+def tp_logits_time(tokens_bytes: float, tokens: int, tp: int, link: Link, sequence_parallel: bool,
+                   gap_s: float = 0.0) -> tuple:
     """(forward, backward) seconds of the output layer's and the cross-entropy's collectives (``tokens``
-    = s b of one micro-batch on this rank), one micro-batch."""
+    = s b of one micro-batch on this rank), one micro-batch; ``gap_s``: the output layer's compute
+    before them (the loss's three follow each other with little compute between)."""
     loss = 3 * all_reduce_time(4.0 * tokens, tp, link)
     if sequence_parallel:
-        return all_gather_time(tokens_bytes, tp, link) + loss, reduce_scatter_time(tokens_bytes, tp, link)
-    return loss, all_reduce_time(tokens_bytes, tp, link)
+        return (all_gather_time(tokens_bytes, tp, link, gap_s) + loss,
+                reduce_scatter_time(tokens_bytes, tp, link, gap_s))
+    return loss, all_reduce_time(tokens_bytes, tp, link, gap_s)
 
 
 def pp_message_bytes(seq: int, micro_batch: int, hidden: int, element_size: int, tp: int,
@@ -131,13 +137,16 @@ def pp_message_bytes(seq: int, micro_batch: int, hidden: int, element_size: int,
     return seq * micro_batch * hidden * element_size / (tp if sequence_parallel else 1)
 
 
-def dp_gradient_time(grad_elements: float, dp: int, link: Link, zero1: bool) -> float:
+def dp_gradient_time(grad_elements: float, dp: int, link: Link, zero1: bool, gap_s: float = 0.0) -> float:
     """The data-parallel gradient average of the fp32 grad buffer (``grad_elements`` on this rank):
     an all-reduce of ``4 N`` bytes, or with ZeRO-1 a reduce-scatter of them."""
     grad_bytes = 4.0 * grad_elements
-    return reduce_scatter_time(grad_bytes, dp, link) if zero1 else all_reduce_time(grad_bytes, dp, link)
+    if zero1:
+        return reduce_scatter_time(grad_bytes, dp, link, gap_s)
+    return all_reduce_time(grad_bytes, dp, link, gap_s)
 
 
-def zero1_gather_time(param_elements: float, param_element_size: int, dp: int, link: Link) -> float:
+def zero1_gather_time(param_elements: float, param_element_size: int, dp: int, link: Link,
+                      gap_s: float = 0.0) -> float:
     """ZeRO-1's all-gather of the updated parameters (``e N`` bytes) after the optimizer step."""
-    return all_gather_time(param_element_size * param_elements, dp, link)
+    return all_gather_time(param_element_size * param_elements, dp, link, gap_s)

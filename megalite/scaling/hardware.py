@@ -42,20 +42,28 @@ __all__ = ["Link", "Hardware", "PRESETS", "from_calibration", "load_hardware", "
 class Link:
     """A network as one device sees it: GB/s per direction, and the latency of one message (us).
 
-    ``measured`` optionally holds (collective, GB/s, us) fitted to each collective alone on a machine
-    whose library does not run the model's rings (gloo on a CPU, ``calibrate.py``); a collective found
-    there uses its own figures (``for_collective``), any other the link's.
+    ``measured`` optionally holds (collective, gap s, GB/s, us) fitted to each collective alone on a
+    machine whose library does not run the model's rings (gloo on a CPU, ``calibrate.py``), after
+    ``gap`` seconds of compute: ranks drift apart while they compute, so a collective that follows
+    a longer stretch of it waits longer for its peer.  A collective found there uses its own figures
+    at the gap before it (``for_collective``: latency and seconds per byte linear in the gap between
+    the measured gaps, constant beyond them), any other the link's.
     """
 
     bandwidth_gbs: float
     latency_us: float
-    measured: Tuple[Tuple[str, float, float], ...] = ()
+    measured: Tuple[Tuple[str, float, float, float], ...] = ()
 
-    def for_collective(self, name: str) -> "Link":
-        for collective, bandwidth, latency in self.measured:
-            if collective == name:
-                return Link(bandwidth, latency)
-        return self
+    def for_collective(self, name: str, gap_s: float = 0.0) -> "Link":
+        rows = sorted((gap, 1.0 / bandwidth, latency) for collective, gap, bandwidth, latency in self.measured
+                      if collective == name)
+        if not rows:
+            return self
+        low = next((row for row in reversed(rows) if row[0] <= gap_s), rows[0])
+        high = next((row for row in rows if row[0] >= gap_s), rows[-1])
+        t = (gap_s - low[0]) / (high[0] - low[0]) if high[0] > low[0] else 0.0
+        inverse_bw, latency = (a + t * (b - a) for a, b in zip(low[1:], high[1:]))
+        return Link(1.0 / inverse_bw, latency)
 
 
 @dataclass(frozen=True)
@@ -140,8 +148,9 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
                         "backward_tflops": f}, ...] (optional),
          "elementwise": [{"op": str, "dtype": str, "bytes": int, "forward_gbs": f, "backward_gbs": f}, ...]
                         (optional),
-         "collectives": {"all_reduce": {"bandwidth_gbs": f, "latency_us": f}, "all_gather": ...,
-                         "reduce_scatter": ..., "send_recv": ...} (optional),
+         "collectives": {"all_reduce": [{"gap_s": f, "bandwidth_gbs": f, "latency_us": f}, ...],
+                         "all_gather": [...], "reduce_scatter": [...], "send_recv": [...]} (optional;
+                         one fit per gap of compute before the call),
          "host_overhead": {"layer_s": f, "micro_batch_s": f, "step_s": f} (optional),
          "memory_gb": f (optional; default the machine's RAM)}
 
@@ -155,8 +164,10 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
         matmul = _matmul_rows(document.get("matmul", []))
         attention = _attention_rows(document.get("attention", []))
         elementwise = _elementwise_rows(document.get("elementwise", []))
-        measured = tuple((str(name), float(fit["bandwidth_gbs"]), float(fit["latency_us"]))
-                         for name, fit in document.get("collectives", {}).items())
+        measured = tuple((str(name), float(fit.get("gap_s", 0.0)), float(fit["bandwidth_gbs"]),
+                          float(fit["latency_us"]))
+                         for name, fits in document.get("collectives", {}).items()
+                         for fit in (fits if isinstance(fits, list) else [fits]))
         overhead = document.get("host_overhead", {})
         if memory_gb is None:
             memory_gb = float(document.get("memory_gb") or _system_memory_gb())

@@ -142,6 +142,41 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Op
                           last_stage_layers=parallel.decoder_last_pipeline_num_layers)
 
 
+def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Hardware, grid: comm.GridStrides,
+                        layer: PassTimes, logits: PassTimes) -> tuple:
+    """(TP + CP seconds per layer forward, per layer backward, one PP message, (embedding, output layer)
+    collectives as PassTimes) of one micro-batch.  Each collective's gap -- the compute before it, which
+    a calibrated CPU's fits depend on -- is its share of the pass it follows."""
+    tp, cp, b, e = lay.tp, lay.cp, lay.micro_batch, element_size(lay.dtype)
+    full = model.recompute_granularity == "full"
+    tokens_bytes = model.seq_length // cp * b * model.hidden_size * e
+    per_pass = (4 if sp else 2) * (tp > 1) + (cp > 1)            # collectives in one layer's forward
+    gap_f = layer.forward / max(1, per_pass)
+    gap_b = (layer.backward_input + layer.backward_weight) / max(1, per_pass * (2 if full else 1))
+    tp_link = grid.tp_link(hardware)
+    tp_f = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f)
+    tp_b = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b)
+    cp_f = cp_b = 0.0
+    if cp > 1:   # K and V of this rank's tokens all-gathered over CP (forward; reduce-scattered in backward)
+        kv_bytes = 2 * model.seq_length * b * model.num_query_groups * model.head_dim * e / tp
+        cp_link = comm.group_link(hardware, cp, tp)
+        cp_f, cp_b = comm.all_gather_time(kv_bytes, cp, cp_link, gap_f), comm.all_gather_time(kv_bytes, cp, cp_link,
+                                                                                               gap_b)
+    # full recompute repeats the forward's collectives inside the backward
+    layer_comm_f, layer_comm_b = tp_f + cp_f, tp_b + cp_b + ((tp_b + cp_b) if full else 0.0)
+    p2p = 0.0
+    if lay.pp > 1:   # a message follows one chunk's pass
+        chunk_forward = layer.forward * model.num_layers / (lay.pp * lay.v)
+        p2p = comm.p2p_time(comm.pp_message_bytes(model.seq_length // cp, b, model.hidden_size, e, tp, sp),
+                            grid.pp_link(hardware), chunk_forward)
+    tokens = model.seq_length // cp * b
+    logits_f, _ = comm.tp_logits_time(tokens_bytes, tokens, tp, tp_link, sp, logits.forward)
+    _, logits_b = comm.tp_logits_time(tokens_bytes, tokens, tp, tp_link, sp, logits.backward_input)
+    ends = (PassTimes(*comm.tp_embedding_time(tokens_bytes, tp, tp_link, sp, gap_f), 0.0),
+            PassTimes(logits_f, logits_b, 0.0))
+    return layer_comm_f, layer_comm_b, p2p, ends
+
+
 def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
             hardware: Hardware, world_size: Optional[int] = None) -> Prediction:
     """Predicted step time, throughput and per-rank memory of these settings on ``world_size`` devices of
@@ -157,19 +192,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
                                        recompute=recompute), hardware.layer_overhead_s)
     logits = _with_overhead(logits_times(model, b, hardware, dtype, tp=tp, cp=cp), hardware.micro_batch_overhead_s)
     grid = comm.GridStrides(tp, cp, dp, pp)
-    tokens_bytes = model.seq_length // cp * b * model.hidden_size * e
-    tp_pass = comm.tp_time_per_layer(tokens_bytes, tp, grid.tp_link(hardware), sp)
-    cp_pass = 0.0
-    if cp > 1:   # K and V of this rank's tokens all-gathered over CP (forward; reduce-scattered in backward)
-        kv_bytes = 2 * model.seq_length * b * model.num_query_groups * model.head_dim * e / tp
-        cp_pass = comm.all_gather_time(kv_bytes, cp, comm.group_link(hardware, cp, tp))
-    layer_comm_f = tp_pass + cp_pass
-    layer_comm_b = tp_pass + cp_pass + (layer_comm_f if recompute == "full" else 0.0)
-    p2p = comm.p2p_time(comm.pp_message_bytes(model.seq_length // cp, b, model.hidden_size, e, tp, sp),
-                        grid.pp_link(hardware)) if pp > 1 else 0.0
-    ends = (PassTimes(*comm.tp_embedding_time(tokens_bytes, tp, grid.tp_link(hardware), sp), 0.0),
-            PassTimes(*comm.tp_logits_time(tokens_bytes, model.seq_length // cp * b, tp, grid.tp_link(hardware), sp),
-                      0.0))
+    layer_comm_f, layer_comm_b, p2p, ends = _pass_communication(model, lay, sp, hardware, grid, layer, logits)
 
     counts = virtual_stage_layer_counts(model.num_layers, pp, vpp, parallel.decoder_first_pipeline_num_layers,
                                         parallel.decoder_last_pipeline_num_layers)
@@ -185,11 +208,10 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     # Data parallelism: the gradient reduction, hidden behind the last micro-batch's backward when overlapped.
     dp_link = grid.dp_link(hardware)
     zero1 = optimizer.use_distributed_optimizer and dp * cp > 1
-    dp_grad = comm.dp_gradient_time(params_on_rank, dp * cp, dp_link, zero1)
     window = slowest.backward_input + slowest.backward_weight
+    dp_grad = comm.dp_gradient_time(params_on_rank, dp * cp, dp_link, zero1, gap_s=window)
     overlapped = optimizer.overlap_grad_reduce and hardware.overlaps_communication
     dp_exposed = max(0.0, dp_grad - window) if overlapped else dp_grad
-    zero_gather = comm.zero1_gather_time(params_on_rank, e, dp * cp, dp_link) if zero1 else 0.0
     embedding_sync = 0.0
     if pp > 1 and not model.untie_embeddings_and_output_weights:
         embedding_bytes = 4.0 * model.padded_vocab_size * model.hidden_size / tp
@@ -198,6 +220,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     optimizer_bytes = state_elements * (32 + e)   # grad read + norm, master, m, v read and written, half copy
     rate = hardware.optimizer_bytes_per_s or hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     optimizer_time = optimizer_bytes / rate
+    zero_gather = comm.zero1_gather_time(params_on_rank, e, dp * cp, dp_link, optimizer_time) if zero1 else 0.0
 
     iteration = pipe.makespan + dp_exposed + zero_gather + embedding_sync + optimizer_time + hardware.step_overhead_s
     model_flops = flops_per_iteration(model, gbs)

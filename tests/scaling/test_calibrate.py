@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megalite.scaling.calibrate import COLLECTIVES, calibrate, fit_alpha_beta
+from megalite.scaling.calibrate import COLLECTIVES, COMPUTE_GAPS, calibrate, fit_alpha_beta
 from megalite.scaling.calibrate_ops import ATTENTION_GRID_QUICK
 from megalite.scaling.calibrate_overhead import split_overhead
 from megalite.scaling.hardware import from_calibration
@@ -43,9 +43,12 @@ def test_quick_calibration_has_the_schema(tmp_path):
         document["elementwise"])
     assert {r["layout"] for r in document["matmul"]} == {"nn", "nt", "tn"}
     assert set(document["collectives"]) == set(COLLECTIVES)
-    assert all(fit["bandwidth_gbs"] > 0 and fit["latency_us"] >= 0 for fit in document["collectives"].values())
-    link = hardware.intra_node.for_collective("all_reduce")
-    assert (link.bandwidth_gbs, link.latency_us) == tuple(document["collectives"]["all_reduce"].values())
+    for fits in document["collectives"].values():
+        assert [fit["gap_s"] for fit in fits] == [gap for gap, _calls in COMPUTE_GAPS]
+        assert all(fit["bandwidth_gbs"] > 0 and fit["latency_us"] >= 0 for fit in fits)
+    first = document["collectives"]["all_reduce"][0]
+    link = hardware.intra_node.for_collective("all_reduce", first["gap_s"])
+    assert link.bandwidth_gbs == pytest.approx(first["bandwidth_gbs"]) and link.latency_us == first["latency_us"]
     assert set(document["host_overhead"]) == {"layer_s", "micro_batch_s", "step_s"}
     assert all(0 <= v < 0.1 for v in document["host_overhead"].values())
     assert hardware.layer_overhead_s == document["host_overhead"]["layer_s"]

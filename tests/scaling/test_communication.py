@@ -59,11 +59,18 @@ def test_pipeline_link_is_the_slowest_boundary(tp, dp, pp, inter):
     assert link == (hw.inter_node if inter else hw.intra_node)
 
 
-def test_a_measured_collective_uses_its_own_fit():
-    # gloo on a CPU: each collective fitted alone; a collective the link has no fit for keeps the link's.
-    measured = Link(100.0, 10.0, (("all_reduce", 50.0, 200.0), ("send_recv", 10.0, 1.0)))
-    assert comm.all_reduce_time(GB, 2, measured) == pytest.approx(1e9 / 50e9 + 2 * 200e-6, rel=1e-12)
-    assert comm.p2p_time(GB, measured) == pytest.approx(0.1 + 1e-6, rel=1e-12)
+def test_a_measured_collective_uses_its_own_fit_at_its_gap():
+    # gloo on a CPU: each collective fitted alone after 2 and 8 ms of compute; a collective the link has
+    # no fit for keeps the link's.  Between the gaps latency and seconds per byte are linear, beyond
+    # them constant.
+    measured = Link(100.0, 10.0, (("all_reduce", 0.002, 50.0, 200.0), ("all_reduce", 0.008, 25.0, 400.0),
+                                  ("send_recv", 0.002, 10.0, 1.0)))
+    assert comm.all_reduce_time(GB, 2, measured, 0.002) == pytest.approx(1e9 / 50e9 + 2 * 200e-6, rel=1e-12)
+    assert comm.all_reduce_time(GB, 2, measured) == comm.all_reduce_time(GB, 2, measured, 0.002)
+    assert comm.all_reduce_time(GB, 2, measured, 0.1) == pytest.approx(1e9 / 25e9 + 2 * 400e-6, rel=1e-12)
+    middle = measured.for_collective("all_reduce", 0.005)        # halfway: 1/bw = (1/50 + 1/25) / 2
+    assert (1 / middle.bandwidth_gbs, middle.latency_us) == pytest.approx((0.03, 300.0))
+    assert comm.p2p_time(GB, measured, 0.05) == pytest.approx(0.1 + 1e-6, rel=1e-12)
     assert comm.all_gather_time(GB, 2, measured) == comm.all_gather_time(GB, 2, LINK)
     assert comm.reduce_scatter_time(GB, 2, measured) == comm.reduce_scatter_time(GB, 2, LINK)
 
