@@ -7,7 +7,8 @@ Builds megalite's ``TransformerLayer`` (no parallelism, fp32, dropout off, seque
 ``threads_per_rank`` torch threads, the process CPU time of the forward and of forward + backward
 (median of ``--repeats`` after 3 s of warm-up calls; CPU time, so other processes on the cores do not
 count, though they still share caches and memory bandwidth).  Prints each against the model's
-``forward`` and ``forward + backward_input + backward_weight`` with that calibration file.
+``forward`` and ``forward + backward_input + backward_weight`` with that calibration file, the
+host's fixed cost per layer included (as ``predict`` adds it).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def main(argv=None) -> None:
     from megalite.model.transformer import TransformerLayer
     from megalite.scaling.compute import layer_times
     from megalite.scaling.hardware import from_calibration
+    from megalite.scaling.predict import with_host_overhead
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibration", required=True, help="calibration JSON (megalite.scaling.calibrate)")
@@ -70,7 +72,8 @@ def main(argv=None) -> None:
             layer(x).backward(grad)
         forward_s = cpu_seconds(forward, args.repeats)
         total_s = cpu_seconds(forward_backward, args.repeats)
-        predicted = layer_times(model, args.micro_batch, hardware, "float32")
+        predicted = with_host_overhead(layer_times(model, args.micro_batch, hardware, "float32"),
+                                       hardware.layer_overhead_s)
         predicted_total = predicted.forward + predicted.backward_input + predicted.backward_weight
         print(f"{hidden:>6} {forward_s * 1e3:>11.2f} {predicted.forward * 1e3:>7.2f} "
               f"{forward_s / predicted.forward:>6.2f} {total_s * 1e3:>11.2f} {predicted_total * 1e3:>7.2f} "

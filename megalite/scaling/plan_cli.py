@@ -80,7 +80,8 @@ def format_prediction(prediction: Prediction, chosen: Sequence[str] = ()) -> str
         f"per layer and micro-batch",
         "  time breakdown          " + ", ".join(f"{name.replace('_', ' ')} {seconds:.3f} s "
                                                  f"({100 * seconds / total:.1f}%)"
-                                                 for name, seconds in p.breakdown.items()),
+                                                 for name, seconds in p.breakdown.items()
+                                                 if seconds or name != "host_overhead"),
     ]
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ from megalite.scaling.hardware import Hardware
 from megalite.scaling.memory import StageMemory, activation_bytes, in_flight_formula, stage_memories
 from megalite.scaling.schedule import pipeline_time
 
-__all__ = ["Prediction", "predict", "Layout", "layout_of", "memory_per_stage", "run_dtype"]
+__all__ = ["Prediction", "predict", "Layout", "layout_of", "memory_per_stage", "run_dtype", "with_host_overhead"]
 
 GIB = 2.0 ** 30
 
@@ -82,7 +82,7 @@ def _stage_pass_times(chunks: Sequence[int], first: bool, last: bool, layer: Pas
     return times + PassTimes(layers * layer_comm_f + receives_f * p2p, layers * layer_comm_b + receives_b * p2p, 0.0)
 
 
-def _with_overhead(times: PassTimes, seconds: float) -> PassTimes:
+def with_host_overhead(times: PassTimes, seconds: float) -> PassTimes:
     """``times`` plus the host's fixed ``seconds``, shared out over its passes in proportion to them."""
     total = times.forward + times.backward_input + times.backward_weight
     return times.scaled((total + seconds) / total) if seconds and total > 0 else times
@@ -188,9 +188,9 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     recompute = model.recompute_granularity
     e = element_size(dtype)
 
-    layer = _with_overhead(layer_times(model, b, hardware, dtype, tp=tp, cp=cp, sequence_parallel=sp,
+    layer = with_host_overhead(layer_times(model, b, hardware, dtype, tp=tp, cp=cp, sequence_parallel=sp,
                                        recompute=recompute), hardware.layer_overhead_s)
-    logits = _with_overhead(logits_times(model, b, hardware, dtype, tp=tp, cp=cp), hardware.micro_batch_overhead_s)
+    logits = with_host_overhead(logits_times(model, b, hardware, dtype, tp=tp, cp=cp), hardware.micro_batch_overhead_s)
     grid = comm.GridStrides(tp, cp, dp, pp)
     layer_comm_f, layer_comm_b, p2p, ends = _pass_communication(model, lay, sp, hardware, grid, layer, logits)
 
