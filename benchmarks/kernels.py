@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from timing import alternating  # benchmarks/timing.py, beside this script
 
-from megalite.ops import backend_name, layer_norm, rms_norm
+from megalite.ops import backend_name, layer_norm, rms_norm, swiglu
 from megalite.optim.adam import FusedAdam, adam_step_master
 
 WARMUP = 2   # untimed runs of each function before its timed rounds (--quick: 1)
@@ -226,6 +226,32 @@ def bench_norms(table: Table, device: torch.device, repeats: int) -> None:
             table.add("RMSNorm fwd+bwd", label, ours_ms, "F.rms_norm", functional_ms, nbytes)
 
 
+def swiglu_expression(h: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU a PyTorch user writes on an interleaved fc1 output (megalite's before ops.swiglu)."""
+    gate, up = h.unflatten(-1, (-1, 2)).unbind(-1)
+    return F.silu(gate) * up
+
+
+def bench_swiglu(table: Table, device: torch.device, repeats: int) -> None:
+    """LLaMA ~0.85B's MLP at micro-batch 4, sequence 2048: h [8192, 2 x 5632] -> [8192, 5632].  On a CPU
+    ops.swiglu runs its reference (the same expression as the peer): the row only checks the harness."""
+    rows, ffn = (8192, 5632) if device.type == "cuda" else (2048, 2048)
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        h = torch.randn(rows, 2 * ffn, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        dy = torch.randn(rows, ffn, generator=gen).to(device=device, dtype=dtype)
+        nbytes = 8 * dy.numel() * dy.element_size()   # forward: read h, write y; backward: read h, dy, write dh
+
+        def fwd_bwd(fn):
+            def run():
+                fn(h).backward(dy)
+                h.grad = None
+            return run
+        ours_ms, peer_ms = interleaved_ms([fwd_bwd(swiglu), fwd_bwd(swiglu_expression)], device, repeats)
+        table.add("SwiGLU fwd+bwd", f"[{rows}, 2 x {ffn}] {str(dtype)[6:]}", ours_ms, "silu(gate) * up", peer_ms,
+                  nbytes)
+
+
 def run(device: torch.device, repeats: int, threads: Optional[int], only: Optional[str], isa: str) -> str:
     if device.type == "cpu":
         if threads:
@@ -247,6 +273,8 @@ def run(device: torch.device, repeats: int, threads: Optional[int], only: Option
         bench_adam_master(table, device, repeats, torch.float32)
     if only in (None, "norms"):
         bench_norms(table, device, NORM_ROUNDS * repeats)
+    if only in (None, "swiglu"):
+        bench_swiglu(table, device, repeats)
     return table.render()
 
 
@@ -256,7 +284,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and megalite)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--only", choices=("adam", "norms"), default=None)
+    parser.add_argument("--only", choices=("adam", "norms", "swiglu"), default=None)
     parser.add_argument("--quick", action="store_true", help="short run: 3 timed rounds, 1 warm-up per row")
     parser.add_argument("--isa", choices=("auto", "generic", "avx2", "avx512"), default="auto",
                         help="megalite's CPU kernel table (default: the widest this CPU has)")

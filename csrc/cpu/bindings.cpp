@@ -173,6 +173,9 @@ TORCH_LIBRARY(megalite, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor rstd, Tensor weight) -> (Tensor, Tensor)");
+  // CUDA only (csrc/cuda/swiglu.cu): on a CPU, PyTorch's own vectorized silu and mul run (ops/swiglu.py).
+  m.def("swiglu_forward(Tensor h) -> Tensor");
+  m.def("swiglu_backward(Tensor dy, Tensor h) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(megalite, CPU, m) {

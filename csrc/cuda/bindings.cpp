@@ -149,6 +149,37 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_op(const at::Tensor& dy, co
   return {dx, dweight};
 }
 
+DType swiglu_dtype(const at::Tensor& h) {
+  TORCH_CHECK(h.is_cuda(), "h is on ", h.device(), "; megalite._cuda runs CUDA tensors");
+  TORCH_CHECK(h.is_contiguous(), "h must be contiguous (the fc1 output), got strides ", h.strides());
+  TORCH_CHECK(h.dim() >= 1 && h.size(-1) % 2 == 0, "h must end in an even dimension of (gate, up) pairs, got ",
+              h.sizes());
+  return dtype_of(h, "h");
+}
+
+at::Tensor swiglu_forward_op(const at::Tensor& h) {
+  const DType dtype = swiglu_dtype(h);
+  const c10::cuda::CUDAGuard guard(h.device());
+  std::vector<int64_t> sizes = h.sizes().vec();
+  sizes.back() /= 2;
+  at::Tensor y = at::empty(sizes, h.options());
+  megalite::cuda::swiglu_forward(y.numel(), dtype, h.data_ptr(), y.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  return y;
+}
+
+at::Tensor swiglu_backward_op(const at::Tensor& dy, const at::Tensor& h) {
+  const DType dtype = swiglu_dtype(h);
+  check_on(dy, h.device(), "dy");
+  TORCH_CHECK(dy.scalar_type() == h.scalar_type() && dy.is_contiguous() && 2 * dy.numel() == h.numel(),
+              "dy must be contiguous, of h's dtype and half its elements; got ", dy.sizes(), " ", dy.scalar_type(),
+              " for h ", h.sizes(), " ", h.scalar_type());
+  const c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor dh = at::empty_like(h);
+  megalite::cuda::swiglu_backward(dy.numel(), dtype, dy.data_ptr(), h.data_ptr(), dh.data_ptr(),
+                                  c10::cuda::getCurrentCUDAStream());
+  return dh;
+}
+
 }  // namespace
 }  // namespace megalite::cuda
 
@@ -159,6 +190,8 @@ TORCH_LIBRARY_IMPL(megalite, CUDA, m) {
   m.impl("layer_norm_backward", &megalite::cuda::layer_norm_backward_op);
   m.impl("rms_norm_forward", &megalite::cuda::rms_norm_forward_op);
   m.impl("rms_norm_backward", &megalite::cuda::rms_norm_backward_op);
+  m.impl("swiglu_forward", &megalite::cuda::swiglu_forward_op);
+  m.impl("swiglu_backward", &megalite::cuda::swiglu_backward_op);
 }
 
 namespace {

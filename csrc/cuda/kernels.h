@@ -1,6 +1,6 @@
 // The CUDA kernels' launchers, on raw device pointers and a stream (no torch headers):
 // csrc/cuda/bindings.cpp calls them.  Sources: adam.cu (multi-tensor apply), norms.cu (which hands
-// rows that fit to norms_row_cached.cu).
+// rows that fit to norms_row_cached.cu), swiglu.cu.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -46,5 +46,10 @@ void rms_norm_forward(const NormShape& shape, const void* x, const void* weight,
 // workspace: norm_weight_grad_splits(shape) * cols floats.
 void rms_norm_backward(const NormShape& shape, const void* dy, const void* x, const float* rstd, const void* weight,
                        void* dx, void* dweight, float* workspace, cudaStream_t stream);
+
+// SwiGLU over `pairs` interleaved (gate, up) pairs: h has 2 * pairs elements, y and dy `pairs`, dh
+// 2 * pairs; all contiguous, all of `dtype`.
+void swiglu_forward(int64_t pairs, DType dtype, const void* h, void* y, cudaStream_t stream);
+void swiglu_backward(int64_t pairs, DType dtype, const void* dy, const void* h, void* dh, cudaStream_t stream);
 
 }  // namespace megalite::cuda

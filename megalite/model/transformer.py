@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalite.config import ModelConfig
-from megalite.ops import layer_norm, rms_norm
+from megalite.ops import layer_norm, rms_norm, swiglu
 from megalite.parallel import random as tp_random
 from megalite.parallel.context_parallel import attention_over_cp, cp_size
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear, new_parameter
@@ -254,8 +254,7 @@ class MLP(nn.Module):
     def forward(self, x):
         hidden = self.linear_fc1(x)                                         # [s, b, (2) ffn/t]
         if self.swiglu:
-            gate, up = hidden.unflatten(-1, (-1, 2)).unbind(-1)
-            hidden = F.silu(gate) * up
+            hidden = swiglu(hidden)                                         # ops/swiglu.py: fused on CUDA
         else:
             hidden = F.gelu(hidden, approximate=self.gelu_approximation)
         return self.linear_fc2(hidden)

@@ -20,7 +20,7 @@ plus what was measured to get there ("threads_per_rank", "samples": every collec
 What each figure is:
 
 - GEMM: ``[m, k] x [k, n]`` timed (median of repeats) at ``2 m n k / t``, in each operand layout a
-  linear layer runs (``x @ W^T`` forward, ``g @ W``, ``x^T @ g`` backward), its operands fetched
+  linear layer runs (``x @ W^T`` forward, ``g @ W``, ``g^T @ x`` backward), its operands fetched
   from memory each call (``_cold_operands``); ``peak_tflops[dtype]`` is the best of the grid.
   The grid spans the shapes of small models' layers (tokens ``m`` = b*s,
   widths and head dimensions ``n``, ``k``), from 32 to 2048.
@@ -50,6 +50,7 @@ at once (megalite's multi-rank runs here set one thread per rank on two cores).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -97,7 +98,7 @@ def _cold_operands(layout: str, m: int, n: int, k: int,
     ago).  Timed on one cached pair instead, a GEMM here runs ~10% faster than in a training step."""
     size = m * k + k * n
     slots = max(1, pool.numel() // size)
-    calls = iter(range(1 << 62))
+    calls = itertools.count()
 
     def operands():
         base = (next(calls) % slots) * size

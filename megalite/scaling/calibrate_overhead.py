@@ -43,10 +43,14 @@ def tiny_argv(layers: int, micro_batches: int) -> List[str]:
             "--train-iters", str(_WARMUP + _STEPS)]
 
 
-def _step_seconds(rank: int, world_size: int, argv: Sequence[str], steps: int) -> float:
-    """On one forked rank: the median thread CPU time of ``steps`` training steps after a warm-up."""
+def _step_seconds(rank: int, world_size: int, argv: Sequence[str], steps: int, threads: int) -> float:
+    """On one forked rank at ``threads`` torch threads (the tables' count): the median thread CPU time of
+    ``steps`` training steps after a warm-up."""
+    import torch
+
     from megalite.training import setup, train_step
 
+    torch.set_num_threads(threads)
     run = setup(list(argv), world_size=world_size)
     for _ in range(_WARMUP):
         train_step(run)
@@ -79,7 +83,8 @@ def measure_overhead(document: dict, quick: bool = False) -> Dict[str, float]:
     for layers in TINY_LAYERS:
         for micro_batches in TINY_MICRO_BATCHES:
             argv = tiny_argv(layers, micro_batches)
-            measured = run_on_ranks(_step_seconds, 1, argv, 3 if quick else _STEPS, timeout=300)[0]
+            measured = run_on_ranks(_step_seconds, 1, argv, 3 if quick else _STEPS,
+                                    int(document.get("threads_per_rank", 1)), timeout=300)[0]
             model, parallel, optimizer, _data, training = parse_args(argv, world_size=1)
             predicted = predict(model, parallel, training, optimizer, hardware, 1).iteration_time_s
             excess[layers, micro_batches] = measured - predicted

@@ -21,7 +21,9 @@ ranks' drift); the model passes the compute of the pass each collective follows.
 What a step sends, per micro-batch and layer (``s`` tokens, ``b`` micro-batch, ``h`` hidden, ``e`` bytes):
 tensor parallelism all-reduces ``sbh e`` twice in forward and twice in backward (Shoeybi et al.
 2019, Fig. 3), or with sequence parallelism all-gathers and reduce-scatters it as often (Korthikanti
-et al. 2022, Sec. 4.2.2); full recompute repeats the forward's.  Pipeline stages exchange one
+et al. 2022, Sec. 4.2.2), plus, in backward, the two all-gathers of the column-parallel inputs that
+megalite (like Megatron) gathers again for the weight gradients; full recompute repeats the
+forward's.  Pipeline stages exchange one
 activation ``[s, b, h]`` (``/t`` with SP) per chunk forward and one gradient per chunk backward.  Data
 parallelism all-reduces the fp32 gradient buffer once per step (ZeRO-1: reduce-scatter, then the
 all-gather of the updated parameters in their own dtype).
@@ -29,7 +31,7 @@ all-gather of the updated parameters in their own dtype).
 Around the layers (``tp_embedding_time``, ``tp_logits_time``): the vocabulary-parallel embedding
 all-reduces its ``sbh e`` output (with SP then keeps its tokens, and backward all-gathers their
 gradient); the output layer's input is copied to the TP ranks (backward all-reduces its gradient;
-with SP all-gathered forward, reduce-scattered backward); the vocabulary-parallel cross-entropy
+with SP all-gathered forward, gathered again and reduce-scattered backward); the vocabulary-parallel cross-entropy
 all-reduces three fp32 values per token (the max logit, the target's logit, the sum of
 exponentials).
 """
@@ -40,8 +42,8 @@ from dataclasses import dataclass
 from megalite.scaling.hardware import Hardware, Link
 
 __all__ = ["all_reduce_time", "all_gather_time", "reduce_scatter_time", "p2p_time", "group_link",
-           "GridStrides", "tp_time_per_layer", "tp_embedding_time", "tp_logits_time", "pp_message_bytes",
-           "dp_gradient_time", "zero1_gather_time"]
+           "GridStrides", "tp_collectives_per_layer", "tp_time_per_layer", "tp_embedding_time", "tp_logits_time",
+           "pp_message_bytes", "dp_gradient_time", "zero1_gather_time"]
 
 
 def all_reduce_time(nbytes: float, n: int, link: Link, gap_s: float = 0.0) -> float:
@@ -104,11 +106,20 @@ class GridStrides:
         return hw.inter_node if stride * self.pp > hw.gpus_per_node else hw.intra_node
 
 
+def tp_collectives_per_layer(sequence_parallel: bool, backward: bool) -> int:
+    """How many collectives one layer's pass calls: 2 all-reduces; with SP 2 all-gathers and 2
+    reduce-scatters, and in backward 2 more all-gathers (the input of QKV and fc1, gathered again
+    for their weight gradients rather than kept from the forward)."""
+    return (6 if backward else 4) if sequence_parallel else 2
+
+
 def tp_time_per_layer(tokens_bytes: float, tp: int, link: Link, sequence_parallel: bool,
-                      gap_s: float = 0.0) -> float:
-    """One layer's tensor-parallel communication in one pass direction (two collectives of ``sbh e``)."""
+                      gap_s: float = 0.0, backward: bool = False) -> float:
+    """One layer's tensor-parallel communication in one pass direction (collectives of ``sbh e``)."""
     if sequence_parallel:
-        return 2 * (all_gather_time(tokens_bytes, tp, link, gap_s) + reduce_scatter_time(tokens_bytes, tp, link, gap_s))
+        gathers = 4 if backward else 2
+        return (gathers * all_gather_time(tokens_bytes, tp, link, gap_s)
+                + 2 * reduce_scatter_time(tokens_bytes, tp, link, gap_s))
     return 2 * all_reduce_time(tokens_bytes, tp, link, gap_s)
 
 
@@ -125,9 +136,9 @@ def tp_logits_time(tokens_bytes: float, tokens: int, tp: int, link: Link, sequen
     = s b of one micro-batch on this rank), one micro-batch; ``gap_s``: the output layer's compute
     before them (the loss's three follow each other with little compute between)."""
     loss = 3 * all_reduce_time(4.0 * tokens, tp, link)
-    if sequence_parallel:
+    if sequence_parallel:   # backward: the input gathered again for the weight gradient, then reduce-scattered
         return (all_gather_time(tokens_bytes, tp, link, gap_s) + loss,
-                reduce_scatter_time(tokens_bytes, tp, link, gap_s))
+                all_gather_time(tokens_bytes, tp, link, gap_s) + reduce_scatter_time(tokens_bytes, tp, link, gap_s))
     return loss, all_reduce_time(tokens_bytes, tp, link, gap_s)
 
 

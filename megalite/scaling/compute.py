@@ -11,7 +11,8 @@ of the thread-block tiles (256 x 128 or 128 x 256) launched in whole waves over 
 "Matrix Multiplication Background" guide: tile and wave quantization).  A calibration table of
 measured GEMM throughput replaces the formula: the rate is read at (m, n, k) between its grid points
 (interpolate.py), in the operands' layout (a linear layer's forward ``x @ W^T``, input gradient
-``g @ W`` and weight gradient ``x^T @ g`` run different kernels, up to 1.5x apart on a CPU).
+``g @ W`` and weight gradient ``g^T @ x`` run different kernels, up to ~3x apart at some shapes on a
+CPU).
 
 Per layer (``s`` tokens, ``b`` micro-batch, ``h`` hidden, ``a`` heads of ``d = h/a``, ``f`` MLP width,
 ``t`` TP ranks, ``g`` query groups):
@@ -143,12 +144,13 @@ def layer_gemms(model: ModelConfig, micro_batch: int, tp: int, cp: int = 1) -> L
 
 def backward_gemms(gemm: Gemm) -> List[Gemm]:
     """Input-gradient and weight-gradient products of a forward GEMM (the attention core has no weights:
-    both of its operands' gradients are input gradients).  A linear layer's are ``g @ W`` ("nn") and
-    ``x^T @ g`` ("tn")."""
-    linear = gemm.layout == "nt"
+    both of its operands' gradients are input gradients).  A linear layer's (``y = x W^T``, W
+    ``[n, k]``) are ``dx = g W`` ("nn", ``[m, n] x [n, k]``) and ``dW = g^T x`` ("tn", ``[n, m] x [m, k]``,
+    over the tokens), as megalite and ATen compute them."""
     grad_input = Gemm(gemm.name + ".dgrad", gemm.m, gemm.k, gemm.n, gemm.batch, gemm.attention_core)
-    grad_other = Gemm(gemm.name + ".wgrad", gemm.k, gemm.n, gemm.m, gemm.batch, gemm.attention_core,
-                      "tn" if linear else "nn")
+    if gemm.layout == "nt":
+        return [grad_input, Gemm(gemm.name + ".wgrad", gemm.n, gemm.k, gemm.m, gemm.batch, gemm.attention_core, "tn")]
+    grad_other = Gemm(gemm.name + ".wgrad", gemm.k, gemm.n, gemm.m, gemm.batch, gemm.attention_core)
     return [grad_input, grad_other]
 
 

@@ -164,10 +164,7 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
         matmul = _matmul_rows(document.get("matmul", []))
         attention = _attention_rows(document.get("attention", []))
         elementwise = _elementwise_rows(document.get("elementwise", []))
-        measured = tuple((str(name), float(fit.get("gap_s", 0.0)), float(fit["bandwidth_gbs"]),
-                          float(fit["latency_us"]))
-                         for name, fits in document.get("collectives", {}).items()
-                         for fit in (fits if isinstance(fits, list) else [fits]))
+        measured = _collective_fits(document.get("collectives", {}))
         overhead = document.get("host_overhead", {})
         if memory_gb is None:
             memory_gb = float(document.get("memory_gb") or _system_memory_gb())
@@ -189,6 +186,17 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"calibration file {name}: missing or malformed field {error}; expected the schema in "
                          f"megalite/scaling/hardware.py from_calibration") from None
+
+
+def _collective_fits(collectives) -> tuple:
+    """(name, gap s, GB/s, us) of each fit; a file from before the gaps holds one fit per collective
+    (read at gap 0: the back-to-back timing it was)."""
+    fits = tuple((str(name), float(fit.get("gap_s", 0.0)), float(fit["bandwidth_gbs"]), float(fit["latency_us"]))
+                 for name, listed in collectives.items() for fit in (listed if isinstance(listed, list) else [listed]))
+    for fit in fits:
+        if not (fit[2] > 0 and fit[3] >= 0 and fit[1] >= 0):
+            raise ValueError(f"collective fit {fit}: bandwidth must be positive, latency and gap not negative")
+    return fits
 
 
 def _matmul_rows(rows) -> tuple:
@@ -223,7 +231,8 @@ def _system_memory_gb() -> float:
 
 
 def with_overrides(hardware: Hardware, overrides: dict, source: str = "--cluster") -> Hardware:
-    """``hardware`` with the fields of ``overrides`` replaced (links and peaks as nested mappings)."""
+    """``hardware`` with the fields of ``overrides`` replaced (links and peaks as nested mappings; a link
+    given there replaces a calibration's per-collective fits too: its figures are then the link's)."""
     known = {f.name for f in dataclasses.fields(Hardware)}
     changes = {}
     for key, value in overrides.items():

@@ -4,8 +4,10 @@ The calibration (``calibrate.py``, ``calibrate_ops.py``) measures rates on a gri
 over (m, n, k), the attention core over (heads, s, d), elementwise ops over bytes, each axis in
 powers of two.  A model's shapes fall between the points, so a rate is read multilinearly in the
 log2 of each coordinate from the ``2^d`` grid points around it (clamped to the grid's ends: no
-extrapolation).  A table that is not a full grid around the point (a hand-written ``--cluster``
-table) is read by inverse squared distance in the same log space instead.
+extrapolation).  Where some of those grid points were not measured (the attention grid leaves out
+its largest corner; a hand-written ``--cluster`` table may hold a few points only), the weights of
+the ones that were are scaled up to sum to 1; where none was, the table is read by inverse squared
+distance in the same log space.
 """
 from __future__ import annotations
 
@@ -48,16 +50,13 @@ def interpolate(rows: Sequence[Tuple[Sequence[float], float]], point: Sequence[f
     target = tuple(math.log2(c) for c in point)
     axes = [sorted({coordinates[d] for coordinates in table}) for d in range(len(target))]
     brackets = [_bracket(axis, x) for axis, x in zip(axes, target)]
-    total = 0.0
+    total, weights = 0.0, 0.0
     for corner in itertools.product((0, 1), repeat=len(target)):
         weight, coordinates = 1.0, []
         for (low, high, t), side in zip(brackets, corner):
             weight *= t if side else 1.0 - t
             coordinates.append(high if side else low)
-        if weight == 0.0:
-            continue
         value = table.get(tuple(coordinates))
-        if value is None:
-            return _inverse_distance(table, target)
-        total += weight * value
-    return total
+        if weight > 0.0 and value is not None:
+            total, weights = total + weight * value, weights + weight
+    return total / weights if weights > 0.0 else _inverse_distance(table, target)

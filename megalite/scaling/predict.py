@@ -150,20 +150,25 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     tp, cp, b, e = lay.tp, lay.cp, lay.micro_batch, element_size(lay.dtype)
     full = model.recompute_granularity == "full"
     tokens_bytes = model.seq_length // cp * b * model.hidden_size * e
-    per_pass = (4 if sp else 2) * (tp > 1) + (cp > 1)            # collectives in one layer's forward
-    gap_f = layer.forward / max(1, per_pass)
-    gap_b = (layer.backward_input + layer.backward_weight) / max(1, per_pass * (2 if full else 1))
+    # collectives in one layer's forward and backward (full recompute: the forward's again in the backward)
+    per_forward = comm.tp_collectives_per_layer(sp, False) * (tp > 1) + (cp > 1)
+    per_backward = comm.tp_collectives_per_layer(sp, True) * (tp > 1) + (cp > 1) + (per_forward if full else 0)
+    gap_f = layer.forward / max(1, per_forward)
+    gap_b = (layer.backward_input + layer.backward_weight) / max(1, per_backward)
     tp_link = grid.tp_link(hardware)
     tp_f = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f)
-    tp_b = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b)
+    tp_b = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True)
     cp_f = cp_b = 0.0
     if cp > 1:   # K and V of this rank's tokens all-gathered over CP (forward; reduce-scattered in backward)
         kv_bytes = 2 * model.seq_length * b * model.num_query_groups * model.head_dim * e / tp
         cp_link = comm.group_link(hardware, cp, tp)
-        cp_f, cp_b = comm.all_gather_time(kv_bytes, cp, cp_link, gap_f), comm.all_gather_time(kv_bytes, cp, cp_link,
-                                                                                               gap_b)
+        cp_f = comm.all_gather_time(kv_bytes, cp, cp_link, gap_f)
+        cp_b = comm.reduce_scatter_time(kv_bytes, cp, cp_link, gap_b)
     # full recompute repeats the forward's collectives inside the backward
-    layer_comm_f, layer_comm_b = tp_f + cp_f, tp_b + cp_b + ((tp_b + cp_b) if full else 0.0)
+    layer_comm_f = tp_f + cp_f
+    layer_comm_b = tp_b + cp_b + ((comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b)
+                                   + (comm.all_gather_time(kv_bytes, cp, cp_link, gap_b) if cp > 1 else 0.0))
+                                  if full else 0.0)
     p2p = 0.0
     if lay.pp > 1:   # a message follows one chunk's pass
         chunk_forward = layer.forward * model.num_layers / (lay.pp * lay.v)

@@ -45,6 +45,10 @@ def test_layer_tp_traffic_and_dp_reduction():
     assert comm.tp_time_per_layer(nbytes, 8, link, False) == pytest.approx(2 * comm.all_reduce_time(nbytes, 8, link))
     assert comm.tp_time_per_layer(nbytes, 8, link, True) == pytest.approx(
         comm.tp_time_per_layer(nbytes, 8, link, False))
+    # SP's backward gathers the QKV and fc1 inputs again for their weight gradients: two all-gathers more
+    assert comm.tp_time_per_layer(nbytes, 8, link, True, backward=True) == pytest.approx(
+        comm.tp_time_per_layer(nbytes, 8, link, True) + 2 * comm.all_gather_time(nbytes, 8, link))
+    assert [comm.tp_collectives_per_layer(sp, bwd) for sp in (False, True) for bwd in (False, True)] == [2, 2, 4, 6]
     # 1e9 fp32 gradients over DP 2 on NVLink: 2 * 1/2 * 4e9 / 3e11 + 2 * 5e-6
     assert comm.dp_gradient_time(1e9, 2, link, zero1=False) == pytest.approx(4e9 / 3e11 + 1e-5)
     assert comm.dp_gradient_time(1e9, 2, link, zero1=True) == pytest.approx(0.5 * 4e9 / 3e11 + 5e-6)
@@ -82,7 +86,8 @@ def test_embedding_and_output_layer_collectives(sp):
     loss = 3 * comm.all_reduce_time(4 * tokens, 4, LINK)     # max, target logit, sum of exponentials
     if sp:   # embedding all-reduce then scatter (backward all-gathers); output layer all-gather / reduce-scatter
         assert embedding == (comm.all_reduce_time(nbytes, 4, LINK), comm.all_gather_time(nbytes, 4, LINK))
-        assert logits == (comm.all_gather_time(nbytes, 4, LINK) + loss, comm.reduce_scatter_time(nbytes, 4, LINK))
+        assert logits == (comm.all_gather_time(nbytes, 4, LINK) + loss,    # backward: gathered again
+                          comm.all_gather_time(nbytes, 4, LINK) + comm.reduce_scatter_time(nbytes, 4, LINK))
     else:    # embedding all-reduce; the output layer's input gradient all-reduced
         assert embedding == (comm.all_reduce_time(nbytes, 4, LINK), 0.0)
         assert logits == (loss, comm.all_reduce_time(nbytes, 4, LINK))

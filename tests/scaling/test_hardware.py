@@ -69,3 +69,19 @@ def test_unknown_cluster_field(tmp_path):
     cluster.write_text("hbm: 96\n")
     with pytest.raises(ValueError, match="'hbm' is not a hardware field"):
         load_hardware("h100-sxm", cluster=str(cluster))
+
+
+def test_collective_fits_load_per_gap_and_from_older_files():
+    with open(EXAMPLE) as f:
+        document = json.load(f)
+    document["collectives"] = {"all_reduce": [{"gap_s": 0.002, "bandwidth_gbs": 1.0, "latency_us": 500.0},
+                                              {"gap_s": 0.008, "bandwidth_gbs": 0.5, "latency_us": 900.0}],
+                               "send_recv": {"bandwidth_gbs": 4.0, "latency_us": 50.0}}   # a file before gaps
+    hw = from_calibration(document)
+    assert hw.intra_node.for_collective("all_reduce", 0.008) == hw.inter_node.for_collective("all_reduce", 0.1)
+    assert hw.intra_node.for_collective("all_reduce", 0.008).latency_us == 900.0
+    assert hw.intra_node.for_collective("send_recv", 0.005).bandwidth_gbs == 4.0
+    assert not hw.overlaps_communication
+    document["collectives"]["send_recv"]["bandwidth_gbs"] = 0.0
+    with pytest.raises(ValueError, match="bandwidth must be positive"):
+        from_calibration(document)

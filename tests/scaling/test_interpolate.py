@@ -29,3 +29,10 @@ def test_one_axis_is_piecewise_linear():
 def test_an_incomplete_grid_falls_back_to_inverse_distance():
     rows = [((1, 1), 1.0), ((4, 4), 3.0)]                     # the corners (1, 4) and (4, 1) are missing
     assert interpolate(rows, (2, 2)) == pytest.approx(2.0)     # equidistant in log space
+
+
+def test_missing_corners_leave_the_others_weights_renormalized():
+    # the (4, 4) corner was not measured: the point between reads the three that were, reweighted
+    rows = [((1, 1), 1.0), ((1, 4), 2.0), ((4, 1), 3.0)]
+    assert interpolate(rows, (2, 2)) == pytest.approx((1.0 + 2.0 + 3.0) / 3)
+    assert interpolate(rows, (4, 1)) == 3.0

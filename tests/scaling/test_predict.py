@@ -6,7 +6,7 @@ import pytest
 from megalite.arguments import parse_args
 from megalite.scaling import communication as comm
 from megalite.scaling.compute import layer_times, logits_times
-from megalite.scaling.hardware import PRESETS
+from megalite.scaling.hardware import PRESETS, Link
 from megalite.scaling.predict import layout_of, memory_per_stage, predict
 
 H100 = PRESETS["h100-sxm"]
@@ -47,6 +47,21 @@ def test_host_overhead_adds_per_layer_micro_batch_and_step():
     loaded = prediction(*base, world=1, hardware=host)
     assert loaded.iteration_time_s == pytest.approx(plain.iteration_time_s + 4 * (16 * 1e-3 + 2e-3) + 3e-3)
     assert loaded.breakdown["host_overhead"] == 3e-3 and plain.breakdown["host_overhead"] == 0.0
+
+
+def test_each_collective_is_read_at_the_compute_before_it():
+    # A link whose all-reduce costs more after more compute: the prediction lies strictly between the
+    # link read at the shorter gap everywhere and at the longer one (the layers' passes fall between).
+    def link(*fits):
+        return Link(300.0, 5.0, tuple(("all_reduce", gap, bw, us) for gap, bw, us in fits))
+    short, long_ = (1e-6, 50.0, 20.0), (1.0, 25.0, 200.0)
+    base = ("--micro-batch-size", "1", "--global-batch-size", "4", "--tensor-model-parallel-size", "2")
+
+    def exposed(measured):
+        hw = dataclasses.replace(H100, intra_node=measured)
+        return prediction(*base, world=2, hardware=hw).breakdown["exposed_communication"]
+    at_short, at_long, between = exposed(link(short)), exposed(link(long_)), exposed(link(short, long_))
+    assert at_short < between < at_long
 
 
 def test_without_overlap_the_gradient_reduction_stays_exposed():

@@ -1,0 +1,117 @@
+// SwiGLU forward and backward in one pass each: h is megalite's fused fc1 output, pairs
+// (gate_j, up_j) interleaved ([..., f, 2] flattened), y = silu(gate) * up ([..., f]).  Unfused,
+// PyTorch runs silu and mul forward (reading the strided halves twice) and two muls, silu's
+// backward and a stack of the two halves backward; here each element of h, dy, y and dh moves once.
+//
+//   s = sigmoid(g), silu = g s                y  = silu u
+//   d silu / d g = s (1 + g (1 - s))          dg = dy u s (1 + g (1 - s)),  du = dy silu
+//
+// All math in fp32 (one rounding per output).  Each thread moves PAIRS pairs per step with 16-byte
+// (fp32: 8-byte for y and dy) vector loads and stores when the pointers allow it, in a grid-stride
+// loop; a scalar loop takes the tail and any misaligned input.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/float_formats.cuh"
+#include "cuda/kernels.h"
+
+namespace megalite::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
+
+// Pairs per vector step: 16 bytes of h (two elements per pair).
+template <typename T>
+constexpr int pairs_per_step() { return 16 / (2 * static_cast<int>(sizeof(T))); }
+
+template <typename T, int P>
+__global__ void swiglu_forward_kernel(int64_t pairs, const T* __restrict__ h, T* __restrict__ y, bool vector) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if (vector) {
+    const int64_t steps = pairs / P;
+    for (int64_t step = first; step < steps; step += stride) {
+      const Pack<T, 2 * P> in = load_pack<2 * P>(h, 2 * P * step);
+      Pack<T, P> out;
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const float g = load(in.v[2 * j]), u = load(in.v[2 * j + 1]);
+        out.v[j] = store<T>(g * sigmoid(g) * u);
+      }
+      store_pack<P>(y, P * step, out);
+    }
+    done = steps * P;
+  }
+  for (int64_t p = done + first; p < pairs; p += stride) {
+    const float g = load(h[2 * p]), u = load(h[2 * p + 1]);
+    y[p] = store<T>(g * sigmoid(g) * u);
+  }
+}
+
+template <typename T, int P>
+__global__ void swiglu_backward_kernel(int64_t pairs, const T* __restrict__ dy, const T* __restrict__ h,
+                                       T* __restrict__ dh, bool vector) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if (vector) {
+    const int64_t steps = pairs / P;
+    for (int64_t step = first; step < steps; step += stride) {
+      const Pack<T, 2 * P> in = load_pack<2 * P>(h, 2 * P * step);
+      const Pack<T, P> grad = load_pack<P>(dy, P * step);
+      Pack<T, 2 * P> out;
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const float g = load(in.v[2 * j]), u = load(in.v[2 * j + 1]), d = load(grad.v[j]);
+        const float s = sigmoid(g);
+        out.v[2 * j] = store<T>(d * u * s * (1.f + g * (1.f - s)));
+        out.v[2 * j + 1] = store<T>(d * g * s);
+      }
+      store_pack<2 * P>(dh, 2 * P * step, out);
+    }
+    done = steps * P;
+  }
+  for (int64_t p = done + first; p < pairs; p += stride) {
+    const float g = load(h[2 * p]), u = load(h[2 * p + 1]), d = load(dy[p]);
+    const float s = sigmoid(g);
+    dh[2 * p] = store<T>(d * u * s * (1.f + g * (1.f - s)));
+    dh[2 * p + 1] = store<T>(d * g * s);
+  }
+}
+
+bool aligned(const void* pointer, int bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }
+
+unsigned blocks_for(int64_t work) {
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 * 8 ? 65535 * 8 : blocks));
+}
+
+}  // namespace
+
+void swiglu_forward(int64_t pairs, DType dtype, const void* h, void* y, cudaStream_t stream) {
+  if (pairs == 0) return;
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int P = pairs_per_step<T>();
+    const bool vector = aligned(h, 2 * P * sizeof(T)) && aligned(y, P * sizeof(T));
+    swiglu_forward_kernel<T, P><<<blocks_for(vector ? pairs / P + 1 : pairs), kThreads, 0, stream>>>(
+        pairs, static_cast<const T*>(h), static_cast<T*>(y), vector);
+  });
+}
+
+void swiglu_backward(int64_t pairs, DType dtype, const void* dy, const void* h, void* dh, cudaStream_t stream) {
+  if (pairs == 0) return;
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int P = pairs_per_step<T>();
+    const bool vector = aligned(h, 2 * P * sizeof(T)) && aligned(dh, 2 * P * sizeof(T)) && aligned(dy, P * sizeof(T));
+    swiglu_backward_kernel<T, P><<<blocks_for(vector ? pairs / P + 1 : pairs), kThreads, 0, stream>>>(
+        pairs, static_cast<const T*>(dy), static_cast<const T*>(h), static_cast<T*>(dh), vector);
+  });
+}
+
+}  // namespace megalite::cuda
