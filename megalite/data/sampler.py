@@ -15,7 +15,7 @@ class PretrainingSampler:
                  dp_size: int):
         if total_samples <= 0:
             raise ValueError(f"the dataset has no samples (total_samples={total_samples})")
-        if not 0 <= consumed_samples < total_samples:
+        if not 0 <= consumed_samples <= total_samples:   # equal: a finished run resumed, nothing left to read
             raise ValueError(f"consumed_samples {consumed_samples} is past the {total_samples} samples of the "
                              f"dataset; build the dataset with more samples (train iterations)")
         if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:

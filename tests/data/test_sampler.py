@@ -24,7 +24,12 @@ def test_ranks_partition_the_samples_and_resume_continues(dp):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="consumed_samples 10 is past"):
-        PretrainingSampler(10, 10, 1, 0, 1)
+    with pytest.raises(ValueError, match="consumed_samples 11 is past"):
+        PretrainingSampler(10, 11, 1, 0, 1)
     with pytest.raises(ValueError, match="dp_rank 2"):
         PretrainingSampler(10, 0, 1, 2, 2)
+
+
+def test_a_finished_run_reads_nothing_more():
+    # a run resumed after its last iteration: every sample consumed, nothing left, no error
+    assert batches(8, 8, 2, 0, 2) == [] and batches(8, 8, 2, 1, 2) == []
