@@ -60,17 +60,17 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) 
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
 
 
-def shut_down_distributed(destroy_default: bool = True) -> None:
+def shut_down_distributed(destroy_default: bool = True, pause: bool = True) -> None:
     """Destroy the grid's groups, then (``destroy_default``) the default group.
 
-    First the main thread sleeps a moment, which releases the GIL: a gloo worker thread may still be
+    First (``pause``) the main thread sleeps a moment, which releases the GIL: a gloo worker thread may still be
     releasing the tensors of a collective that has just completed, and dropping a tensor Python has
     seen takes the GIL.  torch 2.4's ProcessGroupGloo destructor joins those threads while the thread
     destroying the group holds the GIL, so a worker caught there waits forever (seen once, at the exit
     of a finished two-rank run under load: the main thread in ``~ProcessGroupGloo`` -> ``thread::join``,
     a worker in ``PyObjectSlot::~PyObjectSlot`` -> ``gil_scoped_acquire``).
     """
-    if dist.is_initialized():
+    if pause and dist.is_initialized():
         time.sleep(0.1)
     state.destroy_grid()
     if destroy_default and dist.is_initialized():
