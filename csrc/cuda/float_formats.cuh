@@ -27,6 +27,12 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// Whether p may be read or written as packs of `bytes` (host side; null, an absent optional input,
+// counts as aligned).
+inline bool pack_aligned(const void* p, int bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
 template <int N, typename T>
 __device__ __forceinline__ Pack<T, N> load_pack(const T* base, int64_t i) {
   return *reinterpret_cast<const Pack<T, N>*>(base + i);

@@ -108,6 +108,16 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int c = threadIdx.x; c < (kRms ? 1 : 2) * cols; c += blockDim.x) accumulators[c] = 0.f;
   __syncthreads();   // the zeroing loop maps columns to threads otherwise than the packs do
   const float inv_cols = 1.f / static_cast<float>(cols);
+  // This thread's columns are the same in every row: their weights are read once, into registers.
+  float w[kPacks][V];
+#pragma unroll
+  for (int k = 0; k < kPacks; ++k) {
+    const int pack = threadIdx.x + k * blockDim.x;
+    if (pack >= packs) continue;
+    const Pack<W, V> w_pack = load_pack<V>(weight, static_cast<int64_t>(pack) * V);
+#pragma unroll
+    for (int e = 0; e < V; ++e) w[k][e] = load(w_pack.v[e]);
+  }
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t row_start = row * cols;
     const float mu = kRms ? 0.f : mean[row], rs = rstd[row];
@@ -119,12 +129,11 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (pack >= packs) continue;
       const int64_t offset = row_start + static_cast<int64_t>(pack) * V;
       const Pack<T, V> dy_pack = load_pack<V>(dy, offset), x_pack = load_pack<V>(x, offset);
-      const Pack<W, V> w = load_pack<V>(weight, static_cast<int64_t>(pack) * V);
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         grad_out[k][e] = load(dy_pack.v[e]);
         xhat[k][e] = (load(x_pack.v[e]) - mu) * rs;
-        const float g = grad_out[k][e] * load(w.v[e]);
+        const float g = grad_out[k][e] * w[k][e];
         sums.x += g;
         sums.y += g * xhat[k][e];
       }
@@ -135,11 +144,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int k = 0; k < kPacks; ++k) {
       const int pack = threadIdx.x + k * blockDim.x;
       if (pack >= packs) continue;
-      const Pack<W, V> w = load_pack<V>(weight, static_cast<int64_t>(pack) * V);
       Pack<T, V> out;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const float g = grad_out[k][e] * load(w.v[e]);
+        const float g = grad_out[k][e] * w[k][e];
         out.v[e] = store<T>(kRms ? rms_norm_dx(g, xhat[k][e], mean_g_xhat, rs)
                                  : layer_norm_dx(g, xhat[k][e], mean_g, mean_g_xhat, rs));
         const int slot = e * packs + pack;
@@ -211,17 +219,15 @@ void with_cached_types(const NormShape& shape, const Layout& layout, const Fn& f
   });
 }
 
-bool aligned(const void* p, int bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 }  // namespace
 
 bool row_cached_fits(const NormShape& shape, std::initializer_list<const void*> rows_pointers,
                      std::initializer_list<const void*> weight_pointers) {
   const int width = pack_width_of(shape.x_dtype);
   if (shape.cols % width != 0 || shape.cols > kMaxCachedCols || shape.cols == 0) return false;
-  for (const void* p : rows_pointers) if (!aligned(p, 16)) return false;
+  for (const void* p : rows_pointers) if (!pack_aligned(p, 16)) return false;
   const int weight_bytes = width * (shape.weight_dtype == DType::Float32 ? 4 : 2);
-  for (const void* p : weight_pointers) if (!aligned(p, weight_bytes)) return false;
+  for (const void* p : weight_pointers) if (!pack_aligned(p, weight_bytes)) return false;
   return true;
 }
 

@@ -92,7 +92,6 @@ __global__ void swiglu_backward_kernel(int64_t pairs, const T* __restrict__ dy, 
       });
 }
 
-bool aligned(const void* pointer, int bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }
 
 unsigned blocks_for(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
@@ -106,7 +105,7 @@ void swiglu_forward(int64_t pairs, DType dtype, const void* h, void* y, cudaStre
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int P = pairs_per_step<T>();
-    const bool vector = aligned(h, 2 * P * sizeof(T)) && aligned(y, P * sizeof(T));
+    const bool vector = pack_aligned(h, 2 * P * sizeof(T)) && pack_aligned(y, P * sizeof(T));
     swiglu_forward_kernel<T, P><<<blocks_for(vector ? pairs / P + 1 : pairs), kThreads, 0, stream>>>(
         pairs, static_cast<const T*>(h), static_cast<T*>(y), vector);
   });
@@ -117,7 +116,8 @@ void swiglu_backward(int64_t pairs, DType dtype, const void* dy, const void* h, 
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int P = pairs_per_step<T>();
-    const bool vector = aligned(h, 2 * P * sizeof(T)) && aligned(dh, 2 * P * sizeof(T)) && aligned(dy, P * sizeof(T));
+    const bool vector =
+        pack_aligned(h, 2 * P * sizeof(T)) && pack_aligned(dh, 2 * P * sizeof(T)) && pack_aligned(dy, P * sizeof(T));
     swiglu_backward_kernel<T, P><<<blocks_for(vector ? pairs / P + 1 : pairs), kThreads, 0, stream>>>(
         pairs, static_cast<const T*>(dy), static_cast<const T*>(h), static_cast<T*>(dh), vector);
   });

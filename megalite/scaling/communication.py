@@ -131,16 +131,17 @@ def tp_embedding_time(tokens_bytes: float, tp: int, link: Link, sequence_paralle
 
 
 def tp_logits_time(tokens_bytes: float, tokens: int, tp: int, link: Link, sequence_parallel: bool,
-                   gap_s: float = 0.0) -> tuple:
+                   gap_forward_s: float = 0.0, gap_backward_s: float = 0.0) -> tuple:
     """(forward, backward) seconds of the output layer's and the cross-entropy's collectives (``tokens``
-    = s b of one micro-batch on this rank), one micro-batch; ``gap_s``: the output layer's compute
-    before them.  The loss's three follow each other with little compute between and are read at
+    = s b of one micro-batch on this rank), one micro-batch; the gaps: the output layer's compute
+    before them in each pass.  The loss's three follow each other with little compute between and are read at
     gap 0 (a calibrated link's shortest measured gap, 2 ms: an overestimate of their cost)."""
     loss = 3 * all_reduce_time(4.0 * tokens, tp, link)
     if sequence_parallel:   # backward: the input gathered again for the weight gradient, then reduce-scattered
-        return (all_gather_time(tokens_bytes, tp, link, gap_s) + loss,
-                all_gather_time(tokens_bytes, tp, link, gap_s) + reduce_scatter_time(tokens_bytes, tp, link, gap_s))
-    return loss, all_reduce_time(tokens_bytes, tp, link, gap_s)
+        return (all_gather_time(tokens_bytes, tp, link, gap_forward_s) + loss,
+                all_gather_time(tokens_bytes, tp, link, gap_backward_s)
+                + reduce_scatter_time(tokens_bytes, tp, link, gap_backward_s))
+    return loss, all_reduce_time(tokens_bytes, tp, link, gap_backward_s)
 
 
 def pp_message_bytes(seq: int, micro_batch: int, hidden: int, element_size: int, tp: int,

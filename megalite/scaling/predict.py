@@ -175,10 +175,9 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
         p2p = comm.p2p_time(comm.pp_message_bytes(model.seq_length // cp, b, model.hidden_size, e, tp, sp),
                             grid.pp_link(hardware), chunk_forward)
     tokens = model.seq_length // cp * b
-    logits_f, _ = comm.tp_logits_time(tokens_bytes, tokens, tp, tp_link, sp, logits.forward)
-    _, logits_b = comm.tp_logits_time(tokens_bytes, tokens, tp, tp_link, sp, logits.backward_input)
+    logits_comm = comm.tp_logits_time(tokens_bytes, tokens, tp, tp_link, sp, logits.forward, logits.backward_input)
     ends = (PassTimes(*comm.tp_embedding_time(tokens_bytes, tp, tp_link, sp, gap_f), 0.0),
-            PassTimes(logits_f, logits_b, 0.0))
+            PassTimes(*logits_comm, 0.0))
     return layer_comm_f, layer_comm_b, p2p, ends
 
 
