@@ -290,14 +290,20 @@ def verify_everywhere(root: str, iteration: int, relatives: List[str], manifest:
             paths[relative] = verify_file(iteration_dir(root, iteration), relative, manifest)
     except CheckpointError as error:
         fault = str(error)
+    stop_together(fault, grid, CheckpointError)
+    return paths
+
+
+def stop_together(fault: Optional[str], grid: ProcessGrid, error: type = ValueError) -> None:
+    """Every rank learns of any rank's fault (None: this rank has none) and all raise ``error``: with
+    their own message, or the first faulty rank's -- instead of the healthy ones waiting on it."""
     faults: list = [None] * grid.world_size
     dist.all_gather_object(faults, fault)
     if fault is not None:
-        raise CheckpointError(fault)
+        raise error(fault)
     for rank, other in enumerate(faults):
         if other is not None:
-            raise CheckpointError(f"rank {rank}: {other}")
-    return paths
+            raise error(f"rank {rank}: {other}")
 
 
 def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: MegaliteOptimizer,
@@ -329,7 +335,8 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
     paths = verify_everywhere(root, iteration, relatives, manifest, grid)
     state = load_file(paths[relatives[0]])
     layout = state["layout"]
-    mine = {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1, "cp": grid.cp_size}
+    current = saved_layout(grid, sharded_optimizer)
+    mine = {key: current[key] for key in ("tp", "pp", "vpp", "cp")}
     saved = {key: layout.get(key, 1) for key in mine}     # checkpoints before CP hold no "cp": CP=1
     if saved != mine:
         raise ValueError(f"--load {root}: checkpoint was saved with TP={saved['tp']} PP={saved['pp']} "

@@ -50,15 +50,16 @@ def legacy_layout(iteration_folder: str, manifest: Optional[dict]) -> dict:
             "dp": len([n for n in names if _RNG.match(n)]), "zero1": any(_OPTIMIZER_SHARD.match(n) for n in names)}
 
 
-def legacy_index(iteration_folder: str, manifest: Optional[dict]) -> dict:
-    """The index ``checkpoint.save_checkpoint`` would have written (checkpoint_index.py), from the files."""
+def legacy_index(iteration_folder: str, manifest: Optional[dict], layout: dict) -> dict:
+    """The index ``checkpoint.save_checkpoint`` would have written (checkpoint_index.py), from the files
+    and their ``legacy_layout``."""
     slices, optimizer, first = [], None, None
     for shard in _shards(iteration_folder):
         relative = os.path.join(shard, "model_optim_rng.pt")
         state = torch.load(verify_file(iteration_folder, relative, manifest), map_location="cpu", weights_only=True,
                            mmap=True)
         first = first or state
-        layout = state["layout"]
+        shard_layout = state["layout"]     # this file's TP rank
         tied = not state["settings"].get("model", {}).get("untie_embeddings_and_output_weights", False)
         params = []   # (global name, local shape, partition dim), the optimizer's order
         for index, key in enumerate(_chunk_keys(state)):
@@ -71,8 +72,8 @@ def legacy_index(iteration_folder: str, manifest: Optional[dict]) -> dict:
                 tied_copy = tied and name.endswith(("word_embeddings.weight", "output_layer.weight"))
                 dim = dims.get(name, 0 if tied_copy else None)    # PP=1: the tied output is not listed
                 logical = global_name(name, numbers, tied_copy)
-                slices.append(dict(name=logical, kind="param", **logical_box(tensor, dim, layout["tp_rank"],
-                                                                             layout["tp"]),
+                slices.append(dict(name=logical, kind="param", **logical_box(tensor, dim, shard_layout["tp_rank"],
+                                                                             shard_layout["tp"]),
                                    start=0, end=tensor.numel(), file=relative, where=[key, name]))
                 if name in dims:
                     params.append((logical, tensor, dim))
@@ -86,11 +87,10 @@ def legacy_index(iteration_folder: str, manifest: Optional[dict]) -> dict:
             for i, ((logical, tensor, dim), piece) in enumerate(zip(ordered, pieces)):
                 for kind in ("exp_avg", "exp_avg_sq", "master"):
                     if kind in piece:
-                        slices.append(dict(name=logical, kind=kind, **logical_box(tensor, dim, layout["tp_rank"],
-                                                                                  layout["tp"]),
+                        slices.append(dict(name=logical, kind=kind, **logical_box(tensor, dim, shard_layout["tp_rank"],
+                                                                                  shard_layout["tp"]),
                                            start=0, end=tensor.numel(), file=relative,
                                            where=["optimizer", "pieces", i, kind]))
-    layout = legacy_layout(iteration_folder, manifest)
     return {"format": 0, "iteration": first["iteration"], "consumed_samples": first["consumed_samples"],
             "layout": layout, "scheduler": first.get("scheduler"), "optimizer": optimizer, "slices": slices,
             "no_optimizer_because": ("its ZeRO-1 shards were saved before tensor indexes; load it at its own "

@@ -56,6 +56,7 @@ from megalite.checkpoint import (
     rank_dir,
     saved_layout,
     set_rng_state,
+    stop_together,
     verify_everywhere,
 )
 from megalite.checkpoint_index import (
@@ -129,7 +130,7 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
                         for source in sources if overlaps(source, target, key_shape_of(target, sources))})
     except ValueError as error:
         fault = f"--load {root}: {error}"
-    _stop_together(fault, grid)
+    stop_together(fault, grid)
     rng_file = _saved_rng_file(index["layout"], grid) if load_rng else None
     paths = verify_everywhere(root, iteration, files + ([rng_file] if rng_file else []), manifest, grid)
 
@@ -152,7 +153,7 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
             fill_slice(out, target, sources, read)
     except ValueError as error:
         fault = f"--load {root}: {error}"
-    _stop_together(fault, grid)
+    stop_together(fault, grid)
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):
         # Masters this run keeps and the checkpoint did not save (an fp32 run's) are the loaded weights.
         _reload_masters_not_loaded(optimizer, {id(out) for out, _, _ in plan})
@@ -179,22 +180,13 @@ def _read_index(root: str, iteration: int, manifest: Optional[dict], grid: Proce
         try:
             folder = iteration_dir(root, iteration)
             layout = legacy_layout(folder, manifest)
-            derived[0] = {"layout": layout} if layout == mine else legacy_index(folder, manifest)
+            derived[0] = {"layout": layout} if layout == mine else legacy_index(folder, manifest, layout)
         except ValueError as error:      # CheckpointError included: a damaged file, named
             derived[0] = f"--load {root}: {error}"
     torch.distributed.broadcast_object_list(derived, src=0)
     if isinstance(derived[0], str):
         raise ValueError(derived[0] if grid.rank == 0 else f"rank 0: {derived[0]}")
     return derived[0]
-
-
-def _stop_together(fault: Optional[str], grid: ProcessGrid) -> None:
-    """Every rank learns of any rank's fault, so all stop with its message instead of waiting on it."""
-    faults: list = [None] * grid.world_size
-    torch.distributed.all_gather_object(faults, fault)
-    for rank, other in enumerate(faults):
-        if other is not None:
-            raise ValueError(other if other == fault else f"rank {rank}: {other}")
 
 
 def _model_targets(model_chunks, layer_numbers: List[List[int]], grid: ProcessGrid) -> List[Target]:
