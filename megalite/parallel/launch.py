@@ -20,7 +20,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.torch_version import TorchVersion
 
 from megalite.parallel import state
 
@@ -61,23 +60,17 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) 
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
 
 
-# The torch versions whose gloo destructor has hung at shutdown here (shut_down_distributed); newer
-# ones have not, and the test harness forks ranks hundreds of times (megalite/testing.py).
-_GLOO_DESTRUCTOR_NEEDS_A_PAUSE = TorchVersion(torch.__version__) < (2, 5)
-
-
-def shut_down_distributed(destroy_default: bool = True) -> None:
+def shut_down_distributed(destroy_default: bool = True, pause: bool = True) -> None:
     """Destroy the grid's groups, then (``destroy_default``) the default group.
 
-    First, on torch below 2.5, the main thread sleeps a moment, which releases the GIL: a gloo worker
-    thread may still be releasing the tensors of a collective that has just completed, and dropping a
-    tensor Python has seen takes the GIL.  torch 2.4's ProcessGroupGloo destructor joins those threads while the thread
+    First (``pause``) the main thread sleeps a moment, which releases the GIL: a gloo worker thread may still be
+    releasing the tensors of a collective that has just completed, and dropping a tensor Python has
+    seen takes the GIL.  torch 2.4's ProcessGroupGloo destructor joins those threads while the thread
     destroying the group holds the GIL, so a worker caught there waits forever (seen once, at the exit
     of a finished two-rank run under load: the main thread in ``~ProcessGroupGloo`` -> ``thread::join``,
-    a worker in ``PyObjectSlot::~PyObjectSlot`` -> ``gil_scoped_acquire``; and in a forked test rank
-    after its last collective).
+    a worker in ``PyObjectSlot::~PyObjectSlot`` -> ``gil_scoped_acquire``).
     """
-    if _GLOO_DESTRUCTOR_NEEDS_A_PAUSE and dist.is_initialized():
+    if pause and dist.is_initialized():
         time.sleep(0.1)
     state.destroy_grid()
     if destroy_default and dist.is_initialized():
