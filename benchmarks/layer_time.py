@@ -1,6 +1,6 @@
 """One transformer layer's forward and backward on one rank, measured against ``compute.layer_times``.
 
-    python benchmarks/layer_time.py --calibration docs/images/scaling/calibration.json [--hidden 128 256 512]
+    python -m benchmarks.layer_time --calibration docs/images/scaling/calibration.json [--hidden 128 256 512]
 
 Builds megalite's ``TransformerLayer`` (no parallelism, fp32, dropout off, sequence 256, micro-batch
 4, heads = hidden / 32: the sweep's one-rank models) and times, at the calibration's

@@ -1,7 +1,7 @@
 """The pipeline bubble of every schedule: measured on gloo CPU ranks, against its formula and the simulator.
 
-    python benchmarks/pipeline_bubble.py                       # PP=2, m = 2, 4, 8, every schedule
-    python benchmarks/pipeline_bubble.py --pp 4 --microbatches 4 8 --steps 3
+    python -m benchmarks.pipeline_bubble                       # PP=2, m = 2, 4, 8, every schedule
+    python -m benchmarks.pipeline_bubble --pp 4 --microbatches 4 8 --steps 3
 
 Each row trains a GPTModel (fp32, dropout off; tools/draw_pipeline.py's real run: the training
 loop's schedule, finalize_model_grads and AdamW) on ``--pp`` forked gloo ranks, for 2 warm-up steps
@@ -24,7 +24,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 from typing import Dict, List, Sequence
 
 import torch
@@ -33,9 +32,7 @@ from megalite.parallel.pipeline.orders import SCHEDULES, build_order
 from megalite.parallel.pipeline.simulator import simulate
 from megalite.parallel.pipeline.timeline import Span, bubble_fraction
 from megalite.testing import run_on_ranks
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
-from draw_pipeline import model_config, real_run  # noqa: E402  (tools/ is a folder of scripts, not a package)
+from tools.draw_pipeline import model_config, real_run
 
 
 def formula(schedule: str, p: int, m: int, v: int, times: Dict[str, float]) -> float:

@@ -1,8 +1,8 @@
 """Where a megalite training step spends its device time: a torch.profiler table of the top kernels.
 
-    python benchmarks/profile_step.py                       # LLaMA ~0.85B, bf16, on CUDA
-    python benchmarks/profile_step.py --models gpt2 --compile
-    python benchmarks/profile_step.py --quick               # toy shapes, fp32: a smoke run on a CPU
+    python -m benchmarks.profile_step                       # LLaMA ~0.85B, bf16, on CUDA
+    python -m benchmarks.profile_step --models gpt2 --compile
+    python -m benchmarks.profile_step --quick               # toy shapes, fp32: a smoke run on a CPU
 
 The model shapes are benchmarks/train_throughput.py's.  After --warmup untimed steps (compilation
 happens there with --compile), --steps steps run under torch.profiler; the table lists the kernels
@@ -19,7 +19,7 @@ import re
 import sys
 from collections import defaultdict
 
-from train_throughput import megalite_argv  # benchmarks/train_throughput.py, beside this script
+from benchmarks.train_throughput import megalite_argv
 
 # (kind, pattern on the lower-cased kernel/operator name), first match wins.
 KINDS = [

@@ -1,8 +1,8 @@
 """Training throughput: megalite against Hugging Face transformers on the same model and tokens.
 
-    python benchmarks/train_throughput.py                  # GPT-2 small and LLaMA-style 0.85B, bf16, on CUDA
-    python benchmarks/train_throughput.py --models llama --steps 30
-    python benchmarks/train_throughput.py --quick          # tiny shapes, fp32, a smoke run in seconds (CPU here)
+    python -m benchmarks.train_throughput                  # GPT-2 small and LLaMA-style 0.85B, bf16, on CUDA
+    python -m benchmarks.train_throughput --models llama --steps 30
+    python -m benchmarks.train_throughput --quick          # tiny shapes, fp32, a smoke run in seconds (CPU here)
 
 Contenders, each in its own process (a fresh interpreter per model and contender), so that peak
 memory and allocator state are each its own:
@@ -206,12 +206,15 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where -m finds benchmarks
+
+
 # -- the driver ----------------------------------------------------------------------------------------
 def run_contender(name: str, argv: List[str], args) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-argv", json.dumps(argv),
+    command = [sys.executable, "-m", "benchmarks.train_throughput", "--worker", name, "--worker-argv", json.dumps(argv),
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.contender_timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.contender_timeout, cwd=REPOSITORY)
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish within --contender-timeout {args.contender_timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -81,14 +81,14 @@ note "tests: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -1
 
 # 3. Kernels on CUDA; 4. training throughput; 5. where the LLaMA step's GPU time goes.
 if [ "$has_cuda" = "1" ]; then
-  step kernels 30 "$PY" benchmarks/kernels.py --device cuda
-  step throughput_gpt2 105 "$PY" benchmarks/train_throughput.py --models gpt2 --steps 10 --warmup 3 --contender-timeout 35
-  step throughput_llama 120 "$PY" benchmarks/train_throughput.py --models llama --steps 10 --warmup 3 --contender-timeout 40
-  step profile_llama 20 "$PY" benchmarks/profile_step.py --models llama --steps 3 --warmup 3
+  step kernels 30 "$PY" -m benchmarks.kernel_speed --device cuda
+  step throughput_gpt2 105 "$PY" -m benchmarks.train_throughput --models gpt2 --steps 10 --warmup 3 --contender-timeout 35
+  step throughput_llama 120 "$PY" -m benchmarks.train_throughput --models llama --steps 10 --warmup 3 --contender-timeout 40
+  step profile_llama 20 "$PY" -m benchmarks.profile_step --models llama --steps 3 --warmup 3
 else
-  note "step kernels: skipped, no CUDA device (benchmarks/kernels.py --device cuda needs one)"
-  step throughput_quick 240 "$PY" benchmarks/train_throughput.py --quick
-  step profile_quick 120 "$PY" benchmarks/profile_step.py --quick --top 15
+  note "step kernels: skipped, no CUDA device (benchmarks/kernel_speed.py --device cuda needs one)"
+  step throughput_quick 240 "$PY" -m benchmarks.train_throughput --quick
+  step profile_quick 120 "$PY" -m benchmarks.profile_step --quick --top 15
 fi
 
 # The benchmarks' tables: the machine line and every row with its ratio.

@@ -1,18 +1,21 @@
 # Sourced by examples/quickstart.sh and tests/run.sh: creates or reuses a virtual environment,
-# installs megalite's dependencies (those pyproject.toml lists, with the extras in $MEGALITE_EXTRAS)
-# and builds its extensions.  Safe to re-run: each step is skipped when already done.  Leaves $PY
-# pointing at the environment's python.
+# installs megalite's dependencies at the versions of the lock requirements/cpu.txt (made from
+# pyproject.toml by scripts/lock.sh) and builds its extensions.  Safe to re-run: each step is
+# skipped when already done.  Leaves $PY pointing at the environment's python.
 #
-# CPU machines get torch==2.13.0 (its CPU wheel lies on disk; an unpinned torch would pull a
-# multi-GB CUDA build).  A machine whose python3 already has torch (the GPU machines, which have
-# no network) gets a venv with --system-site-packages that reuses that torch.
+# CPU machines get exactly the lock, torch==2.13.0's CPU build included (its wheel lies on disk); a
+# pin that cannot be installed ends the set-up with one line naming it.  A machine whose python3
+# already has torch (the GPU machines, which have no network) gets a venv with
+# --system-site-packages that keeps that torch and what is installed beside it, installs the rest of
+# the lock where it can, and prints what differs from the lock.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MEGALITE_VENV:-$ROOT/.venv}"
-TORCH_PIN="torch==2.13.0"
+LOCK="$ROOT/requirements/cpu.txt"
 
 say() { echo "[setup] $*"; }
 
+reuse_system_torch=0
 if [ ! -x "$VENV/bin/python" ]; then
   if python3 -c "import torch" >/dev/null 2>&1; then
     say "python3 already has torch $(python3 -c 'import torch; print(torch.__version__)'): reusing it"
@@ -24,49 +27,45 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 export PY
+grep -q "^include-system-site-packages = true" "$VENV/pyvenv.cfg" 2>/dev/null && reuse_system_torch=1
 
-pip_quiet() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v -E "^WARNING: Location|is ignored" || true; }
-
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  say "installing $TORCH_PIN (CPU)"
-  pip_quiet "$TORCH_PIN"
-fi
-
-# Everything else comes from pyproject.toml, the one list of dependencies: the build requirements,
-# the runtime dependencies and the extras in $MEGALITE_EXTRAS.  Only what is missing is installed
-# (GPU machines have torch and more preinstalled and no network), pip may never replace the installed
-# torch (a constraint pins it), and a failed install is a line here, never a failure: what needs a
-# missing package fails or skips later and names it.
-EXTRAS="${MEGALITE_EXTRAS-data,plot,hf,tensorboard,wandb,dev}"
-missing_requirements() {
-  "$PY" "$ROOT/scripts/missing_requirements.py" "$ROOT/pyproject.toml" "$EXTRAS" \
-    || say "could not read the requirements of pyproject.toml (above); installing none" >&2
+PIP_LOG="$VENV/.megalite-pip.log"
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@" > "$PIP_LOG" 2>&1; }
+# The first pin pip could not find, from its log; else its last error line.
+pip_failure() {
+  local pin
+  pin=$(sed -n 's/.*No matching distribution found for \([^ ]*\).*/\1/p' "$PIP_LOG" | head -1)
+  [ -n "$pin" ] && echo "$pin" || grep -E "^ERROR" "$PIP_LOG" | tail -1
 }
-need=()
-missing=$(missing_requirements)
-[ -z "$missing" ] || mapfile -t need <<< "$missing"
-if [ ${#need[@]} -gt 0 ]; then
-  say "installing ${need[*]}"
-  keep_torch="$VENV/.megalite-keep-torch.txt"
-  "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
-  pip_quiet --retries 1 --timeout 30 -c "$keep_torch" "${need[@]}"
-  still=$(missing_requirements)
-  [ -z "$still" ] || say "not installed (offline?): $(echo $still); what needs them fails or skips, naming them"
-fi
+lock_status() { "$PY" "$ROOT/scripts/lock_status.py" "$LOCK" "$@"; }
 
-# Optional: only benchmarks and the tests that skip without them use these.  One short try (no
-# network on the GPU machines: pip fails in seconds), and a miss is a line here, never a failure.
-# transformers: the peer of benchmarks/train_throughput.py (~18 MB of wheels, ~140 MB installed, ~30 s beside torch).
-optional=()
-for mod in transformers; do   # each is its pip name too
-  "$PY" -c "import $mod" >/dev/null 2>&1 || optional+=("$mod")
-done
-if [ ${#optional[@]} -gt 0 ]; then
-  say "installing optional ${optional[*]}"
-  pip_quiet --retries 1 --timeout 15 "${optional[@]}"
-  for req in "${optional[@]}"; do
-    "$PY" -c "import $req" >/dev/null 2>&1 || say "optional $req is not installed (offline?): what needs it skips"
-  done
+if [ "$reuse_system_torch" = "0" ]; then
+  need=$(lock_status)
+  if [ -n "$need" ]; then
+    say "installing $(echo "$need" | wc -l) packages from requirements/cpu.txt"
+    if ! pip_install --retries 1 --timeout 30 --no-deps -r "$LOCK"; then
+      echo "[setup] cannot install $(pip_failure) from requirements/cpu.txt (no network, or no wheel for" \
+           "Python $("$PY" -c 'import platform; print(platform.python_version())') here): connect to the package" \
+           "index, or re-lock for this Python with 'bash scripts/lock.sh' (pip's log: $PIP_LOG)" >&2
+      exit 1
+    fi
+  fi
+else
+  # Keep the preinstalled torch; try the rest of the lock once (these machines are usually offline).
+  need=$(lock_status --skip torch)
+  if [ -n "$need" ]; then
+    keep_torch="$VENV/.megalite-keep-torch.txt"
+    "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
+    pip_install --retries 0 --timeout 10 -c "$keep_torch" $need \
+      || say "could not install the lock's versions here (offline?): $(pip_failure); keeping what is installed"
+  fi
+fi
+differ=$(lock_status --explain)
+if [ -z "$differ" ]; then
+  say "installed versions equal requirements/cpu.txt ($(grep -c '^[A-Za-z]' "$LOCK") packages)"
+else
+  say "installed versions that differ from requirements/cpu.txt:"
+  echo "$differ" | sed 's/^/[setup]   /'
 fi
 
 # Rebuild the extensions only when their sources or the build files changed.

@@ -1,12 +1,8 @@
 """benchmarks/pipeline_bubble.py on a tiny model: one real PP=2 row per schedule with its formula and the
 simulator's figures (exact numbers), and a measured bubble -- no timing is asserted."""
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-import pipeline_bubble  # noqa: E402
+from benchmarks import pipeline_bubble
 
 
 def test_one_row_per_schedule():

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+from benchmarks.profile_step import kind_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("name, kind", [
@@ -17,17 +19,12 @@ BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
     ("aten::cat", "copy/cast/cat"), ("aten::masked_fill_", "elementwise"), ("aten::sum", "reduction"),
     ("some_unnamed_kernel", "other")])
 def test_kinds(name, kind):
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        from profile_step import kind_of
-    finally:
-        sys.path.remove(BENCHMARKS)
     assert kind_of(name) == kind
 
 
 def test_quick_profile_prints_the_table_and_rollup():
-    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "profile_step.py"), "--quick", "--steps", "1",
-                           "--warmup", "1", "--top", "5"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--quick", "--steps", "1",
+                           "--warmup", "1", "--top", "5"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("share"))

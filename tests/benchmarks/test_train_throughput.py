@@ -10,15 +10,16 @@ import pytest
 pytest.importorskip("transformers", reason="the peer of benchmarks/train_throughput.py; "
                                            "scripts/setup_env.sh installs it where there is network")
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "train_throughput.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METRICS = ["tokens/s", "step ms (median)", "peak memory MiB", "MFU %"]
 NUMBER = r"[0-9][0-9,]*(?:\.[0-9]+)?"
 
 
 def test_quick_run_prints_the_table():
     # LLaMA only: it has every feature the GPT-2 shape has not (GQA, SwiGLU, RMSNorm, RoPE, untied).
-    done = subprocess.run([sys.executable, SCRIPT, "--quick", "--models", "llama", "--steps", "3", "--warmup", "1"],
-                          capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "benchmarks.train_throughput", "--quick", "--models", "llama", "--steps", "3",
+               "--warmup", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     machine = [i for i, line in enumerate(lines) if line.startswith("# machine: ")]

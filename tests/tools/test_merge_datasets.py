@@ -2,11 +2,11 @@
 import json
 import os
 
-import merge_datasets
 import pytest
 
 from megalite.data import preprocess
 from megalite.data.indexed import IndexedDatasetError
+from tools import merge_datasets
 
 
 def null_preprocess(texts, prefix, vocab_size=100):

@@ -4,9 +4,8 @@ is asserted: the measured-vs-predicted figures of the full sweep are in docs/sca
 import csv
 import json
 
-import scaling_sweep
-
 from megalite.scaling.calibrate import calibrate
+from tools import scaling_sweep
 
 
 def test_smoke_sweep_writes_the_table(tmp_path):

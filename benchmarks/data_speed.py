@@ -1,7 +1,7 @@
 """Data pipeline benchmarks, megalite beside a peer in one run; prints a table with ratios.
 
-    python benchmarks/data.py                 # defaults: 50M tokens, 20 MB of JSONL
-    python benchmarks/data.py --tokens 5e6 --jsonl-mb 5
+    python -m benchmarks.data_speed                 # defaults: 50M tokens, 20 MB of JSONL
+    python -m benchmarks.data_speed --tokens 5e6 --jsonl-mb 5
 
 Rows: builder vs megatron-core's IndexedDatasetBuilder.add_document (when installed); sample
 index vs megatron-core's C++ helper; preprocessing (2 workers, shard per worker) vs a pool that
@@ -17,20 +17,18 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import sys
 import sysconfig
 import tempfile
 import time
 
+import numpy as np
+
+from benchmarks.side_by_side import alternating
+from megalite.data import helpers
+from megalite.data.indexed import IndexedDatasetBuilder, native_data_module
+from megalite.data.tokenizer import GPT2BPETokenizer, build_tokenizer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import numpy as np  # noqa: E402
-from timing import alternating  # noqa: E402  (benchmarks/timing.py, beside this script)
-
-from megalite.data import helpers  # noqa: E402
-from megalite.data.indexed import IndexedDatasetBuilder, native_data_module  # noqa: E402
-from megalite.data.tokenizer import GPT2BPETokenizer, build_tokenizer  # noqa: E402
 
 GPT2 = os.path.join(ROOT, ".cache", "gpt2")
 

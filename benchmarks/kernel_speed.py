@@ -1,9 +1,9 @@
 """megalite's fused kernels against PyTorch's own, side by side in one process.
 
-    python benchmarks/kernels.py                 # CPU (2 threads), and CUDA when present
-    python benchmarks/kernels.py --device cpu --threads 2 --repeats 7
-    python benchmarks/kernels.py --quick         # 3 timed rounds, 1 warm-up: a smoke run, ~1 minute on CPU
-    python benchmarks/kernels.py --device cpu --isa avx2   # megalite's AVX2 table on an AVX-512 CPU
+    python -m benchmarks.kernel_speed                 # CPU (2 threads), and CUDA when present
+    python -m benchmarks.kernel_speed --device cpu --threads 2 --repeats 7
+    python -m benchmarks.kernel_speed --quick         # 3 timed rounds, 1 warm-up: a smoke run, ~1 minute on CPU
+    python -m benchmarks.kernel_speed --device cpu --isa avx2   # megalite's AVX2 table on an AVX-512 CPU
 
 Prints one table: what, shape, megalite ms, peer, peer ms, speedup (peer time / megalite time, >1
 means megalite is faster), and megalite's achieved bandwidth against a measured copy bandwidth --
@@ -46,8 +46,8 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
-from timing import alternating  # benchmarks/timing.py, beside this script
 
+from benchmarks.side_by_side import alternating
 from megalite.ops import backend_name, layer_norm, reference, rms_norm, swiglu
 from megalite.optim.adam import FusedAdam, adam_step_master
 
