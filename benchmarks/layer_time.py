@@ -38,14 +38,14 @@ def cpu_seconds(fn, repeats: int, warmup_s: float = 3.0) -> float:
 
 
 def main(argv=None) -> None:
-    from megalite.config import ModelConfig
+    from megalite.config.settings import ModelConfig
     from megalite.model.transformer import TransformerLayer
     from megalite.scaling.compute import layer_times
     from megalite.scaling.hardware import from_calibration
     from megalite.scaling.predict import with_host_overhead
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calibration", required=True, help="calibration JSON (megalite.scaling.calibrate)")
+    parser.add_argument("--calibration", required=True, help="calibration JSON (megalite.calibration.calibrate)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4)

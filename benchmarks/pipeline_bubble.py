@@ -31,7 +31,7 @@ import torch
 from megalite.parallel.pipeline.orders import SCHEDULES, build_order
 from megalite.parallel.pipeline.simulator import simulate
 from megalite.parallel.pipeline.timeline import Span, bubble_fraction
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 from tools.draw_pipeline import model_config, real_run
 
 

@@ -45,7 +45,7 @@ def profile(argv, warmup: int, steps: int, top: int) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from megalite.training import setup, train_step
+    from megalite.training.loop import setup, train_step
     run = setup(argv)
     on_cuda = run.device.type == "cuda"
     for _ in range(warmup):

@@ -7,7 +7,7 @@
 Contenders, each in its own process (a fresh interpreter per model and contender), so that peak
 memory and allocator state are each its own:
 
-- megalite: its real training path, ``megalite.training.setup`` with Megatron flags, then
+- megalite: its real training path, ``megalite.training.loop.setup`` with Megatron flags, then
   ``train_step`` per step (bf16 parameters, fp32 gradient buffer and master weights, megalite's AdamW);
 - megalite-compile: the same with ``--compile`` (each transformer layer under torch.compile with
   inductor; compilation happens in the warm-up steps);
@@ -25,7 +25,7 @@ weight decay 0.01, clip 1.0) on both sides.
 Reported per contender: tokens/s and step time (median of the timed steps; warm-up steps are not
 timed), peak memory (CUDA: max allocated; CPU: the process's peak RSS, which also counts each
 side's imported libraries -- transformers adds ~100 MiB) and MFU.  MFU uses
-megalite's model-FLOP count (megalite/scaling/flops.py) for every contender, so the MFU ratio is
+megalite's model-FLOP count (megalite/model/flops.py) for every contender, so the MFU ratio is
 the throughput ratio; it counts megalite's padded vocabulary (50304 for GPT-2), which megalite
 computes and the peers (50257) do not.  The table's ratio is ours / peer (each megalite variant
 against each peer): above 1 is better for megalite in tokens/s and MFU, below 1 in step time and memory.
@@ -115,7 +115,7 @@ def _time_steps(step, warmup: int, steps: int, device) -> List[float]:
 def run_megalite(argv: List[str], warmup: int, steps: int) -> dict:
     import torch
 
-    from megalite.training import setup, train_step
+    from megalite.training.loop import setup, train_step
     run = setup(argv)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -155,8 +155,8 @@ def run_hf(argv: List[str], warmup: int, steps: int, compiled: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from megalite.arguments import parse_args
     from megalite.data.gpt_dataset import MockGPTDataset
+    from megalite.training.arguments import parse_args
     model_cfg, _, opt_cfg, _, train_cfg = parse_args(argv, world_size=1)
     device = _device()
     torch.manual_seed(model_cfg.seed)
@@ -277,8 +277,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megalite.arguments import parse_args
-    from megalite.scaling.flops import default_peak_tflops, flops_per_iteration
+    from megalite.model.flops import default_peak_tflops, flops_per_iteration
+    from megalite.training.arguments import parse_args
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:

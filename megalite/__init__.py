@@ -4,5 +4,5 @@ The map of the package is docs/architecture.md.
 """
 __version__ = "0.1.0"
 
-__all__ = ["arguments", "checkpoint", "config", "data", "extras", "generate", "logger", "model", "ops", "optim",
-           "parallel", "scaling", "testing", "train", "training"]
+__all__ = ["calibration", "checkpoint", "config", "data", "extras", "generate", "log", "model", "ops", "optim",
+           "parallel", "plan", "scaling", "train", "training"]

@@ -28,7 +28,7 @@ PROG = "megalite-train"
 
 def print_help(prog: str) -> None:
     # The flag parser names itself after Megatron's script; --help should show the command typed.
-    from megalite.arguments import build_parser
+    from megalite.training.arguments import build_parser
 
     parser = build_parser()
     parser.prog = prog
@@ -65,9 +65,9 @@ def report(prog: str, error: BaseException) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
-    from megalite.checkpoint_manifest import CheckpointError
+    from megalite.checkpoint.manifest import CheckpointError
     from megalite.parallel.launch import shut_down_distributed
-    from megalite.training import SETUP_ERRORS, TrainingDiverged, setup, train
+    from megalite.training.loop import SETUP_ERRORS, TrainingDiverged, setup, train
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:

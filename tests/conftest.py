@@ -3,7 +3,7 @@ fixtures (cpu_isa, native_isa, output_stores) serve the norm and Adam tests, and
 leave ``sys.path`` as it found it.
 
 A failure log from another machine then shows at its top whether ranks were forked from pytest or
-from the fork server (megalite/testing.py), which is the first question when ranks misbehave.
+from the fork server (megalite/parallel/testing.py), which is the first question when ranks misbehave.
 
 A folder left on ``sys.path`` by one test makes its modules shadow installed distributions for every
 test after it (a ``kernels.py`` there hid the package transformers imports), so the change is
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from megalite.testing import START_ENV, rank_start_method
+from megalite.parallel.testing import START_ENV, rank_start_method
 
 pytest_plugins = ["tests.ops.kernel_tables"]
 

@@ -2,13 +2,13 @@
 
 Sequence parallelism, the interleaved schedule (two virtual chunks per pipeline rank) and the
 ZeRO-1 distributed optimizer all at once, through the real command line and training loop
-(``megalite.training.pretrain``) on mock data, against the same flags on a single rank.  Mock
+(``megalite.training.loop.pretrain``) on mock data, against the same flags on a single rank.  Mock
 samples depend only on (seed, index) and weights only on (seed, name), so both runs see the same
 data and start from the same model; every difference is the parallel machinery.
 """
 import pytest
 
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 ITERS = 10
 MODEL = ["--mock-data", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -26,7 +26,7 @@ GRID_3D = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size"
 def _pretrain(rank, world_size, argv):
     import os
     os.environ["WORLD_SIZE"] = str(world_size)  # as torchrun would set it: the flags are validated against it
-    from megalite.training import pretrain
+    from megalite.training.loop import pretrain
     return [(record["loss"], record["grad_norm"]) for record in pretrain(argv)]
 
 

@@ -1,4 +1,4 @@
-"""The rank harness (megalite/testing.py) on both ways of starting ranks: results in rank order, a
+"""The rank harness (megalite/parallel/testing.py) on both ways of starting ranks: results in rank order, a
 rank's traceback on failure, hung ranks named, the caller's environment reaching every rank."""
 import os
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megalite.testing import START_ENV, RankFailed, RanksHung, rank_start_method, run_on_ranks
+from megalite.parallel.testing import START_ENV, RankFailed, RanksHung, rank_start_method, run_on_ranks
 
 START_METHODS = ["fork", "forkserver"]
 

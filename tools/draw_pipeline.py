@@ -52,7 +52,7 @@ def formula(schedule: str, p: int, m: int, v: int, spans: Optional[Sequence[Span
 
 
 def model_config(layers: int, hidden: int, heads: int, seq: int):
-    from megalite.config import ModelConfig
+    from megalite.config.settings import ModelConfig
     return ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, seq_length=seq,
                        vocab_size=256, hidden_dropout=0.0, attention_dropout=0.0)
 
@@ -62,12 +62,12 @@ def real_run(rank, world_size, schedule, m, v, config, measured_steps=1):
     every stage for each measured step (a list of ``measured_steps`` span lists)."""
     import torch
 
-    from megalite.config import OptimizerConfig
+    from megalite.config.settings import OptimizerConfig
+    from megalite.model.build import build_model_chunks
     from megalite.model.gpt import loss_from_per_token
     from megalite.optim import build_optimizer
     from megalite.parallel.grads import finalize_model_grads
     from megalite.parallel.pipeline.schedules import get_forward_backward_func
-    from megalite.parallel.pipeline.stages import build_model_chunks
     from megalite.parallel.pipeline.timeline import Timeline, gather_spans
     from megalite.parallel.state import initialize_grid
 
@@ -119,7 +119,7 @@ def main(argv=None):
     if args.pp < 2:
         parser.error(f"--pp {args.pp}: a pipeline timeline needs at least 2 stages")
 
-    from megalite.testing import run_on_ranks
+    from megalite.parallel.testing import run_on_ranks
 
     cores = os.cpu_count() or 1
     if not args.simulate and cores < args.pp:

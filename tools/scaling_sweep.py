@@ -24,7 +24,7 @@ thread count every figure the prediction reads was measured at, one-rank runs in
                  idle, does not know
 
 and from ``megalite.scaling.predict.predict`` with the machine's calibration file (written first by
-``megalite.scaling.calibrate`` if ``--calibration`` does not exist): the predicted step, bubble,
+``megalite.calibration.calibrate`` if ``--calibration`` does not exist): the predicted step, bubble,
 memory per rank, and the activation bytes of one layer both as the model counts them (Korthikanti
 et al.'s GPU accounting) and as PyTorch's CPU kernels save them (``scaling/cpu_activations.py``).
 
@@ -139,9 +139,9 @@ def seq_length(flags: Sequence[str]) -> int:
 
 def predicted(config: Config, hardware) -> dict:
     """``predict()`` on the configuration's own flags, and the CPU inventory of one layer's activations."""
-    from megalite.arguments import parse_args
     from megalite.scaling.cpu_activations import cpu_activation_bytes_per_layer
     from megalite.scaling.predict import predict
+    from megalite.training.arguments import parse_args
 
     model, parallel, optimizer, _data, training = parse_args(config.flags + COMMON + ["--train-iters", "1"],
                                                              world_size=config.ranks)
@@ -164,7 +164,7 @@ def load_calibration(path: str, ranks: int):
     from megalite.scaling.hardware import from_calibration
 
     if not os.path.exists(path):
-        from megalite.scaling.calibrate import calibrate
+        from megalite.calibration.calibrate import calibrate
         print(f"measuring this machine -> {path}", flush=True)
         calibrate(path, ranks)
     with open(path) as f:

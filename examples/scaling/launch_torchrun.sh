@@ -26,7 +26,7 @@ MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
 # The prediction (every node computes the same one; node 0 prints the table).
-PLAN=$("$PY" -m megalite.scaling.plan_cli --world-size "$GPUS" --gpu "${GPU:-a100-80gb}" \
+PLAN=$("$PY" -m megalite.plan --world-size "$GPUS" --gpu "${GPU:-a100-80gb}" \
        --gpus-per-node "$NPROC_PER_NODE" "${FLAGS[@]}" "$@" --json)
 [ "$NODE_RANK" = 0 ] && printf '%s\n' "$PLAN"
 CHOSEN=$(printf '%s\n' "$PLAN" | tail -n 1 | "$PY" -c 'import json, sys

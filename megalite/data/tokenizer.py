@@ -24,7 +24,7 @@ from typing import get_args
 import numpy as np
 import regex
 
-from megalite.config import TokenizerType
+from megalite.config.settings import TokenizerType
 from megalite.data.indexed import native_data_module
 
 # GPT-2's pre-tokenizer (the same pattern as tiktoken's r50k/gpt2 and HF's ByteLevel).

@@ -8,7 +8,7 @@ from typing import Dict, Optional, Protocol, Tuple
 import numpy as np
 import torch
 
-from megalite.config import DataConfig, ModelConfig, TrainingConfig
+from megalite.config.settings import DataConfig, ModelConfig, TrainingConfig
 from megalite.data.gpt_dataset import MockGPTDataset, build_gpt_datasets, parse_blend
 from megalite.data.index_cache import cached_indices
 from megalite.data.indexed import IndexedDataset, bin_path_of, idx_path_of

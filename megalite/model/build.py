@@ -2,25 +2,43 @@
 data parallelism when that is needed."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from megalite.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megalite.config.settings import ModelConfig, OptimizerConfig, ParallelConfig
 from megalite.model.gpt import GPTModel
 from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.pipeline import stages
 from megalite.parallel.state import ProcessGrid
 
-__all__ = ["build_model", "wrap_for_data_parallel"]
+__all__ = ["build_model", "build_model_chunks", "wrap_for_data_parallel"]
+
+
+def build_model_chunks(config: ModelConfig, grid: ProcessGrid, model_cls=GPTModel, *,
+                       first_stage_layers: Optional[int] = None,
+                       last_stage_layers: Optional[int] = None, **kwargs) -> list:
+    """This rank's model chunks (one per virtual stage; one without a virtual pipeline).
+
+    Each chunk is ``model_cls(config, pre_process=..., post_process=..., layer_numbers=..., **kwargs)``
+    with the embedding on the first stage's chunk 0 and the output layer on the last stage's last
+    chunk (``grid.is_first_stage(chunk)`` / ``grid.is_last_stage(chunk)``).
+    """
+    chunks = []
+    for chunk in range(grid.virtual_pp_size or 1):
+        layers: Sequence[int] = stages.layer_numbers_for(config.num_layers, grid.pp_size, grid.pp_rank,
+                                                         grid.virtual_pp_size, chunk, first_stage_layers,
+                                                         last_stage_layers)
+        chunks.append(model_cls(config, pre_process=grid.is_first_stage(chunk),
+                                post_process=grid.is_last_stage(chunk), layer_numbers=layers, **kwargs))
+    return chunks
 
 
 def build_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, grid: ProcessGrid,
                 device: torch.device) -> Tuple[List[torch.nn.Module], List[List[int]]]:
     """Model chunks of this rank (one per virtual stage) and their global layer numbers."""
-    chunks = stages.build_model_chunks(model_cfg, grid, model_cls=GPTModel,
-                                       first_stage_layers=parallel_cfg.decoder_first_pipeline_num_layers,
-                                       last_stage_layers=parallel_cfg.decoder_last_pipeline_num_layers)
+    chunks = build_model_chunks(model_cfg, grid, first_stage_layers=parallel_cfg.decoder_first_pipeline_num_layers,
+                                last_stage_layers=parallel_cfg.decoder_last_pipeline_num_layers)
     layer_numbers = [stages.layer_numbers_for(model_cfg.num_layers, grid.pp_size, grid.pp_rank,
                                               grid.virtual_pp_size, v,
                                               parallel_cfg.decoder_first_pipeline_num_layers,

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
 from megalite.model.transformer import Dropout, TransformerBlock, build_norm, rotary_tables
 from megalite.parallel.context_parallel import context_parallel_positions
 from megalite.parallel.layers import (

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
 from megalite.ops import layer_norm, rms_norm, swiglu
 from megalite.parallel import random as tp_random
 from megalite.parallel.context_parallel import attention_over_cp, cp_size

@@ -6,7 +6,7 @@
 The fused forward keeps only h for the backward (not silu(gate)), and the backward writes dh in one
 pass (no stack of the two halves' gradients).  The kernel is CUDA's alone: on a CPU, and where the
 CUDA extension is missing or ``MEGALITE_KERNELS=reference``, the reference runs (``reference.swiglu``:
-PyTorch's own vectorized silu and mul under autograd, the expression megalite's MLP ran before).
+PyTorch's own vectorized silu and mul under autograd).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megalite.config import OptimizerConfig
+from megalite.config.settings import OptimizerConfig
 from megalite.optim.distributed import ZeroOneShards
 from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.parallel.state import ProcessGrid

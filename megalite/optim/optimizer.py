@@ -29,7 +29,7 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
-from megalite.config import OptimizerConfig
+from megalite.config.settings import OptimizerConfig
 from megalite.optim.adam import adam_step, adam_step_master  # fused kernels (csrc) behind these calls
 from megalite.optim.clip_grads import clip_grads_by_norm_, global_grad_norm, param_is_counted_in_norm
 from megalite.optim.mixed_precision import build_loss_scaler

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import get_args
 
-from megalite.config import DecayStyle
+from megalite.config.settings import DecayStyle
 
 
 class LRScheduler:

@@ -66,9 +66,9 @@ def shut_down_distributed(destroy_default: bool = True, pause: bool = True) -> N
     First (``pause``) the main thread sleeps a moment, which releases the GIL: a gloo worker thread may still be
     releasing the tensors of a collective that has just completed, and dropping a tensor Python has
     seen takes the GIL.  torch 2.4's ProcessGroupGloo destructor joins those threads while the thread
-    destroying the group holds the GIL, so a worker caught there waits forever (seen once, at the exit
-    of a finished two-rank run under load: the main thread in ``~ProcessGroupGloo`` -> ``thread::join``,
-    a worker in ``PyObjectSlot::~PyObjectSlot`` -> ``gil_scoped_acquire``).
+    destroying the group holds the GIL, so a worker caught there waits forever: the main thread in
+    ``~ProcessGroupGloo`` -> ``thread::join``, the worker in ``PyObjectSlot::~PyObjectSlot`` ->
+    ``gil_scoped_acquire``.
     """
     if pause and dist.is_initialized():
         time.sleep(0.1)

@@ -32,9 +32,7 @@ GROUP_AXES = {
     "dp": ("dp",),
     "pp": ("pp",),
     "mp": ("tp", "pp"),          # model-parallel: everything that holds one replica of the model
-    "tp_dp": ("tp", "dp"),
     "dp_cp": ("cp", "dp"),       # gradients are averaged over DP and CP together
-    "tp_cp": ("tp", "cp"),
 }
 AXES = ("tp", "cp", "dp", "pp")  # fastest first
 
@@ -102,12 +100,12 @@ class ProcessGrid:
 
     Attributes: ``tp_size``, ``cp_size``, ``dp_size``, ``pp_size``, ``world_size``, ``rank``;
     this rank's coordinates ``tp_rank``, ``cp_rank``, ``dp_rank``, ``pp_rank``; the groups
-    ``tp_group``, ``cp_group``, ``dp_group``, ``pp_group``, ``mp_group`` (tp x pp),
-    ``tp_dp_group``, ``dp_cp_group``, ``tp_cp_group`` and ``embedding_group`` (first and last stage
-    of this rank's pipeline), with their member lists in ``ranks[kind]``.
+    ``tp_group``, ``cp_group``, ``dp_group``, ``pp_group``, ``mp_group`` (tp x pp), ``dp_cp_group``
+    and ``embedding_group`` (first and last stage of this rank's pipeline), with their member lists
+    in ``ranks[kind]``.
 
     With a virtual pipeline (interleaved schedule) each rank holds ``virtual_pp_size`` model chunks;
-    :meth:`is_first_stage` and :meth:`is_last_stage` take the chunk into account.
+    :meth:`is_first_stage` and :meth:`is_last_stage` name the chunk they are asked about.
     """
 
     def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
@@ -123,7 +121,6 @@ class ProcessGrid:
         if virtual_pp is not None and virtual_pp > 1 and pp == 1:
             raise ValueError(f"a virtual pipeline of size {virtual_pp} needs a pipeline size > 1")
         self.virtual_pp_size = virtual_pp if virtual_pp and virtual_pp > 1 else None
-        self.virtual_pp_rank = 0
 
         coords = self.coordinates(self.rank)
         self.tp_rank, self.cp_rank, self.dp_rank, self.pp_rank = coords.tp, coords.cp, coords.dp, coords.pp
@@ -168,36 +165,17 @@ class ProcessGrid:
     dp_group = property(lambda self: self._groups["dp"])
     pp_group = property(lambda self: self._groups["pp"])
     mp_group = property(lambda self: self._groups["mp"])
-    tp_dp_group = property(lambda self: self._groups["tp_dp"])
     dp_cp_group = property(lambda self: self._groups["dp_cp"])
-    tp_cp_group = property(lambda self: self._groups["tp_cp"])
     embedding_group = property(lambda self: self._groups["embedding"])
 
     # -- pipeline -------------------------------------------------------------------------------
-    def is_first_stage(self, chunk: Optional[int] = None, ignore_virtual: bool = False) -> bool:
+    def is_first_stage(self, chunk: int = 0) -> bool:
         """True on the stage that holds the embedding (chunk 0 of pipeline rank 0)."""
-        if not ignore_virtual and self.virtual_pp_size is not None:
-            chunk = self.virtual_pp_rank if chunk is None else chunk
-            if chunk != 0:
-                return False
-        return self.pp_rank == 0
+        return self.pp_rank == 0 and chunk == 0
 
-    def is_last_stage(self, chunk: Optional[int] = None, ignore_virtual: bool = False) -> bool:
+    def is_last_stage(self, chunk: int = 0) -> bool:
         """True on the stage that holds the output layer and loss (last chunk of the last rank)."""
-        if not ignore_virtual and self.virtual_pp_size is not None:
-            chunk = self.virtual_pp_rank if chunk is None else chunk
-            if chunk != self.virtual_pp_size - 1:
-                return False
-        return self.pp_rank == self.pp_size - 1
-
-    @property
-    def next_stage_rank(self) -> int:
-        """Global rank of the next pipeline stage (wrapping around, as the interleaved schedule needs)."""
-        return self.ranks["pp"][(self.pp_rank + 1) % self.pp_size]
-
-    @property
-    def prev_stage_rank(self) -> int:
-        return self.ranks["pp"][(self.pp_rank - 1) % self.pp_size]
+        return self.pp_rank == self.pp_size - 1 and chunk == (self.virtual_pp_size or 1) - 1
 
     @property
     def is_embedding_rank(self) -> bool:

@@ -40,8 +40,8 @@ import math
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional
 
-from megalite.config import ModelConfig
-from megalite.scaling.flops import flops_per_iteration
+from megalite.config.settings import ModelConfig
+from megalite.model.flops import flops_per_iteration
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.interpolate import interpolate
 

@@ -15,14 +15,14 @@ A :class:`Hardware` holds what the performance model reads, each figure from a d
     optimizer_bytes_per_s  optional measured Adam throughput: bytes per second, counting (32 + e) bytes per
                            parameter updated (fp32 grad, master, m, v, and the e-byte model copy)
     attention              optional measured attention core (SDPA and its copies) by shape:
-                           (heads, s, d, dtype, forward_tflops, backward_tflops), calibrate_ops.py
+                           (heads, s, d, dtype, forward_tflops, backward_tflops), calibration/ops.py
     elementwise            optional measured elementwise ops by size: (op, dtype, bytes, forward_gbs,
-                           backward_gbs), effective GB/s on the bytes compute.py counts, calibrate_ops.py
+                           backward_gbs), effective GB/s on the bytes compute.py counts, calibration/ops.py
     overlaps_communication whether a collective issued beside compute costs no compute time (a GPU);
                            False for a calibrated CPU, whose collectives run on the ranks' own cores
     layer_overhead_s, micro_batch_overhead_s, step_overhead_s
                            the host's fixed cost per layer and micro-batch, per micro-batch and per
-                           step, beyond the tables (calibrate_overhead.py); 0 for the GPU presets
+                           step, beyond the tables (calibration/overhead.py); 0 for the GPU presets
 
 Presets: ``a100-40gb``, ``a100-80gb``, ``h100-sxm``, ``h200``; ``cpu`` is read from a calibration
 JSON file (the schema of :func:`from_calibration`), and ``--cluster FILE.yaml`` overrides any field
@@ -85,7 +85,7 @@ class Hardware:
     # Whether communication can run beside compute without slowing it: a GPU's collectives run on
     # their own SMs and copy engines; a CPU rank's gloo threads share the rank's cores.
     overlaps_communication: bool = True
-    # The host's fixed cost of a step beyond the tables' ops, in seconds (calibrate_overhead.py):
+    # The host's fixed cost of a step beyond the tables' ops, in seconds (calibration/overhead.py):
     # per layer and micro-batch, per micro-batch, per step.  0 on a GPU, whose launches run ahead.
     layer_overhead_s: float = 0.0
     micro_batch_overhead_s: float = 0.0

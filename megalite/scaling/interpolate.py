@@ -1,6 +1,6 @@
 """Reading a calibration's measured tables between their grid points.
 
-The calibration (``calibrate.py``, ``calibrate_ops.py``) measures rates on a grid of shapes: GEMMs
+The calibration (``calibration/calibrate.py``, ``calibration/ops.py``) measures rates on a grid of shapes: GEMMs
 over (m, n, k), the attention core over (heads, s, d), elementwise ops over bytes, each axis in
 powers of two.  A model's shapes fall between the points, so a rate is read multilinearly in the
 log2 of each coordinate from the ``2^d`` grid points around it (clamped to the grid's ends: no

@@ -32,10 +32,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
+from megalite.model.flops import count_parameters
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 from megalite.scaling.activations import activation_bytes_per_layer
-from megalite.scaling.flops import count_parameters
 
 __all__ = ["StageMemory", "in_flight_formula", "parameter_split", "activation_bytes", "stage_memories"]
 

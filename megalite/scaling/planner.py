@@ -13,9 +13,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from megalite.arguments import build_parser, parse_args, yaml_defaults
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.predict import GIB, Prediction, layout_of, memory_per_stage, predict
+from megalite.training.arguments import build_parser, parse_args, yaml_defaults
 
 __all__ = ["Candidate", "with_flags", "given", "predict_argv", "plan", "search", "describe", "MICRO_BATCHES"]
 

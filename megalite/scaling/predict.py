@@ -20,12 +20,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from megalite.config import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+from megalite.config.settings import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+from megalite.model.flops import count_parameters, flops_per_iteration
 from megalite.parallel.pipeline.orders import default_schedule
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 from megalite.scaling import communication as comm
 from megalite.scaling.compute import PassTimes, element_size, hardware_flops_per_iteration, layer_times, logits_times
-from megalite.scaling.flops import count_parameters, flops_per_iteration
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.memory import StageMemory, activation_bytes, in_flight_formula, stage_memories
 from megalite.scaling.schedule import pipeline_time

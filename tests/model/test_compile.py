@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from megalite.arguments import COMPILE_WITH_RECOMPUTE_FROM, parse_args
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
+from megalite.training.arguments import COMPILE_WITH_RECOMPUTE_FROM, parse_args
 
 TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "16", "--max-position-embeddings", "16", "--vocab-size", "64",
@@ -29,8 +29,8 @@ DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]   # later fl
 def _losses_and_compiled_layers(rank, world_size, argv):
     import torch
 
-    from megalite import training
     from megalite.model import compile as compile_module
+    from megalite.training import loop as training
 
     compiled = []
 
@@ -68,7 +68,7 @@ def test_compiled_layers_train_like_eager(model):
 
 def test_compile_keeps_parameter_names():
     """Checkpoints depend on the names: compiling in place must not add a wrapper prefix."""
-    from megalite.config import ModelConfig
+    from megalite.config.settings import ModelConfig
     from megalite.model.compile import compile_layers
     from megalite.model.transformer import TransformerBlock
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
 from megalite.model.gpt import GPTModel, loss_from_per_token
 from megalite.parallel.param_info import param_info
 

@@ -9,7 +9,7 @@ from megalite.optim import build_optimizer
 from megalite.optim.distributed import zero1_bytes_per_param
 from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.state import initialize_grid
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 from tests.parallel.test_data_parallel import ToyMLP, flat_params, opt_config, train_toy
 
 

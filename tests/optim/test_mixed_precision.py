@@ -6,7 +6,7 @@ from megalite.optim import build_optimizer
 from megalite.optim.mixed_precision import ConstantLossScaler, DynamicLossScaler
 from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.state import initialize_grid
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 from tests.parallel.test_data_parallel import ToyMLP, flat_params, opt_config, train_toy
 
 

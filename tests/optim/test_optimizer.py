@@ -10,7 +10,7 @@ from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.param_info import ParamInfo, mark_shared_embedding, set_param_info
 from megalite.parallel.state import initialize_grid
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 from tests.parallel.test_data_parallel import ToyMLP, flat_params, opt_config, toy_batch, train_toy
 
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megalite.arguments import parse_args
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
 from megalite.model.gpt import GPTModel, loss_from_per_token
 from megalite.model.transformer import TransformerLayer, causal_attention
 from megalite.parallel import random as tp_random
@@ -23,7 +22,8 @@ from megalite.parallel.context_parallel import (
     split_sequence,
 )
 from megalite.parallel.mappings import comm_counter
-from megalite.testing import run_on_ranks, saved_activation_bytes
+from megalite.parallel.testing import run_on_ranks, saved_activation_bytes
+from megalite.training.arguments import parse_args
 from tests.parallel.tp_harness import batch, model_config
 
 

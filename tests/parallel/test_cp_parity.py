@@ -1,6 +1,6 @@
 """Parity: context parallelism, alone and with TP + SP, PP, DP + ZeRO-1, trains like one rank.
 
-Each case runs the real entry (``megalite.training.setup`` + ``train_step``: the command line, mock
+Each case runs the real entry (``megalite.training.loop.setup`` + ``train_step``: the command line, mock
 data through ``MicroBatches``, DDP, the optimizer with clipping) for a few steps and is compared with
 the same flags on one rank: the loss and grad norm of every step, every parameter after the steps
 and the validation loss (``evaluate``, which reads its batches through the same split).  Dropout is
@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 STEPS = 4
 MODEL = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -59,7 +59,7 @@ def _train(rank, world_size, runs):
     os.environ["WORLD_SIZE"] = str(world_size)   # as torchrun would set it: the flags are checked against it
     from megalite.parallel import state
     from megalite.parallel.data_parallel import unwrap_model
-    from megalite.training import evaluate, setup, train_step
+    from megalite.training.loop import evaluate, setup, train_step
     from tests.parallel.tp_harness import gather_full
 
     results = {}

@@ -12,13 +12,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megalite.config import OptimizerConfig
+from megalite.config.settings import OptimizerConfig
 from megalite.optim import build_optimizer
 from megalite.parallel import collectives
 from megalite.parallel.data_parallel import SHARD_ALIGNMENT, DistributedDataParallel, unwrap_model
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.state import initialize_grid
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 GLOBAL_BATCH = 16
 STEPS = 10
@@ -273,7 +273,7 @@ def test_bad_bucket_size_is_refused():
 
 # -- the real model ----------------------------------------------------------------------------------
 def _gpt_config():
-    from megalite.config import ModelConfig
+    from megalite.config.settings import ModelConfig
     return ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=64,
                        make_vocab_size_divisible_by=64, hidden_dropout=0.0, attention_dropout=0.0, seed=5)
 

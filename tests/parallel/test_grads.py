@@ -10,7 +10,7 @@ from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.param_info import ParamInfo, mark_shared_embedding, set_param_info
 from megalite.parallel.state import initialize_grid
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 
 class Stage(nn.Module):
@@ -78,7 +78,7 @@ def test_single_rank_grads_are_untouched():
 def _tied_embedding_under_zero1(rank, world_size):
     """PP=2 x DP=2, ZeRO-1: the stages hold different parameters around the tied one, so only a
     bucket of its own makes both stages shard it alike (else the shard-to-shard sum mixes elements)."""
-    from megalite.config import OptimizerConfig
+    from megalite.config.settings import OptimizerConfig
     from megalite.optim import build_optimizer
     grid = initialize_grid(pp=2)
     stage = nn.Module()

@@ -13,7 +13,7 @@ from megalite.parallel.layers import (
     vocab_parallel_cross_entropy,
 )
 from megalite.parallel.param_info import Init
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 S, B, H, FFN, VOCAB, PADDED = 4, 2, 6, 8, 13, 16
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megalite.parallel import mappings, state
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 A = torch.arange(8.0)        # 0..7
 

@@ -5,7 +5,7 @@ import torch
 from megalite.model.transformer import Dropout
 from megalite.parallel import random as tp_random
 from megalite.parallel import state
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import torch
 from megalite.model.gpt import GPTModel, loss_from_per_token
 from megalite.parallel import random as tp_random
 from megalite.parallel import state
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 from tests.parallel.tp_harness import RECOMPUTE, batch, model_config
 
 DROPOUT = dict(hidden_dropout=0.2, attention_dropout=0.2)

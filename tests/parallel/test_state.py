@@ -4,7 +4,7 @@ import torch.distributed as dist
 
 from megalite.parallel import state
 from megalite.parallel.state import grid_group_ranks, validate_grid
-from megalite.testing import RankFailed, RanksHung, run_on_ranks
+from megalite.parallel.testing import RankFailed, RanksHung, run_on_ranks
 
 
 def test_worked_example_tp2_dp2_pp2():
@@ -13,7 +13,6 @@ def test_worked_example_tp2_dp2_pp2():
     assert grid_group_ranks(sizes, "dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert grid_group_ranks(sizes, "pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert grid_group_ranks(sizes, "mp") == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    assert grid_group_ranks(sizes, "tp_dp") == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert grid_group_ranks(sizes, "embedding") == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
@@ -23,7 +22,6 @@ def test_context_parallel_layout():
     assert grid_group_ranks(sizes, "cp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert grid_group_ranks(sizes, "dp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert grid_group_ranks(sizes, "dp_cp") == [[0, 2, 4, 6], [1, 3, 5, 7]]
-    assert grid_group_ranks(sizes, "tp_cp") == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert grid_group_ranks(sizes, "pp") == [[r] for r in range(8)]
 
 
@@ -52,7 +50,7 @@ def _grid_on_rank(rank, world_size, tp, pp, cp, virtual_pp):
     assert grid.rank_of(grid.tp_rank, grid.cp_rank, grid.dp_rank, grid.pp_rank) == rank
     # Each group really connects its members: the sum of member ranks over the group.
     sums = {}
-    for kind in ("tp", "cp", "dp", "pp", "mp", "tp_dp", "dp_cp", "embedding"):
+    for kind in ("tp", "cp", "dp", "pp", "mp", "dp_cp", "embedding"):
         t = __import__("torch").tensor([float(rank)])
         if rank in grid.ranks[kind]:
             dist.all_reduce(t, group=grid.group(kind))
@@ -79,7 +77,7 @@ def test_grid_groups_on_eight_gloo_ranks():
         assert same
 
 
-# Rank functions live at module level: the fork server receives them by pickle (megalite/testing.py).
+# Rank functions live at module level: the fork server receives them by pickle (megalite/parallel/testing.py).
 def _build_grid(rank, world_size, **sizes):
     state.initialize_grid(**sizes)
 

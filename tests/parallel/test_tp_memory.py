@@ -15,12 +15,12 @@ Each of those scales as 1/t too, which is what sequence parallelism must guarant
 import pytest
 import torch
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
 from megalite.model.transformer import TransformerLayer
 from megalite.parallel import random as tp_random
 from megalite.parallel import state
 from megalite.parallel.mappings import comm_counter
-from megalite.testing import run_on_ranks, saved_activation_bytes
+from megalite.parallel.testing import run_on_ranks, saved_activation_bytes
 
 S, B, H, A = 64, 2, 64, 4          # ffn = 4h, as the formula assumes
 SBH_BYTES = S * B * H * 4           # one [s, b, h] float32 tensor

@@ -15,7 +15,7 @@ import torch
 from megalite.model.gpt import GPTModel, loss_from_per_token
 from megalite.parallel import state
 from megalite.parallel.grads import allreduce_sequence_parallel_grads
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 from tests.parallel.tp_harness import VARIANTS, batch, full_state, model_config
 
 STEPS = 10

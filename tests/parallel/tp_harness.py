@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
 from megalite.parallel import state
 from megalite.parallel.param_info import param_info
 

@@ -1,12 +1,12 @@
-"""megalite/scaling/calibrate.py: the file has the planner's schema with positive figures, loads as a
+"""megalite/calibration/calibrate.py: the file has the planner's schema with positive figures, loads as a
 Hardware, and the alpha-beta fit recovers a known link."""
 import json
 
 import pytest
 
-from megalite.scaling.calibrate import COLLECTIVES, COMPUTE_GAPS, calibrate, fit_alpha_beta
-from megalite.scaling.calibrate_ops import ATTENTION_GRID_QUICK
-from megalite.scaling.calibrate_overhead import split_overhead
+from megalite.calibration.calibrate import COLLECTIVES, COMPUTE_GAPS, calibrate, fit_alpha_beta
+from megalite.calibration.ops import ATTENTION_GRID_QUICK
+from megalite.calibration.overhead import split_overhead
 from megalite.scaling.hardware import from_calibration
 
 

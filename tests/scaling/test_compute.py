@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
+from megalite.model.flops import flops_per_iteration
 from megalite.scaling.compute import (
     Gemm,
     attention_rates,
@@ -17,7 +18,6 @@ from megalite.scaling.compute import (
     logits_times,
     quantization,
 )
-from megalite.scaling.flops import flops_per_iteration
 from megalite.scaling.hardware import PRESETS
 
 A100 = PRESETS["a100-80gb"]

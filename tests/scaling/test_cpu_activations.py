@@ -10,13 +10,13 @@ size) is printed beside it (-s): 0.60x to 1.24x of the measured bytes here.
 import pytest
 import torch
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
 from megalite.model.transformer import TransformerBlock
 from megalite.parallel import random as tp_random
 from megalite.parallel import state
+from megalite.parallel.testing import run_on_ranks, saved_activation_bytes
 from megalite.scaling.activations import activation_bytes_per_layer
 from megalite.scaling.cpu_activations import cpu_activation_bytes_per_layer
-from megalite.testing import run_on_ranks, saved_activation_bytes
 
 S, B, H, A, LAYERS = 64, 2, 64, 4, 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

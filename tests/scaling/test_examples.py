@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from megalite.arguments import parse_args
+from megalite.training.arguments import parse_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("scaling_runs", ROOT / "examples" / "scaling" / "runs.py")

@@ -2,7 +2,7 @@
 closed form against the simulator's, model state by hand, and Korthikanti et al. 2022's Table 3 runs."""
 import pytest
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
 from megalite.parallel.pipeline.orders import build_order
 from megalite.parallel.pipeline.simulator import peak_in_flight
 from megalite.scaling.activations import activation_bytes_per_layer

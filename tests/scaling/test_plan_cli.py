@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from megalite.scaling.plan_cli import main
+from megalite.plan import main
 from megalite.scaling.planner import with_flags
 
 EXAMPLE = str(pathlib.Path(__file__).with_name("cpu_calibration.json"))
@@ -68,9 +68,9 @@ def test_cpu_calibration(capsys):
 
 def test_calibrate_calls_the_calibration_module(capsys, monkeypatch, tmp_path):
     calls = []
-    module = types.ModuleType("megalite.scaling.calibrate")
+    module = types.ModuleType("megalite.calibration.calibrate")
     module.calibrate = lambda path, ranks=2: calls.append(path) or {}
-    monkeypatch.setitem(sys.modules, "megalite.scaling.calibrate", module)
+    monkeypatch.setitem(sys.modules, "megalite.calibration.calibrate", module)
     code, out, _ = run(capsys, "--calibrate", str(tmp_path / "out.json"))
     assert code == 0 and calls == [str(tmp_path / "out.json")]
 

@@ -3,11 +3,11 @@ import dataclasses
 
 import pytest
 
-from megalite.arguments import parse_args
 from megalite.scaling import communication as comm
 from megalite.scaling.compute import layer_times, logits_times
 from megalite.scaling.hardware import PRESETS, Link
 from megalite.scaling.predict import layout_of, memory_per_stage, predict
+from megalite.training.arguments import parse_args
 
 H100 = PRESETS["h100-sxm"]
 MODEL = ["--mock-data", "--num-layers", "16", "--hidden-size", "4096", "--num-attention-heads", "32",

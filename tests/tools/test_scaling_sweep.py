@@ -4,7 +4,7 @@ is asserted: the measured-vs-predicted figures of the full sweep are in docs/sca
 import csv
 import json
 
-from megalite.scaling.calibrate import calibrate
+from megalite.calibration.calibrate import calibrate
 from tools import scaling_sweep
 
 

@@ -23,8 +23,9 @@ import time
 
 import torch.distributed as dist
 
-from megalite import checkpoint, training
+from megalite.checkpoint import save_load as checkpoint
 from megalite.train import main
+from megalite.training import loop as training
 
 
 def _strikes() -> bool:

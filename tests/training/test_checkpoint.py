@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from megalite import checkpoint
+from megalite.checkpoint import save_load as checkpoint
 from megalite.parallel.data_parallel import unwrap_model
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "16", "--vocab-size", "64", "--make-vocab-size-divisible-by", "64",
@@ -19,7 +19,7 @@ TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attent
 
 def _train_and_report(rank, world_size, argv):
     from megalite.parallel import state
-    from megalite.training import setup, train
+    from megalite.training.loop import setup, train
     run = setup(argv)
     history = train(run)
     params = {f"{i}.{k}": v.detach().clone() for i, c in enumerate(run.model)
@@ -98,26 +98,27 @@ def test_load_refuses_a_different_layout_and_missing_dir(tmp_path):
 
 
 def _save_run(rank, world_size, argv):
-    from megalite.training import pretrain
+    from megalite.training.loop import pretrain
     pretrain(argv)
 
 
 def test_generate_merges_tp_pp_shards_into_the_single_rank_model(tmp_path):
-    """A TP=2 x PP=2 checkpoint, merged by megalite.generate, equals the one-rank run's weights; sampling works."""
+    """A TP=2 x PP=2 checkpoint, merged (checkpoint/merge.py), equals the one-rank run's weights; sampling works."""
     from megalite import generate
+    from megalite.checkpoint import merge
     argv = TINY + ["--train-iters", "2", "--lr-warmup-iters", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
                    "--global-batch-size", "4"]
     run_on_ranks(_save_run, 1, argv + ["--save", str(tmp_path / "one")], timeout=120)
     run_on_ranks(_save_run, 4, argv + ["--save", str(tmp_path / "grid"), "--tensor-model-parallel-size", "2",
                                        "--pipeline-model-parallel-size", "2"], timeout=180)
-    one, settings = generate.merge_checkpoint(str(tmp_path / "one"))
-    grid, _ = generate.merge_checkpoint(str(tmp_path / "grid"))
+    one, settings = merge.merge_checkpoint(str(tmp_path / "one"))
+    grid, _ = merge.merge_checkpoint(str(tmp_path / "grid"))
     assert set(grid) >= set(one)
     for name, value in one.items():
         # float32 round-off: TP splits the matmul reductions differently.
         torch.testing.assert_close(grid[name], value, rtol=1e-4, atol=1e-5, msg=name)
-    model, _ = generate.load_model(str(tmp_path / "grid"))
-    from megalite.config import ModelConfig
+    model, _ = merge.load_model(str(tmp_path / "grid"))
+    from megalite.config.settings import ModelConfig
     config = ModelConfig(**dict(settings["model"], tensor_model_parallel_size=1, sequence_parallel=False))
     ids = generate.sample(model, config, [1, 2, 3], max_new_tokens=5, vocab_size=64, seed=0)
     assert len(ids) == 8 and all(0 <= i < 64 for i in ids)

@@ -3,7 +3,7 @@ into slices cut under another, equal the logical tensor's own elements."""
 import pytest
 import torch
 
-from megalite.checkpoint_index import fill_slice, global_name
+from megalite.checkpoint.index import fill_slice, global_name
 
 
 def _slices(full: torch.Tensor, dim, tp: int, cuts_per_box: int, name="w", kind="param"):

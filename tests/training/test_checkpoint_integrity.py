@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from megalite import checkpoint
-from megalite.checkpoint_manifest import MANIFEST, complete_iterations
+from megalite.checkpoint import save_load as checkpoint
+from megalite.checkpoint.manifest import MANIFEST, complete_iterations
 from megalite.generate import main as generate_main
-from megalite.testing import RankFailed, run_on_ranks
+from megalite.parallel.testing import RankFailed, run_on_ranks
 
 TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "16", "--vocab-size", "64", "--make-vocab-size-divisible-by", "64",
@@ -19,7 +19,7 @@ TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attent
 
 
 def _train(rank, world_size, argv):
-    from megalite.training import pretrain
+    from megalite.training.loop import pretrain
     return [(r["iteration"], r["loss"]) for r in pretrain(argv)]
 
 
@@ -158,7 +158,7 @@ def _train_until_sigterm(rank, world_size, argv, log):
         os.kill(os.getpid(), signal.SIGTERM)
     if rank == 0:
         threading.Thread(target=preempt, daemon=True).start()
-    from megalite.training import pretrain
+    from megalite.training.loop import pretrain
     return [r["iteration"] for r in pretrain(argv)]
 
 

@@ -3,20 +3,20 @@ that was never interrupted (losses and parameters, within float32 round-off).
 
 Each source layout trains 4 iterations, saving at 2 and 4: its curve and its iteration-4
 parameters are the uninterrupted run.  Each target layout resumes from the source's iteration 2,
-trains 2 more and saves, so its parameters can be merged (megalite.generate) and compared.  To
+trains 2 more and saves, so its parameters can be merged (megalite/checkpoint/merge.py) and compared.  To
 keep the cost low the runs of one world size share one set of forked ranks.  The model is
 LLaMA-style with grouped-query attention and SwiGLU (the fused layouts) and a tied embedding (two
 copies across pipeline stages); the vocabulary (64, divisible by 64) is padded to 64 rows at TP=1
 and 128 at TP=2, so the padding rule is exercised.
 """
 import os
-import shutil
 
 import pytest
 import torch
 
-from megalite import checkpoint, generate
-from megalite.testing import run_on_ranks
+from megalite.checkpoint import merge
+from megalite.checkpoint import save_load as checkpoint
+from megalite.parallel.testing import run_on_ranks
 
 MODEL = ["--mock-data", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
          "--group-query-attention", "--num-query-groups", "2", "--swiglu", "--normalization", "RMSNorm",
@@ -48,7 +48,7 @@ def _train_runs(rank, world_size, runs):
     import torch.distributed as dist
 
     from megalite.parallel import state
-    from megalite.training import setup, train
+    from megalite.training.loop import setup, train
     results = []
     for argv, rewind in runs:
         if rewind is not None and rank == 0:
@@ -74,7 +74,7 @@ def _assert_same_curve(losses, reference):
 
 
 def _assert_same_params(folder, reference):
-    merged, _ = generate.merge_checkpoint(folder)
+    merged, _ = merge.merge_checkpoint(folder)
     assert set(merged) >= set(reference)
     for name, value in reference.items():
         # float32 round-off of two Adam steps taken under another layout.  (Against another layout's
@@ -114,49 +114,18 @@ def test_reshard_matrix_continues_the_uninterrupted_run(tmp_path):
     for (source, target), curve in losses.items():
         assert not isinstance(curve, str), f"{source} -> {target}: {curve}"
         _assert_same_curve(curve, curves[source][2:])
-        reference, _ = generate.merge_checkpoint(save_dir(source), iteration=4)
+        reference, _ = merge.merge_checkpoint(save_dir(source), iteration=4)
         _assert_same_params(resumed_dir(source, target), reference)
 
 
-def _drop_tensor_index(folder, iteration):
-    """Make a checkpoint look like one saved before tensor indexes (no index file, no manifest entry)."""
-    import json
-    iteration_folder = checkpoint.iteration_dir(folder, iteration)
-    os.remove(os.path.join(iteration_folder, checkpoint.TENSOR_INDEX))
-    path = os.path.join(iteration_folder, "manifest.json")
-    manifest = json.load(open(path))
-    del manifest["files"][checkpoint.TENSOR_INDEX]
-    json.dump(manifest, open(path, "w"))
-
-
-def test_a_checkpoint_saved_before_tensor_indexes_loads_at_its_layout_and_reshards_from_its_files(tmp_path):
-    save = str(tmp_path / "old")
-    argv = MODEL + ["--train-iters", "3"]     # iteration 3's loss depends on the Adam moments loaded
-    source = run_on_ranks(_train_runs, 2, [(argv + ["--tensor-model-parallel-size", "2", "--save", save,
-                                                    "--save-interval", "1"], None)], timeout=120)[0][0]
-    _drop_tensor_index(save, 1)
-    shutil.copytree(save, str(tmp_path / "copy"))
-    same = run_on_ranks(_train_runs, 2, [(argv + ["--tensor-model-parallel-size", "2", "--load", save],
-                                          (save, 1))], timeout=120)[0][0]
-    other = run_on_ranks(_train_runs, 1, [(argv + ["--load", str(tmp_path / "copy")], (str(tmp_path / "copy"), 1))],
-                         timeout=120)[0][0]
-    for curve in (same, other):
-        assert not isinstance(curve, str), curve
-        _assert_same_curve(curve, source[1:])
-
-
-def test_zero1_shards_saved_before_tensor_indexes_reshard_the_weights_and_name_the_fix(tmp_path):
-    save = str(tmp_path / "old")
+def test_an_iteration_without_its_tensor_index_is_refused_by_name(tmp_path):
+    save = str(tmp_path / "ckpt")
     argv = MODEL + ["--train-iters", "2"]
-    run_on_ranks(_train_runs, 2, [(argv + ["--use-distributed-optimizer", "--save", save, "--exit-interval", "1"],
-                                   None)], timeout=120)
-    _drop_tensor_index(save, 1)
-    refused, weights = run_on_ranks(_train_runs, 1, [(argv + ["--load", save], None),
-                                                     (argv + ["--load", save, "--no-load-optim"], None)],
-                                    timeout=120)[0]
-    assert isinstance(refused, str) and "ZeRO-1 shards were saved before tensor indexes" in refused, refused
-    assert "--no-load-optim" in refused
-    assert not isinstance(weights, str) and [i for i, _ in weights] == [2], weights
+    run_on_ranks(_train_runs, 1, [(argv + ["--save", save, "--exit-interval", "1"], None)], timeout=120)
+    os.remove(os.path.join(checkpoint.iteration_dir(save, 1), checkpoint.TENSOR_INDEX))
+    refused = run_on_ranks(_train_runs, 1, [(argv + ["--load", save], None)], timeout=120)[0][0]
+    assert isinstance(refused, str), refused
+    assert f"--load {save}: iteration 1 has no tensor_index.pt, which every megalite save writes" in refused
 
 
 def test_an_untied_output_layer_reshards_its_vocabulary_rows(tmp_path):
@@ -187,7 +156,7 @@ def _optimizer_state_after(rank, world_size, argv, train_first):
     training (``train_first``) or right after setup (which loads ``--load``)."""
     from megalite.parallel import state
     from megalite.parallel.data_parallel import unwrap_model
-    from megalite.training import setup, train
+    from megalite.training.loop import setup, train
     run = setup(argv)
     if train_first:
         train(run)
@@ -222,7 +191,7 @@ def test_zero1_bf16_masters_and_moments_move_exactly_to_one_rank(tmp_path):
 def _rng_after_setup(rank, world_size, argv):
     from megalite.parallel import state
     from megalite.parallel.random import get_rng_tracker
-    from megalite.training import setup
+    from megalite.training.loop import setup
     setup(argv)
     drawn = (torch.get_rng_state(), get_rng_tracker().get_states())   # {stream: {device: state}}
     state.destroy_grid()

@@ -1,8 +1,8 @@
 """The command line fills the configs 1:1 and refuses bad values with a message that carries the fix."""
 import pytest
 
-from megalite.arguments import build_parser, parse_args
-from megalite.config import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+from megalite.config.settings import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+from megalite.training.arguments import build_parser, parse_args
 
 MOCK = ["--mock-data"]
 

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from megalite import checkpoint
+from megalite.checkpoint import save_load as checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

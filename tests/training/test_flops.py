@@ -1,8 +1,8 @@
 """Parameter and FLOP counts against hand-computed numbers."""
 import pytest
 
-from megalite.config import ModelConfig
-from megalite.scaling import flops
+from megalite.config.settings import ModelConfig
+from megalite.model import flops
 
 
 def test_flops_hand_computed_gpt():

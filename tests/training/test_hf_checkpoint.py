@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from megalite import checkpoint
-from megalite.hf_checkpoint import main as convert
-from megalite.testing import run_on_ranks
+from megalite.checkpoint import save_load as checkpoint
+from megalite.checkpoint.hf import main as convert
+from megalite.parallel.testing import run_on_ranks
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -30,20 +30,20 @@ ATOL = 1e-5
 
 
 def _train(rank, world_size, argv):
-    from megalite.training import pretrain
+    from megalite.training.loop import pretrain
     pretrain(argv)
 
 
 def _megalite_logits(rank, world_size, save, tokens, finetune_argv):
     """Logits of the checkpoint at ``save`` through megalite's own model (one rank)."""
-    from megalite.generate import load_model
+    from megalite.checkpoint.merge import load_model
     model, _ = load_model(save)
     with torch.no_grad():
         return model(tokens).float().permute(1, 0, 2)           # [b, s, padded vocab]
 
 
 def _megalite_loss(rank, world_size, argv):
-    from megalite.training import setup, train_step
+    from megalite.training.loop import setup, train_step
     run = setup(argv)
     run.scheduler.max_lr = run.scheduler.min_lr = 0.0            # measure, do not move
     return train_step(run)["loss"]

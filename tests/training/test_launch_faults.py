@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from megalite.checkpoint_manifest import MANIFEST
+from megalite.checkpoint.manifest import MANIFEST
 
 from .test_multinode_launch import ROOT, TINY, environment, free_port
 

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from megalite.arguments import parse_args
-from megalite.batch_schedule import BatchSchedule
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
+from megalite.training.arguments import parse_args
+from megalite.training.batch_schedule import BatchSchedule
 
 # The flags of Megatron-LM's examples/gpt3/train_gpt3_857m_distributed.sh (and the GPT-2 345M
 # examples/pretrain_gpt.sh: --data-impl, --distributed-backend, --checkpoint-activations,
@@ -40,7 +40,7 @@ def test_megatron_example_command_line_parses(tmp_path):
 
 
 def _train(rank, world_size, argv, save):
-    from megalite.training import pretrain
+    from megalite.training.loop import pretrain
     return pretrain(argv + ["--save", save, "--load", save]) if save else pretrain(argv)
 
 
@@ -79,7 +79,7 @@ def test_batch_schedule_arithmetic_and_refusals():
 
 def _ramped_against_by_hand(rank, world_size, argv):
     from megalite.parallel import state
-    from megalite.training import setup, train_step
+    from megalite.training.loop import setup, train_step
     ramped = setup(argv + ["--global-batch-size", "8", "--rampup-batch-size", "2", "2", "12"])
     ramped_losses = [train_step(ramped)["loss"] for _ in range(6)]
     state.destroy_grid()
@@ -97,7 +97,7 @@ def test_rampup_equals_the_same_batch_sizes_set_by_hand():
 
 
 def _lr_history(rank, world_size, argv):
-    from megalite.training import pretrain
+    from megalite.training.loop import pretrain
     return [(r["lr"], r["consumed_samples"]) for r in pretrain(argv)]
 
 

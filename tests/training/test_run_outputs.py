@@ -8,8 +8,8 @@ import struct
 import pytest
 import yaml
 
-from megalite.arguments import parse_args
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
+from megalite.training.arguments import parse_args
 
 TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "16", "--max-position-embeddings", "16", "--vocab-size", "64",
@@ -19,7 +19,7 @@ TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attent
 
 def _pretrain(rank, world_size, argv, env):
     os.environ.update(env)
-    from megalite.training import pretrain
+    from megalite.training.loop import pretrain
     return pretrain(argv)
 
 
@@ -119,7 +119,7 @@ def test_yaml_config_errors_name_the_file_and_the_key(tmp_path, text, message):
 
 
 def test_resolved_config_reads_back_to_the_same_settings(tmp_path):
-    from megalite.arguments import resolved_config
+    from megalite.training.arguments import resolved_config
     argv = TINY + ["--train-samples", "40", "--group-query-attention", "--num-query-groups", "2",
                    "--disable-bias-linear", "--save", str(tmp_path)]
     configs = parse_args(argv, world_size=1)

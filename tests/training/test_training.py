@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "16", "--max-position-embeddings", "16", "--vocab-size", "64",
@@ -13,7 +13,7 @@ TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attent
 
 
 def _pretrain(rank, world_size, argv):
-    from megalite.training import pretrain
+    from megalite.training.loop import pretrain
     return [{k: r[k] for k in r} for r in pretrain(argv)]
 
 

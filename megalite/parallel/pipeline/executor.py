@@ -5,10 +5,10 @@ forward output (or input gradient) as soon as the pass that produced it has run,
 ahead of need, and waits only for the one message the pass it is about to run consumes; sends are
 never waited for until the step ends.  So a rank stalls only when its own next pass lacks its
 input, as in the simulator's dependency rules, never on a message some later pass needs or on a
-peer that has not yet reached a point of its order.  (Exchanging each message as one blocking
-batch at its unit-cost simulated time, as this executor once did, made every rank wait for its
-peer's progress through the unit-cost order: a measured bubble of 0.39 for interleaved 1F1B at
-p=2, m=4, v=2 against the formula's 0.125.)
+peer that has not yet reached a point of its order.  (The simpler scheme, each message exchanged as
+one blocking batch at its unit-cost simulated time, makes every rank wait for its peer's progress
+through the unit-cost order: a measured bubble of 0.39 for interleaved 1F1B at p=2, m=4, v=2
+against the formula's 0.125.)
 
 Posting order: the messages of one step are listed once, by simulating the order with unit costs
 (``simulator.py``), sorted by simulated time; each rank posts its messages in that list's order,

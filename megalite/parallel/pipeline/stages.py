@@ -1,4 +1,4 @@
-"""Which layers each pipeline stage holds, and building a rank's model chunks.
+"""Which layers each pipeline stage holds (arithmetic only: megalite/model/build.py builds the chunks).
 
 The model's ``num_layers`` transformer layers are cut into ``pp`` stages (one per pipeline rank),
 evenly unless the first and/or last stage is given its own count (Megatron's
@@ -16,11 +16,7 @@ so rank 0 holds layers {0, 1, 4, 5} as two chunks and an activation visits rank 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
-
-from megalite.config import ModelConfig
-from megalite.model.gpt import GPTModel
-from megalite.parallel.state import ProcessGrid
+from typing import List, Optional
 
 
 def virtual_stage_layer_counts(num_layers: int, pp_size: int, virtual_pp_size: Optional[int] = None,
@@ -83,27 +79,3 @@ def layer_numbers_for(num_layers: int, pp_size: int, pp_rank: int, virtual_pp_si
     stage = virtual_pp_rank * pp_size + pp_rank
     start = sum(counts[:stage])
     return list(range(start, start + counts[stage]))
-
-
-def build_model_chunks(config: ModelConfig, grid: ProcessGrid, model_cls=None, *,
-                       first_stage_layers: Optional[int] = None,
-                       last_stage_layers: Optional[int] = None, **kwargs) -> list:
-    """This rank's model chunks (one per virtual stage; one without a virtual pipeline).
-
-    Each chunk is ``model_cls(config, pre_process=..., post_process=..., layer_numbers=..., **kwargs)``
-    with the embedding on the first stage's chunk 0 and the output layer on the last stage's last
-    chunk (``grid.is_first_stage(chunk)`` / ``grid.is_last_stage(chunk)``).  ``model_cls`` defaults to
-    :class:`megalite.model.gpt.GPTModel`.
-    """
-    if model_cls is None:
-        model_cls = GPTModel
-    v = grid.virtual_pp_size or 1
-    chunks = []
-    for chunk in range(v):
-        grid.virtual_pp_rank = chunk  # layers that ask the grid which chunk they are in see this one
-        layers: Sequence[int] = layer_numbers_for(config.num_layers, grid.pp_size, grid.pp_rank, grid.virtual_pp_size,
-                                                  chunk, first_stage_layers, last_stage_layers)
-        chunks.append(model_cls(config, pre_process=grid.is_first_stage(chunk),
-                                post_process=grid.is_last_stage(chunk), layer_numbers=layers, **kwargs))
-    grid.virtual_pp_rank = 0
-    return chunks

@@ -1,6 +1,6 @@
 """Train a tiny GPTModel a few steps under a pipeline layout and return what the parity tests compare.
 
-The training step is the real one of ``megalite/training.py``: ``forward_backward`` of the
+The training step is the real one of ``megalite/training/loop.py``: ``forward_backward`` of the
 schedule, ``finalize_model_grads`` (sums the tied embedding's grads over the first and last
 stage), then ``build_optimizer``'s AdamW with clipping by the grid-wide gradient norm.  --clip-grad
 0.5 is below the gradient norm of every step here (0.52 to 1.5), so clipping acts on each step and a
@@ -15,12 +15,12 @@ import torch.distributed as dist
 # GradientEdge (the executor's sent outputs), ~1 s that every forked rank would otherwise pay.
 import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
-from megalite.config import ModelConfig, OptimizerConfig
+from megalite.config.settings import ModelConfig, OptimizerConfig
+from megalite.model.build import build_model_chunks
 from megalite.model.gpt import loss_from_per_token
 from megalite.optim import build_optimizer
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.pipeline.schedules import get_forward_backward_func
-from megalite.parallel.pipeline.stages import build_model_chunks
 from megalite.parallel.pipeline.timeline import Timeline
 from megalite.parallel.state import destroy_grid, initialize_grid
 

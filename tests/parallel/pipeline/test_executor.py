@@ -14,7 +14,7 @@ import time
 import pytest
 
 from megalite.parallel.pipeline.timeline import Timeline
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 from .harness import MICRO_BATCH, batches, forward_step, model_config
 
@@ -49,8 +49,8 @@ class HoldingTimeline(Timeline):
 
 
 def run_held(rank, world_size, workdir):
+    from megalite.model.build import build_model_chunks
     from megalite.parallel.pipeline.schedules import get_forward_backward_func
-    from megalite.parallel.pipeline.stages import build_model_chunks
     from megalite.parallel.state import destroy_grid, initialize_grid
 
     finished = []

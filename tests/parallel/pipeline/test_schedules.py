@@ -29,7 +29,7 @@ import torch
 from megalite.parallel.pipeline.orders import SCHEDULES, build_order
 from megalite.parallel.pipeline.schedules import forward_backward_no_pipelining, get_forward_backward_func
 from megalite.parallel.pipeline.simulator import peak_in_flight
-from megalite.testing import run_on_ranks
+from megalite.parallel.testing import run_on_ranks
 
 from .harness import VARIANTS, run_layouts
 

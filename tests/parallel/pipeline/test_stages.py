@@ -1,8 +1,9 @@
 import pytest
 
+from megalite.model.build import build_model_chunks
 from megalite.parallel.param_info import param_info
-from megalite.parallel.pipeline.stages import build_model_chunks, layer_numbers_for, virtual_stage_layer_counts
-from megalite.testing import run_on_ranks
+from megalite.parallel.pipeline.stages import layer_numbers_for, virtual_stage_layer_counts
+from megalite.parallel.testing import run_on_ranks
 
 from .harness import model_config
 

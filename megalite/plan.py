@@ -88,9 +88,9 @@ def format_prediction(prediction: Prediction, chosen: Sequence[str] = ()) -> str
 
 def _calibrate(path: str) -> int:
     try:
-        from megalite.scaling.calibrate import calibrate
+        from megalite.calibration.calibrate import calibrate
     except ImportError:
-        raise ValueError("--calibrate needs megalite.scaling.calibrate, which this installation lacks") from None
+        raise ValueError("--calibrate needs megalite.calibration.calibrate, which this installation lacks") from None
     calibrate(path)
     print(f"wrote {path}")
     return 0
@@ -99,7 +99,7 @@ def _calibrate(path: str) -> int:
 def run(argv: List[str], prog: str) -> int:
     ours, rest = build_parser(prog).parse_known_args(argv)
     if ours.help:
-        from megalite.arguments import build_parser as trainer_parser
+        from megalite.training.arguments import build_parser as trainer_parser
         build_parser(prog).print_help()
         print("\nand every megalite-train flag:\n")
         trainer_parser().print_help()

@@ -4,7 +4,7 @@
     megalite-convert --to hf --load CKPT --save HF_DIR       (any TP x PP layout)
     megalite-convert --from hf --load HF_DIR --save CKPT     (a TP=1, PP=1 checkpoint)
 
-(``tools/convert_checkpoint.py`` and ``python -m megalite.hf_checkpoint`` are the same command.)
+(``tools/convert_checkpoint.py`` and ``python -m megalite.checkpoint.hf`` are the same command.)
 
 Two families: GPT-2 (``GPT2LMHeadModel``: learned positions, LayerNorm, GELU, tied output) and
 LLaMA (``LlamaForCausalLM``: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied).  The
@@ -30,7 +30,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
 
 __all__ = ["to_hf", "from_hf", "export_checkpoint", "import_checkpoint", "main"]
 
@@ -190,7 +190,7 @@ def export_checkpoint(load: str, save: str) -> str:
     """Write ``config.json`` + ``model.safetensors`` of the newest iteration of a megalite checkpoint."""
     from safetensors.torch import save_file
 
-    from megalite.generate import merge_checkpoint
+    from megalite.checkpoint.merge import merge_checkpoint
     state, settings = merge_checkpoint(load)
     config = dataclasses.replace(ModelConfig(**settings["model"]), tensor_model_parallel_size=1,
                                  sequence_parallel=False)
@@ -219,8 +219,8 @@ def import_checkpoint(load: str, save: str) -> str:
     """Write a TP=1, PP=1 megalite checkpoint (weights and model settings) of a Hugging Face folder."""
     import torch.distributed as dist
 
-    from megalite.checkpoint import save_checkpoint
-    from megalite.checkpoint_manifest import new_run_id
+    from megalite.checkpoint.manifest import new_run_id
+    from megalite.checkpoint.save_load import save_checkpoint
     from megalite.model.gpt import GPTModel
     from megalite.parallel import state as grid_state
     from megalite.parallel.launch import init_distributed
@@ -260,4 +260,4 @@ def main(argv=None, prog: str = "megalite-convert") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m megalite.hf_checkpoint"))
+    sys.exit(main(prog="python -m megalite.checkpoint.hf"))

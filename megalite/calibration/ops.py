@@ -37,7 +37,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from megalite.scaling.timing import median_seconds
+from megalite.calibration.timing import median_seconds
 
 __all__ = ["measure_attention", "measure_elementwise", "ATTENTION_GRID", "ELEMENTWISE_SIZES"]
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from megalite.config import ModelConfig
+from megalite.config.settings import ModelConfig
 
 
 def count_parameters(config: ModelConfig) -> int:

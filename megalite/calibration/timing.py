@@ -1,6 +1,6 @@
 """The time a small operation costs its core: the median of repeats after one untimed call.
 
-Shared by the calibration's measurements (``calibrate.py``, ``calibrate_ops.py``).  At one torch
+Shared by the calibration's measurements (``calibration/calibrate.py``, ``calibration/ops.py``).  At one torch
 thread the clock is the calling thread's CPU time (``time.thread_time``: an op runs inline in that
 thread), so other processes on the cores do not count -- the figures are the idle machine's, which
 is what the performance model predicts; they still share caches and memory bandwidth.  With more

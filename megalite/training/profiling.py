@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from megalite.config import TrainingConfig
-from megalite.logger import print_rank
+from megalite.config.settings import TrainingConfig
+from megalite.log import print_rank
 
 __all__ = ["StepProfiler"]
 

@@ -29,17 +29,14 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megalite import checkpoint
-from megalite.arguments import parse_args, resolved_config
-from megalite.batch_schedule import BatchSchedule
-from megalite.checkpoint_manifest import new_run_id
-from megalite.checkpoint_reshard import load_any_layout
-from megalite.config import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+from megalite.checkpoint import save_load as checkpoint
+from megalite.checkpoint.manifest import new_run_id
+from megalite.checkpoint.reshard import load_any_layout
+from megalite.config.settings import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 from megalite.data.tokenizer import Tokenizer
 from megalite.data.training_data import MicroBatches, SampleDataset, datasets_from_config, tokenizer_from_config
-from megalite.exit_conditions import ExitSignal, exit_reason
-from megalite.logger import Logger, print_rank0
-from megalite.metric_writers import build_writers
+from megalite.log import print_rank0
+from megalite.model import flops
 from megalite.model.build import build_model, wrap_for_data_parallel
 from megalite.model.compile import compile_layers
 from megalite.optim import build_optimizer
@@ -53,8 +50,12 @@ from megalite.parallel.pipeline.schedules import get_forward_backward_func
 from megalite.parallel.pipeline.timeline import Timeline, draw_step_timeline
 from megalite.parallel.random import model_parallel_seed
 from megalite.parallel.state import ProcessGrid
-from megalite.profiling import StepProfiler
-from megalite.scaling import flops
+from megalite.training.arguments import parse_args, resolved_config
+from megalite.training.batch_schedule import BatchSchedule
+from megalite.training.exit_conditions import ExitSignal, exit_reason
+from megalite.training.metric_writers import build_writers
+from megalite.training.metrics import Logger
+from megalite.training.profiling import StepProfiler
 
 __all__ = ["SETUP_ERRORS", "TrainingDiverged", "Run", "setup", "train_step", "evaluate", "save", "train", "pretrain"]
 
@@ -93,7 +94,7 @@ class Run:
     train_iter: Optional[Iterator[dict]] = None
     history: List[dict] = field(default_factory=list)   # one record per iteration (what --log-json writes)
     started_at: float = field(default_factory=time.time)  # for --exit-duration-in-mins
-    run_id: str = ""            # drawn at a fresh start, kept across resumes (checkpoint_manifest.py)
+    run_id: str = ""            # drawn at a fresh start, kept across resumes (megalite/checkpoint/manifest.py)
 
     def settings(self) -> dict:
         """The configs as plain dicts (stored in checkpoints; read by megalite/generate.py)."""
@@ -126,7 +127,7 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
     Raises ValueError / FileNotFoundError (one-line messages) on bad input, before training starts.
     """
     started_at = time.time()
-    if world_size is None and dist.is_initialized():  # e.g. ranks forked by megalite.testing, no WORLD_SIZE
+    if world_size is None and dist.is_initialized():  # e.g. ranks forked by megalite.parallel.testing, no WORLD_SIZE
         world_size = dist.get_world_size()
     model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg = parse_args(argv, world_size=world_size)
     init_distributed(backend=parallel_cfg.distributed_backend, timeout_minutes=parallel_cfg.distributed_timeout_minutes)

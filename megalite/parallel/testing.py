@@ -56,7 +56,7 @@ _START_METHODS = ("auto", "fork", "forkserver")
 # per rank otherwise).  Nothing here may initialise CUDA (a child of a process that did cannot use
 # it), which is why megalite._cuda, whose kernels ranks never run, is left out.
 _SERVER_PRELOAD = ["torch", "torch.distributed", "torch.fx.experimental.symbolic_shapes", "numpy", "pytest",
-                   "megalite.testing", "megalite.training"]
+                   "megalite.parallel.testing", "megalite.training.loop"]
 
 
 # After one rank fails, how long the others get to finish (and report their own errors).

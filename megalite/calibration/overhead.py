@@ -48,7 +48,7 @@ def _step_seconds(rank: int, world_size: int, argv: Sequence[str], steps: int, t
     ``steps`` training steps after a warm-up."""
     import torch
 
-    from megalite.training import setup, train_step
+    from megalite.training.loop import setup, train_step
 
     torch.set_num_threads(threads)
     run = setup(list(argv), world_size=world_size)
@@ -73,10 +73,10 @@ def split_overhead(times: Dict[Tuple[int, int], float]) -> Dict[str, float]:
 def measure_overhead(document: dict, quick: bool = False) -> Dict[str, float]:
     """The host overhead (``split_overhead``'s keys) of megalite's step on this machine, beyond what
     the tables already in ``document`` (a calibration being written) predict for the same runs."""
-    from megalite.arguments import parse_args
+    from megalite.parallel.testing import run_on_ranks
     from megalite.scaling.hardware import from_calibration
     from megalite.scaling.predict import predict
-    from megalite.testing import run_on_ranks
+    from megalite.training.arguments import parse_args
 
     hardware = from_calibration(document)
     excess = {}

@@ -1,4 +1,4 @@
-"""The Megatron-style command line, generated from the config fields (``config.py``).
+"""The Megatron-style command line, generated from the config fields (``megalite/config/settings.py``).
 
 Every field declared with ``flags.flag`` becomes one flag: its name, type, choices (from a
 ``Literal``), default and help sentence all come from the field, so nothing about a flag is
@@ -20,9 +20,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_typ
 
 import yaml
 
-from megalite.batch_schedule import BatchSchedule
-from megalite.checkpoint import TRACKER_FILE, rank_dir, read_latest_iteration
-from megalite.config import (
+from megalite.checkpoint.save_load import TRACKER_FILE, rank_dir, read_latest_iteration
+from megalite.config.flags import choices, flag_name
+from megalite.config.settings import (
     CONFIG_CLASSES,
     DataConfig,
     ModelConfig,
@@ -31,9 +31,9 @@ from megalite.config import (
     TrainingConfig,
     check_batch_sizes,
 )
-from megalite.flags import choices, flag_name
 from megalite.parallel.pipeline.orders import check_schedule, default_schedule
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
+from megalite.training.batch_schedule import BatchSchedule
 
 __all__ = ["build_parser", "parse_args", "validate_together", "check_context_parallel", "resolved_config"]
 

@@ -1,6 +1,6 @@
 """Measure this machine for the performance model: GEMMs, memory bandwidth, collectives, the Adam step.
 
-    python -m megalite.scaling.calibrate OUT.json [--ranks 2] [--quick]
+    python -m megalite.calibration.calibrate OUT.json [--ranks 2] [--quick]
 
 writes the calibration file that ``hardware.from_calibration`` reads (``megalite-plan --gpu cpu
 --calibration OUT.json``)::
@@ -33,10 +33,10 @@ What each figure is:
   2(n-1)/n, (n-1)/n, (n-1)/n, 1) by least squares on relative error: all four together at 2 ms
   (``network``) and each alone at each gap (``collectives``, what the model uses).  One machine
   has one network: ``inter_node`` = ``intra_node``, ``gpus_per_node`` = ranks.
-- Attention core and elementwise ops (``calibrate_ops.py``): SDPA with megalite's head copies by
+- Attention core and elementwise ops (``calibration/ops.py``): SDPA with megalite's head copies by
   (heads, s, d) and LayerNorm, GELU, the residual add and the cross-entropy by size, forward and
   backward, as effective rates on what ``compute.py`` counts for them.
-- Host overhead (``calibrate_overhead.py``): megalite's real training step at a vanishing width, split
+- Host overhead (``calibration/overhead.py``): megalite's real training step at a vanishing width, split
   into a fixed cost per layer and micro-batch, per micro-batch and per step, less what the tables
   predict for the same runs.
 - Optimizer: megalite's fused AdamW on fp32 pieces, in the bytes ``predict`` charges per state
@@ -61,9 +61,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from megalite.scaling.calibrate_ops import measure_attention, measure_elementwise
-from megalite.scaling.calibrate_overhead import measure_overhead
-from megalite.scaling.timing import median_seconds
+from megalite.calibration.ops import measure_attention, measure_elementwise
+from megalite.calibration.overhead import measure_overhead
+from megalite.calibration.timing import median_seconds
 
 __all__ = ["calibrate", "fit_alpha_beta", "COLLECTIVES"]
 
@@ -251,7 +251,7 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
     """
     if ranks < 2:
         raise ValueError(f"--ranks {ranks}: collectives need at least 2 ranks")
-    from megalite.testing import run_on_ranks
+    from megalite.parallel.testing import run_on_ranks
 
     cores = os.cpu_count() or 1
     threads = max(1, cores // ranks)

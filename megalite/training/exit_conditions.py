@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megalite.config import TrainingConfig
+from megalite.config.settings import TrainingConfig
 
 __all__ = ["ExitSignal", "exit_reason"]
 

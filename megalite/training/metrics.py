@@ -9,71 +9,26 @@ logs read megalite's, then adds megalite's own (tokens/s, MFU, peak memory, ETA)
      loss scale: 1.0 | grad norm: 0.912 | number of skipped iterations:   0 | number of nan iterations:   0 |
      tokens/s: 11,361 | TFLOP/s/device: 0.013 | MFU: 2.41% | peak memory (MB): 359 | ETA: 00:32 |
 
-(one line).  Messages go through Python's ``logging`` (logger ``megalite``): rank 0 speaks for the
-run; a message only one rank knows is prefixed ``[rank N]``.
+(one line), printed through megalite/log.py.
 """
 from __future__ import annotations
 
 import datetime
 import json
-import logging
 import math
 import os
 import resource
-import sys
 import time
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 
-from megalite.config import ModelConfig, TrainingConfig
-from megalite.metric_writers import MetricWriter
-from megalite.scaling import flops
+from megalite.config.settings import ModelConfig, TrainingConfig
+from megalite.log import print_rank0
+from megalite.model import flops
+from megalite.training.metric_writers import MetricWriter
 
-__all__ = ["Logger", "log", "print_rank0", "print_rank", "peak_memory_mb"]
-
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is when a message comes (a test's capture, a redirect)."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, _):
-        pass
-
-
-log = logging.getLogger("megalite")
-if not log.handlers:  # the run's own stream: one line per message, no logging prefixes
-    _handler = _StdoutHandler()
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(_handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def print_rank0(message: str) -> None:
-    """A message about the whole run, said once (by global rank 0)."""
-    if _rank() == 0:
-        log.info(message)
-        _flush()
-
-
-def print_rank(message: str) -> None:
-    """A message only this rank knows, prefixed with its rank."""
-    log.info(f"[rank {_rank()}] {message}")
-    _flush()
-
-
-def _flush() -> None:
-    for handler in log.handlers:
-        handler.flush()
+__all__ = ["Logger", "peak_memory_mb"]
 
 
 def peak_memory_mb(device: torch.device) -> float:

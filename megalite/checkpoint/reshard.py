@@ -2,13 +2,12 @@
 ZeRO-1 on or off, SP on or off (SP changes no tensor's layout).
 
     load_any_layout(root, model_chunks, optimizer, scheduler, grid, ...)
-        the iteration's tensor index     -> tensor_index.pt; for older saves, derived from the files
-                                            (checkpoint_legacy.py; ZeRO-1 shards: weights only)
-        the saved layout == this run's   -> checkpoint.load_checkpoint: file for file, bit for bit
+        the iteration's tensor index     -> tensor_index.pt (an iteration without one is refused)
+        the saved layout == this run's   -> save_load.load_same_layout: file for file, bit for bit
         otherwise                        -> reshard:
 
     for every tensor this rank holds in the NEW layout (a parameter's TP box; a ZeRO-1 piece of
-    its fp32 master and Adam moments), as a slice of its logical tensor (checkpoint_index.py):
+    its fp32 master and Adam moments), as a slice of its logical tensor (index.py):
         sources  = the saved slices of the same logical tensor and kind whose elements meet it
         verify   = the files holding those sources, checked against the manifest on every rank
         fill     = copy the shared elements by global coordinates; vocabulary rows beyond the
@@ -46,20 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megalite.checkpoint import (
-    TENSOR_INDEX,
-    Resumed,
-    choose_iteration,
-    iteration_dir,
-    load_checkpoint,
-    load_file,
-    rank_dir,
-    saved_layout,
-    set_rng_state,
-    stop_together,
-    verify_everywhere,
-)
-from megalite.checkpoint_index import (
+from megalite.checkpoint.index import (
     chunk_layer_numbers,
     fill_slice,
     global_name,
@@ -68,9 +54,21 @@ from megalite.checkpoint_index import (
     overlaps,
     parameter_names,
 )
-from megalite.checkpoint_legacy import legacy_index, legacy_layout
-from megalite.checkpoint_manifest import read_manifest
-from megalite.logger import print_rank0
+from megalite.checkpoint.manifest import read_manifest
+from megalite.checkpoint.save_load import (
+    TENSOR_INDEX,
+    Resumed,
+    choose_iteration,
+    iteration_dir,
+    load_file,
+    load_same_layout,
+    rank_dir,
+    saved_layout,
+    set_rng_state,
+    stop_together,
+    verify_everywhere,
+)
+from megalite.log import print_rank0
 from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.optim.schedulers import LRScheduler
 from megalite.parallel.data_parallel import unwrap_model
@@ -93,7 +91,7 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
                     sharded_optimizer: bool = False, load_optimizer: bool = True, load_rng: bool = True,
                     weights_only: bool = False) -> Resumed:
     """Restore a checkpoint whatever layout saved it (see the module docstring); the arguments are
-    :func:`megalite.checkpoint.load_checkpoint`'s, plus each chunk's global ``layer_numbers``."""
+    :func:`megalite.checkpoint.save_load.load_same_layout`'s, plus each chunk's global ``layer_numbers``."""
     common = dict(sharded_optimizer=sharded_optimizer, load_optimizer=load_optimizer, load_rng=load_rng,
                   weights_only=weights_only)
     if iteration is None:
@@ -102,9 +100,9 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
             return Resumed(0, 0, None)
     manifest = read_manifest(iteration_dir(root, iteration))
     mine = saved_layout(grid, sharded_optimizer)
-    index = _read_index(root, iteration, manifest, grid, mine)
+    index = _read_index(root, iteration, manifest, grid)
     if index["layout"] == mine:
-        return load_checkpoint(root, model_chunks, optimizer, scheduler, grid, iteration=iteration, **common)
+        return load_same_layout(root, model_chunks, optimizer, scheduler, grid, iteration=iteration, **common)
     print_rank0(f"resharding iteration {iteration} of {root}: saved with {describe_layout(index['layout'])}, "
                 f"loading at {describe_layout(mine)}")
     if weights_only:
@@ -169,24 +167,14 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
                    manifest.get("run_id") if manifest is not None else None)
 
 
-def _read_index(root: str, iteration: int, manifest: Optional[dict], grid: ProcessGrid, mine: dict) -> dict:
-    """The iteration's tensor index, verified on every rank; for a checkpoint saved before indexes,
-    the one rank 0 derives from its files (checkpoint_legacy.py), shared with every rank -- only its
-    layout when that is this run's (the files then load as they are)."""
-    if os.path.isfile(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX)):
-        return load_file(verify_everywhere(root, iteration, [TENSOR_INDEX], manifest, grid)[TENSOR_INDEX])
-    derived: list = [None]
-    if grid.rank == 0:
-        try:
-            folder = iteration_dir(root, iteration)
-            layout = legacy_layout(folder, manifest)
-            derived[0] = {"layout": layout} if layout == mine else legacy_index(folder, manifest, layout)
-        except ValueError as error:      # CheckpointError included: a damaged file, named
-            derived[0] = f"--load {root}: {error}"
-    torch.distributed.broadcast_object_list(derived, src=0)
-    if isinstance(derived[0], str):
-        raise ValueError(derived[0] if grid.rank == 0 else f"rank 0: {derived[0]}")
-    return derived[0]
+def _read_index(root: str, iteration: int, manifest: Optional[dict], grid: ProcessGrid) -> dict:
+    """The iteration's tensor index, verified on every rank.  Every save writes one: an iteration
+    without it is refused, never guessed from its files."""
+    if not os.path.isfile(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX)):
+        raise ValueError(f"--load {root}: iteration {iteration} has no {TENSOR_INDEX}, which every megalite save "
+                         f"writes: the folder was not written by megalite, or its save was cut short; point --load "
+                         f"at a complete checkpoint")
+    return load_file(verify_everywhere(root, iteration, [TENSOR_INDEX], manifest, grid)[TENSOR_INDEX])
 
 
 def _model_targets(model_chunks, layer_numbers: List[List[int]], grid: ProcessGrid) -> List[Target]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from megalite.config import TrainingConfig
+from megalite.config.settings import TrainingConfig
 
 __all__ = ["MetricWriter", "TensorBoardWriter", "WandbWriter", "build_writers", "SCALARS"]
 

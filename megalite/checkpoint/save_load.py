@@ -10,12 +10,13 @@ Layout on disk, Megatron-LM's (one folder per tensor x pipeline rank)::
         rng_dp{dp:03d}_cp{cp:03d}.pt         every rank's RNG states (torch CPU/CUDA, python, numpy,
                                              the TP RNG tracker): dropout masks differ per rank
     SAVE/iter_0000010/tensor_index.pt               every saved tensor as a slice of a logical tensor
-                                                    (checkpoint_index.py), the layout, scheduler, step
+                                                    (index.py), the layout, scheduler, step
     SAVE/iter_0000010/manifest.json                 size and CRC-32 of every file, the run's id; written
-                                                    last, then the tracker (checkpoint_manifest.py)
+                                                    last, then the tracker (manifest.py)
 
-:func:`load_checkpoint` reads the files of its own layout; a different layout (TP, PP, virtual PP,
-CP, DP, ZeRO-1) is loaded through the tensor index by ``checkpoint_reshard.py``.
+Loading has one public door, ``reshard.load_any_layout``: a checkpoint of this run's own layout is
+read file for file by :func:`load_same_layout` here; a different layout (TP, PP, virtual PP, CP, DP,
+ZeRO-1) is filled through the tensor index by ``reshard.py``.
 
 Everything is stored as tensors and plain python containers and read back with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs code from the file.  Resuming
@@ -31,8 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint_index import chunk_layer_numbers, describe_model, describe_optimizer, parameter_names
-from megalite.checkpoint_manifest import (
+from megalite.checkpoint.index import chunk_layer_numbers, describe_model, describe_optimizer, parameter_names
+from megalite.checkpoint.manifest import (
     MANIFEST,
     CheckpointError,
     complete_iterations,
@@ -43,7 +44,7 @@ from megalite.checkpoint_manifest import (
     verify_file,
     write_manifest,
 )
-from megalite.logger import print_rank0
+from megalite.log import print_rank0
 from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.optim.schedulers import LRScheduler
 from megalite.parallel.data_parallel import unwrap_model
@@ -133,7 +134,7 @@ def saved_layout(grid: ProcessGrid, sharded_optimizer: bool) -> dict:
 
 def _describe_saved_tensors(model_chunks, optimizer, grid: ProcessGrid, shard: str, sharded_optimizer: bool,
                             layer_numbers, suffix: str) -> List[dict]:
-    """The slices (checkpoint_index.py) of the tensors this rank just wrote, for the iteration's index."""
+    """The slices (index.py) of the tensors this rank just wrote, for the iteration's index."""
     layer_numbers = chunk_layer_numbers(model_chunks, layer_numbers)
     slices = []
     names = parameter_names(model_chunks, layer_numbers)
@@ -182,7 +183,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
 
     ``settings`` is a plain dict of the run's configs (kept so tools can rebuild the model);
     ``sharded_optimizer`` saves each DP rank's optimizer state (ZeRO-1) instead of DP rank 0's.
-    Files are made durable, then rank 0 writes the manifest (checkpoint_manifest.py), then the tracker.
+    Files are made durable, then rank 0 writes the manifest (megalite/checkpoint/manifest.py), then the tracker.
     """
     _check_not_another_runs(root, iteration, run_id, grid)
     folder = rank_dir(root, iteration, grid.tp_rank, grid.pp_rank)
@@ -306,7 +307,7 @@ def stop_together(fault: Optional[str], grid: ProcessGrid, error: type = ValueEr
             raise error(f"rank {rank}: {other}")
 
 
-def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: MegaliteOptimizer,
+def load_same_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: MegaliteOptimizer,
                     scheduler: LRScheduler, grid: ProcessGrid, *,
                     iteration: Optional[int] = None, sharded_optimizer: bool = False,
                     load_optimizer: bool = True, load_rng: bool = True, weights_only: bool = False) -> Resumed:
@@ -337,12 +338,12 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], optimize
     layout = state["layout"]
     current = saved_layout(grid, sharded_optimizer)
     mine = {key: current[key] for key in ("tp", "pp", "vpp", "cp")}
-    saved = {key: layout.get(key, 1) for key in mine}     # checkpoints before CP hold no "cp": CP=1
+    saved = {key: layout.get(key, 1) for key in mine}     # a layout that names no "cp" was saved at CP=1
     if saved != mine:
         raise ValueError(f"--load {root}: checkpoint was saved with TP={saved['tp']} PP={saved['pp']} "
                          f"virtual PP={saved['vpp']} CP={saved['cp']}, this run has TP={mine['tp']} PP={mine['pp']} "
                          f"virtual PP={mine['vpp']} CP={mine['cp']}; load it through "
-                         f"checkpoint_reshard.load_any_layout, or run with the saved layout")
+                         f"megalite.checkpoint.reshard.load_any_layout, or run with the saved layout")
     for i, chunk in enumerate(model_chunks):
         unwrap_model(chunk).load_state_dict(state[_model_key(i, len(model_chunks))])
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):

@@ -2,7 +2,7 @@
 
 A field is named after its Megatron-LM flag (``--num-query-groups`` <-> ``num_query_groups``) and
 declared with ``flags.flag``: its type (``Literal[...]`` lists the allowed values), default, help
-sentence and range live together here, and ``arguments.py`` generates the command line from them,
+sentence and range live together here, and ``megalite/training/arguments.py`` generates the command line from them,
 so ``--help`` shows exactly what is declared.  Each class checks its own fields in ``__post_init__``
 (the declared choices and ranges, then the rules among its fields) and says what would work; rules that span
 two configs are checked once, in ``arguments.validate_together``.
@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Tuple
 
-from megalite.flags import check_fields, flag
+from megalite.config.flags import check_fields, flag
 from megalite.parallel.pipeline.orders import PipelineSchedule
 
 # Choices that the code reading them imports from here (optim/schedulers.py, data/tokenizer.py);

@@ -1,6 +1,6 @@
 """How a config field becomes a command-line flag: :func:`flag` declares it (default, help sentence,
 range, Megatron's spelling), :func:`check_fields` checks a config against its declarations, and
-``arguments.py`` reads the same declarations to build the parser."""
+``megalite/training/arguments.py`` reads the same declarations to build the parser."""
 from __future__ import annotations
 
 from dataclasses import field, fields
