@@ -64,7 +64,7 @@ def real_run(rank, world_size, schedule, m, v, config, measured_steps=1):
 
     from megalite.config.settings import OptimizerConfig
     from megalite.model.build import build_model_chunks
-    from megalite.model.gpt import loss_from_per_token
+    from megalite.model.loss import language_model_loss
     from megalite.optim import build_optimizer
     from megalite.parallel.grads import finalize_model_grads
     from megalite.parallel.pipeline.schedules import get_forward_backward_func
@@ -82,7 +82,7 @@ def real_run(rank, world_size, schedule, m, v, config, measured_steps=1):
         per_token_loss = chunk(tokens[:, :-1], labels=tokens[:, 1:])
 
         def loss_func(output):
-            loss = loss_from_per_token(output, torch.ones_like(output))
+            loss = language_model_loss(output, torch.ones_like(output)).loss
             return loss, {"lm loss": loss.detach()}
         return per_token_loss, loss_func
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import nn
 
 from megalite.config.settings import ModelConfig
@@ -151,9 +150,3 @@ class GPTModel(nn.Module):
             return logits
         loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size)  # [s, b] float32
         return loss.t().contiguous()                                       # [b, s]
-
-
-def loss_from_per_token(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean loss over the tokens that count: sum(l * m) / sum(m).  per_token_loss, loss_mask: [b, s]."""
-    loss_mask = loss_mask.to(per_token_loss.dtype)
-    return (per_token_loss * loss_mask).sum() / loss_mask.sum()

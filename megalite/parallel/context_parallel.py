@@ -22,10 +22,7 @@ each local query chunk against the keys up to its end with the exact mask ``key 
 index``.  (Ring attention, Liu et al. 2023, would pass K/V blocks around the ring with an online
 softmax instead, overlapping communication; not built here.)
 
-**The loss.**  Each CP rank sees part of each sequence's tokens, and DDP averages gradients over
-DP x CP.  :func:`context_parallel_loss` divides the local sum of token losses by the token count of
-the WHOLE micro-batch (summed over CP) and multiplies by CP, so the DDP average over CP turns the
-CP ranks' gradients into the gradient of ``sum(l m) / sum(m)`` over all tokens: the one-rank loss.
+**The loss** over a split sequence is megalite/model/loss.py's, which sums the token counts over CP.
 """
 from __future__ import annotations
 
@@ -34,11 +31,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megalite.parallel import state
-from megalite.parallel.mappings import all_gather_along, all_reduce, reduce_scatter_along
+from megalite.parallel.mappings import all_gather_along, reduce_scatter_along
 
 __all__ = ["cp_group", "cp_size", "cp_rank", "chunk_ids", "split_sequence", "merge_sequence",
            "split_for_context_parallel", "merge_from_context_parallel", "context_parallel_positions",
-           "gather_from_cp", "attention_over_cp", "context_parallel_loss"]
+           "gather_from_cp", "attention_over_cp"]
 
 # attend(q [b, a, sq, d], k [b, g, sk, d], v [b, g, sk, d], mask [sq, sk] bool or None = causal) -> [b, a, sq, d]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -155,23 +152,3 @@ def attention_over_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend:
         mask = torch.ones(c, keys, dtype=torch.bool, device=q.device).tril(diagonal=chunk * c)
         outputs.append(attend(q[:, :, slot * c:(slot + 1) * c], k_all[:, :, :keys], v_all[:, :, :keys], mask))
     return torch.cat(outputs, dim=2)
-
-
-# -- the loss ----------------------------------------------------------------------------------------
-def context_parallel_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, the micro-batch's mean loss over all its tokens, detached).
-
-    per_token_loss, loss_mask: [b, s/CP], this CP rank's tokens.  With ``S_r = sum(l m)`` and
-    ``M_r = sum(m)`` on CP rank r, the one-rank loss is ``sum_r S_r / sum_r M_r``; rank r
-    backpropagates ``CP S_r / sum_q M_q``, because DDP then averages the gradients over DP x CP
-    (Megatron-LM's pretrain_gpt multiplies by the CP size for the same reason).  Without CP both
-    values are ``sum(l m) / sum(m)``.
-    """
-    loss_mask = loss_mask.to(per_token_loss.dtype)
-    local_sum = (per_token_loss * loss_mask).sum()
-    size = cp_size()
-    if size == 1:
-        loss = local_sum / loss_mask.sum()
-        return loss, loss.detach()
-    totals = all_reduce(torch.stack([local_sum.detach(), loss_mask.sum()]), group=cp_group())
-    return local_sum * (size / totals[1]), totals[0] / totals[1]

@@ -39,11 +39,11 @@ from megalite.log import print_rank0
 from megalite.model import flops
 from megalite.model.build import build_model, wrap_for_data_parallel
 from megalite.model.compile import compile_layers
+from megalite.model.loss import language_model_loss
 from megalite.optim import build_optimizer
 from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.optim.schedulers import LRScheduler
 from megalite.parallel import state
-from megalite.parallel.context_parallel import context_parallel_loss
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.launch import init_distributed, shut_down_distributed
 from megalite.parallel.pipeline.schedules import get_forward_backward_func
@@ -192,13 +192,13 @@ def forward_step_func(run: Run, scale_loss: bool):
 
     Under context parallelism the batch holds this CP rank's tokens (``MicroBatches``); the loss
     to backpropagate is scaled so that DDP's average over DP x CP gives the one-rank gradient, and
-    the logged loss is the micro-batch's mean over all its tokens (``context_parallel_loss``)."""
+    the logged loss is the micro-batch's mean over all its tokens (megalite/model/loss.py)."""
     def forward_step(data_iterator, model_chunk):
         batch = next(data_iterator)
         output = model_chunk(batch["tokens"], batch["position_ids"], labels=batch["labels"])
 
         def loss_func(per_token_loss):  # per_token_loss: [b, s/cp] float32, on the last stage only
-            loss, mean_loss = context_parallel_loss(per_token_loss.float(), batch["loss_mask"])
+            loss, mean_loss = language_model_loss(per_token_loss.float(), batch["loss_mask"])
             backward_loss = run.optimizer.scale_loss(loss) if scale_loss else loss
             return backward_loss, {"lm loss": mean_loss}
         return output, loss_func

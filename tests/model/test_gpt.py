@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from megalite.config.settings import ModelConfig
-from megalite.model.gpt import GPTModel, loss_from_per_token
+from megalite.model.gpt import GPTModel
+from megalite.model.loss import language_model_loss
 from megalite.parallel.param_info import param_info
 
 GPT = dict()
@@ -63,7 +64,7 @@ def test_tiny_model_overfits_one_batch(variant):
     losses = []
     for _ in range(40):
         optimizer.zero_grad()
-        loss = loss_from_per_token(model(ids[:, :-1].contiguous(), labels=ids[:, 1:].contiguous()), mask[:, 1:])
+        loss = language_model_loss(model(ids[:, :-1].contiguous(), labels=ids[:, 1:].contiguous()), mask[:, 1:]).loss
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -128,10 +129,10 @@ def test_rope_depends_only_on_relative_positions():
     assert not torch.allclose(gpt(ids, positions + 37), gpt(ids, positions), atol=1e-3)
 
 
-def test_loss_from_per_token_weights_by_mask():
+def test_language_model_loss_weights_by_mask():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1, 1, 0], [0, 1, 0]])
-    assert loss_from_per_token(loss, mask).item() == pytest.approx((1 + 2 + 5) / 3)
+    assert language_model_loss(loss, mask).mean.item() == pytest.approx((1 + 2 + 5) / 3)
 
 
 def test_grouped_query_attention_needs_tp_to_divide_the_groups():

@@ -9,13 +9,13 @@ import torch
 import torch.distributed as dist
 
 from megalite.config.settings import ModelConfig
-from megalite.model.gpt import GPTModel, loss_from_per_token
+from megalite.model.gpt import GPTModel
+from megalite.model.loss import language_model_loss
 from megalite.model.transformer import TransformerLayer, causal_attention
 from megalite.parallel import random as tp_random
 from megalite.parallel import state
 from megalite.parallel.context_parallel import (
     attention_over_cp,
-    context_parallel_loss,
     merge_from_context_parallel,
     merge_sequence,
     split_for_context_parallel,
@@ -25,6 +25,11 @@ from megalite.parallel.mappings import comm_counter
 from megalite.parallel.testing import run_on_ranks, saved_activation_bytes
 from megalite.training.arguments import parse_args
 from tests.parallel.tp_harness import batch, model_config
+
+
+def masked_mean(per_token, mask):
+    """The one-rank loss over the whole sequence, written out: the reference the CP loss must equal."""
+    return (per_token * mask).sum() / mask.sum()
 
 
 # -- the split (pure) --------------------------------------------------------------------------------
@@ -102,13 +107,13 @@ def _loss_errors(rank):
     per_token = torch.rand(2, 8, generator=g, requires_grad=True)
     mask = torch.ones(2, 8)
     mask[0, :5] = 0      # the CP ranks count different numbers of tokens
-    loss_from_per_token(per_token, mask).backward()
+    masked_mean(per_token, mask).backward()
     size = state.get_grid().cp_size
     local = split_sequence(per_token.detach(), size, rank, dim=1).requires_grad_()
-    loss, mean = context_parallel_loss(local, split_sequence(mask, size, rank, dim=1))
+    loss, mean = language_model_loss(local, split_sequence(mask, size, rank, dim=1))
     loss.backward()
     grad = local.grad / size    # what DDP's average over the CP group leaves (the others are replicas)
-    return abs(mean.item() - loss_from_per_token(per_token, mask).item()), \
+    return abs(mean.item() - masked_mean(per_token, mask).item()), \
         (grad - split_sequence(per_token.grad, size, rank, dim=1)).abs().max().item()
 
 
@@ -130,7 +135,7 @@ def _recompute_grads(recompute):
     size, rank = state.get_grid().cp_size, state.get_grid().cp_rank
     split = split_for_context_parallel({"t": tokens, "p": positions, "l": labels}, size, rank)
     tp_random.model_parallel_seed(5)
-    loss, _ = context_parallel_loss(model(split["t"], split["p"], labels=split["l"]), torch.ones_like(split["t"]))
+    loss, _ = language_model_loss(model(split["t"], split["p"], labels=split["l"]), torch.ones_like(split["t"]))
     loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 

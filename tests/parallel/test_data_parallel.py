@@ -286,7 +286,7 @@ def _gpt_batch(step: int, n: int = 8):
 
 
 def _train_gpt(model, optimizer, grid, accumulation, dp_size, dp_rank, steps=STEPS):
-    from megalite.model.gpt import loss_from_per_token
+    from megalite.model.loss import language_model_loss
     losses = []
     for step in range(steps):
         optimizer.zero_grad()
@@ -300,7 +300,7 @@ def _train_gpt(model, optimizer, grid, accumulation, dp_size, dp_rank, steps=STE
             with sync:
                 t, y = tokens[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro]
                 positions = torch.arange(t.shape[1]).expand_as(t)
-                loss = loss_from_per_token(model(t, positions, labels=y), torch.ones_like(y, dtype=torch.float32))
+                loss = language_model_loss(model(t, positions, labels=y), torch.ones_like(y, dtype=torch.float32)).loss
                 (loss / accumulation).backward()
         if grid is not None:
             finalize_model_grads([model], grid)

@@ -3,7 +3,8 @@ for bit, because every RNG stream is replayed; and recompute really keeps fewer 
 import pytest
 import torch
 
-from megalite.model.gpt import GPTModel, loss_from_per_token
+from megalite.model.gpt import GPTModel
+from megalite.model.loss import language_model_loss
 from megalite.parallel import random as tp_random
 from megalite.parallel import state
 from megalite.parallel.testing import run_on_ranks
@@ -26,7 +27,7 @@ def _loss_grads_saved(config, seed=5):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         per_token = model(tokens, positions, labels=labels)
-        loss = loss_from_per_token(per_token, torch.ones_like(labels, dtype=torch.float32))
+        loss = language_model_loss(per_token, torch.ones_like(labels, dtype=torch.float32)).loss
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, sum(saved.values())
 

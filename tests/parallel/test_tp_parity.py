@@ -12,7 +12,8 @@ every parameter after the 10 steps.  Vocabulary sizes 101 and 100 do not divide 
 import pytest
 import torch
 
-from megalite.model.gpt import GPTModel, loss_from_per_token
+from megalite.model.gpt import GPTModel
+from megalite.model.loss import language_model_loss
 from megalite.parallel import state
 from megalite.parallel.grads import allreduce_sequence_parallel_grads
 from megalite.parallel.testing import run_on_ranks
@@ -38,7 +39,7 @@ def train(config):
     losses, first_grads = [], None
     for step in range(STEPS):
         optimizer.zero_grad()
-        loss = loss_from_per_token(model(tokens, positions, labels=labels), mask)
+        loss = language_model_loss(model(tokens, positions, labels=labels), mask).loss
         loss.backward()
         if state.grid_is_initialized():
             # The SP part of finalize_model_grads (its DP average would mix the two cases of a TP=2 round).

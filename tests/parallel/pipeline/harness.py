@@ -17,7 +17,7 @@ import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
 from megalite.config.settings import ModelConfig, OptimizerConfig
 from megalite.model.build import build_model_chunks
-from megalite.model.gpt import loss_from_per_token
+from megalite.model.loss import language_model_loss
 from megalite.optim import build_optimizer
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.pipeline.schedules import get_forward_backward_func
@@ -61,7 +61,7 @@ def forward_step(data_iterator, chunk):
     output = chunk(batch["tokens"], labels=batch["labels"])
 
     def loss_func(per_token_loss):  # [b, s], last stage only
-        loss = loss_from_per_token(per_token_loss, batch["loss_mask"])
+        loss = language_model_loss(per_token_loss, batch["loss_mask"]).loss
         return loss, {"lm loss": loss.detach()}
     return output, loss_func
 
