@@ -32,6 +32,7 @@ Adam moment, and weight decay of zero is zero -- so this is the value they would
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,12 +40,47 @@ import torch
 from megalite.parallel.data_parallel import unwrap_model
 from megalite.parallel.param_info import param_info
 
-__all__ = ["WORD_EMBEDDING", "VOCAB_ROWS", "global_name", "logical_box", "chunk_layer_numbers", "parameter_names",
-           "describe_model", "describe_optimizer", "element_keys", "overlaps", "key_shape_of", "fill_slice"]
+__all__ = ["Slice", "WORD_EMBEDDING", "VOCAB_ROWS", "global_name", "logical_box", "chunk_layer_numbers",
+           "parameter_names", "describe_model", "describe_optimizer", "element_keys", "overlaps", "key_shape_of",
+           "fill_slice"]
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 VOCAB_ROWS = (WORD_EMBEDDING, "output_layer.weight")   # [padded_vocab, h]: their row count depends on TP
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A flat range of a box of one logical tensor (the module docstring), and where its values are saved.
+
+    The tensor index stores each as a plain dict (:meth:`to_saved`), which ``torch.load(weights_only=True)``
+    reads back without running code from the file."""
+    name: str                       # the logical tensor, under its global layer number
+    kind: str                       # "param", "master", "exp_avg" or "exp_avg_sq"
+    shape: Tuple[int, ...]          # the logical tensor's shape
+    dim: Optional[int]              # the box's split dim; None when the box is the whole tensor
+    offset: int                     # where the box starts along ``dim``
+    local_shape: Tuple[int, ...]    # the box's shape
+    start: int                      # the range [start, end) of the box's row-major elements
+    end: int
+    file: Optional[str] = None      # the saved file holding the values, relative to the iteration folder
+    where: tuple = ()               # the keys leading to the values inside that file
+
+    def __post_init__(self):
+        for name in ("shape", "local_shape", "where"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def to_saved(self) -> dict:
+        saved = asdict(self)
+        return dict(saved, shape=list(self.shape), local_shape=list(self.local_shape), where=list(self.where))
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "Slice":
+        names = [field.name for field in fields(cls)]
+        if not isinstance(saved, dict) or set(saved) != set(names):
+            found = sorted(saved) if isinstance(saved, dict) else repr(saved)
+            raise ValueError(f"a slice of the tensor index has the fields {found}, not {names}; the index is damaged")
+        return cls(**saved)
 
 
 def global_name(local_name: str, layer_numbers: Sequence[int], tied_copy: bool) -> str:
@@ -60,7 +96,8 @@ def global_name(local_name: str, layer_numbers: Sequence[int], tied_copy: bool) 
 
 
 def logical_box(tensor: torch.Tensor, dim: Optional[int], tp_rank: int, tp_size: int) -> dict:
-    """The logical shape and the TP-local box of a tensor split along ``dim`` into ``tp_size`` equal shards."""
+    """The logical shape and the TP-local box of a tensor split along ``dim`` into ``tp_size`` equal shards
+    (the box fields of a :class:`Slice`)."""
     local = list(tensor.shape)
     shape = list(local)
     offset = 0
@@ -71,7 +108,7 @@ def logical_box(tensor: torch.Tensor, dim: Optional[int], tp_rank: int, tp_size:
 
 
 def describe_model(model_chunks: Sequence[torch.nn.Module], layer_numbers: Sequence[Sequence[int]],
-                   tp_rank: int, tp_size: int, file: str) -> List[dict]:
+                   tp_rank: int, tp_size: int, file: str) -> List[Slice]:
     """One slice (kind "param", the whole box) per state-dict entry of each chunk; ``where`` is
     ``(chunk key, local name)`` inside ``file`` (the keys ``checkpoint.save_checkpoint`` writes)."""
     slices = []
@@ -79,9 +116,9 @@ def describe_model(model_chunks: Sequence[torch.nn.Module], layer_numbers: Seque
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         for name, tensor in unwrap_model(chunk).state_dict(keep_vars=True).items():
             info = param_info(tensor)
-            slices.append(dict(name=global_name(name, layer_numbers[index], info.shared_embedding), kind="param",
-                               **logical_box(tensor, info.partition_dim, tp_rank, tp_size), start=0, end=tensor.numel(),
-                               file=file, where=[key, name]))
+            slices.append(Slice(name=global_name(name, layer_numbers[index], info.shared_embedding), kind="param",
+                                **logical_box(tensor, info.partition_dim, tp_rank, tp_size), start=0,
+                                end=tensor.numel(), file=file, where=(key, name)))
     return slices
 
 
@@ -104,7 +141,7 @@ def parameter_names(model_chunks: Sequence[torch.nn.Module],
 
 
 def describe_optimizer(optimizer, names: Dict[int, str], tp_rank: int, tp_size: int, file: str,
-                       root: Sequence = ()) -> List[dict]:
+                       root: Sequence = ()) -> List[Slice]:
     """Slices of the optimizer's pieces (``MegaliteOptimizer.state_dict()['pieces']``, stored at ``root``
     inside ``file``): the moments, and the fp32 master where the parameter has its own."""
     slices = []
@@ -112,60 +149,60 @@ def describe_optimizer(optimizer, names: Dict[int, str], tp_rank: int, tp_size: 
         box = logical_box(piece.param, param_info(piece.param).partition_dim, tp_rank, tp_size)
         kinds = ("exp_avg", "exp_avg_sq") + (("master",) if piece.has_own_master else ())
         for kind in kinds:
-            slices.append(dict(name=names[id(piece.param)], kind=kind, **box, start=piece.start, end=piece.end,
-                               file=file, where=[*root, "pieces", i, kind]))
+            slices.append(Slice(name=names[id(piece.param)], kind=kind, **box, start=piece.start, end=piece.end,
+                                file=file, where=(*root, "pieces", i, kind)))
     return slices
 
 
 # -- element arithmetic ----------------------------------------------------------------------------
-def element_keys(part: dict, key_shape: Sequence[int], start: Optional[int] = None,
+def element_keys(part: Slice, key_shape: Sequence[int], start: Optional[int] = None,
                  end: Optional[int] = None) -> torch.Tensor:
     """Global row-major keys, in ``key_shape``, of the slice's elements ``[start, end)`` (default: all).
 
     int64 [end - start], strictly increasing.  ``key_shape`` must hold every coordinate of the box.
     """
-    start = part["start"] if start is None else start
-    end = part["end"] if end is None else end
+    start = part.start if start is None else start
+    end = part.end if end is None else end
     flat = torch.arange(start, end, dtype=torch.int64)
     keys = torch.zeros_like(flat)
     stride = 1
-    for d in reversed(range(len(part["local_shape"]))):
-        coordinate = flat % part["local_shape"][d]
-        flat = flat // part["local_shape"][d]
-        if d == part["dim"]:
-            coordinate = coordinate + part["offset"]
+    for d in reversed(range(len(part.local_shape))):
+        coordinate = flat % part.local_shape[d]
+        flat = flat // part.local_shape[d]
+        if d == part.dim:
+            coordinate = coordinate + part.offset
         keys += coordinate * stride
         stride *= key_shape[d]
     return keys
 
 
-def overlaps(a: dict, b: dict, key_shape: Sequence[int]) -> bool:
+def overlaps(a: Slice, b: Slice, key_shape: Sequence[int]) -> bool:
     """Whether two slices of one logical tensor can share an element (their key ranges meet)."""
-    if a["end"] <= a["start"] or b["end"] <= b["start"]:
+    if a.end <= a.start or b.end <= b.start:
         return False
-    a_first, a_last = element_keys(a, key_shape, a["start"], a["start"] + 1), element_keys(a, key_shape, a["end"] - 1)
-    b_first, b_last = element_keys(b, key_shape, b["start"], b["start"] + 1), element_keys(b, key_shape, b["end"] - 1)
+    a_first, a_last = element_keys(a, key_shape, a.start, a.start + 1), element_keys(a, key_shape, a.end - 1)
+    b_first, b_last = element_keys(b, key_shape, b.start, b.start + 1), element_keys(b, key_shape, b.end - 1)
     return bool(a_first <= b_last) and bool(b_first <= a_last)
 
 
-def key_shape_of(target: dict, sources: Sequence[dict]) -> List[int]:
+def key_shape_of(target: Slice, sources: Sequence[Slice]) -> List[int]:
     """A shape holding every coordinate of the target and of the sources (they differ in vocabulary rows)."""
-    shape = list(target["shape"])
+    shape = list(target.shape)
     for source in sources:
-        if len(source["shape"]) != len(shape):
-            raise ValueError(f"checkpoint tensor {target['name']} has shape {source['shape']}, this model "
-                             f"{target['shape']}; it was saved for another model")
-        shape = [max(a, b) for a, b in zip(shape, source["shape"])]
+        if len(source.shape) != len(shape):
+            raise ValueError(f"checkpoint tensor {target.name} has shape {list(source.shape)}, this model "
+                             f"{list(target.shape)}; it was saved for another model")
+        shape = [max(a, b) for a, b in zip(shape, source.shape)]
     return shape
 
 
-def _box_ranges(part: dict) -> List[range]:
+def _box_ranges(part: Slice) -> List[range]:
     """The global coordinates the slice's box spans, per dim."""
-    return [range(part["offset"], part["offset"] + size) if d == part["dim"] else range(size)
-            for d, size in enumerate(part["local_shape"])]
+    return [range(part.offset, part.offset + size) if d == part.dim else range(size)
+            for d, size in enumerate(part.local_shape)]
 
 
-def _intersection(target: dict, source: dict) -> Optional[Tuple[tuple, tuple]]:
+def _intersection(target: Slice, source: Slice) -> Optional[Tuple[tuple, tuple]]:
     """(index into the target box, index into the source box) of the rectangle both boxes cover."""
     into, out_of = [], []
     for mine, theirs in zip(_box_ranges(target), _box_ranges(source)):
@@ -178,7 +215,7 @@ def _intersection(target: dict, source: dict) -> Optional[Tuple[tuple, tuple]]:
 
 
 @torch.no_grad()
-def fill_slice(out: torch.Tensor, target: dict, sources: Sequence[dict], read) -> None:
+def fill_slice(out: torch.Tensor, target: Slice, sources: Sequence[Slice], read) -> None:
     """Write into ``out`` (1-D, the target slice's elements) the values the ``sources`` slices hold.
 
     ``read(source)`` returns a source slice's values as a 1-D CPU tensor; ``out`` may live on any
@@ -190,45 +227,45 @@ def fill_slice(out: torch.Tensor, target: dict, sources: Sequence[dict], read) -
     element that no source holds is an error naming the tensor.
     """
     if not sources:
-        raise ValueError(f"the checkpoint holds no {target['kind']} of {target['name']}; it was saved for another "
+        raise ValueError(f"the checkpoint holds no {target.kind} of {target.name}; it was saved for another "
                          f"model")
     key_shape = key_shape_of(target, sources)
-    box = torch.zeros(target["local_shape"], dtype=out.dtype)
-    filled = torch.zeros(target["local_shape"], dtype=torch.bool)
-    by_box: Dict[tuple, List[dict]] = {}
+    box = torch.zeros(target.local_shape, dtype=out.dtype)
+    filled = torch.zeros(target.local_shape, dtype=torch.bool)
+    by_box: Dict[tuple, List[Slice]] = {}
     for source in sources:
         if overlaps(source, target, key_shape):
-            by_box.setdefault((source["offset"], tuple(source["local_shape"])), []).append(source)
+            by_box.setdefault((source.offset, tuple(source.local_shape)), []).append(source)
     for pieces in by_box.values():
         meeting = _intersection(target, pieces[0])
         if meeting is None:
             continue
-        source_box = torch.zeros(pieces[0]["local_shape"], dtype=out.dtype)
-        source_has = torch.zeros(pieces[0]["local_shape"], dtype=torch.bool)
+        source_box = torch.zeros(pieces[0].local_shape, dtype=out.dtype)
+        source_has = torch.zeros(pieces[0].local_shape, dtype=torch.bool)
         for piece in pieces:
-            source_box.view(-1)[piece["start"]:piece["end"]] = read(piece).to(out.dtype)
-            source_has.view(-1)[piece["start"]:piece["end"]] = True
+            source_box.view(-1)[piece.start:piece.end] = read(piece).to(out.dtype)
+            source_has.view(-1)[piece.start:piece.end] = True
         into, out_of = meeting
         has = source_has[out_of]
         box[into] = torch.where(has, source_box[out_of], box[into])
         filled[into] |= has
-    wanted = filled.view(-1)[target["start"]:target["end"]]
+    wanted = filled.view(-1)[target.start:target.end]
     if not bool(wanted.all()):
         _check_only_padding_is_missing(~filled, target, sources)
-    out.copy_(box.view(-1)[target["start"]:target["end"]])   # missing padding rows: the zeros box began with
+    out.copy_(box.view(-1)[target.start:target.end])   # missing padding rows: the zeros box began with
 
 
-def _check_only_padding_is_missing(missing: torch.Tensor, target: dict, sources: Sequence[dict]) -> None:
+def _check_only_padding_is_missing(missing: torch.Tensor, target: Slice, sources: Sequence[Slice]) -> None:
     """``missing``: the target's box, True where no source had the element (only its range matters)."""
     missing = missing.reshape(-1).clone()
-    missing[:target["start"]] = False
-    missing[target["end"]:] = False
+    missing[:target.start] = False
+    missing[target.end:] = False
     # Only vocabulary rows may be missing (see the module docstring); anything else is an error.
-    if target["name"] in VOCAB_ROWS and target["local_shape"]:
-        first_row = target["offset"] if target["dim"] == 0 else 0
-        saved_local_rows = max(0, min(s["shape"][0] for s in sources) - first_row)
-        missing = missing.view(target["local_shape"][0], -1)[:saved_local_rows]
+    if target.name in VOCAB_ROWS and target.local_shape:
+        first_row = target.offset if target.dim == 0 else 0
+        saved_local_rows = max(0, min(s.shape[0] for s in sources) - first_row)
+        missing = missing.view(target.local_shape[0], -1)[:saved_local_rows]
     if bool(missing.any()):
-        raise ValueError(f"the checkpoint holds no {target['kind']} values for {int(missing.sum())} elements of "
-                         f"{target['name']} (shape {target['shape']}, saved {sources[0]['shape']}); it was saved "
+        raise ValueError(f"the checkpoint holds no {target.kind} values for {int(missing.sum())} elements of "
+                         f"{target.name} (shape {list(target.shape)}, saved {list(sources[0].shape)}); it was saved "
                          f"for another model or its tensor index is incomplete")

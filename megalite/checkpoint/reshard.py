@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megalite.checkpoint.index import (
+    Slice,
     chunk_layer_numbers,
     fill_slice,
     global_name,
@@ -77,7 +78,7 @@ from megalite.parallel.state import ProcessGrid
 
 __all__ = ["load_any_layout", "describe_layout"]
 
-Target = Tuple[torch.Tensor, dict]    # (the 1-D tensor to fill, its slice description)
+Target = Tuple[torch.Tensor, Slice]    # (the 1-D tensor to fill, its slice description)
 
 
 def describe_layout(layout: dict) -> str:
@@ -114,17 +115,17 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
                          f"{why}. To take the weights only, pass --no-load-optim (or --finetune)")
     layer_numbers = chunk_layer_numbers(model_chunks, layer_numbers)
     saved = defaultdict(list)
-    for part in index["slices"]:
-        saved[(part["name"], part["kind"])].append(part)
+    for part in map(Slice.from_saved, index["slices"]):
+        saved[(part.name, part.kind)].append(part)
 
     targets = _model_targets(model_chunks, layer_numbers, grid)
     if load_optimizer:
         names = parameter_names(model_chunks, layer_numbers)
         targets += _optimizer_targets(optimizer, names, grid, has_masters={n for n, k in saved if k == "master"})
-    plan = [(out, target, saved[(target["name"], target["kind"])]) for out, target in targets]
+    plan = [(out, target, saved[(target.name, target.kind)]) for out, target in targets]
     fault, files = None, []
     try:
-        files = sorted({source["file"] for _, target, sources in plan
+        files = sorted({source.file for _, target, sources in plan
                         for source in sources if overlaps(source, target, key_shape_of(target, sources))})
     except ValueError as error:
         fault = f"--load {root}: {error}"
@@ -134,15 +135,15 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
 
     opened: Dict[str, object] = {}
 
-    def read(source: dict) -> torch.Tensor:
-        if source["file"] not in opened:
-            opened[source["file"]] = load_file(paths[source["file"]], mmap=True)
-        value = opened[source["file"]]
-        for key in source["where"]:
+    def read(source: Slice) -> torch.Tensor:
+        if source.file not in opened:
+            opened[source.file] = load_file(paths[source.file], mmap=True)
+        value = opened[source.file]
+        for key in source.where:
             value = value[key]
-        if value.numel() != source["end"] - source["start"]:
-            raise ValueError(f"{source['file']} holds {value.numel()} elements at {source['where']}, its index "
-                             f"says {source['end'] - source['start']} ({source['name']}); the index does not match "
+        if value.numel() != source.end - source.start:
+            raise ValueError(f"{source.file} holds {value.numel()} elements at {source.where}, its index "
+                             f"says {source.end - source.start} ({source.name}); the index does not match "
                              f"the files")
         return value.reshape(-1)
 
@@ -185,7 +186,7 @@ def _model_targets(model_chunks, layer_numbers: List[List[int]], grid: ProcessGr
                 continue
             seen.add(id(tensor))
             info = param_info(tensor)
-            target = dict(name=global_name(name, numbers, info.shared_embedding), kind="param",
+            target = Slice(name=global_name(name, numbers, info.shared_embedding), kind="param",
                           **logical_box(tensor, info.partition_dim, grid.tp_rank, grid.tp_size),
                           start=0, end=tensor.numel())
             targets.append((tensor.detach().view(-1), target))
@@ -204,7 +205,7 @@ def _optimizer_targets(optimizer: MegaliteOptimizer, names: Dict[int, str], grid
         if piece.has_own_master and name in has_masters:
             tensors["master"] = piece.master
         for kind, tensor in tensors.items():
-            targets.append((tensor, dict(name=name, kind=kind, **box, start=piece.start, end=piece.end)))
+            targets.append((tensor, Slice(name=name, kind=kind, **box, start=piece.start, end=piece.end)))
     return targets
 
 

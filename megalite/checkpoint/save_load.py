@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint.index import chunk_layer_numbers, describe_model, describe_optimizer, parameter_names
+from megalite.checkpoint.index import Slice, chunk_layer_numbers, describe_model, describe_optimizer, parameter_names
 from megalite.checkpoint.manifest import (
     MANIFEST,
     CheckpointError,
@@ -133,7 +133,7 @@ def saved_layout(grid: ProcessGrid, sharded_optimizer: bool) -> dict:
 
 
 def _describe_saved_tensors(model_chunks, optimizer, grid: ProcessGrid, shard: str, sharded_optimizer: bool,
-                            layer_numbers, suffix: str) -> List[dict]:
+                            layer_numbers, suffix: str) -> List[Slice]:
     """The slices (index.py) of the tensors this rank just wrote, for the iteration's index."""
     layer_numbers = chunk_layer_numbers(model_chunks, layer_numbers)
     slices = []
@@ -228,7 +228,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "optimizer": None if optimizer is None else
                  {k: v for k, v in optimizer.state_dict().items() if k != "pieces"},
-                 "slices": [part for _, rank_slices in everyone for part in rank_slices], "no_optimizer_because": None}
+                 "slices": [part.to_saved() for _, rank_slices in everyone for part in rank_slices],
+                 "no_optimizer_because": None}
         _save(index, os.path.join(iteration_dir(root, iteration), TENSOR_INDEX))
         files[TENSOR_INDEX] = file_entry(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX))
         write_manifest(iteration_dir(root, iteration), iteration, run_id, files)

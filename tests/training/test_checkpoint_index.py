@@ -3,7 +3,7 @@ into slices cut under another, equal the logical tensor's own elements."""
 import pytest
 import torch
 
-from megalite.checkpoint.index import fill_slice, global_name
+from megalite.checkpoint.index import Slice, fill_slice, global_name
 
 
 def _slices(full: torch.Tensor, dim, tp: int, cuts_per_box: int, name="w", kind="param"):
@@ -16,9 +16,9 @@ def _slices(full: torch.Tensor, dim, tp: int, cuts_per_box: int, name="w", kind=
         bounds = sorted({0, flat.numel(), *[(flat.numel() * (2 * i + 1)) // (2 * cuts_per_box + 1)
                                              for i in range(cuts_per_box)]})
         for start, end in zip(bounds, bounds[1:]):
-            parts.append((flat[start:end].clone(), dict(
-                name=name, kind=kind, shape=list(full.shape), dim=dim,
-                offset=0 if dim is None else rank * box.shape[dim], local_shape=list(box.shape), start=start, end=end)))
+            parts.append((flat[start:end].clone(), Slice(
+                name=name, kind=kind, shape=full.shape, dim=dim,
+                offset=0 if dim is None else rank * box.shape[dim], local_shape=box.shape, start=start, end=end)))
     return parts
 
 
@@ -39,12 +39,12 @@ def _assemble(parts, shape):
     """The logical tensor from slices (the test's own reference path: box by box)."""
     full = torch.empty(shape)
     for value, desc in parts:
-        dim, offset = desc["dim"], desc["offset"]
+        dim, offset = desc.dim, desc.offset
         box_index = [slice(None)] * len(shape)
         if dim is not None:
-            box_index[dim] = slice(offset, offset + desc["local_shape"][dim])
+            box_index[dim] = slice(offset, offset + desc.local_shape[dim])
         box = full[tuple(box_index)].contiguous()
-        box.view(-1)[desc["start"]:desc["end"]] = value
+        box.view(-1)[desc.start:desc.end] = value
         full[tuple(box_index)] = box
     return full
 
@@ -94,3 +94,13 @@ def test_global_names_use_global_layer_numbers_and_one_name_for_the_tied_embeddi
         "decoder.layers.5.mlp.linear_fc1.weight"
     assert global_name("output_layer.weight", [6, 7], True) == "embedding.word_embeddings.weight"
     assert global_name("final_norm.weight", [6, 7], False) == "final_norm.weight"
+
+
+def test_a_slice_survives_the_tensor_index_and_a_damaged_one_is_named():
+    part = Slice(name="w", kind="master", shape=[4, 6], dim=1, offset=3, local_shape=[4, 3], start=2, end=9,
+                 file="mp_rank_00/optimizer_dp000_cp000.pt", where=["pieces", 0, "master"])
+    saved = part.to_saved()
+    assert saved["shape"] == [4, 6] and saved["where"] == ["pieces", 0, "master"]
+    assert Slice.from_saved(saved) == part
+    with pytest.raises(ValueError, match="the index is damaged"):
+        Slice.from_saved({k: v for k, v in saved.items() if k != "where"})
