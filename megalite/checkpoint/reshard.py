@@ -113,46 +113,10 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         why = index.get("no_optimizer_because") or "it was saved without one"
         raise ValueError(f"--load {root}: iteration {iteration} holds no optimizer state this layout can load: "
                          f"{why}. To take the weights only, pass --no-load-optim (or --finetune)")
-    layer_numbers = chunk_layer_numbers(model_chunks, layer_numbers)
-    saved = defaultdict(list)
-    for part in map(Slice.from_saved, index["slices"]):
-        saved[(part.name, part.kind)].append(part)
-
-    targets = _model_targets(model_chunks, layer_numbers, grid)
-    if load_optimizer:
-        names = parameter_names(model_chunks, layer_numbers)
-        targets += _optimizer_targets(optimizer, names, grid, has_masters={n for n, k in saved if k == "master"})
-    plan = [(out, target, saved[(target.name, target.kind)]) for out, target in targets]
-    fault, files = None, []
-    try:
-        files = sorted({source.file for _, target, sources in plan
-                        for source in sources if overlaps(source, target, key_shape_of(target, sources))})
-    except ValueError as error:
-        fault = f"--load {root}: {error}"
-    stop_together(fault, grid)
+    plan = _plan(model_chunks, optimizer if load_optimizer else None, grid, index,
+                 chunk_layer_numbers(model_chunks, layer_numbers))
     rng_file = _saved_rng_file(index["layout"], grid) if load_rng else None
-    paths = verify_everywhere(root, iteration, files + ([rng_file] if rng_file else []), manifest, grid)
-
-    opened: Dict[str, object] = {}
-
-    def read(source: Slice) -> torch.Tensor:
-        if source.file not in opened:
-            opened[source.file] = load_file(paths[source.file], mmap=True)
-        value = opened[source.file]
-        for key in source.where:
-            value = value[key]
-        if value.numel() != source.end - source.start:
-            raise ValueError(f"{source.file} holds {value.numel()} elements at {source.where}, its index "
-                             f"says {source.end - source.start} ({source.name}); the index does not match "
-                             f"the files")
-        return value.reshape(-1)
-
-    try:
-        for out, target, sources in plan:
-            fill_slice(out, target, sources, read)
-    except ValueError as error:
-        fault = f"--load {root}: {error}"
-    stop_together(fault, grid)
+    paths = _fill(root, iteration, manifest, grid, plan, rng_file)
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):
         # Masters this run keeps and the checkpoint did not save (an fp32 run's) are the loaded weights.
         _reload_masters_not_loaded(optimizer, {id(out) for out, _, _ in plan})
@@ -166,6 +130,58 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         set_rng_state(load_file(paths[rng_file]))
     return Resumed(int(index["iteration"]), int(index["consumed_samples"]),
                    manifest.get("run_id") if manifest is not None else None)
+
+
+Plan = List[Tuple[torch.Tensor, Slice, List[Slice]]]   # (tensor to fill, its slice, the saved slices of its tensor)
+
+
+def _plan(model_chunks, optimizer: Optional[MegaliteOptimizer], grid: ProcessGrid, index: dict,
+          layer_numbers: List[List[int]]) -> Plan:
+    """Every tensor this rank holds in the new layout (the optimizer's too, when one is given), each with
+    the saved slices of the same logical tensor and kind."""
+    saved = defaultdict(list)
+    for part in map(Slice.from_saved, index["slices"]):
+        saved[(part.name, part.kind)].append(part)
+    targets = _model_targets(model_chunks, layer_numbers, grid)
+    if optimizer is not None:
+        names = parameter_names(model_chunks, layer_numbers)
+        targets += _optimizer_targets(optimizer, names, grid, has_masters={n for n, k in saved if k == "master"})
+    return [(out, target, saved[(target.name, target.kind)]) for out, target in targets]
+
+
+def _fill(root: str, iteration: int, manifest: Optional[dict], grid: ProcessGrid, plan: Plan,
+          rng_file: Optional[str]) -> Dict[str, str]:
+    """Verify the files the plan reads (and the RNG file) on every rank, then fill every tensor of the plan;
+    a fault on any rank stops every rank with its message.  Returns the verified paths."""
+    fault, files = None, []
+    try:
+        files = sorted({source.file for _, target, sources in plan
+                        for source in sources if overlaps(source, target, key_shape_of(target, sources))})
+    except ValueError as error:
+        fault = f"--load {root}: {error}"
+    stop_together(fault, grid)
+    paths = verify_everywhere(root, iteration, files + ([rng_file] if rng_file else []), manifest, grid)
+    opened: Dict[str, object] = {}
+
+    def read(source: Slice) -> torch.Tensor:
+        if source.file not in opened:
+            opened[source.file] = load_file(paths[source.file], mmap=True)
+        value = opened[source.file]
+        for key in source.where:
+            value = value[key]
+        if value.numel() != source.end - source.start:
+            raise ValueError(f"{source.file} holds {value.numel()} elements at {list(source.where)}, its index "
+                             f"says {source.end - source.start} ({source.name}); the index does not match "
+                             f"the files")
+        return value.reshape(-1)
+
+    try:
+        for out, target, sources in plan:
+            fill_slice(out, target, sources, read)
+    except ValueError as error:
+        fault = f"--load {root}: {error}"
+    stop_together(fault, grid)
+    return paths
 
 
 def _read_index(root: str, iteration: int, manifest: Optional[dict], grid: ProcessGrid) -> dict:

@@ -21,8 +21,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -32,16 +31,14 @@ import yaml
 from megalite.checkpoint import save_load as checkpoint
 from megalite.checkpoint.manifest import new_run_id
 from megalite.checkpoint.reshard import load_any_layout
-from megalite.config.settings import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
-from megalite.data.tokenizer import Tokenizer
-from megalite.data.training_data import MicroBatches, SampleDataset, datasets_from_config, tokenizer_from_config
+from megalite.config.settings import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+from megalite.data.training_data import MicroBatches, datasets_from_config, tokenizer_from_config
 from megalite.log import print_rank0
 from megalite.model import flops
 from megalite.model.build import build_model, wrap_for_data_parallel
 from megalite.model.compile import compile_layers
 from megalite.model.loss import language_model_loss
 from megalite.optim import build_optimizer
-from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.optim.schedulers import LRScheduler
 from megalite.parallel import state
 from megalite.parallel.grads import finalize_model_grads
@@ -49,13 +46,13 @@ from megalite.parallel.launch import init_distributed, shut_down_distributed
 from megalite.parallel.pipeline.schedules import get_forward_backward_func
 from megalite.parallel.pipeline.timeline import Timeline, draw_step_timeline
 from megalite.parallel.random import model_parallel_seed
-from megalite.parallel.state import ProcessGrid
 from megalite.training.arguments import parse_args, resolved_config
 from megalite.training.batch_schedule import BatchSchedule
 from megalite.training.exit_conditions import ExitSignal, exit_reason
 from megalite.training.metric_writers import build_writers
 from megalite.training.metrics import Logger
 from megalite.training.profiling import StepProfiler
+from megalite.training.run import Run
 
 __all__ = ["SETUP_ERRORS", "TrainingDiverged", "Run", "setup", "train_step", "evaluate", "save", "train", "pretrain"]
 
@@ -66,44 +63,6 @@ SETUP_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryE
 
 class TrainingDiverged(RuntimeError):
     """Too many optimizer steps in a row skipped for inf/nan gradients: the run cannot recover."""
-
-
-@dataclass
-class Run:
-    """Everything a training run holds between iterations."""
-
-    model_cfg: ModelConfig
-    parallel_cfg: ParallelConfig
-    opt_cfg: OptimizerConfig
-    data_cfg: DataConfig
-    train_cfg: TrainingConfig
-    grid: ProcessGrid
-    device: torch.device
-    model: List[torch.nn.Module]
-    layer_numbers: List[List[int]]
-    optimizer: MegaliteOptimizer
-    scheduler: LRScheduler
-    forward_backward: Callable[..., List[dict]]
-    train_dataset: SampleDataset
-    valid_dataset: Optional[SampleDataset]
-    tokenizer: Optional[Tokenizer]
-    batch_schedule: BatchSchedule
-    num_microbatches: int       # in a full step (of --global-batch-size); a ramp's early steps have fewer
-    iteration: int = 0
-    consumed_samples: int = 0
-    train_iter: Optional[Iterator[dict]] = None
-    history: List[dict] = field(default_factory=list)   # one record per iteration (what --log-json writes)
-    started_at: float = field(default_factory=time.time)  # for --exit-duration-in-mins
-    run_id: str = ""            # drawn at a fresh start, kept across resumes (megalite/checkpoint/manifest.py)
-
-    def settings(self) -> dict:
-        """The configs as plain dicts (stored in checkpoints; read by megalite/generate.py)."""
-        return {name: dataclasses.asdict(cfg) for name, cfg in (
-            ("model", self.model_cfg), ("parallel", self.parallel_cfg), ("optimizer", self.opt_cfg),
-            ("data", self.data_cfg), ("training", self.train_cfg))}
-
-    def configs(self) -> tuple:
-        return self.model_cfg, self.parallel_cfg, self.opt_cfg, self.data_cfg, self.train_cfg
 
 
 def agreed_run_id() -> str:
@@ -127,13 +86,7 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
     Raises ValueError / FileNotFoundError (one-line messages) on bad input, before training starts.
     """
     started_at = time.time()
-    if world_size is None and dist.is_initialized():  # e.g. ranks forked by megalite.parallel.testing, no WORLD_SIZE
-        world_size = dist.get_world_size()
-    model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg = parse_args(argv, world_size=world_size)
-    init_distributed(backend=parallel_cfg.distributed_backend, timeout_minutes=parallel_cfg.distributed_timeout_minutes)
-    if dist.get_world_size() != parallel_cfg.world_size:
-        raise ValueError(f"the launcher started {dist.get_world_size()} ranks but the flags were checked for "
-                         f"world size {parallel_cfg.world_size}; set WORLD_SIZE to match")
+    model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg = _parse_and_join(argv, world_size)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     tokenizer = tokenizer_from_config(data_cfg, model_cfg.vocab_size)
@@ -145,20 +98,11 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
                                  pp=parallel_cfg.pipeline_model_parallel_size,
                                  cp=parallel_cfg.context_parallel_size,
                                  virtual_pp=parallel_cfg.virtual_pipeline_model_parallel_size)
-    num_microbatches = train_cfg.num_microbatches(grid.dp_size)
     batch_schedule = BatchSchedule(train_cfg.global_batch_size, train_cfg.micro_batch_size, grid.dp_size,
                                    train_cfg.rampup_batch_size)
     # Dropout differs per pipeline stage (Megatron's seed offset); the TP tracker derives its own.
     seed_everything(model_cfg.seed + 100 * grid.pp_rank)
-
-    model, layer_numbers = build_model(model_cfg, parallel_cfg, grid, device)
-    if opt_cfg.bf16 or opt_cfg.fp16:
-        dtype = torch.bfloat16 if opt_cfg.bf16 else torch.float16
-        model = [chunk.to(dtype) for chunk in model]
-    if train_cfg.compile:
-        for chunk in model:
-            compile_layers(chunk, train_cfg.compile_backend)
-    model = wrap_for_data_parallel(model, opt_cfg, grid)
+    model, layer_numbers = _model_as_trained(model_cfg, parallel_cfg, opt_cfg, train_cfg, grid, device)
     optimizer = build_optimizer(model, opt_cfg, grid)
     scheduler = LRScheduler(optimizer, opt_cfg.lr, opt_cfg.min_lr, *train_cfg.lr_schedule_steps(),
                             train_cfg.lr_decay_style)
@@ -166,14 +110,50 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
 
     run = Run(model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg, grid, device, model, layer_numbers,
               optimizer, scheduler, forward_backward, train_dataset, valid_dataset, tokenizer, batch_schedule,
-              num_microbatches, started_at=started_at)
+              train_cfg.num_microbatches(grid.dp_size), started_at=started_at)
+    _resume(run)
+    run.train_iter = MicroBatches(train_dataset, run.consumed_samples, train_cfg.micro_batch_size,
+                                  grid.dp_rank, grid.dp_size, device, grid.cp_size, grid.cp_rank)
+    return run
+
+
+def _parse_and_join(argv, world_size: Optional[int]):
+    """The run's five configs, checked, and this process joined to the run's ranks."""
+    if world_size is None and dist.is_initialized():  # e.g. ranks forked by megalite.parallel.testing, no WORLD_SIZE
+        world_size = dist.get_world_size()
+    configs = parse_args(argv, world_size=world_size)
+    parallel_cfg = configs[1]
+    init_distributed(backend=parallel_cfg.distributed_backend, timeout_minutes=parallel_cfg.distributed_timeout_minutes)
+    if dist.get_world_size() != parallel_cfg.world_size:
+        raise ValueError(f"the launcher started {dist.get_world_size()} ranks but the flags were checked for "
+                         f"world size {parallel_cfg.world_size}; set WORLD_SIZE to match")
+    return configs
+
+
+def _model_as_trained(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, opt_cfg: OptimizerConfig,
+                      train_cfg: TrainingConfig, grid, device: torch.device):
+    """This rank's chunks in the run's precision, compiled if asked, wrapped for data parallelism; and
+    their global layer numbers."""
+    model, layer_numbers = build_model(model_cfg, parallel_cfg, grid, device)
+    if opt_cfg.bf16 or opt_cfg.fp16:
+        dtype = torch.bfloat16 if opt_cfg.bf16 else torch.float16
+        model = [chunk.to(dtype) for chunk in model]
+    if train_cfg.compile:
+        for chunk in model:
+            compile_layers(chunk, train_cfg.compile_backend)
+    return wrap_for_data_parallel(model, opt_cfg, grid), layer_numbers
+
+
+def _resume(run: Run) -> None:
+    """Restore --load's checkpoint into the run (any layout), and settle the run's id."""
+    train_cfg = run.train_cfg
     # `--save X --load X` is the resume idiom: before the first save there is nothing to load.
     fresh_resume = train_cfg.load is not None and train_cfg.load == train_cfg.save and not os.path.isdir(train_cfg.load)
     resumed = None
     if train_cfg.load is not None and not fresh_resume:
         resumed = load_any_layout(
-            train_cfg.load, model, optimizer, scheduler, grid, layer_numbers=layer_numbers,
-            sharded_optimizer=opt_cfg.use_distributed_optimizer,
+            train_cfg.load, run.model, run.optimizer, run.scheduler, run.grid, layer_numbers=run.layer_numbers,
+            sharded_optimizer=run.opt_cfg.use_distributed_optimizer,
             load_optimizer=not train_cfg.no_load_optim, load_rng=not train_cfg.no_load_rng,
             weights_only=train_cfg.finetune)
         run.iteration, run.consumed_samples = resumed.iteration, resumed.consumed_samples
@@ -181,9 +161,6 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
             print_rank0(f"resumed from {train_cfg.load} at iteration {run.iteration} "
                         f"({run.consumed_samples} samples consumed)")
     run.run_id = resumed.run_id if resumed is not None and resumed.run_id else agreed_run_id()
-    run.train_iter = MicroBatches(train_dataset, run.consumed_samples, train_cfg.micro_batch_size,
-                                  grid.dp_rank, grid.dp_size, device, grid.cp_size, grid.cp_rank)
-    return run
 
 
 # -- one step --------------------------------------------------------------------------------------
