@@ -254,6 +254,33 @@ def machine_line(bf16: bool, args) -> str:
 
 
 def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (5 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    if args.worker:
+        worker(args)
+        return 0
+
+    import torch
+
+    models = _chosen_models(parser, args)
+    # --quick on a CPU stays in fp32 (bf16 matmuls on a CPU without AMX are slow emulation).
+    bf16 = not args.quick or torch.cuda.is_available()
+    peers = _chosen_peers(parser, args)
+    ours = _chosen_ours(parser, args)
+    print(machine_line(bf16, args))
+    rows = []
+    failed = False
+    for model in models:
+        results, model_failed = _run_model(model, ours, peers, bf16, args)
+        failed = failed or model_failed
+        rows += _ratio_rows(model, results, ours, peers)
+    _print_table(rows)
+    return 1 if failed else 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
     parser.add_argument("--ours", default=None,
@@ -268,78 +295,88 @@ def main(argv=None) -> int:
                              "the others' rows still print (scripts/gpu_check.sh uses it)")
     parser.add_argument("--worker", choices=OURS + PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-argv", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.steps = args.steps or (5 if args.quick else 20)
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
-    if args.worker:
-        worker(args)
-        return 0
+    return parser
 
-    import torch
 
-    from megalite.model.flops import default_peak_tflops, flops_per_iteration
-    from megalite.training.arguments import parse_args
+def _chosen_models(parser, args) -> List[str]:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"--models {','.join(unknown)}: not one of {','.join(MODELS)}")
-    # --quick on a CPU stays in fp32 (bf16 matmuls on a CPU without AMX are slow emulation).
-    bf16 = not args.quick or torch.cuda.is_available()
+    return models
+
+
+def _chosen_peers(parser, args) -> List[str]:
     if args.peers is None:
         peers = ["hf-eager"] if args.quick else list(PEERS)
         if args.quick:
             print("note: --quick leaves out hf-compile (its compilation would take longer than the run; "
                   "--peers hf-eager,hf-compile to include it)")
-    else:
-        peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-        if any(p not in PEERS for p in peers):
-            parser.error(f"--peers {args.peers}: each must be one of {','.join(PEERS)}")
+        return peers
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if any(p not in PEERS for p in peers):
+        parser.error(f"--peers {args.peers}: each must be one of {','.join(PEERS)}")
+    return peers
 
+
+def _chosen_ours(parser, args) -> List[str]:
     ours = ["megalite"] if args.quick else list(OURS)
     if args.ours is not None:
         ours = [o.strip() for o in args.ours.split(",") if o.strip()]
         if not ours or any(o not in OURS for o in ours):
             parser.error(f"--ours {args.ours}: each must be one of {','.join(OURS)}")
+    return ours
 
-    print(machine_line(bf16, args))
-    rows = []
+
+def _run_model(model: str, ours: List[str], peers: List[str], bf16: bool, args) -> tuple:
+    """(contender -> its summarized metrics, whether any contender failed) of one model; a line per contender."""
+    from megalite.model.flops import default_peak_tflops, flops_per_iteration
+    from megalite.training.arguments import parse_args
+    argv = megalite_argv(model, args.quick, args.warmup + args.steps, bf16)
+    model_cfg, _, _, _, train_cfg = parse_args(argv, world_size=1)
+    tokens_per_step = train_cfg.global_batch_size * model_cfg.seq_length
+    flops = flops_per_iteration(model_cfg, train_cfg.global_batch_size)
+    peak = default_peak_tflops(bf16)
+    results = {}
     failed = False
-    for model in models:
-        argv = megalite_argv(model, args.quick, args.warmup + args.steps, bf16)
-        model_cfg, _, _, _, train_cfg = parse_args(argv, world_size=1)
-        tokens_per_step = train_cfg.global_batch_size * model_cfg.seq_length
-        flops = flops_per_iteration(model_cfg, train_cfg.global_batch_size)
-        peak = default_peak_tflops(bf16)
-        results = {}
-        # megalite's eager path and the peers first: the hand-written path against HF compiled is the
-        # comparison the targets name, so under a step's time limit --compile's row is the one cut.
-        for name in [o for o in ours if o == "megalite"] + peers + [o for o in ours if o != "megalite"]:
-            started = time.perf_counter()
-            raw = run_contender(name, argv, args)
-            if "error" in raw:
-                print(f"{model} {name} failed ({time.perf_counter() - started:.0f} s): {raw['error']}")
-                failed = True
+    # megalite's eager path and the peers first: the hand-written path against HF compiled is the
+    # comparison the targets name, so under a step's time limit --compile's row is the one cut.
+    for name in [o for o in ours if o == "megalite"] + peers + [o for o in ours if o != "megalite"]:
+        started = time.perf_counter()
+        raw = run_contender(name, argv, args)
+        if "error" in raw:
+            print(f"{model} {name} failed ({time.perf_counter() - started:.0f} s): {raw['error']}")
+            failed = True
+            continue
+        results[name] = summarize(raw, tokens_per_step, flops, peak)
+        print(f"{model} {name}: " + ", ".join(f"{fmt.format(results[name][key])} {label}"
+                                               for key, label, fmt in METRICS)
+              + f"; loss {raw['first_loss']:.3f} -> {raw['last_loss']:.3f}, "
+              f"{time.perf_counter() - started:.0f} s in all", flush=True)
+    return results, failed
+
+
+def _ratio_rows(model: str, results: dict, ours: List[str], peers: List[str]) -> List[tuple]:
+    """The table's rows of one model: each metric of each megalite variant against each peer that ran."""
+    rows = []
+    for mine in ours:
+        for peer in peers:
+            if mine not in results or peer not in results:
                 continue
-            results[name] = summarize(raw, tokens_per_step, flops, peak)
-            print(f"{model} {name}: " + ", ".join(f"{fmt.format(results[name][key])} {label}"
-                                                   for key, label, fmt in METRICS)
-                  + f"; loss {raw['first_loss']:.3f} -> {raw['last_loss']:.3f}, "
-                  f"{time.perf_counter() - started:.0f} s in all", flush=True)
-        for mine in ours:
-            for peer in peers:
-                if mine not in results or peer not in results:
-                    continue
-                for key, label, fmt in METRICS:
-                    value, theirs = results[mine][key], results[peer][key]
-                    rows.append((model, label, mine, fmt.format(value), peer, fmt.format(theirs),
-                                 f"{value / theirs:.2f}" if theirs else "-"))
+            for key, label, fmt in METRICS:
+                value, theirs = results[mine][key], results[peer][key]
+                rows.append((model, label, mine, fmt.format(value), peer, fmt.format(theirs),
+                             f"{value / theirs:.2f}" if theirs else "-"))
+    return rows
+
+
+def _print_table(rows: List[tuple]) -> None:
     header = ("model", "what", "ours", "value", "peer", "peer value", "ratio")
     widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for row in rows:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
     print("ratio = ours / peer: above 1 is better for megalite in tokens/s and MFU, below 1 in step ms and memory")
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -115,15 +115,25 @@ def to_hf(state: Tensors, config: ModelConfig) -> Tuple[dict, Tensors]:
 def from_hf(hf_config: dict, hf: Tensors) -> Tuple[ModelConfig, Tensors]:
     """megalite's (ModelConfig, single-rank state dict) equal to a GPT-2 or LLaMA Hugging Face model."""
     kind = hf_config.get("model_type")
+    config = _config_from_hf(kind, hf_config)
+    ours: Tensors = {}
+    for i in range(config.num_layers):
+        ours.update(_layer_from_hf(kind, config, hf, i))
+    ours.update(_ends_from_hf(kind, config, hf))
+    return config, {name: tensor.float().contiguous() for name, tensor in ours.items()}
+
+
+def _config_from_hf(kind: str, hf_config: dict) -> ModelConfig:
+    """The ModelConfig of a Hugging Face ``config.json`` of ``model_type`` ``kind``."""
     if kind == "gpt2":
         h, a = hf_config["n_embd"], hf_config["n_head"]
-        config = ModelConfig(num_layers=hf_config["n_layer"], hidden_size=h, num_attention_heads=a,
-                             ffn_hidden_size=hf_config.get("n_inner") or 4 * h,
-                             seq_length=hf_config["n_positions"], max_position_embeddings=hf_config["n_positions"],
-                             vocab_size=hf_config["vocab_size"], norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5),
-                             openai_gelu=hf_config.get("activation_function", "gelu_new") != "gelu",
-                             hidden_dropout=0.0, attention_dropout=0.0)
-    elif kind == "llama":
+        return ModelConfig(num_layers=hf_config["n_layer"], hidden_size=h, num_attention_heads=a,
+                           ffn_hidden_size=hf_config.get("n_inner") or 4 * h,
+                           seq_length=hf_config["n_positions"], max_position_embeddings=hf_config["n_positions"],
+                           vocab_size=hf_config["vocab_size"], norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5),
+                           openai_gelu=hf_config.get("activation_function", "gelu_new") != "gelu",
+                           hidden_dropout=0.0, attention_dropout=0.0)
+    if kind == "llama":
         h, a = hf_config["hidden_size"], hf_config["num_attention_heads"]
         config = ModelConfig(num_layers=hf_config["num_hidden_layers"], hidden_size=h, num_attention_heads=a,
                              num_query_groups=hf_config.get("num_key_value_heads") or a,
@@ -138,42 +148,62 @@ def from_hf(hf_config: dict, hf: Tensors) -> Tuple[ModelConfig, Tensors]:
         if hf_config.get("head_dim", h // a) != h // a:
             raise ValueError(f"head_dim {hf_config['head_dim']} is not hidden_size / num_attention_heads; "
                              f"megalite cannot hold this model")
-    else:
-        raise ValueError(f"model_type {kind!r}: only gpt2 and llama convert from Hugging Face")
-    g, d, v = config.num_query_groups, config.head_dim, config.vocab_size
+        return config
+    raise ValueError(f"model_type {kind!r}: only gpt2 and llama convert from Hugging Face")
+
+
+def _layer_from_hf(kind: str, config: ModelConfig, hf: Tensors, i: int) -> Tensors:
+    """megalite's tensors of transformer layer ``i``: the family's own, then Q, K and V fused per query group."""
+    h, a, g, d = config.hidden_size, config.num_attention_heads, config.num_query_groups, config.head_dim
+    (q_, k_, v_), layer = (_gpt2_layer_from_hf if kind == "gpt2" else _llama_layer_from_hf)(config, hf, i)
+    p = f"decoder.layers.{i}."
+    ours = {p + name: tensor for name, tensor in layer.items()}
+    ours[p + "self_attention.linear_qkv.weight"] = torch.cat(
+        [q_.view(g, a // g, d, h), k_.view(g, 1, d, h), v_.view(g, 1, d, h)], 1).reshape(-1, h)
+    return ours
+
+
+def _gpt2_layer_from_hf(config: ModelConfig, hf: Tensors, i: int) -> Tuple[tuple, Tensors]:
+    """((Q, K, V) weights as [out, in], the layer's other tensors by megalite's name) of GPT-2 block ``i``."""
+    h, a, d = config.hidden_size, config.num_attention_heads, config.head_dim
+    q = f"transformer.h.{i}."
+    qkv = hf[q + "attn.c_attn.weight"].t().split(h)
+    qb, kb, vb = hf[q + "attn.c_attn.bias"].split(h)
     ours: Tensors = {}
-    for i in range(config.num_layers):
-        p = f"decoder.layers.{i}."
-        if kind == "gpt2":
-            q = f"transformer.h.{i}."
-            q_, k_, v_ = hf[q + "attn.c_attn.weight"].t().split(h)
-            qb, kb, vb = hf[q + "attn.c_attn.bias"].split(h)
-            ours[p + "self_attention.linear_qkv.bias"] = torch.stack(
-                [qb.view(a, d), kb.view(a, d), vb.view(a, d)], 1).reshape(-1)
-            ours[p + "self_attention.linear_proj.weight"] = hf[q + "attn.c_proj.weight"].t()
-            ours[p + "self_attention.linear_proj.bias"] = hf[q + "attn.c_proj.bias"]
-            ours[p + "mlp.linear_fc1.weight"], ours[p + "mlp.linear_fc1.bias"] = (hf[q + "mlp.c_fc.weight"].t(),
-                                                                                hf[q + "mlp.c_fc.bias"])
-            ours[p + "mlp.linear_fc2.weight"] = hf[q + "mlp.c_proj.weight"].t()
-            ours[p + "mlp.linear_fc2.bias"] = hf[q + "mlp.c_proj.bias"]
-            for hf_name, name in (("ln_1", "input_norm"), ("ln_2", "pre_mlp_norm")):
-                ours[p + name + ".weight"] = hf[q + hf_name + ".weight"]
-                ours[p + name + ".bias"] = hf[q + hf_name + ".bias"]
-        else:
-            q = f"model.layers.{i}."
-            q_, k_, v_ = (hf[q + f"self_attn.{x}_proj.weight"] for x in ("q", "k", "v"))
-            ours[p + "self_attention.linear_proj.weight"] = hf[q + "self_attn.o_proj.weight"]
-            ours[p + "mlp.linear_fc1.weight"] = torch.stack([hf[q + "mlp.gate_proj.weight"],
-                                                             hf[q + "mlp.up_proj.weight"]], 1).reshape(-1, h)
-            ours[p + "mlp.linear_fc2.weight"] = hf[q + "mlp.down_proj.weight"]
-            ours[p + "input_norm.weight"] = hf[q + "input_layernorm.weight"]
-            ours[p + "pre_mlp_norm.weight"] = hf[q + "post_attention_layernorm.weight"]
-        ours[p + "self_attention.linear_qkv.weight"] = torch.cat(
-            [q_.view(g, a // g, d, h), k_.view(g, 1, d, h), v_.view(g, 1, d, h)], 1).reshape(-1, h)
-    padding = config.padded_vocab_size - v
+    ours["self_attention.linear_qkv.bias"] = torch.stack([qb.view(a, d), kb.view(a, d), vb.view(a, d)], 1).reshape(-1)
+    ours["self_attention.linear_proj.weight"] = hf[q + "attn.c_proj.weight"].t()
+    ours["self_attention.linear_proj.bias"] = hf[q + "attn.c_proj.bias"]
+    ours["mlp.linear_fc1.weight"], ours["mlp.linear_fc1.bias"] = hf[q + "mlp.c_fc.weight"].t(), hf[q + "mlp.c_fc.bias"]
+    ours["mlp.linear_fc2.weight"] = hf[q + "mlp.c_proj.weight"].t()
+    ours["mlp.linear_fc2.bias"] = hf[q + "mlp.c_proj.bias"]
+    for hf_name, name in (("ln_1", "input_norm"), ("ln_2", "pre_mlp_norm")):
+        ours[name + ".weight"] = hf[q + hf_name + ".weight"]
+        ours[name + ".bias"] = hf[q + hf_name + ".bias"]
+    return qkv, ours
+
+
+def _llama_layer_from_hf(config: ModelConfig, hf: Tensors, i: int) -> Tuple[tuple, Tensors]:
+    """((Q, K, V) weights, the layer's other tensors by megalite's name) of LLaMA layer ``i``; the SwiGLU
+    fc1 interleaves gate and up rows."""
+    q = f"model.layers.{i}."
+    qkv = tuple(hf[q + f"self_attn.{x}_proj.weight"] for x in ("q", "k", "v"))
+    ours: Tensors = {}
+    ours["self_attention.linear_proj.weight"] = hf[q + "self_attn.o_proj.weight"]
+    ours["mlp.linear_fc1.weight"] = torch.stack([hf[q + "mlp.gate_proj.weight"], hf[q + "mlp.up_proj.weight"]],
+                                                1).reshape(-1, config.hidden_size)
+    ours["mlp.linear_fc2.weight"] = hf[q + "mlp.down_proj.weight"]
+    ours["input_norm.weight"] = hf[q + "input_layernorm.weight"]
+    ours["pre_mlp_norm.weight"] = hf[q + "post_attention_layernorm.weight"]
+    return qkv, ours
+
+
+def _ends_from_hf(kind: str, config: ModelConfig, hf: Tensors) -> Tensors:
+    """The embeddings, final norm and output layer, the vocabulary padded with zero rows to megalite's size."""
+    padding = config.padded_vocab_size - config.vocab_size
 
     def padded(rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, rows.new_zeros(padding, rows.shape[1])])
+    ours: Tensors = {}
     if kind == "gpt2":
         ours["embedding.word_embeddings.weight"] = padded(hf["transformer.wte.weight"])
         ours["embedding.position_embeddings.weight"] = hf["transformer.wpe.weight"]
@@ -183,7 +213,7 @@ def from_hf(hf_config: dict, hf: Tensors) -> Tuple[ModelConfig, Tensors]:
         ours["embedding.word_embeddings.weight"] = padded(hf["model.embed_tokens.weight"])
         ours["final_norm.weight"] = hf["model.norm.weight"]
         ours["output_layer.weight"] = padded(hf.get("lm_head.weight", hf["model.embed_tokens.weight"]))
-    return config, {name: tensor.float().contiguous() for name, tensor in ours.items()}
+    return ours
 
 
 def export_checkpoint(load: str, save: str) -> str:

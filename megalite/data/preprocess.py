@@ -84,14 +84,7 @@ def show_progress(progress, num_workers, total_bytes, start, bar):
 
 
 def preprocess(args) -> dict:
-    existing = [p for p in (bin_path_of(args.output_prefix), idx_path_of(args.output_prefix)) if os.path.exists(p)]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"--output-prefix {args.output_prefix}: {' and '.join(existing)} exist already; pass "
-                              f"--overwrite to replace them, or choose another prefix")
-    document_filter(args)  # a bad --max-line-length fails here, not in every worker
-    files = find_files(args.input, args.pattern, tuple(args.exclude))
-    if not files:
-        raise FileNotFoundError(f"no input files match --pattern {args.pattern!r} under {args.input}")
+    files = _check_inputs(args)
     tokenizer = build_fast_tokenizer(args.tokenizer_type, **tokenizer_files(args))  # fail early on bad files
     dtype = best_token_dtype(tokenizer.vocab_size)
     shares = [s for s in plan_work(files, args.workers) if s]
@@ -102,6 +95,31 @@ def preprocess(args) -> dict:
     tqdm = require("tqdm").tqdm  # a missing extra fails before any worker starts
     shard_prefixes = [f"{temporary}-shard{r}" for r in range(len(shares))]
     start = time.perf_counter()
+    try:
+        stats = _run_workers(args, shares, tokenizer, shard_prefixes, dtype, total_bytes, start, tqdm)
+        problems = _problems(stats, args.strict)
+        _merge_shards(shard_prefixes, temporary, dtype, args.output_prefix)
+    finally:
+        _remove_datasets(shard_prefixes + [temporary])
+    return _summary(files, stats, problems, total_bytes, time.perf_counter() - start)
+
+
+def _check_inputs(args) -> list:
+    """The input files; refuses an existing output (without --overwrite), a bad filter or no input."""
+    existing = [p for p in (bin_path_of(args.output_prefix), idx_path_of(args.output_prefix)) if os.path.exists(p)]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"--output-prefix {args.output_prefix}: {' and '.join(existing)} exist already; pass "
+                              f"--overwrite to replace them, or choose another prefix")
+    document_filter(args)  # a bad --max-line-length fails here, not in every worker
+    files = find_files(args.input, args.pattern, tuple(args.exclude))
+    if not files:
+        raise FileNotFoundError(f"no input files match --pattern {args.pattern!r} under {args.input}")
+    return files
+
+
+def _run_workers(args, shares, tokenizer, shard_prefixes, dtype, total_bytes, start, tqdm) -> dict:
+    """Each share tokenized into its shard by a forked worker, with a progress bar: rank -> the worker's
+    stats.  A worker that died or reported an error fails the run."""
     context = mp.get_context("fork")
     progress = context.Array("q", 2 * len(shares), lock=False)  # per worker: docs, bytes done
     results = context.Queue()
@@ -125,37 +143,50 @@ def preprocess(args) -> dict:
             show_progress(progress, len(shares), total_bytes, start, bar)
         for p in processes:
             p.join()
-        errors = [f"worker {r}: {s['error']}" for r, s in sorted(stats.items()) if "error" in s]
-        if errors:
-            raise RuntimeError("; ".join(errors))
-        problems = [p for r in sorted(stats) for p in stats[r]["problems"]]
-        if args.strict and problems:
-            path, line, reason = problems[0]
-            where = f"{path}:{line}" if line else path
-            raise ValueError(f"{where}: {reason} (--strict; drop --strict to skip bad lines)")
-
-        builder = IndexedDatasetBuilder(bin_path_of(temporary), dtype)
-        for prefix in shard_prefixes:
-            builder.add_index(prefix)
-        builder.finalize(idx_path_of(temporary))
-        # The .idx appears last: a reader never sees an index without its data.
-        os.replace(bin_path_of(temporary), bin_path_of(args.output_prefix))
-        os.replace(idx_path_of(temporary), idx_path_of(args.output_prefix))
     finally:
         for p in processes:
             if p.is_alive():
                 p.terminate()
-        for prefix in shard_prefixes + [temporary]:
-            for path in (bin_path_of(prefix), idx_path_of(prefix)):
-                if os.path.exists(path):
-                    os.remove(path)
+    errors = [f"worker {r}: {s['error']}" for r, s in sorted(stats.items()) if "error" in s]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return stats
 
-    seconds = time.perf_counter() - start
-    summary = {"files": len(files), "docs": sum(s["docs"] for s in stats.values()),
-               "tokens": sum(s["tokens"] for s in stats.values()), "empty": sum(s["empty"] for s in stats.values()),
-               "left_out": sum((s["left_out"] for s in stats.values()), Counter()),
-               "problems": problems, "bytes": total_bytes, "seconds": seconds}
-    return summary
+
+def _problems(stats: dict, strict: bool) -> list:
+    """The bad lines the workers skipped, in input order; under --strict the first one is an error."""
+    problems = [p for r in sorted(stats) for p in stats[r]["problems"]]
+    if strict and problems:
+        path, line, reason = problems[0]
+        where = f"{path}:{line}" if line else path
+        raise ValueError(f"{where}: {reason} (--strict; drop --strict to skip bad lines)")
+    return problems
+
+
+def _merge_shards(shard_prefixes, temporary: str, dtype, output_prefix: str) -> None:
+    """The shards concatenated in order under ``temporary``, then renamed to ``output_prefix``."""
+    builder = IndexedDatasetBuilder(bin_path_of(temporary), dtype)
+    for prefix in shard_prefixes:
+        builder.add_index(prefix)
+    builder.finalize(idx_path_of(temporary))
+    # The .idx appears last: a reader never sees an index without its data.
+    os.replace(bin_path_of(temporary), bin_path_of(output_prefix))
+    os.replace(idx_path_of(temporary), idx_path_of(output_prefix))
+
+
+def _remove_datasets(prefixes) -> None:
+    """Delete whatever .bin/.idx files of ``prefixes`` exist (shards, an unfinished output)."""
+    for prefix in prefixes:
+        for path in (bin_path_of(prefix), idx_path_of(prefix)):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _summary(files, stats: dict, problems: list, total_bytes: int, seconds: float) -> dict:
+    return {"files": len(files), "docs": sum(s["docs"] for s in stats.values()),
+            "tokens": sum(s["tokens"] for s in stats.values()), "empty": sum(s["empty"] for s in stats.values()),
+            "left_out": sum((s["left_out"] for s in stats.values()), Counter()),
+            "problems": problems, "bytes": total_bytes, "seconds": seconds}
 
 
 def report(summary, args):

@@ -148,71 +148,94 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float 
     context = _context(method)
     environ = dict(os.environ) if method == "forkserver" else None
     workdir = tempfile.mkdtemp(prefix="megalite-ranks-")
-    store_path = os.path.join(workdir, "rendezvous")
     ranks = []
     try:
         for rank in range(world_size):
-            result_path = os.path.join(workdir, f"result-{rank}.pkl")
-            process = context.Process(target=_child, name=f"megalite-rank-{rank}",
-                                      args=(fn, rank, world_size, store_path, result_path, timeout, args, kwargs,
-                                            environ))
-            try:
-                process.start()
-            except (pickle.PicklingError, AttributeError, TypeError) as error:
-                raise TypeError(f"run_on_ranks: {getattr(fn, '__qualname__', fn)!r} or its arguments cannot be "
-                                f"pickled for {START_ENV}={method} ({error}); define the function at module "
-                                f"level and pass plain data") from error
-            ranks.append(process)
-
-        deadline = time.monotonic() + timeout
-        grace_deadline = None
-        exit_codes = {}
-        while True:
-            for rank, process in enumerate(ranks):
-                if rank not in exit_codes and process.exitcode is not None:
-                    exit_codes[rank] = process.exitcode
-            if len(exit_codes) == world_size:
-                break
-            now = time.monotonic()
-            if grace_deadline is None and any(code != 0 for code in exit_codes.values()):
-                # A rank failed.  Its peers either fail soon after (gloo sees the peer gone) -- wait
-                # for them, or the first traceback read could be a peer's echo of the failure
-                # rather than its cause -- or wait in a collective until its timeout: not that long.
-                grace_deadline = now + _FAILURE_GRACE_S
-            if grace_deadline is not None and now >= grace_deadline:
-                break
-            if now >= deadline:
-                hung = sorted(set(range(world_size)) - set(exit_codes))
-                raise RanksHung(f"rank(s) {hung} of {world_size} did not finish within {timeout:.0f} s "
-                                f"(finished: {sorted(exit_codes)})")
-            running = [process.sentinel for rank, process in enumerate(ranks) if rank not in exit_codes]
-            multiprocessing.connection.wait(running, timeout=max(0.0, min(deadline, grace_deadline or deadline) - now))
-
-        results, errors = [], []
-        for rank in range(world_size):
-            path = os.path.join(workdir, f"result-{rank}.pkl")
-            if not os.path.exists(path):
-                if rank in exit_codes:
-                    errors.append(f"--- rank {rank} exited with status {exit_codes[rank]} and no result")
-                results.append(None)
-                continue
-            with open(path, "rb") as f:
-                kind, value = pickle.load(f)
-            if kind == "error":
-                errors.append(f"--- rank {rank} raised:\n{value}")
-                results.append(None)
-            else:
-                results.append(value)
-        if errors:
-            raise RankFailed(f"{len(errors)} of {world_size} ranks failed\n" + "\n".join(errors))
-        return results
+            ranks.append(_start_rank(context, method, fn, rank, world_size, workdir, timeout, args, kwargs, environ))
+        exit_codes = _wait_for_ranks(ranks, timeout)
+        return _collect_results(workdir, world_size, exit_codes)
     finally:
-        for process in ranks:
-            if process.exitcode is None:
-                process.kill()
-            process.join()
-            process.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        _clean_up(ranks, workdir)
+
+
+def _result_path(workdir: str, rank: int) -> str:
+    return os.path.join(workdir, f"result-{rank}.pkl")
+
+
+def _start_rank(context, method: str, fn, rank: int, world_size: int, workdir: str, timeout: float, args, kwargs,
+                environ: Optional[dict]):
+    """The started process of one rank; a function or arguments that cannot travel to it is a TypeError."""
+    process = context.Process(target=_child, name=f"megalite-rank-{rank}",
+                              args=(fn, rank, world_size, os.path.join(workdir, "rendezvous"),
+                                    _result_path(workdir, rank), timeout, args, kwargs, environ))
+    try:
+        process.start()
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise TypeError(f"run_on_ranks: {getattr(fn, '__qualname__', fn)!r} or its arguments cannot be "
+                        f"pickled for {START_ENV}={method} ({error}); define the function at module "
+                        f"level and pass plain data") from error
+    return process
+
+
+def _wait_for_ranks(ranks, timeout: float) -> dict:
+    """rank -> exit code of the ranks that finished: all of them, or those done when the grace after a
+    failure ran out.  RanksHung when the deadline passes first."""
+    world_size = len(ranks)
+    deadline = time.monotonic() + timeout
+    grace_deadline = None
+    exit_codes = {}
+    while True:
+        for rank, process in enumerate(ranks):
+            if rank not in exit_codes and process.exitcode is not None:
+                exit_codes[rank] = process.exitcode
+        if len(exit_codes) == world_size:
+            return exit_codes
+        now = time.monotonic()
+        if grace_deadline is None and any(code != 0 for code in exit_codes.values()):
+            # A rank failed.  Its peers either fail soon after (gloo sees the peer gone) -- wait
+            # for them, or the first traceback read could be a peer's echo of the failure
+            # rather than its cause -- or wait in a collective until its timeout: not that long.
+            grace_deadline = now + _FAILURE_GRACE_S
+        if grace_deadline is not None and now >= grace_deadline:
+            return exit_codes
+        if now >= deadline:
+            hung = sorted(set(range(world_size)) - set(exit_codes))
+            raise RanksHung(f"rank(s) {hung} of {world_size} did not finish within {timeout:.0f} s "
+                            f"(finished: {sorted(exit_codes)})")
+        running = [process.sentinel for rank, process in enumerate(ranks) if rank not in exit_codes]
+        multiprocessing.connection.wait(running, timeout=max(0.0, min(deadline, grace_deadline or deadline) - now))
+
+
+def _collect_results(workdir: str, world_size: int, exit_codes: dict) -> List[Any]:
+    """The ranks' return values in rank order; RankFailed with every failed rank's traceback or exit."""
+    results, errors = [], []
+    for rank in range(world_size):
+        path = _result_path(workdir, rank)
+        if not os.path.exists(path):
+            if rank in exit_codes:
+                errors.append(f"--- rank {rank} exited with status {exit_codes[rank]} and no result")
+            results.append(None)
+            continue
+        with open(path, "rb") as f:
+            kind, value = pickle.load(f)
+        if kind == "error":
+            errors.append(f"--- rank {rank} raised:\n{value}")
+            results.append(None)
+        else:
+            results.append(value)
+    if errors:
+        raise RankFailed(f"{len(errors)} of {world_size} ranks failed\n" + "\n".join(errors))
+    return results
+
+
+def _clean_up(ranks, workdir: str) -> None:
+    """Kill the ranks still running, reap them all and remove their files."""
+    for process in ranks:
+        if process.exitcode is None:
+            process.kill()
+        process.join()
+        process.close()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def saved_activation_bytes(module, x):

@@ -181,35 +181,70 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     return layer_comm_f, layer_comm_b, p2p, ends
 
 
+@dataclass(frozen=True)
+class _Passes:
+    """One micro-batch's pass times on each pipeline stage (communication included), and the pieces they
+    are made of."""
+    layer: PassTimes            # one layer's compute
+    logits: PassTimes           # the output layer's compute
+    counts: List[int]           # layers per virtual stage
+    stages: List[PassTimes]     # per pipeline rank
+
+    @property
+    def slowest(self) -> PassTimes:
+        return max(self.stages, key=lambda t: t.forward + t.backward_input + t.backward_weight)
+
+
+@dataclass(frozen=True)
+class _OutsidePasses:
+    """Seconds of one step that the pipeline's passes do not hold."""
+    dp_exposed: float           # the data-parallel gradient reduction that no backward hides
+    zero_gather: float          # ZeRO-1's parameter all-gather
+    embedding_sync: float       # the tied embedding's all-reduce between the first and last stage
+    optimizer: float
+
+
 def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
             hardware: Hardware, world_size: Optional[int] = None) -> Prediction:
     """Predicted step time, throughput and per-rank memory of these settings on ``world_size`` devices of
     ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``."""
     lay = layout_of(parallel, training, optimizer, world_size)
-    world, tp, pp, cp, dp, vpp, v = lay.world, lay.tp, lay.pp, lay.cp, lay.dp, lay.vpp, lay.v
-    b, gbs, m, schedule, dtype = lay.micro_batch, lay.global_batch, lay.num_microbatches, lay.schedule, lay.dtype
-    sp = parallel.sequence_parallel
-    recompute = model.recompute_granularity
-    e = element_size(dtype)
-
-    layer = with_host_overhead(layer_times(model, b, hardware, dtype, tp=tp, cp=cp, sequence_parallel=sp,
-                                       recompute=recompute), hardware.layer_overhead_s)
-    logits = with_host_overhead(logits_times(model, b, hardware, dtype, tp=tp, cp=cp), hardware.micro_batch_overhead_s)
-    grid = comm.GridStrides(tp, cp, dp, pp)
-    layer_comm_f, layer_comm_b, p2p, ends = _pass_communication(model, lay, sp, hardware, grid, layer, logits)
-
-    counts = virtual_stage_layer_counts(model.num_layers, pp, vpp, parallel.decoder_first_pipeline_num_layers,
-                                        parallel.decoder_last_pipeline_num_layers)
-    stages = [_stage_pass_times([counts[c * pp + r] for c in range(v)], r == 0, r == pp - 1, layer, logits,
-                                layer_comm_f, layer_comm_b, p2p, ends) for r in range(pp)]
-    slowest = max(stages, key=lambda t: t.forward + t.backward_input + t.backward_weight)
-    pipe = pipeline_time(schedule, pp, v, m, slowest.forward, slowest.backward_input, slowest.backward_weight)
-
+    grid = comm.GridStrides(lay.tp, lay.cp, lay.dp, lay.pp)
+    passes = _stage_passes(model, parallel, lay, hardware, grid)
+    slowest = passes.slowest
+    pipe = pipeline_time(lay.schedule, lay.pp, lay.v, lay.num_microbatches, slowest.forward,
+                         slowest.backward_input, slowest.backward_weight)
     memories = memory_per_stage(model, parallel, optimizer, lay, pipe.in_flight)
-    heaviest = max(memories, key=lambda s: s.total)
-    params_on_rank = max(s.parameters for s in memories)
+    outside = _outside_passes(model, optimizer, lay, hardware, grid, slowest, max(s.parameters for s in memories))
+    iteration = (pipe.makespan + outside.dp_exposed + outside.zero_gather + outside.embedding_sync
+                 + outside.optimizer + hardware.step_overhead_s)
+    breakdown = _breakdown(passes, lay, pipe.makespan, outside, hardware)
+    return _prediction(model, parallel, optimizer, hardware, lay, iteration, pipe.bubble_fraction, memories, breakdown)
 
-    # Data parallelism: the gradient reduction, hidden behind the last micro-batch's backward when overlapped.
+
+def _stage_passes(model: ModelConfig, parallel: ParallelConfig, lay: Layout, hardware: Hardware,
+                  grid: comm.GridStrides) -> _Passes:
+    """Each pipeline stage's passes for one micro-batch: compute, host overhead and communication."""
+    sp = parallel.sequence_parallel
+    layer = with_host_overhead(layer_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp,
+                                           sequence_parallel=sp, recompute=model.recompute_granularity),
+                               hardware.layer_overhead_s)
+    logits = with_host_overhead(logits_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp),
+                                hardware.micro_batch_overhead_s)
+    layer_comm_f, layer_comm_b, p2p, ends = _pass_communication(model, lay, sp, hardware, grid, layer, logits)
+    pp = lay.pp
+    counts = virtual_stage_layer_counts(model.num_layers, pp, lay.vpp, parallel.decoder_first_pipeline_num_layers,
+                                        parallel.decoder_last_pipeline_num_layers)
+    stages = [_stage_pass_times([counts[c * pp + r] for c in range(lay.v)], r == 0, r == pp - 1, layer, logits,
+                                layer_comm_f, layer_comm_b, p2p, ends) for r in range(pp)]
+    return _Passes(layer, logits, counts, stages)
+
+
+def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout, hardware: Hardware,
+                    grid: comm.GridStrides, slowest: PassTimes, params_on_rank: float) -> _OutsidePasses:
+    """The step's costs after the pipeline: data-parallel gradient reduction (hidden behind the last
+    micro-batch's backward when overlapped), tied-embedding sync, optimizer step, ZeRO-1's gather."""
+    dp, cp, tp, e = lay.dp, lay.cp, lay.tp, element_size(lay.dtype)
     dp_link = grid.dp_link(hardware)
     zero1 = optimizer.use_distributed_optimizer and dp * cp > 1
     window = slowest.backward_input + slowest.backward_weight
@@ -217,7 +252,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     overlapped = optimizer.overlap_grad_reduce and hardware.overlaps_communication
     dp_exposed = max(0.0, dp_grad - window) if overlapped else dp_grad
     embedding_sync = 0.0
-    if pp > 1 and not model.untie_embeddings_and_output_weights:
+    if lay.pp > 1 and not model.untie_embeddings_and_output_weights:
         embedding_bytes = 4.0 * model.padded_vocab_size * model.hidden_size / tp
         embedding_sync = comm.all_reduce_time(embedding_bytes, 2, grid.pp_link(hardware))
     state_elements = params_on_rank / (dp * cp if zero1 else 1)
@@ -225,35 +260,49 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     rate = hardware.optimizer_bytes_per_s or hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     optimizer_time = optimizer_bytes / rate
     zero_gather = comm.zero1_gather_time(params_on_rank, e, dp * cp, dp_link, optimizer_time) if zero1 else 0.0
+    return _OutsidePasses(dp_exposed, zero_gather, embedding_sync, optimizer_time)
 
-    iteration = pipe.makespan + dp_exposed + zero_gather + embedding_sync + optimizer_time + hardware.step_overhead_s
-    model_flops = flops_per_iteration(model, gbs)
-    hw_flops = hardware_flops_per_iteration(model, gbs, recompute)
-    tflops = model_flops / iteration / world / 1e12
-    chunks_of_slowest = [counts[c * pp + stages.index(slowest)] for c in range(v)]
-    compute_only = _stage_pass_times(chunks_of_slowest, slowest is stages[0], slowest is stages[-1], layer,
-                                     logits, 0.0, 0.0, 0.0)
+
+def _breakdown(passes: _Passes, lay: Layout, makespan: float, outside: _OutsidePasses, hardware: Hardware) -> dict:
+    """The step's seconds by kind: the slowest stage's compute alone, communication not hidden, bubble,
+    optimizer, host."""
+    slowest, stages, pp, m = passes.slowest, passes.stages, lay.pp, lay.num_microbatches
+    chunks_of_slowest = [passes.counts[c * pp + stages.index(slowest)] for c in range(lay.v)]
+    compute_only = _stage_pass_times(chunks_of_slowest, slowest is stages[0], slowest is stages[-1], passes.layer,
+                                     passes.logits, 0.0, 0.0, 0.0)
     compute = m * (compute_only.forward + compute_only.backward_input + compute_only.backward_weight)
     busy = m * (slowest.forward + slowest.backward_input + slowest.backward_weight)
     exposed_in_passes = busy - compute
-    breakdown = {
+    return {
         "compute": compute,
-        "exposed_communication": exposed_in_passes + dp_exposed + zero_gather + embedding_sync,
-        "bubble": pipe.makespan - busy,
-        "optimizer": optimizer_time,
+        "exposed_communication": exposed_in_passes + outside.dp_exposed + outside.zero_gather + outside.embedding_sync,
+        "bubble": makespan - busy,
+        "optimizer": outside.optimizer,
         "host_overhead": hardware.step_overhead_s,
     }
+
+
+def _prediction(model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig, hardware: Hardware,
+                lay: Layout, iteration: float, bubble_fraction: float, memories: Sequence[StageMemory],
+                breakdown: dict) -> Prediction:
+    """The Prediction of one step's ``iteration`` seconds: FLOP rates, memory and the layout."""
+    world, b, dtype, recompute, sp = (lay.world, lay.micro_batch, lay.dtype, model.recompute_granularity,
+                                      parallel.sequence_parallel)
+    model_flops = flops_per_iteration(model, lay.global_batch)
+    hw_flops = hardware_flops_per_iteration(model, lay.global_batch, recompute)
+    tflops = model_flops / iteration / world / 1e12
+    heaviest = max(memories, key=lambda s: s.total)
     capacity = hardware.hbm_gb * GIB
     return Prediction(
         params=count_parameters(model), flops_per_iteration=model_flops, hardware_flops_per_iteration=hw_flops,
         iteration_time_s=iteration, tflops_per_gpu=tflops, hardware_tflops_per_gpu=hw_flops / iteration / world / 1e12,
         mfu=tflops / hardware.peak(dtype), memory_gb_per_gpu=heaviest.total / GIB,
-        activation_bytes_per_layer=activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sp, recompute=recompute,
-                                                    element_size=e),
-        bubble_fraction=pipe.bubble_fraction, micro_batch_size=b, virtual_pipeline_model_parallel_size=vpp,
+        activation_bytes_per_layer=activation_bytes(model, b, tp=lay.tp, cp=lay.cp, sequence_parallel=sp,
+                                                    recompute=recompute, element_size=element_size(dtype)),
+        bubble_fraction=bubble_fraction, micro_batch_size=b, virtual_pipeline_model_parallel_size=lay.vpp,
         fits=heaviest.total <= capacity and not math.isnan(heaviest.total),
         breakdown=breakdown,
-        layout=dict(tp=tp, pp=pp, cp=cp, dp=dp, vpp=v, micro_batch_size=b, num_microbatches=m, schedule=schedule,
-                    recompute=recompute, sequence_parallel=sp, dtype=dtype, world_size=world,
-                    zero1=optimizer.use_distributed_optimizer),
+        layout=dict(tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp, vpp=lay.v, micro_batch_size=b,
+                    num_microbatches=lay.num_microbatches, schedule=lay.schedule, recompute=recompute,
+                    sequence_parallel=sp, dtype=dtype, world_size=world, zero1=optimizer.use_distributed_optimizer),
         memory_gb_per_stage=[s.total / GIB for s in memories], hardware=hardware.name)
