@@ -188,26 +188,12 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     _check_not_another_runs(root, iteration, run_id, grid)
     folder = rank_dir(root, iteration, grid.tp_rank, grid.pp_rank)
     os.makedirs(folder, exist_ok=True)
+    suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
     written = []
     if grid.dp_rank == 0 and grid.cp_rank == 0:
-        state = {
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "layout": {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1, "cp": grid.cp_size,
-                       "tp_rank": grid.tp_rank, "pp_rank": grid.pp_rank},
-            "settings": settings or {},
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "partition_dims": [partition_metadata(c) for c in model_chunks],
-            "layer_numbers": [list(ln) for ln in layer_numbers] if layer_numbers is not None else None,
-        }
-        for i, chunk in enumerate(model_chunks):
-            state[_model_key(i, len(model_chunks))] = {k: _own_storage(v)
-                                                        for k, v in unwrap_model(chunk).state_dict().items()}
-        if optimizer is not None and not sharded_optimizer:
-            state["optimizer"] = optimizer.state_dict()
         written.append("model_optim_rng.pt")
-        _save(state, os.path.join(folder, written[-1]))
-    suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
+        _save(_model_file(iteration, model_chunks, optimizer, scheduler, grid, consumed_samples, settings,
+                          sharded_optimizer, layer_numbers), os.path.join(folder, written[-1]))
     if optimizer is not None and sharded_optimizer:
         written.append("optimizer_" + suffix)
         _save(optimizer.state_dict(), os.path.join(folder, written[-1]))
@@ -222,20 +208,49 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     dist.gather_object((mine, slices), everyone, dst=0)
     # Only when every rank's files are durable and listed is the checkpoint announced.
     if grid.rank == 0:
-        files = {path: entry for rank_files, _ in everyone for path, entry in rank_files.items()}
-        index = {"format": 1, "iteration": iteration, "consumed_samples": consumed_samples,
-                 "layout": saved_layout(grid, sharded_optimizer),
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "optimizer": None if optimizer is None else
-                 {k: v for k, v in optimizer.state_dict().items() if k != "pieces"},
-                 "slices": [part.to_saved() for _, rank_slices in everyone for part in rank_slices],
-                 "no_optimizer_because": None}
-        _save(index, os.path.join(iteration_dir(root, iteration), TENSOR_INDEX))
-        files[TENSOR_INDEX] = file_entry(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX))
-        write_manifest(iteration_dir(root, iteration), iteration, run_id, files)
-        durable_write(os.path.join(root, TRACKER_FILE), lambda f: f.write(str(iteration).encode()))
+        _write_index_and_announce(root, iteration, everyone, optimizer, scheduler, grid, consumed_samples, run_id,
+                                  sharded_optimizer)
     dist.barrier()
     return iteration_dir(root, iteration)
+
+
+def _model_file(iteration: int, model_chunks, optimizer, scheduler, grid: ProcessGrid, consumed_samples: int,
+                settings: Optional[dict], sharded_optimizer: bool, layer_numbers) -> dict:
+    """What a (TP, PP) shard's model_optim_rng.pt holds: its chunks, the run's settings and position, and
+    (without ZeRO-1) the optimizer state."""
+    state = {
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "layout": {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1, "cp": grid.cp_size,
+                   "tp_rank": grid.tp_rank, "pp_rank": grid.pp_rank},
+        "settings": settings or {},
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "partition_dims": [partition_metadata(c) for c in model_chunks],
+        "layer_numbers": [list(ln) for ln in layer_numbers] if layer_numbers is not None else None,
+    }
+    for i, chunk in enumerate(model_chunks):
+        state[_model_key(i, len(model_chunks))] = {k: _own_storage(v)
+                                                    for k, v in unwrap_model(chunk).state_dict().items()}
+    if optimizer is not None and not sharded_optimizer:
+        state["optimizer"] = optimizer.state_dict()
+    return state
+
+
+def _write_index_and_announce(root: str, iteration: int, everyone: list, optimizer, scheduler, grid: ProcessGrid,
+                              consumed_samples: int, run_id: str, sharded_optimizer: bool) -> None:
+    """Rank 0, once every rank's files are durable: the tensor index, then the manifest, then the tracker."""
+    files = {path: entry for rank_files, _ in everyone for path, entry in rank_files.items()}
+    index = {"format": 1, "iteration": iteration, "consumed_samples": consumed_samples,
+             "layout": saved_layout(grid, sharded_optimizer),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "optimizer": None if optimizer is None else
+             {k: v for k, v in optimizer.state_dict().items() if k != "pieces"},
+             "slices": [part.to_saved() for _, rank_slices in everyone for part in rank_slices],
+             "no_optimizer_because": None}
+    _save(index, os.path.join(iteration_dir(root, iteration), TENSOR_INDEX))
+    files[TENSOR_INDEX] = file_entry(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX))
+    write_manifest(iteration_dir(root, iteration), iteration, run_id, files)
+    durable_write(os.path.join(root, TRACKER_FILE), lambda f: f.write(str(iteration).encode()))
 
 
 # -- load ------------------------------------------------------------------------------------------
