@@ -30,6 +30,8 @@ from array import array
 
 import numpy as np
 
+from megalite.data.index_check import check_index
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_BYTES = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
@@ -125,15 +127,12 @@ class IndexedDataset:
         self.sequence_lengths = np.frombuffer(buf, np.int32, n, HEADER_BYTES)
         self.sequence_pointers = np.frombuffer(buf, np.int64, n, HEADER_BYTES + 4 * n)
         self.document_indices = np.frombuffer(buf, np.int64, d, HEADER_BYTES + 12 * n)
-        if d == 0 or self.document_indices[0] != 0 or self.document_indices[-1] != n:
-            raise IndexedDatasetError(
-                f"{idx_path}: corrupt document indices (they must run from 0 to the sequence count "
-                f"{n}, got {self.document_indices[:1].tolist()}..{self.document_indices[-1:].tolist()})")
-        needed = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if n else 0
         bin_bytes = os.path.getsize(bin_path)
-        if bin_bytes < needed:
-            raise IndexedDatasetError(f"{bin_path}: truncated data, {bin_bytes} bytes but {idx_path} "
-                                      f"needs {needed}; re-run preprocessing")
+        try:
+            check_index(idx_path, bin_path, self.dtype.itemsize, self.sequence_lengths, self.sequence_pointers,
+                        self.document_indices, bin_bytes)
+        except ValueError as error:
+            raise IndexedDatasetError(str(error)) from None
         # np.memmap refuses empty files; an empty dataset has nothing to map.
         self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_bytes else np.zeros(0, np.uint8)
 
