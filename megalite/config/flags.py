@@ -3,6 +3,7 @@ range, Megatron's spelling), :func:`check_fields` checks a config against its de
 ``megalite/training/arguments.py`` reads the same declarations to build the parser."""
 from __future__ import annotations
 
+import math
 from dataclasses import field, fields
 from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
@@ -37,7 +38,8 @@ def choices(annotation) -> Optional[tuple]:
 
 
 def check_fields(config) -> None:
-    """Each field against its declared choices and range (a None value is 'use the default')."""
+    """Each field against its declared choices, finiteness (NaN passes every comparison) and range (a None
+    value is 'use the default')."""
     hints = get_type_hints(type(config))
     for f in fields(config):
         value, meta = getattr(config, f.name), f.metadata
@@ -48,6 +50,8 @@ def check_fields(config) -> None:
             raise ValueError(f"{flag_name(f)} {value!r}: choose one of {', '.join(allowed)}")
         if isinstance(value, (bool, str, list)):
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag_name(f)} must be a finite number, got {value}")
         for key, fails, words in (("at_least", lambda v, b: v < b, "at least"), ("above", lambda v, b: v <= b, "above"),
                                   ("at_most", lambda v, b: v > b, "at most"), ("below", lambda v, b: v >= b, "below")):
             bound = meta.get(key)

@@ -97,13 +97,42 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives one key twice (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in lines:
+                raise _DuplicateKey(f"{key!r} is given twice (lines {lines[key]} and {key_node.start_mark.line + 1}); "
+                                    f"keep one")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _exactly(kind, value):
+    """``value`` as ``kind`` without YAML's silent coercions: true is no number, 2.9 no integer."""
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError
+    if kind is int and isinstance(value, float):
+        raise ValueError
+    return kind(value) if kind else value
+
+
 def yaml_defaults(parser: ArgumentParser, path: str) -> Dict[str, Any]:
     """The flags of a YAML file as parser defaults (so that the command line overrides them)."""
     try:
         with open(path) as f:
-            document = yaml.safe_load(f)
+            document = yaml.load(f, Loader=_UniqueKeyLoader)
     except OSError as error:
         raise ValueError(f"--config {path}: {error.strerror}") from None
+    except _DuplicateKey as error:
+        raise ValueError(f"--config {path}: {error}") from None
     except yaml.YAMLError as error:
         raise ValueError(f"--config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if document is None:
@@ -112,12 +141,15 @@ def yaml_defaults(parser: ArgumentParser, path: str) -> Dict[str, Any]:
         raise ValueError(f"--config {path} must hold a mapping of flag names to values, "
                          f"not a {type(document).__name__}")
     actions = {option: action for action in parser._actions for option in action.option_strings}
-    defaults = {}
+    defaults, given_as = {}, {}
     for key, value in document.items():
         option = "--" + str(key).replace("_", "-")
         action = actions.get(option)
         if action is None or option in ("--config", "--help"):
             raise ValueError(f"--config {path}: {key!r} is not a flag; see --help for the names")
+        if action.dest in given_as:
+            raise ValueError(f"--config {path}: {given_as[action.dest]!r} and {key!r} are the same flag; keep one")
+        given_as[action.dest] = key
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(value, bool):
                 raise ValueError(f"--config {path}: {key} is a switch; give true or false, not {value!r}")
@@ -127,7 +159,7 @@ def yaml_defaults(parser: ArgumentParser, path: str) -> Dict[str, Any]:
             if action.nargs is None and isinstance(value, list):
                 raise ValueError(f"--config {path}: {key} takes one value, not a list")
             try:
-                values = [action.type(v) if action.type else v for v in values]
+                values = [_exactly(action.type, v) for v in values]
             except (TypeError, ValueError):
                 raise ValueError(f"--config {path}: {key}: {value!r} is not a valid {action.type.__name__}") from None
             for v in values:
