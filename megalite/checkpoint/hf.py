@@ -170,7 +170,7 @@ def from_hf(hf_config: dict, hf: Tensors) -> Tuple[ModelConfig, Tensors]:
             ours[p + "pre_mlp_norm.weight"] = hf[q + "post_attention_layernorm.weight"]
         ours[p + "self_attention.linear_qkv.weight"] = torch.cat(
             [q_.view(g, a // g, d, h), k_.view(g, 1, d, h), v_.view(g, 1, d, h)], 1).reshape(-1, h)
-    padding = config.padded_vocab_size - v
+    padding = config.padded_vocab_size(1) - v   # the rows of a TP=1 model
 
     def padded(rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, rows.new_zeros(padding, rows.shape[1])])
@@ -192,8 +192,7 @@ def export_checkpoint(load: str, save: str) -> str:
 
     from megalite.checkpoint.merge import merge_checkpoint
     state, settings = merge_checkpoint(load)
-    config = dataclasses.replace(ModelConfig(**settings["model"]), tensor_model_parallel_size=1,
-                                 sequence_parallel=False)
+    config = ModelConfig.from_saved(settings["model"])
     hf_config, tensors = to_hf(state, config)
     os.makedirs(save, exist_ok=True)
     with open(os.path.join(save, "config.json"), "w") as f:

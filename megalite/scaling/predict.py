@@ -218,7 +218,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     dp_exposed = max(0.0, dp_grad - window) if overlapped else dp_grad
     embedding_sync = 0.0
     if pp > 1 and not model.untie_embeddings_and_output_weights:
-        embedding_bytes = 4.0 * model.padded_vocab_size * model.hidden_size / tp
+        embedding_bytes = 4.0 * model.padded_vocab_size(tp) * model.hidden_size / tp
         embedding_sync = comm.all_reduce_time(embedding_bytes, 2, grid.pp_link(hardware))
     state_elements = params_on_rank / (dp * cp if zero1 else 1)
     optimizer_bytes = state_elements * (32 + e)   # grad read + norm, master, m, v read and written, half copy
@@ -227,8 +227,8 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     zero_gather = comm.zero1_gather_time(params_on_rank, e, dp * cp, dp_link, optimizer_time) if zero1 else 0.0
 
     iteration = pipe.makespan + dp_exposed + zero_gather + embedding_sync + optimizer_time + hardware.step_overhead_s
-    model_flops = flops_per_iteration(model, gbs)
-    hw_flops = hardware_flops_per_iteration(model, gbs, recompute)
+    model_flops = flops_per_iteration(model, gbs, tp=tp)
+    hw_flops = hardware_flops_per_iteration(model, gbs, recompute, tp=tp)
     tflops = model_flops / iteration / world / 1e12
     chunks_of_slowest = [counts[c * pp + stages.index(slowest)] for c in range(v)]
     compute_only = _stage_pass_times(chunks_of_slowest, slowest is stages[0], slowest is stages[-1], layer,
@@ -245,7 +245,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     }
     capacity = hardware.hbm_gb * GIB
     return Prediction(
-        params=count_parameters(model), flops_per_iteration=model_flops, hardware_flops_per_iteration=hw_flops,
+        params=count_parameters(model, tp=tp), flops_per_iteration=model_flops, hardware_flops_per_iteration=hw_flops,
         iteration_time_s=iteration, tflops_per_gpu=tflops, hardware_tflops_per_gpu=hw_flops / iteration / world / 1e12,
         mfu=tflops / hardware.peak(dtype), memory_gb_per_gpu=heaviest.total / GIB,
         activation_bytes_per_layer=activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sp, recompute=recompute,
