@@ -333,9 +333,9 @@ def _run_model(model: str, ours: List[str], peers: List[str], bf16: bool, args) 
     from megalite.model.flops import default_peak_tflops, flops_per_iteration
     from megalite.training.arguments import parse_args
     argv = megalite_argv(model, args.quick, args.warmup + args.steps, bf16)
-    model_cfg, _, _, _, train_cfg = parse_args(argv, world_size=1)
+    model_cfg, parallel_cfg, _, _, train_cfg = parse_args(argv, world_size=1)
     tokens_per_step = train_cfg.global_batch_size * model_cfg.seq_length
-    flops = flops_per_iteration(model_cfg, train_cfg.global_batch_size)
+    flops = flops_per_iteration(model_cfg, train_cfg.global_batch_size, tp=parallel_cfg.tensor_model_parallel_size)
     peak = default_peak_tflops(bf16)
     results = {}
     failed = False

@@ -76,7 +76,7 @@ def main(argv=None, prog: str = "megalite-generate") -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    config = ModelConfig(**dict(settings["model"], tensor_model_parallel_size=1, sequence_parallel=False))
+    config = ModelConfig.from_saved(settings["model"])
     ids = sample(model, config, prompt_ids, args.max_new_tokens, settings["model"]["vocab_size"],
                  args.temperature, args.top_k, args.seed)
     print(tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids)))

@@ -199,7 +199,7 @@ def _llama_layer_from_hf(config: ModelConfig, hf: Tensors, i: int) -> Tuple[tupl
 
 def _ends_from_hf(kind: str, config: ModelConfig, hf: Tensors) -> Tensors:
     """The embeddings, final norm and output layer, the vocabulary padded with zero rows to megalite's size."""
-    padding = config.padded_vocab_size - config.vocab_size
+    padding = config.padded_vocab_size(1) - config.vocab_size   # the rows of a TP=1 model
 
     def padded(rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, rows.new_zeros(padding, rows.shape[1])])
@@ -222,8 +222,7 @@ def export_checkpoint(load: str, save: str) -> str:
 
     from megalite.checkpoint.merge import merge_checkpoint
     state, settings = merge_checkpoint(load)
-    config = dataclasses.replace(ModelConfig(**settings["model"]), tensor_model_parallel_size=1,
-                                 sequence_parallel=False)
+    config = ModelConfig.from_saved(settings["model"])
     hf_config, tensors = to_hf(state, config)
     os.makedirs(save, exist_ok=True)
     with open(os.path.join(save, "config.json"), "w") as f:

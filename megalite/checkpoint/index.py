@@ -23,8 +23,8 @@ coordinates row-major in a shape large enough for every layout; keys of a slice 
 index (a box's row-major order is the global order restricted to it), so the keys of a slice's
 first and last elements tell whether two slices can meet (:func:`overlaps`) without reading them.
 
-Vocabulary padding depends on TP (``padded_vocab_size`` is a multiple of divisible-by x TP), so
-the logical embedding and output rows differ in count between layouts.  Rule: the rows both
+Vocabulary padding depends on TP (``ModelConfig.padded_vocab_size(tp)`` is a multiple of divisible-by
+x TP), so the logical embedding and output rows differ in count between layouts.  Rule: the rows both
 layouts have are copied; rows beyond the saved row count are set to zero.  Padding rows are zero
 at initialization and stay zero -- their logits are -inf in the loss, so they get no gradient, no
 Adam moment, and weight decay of zero is zero -- so this is the value they would have had.

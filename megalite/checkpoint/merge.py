@@ -8,7 +8,6 @@ global layer number.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from typing import Dict, List, Optional
@@ -67,20 +66,18 @@ def merge_checkpoint(root: str, iteration: Optional[int] = None):
         merged[name] = torch.cat(ordered, dim=dim) if dim is not None and len(ordered) > 1 else ordered[0]
     # The vocabulary is padded to a multiple of make_vocab_size_divisible_by x TP, so a TP=2 run has
     # more (all-zero) padding rows than the one-rank model: keep the rows a TP=1 model has.
-    saved = ModelConfig(**settings["model"])
-    single = dataclasses.replace(saved, tensor_model_parallel_size=1, sequence_parallel=False)
+    rows = ModelConfig.from_saved(settings["model"]).padded_vocab_size(1)
     for name, tensor in merged.items():
-        if name.endswith(VOCAB_ROWS) and tensor.shape[0] != single.padded_vocab_size:
-            merged[name] = tensor[:single.padded_vocab_size].clone()
+        if name.endswith(VOCAB_ROWS) and tensor.shape[0] != rows:
+            merged[name] = tensor[:rows].clone()
     return merged, settings
 
 
 def load_model(root: str, iteration: Optional[int] = None, device: str = "cpu"):
     """(model, settings): a TP=1, one-stage GPTModel holding the checkpoint's weights, in eval mode."""
     state, settings = merge_checkpoint(root, iteration)
-    fields = dict(settings["model"], tensor_model_parallel_size=1, sequence_parallel=False,
-                  recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
-    config = ModelConfig(**fields)
+    config = ModelConfig.from_saved(settings["model"], recompute_granularity=None, recompute_method=None,
+                                    recompute_num_layers=None)
     model = GPTModel(config, pre_process=True, post_process=True, layer_numbers=list(range(config.num_layers)))
     # The last stage's copy of a tied embedding duplicates the first stage's word embedding.
     missing, unexpected = model.load_state_dict(state, strict=False)

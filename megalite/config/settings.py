@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 from megalite.config.flags import check_fields, flag
 from megalite.parallel.pipeline.orders import PipelineSchedule
@@ -23,7 +23,7 @@ TokenizerType = Literal["GPT2BPETokenizer", "HuggingFaceTokenizer", "TikTokenize
 
 __all__ = ["ModelConfig", "OptimizerConfig", "ParallelConfig", "DataConfig", "TrainingConfig", "CONFIG_CLASSES",
            "DecayStyle", "TokenizerType",
-           "check_batch_sizes"]
+           "check_batch_sizes", "saved_model_fields"]
 
 
 @dataclass
@@ -55,9 +55,6 @@ class ModelConfig:
                                  name="--disable-bias-linear")
     init_method_std: float = flag(0.02, "standard deviation of the normal weight initialization", at_least=0)
     seed: int = flag(1234, "random seed: weights are drawn from (seed, parameter name)")
-    # Parallelism that changes what a layer computes locally: copied from ParallelConfig.
-    tensor_model_parallel_size: int = flag(1, "copied from ParallelConfig", at_least=1, cli=False)
-    sequence_parallel: bool = flag(False, "copied from ParallelConfig", cli=False)
     recompute_granularity: Optional[Literal["full", "selective"]] = flag(
         None, "recompute activations in backward: whole layers (full) or attention's core (selective)")
     recompute_method: Optional[Literal["uniform", "block"]] = flag(
@@ -90,16 +87,6 @@ class ModelConfig:
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                              f"--num-query-groups {self.num_query_groups}")
-        tp = self.tensor_model_parallel_size
-        if self.num_query_groups % tp:
-            raise ValueError(f"--num-query-groups {self.num_query_groups} is not divisible by "
-                             f"--tensor-model-parallel-size {tp}; use a TP size that divides it")
-        if self.ffn_hidden_size % tp:
-            raise ValueError(f"--ffn-hidden-size {self.ffn_hidden_size} is not divisible by "
-                             f"--tensor-model-parallel-size {tp}")
-        if self.sequence_parallel and self.seq_length % tp:
-            raise ValueError(f"--sequence-parallel needs --seq-length {self.seq_length} divisible by "
-                             f"--tensor-model-parallel-size {tp}")
         if self.seq_length > self.max_position_embeddings and self.position_embedding_type == "learned_absolute":
             raise ValueError(f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
                              f"{self.max_position_embeddings}")
@@ -110,11 +97,42 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def padded_vocab_size(self) -> int:
-        """Vocabulary padded to a multiple of make_vocab_size_divisible_by x TP (Megatron's rule)."""
-        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+    def padded_vocab_size(self, tp: int) -> int:
+        """Vocabulary padded to a multiple of make_vocab_size_divisible_by x ``tp`` (Megatron's rule), so
+        each of ``tp`` ranks holds the same number of rows of the embedding and the output layer."""
+        multiple = self.make_vocab_size_divisible_by * tp
         return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def check_tensor_parallel(self, tp: int, sequence_parallel: bool = False) -> None:
+        """This shape split over ``tp`` ranks: TP must divide the query groups (each rank holds whole groups)
+        and the MLP width, and under sequence parallelism the sequence.  The TP size and the SP flag are
+        ParallelConfig's: ``arguments.validate_together`` checks the command line, GPTModel its process grid."""
+        if self.num_query_groups % tp:
+            raise ValueError(f"--num-query-groups {self.num_query_groups} is not divisible by "
+                             f"--tensor-model-parallel-size {tp}; use a TP size that divides it")
+        if self.ffn_hidden_size % tp:
+            raise ValueError(f"--ffn-hidden-size {self.ffn_hidden_size} is not divisible by "
+                             f"--tensor-model-parallel-size {tp}")
+        if sequence_parallel and self.seq_length % tp:
+            raise ValueError(f"--sequence-parallel needs --seq-length {self.seq_length} divisible by "
+                             f"--tensor-model-parallel-size {tp}")
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any], **overrides) -> ModelConfig:
+        """The ModelConfig of a checkpoint's ``settings["model"]`` (see :func:`saved_model_fields`), with
+        ``overrides`` replacing saved fields."""
+        return cls(**{**saved_model_fields(saved), **overrides})
+
+
+# Keys a checkpoint's settings["model"] may hold that are not ModelConfig fields: the TP size and the SP
+# flag, which belong to the parallel layout (ParallelConfig), and so to the run that reads the checkpoint.
+_LAYOUT_IN_SAVED_MODEL = ("tensor_model_parallel_size", "sequence_parallel")
+
+
+def saved_model_fields(saved: Mapping[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's ``settings["model"]`` as ModelConfig fields: the layout fields some checkpoints also
+    saved there are dropped (a run takes its TP size and SP flag from its own parallel settings)."""
+    return {name: value for name, value in saved.items() if name not in _LAYOUT_IN_SAVED_MODEL}
 
 
 @dataclass

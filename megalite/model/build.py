@@ -38,7 +38,8 @@ def build_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, grid: Proc
                 device: torch.device) -> Tuple[List[torch.nn.Module], List[List[int]]]:
     """Model chunks of this rank (one per virtual stage) and their global layer numbers."""
     chunks = build_model_chunks(model_cfg, grid, first_stage_layers=parallel_cfg.decoder_first_pipeline_num_layers,
-                                last_stage_layers=parallel_cfg.decoder_last_pipeline_num_layers)
+                                last_stage_layers=parallel_cfg.decoder_last_pipeline_num_layers,
+                                sequence_parallel=parallel_cfg.sequence_parallel)
     layer_numbers = [stages.layer_numbers_for(model_cfg.num_layers, grid.pp_size, grid.pp_rank,
                                               grid.virtual_pp_size, v,
                                               parallel_cfg.decoder_first_pipeline_num_layers,

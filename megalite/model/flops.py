@@ -24,8 +24,9 @@ import torch
 from megalite.config.settings import ModelConfig
 
 
-def count_parameters(config: ModelConfig) -> int:
-    """Parameters of the whole (unpartitioned) model, with the padded vocabulary, tied weights once."""
+def count_parameters(config: ModelConfig, *, tp: int) -> int:
+    """Parameters of the whole (unpartitioned) model, tied weights once, with the vocabulary padded as a
+    run over ``tp`` tensor-parallel ranks pads it."""
     h, f, layers = config.hidden_size, config.ffn_hidden_size, config.num_layers
     kv = 2 * config.num_query_groups * config.head_dim
     bias = config.add_bias_linear
@@ -38,22 +39,25 @@ def count_parameters(config: ModelConfig) -> int:
         + f * h + h * bias                             # MLP down
         + 2 * norm                                     # pre-attention and pre-MLP norms
     )
-    embedding = config.padded_vocab_size * h
+    vocab = config.padded_vocab_size(tp)
+    embedding = vocab * h
     if config.position_embedding_type == "learned_absolute":
         embedding += config.max_position_embeddings * h
-    output = config.padded_vocab_size * h if config.untie_embeddings_and_output_weights else 0
+    output = vocab * h if config.untie_embeddings_and_output_weights else 0
     return embedding + layers * per_layer + norm + output
 
 
-def flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_length: Optional[int] = None) -> float:
-    """Model FLOPs of one training step (forward + backward) over ``global_batch_size`` sequences."""
+def flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_length: Optional[int] = None, *,
+                        tp: int) -> float:
+    """Model FLOPs of one training step (forward + backward) over ``global_batch_size`` sequences, the
+    vocabulary padded for ``tp`` tensor-parallel ranks."""
     s = seq_length or config.seq_length
     h, layers = config.hidden_size, config.num_layers
     query_groups_ratio = config.num_query_groups / config.num_attention_heads
     gated = 1.5 if config.swiglu else 1.0
     attention = 1 + query_groups_ratio + s / h
     mlp = gated * config.ffn_hidden_size / h
-    logits = config.padded_vocab_size / (2 * layers * h)
+    logits = config.padded_vocab_size(tp) / (2 * layers * h)
     return 12.0 * global_batch_size * s * layers * h * h * (attention + mlp + logits)
 
 

@@ -34,18 +34,18 @@ WORD_EMBEDDING = "embedding.word_embeddings.weight"
 class Embedding(nn.Module):
     """tokens [b, s] (and position_ids [b, s]) -> hidden [s(/t if SP), b, h]: word (+ position) embeddings, dropout."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, sequence_parallel: bool = False):
         super().__init__()
         # Padding rows (ids >= vocab_size) stay zero: the real rows do not depend on the TP padding.
         self.word_embeddings = VocabParallelEmbedding(
-            config.padded_vocab_size, config.hidden_size,
+            config.padded_vocab_size(tp_size()), config.hidden_size,
             init=Init("normal", config.init_method_std, real_rows=config.vocab_size))
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
             set_param_info(self.position_embeddings.weight, ParamInfo(init=Init("normal", config.init_method_std)))
-        self.sequence_parallel = config.sequence_parallel
-        self.dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
+        self.sequence_parallel = sequence_parallel
+        self.dropout = Dropout(config.hidden_dropout, sequence_parallel)
 
     def forward(self, tokens, position_ids):
         x = self.word_embeddings(tokens.t())                               # [s, b, h]
@@ -68,16 +68,17 @@ class GPTModel(nn.Module):
       post_process, no labels    -> logits [s, b, padded_vocab/t] (columns >= vocab_size are padding)
       not post_process           -> hidden states [s(/t if SP), b, h]
     When not pre_process, ``tokens`` are ignored and the tensor given to :meth:`set_input_tensor` is used.
+
+    The TP size is the process grid's (1 without a grid); ``sequence_parallel`` is ParallelConfig's
+    switch that splits the residual stream's tokens (norms, dropout) over the TP ranks.
     """
 
     def __init__(self, config: ModelConfig, *, pre_process: bool = True, post_process: bool = True,
-                 layer_numbers: Optional[Sequence[int]] = None):
+                 layer_numbers: Optional[Sequence[int]] = None, sequence_parallel: bool = False):
         super().__init__()
         tp = tp_size()
-        if tp != config.tensor_model_parallel_size:
-            raise ValueError(f"the process grid has TP size {tp} but the model config's tensor_model_parallel_size "
-                             f"is {config.tensor_model_parallel_size}; build both from the same settings")
-        self.config = config
+        config.check_tensor_parallel(tp, sequence_parallel)
+        self.config, self.sequence_parallel = config, sequence_parallel
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_numbers = list(range(config.num_layers)) if layer_numbers is None else list(layer_numbers)
         self.tied = not config.untie_embeddings_and_output_weights
@@ -85,12 +86,12 @@ class GPTModel(nn.Module):
         self.input_tensor = None
 
         if pre_process:
-            self.embedding = Embedding(config)
-        self.decoder = TransformerBlock(config, len(self.layer_numbers))
+            self.embedding = Embedding(config, sequence_parallel)
+        self.decoder = TransformerBlock(config, len(self.layer_numbers), sequence_parallel)
         if post_process:
-            self.final_norm = build_norm(config)
+            self.final_norm = build_norm(config, sequence_parallel)
             self.output_layer = ColumnParallelLinear(
-                config.hidden_size, config.padded_vocab_size, bias=False, sequence_parallel=config.sequence_parallel,
+                config.hidden_size, config.padded_vocab_size(tp), bias=False, sequence_parallel=sequence_parallel,
                 init=Init("normal", config.init_method_std, real_rows=config.vocab_size))
             if self.tied and pre_process:
                 self.output_layer.weight = self.embedding.word_embeddings.weight  # one parameter
@@ -134,7 +135,7 @@ class GPTModel(nn.Module):
             if self.input_tensor is None:
                 raise RuntimeError("this pipeline chunk has no embedding (pre_process=False): hand it the previous "
                                    "stage's hidden states with set_input_tensor() before forward")
-            seq = self.input_tensor.shape[0] * (tp_size() if self.config.sequence_parallel else 1)
+            seq = self.input_tensor.shape[0] * (tp_size() if self.sequence_parallel else 1)
             batch = self.input_tensor.shape[1]
         if position_ids is None:
             device = tokens.device if tokens is not None else self.input_tensor.device

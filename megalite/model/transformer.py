@@ -9,7 +9,9 @@ Tensor parallelism enters only through the layers: the QKV and first MLP project
 column-parallel (this rank's heads / hidden units), the output projections row-parallel (partial
 sums reduced over TP).  Under sequence parallelism the residual stream, norms and dropout live on
 ``s/t`` tokens; the column-parallel layers gather the tokens and the row-parallel ones scatter them
-back.  Under context parallelism every tensor holds this rank's s/cp tokens of the sequence; only
+back.  The TP size is the process grid's (``mappings.tp_size()``, 1 without a grid); sequence
+parallelism is switched on by the ``sequence_parallel`` argument of the modules that change under it.
+Under context parallelism every tensor holds this rank's s/cp tokens of the sequence; only
 attention reads the other CP ranks' keys and values (``context_parallel.attention_over_cp``).
 Symbols: s sequence, b micro-batch, h hidden, a heads, g query groups, d head dim, t TP size.
 """
@@ -35,11 +37,11 @@ from megalite.parallel.param_info import Init
 class LayerNorm(nn.Module):
     """x: [s(/t), b, h] -> same; weight and bias replicated over TP (grads summed over TP under SP)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, sequence_parallel: bool = False):
         super().__init__()
         self.eps = config.norm_epsilon
-        self.weight = new_parameter((config.hidden_size,), Init("ones"), sequence_parallel=config.sequence_parallel)
-        self.bias = new_parameter((config.hidden_size,), Init("zeros"), sequence_parallel=config.sequence_parallel)
+        self.weight = new_parameter((config.hidden_size,), Init("ones"), sequence_parallel=sequence_parallel)
+        self.bias = new_parameter((config.hidden_size,), Init("zeros"), sequence_parallel=sequence_parallel)
 
     def forward(self, x):
         return layer_norm(x, self.weight, self.bias, self.eps)
@@ -48,17 +50,18 @@ class LayerNorm(nn.Module):
 class RMSNorm(nn.Module):
     """x: [s(/t), b, h] -> x / rms(x) * weight (Zhang & Sennrich 2019)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, sequence_parallel: bool = False):
         super().__init__()
         self.eps = config.norm_epsilon
-        self.weight = new_parameter((config.hidden_size,), Init("ones"), sequence_parallel=config.sequence_parallel)
+        self.weight = new_parameter((config.hidden_size,), Init("ones"), sequence_parallel=sequence_parallel)
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
 
 
-def build_norm(config: ModelConfig) -> nn.Module:
-    return RMSNorm(config) if config.normalization == "RMSNorm" else LayerNorm(config)
+def build_norm(config: ModelConfig, sequence_parallel: bool = False) -> nn.Module:
+    norm = RMSNorm if config.normalization == "RMSNorm" else LayerNorm
+    return norm(config, sequence_parallel)
 
 
 class Dropout(nn.Module):
@@ -198,14 +201,14 @@ class SelfAttention(nn.Module):
     ``[q of its a/g heads | k | v]``, so each TP rank's contiguous slice holds g/t whole groups.
     """
 
-    def __init__(self, config: ModelConfig, output_init_std: float):
+    def __init__(self, config: ModelConfig, output_init_std: float, sequence_parallel: bool = False):
         super().__init__()
-        tp = tp_size()  # divides num_query_groups (ModelConfig checks it; GPTModel checks the grid agrees)
+        tp = tp_size()  # divides num_query_groups (GPTModel checks the config against the grid)
         self.head_dim = config.head_dim
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.local_groups = config.num_query_groups // tp
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
-        common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel)
+        common = dict(bias=config.add_bias_linear, sequence_parallel=sequence_parallel)
         self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size,
                                                init=Init("normal", config.init_method_std), **common)
         self.core_attention = CoreAttention(config)
@@ -241,12 +244,12 @@ class MLP(nn.Module):
     (Shazeer 2020).  With SwiGLU the FULL fused weight interleaves rows (gate_0, up_0, gate_1, up_1, ...),
     so each TP rank's contiguous slice holds matching gate and up units."""
 
-    def __init__(self, config: ModelConfig, output_init_std: float):
+    def __init__(self, config: ModelConfig, output_init_std: float, sequence_parallel: bool = False):
         super().__init__()
         self.swiglu = config.swiglu
         self.gelu_approximation = "tanh" if config.openai_gelu else "none"
         ffn = config.ffn_hidden_size
-        common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel)
+        common = dict(bias=config.add_bias_linear, sequence_parallel=sequence_parallel)
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, 2 * ffn if self.swiglu else ffn,
                                                init=Init("normal", config.init_method_std), **common)
         self.linear_fc2 = RowParallelLinear(ffn, config.hidden_size, init=Init("normal", output_init_std), **common)
@@ -262,17 +265,17 @@ class MLP(nn.Module):
 
 # -- the layer and the stack ------------------------------------------------------------------------
 class TransformerLayer(nn.Module):
-    """Pre-norm block. x: [s(/t), b, h] -> [s(/t), b, h]."""
+    """Pre-norm block. x: [s(/t), b, h] -> [s(/t), b, h] (s/t tokens with ``sequence_parallel``)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, sequence_parallel: bool = False):
         super().__init__()
         # GPT-2's scaled init of the projections that write into the residual stream: std / sqrt(2 L).
         output_init_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
-        self.input_norm = build_norm(config)
-        self.self_attention = SelfAttention(config, output_init_std)
-        self.pre_mlp_norm = build_norm(config)
-        self.mlp = MLP(config, output_init_std)
-        self.hidden_dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
+        self.input_norm = build_norm(config, sequence_parallel)
+        self.self_attention = SelfAttention(config, output_init_std, sequence_parallel)
+        self.pre_mlp_norm = build_norm(config, sequence_parallel)
+        self.mlp = MLP(config, output_init_std, sequence_parallel)
+        self.hidden_dropout = Dropout(config.hidden_dropout, sequence_parallel)
 
     def forward(self, x, rotary=None):
         x = x + self.hidden_dropout(self.self_attention(self.input_norm(x), rotary))
@@ -289,9 +292,9 @@ class TransformerBlock(nn.Module):
     (Megatron-LM's two methods).  ``recompute_num_layers`` defaults to 1.
     """
 
-    def __init__(self, config: ModelConfig, num_layers: int):
+    def __init__(self, config: ModelConfig, num_layers: int, sequence_parallel: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config, sequence_parallel) for _ in range(num_layers))
         self.recompute_method = config.recompute_method if config.recompute_granularity == "full" else None
         self.recompute_num_layers = config.recompute_num_layers or 1
 

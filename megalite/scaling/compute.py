@@ -241,7 +241,7 @@ def logits_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype
                  cp: int = 1) -> PassTimes:
     """The output layer ``[bs, h] x [h, V/t]`` and the fp32 cross-entropy over its ``sbV/t`` logits."""
     tokens = micro_batch * model.seq_length // cp
-    vocab = model.padded_vocab_size // tp
+    vocab = model.padded_vocab_size(tp) // tp
     gemm = Gemm("logits", tokens, vocab, model.hidden_size, layout="nt")
     grad_input, grad_weight = backward_gemms(gemm)
     softmax_bytes = tokens * vocab * (element_size(dtype) + 4 + 4)   # logits in, fp32 copy, fp32 softmax out
@@ -251,16 +251,17 @@ def logits_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype
                      gemm_seconds(grad_weight, hardware, dtype))
 
 
-def hardware_flops_per_iteration(model: ModelConfig, global_batch_size: int, recompute: Optional[str]) -> float:
+def hardware_flops_per_iteration(model: ModelConfig, global_batch_size: int, recompute: Optional[str], *,
+                                 tp: int) -> float:
     """FLOPs the devices execute in one step: model FLOPs plus what recompute repeats.
 
     Full recompute repeats every layer's forward: ``96 B s L h^2 (1 + s/6h + V/16Lh)`` for a GPT, the
     FLOPs Narayanan et al. 2021 (Eq. 3) count.  Selective repeats the attention core, ``4 B s^2 L h``.
     """
-    model_flops = flops_per_iteration(model, global_batch_size)
+    model_flops = flops_per_iteration(model, global_batch_size, tp=tp)
     s, h, layers = model.seq_length, model.hidden_size, model.num_layers
     if recompute == "full":
-        logits = 6.0 * global_batch_size * s * h * model.padded_vocab_size
+        logits = 6.0 * global_batch_size * s * h * model.padded_vocab_size(tp)
         return model_flops + (model_flops - logits) / 3
     if recompute == "selective":
         return model_flops + 4.0 * global_batch_size * s * s * layers * h

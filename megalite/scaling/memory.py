@@ -72,16 +72,18 @@ def in_flight_formula(schedule: Optional[str], p: int, v: int, m: int, rank: int
     raise ValueError(f"schedule {schedule!r} has no in-flight formula")
 
 
-def parameter_split(model: ModelConfig):
-    """(per-layer, embedding (+ positions), final norm) parameter counts of the whole model."""
-    one = count_parameters(dataclasses.replace(model, num_layers=1))
-    per_layer = count_parameters(dataclasses.replace(model, num_layers=2)) - one
-    embedding = model.padded_vocab_size * model.hidden_size
+def parameter_split(model: ModelConfig, tp: int):
+    """(per-layer, embedding (+ positions), final norm) parameter counts of the whole model, the vocabulary
+    padded for ``tp`` tensor-parallel ranks."""
+    one = count_parameters(dataclasses.replace(model, num_layers=1), tp=tp)
+    per_layer = count_parameters(dataclasses.replace(model, num_layers=2), tp=tp) - one
+    vocab = model.padded_vocab_size(tp)
+    embedding = vocab * model.hidden_size
     if model.position_embedding_type == "learned_absolute":
         embedding += model.max_position_embeddings * model.hidden_size
     final_norm = one - per_layer - embedding
     if model.untie_embeddings_and_output_weights:
-        final_norm -= model.padded_vocab_size * model.hidden_size
+        final_norm -= vocab * model.hidden_size
     return per_layer, embedding, final_norm
 
 
@@ -109,7 +111,8 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
                    first_stage_layers: Optional[int] = None,
                    last_stage_layers: Optional[int] = None) -> List[StageMemory]:
     """Memory of one rank of each pipeline stage; ``in_flight[r]`` (micro-batch, chunk) pairs held by rank r."""
-    per_layer, embedding, final_norm = parameter_split(model)
+    per_layer, embedding, final_norm = parameter_split(model, tp)
+    vocab = model.padded_vocab_size(tp)
     h, s, b = model.hidden_size, model.seq_length // cp, micro_batch
     stored = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=recompute,
                               element_size=element_size)
@@ -126,7 +129,7 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
             params += embedding / tp
         if rank == pp - 1:
             own_output = pp > 1 or model.untie_embeddings_and_output_weights   # else the embedding is it
-            params += final_norm + (model.padded_vocab_size * h / tp if own_output else 0.0)
+            params += final_norm + (vocab * h / tp if own_output else 0.0)
         per_chunk = max(chunks)
         if recompute == "full" and recompute_method == "block":
             recomputed = min(span, per_chunk)
@@ -140,7 +143,7 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
         activations = in_flight[rank] * chunk_bytes + working
         if rank == 0 and model.hidden_dropout > 0:
             activations += in_flight[rank] * s * b * h / (tp if sequence_parallel else 1)
-        logits = 2 * 4.0 * s * b * model.padded_vocab_size / tp if rank == pp - 1 else 0.0
+        logits = 2 * 4.0 * s * b * vocab / tp if rank == pp - 1 else 0.0
         out.append(StageMemory(rank, params, params * element_size, params * 4.0,
                                params * optimizer_bytes / (dp * cp if zero1 else 1), activations, logits))
     return out

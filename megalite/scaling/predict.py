@@ -253,7 +253,7 @@ def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout,
     dp_exposed = max(0.0, dp_grad - window) if overlapped else dp_grad
     embedding_sync = 0.0
     if lay.pp > 1 and not model.untie_embeddings_and_output_weights:
-        embedding_bytes = 4.0 * model.padded_vocab_size * model.hidden_size / tp
+        embedding_bytes = 4.0 * model.padded_vocab_size(tp) * model.hidden_size / tp
         embedding_sync = comm.all_reduce_time(embedding_bytes, 2, grid.pp_link(hardware))
     state_elements = params_on_rank / (dp * cp if zero1 else 1)
     optimizer_bytes = state_elements * (32 + e)   # grad read + norm, master, m, v read and written, half copy
@@ -288,13 +288,14 @@ def _prediction(model: ModelConfig, parallel: ParallelConfig, optimizer: Optimiz
     """The Prediction of one step's ``iteration`` seconds: FLOP rates, memory and the layout."""
     world, b, dtype, recompute, sp = (lay.world, lay.micro_batch, lay.dtype, model.recompute_granularity,
                                       parallel.sequence_parallel)
-    model_flops = flops_per_iteration(model, lay.global_batch)
-    hw_flops = hardware_flops_per_iteration(model, lay.global_batch, recompute)
+    model_flops = flops_per_iteration(model, lay.global_batch, tp=lay.tp)
+    hw_flops = hardware_flops_per_iteration(model, lay.global_batch, recompute, tp=lay.tp)
     tflops = model_flops / iteration / world / 1e12
     heaviest = max(memories, key=lambda s: s.total)
     capacity = hardware.hbm_gb * GIB
     return Prediction(
-        params=count_parameters(model), flops_per_iteration=model_flops, hardware_flops_per_iteration=hw_flops,
+        params=count_parameters(model, tp=lay.tp), flops_per_iteration=model_flops,
+        hardware_flops_per_iteration=hw_flops,
         iteration_time_s=iteration, tflops_per_gpu=tflops, hardware_tflops_per_gpu=hw_flops / iteration / world / 1e12,
         mfu=tflops / hardware.peak(dtype), memory_gb_per_gpu=heaviest.total / GIB,
         activation_bytes_per_layer=activation_bytes(model, b, tp=lay.tp, cp=lay.cp, sequence_parallel=sp,

@@ -30,6 +30,7 @@ from megalite.config.settings import (
     ParallelConfig,
     TrainingConfig,
     check_batch_sizes,
+    saved_model_fields,
 )
 from megalite.parallel.pipeline.orders import check_schedule, default_schedule
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
@@ -202,8 +203,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     parallel = pick(ParallelConfig, world_size=world_size)
-    model = pick(ModelConfig, tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-                 sequence_parallel=parallel.sequence_parallel)
+    model = pick(ModelConfig)
     configs = (model, parallel, pick(OptimizerConfig), pick(DataConfig), pick(TrainingConfig))
     validate_together(*configs)
     return configs
@@ -212,6 +212,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
 def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig,
                       data: DataConfig, training: TrainingConfig) -> None:
     """The rules that span configs, each checked here once; fills the defaults that depend on another config."""
+    model.check_tensor_parallel(parallel.tensor_model_parallel_size, parallel.sequence_parallel)
     dp = parallel.data_parallel_size
     if training.global_batch_size is None:
         training.global_batch_size = training.micro_batch_size * dp
@@ -223,9 +224,6 @@ def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: O
                          f"--global-batch-size {training.global_batch_size}: {error}") from None
     if training.train_samples is not None:
         training.train_iters = batches.num_iterations(training.train_samples)
-    if model.tensor_model_parallel_size != parallel.tensor_model_parallel_size or \
-            model.sequence_parallel != parallel.sequence_parallel:
-        raise ValueError("ModelConfig and ParallelConfig disagree on tensor-model-parallel-size/sequence-parallel")
     check_context_parallel(model, parallel)
     pp = parallel.pipeline_model_parallel_size
     per_virtual = parallel.num_layers_per_virtual_pipeline_stage
@@ -305,9 +303,7 @@ def checkpoint_model_defaults(root: str) -> Dict[str, Any]:
         settings = torch.load(path, map_location="cpu", weights_only=True).get("settings", {})
     except (OSError, RuntimeError) as error:
         raise ValueError(f"--use-checkpoint-args: cannot read {path}: {error}") from None
-    model = dict(settings.get("model", {}))
-    for copied in ("tensor_model_parallel_size", "sequence_parallel"):   # the layout is this run's own
-        model.pop(copied, None)
+    model = saved_model_fields(settings.get("model", {}))   # the layout is this run's own
     if model.get("num_query_groups") == model.get("num_attention_heads"):
         model.pop("num_query_groups", None)        # one group per head: the default, not a GQA flag
     elif model.get("num_query_groups") is not None:
@@ -324,7 +320,7 @@ def resolved_config(configs: Sequence[Any]) -> Dict[str, Any]:
         for name, value in asdict(config).items():
             action = dests.get(name)
             if action is None:
-                continue  # not a flag (world size, the copies ModelConfig keeps of ParallelConfig's)
+                continue  # not a flag (the world size)
             key = action.option_strings[0][2:].replace("-", "_")
             resolved[key] = (not value) if isinstance(action, argparse._StoreFalseAction) else value
     # What would read back as a contradiction: the iteration count derived from --train-samples,

@@ -302,12 +302,13 @@ def train(run: Run) -> List[dict]:
     """Train from run.iteration to --train-iters; returns the per-iteration records."""
     cfg, g = run.train_cfg, run.grid
     write_resolved_config(run)
-    logger = Logger(run.model_cfg, cfg, rank=g.rank, world_size=g.world_size, device=run.device,
+    logger = Logger(run.model_cfg, cfg, rank=g.rank, world_size=g.world_size, tp=g.tp_size, device=run.device,
                     half_precision=run.opt_cfg.bf16 or run.opt_cfg.fp16, start_iteration=run.iteration,
                     writers=build_writers(cfg, g.rank, resolved_config(run.configs())))
     profiler = StepProfiler(cfg, g.rank)
     exit_signal = ExitSignal(cfg.exit_signal_handler)
-    print_rank0(f"training {flops.count_parameters(run.model_cfg):,} parameters on {g.world_size} rank(s) "
+    parameters = flops.count_parameters(run.model_cfg, tp=g.tp_size)
+    print_rank0(f"training {parameters:,} parameters on {g.world_size} rank(s) "
                 f"(TP={g.tp_size} PP={g.pp_size} DP={g.dp_size} CP={g.cp_size}), global batch "
                 f"{cfg.global_batch_size} = {run.num_microbatches} micro-batches x {cfg.micro_batch_size} x DP "
                 f"{g.dp_size}, {cfg.train_iters} iterations")

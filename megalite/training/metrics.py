@@ -48,10 +48,11 @@ class Logger:
     """Completes each iteration's record with its timing figures, prints the log line every
     --log-interval (rank 0) and hands every record to --log-json and the metric writers."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainingConfig, *, rank: int, world_size: int,
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainingConfig, *, rank: int, world_size: int, tp: int,
                  device: torch.device, half_precision: bool, start_iteration: int,
                  writers: Optional[List[MetricWriter]] = None):
         self.model_cfg, self.train_cfg, self.world_size, self.device = model_cfg, train_cfg, world_size, device
+        self.tp = tp
         self.peak_tflops = train_cfg.peak_tflops or flops.default_peak_tflops(half_precision, device)
         self.writers = list(writers or [])
         self.json_file = None
@@ -68,7 +69,7 @@ class Logger:
     def record(self, record: dict, step_seconds: float) -> dict:
         """Add elapsed time, tokens/s, TFLOP/s, MFU and peak memory to ``record``; log it; return it."""
         batch = record["global_batch_size"]
-        tflops = flops.flops_per_iteration(self.model_cfg, batch) / step_seconds / self.world_size / 1e12
+        tflops = flops.flops_per_iteration(self.model_cfg, batch, tp=self.tp) / step_seconds / self.world_size / 1e12
         record.update(elapsed_ms=step_seconds * 1e3, tokens_per_sec=batch * self.model_cfg.seq_length / step_seconds,
                       tflops_per_device=tflops, mfu=flops.mfu(tflops, self.peak_tflops),
                       peak_memory_mb=peak_memory_mb(self.device))

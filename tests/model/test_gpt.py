@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from megalite.config.settings import ModelConfig
+from megalite.model import gpt
 from megalite.model.gpt import GPTModel
 from megalite.model.loss import language_model_loss
 from megalite.parallel.param_info import param_info
@@ -32,7 +33,7 @@ def test_forward_shapes(variant):
     ids = tokens()
     loss = model(ids, labels=ids)
     assert loss.shape == (3, 16) and loss.dtype == torch.float32
-    assert model(ids).shape == (16, 3, config.padded_vocab_size) == (16, 3, 64)
+    assert model(ids).shape == (16, 3, config.padded_vocab_size(1)) == (16, 3, 64)
     first = GPTModel(config, post_process=False, layer_numbers=[0])
     assert first(ids).shape == (16, 3, 32)                       # hidden states [s, b, h]
     last = GPTModel(config, pre_process=False, layer_numbers=[1])
@@ -112,7 +113,7 @@ def test_parameter_attributes():
     assert param_info(proj).tensor_parallel and param_info(proj).partition_dim == 1
     assert not param_info(params["decoder.layers.0.input_norm.weight"]).tensor_parallel
     assert not param_info(params["decoder.layers.0.input_norm.weight"]).sequence_parallel   # SP off
-    sp = {name: param_info(p) for name, p in GPTModel(tiny_config("gpt", sequence_parallel=True)).named_parameters()}
+    sp = {name: param_info(p) for name, p in GPTModel(tiny_config("gpt"), sequence_parallel=True).named_parameters()}
     assert sp["decoder.layers.0.input_norm.weight"].sequence_parallel
     assert sp["decoder.layers.0.mlp.linear_fc2.bias"].sequence_parallel
     assert not sp["decoder.layers.0.mlp.linear_fc1.bias"].sequence_parallel  # split over TP, not replicated
@@ -137,9 +138,18 @@ def test_language_model_loss_weights_by_mask():
 
 def test_grouped_query_attention_needs_tp_to_divide_the_groups():
     with pytest.raises(ValueError, match="--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4"):
-        tiny_config("llama", tensor_model_parallel_size=4)
+        tiny_config("llama").check_tensor_parallel(4)
 
 
-def test_refuses_config_whose_tp_disagrees_with_the_grid():
-    with pytest.raises(ValueError, match="tensor_model_parallel_size is 2"):
-        GPTModel(tiny_config("gpt", tensor_model_parallel_size=2))
+def test_sequence_parallel_needs_tp_to_divide_the_sequence():
+    tiny_config("gpt", seq_length=10).check_tensor_parallel(4)     # no sequence parallelism: no rule
+    with pytest.raises(ValueError, match="--sequence-parallel needs --seq-length 10 divisible by "
+                                         "--tensor-model-parallel-size 4"):
+        tiny_config("gpt", seq_length=10).check_tensor_parallel(4, sequence_parallel=True)
+
+
+def test_model_takes_its_tp_size_from_the_grid_and_refuses_one_that_does_not_divide_it(monkeypatch):
+    assert GPTModel(tiny_config("gpt")).output_layer.weight.shape[0] == tiny_config("gpt").padded_vocab_size(1)
+    monkeypatch.setattr(gpt, "tp_size", lambda: 4)     # as a grid of TP 4 would say
+    with pytest.raises(ValueError, match="--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4"):
+        GPTModel(tiny_config("llama"))

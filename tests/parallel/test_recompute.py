@@ -13,9 +13,9 @@ from tests.parallel.tp_harness import RECOMPUTE, batch, model_config
 DROPOUT = dict(hidden_dropout=0.2, attention_dropout=0.2)
 
 
-def _loss_grads_saved(config, seed=5):
+def _loss_grads_saved(config, seed=5, sequence_parallel=False):
     """(loss, {name: grad}, bytes of activations saved for backward) of one forward/backward in train mode."""
-    model = GPTModel(config).train()
+    model = GPTModel(config, sequence_parallel=sequence_parallel).train()
     tokens, positions, labels = batch(config)
     tp_random.model_parallel_seed(seed)
     saved = {}
@@ -32,8 +32,9 @@ def _loss_grads_saved(config, seed=5):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, sum(saved.values())
 
 
-def _all_modes(variant, tp=1, sp=False):
-    return {mode: _loss_grads_saved(model_config(variant, tp, sp, mode, num_layers=3, **DROPOUT)) for mode in RECOMPUTE}
+def _all_modes(variant, sp=False):
+    return {mode: _loss_grads_saved(model_config(variant, mode, num_layers=3, **DROPOUT), sequence_parallel=sp)
+            for mode in RECOMPUTE}
 
 
 def _assert_recompute_is_exact(runs):
@@ -59,7 +60,7 @@ def test_recompute_with_dropout_is_exact_on_one_rank(variant):
 
 def _tp2_sp(rank, world_size):
     state.initialize_grid(tp=2)
-    return _all_modes("llama", tp=2, sp=True)
+    return _all_modes("llama", sp=True)
 
 
 def test_recompute_with_dropout_is_exact_under_tp_and_sequence_parallel():

@@ -27,10 +27,11 @@ SBH_BYTES = S * B * H * 4           # one [s, b, h] float32 tensor
 
 
 def _one_layer(tp: int, sp: bool):
-    """(bytes saved for backward, comm bytes by kind, comm calls by kind) of one layer's forward + backward."""
+    """(bytes saved for backward, comm bytes by kind, comm calls by kind) of one layer's forward + backward
+    on a grid of TP size ``tp``."""
     config = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=A, seq_length=S, hidden_dropout=0.1,
-                         attention_dropout=0.1, tensor_model_parallel_size=tp, sequence_parallel=sp)
-    layer = TransformerLayer(config).train()
+                         attention_dropout=0.1)
+    layer = TransformerLayer(config, sequence_parallel=sp).train()
     tp_random.model_parallel_seed(1)
     x = torch.randn(S // tp if sp else S, B, H, requires_grad=True)
     comm_counter.reset()

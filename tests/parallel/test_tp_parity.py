@@ -30,9 +30,9 @@ ONE_RANK_CASES = [(variant, 1, sp, recompute) for variant in VARIANTS
                                         (False, "full-block"))]
 
 
-def train(config):
+def train(config, sequence_parallel=False):
     """(losses of STEPS AdamW steps, full-shape grads of step 1, full-shape params after the steps)."""
-    model = GPTModel(config)
+    model = GPTModel(config, sequence_parallel=sequence_parallel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     tokens, positions, labels = batch(config)
     mask = torch.ones_like(labels, dtype=torch.float32)
@@ -57,7 +57,7 @@ def _run_multi_rank(rank, world_size, cases):
         grid = state.initialize_grid(tp=tp)
         mine = [case for case in cases if case[1] == tp][grid.dp_rank::grid.dp_size]   # DP replicas split the cases
         for case in mine:
-            run = train(model_config(case[0], tp, case[2], case[3]))
+            run = train(model_config(case[0], case[3]), sequence_parallel=case[2])
             if grid.tp_rank == 0:
                 results[case] = run
         state.destroy_grid()
@@ -68,7 +68,7 @@ def _run_multi_rank(rank, world_size, cases):
 def runs():
     # The references run here, before the fork: the children inherit a warmed-up torch.
     references = {variant: train(model_config(variant)) for variant in VARIANTS}
-    runs = {case: train(model_config(case[0], 1, case[2], case[3])) for case in ONE_RANK_CASES}
+    runs = {case: train(model_config(case[0], case[3]), sequence_parallel=case[2]) for case in ONE_RANK_CASES}
     for rank_runs in run_on_ranks(_run_multi_rank, 4, MULTI_RANK_CASES, timeout=240):
         runs.update(rank_runs)
     return references, runs

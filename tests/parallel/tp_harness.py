@@ -24,10 +24,10 @@ RECOMPUTE = {
 VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def model_config(variant: str, tp: int = 1, sp: bool = False, recompute: str = "none", **overrides) -> ModelConfig:
+def model_config(variant: str, recompute: str = "none", **overrides) -> ModelConfig:
+    """A tiny model; its TP size is the process grid's, sequence parallelism an argument of GPTModel."""
     fields = dict(num_layers=2, hidden_size=32, num_attention_heads=8, ffn_hidden_size=64, seq_length=8,
-                  hidden_dropout=0.0, attention_dropout=0.0, seed=11, tensor_model_parallel_size=tp,
-                  sequence_parallel=sp)
+                  hidden_dropout=0.0, attention_dropout=0.0, seed=11)
     fields.update(VARIANTS[variant])
     fields.update(RECOMPUTE[recompute])
     fields.update(overrides)

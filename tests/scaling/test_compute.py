@@ -65,10 +65,10 @@ def test_hardware_flops_are_narayanan_eq_3_with_full_recompute():
     B, s, L, h, V = 512, 2048, 24, 2304, 51200
     model = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=24, seq_length=s, vocab_size=V)
     eq3 = 96 * B * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))
-    assert hardware_flops_per_iteration(model, B, "full") == pytest.approx(eq3, rel=1e-12)
-    assert hardware_flops_per_iteration(model, B, None) == flops_per_iteration(model, B)
-    assert hardware_flops_per_iteration(model, B, "selective") == pytest.approx(
-        flops_per_iteration(model, B) + 4 * B * s * s * L * h)
+    assert hardware_flops_per_iteration(model, B, "full", tp=1) == pytest.approx(eq3, rel=1e-12)
+    assert hardware_flops_per_iteration(model, B, None, tp=1) == flops_per_iteration(model, B, tp=1)
+    assert hardware_flops_per_iteration(model, B, "selective", tp=1) == pytest.approx(
+        flops_per_iteration(model, B, tp=1) + 4 * B * s * s * L * h)
 
 
 def test_recompute_adds_to_backward_only():
@@ -110,6 +110,6 @@ def test_layer_uses_the_measured_tables():
     dropout = dataclasses.replace(model, attention_dropout=0.1)                # the table is of the dropout-free kernel
     assert layer_times(dropout, 4, table, "float32") == layer_times(dropout, 4, cpu, "float32")
     loss = dataclasses.replace(cpu, elementwise=(("cross_entropy", "float32", 1, 1.0, 1.0),))
-    logits_bytes = 4 * 256 * model.padded_vocab_size * 12
+    logits_bytes = 4 * 256 * model.padded_vocab_size(1) * 12
     assert logits_times(model, 4, loss, "float32").forward == pytest.approx(
-        gemm_seconds(Gemm("logits", 1024, model.padded_vocab_size, 256), cpu, "float32") + logits_bytes / 1e9)
+        gemm_seconds(Gemm("logits", 1024, model.padded_vocab_size(1), 256), cpu, "float32") + logits_bytes / 1e9)

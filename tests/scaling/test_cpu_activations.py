@@ -45,10 +45,9 @@ def _measure(rank, world_size):
             for dtype_name, dtype in DTYPES.items():
                 config = ModelConfig(num_layers=LAYERS, hidden_size=H, num_attention_heads=A, seq_length=S,
                                      hidden_dropout=0.1 if dropout else 0.0, attention_dropout=0.1 if dropout else 0.0,
-                                     tensor_model_parallel_size=tp, sequence_parallel=sp,
                                      recompute_granularity=recompute,
                                      recompute_method="uniform" if recompute == "full" else None)
-                block = TransformerBlock(config, LAYERS).train().to(dtype)
+                block = TransformerBlock(config, LAYERS, sequence_parallel=sp).train().to(dtype)
                 tp_random.model_parallel_seed(1)
                 x = torch.randn(S // tp if sp else S, B, H, dtype=dtype, requires_grad=True)
                 out[name, dtype_name] = saved_activation_bytes(block, x) / LAYERS

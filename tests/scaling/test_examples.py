@@ -36,7 +36,7 @@ def test_flags_parse_as_the_trainers(name):
         vpp = min(v for v in range(2, layers // pp + 1) if (layers // pp) % v == 0)
         flags = flags + ["--virtual-pipeline-model-parallel-size", str(vpp)]
     model, parallel, _optimizer, _data, training = parse_args(flags + ["--mock-data"], world_size=gpus)
-    assert model.seq_length == 2048 and model.padded_vocab_size == 51200
+    assert model.seq_length == 2048 and model.padded_vocab_size(parallel.tensor_model_parallel_size) == 51200
     assert parallel.data_parallel_size * parallel.tensor_model_parallel_size * \
         parallel.pipeline_model_parallel_size == gpus
 

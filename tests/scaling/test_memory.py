@@ -17,7 +17,7 @@ GPT_22B = dict(num_layers=48, hidden_size=6144, num_attention_heads=64, seq_leng
 @pytest.mark.parametrize("recompute", [None, "selective", "full"])
 @pytest.mark.parametrize("tp, sp", [(1, False), (8, False), (8, True)])
 def test_activations_are_korthikantis(recompute, tp, sp):
-    model = ModelConfig(**GPT_22B, tensor_model_parallel_size=tp, sequence_parallel=sp)
+    model = ModelConfig(**GPT_22B)
     expected = activation_bytes_per_layer(2048, 4, 6144, 64, tp=tp, sequence_parallel=sp, recompute=recompute)
     assert activation_bytes(model, 4, tp=tp, sequence_parallel=sp, recompute=recompute) == expected
     # fp32 activations: every activation at 4 bytes, the 1-byte masks unchanged
@@ -44,7 +44,7 @@ def test_interleaved_first_rank_holds_korthikantis_layers():
 
 def test_model_state_by_hand():
     model = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=256)
-    per_layer, embedding, final_norm = parameter_split(model)
+    per_layer, embedding, final_norm = parameter_split(model, tp=1)
     assert per_layer == 12 * 64 * 64 + 13 * 64 and embedding == (256 + 32) * 64 and final_norm == 2 * 64
     stages = stage_memories(model, micro_batch=1, tp=1, pp=2, cp=1, dp=4, vpp=None, in_flight=[2, 1],
                             element_size=2, zero1=True)

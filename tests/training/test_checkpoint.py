@@ -119,6 +119,6 @@ def test_generate_merges_tp_pp_shards_into_the_single_rank_model(tmp_path):
         torch.testing.assert_close(grid[name], value, rtol=1e-4, atol=1e-5, msg=name)
     model, _ = merge.load_model(str(tmp_path / "grid"))
     from megalite.config.settings import ModelConfig
-    config = ModelConfig(**dict(settings["model"], tensor_model_parallel_size=1, sequence_parallel=False))
+    config = ModelConfig.from_saved(settings["model"])
     ids = generate.sample(model, config, [1, 2, 3], max_new_tokens=5, vocab_size=64, seed=0)
     assert len(ids) == 8 and all(0 <= i < 64 for i in ids)

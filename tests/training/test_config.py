@@ -38,9 +38,9 @@ def test_flags_reach_fields():
     assert (model.num_layers, model.hidden_size, model.num_query_groups, model.swiglu) == (4, 128, 2, True)
     assert (model.normalization, model.position_embedding_type, model.add_bias_linear) == ("RMSNorm", "rope", False)
     assert model.untie_embeddings_and_output_weights
-    # TP and SP are one flag each, copied into the model config that builds the layers.
-    assert model.tensor_model_parallel_size == parallel.tensor_model_parallel_size == 2
-    assert model.sequence_parallel and parallel.sequence_parallel
+    # TP and SP are one flag each and one field each, ParallelConfig's: the model is handed them where it is built.
+    assert parallel.tensor_model_parallel_size == 2 and parallel.sequence_parallel
+    assert not hasattr(model, "tensor_model_parallel_size") and not hasattr(model, "sequence_parallel")
     assert parallel.virtual_pipeline_model_parallel_size == 2 and parallel.data_parallel_size == 2
     assert (opt.lr, opt.min_lr, opt.bf16, opt.adam_beta2) == (1e-3, 1e-4, True, 0.95)
     assert (train.micro_batch_size, train.global_batch_size, train.lr_decay_style) == (2, 16, "cosine")
@@ -58,6 +58,13 @@ def test_defaults_fill_from_other_configs():
     (["--global-batch-size", "7", "--micro-batch-size", "2"], 2,
      "--global-batch-size 7 is not divisible by --micro-batch-size 2 x data-parallel size 2 = 4; try 8"),
     (["--tensor-model-parallel-size", "3"], 4, "world size 4 is not divisible by --tensor-model-parallel-size 3"),
+    # The model's shape split over TP (ModelConfig.check_tensor_parallel, with ParallelConfig's sizes).
+    (["--group-query-attention", "--num-query-groups", "2", "--tensor-model-parallel-size", "4"], 4,
+     "--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4; use a TP size that divides it"),
+    (["--ffn-hidden-size", "6", "--tensor-model-parallel-size", "4"], 4,
+     "--ffn-hidden-size 6 is not divisible by --tensor-model-parallel-size 4"),
+    (["--sequence-parallel", "--seq-length", "10", "--tensor-model-parallel-size", "4"], 4,
+     "--sequence-parallel needs --seq-length 10 divisible by --tensor-model-parallel-size 4"),
     (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2, "use a multiple of 2 layers"),
     (["--virtual-pipeline-model-parallel-size", "2"], 1, "needs --pipeline-model-parallel-size > 1"),
     (["--hidden-size", "30", "--num-attention-heads", "4"], 1, "--hidden-size 30 is not divisible by"),
@@ -104,7 +111,8 @@ def test_configs_construct_directly():
     with pytest.raises(ValueError, match="--micro-batch-size must be at least 1"):
         TrainingConfig(micro_batch_size=0)
     assert DataConfig(mock_data=True).split == "969,30,1"
-    assert ModelConfig().padded_vocab_size == 256 and OptimizerConfig().clip_grad == 1.0
+    assert ModelConfig().padded_vocab_size(1) == 256 and ModelConfig().padded_vocab_size(4) == 512
+    assert OptimizerConfig().clip_grad == 1.0
 
 
 def test_help_comes_from_the_fields():

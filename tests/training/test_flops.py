@@ -13,7 +13,7 @@ def test_flops_hand_computed_gpt():
     forward_per_token = L * (2 * h * 3 * h + 4 * s * h + 2 * h * h + 4 * h * f) + 2 * h * V
     expected = 3 * B * s * forward_per_token          # backward = 2 x forward
     assert expected == 12 * B * s * L * h * h * (1 + 1 + s / h + f / h + V / (2 * L * h))
-    assert flops.flops_per_iteration(cfg, B) == pytest.approx(expected, rel=1e-12)
+    assert flops.flops_per_iteration(cfg, B, tp=1) == pytest.approx(expected, rel=1e-12)
     assert expected == 188_743_680   # 768 x 245,760 FLOPs per token forward
 
 
@@ -23,7 +23,7 @@ def test_flops_gqa_and_swiglu():
     s, h, V, f = 16, 64, 128, 128
     kv = 2 * 2 * 8    # 2 (k and v) x groups x head_dim
     forward_per_token = 2 * h * (h + kv) + 4 * s * h + 2 * h * h + 2 * 3 * h * f + 2 * h * V
-    assert flops.flops_per_iteration(cfg, 1) == pytest.approx(3 * s * forward_per_token, rel=1e-12)
+    assert flops.flops_per_iteration(cfg, 1, tp=1) == pytest.approx(3 * s * forward_per_token, rel=1e-12)
 
 
 def test_parameter_count_hand_computed():
@@ -31,9 +31,11 @@ def test_parameter_count_hand_computed():
                       vocab_size=10, make_vocab_size_divisible_by=16)
     embedding = 16 * 8 + 4 * 8                                   # padded vocab 16, 4 positions
     layer = (8 * 24 + 24) + (8 * 8 + 8) + (8 * 32 + 32) + (32 * 8 + 8) + 2 * 16
-    assert flops.count_parameters(cfg) == embedding + 2 * layer + 16   # final LayerNorm; output tied
+    assert flops.count_parameters(cfg, tp=1) == embedding + 2 * layer + 16   # final LayerNorm; output tied
     untied = ModelConfig(**{**cfg.__dict__, "untie_embeddings_and_output_weights": True})
-    assert flops.count_parameters(untied) == flops.count_parameters(cfg) + 16 * 8
+    assert flops.count_parameters(untied, tp=1) == flops.count_parameters(cfg, tp=1) + 16 * 8
+    # Over TP 2 the vocabulary is padded to a multiple of 16 x 2: 32 rows.
+    assert flops.count_parameters(cfg, tp=2) == flops.count_parameters(cfg, tp=1) + 16 * 8
 
 
 def test_mfu_and_peaks():
@@ -53,8 +55,8 @@ def test_papers_parameter_and_flop_counts(published, a, h, layers):
     V, s, batch = 51200, 2048, 512
     cfg = ModelConfig(num_layers=layers, hidden_size=h, num_attention_heads=a, seq_length=s, vocab_size=V)
     eq2 = 12 * layers * h * h * (1 + 13 / (12 * h) + (V + s) / (12 * layers * h))   # Narayanan Eq. 2
-    assert flops.count_parameters(cfg) == pytest.approx(eq2 + 2 * h, rel=1e-12)      # + the final LayerNorm
-    assert flops.count_parameters(cfg) / 1e9 == pytest.approx(published, rel=0.03)   # the table's rounding
+    assert flops.count_parameters(cfg, tp=1) == pytest.approx(eq2 + 2 * h, rel=1e-12)      # + the final LayerNorm
+    assert flops.count_parameters(cfg, tp=1) / 1e9 == pytest.approx(published, rel=0.03)   # the table's rounding
     # Model FLOPs, Korthikanti et al. 2022 Eq. 7 (Narayanan's Eq. 3 without the recomputed forward).
     eq7 = 72 * batch * s * layers * h * h * (1 + s / (6 * h) + V / (12 * layers * h))
-    assert flops.flops_per_iteration(cfg, batch) == pytest.approx(eq7, rel=1e-12)
+    assert flops.flops_per_iteration(cfg, batch, tp=1) == pytest.approx(eq7, rel=1e-12)

@@ -74,8 +74,9 @@ class StageRunner:
         self.feeds = microbatch_feeds(data_iterator, self.v)
         self.no_sync = no_sync_func or contextlib.nullcontext
         self.timeline = timeline
-        config = unwrap_model(chunks[0]).config
-        self.shape = message_shape(config, seq_length, micro_batch_size, grid.cp_size)
+        model = unwrap_model(chunks[0])
+        self.shape = message_shape(model.config.hidden_size, seq_length, micro_batch_size, grid.cp_size, grid.tp_size,
+                                   getattr(model, "sequence_parallel", False))
         self.dtype = next((p.dtype for p in chunks[0].parameters() if p.is_floating_point()), torch.float32)
         self.device = next((p.device for p in chunks[0].parameters()), torch.device("cpu"))
         self.passes = order.per_rank[self.rank]

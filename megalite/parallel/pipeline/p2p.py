@@ -17,21 +17,22 @@ import torch.distributed as dist
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 
-def message_shape(config, seq_length: int, micro_batch_size: int, cp_size: int = 1) -> Tuple[int, int, int]:
+def message_shape(hidden_size: int, seq_length: int, micro_batch_size: int, cp_size: int = 1, tp_size: int = 1,
+                  sequence_parallel: bool = False) -> Tuple[int, int, int]:
     """``[s/cp/tp if sequence-parallel else s/cp, b, h]``: the shape of every pipeline message.
 
-    ``cp_size``: context-parallel ranks, each of which holds s/cp tokens of every sequence.
+    ``cp_size``: context-parallel ranks, each of which holds s/cp tokens of every sequence; under
+    ``sequence_parallel`` each of the ``tp_size`` TP ranks holds s/cp/tp of them.
     """
     if seq_length % cp_size:
         raise ValueError(f"sequence length {seq_length} is not divisible by the CP size {cp_size}")
     seq = seq_length // cp_size
-    if getattr(config, "sequence_parallel", False):
-        tp = getattr(config, "tensor_model_parallel_size", 1)
-        if seq % tp:
-            raise ValueError(f"{seq} tokens per CP rank are not divisible by the TP size {tp} under sequence "
+    if sequence_parallel:
+        if seq % tp_size:
+            raise ValueError(f"{seq} tokens per CP rank are not divisible by the TP size {tp_size} under sequence "
                              f"parallelism")
-        seq //= tp
-    return (seq, micro_batch_size, config.hidden_size)
+        seq //= tp_size
+    return (seq, micro_batch_size, hidden_size)
 
 
 class Postbox:
