@@ -72,7 +72,7 @@ def write_manifest(iteration_folder: str, iteration: int, run_id: str, files: Di
 
 
 def read_manifest(iteration_folder: str) -> Optional[dict]:
-    """The folder's manifest, or None when it has none (an interrupted or pre-manifest save)."""
+    """The folder's manifest, or None when it has none (an interrupted save; reader.py refuses to read one)."""
     path = os.path.join(iteration_folder, MANIFEST)
     if not os.path.isfile(path):
         return None
@@ -87,13 +87,11 @@ def read_manifest(iteration_folder: str) -> Optional[dict]:
     return manifest
 
 
-def verify_file(iteration_folder: str, relative: str, manifest: Optional[dict]) -> str:
+def verify_file(iteration_folder: str, relative: str, manifest: dict) -> str:
     """The file's path once it is known whole; a CheckpointError naming the file and the fault if not."""
     path = os.path.join(iteration_folder, relative)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing")
-    if manifest is None:
-        return path
     expected = manifest["files"].get(relative)
     if expected is None:
         raise CheckpointError(f"checkpoint file {path} is not in {os.path.join(iteration_folder, MANIFEST)}; "

@@ -55,15 +55,11 @@ from megalite.checkpoint.index import (
     overlaps,
     parameter_names,
 )
-from megalite.checkpoint.manifest import read_manifest
+from megalite.checkpoint.paths import TENSOR_INDEX, iteration_dir, rank_dir
+from megalite.checkpoint.reader import choose_iteration, load_file, required_manifest
 from megalite.checkpoint.save_load import (
-    TENSOR_INDEX,
     Resumed,
-    choose_iteration,
-    iteration_dir,
-    load_file,
     load_same_layout,
-    rank_dir,
     saved_layout,
     set_rng_state,
     stop_together,
@@ -99,7 +95,7 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         iteration = choose_iteration(root)
         if iteration is None:
             return Resumed(0, 0, None)
-    manifest = read_manifest(iteration_dir(root, iteration))
+    manifest = required_manifest(root, iteration)
     mine = saved_layout(grid, sharded_optimizer)
     index = _read_index(root, iteration, manifest, grid)
     if index["layout"] == mine:
@@ -128,8 +124,7 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         scheduler.load_state_dict(index["scheduler"])
     if rng_file is not None:
         set_rng_state(load_file(paths[rng_file]))
-    return Resumed(int(index["iteration"]), int(index["consumed_samples"]),
-                   manifest.get("run_id") if manifest is not None else None)
+    return Resumed(int(index["iteration"]), int(index["consumed_samples"]), manifest.get("run_id"))
 
 
 Plan = List[Tuple[torch.Tensor, Slice, List[Slice]]]   # (tensor to fill, its slice, the saved slices of its tensor)
@@ -149,7 +144,7 @@ def _plan(model_chunks, optimizer: Optional[MegaliteOptimizer], grid: ProcessGri
     return [(out, target, saved[(target.name, target.kind)]) for out, target in targets]
 
 
-def _fill(root: str, iteration: int, manifest: Optional[dict], grid: ProcessGrid, plan: Plan,
+def _fill(root: str, iteration: int, manifest: dict, grid: ProcessGrid, plan: Plan,
           rng_file: Optional[str]) -> Dict[str, str]:
     """Verify the files the plan reads (and the RNG file) on every rank, then fill every tensor of the plan;
     a fault on any rank stops every rank with its message.  Returns the verified paths."""
@@ -184,7 +179,7 @@ def _fill(root: str, iteration: int, manifest: Optional[dict], grid: ProcessGrid
     return paths
 
 
-def _read_index(root: str, iteration: int, manifest: Optional[dict], grid: ProcessGrid) -> dict:
+def _read_index(root: str, iteration: int, manifest: dict, grid: ProcessGrid) -> dict:
     """The iteration's tensor index, verified on every rank.  Every save writes one: an iteration
     without it is refused, never guessed from its files."""
     if not os.path.isfile(os.path.join(iteration_dir(root, iteration), TENSOR_INDEX)):

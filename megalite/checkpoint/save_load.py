@@ -36,7 +36,6 @@ from megalite.checkpoint.index import Slice, chunk_layer_numbers, describe_model
 from megalite.checkpoint.manifest import (
     MANIFEST,
     CheckpointError,
-    complete_iterations,
     durable_write,
     file_entry,
     fsync_dir,
@@ -44,35 +43,14 @@ from megalite.checkpoint.manifest import (
     verify_file,
     write_manifest,
 )
-from megalite.log import print_rank0
+from megalite.checkpoint.paths import TENSOR_INDEX, TRACKER_FILE, iteration_dir, rank_dir
+from megalite.checkpoint.reader import choose_iteration, load_file, required_manifest
 from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.optim.schedulers import LRScheduler
 from megalite.parallel.data_parallel import unwrap_model
 from megalite.parallel.param_info import param_info
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ProcessGrid
-
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-TENSOR_INDEX = "tensor_index.pt"
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def rank_dir(root: str, iteration: int, tp_rank: int, pp_rank: int) -> str:
-    return os.path.join(iteration_dir(root, iteration), f"mp_rank_{tp_rank:02d}_{pp_rank:03d}")
-
-
-def read_latest_iteration(root: str) -> Optional[int]:
-    """The iteration in ``latest_checkpointed_iteration.txt``, or None when there is no checkpoint."""
-    path = os.path.join(root, TRACKER_FILE)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise ValueError(f"{path} should hold an iteration number, found {text!r}")
-    return int(text)
 
 
 # -- RNG -------------------------------------------------------------------------------------------
@@ -257,34 +235,7 @@ def _write_index_and_announce(root: str, iteration: int, everyone: list, optimiz
 class Resumed(NamedTuple):
     iteration: int
     consumed_samples: int
-    run_id: Optional[str]       # None: nothing was loaded, or a checkpoint from before manifests
-
-
-def load_file(path: str, mmap: bool = False):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # noqa: BLE001 - any unpickling fault is this file's, said in one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint file {path} cannot be read: {first}") from None
-
-
-def choose_iteration(root: str) -> Optional[int]:
-    """The tracker's iteration; without a tracker, the newest complete one (said once); None: fresh."""
-    iteration = read_latest_iteration(root)
-    if iteration is not None:
-        return iteration
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"--load {root}: no such directory")
-    complete = complete_iterations(root)
-    if complete:
-        print_rank0(f"{os.path.join(root, TRACKER_FILE)} is missing; resuming from the newest complete iteration, "
-                    f"{complete[-1]}")
-        return complete[-1]
-    started = sorted(name for name in os.listdir(root) if name.startswith("iter_"))
-    if started:
-        raise CheckpointError(f"--load {root} has {', '.join(started)} but no tracker and no iteration that finished "
-                              f"saving; move them away to start afresh")
-    return None
+    run_id: Optional[str]       # None: nothing was loaded
 
 
 def _files_to_read(folder: str, suffix: str, sharded_optimizer: bool, load_optimizer: bool,
@@ -297,7 +248,7 @@ def _files_to_read(folder: str, suffix: str, sharded_optimizer: bool, load_optim
     return [os.path.join(os.path.basename(folder), name) for name in names]
 
 
-def verify_everywhere(root: str, iteration: int, relatives: List[str], manifest: Optional[dict],
+def verify_everywhere(root: str, iteration: int, relatives: List[str], manifest: dict,
                        grid: ProcessGrid) -> Dict[str, str]:
     """Every rank checks its own files; every rank learns of any fault, so all stop together."""
     fault = None
@@ -346,7 +297,7 @@ def load_same_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimiz
             else []
         raise ValueError(f"--load {root}: iteration {iteration} has no folder for TP rank {grid.tp_rank}, PP rank "
                          f"{grid.pp_rank} (found {saved}); load with the layout it was saved with")
-    manifest = read_manifest(iteration_dir(root, iteration))
+    manifest = required_manifest(root, iteration)
     suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
     relatives = _files_to_read(folder, suffix, sharded_optimizer, load_optimizer and optimizer is not None, load_rng)
     paths = verify_everywhere(root, iteration, relatives, manifest, grid)

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_typ
 
 import yaml
 
-from megalite.checkpoint.save_load import TRACKER_FILE, rank_dir, read_latest_iteration
+from megalite.checkpoint.paths import TRACKER_FILE, rank_dir, read_latest_iteration
+from megalite.checkpoint.reader import CheckpointReader
 from megalite.config.flags import choices, flag_name
 from megalite.config.settings import (
     CONFIG_CLASSES,
@@ -294,15 +295,11 @@ def _given(config, name: str) -> str:
 
 def checkpoint_model_defaults(root: str) -> Dict[str, Any]:
     """--use-checkpoint-args: the model flags a checkpoint was saved with, as parser defaults."""
-    iteration = read_latest_iteration(root)
-    if iteration is None:
+    if read_latest_iteration(root) is None:
         raise ValueError(f"--use-checkpoint-args: --load {root} has no {TRACKER_FILE}")
-    path = os.path.join(rank_dir(root, iteration, 0, 0), "model_optim_rng.pt")
-    try:
-        import torch
-        settings = torch.load(path, map_location="cpu", weights_only=True).get("settings", {})
-    except (OSError, RuntimeError) as error:
-        raise ValueError(f"--use-checkpoint-args: cannot read {path}: {error}") from None
+    reader = CheckpointReader(root)
+    relative = os.path.relpath(rank_dir(root, reader.iteration, 0, 0), reader.folder)
+    settings = reader.load(os.path.join(relative, "model_optim_rng.pt")).get("settings", {})
     model = saved_model_fields(settings.get("model", {}))   # the layout is this run's own
     if model.get("num_query_groups") == model.get("num_attention_heads"):
         model.pop("num_query_groups", None)        # one group per head: the default, not a GQA flag

@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from megalite.checkpoint import paths
 from megalite.checkpoint import save_load as checkpoint
 from megalite.parallel.data_parallel import unwrap_model
 from megalite.parallel.testing import run_on_ranks
@@ -47,12 +48,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
     save = str(tmp_path / "ckpt")
     straight, straight_params = run_on_ranks(_train_and_report, world, argv, timeout=120)[0]
     first, _ = run_on_ranks(_train_and_report, world, argv + ["--save", save, "--exit-interval", "3"], timeout=120)[0]
-    assert checkpoint.read_latest_iteration(save) == 3
+    assert paths.read_latest_iteration(save) == 3
     assert os.path.isfile(os.path.join(save, "iter_0000003", "mp_rank_00_000", "model_optim_rng.pt"))
     if "--use-distributed-optimizer" in flags:
         for dp_rank in range(world):
             shard = f"optimizer_dp{dp_rank:03d}_cp000.pt"
-            assert os.path.isfile(os.path.join(checkpoint.rank_dir(save, 3, 0, 0), shard))
+            assert os.path.isfile(os.path.join(paths.rank_dir(save, 3, 0, 0), shard))
     second, resumed_params = run_on_ranks(_train_and_report, world, argv + ["--load", save], timeout=120)[0]
 
     assert [r[0] for r in first] == [1, 2, 3] and [r[0] for r in second] == [4, 5, 6]
@@ -66,7 +67,7 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     save = str(tmp_path / "ckpt")
     run_on_ranks(_train_and_report, 1, TINY + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", save],
                  timeout=120)
-    folder = checkpoint.rank_dir(save, 1, 0, 0)
+    folder = paths.rank_dir(save, 1, 0, 0)
     state = torch.load(os.path.join(folder, "model_optim_rng.pt"), weights_only=True)
     assert state["iteration"] == 1 and state["consumed_samples"] == 4
     assert state["settings"]["model"]["hidden_size"] == 32
@@ -90,11 +91,11 @@ def test_load_refuses_a_different_layout_and_missing_dir(tmp_path):
     save = str(tmp_path / "ckpt")
     run_on_ranks(_train_and_report, 1, TINY + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", save],
                  timeout=120)
-    with open(os.path.join(save, checkpoint.TRACKER_FILE), "w") as f:
+    with open(os.path.join(save, paths.TRACKER_FILE), "w") as f:
         f.write("oops")
     with pytest.raises(ValueError, match="should hold an iteration number"):
-        checkpoint.read_latest_iteration(save)
-    assert checkpoint.read_latest_iteration(str(tmp_path / "nothing")) is None
+        paths.read_latest_iteration(save)
+    assert paths.read_latest_iteration(str(tmp_path / "nothing")) is None
 
 
 def _save_run(rank, world_size, argv):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from megalite.checkpoint import save_load as checkpoint
+from megalite.checkpoint import paths
 from megalite.checkpoint.manifest import MANIFEST, complete_iterations
 from megalite.generate import main as generate_main
 from megalite.parallel.testing import RankFailed, run_on_ranks
@@ -38,11 +38,11 @@ def _resume(save, world_size=1, iters=6, extra=()):
 def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
     save, _ = _saved_run(tmp_path)
     assert complete_iterations(save) == [2, 4]
-    manifest = json.loads(open(os.path.join(checkpoint.iteration_dir(save, 4), MANIFEST)).read())
+    manifest = json.loads(open(os.path.join(paths.iteration_dir(save, 4), MANIFEST)).read())
     assert sorted(manifest["files"]) == ["mp_rank_00_000/model_optim_rng.pt", "mp_rank_00_000/rng_dp000_cp000.pt",
-                                         checkpoint.TENSOR_INDEX]
+                                         paths.TENSOR_INDEX]
     entry = manifest["files"]["mp_rank_00_000/model_optim_rng.pt"]
-    path = os.path.join(checkpoint.rank_dir(save, 4, 0, 0), "model_optim_rng.pt")
+    path = os.path.join(paths.rank_dir(save, 4, 0, 0), "model_optim_rng.pt")
     assert entry["bytes"] == os.path.getsize(path) and entry["crc32"] > 0
 
 
@@ -53,7 +53,7 @@ def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
 ])
 def test_damaged_model_file_is_named(tmp_path, fault, message):
     save, _ = _saved_run(tmp_path)
-    path = os.path.join(checkpoint.rank_dir(save, 4, 0, 0), "model_optim_rng.pt")
+    path = os.path.join(paths.rank_dir(save, 4, 0, 0), "model_optim_rng.pt")
     data = bytearray(open(path, "rb").read())
     if fault == "flip":      # 4 bytes in the middle: a weight, as in the probe (it loaded silently)
         data[len(data) // 2:len(data) // 2 + 4] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 4])
@@ -69,7 +69,7 @@ def test_damaged_model_file_is_named(tmp_path, fault, message):
 
 def test_missing_rng_file_is_an_error_unless_no_load_rng(tmp_path):
     save, _ = _saved_run(tmp_path)
-    os.remove(os.path.join(checkpoint.rank_dir(save, 4, 0, 0), "rng_dp000_cp000.pt"))
+    os.remove(os.path.join(paths.rank_dir(save, 4, 0, 0), "rng_dp000_cp000.pt"))
     with pytest.raises(RankFailed, match="rng_dp000_cp000.pt is missing"):
         _resume(save)
     assert [i for i, _ in _resume(save, extra=["--no-load-rng"])] == [5, 6]
@@ -77,7 +77,7 @@ def test_missing_rng_file_is_an_error_unless_no_load_rng(tmp_path):
 
 def test_a_fault_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     save, _ = _saved_run(tmp_path, world_size=2)
-    os.remove(os.path.join(checkpoint.rank_dir(save, 4, 0, 0), "rng_dp001_cp000.pt"))
+    os.remove(os.path.join(paths.rank_dir(save, 4, 0, 0), "rng_dp001_cp000.pt"))
     with pytest.raises(RankFailed) as error:
         _resume(save, world_size=2)
     text = str(error.value)
@@ -87,29 +87,29 @@ def test_a_fault_on_one_rank_stops_every_rank_with_its_message(tmp_path):
 
 def test_missing_tracker_resumes_from_the_newest_complete_iteration(tmp_path, capfd):
     save, straight = _saved_run(tmp_path, iters=6, interval=2)
-    os.remove(os.path.join(save, checkpoint.TRACKER_FILE))
-    os.remove(os.path.join(checkpoint.iteration_dir(save, 6), MANIFEST))   # iteration 6: interrupted mid-save
+    os.remove(os.path.join(save, paths.TRACKER_FILE))
+    os.remove(os.path.join(paths.iteration_dir(save, 6), MANIFEST))   # iteration 6: interrupted mid-save
     resumed = _resume(save, iters=6, extra=["--save", save])
     assert "latest_checkpointed_iteration.txt is missing; resuming from the newest complete iteration, 4" in \
         capfd.readouterr().out
     assert resumed == straight[4:]                           # dropout off: the curve continues exactly
-    assert checkpoint.read_latest_iteration(save) == 6
+    assert paths.read_latest_iteration(save) == 6
 
 
 def test_another_runs_iteration_is_never_overwritten(tmp_path):
     save, _ = _saved_run(tmp_path, iters=2)
-    before = open(os.path.join(checkpoint.rank_dir(save, 2, 0, 0), "model_optim_rng.pt"), "rb").read()
+    before = open(os.path.join(paths.rank_dir(save, 2, 0, 0), "model_optim_rng.pt"), "rb").read()
     with pytest.raises(RankFailed, match="iteration 2 there was written by another run"):
         run_on_ranks(_train, 1, TINY + ["--train-iters", "2", "--save", save, "--seed", "9"], timeout=120)
-    assert open(os.path.join(checkpoint.rank_dir(save, 2, 0, 0), "model_optim_rng.pt"), "rb").read() == before
+    assert open(os.path.join(paths.rank_dir(save, 2, 0, 0), "model_optim_rng.pt"), "rb").read() == before
 
 
 def test_log_json_keeps_each_iteration_once_after_a_resume(tmp_path):
     log = tmp_path / "log.jsonl"
     save, _ = _saved_run(tmp_path, iters=5, interval=3, extra=["--log-json", str(log)])
     # A crash after iteration 5 was logged but before it was saved: the tracker still says 3.
-    os.remove(os.path.join(checkpoint.iteration_dir(save, 5), MANIFEST))
-    open(os.path.join(save, checkpoint.TRACKER_FILE), "w").write("3")
+    os.remove(os.path.join(paths.iteration_dir(save, 5), MANIFEST))
+    open(os.path.join(save, paths.TRACKER_FILE), "w").write("3")
     _resume(save, iters=5, extra=["--log-json", str(log)])
     assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
 
@@ -167,11 +167,11 @@ def test_sigterm_saves_at_the_end_of_the_iteration_and_exits_cleanly(tmp_path):
     argv = TINY + ["--train-iters", "10000", "--save", save, "--exit-signal-handler", "--log-json", log]
     iterations = run_on_ranks(_train_until_sigterm, 2, argv, log, timeout=120)
     assert iterations[0] == iterations[1] and 2 <= len(iterations[0]) < 10000   # both ranks stopped together
-    assert checkpoint.read_latest_iteration(save) == iterations[0][-1]           # and saved where they stopped
+    assert paths.read_latest_iteration(save) == iterations[0][-1]           # and saved where they stopped
 
 
 def test_exit_duration_stops_and_saves(tmp_path):
     save = str(tmp_path / "ckpt")
     history = run_on_ranks(_train, 1, TINY + ["--train-iters", "10000", "--save", save,
                                               "--exit-duration-in-mins", "0.0001"], timeout=120)[0]
-    assert len(history) == 1 and checkpoint.read_latest_iteration(save) == 1
+    assert len(history) == 1 and paths.read_latest_iteration(save) == 1

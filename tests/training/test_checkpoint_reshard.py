@@ -14,8 +14,7 @@ import os
 import pytest
 import torch
 
-from megalite.checkpoint import merge
-from megalite.checkpoint import save_load as checkpoint
+from megalite.checkpoint import merge, paths
 from megalite.parallel.testing import run_on_ranks
 
 MODEL = ["--mock-data", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -52,7 +51,7 @@ def _train_runs(rank, world_size, runs):
     results = []
     for argv, rewind in runs:
         if rewind is not None and rank == 0:
-            with open(os.path.join(rewind[0], checkpoint.TRACKER_FILE), "w") as f:
+            with open(os.path.join(rewind[0], paths.TRACKER_FILE), "w") as f:
                 f.write(str(rewind[1]))
         dist.barrier()
         try:
@@ -122,7 +121,7 @@ def test_an_iteration_without_its_tensor_index_is_refused_by_name(tmp_path):
     save = str(tmp_path / "ckpt")
     argv = MODEL + ["--train-iters", "2"]
     run_on_ranks(_train_runs, 1, [(argv + ["--save", save, "--exit-interval", "1"], None)], timeout=120)
-    os.remove(os.path.join(checkpoint.iteration_dir(save, 1), checkpoint.TENSOR_INDEX))
+    os.remove(os.path.join(paths.iteration_dir(save, 1), paths.TENSOR_INDEX))
     refused = run_on_ranks(_train_runs, 1, [(argv + ["--load", save], None)], timeout=120)[0][0]
     assert isinstance(refused, str), refused
     assert f"--load {save}: iteration 1 has no tensor_index.pt, which every megalite save writes" in refused
@@ -202,7 +201,7 @@ def test_rng_of_ranks_that_existed_is_restored_and_new_ranks_are_seeded_as_a_fre
     save = str(tmp_path / "ckpt")
     argv = MODEL + ["--train-iters", "1", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]  # streams move
     run_on_ranks(_train_runs, 1, [(argv + ["--save", save], None)], timeout=120)
-    saved = torch.load(os.path.join(checkpoint.rank_dir(save, 1, 0, 0), "rng_dp000_cp000.pt"), weights_only=True)
+    saved = torch.load(os.path.join(paths.rank_dir(save, 1, 0, 0), "rng_dp000_cp000.pt"), weights_only=True)
     resumed = run_on_ranks(_rng_after_setup, 2, argv + ["--train-iters", "2", "--load", save], timeout=120)
     fresh = run_on_ranks(_rng_after_setup, 2, argv + ["--train-iters", "2"], timeout=120)
     def same_tracker(a, b):
@@ -219,7 +218,7 @@ def test_a_damaged_tensor_index_is_named(tmp_path):
     save = str(tmp_path / "ckpt")
     argv = MODEL + ["--train-iters", "2"]
     run_on_ranks(_train_runs, 1, [(argv + ["--save", save, "--exit-interval", "1"], None)], timeout=120)
-    path = os.path.join(checkpoint.iteration_dir(save, 1), checkpoint.TENSOR_INDEX)
+    path = os.path.join(paths.iteration_dir(save, 1), paths.TENSOR_INDEX)
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(path, "wb").write(data)

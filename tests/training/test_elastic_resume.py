@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from megalite.checkpoint import save_load as checkpoint
+from megalite.checkpoint import paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,7 +47,7 @@ def test_torchrun_with_fewer_ranks_resumes_the_newest_checkpoint_at_its_new_layo
     straight = _losses(tmp_path / "two.jsonl")
     assert [i for i, _ in straight] == [1, 2, 3, 4]
     # The job lost a node after iteration 2: its newest checkpoint is iteration 2.
-    with open(os.path.join(save, checkpoint.TRACKER_FILE), "w") as f:
+    with open(os.path.join(save, paths.TRACKER_FILE), "w") as f:
         f.write("2")
     _torchrun(1, FLAGS + ["--load", save, "--save", str(tmp_path / "after"), "--log-json",
                           str(tmp_path / "one.jsonl")], tmp_path)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from megalite.checkpoint import save_load as checkpoint
+from megalite.checkpoint import paths
 from megalite.checkpoint.hf import main as convert
 from megalite.parallel.testing import run_on_ranks
 
@@ -84,7 +84,7 @@ def test_import_gives_transformers_loss_and_exports_the_same_weights(tmp_path, f
     hf, save, back = str(tmp_path / "hf"), str(tmp_path / "ckpt"), str(tmp_path / "back")
     model = _random_hf_model(family, hf)
     assert convert(["--from", "hf", "--load", hf, "--save", save]) == 0
-    assert checkpoint.read_latest_iteration(save) == 0
+    assert paths.read_latest_iteration(save) == 0
     # megalite's loss on its (deterministic) first mock batch, from the imported weights (--finetune).
     # The model's flags come from the checkpoint (the command line's COMMON sizes would agree, but
     # not its norm epsilon: LLaMA's is 1e-6).

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from megalite.checkpoint import save_load as checkpoint
+from megalite.checkpoint import paths
 from megalite.config.settings import ModelConfig, saved_model_fields
 from megalite.parallel.testing import run_on_ranks
 
@@ -26,12 +26,25 @@ def saved(tmp_path_factory):
     """A one-rank checkpoint whose settings["model"] is given the layout keys afterwards."""
     root = str(tmp_path_factory.mktemp("legacy"))
     run_on_ranks(_save_run, 1, TINY + ["--save", root], timeout=120)
-    path = os.path.join(checkpoint.rank_dir(root, checkpoint.read_latest_iteration(root), 0, 0), "model_optim_rng.pt")
+    path = os.path.join(paths.rank_dir(root, paths.read_latest_iteration(root), 0, 0), "model_optim_rng.pt")
     state = torch.load(path, map_location="cpu", weights_only=True)
     written = dict(state["settings"]["model"])
     state["settings"]["model"].update(LAYOUT_KEYS)
     torch.save(state, path)
+    _rewrite_manifest_entry(root, path)   # as the older megalite that wrote those keys would have
     return root, written
+
+
+def _rewrite_manifest_entry(root, path):
+    import json
+
+    from megalite.checkpoint.manifest import MANIFEST, file_entry
+    folder = paths.iteration_dir(root, paths.read_latest_iteration(root))
+    with open(os.path.join(folder, MANIFEST)) as f:
+        manifest = json.load(f)
+    manifest["files"][os.path.relpath(path, folder)] = file_entry(path)
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump(manifest, f)
 
 
 def test_new_checkpoints_keep_no_layout_in_the_model_settings(saved):

@@ -1,0 +1,76 @@
+"""Every path that opens a checkpoint reads it through checkpoint/reader.py: generation, conversion to
+Hugging Face and --use-checkpoint-args refuse a bit-flipped file with the line training gives, and an
+iteration without its manifest is incomplete (resume falls back to the newest complete one and says so)."""
+import os
+
+import pytest
+
+from megalite.checkpoint import paths
+from megalite.checkpoint.hf import main as convert_main
+from megalite.checkpoint.manifest import MANIFEST
+from megalite.checkpoint.reader import choose_iteration
+from megalite.generate import main as generate_main
+from megalite.parallel.testing import RankFailed, run_on_ranks
+from megalite.training.arguments import parse_args
+
+TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "16", "--vocab-size", "64", "--make-vocab-size-divisible-by", "64",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3", "--log-interval", "1000",
+        "--eval-iters", "0", "--hidden-dropout", "0", "--attention-dropout", "0"]
+
+
+def _train(rank, world_size, argv):
+    from megalite.training.loop import pretrain
+    return [(r["iteration"], r["loss"]) for r in pretrain(argv)]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """Iterations 2 and 4 of a 4-iteration run, and the path of iteration 4's model file."""
+    save = str(tmp_path / "ckpt")
+    run_on_ranks(_train, 1, TINY + ["--train-iters", "4", "--save", save, "--save-interval", "2"], timeout=120)
+    return save, os.path.join(paths.rank_dir(save, 4, 0, 0), "model_optim_rng.pt")
+
+
+def flip(path):
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    open(path, "wb").write(data)
+
+
+def test_training_generation_conversion_and_checkpoint_args_refuse_a_flipped_file_alike(saved, tmp_path, capsys):
+    save, path = saved
+    flip(path)
+    line = f"checkpoint file {path} is corrupt: its CRC-32 does not match the manifest"
+    with pytest.raises(RankFailed) as training:
+        run_on_ranks(_train, 1, TINY + ["--train-iters", "6", "--load", save], timeout=120)
+    assert line in str(training.value)
+    assert generate_main(["--load", save, "--prompt", "1 2 3", "--max-new-tokens", "2"]) != 0
+    assert line in capsys.readouterr().err
+    assert convert_main(["--to", "hf", "--load", save, "--save", str(tmp_path / "hf")]) != 0
+    assert line in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(ValueError, match=line):
+        parse_args(TINY + ["--load", save, "--use-checkpoint-args"], world_size=1)
+
+
+def test_an_iteration_without_its_manifest_is_not_resumed(saved, capsys):
+    save, path = saved
+    os.remove(os.path.join(paths.iteration_dir(save, 4), MANIFEST))
+    flip(path)                              # unverifiable: it must not be read at all
+    resumed = run_on_ranks(_train, 1, TINY + ["--train-iters", "6", "--load", save], timeout=120)[0]
+    assert [i for i, _ in resumed] == [3, 4, 5, 6]      # from iteration 2
+    assert choose_iteration(save) == 2
+    out = capsys.readouterr().out
+    assert (f"iteration 4 of {save} has no {MANIFEST} (its save did not finish, or the manifest was removed); "
+            f"resuming from the newest complete iteration, 2") in out
+
+
+def test_generation_refuses_an_iteration_without_its_manifest(saved, capsys):
+    save, _ = saved
+    for iteration in (2, 4):
+        os.remove(os.path.join(paths.iteration_dir(save, iteration), MANIFEST))
+    assert generate_main(["--load", save, "--prompt", "1 2", "--max-new-tokens", "2"]) != 0
+    err = capsys.readouterr().err
+    assert f"--load {save} has iter_0000002, iter_0000004 but no iteration that finished saving" in err
