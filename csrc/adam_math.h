@@ -1,6 +1,12 @@
 // The Adam/AdamW update of one element, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
-// It mirrors megalite/optim/adam.py's reference, which is written as torch.optim.AdamW computes it,
-// so the kernels agree with torch to float32 round-off.  No torch headers here.
+// It mirrors megalite/optim/adam.py's reference, which is written as torch.optim.AdamW computes it.
+// On the CPU the operations are torch's, each rounded once, so the result agrees with torch to
+// float32 round-off.  The CUDA build uses --use_fast_math (setup.py), which would make the division
+// and the square root approximate; adam_update therefore spells them with the correctly rounded
+// intrinsics __fdiv_rn and __fsqrt_rn, which fast math leaves alone.  Two effects of fast math remain
+// on the GPU: multiply-adds may be fused (one rounding instead of two) and denormal values (an
+// exp_avg_sq below 1.2e-38, a gradient below ~1e-19) are flushed to zero -- so the CUDA update
+// agrees with torch to a few float32 ulps, not bit for bit.  No torch headers here.
 #pragma once
 
 #include <cmath>
@@ -48,8 +54,13 @@ MEGALITE_HOST_DEVICE inline void adam_update(float& p, float& m, float& v, float
   // m <- lerp(m, g, 1 - beta1) in the form torch's lerp takes for weights below 0.5 (every beta1 > 0.5).
   m += h.one_minus_beta1 * (g - m);
   v = v * h.beta2 + h.one_minus_beta2 * g * g;
+#if defined(__CUDA_ARCH__)
+  const float denom = __fdiv_rn(__fsqrt_rn(v), h.bias_correction2_sqrt) + h.eps;
+  p = p - h.step_size * __fdiv_rn(m, denom);
+#else
   const float denom = sqrtf(v) / h.bias_correction2_sqrt + h.eps;
   p = p - h.step_size * (m / denom);
+#endif
 }
 
 }  // namespace megalite

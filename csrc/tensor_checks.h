@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -62,6 +63,16 @@ inline TensorLists gather_lists(const std::vector<std::pair<at::TensorList, at::
     out.numels.push_back(numel);
   }
   return out;
+}
+
+// The Adam ops' scalars, checked in C++ as well as in megalite/optim/adam.py so that a direct
+// torch.ops.megalite call fails the same way: step < 1 makes the bias correction 1 - beta1^step
+// zero or negative (an infinite or reversed step), and a loss scale that is not a positive finite
+// number turns every gradient into inf, nan or its negation.
+inline void check_adam_scalars(int64_t step, double grad_scale) {
+  TORCH_CHECK(step >= 1, "step ", step, " must be a positive integer (the 1-based count of updates)");
+  TORCH_CHECK(grad_scale > 0 && std::isfinite(grad_scale), "grad_scale ", grad_scale,
+              " must be a positive finite number (the loss scale)");
 }
 
 template <typename T>

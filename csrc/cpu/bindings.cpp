@@ -23,6 +23,7 @@
 namespace megalite::cpu {
 namespace {
 
+using megalite::check_adam_scalars;
 using megalite::dtype_of;
 using megalite::gather_lists;
 using megalite::TensorLists;
@@ -47,6 +48,7 @@ void check_cpu_contiguous(const at::Tensor& t, const std::string& name) {
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode) {
+  check_adam_scalars(step, 1.0);
   if (params.empty()) return;
   const TensorLists lists = gather_lists(
       {{params, at::kFloat}, {grads, at::kFloat}, {exp_avgs, at::kFloat}, {exp_avg_sqs, at::kFloat}},
@@ -63,6 +65,7 @@ void adam_step_master(at::TensorList model_params, at::TensorList grads, at::Ten
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const at::Tensor& found_inf, int64_t step,
                       double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode,
                       double grad_scale, bool check_finite) {
+  check_adam_scalars(step, grad_scale);
   check_cpu_contiguous(found_inf, "found_inf");
   TORCH_CHECK(found_inf.scalar_type() == at::kFloat && found_inf.numel() == 1,
               "found_inf must be a 1-element float32 tensor");

@@ -14,10 +14,12 @@
 #include <algorithm>
 #include <type_traits>
 #include <cstdint>
+#include <string>
 
 #include "adam_math.h"
 #include "cuda/float_formats.cuh"
 #include "cuda/kernels.h"
+#include "cuda/launch_checks.h"
 
 namespace megalite::cuda {
 namespace {
@@ -174,6 +176,10 @@ __global__ void adam_master_kernel(TensorListMeta<5> meta, AdamHyper hyper, floa
   });
 }
 
+std::string describe_launch(int64_t num_tensors, int blocks) {
+  return std::to_string(num_tensors) + " tensors, a launch of " + std::to_string(blocks) + " chunks";
+}
+
 }  // namespace
 
 void adam_fp32(float* const* params, const float* const* grads, float* const* exp_avgs, float* const* exp_avg_sqs,
@@ -182,6 +188,7 @@ void adam_fp32(float* const* params, const float* const* grads, float* const* ex
                            reinterpret_cast<void* const*>(exp_avgs), reinterpret_cast<void* const*>(exp_avg_sqs)};
   multi_tensor_apply<4>(lists, numels, num_tensors, [&](const TensorListMeta<4>& meta, int blocks) {
     adam_fp32_kernel<<<blocks, kThreads, 0, stream>>>(meta, hyper);
+    check_launch("adam_fp32_kernel", describe_launch(num_tensors, blocks));
   });
 }
 
@@ -198,6 +205,7 @@ void adam_master(void* const* model_params, DType model_dtype, const void* const
     if (check_finite) {
       multi_tensor_apply<1>(grad_list, numels, num_tensors, [&](const TensorListMeta<1>& meta, int blocks) {
         check_finite_kernel<TGrad><<<blocks, kThreads, 0, stream>>>(meta, inv_grad_scale, found_inf);
+        check_launch("check_finite_kernel", describe_launch(num_tensors, blocks));
       });
     }
     with_dtype(model_dtype, [&](auto model_tag) {
@@ -205,6 +213,7 @@ void adam_master(void* const* model_params, DType model_dtype, const void* const
       if constexpr (!std::is_same_v<TModel, float>) {
         multi_tensor_apply<5>(lists, numels, num_tensors, [&](const TensorListMeta<5>& meta, int blocks) {
           adam_master_kernel<TModel, TGrad><<<blocks, kThreads, 0, stream>>>(meta, hyper, inv_grad_scale, found_inf);
+          check_launch("adam_master_kernel", describe_launch(num_tensors, blocks));
         });
       }
     });

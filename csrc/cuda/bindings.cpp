@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -22,14 +23,27 @@
 namespace megalite::cuda {
 namespace {
 
+using megalite::check_adam_scalars;
 using megalite::check_on;
 using megalite::dtype_of;
 using megalite::gather_lists;
 using megalite::TensorLists;
 using megalite::typed;
 
+// Runs a launcher; its LaunchError (a failed launch or runtime call, launch_checks.h) becomes a
+// torch error, RuntimeError in Python, with the launcher's one-line message.
+template <typename Fn>
+void surfaced(const Fn& launcher) {
+  try {
+    launcher();
+  } catch (const std::runtime_error& error) {
+    TORCH_CHECK(false, error.what());
+  }
+}
+
 void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode) {
+  check_adam_scalars(step, 1.0);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -40,15 +54,18 @@ void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList ex
   const std::vector<int64_t>& numels = gathered.numels;
   const std::vector<float*> p = typed<float>(lists[0]), g = typed<float>(lists[1]), m = typed<float>(lists[2]),
                             v = typed<float>(lists[3]);
-  adam_fp32(p.data(), const_cast<const float* const*>(g.data()), m.data(), v.data(), numels.data(),
-            static_cast<int64_t>(p.size()), make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode),
-            c10::cuda::getCurrentCUDAStream());
+  surfaced([&] {
+    adam_fp32(p.data(), const_cast<const float* const*>(g.data()), m.data(), v.data(), numels.data(),
+              static_cast<int64_t>(p.size()), make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode),
+              c10::cuda::getCurrentCUDAStream());
+  });
 }
 
 void adam_step_master_op(at::TensorList model_params, at::TensorList grads, at::TensorList master_params,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const at::Tensor& found_inf, int64_t step,
                       double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode,
                       double grad_scale, bool check_finite) {
+  check_adam_scalars(step, grad_scale);
   if (model_params.empty()) return;
   const at::Device device = model_params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -66,11 +83,13 @@ void adam_step_master_op(at::TensorList model_params, at::TensorList grads, at::
   const std::vector<int64_t>& numels = gathered.numels;
   const std::vector<const void*> g(lists[1].begin(), lists[1].end());
   const std::vector<float*> master = typed<float>(lists[2]), m = typed<float>(lists[3]), v = typed<float>(lists[4]);
-  adam_master(lists[0].data(), dtype_of(model_params[0], "model_params"), g.data(), dtype_of(grads[0], "grads"),
-              master.data(), m.data(), v.data(), numels.data(), static_cast<int64_t>(master.size()),
-              make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode),
-              static_cast<float>(1.0 / grad_scale), check_finite, found_inf.data_ptr<float>(),
-              c10::cuda::getCurrentCUDAStream());
+  surfaced([&] {
+    adam_master(lists[0].data(), dtype_of(model_params[0], "model_params"), g.data(), dtype_of(grads[0], "grads"),
+                master.data(), m.data(), v.data(), numels.data(), static_cast<int64_t>(master.size()),
+                make_adam_hyper(step, lr, beta1, beta2, eps, weight_decay, adam_w_mode),
+                static_cast<float>(1.0 / grad_scale), check_finite, found_inf.data_ptr<float>(),
+                c10::cuda::getCurrentCUDAStream());
+  });
 }
 
 NormShape norm_shape(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -105,9 +124,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_op(const at::T
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x), mean = row_stats(x), rstd = row_stats(x);
   const void* bias_ptr = bias.has_value() && bias->defined() ? bias->data_ptr() : nullptr;
-  megalite::cuda::layer_norm_forward(shape, x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(),
-                                     mean.data_ptr<float>(), rstd.data_ptr<float>(), static_cast<float>(eps),
-                                     c10::cuda::getCurrentCUDAStream());
+  surfaced([&] {
+    megalite::cuda::layer_norm_forward(shape, x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(),
+                                       mean.data_ptr<float>(), rstd.data_ptr<float>(), static_cast<float>(eps),
+                                       c10::cuda::getCurrentCUDAStream());
+  });
   return {y, mean, rstd};
 }
 
@@ -120,10 +141,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_op(const at::
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x), dweight = at::empty_like(weight), dbias = at::empty_like(weight);
   at::Tensor workspace = at::empty({2 * norm_weight_grad_splits(shape) * shape.cols}, x.options().dtype(at::kFloat));
-  megalite::cuda::layer_norm_backward(shape, dy.data_ptr(), x.data_ptr(), mean.data_ptr<float>(),
-                                      rstd.data_ptr<float>(), weight.data_ptr(), dx.data_ptr(), dweight.data_ptr(),
-                                      dbias.data_ptr(), workspace.data_ptr<float>(),
-                                      c10::cuda::getCurrentCUDAStream());
+  surfaced([&] {
+    megalite::cuda::layer_norm_backward(shape, dy.data_ptr(), x.data_ptr(), mean.data_ptr<float>(),
+                                        rstd.data_ptr<float>(), weight.data_ptr(), dx.data_ptr(), dweight.data_ptr(),
+                                        dbias.data_ptr(), workspace.data_ptr<float>(),
+                                        c10::cuda::getCurrentCUDAStream());
+  });
   return {dx, dweight, dbias};
 }
 
@@ -131,8 +154,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_op(const at::Tensor& x, cons
   const NormShape shape = norm_shape(x, weight, c10::nullopt);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x), rstd = row_stats(x);
-  megalite::cuda::rms_norm_forward(shape, x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr<float>(),
-                                   static_cast<float>(eps), c10::cuda::getCurrentCUDAStream());
+  surfaced([&] {
+    megalite::cuda::rms_norm_forward(shape, x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr<float>(),
+                                     static_cast<float>(eps), c10::cuda::getCurrentCUDAStream());
+  });
   return {y, rstd};
 }
 
@@ -143,9 +168,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_op(const at::Tensor& dy, co
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x), dweight = at::empty_like(weight);
   at::Tensor workspace = at::empty({norm_weight_grad_splits(shape) * shape.cols}, x.options().dtype(at::kFloat));
-  megalite::cuda::rms_norm_backward(shape, dy.data_ptr(), x.data_ptr(), rstd.data_ptr<float>(), weight.data_ptr(),
-                                    dx.data_ptr(), dweight.data_ptr(), workspace.data_ptr<float>(),
-                                    c10::cuda::getCurrentCUDAStream());
+  surfaced([&] {
+    megalite::cuda::rms_norm_backward(shape, dy.data_ptr(), x.data_ptr(), rstd.data_ptr<float>(), weight.data_ptr(),
+                                      dx.data_ptr(), dweight.data_ptr(), workspace.data_ptr<float>(),
+                                      c10::cuda::getCurrentCUDAStream());
+  });
   return {dx, dweight};
 }
 
@@ -163,7 +190,9 @@ at::Tensor swiglu_forward_op(const at::Tensor& h) {
   std::vector<int64_t> sizes = h.sizes().vec();
   sizes.back() /= 2;
   at::Tensor y = at::empty(sizes, h.options());
-  megalite::cuda::swiglu_forward(y.numel(), dtype, h.data_ptr(), y.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  surfaced([&] {
+    megalite::cuda::swiglu_forward(y.numel(), dtype, h.data_ptr(), y.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  });
   return y;
 }
 
@@ -175,8 +204,10 @@ at::Tensor swiglu_backward_op(const at::Tensor& dy, const at::Tensor& h) {
               " for h ", h.sizes(), " ", h.scalar_type());
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor dh = at::empty_like(h);
-  megalite::cuda::swiglu_backward(dy.numel(), dtype, dy.data_ptr(), h.data_ptr(), dh.data_ptr(),
-                                  c10::cuda::getCurrentCUDAStream());
+  surfaced([&] {
+    megalite::cuda::swiglu_backward(dy.numel(), dtype, dy.data_ptr(), h.data_ptr(), dh.data_ptr(),
+                                    c10::cuda::getCurrentCUDAStream());
+  });
   return dh;
 }
 

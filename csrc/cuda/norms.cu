@@ -11,10 +11,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 #include "cuda/block_sum.cuh"
 #include "cuda/float_formats.cuh"
 #include "cuda/kernels.h"
+#include "cuda/launch_checks.h"
+#include "cuda/launch_plan.h"
 #include "cuda/norms_row_cached.h"
 #include "norm_math.h"
 
@@ -107,9 +110,6 @@ __global__ void norm_backward_dx_kernel(const T* dy, const T* x, const float* me
   }
 }
 
-constexpr int kTileCols = 32;
-constexpr int kTileRows = 8;
-
 // Block (32 columns x 8 threads down): the rows of split blockIdx.y, summed per column into
 // partial[split][col] (dweight) and partial[splits + split][col] (dbias).
 template <typename T, bool kRms>
@@ -155,14 +155,11 @@ __global__ void norm_weight_grad_final_kernel(const float* partial, int64_t spli
   if (!kRms) dbias[col] = store<W>(db);
 }
 
-int64_t column_reduction_splits(const NormShape& shape) {
-  // Enough row splits to fill the GPU (~ a few blocks per SM with the column tiles), few enough that
-  // the final sum over splits stays short.
-  const int64_t col_tiles = (shape.cols + kTileCols - 1) / kTileCols;
-  const int64_t wanted = (1024 + col_tiles - 1) / col_tiles;
-  const int64_t max_by_rows = (shape.rows + kTileRows - 1) / kTileRows;
-  const int64_t splits = wanted < max_by_rows ? wanted : max_by_rows;
-  return splits < 1 ? 1 : (splits > 256 ? 256 : splits);
+void check_rows_grid(const char* kernel, const NormShape& shape) {
+  if (!rows_fit_grid(shape.rows, current_device_limits())) {
+    throw LaunchError(std::string("megalite CUDA: ") + kernel + " (" + describe(shape) +
+                      "): more rows than the grid has blocks; split the rows");
+  }
 }
 
 template <typename Fn>
@@ -184,45 +181,60 @@ void forward(const NormShape& shape, const void* x, const void* weight, const vo
     row_cached_forward<kRms>(shape, x, weight, bias, y, mean, rstd, eps, stream);
     return;
   }
+  check_rows_grid("norm_forward_kernel", shape);
   with_norm_types(shape, [&](auto x_tag, auto w_tag) {
     using T = decltype(x_tag);
     using W = decltype(w_tag);
-    norm_forward_kernel<T, W, kRms><<<shape.rows, row_threads(shape.cols), 0, stream>>>(
+    norm_forward_kernel<T, W, kRms><<<static_cast<unsigned>(shape.rows), row_threads(shape.cols), 0, stream>>>(
         static_cast<const T*>(x), static_cast<const W*>(weight), static_cast<const W*>(bias), static_cast<T*>(y),
         mean, rstd, shape.cols, eps);
+    check_launch("norm_forward_kernel", describe(shape));
   });
+}
+
+// dx, one block per row; then dweight/dbias by the column reduction into the workspace.
+template <typename T, bool kRms>
+void dx_and_partials(const NormShape& shape, int64_t splits, const void* dy, const void* x, const float* mean,
+                     const float* rstd, const void* weight, void* dx, float* workspace, cudaStream_t stream) {
+  check_rows_grid("norm_backward_dx_kernel", shape);
+  with_norm_types(shape, [&](auto, auto w_tag) {
+    using W = decltype(w_tag);
+    norm_backward_dx_kernel<T, W, kRms><<<static_cast<unsigned>(shape.rows), row_threads(shape.cols), 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(x), mean, rstd, static_cast<const W*>(weight),
+        static_cast<T*>(dx), shape.cols);
+    check_launch("norm_backward_dx_kernel", describe(shape));
+  });
+  const dim3 grid(static_cast<unsigned>((shape.cols + kTileCols - 1) / kTileCols), static_cast<unsigned>(splits));
+  norm_weight_grad_partial_kernel<T, kRms><<<grid, dim3(kTileCols, kTileRows), 0, stream>>>(
+      static_cast<const T*>(dy), static_cast<const T*>(x), mean, rstd, workspace, shape.rows, shape.cols);
+  check_launch("norm_weight_grad_partial_kernel", describe(shape));
 }
 
 template <bool kRms>
 void backward(const NormShape& shape, const void* dy, const void* x, const float* mean, const float* rstd,
               const void* weight, void* dx, void* dweight, void* dbias, float* workspace, cudaStream_t stream) {
-  if (row_cached_fits(shape, {dy, x, dx}, {weight, dweight, dbias})) {
+  if (shape.cols == 0) return;   // dx, dweight and dbias are empty
+  if (row_cached_fits(shape, {dy, x, dx}, {weight, dweight, dbias}) && row_cached_backward_fits<kRms>(shape)) {
     row_cached_backward<kRms>(shape, dy, x, mean, rstd, weight, dx, dweight, dbias, workspace, stream);
     return;
   }
-  const int64_t splits = column_reduction_splits(shape);
+  const int64_t splits = column_reduction_splits(shape.rows, shape.cols);
   with_norm_types(shape, [&](auto x_tag, auto w_tag) {
     using T = decltype(x_tag);
     using W = decltype(w_tag);
-    if (shape.rows > 0) {
-      norm_backward_dx_kernel<T, W, kRms><<<shape.rows, row_threads(shape.cols), 0, stream>>>(
-          static_cast<const T*>(dy), static_cast<const T*>(x), mean, rstd, static_cast<const W*>(weight),
-          static_cast<T*>(dx), shape.cols);
-      const dim3 grid(static_cast<unsigned>((shape.cols + kTileCols - 1) / kTileCols), static_cast<unsigned>(splits));
-      norm_weight_grad_partial_kernel<T, kRms><<<grid, dim3(kTileCols, kTileRows), 0, stream>>>(
-          static_cast<const T*>(dy), static_cast<const T*>(x), mean, rstd, workspace, shape.rows, shape.cols);
-    }
+    if (shape.rows > 0) dx_and_partials<T, kRms>(shape, splits, dy, x, mean, rstd, weight, dx, workspace, stream);
     const int threads = 256;
     norm_weight_grad_final_kernel<W, kRms><<<static_cast<unsigned>((shape.cols + threads - 1) / threads), threads, 0,
                                              stream>>>(workspace, shape.rows > 0 ? splits : 0, shape.cols,
                                                        static_cast<W*>(dweight), static_cast<W*>(dbias));
+    check_launch("norm_weight_grad_final_kernel", describe(shape));
   });
 }
 
 }  // namespace
 
 int64_t norm_weight_grad_splits(const NormShape& shape) {
-  const int64_t general = column_reduction_splits(shape);
+  const int64_t general = column_reduction_splits(shape.rows, shape.cols);
   if (!row_cached_fits(shape, {}, {})) return general;
   const int64_t cached = row_cached_max_blocks(shape);
   return cached > general ? cached : general;

@@ -19,13 +19,15 @@
 #include "cuda/block_sum.cuh"
 #include "cuda/float_formats.cuh"
 #include "cuda/kernels.h"
+#include "cuda/launch_checks.h"
+#include "cuda/launch_plan.h"
 #include "cuda/norms_row_cached.h"
 #include "norm_math.h"
 
 namespace megalite::cuda {
 namespace {
 
-constexpr int kMaxThreads = 512;
+constexpr int kMaxThreads = kCachedMaxThreads;
 
 template <typename T>
 constexpr int kPackWidth = 16 / static_cast<int>(sizeof(T));   // 4 fp32, 8 bf16/fp16
@@ -182,31 +184,13 @@ __global__ void cached_weight_grad_final_kernel(const float* partial, int64_t bl
   if (!kRms) dbias[col] = store<W>(db);
 }
 
-struct Layout {
-  int packs_per_thread;   // 1, 2 or 4
-  int threads;
-};
-
 int pack_width_of(DType dtype) { return dtype == DType::Float32 ? 4 : 8; }
 
-Layout layout_of(const NormShape& shape) {
-  const int packs = static_cast<int>(shape.cols / pack_width_of(shape.x_dtype));
-  int per_thread = 1;
-  while (per_thread < 4 && packs > per_thread * kMaxThreads) per_thread *= 2;
-  const int threads = (packs + per_thread - 1) / per_thread;
-  return {per_thread, (threads + kWarp - 1) / kWarp * kWarp};
-}
-
-int sm_count() {
-  int device = 0, count = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return count > 0 ? count : 1;
-}
+CachedLayout layout_of(const NormShape& shape) { return cached_layout(shape.cols, pack_width_of(shape.x_dtype)); }
 
 // Calls fn(x_tag, weight_tag, integral_constant<packs per thread>) for the shape's types and layout.
 template <typename Fn>
-void with_cached_types(const NormShape& shape, const Layout& layout, const Fn& fn) {
+void with_cached_types(const NormShape& shape, const CachedLayout& layout, const Fn& fn) {
   with_dtype(shape.x_dtype, [&](auto x_tag) {
     auto with_weight = [&](auto w_tag) {
       switch (layout.packs_per_thread) {
@@ -219,65 +203,113 @@ void with_cached_types(const NormShape& shape, const Layout& layout, const Fn& f
   });
 }
 
+// The backward kernel's shared memory on this device: its static part from cudaFuncGetAttributes,
+// its dynamic part from the shape (launch_plan.h decides).
+template <typename Kernel>
+SharedPlan backward_shared_plan(Kernel kernel, const NormShape& shape, bool rms) {
+  cudaFuncAttributes attributes{};
+  check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes(cached_backward_kernel)",
+             describe(shape));
+  return cached_backward_shared(shape.cols, rms, static_cast<int64_t>(attributes.sharedSizeBytes),
+                                current_device_limits());
+}
+
+// Calls fn(kernel, T, W) with the cached backward kernel that the shape's types and layout select.
+template <bool kRms, typename Fn>
+void with_backward_kernel(const NormShape& shape, const Fn& fn) {
+  with_cached_types(shape, layout_of(shape), [&](auto x_tag, auto w_tag, auto packs) {
+    using T = decltype(x_tag);
+    using W = decltype(w_tag);
+    fn(cached_backward_kernel<T, W, kRms, decltype(packs)::value>, x_tag, w_tag);
+  });
+}
+
 }  // namespace
 
 bool row_cached_fits(const NormShape& shape, std::initializer_list<const void*> rows_pointers,
                      std::initializer_list<const void*> weight_pointers) {
   const int width = pack_width_of(shape.x_dtype);
-  if (shape.cols % width != 0 || shape.cols > kMaxCachedCols || shape.cols == 0) return false;
+  if (!cached_shape(shape.cols, width)) return false;
   for (const void* p : rows_pointers) if (!pack_aligned(p, 16)) return false;
   const int weight_bytes = width * (shape.weight_dtype == DType::Float32 ? 4 : 2);
   for (const void* p : weight_pointers) if (!pack_aligned(p, weight_bytes)) return false;
   return true;
 }
 
+template <bool kRms>
+bool row_cached_backward_fits(const NormShape& shape) {
+  bool fits = false;
+  with_backward_kernel<kRms>(shape, [&](auto kernel, auto, auto) {
+    fits = backward_shared_plan(kernel, shape, kRms).fits;
+  });
+  return fits;
+}
+
 int64_t row_cached_max_blocks(const NormShape& shape) {
-  const Layout layout = layout_of(shape);
-  const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / layout.threads);
-  return shape.rows < resident ? shape.rows : resident;
+  return cached_max_blocks(shape.rows, current_sm_count(), layout_of(shape).threads);
 }
 
 template <bool kRms>
 void row_cached_forward(const NormShape& shape, const void* x, const void* weight, const void* bias, void* y,
                         float* mean, float* rstd, float eps, cudaStream_t stream) {
-  const Layout layout = layout_of(shape);
+  const CachedLayout layout = layout_of(shape);
+  if (!rows_fit_grid(shape.rows, current_device_limits())) {
+    throw LaunchError("megalite CUDA: cached_forward_kernel (" + describe(shape) + "): more rows than grid blocks");
+  }
   with_cached_types(shape, layout, [&](auto x_tag, auto w_tag, auto packs) {
     using T = decltype(x_tag);
     using W = decltype(w_tag);
-    cached_forward_kernel<T, W, kRms, decltype(packs)::value><<<shape.rows, layout.threads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const W*>(weight), static_cast<const W*>(bias), static_cast<T*>(y),
-        mean, rstd, static_cast<int>(shape.cols), eps);
+    cached_forward_kernel<T, W, kRms, decltype(packs)::value>
+        <<<static_cast<unsigned>(shape.rows), layout.threads, 0, stream>>>(
+            static_cast<const T*>(x), static_cast<const W*>(weight), static_cast<const W*>(bias), static_cast<T*>(y),
+            mean, rstd, static_cast<int>(shape.cols), eps);
+    check_launch("cached_forward_kernel", describe(shape));
   });
+}
+
+// The grid walks the rows with as many blocks as are resident (the occupancy calculator's count,
+// with the shared memory opted in first where the launch needs more than the default).
+template <bool kRms, typename Kernel>
+int64_t backward_blocks(Kernel kernel, const NormShape& shape, int threads) {
+  const SharedPlan plan = backward_shared_plan(kernel, shape, kRms);
+  if (!plan.fits) {
+    throw LaunchError("megalite CUDA: cached_backward_kernel (" + describe(shape) +
+                      "): shared memory over the device's limit; the general kernels take this shape");
+  }
+  if (plan.needs_optin) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(plan.dynamic_bytes)),
+               "cudaFuncSetAttribute(cached_backward_kernel, MaxDynamicSharedMemorySize)", describe(shape));
+  }
+  int per_sm = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads,
+                                                           static_cast<size_t>(plan.dynamic_bytes)),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor(cached_backward_kernel)", describe(shape));
+  return cached_backward_blocks(shape.rows, current_sm_count(), per_sm, threads);
 }
 
 template <bool kRms>
 void row_cached_backward(const NormShape& shape, const void* dy, const void* x, const float* mean, const float* rstd,
                          const void* weight, void* dx, void* dweight, void* dbias, float* workspace,
                          cudaStream_t stream) {
-  const Layout layout = layout_of(shape);
+  const int threads = layout_of(shape).threads;
   const int cols = static_cast<int>(shape.cols);
   const size_t shared_bytes = (kRms ? 1 : 2) * static_cast<size_t>(cols) * sizeof(float);
-  with_cached_types(shape, layout, [&](auto x_tag, auto w_tag, auto packs) {
+  with_backward_kernel<kRms>(shape, [&](auto kernel, auto x_tag, auto w_tag) {
     using T = decltype(x_tag);
     using W = decltype(w_tag);
-    auto kernel = cached_backward_kernel<T, W, kRms, decltype(packs)::value>;
     int64_t blocks = 0;
     if (shape.rows > 0) {
-      if (shared_bytes > 48 * 1024) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
-      }
-      int per_sm = 0;
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, layout.threads, shared_bytes);
-      blocks = static_cast<int64_t>(sm_count()) * (per_sm > 0 ? per_sm : 1);
-      const int64_t bound = row_cached_max_blocks(shape);
-      blocks = blocks < bound ? blocks : bound;
-      kernel<<<static_cast<unsigned>(blocks), layout.threads, shared_bytes, stream>>>(
+      blocks = backward_blocks<kRms>(kernel, shape, threads);
+      kernel<<<static_cast<unsigned>(blocks), threads, shared_bytes, stream>>>(
           static_cast<const T*>(dy), static_cast<const T*>(x), mean, rstd, static_cast<const W*>(weight),
           static_cast<T*>(dx), workspace, shape.rows, cols);
+      check_launch("cached_backward_kernel", describe(shape));
     }
-    const int threads = 256;
-    cached_weight_grad_final_kernel<W, kRms><<<(cols + threads - 1) / threads, threads, 0, stream>>>(
+    const int final_threads = 256;
+    cached_weight_grad_final_kernel<W, kRms><<<(cols + final_threads - 1) / final_threads, final_threads, 0, stream>>>(
         workspace, blocks, cols, static_cast<W*>(dweight), static_cast<W*>(dbias));
+    check_launch("cached_weight_grad_final_kernel", describe(shape));
   });
 }
 
@@ -289,5 +321,7 @@ template void row_cached_backward<false>(const NormShape&, const void*, const vo
                                          const void*, void*, void*, void*, float*, cudaStream_t);
 template void row_cached_backward<true>(const NormShape&, const void*, const void*, const float*, const float*,
                                         const void*, void*, void*, void*, float*, cudaStream_t);
+template bool row_cached_backward_fits<false>(const NormShape&);
+template bool row_cached_backward_fits<true>(const NormShape&);
 
 }  // namespace megalite::cuda

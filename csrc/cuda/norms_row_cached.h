@@ -7,16 +7,22 @@
 #include <initializer_list>
 
 #include "cuda/kernels.h"
+#include "cuda/launch_plan.h"
 
 namespace megalite::cuda {
-
-constexpr int64_t kMaxCachedCols = 8192;
 
 // True when a row is whole 16-byte packs of at most kMaxCachedCols elements and every pointer is
 // pack-aligned: row tensors (x, y, dy, dx) to 16 bytes, weight/bias to one pack of their dtype.
 // nullptr entries (an absent bias) pass.
 bool row_cached_fits(const NormShape& shape, std::initializer_list<const void*> rows_pointers,
                      std::initializer_list<const void*> weight_pointers);
+
+// True when the backward kernel for this shape fits the current device's shared memory per block:
+// its static arrays plus the dynamic accumulators, within the opt-in limit (launch_plan.h).  Where
+// it does not (LayerNorm from 6,112 columns on sm_6x and from 8,160 on sm_75, with block_sum2's
+// 272 static bytes), the general kernels run.
+template <bool kRms>
+bool row_cached_backward_fits(const NormShape& shape);
 
 // The most rows of partial sums the backward writes ((dweight | dbias) x cols floats each).
 int64_t row_cached_max_blocks(const NormShape& shape);

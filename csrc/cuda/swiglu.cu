@@ -12,9 +12,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 #include "cuda/float_formats.cuh"
 #include "cuda/kernels.h"
+#include "cuda/launch_checks.h"
+#include "cuda/launch_plan.h"
 
 namespace megalite::cuda {
 namespace {
@@ -92,10 +95,13 @@ __global__ void swiglu_backward_kernel(int64_t pairs, const T* __restrict__ dy, 
       });
 }
 
+// The grid-stride loops take any size; the grid stops at kMaxBlocks.
+constexpr int64_t kMaxBlocks = 65535 * 8;
 
-unsigned blocks_for(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 * 8 ? 65535 * 8 : blocks));
+unsigned blocks_for(int64_t work) { return static_cast<unsigned>(grid_stride_blocks(work, kThreads, kMaxBlocks)); }
+
+std::string describe(int64_t pairs, DType dtype, bool vector) {
+  return "pairs " + std::to_string(pairs) + ", " + dtype_name(dtype) + (vector ? ", vector" : ", scalar");
 }
 
 }  // namespace
@@ -108,6 +114,7 @@ void swiglu_forward(int64_t pairs, DType dtype, const void* h, void* y, cudaStre
     const bool vector = pack_aligned(h, 2 * P * sizeof(T)) && pack_aligned(y, P * sizeof(T));
     swiglu_forward_kernel<T, P><<<blocks_for(vector ? pairs / P + 1 : pairs), kThreads, 0, stream>>>(
         pairs, static_cast<const T*>(h), static_cast<T*>(y), vector);
+    check_launch("swiglu_forward_kernel", describe(pairs, dtype, vector));
   });
 }
 
@@ -120,6 +127,7 @@ void swiglu_backward(int64_t pairs, DType dtype, const void* dy, const void* h, 
         pack_aligned(h, 2 * P * sizeof(T)) && pack_aligned(dh, 2 * P * sizeof(T)) && pack_aligned(dy, P * sizeof(T));
     swiglu_backward_kernel<T, P><<<blocks_for(vector ? pairs / P + 1 : pairs), kThreads, 0, stream>>>(
         pairs, static_cast<const T*>(dy), static_cast<const T*>(h), static_cast<T*>(dh), vector);
+    check_launch("swiglu_backward_kernel", describe(pairs, dtype, vector));
   });
 }
 

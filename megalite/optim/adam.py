@@ -192,28 +192,82 @@ def adam_step_master(model_params: List[torch.Tensor], grads: List[torch.Tensor]
     return found_inf
 
 
+def _refuse_amsgrad(amsgrad) -> None:
+    if amsgrad:
+        raise ValueError("FusedAdam has no AMSGrad (amsgrad=True, e.g. from a torch AdamW state_dict); "
+                         "use torch.optim.AdamW(amsgrad=True)")
+
+
+def _host_step(step) -> torch.Tensor:
+    """The per-parameter step count as a CPU fp32 scalar: torch's fused or capturable AdamW keeps it
+    on the GPU, where reading it would synchronize the host once per parameter per step."""
+    if isinstance(step, torch.Tensor):
+        return step.detach().to(device="cpu", dtype=torch.float32)
+    return torch.tensor(float(step), dtype=torch.float32)
+
+
 class FusedAdam(torch.optim.Optimizer):
     """Adam (``adam_w_mode=False``, L2 decay) or AdamW over fp32 parameters, one fused call per group.
 
-    State per parameter, as ``torch.optim.AdamW``: ``step`` (fp32 scalar tensor), ``exp_avg``,
-    ``exp_avg_sq``; so a state_dict moves between this and torch's AdamW.
+    State per parameter, as ``torch.optim.AdamW``: ``step`` (fp32 scalar tensor, kept on the CPU),
+    ``exp_avg``, ``exp_avg_sq``; so a state_dict moves between this and torch's AdamW.  Of AdamW's
+    options, ``maximize`` is honoured (the update steps along +grad, at the cost of a negated copy of
+    each gradient) and ``amsgrad=True`` is refused, in the constructor and in ``load_state_dict``.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, adam_w_mode: bool = True):
+                 weight_decay: float = 1e-2, adam_w_mode: bool = True, maximize: bool = False, amsgrad: bool = False):
         if lr < 0:
             raise ValueError(f"lr {lr} must be >= 0")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas {betas} must each lie in [0, 1)")
         if eps < 0 or weight_decay < 0:
             raise ValueError(f"eps {eps} and weight_decay {weight_decay} must be >= 0")
+        _refuse_amsgrad(amsgrad)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      adam_w_mode=adam_w_mode))
+                                      adam_w_mode=adam_w_mode, maximize=bool(maximize), amsgrad=False))
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:   # a state_dict saved by torch's AdamW has no adam_w_mode
             group.setdefault("adam_w_mode", self.defaults["adam_w_mode"])
+            group.setdefault("maximize", False)
+            group.setdefault("amsgrad", False)
+
+    def load_state_dict(self, state_dict) -> None:
+        for group in state_dict["param_groups"]:
+            _refuse_amsgrad(group.get("amsgrad", False))
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "step" in state:
+                state["step"] = _host_step(state["step"])
+
+    def _group_by_step(self, group) -> Dict[int, Tuple[list, list, list, list]]:
+        """The group's params with a gradient, by their step count after this update: torch keeps a
+        count per parameter, and params that skipped a step (no grad) may lag, so each distinct count
+        gets one fused call (normally there is exactly one)."""
+        by_step: Dict[int, Tuple[list, list, list, list]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("FusedAdam does not support sparse gradients; use torch.optim.SparseAdam")
+            if p.dtype != torch.float32:
+                raise TypeError(f"FusedAdam updates fp32 parameters, got {p.dtype} of shape {tuple(p.shape)}; "
+                                f"keep fp32 masters and use megalite.optim.adam.adam_step_master")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state["step"].device.type != "cpu":   # set by hand on the GPU: one sync, then none
+                state["step"] = _host_step(state["step"])
+            state["step"] += 1
+            grad = -p.grad if group["maximize"] else p.grad
+            lists = by_step.setdefault(int(state["step"].item()), ([], [], [], []))
+            for target, tensor in zip(lists, (p, grad, state["exp_avg"], state["exp_avg_sq"])):
+                target.append(tensor)
+        return by_step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -222,28 +276,9 @@ class FusedAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            # torch keeps a step count per parameter; params that skipped a step (no grad) may lag,
-            # so update each distinct count with one fused call (normally there is exactly one).
-            by_step: Dict[int, Tuple[list, list, list, list]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("FusedAdam does not support sparse gradients; use torch.optim.SparseAdam")
-                if p.dtype != torch.float32:
-                    raise TypeError(f"FusedAdam updates fp32 parameters, got {p.dtype} of shape {tuple(p.shape)}; "
-                                    f"keep fp32 masters and use megalite.optim.adam.adam_step_master")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                lists = by_step.setdefault(int(state["step"].item()), ([], [], [], []))
-                for target, tensor in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
-                    target.append(tensor)
+            _refuse_amsgrad(group.get("amsgrad", False))
             beta1, beta2 = group["betas"]
-            for step, (params, grads, exp_avgs, exp_avg_sqs) in by_step.items():
+            for step, (params, grads, exp_avgs, exp_avg_sqs) in self._group_by_step(group).items():
                 adam_step(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
                           eps=group["eps"], weight_decay=group["weight_decay"], adam_w_mode=group["adam_w_mode"])
         return loss
