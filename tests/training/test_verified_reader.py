@@ -12,16 +12,7 @@ from megalite.checkpoint.reader import choose_iteration
 from megalite.generate import main as generate_main
 from megalite.parallel.testing import RankFailed, run_on_ranks
 from megalite.training.arguments import parse_args
-
-TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-        "--seq-length", "16", "--vocab-size", "64", "--make-vocab-size-divisible-by", "64",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3", "--log-interval", "1000",
-        "--eval-iters", "0", "--hidden-dropout", "0", "--attention-dropout", "0"]
-
-
-def _train(rank, world_size, argv):
-    from megalite.training.loop import pretrain
-    return [(r["iteration"], r["loss"]) for r in pretrain(argv)]
+from tests.training.test_checkpoint_integrity import TINY, _train
 
 
 @pytest.fixture
