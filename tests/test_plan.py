@@ -10,7 +10,7 @@ import pytest
 from megalite.plan import main
 from megalite.scaling.planner import with_flags
 
-EXAMPLE = str(pathlib.Path(__file__).with_name("cpu_calibration.json"))
+EXAMPLE = str(pathlib.Path(__file__).parent / "scaling" / "cpu_calibration.json")
 SMALL = ["--num-layers", "8", "--hidden-size", "1024", "--num-attention-heads", "16", "--seq-length", "1024",
          "--vocab-size", "32000", "--bf16"]
 FIELDS = {"params", "flops_per_iteration", "iteration_time_s", "tflops_per_gpu", "mfu", "memory_gb_per_gpu",

@@ -12,7 +12,7 @@ from megalite.checkpoint.reader import choose_iteration
 from megalite.generate import main as generate_main
 from megalite.parallel.testing import RankFailed, run_on_ranks
 from megalite.training.arguments import parse_args
-from tests.training.test_checkpoint_integrity import TINY, _train
+from tests.checkpoint.test_integrity import TINY, _train
 
 
 @pytest.fixture
