@@ -143,7 +143,7 @@ def test_token_ids_past_the_vocabulary_are_refused(tmp_path):
 def test_generate_refuses_prompt_ids_outside_the_vocabulary(tmp_path, capsys):
     save, _ = _saved_run(tmp_path, iters=2)
     assert generate_main(["--load", save, "--prompt", "99999", "--max-new-tokens", "2"]) == 2
-    assert "--prompt token id 99999 is outside the vocabulary of 64 ids" in capsys.readouterr().err
+    assert "--prompt: token id 99999 is outside the model's vocabulary of 64 ids" in capsys.readouterr().err
     assert generate_main(["--load", save, "--prompt", "3 5", "--max-new-tokens", "2"]) == 0
 
 
