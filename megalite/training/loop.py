@@ -271,20 +271,27 @@ def save(run: Run) -> None:
                                settings=run.settings(),
                                sharded_optimizer=run.opt_cfg.use_distributed_optimizer,
                                layer_numbers=run.layer_numbers)
+    if not run.config_saved:   # only now does the run own the folder: save_checkpoint refuses another run's
+        write_resolved_config(run, [run.train_cfg.save])
+        run.config_saved = True
     print_rank0(f"saved checkpoint of iteration {run.iteration} to {run.train_cfg.save}")
 
 
-def write_resolved_config(run: Run) -> None:
-    """The settings the run ended up with, as --config reads them, next to its checkpoints and logs."""
+def write_resolved_config(run: Run, folders) -> None:
+    """The settings the run ended up with, as --config reads them, in each of ``folders`` (rank 0)."""
     if run.grid.rank != 0:
         return
-    cfg = run.train_cfg
-    folders = {cfg.save, cfg.tensorboard_dir, os.path.dirname(os.path.abspath(cfg.log_json)) if cfg.log_json else None}
     text = yaml.safe_dump(resolved_config(run.configs()), sort_keys=False)
-    for folder in sorted(f for f in folders if f):
+    for folder in sorted(f for f in set(folders) if f):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "config.yaml"), "w") as f:
             f.write(text)
+
+
+def log_folders(cfg: TrainingConfig) -> set:
+    """Where the run writes its logs: --tensorboard-dir and --log-json's folder (not --save: a save folder
+    gets its config.yaml with the run's first checkpoint, once the run is known to own the folder)."""
+    return {cfg.tensorboard_dir, os.path.dirname(os.path.abspath(cfg.log_json)) if cfg.log_json else None}
 
 
 def draw_timeline(run: Run, timeline: Timeline, num_microbatches: int) -> float:
@@ -301,7 +308,7 @@ def draw_timeline(run: Run, timeline: Timeline, num_microbatches: int) -> float:
 def train(run: Run) -> List[dict]:
     """Train from run.iteration to --train-iters; returns the per-iteration records."""
     cfg, g = run.train_cfg, run.grid
-    write_resolved_config(run)
+    write_resolved_config(run, log_folders(cfg))
     logger = Logger(run.model_cfg, cfg, rank=g.rank, world_size=g.world_size, tp=g.tp_size, device=run.device,
                     half_precision=run.opt_cfg.bf16 or run.opt_cfg.fp16, start_iteration=run.iteration,
                     writers=build_writers(cfg, g.rank, resolved_config(run.configs())))

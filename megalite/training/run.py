@@ -45,6 +45,7 @@ class Run:
     train_iter: Optional[Iterator[dict]] = None
     history: List[dict] = field(default_factory=list)   # one record per iteration (what --log-json writes)
     started_at: float = field(default_factory=time.time)  # for --exit-duration-in-mins
+    config_saved: bool = False  # config.yaml written into --save (with the first checkpoint)
     run_id: str = ""            # drawn at a fresh start, kept across resumes (megalite/checkpoint/manifest.py)
 
     def settings(self) -> dict:

@@ -99,9 +99,12 @@ def test_missing_tracker_resumes_from_the_newest_complete_iteration(tmp_path, ca
 def test_another_runs_iteration_is_never_overwritten(tmp_path):
     save, _ = _saved_run(tmp_path, iters=2)
     before = open(os.path.join(paths.rank_dir(save, 2, 0, 0), "model_optim_rng.pt"), "rb").read()
+    settings = open(os.path.join(save, "config.yaml")).read()
+    assert "seed: 1234" in settings
     with pytest.raises(RankFailed, match="iteration 2 there was written by another run"):
         run_on_ranks(_train, 1, TINY + ["--train-iters", "2", "--save", save, "--seed", "9"], timeout=120)
     assert open(os.path.join(paths.rank_dir(save, 2, 0, 0), "model_optim_rng.pt"), "rb").read() == before
+    assert open(os.path.join(save, "config.yaml")).read() == settings    # nor its settings, at start or at save
 
 
 def test_log_json_keeps_each_iteration_once_after_a_resume(tmp_path):
