@@ -93,6 +93,9 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
     if tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     train_dataset, valid_dataset = datasets_from_config(data_cfg, model_cfg, train_cfg)
+    if valid_dataset is None and train_cfg.eval_iters > 0:
+        print_rank0(f"--split {data_cfg.split} gives no validation data: evaluation (--eval-iters "
+                    f"{train_cfg.eval_iters}) is skipped; give the split's second part a weight to evaluate")
 
     grid = state.initialize_grid(tp=parallel_cfg.tensor_model_parallel_size,
                                  pp=parallel_cfg.pipeline_model_parallel_size,

@@ -178,3 +178,28 @@ def test_exit_duration_stops_and_saves(tmp_path):
     history = run_on_ranks(_train, 1, TINY + ["--train-iters", "10000", "--save", save,
                                               "--exit-duration-in-mins", "0.0001"], timeout=120)[0]
     assert len(history) == 1 and paths.read_latest_iteration(save) == 1
+
+
+def _setup_output(rank, world_size, argv):
+    import contextlib
+    import io
+
+    from megalite.parallel import state
+    from megalite.training.loop import setup
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        setup(argv)
+    state.destroy_grid()
+    return out.getvalue()
+
+
+def test_a_split_without_validation_data_says_evaluation_is_skipped(tmp_path):
+    prefix = str(tmp_path / "data")
+    rng = np.random.default_rng(0)
+    _write_dataset(prefix, [rng.integers(0, 60, 40) for _ in range(20)])
+    argv = [a for a in TINY if a != "--mock-data"]
+    argv[argv.index("--eval-iters") + 1] = "2"
+    argv += ["--train-iters", "1", "--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "62",
+             "--split", "100,0,0"]
+    out = run_on_ranks(_setup_output, 1, argv, timeout=120)[0]
+    assert "--split 100,0,0 gives no validation data: evaluation (--eval-iters 2) is skipped" in out
