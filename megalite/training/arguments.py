@@ -308,6 +308,25 @@ def checkpoint_model_defaults(root: str) -> Dict[str, Any]:
     return model
 
 
+def check_output_folders(train: TrainingConfig) -> None:
+    """Refuse, before any work, an output folder the run could not write: --save or --tensorboard-dir naming
+    a file, or a place on a read-only file system or without write permission (checked, not written)."""
+    for flag_, value, folder in (("--save", train.save, train.save),
+                                 ("--tensorboard-dir", train.tensorboard_dir, train.tensorboard_dir),
+                                 ("--log-json", train.log_json,
+                                  os.path.dirname(os.path.abspath(train.log_json)) if train.log_json else None)):
+        if folder is None:
+            continue
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"{flag_} {value}: {folder} is a file, not a folder; name a folder")
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag_} {value}: {existing} cannot be written (a read-only file system, a file in "
+                             f"the way, or no permission); choose a writable folder")
+
+
 def resolved_config(configs: Sequence[Any]) -> Dict[str, Any]:
     """Every flag's value in a run's configs (derived defaults filled in), as ``--config`` reads it."""
     parser = build_parser()
