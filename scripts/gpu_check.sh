@@ -12,7 +12,8 @@
 # most 35/40 s, so a slow compile cannot take the other rows with it, and each contender's numbers
 # print as it finishes, so a step cut short keeps the rows it has; megalite --compile runs last),
 # the LLaMA step's kernel profile 20 s (the top kernels and the time by kind: the before/after a
-# change reads).  Sum 470 s.  The profile of the compiled step (benchmarks/profile_step.py
+# change reads), the norm backward's parts 20 s (benchmarks/norm_backward_parts.py).  Sum 490 s.
+# The profile of the compiled step (benchmarks/profile_step.py
 # --compile) is left out for time.
 # Without CUDA it is a CPU smoke test: the suite, the throughput benchmark with --quick and the
 # profile with --quick, with budgets for a 2-core machine (build 600 s, suite 600 s, throughput
@@ -85,6 +86,7 @@ if [ "$has_cuda" = "1" ]; then
   step throughput_gpt2 105 "$PY" -m benchmarks.train_throughput --models gpt2 --steps 10 --warmup 3 --contender-timeout 35
   step throughput_llama 120 "$PY" -m benchmarks.train_throughput --models llama --steps 10 --warmup 3 --contender-timeout 40
   step profile_llama 20 "$PY" -m benchmarks.profile_step --models llama --steps 3 --warmup 3
+  step norm_parts 20 "$PY" -m benchmarks.norm_backward_parts --calls 10
 else
   note "step kernels: skipped, no CUDA device (benchmarks/kernel_speed.py --device cuda needs one)"
   step throughput_quick 240 "$PY" -m benchmarks.train_throughput --quick
@@ -104,6 +106,11 @@ for log in "$OUT"/throughput_*.log; do
   note "== $(basename "$log")"
   grep -E '^# machine|^model |^(gpt2|llama) |^ratio =' "$log" >> "$SUMMARY"
 done
+if [ -f "$OUT/norm_parts.log" ]; then
+  note ""
+  note "== norm_parts.log (device us per backward call; ratio = PyTorch / megalite)"
+  cat "$OUT/norm_parts.log" >> "$SUMMARY"
+fi
 for log in "$OUT"/profile_*.log; do
   [ -f "$log" ] || continue
   note ""

@@ -10,7 +10,8 @@
 //   and dx is written from the registers.  The same thread owns the same columns in every row, so
 //   it adds dy * xhat and dy into the block's shared-memory accumulators without atomics; at the end
 //   each block writes its accumulators as one row of partial[grid][cols] (fp32), and a second small
-//   kernel sums that buffer over the grid -- x and dy are read exactly once.
+//   kernel sums that buffer over the grid in 32-column tiles, 8 lanes of partial rows per tile -- x
+//   and dy are read exactly once.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -168,20 +169,43 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// partial: [blocks][(dweight | dbias)][cols] -> dweight, dbias (a fixed summation order per column).
+// partial: [blocks][(dweight | dbias)][cols] -> dweight, dbias, as a tiled two-level reduction: a block
+// of kFinalColumns x kFinalLanes threads owns kFinalColumns adjacent columns (each warp reads one
+// contiguous row segment: coalesced); lane y sums partial rows y, y + kFinalLanes, ... in order, and
+// the lanes' sums are added in a fixed tree in shared memory.  The summation order per column is
+// fixed, so the result is deterministic, and the parallelism is cols x kFinalLanes threads instead of
+// one thread per column walking every partial row.
+constexpr int kFinalColumns = 32;
+constexpr int kFinalLanes = 8;
+
 template <typename W, bool kRms>
-__global__ void cached_weight_grad_final_kernel(const float* partial, int64_t blocks, int cols, W* dweight,
-                                                W* dbias) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
+__global__ void __launch_bounds__(kFinalColumns * kFinalLanes)
+cached_weight_grad_final_kernel(const float* partial, int64_t blocks, int cols, W* dweight, W* dbias) {
+  __shared__ float dw_lanes[kFinalLanes][kFinalColumns];
+  __shared__ float db_lanes[kFinalLanes][kFinalColumns];
+  const int col = blockIdx.x * kFinalColumns + threadIdx.x;
   const int64_t stride = (kRms ? 1 : 2) * static_cast<int64_t>(cols);
   float dw = 0.f, db = 0.f;
-  for (int64_t b = 0; b < blocks; ++b) {
-    dw += partial[b * stride + col];
-    if (!kRms) db += partial[b * stride + cols + col];
+  if (col < cols) {
+    for (int64_t b = threadIdx.y; b < blocks; b += kFinalLanes) {
+      dw += partial[b * stride + col];
+      if (!kRms) db += partial[b * stride + cols + col];
+    }
   }
-  dweight[col] = store<W>(dw);
-  if (!kRms) dbias[col] = store<W>(db);
+  dw_lanes[threadIdx.y][threadIdx.x] = dw;
+  db_lanes[threadIdx.y][threadIdx.x] = db;
+  __syncthreads();
+  for (int half = kFinalLanes / 2; half > 0; half /= 2) {
+    if (threadIdx.y < half) {
+      dw_lanes[threadIdx.y][threadIdx.x] += dw_lanes[threadIdx.y + half][threadIdx.x];
+      db_lanes[threadIdx.y][threadIdx.x] += db_lanes[threadIdx.y + half][threadIdx.x];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && col < cols) {
+    dweight[col] = store<W>(dw_lanes[0][threadIdx.x]);
+    if (!kRms) dbias[col] = store<W>(db_lanes[0][threadIdx.x]);
+  }
 }
 
 int pack_width_of(DType dtype) { return dtype == DType::Float32 ? 4 : 8; }
@@ -306,8 +330,8 @@ void row_cached_backward(const NormShape& shape, const void* dy, const void* x, 
           static_cast<T*>(dx), workspace, shape.rows, cols);
       check_launch("cached_backward_kernel", describe(shape));
     }
-    const int final_threads = 256;
-    cached_weight_grad_final_kernel<W, kRms><<<(cols + final_threads - 1) / final_threads, final_threads, 0, stream>>>(
+    const dim3 final_threads(kFinalColumns, kFinalLanes);
+    cached_weight_grad_final_kernel<W, kRms><<<(cols + kFinalColumns - 1) / kFinalColumns, final_threads, 0, stream>>>(
         workspace, blocks, cols, static_cast<W*>(dweight), static_cast<W*>(dbias));
     check_launch("cached_weight_grad_final_kernel", describe(shape));
   });
