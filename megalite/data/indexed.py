@@ -42,6 +42,10 @@ DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
 CODE_OF_DTYPE = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 
 
+# (path, mtime, size, .bin size, .bin mtime) of each .idx this process has validated.
+_VALIDATED: set = set()
+
+
 class IndexedDatasetError(ValueError):
     """A .bin/.idx pair that cannot be read; the message names the file and the problem."""
 
@@ -128,11 +132,15 @@ class IndexedDataset:
         self.sequence_pointers = np.frombuffer(buf, np.int64, n, HEADER_BYTES + 4 * n)
         self.document_indices = np.frombuffer(buf, np.int64, d, HEADER_BYTES + 12 * n)
         bin_bytes = os.path.getsize(bin_path)
-        try:
-            check_index(idx_path, bin_path, self.dtype.itemsize, self.sequence_lengths, self.sequence_pointers,
-                        self.document_indices, bin_bytes)
-        except ValueError as error:
-            raise IndexedDatasetError(str(error)) from None
+        stamp = (os.path.abspath(idx_path), os.stat(idx_path).st_mtime_ns, os.path.getsize(idx_path), bin_bytes,
+                 os.stat(bin_path).st_mtime_ns)
+        if stamp not in _VALIDATED:     # once per file version per process (forked workers inherit it)
+            try:
+                check_index(idx_path, bin_path, self.dtype.itemsize, self.sequence_lengths, self.sequence_pointers,
+                            self.document_indices, bin_bytes)
+            except ValueError as error:
+                raise IndexedDatasetError(str(error)) from None
+            _VALIDATED.add(stamp)
         # np.memmap refuses empty files; an empty dataset has nothing to map.
         self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_bytes else np.zeros(0, np.uint8)
 
