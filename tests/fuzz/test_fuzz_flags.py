@@ -4,6 +4,8 @@ megalite-train end to end.  Configs whose every value is of its type, finite and
 or ValueError in one line."""
 import contextlib
 import io
+import os
+import tempfile
 import traceback
 
 from hypothesis import given
@@ -107,11 +109,16 @@ def _train_main(rank, world_size, argv):
     return rc, err.getvalue()
 
 
-@fuzz_settings(4, share=0.02)
-@given(pairs=st.lists(st.tuples(st.sampled_from(CHEAP), value_text()), min_size=1, max_size=3))
-def test_train_main_exits_0_or_says_one_line(pairs):
+@fuzz_settings(6, share=0.02)
+@given(pairs=st.lists(st.tuples(st.sampled_from(CHEAP), value_text()), min_size=1, max_size=3),
+       folder=st.sampled_from([None, "--save file", "--save new", "--load file", "--load missing"]))
+def test_train_main_exits_0_or_says_one_line(pairs, folder):
     argv = TINY + [x for pair in pairs for x in pair]
-    rc, err = run_on_ranks(_train_main, 1, argv, timeout=120)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        open(os.path.join(tmp, "file"), "w").close()
+        if folder is not None:
+            argv += [folder.split()[0], os.path.join(tmp, folder.split()[1])]
+        rc, err = run_on_ranks(_train_main, 1, argv, timeout=120)[0]
     if rc == "raised":
         count(SURFACE + " e2e", "traceback")
         raise AssertionError(f"megalite-train {argv} raised:\n{err}")
