@@ -6,7 +6,8 @@ The rule: a case ends in success with a correct result, or in ONE line naming th
 traceback, never a wrong answer accepted in silence.
 
 ``MEGALITE_FUZZ_EXAMPLES=N`` scales every surface to N examples (the checkpoint surface, whose cases
-train, to N/10); unset, each surface runs its small default so the whole suite takes about a minute.
+train, to N/10, and megalite-train end to end to N/50); unset, each surface runs its small default and the
+whole suite takes well under a minute.
 Runs are derandomized: the same examples every time, so CI is reproducible.
 """
 from __future__ import annotations

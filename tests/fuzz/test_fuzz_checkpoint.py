@@ -188,7 +188,7 @@ def _judge_entry_point(name, main, root, out, expected):
     check_one_line(SURFACE, "\n".join(lines), root)
 
 
-@fuzz_settings(60, share=0.25)
+@fuzz_settings(90, share=0.1)
 @given(mutation=mutations(), consumer=st.sampled_from(["resume", "generate", "convert"]))
 def test_damaged_checkpoint_is_refused_in_one_line_or_read_whole(saved, mutation, consumer):
     pristine, expected = saved

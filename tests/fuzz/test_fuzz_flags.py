@@ -83,7 +83,7 @@ def judge(argv):
     return "accepted"
 
 
-@fuzz_settings(300)
+@fuzz_settings(500)
 @given(case=argv_strategy())
 def test_flag_values_parse_or_are_refused_in_one_line(case):
     judge(to_argv(*case))

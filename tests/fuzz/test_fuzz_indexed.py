@@ -81,7 +81,7 @@ def _check_structure(ds, prefix):
     assert sum(len(s) for s in ds[0:len(ds)]) == int(lengths.sum())
 
 
-@fuzz_settings(300)
+@fuzz_settings(500)
 @given(mutations=_mutations())
 def test_mutated_dataset_is_refused_in_one_line_or_whole(dataset, mutations):
     with tempfile.TemporaryDirectory() as folder:

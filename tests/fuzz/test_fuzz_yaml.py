@@ -40,7 +40,7 @@ def documents():
     return st.one_of(mapping, mapping, mapping, duplicated, not_mapping, complex_key, raw)
 
 
-@fuzz_settings(300)
+@fuzz_settings(500)
 @given(document=documents(), cli=st.lists(st.sampled_from(["--lr", "0.1", "--seq-length", "32", "--bf16"]),
                                           max_size=2))
 def test_yaml_config_parses_or_is_refused_in_one_line(document, cli):
