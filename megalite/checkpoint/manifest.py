@@ -84,7 +84,17 @@ def read_manifest(iteration_folder: str) -> Optional[dict]:
                               f"file was damaged") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{path} is not a megalite checkpoint manifest")
+    for relative, entry in manifest["files"].items():
+        if not _is_entry(entry):
+            raise CheckpointError(f"{path}: the entry of {relative} is {entry!r}, not {{\"bytes\": N, \"crc32\": N}}; "
+                                  f"the manifest was damaged, so this iteration cannot be verified")
     return manifest
+
+
+def _is_entry(entry) -> bool:
+    def count(value, limit):
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit
+    return isinstance(entry, dict) and count(entry.get("bytes"), 1 << 63) and count(entry.get("crc32"), 1 << 32)
 
 
 def verify_file(iteration_folder: str, relative: str, manifest: dict) -> str:

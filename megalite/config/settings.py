@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
+from megalite.config.data_spec import parse_blend, split_weights
 from megalite.config.flags import check_fields, flag
 from megalite.parallel.pipeline.orders import PipelineSchedule
 
@@ -241,14 +242,9 @@ class DataConfig:
         if not self.mock_data and not self.data_path:
             raise ValueError("--data-path is required (a .bin/.idx prefix from tools/preprocess_data.py); "
                              "or pass --mock-data for synthetic tokens")
-        parts = self.split.replace("/", ",").split(",")
-        try:
-            weights = [float(p) for p in parts if p.strip()]
-        except ValueError:
-            raise ValueError(f"--split {self.split!r} must be comma-separated numbers, e.g. 969,30,1") from None
-        if not weights or len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"--split {self.split!r} must be up to three non-negative numbers with a positive "
-                             f"sum, e.g. 969,30,1")
+        split_weights(self.split)
+        if self.data_path:
+            parse_blend(self.data_path)
         if self.tokenizer_type == "GPT2BPETokenizer" and not (self.vocab_file and self.merge_file):
             raise ValueError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
         if self.tokenizer_type in ("HuggingFaceTokenizer", "TikTokenizer") and not self.tokenizer_model:

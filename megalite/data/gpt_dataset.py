@@ -19,10 +19,9 @@ j = shuffle_index[i].  Every item is a dict of numpy arrays (layouts [s]):
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
+from megalite.config.data_spec import parse_blend, split_weights
 from megalite.data.blended import BlendedDataset, samples_per_dataset
 from megalite.data.helpers import build_sample_idx
 from megalite.data.index_cache import cached_indices
@@ -34,10 +33,7 @@ SEPARATE_LAST_EPOCH_THRESHOLD = 0.80  # Megatron's: separate the last epoch belo
 
 def parse_split(split: str) -> list[tuple[float, float] | None]:
     """"969,30,1" -> [(0, .969), (.969, .999), (.999, 1.0)]; None for a split of zero width."""
-    weights = [float(x) for x in re.findall(r"[.0-9]+", split)]
-    if not weights or len(weights) > 3 or sum(weights) <= 0:
-        raise ValueError(f"--split {split!r} must be up to three non-negative numbers with a positive sum, "
-                         f"e.g. '969,30,1'")
+    weights = split_weights(split)
     weights += [0.0] * (3 - len(weights))
     total = float(np.sum(np.array(weights, dtype=np.float64)))
     fractions = (np.array(weights, dtype=np.float64) / total).tolist()
@@ -148,21 +144,6 @@ class GPTDataset:
 
     def __getitem__(self, idx: int) -> dict:
         return sample_from_tokens(self.sample_tokens(idx))
-
-
-def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
-    """["a"] / ["a", "b"] / ["0.3", "a", "0.7", "b"] -> (prefixes, weights or None)."""
-    if isinstance(data_path, str):
-        data_path = data_path.split()
-    if len(data_path) % 2 == 0:
-        try:
-            weights = [float(w) for w in data_path[0::2]]
-        except ValueError:
-            return list(data_path), None
-        if any(w <= 0 for w in weights):
-            raise ValueError(f"--data-path weights must be positive, got {weights}")
-        return list(data_path[1::2]), weights
-    return list(data_path), None
 
 
 def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: int,

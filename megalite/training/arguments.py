@@ -99,29 +99,35 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-class _DuplicateKey(ValueError):
+class _BadKey(ValueError):
     pass
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping that gives one key twice (plain YAML keeps the last)."""
+    """YAML's safe loader, refusing a mapping that gives one key twice (plain YAML keeps the last) or a key
+    that is a list or a mapping (no flag is named so)."""
 
     def construct_mapping(self, node, deep=False):
         lines: Dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (list, dict)):
+                raise _BadKey(f"line {line}: a {type(key).__name__} is no flag name; keys are flag names")
             if key in lines:
-                raise _DuplicateKey(f"{key!r} is given twice (lines {lines[key]} and {key_node.start_mark.line + 1}); "
-                                    f"keep one")
-            lines[key] = key_node.start_mark.line + 1
+                raise _BadKey(f"{key!r} is given twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = line
         return super().construct_mapping(node, deep)
 
 
 def _exactly(kind, value):
-    """``value`` as ``kind`` without YAML's silent coercions: true is no number, 2.9 no integer."""
+    """``value`` as ``kind`` without YAML's silent coercions: true is no number, 2.9 no integer, and a
+    mapping, a list, true or null is no text."""
     if kind in (int, float) and isinstance(value, bool):
         raise ValueError
     if kind is int and isinstance(value, float):
+        raise ValueError
+    if kind is str and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
         raise ValueError
     return kind(value) if kind else value
 
@@ -133,7 +139,7 @@ def yaml_defaults(parser: ArgumentParser, path: str) -> Dict[str, Any]:
             document = yaml.load(f, Loader=_UniqueKeyLoader)
     except OSError as error:
         raise ValueError(f"--config {path}: {error.strerror}") from None
-    except _DuplicateKey as error:
+    except _BadKey as error:
         raise ValueError(f"--config {path}: {error}") from None
     except yaml.YAMLError as error:
         raise ValueError(f"--config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
@@ -152,25 +158,33 @@ def yaml_defaults(parser: ArgumentParser, path: str) -> Dict[str, Any]:
         if action.dest in given_as:
             raise ValueError(f"--config {path}: {given_as[action.dest]!r} and {key!r} are the same flag; keep one")
         given_as[action.dest] = key
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if not isinstance(value, bool):
-                raise ValueError(f"--config {path}: {key} is a switch; give true or false, not {value!r}")
-            value = value if isinstance(action, argparse._StoreTrueAction) else not value
-        elif value is not None:
-            values = value if isinstance(value, list) else [value]
-            if action.nargs is None and isinstance(value, list):
-                raise ValueError(f"--config {path}: {key} takes one value, not a list")
-            try:
-                values = [_exactly(action.type, v) for v in values]
-            except (TypeError, ValueError):
-                raise ValueError(f"--config {path}: {key}: {value!r} is not a valid {action.type.__name__}") from None
-            for v in values:
-                if action.choices is not None and v not in action.choices:
-                    allowed = ", ".join(map(str, action.choices))
-                    raise ValueError(f"--config {path}: {key}: {v!r} is not one of {allowed}")
-            value = values if action.nargs is not None else values[0]
-        defaults[action.dest] = value
+        defaults[action.dest] = _yaml_value(path, key, action, value)
     return defaults
+
+
+def _yaml_value(path: str, key, action: argparse.Action, value):
+    """One flag's value from the YAML file, checked as the command line would check it."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"--config {path}: {key} is a switch; give true or false, not {value!r}")
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if value is None:
+        if action.default is not None:   # null would reach a field that has no "unset"
+            raise ValueError(f"--config {path}: {key} is null; give it a value or remove the key (default "
+                             f"{action.default})")
+        return None
+    values = value if isinstance(value, list) else [value]
+    if action.nargs is None and isinstance(value, list):
+        raise ValueError(f"--config {path}: {key} takes one value, not a list")
+    try:
+        values = [_exactly(action.type, v) for v in values]
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"--config {path}: {key}: {value!r} is not a valid {action.type.__name__}") from None
+    for v in values:
+        if action.choices is not None and v not in action.choices:
+            allowed = ", ".join(map(str, action.choices))
+            raise ValueError(f"--config {path}: {key}: {v!r} is not one of {allowed}")
+    return values if action.nargs is not None else values[0]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> Configs:
@@ -207,7 +221,14 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     model = pick(ModelConfig)
     configs = (model, parallel, pick(OptimizerConfig), pick(DataConfig), pick(TrainingConfig))
     validate_together(*configs)
+    check_save_folder(configs[-1].save)
     return configs
+
+
+def check_save_folder(save: Optional[str]) -> None:
+    """--save names a folder (made when missing); a file there would fail only at the first save."""
+    if save is not None and os.path.exists(save) and not os.path.isdir(save):
+        raise ValueError(f"--save {save} is a file, not a folder; name a folder to save checkpoints in")
 
 
 def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig,

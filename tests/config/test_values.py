@@ -49,3 +49,33 @@ def test_two_spellings_of_one_flag_are_refused(tmp_path):
     argv = config(tmp_path, "num_layers: 2\nnum-layers: 4\n")
     with pytest.raises(ValueError, match="'num_layers' and 'num-layers' are the same flag; keep one$"):
         parse_args(MOCK + argv, world_size=1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("? [a, b]\n: 1\n", "line 1: a list is no flag name"),                       # was TypeError: unhashable
+    ("? {a: 1}\n: 1\n", "line 1: a dict is no flag name"),
+    ("lr: " + "9" * 400 + "\n", "lr: 9{400} is not a valid float"),              # was OverflowError
+    ("save: {a: 1}\n", r"save: \{'a': 1\} is not a valid str"),                 # was saved to "{'a': 1}"
+    ("data-path: [a, null]\n", r"data-path: \['a', None\] is not a valid str"),  # was the prefix "None"
+    ("save: true\n", "save: True is not a valid str"),
+    ("lr: null\n", r"lr is null; give it a value or remove the key \(default 0.0003\)"),   # was lr=None, then TypeError
+    ("num-layers: null\n", r"num-layers is null; give it a value or remove the key \(default 2\)"),
+])
+def test_a_config_value_that_is_no_value_of_the_flag_is_refused_in_one_line(tmp_path, text, message):
+    argv = config(tmp_path, text)
+    with pytest.raises(ValueError, match=f"^--config {argv[1]}: {message}") as error:
+        parse_args(MOCK + argv, world_size=1)
+    assert "\n" not in str(error.value)
+
+
+def test_null_for_a_flag_without_a_default_is_its_default(tmp_path):
+    *_, training = parse_args(MOCK + config(tmp_path, "save: null\nglobal-batch-size: null\n"), world_size=1)
+    assert training.save is None and training.global_batch_size == 1
+
+
+def test_save_naming_a_file_is_refused_before_training(tmp_path):
+    # It failed with a FileExistsError traceback when the run wrote its resolved config there.
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"^--save {tmp_path / 'file'} is a file, not a folder; name a folder"):
+        parse_args(MOCK + ["--save", str(tmp_path / "file")], world_size=1)
+    assert parse_args(MOCK + ["--save", str(tmp_path / "new")], world_size=1)[-1].save == str(tmp_path / "new")
