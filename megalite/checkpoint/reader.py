@@ -10,7 +10,8 @@ the newest complete iteration, as a missing tracker does, and says so.
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+import sys
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -30,9 +31,9 @@ def load_file(path: str, mmap: bool = False):
         raise CheckpointError(f"checkpoint file {path} cannot be read: {first}") from None
 
 
-def choose_iteration(root: str) -> Optional[int]:
-    """The tracker's iteration when its save finished; else the newest complete one (said once); None when
-    ``root`` holds no checkpoint at all (a fresh start)."""
+def choose_iteration(root: str, say: Callable[[str], None] = print_rank0) -> Optional[int]:
+    """The tracker's iteration when its save finished; else the newest complete one (said once, through
+    ``say``); None when ``root`` holds no checkpoint at all (a fresh start)."""
     iteration = read_latest_iteration(root)
     if iteration is not None and os.path.isfile(os.path.join(iteration_dir(root, iteration), MANIFEST)):
         return iteration
@@ -42,7 +43,7 @@ def choose_iteration(root: str) -> Optional[int]:
     why = (f"{os.path.join(root, TRACKER_FILE)} is missing" if iteration is None else
            f"iteration {iteration} of {root} has no {MANIFEST} (its save did not finish, or the manifest was removed)")
     if complete:
-        print_rank0(f"{why}; resuming from the newest complete iteration, {complete[-1]}")
+        say(f"{why}; resuming from the newest complete iteration, {complete[-1]}")
         return complete[-1]
     started = sorted(name for name in os.listdir(root) if name.startswith("iter_"))
     if started:
@@ -63,11 +64,12 @@ def required_manifest(root: str, iteration: int) -> dict:
 
 class CheckpointReader:
     """One iteration of a checkpoint, opened on one process: ``iteration`` None takes the tracker's (or
-    the newest complete one); each file is verified against the manifest the first time it is asked for."""
+    the newest complete one, said on stderr: a tool's stdout is its output); each file is verified against
+    the manifest the first time it is asked for."""
 
     def __init__(self, root: str, iteration: Optional[int] = None):
         if iteration is None:
-            iteration = choose_iteration(root)
+            iteration = choose_iteration(root, say=lambda message: print(message, file=sys.stderr))
             if iteration is None:
                 raise FileNotFoundError(f"no checkpoint under {root}; train with --save {root} first")
         self.root, self.iteration = root, iteration

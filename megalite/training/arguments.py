@@ -221,14 +221,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     model = pick(ModelConfig)
     configs = (model, parallel, pick(OptimizerConfig), pick(DataConfig), pick(TrainingConfig))
     validate_together(*configs)
-    check_save_folder(configs[-1].save)
     return configs
-
-
-def check_save_folder(save: Optional[str]) -> None:
-    """--save names a folder (made when missing); a file there would fail only at the first save."""
-    if save is not None and os.path.exists(save) and not os.path.isdir(save):
-        raise ValueError(f"--save {save} is a file, not a folder; name a folder to save checkpoints in")
 
 
 def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig,

@@ -71,11 +71,3 @@ def test_a_config_value_that_is_no_value_of_the_flag_is_refused_in_one_line(tmp_
 def test_null_for_a_flag_without_a_default_is_its_default(tmp_path):
     *_, training = parse_args(MOCK + config(tmp_path, "save: null\nglobal-batch-size: null\n"), world_size=1)
     assert training.save is None and training.global_batch_size == 1
-
-
-def test_save_naming_a_file_is_refused_before_training(tmp_path):
-    # It failed with a FileExistsError traceback when the run wrote its resolved config there.
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match=f"^--save {tmp_path / 'file'} is a file, not a folder; name a folder"):
-        parse_args(MOCK + ["--save", str(tmp_path / "file")], world_size=1)
-    assert parse_args(MOCK + ["--save", str(tmp_path / "new")], world_size=1)[-1].save == str(tmp_path / "new")
