@@ -38,7 +38,8 @@ def sample(model, config: ModelConfig, prompt_ids: List[int], max_new_tokens: in
         if temperature <= 0:
             ids.append(int(logits.argmax()))
             continue
-        probs = torch.softmax(_filtered(logits / temperature, top_k, top_p), -1)
+        # In float64 a tiny temperature still gives finite logits (fp32 would overflow to inf, then NaN).
+        probs = torch.softmax(_filtered(logits.double() / temperature, top_k, top_p), -1)
         ids.append(int(torch.multinomial(probs, 1, generator=generator)))
     return ids
 
@@ -75,6 +76,14 @@ def prompt_to_ids(prompt: str, tokenizer, vocab_size: int) -> List[int]:
     return ids
 
 
+def saved_data_config(root: str, settings: dict) -> DataConfig:
+    """The run's data settings, for their tokenizer fields only (the data itself is not opened)."""
+    try:
+        return DataConfig(**dict(settings.get("data") or {}, mock_data=True))
+    except TypeError as error:      # a field this megalite does not know
+        raise ValueError(f"--load {root}: its data settings do not fit this megalite ({error})") from None
+
+
 def check_sampling(args) -> None:
     """The sampling flags' ranges, one line each (NaN fails every comparison, so it is named first)."""
     if not math.isfinite(args.temperature) or args.temperature < 0:
@@ -101,7 +110,7 @@ def main(argv=None, prog: str = "megalite-generate") -> int:
     try:
         check_sampling(args)
         model, settings = load_model(args.load, args.iteration)
-        data = DataConfig(**dict(settings["data"], mock_data=True))  # the tokenizer fields only
+        data = saved_data_config(args.load, settings)
         tokenizer = tokenizer_from_config(data, settings["model"]["vocab_size"])
         prompt_ids = prompt_to_ids(args.prompt, tokenizer, settings["model"]["vocab_size"])
     except (ValueError, FileNotFoundError) as error:

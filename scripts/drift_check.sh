@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The drift check, run by hand and outside CI: install the newest releases of everything the lock
 # pins (all but torch, which stays at the CPU machines' requirements/cpu-torch.txt unless
-# DRIFT_TORCH=1) into a scratch environment, run the whole suite there, and print which versions
+# DRIFT_TORCH=1, which takes the newest torch pip offers: on these machines a multi-GB CUDA build)
+# into a scratch environment, run the whole suite there, and print which versions
 # moved past the lock and how the suite ended.  A breaking release is seen here before a new machine
 # meets it; when the suite passes, `bash scripts/lock.sh` moves the lock forward.
 #
@@ -17,7 +18,8 @@ say() { echo "[drift] $*" | tee -a "$OUT/summary.txt"; }
 
 python3 -m venv "$ENV/venv"
 PY="$ENV/venv/bin/python"
-"$PY" -m pip install --disable-pip-version-check -q --upgrade pip > "$OUT/pip.log" 2>&1
+"$PY" -m pip install --disable-pip-version-check -q --upgrade pip > "$OUT/pip.log" 2>&1 \
+  || { say "FAILED: pip could not upgrade itself (offline?): see $OUT/pip.log"; exit 1; }
 names=$(sed -n 's/^\([A-Za-z0-9._-]*\)==.*/\1/p' "$ROOT/requirements/cpu.txt" | grep -v -x torch)
 torch_spec=$([ "${DRIFT_TORCH:-0}" = "1" ] && echo torch || grep -v '^#' "$ROOT/requirements/cpu-torch.txt")
 say "installing the newest releases of $(echo "$names" | wc -w) packages, and $torch_spec"
@@ -32,7 +34,8 @@ say "newer than requirements/cpu.txt:"
 # A copy of the working tree (tracked and new files), so that this build leaves the checkout's own
 # compiled extensions alone; the GPT-2 vocabulary files come along where the checkout has them.
 mkdir "$ENV/src"
-(cd "$ROOT" && git ls-files -co --exclude-standard -z | tar --null -cf - -T -) | tar -xf - -C "$ENV/src"
+(cd "$ROOT" && git ls-files -co --exclude-standard | while IFS= read -r f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+  | tar --null -cf - -T -) | tar -xf - -C "$ENV/src"
 (cd "$ENV/src" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install --disable-pip-version-check -q \
     --no-build-isolation --no-deps -e . >> "$OUT/pip.log" 2>&1) || { say "FAILED: megalite did not build"; exit 1; }
 [ -d "$ROOT/.cache/gpt2" ] && mkdir -p "$ENV/src/.cache" && cp -r "$ROOT/.cache/gpt2" "$ENV/src/.cache/"

@@ -13,10 +13,10 @@ trap 'rm -rf "$scratch"' EXIT
 
 python3 -m venv "$scratch/venv"
 "$scratch/venv/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip pip-tools 2>&1 \
-  | grep -v "is ignored" || true
+  | { grep -v "is ignored" || true; }
 cd "$ROOT"
 "$scratch/venv/bin/pip-compile" -q --allow-unsafe --strip-extras --all-build-deps --no-emit-index-url \
   --no-emit-find-links --extra "$EXTRAS" -c requirements/cpu-torch.txt -o requirements/cpu.txt pyproject.toml \
-  2>&1 | grep -v "is ignored" || true
+  2>&1 | { grep -v "is ignored" || true; }
 echo "[lock] requirements/cpu.txt: $(grep -c '^[A-Za-z]' requirements/cpu.txt) packages pinned for Python" \
   "$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"

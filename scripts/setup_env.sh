@@ -16,14 +16,32 @@ LOCK="$ROOT/requirements/cpu.txt"
 say() { echo "[setup] $*"; }
 
 reuse_system_torch=0
+# A venv that cannot run pip (a half-made one), or that was made to reuse a torch it cannot see (a
+# python3 that is itself a venv hands its base interpreter's packages on), is made again.
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  say "$VENV has no working pip: making it again"; rm -rf "$VENV"
+fi
+if [ -x "$VENV/bin/python" ] && grep -q "^include-system-site-packages = true" "$VENV/pyvenv.cfg" 2>/dev/null \
+    && ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  say "$VENV was made to reuse python3's torch but cannot import it: making it again"; rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   if python3 -c "import torch" >/dev/null 2>&1; then
     say "python3 already has torch $(python3 -c 'import torch; print(torch.__version__)'): reusing it"
     python3 -m venv --system-site-packages "$VENV"
+    if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+      echo "[setup] python3 ($(command -v python3)) has torch, but a venv made from it does not see it (is" \
+           "python3 itself a venv?); run with the python that owns torch first on PATH, or set MEGALITE_VENV" \
+           "to a venv that has torch" >&2
+      rm -rf "$VENV"
+      exit 1
+    fi
   else
     say "creating $VENV"
     python3 -m venv "$VENV"
   fi
+  "$VENV/bin/python" -m pip --version >/dev/null 2>&1 \
+    || { echo "[setup] $VENV has no pip (install python3-venv / ensurepip), made again next time" >&2; rm -rf "$VENV"; exit 1; }
 fi
 PY="$VENV/bin/python"
 export PY
@@ -74,8 +92,11 @@ digest=$(cd "$ROOT" && cat setup.py pyproject.toml $(find csrc -type f | sort) 2
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! "$PY" -c "import megalite" >/dev/null 2>&1; then
   say "building megalite (C++ extensions; ~1-2 minutes on 2 cores)"
   start=$(date +%s)
-  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install --disable-pip-version-check -q \
-      --no-build-isolation --no-deps -e . 2>&1 | grep -v -E "^WARNING: Location|is ignored" || true)
+  if ! (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install --disable-pip-version-check -q \
+      --no-build-isolation --no-deps -e . 2>&1 | { grep -v -E "^WARNING: Location|is ignored" || true; }); then
+    echo "[setup] building megalite failed (the compiler's messages are above); fix them and run again" >&2
+    exit 1
+  fi
   "$PY" -c "import megalite" || { echo "[setup] megalite failed to install" >&2; exit 1; }
   echo "$digest" > "$stamp"
   say "built in $(( $(date +%s) - start )) s"

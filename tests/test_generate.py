@@ -57,3 +57,14 @@ def test_top_p_keeps_the_nucleus():
     assert kept(0.6) == [False, True, True]           # 0.5 + 0.3 reaches 0.6
     assert kept(0.81) == [True, True, True]
     assert torch.isfinite(_filtered(logits, 1, 1.0)).tolist() == [False, True, False]   # top-k 1
+
+
+def test_a_tiny_temperature_samples_instead_of_failing():
+    from megalite.config.settings import ModelConfig
+    from megalite.generate import sample
+    from megalite.model.gpt import GPTModel
+    config = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=32,
+                         make_vocab_size_divisible_by=32)
+    model = GPTModel(config, layer_numbers=[0]).eval()
+    ids = sample(model, config, [1, 2], max_new_tokens=3, vocab_size=32, temperature=1e-40)
+    assert len(ids) == 5 and all(0 <= i < 32 for i in ids)

@@ -31,6 +31,7 @@ Adam moment, and weight decay of zero is zero -- so this is the value they would
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -80,7 +81,17 @@ class Slice:
         if not isinstance(saved, dict) or set(saved) != set(names):
             found = sorted(saved) if isinstance(saved, dict) else repr(saved)
             raise ValueError(f"a slice of the tensor index has the fields {found}, not {names}; the index is damaged")
-        return cls(**saved)
+        part = cls(**saved)
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0   # noqa: E731
+        shapes = (part.shape, part.local_shape)
+        if not (isinstance(part.name, str) and isinstance(part.kind, str) and all(map(whole, shapes[0] + shapes[1]))
+                and len(part.shape) == len(part.local_shape) and whole(part.offset) and whole(part.start)
+                and whole(part.end) and part.start <= part.end <= math.prod(part.local_shape)
+                and (part.dim is None or (whole(part.dim) and part.dim < len(part.shape)))):
+            raise ValueError(f"the tensor index's slice of {part.name!r} ({part.kind}) holds values no save writes "
+                             f"(shape {part.shape}, box {part.local_shape} at {part.offset} along {part.dim}, range "
+                             f"{part.start}..{part.end}); the index is damaged")
+        return part
 
 
 def global_name(local_name: str, layer_numbers: Sequence[int], tied_copy: bool) -> str:

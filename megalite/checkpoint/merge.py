@@ -16,6 +16,7 @@ from typing import Dict, Optional
 import torch
 
 from megalite.checkpoint.index import VOCAB_ROWS, WORD_EMBEDDING, Slice, fill_slice
+from megalite.checkpoint.manifest import CheckpointError
 from megalite.checkpoint.paths import TENSOR_INDEX
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.config.settings import ModelConfig
@@ -37,9 +38,16 @@ def merge_checkpoint(root: str, iteration: Optional[int] = None):
     if not params:
         raise ValueError(f"{reader.folder}: its tensor index lists no model parameters; it was not saved by "
                          f"megalite-train")
-    settings = reader.load(params[next(iter(params))][0].file).get("settings", {})
-    rows = ModelConfig.from_saved(settings["model"]).padded_vocab_size(1)
     opened: Dict[str, dict] = {}
+    first = params[next(iter(params))][0].file
+    opened[first] = reader.load(first, mmap=True)
+    settings = opened[first].get("settings") or {}
+    if not isinstance(settings.get("model"), dict):
+        raise CheckpointError(f"{reader.path(first)} holds no model settings; it was not saved by megalite-train")
+    try:
+        rows = ModelConfig.from_saved(settings["model"]).padded_vocab_size(1)
+    except TypeError as error:      # a field this megalite does not know
+        raise CheckpointError(f"{reader.path(first)}: its model settings do not fit this megalite ({error})") from None
 
     def read(source: Slice) -> torch.Tensor:
         if source.file not in opened:
@@ -67,8 +75,8 @@ def merge_checkpoint(root: str, iteration: Optional[int] = None):
 def load_model(root: str, iteration: Optional[int] = None, device: str = "cpu"):
     """(model, settings): a TP=1, one-stage GPTModel holding the checkpoint's weights, in eval mode."""
     state, settings = merge_checkpoint(root, iteration)
-    config = ModelConfig.from_saved(settings["model"], recompute_granularity=None, recompute_method=None,
-                                    recompute_num_layers=None)
+    config = ModelConfig.from_saved(settings["model"], checkpoint_activations=False, recompute_granularity=None,
+                                    recompute_method=None, recompute_num_layers=None)
     model = GPTModel(config, pre_process=True, post_process=True, layer_numbers=list(range(config.num_layers)))
     # The last stage's copy of a tied embedding duplicates the first stage's word embedding.
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -175,6 +175,8 @@ def _fill(root: str, iteration: int, manifest: dict, grid: ProcessGrid, plan: Pl
             fill_slice(out, target, sources, read)
     except ValueError as error:
         fault = f"--load {root}: {error}"
+    except (KeyError, IndexError, TypeError, RuntimeError) as error:   # shared too, so that no rank waits
+        fault = f"--load {root}: the tensor index does not match the files ({type(error).__name__}: {error})"
     stop_together(fault, grid)
     return paths
 

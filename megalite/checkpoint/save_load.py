@@ -331,4 +331,4 @@ def load_same_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimiz
     if load_rng:
         set_rng_state(load_file(paths[relatives[-1]]))
     return Resumed(int(state["iteration"]), int(state["consumed_samples"]),
-                   manifest.get("run_id") if manifest is not None else None)
+                   manifest.get("run_id"))

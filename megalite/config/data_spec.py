@@ -12,7 +12,12 @@ __all__ = ["split_weights", "parse_blend"]
 def split_weights(split: str) -> List[float]:
     """"969,30,1" (or "969/30/1") -> [969.0, 30.0, 1.0]: up to three finite, non-negative numbers with a
     positive sum, else ValueError (one line naming the value)."""
-    parts = [p for p in str(split).replace("/", ",").split(",") if p.strip()]
+    parts = str(split).replace("/", ",").split(",")
+    if parts and not parts[-1].strip():
+        parts = parts[:-1]            # a trailing comma ("98,2,") adds nothing; an empty part inside would shift
+    if any(not p.strip() for p in parts):
+        raise ValueError(f"--split {split!r} has an empty part; give train, valid and test a number each, "
+                         f"e.g. 969,30,1")
     try:
         weights = [float(p) for p in parts]
     except ValueError:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_typ
 
 import yaml
 
-from megalite.checkpoint.paths import TRACKER_FILE, rank_dir, read_latest_iteration
+from megalite.checkpoint.paths import rank_dir
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.config.flags import choices, flag_name
 from megalite.config.settings import (
@@ -198,6 +198,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     known = parser.parse_known_args(argv)[0]
     if known.config is not None:
         parser.set_defaults(**yaml_defaults(parser, known.config))
+        known = parser.parse_known_args(argv)[0]     # --load and --use-checkpoint-args may come from the file
     if getattr(known, "use_checkpoint_args", False) and known.load is not None:
         parser.set_defaults(**checkpoint_model_defaults(known.load))
     namespace = vars(parser.parse_args(argv))
@@ -309,11 +310,9 @@ def _given(config, name: str) -> str:
 
 def checkpoint_model_defaults(root: str) -> Dict[str, Any]:
     """--use-checkpoint-args: the model flags a checkpoint was saved with, as parser defaults."""
-    if read_latest_iteration(root) is None:
-        raise ValueError(f"--use-checkpoint-args: --load {root} has no {TRACKER_FILE}")
     reader = CheckpointReader(root)
     relative = os.path.relpath(rank_dir(root, reader.iteration, 0, 0), reader.folder)
-    settings = reader.load(os.path.join(relative, "model_optim_rng.pt")).get("settings", {})
+    settings = reader.load(os.path.join(relative, "model_optim_rng.pt"), mmap=True).get("settings") or {}
     model = saved_model_fields(settings.get("model", {}))   # the layout is this run's own
     if model.get("num_query_groups") == model.get("num_attention_heads"):
         model.pop("num_query_groups", None)        # one group per head: the default, not a GQA flag
@@ -331,6 +330,8 @@ def check_output_folders(train: TrainingConfig) -> None:
                                   os.path.dirname(os.path.abspath(train.log_json)) if train.log_json else None)):
         if folder is None:
             continue
+        if flag_ == "--log-json" and os.path.isdir(value):
+            raise ValueError(f"--log-json {value} is a folder; name the file to write the records to")
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise ValueError(f"{flag_} {value}: {folder} is a file, not a folder; name a folder")
         existing = os.path.abspath(folder)

@@ -152,7 +152,9 @@ def _resume(run: Run) -> None:
     """Restore --load's checkpoint into the run (any layout), and settle the run's id."""
     train_cfg = run.train_cfg
     # `--save X --load X` is the resume idiom: before the first save there is nothing to load.
-    fresh_resume = train_cfg.load is not None and train_cfg.load == train_cfg.save and not os.path.isdir(train_cfg.load)
+    same_folder = train_cfg.load is not None and train_cfg.save is not None and \
+        os.path.realpath(train_cfg.load) == os.path.realpath(train_cfg.save)
+    fresh_resume = same_folder and not os.path.isdir(train_cfg.load)
     resumed = None
     if train_cfg.load is not None and not fresh_resume:
         resumed = load_any_layout(

@@ -104,3 +104,11 @@ def test_a_slice_survives_the_tensor_index_and_a_damaged_one_is_named():
     assert Slice.from_saved(saved) == part
     with pytest.raises(ValueError, match="the index is damaged"):
         Slice.from_saved({k: v for k, v in saved.items() if k != "where"})
+
+
+def test_a_slice_with_values_no_save_writes_is_named():
+    saved = Slice(name="w", kind="param", shape=[4, 6], dim=1, offset=3, local_shape=[4, 3], start=0,
+                  end=12).to_saved()
+    for damage in ({"start": "0"}, {"end": 13}, {"dim": 2}, {"local_shape": [4]}, {"offset": -1}):
+        with pytest.raises(ValueError, match="holds values no save writes"):
+            Slice.from_saved(dict(saved, **damage))

@@ -203,3 +203,10 @@ def test_a_split_without_validation_data_says_evaluation_is_skipped(tmp_path):
              "--split", "100,0,0"]
     out = run_on_ranks(_setup_output, 1, argv, timeout=120)[0]
     assert "--split 100,0,0 gives no validation data: evaluation (--eval-iters 2) is skipped" in out
+
+
+def test_the_save_load_idiom_starts_afresh_however_the_folder_is_spelled(tmp_path):
+    save = str(tmp_path / "ckpt")
+    history = run_on_ranks(_train, 1, TINY + ["--train-iters", "2", "--save", save, "--load", save + "/",
+                                              "--save-interval", "2"], timeout=120)[0]
+    assert [i for i, _ in history] == [1, 2] and os.path.isdir(paths.iteration_dir(save, 2))

@@ -65,3 +65,11 @@ def test_generation_refuses_an_iteration_without_its_manifest(saved, capsys):
     assert generate_main(["--load", save, "--prompt", "1 2", "--max-new-tokens", "2"]) != 0
     err = capsys.readouterr().err
     assert f"--load {save} has iter_0000002, iter_0000004 but no iteration that finished saving" in err
+
+
+def test_use_checkpoint_args_and_load_are_read_from_a_config_file_too(saved, tmp_path):
+    save, _ = saved
+    config = tmp_path / "run.yaml"
+    config.write_text(f"load: {save}\nuse-checkpoint-args: true\n")
+    model, *_ = parse_args(["--mock-data", "--config", str(config)], world_size=1)
+    assert model.hidden_size == 32 and model.num_layers == 2      # the checkpoint's, not the defaults (64, 2)

@@ -34,3 +34,10 @@ def test_blend_and_plain_prefixes():
     assert parse_blend("a") == (["a"], None)
     with pytest.raises(ValueError, match="--data-path weight -inf must be a finite, positive number"):
         parse_blend(["1", "a", "-inf", "b"])
+
+
+def test_an_empty_split_part_is_refused_but_a_trailing_comma_is_not():
+    from megalite.config.data_spec import split_weights
+    with pytest.raises(ValueError, match="has an empty part"):
+        split_weights("969,,1")                    # would have made the test share the validation share
+    assert split_weights("98,2,") == [98.0, 2.0]

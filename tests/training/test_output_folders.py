@@ -39,3 +39,8 @@ def test_a_file_in_the_way_of_a_log_folder_is_named(tmp_path):
     with pytest.raises(ValueError, match=f"^--log-json {tmp_path}/logs/run.jsonl: {tmp_path}/logs is a file, not a "
                                          f"folder"):
         check_output_folders(TrainingConfig(log_json=str(tmp_path / "logs" / "run.jsonl")))
+
+
+def test_log_json_naming_a_folder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=f"^--log-json {tmp_path} is a folder; name the file"):
+        check_output_folders(TrainingConfig(log_json=str(tmp_path)))
