@@ -296,7 +296,8 @@ def load_same_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimiz
         saved = sorted(os.listdir(iteration_dir(root, iteration))) if os.path.isdir(iteration_dir(root, iteration)) \
             else []
         raise ValueError(f"--load {root}: iteration {iteration} has no folder for TP rank {grid.tp_rank}, PP rank "
-                         f"{grid.pp_rank} (found {saved}); load with the layout it was saved with")
+                         f"{grid.pp_rank} (found {saved}), although its index says it was saved at this layout: the "
+                         f"checkpoint is incomplete; load another iteration")
     manifest = required_manifest(root, iteration)
     suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
     relatives = _files_to_read(folder, suffix, sharded_optimizer, load_optimizer and optimizer is not None, load_rng)

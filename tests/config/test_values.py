@@ -71,3 +71,13 @@ def test_a_config_value_that_is_no_value_of_the_flag_is_refused_in_one_line(tmp_
 def test_null_for_a_flag_without_a_default_is_its_default(tmp_path):
     *_, training = parse_args(MOCK + config(tmp_path, "save: null\nglobal-batch-size: null\n"), world_size=1)
     assert training.save is None and training.global_batch_size == 1
+
+
+def test_yaml_merge_keys_work_and_an_explicit_key_overrides_the_merged_one(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("base: &base\n  num-layers: 3\n  lr: 0.5\nrun:\n  <<: *base\n  lr: 0.25\n")
+    import yaml
+
+    from megalite.training.arguments import _UniqueKeyLoader
+    document = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    assert document["run"] == {"num-layers": 3, "lr": 0.25}
