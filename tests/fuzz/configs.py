@@ -10,6 +10,8 @@ from megalite.config.data_spec import parse_blend
 from megalite.config.flags import choices, flag_name
 from megalite.config.settings import CONFIG_CLASSES
 from megalite.data.gpt_dataset import parse_split
+from megalite.training.arguments import parse_args
+from tests.fuzz.fuzzing import check_one_line, count, silent_accept, traceback_
 
 
 def _base(annotation):
@@ -110,3 +112,20 @@ def _split_problems(split: str) -> List[str]:
                 not math.isclose(bound[1], running / total, rel_tol=1e-9):
             return [f"--split {split!r} is read by the data pipeline as bounds {bounds}"]
     return []
+
+
+def judge_parse(surface: str, argv, shown) -> str:
+    """parse_args on ``argv``: 'accepted' (configs all valid) or 'refused' (one line); raises on a
+    traceback or a silent accept, naming ``shown`` (what the case fed in)."""
+    try:
+        configs = parse_args(argv, world_size=1)
+    except ValueError as error:
+        check_one_line(surface, str(error))
+        return "refused"
+    except Exception as error:  # noqa: BLE001 - would reach the user as a traceback
+        raise traceback_(surface, error) from error
+    found = problems(configs)
+    if found:
+        raise silent_accept(surface, f"{shown!r}: {found}")
+    count(surface, "accepted")
+    return "accepted"

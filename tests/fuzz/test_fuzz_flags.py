@@ -12,9 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from megalite.parallel.testing import run_on_ranks
-from megalite.training.arguments import parse_args
-from tests.fuzz.configs import flag_fields, problems
-from tests.fuzz.fuzzing import check_one_line, count, fuzz_settings, silent_accept, traceback_
+from tests.fuzz.configs import flag_fields, judge_parse
+from tests.fuzz.fuzzing import check_one_line, count, fuzz_settings
 
 SURFACE = "flags"
 NUMERIC = [(f, kind, is_list) for f, kind, is_list, _, allowed in flag_fields()
@@ -69,18 +68,7 @@ def to_argv(numeric, split, data_path, gqa):
 
 def judge(argv):
     """'accepted' or 'refused'; raises on a traceback or a silent accept."""
-    try:
-        configs = parse_args(argv, world_size=1)
-    except ValueError as error:
-        check_one_line(SURFACE, str(error))
-        return "refused"
-    except Exception as error:  # noqa: BLE001 - would reach the user as a traceback
-        raise traceback_(SURFACE, error) from error
-    found = problems(configs)
-    if found:
-        raise silent_accept(SURFACE, f"{argv}: {found}")
-    count(SURFACE, "accepted")
-    return "accepted"
+    return judge_parse(SURFACE, argv, argv)
 
 
 @fuzz_settings(500)
