@@ -311,6 +311,14 @@ def draw_timeline(run: Run, timeline: Timeline, num_microbatches: int) -> float:
     return bubble
 
 
+def _saved_already(run: Run) -> Optional[int]:
+    """The starting iteration when the run resumed from its own --save, where it is already saved (a
+    finished run restarted must not put that complete checkpoint at risk by saving it again); else None."""
+    cfg = run.train_cfg
+    same = cfg.save and cfg.load and os.path.realpath(cfg.save) == os.path.realpath(cfg.load)
+    return run.iteration if run.iteration and same else None
+
+
 def train(run: Run) -> List[dict]:
     """Train from run.iteration to --train-iters; returns the per-iteration records."""
     cfg, g = run.train_cfg, run.grid
@@ -325,7 +333,7 @@ def train(run: Run) -> List[dict]:
                 f"(TP={g.tp_size} PP={g.pp_size} DP={g.dp_size} CP={g.cp_size}), global batch "
                 f"{cfg.global_batch_size} = {run.num_microbatches} micro-batches x {cfg.micro_batch_size} x DP "
                 f"{g.dp_size}, {cfg.train_iters} iterations")
-    saved_at, skipped_in_a_row = None, 0
+    saved_at, skipped_in_a_row = _saved_already(run), 0
     try:
         while run.iteration < cfg.train_iters:
             start, cpu_start = time.perf_counter(), time.process_time()

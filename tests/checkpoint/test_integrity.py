@@ -210,3 +210,11 @@ def test_the_save_load_idiom_starts_afresh_however_the_folder_is_spelled(tmp_pat
     history = run_on_ranks(_train, 1, TINY + ["--train-iters", "2", "--save", save, "--load", save + "/",
                                               "--save-interval", "2"], timeout=120)[0]
     assert [i for i, _ in history] == [1, 2] and os.path.isdir(paths.iteration_dir(save, 2))
+
+
+def test_a_finished_run_restarted_does_not_save_its_last_iteration_again(tmp_path):
+    save, _ = _saved_run(tmp_path, iters=2, interval=2)
+    manifest = os.path.join(paths.iteration_dir(save, 2), MANIFEST)
+    before = os.stat(manifest).st_mtime_ns
+    again = run_on_ranks(_train, 1, TINY + ["--train-iters", "2", "--save", save, "--load", save], timeout=120)[0]
+    assert again == [] and os.stat(manifest).st_mtime_ns == before
