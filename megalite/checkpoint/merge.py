@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
 from megalite.checkpoint.index import VOCAB_ROWS, WORD_EMBEDDING, Slice, fill_slice
 from megalite.checkpoint.manifest import CheckpointError
 from megalite.checkpoint.paths import TENSOR_INDEX
-from megalite.checkpoint.reader import CheckpointReader
+from megalite.checkpoint.reader import CheckpointReader, SliceValues
 from megalite.config.settings import ModelConfig
 from megalite.model.gpt import GPTModel
 
@@ -38,24 +38,15 @@ def merge_checkpoint(root: str, iteration: Optional[int] = None):
     if not params:
         raise ValueError(f"{reader.folder}: its tensor index lists no model parameters; it was not saved by "
                          f"megalite-train")
-    opened: Dict[str, dict] = {}
+    read = SliceValues(lambda relative: reader.load(relative, mmap=True))
     first = params[next(iter(params))][0].file
-    opened[first] = reader.load(first, mmap=True)
-    settings = opened[first].get("settings") or {}
+    settings = read.open(first).get("settings") or {}
     if not isinstance(settings.get("model"), dict):
         raise CheckpointError(f"{reader.path(first)} holds no model settings; it was not saved by megalite-train")
     try:
         rows = ModelConfig.from_saved(settings["model"]).padded_vocab_size(1)
     except TypeError as error:      # a field this megalite does not know
         raise CheckpointError(f"{reader.path(first)}: its model settings do not fit this megalite ({error})") from None
-
-    def read(source: Slice) -> torch.Tensor:
-        if source.file not in opened:
-            opened[source.file] = reader.load(source.file, mmap=True)
-        value = opened[source.file]
-        for key in source.where:
-            value = value[key]
-        return value.reshape(-1)
 
     merged = {}
     for name, sources in sorted(params.items()):

@@ -19,7 +19,7 @@ from megalite.checkpoint.manifest import MANIFEST, CheckpointError, complete_ite
 from megalite.checkpoint.paths import TRACKER_FILE, iteration_dir, read_latest_iteration
 from megalite.log import print_rank0
 
-__all__ = ["load_file", "choose_iteration", "required_manifest", "CheckpointReader"]
+__all__ = ["load_file", "choose_iteration", "required_manifest", "CheckpointReader", "SliceValues"]
 
 
 def load_file(path: str, mmap: bool = False):
@@ -85,3 +85,25 @@ class CheckpointReader:
 
     def load(self, relative: str, mmap: bool = False):
         return load_file(self.path(relative), mmap=mmap)
+
+
+class SliceValues:
+    """The saved values of tensor-index slices (index.Slice), as index.fill_slice reads them: each file
+    opened once through ``load(relative)`` (memory-mapped by the caller), its size checked against the index."""
+
+    def __init__(self, load: Callable[[str], object]):
+        self._load, self._opened = load, {}
+
+    def open(self, relative: str):
+        if relative not in self._opened:
+            self._opened[relative] = self._load(relative)
+        return self._opened[relative]
+
+    def __call__(self, source) -> torch.Tensor:
+        value = self.open(source.file)
+        for key in source.where:
+            value = value[key]
+        if value.numel() != source.end - source.start:
+            raise ValueError(f"{source.file} holds {value.numel()} elements at {list(source.where)}, its index "
+                             f"says {source.end - source.start} ({source.name}); the index does not match the files")
+        return value.reshape(-1)

@@ -56,7 +56,7 @@ from megalite.checkpoint.index import (
     parameter_names,
 )
 from megalite.checkpoint.paths import TENSOR_INDEX, iteration_dir, rank_dir
-from megalite.checkpoint.reader import choose_iteration, load_file, required_manifest
+from megalite.checkpoint.reader import SliceValues, choose_iteration, load_file, required_manifest
 from megalite.checkpoint.save_load import (
     Resumed,
     load_same_layout,
@@ -156,20 +156,7 @@ def _fill(root: str, iteration: int, manifest: dict, grid: ProcessGrid, plan: Pl
         fault = f"--load {root}: {error}"
     stop_together(fault, grid)
     paths = verify_everywhere(root, iteration, files + ([rng_file] if rng_file else []), manifest, grid)
-    opened: Dict[str, object] = {}
-
-    def read(source: Slice) -> torch.Tensor:
-        if source.file not in opened:
-            opened[source.file] = load_file(paths[source.file], mmap=True)
-        value = opened[source.file]
-        for key in source.where:
-            value = value[key]
-        if value.numel() != source.end - source.start:
-            raise ValueError(f"{source.file} holds {value.numel()} elements at {list(source.where)}, its index "
-                             f"says {source.end - source.start} ({source.name}); the index does not match "
-                             f"the files")
-        return value.reshape(-1)
-
+    read = SliceValues(lambda relative: load_file(paths[relative], mmap=True))
     try:
         for out, target, sources in plan:
             fill_slice(out, target, sources, read)
