@@ -73,3 +73,27 @@ def test_use_checkpoint_args_and_load_are_read_from_a_config_file_too(saved, tmp
     config.write_text(f"load: {save}\nuse-checkpoint-args: true\n")
     model, *_ = parse_args(["--mock-data", "--config", str(config)], world_size=1)
     assert model.hidden_size == 32 and model.num_layers == 2      # the checkpoint's, not the defaults (64, 2)
+
+
+def test_an_index_that_disagrees_with_its_files_is_named(saved):
+    """A slice whose range is valid for its box but not the size of the saved tensor (the manifest rewritten to
+    match, as a save of a different model under the same index would leave it)."""
+    import json
+
+    import torch
+
+    from megalite.checkpoint.manifest import file_entry
+    from megalite.checkpoint.merge import merge_checkpoint
+    save, _ = saved
+    folder = paths.iteration_dir(save, 4)
+    index_path = os.path.join(folder, paths.TENSOR_INDEX)
+    index = torch.load(index_path, weights_only=True)
+    part = next(p for p in index["slices"] if p["kind"] == "param" and p["end"] > 1)
+    part["end"] -= 1
+    torch.save(index, index_path)
+    manifest = json.load(open(os.path.join(folder, MANIFEST)))
+    manifest["files"][paths.TENSOR_INDEX] = file_entry(index_path)
+    json.dump(manifest, open(os.path.join(folder, MANIFEST), "w"))
+    with pytest.raises(ValueError, match=f"its index says {part['end']} \\({part['name']}\\); the index does not "
+                                         f"match the files"):
+        merge_checkpoint(save)
