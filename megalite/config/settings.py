@@ -177,6 +177,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = flag(1, "tensor-parallel ranks (TP)", at_least=1)
     pipeline_model_parallel_size: int = flag(1, "pipeline stages (PP)", at_least=1)
     context_parallel_size: int = flag(1, "context-parallel ranks (CP)", at_least=1)
+    cp_comm_type: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = flag(
+        "p2p", "how attention reaches the other CP ranks' keys: a K/V ring, one all-gather, or heads exchanged "
+               "all-to-all (docs/long_context.md)")
     virtual_pipeline_model_parallel_size: Optional[int] = flag(None, "model chunks per pipeline rank "
                                                                      "(interleaved schedule)", at_least=1)
     num_layers_per_virtual_pipeline_stage: Optional[int] = flag(None, "layers per model chunk: another way to set "
@@ -208,6 +211,9 @@ class ParallelConfig:
             raise ValueError("give either --virtual-pipeline-model-parallel-size or "
                              "--num-layers-per-virtual-pipeline-stage, not both")
         self.check_virtual_pipeline()
+        if self.cp_comm_type == "a2a+p2p":
+            raise ValueError("--cp-comm-type a2a+p2p (hierarchical context parallelism) is not built; use p2p, "
+                             "all_gather or a2a")
 
     def check_virtual_pipeline(self) -> None:
         """A virtual pipeline needs pipeline stages (checked again once the virtual size is derived)."""
@@ -237,6 +243,9 @@ class DataConfig:
     vocab_file: Optional[str] = flag(None, "GPT-2 BPE vocab.json")
     merge_file: Optional[str] = flag(None, "GPT-2 BPE merges.txt")
     tokenizer_model: Optional[str] = flag(None, "Hugging Face tokenizer.json or tiktoken encoding name/file")
+    reset_position_ids: bool = flag(False, "position ids restart at 0 after each end-of-document token")
+    reset_attention_mask: bool = flag(False, "attention stays inside each document of a packed sample")
+    eod_mask_loss: bool = flag(False, "no loss where the input token is the end-of-document token")
 
     def __post_init__(self):
         if not self.mock_data and not self.data_path:

@@ -200,13 +200,16 @@ class MockGPTDataset:
 
     Each sample is an arithmetic progression modulo the vocabulary with a random start and a
     random stride in [1, 8): after two tokens every next token is predictable, so a model's loss
-    falls quickly and visibly.
+    falls quickly and visibly.  Given an ``eod`` id, each sample also packs documents: the EOD
+    token replaces the progression every 1 to s/2 tokens (data/packing.py).
     """
 
-    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int = 1234):
+    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int = 1234,
+                 eod: int | None = None):
         if vocab_size < 2:
             raise ValueError(f"MockGPTDataset needs a vocabulary of at least 2 tokens, got {vocab_size}")
         self.vocab_size, self.seq_length, self.num_samples, self.seed = vocab_size, seq_length, num_samples, seed
+        self.eod = eod
 
     def __len__(self) -> int:
         return self.num_samples
@@ -218,4 +221,9 @@ class MockGPTDataset:
         start = int(rng.integers(self.vocab_size))
         stride = int(rng.integers(1, 8))
         text = (start + stride * np.arange(self.seq_length + 1, dtype=np.int64)) % self.vocab_size
+        if self.eod is not None:
+            end = int(rng.integers(0, self.seq_length // 2 + 1))
+            while end <= self.seq_length:
+                text[end] = self.eod
+                end += int(rng.integers(1, self.seq_length // 2 + 2))
         return sample_from_tokens(text)

@@ -12,11 +12,13 @@ from megalite.config.settings import DataConfig, ModelConfig, TrainingConfig
 from megalite.data.gpt_dataset import MockGPTDataset, build_gpt_datasets, parse_blend
 from megalite.data.index_cache import cached_indices
 from megalite.data.indexed import IndexedDataset, bin_path_of, idx_path_of
+from megalite.data.packing import Packing, check_documents_end_with_eod, packing_of
 from megalite.data.sampler import PretrainingSampler
 from megalite.data.tokenizer import Tokenizer, build_tokenizer
 from megalite.parallel.context_parallel import split_for_context_parallel
 
-__all__ = ["SampleDataset", "MicroBatches", "tokenizer_from_config", "datasets_from_config", "check_token_ids"]
+__all__ = ["SampleDataset", "MicroBatches", "tokenizer_from_config", "datasets_from_config", "check_token_ids",
+           "packing_from_config"]
 
 
 class SampleDataset(Protocol):
@@ -33,11 +35,13 @@ class MicroBatches:
     loss_mask [b, s] float32.  Resumable: starts after ``consumed_samples`` (global count).
 
     Under context parallelism (``cp_size`` > 1) every tensor holds only this CP rank's s/cp tokens
-    (``split_for_context_parallel``: two chunks, with their true position ids)."""
+    (``split_for_context_parallel``: two chunks, with their true position ids).  With ``packing``
+    (data/packing.py) positions and loss mask follow the documents, and ``documents`` (whole
+    samples, not split) tells attention where they start."""
 
     def __init__(self, dataset: SampleDataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 device: torch.device, cp_size: int = 1, cp_rank: int = 0):
-        self.dataset, self.device = dataset, device
+                 device: torch.device, cp_size: int = 1, cp_rank: int = 0, packing: Optional[Packing] = None):
+        self.dataset, self.device, self.packing = dataset, device, packing
         self.cp_size, self.cp_rank = cp_size, cp_rank
         self.sampler = iter(PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size))
 
@@ -49,8 +53,22 @@ class MicroBatches:
         items = [self.dataset[i] for i in indices]
         batch = {key: torch.from_numpy(np.stack([item[key] for item in items]))
                  for key in ("tokens", "labels", "loss_mask", "position_ids")}
-        return {key: value.to(self.device) for key, value in
-                split_for_context_parallel(batch, self.cp_size, self.cp_rank).items()}
+        documents = None
+        if self.packing is not None:
+            batch = self.packing.apply(batch)
+            documents = batch.pop("documents", None)
+        local = {key: value.to(self.device) for key, value in
+                 split_for_context_parallel(batch, self.cp_size, self.cp_rank).items()}
+        if documents is not None:
+            local["documents"] = documents
+        return local
+
+
+def packing_from_config(data: DataConfig, tokenizer: Optional[Tokenizer], vocab_size: int) -> Optional[Packing]:
+    """The packed-document rules asked for, with the EOD token: the tokenizer's, or under --mock-data
+    without a tokenizer the last id of the vocabulary (the mock data then packs documents)."""
+    eod = tokenizer.eod if tokenizer is not None else vocab_size - 1
+    return packing_of(data.reset_position_ids, data.reset_attention_mask, data.eod_mask_loss, eod)
 
 
 def tokenizer_from_config(data: DataConfig, vocab_size: int) -> Optional[Tokenizer]:
@@ -61,15 +79,17 @@ def tokenizer_from_config(data: DataConfig, vocab_size: int) -> Optional[Tokeniz
                            tokenizer_model=data.tokenizer_model, vocab_size=vocab_size)
 
 
-def datasets_from_config(data: DataConfig, model: ModelConfig,
-                         training: TrainingConfig) -> Tuple[SampleDataset, Optional[SampleDataset]]:
-    """(train, valid) datasets sized for the run; valid is None when the split gives it nothing."""
+def datasets_from_config(data: DataConfig, model: ModelConfig, training: TrainingConfig,
+                         packing: Optional[Packing] = None) -> Tuple[SampleDataset, Optional[SampleDataset]]:
+    """(train, valid) datasets sized for the run; valid is None when the split gives it nothing.  With
+    ``packing`` mock samples pack documents ended by its EOD, and real data must hold that EOD."""
     train_samples = training.train_iters * training.global_batch_size
     eval_samples = training.eval_iters * training.global_batch_size
     if data.mock_data:
         # The validation stream uses another seed, so evaluation never sees training samples.
-        train = MockGPTDataset(model.vocab_size, model.seq_length, train_samples, model.seed)
-        valid = MockGPTDataset(model.vocab_size, model.seq_length, max(eval_samples, 1), model.seed + 1)
+        eod = packing.eod if packing is not None else None
+        train = MockGPTDataset(model.vocab_size, model.seq_length, train_samples, model.seed, eod)
+        valid = MockGPTDataset(model.vocab_size, model.seq_length, max(eval_samples, 1), model.seed + 1, eod)
         return train, valid
     prefixes = list(data.data_path)
     # As in Megatron: index arrays are cached next to the data unless --data-cache-path says where,
@@ -79,6 +99,9 @@ def datasets_from_config(data: DataConfig, model: ModelConfig,
     train, valid, _ = build_gpt_datasets(prefixes, data.split, model.seq_length, model.seed,
                                          (train_samples, eval_samples, 0), cache_dir=cache_dir)
     check_token_ids(parse_blend(prefixes)[0], model.vocab_size, cache_dir)
+    if packing is not None and (packing.reset_attention_mask or packing.reset_position_ids):
+        for prefix in parse_blend(prefixes)[0]:
+            check_documents_end_with_eod(IndexedDataset(prefix), packing.eod, f"--data-path {prefix}")
     if train is None:
         raise ValueError(f"--split {data.split!r} leaves no training data; give the first part a positive weight")
     return train, valid

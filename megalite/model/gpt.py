@@ -128,7 +128,7 @@ class GPTModel(nn.Module):
             tensor = tensor[0]
         self.input_tensor = tensor
 
-    def forward(self, tokens, position_ids=None, labels=None):
+    def forward(self, tokens, position_ids=None, labels=None, documents=None):
         if self.pre_process:
             batch, seq = tokens.shape
         else:
@@ -143,7 +143,7 @@ class GPTModel(nn.Module):
 
         x = self.embedding(tokens, position_ids) if self.pre_process else self.input_tensor
         rotary = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base) if self.rope else None
-        x = self.decoder(x, rotary)                                        # [s(/t), b, h]
+        x = self.decoder(x, rotary, documents)                             # [s(/t), b, h]
         if not self.post_process:
             return x
         logits = self.output_layer(self.final_norm(x))                     # [s, b, V/t]

@@ -12,7 +12,8 @@ sums reduced over TP).  Under sequence parallelism the residual stream, norms an
 back.  The TP size is the process grid's (``mappings.tp_size()``, 1 without a grid); sequence
 parallelism is switched on by the ``sequence_parallel`` argument of the modules that change under it.
 Under context parallelism every tensor holds this rank's s/cp tokens of the sequence; only
-attention reads the other CP ranks' keys and values (``context_parallel.attention_over_cp``).
+attention reads the other CP ranks' keys and values (megalite/parallel/cp_attention.py).  With packed
+documents (``documents``, megalite/parallel/documents.py) attention stays inside each document.
 Symbols: s sequence, b micro-batch, h hidden, a heads, g query groups, d head dim, t TP size.
 """
 from __future__ import annotations
@@ -27,7 +28,9 @@ from torch import nn
 from megalite.config.settings import ModelConfig
 from megalite.ops import layer_norm, rms_norm, swiglu
 from megalite.parallel import random as tp_random
-from megalite.parallel.context_parallel import attention_over_cp, cp_size
+from megalite.parallel.context_parallel import cp_comm_type
+from megalite.parallel.cp_attention import attention
+from megalite.parallel.documents import Documents
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear, new_parameter
 from megalite.parallel.mappings import tp_size
 from megalite.parallel.param_info import Init
@@ -170,7 +173,7 @@ class CoreAttention(nn.Module):
 
     q: [s(/cp), b, a/t, d], k and v: [s(/cp), b, g/t, d] -> [s(/cp), b, a/t * d].  Each group's k/v
     serve a/g query heads (grouped-query attention, Ainslie et al. 2023).  Under context parallelism
-    the queries are this rank's tokens and the keys the whole sequence's (``attention_over_cp``).
+    the queries are this rank's tokens and the keys the whole sequence's (cp_attention.py).
     Dropout draws from the TP-distinct stream: every rank holds different heads (and, under CP,
     different queries), which must not share masks.
     """
@@ -179,7 +182,7 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.dropout = config.attention_dropout
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, documents: Optional[Documents] = None):
         s, b = q.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))   # [b, heads, s, d]
         dropout = self.dropout if self.training else 0.0
@@ -188,9 +191,9 @@ class CoreAttention(nn.Module):
             return causal_attention(q, k, v, dropout, mask)
         if dropout > 0:
             with tp_random.get_rng_tracker().fork(tp_random.TENSOR_PARALLEL_RNG):
-                out = attention_over_cp(q, k, v, attend)
+                out = attention(q, k, v, attend, True, documents, cp_comm_type())
         else:   # no random draws: no stream switch (whose RNG-state copies torch.compile cannot trace)
-            out = attention_over_cp(q, k, v, attend)
+            out = attention(q, k, v, attend, False, documents, cp_comm_type())
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
@@ -218,7 +221,8 @@ class SelfAttention(nn.Module):
         # [b, a, s, s] scores, probabilities and dropout mask in backward.
         self.recompute_core_attention = config.recompute_granularity == "selective"
 
-    def forward(self, x, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    def forward(self, x, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                documents: Optional[Documents] = None):
         qkv = self.linear_qkv(x)                                            # [s, b, g/t * (a/g + 2) * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
@@ -228,13 +232,13 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         else:                    # a view when a == g (one head per group); a copy under grouped queries
             q = q.reshape(s, b, -1, self.head_dim)                          # [s, b, a/t, d]
-        # Under context parallelism the core attention is recomputed too: backward then gathers K and V
-        # again instead of keeping the whole sequence's, so activation memory falls as 1/CP (one more
-        # attention forward and K/V all-gather per layer, the price the ring's backward pays in sends).
-        if (self.recompute_core_attention or cp_size() > 1) and torch.is_grad_enabled():
-            context = tp_random.checkpoint(self.core_attention, q, k, v)
+        # Attention keeps q, k, v, its output and log-sum-exp (or, without CP and documents, what SDPA
+        # keeps): never the whole sequence's K/V nor a score matrix, so nothing to gain from recompute
+        # unless asked for.
+        if self.recompute_core_attention and torch.is_grad_enabled():
+            context = tp_random.checkpoint(self.core_attention, q, k, v, documents)
         else:
-            context = self.core_attention(q, k, v)                          # [s, b, a/t * d]
+            context = self.core_attention(q, k, v, documents)               # [s, b, a/t * d]
         return self.linear_proj(context)
 
 
@@ -277,8 +281,8 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config, output_init_std, sequence_parallel)
         self.hidden_dropout = Dropout(config.hidden_dropout, sequence_parallel)
 
-    def forward(self, x, rotary=None):
-        x = x + self.hidden_dropout(self.self_attention(self.input_norm(x), rotary))
+    def forward(self, x, rotary=None, documents: Optional[Documents] = None):
+        x = x + self.hidden_dropout(self.self_attention(self.input_norm(x), rotary, documents))
         x = x + self.hidden_dropout(self.mlp(self.pre_mlp_norm(x)))
         return x
 
@@ -308,17 +312,18 @@ class TransformerBlock(nn.Module):
         return [(0, n, False)]
 
     def _run(self, start: int, end: int):
-        def run_layers(x, *rotary):
+        def run_layers(x, documents, *rotary):
             for layer in self.layers[start:end]:
-                x = layer(x, rotary or None)
+                x = layer(x, rotary or None, documents)
             return x
         return run_layers
 
-    def forward(self, x, rotary=None):
-        """x: [s(/t), b, h] -> same; rotary: (cos, sin) [s, b, 1, d/2] each, or None."""
+    def forward(self, x, rotary=None, documents: Optional[Documents] = None):
+        """x: [s(/t), b, h] -> same; rotary: (cos, sin) [s, b, 1, d/2] each, or None; documents: the
+        micro-batch's packed documents (per-document attention), or None."""
         for start, end, recompute in self._spans():
             if recompute and torch.is_grad_enabled():
-                x = tp_random.checkpoint(self._run(start, end), x, *(rotary or ()))
+                x = tp_random.checkpoint(self._run(start, end), x, documents, *(rotary or ()))
             else:
-                x = self._run(start, end)(x, *(rotary or ()))
+                x = self._run(start, end)(x, documents, *(rotary or ()))
         return x

@@ -16,30 +16,23 @@ Everything outside attention (embeddings, norms, MLP, loss) is per-token and run
 the true positions.
 
 **Attention across the split.**  Each rank's queries need the keys and values of every earlier
-token.  :func:`attention_over_cp` all-gathers K and V over the CP group (one collective for both;
-backward reduce-scatters their gradients, the adjoint), puts them back in sequence order, and runs
-each local query chunk against the keys up to its end with the exact mask ``key index <= query
-index``.  (Ring attention, Liu et al. 2023, would pass K/V blocks around the ring with an online
-softmax instead, overlapping communication; not built here.)
+token: megalite/parallel/cp_attention.py brings them by ring, all-gather or all-to-all
+(``--cp-comm-type``) and computes fused blocks merged by log-sum-exp, never the score matrix.
 
 **The loss** over a split sequence is megalite/model/loss.py's, which sums the token counts over CP.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from megalite.parallel import state
 from megalite.parallel.mappings import all_gather_along, reduce_scatter_along
 
-__all__ = ["cp_group", "cp_size", "cp_rank", "chunk_ids", "split_sequence", "merge_sequence",
+__all__ = ["cp_group", "cp_size", "cp_rank", "cp_comm_type", "chunk_ids", "split_sequence", "merge_sequence",
            "split_for_context_parallel", "merge_from_context_parallel", "context_parallel_positions",
-           "gather_from_cp", "attention_over_cp"]
-
-# attend(q [b, a, sq, d], k [b, g, sk, d], v [b, g, sk, d], mask [sq, sk] bool or None = causal) -> [b, a, sq, d]
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-
+           "gather_from_cp"]
 
 def cp_group():
     """The CP process group, or None without a grid (one process: CP size 1)."""
@@ -52,6 +45,11 @@ def cp_size() -> int:
 
 def cp_rank() -> int:
     return state.get_grid().cp_rank if state.grid_is_initialized() else 0
+
+
+def cp_comm_type() -> str:
+    """How attention reaches the other CP ranks' keys (``--cp-comm-type``; cp_attention.py)."""
+    return state.get_grid().cp_comm_type if state.grid_is_initialized() else "p2p"
 
 
 # -- the split (pure functions) ----------------------------------------------------------------------
@@ -126,29 +124,3 @@ class _GatherFromCP(torch.autograd.Function):
 def gather_from_cp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x: [..., s/CP, ...] -> [..., s, ...] in CP-rank order (rank 0's chunks, then rank 1's, ...)."""
     return _GatherFromCP.apply(x, dim) if cp_size() > 1 else x
-
-
-# -- attention -----------------------------------------------------------------------------------------
-def attention_over_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Attend) -> torch.Tensor:
-    """Causal attention of this rank's queries over the whole sequence's keys (those of the CP group).
-
-    q: [b, a, s/CP, d], k and v: [b, g, s/CP, d] -> [b, a, s/CP, d], all in this rank's token order
-    (chunks ``chunk_ids(CP, rank)``).  ``attend(q, k, v, mask)`` computes softmax attention (GQA and
-    dropout are its business); ``mask`` is [sq, sk] bool, True where the query may read the key, or
-    None for the plain causal mask.  Without CP this is ``attend(q, k, v, None)``.
-    """
-    size = cp_size()
-    if size == 1:
-        return attend(q, k, v, None)
-    c = q.shape[2] // 2
-    # K and V in one collective: [2, b, g, s, d], then from CP-rank order back to sequence order.
-    kv = gather_from_cp(torch.stack([k, v]), dim=3)
-    k_all, v_all = merge_sequence(kv.chunk(size, dim=3), dim=3).unbind(0)
-    outputs = []
-    for slot, chunk in enumerate(chunk_ids(size, cp_rank())):
-        # Queries of chunk i sit at positions i c .. i c + c - 1 and read keys 0 .. (i + 1) c - 1;
-        # query row j may read key column m iff m <= i c + j: a lower triangle shifted by i c.
-        keys = (chunk + 1) * c
-        mask = torch.ones(c, keys, dtype=torch.bool, device=q.device).tril(diagonal=chunk * c)
-        outputs.append(attend(q[:, :, slot * c:(slot + 1) * c], k_all[:, :, :keys], v_all[:, :, :keys], mask))
-    return torch.cat(outputs, dim=2)

@@ -109,7 +109,7 @@ class ProcessGrid:
     """
 
     def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
-                 virtual_pp: Optional[int] = None):
+                 virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p"):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call megalite.parallel.launch.init_distributed() "
                                "(or torch.distributed.init_process_group) before initialize_grid()")
@@ -118,6 +118,7 @@ class ProcessGrid:
         self.backend = dist.get_backend()
         self.dp_size = validate_grid(self.world_size, tp, pp, cp, dp)
         self.tp_size, self.pp_size, self.cp_size = tp, pp, cp
+        self.cp_comm_type = cp_comm_type   # how attention crosses the CP group (parallel/cp_attention.py)
         if virtual_pp is not None and virtual_pp > 1 and pp == 1:
             raise ValueError(f"a virtual pipeline of size {virtual_pp} needs a pipeline size > 1")
         self.virtual_pp_size = virtual_pp if virtual_pp and virtual_pp > 1 else None
@@ -191,12 +192,12 @@ _GRID: Optional[ProcessGrid] = None
 
 
 def initialize_grid(tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
-                    virtual_pp: Optional[int] = None) -> ProcessGrid:
+                    virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p") -> ProcessGrid:
     """Build the grid (collective: every rank calls it with the same sizes) and make it current."""
     global _GRID
     if _GRID is not None:
         raise RuntimeError("the process grid is already initialized; call destroy_grid() first")
-    _GRID = ProcessGrid(tp=tp, pp=pp, cp=cp, dp=dp, virtual_pp=virtual_pp)
+    _GRID = ProcessGrid(tp=tp, pp=pp, cp=cp, dp=dp, virtual_pp=virtual_pp, cp_comm_type=cp_comm_type)
     return _GRID
 
 

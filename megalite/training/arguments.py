@@ -293,6 +293,12 @@ def check_context_parallel(model: ModelConfig, parallel: ParallelConfig) -> None
     cp, tp, seq = parallel.context_parallel_size, parallel.tensor_model_parallel_size, model.seq_length
     if cp == 1:
         return
+    if parallel.cp_comm_type == "a2a":
+        groups = model.num_query_groups or model.num_attention_heads
+        if (groups // tp) % cp:
+            raise ValueError(f"--cp-comm-type a2a splits attention heads over --context-parallel-size {cp}, but "
+                             f"each of the {tp} tensor-parallel ranks holds {groups // tp} key/value groups "
+                             f"({groups} in all): use a CP size dividing {groups // tp}, or --cp-comm-type p2p")
     if seq % (2 * cp):
         raise ValueError(f"--context-parallel-size {cp} cuts each sequence into 2 x {cp} chunks (two per rank, so "
                          f"causal attention is balanced): --seq-length {seq} is not divisible by {2 * cp}; use a "

@@ -32,7 +32,7 @@ from megalite.checkpoint import save_load as checkpoint
 from megalite.checkpoint.manifest import new_run_id
 from megalite.checkpoint.reshard import load_any_layout
 from megalite.config.settings import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
-from megalite.data.training_data import MicroBatches, datasets_from_config, tokenizer_from_config
+from megalite.data.training_data import MicroBatches, datasets_from_config, packing_from_config, tokenizer_from_config
 from megalite.log import print_rank0
 from megalite.model import flops
 from megalite.model.build import build_model, wrap_for_data_parallel
@@ -92,7 +92,8 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
     tokenizer = tokenizer_from_config(data_cfg, model_cfg.vocab_size)
     if tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    train_dataset, valid_dataset = datasets_from_config(data_cfg, model_cfg, train_cfg)
+    packing = packing_from_config(data_cfg, tokenizer, model_cfg.vocab_size)
+    train_dataset, valid_dataset = datasets_from_config(data_cfg, model_cfg, train_cfg, packing)
     if valid_dataset is None and train_cfg.eval_iters > 0:
         print_rank0(f"--split {data_cfg.split} gives no validation data: evaluation (--eval-iters "
                     f"{train_cfg.eval_iters}) is skipped; give the split's second part a weight to evaluate")
@@ -100,7 +101,8 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
     grid = state.initialize_grid(tp=parallel_cfg.tensor_model_parallel_size,
                                  pp=parallel_cfg.pipeline_model_parallel_size,
                                  cp=parallel_cfg.context_parallel_size,
-                                 virtual_pp=parallel_cfg.virtual_pipeline_model_parallel_size)
+                                 virtual_pp=parallel_cfg.virtual_pipeline_model_parallel_size,
+                                 cp_comm_type=parallel_cfg.cp_comm_type)
     batch_schedule = BatchSchedule(train_cfg.global_batch_size, train_cfg.micro_batch_size, grid.dp_size,
                                    train_cfg.rampup_batch_size)
     # Dropout differs per pipeline stage (Megatron's seed offset); the TP tracker derives its own.
@@ -113,10 +115,10 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
 
     run = Run(model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg, grid, device, model, layer_numbers,
               optimizer, scheduler, forward_backward, train_dataset, valid_dataset, tokenizer, batch_schedule,
-              train_cfg.num_microbatches(grid.dp_size), started_at=started_at)
+              train_cfg.num_microbatches(grid.dp_size), started_at=started_at, packing=packing)
     _resume(run)
     run.train_iter = MicroBatches(train_dataset, run.consumed_samples, train_cfg.micro_batch_size,
-                                  grid.dp_rank, grid.dp_size, device, grid.cp_size, grid.cp_rank)
+                                  grid.dp_rank, grid.dp_size, device, grid.cp_size, grid.cp_rank, packing)
     return run
 
 
@@ -178,7 +180,8 @@ def forward_step_func(run: Run, scale_loss: bool):
     the logged loss is the micro-batch's mean over all its tokens (megalite/model/loss.py)."""
     def forward_step(data_iterator, model_chunk):
         batch = next(data_iterator)
-        output = model_chunk(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+        output = model_chunk(batch["tokens"], batch["position_ids"], labels=batch["labels"],
+                             documents=batch.get("documents"))
 
         def loss_func(per_token_loss):  # per_token_loss: [b, s/cp] float32, on the last stage only
             loss, mean_loss = language_model_loss(per_token_loss.float(), batch["loss_mask"])
@@ -257,7 +260,7 @@ def evaluate(run: Run) -> Optional[dict]:
     for chunk in run.model:
         chunk.eval()
     batches = MicroBatches(run.valid_dataset, 0, run.train_cfg.micro_batch_size, run.grid.dp_rank,
-                           run.grid.dp_size, run.device, run.grid.cp_size, run.grid.cp_rank)
+                           run.grid.dp_size, run.device, run.grid.cp_size, run.grid.cp_rank, run.packing)
     losses = []
     for _ in range(run.train_cfg.eval_iters):
         losses += run.forward_backward(

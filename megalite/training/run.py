@@ -9,6 +9,7 @@ from typing import Callable, Iterator, List, Optional
 import torch
 
 from megalite.config.settings import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+from megalite.data.packing import Packing
 from megalite.data.tokenizer import Tokenizer
 from megalite.data.training_data import SampleDataset
 from megalite.optim.optimizer import MegaliteOptimizer
@@ -47,6 +48,7 @@ class Run:
     started_at: float = field(default_factory=time.time)  # for --exit-duration-in-mins
     config_saved: bool = False  # config.yaml written into --save (with the first checkpoint)
     run_id: str = ""            # drawn at a fresh start, kept across resumes (megalite/checkpoint/manifest.py)
+    packing: Optional[Packing] = None   # --reset-position-ids/--reset-attention-mask/--eod-mask-loss (data/packing.py)
 
     def settings(self) -> dict:
         """The configs as plain dicts (stored in checkpoints; read by megalite/generate.py)."""

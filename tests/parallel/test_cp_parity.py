@@ -25,6 +25,11 @@ VARIANTS = {
               "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "2",
               "--disable-bias-linear"],
 }
+VARIANTS["llama-8-heads"] = VARIANTS["llama"] + ["--num-attention-heads", "8", "--num-query-groups", "4"]
+# Packed documents (Megatron's three flags): the mock samples then hold end-of-document tokens.
+PACKED = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
+VARIANTS["gpt-packed"] = PACKED
+VARIANTS["llama-packed"] = VARIANTS["llama"] + PACKED
 TRAINING = ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(STEPS), "--lr", "3e-3",
             "--clip-grad", "1.0", "--weight-decay", "0.1", "--log-interval", "1000", "--eval-iters", "1"]
 # (name, variant, world size, layout flags)
@@ -51,6 +56,24 @@ CASES = [
     ("llama-tp2-cp2-dp2-sp-zero1", "llama", 8, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
                                                 "--sequence-parallel", "--use-distributed-optimizer"]),
 ]
+# The cases above use the default --cp-comm-type p2p (the ring); each other type at CP 2 and 4, with
+# GPT and LLaMA, TP2 + SP, PP2 and ZeRO-1 (a2a needs CP to divide each TP rank's key/value groups).
+for comm in ("all_gather", "a2a"):
+    flags = ["--cp-comm-type", comm]
+    cp2, cp4 = ["--context-parallel-size", "2"] + flags, ["--context-parallel-size", "4"] + flags
+    CASES += [
+        (f"gpt-cp2-{comm}", "gpt", 2, cp2),
+        (f"llama-cp2-{comm}", "llama", 2, cp2),
+        (f"gpt-cp4-{comm}", "gpt", 4, cp4),
+        (f"llama-cp4-{comm}", "llama-8-heads" if comm == "a2a" else "llama", 4, cp4),
+        (f"gpt-cp2-tp2-sp-{comm}", "gpt", 4, cp2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+        (f"gpt-cp2-pp2-{comm}", "gpt", 4, cp2 + ["--pipeline-model-parallel-size", "2"]),
+        (f"gpt-cp2-dp2-zero1-{comm}", "gpt", 4, cp2 + ["--use-distributed-optimizer"]),
+    ]
+# Packed documents: one rank (the reference is one rank with the same flags) and CP2 of every type.
+CASES += [("gpt-packed-cp2", "gpt-packed", 2, ["--context-parallel-size", "2"])]
+CASES += [(f"llama-packed-cp2-{comm}", "llama-packed", 2, ["--context-parallel-size", "2", "--cp-comm-type", comm])
+          for comm in ("p2p", "all_gather", "a2a")]
 
 
 def _train(rank, world_size, runs):
