@@ -82,15 +82,19 @@ class _Blocks(torch.autograd.Function):
 
 
 # -- p2p: the ring -------------------------------------------------------------------------------------
-def _ring_exchange(send: torch.Tensor, receive: torch.Tensor):
-    """Start sending ``send`` to the next CP rank and receiving the previous one's into ``receive``."""
+def _ring_exchange(send, receive):
+    """Start sending the tensors ``send`` to the next CP rank and receiving the previous rank's into
+    ``receive`` (as many, of the same shapes); returns the requests to wait on."""
     group, size, rank = cp_group(), cp_size(), cp_rank()
     following = dist.get_global_rank(group, (rank + 1) % size)
     preceding = dist.get_global_rank(group, (rank - 1) % size)
-    comm_counter.bytes["cp_send"] += send.numel() * send.element_size()
+    operations = []
+    for outgoing, incoming in zip(send, receive):
+        comm_counter.bytes["cp_send"] += outgoing.numel() * outgoing.element_size()
+        operations += [dist.P2POp(dist.isend, outgoing, following, group),
+                       dist.P2POp(dist.irecv, incoming, preceding, group)]
     comm_counter.calls["cp_send"] += 1
-    return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, following, group),
-                                   dist.P2POp(dist.irecv, receive, preceding, group)])
+    return dist.batch_isend_irecv(operations)
 
 
 def _wait(requests) -> None:
@@ -98,19 +102,25 @@ def _wait(requests) -> None:
         request.wait()
 
 
+def _start_next(kv, step: int, size: int):
+    """Start passing this step's K/V on, unless it is the last step: (requests, buffers) or (None, None)."""
+    if step == size - 1:
+        return None, None
+    incoming = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in kv]   # contiguous, as sent
+    return _ring_exchange([t.contiguous() for t in kv], incoming), incoming
+
+
 class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, documents):
         size, rank, chunk = cp_size(), cp_rank(), q.shape[2] // 2
-        kv = torch.stack([k, v])
+        kv = (k, v)
         out, lse = new_accumulators(q)
         for step in range(size):
+            requests, incoming = _start_next(kv, step, size)
             source = (rank - step) % size
-            if step < size - 1:
-                incoming = torch.empty_like(kv)
-                requests = _ring_exchange(kv, incoming)
-            forward_pairs(q, kv[0], kv[1], pairs_between(rank, source, size, chunk, documents), out, lse)
-            if step < size - 1:
+            forward_pairs(q, *kv, pairs_between(rank, source, size, chunk, documents), out, lse)
+            if requests is not None:
                 _wait(requests)
                 kv = incoming
         out = out.to(q.dtype)
@@ -123,20 +133,18 @@ class _Ring(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         size, rank, chunk = cp_size(), cp_rank(), q.shape[2] // 2
         dout = dout.contiguous()
-        kv = torch.stack([k, v])
+        kv = (k, v)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)   # travels with its K/V block
+        # dK and dV of the block in hand travel with it round the ring, home after the last step.
+        dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in kv]
         for step in range(size):
+            requests, incoming = _start_next(kv, step, size)
             source = (rank - step) % size
-            if step < size - 1:
-                incoming = torch.empty_like(kv)
-                requests = _ring_exchange(kv, incoming)
-            backward_pairs(dout, q, kv[0], kv[1], out, lse, pairs_between(rank, source, size, chunk, ctx.documents),
-                           dq, dkv[0], dkv[1])
-            arriving = torch.empty_like(dkv)
-            _wait(_ring_exchange(dkv, arriving))    # after the last step it reaches the block's owner
+            backward_pairs(dout, q, *kv, out, lse, pairs_between(rank, source, size, chunk, ctx.documents), dq, *dkv)
+            arriving = [torch.empty_like(t) for t in dkv]
+            _wait(_ring_exchange(dkv, arriving))
             dkv = arriving
-            if step < size - 1:
+            if requests is not None:
                 _wait(requests)
                 kv = incoming
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None

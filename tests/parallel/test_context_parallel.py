@@ -66,6 +66,12 @@ def test_split_refuses_a_sequence_not_divisible_by_twice_cp():
       "12", "--num-attention-heads", "4"], 8,
      "--sequence-parallel with --context-parallel-size 2 splits each CP rank's 6 tokens over "
      "--tensor-model-parallel-size 4: use a --seq-length divisible by 8"),
+    (["--context-parallel-size", "4", "--cp-comm-type", "a2a", "--seq-length", "16", "--num-attention-heads", "4",
+      "--group-query-attention", "--num-query-groups", "2"], 4,
+     "--cp-comm-type a2a splits attention heads over --context-parallel-size 4, but each of the 1 tensor-parallel "
+     "ranks holds 2 key/value groups .*use a CP size dividing 2, or --cp-comm-type p2p"),
+    (["--context-parallel-size", "2", "--cp-comm-type", "a2a+p2p", "--seq-length", "16"], 2,
+     r"--cp-comm-type a2a\+p2p \(hierarchical context parallelism\) is not built; use p2p, all_gather or a2a"),
 ])
 def test_configuration_refuses_sequences_context_parallelism_cannot_split(flags, world, message):
     with pytest.raises(ValueError, match=message):

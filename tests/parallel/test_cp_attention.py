@@ -53,7 +53,9 @@ def _errors(size, rank, comm_type, with_documents):
         documents = random_documents(2, s, g) if with_documents else None
         weight = torch.randn(2, 4, s, 8, generator=g)
         (reference_attention(q, k, v, documents) * weight).sum().backward()
-        local = [split_sequence(x.detach(), size, rank, dim=2).requires_grad_() for x in (q, k, v)]
+        # Strided like the model's q, k, v (views of the [s, b, heads, d] projection output).
+        local = [split_sequence(x.detach(), size, rank, dim=2).permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+                 .requires_grad_() for x in (q, k, v)]
         comm_counter.reset()
         out = attention(*local, None, False, documents, comm_type)
         (out * split_sequence(weight, size, rank, dim=2)).sum().backward()
