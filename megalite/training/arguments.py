@@ -23,6 +23,7 @@ import yaml
 from megalite.checkpoint.paths import rank_dir
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.config.flags import choices, flag_name
+from megalite.config.megatron_switches import add_switches, check_switches, switch_dests
 from megalite.config.settings import (
     CONFIG_CLASSES,
     DataConfig,
@@ -94,6 +95,7 @@ def build_parser() -> ArgumentParser:
     # A switch Megatron has that only gates another flag: --num-query-groups counts only with it.
     parser.add_argument("--group-query-attention", action="store_true",
                         help="use --num-query-groups key/value groups (grouped-query attention)")
+    add_switches(parser)
     parser.add_argument("--config", metavar="YAML", help="read flags from this YAML file (keys are flag names); "
                         "the command line overrides it")
     return parser
@@ -205,6 +207,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
         parser.set_defaults(**checkpoint_model_defaults(known.load))
     namespace = vars(parser.parse_args(argv))
     namespace.pop("config")
+    check_switches(namespace)
+    for dest in switch_dests():   # accepted or refused above; no config holds them
+        namespace.pop(dest)
     gqa = namespace.pop("group_query_attention", False)
     # Only what the command line gave (or a field's own default) reaches the dataclasses.
     given = {k: v for k, v in namespace.items() if v is not MISSING}
