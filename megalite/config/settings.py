@@ -245,6 +245,15 @@ class DataConfig:
         split_weights(self.split)
         if self.data_path:
             parse_blend(self.data_path)
+        files = [name for name, value in (("--vocab-file", self.vocab_file), ("--merge-file", self.merge_file),
+                                          ("--tokenizer-model", self.tokenizer_model)) if value]
+        if files and self.tokenizer_type in (None, "NullTokenizer"):
+            # Read by no tokenizer, they would be dropped (the vocabulary then being --vocab-size's).
+            fix = "GPT2BPETokenizer for GPT-2's vocab and merges" if "--tokenizer-model" not in files else \
+                "HuggingFaceTokenizer or TikTokenizer for a --tokenizer-model"
+            raise ValueError(f"{' and '.join(files)} {'is' if len(files) == 1 else 'are'} read only by a "
+                             f"--tokenizer-type, and {self.tokenizer_type or 'none'} is given; add --tokenizer-type "
+                             f"({fix}), as Megatron-LM requires")
         if self.tokenizer_type == "GPT2BPETokenizer" and not (self.vocab_file and self.merge_file):
             raise ValueError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
         if self.tokenizer_type in ("HuggingFaceTokenizer", "TikTokenizer") and not self.tokenizer_model:

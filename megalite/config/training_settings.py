@@ -70,7 +70,8 @@ class TrainingConfig:
     compile: bool = flag(False, "torch.compile each transformer layer (pipeline chunks and recompute keep working)")
     compile_backend: Literal["inductor", "aot_eager", "eager"] = flag(
         "inductor", "the torch.compile backend of --compile (aot_eager: trace without generating kernels)")
-    profile: bool = flag(False, "profile steps --profile-step-start to --profile-step-end")
+    profile: bool = flag(False, "profile steps --profile-step-start to --profile-step-end: alone, Megatron's nsys "
+                                "capture (the CUDA profiler API; needs CUDA), else --use-pytorch-profiler's trace")
     use_pytorch_profiler: bool = flag(False, "with --profile: record a torch.profiler trace per rank")
     profile_step_start: int = flag(10, "first profiled step", at_least=1)
     profile_step_end: int = flag(12, "the step at which profiling stops (not profiled)", at_least=1)

@@ -328,6 +328,19 @@ def checkpoint_model_defaults(root: str) -> Dict[str, Any]:
     return model
 
 
+def check_machine(parallel: ParallelConfig, train: TrainingConfig) -> None:
+    """Refuse, before the ranks meet, what this machine cannot do (planning elsewhere may still ask for it)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    if parallel.distributed_backend == "nccl":
+        raise ValueError("--distributed-backend nccl needs CUDA GPUs and this machine has none; use "
+                         "--distributed-backend gloo, or leave the flag out (gloo on CPUs)")
+    if train.profile and not train.use_pytorch_profiler:
+        raise ValueError("--profile alone is Megatron's nsys capture (the CUDA profiler API) and this machine has no "
+                         "CUDA; add --use-pytorch-profiler for a torch.profiler trace")
+
+
 def check_output_folders(train: TrainingConfig) -> None:
     """Refuse, before any work, an output folder the run could not write: --save or --tensorboard-dir naming
     a file, or a place on a read-only file system or without write permission (checked, not written)."""

@@ -46,7 +46,7 @@ from megalite.parallel.launch import init_distributed, shut_down_distributed
 from megalite.parallel.pipeline.schedules import get_forward_backward_func
 from megalite.parallel.pipeline.timeline import Timeline, draw_step_timeline
 from megalite.parallel.random import model_parallel_seed
-from megalite.training.arguments import check_output_folders, parse_args, resolved_config
+from megalite.training.arguments import check_machine, check_output_folders, parse_args, resolved_config
 from megalite.training.batch_schedule import BatchSchedule
 from megalite.training.exit_conditions import ExitSignal, exit_reason
 from megalite.training.metric_writers import build_writers
@@ -127,6 +127,7 @@ def _parse_and_join(argv, world_size: Optional[int]):
     configs = parse_args(argv, world_size=world_size)
     check_output_folders(configs[4])
     parallel_cfg = configs[1]
+    check_machine(parallel_cfg, configs[4])
     init_distributed(backend=parallel_cfg.distributed_backend, timeout_minutes=parallel_cfg.distributed_timeout_minutes)
     if dist.get_world_size() != parallel_cfg.world_size:
         raise ValueError(f"the launcher started {dist.get_world_size()} ranks but the flags were checked for "
