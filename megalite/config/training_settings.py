@@ -3,12 +3,13 @@ profiling -- the settings of the loop (``megalite/training/``), declared as in `
 is its flag) and re-exported from there."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Tuple
 
 from megalite.config.flags import check_fields, flag
 
-__all__ = ["TrainingConfig", "DecayStyle", "check_batch_sizes"]
+__all__ = ["TrainingConfig", "DecayStyle", "check_batch_sizes", "step_schedule"]
 
 DecayStyle = Literal["linear", "cosine", "constant"]
 
@@ -25,6 +26,9 @@ class TrainingConfig:
     global_batch_size: Optional[int] = flag(None, "samples per optimizer step; default micro batch x DP", at_least=1)
     rampup_batch_size: Optional[List[int]] = flag(None, "START INCR SAMPLES: grow the global batch from START by INCR "
                                                         "over the first SAMPLES samples")
+    step_batch_size_schedule: Optional[str] = flag(
+        None, "'TOKENS:SIZE TOKENS:SIZE ...': the global batch is SIZE once TOKENS tokens are consumed (suffixes K, "
+              "M, B, T; the first at 0); the last SIZE is the global batch size")
     train_iters: Optional[int] = flag(None, "optimizer steps to train for; default 100", at_least=1)
     train_samples: Optional[int] = flag(None, "samples to train on instead of --train-iters (the learning-rate "
                                               "schedule then counts samples)", at_least=1)
@@ -80,6 +84,7 @@ class TrainingConfig:
 
     def __post_init__(self):
         check_fields(self)
+        self._check_step_schedule()
         sample_based = self.train_samples is not None
         if sample_based and self.train_iters is not None:
             raise ValueError("give --train-iters or --train-samples, not both")
@@ -111,6 +116,25 @@ class TrainingConfig:
         if self.wandb_exp_name is not None and self.wandb_project is None:
             raise ValueError("--wandb-exp-name needs --wandb-project")
 
+    def _check_step_schedule(self) -> None:
+        """Megatron's rules: not with a ramp; --global-batch-size only as the schedule's last size (Megatron refuses
+        it outright; its own GPT-3 175B script gives both, equal)."""
+        if self.step_batch_size_schedule is None:
+            return
+        sizes = [size for _, size in step_schedule(self.step_batch_size_schedule)]
+        if self.rampup_batch_size is not None:
+            raise ValueError("give --step-batch-size-schedule or --rampup-batch-size, not both")
+        if self.global_batch_size is not None and self.global_batch_size != sizes[-1]:
+            raise ValueError(f"--global-batch-size {self.global_batch_size} differs from the last size {sizes[-1]} of "
+                             f"--step-batch-size-schedule, which sets it; drop --global-batch-size")
+        self.global_batch_size = sizes[-1]
+
+    def largest_global_batch_size(self) -> int:
+        """The most samples a step takes (a step schedule may pass through larger sizes than its last)."""
+        if self.step_batch_size_schedule is None:
+            return self.global_batch_size
+        return max(size for _, size in step_schedule(self.step_batch_size_schedule))
+
     def lr_schedule_steps(self) -> Tuple[int, int]:
         """(warm-up, decay) length of the learning-rate schedule, in samples with --train-samples, else steps."""
         decay = self.lr_decay_samples if self.train_samples is not None else self.lr_decay_iters
@@ -131,3 +155,48 @@ def check_batch_sizes(global_batch_size: int, micro_batch_size: int, data_parall
         raise ValueError(
             f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size {micro_batch_size} x "
             f"data-parallel size {data_parallel_size} = {per_step}; try {suggestion}")
+
+
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def step_schedule(text: str) -> List[Tuple[int, int]]:
+    """``--step-batch-size-schedule``'s (tokens, global batch size) pairs, in order of tokens.
+
+    Entries ``THRESHOLD:SIZE`` are separated by spaces or commas; a number may end in K, M, B or T
+    (10^3 ... 10^12) and be fractional before it (2.4B).  The first threshold is 0, thresholds rise
+    strictly, sizes are positive (Megatron-LM's format)::
+
+        >>> step_schedule("0:16 2.4B:320, 4.8B:624")
+        [(0, 16), (2400000000, 320), (4800000000, 624)]
+    """
+    entries = text.replace(",", " ").split()
+    if not entries:
+        raise ValueError("--step-batch-size-schedule is empty; give TOKENS:SIZE pairs such as '0:16 1B:32'")
+    pairs = []
+    for entry in entries:
+        threshold, _, size = entry.partition(":")
+        try:
+            pairs.append((_count(threshold), _count(size)))
+        except ValueError:
+            raise ValueError(f"--step-batch-size-schedule entry {entry!r} is not TOKENS:SIZE (numbers, with an "
+                             f"optional K/M/B/T suffix), e.g. '0:16 2.4B:320'") from None
+    pairs.sort()
+    if pairs[0][0] != 0:
+        raise ValueError(f"--step-batch-size-schedule starts at {pairs[0][0]} tokens; its first entry must be at 0")
+    for (before, _), (after, _) in zip(pairs, pairs[1:]):
+        if after == before:
+            raise ValueError(f"--step-batch-size-schedule gives {before} tokens twice; keep one size per threshold")
+    for _, size in pairs:
+        if size < 1:
+            raise ValueError(f"--step-batch-size-schedule size {size} must be at least 1")
+    return pairs
+
+
+def _count(text: str) -> int:
+    text = text.strip().upper()
+    multiplier = _SUFFIXES.get(text[-1:], 1)
+    number = float(text[:-1] if text[-1:] in _SUFFIXES else text)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(text)
+    return int(number * multiplier)

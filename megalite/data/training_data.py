@@ -64,7 +64,7 @@ def tokenizer_from_config(data: DataConfig, vocab_size: int) -> Optional[Tokeniz
 def datasets_from_config(data: DataConfig, model: ModelConfig,
                          training: TrainingConfig) -> Tuple[SampleDataset, Optional[SampleDataset]]:
     """(train, valid) datasets sized for the run; valid is None when the split gives it nothing."""
-    train_samples = training.train_iters * training.global_batch_size
+    train_samples = training.train_iters * training.largest_global_batch_size()
     eval_samples = training.eval_iters * training.global_batch_size
     if data.mock_data:
         # The validation stream uses another seed, so evaluation never sees training samples.

@@ -36,7 +36,7 @@ from megalite.config.settings import (
 )
 from megalite.parallel.pipeline.orders import check_schedule, default_schedule
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
-from megalite.training.batch_schedule import BatchSchedule
+from megalite.training.batch_schedule import run_batch_schedule
 
 __all__ = ["build_parser", "parse_args", "validate_together", "check_context_parallel", "resolved_config"]
 
@@ -239,12 +239,8 @@ def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: O
     dp = parallel.data_parallel_size
     if training.global_batch_size is None:
         training.global_batch_size = training.micro_batch_size * dp
+    batches = run_batch_schedule(training, model.seq_length, dp)
     check_batch_sizes(training.global_batch_size, training.micro_batch_size, dp)
-    try:
-        batches = BatchSchedule(training.global_batch_size, training.micro_batch_size, dp, training.rampup_batch_size)
-    except ValueError as error:
-        raise ValueError(f"--rampup-batch-size {' '.join(map(str, training.rampup_batch_size))} with "
-                         f"--global-batch-size {training.global_batch_size}: {error}") from None
     if training.train_samples is not None:
         training.train_iters = batches.num_iterations(training.train_samples)
     check_context_parallel(model, parallel)

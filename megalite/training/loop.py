@@ -47,7 +47,7 @@ from megalite.parallel.pipeline.schedules import get_forward_backward_func
 from megalite.parallel.pipeline.timeline import Timeline, draw_step_timeline
 from megalite.parallel.random import model_parallel_seed
 from megalite.training.arguments import check_machine, check_output_folders, parse_args, resolved_config
-from megalite.training.batch_schedule import BatchSchedule
+from megalite.training.batch_schedule import run_batch_schedule
 from megalite.training.exit_conditions import ExitSignal, exit_reason
 from megalite.training.metric_writers import build_writers
 from megalite.training.metrics import Logger
@@ -101,8 +101,7 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
                                  pp=parallel_cfg.pipeline_model_parallel_size,
                                  cp=parallel_cfg.context_parallel_size,
                                  virtual_pp=parallel_cfg.virtual_pipeline_model_parallel_size)
-    batch_schedule = BatchSchedule(train_cfg.global_batch_size, train_cfg.micro_batch_size, grid.dp_size,
-                                   train_cfg.rampup_batch_size)
+    batch_schedule = run_batch_schedule(train_cfg, model_cfg.seq_length, grid.dp_size)
     # Dropout differs per pipeline stage (Megatron's seed offset); the TP tracker derives its own.
     seed_everything(model_cfg.seed + 100 * grid.pp_rank)
     model, layer_numbers = _model_as_trained(model_cfg, parallel_cfg, opt_cfg, train_cfg, grid, device)
