@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Mapping, Optional
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 from megalite.config.data_spec import parse_blend, split_weights
 from megalite.config.flags import check_fields, flag
@@ -142,6 +142,10 @@ class OptimizerConfig:
 
     lr: float = flag(3e-4, "peak learning rate", at_least=0)
     min_lr: float = flag(0.0, "learning rate at the end of the decay", at_least=0)
+    decoupled_lr: Optional[float] = flag(None, "peak learning rate of the input embedding and the output layer, on "
+                                               "the same warm-up and decay (default --lr)", at_least=0)
+    decoupled_min_lr: Optional[float] = flag(None, "with --decoupled-lr: their rate at the end of the decay (default "
+                                                   "--min-lr)", at_least=0)
     weight_decay: float = flag(0.01, "decoupled weight decay of the matrices (biases and norms get none)", at_least=0)
     adam_beta1: float = flag(0.9, "Adam's first-moment decay", at_least=0, below=1)
     adam_beta2: float = flag(0.999, "Adam's second-moment decay", at_least=0, below=1)
@@ -165,6 +169,19 @@ class OptimizerConfig:
             raise ValueError("--bf16 and --fp16 are exclusive; choose one")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
+        if self.decoupled_min_lr is not None and self.decoupled_lr is None:
+            raise ValueError(f"--decoupled-min-lr {self.decoupled_min_lr} takes effect only with --decoupled-lr; "
+                             f"add it")
+        if self.decoupled_lr is not None and self.decoupled_lr_range()[1] > self.decoupled_lr:
+            raise ValueError(f"the decoupled minimum {self.decoupled_lr_range()[1]} (--decoupled-min-lr, default "
+                             f"--min-lr) is above --decoupled-lr {self.decoupled_lr}")
+
+    def decoupled_lr_range(self) -> Optional[Tuple[float, float]]:
+        """(peak, end) rate of the embedding and output layer with --decoupled-lr, else None (Megatron's default
+        end is --min-lr)."""
+        if self.decoupled_lr is None:
+            return None
+        return self.decoupled_lr, self.min_lr if self.decoupled_min_lr is None else self.decoupled_min_lr
         if self.min_loss_scale > self.initial_loss_scale:
             raise ValueError(f"--min-loss-scale {self.min_loss_scale} is above --initial-loss-scale "
                              f"{self.initial_loss_scale}")

@@ -107,7 +107,7 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
     model, layer_numbers = _model_as_trained(model_cfg, parallel_cfg, opt_cfg, train_cfg, grid, device)
     optimizer = build_optimizer(model, opt_cfg, grid)
     scheduler = LRScheduler(optimizer, opt_cfg.lr, opt_cfg.min_lr, *train_cfg.lr_schedule_steps(),
-                            train_cfg.lr_decay_style)
+                            train_cfg.lr_decay_style, decoupled=opt_cfg.decoupled_lr_range())
     forward_backward = get_forward_backward_func(grid.pp_size, grid.virtual_pp_size, parallel_cfg.pipeline_schedule)
 
     run = Run(model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg, grid, device, model, layer_numbers,
