@@ -29,6 +29,8 @@ class TrainingConfig:
     step_batch_size_schedule: Optional[str] = flag(
         None, "'TOKENS:SIZE TOKENS:SIZE ...': the global batch is SIZE once TOKENS tokens are consumed (suffixes K, "
               "M, B, T; the first at 0); the last SIZE is the global batch size")
+    calculate_per_token_loss: bool = flag(False, "normalize the loss by the valid tokens of the whole global batch "
+                                                 "(all micro-batches and data-parallel ranks), not per micro-batch")
     train_iters: Optional[int] = flag(None, "optimizer steps to train for; default 100", at_least=1)
     train_samples: Optional[int] = flag(None, "samples to train on instead of --train-iters (the learning-rate "
                                               "schedule then counts samples)", at_least=1)

@@ -49,6 +49,7 @@ from megalite.parallel.random import model_parallel_seed
 from megalite.training.arguments import check_machine, check_output_folders, parse_args, resolved_config
 from megalite.training.batch_schedule import run_batch_schedule
 from megalite.training.exit_conditions import ExitSignal, exit_reason
+from megalite.training.loss_normalization import average_loss, normalize_grads_per_token, per_token_terms
 from megalite.training.metric_writers import build_writers
 from megalite.training.metrics import Logger
 from megalite.training.profiling import StepProfiler
@@ -181,6 +182,10 @@ def forward_step_func(run: Run, scale_loss: bool):
         output = model_chunk(batch["tokens"], batch["position_ids"], labels=batch["labels"])
 
         def loss_func(per_token_loss):  # per_token_loss: [b, s/cp] float32, on the last stage only
+            if run.train_cfg.calculate_per_token_loss:   # (sum, tokens, dict): undivided (loss_normalization.py)
+                loss_sum, tokens, mean_loss = per_token_terms(per_token_loss.float(), batch["loss_mask"])
+                backward_sum = run.optimizer.scale_loss(loss_sum) if scale_loss else loss_sum
+                return backward_sum, tokens, {"lm loss": mean_loss}
             loss, mean_loss = language_model_loss(per_token_loss.float(), batch["loss_mask"])
             backward_loss = run.optimizer.scale_loss(loss) if scale_loss else loss
             return backward_loss, {"lm loss": mean_loss}
@@ -202,19 +207,6 @@ def no_sync_func(model: List[torch.nn.Module]):
     return no_sync
 
 
-def average_loss(run: Run, losses: List[dict]) -> float:
-    """Mean micro-batch loss of the step, known on every rank (sum over PP: only the last stage has it)."""
-    total = torch.zeros(2, dtype=torch.float64, device=run.device)
-    if losses:
-        total[0] = sum(float(d["lm loss"]) for d in losses)
-        total[1] = len(losses)
-    if run.grid.pp_size > 1:
-        dist.all_reduce(total, group=run.grid.pp_group)
-    if run.grid.dp_size > 1:
-        dist.all_reduce(total, group=run.grid.dp_group)
-    return float(total[0] / total[1])
-
-
 def train_step(run: Run, timeline: Optional[Timeline] = None, num_microbatches: Optional[int] = None) -> dict:
     """One optimizer step over the global batch; returns the iteration's record (loss, lr, grad norm).
 
@@ -233,12 +225,14 @@ def train_step(run: Run, timeline: Optional[Timeline] = None, num_microbatches: 
         micro_batch_size=run.train_cfg.micro_batch_size, forward_only=False,
         no_sync_func=no_sync_func(run.model), grid=run.grid, timeline=timeline)
     finalize_model_grads(run.model, run.grid)
+    if run.train_cfg.calculate_per_token_loss:
+        normalize_grads_per_token(run.model, run.grid, losses, run.device)
     stepped, grad_norm = run.optimizer.step()
     if stepped:  # the schedule counts samples with --train-samples, else steps
         run.scheduler.step(global_batch_size if run.train_cfg.train_samples is not None else 1)
     run.iteration += 1
     run.consumed_samples += global_batch_size
-    return {"iteration": run.iteration, "loss": average_loss(run, losses), "lr": lr,
+    return {"iteration": run.iteration, "loss": average_loss(run.grid, losses, run.device), "lr": lr,
             "global_batch_size": global_batch_size,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "loss_scale": float(run.optimizer.loss_scale), "skipped_steps": run.optimizer.num_skipped_steps,
@@ -266,7 +260,7 @@ def evaluate(run: Run) -> Optional[dict]:
             micro_batch_size=run.train_cfg.micro_batch_size, forward_only=True, grid=run.grid)
     for chunk in run.model:
         chunk.train()
-    loss = average_loss(run, losses)
+    loss = average_loss(run.grid, losses, run.device)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
