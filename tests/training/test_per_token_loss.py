@@ -51,17 +51,20 @@ def by_hand(per_token: bool):
 
 
 def _step(rank, world_size, argv):
+    from megalite.parallel.context_parallel import split_for_context_parallel
     from megalite.training.loop import setup, train_step
     run = setup(argv)
     tokens, masks = _sequences()
     per_rank, dp_rank = 4 // run.grid.dp_size, run.grid.dp_rank      # DP rank r takes sequences r*per_rank ...
-    run.train_iter = iter([_batch(tokens, masks, i) for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)])
+    batches = [_batch(tokens, masks, i) for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
+    run.train_iter = iter([split_for_context_parallel(b, run.grid.cp_size, run.grid.cp_rank) for b in batches])
     record = train_step(run)
     return record["loss"], record["grad_norm"]
 
 
-@pytest.mark.parametrize("world_size, layout", [(1, []), (2, []), (2, ["--pipeline-model-parallel-size", "2"])],
-                         ids=["one rank", "DP=2", "PP=2"])
+@pytest.mark.parametrize("world_size, layout", [(1, []), (2, []), (2, ["--pipeline-model-parallel-size", "2"]),
+                                                (2, ["--context-parallel-size", "2"])],
+                         ids=["one rank", "DP=2", "PP=2", "CP=2"])
 def test_per_token_loss_and_gradient_match_the_hand_computation(world_size, layout):
     expected_loss, expected_norm = by_hand(per_token=True)
     mean_of_means = by_hand(per_token=False)
