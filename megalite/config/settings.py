@@ -158,6 +158,8 @@ class OptimizerConfig:
     min_loss_scale: float = flag(1.0, "the dynamic loss scale never falls below this", above=0)
     loss_scale_window: int = flag(1000, "steps without overflow before the dynamic scale doubles", at_least=1)
     hysteresis: int = flag(2, "overflows tolerated before the dynamic scale halves", at_least=1)
+    grad_reduce_in_bf16: bool = flag(False, "with --bf16: reduce gradients over data parallelism in bfloat16 (fp32 "
+                                            "accumulation stays)")
     use_distributed_optimizer: bool = flag(False, "shard fp32 masters and Adam moments over data parallelism "
                                                   "(ZeRO-1)")
     overlap_grad_reduce: bool = flag(False, "reduce gradient buckets during backward")
@@ -175,6 +177,11 @@ class OptimizerConfig:
         if self.decoupled_lr is not None and self.decoupled_lr_range()[1] > self.decoupled_lr:
             raise ValueError(f"the decoupled minimum {self.decoupled_lr_range()[1]} (--decoupled-min-lr, default "
                              f"--min-lr) is above --decoupled-lr {self.decoupled_lr}")
+        if self.grad_reduce_in_bf16 and not self.bf16:
+            raise ValueError("--grad-reduce-in-bf16 takes effect only with --bf16 (as in Megatron-LM); add --bf16")
+        if self.min_loss_scale > self.initial_loss_scale:
+            raise ValueError(f"--min-loss-scale {self.min_loss_scale} is above --initial-loss-scale "
+                             f"{self.initial_loss_scale}")
 
     def decoupled_lr_range(self) -> Optional[Tuple[float, float]]:
         """(peak, end) rate of the embedding and output layer with --decoupled-lr, else None (Megatron's default
@@ -182,9 +189,6 @@ class OptimizerConfig:
         if self.decoupled_lr is None:
             return None
         return self.decoupled_lr, self.min_lr if self.decoupled_min_lr is None else self.decoupled_min_lr
-        if self.min_loss_scale > self.initial_loss_scale:
-            raise ValueError(f"--min-loss-scale {self.min_loss_scale} is above --initial-loss-scale "
-                             f"{self.initial_loss_scale}")
 
 
 @dataclass

@@ -62,6 +62,8 @@ def test_the_schedule_moves_both_rates_on_one_curve():
     (["--decoupled-min-lr", "1e-5"], "--decoupled-min-lr 1e-05 takes effect only with --decoupled-lr"),
     (["--decoupled-lr", "1e-5", "--min-lr", "1e-4", "--lr", "1e-3"], "the decoupled minimum 0.0001"),
     (["--decoupled-lr", "-1"], "--decoupled-lr must be at least 0"),
+    # The check after the decoupled ones in OptimizerConfig still runs.
+    (["--decoupled-lr", "1e-4", "--min-loss-scale", "8", "--initial-loss-scale", "4"], "--min-loss-scale 8.0 is above"),
 ])
 def test_inconsistent_decoupled_rates_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
