@@ -66,6 +66,8 @@ class TrainingConfig:
     log_throughput: bool = flag(False, "add the TFLOP/s per device to the log line, as Megatron does")
     tensorboard_dir: Optional[str] = flag(None, "write TensorBoard scalars (loss, learning rate, grad norm, loss "
                                                 "scale, throughput, MFU, memory, eval) here")
+    log_validation_ppl_to_tensorboard: bool = flag(False, "also write the validation perplexity to TensorBoard (and "
+                                                          "Weights & Biases)")
     wandb_project: Optional[str] = flag(None, "log the same scalars to this Weights & Biases project")
     wandb_exp_name: Optional[str] = flag(None, "the Weights & Biases run name")
     wandb_save_dir: Optional[str] = flag(None, "local folder of the Weights & Biases run; default next to "
