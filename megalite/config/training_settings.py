@@ -61,6 +61,12 @@ class TrainingConfig:
                                             "current iteration and exit 0")
     max_skipped_iterations_in_a_row: int = flag(10, "stop with an error after this many optimizer steps in a row "
                                                     "skipped for inf/nan gradients (fp16)", at_least=1)
+    manual_gc: bool = flag(False, "turn Python's automatic garbage collection off and collect between steps (every "
+                                  "--manual-gc-interval) and around evaluations, at the same point on every rank")
+    manual_gc_interval: int = flag(0, "with --manual-gc: collect every this many steps (0: only around evaluations)",
+                                   at_least=0)
+    empty_unused_memory_level: Literal[0, 1, 2] = flag(0, "return CUDA's cached unused memory: 1 after each forward/"
+                                                          "backward, 2 also after each optimizer step")
     log_interval: int = flag(100, "print a line every this many steps", at_least=1)
     log_json: Optional[str] = flag(None, "also write one JSON record per step to this file")
     log_throughput: bool = flag(False, "add the TFLOP/s per device to the log line, as Megatron does")
@@ -117,6 +123,9 @@ class TrainingConfig:
         if self.profile_step_end <= self.profile_step_start:
             raise ValueError(f"--profile-step-end {self.profile_step_end} must come after --profile-step-start "
                              f"{self.profile_step_start}")
+        if self.manual_gc_interval and not self.manual_gc:
+            raise ValueError(f"--manual-gc-interval {self.manual_gc_interval} takes effect only with --manual-gc; "
+                             f"add it")
         if self.wandb_exp_name is not None and self.wandb_project is None:
             raise ValueError("--wandb-exp-name needs --wandb-project")
 

@@ -50,6 +50,7 @@ from megalite.training.arguments import check_machine, check_output_folders, par
 from megalite.training.batch_schedule import run_batch_schedule
 from megalite.training.exit_conditions import ExitSignal, exit_reason
 from megalite.training.loss_normalization import average_loss, normalize_grads_per_token, per_token_terms
+from megalite.training.memory_hygiene import ManualGarbageCollection, empty_unused_memory
 from megalite.training.metric_writers import build_writers
 from megalite.training.metrics import Logger
 from megalite.training.profiling import StepProfiler
@@ -224,10 +225,12 @@ def train_step(run: Run, timeline: Optional[Timeline] = None, num_microbatches: 
         num_microbatches=num_microbatches, seq_length=run.model_cfg.seq_length,
         micro_batch_size=run.train_cfg.micro_batch_size, forward_only=False,
         no_sync_func=no_sync_func(run.model), grid=run.grid, timeline=timeline)
+    empty_unused_memory(run.train_cfg.empty_unused_memory_level, 1)
     finalize_model_grads(run.model, run.grid)
     if run.train_cfg.calculate_per_token_loss:
         normalize_grads_per_token(run.model, run.grid, losses, run.device)
     stepped, grad_norm = run.optimizer.step()
+    empty_unused_memory(run.train_cfg.empty_unused_memory_level, 2)
     if stepped:  # the schedule counts samples with --train-samples, else steps
         run.scheduler.step(global_batch_size if run.train_cfg.train_samples is not None else 1)
     run.iteration += 1
@@ -313,6 +316,16 @@ def _saved_already(run: Run) -> Optional[int]:
     return run.iteration if run.iteration and same else None
 
 
+def _evaluate_if_due(run: Run, record: dict, collector: ManualGarbageCollection) -> None:
+    """Every --eval-interval steps and at the last: the validation loss into the step's record."""
+    if run.iteration % run.train_cfg.eval_interval == 0 or run.iteration == run.train_cfg.train_iters:
+        collector.around_evaluation()
+        evaluation = evaluate(run)
+        collector.around_evaluation()
+        if evaluation is not None:
+            record.update(evaluation)
+
+
 def train(run: Run) -> List[dict]:
     """Train from run.iteration to --train-iters; returns the per-iteration records."""
     cfg, g = run.train_cfg, run.grid
@@ -320,7 +333,7 @@ def train(run: Run) -> List[dict]:
     logger = Logger(run.model_cfg, cfg, rank=g.rank, world_size=g.world_size, tp=g.tp_size, device=run.device,
                     half_precision=run.opt_cfg.bf16 or run.opt_cfg.fp16, start_iteration=run.iteration,
                     writers=build_writers(cfg, g.rank, resolved_config(run.configs())))
-    profiler = StepProfiler(cfg, g.rank)
+    profiler, collector = StepProfiler(cfg, g.rank), ManualGarbageCollection(cfg)
     exit_signal = ExitSignal(cfg.exit_signal_handler)
     parameters = flops.count_parameters(run.model_cfg, tp=g.tp_size)
     print_rank0(f"training {parameters:,} parameters on {g.world_size} rank(s) "
@@ -344,10 +357,8 @@ def train(run: Run) -> List[dict]:
             if timeline is not None:
                 step_microbatches = record["global_batch_size"] // (cfg.micro_batch_size * g.dp_size)
                 record["bubble_fraction"] = draw_timeline(run, timeline, step_microbatches)
-            if run.iteration % cfg.eval_interval == 0 or run.iteration == cfg.train_iters:
-                evaluation = evaluate(run)
-                if evaluation is not None:
-                    record.update(evaluation)
+            collector.after_step(run.iteration)
+            _evaluate_if_due(run, record, collector)
             run.history.append(logger.record(record, seconds))
             skipped_in_a_row = skipped_in_a_row + 1 if record["grad_norm"] is None else 0
             if skipped_in_a_row >= cfg.max_skipped_iterations_in_a_row:
@@ -369,6 +380,7 @@ def train(run: Run) -> List[dict]:
             save(run)
     finally:
         logger.close()
+        collector.close()
     return run.history
 
 
