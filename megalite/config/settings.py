@@ -252,6 +252,8 @@ class DataConfig:
     mock_data: bool = flag(False, "train on deterministic synthetic tokens instead of --data-path")
     data_impl: Literal["mmap"] = flag("mmap", "indexed-dataset format: Megatron's memory-mapped .bin/.idx (the only "
                                               "one it still has)")
+    mmap_bin_files: bool = flag(True, "read the .bin files with a seek and read per sample instead of memory-mapping "
+                                      "them", name="--no-mmap-bin-files")
     data_cache_path: Optional[str] = flag(None, "folder for the sample index cache; default next to the data")
     tokenizer_type: Optional[TokenizerType] = flag(None, "tokenizer the data was made with (its size sets the "
                                                          "vocabulary)")

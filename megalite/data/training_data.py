@@ -77,20 +77,21 @@ def datasets_from_config(data: DataConfig, model: ModelConfig,
     cache_dir = data.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[-1])), "cache",
                                                      "GPTDataset_indices")
     train, valid, _ = build_gpt_datasets(prefixes, data.split, model.seq_length, model.seed,
-                                         (train_samples, eval_samples, 0), cache_dir=cache_dir)
-    check_token_ids(parse_blend(prefixes)[0], model.vocab_size, cache_dir)
+                                         (train_samples, eval_samples, 0), cache_dir=cache_dir,
+                                         mmap_bin=data.mmap_bin_files)
+    check_token_ids(parse_blend(prefixes)[0], model.vocab_size, cache_dir, data.mmap_bin_files)
     if train is None:
         raise ValueError(f"--split {data.split!r} leaves no training data; give the first part a positive weight")
     return train, valid
 
 
-def check_token_ids(prefixes, vocab_size: int, cache_dir: Optional[str]) -> None:
+def check_token_ids(prefixes, vocab_size: int, cache_dir: Optional[str], mmap_bin: bool = True) -> None:
     """Refuse data holding ids the model has no row for (the embedding would read zeros and the loss a
     0 logit: a run that trains on garbage and exits 0).  Each dataset's largest id is found once and
     kept beside the index cache."""
     for prefix in prefixes:
         (largest,) = cached_indices(cache_dir, {"largest_token_id": prefix}, [bin_path_of(prefix), idx_path_of(prefix)],
-                                    lambda p=prefix: (np.array([IndexedDataset(p).largest_token_id()]),),
+                                    lambda p=prefix: (np.array([IndexedDataset(p, mmap_bin).largest_token_id()]),),
                                     ["largest_token_id"])
         if int(largest[0]) >= vocab_size:
             raise ValueError(f"--data-path {prefix} holds token id {int(largest[0])} but the vocabulary has "
