@@ -254,6 +254,8 @@ class DataConfig:
                                               "one it still has)")
     mmap_bin_files: bool = flag(True, "read the .bin files with a seek and read per sample instead of memory-mapping "
                                       "them", name="--no-mmap-bin-files")
+    num_workers: int = flag(0, "data-loader worker processes reading samples ahead of the step (0: in the training "
+                               "process; Megatron's default is 2)", at_least=0)
     data_cache_path: Optional[str] = flag(None, "folder for the sample index cache; default next to the data")
     tokenizer_type: Optional[TokenizerType] = flag(None, "tokenizer the data was made with (its size sets the "
                                                          "vocabulary)")

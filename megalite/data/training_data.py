@@ -33,24 +33,37 @@ class MicroBatches:
     loss_mask [b, s] float32.  Resumable: starts after ``consumed_samples`` (global count).
 
     Under context parallelism (``cp_size`` > 1) every tensor holds only this CP rank's s/cp tokens
-    (``split_for_context_parallel``: two chunks, with their true position ids)."""
+    (``split_for_context_parallel``: two chunks, with their true position ids).
+
+    ``num_workers`` (--num-workers): 0 reads the samples in this process; N > 0 has a torch DataLoader's N
+    worker processes read and stack them ahead of the step, in the same order."""
 
     def __init__(self, dataset: SampleDataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 device: torch.device, cp_size: int = 1, cp_rank: int = 0):
+                 device: torch.device, cp_size: int = 1, cp_rank: int = 0, num_workers: int = 0):
         self.dataset, self.device = dataset, device
         self.cp_size, self.cp_rank = cp_size, cp_rank
-        self.sampler = iter(PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size))
+        sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+        if num_workers:
+            # Its own generator: a DataLoader seeds its workers from torch's global one otherwise, which would
+            # shift the training's dropout stream by the choice of --num-workers.
+            self.batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                                            collate_fn=stack_samples, generator=torch.Generator()))
+        else:
+            self.batches = (stack_samples([dataset[i] for i in indices]) for indices in sampler)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        indices = next(self.sampler)
-        items = [self.dataset[i] for i in indices]
-        batch = {key: torch.from_numpy(np.stack([item[key] for item in items]))
-                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch = next(self.batches)
         return {key: value.to(self.device) for key, value in
                 split_for_context_parallel(batch, self.cp_size, self.cp_rank).items()}
+
+
+def stack_samples(items) -> Dict[str, torch.Tensor]:
+    """A micro-batch from samples: tokens, labels, loss_mask, position_ids each stacked to [b, s]."""
+    return {key: torch.from_numpy(np.stack([item[key] for item in items]))
+            for key in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
 def tokenizer_from_config(data: DataConfig, vocab_size: int) -> Optional[Tokenizer]:

@@ -116,8 +116,8 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
               optimizer, scheduler, forward_backward, train_dataset, valid_dataset, tokenizer, batch_schedule,
               train_cfg.num_microbatches(grid.dp_size), started_at=started_at)
     _resume(run)
-    run.train_iter = MicroBatches(train_dataset, run.consumed_samples, train_cfg.micro_batch_size,
-                                  grid.dp_rank, grid.dp_size, device, grid.cp_size, grid.cp_rank)
+    run.train_iter = MicroBatches(train_dataset, run.consumed_samples, train_cfg.micro_batch_size, grid.dp_rank,
+                                  grid.dp_size, device, grid.cp_size, grid.cp_rank, data_cfg.num_workers)
     return run
 
 
@@ -253,8 +253,8 @@ def evaluate(run: Run) -> Optional[dict]:
         return None
     for chunk in run.model:
         chunk.eval()
-    batches = MicroBatches(run.valid_dataset, 0, run.train_cfg.micro_batch_size, run.grid.dp_rank,
-                           run.grid.dp_size, run.device, run.grid.cp_size, run.grid.cp_rank)
+    batches = MicroBatches(run.valid_dataset, 0, run.train_cfg.micro_batch_size, run.grid.dp_rank, run.grid.dp_size,
+                           run.device, run.grid.cp_size, run.grid.cp_rank, run.data_cfg.num_workers)
     losses = []
     for _ in range(run.train_cfg.eval_iters):
         losses += run.forward_backward(
