@@ -264,6 +264,7 @@ class DataConfig:
     tokenizer_model: Optional[str] = flag(None, "Hugging Face tokenizer.json or tiktoken encoding name/file")
 
     def __post_init__(self):
+        check_fields(self)
         if not self.mock_data and not self.data_path:
             raise ValueError("--data-path is required (a .bin/.idx prefix from tools/preprocess_data.py); "
                              "or pass --mock-data for synthetic tokens")
