@@ -46,7 +46,7 @@ CASES = {
         values={"--global-batch-size": "4", "--train-samples": "12", "--lr-decay-samples": "12",
                 "--lr-warmup-samples": "4", "--profile-step-start": "2", "--profile-step-end": "3"},
         # --profile alone is Megatron's nsys capture; on a CPU the PyTorch profiler stands in.
-        extra=["--use-pytorch-profiler"], iterations=3, cpu_only_extra=True),
+        extra=["--use-pytorch-profiler"], iterations=3),
     "Llama-3.2-1B-Instruct": dict(values={}, extra=[], iterations=2, runner=True),
     "Qwen3-0.6B": dict(values={}, extra=[], iterations=2, runner=True),
     "Qwen2.5-0.5B-Instruct": dict(values={}, extra=[], iterations=2, runner=True),

@@ -63,8 +63,9 @@ def _step(rank, world_size, argv):
 
 
 @pytest.mark.parametrize("world_size, layout", [(1, []), (2, []), (2, ["--pipeline-model-parallel-size", "2"]),
-                                                (2, ["--context-parallel-size", "2"])],
-                         ids=["one rank", "DP=2", "PP=2", "CP=2"])
+                                                (2, ["--context-parallel-size", "2"]),
+                                                (2, ["--use-distributed-optimizer", "--overlap-grad-reduce"])],
+                         ids=["one rank", "DP=2", "PP=2", "CP=2", "DP=2 ZeRO-1 overlapped"])
 def test_per_token_loss_and_gradient_match_the_hand_computation(world_size, layout):
     expected_loss, expected_norm = by_hand(per_token=True)
     mean_of_means = by_hand(per_token=False)
