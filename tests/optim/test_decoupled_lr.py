@@ -93,3 +93,19 @@ def test_training_with_a_zero_decoupled_rate_leaves_exactly_those_weights():
     assert changes["embedding.word_embeddings.weight"] == 0 and changes["output_layer.weight"] == 0
     assert changes["embedding.position_embeddings.weight"] > 0 and changes["final_norm.weight"] > 0
     assert all(change > 0 for name, change in changes.items() if name.startswith("decoder."))
+
+
+def _history(rank, world_size, argv):
+    from megalite.training.loop import pretrain
+    return [(r["loss"], r["lr"]) for r in pretrain(argv)]
+
+
+def test_a_resumed_run_keeps_the_decoupled_groups_and_their_schedule(tmp_path):
+    argv = TINY + ["--lr", "1e-2", "--decoupled-lr", "3e-2", "--decoupled-min-lr", "1e-3", "--lr-decay-iters", "4",
+                   "--lr-decay-style", "cosine", "--untie-embeddings-and-output-weights", "--hidden-dropout", "0",
+                   "--attention-dropout", "0"]
+    whole = run_on_ranks(_history, 1, argv + ["--train-iters", "4"], timeout=120)[0]
+    folder = str(tmp_path / "ckpt")
+    first = run_on_ranks(_history, 1, argv + ["--train-iters", "2", "--save", folder], timeout=120)[0]
+    rest = run_on_ranks(_history, 1, argv + ["--train-iters", "4", "--save", folder, "--load", folder], timeout=120)[0]
+    assert first + rest == whole
