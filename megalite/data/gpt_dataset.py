@@ -147,7 +147,7 @@ class GPTDataset:
 
 
 def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
-                       num_samples: tuple[int, int, int], cache_dir: str | None = None):
+                       num_samples: tuple[int, int, int], cache_dir: str | None = None, mmap_bin: bool = True):
     """(train, valid, test) GPT datasets, None for a split of zero width in ``split``.
 
     data_path: one prefix, several prefixes (blended in proportion to their sizes) or
@@ -160,7 +160,7 @@ def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: 
     bounds = parse_split(split)
 
     def one_dataset(prefix, samples_per_split):
-        indexed = IndexedDataset(prefix)
+        indexed = IndexedDataset(prefix, mmap_bin)
         built = []
         for name, bound, samples in zip(SPLIT_NAMES, bounds, samples_per_split):
             if bound is None:

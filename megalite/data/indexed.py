@@ -117,10 +117,13 @@ class IndexedDataset:
     ``ds[i]`` -> tokens of sequence i (a read-only view into the .bin), ``ds[a:b]`` -> list of
     them, ``ds.get(i, offset, length)`` -> a slice of one sequence.  Pickles as its prefix only,
     so DataLoader workers reopen the maps instead of copying them.
+
+    ``mmap_bin=False`` (Megatron's --no-mmap-bin-files): the .bin is not mapped; each read is a seek and
+    a read of the bytes it needs (for file systems where mapping large files is slow or unsupported).
     """
 
-    def __init__(self, path_prefix: str):
-        self.path_prefix = path_prefix
+    def __init__(self, path_prefix: str, mmap_bin: bool = True):
+        self.path_prefix, self.mmap_bin = path_prefix, mmap_bin
         check_dataset_exists(path_prefix)
         idx_path, bin_path = idx_path_of(path_prefix), bin_path_of(path_prefix)
         header = IndexHeader(idx_path)
@@ -142,13 +145,22 @@ class IndexedDataset:
                 raise IndexedDatasetError(str(error)) from None
             _VALIDATED.add(stamp)
         # np.memmap refuses empty files; an empty dataset has nothing to map.
-        self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_bytes else np.zeros(0, np.uint8)
+        self._bin_path, self._bin_bytes = bin_path, bin_bytes
+        self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_bytes and mmap_bin else np.zeros(0, np.uint8)
 
     def __getstate__(self):
-        return self.path_prefix
+        return self.path_prefix, self.mmap_bin
 
-    def __setstate__(self, path_prefix):
-        self.__init__(path_prefix)
+    def __setstate__(self, state):
+        self.__init__(*state)
+
+    def _tokens(self, count: int, byte_offset: int) -> np.ndarray:
+        """``count`` tokens from ``byte_offset`` of the .bin: a view of the map, or read from the file."""
+        if self.mmap_bin:
+            return np.frombuffer(self._bin, self.dtype, count, byte_offset)
+        with open(self._bin_path, "rb") as f:
+            f.seek(byte_offset)
+            return np.frombuffer(f.read(count * self.dtype.itemsize), self.dtype, count)
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -159,16 +171,16 @@ class IndexedDataset:
 
     def largest_token_id(self) -> int:
         """The largest id in the .bin (-1 when empty), read in 64 MiB slices of the memory map."""
-        tokens = np.frombuffer(self._bin, self.dtype) if len(self._bin) else np.zeros(0, self.dtype)
-        step = (64 << 20) // self.dtype.itemsize
-        return max((int(tokens[i:i + step].max()) for i in range(0, len(tokens), step)), default=-1)
+        total, step = self._bin_bytes // self.dtype.itemsize, (64 << 20) // self.dtype.itemsize
+        return max((int(self._tokens(min(step, total - i), i * self.dtype.itemsize).max())
+                    for i in range(0, total, step)), default=-1)
 
     def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens [offset, offset+length) of sequence idx (to its end when length is None)."""
         if length is None:
             length = int(self.sequence_lengths[idx]) - offset
         start = int(self.sequence_pointers[idx]) + offset * self.dtype.itemsize
-        return np.frombuffer(self._bin, self.dtype, length, start)
+        return self._tokens(length, start)
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):
@@ -178,7 +190,7 @@ class IndexedDataset:
             if start >= stop:
                 return []
             lengths = self.sequence_lengths[start:stop]
-            flat = np.frombuffer(self._bin, self.dtype, int(lengths.sum()), int(self.sequence_pointers[start]))
+            flat = self._tokens(int(lengths.sum()), int(self.sequence_pointers[start]))
             return np.split(flat, np.cumsum(lengths)[:-1])
         if isinstance(idx, (int, np.integer)):
             if idx < 0:

@@ -37,22 +37,30 @@ class MicroBatches:
     Under context parallelism (``cp_size`` > 1) every tensor holds only this CP rank's s/cp tokens
     (``split_for_context_parallel``: two chunks, with their true position ids).  With ``packing``
     (data/packing.py) positions and loss mask follow the documents, and ``documents`` (whole
-    samples, not split) tells attention where they start."""
+    samples, not split) tells attention where they start.
+
+    ``num_workers`` (--num-workers): 0 reads the samples in this process; N > 0 has a torch DataLoader's N
+    worker processes read and stack them ahead of the step, in the same order."""
 
     def __init__(self, dataset: SampleDataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 device: torch.device, cp_size: int = 1, cp_rank: int = 0, packing: Optional[Packing] = None):
+                 device: torch.device, cp_size: int = 1, cp_rank: int = 0, num_workers: int = 0,
+                 packing: Optional[Packing] = None):
         self.dataset, self.device, self.packing = dataset, device, packing
         self.cp_size, self.cp_rank = cp_size, cp_rank
-        self.sampler = iter(PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size))
+        sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+        if num_workers:
+            # Its own generator: a DataLoader seeds its workers from torch's global one otherwise, which would
+            # shift the training's dropout stream by the choice of --num-workers.
+            self.batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                                            collate_fn=stack_samples, generator=torch.Generator()))
+        else:
+            self.batches = (stack_samples([dataset[i] for i in indices]) for indices in sampler)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        indices = next(self.sampler)
-        items = [self.dataset[i] for i in indices]
-        batch = {key: torch.from_numpy(np.stack([item[key] for item in items]))
-                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch = next(self.batches)
         documents = None
         if self.packing is not None:
             batch = self.packing.apply(batch)
@@ -71,6 +79,12 @@ def packing_from_config(data: DataConfig, tokenizer: Optional[Tokenizer], vocab_
     return packing_of(data.reset_position_ids, data.reset_attention_mask, data.eod_mask_loss, eod)
 
 
+def stack_samples(items) -> Dict[str, torch.Tensor]:
+    """A micro-batch from samples: tokens, labels, loss_mask, position_ids each stacked to [b, s]."""
+    return {key: torch.from_numpy(np.stack([item[key] for item in items]))
+            for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
 def tokenizer_from_config(data: DataConfig, vocab_size: int) -> Optional[Tokenizer]:
     """The ``--tokenizer-type`` tokenizer with its files, or None when no type is given."""
     if data.tokenizer_type is None:
@@ -83,7 +97,7 @@ def datasets_from_config(data: DataConfig, model: ModelConfig, training: Trainin
                          packing: Optional[Packing] = None) -> Tuple[SampleDataset, Optional[SampleDataset]]:
     """(train, valid) datasets sized for the run; valid is None when the split gives it nothing.  With
     ``packing`` mock samples pack documents ended by its EOD, and real data must hold that EOD."""
-    train_samples = training.train_iters * training.global_batch_size
+    train_samples = training.train_iters * training.largest_global_batch_size()
     eval_samples = training.eval_iters * training.global_batch_size
     if data.mock_data:
         # The validation stream uses another seed, so evaluation never sees training samples.
@@ -97,23 +111,25 @@ def datasets_from_config(data: DataConfig, model: ModelConfig, training: Trainin
     cache_dir = data.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[-1])), "cache",
                                                      "GPTDataset_indices")
     train, valid, _ = build_gpt_datasets(prefixes, data.split, model.seq_length, model.seed,
-                                         (train_samples, eval_samples, 0), cache_dir=cache_dir)
-    check_token_ids(parse_blend(prefixes)[0], model.vocab_size, cache_dir)
+                                         (train_samples, eval_samples, 0), cache_dir=cache_dir,
+                                         mmap_bin=data.mmap_bin_files)
+    check_token_ids(parse_blend(prefixes)[0], model.vocab_size, cache_dir, data.mmap_bin_files)
     if packing is not None and (packing.reset_attention_mask or packing.reset_position_ids):
         for prefix in parse_blend(prefixes)[0]:
-            check_documents_end_with_eod(IndexedDataset(prefix), packing.eod, f"--data-path {prefix}")
+            check_documents_end_with_eod(IndexedDataset(prefix, mmap_bin=data.mmap_bin_files), packing.eod,
+                                         f"--data-path {prefix}")
     if train is None:
         raise ValueError(f"--split {data.split!r} leaves no training data; give the first part a positive weight")
     return train, valid
 
 
-def check_token_ids(prefixes, vocab_size: int, cache_dir: Optional[str]) -> None:
+def check_token_ids(prefixes, vocab_size: int, cache_dir: Optional[str], mmap_bin: bool = True) -> None:
     """Refuse data holding ids the model has no row for (the embedding would read zeros and the loss a
     0 logit: a run that trains on garbage and exits 0).  Each dataset's largest id is found once and
     kept beside the index cache."""
     for prefix in prefixes:
         (largest,) = cached_indices(cache_dir, {"largest_token_id": prefix}, [bin_path_of(prefix), idx_path_of(prefix)],
-                                    lambda p=prefix: (np.array([IndexedDataset(p).largest_token_id()]),),
+                                    lambda p=prefix: (np.array([IndexedDataset(p, mmap_bin).largest_token_id()]),),
                                     ["largest_token_id"])
         if int(largest[0]) >= vocab_size:
             raise ValueError(f"--data-path {prefix} holds token id {int(largest[0])} but the vocabulary has "

@@ -62,6 +62,8 @@ def wrap_for_data_parallel(chunks: Sequence[torch.nn.Module], opt_cfg: Optimizer
         return list(chunks)
     kwargs = {"overlap_grad_reduce": opt_cfg.overlap_grad_reduce,
               "use_distributed_optimizer": opt_cfg.use_distributed_optimizer}
+    if opt_cfg.grad_reduce_in_bf16:
+        kwargs["reduce_dtype"] = torch.bfloat16
     if opt_cfg.ddp_bucket_size is not None:
         kwargs["bucket_size"] = opt_cfg.ddp_bucket_size
     return [DistributedDataParallel(chunk, grid, **kwargs) for chunk in chunks]

@@ -84,6 +84,17 @@ def uses_weight_decay(param: torch.nn.Parameter) -> bool:
     return param.dim() > 1
 
 
+# The parameters --decoupled-lr drives, as Megatron-LM marks them: the word embedding (first stage) and the
+# output layer (last stage; the same tensor when tied on one stage), named as GPTModel names them.
+EMBEDDING_OR_OUTPUT = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def embedding_or_output_ids(model_chunks: Sequence[torch.nn.Module]) -> set:
+    """ids of the chunks' embedding and output-layer weights (any wrapper's name prefix allowed)."""
+    return {id(param) for chunk in model_chunks for name, param in chunk.named_parameters()
+            if any(name == end or name.endswith("." + end) for end in EMBEDDING_OR_OUTPUT)}
+
+
 class ParamSharding(Protocol):
     """Which parts of the parameters this rank updates, and what the step adds for that."""
 
@@ -110,6 +121,25 @@ class ReplicatedParams:
         pass
 
 
+def parameter_groups(params: Sequence[torch.nn.Parameter], config: OptimizerConfig, decoupled_ids: set) -> list:
+    """Decayed matrices, then undecayed 1-D params; with --decoupled-lr the embedding and output layer form
+    groups of their own after those, marked ``decoupled_lr`` (the LR scheduler gives them their own rates)."""
+    groups = []
+    for decoupled in (False, True):
+        if decoupled and config.decoupled_lr is None:
+            break
+        for decayed in (True, False):
+            members = [p for p in params if uses_weight_decay(p) == decayed
+                       and (config.decoupled_lr is not None and id(p) in decoupled_ids) == decoupled]
+            group = {"params": members, "lr": config.decoupled_lr if decoupled else config.lr,
+                     "weight_decay": config.weight_decay if decayed else 0.0}
+            if decoupled:
+                group["decoupled_lr"] = True
+            if members:
+                groups.append(group)
+    return groups
+
+
 class MegaliteOptimizer:
     """AdamW over fp32 masters; ``step() -> (stepped, grad_norm)``; see the module docstring.
 
@@ -129,12 +159,7 @@ class MegaliteOptimizer:
         params = unique_parameters(self.model_chunks)
         if not params:
             raise ValueError("the model has no trainable parameters; nothing to optimize")
-        self.param_groups = [
-            group for group in (
-                {"params": [p for p in params if uses_weight_decay(p)], "lr": config.lr,
-                 "weight_decay": config.weight_decay},
-                {"params": [p for p in params if not uses_weight_decay(p)], "lr": config.lr, "weight_decay": 0.0})
-            if group["params"]]
+        self.param_groups = parameter_groups(params, config, embedding_or_output_ids(self.model_chunks))
         self.pieces: List[List[Piece]] = [self.sharding.pieces(group["params"], grid) for group in self.param_groups]
 
     def all_pieces(self) -> List[Piece]:

@@ -12,13 +12,16 @@ Megatron's k so that the first step does not run at lr 0::
     k > decay_iters:             lr = min_lr (constant: max_lr)
 
 So the step right after warm-up runs at max_lr, and min_lr is reached after decay_iters steps.
+With ``--decoupled-lr`` the optimizer's groups marked ``decoupled_lr`` (the embedding and output layer)
+follow the same curve between their own peak and end rates (``decoupled=(max, min)``), as Megatron-LM's
+scheduler does for its decoupled groups.
 A schedule counted in samples (``--train-samples``) reads every "step" above as a sample:
 ``step(increment=samples of the step)``, and n is the samples consumed before the step plus one.
 """
 from __future__ import annotations
 
 import math
-from typing import get_args
+from typing import Optional, Tuple, get_args
 
 from megalite.config.settings import DecayStyle
 
@@ -29,7 +32,7 @@ class LRScheduler:
     STYLES = get_args(DecayStyle)
 
     def __init__(self, optimizer, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
-                 decay_style: str = "linear"):
+                 decay_style: str = "linear", decoupled: Optional[Tuple[float, float]] = None):
         if decay_style not in self.STYLES:
             raise ValueError(f"decay style {decay_style!r}: choose one of {', '.join(self.STYLES)}")
         if warmup_iters > decay_iters:
@@ -39,24 +42,26 @@ class LRScheduler:
         self.optimizer = optimizer
         self.max_lr, self.min_lr = float(max_lr), float(min_lr)
         self.warmup_iters, self.decay_iters, self.decay_style = int(warmup_iters), int(decay_iters), decay_style
+        self.decoupled = None if decoupled is None else (float(decoupled[0]), float(decoupled[1]))
         self.num_steps = 0  # optimizer steps taken so far
         self._apply()
 
-    def lr_at(self, n: int) -> float:
-        """Learning rate of the n-th (1-based) optimizer step."""
+    def lr_at(self, n: int, peak_and_end: Optional[Tuple[float, float]] = None) -> float:
+        """Learning rate of the n-th (1-based) optimizer step; ``peak_and_end``: other (max, min) rates."""
+        max_lr, min_lr = peak_and_end or (self.max_lr, self.min_lr)
         if self.warmup_iters > 0 and n <= self.warmup_iters:
-            return self.max_lr * n / self.warmup_iters
+            return max_lr * n / self.warmup_iters
         if self.decay_style == "constant":
-            return self.max_lr
+            return max_lr
         done = n - 1
         if done >= self.decay_iters:
-            return self.min_lr
+            return min_lr
         ratio = (done - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
         if self.decay_style == "linear":
             coeff = 1.0 - ratio
         else:
             coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-        return self.min_lr + (self.max_lr - self.min_lr) * coeff
+        return min_lr + (max_lr - min_lr) * coeff
 
     @property
     def lr(self) -> float:
@@ -66,7 +71,8 @@ class LRScheduler:
     def _apply(self) -> None:
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr
+                decoupled = group.get("decoupled_lr") and self.decoupled
+                group["lr"] = self.lr_at(self.num_steps + 1, self.decoupled if decoupled else None)
 
     def step(self, increment: int = 1) -> None:
         """After an optimizer step: ``increment`` is 1, or the step's samples for a sample-based schedule."""

@@ -23,6 +23,8 @@ every micro-batch but the last, so the buckets are reduced once per step.
 
 Averaging.  Each bucket is multiplied by 1/N before a SUM collective over the N = DP x CP ranks
 (gloo has no AVG op; dividing first also keeps fp32 sums of large grads from growing by N).
+With ``reduce_dtype=torch.bfloat16`` (--grad-reduce-in-bf16) the collective runs on a bf16 copy of the
+bucket (half the bytes on the wire, each term and the sum rounded to bf16), copied back when it ends.
 
 ZeRO-1 (``use_distributed_optimizer``).  Each bucket is padded to a multiple of N * 64 elements and
 split into N equal, contiguous shards; DP rank r owns shard r of every bucket.  The collective
@@ -62,6 +64,7 @@ class Bucket:
         self.param_data = param_data    # param-dtype view [numel] (ZeRO-1 only)
         self.pending = set()            # ids of params whose grad has not arrived this step
         self.work = None                # the in-flight collective
+        self.wire = None                # the bucket in the reduce dtype while its collective runs
 
     def shard_range(self, shard: int, num_shards: int) -> tuple:
         """[start, end) of shard ``shard`` within the bucket (ZeRO-1)."""
@@ -71,6 +74,7 @@ class Bucket:
     def reset(self) -> None:
         self.pending = {id(p) for p in self.params}
         self.work = None
+        self.wire = None
 
 
 class GradBuffer:
@@ -168,7 +172,8 @@ class DistributedDataParallel(torch.nn.Module):
     """
 
     def __init__(self, module: torch.nn.Module, grid: ProcessGrid, bucket_size: Optional[int] = DEFAULT_BUCKET_SIZE,
-                 overlap_grad_reduce: bool = False, use_distributed_optimizer: bool = False):
+                 overlap_grad_reduce: bool = False, use_distributed_optimizer: bool = False,
+                 reduce_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.module = module
         self.grid = grid
@@ -180,6 +185,7 @@ class DistributedDataParallel(torch.nn.Module):
             raise ValueError(f"bucket size {bucket_size} must be at least 1 element")
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
+        self.reduce_dtype = reduce_dtype
         self.sync_enabled = True
 
         params = [p for p in module.parameters() if p.requires_grad]
@@ -248,12 +254,14 @@ class DistributedDataParallel(torch.nn.Module):
         if self.group_size == 1:
             return
         bucket.grad_data.mul_(1.0 / self.group_size)
+        data = bucket.grad_data
+        if self.reduce_dtype != data.dtype:
+            data = bucket.wire = data.to(self.reduce_dtype)
         if self.use_distributed_optimizer:
             start, end = bucket.shard_range(self.group_rank, self.group_size)
-            bucket.work = reduce_scatter_into(bucket.grad_data[start:end], bucket.grad_data,
-                                               group=self.group, async_op=True)
+            bucket.work = reduce_scatter_into(data[start:end], data, group=self.group, async_op=True)
         else:
-            bucket.work = dist.all_reduce(bucket.grad_data, group=self.group, async_op=True)
+            bucket.work = dist.all_reduce(data, group=self.group, async_op=True)
         self.num_collectives += 1
 
     # -- the step ----------------------------------------------------------------------------------
@@ -277,6 +285,8 @@ class DistributedDataParallel(torch.nn.Module):
         for bucket in self.buckets:
             if bucket.work is not None:
                 bucket.work.wait()
+            if bucket.wire is not None:   # the reduced values, back into the fp32 buffer
+                bucket.grad_data.copy_(bucket.wire)
             bucket.reset()
         self._next_bucket = 0
 

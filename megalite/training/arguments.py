@@ -23,6 +23,7 @@ import yaml
 from megalite.checkpoint.paths import rank_dir
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.config.flags import choices, flag_name
+from megalite.config.megatron_switches import add_switches, check_switches, switch_dests
 from megalite.config.settings import (
     CONFIG_CLASSES,
     DataConfig,
@@ -35,7 +36,7 @@ from megalite.config.settings import (
 )
 from megalite.parallel.pipeline.orders import check_schedule, default_schedule
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
-from megalite.training.batch_schedule import BatchSchedule
+from megalite.training.batch_schedule import run_batch_schedule
 
 __all__ = ["build_parser", "parse_args", "validate_together", "check_context_parallel", "resolved_config"]
 
@@ -94,6 +95,7 @@ def build_parser() -> ArgumentParser:
     # A switch Megatron has that only gates another flag: --num-query-groups counts only with it.
     parser.add_argument("--group-query-attention", action="store_true",
                         help="use --num-query-groups key/value groups (grouped-query attention)")
+    add_switches(parser)
     parser.add_argument("--config", metavar="YAML", help="read flags from this YAML file (keys are flag names); "
                         "the command line overrides it")
     return parser
@@ -205,6 +207,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
         parser.set_defaults(**checkpoint_model_defaults(known.load))
     namespace = vars(parser.parse_args(argv))
     namespace.pop("config")
+    check_switches(namespace)
+    for dest in switch_dests():   # accepted or refused above; no config holds them
+        namespace.pop(dest)
     gqa = namespace.pop("group_query_attention", False)
     # Only what the command line gave (or a field's own default) reaches the dataclasses.
     given = {k: v for k, v in namespace.items() if v is not MISSING}
@@ -234,12 +239,8 @@ def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: O
     dp = parallel.data_parallel_size
     if training.global_batch_size is None:
         training.global_batch_size = training.micro_batch_size * dp
+    batches = run_batch_schedule(training, model.seq_length, dp)
     check_batch_sizes(training.global_batch_size, training.micro_batch_size, dp)
-    try:
-        batches = BatchSchedule(training.global_batch_size, training.micro_batch_size, dp, training.rampup_batch_size)
-    except ValueError as error:
-        raise ValueError(f"--rampup-batch-size {' '.join(map(str, training.rampup_batch_size))} with "
-                         f"--global-batch-size {training.global_batch_size}: {error}") from None
     if training.train_samples is not None:
         training.train_iters = batches.num_iterations(training.train_samples)
     check_context_parallel(model, parallel)
@@ -327,6 +328,19 @@ def checkpoint_model_defaults(root: str) -> Dict[str, Any]:
     elif model.get("num_query_groups") is not None:
         model["group_query_attention"] = True
     return model
+
+
+def check_machine(parallel: ParallelConfig, train: TrainingConfig) -> None:
+    """Refuse, before the ranks meet, what this machine cannot do (planning elsewhere may still ask for it)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    if parallel.distributed_backend == "nccl":
+        raise ValueError("--distributed-backend nccl needs CUDA GPUs and this machine has none; use "
+                         "--distributed-backend gloo, or leave the flag out (gloo on CPUs)")
+    if train.profile and not train.use_pytorch_profiler:
+        raise ValueError("--profile alone is Megatron's nsys capture (the CUDA profiler API) and this machine has no "
+                         "CUDA; add --use-pytorch-profiler for a torch.profiler trace")
 
 
 def check_output_folders(train: TrainingConfig) -> None:

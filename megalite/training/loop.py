@@ -46,9 +46,11 @@ from megalite.parallel.launch import init_distributed, shut_down_distributed
 from megalite.parallel.pipeline.schedules import get_forward_backward_func
 from megalite.parallel.pipeline.timeline import Timeline, draw_step_timeline
 from megalite.parallel.random import model_parallel_seed
-from megalite.training.arguments import check_output_folders, parse_args, resolved_config
-from megalite.training.batch_schedule import BatchSchedule
+from megalite.training.arguments import check_machine, check_output_folders, parse_args, resolved_config
+from megalite.training.batch_schedule import run_batch_schedule
 from megalite.training.exit_conditions import ExitSignal, exit_reason
+from megalite.training.loss_normalization import average_loss, normalize_grads_per_token, per_token_terms
+from megalite.training.memory_hygiene import ManualGarbageCollection, empty_unused_memory
 from megalite.training.metric_writers import build_writers
 from megalite.training.metrics import Logger
 from megalite.training.profiling import StepProfiler
@@ -103,22 +105,21 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
                                  cp=parallel_cfg.context_parallel_size,
                                  virtual_pp=parallel_cfg.virtual_pipeline_model_parallel_size,
                                  cp_comm_type=parallel_cfg.cp_comm_type)
-    batch_schedule = BatchSchedule(train_cfg.global_batch_size, train_cfg.micro_batch_size, grid.dp_size,
-                                   train_cfg.rampup_batch_size)
+    batch_schedule = run_batch_schedule(train_cfg, model_cfg.seq_length, grid.dp_size)
     # Dropout differs per pipeline stage (Megatron's seed offset); the TP tracker derives its own.
     seed_everything(model_cfg.seed + 100 * grid.pp_rank)
     model, layer_numbers = _model_as_trained(model_cfg, parallel_cfg, opt_cfg, train_cfg, grid, device)
     optimizer = build_optimizer(model, opt_cfg, grid)
     scheduler = LRScheduler(optimizer, opt_cfg.lr, opt_cfg.min_lr, *train_cfg.lr_schedule_steps(),
-                            train_cfg.lr_decay_style)
+                            train_cfg.lr_decay_style, decoupled=opt_cfg.decoupled_lr_range())
     forward_backward = get_forward_backward_func(grid.pp_size, grid.virtual_pp_size, parallel_cfg.pipeline_schedule)
 
     run = Run(model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg, grid, device, model, layer_numbers,
               optimizer, scheduler, forward_backward, train_dataset, valid_dataset, tokenizer, batch_schedule,
               train_cfg.num_microbatches(grid.dp_size), started_at=started_at, packing=packing)
     _resume(run)
-    run.train_iter = MicroBatches(train_dataset, run.consumed_samples, train_cfg.micro_batch_size,
-                                  grid.dp_rank, grid.dp_size, device, grid.cp_size, grid.cp_rank, packing)
+    run.train_iter = MicroBatches(train_dataset, run.consumed_samples, train_cfg.micro_batch_size, grid.dp_rank,
+                                  grid.dp_size, device, grid.cp_size, grid.cp_rank, data_cfg.num_workers, packing)
     return run
 
 
@@ -129,6 +130,7 @@ def _parse_and_join(argv, world_size: Optional[int]):
     configs = parse_args(argv, world_size=world_size)
     check_output_folders(configs[4])
     parallel_cfg = configs[1]
+    check_machine(parallel_cfg, configs[4])
     init_distributed(backend=parallel_cfg.distributed_backend, timeout_minutes=parallel_cfg.distributed_timeout_minutes)
     if dist.get_world_size() != parallel_cfg.world_size:
         raise ValueError(f"the launcher started {dist.get_world_size()} ranks but the flags were checked for "
@@ -184,6 +186,10 @@ def forward_step_func(run: Run, scale_loss: bool):
                              documents=batch.get("documents"))
 
         def loss_func(per_token_loss):  # per_token_loss: [b, s/cp] float32, on the last stage only
+            if run.train_cfg.calculate_per_token_loss:   # (sum, tokens, dict): undivided (loss_normalization.py)
+                loss_sum, tokens, mean_loss = per_token_terms(per_token_loss.float(), batch["loss_mask"])
+                backward_sum = run.optimizer.scale_loss(loss_sum) if scale_loss else loss_sum
+                return backward_sum, tokens, {"lm loss": mean_loss}
             loss, mean_loss = language_model_loss(per_token_loss.float(), batch["loss_mask"])
             backward_loss = run.optimizer.scale_loss(loss) if scale_loss else loss
             return backward_loss, {"lm loss": mean_loss}
@@ -205,19 +211,6 @@ def no_sync_func(model: List[torch.nn.Module]):
     return no_sync
 
 
-def average_loss(run: Run, losses: List[dict]) -> float:
-    """Mean micro-batch loss of the step, known on every rank (sum over PP: only the last stage has it)."""
-    total = torch.zeros(2, dtype=torch.float64, device=run.device)
-    if losses:
-        total[0] = sum(float(d["lm loss"]) for d in losses)
-        total[1] = len(losses)
-    if run.grid.pp_size > 1:
-        dist.all_reduce(total, group=run.grid.pp_group)
-    if run.grid.dp_size > 1:
-        dist.all_reduce(total, group=run.grid.dp_group)
-    return float(total[0] / total[1])
-
-
 def train_step(run: Run, timeline: Optional[Timeline] = None, num_microbatches: Optional[int] = None) -> dict:
     """One optimizer step over the global batch; returns the iteration's record (loss, lr, grad norm).
 
@@ -235,13 +228,17 @@ def train_step(run: Run, timeline: Optional[Timeline] = None, num_microbatches: 
         num_microbatches=num_microbatches, seq_length=run.model_cfg.seq_length,
         micro_batch_size=run.train_cfg.micro_batch_size, forward_only=False,
         no_sync_func=no_sync_func(run.model), grid=run.grid, timeline=timeline)
+    empty_unused_memory(run.train_cfg.empty_unused_memory_level, 1)
     finalize_model_grads(run.model, run.grid)
+    if run.train_cfg.calculate_per_token_loss:
+        normalize_grads_per_token(run.model, run.grid, losses, run.device)
     stepped, grad_norm = run.optimizer.step()
+    empty_unused_memory(run.train_cfg.empty_unused_memory_level, 2)
     if stepped:  # the schedule counts samples with --train-samples, else steps
         run.scheduler.step(global_batch_size if run.train_cfg.train_samples is not None else 1)
     run.iteration += 1
     run.consumed_samples += global_batch_size
-    return {"iteration": run.iteration, "loss": average_loss(run, losses), "lr": lr,
+    return {"iteration": run.iteration, "loss": average_loss(run.grid, losses, run.device), "lr": lr,
             "global_batch_size": global_batch_size,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "loss_scale": float(run.optimizer.loss_scale), "skipped_steps": run.optimizer.num_skipped_steps,
@@ -259,8 +256,8 @@ def evaluate(run: Run) -> Optional[dict]:
         return None
     for chunk in run.model:
         chunk.eval()
-    batches = MicroBatches(run.valid_dataset, 0, run.train_cfg.micro_batch_size, run.grid.dp_rank,
-                           run.grid.dp_size, run.device, run.grid.cp_size, run.grid.cp_rank, run.packing)
+    batches = MicroBatches(run.valid_dataset, 0, run.train_cfg.micro_batch_size, run.grid.dp_rank, run.grid.dp_size,
+                           run.device, run.grid.cp_size, run.grid.cp_rank, run.data_cfg.num_workers, run.packing)
     losses = []
     for _ in range(run.train_cfg.eval_iters):
         losses += run.forward_backward(
@@ -269,7 +266,7 @@ def evaluate(run: Run) -> Optional[dict]:
             micro_batch_size=run.train_cfg.micro_batch_size, forward_only=True, grid=run.grid)
     for chunk in run.model:
         chunk.train()
-    loss = average_loss(run, losses)
+    loss = average_loss(run.grid, losses, run.device)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
@@ -322,6 +319,16 @@ def _saved_already(run: Run) -> Optional[int]:
     return run.iteration if run.iteration and same else None
 
 
+def _evaluate_if_due(run: Run, record: dict, collector: ManualGarbageCollection) -> None:
+    """Every --eval-interval steps and at the last: the validation loss into the step's record."""
+    if run.iteration % run.train_cfg.eval_interval == 0 or run.iteration == run.train_cfg.train_iters:
+        collector.around_evaluation()
+        evaluation = evaluate(run)
+        collector.around_evaluation()
+        if evaluation is not None:
+            record.update(evaluation)
+
+
 def train(run: Run) -> List[dict]:
     """Train from run.iteration to --train-iters; returns the per-iteration records."""
     cfg, g = run.train_cfg, run.grid
@@ -329,7 +336,7 @@ def train(run: Run) -> List[dict]:
     logger = Logger(run.model_cfg, cfg, rank=g.rank, world_size=g.world_size, tp=g.tp_size, device=run.device,
                     half_precision=run.opt_cfg.bf16 or run.opt_cfg.fp16, start_iteration=run.iteration,
                     writers=build_writers(cfg, g.rank, resolved_config(run.configs())))
-    profiler = StepProfiler(cfg, g.rank)
+    profiler, collector = StepProfiler(cfg, g.rank), ManualGarbageCollection(cfg)
     exit_signal = ExitSignal(cfg.exit_signal_handler)
     parameters = flops.count_parameters(run.model_cfg, tp=g.tp_size)
     print_rank0(f"training {parameters:,} parameters on {g.world_size} rank(s) "
@@ -353,10 +360,8 @@ def train(run: Run) -> List[dict]:
             if timeline is not None:
                 step_microbatches = record["global_batch_size"] // (cfg.micro_batch_size * g.dp_size)
                 record["bubble_fraction"] = draw_timeline(run, timeline, step_microbatches)
-            if run.iteration % cfg.eval_interval == 0 or run.iteration == cfg.train_iters:
-                evaluation = evaluate(run)
-                if evaluation is not None:
-                    record.update(evaluation)
+            collector.after_step(run.iteration)
+            _evaluate_if_due(run, record, collector)
             run.history.append(logger.record(record, seconds))
             skipped_in_a_row = skipped_in_a_row + 1 if record["grad_norm"] is None else 0
             if skipped_in_a_row >= cfg.max_skipped_iterations_in_a_row:
@@ -378,6 +383,7 @@ def train(run: Run) -> List[dict]:
             save(run)
     finally:
         logger.close()
+        collector.close()
     return run.history
 
 

@@ -1,6 +1,7 @@
 """Where a run's scalars go besides the log line: TensorBoard (``--tensorboard-dir``, through
 ``torch.utils.tensorboard``) and Weights & Biases (``--wandb-project``, when wandb is installed;
-``WANDB_MODE=offline`` keeps the run on disk).  Global rank 0 writes; every record is one step."""
+``WANDB_MODE=offline`` keeps the run on disk).  Global rank 0 writes; every record is one step.  The
+validation perplexity is written only with ``--log-validation-ppl-to-tensorboard`` (Megatron's switch)."""
 from __future__ import annotations
 
 import os
@@ -27,12 +28,14 @@ class MetricWriter:
         pass
 
 
-def _scalars(record: dict) -> Dict[str, float]:
-    return {tag: float(record[key]) for key, tag in SCALARS.items() if record.get(key) is not None}
+def _scalars(record: dict, validation_ppl: bool) -> Dict[str, float]:
+    return {tag: float(record[key]) for key, tag in SCALARS.items()
+            if record.get(key) is not None and (validation_ppl or key != "eval_ppl")}
 
 
 class TensorBoardWriter(MetricWriter):
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, validation_ppl: bool = False):
+        self.validation_ppl = validation_ppl
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -41,7 +44,7 @@ class TensorBoardWriter(MetricWriter):
         self.summary = SummaryWriter(log_dir=folder)
 
     def write(self, record: dict) -> None:
-        for tag, value in _scalars(record).items():
+        for tag, value in _scalars(record, self.validation_ppl).items():
             self.summary.add_scalar(tag, value, record["iteration"])
 
     def close(self) -> None:
@@ -49,7 +52,8 @@ class TensorBoardWriter(MetricWriter):
 
 
 class WandbWriter(MetricWriter):
-    def __init__(self, project: str, name: Optional[str], folder: str, settings: dict):
+    def __init__(self, project: str, name: Optional[str], folder: str, settings: dict, validation_ppl: bool = False):
+        self.validation_ppl = validation_ppl
         try:
             import wandb
         except ImportError:
@@ -58,7 +62,7 @@ class WandbWriter(MetricWriter):
         self.run = wandb.init(project=project, name=name, dir=folder, config=settings)
 
     def write(self, record: dict) -> None:
-        self.run.log(_scalars(record), step=record["iteration"])
+        self.run.log(_scalars(record, self.validation_ppl), step=record["iteration"])
 
     def close(self) -> None:
         self.run.finish()
@@ -70,8 +74,9 @@ def build_writers(cfg: TrainingConfig, rank: int, settings: dict) -> List[Metric
         return []
     writers: List[MetricWriter] = []
     if cfg.tensorboard_dir:
-        writers.append(TensorBoardWriter(cfg.tensorboard_dir))
+        writers.append(TensorBoardWriter(cfg.tensorboard_dir, cfg.log_validation_ppl_to_tensorboard))
     if cfg.wandb_project:
         folder = cfg.wandb_save_dir or os.path.join(cfg.save or cfg.tensorboard_dir or ".", "wandb")
-        writers.append(WandbWriter(cfg.wandb_project, cfg.wandb_exp_name, folder, settings))
+        writers.append(WandbWriter(cfg.wandb_project, cfg.wandb_exp_name, folder, settings,
+                                   cfg.log_validation_ppl_to_tensorboard))
     return writers

@@ -10,7 +10,8 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 
 
 def run_cli(*argv):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The checkout under test, not whichever megalite is installed.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return subprocess.run([sys.executable, SCRIPT, *TINY, *argv], capture_output=True, text=True, env=env,

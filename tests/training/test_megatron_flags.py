@@ -8,10 +8,11 @@ from megalite.parallel.testing import run_on_ranks
 from megalite.training.arguments import parse_args
 from megalite.training.batch_schedule import BatchSchedule
 
-# The flags of Megatron-LM's examples/gpt3/train_gpt3_857m_distributed.sh (and the GPT-2 345M
-# examples/pretrain_gpt.sh: --data-impl, --distributed-backend, --checkpoint-activations,
-# --lr-warmup-fraction), every flag name kept, sizes shrunk to a CPU test; --mock-data stands in for
-# the corpus, so the vocabulary flags are left out.
+# The flags of Megatron-LM's former examples/gpt3/train_gpt3_857m_distributed.sh (Megatron-LM no longer
+# has it; its current scripts are kept and trained in tests/training/test_megatron_scripts.py) and of the
+# older GPT-2 345M examples/pretrain_gpt.sh (--data-impl, --distributed-backend, --checkpoint-activations,
+# --lr-warmup-fraction, --rampup-batch-size), sizes shrunk to a CPU test; --mock-data stands in for the
+# corpus, so the vocabulary flags are left out.
 MEGATRON_857M = [
     "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
     "--max-position-embeddings", "16", "--attention-backend", "auto",

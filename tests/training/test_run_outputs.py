@@ -26,8 +26,8 @@ def _pretrain(rank, world_size, argv, env):
 def test_tensorboard_events_hold_the_loss(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     folder = tmp_path / "tb"
-    history = run_on_ranks(_pretrain, 1, TINY + ["--train-iters", "3", "--tensorboard-dir", str(folder)], {},
-                           timeout=120)[0]
+    history = run_on_ranks(_pretrain, 1, TINY + ["--train-iters", "3", "--tensorboard-dir", str(folder),
+                                                 "--log-validation-ppl-to-tensorboard"], {}, timeout=120)[0]
     events = event_accumulator.EventAccumulator(str(folder))
     events.Reload()
     scalars = events.Tags()["scalars"]
@@ -126,3 +126,25 @@ def test_resolved_config_reads_back_to_the_same_settings(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(resolved_config(configs)))
     assert parse_args(["--config", str(path)], world_size=1) == configs
+
+
+class _Summary:
+    def __init__(self):
+        self.tags = []
+
+    def add_scalar(self, tag, value, step):
+        self.tags.append(tag)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_validation_perplexity_goes_to_tensorboard_only_with_megatrons_switch(tmp_path, flag):
+    pytest.importorskip("tensorboard")
+    from megalite.training.arguments import parse_args
+    from megalite.training.metric_writers import build_writers
+    argv = TINY + ["--tensorboard-dir", str(tmp_path)] + (["--log-validation-ppl-to-tensorboard"] if flag else [])
+    (writer,) = build_writers(parse_args(argv, world_size=1)[4], rank=0, settings={})
+    writer.summary.close()
+    writer.summary = _Summary()
+    writer.write({"iteration": 3, "loss": 2.0, "eval_loss": 2.5, "eval_ppl": 12.18})
+    assert "lm loss validation" in writer.summary.tags
+    assert ("lm loss validation ppl" in writer.summary.tags) == flag

@@ -17,8 +17,16 @@ def forward_and_loss(forward_step_func, data_iterator, chunk: torch.nn.Module, n
     """Run one micro-batch through the last stage's chunk and return its loss / num_microbatches.
 
     The loss_func's dict is appended to ``losses`` (logging sees the undivided per-micro-batch loss).
+    A loss_func that returns three values, ``(loss sum, valid tokens, dict)``, asks for per-token
+    normalization (Megatron's convention): the sum is returned undivided, the count goes into the dict
+    as ``num_tokens``, and the caller divides the gradients once the step's tokens are known.
     """
     output_tensor, loss_func = forward_step_func(data_iterator, chunk)
-    loss, loss_dict = loss_func(output_tensor)
+    result = loss_func(output_tensor)
+    if len(result) == 3:
+        loss_sum, num_tokens, loss_dict = result
+        losses.append({**loss_dict, "num_tokens": num_tokens})
+        return loss_sum
+    loss, loss_dict = result
     losses.append(loss_dict)
     return loss / num_microbatches

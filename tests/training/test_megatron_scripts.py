@@ -1,0 +1,136 @@
+"""Acceptance: the argument lists of Megatron-LM's current scripts (tests/training/megatron_scripts/*.txt,
+each naming its source and commit) parse and train a few iterations on 1 and 2 ranks, shrunk: sizes made
+tiny, paths pointed at a temporary folder, the FP8 flags removed (refused: tests/config/test_megatron_switches.py),
+every other flag name kept.
+
+Flags a Megatron runner adds outside the file (the modelopt configurations hold only the model) and the
+few this CPU test must add are in EXTRA, each with its reason."""
+import math
+import os
+
+import pytest
+
+from megalite.config.megatron_switches import REFUSED
+from megalite.parallel.testing import run_on_ranks
+from megalite.training.arguments import parse_args
+from tests.data.conftest import CORPUS, write_corpus
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatron_scripts")
+
+# STUBBED FOR NOW -- the MODEL-feature flags another engineer is adding (ModelConfig, config/model_settings.py):
+#   --kv-channels --rotary-percent --apply-layernorm-1p --add-qkv-bias --qk-layernorm --use-rope-scaling
+#   --padded-vocab-size --use-rotary-position-embeddings --no-position-embedding
+# They are taken out of the argument lists below until that work is merged; the merge re-adds them by
+# emptying this set (each file still lists them).
+STUBBED_MODEL_FLAGS = {"--kv-channels", "--rotary-percent", "--apply-layernorm-1p", "--add-qkv-bias", "--qk-layernorm",
+                       "--use-rope-scaling", "--padded-vocab-size", "--use-rotary-position-embeddings",
+                       "--no-position-embedding"}
+
+# Tiny values for the sizes (and the paths), per flag, for every script.
+TINY = {
+    "--num-layers": "2", "--hidden-size": "32", "--ffn-hidden-size": "64", "--num-attention-heads": "4",
+    "--seq-length": "16", "--max-position-embeddings": "16", "--micro-batch-size": "1", "--log-interval": "1",
+    "--eval-iters": "1", "--vocab-size": "64", "--num-query-groups": "2",
+}
+
+# Per script: its own shrunk values (by flag), what a runner or this test adds, and the iterations it trains.
+CASES = {
+    "train_gpt3_175b_distributed": dict(
+        # Thresholds in tokens: 32 and 64 tokens are samples 2 and 4 of 16 tokens.
+        values={"--global-batch-size": "4", "--step-batch-size-schedule": "0:2 32:2 64:4", "--train-iters": "4",
+                "--lr-decay-iters": "4", "--pipeline-model-parallel-size": "{pp}", "--tensor-model-parallel-size": "1"},
+        # Megatron-LM refuses --vocab-file/--merge-file without a --tokenizer-type too (and, at the commit read,
+        # --global-batch-size beside a step schedule: megalite accepts it when it equals the schedule's last size).
+        extra=["--tokenizer-type", "GPT2BPETokenizer"], iterations=4),
+    "train_llama3_8b_h100_fp8": dict(
+        values={"--global-batch-size": "4", "--train-samples": "12", "--lr-decay-samples": "12",
+                "--lr-warmup-samples": "4", "--profile-step-start": "2", "--profile-step-end": "3"},
+        # --profile alone is Megatron's nsys capture; on a CPU the PyTorch profiler stands in.
+        extra=["--use-pytorch-profiler"], iterations=3),
+    "Llama-3.2-1B-Instruct": dict(values={}, extra=[], iterations=2, runner=True),
+    "Qwen3-0.6B": dict(values={}, extra=[], iterations=2, runner=True),
+    "Qwen2.5-0.5B-Instruct": dict(values={}, extra=[], iterations=2, runner=True),
+}
+# What Megatron's modelopt runner scripts add to a configuration's MODEL_ARGS, shrunk.
+RUNNER = ["--mock-data", "--tokenizer-model", "{tokenizer_json}", "--train-iters", "2", "--global-batch-size", "2",
+          "--lr", "1e-4", "--eval-iters", "1", "--save", "{save}"]
+
+
+def read_arguments(name):
+    """[(flag, value or None)] of a script's file: one flag and its value per line after the header."""
+    with open(os.path.join(SCRIPTS, name + ".txt")) as f:
+        lines = f.read().splitlines()
+    assert lines[0].startswith("# source: ") and "commit " in lines[0]
+    pairs = []
+    for line in lines[1:]:
+        flag, _, value = line.partition(" ")
+        pairs.append((flag, value or None))
+    return pairs
+
+
+def shrunk_argv(name, world_size, folder, files):
+    case = CASES[name]
+    values = {**TINY, **case["values"]}
+    paths = {"DATA_PATH": files["data"], "VOCAB_FILE": files["vocab"], "MERGE_FILE": files["merges"],
+             "CHECKPOINT_PATH": os.path.join(folder, "ckpt"), "TENSORBOARD_LOGS_PATH": os.path.join(folder, "tb"),
+             "DATA_CACHE_PATH": os.path.join(folder, "cache")}
+    argv = []
+    for flag, value in read_arguments(name):
+        if flag in REFUSED or flag in STUBBED_MODEL_FLAGS:
+            continue
+        argv.append(flag)
+        if value is not None:
+            value = paths.get(value, values.get(flag, value))
+            argv.append(value.format(pp=world_size))
+    runner = [v.format(tokenizer_json=files["tokenizer_json"], save=paths["CHECKPOINT_PATH"]) for v in RUNNER] \
+        if case.get("runner") else []
+    return argv + runner + case["extra"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A GPT-2 BPE vocabulary and merges, a Hugging Face tokenizer.json, and a corpus of their ids."""
+    from megalite.data import train_tokenizer
+    root = tmp_path_factory.mktemp("megatron_scripts")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(CORPUS * 5):
+        (corpus / f"doc{i}.py").write_text(text)
+    train_tokenizer.main(["--input", str(corpus), "--pattern", "*.py", "--vocab-size", "300",
+                          "--output-dir", str(root / "out")])
+    write_corpus(str(root / "data"), 80, seed=0, vocab=250)
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(CORPUS * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(root / "tokenizer.json"))
+    return {"vocab": str(root / "out" / "vocab.json"), "merges": str(root / "out" / "merges.txt"),
+            "data": str(root / "data"), "tokenizer_json": str(root / "tokenizer.json")}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_flag_name_of_the_script_is_kept_but_fp8_and_the_stubbed(name, tmp_path, files):
+    argv = shrunk_argv(name, 1, str(tmp_path), files)
+    for flag, _ in read_arguments(name):
+        assert (flag in argv) != (flag in REFUSED or flag in STUBBED_MODEL_FLAGS), flag
+    parse_args(argv, world_size=1)
+
+
+def _train(rank, world_size, argv):
+    from megalite.training.loop import pretrain
+    return pretrain(argv)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_shrunk_script_trains(name, world_size, tmp_path, files):
+    argv = shrunk_argv(name, world_size, str(tmp_path), files)
+    histories = run_on_ranks(_train, world_size, argv, timeout=240)
+    history = histories[0]
+    assert len(history) == CASES[name]["iterations"]
+    assert all(math.isfinite(r["loss"]) for r in history)
+    assert all([r["loss"] for r in other] == [r["loss"] for r in history] for other in histories)
+    if name == "train_gpt3_175b_distributed":      # the step schedule: 2 until sample 4, then 4
+        assert [r["global_batch_size"] for r in history] == [2, 2, 4, 4]
