@@ -30,6 +30,20 @@ inventory (activations.py) is what they read:
     norms 2 x 2 sbh e/sp, bias-dropout-add 2 x (3e + 1) sbh/sp, softmax 2 e as^2b/t,
     attention dropout (2e + 1) as^2b/t, GELU 2 e sbf/t                  (sp = t with SP, else 1)
 
+The attention core runs one of two ways (``--attention-backend``; activations.fused_attention):
+
+- unfused ("unfused", "local"): the scores and context GEMMs above over the full ``s x s`` (causal
+  masking saves nothing: the masked half is computed, then overwritten), plus the softmax and dropout
+  bytes at the memory bandwidth;
+- fused (flash, the default): one kernel, priced from its FLOPs with the causal half skipped
+  (whole key blocks above the diagonal are not visited; a load-balanced CP split keeps each rank at
+  half of its ``(s/CP) x s`` block, Liu et al. 2023 "Ring Attention" / Megatron's CP), forward
+  ``2 (ab/t) (s/CP) s d`` (half of the two products' ``4 ...``), backward 2.5 x that (five products
+  instead of two: the scores are recomputed, then dV, dP, dQ, dK; Dao 2023 "FlashAttention-2",
+  Sec. 3.1.2), at ``peak x attention_efficiency`` (hardware.py).  No score bytes move through HBM.
+
+A calibration table of measured SDPA (a CPU) replaces both: it is what runs there.
+
 Recompute: full adds the layer's forward to its backward; selective adds the attention core.  So
 hardware FLOPs are 4 x forward with full recompute (Narayanan et al. 2021, Eq. 3) and 3 x forward
 plus the attention core with selective (Korthikanti et al. 2022, Sec. 6).
@@ -42,13 +56,20 @@ from typing import List, NamedTuple, Optional
 
 from megalite.config.settings import ModelConfig
 from megalite.model.flops import flops_per_iteration
+from megalite.scaling.activations import fused_attention
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.interpolate import interpolate
 
 __all__ = ["Gemm", "PassTimes", "gemm_rate", "gemm_seconds", "layer_gemms", "backward_gemms", "layer_times",
+           "attention_core_times", "FLASH_BACKWARD_RATIO",
            "logits_times", "hardware_flops_per_iteration", "element_size"]
 
 _TILES = ((256, 128), (128, 256))
+# A fused kernel's backward runs five products per block (S = Q K^T again, dV, dP, dQ, dK) against the
+# forward's two (S, then P V): 2.5 x the forward's FLOPs.
+FLASH_BACKWARD_RATIO = 2.5
+# The causal mask: a fused kernel skips the key blocks above the diagonal, half of them.
+CAUSAL_FRACTION = 0.5
 
 
 class Gemm(NamedTuple):
@@ -195,16 +216,30 @@ def attention_rates(hardware: Hardware, dtype: str, heads: int, s: int, d: int) 
 
 def _core_times(model: ModelConfig, core: List[Gemm], core_bytes: float, hardware: Hardware, dtype: str) -> tuple:
     """(forward, backward) seconds of the attention core: measured SDPA when the calibration has it
-    (and attention dropout is off: the table is of the dropout-free kernel), else its GEMMs plus
-    the softmax/dropout bytes at the memory bandwidth."""
+    (and attention dropout is off: the table is of the dropout-free kernel); else a fused kernel's
+    FLOPs (causal half skipped) at ``peak x attention_efficiency``; else (unfused) its GEMMs plus the
+    softmax/dropout bytes at the memory bandwidth."""
     scores = core[0]
     rates = attention_rates(hardware, dtype, scores.batch, model.seq_length, model.head_dim)
     if rates is not None and model.attention_dropout == 0:
         flops = sum(g.flops for g in core)
         return flops / (rates[0] * 1e12), 2 * flops / (rates[1] * 1e12)
+    if fused_attention(model.attention_backend):
+        forward = CAUSAL_FRACTION * sum(g.flops for g in core) / (hardware.peak(dtype) * hardware.attention_efficiency
+                                                                  * 1e12)
+        return forward, FLASH_BACKWARD_RATIO * forward
     bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     backward = sum(gemm_seconds(b, hardware, dtype) for g in core for b in backward_gemms(g))
     return _seconds(core, hardware, dtype) + core_bytes / bandwidth, backward + 2 * core_bytes / bandwidth
+
+
+def attention_core_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1,
+                         cp: int = 1) -> tuple:
+    """(forward, backward) seconds of one layer's attention core on one TP and CP rank (what a CP
+    ring's K/V transfers run beside)."""
+    core = [g for g in layer_gemms(model, micro_batch, tp, cp) if g.attention_core]
+    _families, core_bytes = _elementwise_bytes(model, micro_batch, tp, cp, False, element_size(dtype))
+    return _core_times(model, core, core_bytes, hardware, dtype)
 
 
 def _seconds(gemms: List[Gemm], hardware: Hardware, dtype: str) -> float:

@@ -78,6 +78,9 @@ class Hardware:
     num_sms: int = 0
     gemm_efficiency: float = 1.0
     memory_efficiency: float = 1.0
+    # A fused (flash) attention kernel's share of peak on its FLOPs, forward and backward alike
+    # (compute.py); a calibration's measured SDPA table replaces it.
+    attention_efficiency: float = 0.5
     matmul: Tuple[Tuple[int, int, int, str, float, str], ...] = field(default=())
     optimizer_bytes_per_s: Optional[float] = None
     attention: Tuple[Tuple[int, int, int, str, float, float], ...] = field(default=())
@@ -115,7 +118,11 @@ _A100 = dict(peak_tflops={"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
              gemm_efficiency=0.80,
              # Streaming kernels reach ~90% of the HBM bandwidth on A100 (the STREAM-like copy
              # figures vendors quote: ~1.8 of 2.0 TB/s) -- assumed, not fitted.
-             memory_efficiency=0.90)
+             memory_efficiency=0.90,
+             # FlashAttention-2 (Dao 2023, Sec. 4.1) reaches 50-73% of the A100's peak on its own FLOPs
+             # (causal half skipped), forward and backward together at head dim 64-128; the low end of that
+             # range plus a margin for shorter sequences -- an assumption, not a fit to any table row.
+             attention_efficiency=0.55)
 
 PRESETS: Dict[str, Hardware] = {
     # A100 SXM4 40GB: HBM2, 1,555 GB/s (data sheet).

@@ -35,7 +35,7 @@ from typing import List, Optional
 from megalite.config.settings import ModelConfig
 from megalite.model.flops import count_parameters
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
-from megalite.scaling.activations import activation_bytes_per_layer
+from megalite.scaling.activations import activation_bytes_per_layer, fused_attention
 
 __all__ = ["StageMemory", "in_flight_formula", "parameter_split", "activation_bytes", "stage_memories"]
 
@@ -96,12 +96,14 @@ def _layers_on_rank(model: ModelConfig, pp: int, vpp: Optional[int], rank: int, 
 def activation_bytes(model: ModelConfig, micro_batch: int, *, tp: int = 1, cp: int = 1,
                      sequence_parallel: bool = False, recompute: Optional[str] = None, element_size: int = 2) -> float:
     """One layer, one micro-batch, one rank: Korthikanti et al. 2022 (activations.py), 1-byte dropout
-    masks when dropout is on, a CP rank's s/cp tokens."""
+    masks when dropout is on, a CP rank's s/cp queries against all s keys; no score matrix with fused
+    attention (``--attention-backend`` other than unfused/local)."""
     dropout = model.hidden_dropout > 0 or model.attention_dropout > 0
     return activation_bytes_per_layer(model.seq_length // cp, micro_batch, model.hidden_size,
                                       model.num_attention_heads, tp=tp, sequence_parallel=sequence_parallel,
                                       recompute=recompute, element_size=element_size,
-                                      ffn=model.ffn_hidden_size, dropout=dropout)
+                                      ffn=model.ffn_hidden_size, dropout=dropout, kv_length=model.seq_length,
+                                      fused=fused_attention(model.attention_backend))
 
 
 def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp: int, dp: int,

@@ -25,7 +25,14 @@ from megalite.model.flops import count_parameters, flops_per_iteration
 from megalite.parallel.pipeline.orders import default_schedule
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 from megalite.scaling import communication as comm
-from megalite.scaling.compute import PassTimes, element_size, hardware_flops_per_iteration, layer_times, logits_times
+from megalite.scaling.compute import (
+    PassTimes,
+    attention_core_times,
+    element_size,
+    hardware_flops_per_iteration,
+    layer_times,
+    logits_times,
+)
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.memory import StageMemory, activation_bytes, in_flight_formula, stage_memories
 from megalite.scaling.schedule import pipeline_time
@@ -159,15 +166,11 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     tp_f = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f)
     tp_b = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True)
     cp_f = cp_b = 0.0
-    if cp > 1:   # K and V of this rank's tokens all-gathered over CP (forward; reduce-scattered in backward)
-        kv_bytes = 2 * model.seq_length * b * model.num_query_groups * model.head_dim * e / tp
-        cp_link = comm.group_link(hardware, cp, tp)
-        cp_f = comm.all_gather_time(kv_bytes, cp, cp_link, gap_f)
-        cp_b = comm.reduce_scatter_time(kv_bytes, cp, cp_link, gap_b)
+    if cp > 1:
+        cp_f, cp_b = _cp_ring_exposed(model, lay, hardware, gap_f, gap_b)
     # full recompute repeats the forward's collectives inside the backward
     layer_comm_f = tp_f + cp_f
-    layer_comm_b = tp_b + cp_b + ((comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b)
-                                   + (comm.all_gather_time(kv_bytes, cp, cp_link, gap_b) if cp > 1 else 0.0))
+    layer_comm_b = tp_b + cp_b + ((comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b) + cp_f)
                                   if full else 0.0)
     p2p = 0.0
     if lay.pp > 1:   # a message follows one chunk's pass
@@ -179,6 +182,18 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     ends = (PassTimes(*comm.tp_embedding_time(tokens_bytes, tp, tp_link, sp, gap_f), 0.0),
             PassTimes(*logits_comm, 0.0))
     return layer_comm_f, layer_comm_b, p2p, ends
+
+
+def _cp_ring_exposed(model: ModelConfig, lay: Layout, hardware: Hardware, gap_f: float, gap_b: float) -> tuple:
+    """(forward, backward) seconds of one layer's CP K/V ring that the attention core does not hide
+    (communication.cp_ring_times); all of it where communication does not overlap compute."""
+    kv_block = comm.kv_block_bytes(model.seq_length // lay.cp, lay.micro_batch, model.num_query_groups,
+                                   model.head_dim, element_size(lay.dtype), lay.tp)
+    ring_f, ring_b = comm.cp_ring_times(kv_block, lay.cp, comm.group_link(hardware, lay.cp, lay.tp), gap_f, gap_b)
+    if not hardware.overlaps_communication:
+        return ring_f, ring_b
+    core_f, core_b = attention_core_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp)
+    return max(0.0, ring_f - core_f), max(0.0, ring_b - core_b)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,9 @@ def model_flags(heads: int, hidden: int, layers: int, tp: int, pp: int, batch: i
              "--seq-length", str(SEQ_LENGTH), "--max-position-embeddings", str(SEQ_LENGTH),
              "--vocab-size", str(VOCAB_SIZE), "--make-vocab-size-divisible-by", "128",
              "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-             "--global-batch-size", str(batch), "--fp16"]
+             "--global-batch-size", str(batch), "--fp16",
+             # both papers' attention materialized the scores (their activation counts rest on it)
+             "--attention-backend", "unfused"]
     if micro_batch is not None:
         flags += ["--micro-batch-size", str(micro_batch)]
     return flags
