@@ -10,7 +10,10 @@
 
 Every flag ``megalite-train`` takes means the same here (they are parsed by ``arguments.parse_args``);
 the planner adds the machine (``--world-size``, ``--gpu``, ``--gpus-per-node``, ``--cluster``,
-``--calibration``).  A micro-batch or virtual pipeline size left out is chosen (planner.py) and
+``--calibration``) and Megatron-LM's flags that change only time or memory (scaling/options.py:
+``--tp-comm-overlap``, ``--overlap-param-gather``, ``--no-overlap-p2p-communication``,
+``--account-for-embedding-in-pipeline-split``, ``--account-for-loss-in-pipeline-split``, ``--fp8-format``,
+``--data-parallel-sharding-strategy``).  A micro-batch or virtual pipeline size left out is chosen (planner.py) and
 reported.  Bad input is one line, ``megalite-plan: error: ...``, exit status 2.
 """
 from __future__ import annotations
@@ -101,7 +104,9 @@ def run(argv: List[str], prog: str) -> int:
     if ours.help:
         from megalite.training.arguments import build_parser as trainer_parser
         build_parser(prog).print_help()
-        print("\nand every megalite-train flag:\n")
+        from megalite.scaling import options
+        print("\n" + options.__doc__.split("\n\n")[2].rstrip() + "\n")
+        print("and every megalite-train flag:\n")
         trainer_parser().print_help()
         return 0
     if ours.calibrate:

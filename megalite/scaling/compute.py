@@ -61,7 +61,7 @@ from megalite.scaling.hardware import Hardware
 from megalite.scaling.interpolate import interpolate
 
 __all__ = ["Gemm", "PassTimes", "gemm_rate", "gemm_seconds", "layer_gemms", "backward_gemms", "layer_times",
-           "attention_core_times", "FLASH_BACKWARD_RATIO",
+           "attention_core_times", "linear_times", "FLASH_BACKWARD_RATIO",
            "logits_times", "hardware_flops_per_iteration", "element_size"]
 
 _TILES = ((256, 128), (128, 256))
@@ -246,6 +246,22 @@ def _seconds(gemms: List[Gemm], hardware: Hardware, dtype: str) -> float:
     return sum(gemm_seconds(g, hardware, dtype) for g in gemms)
 
 
+def _linear_times(forward_gemms: List[Gemm], hardware: Hardware, dtype: str) -> PassTimes:
+    times = PassTimes(0.0, 0.0, 0.0)
+    for gemm in forward_gemms:
+        if not gemm.attention_core:
+            grad_input, grad_weight = backward_gemms(gemm)
+            times = times + PassTimes(gemm_seconds(gemm, hardware, dtype), gemm_seconds(grad_input, hardware, dtype),
+                                      gemm_seconds(grad_weight, hardware, dtype))
+    return times
+
+
+def linear_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1,
+                 cp: int = 1) -> PassTimes:
+    """The four linear layers' GEMMs of one layer (what TP communication can overlap with)."""
+    return _linear_times(layer_gemms(model, micro_batch, tp, cp), hardware, dtype)
+
+
 def layer_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1, cp: int = 1,
                 sequence_parallel: bool = False, recompute: Optional[str] = None) -> PassTimes:
     """Compute seconds of one layer on one micro-batch, on one TP rank (communication excluded)."""
@@ -254,17 +270,13 @@ def layer_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype:
     families, core_bytes = _elementwise_bytes(model, micro_batch, tp, cp, sequence_parallel, e)
     core_forward, core_backward = _core_times(model, [g for g in forward_gemms if g.attention_core], core_bytes,
                                               hardware, dtype)
-    forward, backward_input, backward_weight = core_forward, core_backward, 0.0
+    forward, backward_input = core_forward, core_backward
     for op, (count, nbytes) in families.items():
         op_forward, op_backward = elementwise_seconds(op, nbytes, hardware, dtype)
         forward, backward_input = forward + count * op_forward, backward_input + count * op_backward
-    for gemm in forward_gemms:
-        if gemm.attention_core:
-            continue
-        grad_input, grad_weight = backward_gemms(gemm)
-        forward += gemm_seconds(gemm, hardware, dtype)
-        backward_input += gemm_seconds(grad_input, hardware, dtype)
-        backward_weight += gemm_seconds(grad_weight, hardware, dtype)
+    linears = _linear_times(forward_gemms, hardware, dtype)
+    forward, backward_input = forward + linears.forward, backward_input + linears.backward_input
+    backward_weight = linears.backward_weight
     if recompute == "full":
         backward_input += forward
     elif recompute == "selective":

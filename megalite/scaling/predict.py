@@ -31,10 +31,13 @@ from megalite.scaling.compute import (
     element_size,
     hardware_flops_per_iteration,
     layer_times,
+    linear_times,
     logits_times,
 )
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.memory import StageMemory, activation_bytes, in_flight_formula, stage_memories
+from megalite.scaling.options import PlanOptions
+from megalite.scaling.overlap import behind, check_options, p2p_exposed, tp_exposed
 from megalite.scaling.schedule import pipeline_time
 
 __all__ = ["Prediction", "predict", "Layout", "layout_of", "memory_per_stage", "run_dtype", "with_host_overhead"]
@@ -110,6 +113,7 @@ class Layout:
     num_microbatches: int
     schedule: Optional[str]
     dtype: str
+    options: PlanOptions = PlanOptions()
 
     @property
     def v(self) -> int:
@@ -117,7 +121,7 @@ class Layout:
 
 
 def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
-              world_size: Optional[int] = None) -> Layout:
+              world_size: Optional[int] = None, options: Optional[PlanOptions] = None) -> Layout:
     world = world_size or parallel.world_size
     tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                   parallel.context_parallel_size)
@@ -130,7 +134,10 @@ def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: Opt
     if gbs % (b * dp):
         raise ValueError(f"global batch {gbs} is not divisible by micro-batch {b} x data-parallel {dp}")
     schedule = parallel.pipeline_schedule or default_schedule(pp, vpp)
-    return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer))
+    options = options or PlanOptions()
+    check_options(options, parallel.sequence_parallel, tp, options.sharding(optimizer.use_distributed_optimizer),
+                  optimizer.overlap_grad_reduce)
+    return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer), options)
 
 
 def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig, layout: Layout,
@@ -163,20 +170,25 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     gap_f = layer.forward / max(1, per_forward)
     gap_b = (layer.backward_input + layer.backward_weight) / max(1, per_backward)
     tp_link = grid.tp_link(hardware)
-    tp_f = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f)
-    tp_b = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True)
+    overlapped = lay.options.tp_comm_overlap and hardware.overlaps_communication
+    linears = linear_times(model, b, hardware, lay.dtype, tp=tp, cp=cp)
+    tp_f = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f), linears.forward, tp, overlapped)
+    tp_b = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True),
+                      linears.backward_input + linears.backward_weight, tp, overlapped)
     cp_f = cp_b = 0.0
     if cp > 1:
         cp_f, cp_b = _cp_ring_exposed(model, lay, hardware, gap_f, gap_b)
     # full recompute repeats the forward's collectives inside the backward
     layer_comm_f = tp_f + cp_f
-    layer_comm_b = tp_b + cp_b + ((comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b) + cp_f)
-                                  if full else 0.0)
+    layer_comm_b = tp_b + cp_b + ((tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b),
+                                              linears.forward, tp, overlapped) + cp_f) if full else 0.0)
     p2p = 0.0
-    if lay.pp > 1:   # a message follows one chunk's pass
+    if lay.pp > 1:   # a message follows one chunk's pass; the interleaved schedule hides it behind the next
         chunk_forward = layer.forward * model.num_layers / (lay.pp * lay.v)
         p2p = comm.p2p_time(comm.pp_message_bytes(model.seq_length // cp, b, model.hidden_size, e, tp, sp),
                             grid.pp_link(hardware), chunk_forward)
+        p2p = p2p_exposed(p2p, chunk_forward, lay.schedule == "interleaved" and lay.options.overlap_p2p_comm
+                          and hardware.overlaps_communication)
     tokens = model.seq_length // cp * b
     logits_comm = comm.tp_logits_time(tokens_bytes, tokens, tp, tp_link, sp, logits.forward, logits.backward_input)
     ends = (PassTimes(*comm.tp_embedding_time(tokens_bytes, tp, tp_link, sp, gap_f), 0.0),
@@ -220,10 +232,11 @@ class _OutsidePasses:
 
 
 def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
-            hardware: Hardware, world_size: Optional[int] = None) -> Prediction:
+            hardware: Hardware, world_size: Optional[int] = None, options: Optional[PlanOptions] = None) -> Prediction:
     """Predicted step time, throughput and per-rank memory of these settings on ``world_size`` devices of
-    ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``."""
-    lay = layout_of(parallel, training, optimizer, world_size)
+    ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``;
+    ``options`` are the planner's own flags (options.py)."""
+    lay = layout_of(parallel, training, optimizer, world_size, options)
     grid = comm.GridStrides(lay.tp, lay.cp, lay.dp, lay.pp)
     passes = _stage_passes(model, parallel, lay, hardware, grid)
     slowest = passes.slowest
@@ -275,6 +288,8 @@ def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout,
     rate = hardware.optimizer_bytes_per_s or hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     optimizer_time = optimizer_bytes / rate
     zero_gather = comm.zero1_gather_time(params_on_rank, e, dp * cp, dp_link, optimizer_time) if zero1 else 0.0
+    gather_overlapped = lay.options.overlap_param_gather and hardware.overlaps_communication
+    zero_gather = behind(zero_gather, slowest.forward, gather_overlapped)
     return _OutsidePasses(dp_exposed, zero_gather, embedding_sync, optimizer_time)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional
 
 __all__ = ["NarayananRow", "NARAYANAN_TABLE_1", "KorthikantiRow", "KORTHIKANTI_TABLE_3", "SEQ_LENGTH", "VOCAB_SIZE",
-           "model_flags", "narayanan_flags", "korthikanti_flags"]
+           "model_flags", "narayanan_flags", "korthikanti_flags", "PAPER_PLANNER_FLAGS"]
 
 SEQ_LENGTH = 2048
 VOCAB_SIZE = 51200
@@ -90,6 +90,11 @@ def model_flags(heads: int, hidden: int, layers: int, tp: int, pp: int, batch: i
     if micro_batch is not None:
         flags += ["--micro-batch-size", str(micro_batch)]
     return flags
+
+
+# The planner's own flags (options.py) for both papers: their pipeline messages blocked the stage (the
+# overlapped exchange came to Megatron-LM later).  Kept apart: the flags above also launch megalite-train.
+PAPER_PLANNER_FLAGS = ["--no-overlap-p2p-communication"]
 
 
 def narayanan_flags(row: NarayananRow) -> List[str]:

@@ -17,6 +17,7 @@ from megalite.scaling.planner import Candidate, plan
 from megalite.scaling.published import (
     KORTHIKANTI_TABLE_3,
     NARAYANAN_TABLE_1,
+    PAPER_PLANNER_FLAGS,
     KorthikantiRow,
     NarayananRow,
     korthikanti_flags,
@@ -28,12 +29,13 @@ __all__ = ["narayanan_predictions", "korthikanti_predictions", "main"]
 
 def narayanan_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[NarayananRow, Candidate]]:
     hardware = hardware or PRESETS["a100-80gb"]
-    return [(row, plan(narayanan_flags(row), hardware, row.gpus)) for row in NARAYANAN_TABLE_1]
+    return [(row, plan(narayanan_flags(row) + PAPER_PLANNER_FLAGS, hardware, row.gpus)) for row in NARAYANAN_TABLE_1]
 
 
 def korthikanti_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[KorthikantiRow, Candidate]]:
     hardware = hardware or PRESETS["a100-80gb"]
-    return [(row, plan(korthikanti_flags(row), hardware, row.gpus)) for row in KORTHIKANTI_TABLE_3]
+    return [(row, plan(korthikanti_flags(row) + PAPER_PLANNER_FLAGS, hardware, row.gpus))
+            for row in KORTHIKANTI_TABLE_3]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
