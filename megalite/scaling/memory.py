@@ -88,8 +88,8 @@ def parameter_split(model: ModelConfig, tp: int):
 
 
 def _layers_on_rank(model: ModelConfig, pp: int, vpp: Optional[int], rank: int, first: Optional[int],
-                    last: Optional[int]) -> List[int]:
-    counts = virtual_stage_layer_counts(model.num_layers, pp, vpp, first, last)
+                    last: Optional[int], counts: Optional[List[int]] = None) -> List[int]:
+    counts = counts or virtual_stage_layer_counts(model.num_layers, pp, vpp, first, last)
     return [counts[chunk * pp + rank] for chunk in range(vpp or 1)]
 
 
@@ -111,8 +111,10 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
                    sequence_parallel: bool = False, recompute: Optional[str] = None,
                    recompute_method: Optional[str] = None, recompute_num_layers: Optional[int] = None,
                    first_stage_layers: Optional[int] = None,
-                   last_stage_layers: Optional[int] = None) -> List[StageMemory]:
-    """Memory of one rank of each pipeline stage; ``in_flight[r]`` (micro-batch, chunk) pairs held by rank r."""
+                   last_stage_layers: Optional[int] = None,
+                   stage_counts: Optional[List[int]] = None) -> List[StageMemory]:
+    """Memory of one rank of each pipeline stage; ``in_flight[r]`` (micro-batch, chunk) pairs held by rank r;
+    ``stage_counts``: layers per virtual stage when the split is not the trainer's (pipeline_split.py)."""
     per_layer, embedding, final_norm = parameter_split(model, tp)
     vocab = model.padded_vocab_size(tp)
     h, s, b = model.hidden_size, model.seq_length // cp, micro_batch
@@ -124,7 +126,7 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
     optimizer_bytes = (4 if element_size == 2 else 0) + 8
     out = []
     for rank in range(pp):
-        chunks = _layers_on_rank(model, pp, vpp, rank, first_stage_layers, last_stage_layers)
+        chunks = _layers_on_rank(model, pp, vpp, rank, first_stage_layers, last_stage_layers, stage_counts)
         layers = sum(chunks)
         params = layers * per_layer / tp
         if rank == 0:

@@ -9,12 +9,14 @@ a node) x PP x DP x micro-batch x recompute x virtual size -- and says why each 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.options import PlanOptions, split_plan_flags
+from megalite.scaling.pipeline_split import extra_units
 from megalite.scaling.predict import GIB, Prediction, layout_of, memory_per_stage, predict
 from megalite.training.arguments import build_parser, parse_args, yaml_defaults
 
@@ -75,11 +77,20 @@ def with_flags(argv: Sequence[str], flags: Dict[str, object]) -> List[str]:
     return out
 
 
-def _configs(argv: Sequence[str], world_size: int):
+def _configs(argv: Sequence[str], world_size: int, options: PlanOptions = PlanOptions()):
+    """The trainer's configs of ``argv``.  With the embedding/loss counted in the pipeline split the
+    trainer's even-split check is asked about the ``L + 1`` or ``L + 2`` units the split divides
+    (pipeline_split.py), and the model keeps its ``L`` layers."""
     argv = list(argv)
     if not given(argv, "--mock-data") and not given(argv, "--data-path"):
         argv.append("--mock-data")
+    extra = extra_units(options)
+    if extra:
+        layers = _flag_value(argv, "--num-layers", 2)
+        argv = with_flags(argv, {"--num-layers": layers + extra})
     model, parallel, optimizer, _data, training = parse_args(argv, world_size=world_size)
+    if extra:
+        model = dataclasses.replace(model, num_layers=model.num_layers - extra)
     return model, parallel, training, optimizer
 
 
@@ -87,7 +98,7 @@ def predict_argv(argv: Sequence[str], hardware: Hardware, world_size: int) -> Pr
     """Parse trainer flags as ``megalite-train`` does (``--mock-data`` when no data is named), the
     planner's own flags (options.py) beside them, and predict."""
     options, argv = split_plan_flags(argv)
-    return predict(*_configs(argv, world_size), hardware, world_size, options)
+    return predict(*_configs(argv, world_size, options), hardware, world_size, options)
 
 
 def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, world_size: int,
@@ -96,7 +107,7 @@ def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, worl
     counts), so a layout that cannot fit is not simulated unless ``always_predict``."""
     candidate = Candidate(flags)
     try:
-        model, parallel, training, optimizer = _configs(with_flags(argv, flags), world_size)
+        model, parallel, training, optimizer = _configs(with_flags(argv, flags), world_size, options)
         layout = layout_of(parallel, training, optimizer, world_size, options)
         candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
                                  f"recompute={model.recompute_granularity or 'none'}")
@@ -134,7 +145,7 @@ def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
     a layout given whole is predicted even if it does not fit (``fits`` says so).
     """
     options, argv = split_plan_flags(argv)
-    layers = _flag_value(argv, "--num-layers", 2)
+    layers = _flag_value(argv, "--num-layers", 2) + extra_units(options)
     pp = _flag_value(argv, "--pipeline-model-parallel-size", 1)
     # Without a global batch the micro-batch sets it (micro-batch x DP): then it is not the planner's to choose.
     open_mbs = not given(argv, "--micro-batch-size") and given(argv, "--global-batch-size")
@@ -194,7 +205,7 @@ def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Can
     """Every layout of the model in ``argv`` on ``world_size`` devices: fitting ones first, ranked by
     model TFLOP/s per GPU, then the rejected ones with their reason."""
     options, argv = split_plan_flags(argv)
-    layers = _flag_value(argv, "--num-layers", 2)
+    layers = _flag_value(argv, "--num-layers", 2) + extra_units(options)
     tp_sizes = [t for t in _divisors(hardware.gpus_per_node) if t & (t - 1) == 0 and world_size % t == 0]
     candidates = []
     for tp in tp_sizes:

@@ -23,7 +23,6 @@ from typing import Dict, List, Optional, Sequence
 from megalite.config.settings import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 from megalite.model.flops import count_parameters, flops_per_iteration
 from megalite.parallel.pipeline.orders import default_schedule
-from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 from megalite.scaling import communication as comm
 from megalite.scaling.compute import (
     PassTimes,
@@ -38,6 +37,7 @@ from megalite.scaling.hardware import Hardware
 from megalite.scaling.memory import StageMemory, activation_bytes, in_flight_formula, stage_memories
 from megalite.scaling.options import PlanOptions
 from megalite.scaling.overlap import behind, check_options, p2p_exposed, tp_exposed
+from megalite.scaling.pipeline_split import stage_layer_counts
 from megalite.scaling.schedule import pipeline_time
 
 __all__ = ["Prediction", "predict", "Layout", "layout_of", "memory_per_stage", "run_dtype", "with_host_overhead"]
@@ -152,8 +152,12 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Op
                           zero1=optimizer.use_distributed_optimizer, sequence_parallel=parallel.sequence_parallel,
                           recompute=model.recompute_granularity, recompute_method=model.recompute_method,
                           recompute_num_layers=model.recompute_num_layers,
-                          first_stage_layers=parallel.decoder_first_pipeline_num_layers,
-                          last_stage_layers=parallel.decoder_last_pipeline_num_layers)
+                          stage_counts=_stage_counts(model, parallel, lay))
+
+
+def _stage_counts(model: ModelConfig, parallel: ParallelConfig, lay: Layout) -> List[int]:
+    return stage_layer_counts(model.num_layers, lay.pp, lay.vpp, parallel.decoder_first_pipeline_num_layers,
+                              parallel.decoder_last_pipeline_num_layers, lay.options)
 
 
 def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Hardware, grid: comm.GridStrides,
@@ -261,8 +265,7 @@ def _stage_passes(model: ModelConfig, parallel: ParallelConfig, lay: Layout, har
                                 hardware.micro_batch_overhead_s)
     layer_comm_f, layer_comm_b, p2p, ends = _pass_communication(model, lay, sp, hardware, grid, layer, logits)
     pp = lay.pp
-    counts = virtual_stage_layer_counts(model.num_layers, pp, lay.vpp, parallel.decoder_first_pipeline_num_layers,
-                                        parallel.decoder_last_pipeline_num_layers)
+    counts = _stage_counts(model, parallel, lay)
     stages = [_stage_pass_times([counts[c * pp + r] for c in range(lay.v)], r == 0, r == pp - 1, layer, logits,
                                 layer_comm_f, layer_comm_b, p2p, ends) for r in range(pp)]
     return _Passes(layer, logits, counts, stages)
