@@ -105,7 +105,7 @@ class PassTimes:
 
 
 def element_size(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
+    return {"float32": 4, "fp8": 1}.get(dtype, 2)
 
 
 def quantization(m: int, n: int, batch: int, num_sms: int) -> float:
@@ -258,13 +258,17 @@ def _linear_times(forward_gemms: List[Gemm], hardware: Hardware, dtype: str) -> 
 
 def linear_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1,
                  cp: int = 1) -> PassTimes:
-    """The four linear layers' GEMMs of one layer (what TP communication can overlap with)."""
+    """The four linear layers' GEMMs of one layer (what TP communication can overlap with); ``dtype``
+    "fp8" runs them at the hardware's FP8 peak on 1-byte operands (``--fp8-format``)."""
     return _linear_times(layer_gemms(model, micro_batch, tp, cp), hardware, dtype)
 
 
 def layer_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1, cp: int = 1,
-                sequence_parallel: bool = False, recompute: Optional[str] = None) -> PassTimes:
-    """Compute seconds of one layer on one micro-batch, on one TP rank (communication excluded)."""
+                sequence_parallel: bool = False, recompute: Optional[str] = None,
+                linear_dtype: Optional[str] = None) -> PassTimes:
+    """Compute seconds of one layer on one micro-batch, on one TP rank (communication excluded);
+    ``linear_dtype`` "fp8": the linear layers' GEMMs in FP8 (the attention core and the elementwise
+    work stay in ``dtype``, as Transformer Engine's FP8 recipes run them)."""
     e = element_size(dtype)
     forward_gemms = layer_gemms(model, micro_batch, tp, cp)
     families, core_bytes = _elementwise_bytes(model, micro_batch, tp, cp, sequence_parallel, e)
@@ -274,7 +278,7 @@ def layer_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype:
     for op, (count, nbytes) in families.items():
         op_forward, op_backward = elementwise_seconds(op, nbytes, hardware, dtype)
         forward, backward_input = forward + count * op_forward, backward_input + count * op_backward
-    linears = _linear_times(forward_gemms, hardware, dtype)
+    linears = _linear_times(forward_gemms, hardware, linear_dtype or dtype)
     forward, backward_input = forward + linears.forward, backward_input + linears.backward_input
     backward_weight = linears.backward_weight
     if recompute == "full":

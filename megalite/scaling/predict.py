@@ -119,6 +119,12 @@ class Layout:
     def v(self) -> int:
         return self.vpp or 1
 
+    @property
+    def linear_dtype(self) -> str:
+        """The linear layers' GEMM precision: FP8 with --fp8-format (either format: the same tensor-core
+        rate), else the run's."""
+        return "fp8" if self.options.fp8_format else self.dtype
+
 
 def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
               world_size: Optional[int] = None, options: Optional[PlanOptions] = None) -> Layout:
@@ -175,7 +181,7 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     gap_b = (layer.backward_input + layer.backward_weight) / max(1, per_backward)
     tp_link = grid.tp_link(hardware)
     overlapped = lay.options.tp_comm_overlap and hardware.overlaps_communication
-    linears = linear_times(model, b, hardware, lay.dtype, tp=tp, cp=cp)
+    linears = linear_times(model, b, hardware, lay.linear_dtype, tp=tp, cp=cp)
     tp_f = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f), linears.forward, tp, overlapped)
     tp_b = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True),
                       linears.backward_input + linears.backward_weight, tp, overlapped)
@@ -259,7 +265,8 @@ def _stage_passes(model: ModelConfig, parallel: ParallelConfig, lay: Layout, har
     """Each pipeline stage's passes for one micro-batch: compute, host overhead and communication."""
     sp = parallel.sequence_parallel
     layer = with_host_overhead(layer_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp,
-                                           sequence_parallel=sp, recompute=model.recompute_granularity),
+                                           sequence_parallel=sp, recompute=model.recompute_granularity,
+                                           linear_dtype=lay.linear_dtype),
                                hardware.layer_overhead_s)
     logits = with_host_overhead(logits_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp),
                                 hardware.micro_batch_overhead_s)

@@ -62,3 +62,14 @@ def test_flags_that_need_others_are_refused_in_one_line(flags, needs):
     with pytest.raises(ValueError, match=needs) as error:
         predict_argv(MODEL + ["--micro-batch-size", "1"] + flags, H100, 16)
     assert "\n" not in str(error.value)
+
+
+def test_fp8_runs_the_linear_gemms_at_the_fp8_peak():
+    flags = MODEL + ["--micro-batch-size", "4", "--global-batch-size", "64"]
+    bf16 = predict_argv(flags, H100, 16)
+    fp8 = predict_argv(flags + ["--fp8-format", "hybrid"], H100, 16)
+    assert fp8.breakdown["compute"] < bf16.breakdown["compute"]
+    # only the linears change: not faster than twice, the attention and elementwise work stay
+    assert fp8.breakdown["compute"] > 0.5 * bf16.breakdown["compute"]
+    with pytest.raises(ValueError, match="a100-80gb has no peak TFLOP/s for fp8"):
+        predict_argv(flags + ["--fp8-format", "e4m3"], PRESETS["a100-80gb"], 16)
