@@ -51,7 +51,8 @@ from megalite.scaling.hardware import Hardware, Link
 
 __all__ = ["all_reduce_time", "all_gather_time", "reduce_scatter_time", "p2p_time", "group_link",
            "GridStrides", "tp_collectives_per_layer", "tp_time_per_layer", "tp_embedding_time", "tp_logits_time",
-           "pp_message_bytes", "dp_gradient_time", "zero1_gather_time", "kv_block_bytes", "cp_ring_times"]
+           "pp_message_bytes", "dp_gradient_time", "zero1_gather_time", "kv_block_bytes", "cp_ring_times",
+           "zero3_times"]
 
 
 def all_reduce_time(nbytes: float, n: int, link: Link, gap_s: float = 0.0) -> float:
@@ -187,3 +188,13 @@ def zero1_gather_time(param_elements: float, param_element_size: int, dp: int, l
                       gap_s: float = 0.0) -> float:
     """ZeRO-1's all-gather of the updated parameters (``e N`` bytes) after the optimizer step."""
     return all_gather_time(param_element_size * param_elements, dp, link, gap_s)
+
+
+def zero3_times(param_elements: float, element_size: int, shards: int, link: Link) -> tuple:
+    """(forward, backward) seconds of ZeRO-3's traffic for one micro-batch on a rank holding
+    ``param_elements`` (unsharded count) over ``shards`` ranks: the weights all-gathered (``e N``)
+    before the forward and again before the backward, and their gradient reduce-scattered in the run's
+    precision (``e N``, FSDP's default) after it -- Rajbhandari et al. 2020, Sec. 7.2.2: 3 x the
+    parameter bytes against an all-reduce's 2."""
+    gather = all_gather_time(element_size * param_elements, shards, link)
+    return gather, gather + reduce_scatter_time(element_size * param_elements, shards, link)

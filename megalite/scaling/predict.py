@@ -114,10 +114,16 @@ class Layout:
     schedule: Optional[str]
     dtype: str
     options: PlanOptions = PlanOptions()
+    zero1_flag: bool = False       # --use-distributed-optimizer
 
     @property
     def v(self) -> int:
         return self.vpp or 1
+
+    @property
+    def sharding(self) -> str:
+        """The sharding strategy over DP x CP (options.py): ``no_shard`` with one rank to shard over."""
+        return self.options.sharding(self.zero1_flag) if self.dp * self.cp > 1 else "no_shard"
 
     @property
     def linear_dtype(self) -> str:
@@ -143,10 +149,11 @@ def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: Opt
     options = options or PlanOptions()
     check_options(options, parallel.sequence_parallel, tp, options.sharding(optimizer.use_distributed_optimizer),
                   optimizer.overlap_grad_reduce)
-    return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer), options)
+    return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer), options,
+                  optimizer.use_distributed_optimizer)
 
 
-def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig, layout: Layout,
+def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Optional[OptimizerConfig], layout: Layout,
                      in_flight: Optional[Sequence[int]] = None) -> List[StageMemory]:
     """Bytes on one rank of each pipeline stage; ``in_flight`` per rank defaults to the closed form
     (memory.in_flight_formula, equal to the simulator's count)."""
@@ -155,7 +162,7 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Op
         in_flight = [in_flight_formula(lay.schedule, lay.pp, lay.v, lay.num_microbatches, r) for r in range(lay.pp)]
     return stage_memories(model, micro_batch=lay.micro_batch, tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp,
                           vpp=lay.vpp, in_flight=list(in_flight), element_size=element_size(lay.dtype),
-                          zero1=optimizer.use_distributed_optimizer, sequence_parallel=parallel.sequence_parallel,
+                          sharding=lay.sharding, sequence_parallel=parallel.sequence_parallel,
                           recompute=model.recompute_granularity, recompute_method=model.recompute_method,
                           recompute_num_layers=model.recompute_num_layers,
                           stage_counts=_stage_counts(model, parallel, lay))
@@ -275,7 +282,23 @@ def _stage_passes(model: ModelConfig, parallel: ParallelConfig, lay: Layout, har
     counts = _stage_counts(model, parallel, lay)
     stages = [_stage_pass_times([counts[c * pp + r] for c in range(lay.v)], r == 0, r == pp - 1, layer, logits,
                                 layer_comm_f, layer_comm_b, p2p, ends) for r in range(pp)]
+    if lay.sharding == "optim_grads_params":
+        stages = _with_zero3_gathers(model, parallel, lay, hardware, grid, stages)
     return _Passes(layer, logits, counts, stages)
+
+
+def _with_zero3_gathers(model: ModelConfig, parallel: ParallelConfig, lay: Layout, hardware: Hardware,
+                        grid: comm.GridStrides, stages: List[PassTimes]) -> List[PassTimes]:
+    """Each stage's passes plus ZeRO-3's per-micro-batch traffic over DP x CP (communication.zero3_times),
+    what of it the pass's compute does not hide (prefetched a layer ahead on a GPU)."""
+    memories = memory_per_stage(model, parallel, None, lay)
+    link, e, overlapped = grid.dp_link(hardware), element_size(lay.dtype), hardware.overlaps_communication
+    out = []
+    for stage, memory in zip(stages, memories):
+        gather_f, gather_b = comm.zero3_times(memory.parameters, e, lay.dp * lay.cp, link)
+        out.append(stage + PassTimes(behind(gather_f, stage.forward, overlapped),
+                                     behind(gather_b, stage.backward_input + stage.backward_weight, overlapped), 0.0))
+    return out
 
 
 def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout, hardware: Hardware,
@@ -284,9 +307,11 @@ def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout,
     micro-batch's backward when overlapped), tied-embedding sync, optimizer step, ZeRO-1's gather."""
     dp, cp, tp, e = lay.dp, lay.cp, lay.tp, element_size(lay.dtype)
     dp_link = grid.dp_link(hardware)
-    zero1 = optimizer.use_distributed_optimizer and dp * cp > 1
+    zero1 = lay.sharding != "no_shard"
     window = slowest.backward_input + slowest.backward_weight
     dp_grad = comm.dp_gradient_time(params_on_rank, dp * cp, dp_link, zero1, gap_s=window)
+    if lay.sharding == "optim_grads_params":   # reduced and gathered with each micro-batch's passes instead
+        dp_grad = 0.0
     overlapped = optimizer.overlap_grad_reduce and hardware.overlaps_communication
     dp_exposed = max(0.0, dp_grad - window) if overlapped else dp_grad
     embedding_sync = 0.0
@@ -298,6 +323,8 @@ def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout,
     rate = hardware.optimizer_bytes_per_s or hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     optimizer_time = optimizer_bytes / rate
     zero_gather = comm.zero1_gather_time(params_on_rank, e, dp * cp, dp_link, optimizer_time) if zero1 else 0.0
+    if lay.sharding == "optim_grads_params":
+        zero_gather = 0.0
     gather_overlapped = lay.options.overlap_param_gather and hardware.overlaps_communication
     zero_gather = behind(zero_gather, slowest.forward, gather_overlapped)
     return _OutsidePasses(dp_exposed, zero_gather, embedding_sync, optimizer_time)
@@ -345,5 +372,6 @@ def _prediction(model: ModelConfig, parallel: ParallelConfig, optimizer: Optimiz
         breakdown=breakdown,
         layout=dict(tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp, vpp=lay.v, micro_batch_size=b,
                     num_microbatches=lay.num_microbatches, schedule=lay.schedule, recompute=recompute,
-                    sequence_parallel=sp, dtype=dtype, world_size=world, zero1=optimizer.use_distributed_optimizer),
+                    sequence_parallel=sp, dtype=dtype, world_size=world, zero1=optimizer.use_distributed_optimizer,
+                    sharding=lay.sharding),
         memory_gb_per_stage=[s.total / GIB for s in memories], hardware=hardware.name)
