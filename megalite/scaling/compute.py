@@ -136,7 +136,9 @@ def gemm_rate(gemm: Gemm, hardware: Hardware, dtype: str) -> float:
     e = element_size(dtype)
     moved = e * gemm.batch * (gemm.m * gemm.k + gemm.k * gemm.n + gemm.m * gemm.n)
     memory_bound = gemm.flops / moved * hardware.hbm_gbs * hardware.memory_efficiency / 1e3
-    compute_bound = (hardware.peak(dtype) * hardware.gemm_efficiency
+    efficiency = hardware.fp8_gemm_efficiency if dtype == "fp8" and hardware.fp8_gemm_efficiency else \
+        hardware.gemm_efficiency
+    compute_bound = (hardware.peak(dtype) * efficiency
                      * quantization(gemm.m, gemm.n, gemm.batch, hardware.num_sms))
     return min(compute_bound, memory_bound)
 

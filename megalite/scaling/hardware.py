@@ -81,6 +81,11 @@ class Hardware:
     # A fused (flash) attention kernel's share of peak on its FLOPs, forward and backward alike
     # (compute.py); a calibration's measured SDPA table replaces it.
     attention_efficiency: float = 0.5
+    # The share of the SMs an overlapped communication kernel holds while it runs (overlap.py): the
+    # compute beside it runs on the rest.  0 where nothing overlaps.
+    overlap_sm_fraction: float = 0.0
+    # FP8 GEMMs' share of the FP8 peak, where it differs from gemm_efficiency's (0: the same).
+    fp8_gemm_efficiency: float = 0.0
     matmul: Tuple[Tuple[int, int, int, str, float, str], ...] = field(default=())
     optimizer_bytes_per_s: Optional[float] = None
     attention: Tuple[Tuple[int, int, int, str, float, float], ...] = field(default=())
@@ -122,19 +127,23 @@ _A100 = dict(peak_tflops={"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
              # FlashAttention-2 (Dao 2023, Sec. 4.1) reaches 50-73% of the A100's peak on its own FLOPs
              # (causal half skipped), forward and backward together at head dim 64-128; the low end of that
              # range plus a margin for shorter sequences -- an assumption, not a fit to any table row.
-             attention_efficiency=0.55)
+             attention_efficiency=0.55,
+             # NCCL runs one thread block per channel on an SM of its own; 16 channels (assumed: NCCL's
+             # count on an 8-GPU NVLink node with one network card per GPU) of the 108 SMs.
+             overlap_sm_fraction=16 / 108)
 
 # Shared by the Hopper presets.  Data sheet (H100 SXM5, 2023): 989 TFLOP/s dense BF16/FP16, 1,979 dense
 # FP8 (a hardware property: --fp8-format runs the linear layers' GEMMs there), 67 FP32, 132 SMs, NVLink 4
 # at 900 GB/s total = 450 per direction; DGX H100: 8 x 400 Gb/s NDR per node = 50 GB/s per GPU.
 _HOPPER = dict(peak_tflops={"bfloat16": 989.0, "float16": 989.0, "float32": 67.0, "fp8": 1979.0},
                intra_node=Link(450.0, 5.0), inter_node=Link(50.0, 10.0), gpus_per_node=8, num_sms=132,
-               # Public H100 GEMM measurements: the best large bf16 torch.mm figure published, 780 TFLOP/s
-               # (79% of peak), was reached with autotuned kernels and the power slider shifted to the
-               # tensor cores (Horace He, "H100 peak matmul FLOPS", 2024).  0.75: the library's default
-               # kernels without the power shift run below that best case -- an assumption under the
-               # measured ceiling.  The A100's 0.80 is a different chip's plateau and is not reused.
-               gemm_efficiency=0.75,
+               # Public measurements of the best torch.matmul over a brute-force search of shapes
+               # ("Maximum Achievable Matmul FLOPS", Bekman, "Machine Learning Engineering", accelerator
+               # chapter): A100 SXM 271.2 of 312 TFLOP/s (86.9%), H100 SXM 794.5 of 989 (80.3%) in BF16
+               # and 1,402.6 of 1,979 (70.9%) in FP8.  The A100 presets' 0.80 is 0.92 of the A100's
+               # best; the same 0.92 of the H100's: 0.74 BF16, 0.65 FP8 (the best shape is not every
+               # shape a layer runs).  The A100's 0.80 itself is not reused.
+               gemm_efficiency=0.74, fp8_gemm_efficiency=0.65,
                # Streaming copies reach ~90% of HBM3's 3.35 TB/s (~3.0-3.1 TB/s in public device-to-device
                # copy measurements), as on the A100.
                memory_efficiency=0.90,
@@ -142,7 +151,8 @@ _HOPPER = dict(peak_tflops={"bfloat16": 989.0, "float16": 989.0, "float32": 67.0
                # 75% in forward with backward below it (Shah et al. 2024, "FlashAttention-3", abstract and
                # Sec. 4); 0.5, between the two, for the fused kernels 2024's Megatron-LM ran (cuDNN through
                # Transformer Engine) -- assumed within those measured bounds, not fitted to a row.
-               attention_efficiency=0.50)
+               attention_efficiency=0.50,
+               overlap_sm_fraction=16 / 132)      # as on the A100: 16 channels, of the 132 SMs
 
 PRESETS: Dict[str, Hardware] = {
     # A100 SXM4 40GB: HBM2, 1,555 GB/s (data sheet).

@@ -18,8 +18,11 @@ engines and communication SMs; not a CPU, whose gloo threads share the ranks' co
                              turns it off): a message costs the stage max(0, T_p2p - one chunk's
                              forward); 1F1B exchanges block.
 
-Not modelled: the SMs a communication kernel takes from the GEMMs it overlaps (a few of the 108-132),
-and contention between overlapped collectives sharing one link.
+What overlapping costs: a communication kernel runs its channels as thread blocks on SMs of their own
+(NCCL: one block per channel; Transformer Engine's pipelined reduce-scatter likewise), so the compute
+beside it runs on the other SMs.  With ``f`` the fraction it holds (``Hardware.overlap_sm_fraction``),
+the ``H`` seconds of communication hidden behind compute stretch that compute by ``H f / (1 - f)``,
+added to what is exposed.  Not modelled: contention between overlapped collectives on one link.
 """
 from __future__ import annotations
 
@@ -28,21 +31,28 @@ from megalite.scaling.options import PlanOptions
 __all__ = ["tp_exposed", "p2p_exposed", "behind", "check_options"]
 
 
-def tp_exposed(tp_seconds: float, linear_seconds: float, tp: int, overlapped: bool) -> float:
+def _with_sm_share(communication: float, exposed: float, sm_fraction: float) -> float:
+    """``exposed`` plus the compute stretch of the ``communication - exposed`` seconds hidden beside it."""
+    return exposed + (communication - exposed) * sm_fraction / (1.0 - sm_fraction)
+
+
+def tp_exposed(tp_seconds: float, linear_seconds: float, tp: int, overlapped: bool, sm_fraction: float = 0.0) -> float:
     """A pass's TP communication left on the critical path (all of it unless ``overlapped``)."""
     if not overlapped or tp <= 1:
         return tp_seconds
-    return max(tp_seconds / tp, tp_seconds - linear_seconds)
+    return _with_sm_share(tp_seconds, max(tp_seconds / tp, tp_seconds - linear_seconds), sm_fraction)
 
 
-def p2p_exposed(p2p_seconds: float, chunk_pass_seconds: float, overlapped: bool) -> float:
+def p2p_exposed(p2p_seconds: float, chunk_pass_seconds: float, overlapped: bool, sm_fraction: float = 0.0) -> float:
     """A pipeline message's cost to the stage: all of it, or what the next chunk's pass does not hide."""
-    return max(0.0, p2p_seconds - chunk_pass_seconds) if overlapped else p2p_seconds
+    return behind(p2p_seconds, chunk_pass_seconds, overlapped, sm_fraction)
 
 
-def behind(communication_seconds: float, window_seconds: float, overlapped: bool) -> float:
+def behind(communication_seconds: float, window_seconds: float, overlapped: bool, sm_fraction: float = 0.0) -> float:
     """A collective run beside ``window_seconds`` of compute: what outlasts the window."""
-    return max(0.0, communication_seconds - window_seconds) if overlapped else communication_seconds
+    if not overlapped:
+        return communication_seconds
+    return _with_sm_share(communication_seconds, max(0.0, communication_seconds - window_seconds), sm_fraction)
 
 
 def check_options(options: PlanOptions, sequence_parallel: bool, tp: int, sharding: str,

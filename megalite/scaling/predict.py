@@ -189,23 +189,25 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     tp_link = grid.tp_link(hardware)
     overlapped = lay.options.tp_comm_overlap and hardware.overlaps_communication
     linears = linear_times(model, b, hardware, lay.linear_dtype, tp=tp, cp=cp)
-    tp_f = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f), linears.forward, tp, overlapped)
+    share = hardware.overlap_sm_fraction
+    tp_f = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f), linears.forward, tp, overlapped,
+                      share)
     tp_b = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True),
-                      linears.backward_input + linears.backward_weight, tp, overlapped)
+                      linears.backward_input + linears.backward_weight, tp, overlapped, share)
     cp_f = cp_b = 0.0
     if cp > 1:
         cp_f, cp_b = _cp_ring_exposed(model, lay, hardware, gap_f, gap_b)
     # full recompute repeats the forward's collectives inside the backward
     layer_comm_f = tp_f + cp_f
     layer_comm_b = tp_b + cp_b + ((tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b),
-                                              linears.forward, tp, overlapped) + cp_f) if full else 0.0)
+                                              linears.forward, tp, overlapped, share) + cp_f) if full else 0.0)
     p2p = 0.0
     if lay.pp > 1:   # a message follows one chunk's pass; the interleaved schedule hides it behind the next
         chunk_forward = layer.forward * model.num_layers / (lay.pp * lay.v)
         p2p = comm.p2p_time(comm.pp_message_bytes(model.seq_length // cp, b, model.hidden_size, e, tp, sp),
                             grid.pp_link(hardware), chunk_forward)
         p2p = p2p_exposed(p2p, chunk_forward, lay.schedule == "interleaved" and lay.options.overlap_p2p_comm
-                          and hardware.overlaps_communication)
+                          and hardware.overlaps_communication, hardware.overlap_sm_fraction)
     tokens = model.seq_length // cp * b
     logits_comm = comm.tp_logits_time(tokens_bytes, tokens, tp, tp_link, sp, logits.forward, logits.backward_input)
     ends = (PassTimes(*comm.tp_embedding_time(tokens_bytes, tp, tp_link, sp, gap_f), 0.0),
@@ -222,7 +224,8 @@ def _cp_ring_exposed(model: ModelConfig, lay: Layout, hardware: Hardware, gap_f:
     if not hardware.overlaps_communication:
         return ring_f, ring_b
     core_f, core_b = attention_core_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp)
-    return max(0.0, ring_f - core_f), max(0.0, ring_b - core_b)
+    share = hardware.overlap_sm_fraction
+    return behind(ring_f, core_f, True, share), behind(ring_b, core_b, True, share)
 
 
 @dataclass(frozen=True)
@@ -296,8 +299,10 @@ def _with_zero3_gathers(model: ModelConfig, parallel: ParallelConfig, lay: Layou
     out = []
     for stage, memory in zip(stages, memories):
         gather_f, gather_b = comm.zero3_times(memory.parameters, e, lay.dp * lay.cp, link)
-        out.append(stage + PassTimes(behind(gather_f, stage.forward, overlapped),
-                                     behind(gather_b, stage.backward_input + stage.backward_weight, overlapped), 0.0))
+        share = hardware.overlap_sm_fraction
+        out.append(stage + PassTimes(behind(gather_f, stage.forward, overlapped, share),
+                                     behind(gather_b, stage.backward_input + stage.backward_weight, overlapped, share),
+                                     0.0))
     return out
 
 
@@ -313,7 +318,7 @@ def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout,
     if lay.sharding == "optim_grads_params":   # reduced and gathered with each micro-batch's passes instead
         dp_grad = 0.0
     overlapped = optimizer.overlap_grad_reduce and hardware.overlaps_communication
-    dp_exposed = max(0.0, dp_grad - window) if overlapped else dp_grad
+    dp_exposed = behind(dp_grad, window, overlapped, hardware.overlap_sm_fraction)
     embedding_sync = 0.0
     if lay.pp > 1 and not model.untie_embeddings_and_output_weights:
         embedding_bytes = 4.0 * model.padded_vocab_size(tp) * model.hidden_size / tp
@@ -326,7 +331,7 @@ def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout,
     if lay.sharding == "optim_grads_params":
         zero_gather = 0.0
     gather_overlapped = lay.options.overlap_param_gather and hardware.overlaps_communication
-    zero_gather = behind(zero_gather, slowest.forward, gather_overlapped)
+    zero_gather = behind(zero_gather, slowest.forward, gather_overlapped, hardware.overlap_sm_fraction)
     return _OutsidePasses(dp_exposed, zero_gather, embedding_sync, optimizer_time)
 
 

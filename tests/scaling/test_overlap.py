@@ -73,3 +73,10 @@ def test_fp8_runs_the_linear_gemms_at_the_fp8_peak():
     assert fp8.breakdown["compute"] > 0.5 * bf16.breakdown["compute"]
     with pytest.raises(ValueError, match="a100-80gb has no peak TFLOP/s for fp8"):
         predict_argv(flags + ["--fp8-format", "e4m3"], PRESETS["a100-80gb"], 16)
+
+
+def test_overlapped_communication_takes_its_sms_from_the_compute():
+    # 7/8 of 1 s hidden behind GEMMs on a GPU whose collective holds half the SMs: the GEMMs take as long again
+    assert overlap.tp_exposed(1.0, 5.0, 8, True, 0.5) == pytest.approx(1 / 8 + 7 / 8)
+    assert overlap.behind(1.0, 3.0, True, 0.25) == pytest.approx(1.0 / 3)
+    assert overlap.behind(1.0, 3.0, False, 0.25) == 1.0
