@@ -5,7 +5,7 @@
         --tensor-model-parallel-size 8 --pipeline-model-parallel-size 64 --global-batch-size 3072 \\
         --fp16 --recompute-granularity full --recompute-method uniform [--json]
     megalite-plan --search --world-size 64 --gpu h100-sxm <model flags>     # every layout, ranked
-    megalite-plan --validate                                                # Narayanan et al. 2021, Table 1
+    megalite-plan --validate                                                # every published run, with ratios
     megalite-plan --calibrate cpu.json                                      # measure this machine
 
 Every flag ``megalite-train`` takes means the same here (they are parsed by ``arguments.parse_args``);
@@ -49,8 +49,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--calibrate", metavar="OUT.json", help="measure this machine and write the calibration file")
     parser.add_argument("--search", action="store_true", help="list every layout that fits, ranked, and why the "
                         "others do not")
-    parser.add_argument("--validate", action="store_true", help="print the check against Narayanan et al. 2021 "
-                        "Table 1")
+    parser.add_argument("--validate", action="store_true", help="print every published run against its "
+                        "prediction (scaling/published.py), with the ratios")
     parser.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     parser.add_argument("-h", "--help", action="store_true")
     return parser

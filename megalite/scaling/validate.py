@@ -20,11 +20,13 @@ from megalite.scaling.published import (
     PAPER_PLANNER_FLAGS,
     KorthikantiRow,
     NarayananRow,
+    PublishedRun,
     korthikanti_flags,
+    later_runs,
     narayanan_flags,
 )
 
-__all__ = ["narayanan_predictions", "korthikanti_predictions", "main"]
+__all__ = ["narayanan_predictions", "korthikanti_predictions", "later_predictions", "predicted_tflops", "main"]
 
 
 def narayanan_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[NarayananRow, Candidate]]:
@@ -36,6 +38,28 @@ def korthikanti_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[K
     hardware = hardware or PRESETS["a100-80gb"]
     return [(row, plan(korthikanti_flags(row) + PAPER_PLANNER_FLAGS, hardware, row.gpus))
             for row in KORTHIKANTI_TABLE_3]
+
+
+def later_predictions() -> List[Tuple[PublishedRun, Candidate]]:
+    """Each later run (published.later_runs) planned as published on its preset."""
+    return [(run, plan(list(run.flags), PRESETS[run.gpu], run.gpus)) for run in later_runs()]
+
+
+def predicted_tflops(run: PublishedRun, candidate: Candidate) -> float:
+    """The prediction in the run's own FLOP convention."""
+    p = candidate.prediction
+    return p.hardware_tflops_per_gpu if run.convention == "eq3" else p.tflops_per_gpu
+
+
+def _print_later() -> None:
+    print("\nLater runs, each as published (TFLOP/s per GPU in the source's convention)\n")
+    print("| run | preset | GPUs | published | predicted | ratio | mbs | vpp | GiB/GPU | fits |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for run, candidate in later_predictions():
+        p, predicted = candidate.prediction, predicted_tflops(run, candidate)
+        print(f"| {run.name} | {run.gpu} | {run.gpus} | {run.tflops_per_gpu:.1f} | {predicted:.1f} | "
+              f"{predicted / run.tflops_per_gpu:.3f} | {p.micro_batch_size} | {p.layout['vpp']} | "
+              f"{p.memory_gb_per_gpu:.1f} | {'yes' if p.fits else 'NO'} |")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -58,6 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"| {row.name} | {row.gpus} | {row.tp} | {row.pp} | {row.batch} | {row.micro_batch} | "
               f"{row.mfu_percent:g}% | {100 * p.mfu:.1f}% | {row.hfu_percent:g}% | {100 * hfu:.1f}% | "
               f"{p.layout['vpp']} | {p.memory_gb_per_gpu:.1f} |")
+    _print_later()
     return 0
 
 
