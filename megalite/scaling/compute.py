@@ -290,6 +290,22 @@ def layer_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype:
     return PassTimes(forward, backward_input, backward_weight)
 
 
+def _cross_entropy_seconds(logits: int, hardware: Hardware, dtype: str) -> tuple:
+    """(forward, backward) seconds of the fp32 vocabulary-parallel cross-entropy over ``logits`` values.
+
+    A calibration's measured rate is on its own count, ``(e + 8)`` bytes per logit (the logits in, an
+    fp32 copy, the fp32 softmax out; x 2 backward).  Without one, every pass of the kernels that run
+    (megalite's parallel/layers.py, the same sequence as Megatron-LM's) moves its bytes at the memory
+    bandwidth: forward the fp32 copy (``e + 4``), max (4), subtract (8), exp (8), sum (4), divide (8):
+    ``e + 36``; backward the clone (8), the scale (8), the cast back (``4 + e``): ``e + 20``.
+    """
+    e = element_size(dtype)
+    if any(r[0] == "cross_entropy" and r[1] == dtype for r in hardware.elementwise):
+        return elementwise_seconds("cross_entropy", logits * (e + 8), hardware, dtype)
+    bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
+    return logits * (e + 36) / bandwidth, logits * (e + 20) / bandwidth
+
+
 def logits_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1,
                  cp: int = 1) -> PassTimes:
     """The output layer ``[bs, h] x [h, V/t]`` and the fp32 cross-entropy over its ``sbV/t`` logits."""
@@ -297,8 +313,7 @@ def logits_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype
     vocab = model.padded_vocab_size(tp) // tp
     gemm = Gemm("logits", tokens, vocab, model.hidden_size, layout="nt")
     grad_input, grad_weight = backward_gemms(gemm)
-    softmax_bytes = tokens * vocab * (element_size(dtype) + 4 + 4)   # logits in, fp32 copy, fp32 softmax out
-    loss_forward, loss_backward = elementwise_seconds("cross_entropy", softmax_bytes, hardware, dtype)
+    loss_forward, loss_backward = _cross_entropy_seconds(tokens * vocab, hardware, dtype)
     return PassTimes(gemm_seconds(gemm, hardware, dtype) + loss_forward,
                      gemm_seconds(grad_input, hardware, dtype) + loss_backward,
                      gemm_seconds(grad_weight, hardware, dtype))

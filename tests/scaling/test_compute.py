@@ -132,3 +132,18 @@ def test_fused_attention_is_priced_from_its_causal_flops():
         fused, b, A100, "bfloat16", tp=t, cp=cp).forward
     assert gap == pytest.approx(attention_core_times(unfused, b, A100, "bfloat16", tp=t, cp=cp)[0] - forward)
     assert gap > 0
+
+
+def test_cross_entropy_moves_the_bytes_of_each_pass_without_a_table():
+    model = ModelConfig(num_layers=2, hidden_size=1024, num_attention_heads=16, seq_length=1024, vocab_size=32000)
+    logits = 2 * 1024 * 32000                       # tokens x vocabulary (32000 is a multiple of 128)
+    bandwidth = A100.hbm_gbs * 1e9 * A100.memory_efficiency
+    no_loss = dataclasses.replace(A100, hbm_gbs=1e12)   # the loss's passes take ~nothing at this bandwidth
+    plain, fast = logits_times(model, 2, A100, "bfloat16"), logits_times(model, 2, no_loss, "bfloat16")
+    # forward: fp32 copy 2+4, max 4, subtract 8, exp 8, sum 4, divide 8; backward: clone 8, scale 8, cast 4+2
+    assert plain.forward - fast.forward == pytest.approx(38 * logits / bandwidth, rel=1e-6)
+    assert plain.backward_input - fast.backward_input == pytest.approx(22 * logits / bandwidth, rel=1e-6)
+    # a measured rate is read on its own count, (e + 8) bytes per logit
+    table = dataclasses.replace(A100, elementwise=(("cross_entropy", "bfloat16", 1 << 20, 100.0, 50.0),))
+    measured = logits_times(model, 2, table, "bfloat16")
+    assert measured.forward - fast.forward == pytest.approx(10 * logits / 100e9, rel=1e-3)
