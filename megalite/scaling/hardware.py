@@ -147,10 +147,10 @@ _HOPPER = dict(peak_tflops={"bfloat16": 989.0, "float16": 989.0, "float32": 67.0
                # Streaming copies reach ~90% of HBM3's 3.35 TB/s (~3.0-3.1 TB/s in public device-to-device
                # copy measurements), as on the A100.
                memory_efficiency=0.90,
-               # Fused attention on H100: FlashAttention-2 reaches 35% of the H100's peak, FlashAttention-3
-               # 75% in forward with backward below it (Shah et al. 2024, "FlashAttention-3", abstract and
-               # Sec. 4); 0.5, between the two, for the fused kernels 2024's Megatron-LM ran (cuDNN through
-               # Transformer Engine) -- assumed within those measured bounds, not fitted to a row.
+               # Fused attention on H100 (Shah et al. 2024, "FlashAttention-3"): FlashAttention-2 reaches 35%
+               # of peak, FlashAttention-3 up to 75% in forward; backward at head dimension 128 and sequence
+               # 4k, cuDNN's fused kernel (what Megatron-LM runs through Transformer Engine) reaches 499
+               # TFLOP/s, 0.50 of peak -- the figure used for both passes, not fitted to a row.
                attention_efficiency=0.50,
                overlap_sm_fraction=16 / 132)      # as on the A100: 16 channels, of the 132 SMs
 

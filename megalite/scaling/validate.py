@@ -5,7 +5,9 @@ recompute, the interleaved schedule where there is a pipeline -- on the ``a100-8
 micro-batch and virtual pipeline sizes (which the table does not give) chosen by the planner.  The
 compared figure is the hardware TFLOP/s per GPU, FLOPs counted as the paper's Eq. 3 does (recompute
 included).  Korthikanti et al. 2022, Table 3: the four configurations with sequence parallelism and
-selective recompute, model FLOPs utilization.  Prints a Markdown table (docs/scaling.md pastes it).
+selective recompute, model FLOPs utilization.  The later runs (published.later_runs: Megatron-LM's
+H100 scaling, Llama 3 405B, OPT-175B), each as published on its preset, compared in its source's FLOP
+convention.  Prints Markdown tables (docs/scaling.md pastes them).
 """
 from __future__ import annotations
 
