@@ -57,3 +57,14 @@ def test_within_15_percent(predictions, name):
 @pytest.mark.parametrize("name", sorted(KNOWN_OUTSIDE))
 def test_known_outside_within_15_percent(predictions, name):
     assert abs(_ratio(predictions, name) - 1) <= TOLERANCE, _ratio(predictions, name)
+
+
+def test_validate_prints_each_run_with_its_ratio(predictions, monkeypatch, capsys):
+    from megalite.scaling import validate
+    monkeypatch.setattr(validate, "later_predictions", lambda: list(predictions.values()))
+    validate._print_later()
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ") and " | " in line}
+    for name in predictions:
+        cells = lines[name].strip("| ").split(" | ")
+        assert float(cells[5]) == pytest.approx(_ratio(predictions, name), abs=5e-4) and cells[-1] == "yes"
