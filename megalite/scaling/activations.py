@@ -34,10 +34,12 @@ __all__ = ["Saved", "layer_inventory", "activation_bytes_per_layer", "fused_atte
 UNFUSED_BACKENDS = ("unfused", "local")
 
 
-def fused_attention(attention_backend: str) -> bool:
+def fused_attention(attention_backend: str, attention_dropout: float = 0.0, dropout_fused: bool = True) -> bool:
     """Whether ``--attention-backend`` runs a fused (flash) kernel: every choice but Megatron's unfused
-    ("unfused", "local") path, which materializes the scores."""
-    return attention_backend not in UNFUSED_BACKENDS
+    ("unfused", "local") path, which materializes the scores -- and, with attention dropout, only where
+    the fused kernel applies dropout itself (``dropout_fused``: a GPU's flash kernels do; torch's CPU
+    SDPA falls back to its math kernel, which keeps the scores)."""
+    return attention_backend not in UNFUSED_BACKENDS and (attention_dropout == 0 or dropout_fused)
 
 
 @dataclass(frozen=True)

@@ -226,7 +226,7 @@ def _core_times(model: ModelConfig, core: List[Gemm], core_bytes: float, hardwar
     if rates is not None and model.attention_dropout == 0:
         flops = sum(g.flops for g in core)
         return flops / (rates[0] * 1e12), 2 * flops / (rates[1] * 1e12)
-    if fused_attention(model.attention_backend):
+    if fused_attention(model.attention_backend, model.attention_dropout, hardware.fused_attention_dropout):
         forward = CAUSAL_FRACTION * sum(g.flops for g in core) / (hardware.peak(dtype) * hardware.attention_efficiency
                                                                   * 1e12)
         return forward, FLASH_BACKWARD_RATIO * forward

@@ -84,6 +84,9 @@ class Hardware:
     # The share of the SMs an overlapped communication kernel holds while it runs (overlap.py): the
     # compute beside it runs on the rest.  0 where nothing overlaps.
     overlap_sm_fraction: float = 0.0
+    # Whether the fused attention kernel applies attention dropout itself (GPU flash kernels do); where
+    # not (torch's CPU SDPA), attention with dropout runs unfused, scores kept.
+    fused_attention_dropout: bool = True
     # FP8 GEMMs' share of the FP8 peak, where it differs from gemm_efficiency's (0: the same).
     fp8_gemm_efficiency: float = 0.0
     matmul: Tuple[Tuple[int, int, int, str, float, str], ...] = field(default=())
@@ -210,6 +213,7 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
                             measured),
             gpus_per_node=int(document.get("gpus_per_node", 1)), num_sms=0, matmul=matmul,
             attention=attention, elementwise=elementwise, overlaps_communication=False,
+            fused_attention_dropout=False,
             layer_overhead_s=float(overhead.get("layer_s", 0.0)),
             micro_batch_overhead_s=float(overhead.get("micro_batch_s", 0.0)),
             step_overhead_s=float(overhead.get("step_s", 0.0)),

@@ -101,16 +101,19 @@ def _layers_on_rank(model: ModelConfig, pp: int, vpp: Optional[int], rank: int, 
 
 
 def activation_bytes(model: ModelConfig, micro_batch: int, *, tp: int = 1, cp: int = 1,
-                     sequence_parallel: bool = False, recompute: Optional[str] = None, element_size: int = 2) -> float:
+                     sequence_parallel: bool = False, recompute: Optional[str] = None, element_size: int = 2,
+                     dropout_fused: bool = True) -> float:
     """One layer, one micro-batch, one rank: Korthikanti et al. 2022 (activations.py), 1-byte dropout
     masks when dropout is on, a CP rank's s/cp queries against all s keys; no score matrix with fused
-    attention (``--attention-backend`` other than unfused/local)."""
+    attention (``--attention-backend`` other than unfused/local, its dropout in the kernel where
+    ``dropout_fused``: activations.fused_attention)."""
     dropout = model.hidden_dropout > 0 or model.attention_dropout > 0
     return activation_bytes_per_layer(model.seq_length // cp, micro_batch, model.hidden_size,
                                       model.num_attention_heads, tp=tp, sequence_parallel=sequence_parallel,
                                       recompute=recompute, element_size=element_size,
                                       ffn=model.ffn_hidden_size, dropout=dropout, kv_length=model.seq_length,
-                                      fused=fused_attention(model.attention_backend))
+                                      fused=fused_attention(model.attention_backend, model.attention_dropout,
+                                                            dropout_fused))
 
 
 def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp: int, dp: int,
@@ -119,7 +122,8 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
                    recompute_method: Optional[str] = None, recompute_num_layers: Optional[int] = None,
                    first_stage_layers: Optional[int] = None,
                    last_stage_layers: Optional[int] = None,
-                   stage_counts: Optional[List[int]] = None, sharding: Optional[str] = None) -> List[StageMemory]:
+                   stage_counts: Optional[List[int]] = None, sharding: Optional[str] = None,
+                   dropout_fused: bool = True) -> List[StageMemory]:
     """Memory of one rank of each pipeline stage; ``in_flight[r]`` (micro-batch, chunk) pairs held by rank r;
     ``stage_counts``: layers per virtual stage when the split is not the trainer's (pipeline_split.py);
     ``sharding``: the strategy (default ``optim`` with ``zero1``, else ``no_shard``)."""
@@ -132,9 +136,9 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
     vocab = model.padded_vocab_size(tp)
     h, s, b = model.hidden_size, model.seq_length // cp, micro_batch
     stored = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=recompute,
-                              element_size=element_size)
+                              element_size=element_size, dropout_fused=dropout_fused)
     whole = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=None,
-                             element_size=element_size)
+                             element_size=element_size, dropout_fused=dropout_fused)
     span = recompute_num_layers or 1
     optimizer_bytes = (4 if element_size == 2 else 0) + 8
     out = []

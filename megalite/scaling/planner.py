@@ -111,7 +111,8 @@ def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, worl
         layout = layout_of(parallel, training, optimizer, world_size, options)
         candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
                                  f"recompute={model.recompute_granularity or 'none'}")
-        candidate.memory_gib = max(s.total for s in memory_per_stage(model, parallel, optimizer, layout)) / GIB
+        candidate.memory_gib = max(s.total for s in memory_per_stage(model, parallel, optimizer, layout,
+                                                                         hardware=hardware)) / GIB
         if always_predict or candidate.memory_gib <= hardware.hbm_gb:
             candidate.prediction = predict(model, parallel, training, optimizer, hardware, world_size, options)
             candidate.memory_gib = candidate.prediction.memory_gb_per_gpu

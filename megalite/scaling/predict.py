@@ -154,9 +154,11 @@ def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: Opt
 
 
 def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Optional[OptimizerConfig], layout: Layout,
-                     in_flight: Optional[Sequence[int]] = None) -> List[StageMemory]:
+                     in_flight: Optional[Sequence[int]] = None,
+                     hardware: Optional[Hardware] = None) -> List[StageMemory]:
     """Bytes on one rank of each pipeline stage; ``in_flight`` per rank defaults to the closed form
-    (memory.in_flight_formula, equal to the simulator's count)."""
+    (memory.in_flight_formula, equal to the simulator's count); ``hardware``: whether its fused
+    attention applies dropout itself (default: it does)."""
     lay = layout
     if in_flight is None:
         in_flight = [in_flight_formula(lay.schedule, lay.pp, lay.v, lay.num_microbatches, r) for r in range(lay.pp)]
@@ -165,7 +167,8 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Op
                           sharding=lay.sharding, sequence_parallel=parallel.sequence_parallel,
                           recompute=model.recompute_granularity, recompute_method=model.recompute_method,
                           recompute_num_layers=model.recompute_num_layers,
-                          stage_counts=_stage_counts(model, parallel, lay))
+                          stage_counts=_stage_counts(model, parallel, lay),
+                          dropout_fused=hardware is None or hardware.fused_attention_dropout)
 
 
 def _stage_counts(model: ModelConfig, parallel: ParallelConfig, lay: Layout) -> List[int]:
@@ -262,7 +265,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     slowest = passes.slowest
     pipe = pipeline_time(lay.schedule, lay.pp, lay.v, lay.num_microbatches, slowest.forward,
                          slowest.backward_input, slowest.backward_weight)
-    memories = memory_per_stage(model, parallel, optimizer, lay, pipe.in_flight)
+    memories = memory_per_stage(model, parallel, optimizer, lay, pipe.in_flight, hardware)
     outside = _outside_passes(model, optimizer, lay, hardware, grid, slowest, max(s.parameters for s in memories))
     iteration = (pipe.makespan + outside.dp_exposed + outside.zero_gather + outside.embedding_sync
                  + outside.optimizer + hardware.step_overhead_s)
@@ -294,7 +297,7 @@ def _with_zero3_gathers(model: ModelConfig, parallel: ParallelConfig, lay: Layou
                         grid: comm.GridStrides, stages: List[PassTimes]) -> List[PassTimes]:
     """Each stage's passes plus ZeRO-3's per-micro-batch traffic over DP x CP (communication.zero3_times),
     what of it the pass's compute does not hide (prefetched a layer ahead on a GPU)."""
-    memories = memory_per_stage(model, parallel, None, lay)
+    memories = memory_per_stage(model, parallel, None, lay, hardware=hardware)
     link, e, overlapped = grid.dp_link(hardware), element_size(lay.dtype), hardware.overlaps_communication
     out = []
     for stage, memory in zip(stages, memories):
@@ -371,7 +374,8 @@ def _prediction(model: ModelConfig, parallel: ParallelConfig, optimizer: Optimiz
         iteration_time_s=iteration, tflops_per_gpu=tflops, hardware_tflops_per_gpu=hw_flops / iteration / world / 1e12,
         mfu=tflops / hardware.peak(dtype), memory_gb_per_gpu=heaviest.total / GIB,
         activation_bytes_per_layer=activation_bytes(model, b, tp=lay.tp, cp=lay.cp, sequence_parallel=sp,
-                                                    recompute=recompute, element_size=element_size(dtype)),
+                                                    recompute=recompute, element_size=element_size(dtype),
+                                                    dropout_fused=hardware.fused_attention_dropout),
         bubble_fraction=bubble_fraction, micro_batch_size=b, virtual_pipeline_model_parallel_size=lay.vpp,
         fits=heaviest.total <= capacity and not math.isnan(heaviest.total),
         breakdown=breakdown,

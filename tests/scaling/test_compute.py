@@ -147,3 +147,13 @@ def test_cross_entropy_moves_the_bytes_of_each_pass_without_a_table():
     table = dataclasses.replace(A100, elementwise=(("cross_entropy", "bfloat16", 1 << 20, 100.0, 50.0),))
     measured = logits_times(model, 2, table, "bfloat16")
     assert measured.forward - fast.forward == pytest.approx(10 * logits / 100e9, rel=1e-3)
+
+
+def test_attention_dropout_runs_unfused_where_the_fused_kernel_cannot_drop_out():
+    kwargs = dict(num_layers=2, hidden_size=1024, num_attention_heads=16, seq_length=2048, attention_dropout=0.1)
+    model = ModelConfig(**kwargs)                                  # --attention-backend auto
+    cpu_like = dataclasses.replace(A100, fused_attention_dropout=False)
+    unfused = ModelConfig(**kwargs, attention_backend="unfused")
+    assert attention_core_times(model, 2, cpu_like, "bfloat16") == attention_core_times(unfused, 2, cpu_like,
+                                                                                        "bfloat16")
+    assert attention_core_times(model, 2, A100, "bfloat16") < attention_core_times(unfused, 2, A100, "bfloat16")

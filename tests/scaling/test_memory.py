@@ -96,3 +96,9 @@ def test_korthikanti_table_3_fits_only_with_their_method(row):
     assert plain.memory_gb_per_gpu > ran.memory_gb_per_gpu
     if row.name in ("530B", "1T"):
         assert not plain.fits
+
+
+def test_scores_are_kept_where_the_fused_kernel_cannot_drop_out():
+    model = ModelConfig(**dict(GPT_22B, attention_backend="auto"))      # attention dropout 0.1 by default
+    assert activation_bytes(model, 1, dropout_fused=False) == activation_bytes(ModelConfig(**GPT_22B), 1)
+    assert activation_bytes(model, 1) < activation_bytes(model, 1, dropout_fused=False)
