@@ -5,12 +5,15 @@
         --tensor-model-parallel-size 8 --pipeline-model-parallel-size 64 --global-batch-size 3072 \\
         --fp16 --recompute-granularity full --recompute-method uniform [--json]
     megalite-plan --search --world-size 64 --gpu h100-sxm <model flags>     # every layout, ranked
-    megalite-plan --validate                                                # Narayanan et al. 2021, Table 1
+    megalite-plan --validate                                                # every published run, with ratios
     megalite-plan --calibrate cpu.json                                      # measure this machine
 
 Every flag ``megalite-train`` takes means the same here (they are parsed by ``arguments.parse_args``);
 the planner adds the machine (``--world-size``, ``--gpu``, ``--gpus-per-node``, ``--cluster``,
-``--calibration``).  A micro-batch or virtual pipeline size left out is chosen (planner.py) and
+``--calibration``) and Megatron-LM's flags that change only time or memory (scaling/options.py:
+``--tp-comm-overlap``, ``--overlap-param-gather``, ``--no-overlap-p2p-communication``,
+``--account-for-embedding-in-pipeline-split``, ``--account-for-loss-in-pipeline-split``, ``--fp8-format``,
+``--data-parallel-sharding-strategy``).  A micro-batch or virtual pipeline size left out is chosen (planner.py) and
 reported.  Bad input is one line, ``megalite-plan: error: ...``, exit status 2.
 """
 from __future__ import annotations
@@ -46,8 +49,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--calibrate", metavar="OUT.json", help="measure this machine and write the calibration file")
     parser.add_argument("--search", action="store_true", help="list every layout that fits, ranked, and why the "
                         "others do not")
-    parser.add_argument("--validate", action="store_true", help="print the check against Narayanan et al. 2021 "
-                        "Table 1")
+    parser.add_argument("--validate", action="store_true", help="print every published run against its "
+                        "prediction (scaling/published.py), with the ratios")
     parser.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     parser.add_argument("-h", "--help", action="store_true")
     return parser
@@ -101,7 +104,9 @@ def run(argv: List[str], prog: str) -> int:
     if ours.help:
         from megalite.training.arguments import build_parser as trainer_parser
         build_parser(prog).print_help()
-        print("\nand every megalite-train flag:\n")
+        from megalite.scaling import options
+        print("\n" + options.__doc__.split("\n\n")[2].rstrip() + "\n")
+        print("and every megalite-train flag:\n")
         trainer_parser().print_help()
         return 0
     if ours.calibrate:

@@ -28,6 +28,14 @@ activation ``[s, b, h]`` (``/t`` with SP) per chunk forward and one gradient per
 parallelism all-reduces the fp32 gradient buffer once per step (ZeRO-1: reduce-scatter, then the
 all-gather of the updated parameters in their own dtype).
 
+Context parallelism passes K/V around a ring (Liu et al. 2023, "Ring Attention"; Megatron's CP):
+each of the ``CP`` ranks holds one block of ``s/CP`` tokens' K and V, ``2 (s/CP) b g d e / t`` bytes
+(``g`` query groups of ``d``), and in one layer's forward sends it on and receives the next block
+``CP - 1`` times; backward passes the K/V blocks round again and the dK/dV blocks with them, ``2 (CP - 1)``
+transfers.  Each transfer is a point-to-point step of the ring (every rank sends and receives at once,
+so it costs one message time); the attention core of the current block runs meanwhile, and on a GPU
+only what the core does not hide is exposed (predict.py).
+
 Around the layers (``tp_embedding_time``, ``tp_logits_time``): the vocabulary-parallel embedding
 all-reduces its ``sbh e`` output (with SP then keeps its tokens, and backward all-gathers their
 gradient); the output layer's input is copied to the TP ranks (backward all-reduces its gradient;
@@ -43,7 +51,8 @@ from megalite.scaling.hardware import Hardware, Link
 
 __all__ = ["all_reduce_time", "all_gather_time", "reduce_scatter_time", "p2p_time", "group_link",
            "GridStrides", "tp_collectives_per_layer", "tp_time_per_layer", "tp_embedding_time", "tp_logits_time",
-           "pp_message_bytes", "dp_gradient_time", "zero1_gather_time"]
+           "pp_message_bytes", "dp_gradient_time", "zero1_gather_time", "kv_block_bytes", "cp_ring_times",
+           "zero3_times"]
 
 
 def all_reduce_time(nbytes: float, n: int, link: Link, gap_s: float = 0.0) -> float:
@@ -144,6 +153,22 @@ def tp_logits_time(tokens_bytes: float, tokens: int, tp: int, link: Link, sequen
     return loss, all_reduce_time(tokens_bytes, tp, link, gap_backward_s)
 
 
+def kv_block_bytes(tokens: int, micro_batch: int, query_groups: int, head_dim: int, element_size: int,
+                   tp: int) -> float:
+    """One CP rank's K and V for its ``tokens`` (= s/CP) on one TP rank: ``2 tokens b g d e / t``."""
+    return 2.0 * tokens * micro_batch * query_groups * head_dim * element_size / tp
+
+
+def cp_ring_times(kv_block: float, cp: int, link: Link, gap_forward_s: float = 0.0,
+                  gap_backward_s: float = 0.0) -> tuple:
+    """(forward, backward) seconds of one layer's K/V ring over ``cp`` ranks: ``CP - 1`` block transfers
+    forward, ``2 (CP - 1)`` backward (K/V again, and dK/dV)."""
+    if cp <= 1:
+        return 0.0, 0.0
+    return ((cp - 1) * p2p_time(kv_block, link, gap_forward_s),
+            2 * (cp - 1) * p2p_time(kv_block, link, gap_backward_s))
+
+
 def pp_message_bytes(seq: int, micro_batch: int, hidden: int, element_size: int, tp: int,
                      sequence_parallel: bool) -> float:
     """The activation (and its gradient) between two stages: ``[s, b, h]``, ``[s/t, b, h]`` with SP."""
@@ -163,3 +188,13 @@ def zero1_gather_time(param_elements: float, param_element_size: int, dp: int, l
                       gap_s: float = 0.0) -> float:
     """ZeRO-1's all-gather of the updated parameters (``e N`` bytes) after the optimizer step."""
     return all_gather_time(param_element_size * param_elements, dp, link, gap_s)
+
+
+def zero3_times(param_elements: float, element_size: int, shards: int, link: Link) -> tuple:
+    """(forward, backward) seconds of ZeRO-3's traffic for one micro-batch on a rank holding
+    ``param_elements`` (unsharded count) over ``shards`` ranks: the weights all-gathered (``e N``)
+    before the forward and again before the backward, and their gradient reduce-scattered in the run's
+    precision (``e N``, FSDP's default) after it -- Rajbhandari et al. 2020, Sec. 7.2.2: 3 x the
+    parameter bytes against an all-reduce's 2."""
+    gather = all_gather_time(element_size * param_elements, shards, link)
+    return gather, gather + reduce_scatter_time(element_size * param_elements, shards, link)

@@ -30,6 +30,20 @@ inventory (activations.py) is what they read:
     norms 2 x 2 sbh e/sp, bias-dropout-add 2 x (3e + 1) sbh/sp, softmax 2 e as^2b/t,
     attention dropout (2e + 1) as^2b/t, GELU 2 e sbf/t                  (sp = t with SP, else 1)
 
+The attention core runs one of two ways (``--attention-backend``; activations.fused_attention):
+
+- unfused ("unfused", "local"): the scores and context GEMMs above over the full ``s x s`` (causal
+  masking saves nothing: the masked half is computed, then overwritten), plus the softmax and dropout
+  bytes at the memory bandwidth;
+- fused (flash, the default): one kernel, priced from its FLOPs with the causal half skipped
+  (whole key blocks above the diagonal are not visited; a load-balanced CP split keeps each rank at
+  half of its ``(s/CP) x s`` block, Liu et al. 2023 "Ring Attention" / Megatron's CP), forward
+  ``2 (ab/t) (s/CP) s d`` (half of the two products' ``4 ...``), backward 2.5 x that (five products
+  instead of two: the scores are recomputed, then dV, dP, dQ, dK; Dao 2023 "FlashAttention-2",
+  Sec. 3.1.2), at ``peak x attention_efficiency`` (hardware.py).  No score bytes move through HBM.
+
+A calibration table of measured SDPA (a CPU) replaces both: it is what runs there.
+
 Recompute: full adds the layer's forward to its backward; selective adds the attention core.  So
 hardware FLOPs are 4 x forward with full recompute (Narayanan et al. 2021, Eq. 3) and 3 x forward
 plus the attention core with selective (Korthikanti et al. 2022, Sec. 6).
@@ -42,13 +56,20 @@ from typing import List, NamedTuple, Optional
 
 from megalite.config.settings import ModelConfig
 from megalite.model.flops import flops_per_iteration
+from megalite.scaling.activations import fused_attention
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.interpolate import interpolate
 
 __all__ = ["Gemm", "PassTimes", "gemm_rate", "gemm_seconds", "layer_gemms", "backward_gemms", "layer_times",
+           "attention_core_times", "linear_times", "FLASH_BACKWARD_RATIO",
            "logits_times", "hardware_flops_per_iteration", "element_size"]
 
 _TILES = ((256, 128), (128, 256))
+# A fused kernel's backward runs five products per block (S = Q K^T again, dV, dP, dQ, dK) against the
+# forward's two (S, then P V): 2.5 x the forward's FLOPs.
+FLASH_BACKWARD_RATIO = 2.5
+# The causal mask: a fused kernel skips the key blocks above the diagonal, half of them.
+CAUSAL_FRACTION = 0.5
 
 
 class Gemm(NamedTuple):
@@ -84,7 +105,7 @@ class PassTimes:
 
 
 def element_size(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
+    return {"float32": 4, "fp8": 1}.get(dtype, 2)
 
 
 def quantization(m: int, n: int, batch: int, num_sms: int) -> float:
@@ -115,7 +136,9 @@ def gemm_rate(gemm: Gemm, hardware: Hardware, dtype: str) -> float:
     e = element_size(dtype)
     moved = e * gemm.batch * (gemm.m * gemm.k + gemm.k * gemm.n + gemm.m * gemm.n)
     memory_bound = gemm.flops / moved * hardware.hbm_gbs * hardware.memory_efficiency / 1e3
-    compute_bound = (hardware.peak(dtype) * hardware.gemm_efficiency
+    efficiency = hardware.fp8_gemm_efficiency if dtype == "fp8" and hardware.fp8_gemm_efficiency else \
+        hardware.gemm_efficiency
+    compute_bound = (hardware.peak(dtype) * efficiency
                      * quantization(gemm.m, gemm.n, gemm.batch, hardware.num_sms))
     return min(compute_bound, memory_bound)
 
@@ -195,46 +218,92 @@ def attention_rates(hardware: Hardware, dtype: str, heads: int, s: int, d: int) 
 
 def _core_times(model: ModelConfig, core: List[Gemm], core_bytes: float, hardware: Hardware, dtype: str) -> tuple:
     """(forward, backward) seconds of the attention core: measured SDPA when the calibration has it
-    (and attention dropout is off: the table is of the dropout-free kernel), else its GEMMs plus
-    the softmax/dropout bytes at the memory bandwidth."""
+    (and attention dropout is off: the table is of the dropout-free kernel); else a fused kernel's
+    FLOPs (causal half skipped) at ``peak x attention_efficiency``; else (unfused) its GEMMs plus the
+    softmax/dropout bytes at the memory bandwidth."""
     scores = core[0]
     rates = attention_rates(hardware, dtype, scores.batch, model.seq_length, model.head_dim)
     if rates is not None and model.attention_dropout == 0:
         flops = sum(g.flops for g in core)
         return flops / (rates[0] * 1e12), 2 * flops / (rates[1] * 1e12)
+    if fused_attention(model.attention_backend, model.attention_dropout, hardware.fused_attention_dropout):
+        forward = CAUSAL_FRACTION * sum(g.flops for g in core) / (hardware.peak(dtype) * hardware.attention_efficiency
+                                                                  * 1e12)
+        return forward, FLASH_BACKWARD_RATIO * forward
     bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     backward = sum(gemm_seconds(b, hardware, dtype) for g in core for b in backward_gemms(g))
     return _seconds(core, hardware, dtype) + core_bytes / bandwidth, backward + 2 * core_bytes / bandwidth
+
+
+def attention_core_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1,
+                         cp: int = 1) -> tuple:
+    """(forward, backward) seconds of one layer's attention core on one TP and CP rank (what a CP
+    ring's K/V transfers run beside)."""
+    core = [g for g in layer_gemms(model, micro_batch, tp, cp) if g.attention_core]
+    _families, core_bytes = _elementwise_bytes(model, micro_batch, tp, cp, False, element_size(dtype))
+    return _core_times(model, core, core_bytes, hardware, dtype)
 
 
 def _seconds(gemms: List[Gemm], hardware: Hardware, dtype: str) -> float:
     return sum(gemm_seconds(g, hardware, dtype) for g in gemms)
 
 
+def _linear_times(forward_gemms: List[Gemm], hardware: Hardware, dtype: str) -> PassTimes:
+    times = PassTimes(0.0, 0.0, 0.0)
+    for gemm in forward_gemms:
+        if not gemm.attention_core:
+            grad_input, grad_weight = backward_gemms(gemm)
+            times = times + PassTimes(gemm_seconds(gemm, hardware, dtype), gemm_seconds(grad_input, hardware, dtype),
+                                      gemm_seconds(grad_weight, hardware, dtype))
+    return times
+
+
+def linear_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1,
+                 cp: int = 1) -> PassTimes:
+    """The four linear layers' GEMMs of one layer (what TP communication can overlap with); ``dtype``
+    "fp8" runs them at the hardware's FP8 peak on 1-byte operands (``--fp8-format``)."""
+    return _linear_times(layer_gemms(model, micro_batch, tp, cp), hardware, dtype)
+
+
 def layer_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1, cp: int = 1,
-                sequence_parallel: bool = False, recompute: Optional[str] = None) -> PassTimes:
-    """Compute seconds of one layer on one micro-batch, on one TP rank (communication excluded)."""
+                sequence_parallel: bool = False, recompute: Optional[str] = None,
+                linear_dtype: Optional[str] = None) -> PassTimes:
+    """Compute seconds of one layer on one micro-batch, on one TP rank (communication excluded);
+    ``linear_dtype`` "fp8": the linear layers' GEMMs in FP8 (the attention core and the elementwise
+    work stay in ``dtype``, as Transformer Engine's FP8 recipes run them)."""
     e = element_size(dtype)
     forward_gemms = layer_gemms(model, micro_batch, tp, cp)
     families, core_bytes = _elementwise_bytes(model, micro_batch, tp, cp, sequence_parallel, e)
     core_forward, core_backward = _core_times(model, [g for g in forward_gemms if g.attention_core], core_bytes,
                                               hardware, dtype)
-    forward, backward_input, backward_weight = core_forward, core_backward, 0.0
+    forward, backward_input = core_forward, core_backward
     for op, (count, nbytes) in families.items():
         op_forward, op_backward = elementwise_seconds(op, nbytes, hardware, dtype)
         forward, backward_input = forward + count * op_forward, backward_input + count * op_backward
-    for gemm in forward_gemms:
-        if gemm.attention_core:
-            continue
-        grad_input, grad_weight = backward_gemms(gemm)
-        forward += gemm_seconds(gemm, hardware, dtype)
-        backward_input += gemm_seconds(grad_input, hardware, dtype)
-        backward_weight += gemm_seconds(grad_weight, hardware, dtype)
+    linears = _linear_times(forward_gemms, hardware, linear_dtype or dtype)
+    forward, backward_input = forward + linears.forward, backward_input + linears.backward_input
+    backward_weight = linears.backward_weight
     if recompute == "full":
         backward_input += forward
     elif recompute == "selective":
         backward_input += core_forward
     return PassTimes(forward, backward_input, backward_weight)
+
+
+def _cross_entropy_seconds(logits: int, hardware: Hardware, dtype: str) -> tuple:
+    """(forward, backward) seconds of the fp32 vocabulary-parallel cross-entropy over ``logits`` values.
+
+    A calibration's measured rate is on its own count, ``(e + 8)`` bytes per logit (the logits in, an
+    fp32 copy, the fp32 softmax out; x 2 backward).  Without one, every pass of the kernels that run
+    (megalite's parallel/layers.py, the same sequence as Megatron-LM's) moves its bytes at the memory
+    bandwidth: forward the fp32 copy (``e + 4``), max (4), subtract (8), exp (8), sum (4), divide (8):
+    ``e + 36``; backward the clone (8), the scale (8), the cast back (``4 + e``): ``e + 20``.
+    """
+    e = element_size(dtype)
+    if any(r[0] == "cross_entropy" and r[1] == dtype for r in hardware.elementwise):
+        return elementwise_seconds("cross_entropy", logits * (e + 8), hardware, dtype)
+    bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
+    return logits * (e + 36) / bandwidth, logits * (e + 20) / bandwidth
 
 
 def logits_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1,
@@ -244,8 +313,7 @@ def logits_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype
     vocab = model.padded_vocab_size(tp) // tp
     gemm = Gemm("logits", tokens, vocab, model.hidden_size, layout="nt")
     grad_input, grad_weight = backward_gemms(gemm)
-    softmax_bytes = tokens * vocab * (element_size(dtype) + 4 + 4)   # logits in, fp32 copy, fp32 softmax out
-    loss_forward, loss_backward = elementwise_seconds("cross_entropy", softmax_bytes, hardware, dtype)
+    loss_forward, loss_backward = _cross_entropy_seconds(tokens * vocab, hardware, dtype)
     return PassTimes(gemm_seconds(gemm, hardware, dtype) + loss_forward,
                      gemm_seconds(grad_input, hardware, dtype) + loss_backward,
                      gemm_seconds(grad_weight, hardware, dtype))

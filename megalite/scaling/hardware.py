@@ -78,6 +78,17 @@ class Hardware:
     num_sms: int = 0
     gemm_efficiency: float = 1.0
     memory_efficiency: float = 1.0
+    # A fused (flash) attention kernel's share of peak on its FLOPs, forward and backward alike
+    # (compute.py); a calibration's measured SDPA table replaces it.
+    attention_efficiency: float = 0.5
+    # The share of the SMs an overlapped communication kernel holds while it runs (overlap.py): the
+    # compute beside it runs on the rest.  0 where nothing overlaps.
+    overlap_sm_fraction: float = 0.0
+    # Whether the fused attention kernel applies attention dropout itself (GPU flash kernels do); where
+    # not (torch's CPU SDPA), attention with dropout runs unfused, scores kept.
+    fused_attention_dropout: bool = True
+    # FP8 GEMMs' share of the FP8 peak, where it differs from gemm_efficiency's (0: the same).
+    fp8_gemm_efficiency: float = 0.0
     matmul: Tuple[Tuple[int, int, int, str, float, str], ...] = field(default=())
     optimizer_bytes_per_s: Optional[float] = None
     attention: Tuple[Tuple[int, int, int, str, float, float], ...] = field(default=())
@@ -115,22 +126,46 @@ _A100 = dict(peak_tflops={"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
              gemm_efficiency=0.80,
              # Streaming kernels reach ~90% of the HBM bandwidth on A100 (the STREAM-like copy
              # figures vendors quote: ~1.8 of 2.0 TB/s) -- assumed, not fitted.
-             memory_efficiency=0.90)
+             memory_efficiency=0.90,
+             # FlashAttention-2 (Dao 2023, Sec. 4.1) reaches 50-73% of the A100's peak on its own FLOPs
+             # (causal half skipped), forward and backward together at head dim 64-128; the low end of that
+             # range plus a margin for shorter sequences -- an assumption, not a fit to any table row.
+             attention_efficiency=0.55,
+             # NCCL runs one thread block per channel on an SM of its own; 16 channels (assumed: NCCL's
+             # count on an 8-GPU NVLink node with one network card per GPU) of the 108 SMs.
+             overlap_sm_fraction=16 / 108)
+
+# Shared by the Hopper presets.  Data sheet (H100 SXM5, 2023): 989 TFLOP/s dense BF16/FP16, 1,979 dense
+# FP8 (a hardware property: --fp8-format runs the linear layers' GEMMs there), 67 FP32, 132 SMs, NVLink 4
+# at 900 GB/s total = 450 per direction; DGX H100: 8 x 400 Gb/s NDR per node = 50 GB/s per GPU.
+_HOPPER = dict(peak_tflops={"bfloat16": 989.0, "float16": 989.0, "float32": 67.0, "fp8": 1979.0},
+               intra_node=Link(450.0, 5.0), inter_node=Link(50.0, 10.0), gpus_per_node=8, num_sms=132,
+               # Public measurements of the best torch.matmul over a brute-force search of shapes
+               # ("Maximum Achievable Matmul FLOPS", Bekman, "Machine Learning Engineering", accelerator
+               # chapter): A100 SXM 271.2 of 312 TFLOP/s (86.9%), H100 SXM 794.5 of 989 (80.3%) in BF16
+               # and 1,402.6 of 1,979 (70.9%) in FP8.  The A100 presets' 0.80 is 0.92 of the A100's
+               # best; the same 0.92 of the H100's: 0.74 BF16, 0.65 FP8 (the best shape is not every
+               # shape a layer runs).  The A100's 0.80 itself is not reused.
+               gemm_efficiency=0.74, fp8_gemm_efficiency=0.65,
+               # Streaming copies reach ~90% of HBM3's 3.35 TB/s (~3.0-3.1 TB/s in public device-to-device
+               # copy measurements), as on the A100.
+               memory_efficiency=0.90,
+               # Fused attention on H100 (Shah et al. 2024, "FlashAttention-3"): FlashAttention-2 reaches 35%
+               # of peak, FlashAttention-3 up to 75% in forward; backward at head dimension 128 and sequence
+               # 4k, cuDNN's fused kernel (what Megatron-LM runs through Transformer Engine) reaches 499
+               # TFLOP/s, 0.50 of peak -- the figure used for both passes, not fitted to a row.
+               attention_efficiency=0.50,
+               overlap_sm_fraction=16 / 132)      # as on the A100: 16 channels, of the 132 SMs
 
 PRESETS: Dict[str, Hardware] = {
     # A100 SXM4 40GB: HBM2, 1,555 GB/s (data sheet).
     "a100-40gb": Hardware("a100-40gb", hbm_gb=40.0, hbm_gbs=1555.0, **_A100),
     # A100 SXM4 80GB: HBM2e, 2,039 GB/s (data sheet).
     "a100-80gb": Hardware("a100-80gb", hbm_gb=80.0, hbm_gbs=2039.0, **_A100),
-    # H100 SXM5: 989 TFLOP/s dense BF16/FP16, 67 FP32, 80 GB HBM3 at 3.35 TB/s, 132 SMs, NVLink 4 900 GB/s
-    # total = 450 per direction (H100 data sheet); DGX H100: 8 x 400 Gb/s NDR per node = 50 GB/s per GPU.
-    "h100-sxm": Hardware("h100-sxm", peak_tflops={"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
-                         hbm_gb=80.0, hbm_gbs=3350.0, intra_node=Link(450.0, 5.0), inter_node=Link(50.0, 10.0),
-                         gpus_per_node=8, num_sms=132, gemm_efficiency=0.80, memory_efficiency=0.90),
+    # H100 SXM5 and H200 SXM: their own figures, not the A100's (_HOPPER below).
+    "h100-sxm": Hardware("h100-sxm", hbm_gb=80.0, hbm_gbs=3350.0, **_HOPPER),
     # H200 SXM: the H100's compute with 141 GB HBM3e at 4.8 TB/s (H200 data sheet); same NVLink and NDR.
-    "h200": Hardware("h200", peak_tflops={"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
-                     hbm_gb=141.0, hbm_gbs=4800.0, intra_node=Link(450.0, 5.0), inter_node=Link(50.0, 10.0),
-                     gpus_per_node=8, num_sms=132, gemm_efficiency=0.80, memory_efficiency=0.90),
+    "h200": Hardware("h200", hbm_gb=141.0, hbm_gbs=4800.0, **_HOPPER),
 }
 
 
@@ -178,6 +213,7 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
                             measured),
             gpus_per_node=int(document.get("gpus_per_node", 1)), num_sms=0, matmul=matmul,
             attention=attention, elementwise=elementwise, overlaps_communication=False,
+            fused_attention_dropout=False,
             layer_overhead_s=float(overhead.get("layer_s", 0.0)),
             micro_batch_overhead_s=float(overhead.get("micro_batch_s", 0.0)),
             step_overhead_s=float(overhead.get("step_s", 0.0)),

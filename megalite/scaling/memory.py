@@ -7,6 +7,13 @@ et al. 2020 "ZeRO", Sec. 3 count the same 2 + 4 + 12 minus the fp32 gradient the
     gradient buffer    4 bytes (the contiguous fp32 ``main_grad`` buffer, data_parallel.py)
     optimizer          (4 fp32 master if e = 2) + 4 Adam m + 4 Adam v,  / (DP x CP) with ZeRO-1
 
+sharded over the ``DP x CP`` ranks as the sharding strategy says (``--data-parallel-sharding-strategy``,
+a planner flag; Rajbhandari et al. 2020's stages): ``optim`` (ZeRO-1, ``--use-distributed-optimizer``)
+the optimizer state, ``optim_grads`` (ZeRO-2) the gradients too, ``optim_grads_params`` (ZeRO-3, FSDP)
+the weights too -- which then are gathered a layer at a time: two layers' full weights and their
+fp32 gradients are held at once (the one computing and the one prefetched),
+``2 (e + 4) P_layer / t``.
+
 A rank holds ``L_r / t`` of the layers' weights (``L_r`` its layers over all its chunks), the word
 embedding ``V h / t`` (+ the position table) on the first rank, and the final norm and the output
 layer on the last (tied weights: the last rank keeps its own copy of the embedding).
@@ -35,7 +42,7 @@ from typing import List, Optional
 from megalite.config.settings import ModelConfig
 from megalite.model.flops import count_parameters
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
-from megalite.scaling.activations import activation_bytes_per_layer
+from megalite.scaling.activations import activation_bytes_per_layer, fused_attention
 
 __all__ = ["StageMemory", "in_flight_formula", "parameter_split", "activation_bytes", "stage_memories"]
 
@@ -88,41 +95,55 @@ def parameter_split(model: ModelConfig, tp: int):
 
 
 def _layers_on_rank(model: ModelConfig, pp: int, vpp: Optional[int], rank: int, first: Optional[int],
-                    last: Optional[int]) -> List[int]:
-    counts = virtual_stage_layer_counts(model.num_layers, pp, vpp, first, last)
+                    last: Optional[int], counts: Optional[List[int]] = None) -> List[int]:
+    counts = counts or virtual_stage_layer_counts(model.num_layers, pp, vpp, first, last)
     return [counts[chunk * pp + rank] for chunk in range(vpp or 1)]
 
 
 def activation_bytes(model: ModelConfig, micro_batch: int, *, tp: int = 1, cp: int = 1,
-                     sequence_parallel: bool = False, recompute: Optional[str] = None, element_size: int = 2) -> float:
+                     sequence_parallel: bool = False, recompute: Optional[str] = None, element_size: int = 2,
+                     dropout_fused: bool = True) -> float:
     """One layer, one micro-batch, one rank: Korthikanti et al. 2022 (activations.py), 1-byte dropout
-    masks when dropout is on, a CP rank's s/cp tokens."""
+    masks when dropout is on, a CP rank's s/cp queries against all s keys; no score matrix with fused
+    attention (``--attention-backend`` other than unfused/local, its dropout in the kernel where
+    ``dropout_fused``: activations.fused_attention)."""
     dropout = model.hidden_dropout > 0 or model.attention_dropout > 0
     return activation_bytes_per_layer(model.seq_length // cp, micro_batch, model.hidden_size,
                                       model.num_attention_heads, tp=tp, sequence_parallel=sequence_parallel,
                                       recompute=recompute, element_size=element_size,
-                                      ffn=model.ffn_hidden_size, dropout=dropout)
+                                      ffn=model.ffn_hidden_size, dropout=dropout, kv_length=model.seq_length,
+                                      fused=fused_attention(model.attention_backend, model.attention_dropout,
+                                                            dropout_fused))
 
 
 def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp: int, dp: int,
-                   vpp: Optional[int], in_flight: List[int], element_size: int, zero1: bool,
+                   vpp: Optional[int], in_flight: List[int], element_size: int, zero1: bool = False,
                    sequence_parallel: bool = False, recompute: Optional[str] = None,
                    recompute_method: Optional[str] = None, recompute_num_layers: Optional[int] = None,
                    first_stage_layers: Optional[int] = None,
-                   last_stage_layers: Optional[int] = None) -> List[StageMemory]:
-    """Memory of one rank of each pipeline stage; ``in_flight[r]`` (micro-batch, chunk) pairs held by rank r."""
+                   last_stage_layers: Optional[int] = None,
+                   stage_counts: Optional[List[int]] = None, sharding: Optional[str] = None,
+                   dropout_fused: bool = True) -> List[StageMemory]:
+    """Memory of one rank of each pipeline stage; ``in_flight[r]`` (micro-batch, chunk) pairs held by rank r;
+    ``stage_counts``: layers per virtual stage when the split is not the trainer's (pipeline_split.py);
+    ``sharding``: the strategy (default ``optim`` with ``zero1``, else ``no_shard``)."""
+    sharding = sharding or ("optim" if zero1 else "no_shard")
+    shards = dp * cp
+    weight_shards = shards if sharding == "optim_grads_params" else 1
+    grad_shards = shards if sharding in ("optim_grads", "optim_grads_params") else 1
+    optimizer_shards = shards if sharding != "no_shard" else 1
     per_layer, embedding, final_norm = parameter_split(model, tp)
     vocab = model.padded_vocab_size(tp)
     h, s, b = model.hidden_size, model.seq_length // cp, micro_batch
     stored = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=recompute,
-                              element_size=element_size)
+                              element_size=element_size, dropout_fused=dropout_fused)
     whole = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=None,
-                             element_size=element_size)
+                             element_size=element_size, dropout_fused=dropout_fused)
     span = recompute_num_layers or 1
     optimizer_bytes = (4 if element_size == 2 else 0) + 8
     out = []
     for rank in range(pp):
-        chunks = _layers_on_rank(model, pp, vpp, rank, first_stage_layers, last_stage_layers)
+        chunks = _layers_on_rank(model, pp, vpp, rank, first_stage_layers, last_stage_layers, stage_counts)
         layers = sum(chunks)
         params = layers * per_layer / tp
         if rank == 0:
@@ -144,6 +165,8 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
         if rank == 0 and model.hidden_dropout > 0:
             activations += in_flight[rank] * s * b * h / (tp if sequence_parallel else 1)
         logits = 2 * 4.0 * s * b * vocab / tp if rank == pp - 1 else 0.0
-        out.append(StageMemory(rank, params, params * element_size, params * 4.0,
-                               params * optimizer_bytes / (dp * cp if zero1 else 1), activations, logits))
+        gathered = 2 * per_layer / tp if weight_shards > 1 else 0.0    # ZeRO-3's working layers
+        out.append(StageMemory(rank, params, params * element_size / weight_shards + gathered * element_size,
+                               params * 4.0 / grad_shards + gathered * 4.0,
+                               params * optimizer_bytes / optimizer_shards, activations, logits))
     return out

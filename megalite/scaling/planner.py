@@ -9,11 +9,14 @@ a node) x PP x DP x micro-batch x recompute x virtual size -- and says why each 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from megalite.scaling.hardware import Hardware
+from megalite.scaling.options import PlanOptions, split_plan_flags
+from megalite.scaling.pipeline_split import extra_units
 from megalite.scaling.predict import GIB, Prediction, layout_of, memory_per_stage, predict
 from megalite.training.arguments import build_parser, parse_args, yaml_defaults
 
@@ -74,32 +77,44 @@ def with_flags(argv: Sequence[str], flags: Dict[str, object]) -> List[str]:
     return out
 
 
-def _configs(argv: Sequence[str], world_size: int):
+def _configs(argv: Sequence[str], world_size: int, options: PlanOptions = PlanOptions()):
+    """The trainer's configs of ``argv``.  With the embedding/loss counted in the pipeline split the
+    trainer's even-split check is asked about the ``L + 1`` or ``L + 2`` units the split divides
+    (pipeline_split.py), and the model keeps its ``L`` layers."""
     argv = list(argv)
     if not given(argv, "--mock-data") and not given(argv, "--data-path"):
         argv.append("--mock-data")
+    extra = extra_units(options)
+    if extra:
+        layers = _flag_value(argv, "--num-layers", 2)
+        argv = with_flags(argv, {"--num-layers": layers + extra})
     model, parallel, optimizer, _data, training = parse_args(argv, world_size=world_size)
+    if extra:
+        model = dataclasses.replace(model, num_layers=model.num_layers - extra)
     return model, parallel, training, optimizer
 
 
 def predict_argv(argv: Sequence[str], hardware: Hardware, world_size: int) -> Prediction:
-    """Parse trainer flags as ``megalite-train`` does (``--mock-data`` when no data is named) and predict."""
-    return predict(*_configs(argv, world_size), hardware, world_size)
+    """Parse trainer flags as ``megalite-train`` does (``--mock-data`` when no data is named), the
+    planner's own flags (options.py) beside them, and predict."""
+    options, argv = split_plan_flags(argv)
+    return predict(*_configs(argv, world_size, options), hardware, world_size, options)
 
 
 def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, world_size: int,
-         always_predict: bool = False) -> Candidate:
+         always_predict: bool = False, options: PlanOptions = PlanOptions()) -> Candidate:
     """A candidate's prediction, or why it is rejected; memory is checked first (closed-form in-flight
     counts), so a layout that cannot fit is not simulated unless ``always_predict``."""
     candidate = Candidate(flags)
     try:
-        model, parallel, training, optimizer = _configs(with_flags(argv, flags), world_size)
-        layout = layout_of(parallel, training, optimizer, world_size)
+        model, parallel, training, optimizer = _configs(with_flags(argv, flags), world_size, options)
+        layout = layout_of(parallel, training, optimizer, world_size, options)
         candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
                                  f"recompute={model.recompute_granularity or 'none'}")
-        candidate.memory_gib = max(s.total for s in memory_per_stage(model, parallel, optimizer, layout)) / GIB
+        candidate.memory_gib = max(s.total for s in memory_per_stage(model, parallel, optimizer, layout,
+                                                                         hardware=hardware)) / GIB
         if always_predict or candidate.memory_gib <= hardware.hbm_gb:
-            candidate.prediction = predict(model, parallel, training, optimizer, hardware, world_size)
+            candidate.prediction = predict(model, parallel, training, optimizer, hardware, world_size, options)
             candidate.memory_gib = candidate.prediction.memory_gb_per_gpu
     except ValueError as error:
         candidate.reason = str(error).splitlines()[0]
@@ -130,15 +145,15 @@ def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
     Raises ValueError (one line) when the flags are invalid, or when sizes are left open and none fits;
     a layout given whole is predicted even if it does not fit (``fits`` says so).
     """
-    argv = list(argv)
-    layers = _flag_value(argv, "--num-layers", 2)
+    options, argv = split_plan_flags(argv)
+    layers = _flag_value(argv, "--num-layers", 2) + extra_units(options)
     pp = _flag_value(argv, "--pipeline-model-parallel-size", 1)
     # Without a global batch the micro-batch sets it (micro-batch x DP): then it is not the planner's to choose.
     open_mbs = not given(argv, "--micro-batch-size") and given(argv, "--global-batch-size")
     open_vpp = pp > 1 and not (given(argv, "--virtual-pipeline-model-parallel-size")
                                or given(argv, "--num-layers-per-virtual-pipeline-stage"))
     if not open_mbs and not open_vpp:   # nothing to choose: the prediction, whether it fits or not
-        candidate = _try(argv, {}, hardware, world_size, always_predict=True)
+        candidate = _try(argv, {}, hardware, world_size, always_predict=True, options=options)
         if candidate.prediction is None:
             raise ValueError(candidate.reason)
         return candidate
@@ -151,7 +166,7 @@ def plan(argv: Sequence[str], hardware: Hardware, world_size: int) -> Candidate:
             flags["--micro-batch-size"] = mbs
         if vpp != "given":
             flags["--virtual-pipeline-model-parallel-size"] = vpp
-        candidates.append(_try(argv, flags, hardware, world_size))
+        candidates.append(_try(argv, flags, hardware, world_size, options=options))
     best = _best(candidates)
     if best is None:
         too_big = [c for c in candidates if c.memory_gib is not None]
@@ -190,7 +205,8 @@ def _divisors(n: int) -> List[int]:
 def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Candidate]:
     """Every layout of the model in ``argv`` on ``world_size`` devices: fitting ones first, ranked by
     model TFLOP/s per GPU, then the rejected ones with their reason."""
-    layers = _flag_value(argv, "--num-layers", 2)
+    options, argv = split_plan_flags(argv)
+    layers = _flag_value(argv, "--num-layers", 2) + extra_units(options)
     tp_sizes = [t for t in _divisors(hardware.gpus_per_node) if t & (t - 1) == 0 and world_size % t == 0]
     candidates = []
     for tp in tp_sizes:
@@ -205,7 +221,7 @@ def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Can
                          "--recompute-granularity": recompute,
                          "--recompute-method": "uniform" if recompute == "full" else None,
                          "--recompute-num-layers": None, "--checkpoint-activations": None}
-                candidates.append(_try(argv, flags, hardware, world_size))
+                candidates.append(_try(argv, flags, hardware, world_size, options=options))
     fitting = sorted((c for c in candidates if not c.reason), key=lambda c: -c.prediction.tflops_per_gpu)
     return fitting + [c for c in candidates if c.reason]
 

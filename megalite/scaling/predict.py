@@ -23,11 +23,21 @@ from typing import Dict, List, Optional, Sequence
 from megalite.config.settings import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 from megalite.model.flops import count_parameters, flops_per_iteration
 from megalite.parallel.pipeline.orders import default_schedule
-from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 from megalite.scaling import communication as comm
-from megalite.scaling.compute import PassTimes, element_size, hardware_flops_per_iteration, layer_times, logits_times
+from megalite.scaling.compute import (
+    PassTimes,
+    attention_core_times,
+    element_size,
+    hardware_flops_per_iteration,
+    layer_times,
+    linear_times,
+    logits_times,
+)
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.memory import StageMemory, activation_bytes, in_flight_formula, stage_memories
+from megalite.scaling.options import PlanOptions
+from megalite.scaling.overlap import behind, check_options, p2p_exposed, tp_exposed
+from megalite.scaling.pipeline_split import stage_layer_counts
 from megalite.scaling.schedule import pipeline_time
 
 __all__ = ["Prediction", "predict", "Layout", "layout_of", "memory_per_stage", "run_dtype", "with_host_overhead"]
@@ -103,14 +113,27 @@ class Layout:
     num_microbatches: int
     schedule: Optional[str]
     dtype: str
+    options: PlanOptions = PlanOptions()
+    zero1_flag: bool = False       # --use-distributed-optimizer
 
     @property
     def v(self) -> int:
         return self.vpp or 1
 
+    @property
+    def sharding(self) -> str:
+        """The sharding strategy over DP x CP (options.py): ``no_shard`` with one rank to shard over."""
+        return self.options.sharding(self.zero1_flag) if self.dp * self.cp > 1 else "no_shard"
+
+    @property
+    def linear_dtype(self) -> str:
+        """The linear layers' GEMM precision: FP8 with --fp8-format (either format: the same tensor-core
+        rate), else the run's."""
+        return "fp8" if self.options.fp8_format else self.dtype
+
 
 def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
-              world_size: Optional[int] = None) -> Layout:
+              world_size: Optional[int] = None, options: Optional[PlanOptions] = None) -> Layout:
     world = world_size or parallel.world_size
     tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                   parallel.context_parallel_size)
@@ -123,23 +146,34 @@ def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: Opt
     if gbs % (b * dp):
         raise ValueError(f"global batch {gbs} is not divisible by micro-batch {b} x data-parallel {dp}")
     schedule = parallel.pipeline_schedule or default_schedule(pp, vpp)
-    return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer))
+    options = options or PlanOptions()
+    check_options(options, parallel.sequence_parallel, tp, options.sharding(optimizer.use_distributed_optimizer),
+                  optimizer.overlap_grad_reduce)
+    return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer), options,
+                  optimizer.use_distributed_optimizer)
 
 
-def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig, layout: Layout,
-                     in_flight: Optional[Sequence[int]] = None) -> List[StageMemory]:
+def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Optional[OptimizerConfig], layout: Layout,
+                     in_flight: Optional[Sequence[int]] = None,
+                     hardware: Optional[Hardware] = None) -> List[StageMemory]:
     """Bytes on one rank of each pipeline stage; ``in_flight`` per rank defaults to the closed form
-    (memory.in_flight_formula, equal to the simulator's count)."""
+    (memory.in_flight_formula, equal to the simulator's count); ``hardware``: whether its fused
+    attention applies dropout itself (default: it does)."""
     lay = layout
     if in_flight is None:
         in_flight = [in_flight_formula(lay.schedule, lay.pp, lay.v, lay.num_microbatches, r) for r in range(lay.pp)]
     return stage_memories(model, micro_batch=lay.micro_batch, tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp,
                           vpp=lay.vpp, in_flight=list(in_flight), element_size=element_size(lay.dtype),
-                          zero1=optimizer.use_distributed_optimizer, sequence_parallel=parallel.sequence_parallel,
+                          sharding=lay.sharding, sequence_parallel=parallel.sequence_parallel,
                           recompute=model.recompute_granularity, recompute_method=model.recompute_method,
                           recompute_num_layers=model.recompute_num_layers,
-                          first_stage_layers=parallel.decoder_first_pipeline_num_layers,
-                          last_stage_layers=parallel.decoder_last_pipeline_num_layers)
+                          stage_counts=_stage_counts(model, parallel, lay),
+                          dropout_fused=hardware is None or hardware.fused_attention_dropout)
+
+
+def _stage_counts(model: ModelConfig, parallel: ParallelConfig, lay: Layout) -> List[int]:
+    return stage_layer_counts(model.num_layers, lay.pp, lay.vpp, parallel.decoder_first_pipeline_num_layers,
+                              parallel.decoder_last_pipeline_num_layers, lay.options)
 
 
 def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Hardware, grid: comm.GridStrides,
@@ -156,29 +190,45 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     gap_f = layer.forward / max(1, per_forward)
     gap_b = (layer.backward_input + layer.backward_weight) / max(1, per_backward)
     tp_link = grid.tp_link(hardware)
-    tp_f = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f)
-    tp_b = comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True)
+    overlapped = lay.options.tp_comm_overlap and hardware.overlaps_communication
+    linears = linear_times(model, b, hardware, lay.linear_dtype, tp=tp, cp=cp)
+    share = hardware.overlap_sm_fraction
+    tp_f = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f), linears.forward, tp, overlapped,
+                      share)
+    tp_b = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True),
+                      linears.backward_input + linears.backward_weight, tp, overlapped, share)
     cp_f = cp_b = 0.0
-    if cp > 1:   # K and V of this rank's tokens all-gathered over CP (forward; reduce-scattered in backward)
-        kv_bytes = 2 * model.seq_length * b * model.num_query_groups * model.head_dim * e / tp
-        cp_link = comm.group_link(hardware, cp, tp)
-        cp_f = comm.all_gather_time(kv_bytes, cp, cp_link, gap_f)
-        cp_b = comm.reduce_scatter_time(kv_bytes, cp, cp_link, gap_b)
+    if cp > 1:
+        cp_f, cp_b = _cp_ring_exposed(model, lay, hardware, gap_f, gap_b)
     # full recompute repeats the forward's collectives inside the backward
     layer_comm_f = tp_f + cp_f
-    layer_comm_b = tp_b + cp_b + ((comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b)
-                                   + (comm.all_gather_time(kv_bytes, cp, cp_link, gap_b) if cp > 1 else 0.0))
-                                  if full else 0.0)
+    layer_comm_b = tp_b + cp_b + ((tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b),
+                                              linears.forward, tp, overlapped, share) + cp_f) if full else 0.0)
     p2p = 0.0
-    if lay.pp > 1:   # a message follows one chunk's pass
+    if lay.pp > 1:   # a message follows one chunk's pass; the interleaved schedule hides it behind the next
         chunk_forward = layer.forward * model.num_layers / (lay.pp * lay.v)
         p2p = comm.p2p_time(comm.pp_message_bytes(model.seq_length // cp, b, model.hidden_size, e, tp, sp),
                             grid.pp_link(hardware), chunk_forward)
+        p2p = p2p_exposed(p2p, chunk_forward, lay.schedule == "interleaved" and lay.options.overlap_p2p_comm
+                          and hardware.overlaps_communication, hardware.overlap_sm_fraction)
     tokens = model.seq_length // cp * b
     logits_comm = comm.tp_logits_time(tokens_bytes, tokens, tp, tp_link, sp, logits.forward, logits.backward_input)
     ends = (PassTimes(*comm.tp_embedding_time(tokens_bytes, tp, tp_link, sp, gap_f), 0.0),
             PassTimes(*logits_comm, 0.0))
     return layer_comm_f, layer_comm_b, p2p, ends
+
+
+def _cp_ring_exposed(model: ModelConfig, lay: Layout, hardware: Hardware, gap_f: float, gap_b: float) -> tuple:
+    """(forward, backward) seconds of one layer's CP K/V ring that the attention core does not hide
+    (communication.cp_ring_times); all of it where communication does not overlap compute."""
+    kv_block = comm.kv_block_bytes(model.seq_length // lay.cp, lay.micro_batch, model.num_query_groups,
+                                   model.head_dim, element_size(lay.dtype), lay.tp)
+    ring_f, ring_b = comm.cp_ring_times(kv_block, lay.cp, comm.group_link(hardware, lay.cp, lay.tp), gap_f, gap_b)
+    if not hardware.overlaps_communication:
+        return ring_f, ring_b
+    core_f, core_b = attention_core_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp)
+    share = hardware.overlap_sm_fraction
+    return behind(ring_f, core_f, True, share), behind(ring_b, core_b, True, share)
 
 
 @dataclass(frozen=True)
@@ -205,16 +255,17 @@ class _OutsidePasses:
 
 
 def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
-            hardware: Hardware, world_size: Optional[int] = None) -> Prediction:
+            hardware: Hardware, world_size: Optional[int] = None, options: Optional[PlanOptions] = None) -> Prediction:
     """Predicted step time, throughput and per-rank memory of these settings on ``world_size`` devices of
-    ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``."""
-    lay = layout_of(parallel, training, optimizer, world_size)
+    ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``;
+    ``options`` are the planner's own flags (options.py)."""
+    lay = layout_of(parallel, training, optimizer, world_size, options)
     grid = comm.GridStrides(lay.tp, lay.cp, lay.dp, lay.pp)
     passes = _stage_passes(model, parallel, lay, hardware, grid)
     slowest = passes.slowest
     pipe = pipeline_time(lay.schedule, lay.pp, lay.v, lay.num_microbatches, slowest.forward,
                          slowest.backward_input, slowest.backward_weight)
-    memories = memory_per_stage(model, parallel, optimizer, lay, pipe.in_flight)
+    memories = memory_per_stage(model, parallel, optimizer, lay, pipe.in_flight, hardware)
     outside = _outside_passes(model, optimizer, lay, hardware, grid, slowest, max(s.parameters for s in memories))
     iteration = (pipe.makespan + outside.dp_exposed + outside.zero_gather + outside.embedding_sync
                  + outside.optimizer + hardware.step_overhead_s)
@@ -227,17 +278,35 @@ def _stage_passes(model: ModelConfig, parallel: ParallelConfig, lay: Layout, har
     """Each pipeline stage's passes for one micro-batch: compute, host overhead and communication."""
     sp = parallel.sequence_parallel
     layer = with_host_overhead(layer_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp,
-                                           sequence_parallel=sp, recompute=model.recompute_granularity),
+                                           sequence_parallel=sp, recompute=model.recompute_granularity,
+                                           linear_dtype=lay.linear_dtype),
                                hardware.layer_overhead_s)
     logits = with_host_overhead(logits_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp),
                                 hardware.micro_batch_overhead_s)
     layer_comm_f, layer_comm_b, p2p, ends = _pass_communication(model, lay, sp, hardware, grid, layer, logits)
     pp = lay.pp
-    counts = virtual_stage_layer_counts(model.num_layers, pp, lay.vpp, parallel.decoder_first_pipeline_num_layers,
-                                        parallel.decoder_last_pipeline_num_layers)
+    counts = _stage_counts(model, parallel, lay)
     stages = [_stage_pass_times([counts[c * pp + r] for c in range(lay.v)], r == 0, r == pp - 1, layer, logits,
                                 layer_comm_f, layer_comm_b, p2p, ends) for r in range(pp)]
+    if lay.sharding == "optim_grads_params":
+        stages = _with_zero3_gathers(model, parallel, lay, hardware, grid, stages)
     return _Passes(layer, logits, counts, stages)
+
+
+def _with_zero3_gathers(model: ModelConfig, parallel: ParallelConfig, lay: Layout, hardware: Hardware,
+                        grid: comm.GridStrides, stages: List[PassTimes]) -> List[PassTimes]:
+    """Each stage's passes plus ZeRO-3's per-micro-batch traffic over DP x CP (communication.zero3_times),
+    what of it the pass's compute does not hide (prefetched a layer ahead on a GPU)."""
+    memories = memory_per_stage(model, parallel, None, lay, hardware=hardware)
+    link, e, overlapped = grid.dp_link(hardware), element_size(lay.dtype), hardware.overlaps_communication
+    out = []
+    for stage, memory in zip(stages, memories):
+        gather_f, gather_b = comm.zero3_times(memory.parameters, e, lay.dp * lay.cp, link)
+        share = hardware.overlap_sm_fraction
+        out.append(stage + PassTimes(behind(gather_f, stage.forward, overlapped, share),
+                                     behind(gather_b, stage.backward_input + stage.backward_weight, overlapped, share),
+                                     0.0))
+    return out
 
 
 def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout, hardware: Hardware,
@@ -246,11 +315,13 @@ def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout,
     micro-batch's backward when overlapped), tied-embedding sync, optimizer step, ZeRO-1's gather."""
     dp, cp, tp, e = lay.dp, lay.cp, lay.tp, element_size(lay.dtype)
     dp_link = grid.dp_link(hardware)
-    zero1 = optimizer.use_distributed_optimizer and dp * cp > 1
+    zero1 = lay.sharding != "no_shard"
     window = slowest.backward_input + slowest.backward_weight
     dp_grad = comm.dp_gradient_time(params_on_rank, dp * cp, dp_link, zero1, gap_s=window)
+    if lay.sharding == "optim_grads_params":   # reduced and gathered with each micro-batch's passes instead
+        dp_grad = 0.0
     overlapped = optimizer.overlap_grad_reduce and hardware.overlaps_communication
-    dp_exposed = max(0.0, dp_grad - window) if overlapped else dp_grad
+    dp_exposed = behind(dp_grad, window, overlapped, hardware.overlap_sm_fraction)
     embedding_sync = 0.0
     if lay.pp > 1 and not model.untie_embeddings_and_output_weights:
         embedding_bytes = 4.0 * model.padded_vocab_size(tp) * model.hidden_size / tp
@@ -260,6 +331,10 @@ def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout,
     rate = hardware.optimizer_bytes_per_s or hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     optimizer_time = optimizer_bytes / rate
     zero_gather = comm.zero1_gather_time(params_on_rank, e, dp * cp, dp_link, optimizer_time) if zero1 else 0.0
+    if lay.sharding == "optim_grads_params":
+        zero_gather = 0.0
+    gather_overlapped = lay.options.overlap_param_gather and hardware.overlaps_communication
+    zero_gather = behind(zero_gather, slowest.forward, gather_overlapped, hardware.overlap_sm_fraction)
     return _OutsidePasses(dp_exposed, zero_gather, embedding_sync, optimizer_time)
 
 
@@ -299,11 +374,13 @@ def _prediction(model: ModelConfig, parallel: ParallelConfig, optimizer: Optimiz
         iteration_time_s=iteration, tflops_per_gpu=tflops, hardware_tflops_per_gpu=hw_flops / iteration / world / 1e12,
         mfu=tflops / hardware.peak(dtype), memory_gb_per_gpu=heaviest.total / GIB,
         activation_bytes_per_layer=activation_bytes(model, b, tp=lay.tp, cp=lay.cp, sequence_parallel=sp,
-                                                    recompute=recompute, element_size=element_size(dtype)),
+                                                    recompute=recompute, element_size=element_size(dtype),
+                                                    dropout_fused=hardware.fused_attention_dropout),
         bubble_fraction=bubble_fraction, micro_batch_size=b, virtual_pipeline_model_parallel_size=lay.vpp,
         fits=heaviest.total <= capacity and not math.isnan(heaviest.total),
         breakdown=breakdown,
         layout=dict(tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp, vpp=lay.v, micro_batch_size=b,
                     num_microbatches=lay.num_microbatches, schedule=lay.schedule, recompute=recompute,
-                    sequence_parallel=sp, dtype=dtype, world_size=world, zero1=optimizer.use_distributed_optimizer),
+                    sequence_parallel=sp, dtype=dtype, world_size=world, zero1=optimizer.use_distributed_optimizer,
+                    sharding=lay.sharding),
         memory_gb_per_stage=[s.total / GIB for s in memories], hardware=hardware.name)

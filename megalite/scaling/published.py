@@ -18,10 +18,10 @@ abstract), the others were not.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 __all__ = ["NarayananRow", "NARAYANAN_TABLE_1", "KorthikantiRow", "KORTHIKANTI_TABLE_3", "SEQ_LENGTH", "VOCAB_SIZE",
-           "model_flags", "narayanan_flags", "korthikanti_flags"]
+           "model_flags", "narayanan_flags", "korthikanti_flags", "PAPER_PLANNER_FLAGS", "PublishedRun", "later_runs"]
 
 SEQ_LENGTH = 2048
 VOCAB_SIZE = 51200
@@ -84,10 +84,17 @@ def model_flags(heads: int, hidden: int, layers: int, tp: int, pp: int, batch: i
              "--seq-length", str(SEQ_LENGTH), "--max-position-embeddings", str(SEQ_LENGTH),
              "--vocab-size", str(VOCAB_SIZE), "--make-vocab-size-divisible-by", "128",
              "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-             "--global-batch-size", str(batch), "--fp16"]
+             "--global-batch-size", str(batch), "--fp16",
+             # both papers' attention materialized the scores (their activation counts rest on it)
+             "--attention-backend", "unfused"]
     if micro_batch is not None:
         flags += ["--micro-batch-size", str(micro_batch)]
     return flags
+
+
+# The planner's own flags (options.py) for both papers: their pipeline messages blocked the stage (the
+# overlapped exchange came to Megatron-LM later).  Kept apart: the flags above also launch megalite-train.
+PAPER_PLANNER_FLAGS = ["--no-overlap-p2p-communication"]
 
 
 def narayanan_flags(row: NarayananRow) -> List[str]:
@@ -103,3 +110,104 @@ def korthikanti_flags(row: KorthikantiRow) -> List[str]:
     """As the paper ran it: sequence parallelism and selective recompute."""
     flags = model_flags(row.heads, row.hidden, row.layers, row.tp, row.pp, row.batch, row.micro_batch)
     return flags + ["--sequence-parallel", "--recompute-granularity", "selective"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs published after both papers, on H100s (and OPT-175B's FSDP layout on A100s), each as it ran.
+
+class PublishedRun(NamedTuple):
+    name: str
+    source: str                 # where the figure was read
+    gpu: str                    # the hardware preset
+    gpus: int
+    flags: Tuple[str, ...]      # megalite-train flags plus the planner's own (options.py), as published
+    tflops_per_gpu: float       # the published figure, in ``convention``
+    convention: str             # "megatron": model FLOPs of Megatron-LM's num_floating_point_operations
+                                # (= flops.py); "eq3": Narayanan et al.'s Eq. 3, recompute included
+    note: str = ""              # what the source leaves open and how the row fills it
+
+
+MEGATRON_README = ("NVIDIA/Megatron-LM README, images/model_table.png (commit f2e5db4, 2024-07-15, "
+                   "Megatron-Core r0.8.0), per-GPU teraFLOP/s column")
+MEGATRON_STRONG = ("NVIDIA/Megatron-LM README, 'Strong Scaling Results' text: 177B from 96 to 4,608 H100s at "
+                   "batch 1,152, MFU 47% -> 42% (of 989 TFLOP/s)")
+LLAMA3 = "Dubey et al. 2024, 'The Llama 3 Herd of Models', Table 4 (TFLOPs/GPU) and Sec. 3.3.2"
+OPT = "Zhang et al. 2022, 'OPT: Open Pre-trained Transformer Language Models', Sec. 2.4 (147 TFLOP/s per GPU)"
+
+# Megatron-LM's H100 GPT benchmark (README): seq 4,096, vocabulary 131,072, untied embeddings (the
+# parameter column is 12 L h^2 + 2 V h: 177.2B for h 12,288 x 96 layers), DP 48 in every row, with
+# --overlap-grad-reduce --overlap-param-gather (distributed optimizer) --tp-comm-overlap and the
+# interleaved schedule's overlapped messages, as the README lists.  Not published: micro-batch and
+# virtual pipeline sizes (the planner chooses them, as for Narayanan's table), dropout (Megatron's
+# default 0.1 kept), sequence parallelism (on wherever TP > 1: --tp-comm-overlap needs it).
+# (params B, heads, hidden, layers, TP, PP, GPUs, batch, per-GPU TFLOP/s)
+MEGATRON_H100_WEAK = [
+    (1.7, 16, 2048, 24, 1, 1, 48, 192, 408.8), (7.1, 32, 4096, 30, 2, 1, 96, 192, 465.9),
+    (16, 48, 6144, 32, 4, 1, 192, 192, 489.1), (32, 56, 7168, 48, 8, 1, 384, 192, 459.6),
+    (70, 64, 8192, 84, 8, 2, 768, 384, 419.7), (119, 80, 10240, 92, 8, 4, 1536, 768, 420.5),
+    (177, 96, 12288, 96, 8, 6, 2304, 1152, 432.8), (314, 128, 16384, 96, 8, 8, 3072, 1536, 474.4),
+    (462, 144, 18432, 112, 8, 16, 6144, 3072, 459.9),
+]
+
+
+def _megatron_h100_flags(heads: int, hidden: int, layers: int, tp: int, pp: int, batch: int) -> Tuple[str, ...]:
+    flags = ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", str(heads),
+             "--seq-length", "4096", "--max-position-embeddings", "4096", "--vocab-size", "131072",
+             "--untie-embeddings-and-output-weights", "--bf16", "--tensor-model-parallel-size", str(tp),
+             "--pipeline-model-parallel-size", str(pp), "--global-batch-size", str(batch),
+             "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    return tuple(flags + (["--sequence-parallel", "--tp-comm-overlap"] if tp > 1 else []))
+
+
+# Llama 3 405B: 126 layers, h 16,384, FFN 53,248, 128 heads, 8 KV heads, vocabulary 128,256, RoPE,
+# RMSNorm, SwiGLU, no biases, no dropout, bf16; 16M tokens a step; TP 8, PP 16, CP 1 or 16 (Table 4).
+# The first and last stages hold one layer fewer (the embedding and the loss count as layers), with
+# an interleaved schedule (Sec. 3.3.2); its FSDP keeps the parameters gathered between forward and
+# backward (no re-shard), so the traffic and memory are ZeRO-2's (optim_grads).  Not published:
+# micro-batch (1 assumed), virtual size (the planner chooses), TP overlap (off), FLOP convention
+# (compared with Megatron-LM's count; Table 4's MFU column is the same figure over 989 TFLOP/s).
+_LLAMA3_405B = ("--num-layers", "126", "--hidden-size", "16384", "--ffn-hidden-size", "53248",
+                "--num-attention-heads", "128", "--group-query-attention", "--num-query-groups", "8",
+                "--vocab-size", "128256", "--make-vocab-size-divisible-by", "128", "--swiglu",
+                "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+                "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--hidden-dropout", "0",
+                "--attention-dropout", "0", "--bf16", "--tensor-model-parallel-size", "8",
+                "--pipeline-model-parallel-size", "16", "--sequence-parallel", "--micro-batch-size", "1",
+                "--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split",
+                "--pipeline-schedule", "interleaved", "--data-parallel-sharding-strategy", "optim_grads",
+                "--overlap-grad-reduce")
+
+
+def _llama3(seq: int, cp: int, batch: int) -> Tuple[str, ...]:
+    return _LLAMA3_405B + ("--seq-length", str(seq), "--max-position-embeddings", str(seq),
+                           "--context-parallel-size", str(cp), "--global-batch-size", str(batch))
+
+
+# OPT-175B: 96 layers, h 12,288, 96 heads, GPT-2's vocabulary (50,272), sequence 2,048, fp16, FSDP
+# (ZeRO-3) with Megatron TP 8 on 992 A100 80GB, ~2M tokens a step (992 sequences: 8 per DP rank).
+# Not published: micro-batch (the planner chooses), recompute (full assumed), FLOP convention (Megatron's).
+_OPT_175B = ("--num-layers", "96", "--hidden-size", "12288", "--num-attention-heads", "96", "--seq-length", "2048",
+             "--max-position-embeddings", "2048", "--vocab-size", "50272", "--fp16", "--tensor-model-parallel-size",
+             "8", "--global-batch-size", "992", "--recompute-granularity", "full", "--recompute-method", "uniform",
+             "--attention-backend", "unfused", "--data-parallel-sharding-strategy", "optim_grads_params",
+             "--overlap-grad-reduce")
+
+
+def later_runs() -> List[PublishedRun]:
+    """The H100-era runs (and OPT-175B), each with its source and exact configuration."""
+    runs = [PublishedRun(f"Megatron H100 {p:g}B", MEGATRON_README, "h100-sxm", gpus,
+                         _megatron_h100_flags(a, h, layers, tp, pp, batch), tflops, "megatron")
+            for p, a, h, layers, tp, pp, gpus, batch, tflops in MEGATRON_H100_WEAK]
+    strong = "layout TP 8 x PP 6 (the 2,304-GPU row's) assumed at both ends; figure = MFU x 989"
+    runs += [PublishedRun("Megatron H100 177B strong, 96 GPUs", MEGATRON_STRONG, "h100-sxm", 96,
+                          _megatron_h100_flags(96, 12288, 96, 8, 6, 1152), 0.47 * 989, "megatron", strong),
+             PublishedRun("Megatron H100 177B strong, 4608 GPUs", MEGATRON_STRONG, "h100-sxm", 4608,
+                          _megatron_h100_flags(96, 12288, 96, 8, 6, 1152), 0.42 * 989, "megatron", strong)]
+    runs += [PublishedRun("Llama 3 405B 8K, 8192 GPUs", LLAMA3, "h100-sxm", 8192, _llama3(8192, 1, 2048), 430,
+                          "megatron", "DP 64"),
+             PublishedRun("Llama 3 405B 8K, 16384 GPUs", LLAMA3, "h100-sxm", 16384, _llama3(8192, 1, 2048), 400,
+                          "megatron", "DP 128"),
+             PublishedRun("Llama 3 405B 128K, CP 16", LLAMA3, "h100-sxm", 16384, _llama3(131072, 16, 128), 380,
+                          "megatron", "DP 8")]
+    runs.append(PublishedRun("OPT-175B FSDP", OPT, "a100-80gb", 992, _OPT_175B, 147, "megatron"))
+    return runs

@@ -5,7 +5,9 @@ recompute, the interleaved schedule where there is a pipeline -- on the ``a100-8
 micro-batch and virtual pipeline sizes (which the table does not give) chosen by the planner.  The
 compared figure is the hardware TFLOP/s per GPU, FLOPs counted as the paper's Eq. 3 does (recompute
 included).  Korthikanti et al. 2022, Table 3: the four configurations with sequence parallelism and
-selective recompute, model FLOPs utilization.  Prints a Markdown table (docs/scaling.md pastes it).
+selective recompute, model FLOPs utilization.  The later runs (published.later_runs: Megatron-LM's
+H100 scaling, Llama 3 405B, OPT-175B), each as published on its preset, compared in its source's FLOP
+convention.  Prints Markdown tables (docs/scaling.md pastes them).
 """
 from __future__ import annotations
 
@@ -17,23 +19,49 @@ from megalite.scaling.planner import Candidate, plan
 from megalite.scaling.published import (
     KORTHIKANTI_TABLE_3,
     NARAYANAN_TABLE_1,
+    PAPER_PLANNER_FLAGS,
     KorthikantiRow,
     NarayananRow,
+    PublishedRun,
     korthikanti_flags,
+    later_runs,
     narayanan_flags,
 )
 
-__all__ = ["narayanan_predictions", "korthikanti_predictions", "main"]
+__all__ = ["narayanan_predictions", "korthikanti_predictions", "later_predictions", "predicted_tflops", "main"]
 
 
 def narayanan_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[NarayananRow, Candidate]]:
     hardware = hardware or PRESETS["a100-80gb"]
-    return [(row, plan(narayanan_flags(row), hardware, row.gpus)) for row in NARAYANAN_TABLE_1]
+    return [(row, plan(narayanan_flags(row) + PAPER_PLANNER_FLAGS, hardware, row.gpus)) for row in NARAYANAN_TABLE_1]
 
 
 def korthikanti_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[KorthikantiRow, Candidate]]:
     hardware = hardware or PRESETS["a100-80gb"]
-    return [(row, plan(korthikanti_flags(row), hardware, row.gpus)) for row in KORTHIKANTI_TABLE_3]
+    return [(row, plan(korthikanti_flags(row) + PAPER_PLANNER_FLAGS, hardware, row.gpus))
+            for row in KORTHIKANTI_TABLE_3]
+
+
+def later_predictions() -> List[Tuple[PublishedRun, Candidate]]:
+    """Each later run (published.later_runs) planned as published on its preset."""
+    return [(run, plan(list(run.flags), PRESETS[run.gpu], run.gpus)) for run in later_runs()]
+
+
+def predicted_tflops(run: PublishedRun, candidate: Candidate) -> float:
+    """The prediction in the run's own FLOP convention."""
+    p = candidate.prediction
+    return p.hardware_tflops_per_gpu if run.convention == "eq3" else p.tflops_per_gpu
+
+
+def _print_later() -> None:
+    print("\nLater runs, each as published (TFLOP/s per GPU in the source's convention)\n")
+    print("| run | preset | GPUs | published | predicted | ratio | mbs | vpp | GiB/GPU | fits |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for run, candidate in later_predictions():
+        p, predicted = candidate.prediction, predicted_tflops(run, candidate)
+        print(f"| {run.name} | {run.gpu} | {run.gpus} | {run.tflops_per_gpu:.1f} | {predicted:.1f} | "
+              f"{predicted / run.tflops_per_gpu:.3f} | {p.micro_batch_size} | {p.layout['vpp']} | "
+              f"{p.memory_gb_per_gpu:.1f} | {'yes' if p.fits else 'NO'} |")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -56,6 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"| {row.name} | {row.gpus} | {row.tp} | {row.pp} | {row.batch} | {row.micro_batch} | "
               f"{row.mfu_percent:g}% | {100 * p.mfu:.1f}% | {row.hfu_percent:g}% | {100 * hfu:.1f}% | "
               f"{p.layout['vpp']} | {p.memory_gb_per_gpu:.1f} |")
+    _print_later()
     return 0
 
 

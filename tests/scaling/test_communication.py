@@ -93,3 +93,14 @@ def test_embedding_and_output_layer_collectives(sp):
         assert logits == (loss, comm.all_reduce_time(nbytes, 4, LINK))
     assert comm.tp_embedding_time(nbytes, 1, LINK, sp) == (0.0, 0.0)
     assert comm.tp_logits_time(nbytes, tokens, 1, LINK, sp) == (0.0, 0.0)
+
+
+def test_context_parallel_ring_passes_kv_blocks():
+    # s = 8192 over CP 4: 2048 tokens; b 1, 8 query groups of 128, bf16, TP 8 -> 2 * 2048 * 8 * 128 * 2 / 8 bytes
+    block = comm.kv_block_bytes(2048, 1, 8, 128, 2, 8)
+    assert block == 2 * 2048 * 8 * 128 * 2 / 8
+    forward, backward = comm.cp_ring_times(block, 4, LINK)
+    one = block / 1e11 + 1e-5
+    assert forward == pytest.approx(3 * one)              # CP - 1 blocks in
+    assert backward == pytest.approx(6 * one)             # K/V again and dK/dV
+    assert comm.cp_ring_times(block, 1, LINK) == (0.0, 0.0)

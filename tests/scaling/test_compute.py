@@ -7,6 +7,7 @@ from megalite.config.settings import ModelConfig
 from megalite.model.flops import flops_per_iteration
 from megalite.scaling.compute import (
     Gemm,
+    attention_core_times,
     attention_rates,
     backward_gemms,
     elementwise_seconds,
@@ -94,7 +95,7 @@ def test_elementwise_table_is_interpolated_in_log_bytes_and_clamped():
 
 def test_layer_uses_the_measured_tables():
     model = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8, seq_length=256, hidden_dropout=0.0,
-                        attention_dropout=0.0)
+                        attention_dropout=0.0, attention_backend="unfused")
     cpu = dataclasses.replace(A100, matmul=((1024, 1024, 1024, "float32", 0.2, "nn"),))
     plain = layer_times(model, 4, cpu, "float32")
     core = [g for g in layer_gemms(model, 4, 1) if g.attention_core]
@@ -113,3 +114,46 @@ def test_layer_uses_the_measured_tables():
     logits_bytes = 4 * 256 * model.padded_vocab_size(1) * 12
     assert logits_times(model, 4, loss, "float32").forward == pytest.approx(
         gemm_seconds(Gemm("logits", 1024, model.padded_vocab_size(1), 256), cpu, "float32") + logits_bytes / 1e9)
+
+
+def test_fused_attention_is_priced_from_its_causal_flops():
+    kwargs = dict(num_layers=2, hidden_size=1024, num_attention_heads=16, seq_length=4096, hidden_dropout=0.0,
+                  attention_dropout=0.0)
+    fused = ModelConfig(**kwargs, attention_backend="flash")
+    unfused = ModelConfig(**kwargs, attention_backend="unfused")
+    b, t, cp = 2, 2, 2
+    core_flops = 4 * (b * 16 // t) * (4096 // cp) * 4096 * 64           # the scores and context products
+    forward, backward = attention_core_times(fused, b, A100, "bfloat16", tp=t, cp=cp)
+    rate = 312e12 * A100.attention_efficiency
+    assert forward == pytest.approx(0.5 * core_flops / rate)             # the causal half skipped
+    assert backward == pytest.approx(2.5 * forward)                      # five products against two
+    # the layer's other work is the same either way; the unfused core costs more (full s x s, score bytes)
+    gap = layer_times(unfused, b, A100, "bfloat16", tp=t, cp=cp).forward - layer_times(
+        fused, b, A100, "bfloat16", tp=t, cp=cp).forward
+    assert gap == pytest.approx(attention_core_times(unfused, b, A100, "bfloat16", tp=t, cp=cp)[0] - forward)
+    assert gap > 0
+
+
+def test_cross_entropy_moves_the_bytes_of_each_pass_without_a_table():
+    model = ModelConfig(num_layers=2, hidden_size=1024, num_attention_heads=16, seq_length=1024, vocab_size=32000)
+    logits = 2 * 1024 * 32000                       # tokens x vocabulary (32000 is a multiple of 128)
+    bandwidth = A100.hbm_gbs * 1e9 * A100.memory_efficiency
+    no_loss = dataclasses.replace(A100, hbm_gbs=1e12)   # the loss's passes take ~nothing at this bandwidth
+    plain, fast = logits_times(model, 2, A100, "bfloat16"), logits_times(model, 2, no_loss, "bfloat16")
+    # forward: fp32 copy 2+4, max 4, subtract 8, exp 8, sum 4, divide 8; backward: clone 8, scale 8, cast 4+2
+    assert plain.forward - fast.forward == pytest.approx(38 * logits / bandwidth, rel=1e-6)
+    assert plain.backward_input - fast.backward_input == pytest.approx(22 * logits / bandwidth, rel=1e-6)
+    # a measured rate is read on its own count, (e + 8) bytes per logit
+    table = dataclasses.replace(A100, elementwise=(("cross_entropy", "bfloat16", 1 << 20, 100.0, 50.0),))
+    measured = logits_times(model, 2, table, "bfloat16")
+    assert measured.forward - fast.forward == pytest.approx(10 * logits / 100e9, rel=1e-3)
+
+
+def test_attention_dropout_runs_unfused_where_the_fused_kernel_cannot_drop_out():
+    kwargs = dict(num_layers=2, hidden_size=1024, num_attention_heads=16, seq_length=2048, attention_dropout=0.1)
+    model = ModelConfig(**kwargs)                                  # --attention-backend auto
+    cpu_like = dataclasses.replace(A100, fused_attention_dropout=False)
+    unfused = ModelConfig(**kwargs, attention_backend="unfused")
+    assert attention_core_times(model, 2, cpu_like, "bfloat16") == attention_core_times(unfused, 2, cpu_like,
+                                                                                        "bfloat16")
+    assert attention_core_times(model, 2, A100, "bfloat16") < attention_core_times(unfused, 2, A100, "bfloat16")

@@ -11,7 +11,8 @@ from megalite.scaling.memory import activation_bytes, in_flight_formula, paramet
 from megalite.scaling.planner import predict_argv
 from megalite.scaling.published import KORTHIKANTI_TABLE_3, model_flags
 
-GPT_22B = dict(num_layers=48, hidden_size=6144, num_attention_heads=64, seq_length=2048, vocab_size=51200)
+GPT_22B = dict(num_layers=48, hidden_size=6144, num_attention_heads=64, seq_length=2048, vocab_size=51200,
+               attention_backend="unfused")
 
 
 @pytest.mark.parametrize("recompute", [None, "selective", "full"])
@@ -24,6 +25,31 @@ def test_activations_are_korthikantis(recompute, tp, sp):
     no_dropout = ModelConfig(**GPT_22B, hidden_dropout=0.0, attention_dropout=0.0)
     assert activation_bytes(no_dropout, 1, element_size=4) == activation_bytes_per_layer(
         2048, 1, 6144, 64, element_size=4, dropout=False)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_fused_attention_keeps_no_scores(sp):
+    unfused = ModelConfig(**GPT_22B)
+    fused = ModelConfig(**dict(GPT_22B, attention_backend="flash"))
+    a, s, b, t = 64, 2048, 4, 8
+    scores = a * s * s * b / t * (2 + 1 + 2)           # softmax output, dropout mask, dropout output
+    lse = 4 * a * s * b / t                            # fp32 log-sum-exp per (head, token)
+    assert activation_bytes(unfused, b, tp=t, sequence_parallel=sp) - activation_bytes(
+        fused, b, tp=t, sequence_parallel=sp) == scores - lse
+    # selective recompute drops the same scores: with fused attention only the log-sum-exp differs
+    assert activation_bytes(fused, b, tp=t, sequence_parallel=sp, recompute="selective") == activation_bytes(
+        unfused, b, tp=t, sequence_parallel=sp, recompute="selective") + lse
+
+
+def test_context_parallel_scores_are_queries_by_all_keys():
+    model = ModelConfig(**GPT_22B)
+    a, s, b, cp = 64, 2048, 1, 4
+    per_rank = activation_bytes(model, b, cp=cp)
+    # the s/CP tokens' items are 1/CP of the whole; the scores are (s/CP) x s, 1/CP of the whole too
+    assert per_rank == pytest.approx(activation_bytes(model, b) / cp)
+    fused = ModelConfig(**dict(GPT_22B, attention_backend="flash"))
+    assert activation_bytes(model, b, cp=cp) - activation_bytes(fused, b, cp=cp) == (
+        a * (s // cp) * s * b * 5 - 4 * a * (s // cp) * b)
 
 
 @pytest.mark.parametrize("schedule, p, v, m", [
@@ -70,3 +96,9 @@ def test_korthikanti_table_3_fits_only_with_their_method(row):
     assert plain.memory_gb_per_gpu > ran.memory_gb_per_gpu
     if row.name in ("530B", "1T"):
         assert not plain.fits
+
+
+def test_scores_are_kept_where_the_fused_kernel_cannot_drop_out():
+    model = ModelConfig(**dict(GPT_22B, attention_backend="auto"))      # attention dropout 0.1 by default
+    assert activation_bytes(model, 1, dropout_fused=False) == activation_bytes(ModelConfig(**GPT_22B), 1)
+    assert activation_bytes(model, 1) < activation_bytes(model, 1, dropout_fused=False)

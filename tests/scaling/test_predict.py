@@ -124,3 +124,21 @@ def test_closed_form_memory_equals_the_simulated_one(flags):
     simulated = predict(model, parallel, training, optimizer, H100, 16).memory_gb_per_stage
     closed_form = memory_per_stage(model, parallel, optimizer, layout_of(parallel, training, optimizer, 16))
     assert [s.total / 2 ** 30 for s in closed_form] == pytest.approx(simulated, rel=1e-12)
+
+
+def test_context_parallel_ring_runs_beside_the_attention_core_where_communication_overlaps():
+    from megalite.scaling.compute import attention_core_times
+    flags = ("--context-parallel-size", "2", "--micro-batch-size", "1", "--global-batch-size", "8",
+             "--hidden-dropout", "0", "--attention-dropout", "0")
+    quiet = dataclasses.replace(H100, overlap_sm_fraction=0.0)
+    hidden = prediction(*flags, hardware=quiet)
+    exposed = prediction(*flags, hardware=dataclasses.replace(quiet, overlaps_communication=False))
+    model, _parallel, _optimizer, _data, _training = parse_args(MODEL + list(flags), world_size=16)
+    block = comm.kv_block_bytes(1024, 1, 32, 128, 2, 1)          # s/CP tokens' K and V, 32 groups of 128
+    ring_f, ring_b = comm.cp_ring_times(block, 2, comm.group_link(quiet, 2, 1))
+    core_f, core_b = attention_core_times(model, 1, quiet, "bfloat16", cp=2)
+    # where it overlaps, the core hides up to its own length of the ring; 16 layers, 1 micro-batch per DP rank
+    per_step = 16 * 1 * (min(ring_f, core_f) + min(ring_b, core_b))
+    assert per_step > 0
+    assert exposed.breakdown["exposed_communication"] - hidden.breakdown["exposed_communication"] == \
+        pytest.approx(per_step, rel=1e-6)

@@ -1,0 +1,70 @@
+"""The later published runs (published.later_runs: Megatron-LM's H100 table and strong scaling, Llama 3
+405B, OPT-175B), each planned as published from its preset alone -- no per-row constant.
+
+Targets: every run fits its GPU as published (no false refusal), the model's parameter count is the
+source's, and the predicted TFLOP/s per GPU (in the source's FLOP convention) is within 15%.  The runs
+the model does not yet bring within 15% are listed in KNOWN_OUTSIDE (docs/scaling.md says why, row by
+row); their test is a strict xfail, so a change that brings one within tolerance fails until the list
+is updated."""
+import pytest
+
+from megalite.scaling.published import MEGATRON_H100_WEAK, later_runs
+from megalite.scaling.validate import later_predictions, predicted_tflops
+
+TOLERANCE = 0.15
+KNOWN_OUTSIDE = {
+    "Megatron H100 1.7B", "Megatron H100 7.1B", "Megatron H100 16B", "Megatron H100 32B", "Megatron H100 70B",
+    "Megatron H100 177B", "Megatron H100 314B", "Megatron H100 462B", "Megatron H100 177B strong, 96 GPUs",
+    "Megatron H100 177B strong, 4608 GPUs", "Llama 3 405B 8K, 8192 GPUs", "Llama 3 405B 8K, 16384 GPUs",
+    "Llama 3 405B 128K, CP 16",
+}
+
+
+@pytest.fixture(scope="module")
+def predictions():
+    return {run.name: (run, candidate) for run, candidate in later_predictions()}
+
+
+def test_every_run_is_listed_once(predictions):
+    assert len(predictions) == len(later_runs()) == 15
+    assert KNOWN_OUTSIDE <= set(predictions)
+
+
+def test_no_false_refusals(predictions):
+    for name, (_run, candidate) in predictions.items():
+        assert candidate.prediction.fits, (name, candidate.prediction.memory_gb_per_gpu)
+
+
+def test_parameter_counts_are_the_sources(predictions):
+    for params, *_rest in MEGATRON_H100_WEAK:
+        p = predictions[f"Megatron H100 {params:g}B"][1].prediction
+        assert p.params / 1e9 == pytest.approx(params, rel=0.04)
+    assert predictions["Llama 3 405B 8K, 8192 GPUs"][1].prediction.params / 1e9 == pytest.approx(405, rel=0.01)
+    assert predictions["OPT-175B FSDP"][1].prediction.params / 1e9 == pytest.approx(175, rel=0.01)
+
+
+def _ratio(predictions, name):
+    run, candidate = predictions[name]
+    return predicted_tflops(run, candidate) / run.tflops_per_gpu
+
+
+@pytest.mark.parametrize("name", sorted(r.name for r in later_runs() if r.name not in KNOWN_OUTSIDE))
+def test_within_15_percent(predictions, name):
+    assert abs(_ratio(predictions, name) - 1) <= TOLERANCE, _ratio(predictions, name)
+
+
+@pytest.mark.xfail(strict=True, reason="outside 15% today: docs/scaling.md, Validation, says which effect is missing")
+@pytest.mark.parametrize("name", sorted(KNOWN_OUTSIDE))
+def test_known_outside_within_15_percent(predictions, name):
+    assert abs(_ratio(predictions, name) - 1) <= TOLERANCE, _ratio(predictions, name)
+
+
+def test_validate_prints_each_run_with_its_ratio(predictions, monkeypatch, capsys):
+    from megalite.scaling import validate
+    monkeypatch.setattr(validate, "later_predictions", lambda: list(predictions.values()))
+    validate._print_later()
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ") and " | " in line}
+    for name in predictions:
+        cells = lines[name].strip("| ").split(" | ")
+        assert float(cells[5]) == pytest.approx(_ratio(predictions, name), abs=5e-4) and cells[-1] == "yes"
