@@ -26,14 +26,36 @@ class ModelConfig:
                                                         "sequence length", at_least=1)
     vocab_size: int = flag(256, "vocabulary size without padding (a tokenizer's size overrides it)", at_least=1)
     make_vocab_size_divisible_by: int = flag(128, "pad the vocabulary to a multiple of this x TP size", at_least=1)
+    fixed_padded_vocab_size: Optional[int] = flag(None, "the padded vocabulary itself, instead of rounding up to "
+                                                        "--make-vocab-size-divisible-by x TP", at_least=1,
+                                                  name="--padded-vocab-size")
     hidden_dropout: float = flag(0.1, "dropout probability after attention, MLP and embedding", at_least=0, below=1)
     attention_dropout: float = flag(0.1, "dropout probability on the attention weights", at_least=0, below=1)
     normalization: Literal["LayerNorm", "RMSNorm"] = flag("LayerNorm", "normalization layer")
+    apply_layernorm_1p: bool = flag(False, "store each norm's weight as weight - 1 (zero-centered gamma, "
+                                           "initialized to 0; the norm multiplies by 1 + weight)")
     norm_epsilon: float = flag(1e-5, "epsilon added to the variance in the norms", above=0)
     swiglu: bool = flag(False, "SwiGLU MLP (LLaMA) instead of GELU")
     openai_gelu: bool = flag(False, "GELU's tanh approximation, as GPT-2 was trained with (default: exact GELU)")
-    position_embedding_type: Literal["learned_absolute", "rope"] = flag("learned_absolute", "position encoding")
+    position_embedding_type: Literal["learned_absolute", "rope", "none"] = flag("learned_absolute",
+                                                                                "position encoding")
+    use_rotary_position_embeddings: bool = flag(False, "Megatron's older spelling of --position-embedding-type "
+                                                       "rope")
+    no_position_embedding: bool = flag(False, "no position encoding at all (--position-embedding-type none)")
     rotary_base: float = flag(10000.0, "RoPE base period", above=0)
+    rotary_percent: float = flag(1.0, "fraction of each head's dimensions that RoPE rotates (the rest pass "
+                                      "through)", above=0, at_most=1)
+    use_rope_scaling: bool = flag(False, "Llama 3.1's frequency-dependent RoPE scaling (low / high frequency "
+                                         "factors 1 and 4, 8192 original positions)")
+    rope_scaling_factor: float = flag(8.0, "with --use-rope-scaling: how much the long wavelengths are "
+                                           "stretched", at_least=1)
+    rotary_seq_len_interpolation_factor: Optional[float] = flag(None, "RoPE positions divided by this (linear "
+                                                                      "position interpolation)", at_least=1)
+    kv_channels: Optional[int] = flag(None, "dimension of each attention head; default hidden size / heads",
+                                      at_least=1)
+    qk_layernorm: bool = flag(False, "normalize each head's query and key (the model's --normalization) before "
+                                     "RoPE and attention")
+    add_qkv_bias: bool = flag(False, "a bias on the query/key/value projection, even with --disable-bias-linear")
     untie_embeddings_and_output_weights: bool = flag(False, "give the output layer its own weights instead of "
                                                             "the word embedding's")
     add_bias_linear: bool = flag(True, "drop the biases of every linear layer (LLaMA style)",
@@ -60,15 +82,18 @@ class ModelConfig:
         check_fields(self)
         if self.checkpoint_activations and self.recompute_granularity is None:
             self.recompute_granularity, self.recompute_method = "full", self.recompute_method or "uniform"
+        self._position_embedding_aliases()
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
-                             f"{self.num_attention_heads}")
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                                 f"{self.num_attention_heads}; give the head dimension with --kv-channels")
+            self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                              f"--num-query-groups {self.num_query_groups}")
@@ -77,14 +102,47 @@ class ModelConfig:
                              f"{self.max_position_embeddings}")
         if self.recompute_granularity == "full" and self.recompute_method is None:
             raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
+        self._check_rope()
+        if self.fixed_padded_vocab_size is not None and self.fixed_padded_vocab_size < self.vocab_size:
+            raise ValueError(f"--padded-vocab-size {self.fixed_padded_vocab_size} is below the vocabulary size "
+                             f"{self.vocab_size}; give at least {self.vocab_size} or drop it")
+
+    def _position_embedding_aliases(self) -> None:
+        """Megatron's two older switches, turned into --position-embedding-type (and then cleared, so saved
+        settings read back without a contradiction)."""
+        for switch, kind in (("use_rotary_position_embeddings", "rope"), ("no_position_embedding", "none")):
+            if not getattr(self, switch):
+                continue
+            if self.position_embedding_type not in ("learned_absolute", kind):
+                raise ValueError(f"--{switch.replace('_', '-')} contradicts --position-embedding-type "
+                                 f"{self.position_embedding_type}; keep one")
+            self.position_embedding_type = kind
+            setattr(self, switch, False)
+
+    def _check_rope(self) -> None:
+        rotated = int(self.kv_channels * self.rotary_percent)
+        if self.position_embedding_type == "rope" and (rotated < 2 or rotated % 2):
+            raise ValueError(f"--rotary-percent {self.rotary_percent} of the head dimension {self.kv_channels} "
+                             f"rotates {rotated} dimensions; RoPE turns pairs: choose a percent that gives an even "
+                             f"number")
+        rope_only = {"--use-rope-scaling": self.use_rope_scaling, "--rotary-percent": self.rotary_percent != 1.0,
+                     "--rotary-seq-len-interpolation-factor": self.rotary_seq_len_interpolation_factor is not None}
+        for name, given in rope_only.items():
+            if given and self.position_embedding_type != "rope":
+                raise ValueError(f"{name} needs --position-embedding-type rope (this model has "
+                                 f"{self.position_embedding_type})")
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """--kv-channels: the dimension of each attention head (hidden size / heads unless given)."""
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocabulary padded to a multiple of make_vocab_size_divisible_by x ``tp`` (Megatron's rule), so
-        each of ``tp`` ranks holds the same number of rows of the embedding and the output layer."""
+        each of ``tp`` ranks holds the same number of rows of the embedding and the output layer; or
+        --padded-vocab-size where given (``check_tensor_parallel`` checks that ``tp`` divides it)."""
+        if self.fixed_padded_vocab_size is not None:
+            return self.fixed_padded_vocab_size
         multiple = self.make_vocab_size_divisible_by * tp
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
@@ -98,6 +156,9 @@ class ModelConfig:
         if self.ffn_hidden_size % tp:
             raise ValueError(f"--ffn-hidden-size {self.ffn_hidden_size} is not divisible by "
                              f"--tensor-model-parallel-size {tp}")
+        if self.fixed_padded_vocab_size is not None and self.fixed_padded_vocab_size % tp:
+            raise ValueError(f"--padded-vocab-size {self.fixed_padded_vocab_size} is not divisible by "
+                             f"--tensor-model-parallel-size {tp}; each rank holds an equal share of the rows")
         if sequence_parallel and self.seq_length % tp:
             raise ValueError(f"--sequence-parallel needs --seq-length {self.seq_length} divisible by "
                              f"--tensor-model-parallel-size {tp}")
