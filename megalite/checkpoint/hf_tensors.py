@@ -41,7 +41,7 @@ class TensorSource:
 
     def take(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
-            raise KeyError(f"the Hugging Face state dict has no tensor {name!r}, which this config needs")
+            raise ValueError(f"the Hugging Face state dict has no tensor {name!r}, which this config needs")
         self.taken.add(name)
         return self.tensors[name]
 
