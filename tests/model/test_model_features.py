@@ -169,3 +169,12 @@ def test_megatron_flags_reach_the_fields():
     assert (model.add_qkv_bias, model.qk_layernorm, model.kv_channels, model.position_embedding_type,
             model.rotary_percent, model.use_rope_scaling, model.rope_scaling_factor, model.apply_layernorm_1p,
             model.padded_vocab_size(1)) == (True, True, 16, "rope", 0.5, True, 32.0, True, 512)
+
+
+def test_the_performance_models_gemms_have_the_models_shapes_with_kv_channels():
+    from megalite.scaling.compute import layer_gemms
+    cfg = config(**FEATURES["kv-channels"])
+    attention = GPTModel(cfg).decoder.layers[0].self_attention
+    gemms = {gemm.name: gemm for gemm in layer_gemms(cfg, micro_batch=1, tp=1)}
+    assert (gemms["qkv"].n, gemms["qkv"].k) == tuple(attention.linear_qkv.weight.shape)
+    assert (gemms["proj"].n, gemms["proj"].k) == tuple(attention.linear_proj.weight.shape)
