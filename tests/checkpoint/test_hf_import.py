@@ -56,6 +56,9 @@ VARIANTS = {
     "gpt2-pytorch-tanh": ("GPT2", dict(activation_function="gelu_pytorch_tanh"), None,
                           _config_change(openai_gelu=False)),
     "gpt2-untied": ("GPT2", dict(tie_word_embeddings=False), None, _untie),
+    # Upcasting the attention product changes its precision only: in float32 it is the same function.
+    "gpt2-reorder-upcast": ("GPT2", dict(reorder_and_upcast_attn=True, n_inner=80), None,
+                            _config_change(openai_gelu=False)),
     "llama": ("Llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), None,
               _config_change(rotary_base=10000.0)),
     "llama-tied": ("Llama", dict(tie_word_embeddings=True), None, _config_change(rotary_base=500000.0)),
