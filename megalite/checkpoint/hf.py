@@ -43,7 +43,8 @@ def from_hf(hf_config, hf: Tensors) -> Tuple[ModelConfig, Tensors]:
     transformers config (or a config.json dict), ``hf`` its state dict, every tensor of which is used."""
     hf_config = as_hf_config(hf_config)
     config = config_from_hf(hf_config)
-    return config, from_hf_tensors(TensorSource(hf), config, "gpt2" if hf_config.model_type == "gpt2" else "llama")
+    family = hf_config.model_type if hf_config.model_type in ("gpt2", "gpt_neox") else "llama"
+    return config, from_hf_tensors(TensorSource(hf), config, family)
 
 
 def export_checkpoint(load: str, save: str, tokenizer: bool = True) -> str:

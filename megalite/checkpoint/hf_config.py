@@ -5,6 +5,8 @@ Import reads the configuration as transformers resolves it (``AutoConfig``: ``ro
 the legacy ``rope_theta`` / ``rope_scaling`` alike).  Families:
 
     GPT2LMHeadModel                     learned positions, LayerNorm, GELU, biases; tied or untied
+    GPTNeoXForCausalLM                  RoPE on a fraction of each head (--rotary-percent), LayerNorm, GELU,
+                                        biases; sequential residuals only (use_parallel_residual false)
     LlamaForCausalLM, MistralForCausalLM RoPE, RMSNorm, SwiGLU, grouped-query attention, any head dim
     Qwen2ForCausalLM                    the same with a bias on Q, K and V (--add-qkv-bias)
     Qwen3ForCausalLM                    the same with per-head RMSNorm of q and k (--qk-layernorm)
@@ -22,7 +24,8 @@ from megalite.config.model_settings import ModelConfig
 __all__ = ["ARCHITECTURES", "IMPORT_SEQ_LENGTH_CAP", "config_from_hf", "export_family", "hf_config_dict",
            "as_hf_config"]
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
+                 "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 # An imported model trains on min(max_position_embeddings, this) tokens unless --seq-length says otherwise.
@@ -56,17 +59,21 @@ def config_from_hf(hf_config) -> ModelConfig:
         if name != ARCHITECTURES[kind]:
             raise _refuse("architectures", name, f"megalite converts {ARCHITECTURES[kind]} (the causal language "
                                                  f"model) of model_type {kind}")
-    fields = _gpt2_fields(hf) if kind == "gpt2" else _llama_fields(hf, kind)
+    fields = {"gpt2": _gpt2_fields, "gpt_neox": _neox_fields}.get(kind, _llama_fields)(hf, kind)
     fields.update(vocab_size=hf.vocab_size, hidden_dropout=0.0, attention_dropout=0.0,
                   untie_embeddings_and_output_weights=not bool(getattr(hf, "tie_word_embeddings", True)))
     return ModelConfig(**fields)
 
 
-def _gpt2_fields(hf) -> Dict[str, Any]:
-    activation = hf.activation_function
+def _gelu(field: str, activation: str) -> bool:
+    """megalite's --openai-gelu for a transformers activation name, or the refusal of another activation."""
     if activation not in GPT2_ACTIVATIONS:
-        raise _refuse("activation_function", activation, f"megalite's GPT MLP runs GELU, exact or tanh "
-                                                          f"({', '.join(GPT2_ACTIVATIONS)})")
+        raise _refuse(field, activation, f"megalite's GPT MLP runs GELU, exact or tanh ({', '.join(GPT2_ACTIVATIONS)})")
+    return GPT2_ACTIVATIONS[activation]
+
+
+def _gpt2_fields(hf, kind: str) -> Dict[str, Any]:
+    openai_gelu = _gelu("activation_function", hf.activation_function)
     if not getattr(hf, "scale_attn_weights", True):
         raise _refuse("scale_attn_weights", False, "megalite always divides attention scores by sqrt(head dim)")
     if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
@@ -76,9 +83,23 @@ def _gpt2_fields(hf) -> Dict[str, Any]:
     h = hf.n_embd
     return dict(num_layers=hf.n_layer, hidden_size=h, num_attention_heads=hf.n_head,
                 ffn_hidden_size=hf.n_inner or 4 * h, seq_length=min(hf.n_positions, IMPORT_SEQ_LENGTH_CAP),
-                max_position_embeddings=hf.n_positions, norm_epsilon=hf.layer_norm_epsilon,
-                openai_gelu=GPT2_ACTIVATIONS[activation])
+                max_position_embeddings=hf.n_positions, norm_epsilon=hf.layer_norm_epsilon, openai_gelu=openai_gelu)
 
+
+def _neox_fields(hf, kind: str) -> Dict[str, Any]:
+    openai_gelu = _gelu("hidden_act", hf.hidden_act)
+    if hf.use_parallel_residual:
+        raise _refuse("use_parallel_residual", True, "megalite's layer adds attention, then the MLP on the sum")
+    if not hf.attention_bias:
+        raise _refuse("attention_bias", False, "GPT-NeoX's MLP keeps its biases, and megalite has biases on every "
+                                               "linear layer or on none")
+    positions = hf.max_position_embeddings
+    fields = dict(num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size,
+                  num_attention_heads=hf.num_attention_heads, ffn_hidden_size=hf.intermediate_size,
+                  seq_length=min(positions, IMPORT_SEQ_LENGTH_CAP), max_position_embeddings=positions,
+                  norm_epsilon=hf.layer_norm_eps, position_embedding_type="rope", openai_gelu=openai_gelu)
+    fields.update(_rope_fields(hf, partial_rotary=True))
+    return fields
 
 def _llama_fields(hf, kind: str) -> Dict[str, Any]:
     if hf.hidden_act != "silu":
@@ -118,14 +139,17 @@ def _check_sliding_window(hf, kind: str, seq: int) -> None:
                                                     f"(no sliding window)")
 
 
-def _rope_fields(hf) -> Dict[str, Any]:
-    """--rotary-base and the scaling of transformers' resolved ``rope_parameters``."""
+def _rope_fields(hf, partial_rotary: bool = False) -> Dict[str, Any]:
+    """--rotary-base, --rotary-percent (``partial_rotary``: the architecture reads it) and the scaling of
+    transformers' resolved ``rope_parameters``."""
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     kind = rope.get("rope_type", rope.get("type", "default"))
     partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
-    if partial not in (None, 1.0):
-        raise _refuse("partial_rotary_factor", partial, "this architecture rotates the whole head in transformers")
     fields: Dict[str, Any] = {"rotary_base": float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))}
+    if partial_rotary and partial is not None:
+        fields["rotary_percent"] = float(partial)
+    elif partial not in (None, 1.0):
+        raise _refuse("partial_rotary_factor", partial, "this architecture rotates the whole head in transformers")
     if kind == "linear":
         fields["rotary_seq_len_interpolation_factor"] = float(rope["factor"])
     elif kind == "llama3":
@@ -150,11 +174,18 @@ def export_family(config: ModelConfig) -> str:
                 "head dim = hidden / heads (no --kv-channels)":
                     config.head_dim * config.num_attention_heads == config.hidden_size}
         return _family_or_refuse("gpt2", gpt2, "GPT2LMHeadModel")
+    one_rope_scaling = {"not both --use-rope-scaling and --rotary-seq-len-interpolation-factor":
+                        not (config.use_rope_scaling and config.rotary_seq_len_interpolation_factor)}
+    if config.position_embedding_type == "rope" and config.normalization == "LayerNorm" and not config.swiglu:
+        neox = {"linear biases": config.add_bias_linear, "no --qk-layernorm": not config.qk_layernorm,
+                "one key/value group per head (no grouped-query attention)":
+                    config.num_query_groups == config.num_attention_heads,
+                "head dim = hidden / heads (no --kv-channels)":
+                    config.head_dim * config.num_attention_heads == config.hidden_size, **one_rope_scaling}
+        return _family_or_refuse("gpt_neox", neox, "GPTNeoXForCausalLM")
     if config.position_embedding_type == "rope":
         llama = {"--normalization RMSNorm": config.normalization == "RMSNorm", "--swiglu": config.swiglu,
-                 "--rotary-percent 1": config.rotary_percent == 1.0,
-                 "not both --use-rope-scaling and --rotary-seq-len-interpolation-factor":
-                     not (config.use_rope_scaling and config.rotary_seq_len_interpolation_factor)}
+                 "--rotary-percent 1": config.rotary_percent == 1.0, **one_rope_scaling}
         _family_or_refuse("llama", llama, "a LLaMA-family model")
         if config.qk_layernorm:
             return _family_or_refuse("qwen3", {"no linear biases": not config.add_bias_linear,
@@ -163,7 +194,7 @@ def export_family(config: ModelConfig) -> str:
             return "qwen2"
         return "llama"
     raise ValueError(f"--position-embedding-type {config.position_embedding_type}: no Hugging Face family megalite "
-                     f"exports has it (GPT-2: learned_absolute; LLaMA, Qwen: rope)")
+                     f"exports has it (GPT-2: learned_absolute; GPT-NeoX, LLaMA, Qwen: rope)")
 
 
 def _family_or_refuse(family: str, needs: Dict[str, bool], what: str) -> str:
@@ -190,6 +221,12 @@ def hf_config_dict(config: ModelConfig, family: Optional[str] = None) -> Dict[st
         rope.update(rope_type="llama3", factor=config.rope_scaling_factor, **LLAMA3_DEFAULTS)
     elif config.rotary_seq_len_interpolation_factor:
         rope.update(rope_type="linear", factor=config.rotary_seq_len_interpolation_factor)
+    if family == "gpt_neox":
+        return {**common, "hidden_size": h, "num_attention_heads": a, "num_hidden_layers": config.num_layers,
+                "intermediate_size": config.ffn_hidden_size, "max_position_embeddings": config.max_position_embeddings,
+                "layer_norm_eps": config.norm_epsilon, "hidden_act": "gelu_new" if config.openai_gelu else "gelu",
+                "rope_parameters": {**rope, "partial_rotary_factor": config.rotary_percent},
+                "use_parallel_residual": False, "attention_bias": True, "hidden_dropout": 0.0, "attention_dropout": 0.0}
     out = {**common, "hidden_size": h, "intermediate_size": config.ffn_hidden_size,
            "num_hidden_layers": config.num_layers, "num_attention_heads": a,
            "num_key_value_heads": config.num_query_groups, "head_dim": config.head_dim,

@@ -5,7 +5,8 @@ The conventions that differ between the two codebases:
 - GPT-2's ``Conv1D`` stores weights as ``[in, out]``; megalite's linear layers as ``[out, in]``.
 - megalite fuses Q, K and V (weights and biases) into one tensor laid out per query group,
   ``[q of its a/g heads | k | v]`` (``transformer.SelfAttention``); GPT-2 fuses them as
-  ``[all q | all k | all v]``; the LLaMA family keeps three.
+  ``[all q | all k | all v]``; GPT-NeoX per head, ``[q | k | v]``, which is megalite's layout with one
+  head per group; the LLaMA family keeps three.
 - megalite's SwiGLU fc1 interleaves rows ``(gate_0, up_0, gate_1, up_1, ...)``; the LLaMA family has
   ``gate_proj`` and ``up_proj``.
 - RoPE: both use the "rotate half" pairing ``(x_i, x_{i+d/2})``, so q and k need no permutation.
@@ -25,6 +26,10 @@ from megalite.config.model_settings import ModelConfig
 __all__ = ["TensorSource", "to_hf_tensors", "from_hf_tensors", "IGNORED_BUFFER_SUFFIXES"]
 
 Tensors = Dict[str, torch.Tensor]
+# family: (word embedding, final norm, untied output layer), the tensors outside the layers.
+ENDS = {"gpt2": ("transformer.wte.weight", "transformer.ln_f", "lm_head.weight"),
+        "gpt_neox": ("gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm", "embed_out.weight"),
+        "llama": ("model.embed_tokens.weight", "model.norm", "lm_head.weight")}
 # Buffers some saved models carry that megalite recomputes: GPT-2's causal mask and its fill value, a
 # rotary embedding's inverse frequencies.  They hold no weights; anything else left over is refused.
 IGNORED_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -92,18 +97,17 @@ def to_hf_tensors(state: Tensors, config: ModelConfig, family: str) -> Tensors:
     for i in range(config.num_layers):
         layer = {name[len(f"decoder.layers.{i}."):]: tensor for name, tensor in state.items()
                  if name.startswith(f"decoder.layers.{i}.")}
-        out.update((_gpt2_layer_to_hf if family == "gpt2" else _llama_layer_to_hf)(layer, config, i))
-    words = state["embedding.word_embeddings.weight"][:config.vocab_size]
+        to_hf_layer = {"gpt2": _gpt2_layer_to_hf, "gpt_neox": _neox_layer_to_hf}.get(family, _llama_layer_to_hf)
+        out.update(to_hf_layer(layer, config, i))
+    words, norm, output = ENDS.get(family, ENDS["llama"])
+    out[words] = state["embedding.word_embeddings.weight"][:config.vocab_size]
+    out[norm + ".weight"] = _norm_to_hf(state["final_norm.weight"], config)
+    if "final_norm.bias" in state:
+        out[norm + ".bias"] = state["final_norm.bias"]
     if family == "gpt2":
-        out["transformer.wte.weight"] = words
         out["transformer.wpe.weight"] = state["embedding.position_embeddings.weight"]
-        out["transformer.ln_f.weight"] = _norm_to_hf(state["final_norm.weight"], config)
-        out["transformer.ln_f.bias"] = state["final_norm.bias"]
-    else:
-        out["model.embed_tokens.weight"] = words
-        out["model.norm.weight"] = _norm_to_hf(state["final_norm.weight"], config)
     if config.untie_embeddings_and_output_weights:
-        out["lm_head.weight"] = state["output_layer.weight"][:config.vocab_size]
+        out[output] = state["output_layer.weight"][:config.vocab_size]
     return {name: tensor.float().contiguous().clone() for name, tensor in out.items()}
 
 
@@ -115,6 +119,23 @@ def _gpt2_layer_to_hf(layer: Tensors, config: ModelConfig, i: int) -> Tensors:
                      ("mlp.c_proj", "mlp.linear_fc2")):
         out[p + hf + ".weight"], out[p + hf + ".bias"] = layer[ours + ".weight"].t(), layer[ours + ".bias"]
     for hf, ours in (("ln_1", "input_norm"), ("ln_2", "pre_mlp_norm")):
+        out[p + hf + ".weight"] = _norm_to_hf(layer[ours + ".weight"], config)
+        out[p + hf + ".bias"] = layer[ours + ".bias"]
+    return out
+
+
+# GPT-NeoX's names of a layer's linear layers and norms (its fused QKV is megalite's, one head per group).
+NEOX_NAMES = (("attention.query_key_value", "self_attention.linear_qkv"),
+              ("attention.dense", "self_attention.linear_proj"),
+              ("mlp.dense_h_to_4h", "mlp.linear_fc1"), ("mlp.dense_4h_to_h", "mlp.linear_fc2"))
+NEOX_NORMS = (("input_layernorm", "input_norm"), ("post_attention_layernorm", "pre_mlp_norm"))
+
+
+def _neox_layer_to_hf(layer: Tensors, config: ModelConfig, i: int) -> Tensors:
+    p, out = f"gpt_neox.layers.{i}.", {}
+    for hf, ours in NEOX_NAMES:
+        out[p + hf + ".weight"], out[p + hf + ".bias"] = layer[ours + ".weight"], layer[ours + ".bias"]
+    for hf, ours in NEOX_NORMS:
         out[p + hf + ".weight"] = _norm_to_hf(layer[ours + ".weight"], config)
         out[p + hf + ".bias"] = layer[ours + ".bias"]
     return out
@@ -143,27 +164,27 @@ def from_hf_tensors(source: TensorSource, config: ModelConfig, family: str) -> T
     """megalite's single-rank state dict from a Hugging Face one; every tensor taken (or refused by name)."""
     ours: Tensors = {}
     for i in range(config.num_layers):
-        layer = (_gpt2_layer_from_hf if family == "gpt2" else _llama_layer_from_hf)(source, config, i)
+        from_hf_layer = {"gpt2": _gpt2_layer_from_hf, "gpt_neox": _neox_layer_from_hf}.get(family, _llama_layer_from_hf)
+        layer = from_hf_layer(source, config, i)
         ours.update({f"decoder.layers.{i}.{name}": tensor for name, tensor in layer.items()})
     padding = config.padded_vocab_size(1) - config.vocab_size   # the rows of a TP=1 model
 
     def padded(rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, rows.new_zeros(padding, rows.shape[1])])
+    words_name, norm, output = ENDS.get(family, ENDS["llama"])
+    words = source.take(words_name)
+    ours["final_norm.weight"] = source.take(norm + ".weight")
+    if config.normalization == "LayerNorm":
+        ours["final_norm.bias"] = source.take(norm + ".bias")
     if family == "gpt2":
-        words = source.take("transformer.wte.weight")
         ours["embedding.position_embeddings.weight"] = source.take("transformer.wpe.weight")
-        ours["final_norm.weight"] = source.take("transformer.ln_f.weight")
-        ours["final_norm.bias"] = source.take("transformer.ln_f.bias")
-    else:
-        words = source.take("model.embed_tokens.weight")
-        ours["final_norm.weight"] = source.take("model.norm.weight")
     ours["embedding.word_embeddings.weight"] = padded(words)
     if config.untie_embeddings_and_output_weights:
-        ours["output_layer.weight"] = padded(source.take("lm_head.weight"))
+        ours["output_layer.weight"] = padded(source.take(output))
     else:
-        if "lm_head.weight" in source and not torch.equal(source.take("lm_head.weight"), words):
-            raise ValueError("the Hugging Face config ties the output layer to the embedding (tie_word_embeddings) "
-                             "but lm_head.weight differs from it; megalite cannot convert it without dropping one")
+        if output in source and not torch.equal(source.take(output), words):
+            raise ValueError(f"the Hugging Face config ties the output layer to the embedding (tie_word_embeddings) "
+                             f"but {output} differs from it; megalite cannot convert it without dropping one")
         ours["output_layer.weight"] = ours["embedding.word_embeddings.weight"]
     source.check_all_taken()
     return {name: tensor.float().contiguous() for name, tensor in ours.items()}
@@ -181,6 +202,12 @@ def _gpt2_layer_from_hf(source: TensorSource, config: ModelConfig, i: int) -> Te
     for hf, name in (("ln_1", "input_norm"), ("ln_2", "pre_mlp_norm")):
         ours[name + ".weight"], ours[name + ".bias"] = source.take(p + hf + ".weight"), source.take(p + hf + ".bias")
     return ours
+
+
+def _neox_layer_from_hf(source: TensorSource, config: ModelConfig, i: int) -> Tensors:
+    p = f"gpt_neox.layers.{i}."
+    return {f"{ours}.{kind}": source.take(f"{p}{hf}.{kind}") for hf, ours in NEOX_NAMES + NEOX_NORMS
+            for kind in ("weight", "bias")}
 
 
 def _llama_layer_from_hf(source: TensorSource, config: ModelConfig, i: int) -> Tensors:

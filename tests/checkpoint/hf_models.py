@@ -46,9 +46,14 @@ def peak_hf_attention(model) -> None:
             param.mul_(PEAK)
         elif name.endswith("attn.c_attn.weight"):           # GPT-2's Conv1D: [h, 3h], q and k first
             param[:, :2 * param.shape[0]].mul_(PEAK)
-        elif name.endswith(("mlp.c_fc.weight", "mlp.gate_proj.weight", "mlp.c_proj.weight", "mlp.down_proj.weight")):
+        elif name.endswith("attention.query_key_value.weight"):   # GPT-NeoX: [q | k | v] per head
+            heads = model.config.num_attention_heads
+            param.view(heads, 3, -1, param.shape[1])[:, :2].mul_(PEAK)
+        elif name.endswith(("mlp.c_fc.weight", "mlp.gate_proj.weight", "mlp.c_proj.weight", "mlp.down_proj.weight",
+                            "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")):
             param.mul_(MLP_GAIN)   # pre-activations O(1), where the activation's exact shape shows
-        elif name.endswith(("wte.weight", "embed_tokens.weight", "lm_head.weight")):
+        elif name.endswith(("wte.weight", "embed_tokens.weight", "lm_head.weight", "embed_in.weight",
+                            "embed_out.weight")):
             param.mul_(MLP_GAIN)   # logits O(1) rather than O(0.1)
 
 

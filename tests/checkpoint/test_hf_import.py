@@ -27,6 +27,9 @@ LLAMA_SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_h
                    num_key_value_heads=2, max_position_embeddings=16384, bos_token_id=0, eos_token_id=0)
 GPT2_SHAPE = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
                   attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+NEOX_SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=16384, hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0,
+                  eos_token_id=0)
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -59,6 +62,12 @@ VARIANTS = {
     # Upcasting the attention product changes its precision only: in float32 it is the same function.
     "gpt2-reorder-upcast": ("GPT2", dict(reorder_and_upcast_attn=True, n_inner=80), None,
                             _config_change(openai_gelu=False)),
+    "neox": ("GPTNeoX", dict(use_parallel_residual=False), None, _config_change(rotary_percent=0.5)),
+    "neox-tied-full-rotary-tanh": ("GPTNeoX", dict(use_parallel_residual=False, tie_word_embeddings=True,
+                                                   hidden_act="gelu_new", rope_parameters={
+                                                       "rope_type": "default", "rope_theta": 1e4,
+                                                       "partial_rotary_factor": 1.0}),
+                                   None, _config_change(openai_gelu=False)),
     "llama": ("Llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), None,
               _config_change(rotary_base=10000.0)),
     "llama-tied": ("Llama", dict(tie_word_embeddings=True), None, _config_change(rotary_base=500000.0)),
@@ -85,7 +94,7 @@ VARIANTS = {
 
 def build_hf(kind: str, fields: dict):
     torch.manual_seed(3)
-    shape = GPT2_SHAPE if kind == "GPT2" else LLAMA_SHAPE
+    shape = {"GPT2": GPT2_SHAPE, "GPTNeoX": NEOX_SHAPE}.get(kind, LLAMA_SHAPE)
     config = getattr(transformers, f"{kind}Config")(**{**shape, **fields})
     model = getattr(transformers, "GPT2LMHeadModel" if kind == "GPT2" else f"{kind}ForCausalLM")(config).eval()
     with torch.no_grad():   # make every bias and norm matter (they start at 0 and 1)

@@ -21,6 +21,9 @@ REFUSED_FIELDS = {
     "gpt2-relu": ("GPT2", dict(activation_function="relu"), "activation_function='relu'"),
     "gpt2-unscaled": ("GPT2", dict(scale_attn_weights=False), "scale_attn_weights=False"),
     "gpt2-layer-scaled": ("GPT2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True"),
+    "neox-parallel-residual": ("GPTNeoX", dict(use_parallel_residual=True), "use_parallel_residual=True"),
+    "neox-no-bias": ("GPTNeoX", dict(use_parallel_residual=False, attention_bias=False), "attention_bias=False"),
+    "neox-relu": ("GPTNeoX", dict(use_parallel_residual=False, hidden_act="relu"), "hidden_act='relu'"),
     "llama-gelu": ("Llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),
     "llama-attention-bias-alone": ("Llama", dict(attention_bias=True), "attention_bias=True"),
     "llama-mlp-bias-alone": ("Llama", dict(mlp_bias=True), "mlp_bias=True"),
@@ -57,10 +60,10 @@ def test_a_field_megalite_does_not_implement_is_refused_by_name(tmp_path, capsys
 
 def test_another_model_type_is_refused(tmp_path, capsys):
     folder = str(tmp_path / "hf")
-    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
-    ).save_pretrained(folder)
-    assert "model_type='gpt_neox'" in _refusal(folder, capsys)
+    transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64,
+        max_position_embeddings=32, word_embed_proj_dim=32)).save_pretrained(folder)
+    assert "model_type='opt'" in _refusal(folder, capsys)
 
 
 def _rewrite(folder, change):
@@ -110,8 +113,10 @@ REFUSED_EXPORTS = {
     "gpt-kv-channels": (dict(kv_channels=16), "head dim = hidden / heads"),
     "gpt-qk-layernorm": (dict(qk_layernorm=True), "no --qk-layernorm"),
     "gpt-rmsnorm": (dict(normalization="RMSNorm"), "--normalization LayerNorm"),
-    "rope-layernorm": (dict(LLAMA, normalization="LayerNorm"), "--normalization RMSNorm"),
-    "rope-gelu": (dict(LLAMA, swiglu=False), "--swiglu"),
+    "rope-layernorm-swiglu": (dict(LLAMA, normalization="LayerNorm"), "--normalization RMSNorm"),
+    "rope-rmsnorm-gelu": (dict(LLAMA, swiglu=False), "--swiglu"),
+    "neox-gqa": (dict(position_embedding_type="rope", num_query_groups=2), "one key/value group per head"),
+    "neox-no-bias": (dict(position_embedding_type="rope", add_bias_linear=False), "linear biases"),
     "rotary-percent": (dict(LLAMA, rotary_percent=0.5), "--rotary-percent 1"),
     "two-rope-scalings": (dict(LLAMA, use_rope_scaling=True, rotary_seq_len_interpolation_factor=2.0),
                           "not both --use-rope-scaling"),
