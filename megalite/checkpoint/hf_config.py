@@ -102,7 +102,7 @@ def _neox_fields(hf, kind: str) -> Dict[str, Any]:
     return fields
 
 def _llama_fields(hf, kind: str) -> Dict[str, Any]:
-    if hf.hidden_act != "silu":
+    if hf.hidden_act not in ("silu", "swish"):
         raise _refuse("hidden_act", hf.hidden_act, "megalite's gated MLP is SwiGLU (silu)")
     h, a = hf.hidden_size, hf.num_attention_heads
     seq = min(hf.max_position_embeddings, IMPORT_SEQ_LENGTH_CAP)

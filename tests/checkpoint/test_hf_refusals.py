@@ -24,6 +24,8 @@ REFUSED_FIELDS = {
     "neox-parallel-residual": ("GPTNeoX", dict(use_parallel_residual=True), "use_parallel_residual=True"),
     "neox-no-bias": ("GPTNeoX", dict(use_parallel_residual=False, attention_bias=False), "attention_bias=False"),
     "neox-relu": ("GPTNeoX", dict(use_parallel_residual=False, hidden_act="relu"), "hidden_act='relu'"),
+    "gpt2-cross-attention": ("GPT2", dict(add_cross_attention=True), "add_cross_attention=True"),
+    "llama-pretraining-tp": ("Llama", dict(pretraining_tp=2), "pretraining_tp=2"),
     "llama-gelu": ("Llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),
     "llama-attention-bias-alone": ("Llama", dict(attention_bias=True), "attention_bias=True"),
     "llama-mlp-bias-alone": ("Llama", dict(mlp_bias=True), "mlp_bias=True"),
@@ -64,6 +66,15 @@ def test_another_model_type_is_refused(tmp_path, capsys):
         vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64,
         max_position_embeddings=32, word_embed_proj_dim=32)).save_pretrained(folder)
     assert "model_type='opt'" in _refusal(folder, capsys)
+
+
+def test_a_model_other_than_the_causal_language_model_is_refused(tmp_path, capsys):
+    folder = save_hf(build_hf("Llama", {}), str(tmp_path / "hf"))
+    path = os.path.join(folder, "config.json")
+    config = json.load(open(path))
+    config["architectures"] = ["LlamaForSequenceClassification"]
+    json.dump(config, open(path, "w"))
+    assert "architectures='LlamaForSequenceClassification'" in _refusal(folder, capsys)
 
 
 def _rewrite(folder, change):
