@@ -12,7 +12,7 @@ the legacy ``rope_theta`` / ``rope_scaling`` alike).  Families:
     Qwen3ForCausalLM                    the same with per-head RMSNorm of q and k (--qk-layernorm)
 
 Export picks the family from the model's settings (``export_family``) and refuses a model none of
-them can hold.  The tables of what is carried, refused and ignored are in docs/README.md
+them can hold.  The tables of what is carried, refused and ignored are in README.md
 ("Hugging Face").
 """
 from __future__ import annotations
