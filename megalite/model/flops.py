@@ -4,14 +4,16 @@ FLOPs follow Megatron-LM's ``num_floating_point_operations`` (Narayanan et al. 2
 Large-Scale Language Model Training on GPU Clusters", Appendix / Eq. 3, extended with grouped-query
 attention and gated MLPs).  Per token and layer, a forward pass costs (a multiply-add = 2 FLOPs):
 
-    QKV projection        2 h (h + 2 h g/a)        g = query groups, a = heads
-    scores and values     2 * 2 s h                full s x s attention, causal mask NOT discounted
-    output projection     2 h h
+    QKV projection        2 h (a d + 2 g d)        g = query groups, a = heads, d = head dim
+    scores and values     2 * 2 s a d              full s x s attention, causal mask NOT discounted
+    output projection     2 a d h
     MLP                   2 * 2 h f * m            m = 3/2 with SwiGLU (three matrices), else 1
 and once per token the logits 2 h V.  Backward costs twice the forward, so a training step is
 3 x forward:
 
-    F = 12 B s L h^2 [ (1 + g/a + s/h) + m f/h + V / (2 L h) ]      (B sequences, V padded vocab)
+    F = 12 B s L h^2 [ (1 + g/a + s/h) r + m f/h + V / (2 L h) ]    (B sequences, V padded vocab)
+
+where r = a d / h is the query width over the hidden size (1 unless --kv-channels sets the head dim d).
 
 This is *model* FLOPs: activation recompute is not counted, so MFU does not reward recomputing.
 """
@@ -28,16 +30,18 @@ def count_parameters(config: ModelConfig, *, tp: int) -> int:
     """Parameters of the whole (unpartitioned) model, tied weights once, with the vocabulary padded as a
     run over ``tp`` tensor-parallel ranks pads it."""
     h, f, layers = config.hidden_size, config.ffn_hidden_size, config.num_layers
+    q = config.num_attention_heads * config.head_dim
     kv = 2 * config.num_query_groups * config.head_dim
     bias = config.add_bias_linear
     norm = 2 * h if config.normalization == "LayerNorm" else h
+    head_norm = (2 if config.normalization == "LayerNorm" else 1) * config.head_dim * 2 * config.qk_layernorm
     gated = 2 if config.swiglu else 1
     per_layer = (
-        h * (h + kv) + (h + kv) * bias                 # fused QKV
-        + h * h + h * bias                             # attention output projection
+        h * (q + kv) + (q + kv) * (bias or config.add_qkv_bias)   # fused QKV
+        + q * h + h * bias                             # attention output projection
         + h * f * gated + f * gated * bias             # MLP up (gate and up with SwiGLU)
         + f * h + h * bias                             # MLP down
-        + 2 * norm                                     # pre-attention and pre-MLP norms
+        + 2 * norm + head_norm                         # pre-attention and pre-MLP norms, the q/k norms
     )
     vocab = config.padded_vocab_size(tp)
     embedding = vocab * h
@@ -54,8 +58,9 @@ def flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_length:
     s = seq_length or config.seq_length
     h, layers = config.hidden_size, config.num_layers
     query_groups_ratio = config.num_query_groups / config.num_attention_heads
+    query_width_ratio = config.num_attention_heads * config.head_dim / h    # 1 unless --kv-channels changes it
     gated = 1.5 if config.swiglu else 1.0
-    attention = 1 + query_groups_ratio + s / h
+    attention = (1 + query_groups_ratio + s / h) * query_width_ratio
     mlp = gated * config.ffn_hidden_size / h
     logits = config.padded_vocab_size(tp) / (2 * layers * h)
     return 12.0 * global_batch_size * s * layers * h * h * (attention + mlp + logits)

@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 from torch import nn
 
 from megalite.config.settings import ModelConfig
-from megalite.model.transformer import Dropout, TransformerBlock, build_norm, rotary_tables
+from megalite.model.rotary import model_rotary_tables
+from megalite.model.transformer import Dropout, TransformerBlock, build_norm
 from megalite.parallel.context_parallel import context_parallel_positions
 from megalite.parallel.layers import (
     ColumnParallelLinear,
@@ -142,7 +143,7 @@ class GPTModel(nn.Module):
             position_ids = context_parallel_positions(seq, device).expand(batch, seq)  # arange without CP
 
         x = self.embedding(tokens, position_ids) if self.pre_process else self.input_tensor
-        rotary = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base) if self.rope else None
+        rotary = model_rotary_tables(position_ids, self.config) if self.rope else None
         x = self.decoder(x, rotary, documents)                             # [s(/t), b, h]
         if not self.post_process:
             return x

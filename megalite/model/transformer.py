@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalite.config.settings import ModelConfig
+from megalite.model.rotary import apply_rotary, rotary_tables  # noqa: F401 (rotary_tables: re-exported)
 from megalite.ops import layer_norm, rms_norm, swiglu
 from megalite.parallel import random as tp_random
 from megalite.parallel.context_parallel import cp_comm_type
@@ -38,33 +39,42 @@ from megalite.parallel.param_info import Init
 
 # -- norms and dropout ------------------------------------------------------------------------------
 class LayerNorm(nn.Module):
-    """x: [s(/t), b, h] -> same; weight and bias replicated over TP (grads summed over TP under SP)."""
+    """x: [s(/t), b, h] -> same; weight and bias replicated over TP (grads summed over TP under SP).
 
-    def __init__(self, config: ModelConfig, sequence_parallel: bool = False):
+    ``dim``: the normalized size (default the hidden size; the head dimension for --qk-layernorm).
+    With --apply-layernorm-1p the weight holds gamma - 1 (initialized to 0) and the norm scales by
+    1 + weight, so weight decay pulls gamma towards 1 rather than 0.
+    """
+
+    def __init__(self, config: ModelConfig, sequence_parallel: bool = False, dim: Optional[int] = None):
         super().__init__()
-        self.eps = config.norm_epsilon
-        self.weight = new_parameter((config.hidden_size,), Init("ones"), sequence_parallel=sequence_parallel)
-        self.bias = new_parameter((config.hidden_size,), Init("zeros"), sequence_parallel=sequence_parallel)
+        dim = dim or config.hidden_size
+        self.eps, self.one_p = config.norm_epsilon, config.apply_layernorm_1p
+        self.weight = new_parameter((dim,), Init("zeros" if self.one_p else "ones"),
+                                    sequence_parallel=sequence_parallel)
+        self.bias = new_parameter((dim,), Init("zeros"), sequence_parallel=sequence_parallel)
 
     def forward(self, x):
-        return layer_norm(x, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.weight + 1 if self.one_p else self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
-    """x: [s(/t), b, h] -> x / rms(x) * weight (Zhang & Sennrich 2019)."""
+    """x: [s(/t), b, h] -> x / rms(x) * weight (Zhang & Sennrich 2019); ``dim`` and the 1p weight as LayerNorm."""
 
-    def __init__(self, config: ModelConfig, sequence_parallel: bool = False):
+    def __init__(self, config: ModelConfig, sequence_parallel: bool = False, dim: Optional[int] = None):
         super().__init__()
-        self.eps = config.norm_epsilon
-        self.weight = new_parameter((config.hidden_size,), Init("ones"), sequence_parallel=sequence_parallel)
+        dim = dim or config.hidden_size
+        self.eps, self.one_p = config.norm_epsilon, config.apply_layernorm_1p
+        self.weight = new_parameter((dim,), Init("zeros" if self.one_p else "ones"),
+                                    sequence_parallel=sequence_parallel)
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight + 1 if self.one_p else self.weight, self.eps)
 
 
-def build_norm(config: ModelConfig, sequence_parallel: bool = False) -> nn.Module:
+def build_norm(config: ModelConfig, sequence_parallel: bool = False, dim: Optional[int] = None) -> nn.Module:
     norm = RMSNorm if config.normalization == "RMSNorm" else LayerNorm
-    return norm(config, sequence_parallel)
+    return norm(config, sequence_parallel, dim)
 
 
 class Dropout(nn.Module):
@@ -83,67 +93,6 @@ class Dropout(nn.Module):
             return x
         with tp_random.dropout_stream(self.sequence_parallel):
             return F.dropout(x, self.p, training=True)
-
-
-# -- rotary position embedding ----------------------------------------------------------------------
-def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each [s, b, 1, d/2], for position_ids [b, s]: the angle pos * base^(-2i/d) of the
-    pair (x_i, x_{i+d/2}) (Su et al. 2021, Eq. 34, in the "rotate half" layout).
-
-    Angles are computed in float32 whatever the model's dtype: positions times frequencies loses
-    digits fast in 16-bit.  One table per half serves both halves (``apply_rotary``).
-    """
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    angles = (position_ids.t().unsqueeze(-1).float() * inv_freq).unsqueeze(2)   # [s, b, 1, d/2]
-    return angles.cos(), angles.sin()
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """x: [s, b, ..., d] -> contiguous, x's shape and dtype; each pair (x1, x2) = (x_i, x_{i+d/2})
-    rotated by +angle (or -angle when ``inverse``) in float32, rounded once on store."""
-    s, b, half = x.shape[0], x.shape[1], x.shape[-1] // 2
-    cos, sin = (t.view(s, b, *([1] * (x.dim() - 3)), half) for t in (cos, sin))
-    first, second = x.chunk(2, dim=-1)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if inverse:
-        out.narrow(-1, 0, half).copy_(first * cos + second * sin)
-        out.narrow(-1, half, half).copy_(second * cos - first * sin)
-    else:
-        out.narrow(-1, 0, half).copy_(first * cos - second * sin)
-        out.narrow(-1, half, half).copy_(second * cos + first * sin)
-    return out
-
-
-class _Rotary(torch.autograd.Function):
-    """A rotation's gradient is the inverse rotation (its transpose): dx1 = g1 cos + g2 sin,
-    dx2 = g2 cos - g1 sin -- written as one tensor, where autograd would chain casts, products and
-    a concatenation of the halves."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        ctx.x_shape = x.shape
-        out = _rotate(x, cos, sin, inverse=False)
-        return out.view(x.shape[0], x.shape[1], -1, x.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad.reshape(ctx.x_shape), cos, sin, inverse=True), None, None
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [s, b, n, d], or [s, b, g, n/g, d] (a strided view into the fused QKV output) -> [s, b, n, d]
-    contiguous, in x's dtype; each pair (x1, x2) = (x_i, x_{i+d/2}) rotated by its angle, in float32:
-
-        y1 = x1 cos - x2 sin,    y2 = x2 cos + x1 sin
-
-    The two halves are written into one output (no rotated copy of x is concatenated), and a strided
-    x is read in place, so merging q's heads costs no copy of its own.  The forward is bit for bit
-    the rotate-half form x cos + rotate_half(x) sin (x1 cos + (-x2) sin is x1 cos - x2 sin exactly);
-    so is the backward in float32, while a 16-bit gradient is rounded once instead of per term.
-    """
-    return _Rotary.apply(x, cos, sin)
 
 
 # -- attention --------------------------------------------------------------------------------------
@@ -212,8 +161,16 @@ class SelfAttention(nn.Module):
         self.local_groups = config.num_query_groups // tp
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
         common = dict(bias=config.add_bias_linear, sequence_parallel=sequence_parallel)
-        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size,
-                                               init=Init("normal", config.init_method_std), **common)
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size, bias=config.add_bias_linear or
+                                               config.add_qkv_bias, sequence_parallel=sequence_parallel,
+                                               init=Init("normal", config.init_method_std))
+        # --qk-layernorm: one norm of the head dimension shared by every query head, one by every key head
+        # (Qwen3).  Replicated over TP, but each rank's heads give only part of its gradient, which is
+        # therefore summed over TP like a sequence-parallel norm's (ParamInfo.sequence_parallel).
+        self.q_layernorm = self.k_layernorm = None
+        if config.qk_layernorm:
+            self.q_layernorm = build_norm(config, sequence_parallel=True, dim=self.head_dim)
+            self.k_layernorm = build_norm(config, sequence_parallel=True, dim=self.head_dim)
         self.core_attention = CoreAttention(config)
         self.linear_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                              init=Init("normal", output_init_std), **common)
@@ -228,6 +185,9 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
         q, k, v = qkv.split([self.heads_per_group, 1, 1], dim=3)           # views, no copies
         k, v = k.squeeze(3), v.squeeze(3)                                   # [s, b, g/t, d]
+        if self.q_layernorm is not None:   # the norms read whole rows: q's heads merged, k made contiguous
+            q = self.q_layernorm(q.reshape(s, b, -1, self.head_dim).contiguous())
+            k = self.k_layernorm(k.contiguous())
         if rotary is not None:   # writes q's heads merged: [s, b, a/t, d]
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         else:                    # a view when a == g (one head per group); a copy under grouped queries

@@ -49,7 +49,8 @@ class ParamInfo:
 
     ``partition_dim``: the dim split over TP ranks (None: replicated over TP).
     ``sequence_parallel``: replicated over TP but fed ``s/t`` tokens under sequence parallelism, so
-    its gradient is a partial sum over the TP group (Korthikanti et al. 2022, Sec. 4.2.2).
+    its gradient is a partial sum over the TP group (Korthikanti et al. 2022, Sec. 4.2.2); also set,
+    with or without SP, on the per-head query/key norms (--qk-layernorm), which see only this rank's heads.
     ``shared_embedding``: one of the two copies of the tied word embedding (first and last pipeline
     stage); their gradients are summed over the embedding group.
     ``init``: how the full tensor is drawn (None: nobody initializes it from the seed).

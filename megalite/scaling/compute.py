@@ -152,14 +152,14 @@ def layer_gemms(model: ModelConfig, micro_batch: int, tp: int, cp: int = 1) -> L
     s, h, b = model.seq_length, model.hidden_size, micro_batch
     tokens = b * s // cp
     d, a = model.head_dim, model.num_attention_heads
-    kv = 2 * model.num_query_groups * d
+    q, kv = a * d, 2 * model.num_query_groups * d     # q = h unless --kv-channels sets d
     ffn, gated = model.ffn_hidden_size, 2 if model.swiglu else 1
     heads = b * a // tp
     return [
-        Gemm("qkv", tokens, (h + kv) // tp, h, layout="nt"),
+        Gemm("qkv", tokens, (q + kv) // tp, h, layout="nt"),
         Gemm("scores", s // cp, s, d, heads, True),
         Gemm("context", s // cp, d, s, heads, True),
-        Gemm("proj", tokens, h, h // tp, layout="nt"),
+        Gemm("proj", tokens, h, q // tp, layout="nt"),
         Gemm("fc1", tokens, ffn * gated // tp, h, layout="nt"),
         Gemm("fc2", tokens, h, ffn // tp, layout="nt"),
     ]

@@ -70,6 +70,14 @@ def _random_hf_model(family, folder):
         config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = transformers.GPT2LMHeadModel(config)
+    elif family == "qwen3":   # q/k norms, a head dim of its own, a tied output layer, Llama 3 RoPE scaling
+        config = transformers.Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          max_position_embeddings=16, tie_word_embeddings=True,
+                                          rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 8192})
+        model = transformers.Qwen3ForCausalLM(config)
     else:
         config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
@@ -79,7 +87,7 @@ def _random_hf_model(family, folder):
     return model.eval()
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES) + ["qwen3"])
 def test_import_gives_transformers_loss_and_exports_the_same_weights(tmp_path, family):
     hf, save, back = str(tmp_path / "hf"), str(tmp_path / "ckpt"), str(tmp_path / "back")
     model = _random_hf_model(family, hf)
