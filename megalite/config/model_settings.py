@@ -41,7 +41,8 @@ class ModelConfig:
                                                                                 "position encoding")
     use_rotary_position_embeddings: bool = flag(False, "Megatron's older spelling of --position-embedding-type "
                                                        "rope")
-    no_position_embedding: bool = flag(False, "no position encoding at all (--position-embedding-type none)")
+    no_position_embedding: bool = flag(False, "no learned position table: with RoPE nothing changes, otherwise no "
+                                              "position encoding at all (--position-embedding-type none)")
     rotary_base: float = flag(10000.0, "RoPE base period", above=0)
     rotary_percent: float = flag(1.0, "fraction of each head's dimensions that RoPE rotates (the rest pass "
                                       "through)", above=0, at_most=1)
@@ -109,15 +110,18 @@ class ModelConfig:
 
     def _position_embedding_aliases(self) -> None:
         """Megatron's two older switches, turned into --position-embedding-type (and then cleared, so saved
-        settings read back without a contradiction)."""
-        for switch, kind in (("use_rotary_position_embeddings", "rope"), ("no_position_embedding", "none")):
-            if not getattr(self, switch):
-                continue
-            if self.position_embedding_type not in ("learned_absolute", kind):
-                raise ValueError(f"--{switch.replace('_', '-')} contradicts --position-embedding-type "
+        settings read back without a contradiction).  As in Megatron, --no-position-embedding drops the
+        learned table only: beside RoPE (Llama and Qwen configurations give both) it changes nothing."""
+        if self.use_rotary_position_embeddings:
+            if self.position_embedding_type not in ("learned_absolute", "rope"):
+                raise ValueError(f"--use-rotary-position-embeddings contradicts --position-embedding-type "
                                  f"{self.position_embedding_type}; keep one")
-            self.position_embedding_type = kind
-            setattr(self, switch, False)
+            self.position_embedding_type = "rope"
+            self.use_rotary_position_embeddings = False
+        if self.no_position_embedding:
+            if self.position_embedding_type == "learned_absolute":
+                self.position_embedding_type = "none"
+            self.no_position_embedding = False
 
     def _check_rope(self) -> None:
         rotated = int(self.kv_channels * self.rotary_percent)

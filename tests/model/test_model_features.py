@@ -148,8 +148,11 @@ def test_position_embedding_spellings():
     none = config(no_position_embedding=True)
     assert none.position_embedding_type == "none" and not none.no_position_embedding
     assert GPTModel(none).embedding.position_embeddings is None
-    with pytest.raises(ValueError, match="--no-position-embedding contradicts --position-embedding-type rope"):
-        config(no_position_embedding=True, position_embedding_type="rope")
+    # Megatron's Llama/Qwen configurations give both: RoPE, no learned table.
+    assert config(no_position_embedding=True, position_embedding_type="rope").position_embedding_type == "rope"
+    assert config(no_position_embedding=True, use_rotary_position_embeddings=True).position_embedding_type == "rope"
+    with pytest.raises(ValueError, match="--use-rotary-position-embeddings contradicts --position-embedding-type none"):
+        config(use_rotary_position_embeddings=True, position_embedding_type="none")
     # Without positions one layer's last output does not depend on the order of the tokens before it.
     ids = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(2))
     shuffled = torch.cat([ids[:, :15].flip(1), ids[:, 15:]], dim=1)

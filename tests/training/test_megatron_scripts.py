@@ -17,20 +17,11 @@ from tests.data.conftest import CORPUS, write_corpus
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatron_scripts")
 
-# STUBBED FOR NOW -- the MODEL-feature flags another engineer is adding (ModelConfig, config/model_settings.py):
-#   --kv-channels --rotary-percent --apply-layernorm-1p --add-qkv-bias --qk-layernorm --use-rope-scaling
-#   --padded-vocab-size --use-rotary-position-embeddings --no-position-embedding
-# They are taken out of the argument lists below until that work is merged; the merge re-adds them by
-# emptying this set (each file still lists them).
-STUBBED_MODEL_FLAGS = {"--kv-channels", "--rotary-percent", "--apply-layernorm-1p", "--add-qkv-bias", "--qk-layernorm",
-                       "--use-rope-scaling", "--padded-vocab-size", "--use-rotary-position-embeddings",
-                       "--no-position-embedding"}
-
 # Tiny values for the sizes (and the paths), per flag, for every script.
 TINY = {
     "--num-layers": "2", "--hidden-size": "32", "--ffn-hidden-size": "64", "--num-attention-heads": "4",
     "--seq-length": "16", "--max-position-embeddings": "16", "--micro-batch-size": "1", "--log-interval": "1",
-    "--eval-iters": "1", "--vocab-size": "64", "--num-query-groups": "2",
+    "--eval-iters": "1", "--vocab-size": "64", "--num-query-groups": "2", "--kv-channels": "8",
 }
 
 # Per script: its own shrunk values (by flag), what a runner or this test adds, and the iterations it trains.
@@ -76,7 +67,7 @@ def shrunk_argv(name, world_size, folder, files):
              "DATA_CACHE_PATH": os.path.join(folder, "cache")}
     argv = []
     for flag, value in read_arguments(name):
-        if flag in REFUSED or flag in STUBBED_MODEL_FLAGS:
+        if flag in REFUSED:
             continue
         argv.append(flag)
         if value is not None:
@@ -111,10 +102,10 @@ def files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_every_flag_name_of_the_script_is_kept_but_fp8_and_the_stubbed(name, tmp_path, files):
+def test_every_flag_name_of_the_script_is_kept_but_fp8(name, tmp_path, files):
     argv = shrunk_argv(name, 1, str(tmp_path), files)
     for flag, _ in read_arguments(name):
-        assert (flag in argv) != (flag in REFUSED or flag in STUBBED_MODEL_FLAGS), flag
+        assert (flag in argv) != (flag in REFUSED), flag
     parse_args(argv, world_size=1)
 
 
