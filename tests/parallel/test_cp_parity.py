@@ -25,6 +25,8 @@ VARIANTS = {
               "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "2",
               "--disable-bias-linear"],
 }
+# Qwen-style attention: QKV bias, per-head q/k norms, a head size other than hidden/heads, Llama 3 RoPE scaling.
+VARIANTS["qwen"] = VARIANTS["llama"] + ["--add-qkv-bias", "--qk-layernorm", "--kv-channels", "16", "--use-rope-scaling"]
 VARIANTS["llama-8-heads"] = VARIANTS["llama"] + ["--num-attention-heads", "8", "--num-query-groups", "4"]
 # Packed documents (Megatron's three flags): the mock samples then hold end-of-document tokens.
 PACKED = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
@@ -70,6 +72,8 @@ for comm in ("all_gather", "a2a"):
         (f"gpt-cp2-pp2-{comm}", "gpt", 4, cp2 + ["--pipeline-model-parallel-size", "2"]),
         (f"gpt-cp2-dp2-zero1-{comm}", "gpt", 4, cp2 + ["--use-distributed-optimizer"]),
     ]
+CASES += [("qwen-cp2", "qwen", 2, ["--context-parallel-size", "2"]),
+          ("qwen-cp2-a2a", "qwen", 2, ["--context-parallel-size", "2", "--cp-comm-type", "a2a"])]
 # Packed documents: one rank (the reference is one rank with the same flags) and CP2 of every type.
 CASES += [("gpt-packed-cp2", "gpt-packed", 2, ["--context-parallel-size", "2"])]
 CASES += [(f"llama-packed-cp2-{comm}", "llama-packed", 2, ["--context-parallel-size", "2", "--cp-comm-type", comm])
