@@ -22,7 +22,13 @@ from typing import Dict, Tuple
 
 import torch
 
-from megalite.checkpoint.hf_config import as_hf_config, config_from_hf, export_family, hf_config_dict
+from megalite.checkpoint.hf_config import (
+    as_hf_config,
+    config_from_hf,
+    export_family,
+    hf_config_dict,
+    require_transformers,
+)
 from megalite.checkpoint.hf_tensors import TensorSource, from_hf_tensors, to_hf_tensors
 from megalite.checkpoint.hf_tokenizer import plan_tokenizer, write_tokenizer
 from megalite.config.settings import ModelConfig
@@ -71,8 +77,7 @@ def _read_hf(folder: str) -> Tuple[object, Tensors]:
     """(the transformers config as ``AutoConfig`` resolves it, every tensor of the folder's safetensors files)."""
     from safetensors.torch import load_file
 
-    from megalite.extras import require
-    transformers = require("transformers")
+    transformers = require_transformers()
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder} has no config.json (a Hugging Face model folder has one)")
     hf_config = transformers.AutoConfig.from_pretrained(folder)

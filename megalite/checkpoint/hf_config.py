@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 from megalite.config.model_settings import ModelConfig
 
 __all__ = ["ARCHITECTURES", "IMPORT_SEQ_LENGTH_CAP", "config_from_hf", "export_family", "hf_config_dict",
-           "as_hf_config"]
+           "as_hf_config", "require_transformers"]
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
                  "mistral": "MistralForCausalLM",
@@ -39,12 +39,26 @@ def _refuse(field: str, value: Any, why: str) -> ValueError:
     return ValueError(f"Hugging Face config {field}={value!r}: {why}; megalite cannot convert this model")
 
 
+# transformers 5 resolves every RoPE spelling into ``rope_parameters``; older releases leave Llama 3's
+# ``rope_scaling`` and GPT-NeoX's ``rotary_pct`` where this module does not read them.
+TRANSFORMERS_FLOOR = (5, 0)
+
+
+def require_transformers():
+    """The transformers module, refused in one line below :data:`TRANSFORMERS_FLOOR`."""
+    from megalite.extras import require
+    transformers = require("transformers")
+    major_minor = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    if major_minor < TRANSFORMERS_FLOOR:
+        raise ValueError(f"Hugging Face conversion reads configurations as transformers 5 resolves them; this is "
+                         f"transformers {transformers.__version__}: pip install 'transformers>=5'")
+    return transformers
+
+
 def as_hf_config(hf_config):
     """A transformers config object: ``hf_config`` itself, or the one a config.json dict describes."""
     if isinstance(hf_config, dict):
-        from megalite.extras import require
-        transformers = require("transformers")
-        return transformers.AutoConfig.for_model(**hf_config)
+        return require_transformers().AutoConfig.for_model(**hf_config)
     return hf_config
 
 
@@ -134,9 +148,11 @@ def _check_sliding_window(hf, kind: str, seq: int) -> None:
         return
     layer_types = getattr(hf, "layer_types", None)
     if kind == "mistral" or (layer_types and "sliding_attention" in layer_types):
-        if window < seq:
-            raise _refuse("sliding_window", window, f"megalite's attention reads the whole sequence of {seq} tokens "
-                                                    f"(no sliding window)")
+        longest = max(seq, getattr(hf, "max_position_embeddings", None) or seq)
+        if window < longest:
+            raise _refuse("sliding_window", window, f"megalite's attention reads the whole sequence (no sliding "
+                                                    f"window), and the model takes sequences of up to {longest} "
+                                                    f"tokens")
 
 
 def _rope_fields(hf, partial_rotary: bool = False) -> Dict[str, Any]:

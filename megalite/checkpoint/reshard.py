@@ -218,11 +218,15 @@ def _reload_masters_not_loaded(optimizer: MegaliteOptimizer, loaded: set) -> Non
 
 def _load_optimizer_scalars(optimizer: MegaliteOptimizer, state: dict) -> None:
     """Step counts, loss scale, and each group's hyperparameters from the saved group of the same
-    kind (decayed matrices or undecayed 1-D parameters: a stage may lack one of them)."""
+    kind (decayed matrices or undecayed 1-D parameters, each under --decoupled-lr or not: a stage may
+    lack some of them)."""
     optimizer.num_steps = int(state["step"])
     optimizer.num_skipped_steps = int(state.get("skipped_steps", 0))
+
+    def kind(group):
+        return group["weight_decay"] == 0, bool(group.get("decoupled_lr"))
     for group in optimizer.param_groups:
-        same_kind = [g for g in state["param_groups"] if (g["weight_decay"] == 0) == (group["weight_decay"] == 0)]
+        same_kind = [g for g in state["param_groups"] if kind(g) == kind(group)]
         if same_kind:
             group.update(same_kind[0])
     if optimizer.loss_scaler is not None and state.get("loss_scaler") is not None:

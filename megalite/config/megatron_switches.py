@@ -19,7 +19,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
-__all__ = ["Switch", "ACCEPTED", "REFUSED", "FP8_NEEDS_TE", "add_switches", "check_switches", "switch_dests",
+__all__ = ["Switch", "ACCEPTED", "REFUSED", "FP8_NEEDS_TE", "refusal_reason", "add_switches", "check_switches",
+           "switch_dests",
            "table_markdown"]
 
 
@@ -57,7 +58,7 @@ ACCEPTED: Tuple[Switch, ...] = (
     Switch("--no-bias-swiglu-fusion", "SwiGLU runs megalite's own kernel (megalite/ops/swiglu.py) or PyTorch's "
            "silu and mul"),
     Switch("--no-bias-dropout-fusion", _NO_FUSION),
-    Switch("--no-rope-fusion", "rotary embeddings are applied by PyTorch ops (megalite/model/transformer.py)"),
+    Switch("--no-rope-fusion", "rotary embeddings are applied by PyTorch ops (megalite/model/rotary.py)"),
     Switch("--no-persist-layer-norm", "norms run megalite's own kernels (megalite/ops/norms.py)"),
     Switch("--no-gradient-accumulation-fusion", "weight gradients are accumulated into the fp32 grad buffer by a "
            "hook (megalite/parallel/data_parallel.py)"),
@@ -88,6 +89,15 @@ REFUSED: Dict[str, int] = {
     "--first-last-layers-bf16": 0, "--fp4-format": 1, "--fp4-recipe": 1, "--fp4-param-gather": 0,
     "--te-rng-tracker": 0, "--tp-comm-overlap": 0, "--te-precision-config-file": 1,
 }
+# Why a refused flag is refused, where the reason is not FP8 / TransformerEngine.
+REFUSAL_REASONS: Dict[str, str] = {
+    "--tp-comm-overlap": "overlapping tensor-parallel communication with the GEMMs is TransformerEngine's "
+                         "userbuffers, which megalite does not have; drop the flag (megalite-plan models it)",
+}
+
+
+def refusal_reason(flag: str) -> str:
+    return REFUSAL_REASONS.get(flag, FP8_NEEDS_TE)
 
 
 def _refused_dest(flag: str) -> str:
@@ -117,7 +127,7 @@ def check_switches(namespace: Mapping[str, object]) -> None:
     with it (``namespace``: the parsed flags by destination, config fields included)."""
     for flag in REFUSED:
         if namespace.get(_refused_dest(flag)) not in (None, False):
-            raise ValueError(f"{flag}: {FP8_NEEDS_TE}")
+            raise ValueError(f"{flag}: {refusal_reason(flag)}")
     for switch in ACCEPTED:
         if switch.on_field or not namespace.get(switch.dest):
             continue
@@ -143,7 +153,7 @@ def table_markdown() -> str:
             if s.requires else ""
         rows.append(f"| `{s.flag}` | {values} | accepted: {s.instead}.{needs} |")
     for flag, nargs in REFUSED.items():
-        rows.append(f"| `{flag}` | {'(switch)' if nargs == 0 else 'one value'} | refused: {FP8_NEEDS_TE} |")
+        rows.append(f"| `{flag}` | {'(switch)' if nargs == 0 else 'one value'} | refused: {refusal_reason(flag)} |")
     return "\n".join(rows) + "\n"
 
 

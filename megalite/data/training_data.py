@@ -75,6 +75,10 @@ class MicroBatches:
 def packing_from_config(data: DataConfig, tokenizer: Optional[Tokenizer], vocab_size: int) -> Optional[Packing]:
     """The packed-document rules asked for, with the EOD token: the tokenizer's, or under --mock-data
     without a tokenizer the last id of the vocabulary (the mock data then packs documents)."""
+    asked = [name for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss") if getattr(data, name)]
+    if asked and tokenizer is None and not data.mock_data:
+        raise ValueError(f"--{asked[0].replace('_', '-')} needs the end-of-document token, which comes from "
+                         f"--tokenizer-type: give the tokenizer the data was made with")
     eod = tokenizer.eod if tokenizer is not None else vocab_size - 1
     return packing_of(data.reset_position_ids, data.reset_attention_mask, data.eod_mask_loss, eod)
 

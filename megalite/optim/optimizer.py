@@ -261,6 +261,11 @@ class MegaliteOptimizer:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         pieces = self.all_pieces()
+        saved_decoupled = any(g.get("decoupled_lr") for g in state["param_groups"])
+        if saved_decoupled != any(g.get("decoupled_lr") for g in self.param_groups):
+            raise ValueError(f"optimizer state was saved {'with' if saved_decoupled else 'without'} --decoupled-lr "
+                             f"and this run is {'without' if saved_decoupled else 'with'} it: its parameter groups "
+                             f"differ; train as the checkpoint was (or --no-load-optim)")
         if len(state["pieces"]) != len(pieces) or len(state["param_groups"]) != len(self.param_groups):
             raise ValueError(f"optimizer state has {len(state['pieces'])} parameter pieces in "
                              f"{len(state['param_groups'])} groups, this optimizer {len(pieces)} in "

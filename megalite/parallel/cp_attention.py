@@ -25,6 +25,7 @@ the score matrix; long-context runs set ``--attention-dropout 0``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, List, Optional
 
 import torch
@@ -50,15 +51,23 @@ CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
+@functools.lru_cache(maxsize=256)
 def pairs_between(q_rank: int, k_rank: int, size: int, chunk: int, documents: Optional[Documents]) -> List[Pair]:
     """The blocks joining CP rank ``q_rank``'s queries with CP rank ``k_rank``'s keys (rows of each
     rank's local [2 chunk] tensors): chunk i's queries read chunk m whole when m < i, causally when
-    m == i, not at all when m > i."""
+    m == i, not at all when m > i.  Planned once per micro-batch's documents, then reused by every
+    layer, ring step and backward (``Documents`` is immutable)."""
     pairs = []
     for q_slot, q_chunk in enumerate(chunk_ids(size, q_rank)):
         for k_slot, k_chunk in enumerate(chunk_ids(size, k_rank)):
             pairs += span_pairs(q_chunk * chunk, q_slot * chunk, k_chunk * chunk, k_slot * chunk, chunk, documents)
     return pairs
+
+
+@functools.lru_cache(maxsize=64)
+def whole_sequence_pairs(seq: int, documents: Optional[Documents]) -> List[Pair]:
+    """The blocks of causal attention over a whole sequence of ``seq`` tokens (one per document)."""
+    return span_pairs(0, 0, 0, 0, seq, documents)
 
 
 class _Blocks(torch.autograd.Function):
@@ -253,7 +262,7 @@ def _heads_attention(q, k, v, documents: Optional[Documents]) -> torch.Tensor:
     check_a2a_heads(q.shape[1], k.shape[1], cp_size())
     q, k, v = (_TokensToHeads.apply(t) for t in (q, k, v))
     seq = q.shape[2]
-    out = _Blocks.apply(q, k, v, span_pairs(0, 0, 0, 0, seq, documents))
+    out = _Blocks.apply(q, k, v, whole_sequence_pairs(seq, documents))
     return _HeadsToTokens.apply(out)
 
 
@@ -265,13 +274,21 @@ def attention(q, k, v, attend: Attend, dropout: bool, documents: Optional[Docume
 
     ``attend`` is the one-rank attention (used alone without CP and documents, and for the
     dropout fallback); ``dropout``: whether attention dropout is on now."""
-    size = cp_size()
-    if size == 1 and documents is None:
+    if cp_size() == 1 and documents is None:
         return attend(q, k, v, None)
+    return _split_attention(q, k, v, attend, dropout, documents, comm_type)
+
+
+# Host-side block planning, collectives and autograd Functions: run eagerly inside a compiled layer
+# (--compile), which then traces what comes before and after.
+@torch.compiler.disable
+def _split_attention(q, k, v, attend: Attend, dropout: bool, documents: Optional[Documents],
+                     comm_type: str) -> torch.Tensor:
+    size = cp_size()
     if dropout:
         return masked_attention(q, k, v, attend, documents)
     if size == 1:
-        return _Blocks.apply(q, k, v, span_pairs(0, 0, 0, 0, q.shape[2], documents))
+        return _Blocks.apply(q, k, v, whole_sequence_pairs(q.shape[2], documents))
     if q.shape[2] % 2:
         raise ValueError(f"context parallelism needs an even number of local tokens, got {q.shape[2]}")
     if comm_type == "p2p":

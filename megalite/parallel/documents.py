@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from megalite.parallel.block_attention import Pair
 
@@ -44,22 +44,17 @@ class Documents:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def spans(self, sample: int, begin: int, end: int) -> List[Tuple[int, int]]:
-        """The parts ``[a, b)`` of ``[begin, end)`` that lie in one document each, in order."""
+    def spans(self, sample: int, begin: int, end: int) -> Dict[int, Tuple[int, int]]:
+        """{document index: its part ``[a, b)`` of ``[begin, end)``} for each document it touches."""
         starts = self.starts[sample]
-        first = bisect_right(starts, begin) - 1
-        parts = []
-        for index in range(first, len(starts)):
+        parts = {}
+        for index in range(bisect_right(starts, begin) - 1, len(starts)):
             doc_begin = starts[index]
             if doc_begin >= end:
                 break
             doc_end = starts[index + 1] if index + 1 < len(starts) else self.seq_length
-            parts.append((max(doc_begin, begin), min(doc_end, end)))
+            parts[index] = (max(doc_begin, begin), min(doc_end, end))
         return parts
-
-    def same_document(self, sample: int, a: int, b: int) -> bool:
-        starts = self.starts[sample]
-        return bisect_right(starts, a) == bisect_right(starts, b)
 
 
 def span_pairs(q_pos: int, q_row: int, k_pos: int, k_row: int, n: int,
@@ -75,9 +70,9 @@ def span_pairs(q_pos: int, q_row: int, k_pos: int, k_row: int, n: int,
     pairs = []
     for sample in range(len(documents)):
         keys = documents.spans(sample, k_pos, k_pos + n)
-        for qa, qb in documents.spans(sample, q_pos, q_pos + n):
-            for ka, kb in keys:
-                if documents.same_document(sample, qa, ka):
-                    pairs.append(Pair(slice(sample, sample + 1), slice(q_row + qa - q_pos, q_row + qb - q_pos),
-                                      slice(k_row + ka - k_pos, k_row + kb - k_pos), causal))
+        for document, (qa, qb) in documents.spans(sample, q_pos, q_pos + n).items():
+            if document in keys:
+                ka, kb = keys[document]
+                pairs.append(Pair(slice(sample, sample + 1), slice(q_row + qa - q_pos, q_row + qb - q_pos),
+                                  slice(k_row + ka - k_pos, k_row + kb - k_pos), causal))
     return pairs

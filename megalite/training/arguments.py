@@ -20,8 +20,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_typ
 
 import yaml
 
-from megalite.checkpoint.paths import rank_dir
-from megalite.checkpoint.reader import CheckpointReader
 from megalite.config.flags import choices, flag_name
 from megalite.config.megatron_switches import add_switches, check_switches, switch_dests
 from megalite.config.settings import (
@@ -32,11 +30,12 @@ from megalite.config.settings import (
     ParallelConfig,
     TrainingConfig,
     check_batch_sizes,
-    saved_model_fields,
 )
+from megalite.parallel.cp_attention import check_a2a_heads
 from megalite.parallel.pipeline.orders import check_schedule, default_schedule
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 from megalite.training.batch_schedule import run_batch_schedule
+from megalite.training.saved_settings import checkpoint_model_defaults
 
 __all__ = ["build_parser", "parse_args", "validate_together", "check_context_parallel", "resolved_config"]
 
@@ -296,10 +295,7 @@ def check_context_parallel(model: ModelConfig, parallel: ParallelConfig) -> None
         return
     if parallel.cp_comm_type == "a2a":
         groups = model.num_query_groups or model.num_attention_heads
-        if (groups // tp) % cp:
-            raise ValueError(f"--cp-comm-type a2a splits attention heads over --context-parallel-size {cp}, but "
-                             f"each of the {tp} tensor-parallel ranks holds {groups // tp} key/value groups "
-                             f"({groups} in all): use a CP size dividing {groups // tp}, or --cp-comm-type p2p")
+        check_a2a_heads(model.num_attention_heads // tp, groups // tp, cp)
     if seq % (2 * cp):
         raise ValueError(f"--context-parallel-size {cp} cuts each sequence into 2 x {cp} chunks (two per rank, so "
                          f"causal attention is balanced): --seq-length {seq} is not divisible by {2 * cp}; use a "
@@ -315,19 +311,6 @@ def _given(config, name: str) -> str:
     field_ = next(f for f in fields(config) if f.name == name)
     return "" if value is None else f", {flag_name(field_)} {value}"
 
-
-
-def checkpoint_model_defaults(root: str) -> Dict[str, Any]:
-    """--use-checkpoint-args: the model flags a checkpoint was saved with, as parser defaults."""
-    reader = CheckpointReader(root)
-    relative = os.path.relpath(rank_dir(root, reader.iteration, 0, 0), reader.folder)
-    settings = reader.load(os.path.join(relative, "model_optim_rng.pt"), mmap=True).get("settings") or {}
-    model = saved_model_fields(settings.get("model", {}))   # the layout is this run's own
-    if model.get("num_query_groups") == model.get("num_attention_heads"):
-        model.pop("num_query_groups", None)        # one group per head: the default, not a GQA flag
-    elif model.get("num_query_groups") is not None:
-        model["group_query_attention"] = True
-    return model
 
 
 def check_machine(parallel: ParallelConfig, train: TrainingConfig) -> None:

@@ -55,6 +55,7 @@ from megalite.training.metric_writers import build_writers
 from megalite.training.metrics import Logger
 from megalite.training.profiling import StepProfiler
 from megalite.training.run import Run
+from megalite.training.saved_settings import check_saved_model
 
 __all__ = ["SETUP_ERRORS", "TrainingDiverged", "Run", "setup", "train_step", "evaluate", "save", "train", "pretrain"]
 
@@ -161,6 +162,7 @@ def _resume(run: Run) -> None:
     fresh_resume = same_folder and not os.path.isdir(train_cfg.load)
     resumed = None
     if train_cfg.load is not None and not fresh_resume:
+        check_saved_model(train_cfg.load, run.model_cfg)
         resumed = load_any_layout(
             train_cfg.load, run.model, run.optimizer, run.scheduler, run.grid, layer_numbers=run.layer_numbers,
             sharded_optimizer=run.opt_cfg.use_distributed_optimizer,
@@ -266,6 +268,7 @@ def evaluate(run: Run) -> Optional[dict]:
             micro_batch_size=run.train_cfg.micro_batch_size, forward_only=True, grid=run.grid)
     for chunk in run.model:
         chunk.train()
+    empty_unused_memory(run.train_cfg.empty_unused_memory_level, 1)   # as Megatron-LM does after evaluation
     loss = average_loss(run.grid, losses, run.device)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 

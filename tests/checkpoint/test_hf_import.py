@@ -82,7 +82,7 @@ VARIANTS = {
                             _config_change(rotary_seq_len_interpolation_factor=None)),
     "llama-biases": ("Llama", dict(attention_bias=True, mlp_bias=True), None, _zero("linear_qkv.bias")),
     "llama-head-dim": ("Llama", dict(head_dim=16), None, _config_change(rotary_base=500000.0)),
-    "mistral": ("Mistral", dict(sliding_window=4096, max_position_embeddings=32768), None,
+    "mistral": ("Mistral", dict(sliding_window=None, max_position_embeddings=32768), None,
                 _config_change(rotary_base=500000.0)),
     "qwen2": ("Qwen2", {}, None, _zero("linear_qkv.bias")),
     "qwen2-tied": ("Qwen2", dict(tie_word_embeddings=True), None, _zero("linear_qkv.bias")),

@@ -38,6 +38,9 @@ REFUSED_FIELDS = {
                                                             "partial_rotary_factor": 0.5}),
                              "partial_rotary_factor=0.5"),
     "mistral-sliding-window": ("Mistral", dict(sliding_window=64), "sliding_window=64"),
+    # Mistral v0.1: a window of 4,096 under 32,768 positions would bite once training runs longer sequences.
+    "mistral-window-below-positions": ("Mistral", dict(sliding_window=4096, max_position_embeddings=32768),
+                                       "and the model takes sequences of up to 32768 tokens"),
     "qwen2-sliding-window": ("Qwen2", dict(use_sliding_window=True, sliding_window=64, max_window_layers=0),
                              "sliding_window=64"),
     "qwen3-attention-bias": ("Qwen3", dict(head_dim=16, attention_bias=True), "attention_bias=True"),
@@ -149,3 +152,12 @@ def test_legacy_config_json_fields_are_read_as_transformers_resolves_them(tmp_pa
     folder = save_hf(build_hf("Llama", {}), str(tmp_path / "hf"), {"rope_theta": 123456.0})
     assert "rope_parameters" not in json.load(open(os.path.join(folder, "config.json")))
     assert import_folder(folder)[1].rotary_base == 123456.0
+
+
+def test_transformers_older_than_5_is_refused_in_one_line(monkeypatch):
+    """Older releases leave Llama 3's rope_scaling and GPT-NeoX's rotary_pct outside rope_parameters,
+    which the import reads: converting with them would drop the scaling silently."""
+    from megalite.checkpoint import hf_config
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    with pytest.raises(ValueError, match=r"this is transformers 4\.57\.1: pip install 'transformers>=5'"):
+        hf_config.require_transformers()

@@ -72,10 +72,37 @@ def test_merge_and_generate_load_it(saved, capsys):
 
 
 def test_use_checkpoint_args_takes_the_model_and_not_the_layout(saved):
-    from megalite.training.arguments import checkpoint_model_defaults, parse_args
+    from megalite.training.arguments import parse_args
+    from megalite.training.saved_settings import checkpoint_model_defaults
     root, written = saved
     assert not set(LAYOUT_KEYS) & set(checkpoint_model_defaults(root))
     model, parallel, *_ = parse_args(["--mock-data", "--load", root, "--use-checkpoint-args",
                                       "--tensor-model-parallel-size", "2"], world_size=2)
     assert model == ModelConfig(**written)
     assert parallel.tensor_model_parallel_size == 2 and not parallel.sequence_parallel
+
+
+def _load_run(rank, world_size, argv):
+    from megalite.training.loop import setup
+    try:
+        setup(argv)
+    except ValueError as error:
+        return str(error)
+    finally:
+        from megalite.parallel import state
+        if state.grid_is_initialized():
+            state.destroy_grid()
+    return None
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--apply-layernorm-1p"], "was trained with --apply-layernorm-1p False, this run has True"),
+    (["--openai-gelu"], "was trained with --openai-gelu False, this run has True"),
+    (["--norm-epsilon", "1e-6"], "was trained with --norm-epsilon 1e-05, this run has 1e-06"),
+])
+def test_weights_are_not_loaded_into_a_model_that_computes_something_else(saved, flags, message):
+    """Same shapes, other math: without the check the run would load the weights and train another model."""
+    root, _ = saved
+    error = run_on_ranks(_load_run, 1, TINY + ["--load", root, "--train-iters", "2"] + flags, timeout=120)[0]
+    assert error is not None and message in error and "(or --use-checkpoint-args)" in error, error
+    assert run_on_ranks(_load_run, 1, TINY + ["--load", root, "--train-iters", "2"], timeout=120)[0] is None

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from megalite.config.megatron_switches import ACCEPTED, FP8_NEEDS_TE, REFUSED, table_markdown
+from megalite.config.megatron_switches import ACCEPTED, REFUSED, refusal_reason, table_markdown
 from megalite.training.arguments import build_parser, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,11 +48,14 @@ def test_fp8_and_transformer_engine_flags_are_refused_in_one_line(flag, tmp_path
     argv = [flag] + (["1"] if REFUSED[flag] else [])
     with pytest.raises(ValueError) as error:
         parse_args(BASE + argv, world_size=1)
-    assert str(error.value) == f"{flag}: {FP8_NEEDS_TE}"
+    assert str(error.value) == f"{flag}: {refusal_reason(flag)}"
     config = tmp_path / "run.yaml"          # the same from a --config file
     config.write_text(f"{flag[2:]}: {'1' if REFUSED[flag] else 'true'}\n")
-    with pytest.raises(ValueError, match="FP8 needs TransformerEngine on a GPU"):
+    with pytest.raises(ValueError) as error:
         parse_args(BASE + ["--config", str(config)], world_size=1)
+    assert str(error.value) == f"{flag}: {refusal_reason(flag)}"
+    # FP8's reason for FP8 flags; --tp-comm-overlap's own (it is not about FP8).
+    assert ("FP8 needs TransformerEngine" in str(error.value)) == (flag != "--tp-comm-overlap")
 
 
 def test_a_switch_is_refused_without_what_megatron_requires_with_it():

@@ -109,3 +109,20 @@ def test_a_resumed_run_keeps_the_decoupled_groups_and_their_schedule(tmp_path):
     first = run_on_ranks(_history, 1, argv + ["--train-iters", "2", "--save", folder], timeout=120)[0]
     rest = run_on_ranks(_history, 1, argv + ["--train-iters", "4", "--save", folder, "--load", folder], timeout=120)[0]
     assert first + rest == whole
+
+
+def _setup_error(rank, world_size, argv):
+    from megalite.training.loop import setup
+    try:
+        setup(argv)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_resuming_without_the_decoupled_groups_is_refused_naming_the_flag(tmp_path):
+    argv = TINY + ["--lr", "1e-2", "--untie-embeddings-and-output-weights"]
+    folder = str(tmp_path / "ckpt")
+    run_on_ranks(_history, 1, argv + ["--decoupled-lr", "3e-2", "--train-iters", "1", "--save", folder], timeout=120)
+    error = run_on_ranks(_setup_error, 1, argv + ["--train-iters", "2", "--load", folder], timeout=120)[0]
+    assert error is not None and "saved with --decoupled-lr and this run is without it" in error, error

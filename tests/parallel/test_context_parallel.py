@@ -68,8 +68,8 @@ def test_split_refuses_a_sequence_not_divisible_by_twice_cp():
      "--tensor-model-parallel-size 4: use a --seq-length divisible by 8"),
     (["--context-parallel-size", "4", "--cp-comm-type", "a2a", "--seq-length", "16", "--num-attention-heads", "4",
       "--group-query-attention", "--num-query-groups", "2"], 4,
-     "--cp-comm-type a2a splits attention heads over --context-parallel-size 4, but each of the 1 tensor-parallel "
-     "ranks holds 2 key/value groups .*use a CP size dividing 2, or --cp-comm-type p2p"),
+     "--cp-comm-type a2a splits attention heads over the 4 context-parallel ranks, but each tensor-parallel rank "
+     "holds 4 query heads and 2 key/value groups; use a --context-parallel-size dividing 2, or --cp-comm-type p2p"),
     (["--context-parallel-size", "2", "--cp-comm-type", "a2a+p2p", "--seq-length", "16"], 2,
      r"--cp-comm-type a2a\+p2p \(hierarchical context parallelism\) is not built; use p2p, all_gather or a2a"),
 ])

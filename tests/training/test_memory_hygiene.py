@@ -2,7 +2,6 @@
 import gc
 
 import pytest
-import torch
 
 from megalite.parallel.testing import run_on_ranks
 from megalite.training import memory_hygiene
@@ -39,7 +38,9 @@ def test_manual_gc_collects_between_steps_and_around_evaluation_only():
     assert enabled == [False] * 4 and enabled_after          # off during the run, restored after it
     # One at the start, after steps 2 and 4, and before and after the evaluations at steps 2 and 4.
     assert collections == 1 + 2 + 4
-    assert memory_calls == [(2, 1), (2, 2)] * 4               # after forward/backward, after the step
+    # After forward/backward and after the step; after each evaluation (steps 2 and 4), as Megatron-LM does.
+    step, evaluation = [(2, 1), (2, 2)], [(2, 1)]
+    assert memory_calls == (step * 2 + evaluation) * 2
 
 
 def test_without_manual_gc_the_collector_stays_on():
@@ -54,7 +55,6 @@ def test_empty_unused_memory_empties_cuda_cache_from_its_level(monkeypatch):
     for level, at_least in ((0, 1), (1, 1), (1, 2), (2, 2)):
         memory_hygiene.empty_unused_memory(level, at_least)
     assert len(calls) == 2
-    assert torch.cuda.empty_cache is not None
 
 
 def test_interval_needs_the_switch():
