@@ -3,6 +3,7 @@
 
     megalite-convert --to megatron --load CKPT --save DIR [--ckpt-format torch|torch_dist]
                      [--tensor-model-parallel-size T] [--pipeline-model-parallel-size P] [--megatron-spec local|te]
+                     [--use-legacy-models]
     megalite-convert --from megatron --load DIR --save CKPT
     megalite-convert --to hf ... / --from hf ...            (see megalite/checkpoint/hf.py)
 """
@@ -31,6 +32,9 @@ def _megatron_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--megatron-spec", default="local", choices=["local", "te"],
                         help="export: megatron-core's layer spec the names follow: local modules "
                              "(get_gpt_layer_local_spec) or Transformer Engine's fused layer norms")
+    parser.add_argument("--use-legacy-models", action="store_true",
+                        help="export: the state dict of Megatron-LM's GPT model before megatron-core (language_model, "
+                             "encoder), which transformers' Megatron GPT-2 converter reads; --ckpt-format torch only")
     return parser
 
 
@@ -46,7 +50,7 @@ def _megatron_main(argv, prog: str) -> int:
         if args.to:
             written = export_megatron(args.load, args.save, ckpt_format=args.ckpt_format,
                                       tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                                      spec=args.megatron_spec)
+                                      spec=args.megatron_spec, legacy_models=args.use_legacy_models)
         else:
             written = import_megatron(args.load, args.save)
     except (ValueError, FileNotFoundError, KeyError) as error:

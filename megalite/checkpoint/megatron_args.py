@@ -23,8 +23,10 @@ _FIXED = (("rotary_percent", 1.0), ("rotary_interleaved", False), ("apply_layern
 
 
 def megatron_args(config: ModelConfig, *, tp: int, pp: int, iteration: int, spec: str, ckpt_format: str,
-                  dtype: torch.dtype) -> argparse.Namespace:
-    """Megatron-LM's ``args`` for ``config`` saved at ``tp`` x ``pp`` under layer ``spec``."""
+                  dtype: torch.dtype, legacy_models: bool = False,
+                  tokenizer_type: str = "NullTokenizer") -> argparse.Namespace:
+    """Megatron-LM's ``args`` for ``config`` saved at ``tp`` x ``pp`` under layer ``spec`` (or as the model
+    before megatron-core, ``legacy_models``)."""
     rope = config.position_embedding_type == "rope"
     return argparse.Namespace(
         num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
@@ -44,9 +46,10 @@ def megatron_args(config: ModelConfig, *, tp: int, pp: int, iteration: int, spec
         qk_layernorm=False, apply_query_key_layer_scaling=False, hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout, init_method_std=config.init_method_std, seed=config.seed,
         num_experts=None, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-        transformer_impl="local" if spec == "local" else "transformer_engine", use_legacy_models=False,
+        transformer_impl="local" if spec == "local" else "transformer_engine", use_legacy_models=legacy_models,
+        bias_gelu_fusion=False,
         ckpt_format=ckpt_format, iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
-        tokenizer_type="NullTokenizer", bert_binary_head=False, spec=None)
+        tokenizer_type=tokenizer_type, bert_binary_head=False, spec=None)
 
 
 def _get(args: Any, name: str, default=None):

@@ -33,6 +33,7 @@ import torch
 
 from megalite.checkpoint import megatron_dist
 from megalite.checkpoint.megatron_args import CHECKPOINT_VERSION, config_from_args, megatron_args
+from megalite.checkpoint.megatron_legacy_model import from_legacy_model, is_legacy_model, to_legacy_model
 from megalite.checkpoint.megatron_names import from_megatron, join_from_tp, split_for_tp, to_megatron
 from megalite.checkpoint.paths import TRACKER_FILE, iteration_dir
 from megalite.config.settings import ModelConfig
@@ -83,20 +84,28 @@ def _stage_state(state: Tensors, config: ModelConfig, stage: int, pp: int, spec:
 
 
 def write_legacy(state: Tensors, config: ModelConfig, root: str, *, tp: int, pp: int, iteration: int,
-                 spec: str) -> str:
-    """Write a global megatron-core ``state`` as Megatron-LM's legacy ``torch`` checkpoint at ``tp`` x ``pp``."""
+                 spec: str, legacy_models: bool = False, tokenizer_type: str = "NullTokenizer") -> str:
+    """Write a global megatron-core ``state`` as Megatron-LM's legacy ``torch`` checkpoint at ``tp`` x ``pp``;
+    ``legacy_models``: in the layout of Megatron-LM's model before megatron-core (megatron_legacy_model.py)."""
+    if legacy_models and spec != "local":
+        raise ValueError("--use-legacy-models writes the model before megatron-core, which has no Transformer "
+                         "Engine names: drop --megatron-spec te")
     if config.num_layers % pp:
         raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {config.num_layers}; "
                          f"Megatron-LM splits layers evenly across stages")
     config.check_tensor_parallel(tp)
     dtype = state["embedding.word_embeddings.weight"].dtype
-    args = megatron_args(config, tp=tp, pp=pp, iteration=iteration, spec=spec, ckpt_format="torch", dtype=dtype)
+    args = megatron_args(config, tp=tp, pp=pp, iteration=iteration, spec=spec, ckpt_format="torch", dtype=dtype,
+                         legacy_models=legacy_models, tokenizer_type=tokenizer_type)
+    tied = not config.untie_embeddings_and_output_weights
     for stage in range(pp):
         staged = _stage_state(state, config, stage, pp, spec)
         for rank in range(tp):
             model = {name: (None if tensor is None else
                             split_for_tp(name, tensor, tp, config.swiglu)[rank].clone())
                      for name, tensor in staged.items()}
+            if legacy_models:
+                model = to_legacy_model(model, tied)
             folder = megatron_rank_dir(root, iteration, rank, stage, pp)
             os.makedirs(folder, exist_ok=True)
             torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
@@ -131,6 +140,9 @@ def read_legacy(folder: str) -> Tuple[Tensors, object]:
         raise ValueError(f"{folder}: a virtual-pipeline checkpoint (model0, model1, ...) is not supported; "
                          f"convert it with Megatron-LM's tools/checkpoint to --virtual-pipeline-model-parallel-size 1")
     config = config_from_args(args)
+    for saved in files.values():
+        if is_legacy_model(saved["model"]):
+            saved["model"] = from_legacy_model(saved["model"], not config.untie_embeddings_and_output_weights)
     state: Tensors = {}
     offset = 0
     for stage in range(pp):
@@ -164,7 +176,7 @@ def _iteration_folder(root: str) -> Tuple[str, int]:
 
 
 def export_megatron(load: str, save: str, *, ckpt_format: str = "torch", tp: int = 1, pp: int = 1,
-                    spec: str = "local") -> str:
+                    spec: str = "local", legacy_models: bool = False) -> str:
     """Write the newest iteration of a megalite checkpoint (any layout) as a Megatron-LM checkpoint."""
     from megalite.checkpoint.merge import merge_checkpoint
     from megalite.checkpoint.reader import CheckpointReader
@@ -176,8 +188,12 @@ def export_megatron(load: str, save: str, *, ckpt_format: str = "torch", tp: int
     config = ModelConfig.from_saved(settings["model"])
     state = to_megatron(merged, config, spec, padded_vocab=config.padded_vocab_size(tp))
     os.makedirs(save, exist_ok=True)
+    if legacy_models and ckpt_format != "torch":
+        raise ValueError(f"--use-legacy-models is written in --ckpt-format torch only, not {ckpt_format}")
     if ckpt_format == "torch":
-        return write_legacy(state, config, save, tp=tp, pp=pp, iteration=iteration, spec=spec)
+        tokenizer = (settings.get("data") or {}).get("tokenizer_type") or "NullTokenizer"
+        return write_legacy(state, config, save, tp=tp, pp=pp, iteration=iteration, spec=spec,
+                            legacy_models=legacy_models, tokenizer_type=tokenizer)
     args = megatron_args(config, tp=tp, pp=pp, iteration=iteration, spec=spec, ckpt_format=ckpt_format,
                          dtype=state["embedding.word_embeddings.weight"].dtype)
     folder = megatron_dist.write_dist(state, iteration_dir(save, iteration), args=args, iteration=iteration)

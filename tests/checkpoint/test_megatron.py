@@ -141,3 +141,87 @@ def test_bad_exports_and_imports_are_one_line(tmp_path, megalite_checkpoint, cap
     assert "--pipeline-model-parallel-size 3 does not divide --num-layers 2" in capsys.readouterr().err
     assert convert(["--from", "megatron", "--load", str(tmp_path / "none"), "--save", str(tmp_path / "b")]) == 2
     assert "latest_checkpointed_iteration.txt" in capsys.readouterr().err
+
+
+TRANSFORMERS_READS = json.load(open(os.path.join(os.path.dirname(__file__), "data",
+                                                 "transformers_megatron_gpt2_reads.json")))
+
+
+def test_legacy_models_gpt2_file_has_everything_transformers_converter_reads(tmp_path, megalite_checkpoint):
+    """transformers 5.25 no longer ships convert_megatron_gpt2_checkpoint.py: its reads, dated, are the
+    contract (data/transformers_megatron_gpt2_reads.json)."""
+    import re
+    out = str(tmp_path / "megatron")
+    assert convert(["--to", "megatron", "--load", megalite_checkpoint("gpt2"), "--save", out,
+                    "--use-legacy-models"]) == 0
+    saved = _rank_files(out)[1][(0, 0)]
+    assert set(TRANSFORMERS_READS["top_level"]) <= set(saved)
+    assert saved["checkpoint_version"] >= TRANSFORMERS_READS["checkpoint_version_at_least"]
+    args = saved["args"]
+    for field in TRANSFORMERS_READS["args"]:
+        assert hasattr(args, field), field
+    sizes = {"h": args.hidden_size, "3h": 3 * args.hidden_size, "f": args.ffn_hidden_size,
+             "V": args.padded_vocab_size, "P": args.max_position_embeddings}
+    language_model = saved["model"]["language_model"]
+    for path, shape in TRANSFORMERS_READS["model"].items():
+        node = saved["model"]
+        for part in path.split("."):
+            node = node[part]
+        assert list(node.shape) == [sizes[s] for s in shape], path
+    encoder = language_model["encoder"]
+    pattern = re.compile(TRANSFORMERS_READS["layer_names_must_match"])
+    for template, shape in TRANSFORMERS_READS["encoder_or_transformer"].items():
+        for i in range(args.num_layers) if "{i}" in template else [None]:
+            name = template.format(i=i)
+            assert list(encoder[name].shape) == [sizes[s] for s in shape], name
+            assert name.startswith("final") or pattern.match(name), name
+    assert max(int(pattern.match(name).group(1)) for name in encoder if name.startswith("layers.")) == \
+        args.num_layers - 1
+
+
+@pytest.mark.parametrize("family,tp,pp", [("gpt2", 1, 1), ("gpt2", 2, 2), ("llama", 2, 2)])
+def test_legacy_models_layout_converts_back_exactly(tmp_path, megalite_checkpoint, family, tp, pp):
+    save, out, back = megalite_checkpoint(family), str(tmp_path / "megatron"), str(tmp_path / "back")
+    assert convert(["--to", "megatron", "--load", save, "--save", out, "--use-legacy-models",
+                    "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]) == 0
+    assert "language_model" in _rank_files(out)[1][(0, 0)]["model"]
+    assert convert(["--from", "megatron", "--load", out, "--save", back]) == 0
+    before, after = (run_on_ranks(_merged, 1, root, timeout=120)[0] for root in (save, back))
+    assert set(after) == set(before)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
+CONVERTER_ENV = "MEGALITE_TRANSFORMERS_MEGATRON_GPT2_CONVERTER"
+
+
+@pytest.mark.skipif(not os.environ.get(CONVERTER_ENV), reason=f"{CONVERTER_ENV} does not name transformers 4.x's "
+                    "convert_megatron_gpt2_checkpoint.py (from a transformers 4.x wheel)")
+def test_transformers_converter_reads_the_export_with_megalites_logits(tmp_path, megalite_checkpoint):
+    """transformers 4.x's own conversion function, run on the --use-legacy-models export: its GPT-2 gives
+    megalite's logits."""
+    import importlib.util
+    transformers = pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("megatron_gpt2_converter", os.environ[CONVERTER_ENV])
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    save, out = megalite_checkpoint("gpt2"), str(tmp_path / "megatron")
+    assert convert(["--to", "megatron", "--load", save, "--save", out, "--use-legacy-models"]) == 0
+    saved = _rank_files(out)[1][(0, 0)]
+    config = transformers.GPT2Config(activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    state = converter.convert_megatron_checkpoint(None, saved, config)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not missing and set(unexpected) <= {name for name in state if name.endswith((".attn.bias", ".masked_bias"))}
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = model(tokens).logits[..., :100]
+    ours = run_on_ranks(_megalite_logits, 1, save, tokens, timeout=120)[0]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def _megalite_logits(rank, world_size, root, tokens):
+    from megalite.checkpoint.merge import load_model
+    model, _ = load_model(root)
+    with torch.no_grad():
+        return model(tokens).float().permute(1, 0, 2)[..., :100]
