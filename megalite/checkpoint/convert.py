@@ -62,6 +62,10 @@ def _megatron_main(argv, prog: str) -> int:
 
 def main(argv=None, prog: str = "megalite-convert") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(arg.split("=")[0] in ("--to", "--from") for arg in argv):
+        print(f"usage: {prog} (--to | --from) (hf | megatron) --load DIR --save DIR ...\n{__doc__}",
+              file=sys.stdout if {"-h", "--help"} & set(argv) else sys.stderr)
+        return 0 if {"-h", "--help"} & set(argv) else 2
     if "megatron" in {value for flag, value in zip(argv, argv[1:]) if flag in ("--to", "--from")} or \
             any(arg in ("--to=megatron", "--from=megatron") for arg in argv):
         return _megatron_main(argv, prog)

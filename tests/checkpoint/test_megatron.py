@@ -225,3 +225,15 @@ def _megalite_logits(rank, world_size, root, tokens):
     model, _ = load_model(root)
     with torch.no_grad():
         return model(tokens).float().permute(1, 0, 2)[..., :100]
+
+
+def test_the_front_door_sends_each_direction_to_its_converter(capsys):
+    assert convert(["--help"]) == 0
+    assert "--to megatron" in capsys.readouterr().out
+    assert convert(["--load", "x", "--save", "y"]) == 2                 # no direction: the usage, one error
+    with pytest.raises(SystemExit):
+        convert(["--to", "hf", "--help"])
+    assert "{hf}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        convert(["--to=megatron", "--help"])
+    assert "--ckpt-format" in capsys.readouterr().out
