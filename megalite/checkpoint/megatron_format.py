@@ -134,7 +134,7 @@ def read_legacy(folder: str) -> Tuple[Tensors, object]:
     if missing:
         raise FileNotFoundError(f"{folder} lacks the shards of (TP rank, PP rank) {missing[:4]}")
     # Megatron's own checkpoints pickle an argparse.Namespace: read only checkpoints you trust.
-    files = {key: torch.load(path, map_location="cpu", weights_only=False) for key, path in ranks.items()}
+    files = {key: torch.load(path, map_location="cpu", weights_only=False, mmap=True) for key, path in ranks.items()}
     args = files[(0, 0)].get("args")
     if any(key.startswith("model") and key != "model" for key in files[(0, 0)]):
         raise ValueError(f"{folder}: a virtual-pipeline checkpoint (model0, model1, ...) is not supported; "
@@ -184,6 +184,9 @@ def export_megatron(load: str, save: str, *, ckpt_format: str = "torch", tp: int
     if ckpt_format not in FORMATS:
         raise ValueError(f"--ckpt-format {ckpt_format}: choose one of {', '.join(FORMATS)}")
     iteration = CheckpointReader(load).iteration
+    if os.path.exists(iteration_dir(save, iteration)):
+        raise ValueError(f"{iteration_dir(save, iteration)} exists; give --save a folder without that iteration "
+                         f"(files of another layout would mix with the new ones)")
     merged, settings = merge_checkpoint(load)
     config = ModelConfig.from_saved(settings["model"])
     state = to_megatron(merged, config, spec, padded_vocab=config.padded_vocab_size(tp))

@@ -139,6 +139,9 @@ def test_bad_exports_and_imports_are_one_line(tmp_path, megalite_checkpoint, cap
     assert convert(["--to", "megatron", "--load", save, "--save", str(tmp_path / "a"),
                     "--pipeline-model-parallel-size", "3"]) == 2
     assert "--pipeline-model-parallel-size 3 does not divide --num-layers 2" in capsys.readouterr().err
+    _export(save, str(tmp_path / "c"))
+    assert convert(["--to", "megatron", "--load", save, "--save", str(tmp_path / "c")]) == 2
+    assert "iter_0000003 exists" in capsys.readouterr().err
     assert convert(["--from", "megatron", "--load", str(tmp_path / "none"), "--save", str(tmp_path / "b")]) == 2
     assert "latest_checkpointed_iteration.txt" in capsys.readouterr().err
 

@@ -133,7 +133,6 @@ def _exported_into_mcore(rank, world_size, root, ckpt_format, tp, pp):
 
     folder = _iteration_folder(root)
     if ckpt_format == "torch":
-        model = None
         saved = torch.load(os.path.join(folder, "mp_rank_00" + ("_000" if pp > 1 else ""), "model_optim_rng.pt"),
                            weights_only=False)
         assert saved["checkpoint_version"] == 3.0
