@@ -245,3 +245,53 @@ def test_megatron_core_checkpoint_imports_with_its_logits_and_loss(tmp_path, fam
             "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
     losses = run_on_ranks(_megalite_loss, 4, argv, timeout=180)
     assert losses[-1] == pytest.approx(expected, abs=ATOL)
+
+
+def _megatron_lm_reads_args(rank, world_size, root, ckpt_format):
+    """Megatron-LM's own parse_args + load_args_from_checkpoint (--use-checkpoint-args) on ``root``: the
+    model fields it takes from the checkpoint."""
+    import sys
+    import types
+
+    import torch.distributed as dist
+    dist.destroy_process_group()          # read as one process (a group would make it all-reduce on CUDA)
+    # Megatron-LM's training package imports a Triton kernel module at import time; no Triton on a CPU
+    # machine, and nothing here calls it (this rank process only).
+    stub = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
+    stub.enable_batch_invariant_mode = lambda *args, **kwargs: None
+    sys.modules[stub.__name__] = stub
+    from megatron.training.arguments import parse_args
+    from megatron.training.checkpointing import load_args_from_checkpoint
+    sys.argv = ["pretrain_gpt.py", "--load", root, "--use-checkpoint-args", "--ckpt-format", ckpt_format,
+                "--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB)]
+    args, _ = load_args_from_checkpoint(parse_args())
+    return {field: getattr(args, field) for field in READ_BACK}
+
+
+READ_BACK = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+             "group_query_attention", "kv_channels", "seq_length", "max_position_embeddings",
+             "position_embedding_type", "rotary_base", "normalization", "swiglu",
+             "untie_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias", "padded_vocab_size")
+
+
+def _have_megatron_training():
+    try:
+        import megatron.training  # noqa: F401
+    except ImportError:     # absent, or its imports (Triton) fail: the test's rank stubs those
+        import importlib.util
+        try:
+            return importlib.util.find_spec("megatron.training") is not None
+        except ImportError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not HAVE_MEGATRON_CORE or not _have_megatron_training(),
+                    reason="Megatron-LM's megatron.training (from its source, tag core_v0.16.1) is not importable")
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_megatron_lm_reads_the_exported_args(tmp_path, megalite_checkpoint, ckpt_format):
+    out = str(tmp_path / "megatron")
+    assert convert(["--to", "megatron", "--load", megalite_checkpoint("llama"), "--save", out,
+                    "--ckpt-format", ckpt_format]) == 0
+    read = run_on_ranks(_megatron_lm_reads_args, 1, out, ckpt_format, timeout=180)[0]
+    assert read == {**{field: getattr(_hand_args("llama", 1, 1), field) for field in READ_BACK}}
