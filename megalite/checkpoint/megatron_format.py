@@ -183,6 +183,8 @@ def export_megatron(load: str, save: str, *, ckpt_format: str = "torch", tp: int
 
     if ckpt_format not in FORMATS:
         raise ValueError(f"--ckpt-format {ckpt_format}: choose one of {', '.join(FORMATS)}")
+    if legacy_models and ckpt_format != "torch":
+        raise ValueError(f"--use-legacy-models is written in --ckpt-format torch only, not {ckpt_format}")
     iteration = CheckpointReader(load).iteration
     if os.path.exists(iteration_dir(save, iteration)):
         raise ValueError(f"{iteration_dir(save, iteration)} exists; give --save a folder without that iteration "
@@ -191,8 +193,6 @@ def export_megatron(load: str, save: str, *, ckpt_format: str = "torch", tp: int
     config = ModelConfig.from_saved(settings["model"])
     state = to_megatron(merged, config, spec, padded_vocab=config.padded_vocab_size(tp))
     os.makedirs(save, exist_ok=True)
-    if legacy_models and ckpt_format != "torch":
-        raise ValueError(f"--use-legacy-models is written in --ckpt-format torch only, not {ckpt_format}")
     if ckpt_format == "torch":
         tokenizer = (settings.get("data") or {}).get("tokenizer_type") or "NullTokenizer"
         return write_legacy(state, config, save, tp=tp, pp=pp, iteration=iteration, spec=spec,

@@ -142,6 +142,9 @@ def test_bad_exports_and_imports_are_one_line(tmp_path, megalite_checkpoint, cap
     _export(save, str(tmp_path / "c"))
     assert convert(["--to", "megatron", "--load", save, "--save", str(tmp_path / "c")]) == 2
     assert "iter_0000003 exists" in capsys.readouterr().err
+    assert convert(["--to", "megatron", "--load", save, "--save", str(tmp_path / "d"), "--use-legacy-models",
+                    "--ckpt-format", "torch_dist"]) == 2
+    assert "--use-legacy-models is written in --ckpt-format torch only" in capsys.readouterr().err
     assert convert(["--from", "megatron", "--load", str(tmp_path / "none"), "--save", str(tmp_path / "b")]) == 2
     assert "latest_checkpointed_iteration.txt" in capsys.readouterr().err
 
