@@ -145,6 +145,21 @@ def test_bad_exports_and_imports_are_one_line(tmp_path, megalite_checkpoint, cap
     assert convert(["--to", "megatron", "--load", save, "--save", str(tmp_path / "d"), "--use-legacy-models",
                     "--ckpt-format", "torch_dist"]) == 2
     assert "--use-legacy-models is written in --ckpt-format torch only" in capsys.readouterr().err
+    # A legacy checkpoint missing one rank's shard, and one of a virtual pipeline (model0, model1).
+    torn = str(tmp_path / "torn")
+    _export(save, torn, "torch", 2, 2)
+    import shutil
+    shutil.rmtree(os.path.join(torn, "iter_0000003", "mp_rank_01_001"))
+    assert convert(["--from", "megatron", "--load", torn, "--save", str(tmp_path / "e")]) == 2
+    assert "lacks the shards of (TP rank, PP rank) [(1, 1)]" in capsys.readouterr().err
+    virtual = str(tmp_path / "virtual")
+    _export(save, virtual)
+    path = os.path.join(virtual, "iter_0000003", "mp_rank_00", "model_optim_rng.pt")
+    saved = torch.load(path, weights_only=False)
+    saved["model0"] = saved.pop("model")
+    torch.save(saved, path)
+    assert convert(["--from", "megatron", "--load", virtual, "--save", str(tmp_path / "f")]) == 2
+    assert "virtual-pipeline checkpoint" in capsys.readouterr().err
     assert convert(["--from", "megatron", "--load", str(tmp_path / "none"), "--save", str(tmp_path / "b")]) == 2
     assert "latest_checkpointed_iteration.txt" in capsys.readouterr().err
 
