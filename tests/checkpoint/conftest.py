@@ -1,0 +1,39 @@
+"""The megalite checkpoints the Megatron crossing tests convert: one per model family, trained at
+TP=2 x PP=2 once per session (four forked ranks on a 2-core machine: the expensive part)."""
+import pytest
+
+from megalite.parallel.testing import run_on_ranks
+
+VOCAB = 100
+COMMON = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+          "--seq-length", "16", "--max-position-embeddings", "16", "--vocab-size", str(VOCAB),
+          "--make-vocab-size-divisible-by", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
+          "--lr", "3e-3", "--log-interval", "1000", "--eval-iters", "0", "--hidden-dropout", "0",
+          "--attention-dropout", "0", "--train-iters", "3"]
+# GPT-2 with exact GELU (megatron-core's default activation), LLaMA-style with GQA.
+FAMILIES = {
+    "gpt2": [],
+    "llama": ["--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
+              "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--group-query-attention",
+              "--num-query-groups", "2", "--ffn-hidden-size", "48"],
+}
+TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
+
+
+def _train(rank, world_size, argv):
+    from megalite.training.loop import pretrain
+    pretrain(argv)
+
+
+@pytest.fixture(scope="session")
+def megalite_checkpoint(tmp_path_factory):
+    """family -> the root of a megalite checkpoint of that family trained at TP=2 x PP=2 (3 steps)."""
+    trained = {}
+
+    def get(family):
+        if family not in trained:
+            root = str(tmp_path_factory.mktemp(f"megalite-{family}") / "ckpt")
+            run_on_ranks(_train, 4, COMMON + FAMILIES[family] + TP2_PP2 + ["--save", root], timeout=240)
+            trained[family] = root
+        return trained[family]
+    return get
