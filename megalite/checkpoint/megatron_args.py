@@ -16,8 +16,7 @@ __all__ = ["CHECKPOINT_VERSION", "megatron_args", "config_from_args"]
 CHECKPOINT_VERSION = 3.0         # Megatron-LM's checkpoint_version for megatron-core models
 
 # Megatron-LM fields whose value megalite cannot reproduce: (field, the value megalite has).
-_FIXED = (("rotary_percent", 1.0), ("rotary_interleaved", False), ("apply_layernorm_1p", False),
-          ("qk_layernorm", False), ("squared_relu", False), ("num_experts", None),
+_FIXED = (("rotary_interleaved", False), ("squared_relu", False), ("num_experts", None),
           ("virtual_pipeline_model_parallel_size", None), ("decoder_first_pipeline_num_layers", None),
           ("decoder_last_pipeline_num_layers", None), ("multi_latent_attention", False), ("mtp_num_layers", None))
 
@@ -40,10 +39,13 @@ def megatron_args(config: ModelConfig, *, tp: int, pp: int, iteration: int, spec
         swiglu=config.swiglu, openai_gelu=config.openai_gelu, squared_relu=False,
         position_embedding_type=config.position_embedding_type, add_position_embedding=not rope,
         use_rotary_position_embeddings=rope, rotary_base=int(config.rotary_base) if rope else 10000,
-        rotary_percent=1.0, rotary_interleaved=False,
+        rotary_percent=config.rotary_percent, rotary_interleaved=False, use_rope_scaling=config.use_rope_scaling,
+        rope_scaling_factor=config.rope_scaling_factor,
+        rotary_seq_len_interpolation_factor=config.rotary_seq_len_interpolation_factor,
         untie_embeddings_and_output_weights=config.untie_embeddings_and_output_weights,
-        add_bias_linear=config.add_bias_linear, add_qkv_bias=config.add_bias_linear, apply_layernorm_1p=False,
-        qk_layernorm=False, apply_query_key_layer_scaling=False, hidden_dropout=config.hidden_dropout,
+        add_bias_linear=config.add_bias_linear, add_qkv_bias=config.add_bias_linear or config.add_qkv_bias,
+        apply_layernorm_1p=config.apply_layernorm_1p, qk_layernorm=config.qk_layernorm,
+        apply_query_key_layer_scaling=False, hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout, init_method_std=config.init_method_std, seed=config.seed,
         num_experts=None, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, params_dtype=dtype,
         transformer_impl="local" if spec == "local" else "transformer_engine", use_legacy_models=legacy_models,
@@ -68,14 +70,11 @@ def config_from_args(args: Any) -> ModelConfig:
             raise ValueError(f"Megatron-LM's --{name.replace('_', '-')} {value} is not supported by megalite "
                              f"(it holds {ours}); this checkpoint cannot be converted")
     heads, hidden = args.num_attention_heads, args.hidden_size
-    kv_channels = _get(args, "kv_channels") or hidden // heads
-    if kv_channels * heads != hidden:
-        raise ValueError(f"Megatron-LM's --kv-channels {kv_channels} x --num-attention-heads {heads} is not "
-                         f"--hidden-size {hidden}; megalite's heads are hidden_size / num_attention_heads")
     bias = bool(_get(args, "add_bias_linear", True))
-    if bool(_get(args, "add_qkv_bias", bias)) != bias:
-        raise ValueError(f"Megatron-LM's --add-qkv-bias {args.add_qkv_bias} differs from --add-bias-linear "
-                         f"{bias}; megalite gives QKV a bias exactly when every linear has one")
+    qkv_bias = bool(_get(args, "add_qkv_bias", bias))
+    if bias and not qkv_bias:
+        raise ValueError("Megatron-LM's --add-qkv-bias False with --add-bias-linear: megalite's QKV has a bias "
+                         "whenever every linear has one; this checkpoint cannot be converted")
     if _get(args, "position_embedding_type", "learned_absolute") not in ("learned_absolute", "rope"):
         raise ValueError(f"Megatron-LM's --position-embedding-type {args.position_embedding_type}: megalite "
                          f"holds learned_absolute or rope")
@@ -91,6 +90,11 @@ def config_from_args(args: Any) -> ModelConfig:
         normalization=_get(args, "normalization", "LayerNorm"), norm_epsilon=_get(args, "norm_epsilon", 1e-5),
         swiglu=bool(_get(args, "swiglu", False)), openai_gelu=bool(_get(args, "openai_gelu", False)),
         position_embedding_type=_get(args, "position_embedding_type", "learned_absolute"),
-        rotary_base=float(_get(args, "rotary_base", 10000)),
+        rotary_base=float(_get(args, "rotary_base", 10000)), rotary_percent=float(_get(args, "rotary_percent", 1.0)),
+        use_rope_scaling=bool(_get(args, "use_rope_scaling", False)),
+        rope_scaling_factor=float(_get(args, "rope_scaling_factor", 8.0)),
+        rotary_seq_len_interpolation_factor=_get(args, "rotary_seq_len_interpolation_factor"),
+        kv_channels=_get(args, "kv_channels") or hidden // heads, qk_layernorm=bool(_get(args, "qk_layernorm", False)),
+        add_qkv_bias=qkv_bias and not bias, apply_layernorm_1p=bool(_get(args, "apply_layernorm_1p", False)),
         untie_embeddings_and_output_weights=bool(_get(args, "untie_embeddings_and_output_weights", False)),
         add_bias_linear=bias, init_method_std=_get(args, "init_method_std", 0.02), seed=_get(args, "seed", 1234))

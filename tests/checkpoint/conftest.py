@@ -17,6 +17,9 @@ FAMILIES = {
               "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--group-query-attention",
               "--num-query-groups", "2", "--ffn-hidden-size", "48"],
 }
+# Qwen-style attention on the LLaMA family (not in the recorded megatron-core keys: crossed both ways only).
+FAMILIES_CROSSED_ONLY = {"qwen": FAMILIES["llama"] + ["--add-qkv-bias", "--qk-layernorm", "--kv-channels", "16",
+                                                      "--use-rope-scaling", "--rotary-percent", "0.5"]}
 TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
 
 
@@ -33,7 +36,8 @@ def megalite_checkpoint(tmp_path_factory):
     def get(family):
         if family not in trained:
             root = str(tmp_path_factory.mktemp(f"megalite-{family}") / "ckpt")
-            run_on_ranks(_train, 4, COMMON + FAMILIES[family] + TP2_PP2 + ["--save", root], timeout=240)
+            flags = {**FAMILIES, **FAMILIES_CROSSED_ONLY}[family]
+            run_on_ranks(_train, 4, COMMON + flags + TP2_PP2 + ["--save", root], timeout=240)
             trained[family] = root
         return trained[family]
     return get

@@ -120,12 +120,9 @@ def _args(**changes):
 
 
 @pytest.mark.parametrize("changes,named", [
-    ({"qk_layernorm": True}, "--qk-layernorm"),
-    ({"apply_layernorm_1p": True}, "--apply-layernorm-1p"),
-    ({"rotary_percent": 0.5}, "--rotary-percent"),
     ({"num_experts": 8}, "--num-experts"),
-    ({"kv_channels": 16}, "--kv-channels 16"),
-    ({"add_bias_linear": False, "add_qkv_bias": True}, "--add-qkv-bias"),
+    ({"rotary_interleaved": True}, "--rotary-interleaved"),
+    ({"add_bias_linear": True, "add_qkv_bias": False}, "--add-qkv-bias False with --add-bias-linear"),
     ({"position_embedding_type": "relative"}, "--position-embedding-type relative"),
 ])
 def test_models_megalite_cannot_hold_are_refused_by_name(changes, named):
@@ -258,3 +255,28 @@ def test_the_front_door_sends_each_direction_to_its_converter(capsys):
     with pytest.raises(SystemExit):
         convert(["--to=megatron", "--help"])
     assert "--ckpt-format" in capsys.readouterr().out
+
+
+def test_the_newer_model_fields_cross_in_the_args_both_ways():
+    """QKV bias, q/k norms, a head size of its own, partial and scaled RoPE, 1p norms: written into
+    Megatron's args and read back into the same ModelConfig."""
+    from megalite.checkpoint.megatron_args import megatron_args
+    from megalite.config.settings import ModelConfig
+    config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, seq_length=16,
+                         add_bias_linear=False, add_qkv_bias=True, qk_layernorm=True, kv_channels=16,
+                         position_embedding_type="rope", rotary_percent=0.5, use_rope_scaling=True,
+                         rope_scaling_factor=4.0, apply_layernorm_1p=True, normalization="LayerNorm")
+    args = megatron_args(config, tp=1, pp=1, iteration=1, spec="local", ckpt_format="torch", dtype=torch.float32)
+    assert (args.add_qkv_bias, args.qk_layernorm, args.kv_channels, args.rotary_percent) == (True, True, 16, 0.5)
+    assert config_from_args(args) == config
+
+
+@pytest.mark.parametrize("ckpt_format,tp,pp", [("torch", 2, 2), ("torch_dist", 1, 1)])
+def test_a_qwen_style_model_crosses_to_megatron_and_back_exactly(tmp_path, megalite_checkpoint, ckpt_format, tp, pp):
+    save, out, back = megalite_checkpoint("qwen"), str(tmp_path / "megatron"), str(tmp_path / "back")
+    _export(save, out, ckpt_format, tp, pp)
+    assert convert(["--from", "megatron", "--load", out, "--save", back]) == 0
+    before, after = (run_on_ranks(_merged, 1, root, timeout=120)[0] for root in (save, back))
+    assert set(after) == set(before) and any("q_layernorm" in name for name in before)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name

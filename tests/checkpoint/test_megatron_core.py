@@ -22,7 +22,7 @@ import torch
 
 from megalite.checkpoint.convert import main as convert
 from megalite.parallel.testing import run_on_ranks
-from tests.checkpoint.conftest import FAMILIES, VOCAB
+from tests.checkpoint.conftest import FAMILIES, FAMILIES_CROSSED_ONLY, VOCAB
 
 try:
     import megatron.core  # noqa: F401
@@ -60,6 +60,7 @@ def _mcore_model(args, tp=1, pp=1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     _cpu_only()
+    qk_layernorm = getattr(args, "qk_layernorm", False)     # absent from the hand-made args
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tp, pp)
     config = TransformerConfig(
@@ -72,10 +73,13 @@ def _mcore_model(args, tp=1, pp=1):
         attention_dropout=0.0, use_cpu_initialization=True, pipeline_dtype=torch.float32,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, persist_layer_norm=False)
-    return GPTModel(config, get_gpt_layer_local_spec(), vocab_size=args.padded_vocab_size,
+        gradient_accumulation_fusion=False, persist_layer_norm=False, qk_layernorm=qk_layernorm,
+        layernorm_zero_centered_gamma=getattr(args, "apply_layernorm_1p", False))
+    return GPTModel(config, get_gpt_layer_local_spec(qk_layernorm=qk_layernorm), vocab_size=args.padded_vocab_size,
                     max_sequence_length=args.max_position_embeddings,
                     position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+                    rotary_percent=args.rotary_percent, rope_scaling=getattr(args, "use_rope_scaling", False),
+                    rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
                     pre_process=parallel_state.is_pipeline_first_stage(),
                     post_process=parallel_state.is_pipeline_last_stage()).eval()
@@ -151,7 +155,7 @@ LAYOUTS = {"tp1pp1": (1, 1), "tp2pp2": (2, 2)}
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES) + list(FAMILIES_CROSSED_ONLY))
 def test_export_loads_into_megatron_core_with_the_same_logits(tmp_path, megalite_checkpoint, family, ckpt_format,
                                                                layout):
     tp, pp = LAYOUTS[layout]
