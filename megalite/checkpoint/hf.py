@@ -14,7 +14,6 @@ math and that megalite does not implement, or a tensor it would not use, is refu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ from megalite.checkpoint.hf_config import (
 )
 from megalite.checkpoint.hf_tensors import TensorSource, from_hf_tensors, to_hf_tensors
 from megalite.checkpoint.hf_tokenizer import plan_tokenizer, write_tokenizer
+from megalite.checkpoint.imported import save_one_rank
 from megalite.config.settings import ModelConfig
 
 __all__ = ["to_hf", "from_hf", "export_checkpoint", "import_checkpoint", "main"]
@@ -92,28 +92,8 @@ def _read_hf(folder: str) -> Tuple[object, Tensors]:
 
 def import_checkpoint(load: str, save: str) -> str:
     """Write a TP=1, PP=1 megalite checkpoint (weights and model settings) of a Hugging Face folder."""
-    import torch.distributed as dist
-
-    from megalite.checkpoint.manifest import new_run_id
-    from megalite.checkpoint.save_load import save_checkpoint
-    from megalite.model.gpt import GPTModel
-    from megalite.parallel import state as grid_state
-    from megalite.parallel.launch import init_distributed
-
     config, tensors = from_hf(*_read_hf(load))
-    started = not dist.is_initialized()
-    init_distributed()
-    grid = grid_state.initialize_grid()
-    try:
-        model = GPTModel(config)
-        model.load_state_dict(tensors, strict=True)
-        settings = {"model": dataclasses.asdict(config), "data": {"mock_data": True}}
-        save_checkpoint(save, 0, [model], None, None, grid, consumed_samples=0, run_id=new_run_id(),
-                        settings=settings, layer_numbers=[list(range(config.num_layers))])
-    finally:
-        grid_state.destroy_grid()
-        if started:
-            dist.destroy_process_group()
+    save_one_rank(config, tensors, save)
     return save
 
 

@@ -24,7 +24,6 @@ resharding loads into any layout.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from typing import Dict, Tuple
@@ -32,6 +31,7 @@ from typing import Dict, Tuple
 import torch
 
 from megalite.checkpoint import megatron_dist
+from megalite.checkpoint.imported import save_one_rank
 from megalite.checkpoint.megatron_args import CHECKPOINT_VERSION, config_from_args, megatron_args
 from megalite.checkpoint.megatron_legacy_model import from_legacy_model, is_legacy_model, to_legacy_model
 from megalite.checkpoint.megatron_names import from_megatron, join_from_tp, split_for_tp, to_megatron
@@ -213,30 +213,5 @@ def import_megatron(load: str, save: str) -> str:
     else:
         state, args = read_legacy(folder)
     config = config_from_args(args)
-    _save_megalite(config, from_megatron(state, config), save)
+    save_one_rank(config, from_megatron(state, config), save)
     return save
-
-
-def _save_megalite(config: ModelConfig, tensors: Tensors, save: str) -> None:
-    """Save ``tensors`` as a one-rank megalite checkpoint at iteration 0 (no optimizer state)."""
-    import torch.distributed as dist
-
-    from megalite.checkpoint.manifest import new_run_id
-    from megalite.checkpoint.save_load import save_checkpoint
-    from megalite.model.gpt import GPTModel
-    from megalite.parallel import state as grid_state
-    from megalite.parallel.launch import init_distributed
-
-    started = not dist.is_initialized()
-    init_distributed()
-    grid = grid_state.initialize_grid()
-    try:
-        model = GPTModel(config)
-        model.load_state_dict(tensors, strict=True)
-        settings = {"model": dataclasses.asdict(config), "data": {"mock_data": True}}
-        save_checkpoint(save, 0, [model], None, None, grid, consumed_samples=0, run_id=new_run_id(),
-                        settings=settings, layer_numbers=[list(range(config.num_layers))])
-    finally:
-        grid_state.destroy_grid()
-        if started:
-            dist.destroy_process_group()

@@ -36,14 +36,19 @@ def corpora(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def small_tokenizer(tmp_path_factory):
-    """A byte-level BPE trained by megalite-train-tokenizer on a tiny corpus: (vocab, merges)."""
-    root = tmp_path_factory.mktemp("tok")
+def train_small_tokenizer(root) -> None:
+    """megalite-train-tokenizer's byte-level BPE (300 ids) of a tiny corpus, into ``root``/out."""
     corpus = root / "corpus"
     corpus.mkdir()
     for i, text in enumerate(CORPUS * 5):
         (corpus / f"doc{i}.py").write_text(text)
     train_tokenizer.main(["--input", str(corpus), "--pattern", "*.py", "--vocab-size", "300",
                           "--output-dir", str(root / "out")])
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory):
+    """A byte-level BPE trained by megalite-train-tokenizer on a tiny corpus: (vocab, merges)."""
+    root = tmp_path_factory.mktemp("tok")
+    train_small_tokenizer(root)
     return str(root / "out" / "vocab.json"), str(root / "out" / "merges.txt")

@@ -13,7 +13,7 @@ import pytest
 from megalite.config.megatron_switches import REFUSED
 from megalite.parallel.testing import run_on_ranks
 from megalite.training.arguments import parse_args
-from tests.data.conftest import CORPUS, write_corpus
+from tests.data.conftest import CORPUS, train_small_tokenizer, write_corpus
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatron_scripts")
 
@@ -81,14 +81,8 @@ def shrunk_argv(name, world_size, folder, files):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A GPT-2 BPE vocabulary and merges, a Hugging Face tokenizer.json, and a corpus of their ids."""
-    from megalite.data import train_tokenizer
     root = tmp_path_factory.mktemp("megatron_scripts")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, text in enumerate(CORPUS * 5):
-        (corpus / f"doc{i}.py").write_text(text)
-    train_tokenizer.main(["--input", str(corpus), "--pattern", "*.py", "--vocab-size", "300",
-                          "--output-dir", str(root / "out")])
+    train_small_tokenizer(root)
     write_corpus(str(root / "data"), 80, seed=0, vocab=250)
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import models, pre_tokenizers, trainers
