@@ -44,14 +44,19 @@ def _refuse(field: str, value: Any, why: str) -> ValueError:
 TRANSFORMERS_FLOOR = (5, 0)
 
 
+def check_transformers_version(version: str) -> None:
+    """One line when ``version`` of transformers is below :data:`TRANSFORMERS_FLOOR`."""
+    major_minor = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if major_minor < TRANSFORMERS_FLOOR:
+        raise ValueError(f"Hugging Face conversion reads configurations as transformers 5 resolves them; this is "
+                         f"transformers {version}: pip install 'transformers>=5'")
+
+
 def require_transformers():
     """The transformers module, refused in one line below :data:`TRANSFORMERS_FLOOR`."""
     from megalite.extras import require
     transformers = require("transformers")
-    major_minor = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
-    if major_minor < TRANSFORMERS_FLOOR:
-        raise ValueError(f"Hugging Face conversion reads configurations as transformers 5 resolves them; this is "
-                         f"transformers {transformers.__version__}: pip install 'transformers>=5'")
+    check_transformers_version(transformers.__version__)
     return transformers
 
 

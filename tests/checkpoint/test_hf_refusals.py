@@ -154,10 +154,11 @@ def test_legacy_config_json_fields_are_read_as_transformers_resolves_them(tmp_pa
     assert import_folder(folder)[1].rotary_base == 123456.0
 
 
-def test_transformers_older_than_5_is_refused_in_one_line(monkeypatch):
+def test_transformers_older_than_5_is_refused_in_one_line():
     """Older releases leave Llama 3's rope_scaling and GPT-NeoX's rotary_pct outside rope_parameters,
     which the import reads: converting with them would drop the scaling silently."""
     from megalite.checkpoint import hf_config
-    monkeypatch.setattr(transformers, "__version__", "4.57.1")
     with pytest.raises(ValueError, match=r"this is transformers 4\.57\.1: pip install 'transformers>=5'"):
-        hf_config.require_transformers()
+        hf_config.check_transformers_version("4.57.1")
+    hf_config.check_transformers_version("5.0.0")
+    hf_config.check_transformers_version(transformers.__version__)    # the one installed here
