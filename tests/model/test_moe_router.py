@@ -1,0 +1,126 @@
+"""The router against a straightforward per-token reference written from the definitions (router.py's docstring):
+choice and weights for every score function, the balancing losses as Switch's f_i P_i sums, the z-loss."""
+import math
+
+import pytest
+import torch
+
+from megalite.config.settings import ModelConfig
+from megalite.model.moe import aux_loss
+from megalite.model.moe.router import (
+    TopKRouter,
+    scores_for_aux_loss,
+    sequence_load_balancing_loss,
+    switch_load_balancing_loss,
+    topk_routing,
+    z_loss,
+)
+
+
+def reference_routing(logits, k, score_function, pre_softmax, bias=None, scale=None):
+    """Token by token, with Python lists: (weights, experts) as the definitions say."""
+    weights, experts = [], []
+    for row in logits.double().tolist():
+        if score_function == "softmax":
+            soft = [math.exp(z - max(row)) for z in row]
+            soft = [v / sum(soft) for v in soft]
+            key = soft if pre_softmax else row
+            chosen = sorted(range(len(row)), key=lambda e: -key[e])[:k]
+            if pre_softmax:
+                w = [soft[e] for e in chosen]
+            else:
+                top = [math.exp(row[e] - row[chosen[0]]) for e in chosen]
+                w = [v / sum(top) for v in top]
+        else:
+            sig = [1 / (1 + math.exp(-z)) for z in row]
+            key = [s + (bias[e] if bias is not None else 0.0) for e, s in enumerate(sig)]
+            chosen = sorted(range(len(row)), key=lambda e: -key[e])[:k]
+            w = [sig[e] for e in chosen]
+            if k > 1:
+                w = [v / sum(w) for v in w]
+        weights.append([v * (scale or 1.0) for v in w])
+        experts.append(chosen)
+    return torch.tensor(weights), torch.tensor(experts)
+
+
+@pytest.mark.parametrize("score_function, pre_softmax, k, bias, scale", [
+    ("softmax", False, 2, None, None), ("softmax", True, 2, None, None), ("softmax", False, 1, None, 2.5),
+    ("sigmoid", False, 2, None, None), ("sigmoid", False, 1, None, None), ("sigmoid", False, 3, "bias", None)])
+def test_routing_matches_reference(score_function, pre_softmax, k, bias, scale):
+    torch.manual_seed(0)
+    logits = torch.randn(40, 6, dtype=torch.float64)
+    bias = torch.linspace(-0.3, 0.3, 6, dtype=torch.float64) if bias else None
+    weights, experts = topk_routing(logits, k, score_function, pre_softmax, bias, scale)
+    ref_weights, ref_experts = reference_routing(logits, k, score_function, pre_softmax,
+                                                 None if bias is None else bias.tolist(), scale)
+    assert torch.equal(experts, ref_experts)
+    torch.testing.assert_close(weights, ref_weights.to(weights.dtype))
+
+
+def test_expert_bias_changes_the_choice_not_the_weights():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0], dtype=torch.float64)
+    weights, experts = topk_routing(logits, 1, "sigmoid", expert_bias=bias)
+    assert experts.tolist() == [[3]]
+    torch.testing.assert_close(weights, torch.sigmoid(logits[:, 3:]))
+
+
+def reference_switch_loss(scores, experts, k):
+    """E sum_i f_i P_i: f_i the fraction of the T k assignments that went to i, P_i i's mean score."""
+    tokens, num_experts = scores.shape
+    f = [sum(row.count(i) for row in experts.tolist()) / (tokens * k) for i in range(num_experts)]
+    p = scores.mean(dim=0).tolist()
+    return num_experts * sum(fi * pi for fi, pi in zip(f, p))
+
+
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+def test_load_balancing_losses_match_reference(score_function):
+    torch.manual_seed(1)
+    seq, batch, k = 5, 3, 2
+    logits = torch.randn(seq * batch, 4, dtype=torch.float64)
+    scores = scores_for_aux_loss(logits, score_function)
+    experts = topk_routing(logits, k, score_function)[1]
+    load = torch.bincount(experts.reshape(-1), minlength=4).double()
+    expected = reference_switch_loss(scores, experts, k)
+    assert switch_load_balancing_loss(scores, load, k).item() == pytest.approx(expected)
+    per_sequence = [reference_switch_loss(scores[b::batch], experts[b::batch], k) for b in range(batch)]
+    per_sequence_loss = sequence_load_balancing_loss(scores, experts, batch, k).item()
+    assert per_sequence_loss == pytest.approx(sum(per_sequence) / batch)
+    even = torch.full((8, 4), 0.25, dtype=torch.float64)
+    assert switch_load_balancing_loss(even, torch.full((4,), 4.0, dtype=torch.float64), 2).item() == pytest.approx(1.0)
+
+
+def test_z_loss_is_mean_squared_logsumexp():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    expected = (math.log(2) ** 2 + math.log(math.e + math.e ** 2) ** 2) / 2
+    assert z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_router_losses_weighted_recorded_and_only_in_training():
+    cfg = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, add_bias_linear=False, num_experts=4,
+                      moe_router_topk=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
+    router = TopKRouter(cfg, layer_number=3)
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(6, 2, 8)
+    aux_loss.take_records()
+    weights, experts, total = router(x)
+    logits = x.reshape(-1, 8) @ router.weight.t()
+    load = torch.bincount(experts.reshape(-1), minlength=4).float()
+    balance = switch_load_balancing_loss(scores_for_aux_loss(logits, "softmax"), load, 2)
+    torch.testing.assert_close(total, 0.1 * balance + 0.01 * z_loss(logits))
+    records = aux_loss.take_records()
+    torch.testing.assert_close(records["load_balancing_loss"][3], balance.detach())
+    torch.testing.assert_close(records["z_loss"][3], z_loss(logits).detach())
+    router.eval()
+    assert router(x)[2] is None and aux_loss.take_records() == {}
+
+
+def test_attached_loss_gets_the_backward_scale():
+    out, aux = torch.zeros(3, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    try:
+        aux_loss.set_backward_scale(0.25)
+        (aux_loss.attach(out, aux * 3.0).sum() * 2).backward()
+    finally:
+        aux_loss.set_backward_scale(1.0)
+    assert aux.grad.item() == pytest.approx(0.75)       # d(3 aux)/d aux x scale, independent of the main loss
+    assert out.grad.tolist() == [2.0, 2.0, 2.0]
