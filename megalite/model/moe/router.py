@@ -104,11 +104,12 @@ class TopKRouter(nn.Module):
         self.config, self.layer_number = config, layer_number
         self.weight = new_parameter((config.num_experts, config.hidden_size), Init("normal", config.init_method_std))
         self.dtype = _DTYPES[config.moe_router_dtype]
-        self.expert_bias = None
-        if config.moe_router_enable_expert_bias:   # fp32 state, saved with the model, not trained by the optimizer
+        if config.moe_router_enable_expert_bias:   # state saved with the model, not trained by the optimizer
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
             self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts, dtype=torch.float32),
                                  persistent=False)
+        else:
+            self.expert_bias = None
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """-> (weights [T, k], indices [T, k], the weighted auxiliary loss to attach, or None)."""
