@@ -11,6 +11,8 @@ Each rank holds pieces; a piece is counted on exactly one rank:
   rank once ``finalize_model_grads`` has summed the sequence-parallel ones) count on TP rank 0 only;
 - the tied word embedding lives on the first and the last pipeline stage (``ParamInfo.shared_embedding``,
   grads summed over the embedding group): it counts on the first stage only;
+- under expert parallelism each EP rank holds its own experts and counts them, the EP group is summed
+  over, and every other parameter (replicated over the EP group) counts on EP rank 0 only;
 - data-parallel and context-parallel replicas hold equal, already-averaged grads (DDP averages over
   DP x CP) and count nothing extra -- except under ZeRO-1, where each DP x CP rank holds a disjoint
   shard and counts it.
@@ -39,6 +41,8 @@ def param_is_counted_in_norm(param: torch.nn.Parameter, grid: Optional[ProcessGr
     if not info.tensor_parallel and grid.tp_rank != 0:
         return False
     if info.shared_embedding and grid.pp_size > 1 and grid.pp_rank != 0:
+        return False
+    if not info.expert_parallel and getattr(grid, "ep_rank", 0) != 0:
         return False
     return True
 

@@ -115,7 +115,8 @@ class ReplicatedParams:
         return [make_piece(p, 0, p.numel(), grid) for p in params]
 
     def norm_groups(self, grid: Optional[ProcessGrid]) -> list:
-        return [] if grid is None else [grid.mp_group]
+        # Under expert parallelism the EP ranks hold different experts (clip_grads.py counts the rest once).
+        return [] if grid is None else [grid.mp_group, getattr(grid, "ep_group", None)]
 
     def after_update(self) -> None:
         pass

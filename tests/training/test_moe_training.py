@@ -1,6 +1,8 @@
 """MoE in the training loop: the step's loss, gradient, logged auxiliary losses and expert-bias update equal a
 hand computation on one process (each micro-batch's lm loss plus its routers' weighted losses, averaged over
-the four micro-batches), at one rank and with experts replicated over DP=2 (plain and ZeRO-1)."""
+the four micro-batches), at one rank, with experts replicated over DP=2 (plain and ZeRO-1), and with experts
+split over EP=2 and EP=4 ranks (the alltoall dispatcher; expert gradients reduced over the expert-data-parallel
+group)."""
 import math
 
 import pytest
@@ -30,10 +32,18 @@ def _batch(i):
             "position_ids": torch.arange(SEQ).unsqueeze(0), "loss_mask": torch.ones(1, SEQ)}
 
 
+def one_process(argv):
+    """``argv`` without --expert-model-parallel-size (the one-process model holds every expert)."""
+    if "--expert-model-parallel-size" not in argv:
+        return argv
+    at = argv.index("--expert-model-parallel-size")
+    return argv[:at] + argv[at + 2:]
+
+
 def by_hand(argv, with_aux=True):
     """Over the four sequences: (lm loss, grad norm of lm loss + weighted aux losses, [mean logged balancing loss,
     mean z-loss], the expert biases after one update)."""
-    model = GPTModel(ModelConfig.from_saved(vars(parse_args(argv, world_size=1)[0])))
+    model = GPTModel(ModelConfig.from_saved(vars(parse_args(one_process(argv), world_size=1)[0])))
     routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
     weighted = []
     for router in routers:   # the weighted loss each router returns, captured to add by hand
@@ -67,8 +77,13 @@ def _step(rank, world_size, argv):
     return record["loss"], record["grad_norm"], [record["load_balancing_loss"], record["z_loss"]], biases
 
 
-@pytest.mark.parametrize("world_size, layout", [(1, []), (2, []), (2, ["--use-distributed-optimizer"]),
-                                                (2, BIAS)], ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias"])
+EP = ["--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size"]
+
+
+@pytest.mark.parametrize("world_size, layout", [
+    (1, []), (2, []), (2, ["--use-distributed-optimizer"]), (2, BIAS), (2, EP + ["2"]), (4, EP + ["2"]),
+    (4, EP + ["4"] + BIAS)], ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias", "EP=2", "DP=4 EP=2",
+                                  "DP=4 EP=4 bias"])
 def test_moe_step_matches_the_hand_computation(world_size, layout):
     argv = ARGV + layout
     loss, norm, logged, biases = by_hand(argv)

@@ -22,6 +22,7 @@ from torch import nn
 
 from megalite.config.settings import ModelConfig
 from megalite.ops import swiglu
+from megalite.parallel.expert_parallel import ep_size
 from megalite.parallel.layers import new_parameter
 from megalite.parallel.param_info import Init
 
@@ -61,17 +62,18 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fuse
 
 
 class Experts(nn.Module):
-    """rows [T k, h] grouped by expert, counts [E] -> [T k, h]: each row through its expert's MLP
-    (GELU or SwiGLU, no biases)."""
+    """rows [N, h] grouped by this rank's experts, counts [E / EP] -> [N, h]: each row through its expert's
+    MLP (GELU or SwiGLU, no biases)."""
 
     def __init__(self, config: ModelConfig, output_init_std: float):
         super().__init__()
-        experts, hidden, ffn = config.num_experts, config.hidden_size, config.moe_ffn_hidden_size
+        experts, hidden, ffn = config.num_experts // ep_size(), config.hidden_size, config.moe_ffn_hidden_size
         self.swiglu, self.fused = config.swiglu, config.moe_grouped_gemm
         self.gelu_approximation = "tanh" if config.openai_gelu else "none"
+        # This rank's E / EP experts: rows ep_rank x E / EP on of the whole stack drawn from the seed.
         self.weight1 = new_parameter((experts, hidden, 2 * ffn if self.swiglu else ffn),
-                                     Init("normal", config.init_method_std))
-        self.weight2 = new_parameter((experts, ffn, hidden), Init("normal", output_init_std))
+                                     Init("normal", config.init_method_std), expert_parallel=True)
+        self.weight2 = new_parameter((experts, ffn, hidden), Init("normal", output_init_std), expert_parallel=True)
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         hidden = grouped_mm(rows, self.weight1, counts, self.fused)

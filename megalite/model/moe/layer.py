@@ -4,9 +4,9 @@
     out[t] = sum over the k chosen e of weights[t, e] * Expert_e(x[t])        (experts.py)
            + SharedExpert(x[t])                            (with --moe-shared-expert-intermediate-size)
 
-The router's auxiliary losses ride on ``out``'s backward (aux_loss.py).  Every expert is held by every rank
-so far (no expert parallelism): the experts' gradients are averaged over the data-parallel ranks like any
-other parameter's.
+The router's auxiliary losses ride on ``out``'s backward (aux_loss.py).  Under expert parallelism each rank
+holds E / EP experts and the rows travel to their experts' ranks and back (megalite/parallel/expert_parallel.py,
+the alltoall dispatcher); the experts' gradients are then reduced over the expert-data-parallel group only.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from megalite.model.moe import aux_loss
 from megalite.model.moe.experts import Experts, permute, unpermute
 from megalite.model.moe.router import TopKRouter
 from megalite.model.transformer import MLP
+from megalite.parallel.expert_parallel import combine, dispatch, ep_group
 
 __all__ = ["MoELayer", "mlp_builder"]
 
@@ -41,7 +42,13 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])                                         # [T, h]
         weights, indices, aux = self.router(x)                                      # [T, k] each
         rows, order, counts = permute(tokens, indices, self.num_experts)           # [T k, h]
-        out = unpermute(self.experts(rows, counts), order, weights, tokens.shape[0]).view_as(x)
+        group = ep_group()
+        if group is None:
+            results = self.experts(rows, counts)
+        else:   # the alltoall dispatcher: rows to the ranks of their experts and back
+            local_rows, local_counts, plan = dispatch(rows, counts, group)
+            results = combine(self.experts(local_rows, local_counts), plan, group)
+        out = unpermute(results, order, weights, tokens.shape[0]).view_as(x)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return aux_loss.attach(out, aux) if aux is not None else out
