@@ -96,3 +96,28 @@ def test_moe_step_matches_the_hand_computation(world_size, layout):
         assert got_logged == pytest.approx(logged, rel=1e-5)
         torch.testing.assert_close(torch.tensor(got_biases), torch.tensor(biases))
         assert (not biases) == ("--moe-router-enable-expert-bias" not in layout)
+
+
+def _curve(rank, world_size, argv):
+    """Three steps on a fixed stream of 12 sequences; the losses, grad norms and logged balancing losses."""
+    from megalite.training.loop import setup, train_step
+    run = setup(argv)
+    tokens = torch.randint(0, 64, (12, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    per_rank, curve = 4 // run.grid.dp_size, []
+    for step in range(3):
+        first = 4 * step + run.grid.dp_rank * per_rank
+        run.train_iter = iter([{"tokens": tokens[i:i + 1, :-1], "labels": tokens[i:i + 1, 1:],
+                                "position_ids": torch.arange(SEQ).unsqueeze(0), "loss_mask": torch.ones(1, SEQ)}
+                               for i in range(first, first + per_rank)])
+        record = train_step(run)
+        curve.append((record["loss"], record["grad_norm"], record["load_balancing_loss"]))
+    return curve
+
+
+def test_moe_training_curve_is_the_same_at_ep2_and_dp2():
+    argv = ARGV + ["--lr", "1e-2", "--train-iters", "3", "--moe-token-dispatcher-type", "alltoall"]
+    reference = run_on_ranks(_curve, 1, argv)[0]
+    assert len({values[1] for values in reference}) == 3          # three different steps
+    for layout in ([], ["--expert-model-parallel-size", "2"]):
+        for curve in run_on_ranks(_curve, 2, argv + layout, timeout=180):
+            torch.testing.assert_close(torch.tensor(curve), torch.tensor(reference), rtol=1e-4, atol=0)
