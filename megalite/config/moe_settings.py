@@ -111,9 +111,6 @@ def check_expert_layout(model: MoEFields, parallel, optimizer, training) -> None
     if ep > 1 and parallel.data_parallel_size % ep:
         raise ValueError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size "
                          f"{parallel.data_parallel_size} (x CP x TP); experts fold into those ranks")
-    if ep > 1 and model.moe_token_dispatcher_type != "alltoall":
-        raise ValueError(f"--moe-token-dispatcher-type {model.moe_token_dispatcher_type} with "
-                         f"--expert-model-parallel-size {ep}: only the alltoall dispatcher is built; use alltoall")
     if ep > 1 and optimizer.use_distributed_optimizer:
         raise ValueError(f"--use-distributed-optimizer with --expert-model-parallel-size {ep}: ZeRO-1 shards of "
                          f"expert weights are not built yet; drop one")

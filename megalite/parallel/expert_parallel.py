@@ -8,6 +8,12 @@ the rows go with those split sizes, and come back after the experts with the siz
 are ordered by source rank, then local expert; :func:`dispatch` regroups them by local expert for the
 grouped GEMM and :func:`combine` undoes that before the return trip.  The all-to-all's backward is the
 all-to-all with the split sizes swapped.  gloo serves ``all_to_all_single`` with split sizes on the CPU.
+
+The allgather dispatcher.  Every rank gathers the whole EP group's tokens, routing weights and choices
+(:func:`gather_tokens`; equal shapes, every rank has the same micro-batch), runs its own experts on the rows
+chosen for them, and the partial outputs -- zero for the rows of other ranks' experts -- are summed back to
+the ranks that own the tokens (:func:`reduce_scatter_tokens`).  More traffic than alltoall (every token to
+every rank), no count exchange.  Backward: the all-gather's is a reduce-scatter, and the other way round.
 """
 from __future__ import annotations
 
@@ -17,8 +23,10 @@ import torch
 import torch.distributed as dist
 
 from megalite.parallel import state
+from megalite.parallel.mappings import all_gather_along, reduce_scatter_along
 
-__all__ = ["ep_size", "ep_rank", "ep_group", "all_to_all", "dispatch", "combine"]
+__all__ = ["ep_size", "ep_rank", "ep_group", "all_to_all", "dispatch", "combine", "gather_tokens",
+           "reduce_scatter_tokens"]
 
 
 def ep_group():
@@ -74,3 +82,37 @@ def combine(results: torch.Tensor, plan: tuple, group) -> torch.Tensor:
     order, input_splits, output_splits = plan
     by_source = results.index_select(0, torch.argsort(order))
     return all_to_all(by_source, input_splits, output_splits, group)
+
+
+class _GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_along(x, 0, group, kind="ep_all_gather")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_along(grad, 0, ctx.group, kind="ep_reduce_scatter"), None
+
+
+class _ReduceScatterTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_along(x, 0, group, kind="ep_reduce_scatter")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_along(grad, 0, ctx.group, kind="ep_all_gather"), None
+
+
+def gather_tokens(x: torch.Tensor, group) -> torch.Tensor:
+    """Every EP rank's ``x`` [T, ...] concatenated in rank order, [EP T, ...]; differentiable for floats."""
+    if not x.is_floating_point():
+        return all_gather_along(x, 0, group, kind="ep_all_gather")
+    return _GatherTokens.apply(x, group)
+
+
+def reduce_scatter_tokens(x: torch.Tensor, group) -> torch.Tensor:
+    """[EP T, ...] summed over the EP ranks, this rank's T rows kept; differentiable."""
+    return _ReduceScatterTokens.apply(x, group)

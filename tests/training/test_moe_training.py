@@ -1,8 +1,8 @@
 """MoE in the training loop: the step's loss, gradient, logged auxiliary losses and expert-bias update equal a
 hand computation on one process (each micro-batch's lm loss plus its routers' weighted losses, averaged over
 the four micro-batches), at one rank, with experts replicated over DP=2 (plain and ZeRO-1), and with experts
-split over EP=2 and EP=4 ranks (the alltoall dispatcher; expert gradients reduced over the expert-data-parallel
-group)."""
+split over EP=2 and EP=4 ranks (the alltoall and allgather dispatchers; expert gradients reduced over the
+expert-data-parallel group)."""
 import math
 
 import pytest
@@ -82,8 +82,9 @@ EP = ["--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size"]
 
 @pytest.mark.parametrize("world_size, layout", [
     (1, []), (2, []), (2, ["--use-distributed-optimizer"]), (2, BIAS), (2, EP + ["2"]), (4, EP + ["2"]),
-    (4, EP + ["4"] + BIAS)], ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias", "EP=2", "DP=4 EP=2",
-                                  "DP=4 EP=4 bias"])
+    (4, EP + ["4"] + BIAS), (2, ["--expert-model-parallel-size", "2"]), (4, ["--expert-model-parallel-size", "2"])],
+    ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias", "EP=2", "DP=4 EP=2", "DP=4 EP=4 bias", "EP=2 allgather",
+         "DP=4 EP=2 allgather"])
 def test_moe_step_matches_the_hand_computation(world_size, layout):
     argv = ARGV + layout
     loss, norm, logged, biases = by_hand(argv)
