@@ -102,12 +102,11 @@ def check_expert_layout(model: MoEFields, parallel, optimizer, training) -> None
         raise ValueError(f"--num-experts {model.num_experts} is not divisible by --expert-model-parallel-size "
                          f"{ep}; each expert-parallel rank holds an equal share of the experts")
     layout = {"--tensor-model-parallel-size": parallel.tensor_model_parallel_size,
-              "--pipeline-model-parallel-size": parallel.pipeline_model_parallel_size,
               "--context-parallel-size": parallel.context_parallel_size}
     for name, size in layout.items():
         if size > 1:
-            raise ValueError(f"{name} {size} with --num-experts: MoE runs with data and expert parallelism only so "
-                             f"far; use {name} 1")
+            raise ValueError(f"{name} {size} with --num-experts: MoE runs with data, expert and pipeline "
+                             f"parallelism only so far; use {name} 1")
     if ep > 1 and parallel.data_parallel_size % ep:
         raise ValueError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size "
                          f"{parallel.data_parallel_size} (x CP x TP); experts fold into those ranks")

@@ -2,7 +2,7 @@
 hand computation on one process (each micro-batch's lm loss plus its routers' weighted losses, averaged over
 the four micro-batches), at one rank, with experts replicated over DP=2 (plain and ZeRO-1), and with experts
 split over EP=2 and EP=4 ranks (the alltoall and allgather dispatchers; expert gradients reduced over the
-expert-data-parallel group)."""
+expert-data-parallel group), and over two pipeline stages (the losses attached on a stage without the loss)."""
 import math
 
 import pytest
@@ -33,11 +33,12 @@ def _batch(i):
 
 
 def one_process(argv):
-    """``argv`` without --expert-model-parallel-size (the one-process model holds every expert)."""
-    if "--expert-model-parallel-size" not in argv:
-        return argv
-    at = argv.index("--expert-model-parallel-size")
-    return argv[:at] + argv[at + 2:]
+    """``argv`` without the layout sizes (the one-process model holds every layer and expert)."""
+    for name in ("--expert-model-parallel-size", "--pipeline-model-parallel-size"):
+        if name in argv:
+            at = argv.index(name)
+            argv = argv[:at] + argv[at + 2:]
+    return argv
 
 
 def by_hand(argv, with_aux=True):
@@ -72,19 +73,21 @@ def _step(rank, world_size, argv):
     per_rank, dp_rank = 4 // run.grid.dp_size, run.grid.dp_rank
     run.train_iter = iter([_batch(i) for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)])
     record = train_step(run)
-    biases = [m.expert_bias.tolist() for chunk in run.model for m in chunk.modules()
-              if isinstance(m, TopKRouter) and m.expert_bias is not None]
+    biases = {m.layer_number: m.expert_bias.tolist() for chunk in run.model for m in chunk.modules()
+              if isinstance(m, TopKRouter) and m.expert_bias is not None}      # this stage's layers
     return record["loss"], record["grad_norm"], [record["load_balancing_loss"], record["z_loss"]], biases
 
 
 EP = ["--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size"]
+PP = ["--pipeline-model-parallel-size", "2"]
 
 
 @pytest.mark.parametrize("world_size, layout", [
     (1, []), (2, []), (2, ["--use-distributed-optimizer"]), (2, BIAS), (2, EP + ["2"]), (4, EP + ["2"]),
-    (4, EP + ["4"] + BIAS), (2, ["--expert-model-parallel-size", "2"]), (4, ["--expert-model-parallel-size", "2"])],
+    (4, EP + ["4"] + BIAS), (2, ["--expert-model-parallel-size", "2"]), (4, ["--expert-model-parallel-size", "2"]),
+    (2, PP + BIAS), (4, PP + EP + ["2"])],
     ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias", "EP=2", "DP=4 EP=2", "DP=4 EP=4 bias", "EP=2 allgather",
-         "DP=4 EP=2 allgather"])
+         "DP=4 EP=2 allgather", "PP=2 bias", "PP=2 DP=2 EP=2"])
 def test_moe_step_matches_the_hand_computation(world_size, layout):
     argv = ARGV + layout
     loss, norm, logged, biases = by_hand(argv)
@@ -95,8 +98,9 @@ def test_moe_step_matches_the_hand_computation(world_size, layout):
         assert got_loss == pytest.approx(loss, rel=1e-5)
         assert got_norm == pytest.approx(norm, rel=1e-4)
         assert got_logged == pytest.approx(logged, rel=1e-5)
-        torch.testing.assert_close(torch.tensor(got_biases), torch.tensor(biases))
-        assert (not biases) == ("--moe-router-enable-expert-bias" not in layout)
+        for layer, bias in got_biases.items():
+            torch.testing.assert_close(torch.tensor(bias), torch.tensor(biases[layer]))
+        assert (not got_biases) == ("--moe-router-enable-expert-bias" not in layout)
 
 
 def _curve(rank, world_size, argv):
