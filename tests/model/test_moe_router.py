@@ -124,3 +124,16 @@ def test_attached_loss_gets_the_backward_scale():
         aux_loss.set_backward_scale(1.0)
     assert aux.grad.item() == pytest.approx(0.75)       # d(3 aux)/d aux x scale, independent of the main loss
     assert out.grad.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_expert_bias_state_stays_float32_in_a_bfloat16_model():
+    cfg = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, add_bias_linear=False, num_experts=4,
+                      moe_router_topk=1, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
+    router = TopKRouter(cfg, layer_number=0).to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16
+    assert router.expert_bias.dtype == router.tokens_per_expert.dtype == torch.float32
+    x = torch.randn(300, 1, 8, dtype=torch.bfloat16)
+    with torch.enable_grad():
+        router(x)
+    assert router.tokens_per_expert.sum().item() == 300        # exact past bfloat16's 256
+    assert "expert_bias" in router.state_dict() and "tokens_per_expert" not in router.state_dict()

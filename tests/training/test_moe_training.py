@@ -85,9 +85,9 @@ PP = ["--pipeline-model-parallel-size", "2"]
 @pytest.mark.parametrize("world_size, layout", [
     (1, []), (2, []), (2, ["--use-distributed-optimizer"]), (2, BIAS), (2, EP + ["2"]), (4, EP + ["2"]),
     (4, EP + ["4"] + BIAS), (2, ["--expert-model-parallel-size", "2"]), (4, ["--expert-model-parallel-size", "2"]),
-    (2, PP + BIAS), (4, PP + EP + ["2"])],
+    (2, PP + BIAS), (4, PP + EP + ["2"]), (4, EP + ["2", "--overlap-grad-reduce", "--ddp-bucket-size", "500"])],
     ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias", "EP=2", "DP=4 EP=2", "DP=4 EP=4 bias", "EP=2 allgather",
-         "DP=4 EP=2 allgather", "PP=2 bias", "PP=2 DP=2 EP=2"])
+         "DP=4 EP=2 allgather", "PP=2 bias", "PP=2 DP=2 EP=2", "DP=4 EP=2 overlapped buckets"])
 def test_moe_step_matches_the_hand_computation(world_size, layout):
     argv = ARGV + layout
     loss, norm, logged, biases = by_hand(argv)

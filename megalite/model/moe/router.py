@@ -111,6 +111,15 @@ class TopKRouter(nn.Module):
         else:
             self.expert_bias = None
 
+    def _apply(self, fn, recurse=True):
+        """Moves and casts as any module, except that the expert bias and the load counts stay float32 (a
+        bfloat16 count stops at 256; the bias moves by steps far below bfloat16's resolution near 1)."""
+        kept = {name: self._buffers[name] for name in ("expert_bias", "tokens_per_expert") if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            self._buffers[name] = original.to(device=self._buffers[name].device, dtype=torch.float32)
+        return self
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """-> (weights [T, k], indices [T, k], the weighted auxiliary loss to attach, or None)."""
         cfg = self.config
