@@ -2,7 +2,8 @@
 hand computation on one process (each micro-batch's lm loss plus its routers' weighted losses, averaged over
 the four micro-batches), at one rank, with experts replicated over DP=2 (plain and ZeRO-1), and with experts
 split over EP=2 and EP=4 ranks (the alltoall and allgather dispatchers; expert gradients reduced over the
-expert-data-parallel group), and over two pipeline stages (the losses attached on a stage without the loss)."""
+expert-data-parallel group), over two pipeline stages (the losses attached on a stage without the loss) and
+over two context-parallel ranks (the loads summed over CP)."""
 import math
 
 import pytest
@@ -34,7 +35,7 @@ def _batch(i):
 
 def one_process(argv):
     """``argv`` without the layout sizes (the one-process model holds every layer and expert)."""
-    for name in ("--expert-model-parallel-size", "--pipeline-model-parallel-size"):
+    for name in ("--expert-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size"):
         if name in argv:
             at = argv.index(name)
             argv = argv[:at] + argv[at + 2:]
@@ -70,8 +71,10 @@ def by_hand(argv, with_aux=True):
 def _step(rank, world_size, argv):
     from megalite.training.loop import setup, train_step
     run = setup(argv)
-    per_rank, dp_rank = 4 // run.grid.dp_size, run.grid.dp_rank
-    run.train_iter = iter([_batch(i) for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)])
+    from megalite.parallel.context_parallel import split_for_context_parallel
+    per_rank, dp_rank, cp = 4 // run.grid.dp_size, run.grid.dp_rank, run.grid.cp_size
+    run.train_iter = iter([split_for_context_parallel(_batch(i), cp, run.grid.cp_rank)
+                           for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)])
     record = train_step(run)
     biases = {m.layer_number: m.expert_bias.tolist() for chunk in run.model for m in chunk.modules()
               if isinstance(m, TopKRouter) and m.expert_bias is not None}      # this stage's layers
@@ -80,14 +83,17 @@ def _step(rank, world_size, argv):
 
 EP = ["--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size"]
 PP = ["--pipeline-model-parallel-size", "2"]
+CP = ["--context-parallel-size", "2"]
 
 
 @pytest.mark.parametrize("world_size, layout", [
     (1, []), (2, []), (2, ["--use-distributed-optimizer"]), (2, BIAS), (2, EP + ["2"]), (4, EP + ["2"]),
     (4, EP + ["4"] + BIAS), (2, ["--expert-model-parallel-size", "2"]), (4, ["--expert-model-parallel-size", "2"]),
-    (2, PP + BIAS), (4, PP + EP + ["2"]), (4, EP + ["2", "--overlap-grad-reduce", "--ddp-bucket-size", "500"])],
+    (2, PP + BIAS), (4, PP + EP + ["2"]), (4, EP + ["2", "--overlap-grad-reduce", "--ddp-bucket-size", "500"]),
+    (2, CP + BIAS), (4, CP + EP + ["2"])],
     ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias", "EP=2", "DP=4 EP=2", "DP=4 EP=4 bias", "EP=2 allgather",
-         "DP=4 EP=2 allgather", "PP=2 bias", "PP=2 DP=2 EP=2", "DP=4 EP=2 overlapped buckets"])
+         "DP=4 EP=2 allgather", "PP=2 bias", "PP=2 DP=2 EP=2", "DP=4 EP=2 overlapped buckets", "CP=2 bias",
+         "CP=2 DP=2 EP=2"])
 def test_moe_step_matches_the_hand_computation(world_size, layout):
     argv = ARGV + layout
     loss, norm, logged, biases = by_hand(argv)

@@ -17,6 +17,12 @@ in the training loss, megalite/model/moe/aux_loss.py):
     seq_aux_loss    the same per sequence (T = s), averaged over the micro-batch's sequences
     z-loss          mean over tokens of logsumexp(z)^2 (ST-MoE, Zoph et al. 2022)
 
+Under context parallelism each rank holds T / CP of the sequence's tokens: the loads N_e are summed over the
+CP group and rank r's share of the balancing loss is E / (k T_r^2 CP) sum_e P_e^r N_e (T_r its tokens, P^r
+its scores), which is CP times its part of the whole sequence's loss -- as the lm loss, because the gradients
+are averaged over DP x CP; the z-loss is each rank's mean, whose average over CP is the sequence's.  Logs are
+averaged over DP x CP (training/moe_step.py).
+
 The expert bias (aux-loss-free balancing, Wang et al. 2024) only chooses experts, never weights them; after
 each step it moves by ``--moe-router-bias-update-rate`` towards the mean load: +rate for an expert below it,
 -rate above (training/moe_step.py, with the loads summed over the step and the data-parallel ranks).
@@ -26,11 +32,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from megalite.config.settings import ModelConfig
 from megalite.model.moe import aux_loss
+from megalite.parallel.context_parallel import cp_group, cp_size
 from megalite.parallel.layers import new_parameter
 from megalite.parallel.param_info import Init
 
@@ -140,7 +148,9 @@ class TopKRouter(nn.Module):
             scores = scores_for_aux_loss(logits, cfg.moe_router_score_function)
             if cfg.moe_router_load_balancing_type == "aux_loss":
                 load = torch.bincount(indices.reshape(-1), minlength=cfg.num_experts).to(scores.dtype)
-                balance = switch_load_balancing_loss(scores, load, cfg.moe_router_topk)
+                if cp_size() > 1:   # the sequence's loads; this rank's share of the loss (module docstring)
+                    dist.all_reduce(load, group=cp_group())
+                balance = switch_load_balancing_loss(scores, load, cfg.moe_router_topk) / cp_size()
             else:
                 balance = sequence_load_balancing_loss(scores, indices, batch, cfg.moe_router_topk)
             aux_loss.record("load_balancing_loss", self.layer_number, balance)
