@@ -91,7 +91,7 @@ class MoEFields:
         return self.num_experts is not None and layer_number % self.moe_layer_freq == 0
 
 
-def check_expert_layout(model: MoEFields, parallel, optimizer, training) -> None:
+def check_expert_layout(model: MoEFields, parallel, training) -> None:
     """The MoE rules that span configs (training/arguments.py's validate_together calls this)."""
     ep = parallel.expert_model_parallel_size
     if model.num_experts is None:
@@ -111,9 +111,6 @@ def check_expert_layout(model: MoEFields, parallel, optimizer, training) -> None
     if ep > 1 and parallel.data_parallel_size % ep:
         raise ValueError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size "
                          f"{parallel.data_parallel_size} (x CP x TP); experts fold into those ranks")
-    if ep > 1 and optimizer.use_distributed_optimizer:
-        raise ValueError(f"--use-distributed-optimizer with --expert-model-parallel-size {ep}: ZeRO-1 shards of "
-                         f"expert weights are not built yet; drop one")
     if training.calculate_per_token_loss and (model.moe_aux_loss_coeff or model.moe_z_loss_coeff):
         raise ValueError("--calculate-per-token-loss with MoE auxiliary losses is not built yet; drop one")
     if training.save:

@@ -63,11 +63,12 @@ class Piece:
         return self.param.grad.view(-1)[self.start:self.end].float()
 
 
-def make_piece(param: torch.nn.Parameter, start: int, end: int, grid: Optional[ProcessGrid]) -> Piece:
+def make_piece(param: torch.nn.Parameter, start: int, end: int, grid: Optional[ProcessGrid],
+               sharded: bool = False) -> Piece:
     model_view = param.detach().view(-1)[start:end]
     master = model_view if param.dtype == torch.float32 else model_view.float()  # .float() copies
     return Piece(param, start, end, model_view, master, torch.zeros_like(master), torch.zeros_like(master),
-                 param_is_counted_in_norm(param, grid))
+                 param_is_counted_in_norm(param, grid, sharded))
 
 
 def unique_parameters(model_chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Parameter]:

@@ -26,6 +26,8 @@ Averaging.  Each bucket is multiplied by 1/N before a SUM collective over the N 
 parallelism (megalite/parallel/state.py) the experts' own buckets are summed over the expert-data-parallel
 group only, still divided by N: each expert's gradient already sums the contributions of the tokens of every
 rank of its EP group (they travelled to it), so the sum over the expert-DP group covers all N ranks once.
+Under ZeRO-1 those buckets are likewise sharded over the expert-DP group (reduce-scattered and all-gathered
+there, ``optim/distributed.py``).
 With ``reduce_dtype=torch.bfloat16`` (--grad-reduce-in-bf16) the collective runs on a bf16 copy of the
 bucket (half the bytes on the wire, each term and the sum rounded to bf16), copied back when it ends.
 
@@ -68,7 +70,8 @@ class Bucket:
         self.pending = set()            # ids of params whose grad has not arrived this step
         self.work = None                # the in-flight collective
         self.wire = None                # the bucket in the reduce dtype while its collective runs
-        self.group = None               # the group its collective spans (DistributedDataParallel sets it)
+        self.group = None               # the group its collective spans, its size and this rank's place in it
+        self.group_size, self.group_rank = 1, 0   # (DistributedDataParallel sets them)
 
     def shard_range(self, shard: int, num_shards: int) -> tuple:
         """[start, end) of shard ``shard`` within the bucket (ZeRO-1)."""
@@ -202,12 +205,15 @@ class DistributedDataParallel(torch.nn.Module):
         self.buffers_by_dtype: Dict[tuple, GradBuffer] = {}   # keyed by (expert-parallel, dtype)
         self.buckets: List[Bucket] = []
         for key in sorted(by_dtype, key=str):  # the same order on every rank
+            # Averaging (module docstring): expert grads over the expert-DP group (ZeRO-1 shards them over it too)
+            group = grid.edp_group if key[0] else self.group
+            size = dist.get_world_size(group)
             buffer = GradBuffer(by_dtype[key], self.bucket_size, len(self.buckets),
-                                num_shards=self.group_size if use_distributed_optimizer else None)
+                                num_shards=size if use_distributed_optimizer else None)
             self.buffers_by_dtype[key] = buffer
             self.buckets.extend(buffer.buckets)
-            for bucket in buffer.buckets:   # Averaging (module docstring): expert grads over the expert-DP group
-                bucket.group = grid.edp_group if key[0] else self.group
+            for bucket in buffer.buckets:
+                bucket.group, bucket.group_size, bucket.group_rank = group, size, dist.get_rank(group)
         self._bucket_of = {id(p): bucket for bucket in self.buckets for p in bucket.params}
         self._next_bucket = 0           # buckets launch in order; this is the next one to launch
         self.num_collectives = 0        # launched since construction (tests and logs read it)
@@ -264,10 +270,12 @@ class DistributedDataParallel(torch.nn.Module):
         data = bucket.grad_data
         if self.reduce_dtype != data.dtype:
             data = bucket.wire = data.to(self.reduce_dtype)
-        if self.use_distributed_optimizer:
-            start, end = bucket.shard_range(self.group_rank, self.group_size)
-            bucket.work = reduce_scatter_into(data[start:end], data, group=self.group, async_op=True)
-        elif dist.get_world_size(bucket.group) > 1:
+        if bucket.group_size == 1:   # an expert bucket whose experts no other rank holds
+            pass
+        elif self.use_distributed_optimizer:
+            start, end = bucket.shard_range(bucket.group_rank, bucket.group_size)
+            bucket.work = reduce_scatter_into(data[start:end], data, group=bucket.group, async_op=True)
+        else:
             bucket.work = dist.all_reduce(data, group=bucket.group, async_op=True)
         self.num_collectives += 1
 
@@ -313,5 +321,5 @@ class DistributedDataParallel(torch.nn.Module):
         """ZeRO-1: yield (buffer, bucket, start, end), this rank's shard of each bucket in buffer coordinates."""
         for buffer in self.buffers_by_dtype.values():
             for bucket in buffer.buckets:
-                start, end = bucket.shard_range(self.group_rank, self.group_size)
+                start, end = bucket.shard_range(bucket.group_rank, bucket.group_size)
                 yield buffer, bucket, bucket.offset + start, bucket.offset + end

@@ -244,7 +244,7 @@ def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: O
     if training.train_samples is not None:
         training.train_iters = batches.num_iterations(training.train_samples)
     check_context_parallel(model, parallel)
-    check_expert_layout(model, parallel, optimizer, training)
+    check_expert_layout(model, parallel, training)
     pp = parallel.pipeline_model_parallel_size
     per_virtual = parallel.num_layers_per_virtual_pipeline_stage
     if per_virtual is not None:

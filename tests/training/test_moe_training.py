@@ -90,10 +90,11 @@ CP = ["--context-parallel-size", "2"]
     (1, []), (2, []), (2, ["--use-distributed-optimizer"]), (2, BIAS), (2, EP + ["2"]), (4, EP + ["2"]),
     (4, EP + ["4"] + BIAS), (2, ["--expert-model-parallel-size", "2"]), (4, ["--expert-model-parallel-size", "2"]),
     (2, PP + BIAS), (4, PP + EP + ["2"]), (4, EP + ["2", "--overlap-grad-reduce", "--ddp-bucket-size", "500"]),
-    (2, CP + BIAS), (4, CP + EP + ["2"])],
+    (2, CP + BIAS), (4, CP + EP + ["2"]), (2, EP + ["2", "--use-distributed-optimizer"]),
+    (4, EP + ["2", "--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "500"])],
     ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias", "EP=2", "DP=4 EP=2", "DP=4 EP=4 bias", "EP=2 allgather",
          "DP=4 EP=2 allgather", "PP=2 bias", "PP=2 DP=2 EP=2", "DP=4 EP=2 overlapped buckets", "CP=2 bias",
-         "CP=2 DP=2 EP=2"])
+         "CP=2 DP=2 EP=2", "EP=2 ZeRO-1", "DP=4 EP=2 ZeRO-1 overlapped"])
 def test_moe_step_matches_the_hand_computation(world_size, layout):
     argv = ARGV + layout
     loss, norm, logged, biases = by_hand(argv)
@@ -125,10 +126,11 @@ def _curve(rank, world_size, argv):
     return curve
 
 
-def test_moe_training_curve_is_the_same_at_ep2_and_dp2():
+def test_moe_training_curve_is_the_same_at_dp2_ep2_and_ep2_zero1():
     argv = ARGV + ["--lr", "1e-2", "--train-iters", "3", "--moe-token-dispatcher-type", "alltoall"]
     reference = run_on_ranks(_curve, 1, argv)[0]
     assert len({values[1] for values in reference}) == 3          # three different steps
-    for layout in ([], ["--expert-model-parallel-size", "2"]):
-        for curve in run_on_ranks(_curve, 2, argv + layout, timeout=180):
+    ep2 = ["--expert-model-parallel-size", "2"]
+    for world_size, layout in ((2, []), (2, ep2), (4, ep2 + ["--use-distributed-optimizer"])):
+        for curve in run_on_ranks(_curve, world_size, argv + layout, timeout=180):
             torch.testing.assert_close(torch.tensor(curve), torch.tensor(reference), rtol=1e-4, atol=0)
