@@ -137,3 +137,26 @@ def test_expert_bias_state_stays_float32_in_a_bfloat16_model():
         router(x)
     assert router.tokens_per_expert.sum().item() == 300        # exact past bfloat16's 256
     assert "expert_bias" in router.state_dict() and "tokens_per_expert" not in router.state_dict()
+
+
+def test_recompute_repeats_the_math_not_the_counting():
+    from megalite.parallel import random as tp_random
+    cfg = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, add_bias_linear=False, num_experts=4,
+                      moe_router_topk=2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                      moe_aux_loss_coeff=0.1)
+    router = TopKRouter(cfg, layer_number=0)
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(5, 2, 8, requires_grad=True)
+    aux_loss.take_records()
+
+    def weighted_loss(x):
+        weights, _, total = router(x)
+        return weights.sum() + total
+    plain = torch.autograd.grad(weighted_loss(x), [x, router.weight])
+    plain_records = aux_loss.take_records()
+    router.tokens_per_expert.zero_()
+    recomputed = torch.autograd.grad(tp_random.checkpoint(weighted_loss, x), [x, router.weight])
+    assert router.tokens_per_expert.sum().item() == 5 * 2 * 2          # tokens x k, once
+    assert aux_loss.take_records() == plain_records
+    for got, want in zip(recomputed, plain):
+        torch.testing.assert_close(got, want)

@@ -34,8 +34,10 @@ def _batch(i):
 
 
 def one_process(argv):
-    """``argv`` without the layout sizes (the one-process model holds every layer and expert)."""
-    for name in ("--expert-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size"):
+    """``argv`` without the layout sizes (the one-process model holds every layer and expert) and without
+    recompute (the reference runs each layer once)."""
+    for name in ("--expert-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size",
+                 "--recompute-granularity", "--recompute-method"):
         if name in argv:
             at = argv.index(name)
             argv = argv[:at] + argv[at + 2:]
@@ -91,10 +93,12 @@ CP = ["--context-parallel-size", "2"]
     (4, EP + ["4"] + BIAS), (2, ["--expert-model-parallel-size", "2"]), (4, ["--expert-model-parallel-size", "2"]),
     (2, PP + BIAS), (4, PP + EP + ["2"]), (4, EP + ["2", "--overlap-grad-reduce", "--ddp-bucket-size", "500"]),
     (2, CP + BIAS), (4, CP + EP + ["2"]), (2, EP + ["2", "--use-distributed-optimizer"]),
-    (4, EP + ["2", "--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "500"])],
+    (4, EP + ["2", "--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "500"]),
+    (2, BIAS + ["--recompute-granularity", "full", "--recompute-method", "uniform"])],
     ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias", "EP=2", "DP=4 EP=2", "DP=4 EP=4 bias", "EP=2 allgather",
          "DP=4 EP=2 allgather", "PP=2 bias", "PP=2 DP=2 EP=2", "DP=4 EP=2 overlapped buckets", "CP=2 bias",
-         "CP=2 DP=2 EP=2", "EP=2 ZeRO-1", "DP=4 EP=2 ZeRO-1 overlapped"])
+         "CP=2 DP=2 EP=2", "EP=2 ZeRO-1", "DP=4 EP=2 ZeRO-1 overlapped",
+         "DP=2 bias full recompute"])
 def test_moe_step_matches_the_hand_computation(world_size, layout):
     argv = ARGV + layout
     loss, norm, logged, biases = by_hand(argv)

@@ -38,6 +38,7 @@ from torch import nn
 
 from megalite.config.settings import ModelConfig
 from megalite.model.moe import aux_loss
+from megalite.parallel import random as tp_random
 from megalite.parallel.context_parallel import cp_group, cp_size
 from megalite.parallel.layers import new_parameter
 from megalite.parallel.param_info import Init
@@ -112,6 +113,7 @@ class TopKRouter(nn.Module):
         self.config, self.layer_number = config, layer_number
         self.weight = new_parameter((config.num_experts, config.hidden_size), Init("normal", config.init_method_std))
         self.dtype = _DTYPES[config.moe_router_dtype]
+        self.counting = False   # whether the last forward counted its tokens and recorded its losses
         if config.moe_router_enable_expert_bias:   # state saved with the model, not trained by the optimizer
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
             self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts, dtype=torch.float32),
@@ -138,7 +140,9 @@ class TopKRouter(nn.Module):
                                         cfg.moe_router_pre_softmax, self.expert_bias,
                                         cfg.moe_router_topk_scaling_factor)
         training = self.training and torch.is_grad_enabled()
-        if training and self.expert_bias is not None:
+        # A recompute (activation checkpointing) repeats the losses' math, for backward, but not the counting.
+        self.counting = training and not tp_random.is_recomputing()
+        if self.counting and self.expert_bias is not None:
             self.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=cfg.num_experts).float()
         return weights, indices, self._losses(logits, indices, x.shape[1]) if training else None
 
@@ -153,10 +157,12 @@ class TopKRouter(nn.Module):
                 balance = switch_load_balancing_loss(scores, load, cfg.moe_router_topk) / cp_size()
             else:
                 balance = sequence_load_balancing_loss(scores, indices, batch, cfg.moe_router_topk)
-            aux_loss.record("load_balancing_loss", self.layer_number, balance)
+            if self.counting:
+                aux_loss.record("load_balancing_loss", self.layer_number, balance)
             total = balance * cfg.moe_aux_loss_coeff
         if cfg.moe_z_loss_coeff:
             z = z_loss(logits)
-            aux_loss.record("z_loss", self.layer_number, z)
+            if self.counting:
+                aux_loss.record("z_loss", self.layer_number, z)
             total = z * cfg.moe_z_loss_coeff if total is None else total + z * cfg.moe_z_loss_coeff
         return total
