@@ -42,6 +42,8 @@ def test_moe_flags_have_megatron_names_and_reach_fields():
     (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 with --num-experts"),
     (["--num-experts", "4", "--save", "ckpt", "--expert-model-parallel-size", "2"],
      "--save ckpt with --expert-model-parallel-size 2"),
+    (["--num-experts", "4", "--load", "ckpt", "--expert-model-parallel-size", "2"],
+     "--load ckpt with --expert-model-parallel-size 2"),
     (["--num-experts", "4", "--context-parallel-size", "2", "--moe-router-load-balancing-type", "seq_aux_loss",
       "--moe-aux-loss-coeff", "0.01"], "seq_aux_loss with --context-parallel-size 2 is not built yet"),
     (["--num-experts", "8", "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide"),
