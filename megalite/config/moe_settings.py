@@ -55,7 +55,8 @@ class MoEFields:
                                                              "share; default dropless", above=0)
     moe_token_drop_policy: Literal["probs", "position"] = flag("probs", "with a capacity: drop the tokens of "
                                                                         "lowest weight, or the last ones")
-    moe_pad_expert_input_to_capacity: bool = flag(False, "with a capacity: pad each expert's input to it")
+    moe_pad_expert_input_to_capacity: bool = flag(False, "with a capacity: pad each expert's input to it (the "
+                                                          "balancing loss then counts the padded rows)")
 
     def _check_moe(self) -> None:
         """The rules among the MoE flags (called by ModelConfig.__post_init__ after its own defaults)."""
@@ -82,9 +83,9 @@ class MoEFields:
         if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
             raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (as in "
                              "Megatron-LM); add it")
-        if self.moe_expert_capacity_factor is not None or self.moe_pad_expert_input_to_capacity:
-            raise ValueError(f"--moe-expert-capacity-factor {self.moe_expert_capacity_factor}: token dropping is not "
-                             f"built yet; drop it (megalite's MoE is dropless)")
+        if self.moe_pad_expert_input_to_capacity and self.moe_expert_capacity_factor is None:
+            raise ValueError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor (as in "
+                             "Megatron-LM); add it")
 
     def is_moe_layer(self, layer_number: int) -> bool:
         """Whether global layer ``layer_number`` (from 0) holds experts."""

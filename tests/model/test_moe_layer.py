@@ -23,9 +23,12 @@ def moe_config(**overrides):
 def reference_layer(layer: MoELayer, x, cfg):
     """Token by token: router scores, its k experts one at a time, the shared expert."""
     out = torch.zeros_like(x.reshape(-1, x.shape[-1]))
-    weights, experts, _ = layer.router(x)
+    weights, experts, kept, _ = layer.router(x)
     for t, token in enumerate(x.reshape(-1, x.shape[-1])):
-        for w, e in zip(weights[t], experts[t].tolist()):
+        keeps = kept[t].tolist() if kept is not None else [True] * len(experts[t])
+        for w, e, keep in zip(weights[t], experts[t].tolist(), keeps):
+            if not keep:
+                continue
             hidden = token @ layer.experts.weight1[e]
             hidden = reference.swiglu(hidden) if cfg.swiglu else F.gelu(hidden)
             out[t] += w * (hidden @ layer.experts.weight2[e])
@@ -37,7 +40,9 @@ def reference_layer(layer: MoELayer, x, cfg):
 
 @pytest.mark.parametrize("extra", [dict(), dict(swiglu=True, moe_shared_expert_intermediate_size=8),
                                    dict(moe_router_score_function="sigmoid", moe_router_topk=3, moe_grouped_gemm=True),
-                                   dict(moe_router_topk=1, moe_router_pre_softmax=True)])
+                                   dict(moe_router_topk=1, moe_router_pre_softmax=True),
+                                   dict(moe_expert_capacity_factor=0.5), dict(moe_expert_capacity_factor=0.5,
+                                                                              moe_token_drop_policy="position")])
 def test_layer_matches_token_by_token(extra):
     cfg = moe_config(**extra)
     torch.manual_seed(0)

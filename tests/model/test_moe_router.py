@@ -84,7 +84,8 @@ def test_load_balancing_losses_match_reference(score_function):
     expected = reference_switch_loss(scores, experts, k)
     assert switch_load_balancing_loss(scores, load, k).item() == pytest.approx(expected)
     per_sequence = [reference_switch_loss(scores[b::batch], experts[b::batch], k) for b in range(batch)]
-    per_sequence_loss = sequence_load_balancing_loss(scores, experts, batch, k).item()
+    routing_map = torch.zeros(seq * batch, 4, dtype=torch.bool).scatter_(1, experts, True)
+    per_sequence_loss = sequence_load_balancing_loss(scores, routing_map, batch, k).item()
     assert per_sequence_loss == pytest.approx(sum(per_sequence) / batch)
     even = torch.full((8, 4), 0.25, dtype=torch.float64)
     assert switch_load_balancing_loss(even, torch.full((4,), 4.0, dtype=torch.float64), 2).item() == pytest.approx(1.0)
@@ -103,7 +104,8 @@ def test_router_losses_weighted_recorded_and_only_in_training():
     torch.nn.init.normal_(router.weight)
     x = torch.randn(6, 2, 8)
     aux_loss.take_records()
-    weights, experts, total = router(x)
+    weights, experts, kept, total = router(x)
+    assert kept is None                                   # dropless
     logits = x.reshape(-1, 8) @ router.weight.t()
     load = torch.bincount(experts.reshape(-1), minlength=4).float()
     balance = switch_load_balancing_loss(scores_for_aux_loss(logits, "softmax"), load, 2)
@@ -112,7 +114,7 @@ def test_router_losses_weighted_recorded_and_only_in_training():
     torch.testing.assert_close(records["load_balancing_loss"][3], balance.detach())
     torch.testing.assert_close(records["z_loss"][3], z_loss(logits).detach())
     router.eval()
-    assert router(x)[2] is None and aux_loss.take_records() == {}
+    assert router(x)[3] is None and aux_loss.take_records() == {}
 
 
 def test_attached_loss_gets_the_backward_scale():
@@ -150,7 +152,7 @@ def test_recompute_repeats_the_math_not_the_counting():
     aux_loss.take_records()
 
     def weighted_loss(x):
-        weights, _, total = router(x)
+        weights, _, _, total = router(x)
         return weights.sum() + total
     plain = torch.autograd.grad(weighted_loss(x), [x, router.weight])
     plain_records = aux_loss.take_records()
@@ -160,3 +162,49 @@ def test_recompute_repeats_the_math_not_the_counting():
     assert aux_loss.take_records() == plain_records
     for got, want in zip(recomputed, plain):
         torch.testing.assert_close(got, want)
+
+
+def reference_capacity(weights, experts, num_experts, capacity, policy):
+    """Expert by expert: its (token, slot) pairs in policy order, the first ``capacity`` kept."""
+    kept = [[False] * experts.shape[1] for _ in range(experts.shape[0])]
+    for e in range(num_experts):
+        pairs = [(t, j) for t in range(experts.shape[0]) for j in range(experts.shape[1]) if experts[t, j] == e]
+        if policy == "probs":
+            pairs.sort(key=lambda pair: (-float(weights[pair]), pair[0]))
+        for t, j in pairs[:capacity]:
+            kept[t][j] = True
+    return torch.tensor(kept)
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_capacity_keeps_what_the_policy_says(policy):
+    from megalite.model.moe.capacity import capacity_masks, expert_capacity
+    torch.manual_seed(6)
+    logits = torch.randn(12, 4)
+    weights, experts = topk_routing(logits, 2, "softmax")
+    capacity = expert_capacity(12, 2, 4, 0.5)
+    assert capacity == 3
+    kept, routing_map = capacity_masks(weights, experts, 4, capacity, policy, pad=False)
+    assert torch.equal(kept, reference_capacity(weights, experts, 4, capacity, policy))
+    assert not kept.all() and routing_map.sum(dim=0).max() <= capacity
+    expected_map = torch.zeros(12, 4, dtype=torch.bool)
+    for t, j in kept.nonzero().tolist():
+        expected_map[t, experts[t, j]] = True
+    assert torch.equal(routing_map, expected_map)            # what the balancing loss counts: the kept pairs
+    padded = capacity_masks(weights, experts, 4, capacity, policy, pad=True)
+    assert torch.equal(padded[0], kept) and padded[1].sum(dim=0).tolist() == [capacity] * 4
+
+
+def test_dropped_pairs_weigh_nothing_and_are_not_counted():
+    cfg = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, add_bias_linear=False, num_experts=4,
+                      moe_router_topk=2, moe_expert_capacity_factor=0.5, moe_aux_loss_coeff=0.1)
+    router = TopKRouter(cfg, layer_number=0)
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(6, 2, 8)
+    aux_loss.take_records()
+    weights, experts, kept, _ = router(x)
+    assert not kept.all() and torch.equal(weights == 0, ~kept)
+    logits = x.reshape(-1, 8) @ router.weight.t()
+    load = torch.bincount(experts[kept], minlength=4).float()
+    expected = switch_load_balancing_loss(scores_for_aux_loss(logits, "softmax"), load, 2)
+    torch.testing.assert_close(aux_loss.take_records()["load_balancing_loss"][0], expected.detach())

@@ -51,7 +51,7 @@ def by_hand(argv, with_aux=True):
     routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
     weighted = []
     for router in routers:   # the weighted loss each router returns, captured to add by hand
-        router.register_forward_hook(lambda module, inputs, out: weighted.append(out[2]))
+        router.register_forward_hook(lambda module, inputs, out: weighted.append(out[3]))
     aux_loss.take_records()
     aux_loss.set_backward_scale(0.0)   # the attached path gives nothing: the sum below is the whole gradient
     total = 0
@@ -86,6 +86,7 @@ def _step(rank, world_size, argv):
 EP = ["--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size"]
 PP = ["--pipeline-model-parallel-size", "2"]
 CP = ["--context-parallel-size", "2"]
+CAPACITY = ["--moe-expert-capacity-factor", "0.5", "--moe-token-drop-policy", "position"]   # drops pairs
 
 
 @pytest.mark.parametrize("world_size, layout", [
@@ -94,11 +95,12 @@ CP = ["--context-parallel-size", "2"]
     (2, PP + BIAS), (4, PP + EP + ["2"]), (4, EP + ["2", "--overlap-grad-reduce", "--ddp-bucket-size", "500"]),
     (2, CP + BIAS), (4, CP + EP + ["2"]), (2, EP + ["2", "--use-distributed-optimizer"]),
     (4, EP + ["2", "--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "500"]),
-    (2, BIAS + ["--recompute-granularity", "full", "--recompute-method", "uniform"])],
+    (2, BIAS + ["--recompute-granularity", "full", "--recompute-method", "uniform"]), (1, CAPACITY),
+    (2, EP + ["2"] + CAPACITY), (2, ["--expert-model-parallel-size", "2"] + CAPACITY)],
     ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias", "EP=2", "DP=4 EP=2", "DP=4 EP=4 bias", "EP=2 allgather",
          "DP=4 EP=2 allgather", "PP=2 bias", "PP=2 DP=2 EP=2", "DP=4 EP=2 overlapped buckets", "CP=2 bias",
          "CP=2 DP=2 EP=2", "EP=2 ZeRO-1", "DP=4 EP=2 ZeRO-1 overlapped",
-         "DP=2 bias full recompute"])
+         "DP=2 bias full recompute", "capacity", "EP=2 capacity", "EP=2 allgather capacity"])
 def test_moe_step_matches_the_hand_computation(world_size, layout):
     argv = ARGV + layout
     loss, norm, logged, biases = by_hand(argv)

@@ -42,12 +42,17 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])                                         # [T, h]
-        weights, indices, aux = self.router(x)                                      # [T, k] each
+        weights, indices, kept, aux = self.router(x)                                # [T, k] each
+        if kept is not None:   # dropped pairs go to a last, uncomputed expert E (capacity.py)
+            indices = torch.where(kept, indices, torch.full_like(indices, self.num_experts))
         group = ep_group()
         if group is not None and self.dispatcher == "allgather":
             out = self._allgather_experts(tokens, weights, indices, group).view_as(x)
         else:
-            rows, order, counts = permute(tokens, indices, self.num_experts)       # [T k, h]
+            rows, order, counts = permute(tokens, indices, self.num_experts + (kept is not None))
+            if kept is not None:
+                served = int(counts[:self.num_experts].sum())
+                rows, order, counts = rows[:served], order[:served], counts[:self.num_experts]
             if group is None:
                 results = self.experts(rows, counts)
             else:   # the alltoall dispatcher: rows to the ranks of their experts and back
@@ -63,7 +68,7 @@ class MoELayer(nn.Module):
         EP group's tokens; the rows of other ranks' experts go to a last, empty group and contribute zero."""
         local = self.num_experts // dist.get_world_size(group)
         all_tokens, all_weights = gather_tokens(tokens, group), gather_tokens(weights, group)
-        mine = gather_tokens(indices, group) - dist.get_rank(group) * local
+        mine = gather_tokens(indices, group) - dist.get_rank(group) * local      # a dropped pair: E, not here
         mine = torch.where((mine >= 0) & (mine < local), mine, torch.full_like(mine, local))
         rows, order, counts = permute(all_tokens, mine, local + 1)
         served = int(counts[:local].sum())

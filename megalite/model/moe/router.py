@@ -38,6 +38,7 @@ from torch import nn
 
 from megalite.config.settings import ModelConfig
 from megalite.model.moe import aux_loss
+from megalite.model.moe.capacity import capacity_masks, expert_capacity
 from megalite.parallel import random as tp_random
 from megalite.parallel.context_parallel import cp_group, cp_size
 from megalite.parallel.layers import new_parameter
@@ -87,12 +88,13 @@ def switch_load_balancing_loss(scores: torch.Tensor, tokens_per_expert: torch.Te
     return (scores.sum(dim=0) * tokens_per_expert).sum() * (num_experts / (topk * num_tokens * num_tokens))
 
 
-def sequence_load_balancing_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, topk: int) -> torch.Tensor:
-    """The switch loss of each sequence, averaged over the ``batch`` sequences; scores [s*b, E] and indices
-    [s*b, k] in sequence-major token order."""
+def sequence_load_balancing_loss(scores: torch.Tensor, routing_map: torch.Tensor, batch: int,
+                                 topk: int) -> torch.Tensor:
+    """The switch loss of each sequence, averaged over the ``batch`` sequences; scores [s*b, E] and the routing
+    map [s*b, E] (True where a token goes to an expert) in sequence-major token order."""
     num_experts = scores.shape[1]
     seq = scores.shape[0] // batch
-    chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0).view(seq, batch, num_experts)
+    chosen = routing_map.to(scores.dtype).view(seq, batch, num_experts)
     load = chosen.sum(dim=0) * (num_experts / (seq * topk))                  # [b, E]: 1 for an even load
     return (load * scores.view(seq, batch, num_experts).mean(dim=0)).sum(dim=1).mean()
 
@@ -130,8 +132,10 @@ class TopKRouter(nn.Module):
             self._buffers[name] = original.to(device=self._buffers[name].device, dtype=torch.float32)
         return self
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """-> (weights [T, k], indices [T, k], the weighted auxiliary loss to attach, or None)."""
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                                Optional[torch.Tensor]]:
+        """-> (weights [T, k], indices [T, k], the pairs kept [T, k] under a capacity (else None), the weighted
+        auxiliary loss to attach, or None); a dropped pair's weight is 0."""
         cfg = self.config
         tokens = x.reshape(-1, x.shape[-1])
         dtype = self.dtype or tokens.dtype
@@ -139,24 +143,31 @@ class TopKRouter(nn.Module):
         weights, indices = topk_routing(logits, cfg.moe_router_topk, cfg.moe_router_score_function,
                                         cfg.moe_router_pre_softmax, self.expert_bias,
                                         cfg.moe_router_topk_scaling_factor)
+        kept, routing_map = None, torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices, True)
+        if cfg.moe_expert_capacity_factor is not None:   # token dropping (capacity.py)
+            capacity = expert_capacity(tokens.shape[0], cfg.moe_router_topk, cfg.num_experts,
+                                       cfg.moe_expert_capacity_factor)
+            kept, routing_map = capacity_masks(weights, indices, cfg.num_experts, capacity, cfg.moe_token_drop_policy,
+                                               cfg.moe_pad_expert_input_to_capacity)
+            weights = weights * kept
         training = self.training and torch.is_grad_enabled()
         # A recompute (activation checkpointing) repeats the losses' math, for backward, but not the counting.
         self.counting = training and not tp_random.is_recomputing()
         if self.counting and self.expert_bias is not None:
-            self.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=cfg.num_experts).float()
-        return weights, indices, self._losses(logits, indices, x.shape[1]) if training else None
+            self.tokens_per_expert += routing_map.sum(dim=0).float()
+        return weights, indices, kept, self._losses(logits, routing_map, x.shape[1]) if training else None
 
-    def _losses(self, logits: torch.Tensor, indices: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
+    def _losses(self, logits: torch.Tensor, routing_map: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
         cfg, total = self.config, None
         if cfg.moe_router_load_balancing_type != "none" and cfg.moe_aux_loss_coeff > 0:
             scores = scores_for_aux_loss(logits, cfg.moe_router_score_function)
             if cfg.moe_router_load_balancing_type == "aux_loss":
-                load = torch.bincount(indices.reshape(-1), minlength=cfg.num_experts).to(scores.dtype)
+                load = routing_map.sum(dim=0).to(scores.dtype)
                 if cp_size() > 1:   # the sequence's loads; this rank's share of the loss (module docstring)
                     dist.all_reduce(load, group=cp_group())
                 balance = switch_load_balancing_loss(scores, load, cfg.moe_router_topk) / cp_size()
             else:
-                balance = sequence_load_balancing_loss(scores, indices, batch, cfg.moe_router_topk)
+                balance = sequence_load_balancing_loss(scores, routing_map, batch, cfg.moe_router_topk)
             if self.counting:
                 aux_loss.record("load_balancing_loss", self.layer_number, balance)
             total = balance * cfg.moe_aux_loss_coeff
