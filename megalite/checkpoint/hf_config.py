@@ -187,6 +187,9 @@ def _rope_fields(hf, partial_rotary: bool = False) -> Dict[str, Any]:
 # -- export -----------------------------------------------------------------------------------------
 def export_family(config: ModelConfig) -> str:
     """The Hugging Face family that holds ``config`` exactly, or ValueError naming what none holds."""
+    if config.num_experts is not None:
+        raise ValueError(f"--num-experts {config.num_experts}: exporting a mixture-of-experts model to Hugging Face "
+                         f"(Mixtral, Qwen-MoE) is not built yet; megalite cannot convert this model")
     if config.position_embedding_type == "learned_absolute":
         gpt2 = {"--normalization LayerNorm": config.normalization == "LayerNorm", "no --swiglu": not config.swiglu,
                 "linear biases": config.add_bias_linear, "no --qk-layernorm": not config.qk_layernorm,

@@ -77,6 +77,12 @@ ACCEPTED: Tuple[Switch, ...] = (
     Switch("--overlap-param-gather", "under --use-distributed-optimizer the updated shards are all-gathered "
            "right after the step, not overlapped with the next forward; the parameters are the same",
            requires=("use_distributed_optimizer", "overlap_grad_reduce")),
+    Switch("--moe-permute-fusion", "tokens are sorted to their experts and back by PyTorch's argsort, index_select "
+           "and index_add (megalite/model/moe/experts.py); the same permutation"),
+    Switch("--moe-shared-expert-overlap", "the shared expert runs after the routed experts, not overlapped with "
+           "the token dispatch; the output is the same", requires=("moe_shared_expert_intermediate_size",)),
+    Switch("--moe-use-legacy-grouped-gemm", "--moe-grouped-gemm has one implementation (torch._grouped_mm where "
+           "served, else a loop over the experts)", requires=("moe_grouped_gemm",)),
 )
 
 FP8_NEEDS_TE = ("FP8 needs TransformerEngine on a GPU, and megalite has neither FP8 kernels nor "

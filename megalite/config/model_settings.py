@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from typing import Any, Dict, Literal, Mapping, Optional
 
 from megalite.config.flags import check_fields, flag
+from megalite.config.moe_settings import MoEFields
 
 __all__ = ["ModelConfig", "saved_model_fields"]
 
 
 @dataclass
-class ModelConfig:
-    """The transformer's shape and flavour (GPT by default; LLaMA-style with the switches below)."""
+class ModelConfig(MoEFields):
+    """The transformer's shape and flavour (GPT by default; LLaMA-style with the switches below; mixture of
+    experts with the MoE flags it inherits from config/moe_settings.py)."""
 
     num_layers: int = flag(2, "transformer layers", at_least=1)
     hidden_size: int = flag(64, "width of the residual stream", at_least=1)
@@ -104,6 +106,7 @@ class ModelConfig:
         if self.recompute_granularity == "full" and self.recompute_method is None:
             raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
         self._check_rope()
+        self._check_moe()
         if self.fixed_padded_vocab_size is not None and self.fixed_padded_vocab_size < self.vocab_size:
             raise ValueError(f"--padded-vocab-size {self.fixed_padded_vocab_size} is below the vocabulary size "
                              f"{self.vocab_size}; give at least {self.vocab_size} or drop it")

@@ -89,6 +89,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = flag(1, "tensor-parallel ranks (TP)", at_least=1)
     pipeline_model_parallel_size: int = flag(1, "pipeline stages (PP)", at_least=1)
     context_parallel_size: int = flag(1, "context-parallel ranks (CP)", at_least=1)
+    expert_model_parallel_size: int = flag(1, "expert-parallel ranks (EP): the experts of each MoE layer split "
+                                              "over this many data-parallel ranks", at_least=1)
     cp_comm_type: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = flag(
         "p2p", "how attention reaches the other CP ranks' keys: a K/V ring, one all-gather, or heads exchanged "
                "all-to-all (docs/long_context.md)")

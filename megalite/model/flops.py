@@ -14,6 +14,8 @@ and once per token the logits 2 h V.  Backward costs twice the forward, so a tra
     F = 12 B s L h^2 [ (1 + g/a + s/h) r + m f/h + V / (2 L h) ]    (B sequences, V padded vocab)
 
 where r = a d / h is the query width over the hidden size (1 unless --kv-channels sets the head dim d).
+In a mixture-of-experts layer (Megatron's count) the MLP term is that of the k experts a token visits
+and the shared expert, m (k f_e + f_s) / h, instead of m f / h; the router's 2 h E is not counted.
 
 This is *model* FLOPs: activation recompute is not counted, so MFU does not reward recomputing.
 """
@@ -43,12 +45,18 @@ def count_parameters(config: ModelConfig, *, tp: int) -> int:
         + f * h + h * bias                             # MLP down
         + 2 * norm + head_norm                         # pre-attention and pre-MLP norms, the q/k norms
     )
+    moe_layers, moe_change = sum(config.is_moe_layer(i) for i in range(layers)), 0
+    if moe_layers:   # an MoE layer's MLP: router, E experts (no biases), the shared expert -- not the dense MLP
+        shared = config.moe_shared_expert_intermediate_size or 0
+        moe_mlp = (config.num_experts * h + config.num_experts * (gated + 1) * h * config.moe_ffn_hidden_size
+                   + (gated + 1) * h * shared + (gated * shared + h) * bias * (shared > 0))
+        moe_change = moe_layers * (moe_mlp - (h * f * gated + f * gated * bias + f * h + h * bias))
     vocab = config.padded_vocab_size(tp)
     embedding = vocab * h
     if config.position_embedding_type == "learned_absolute":
         embedding += config.max_position_embeddings * h
     output = vocab * h if config.untie_embeddings_and_output_weights else 0
-    return embedding + layers * per_layer + norm + output
+    return embedding + layers * per_layer + moe_change + norm + output
 
 
 def flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_length: Optional[int] = None, *,
@@ -62,6 +70,10 @@ def flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_length:
     gated = 1.5 if config.swiglu else 1.0
     attention = (1 + query_groups_ratio + s / h) * query_width_ratio
     mlp = gated * config.ffn_hidden_size / h
+    moe_layers = sum(config.is_moe_layer(i) for i in range(layers))
+    if moe_layers:
+        routed = config.moe_router_topk * config.moe_ffn_hidden_size + (config.moe_shared_expert_intermediate_size or 0)
+        mlp += (gated * routed / h - mlp) * moe_layers / layers
     logits = config.padded_vocab_size(tp) / (2 * layers * h)
     return 12.0 * global_batch_size * s * layers * h * h * (attention + mlp + logits)
 

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from megalite.config.settings import ModelConfig
+from megalite.model.moe.layer import mlp_builder
 from megalite.model.rotary import model_rotary_tables
 from megalite.model.transformer import Dropout, TransformerBlock, build_norm
 from megalite.parallel.context_parallel import context_parallel_positions
@@ -88,7 +89,8 @@ class GPTModel(nn.Module):
 
         if pre_process:
             self.embedding = Embedding(config, sequence_parallel)
-        self.decoder = TransformerBlock(config, len(self.layer_numbers), sequence_parallel)
+        self.decoder = TransformerBlock(config, len(self.layer_numbers), sequence_parallel, self.layer_numbers,
+                                        mlp_builder(config) if config.num_experts is not None else None)
         if post_process:
             self.final_norm = build_norm(config, sequence_parallel)
             self.output_layer = ColumnParallelLinear(

@@ -19,7 +19,7 @@ Symbols: s sequence, b micro-batch, h hidden, a heads, g query groups, d head di
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -231,14 +231,17 @@ class MLP(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm block. x: [s(/t), b, h] -> [s(/t), b, h] (s/t tokens with ``sequence_parallel``)."""
 
-    def __init__(self, config: ModelConfig, sequence_parallel: bool = False):
+    def __init__(self, config: ModelConfig, sequence_parallel: bool = False, layer_number: int = 0,
+                 build_mlp: Optional[Callable] = None):
         super().__init__()
         # GPT-2's scaled init of the projections that write into the residual stream: std / sqrt(2 L).
         output_init_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
         self.input_norm = build_norm(config, sequence_parallel)
         self.self_attention = SelfAttention(config, output_init_std, sequence_parallel)
         self.pre_mlp_norm = build_norm(config, sequence_parallel)
-        self.mlp = MLP(config, output_init_std, sequence_parallel)
+        # build_mlp(global layer number, output init std, SP) may give another MLP (an MoE layer, model/moe/)
+        mlp = build_mlp(layer_number, output_init_std, sequence_parallel) if build_mlp is not None else None
+        self.mlp = mlp if mlp is not None else MLP(config, output_init_std, sequence_parallel)
         self.hidden_dropout = Dropout(config.hidden_dropout, sequence_parallel)
 
     def forward(self, x, rotary=None, documents: Optional[Documents] = None):
@@ -256,9 +259,12 @@ class TransformerBlock(nn.Module):
     (Megatron-LM's two methods).  ``recompute_num_layers`` defaults to 1.
     """
 
-    def __init__(self, config: ModelConfig, num_layers: int, sequence_parallel: bool = False):
+    def __init__(self, config: ModelConfig, num_layers: int, sequence_parallel: bool = False,
+                 layer_numbers: Optional[Sequence[int]] = None, build_mlp: Optional[Callable] = None):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(config, sequence_parallel) for _ in range(num_layers))
+        layer_numbers = list(range(num_layers)) if layer_numbers is None else layer_numbers
+        self.layers = nn.ModuleList(TransformerLayer(config, sequence_parallel, layer_numbers[i], build_mlp)
+                                    for i in range(num_layers))
         self.recompute_method = config.recompute_method if config.recompute_granularity == "full" else None
         self.recompute_num_layers = config.recompute_num_layers or 1
 

@@ -11,6 +11,9 @@ Each rank holds pieces; a piece is counted on exactly one rank:
   rank once ``finalize_model_grads`` has summed the sequence-parallel ones) count on TP rank 0 only;
 - the tied word embedding lives on the first and the last pipeline stage (``ParamInfo.shared_embedding``,
   grads summed over the embedding group): it counts on the first stage only;
+- under expert parallelism each EP rank holds its own experts and counts them, the EP group is summed
+  over, and every other parameter (replicated over the EP group) counts on EP rank 0 only (under ZeRO-1
+  the expert buckets are sharded over the expert-DP group, so every piece is again counted once over DP x CP);
 - data-parallel and context-parallel replicas hold equal, already-averaged grads (DDP averages over
   DP x CP) and count nothing extra -- except under ZeRO-1, where each DP x CP rank holds a disjoint
   shard and counts it.
@@ -31,14 +34,17 @@ from megalite.parallel.param_info import param_info
 from megalite.parallel.state import ProcessGrid
 
 
-def param_is_counted_in_norm(param: torch.nn.Parameter, grid: Optional[ProcessGrid]) -> bool:
-    """False for a copy whose gradient another rank of the same replica already counts (see module doc)."""
+def param_is_counted_in_norm(param: torch.nn.Parameter, grid: Optional[ProcessGrid], sharded: bool = False) -> bool:
+    """False for a copy whose gradient another rank of the same replica already counts (see module doc).
+    ``sharded``: a ZeRO-1 piece, disjoint from every other rank's, so never a copy over the EP group."""
     if grid is None:
         return True
     info = param_info(param)
     if not info.tensor_parallel and grid.tp_rank != 0:
         return False
     if info.shared_embedding and grid.pp_size > 1 and grid.pp_rank != 0:
+        return False
+    if not sharded and not info.expert_parallel and getattr(grid, "ep_rank", 0) != 0:
         return False
     return True
 

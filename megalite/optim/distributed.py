@@ -68,7 +68,7 @@ class ZeroOneShards:
                     lo, hi = max(start, p_start), min(end, p_end)
                     if lo < hi:  # a parameter lies in one bucket, so in at most one owned range
                         found[id(param)] = (param, lo - p_start, hi - p_start)
-        return [make_piece(param, lo, hi, grid) for param, lo, hi in
+        return [make_piece(param, lo, hi, grid, sharded=True) for param, lo, hi in
                 (found[id(p)] for p in params if id(p) in found)]
 
     def norm_groups(self, grid: Optional[ProcessGrid]) -> list:
@@ -79,9 +79,10 @@ class ZeroOneShards:
     def after_update(self) -> None:
         """All-gather every bucket's updated parameter shards into the contiguous parameter buffer."""
         for chunk in self.ddp_chunks:
-            if chunk.group_size == 1:
-                continue
             for _, bucket, start, end in chunk.owned_ranges():
-                # A copy: the collective's input must not alias its output.
+                if bucket.group_size == 1:
+                    continue
+                # A copy: the collective's input must not alias its output.  Expert buckets are sharded over
+                # the expert-data-parallel group, the rest over DP x CP (parallel/data_parallel.py).
                 local = bucket.param_data[start - bucket.offset:end - bucket.offset].clone()
-                all_gather_into(bucket.param_data, local, group=chunk.group)
+                all_gather_into(bucket.param_data, local, group=bucket.group)

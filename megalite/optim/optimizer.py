@@ -63,11 +63,12 @@ class Piece:
         return self.param.grad.view(-1)[self.start:self.end].float()
 
 
-def make_piece(param: torch.nn.Parameter, start: int, end: int, grid: Optional[ProcessGrid]) -> Piece:
+def make_piece(param: torch.nn.Parameter, start: int, end: int, grid: Optional[ProcessGrid],
+               sharded: bool = False) -> Piece:
     model_view = param.detach().view(-1)[start:end]
     master = model_view if param.dtype == torch.float32 else model_view.float()  # .float() copies
     return Piece(param, start, end, model_view, master, torch.zeros_like(master), torch.zeros_like(master),
-                 param_is_counted_in_norm(param, grid))
+                 param_is_counted_in_norm(param, grid, sharded))
 
 
 def unique_parameters(model_chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Parameter]:
@@ -115,7 +116,8 @@ class ReplicatedParams:
         return [make_piece(p, 0, p.numel(), grid) for p in params]
 
     def norm_groups(self, grid: Optional[ProcessGrid]) -> list:
-        return [] if grid is None else [grid.mp_group]
+        # Under expert parallelism the EP ranks hold different experts (clip_grads.py counts the rest once).
+        return [] if grid is None else [grid.mp_group, getattr(grid, "ep_group", None)]
 
     def after_update(self) -> None:
         pass

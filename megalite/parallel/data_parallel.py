@@ -22,7 +22,12 @@ Gradient accumulation.  Inside ``no_sync()`` the hooks only accumulate; the sche
 every micro-batch but the last, so the buckets are reduced once per step.
 
 Averaging.  Each bucket is multiplied by 1/N before a SUM collective over the N = DP x CP ranks
-(gloo has no AVG op; dividing first also keeps fp32 sums of large grads from growing by N).
+(gloo has no AVG op; dividing first also keeps fp32 sums of large grads from growing by N).  Under expert
+parallelism (megalite/parallel/state.py) the experts' own buckets are summed over the expert-data-parallel
+group only, still divided by N: each expert's gradient already sums the contributions of the tokens of every
+rank of its EP group (they travelled to it), so the sum over the expert-DP group covers all N ranks once.
+Under ZeRO-1 those buckets are likewise sharded over the expert-DP group (reduce-scattered and all-gathered
+there, ``optim/distributed.py``).
 With ``reduce_dtype=torch.bfloat16`` (--grad-reduce-in-bf16) the collective runs on a bf16 copy of the
 bucket (half the bytes on the wire, each term and the sum rounded to bf16), copied back when it ends.
 
@@ -65,6 +70,8 @@ class Bucket:
         self.pending = set()            # ids of params whose grad has not arrived this step
         self.work = None                # the in-flight collective
         self.wire = None                # the bucket in the reduce dtype while its collective runs
+        self.group = None               # the group its collective spans, its size and this rank's place in it
+        self.group_size, self.group_rank = 1, 0   # (DistributedDataParallel sets them)
 
     def shard_range(self, shard: int, num_shards: int) -> tuple:
         """[start, end) of shard ``shard`` within the bucket (ZeRO-1)."""
@@ -191,16 +198,22 @@ class DistributedDataParallel(torch.nn.Module):
         params = [p for p in module.parameters() if p.requires_grad]
         if any(getattr(p, "main_grad", None) is not None for p in params):
             raise ValueError("a parameter already has main_grad: the module is wrapped in DDP twice")
-        by_dtype: Dict[torch.dtype, List[torch.nn.Parameter]] = {}
+        by_dtype: Dict[tuple, List[torch.nn.Parameter]] = {}
         for param in reversed(params):  # reverse registration ~ the order backward produces grads
-            by_dtype.setdefault(param.dtype, []).append(param)
-        self.buffers_by_dtype: Dict[torch.dtype, GradBuffer] = {}
+            experts = grid.ep_size > 1 and param_info(param).expert_parallel
+            by_dtype.setdefault((experts, param.dtype), []).append(param)
+        self.buffers_by_dtype: Dict[tuple, GradBuffer] = {}   # keyed by (expert-parallel, dtype)
         self.buckets: List[Bucket] = []
-        for dtype in sorted(by_dtype, key=str):  # the same order on every rank
-            buffer = GradBuffer(by_dtype[dtype], self.bucket_size, len(self.buckets),
-                                num_shards=self.group_size if use_distributed_optimizer else None)
-            self.buffers_by_dtype[dtype] = buffer
+        for key in sorted(by_dtype, key=str):  # the same order on every rank
+            # Averaging (module docstring): expert grads over the expert-DP group (ZeRO-1 shards them over it too)
+            group = grid.edp_group if key[0] else self.group
+            size = dist.get_world_size(group)
+            buffer = GradBuffer(by_dtype[key], self.bucket_size, len(self.buckets),
+                                num_shards=size if use_distributed_optimizer else None)
+            self.buffers_by_dtype[key] = buffer
             self.buckets.extend(buffer.buckets)
+            for bucket in buffer.buckets:
+                bucket.group, bucket.group_size, bucket.group_rank = group, size, dist.get_rank(group)
         self._bucket_of = {id(p): bucket for bucket in self.buckets for p in bucket.params}
         self._next_bucket = 0           # buckets launch in order; this is the next one to launch
         self.num_collectives = 0        # launched since construction (tests and logs read it)
@@ -257,11 +270,13 @@ class DistributedDataParallel(torch.nn.Module):
         data = bucket.grad_data
         if self.reduce_dtype != data.dtype:
             data = bucket.wire = data.to(self.reduce_dtype)
-        if self.use_distributed_optimizer:
-            start, end = bucket.shard_range(self.group_rank, self.group_size)
-            bucket.work = reduce_scatter_into(data[start:end], data, group=self.group, async_op=True)
+        if bucket.group_size == 1:   # an expert bucket whose experts no other rank holds
+            pass
+        elif self.use_distributed_optimizer:
+            start, end = bucket.shard_range(bucket.group_rank, bucket.group_size)
+            bucket.work = reduce_scatter_into(data[start:end], data, group=bucket.group, async_op=True)
         else:
-            bucket.work = dist.all_reduce(data, group=self.group, async_op=True)
+            bucket.work = dist.all_reduce(data, group=bucket.group, async_op=True)
         self.num_collectives += 1
 
     # -- the step ----------------------------------------------------------------------------------
@@ -306,5 +321,5 @@ class DistributedDataParallel(torch.nn.Module):
         """ZeRO-1: yield (buffer, bucket, start, end), this rank's shard of each bucket in buffer coordinates."""
         for buffer in self.buffers_by_dtype.values():
             for bucket in buffer.buckets:
-                start, end = bucket.shard_range(self.group_rank, self.group_size)
+                start, end = bucket.shard_range(bucket.group_rank, bucket.group_size)
                 yield buffer, bucket, bucket.offset + start, bucket.offset + end

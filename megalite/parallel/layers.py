@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megalite.parallel.expert_parallel import ep_rank, ep_size
 from megalite.parallel.mappings import (
     all_gather_along,
     all_reduce,
@@ -54,6 +55,8 @@ def full_shape(param: torch.Tensor) -> Tuple[int, ...]:
     shape, dim = list(param.shape), param_info(param).partition_dim
     if dim is not None:
         shape[dim] *= tp_size()
+    if param_info(param).expert_parallel:     # the experts stacked on dim 0, E / EP of them here
+        shape[0] *= ep_size()
     return tuple(shape)
 
 
@@ -71,18 +74,21 @@ def initialize_from_seed(named_params: Iterable[Tuple[str, nn.Parameter]], seed:
         full = info.init.full_tensor(full_shape(param), torch.Generator().manual_seed(name_seed(seed, name)))
         if info.tensor_parallel:
             full = full.chunk(size, info.partition_dim)[rank]
+        if info.expert_parallel:
+            full = full.chunk(ep_size(), 0)[ep_rank()]
         param.copy_(full)
 
 
 def new_parameter(shape, init: Init, partition_dim: Optional[int] = None,
-                  sequence_parallel: bool = False) -> nn.Parameter:
+                  sequence_parallel: bool = False, expert_parallel: bool = False) -> nn.Parameter:
     """An (uninitialized) parameter carrying the :class:`ParamInfo` that grads/optimizer/checkpoints read.
 
     ``sequence_parallel``: replicated over TP but fed s/t tokens under SP, so its grad is summed over
     TP (``finalize_model_grads``).
     """
     return set_param_info(nn.Parameter(torch.empty(shape)),
-                          ParamInfo(partition_dim=partition_dim, sequence_parallel=sequence_parallel, init=init))
+                          ParamInfo(partition_dim=partition_dim, sequence_parallel=sequence_parallel, init=init,
+                                    expert_parallel=expert_parallel))
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:

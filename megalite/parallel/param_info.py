@@ -54,12 +54,15 @@ class ParamInfo:
     ``shared_embedding``: one of the two copies of the tied word embedding (first and last pipeline
     stage); their gradients are summed over the embedding group.
     ``init``: how the full tensor is drawn (None: nobody initializes it from the seed).
+    ``expert_parallel``: the experts' stacked weights, dim 0 split over the expert-parallel group (each rank
+    holds E / EP experts; megalite/parallel/state.py); gradients reduced over the expert-data-parallel group.
     """
 
     partition_dim: Optional[int] = None
     sequence_parallel: bool = False
     shared_embedding: bool = False
     init: Optional[Init] = None
+    expert_parallel: bool = False
 
     @property
     def tensor_parallel(self) -> bool:

@@ -136,6 +136,15 @@ def dropout_stream(sequence_parallel: bool):
 
 
 # -- recompute ------------------------------------------------------------------------------------
+_RECOMPUTE = {"depth": 0}
+
+
+def is_recomputing() -> bool:
+    """Whether a checkpointed span is being recomputed in backward (code with side effects, such as a router
+    counting its tokens, must not repeat them: the forward already did)."""
+    return _RECOMPUTE["depth"] > 0
+
+
 def _tracker_replay_contexts():
     """(forward ctx, recompute ctx) for torch's checkpoint: record the tracker's streams when the
     forward starts, and run the recompute from exactly those streams (restoring the live ones after).
@@ -153,9 +162,11 @@ def _tracker_replay_contexts():
     def recompute_context():
         live = _TRACKER.get_states()
         _TRACKER.set_states(recorded["states"])
+        _RECOMPUTE["depth"] += 1
         try:
             yield
         finally:
+            _RECOMPUTE["depth"] -= 1
             _TRACKER.set_states(live)
 
     return forward_context(), recompute_context()

@@ -12,6 +12,15 @@ Worked example, 8 ranks with TP=2, DP=2, PP=2 (CP=1)::
     pp groups     [0,4] [1,5] [2,6] [3,7]
     model-parallel (tp x pp) groups  [0,1,4,5] [2,3,6,7]
 
+Experts fold into data parallelism (Megatron-LM's expert groups): within one pipeline stage, the
+TP x CP x DP ranks, in rank order, are cut into expert-parallel (ep) groups of EP consecutive ranks,
+each of which holds all the experts of a layer, E / EP per rank; the ranks that hold the same experts
+form the expert-data-parallel (edp) group, over which expert gradients are reduced (EP x expert-DP =
+TP x CP x DP per stage; expert TP is 1).  Worked example, 8 ranks with DP=4, PP=2, EP=2::
+
+    ep groups     [0,1] [2,3] [4,5] [6,7]
+    edp groups    [0,2] [1,3] [4,6] [5,7]
+
 Every process group of a run is created here, by :func:`initialize_grid`, and read everywhere
 else through :func:`get_grid`.  ``torch.distributed.new_group`` must be called by every rank for
 every group in the same order, so the constructor walks all groups of each kind, creating them on
@@ -51,6 +60,8 @@ def grid_group_ranks(sizes: Dict[str, int], kind: str) -> List[List[int]]:
     >>> grid_group_ranks({"tp": 2, "cp": 1, "dp": 2, "pp": 2}, "dp")
     [[0, 2], [1, 3], [4, 6], [5, 7]]
     """
+    if kind in ("ep", "edp"):
+        return expert_group_ranks(sizes, kind)
     if kind == "embedding":
         return [[pipeline[0], pipeline[-1]] if len(pipeline) > 1 else pipeline
                 for pipeline in grid_group_ranks(sizes, "pp")]
@@ -66,6 +77,25 @@ def grid_group_ranks(sizes: Dict[str, int], kind: str) -> List[List[int]]:
             members.append(_rank_of(sizes, coords))
         groups.append(sorted(members))
     return sorted(groups)
+
+
+def expert_group_ranks(sizes: Dict[str, int], kind: str) -> List[List[int]]:
+    """The ep or edp groups (module docstring) for a grid of ``sizes`` with ``sizes["ep"]`` (default 1).
+
+    >>> expert_group_ranks({"tp": 1, "cp": 1, "dp": 4, "pp": 2, "ep": 2}, "edp")
+    [[0, 2], [1, 3], [4, 6], [5, 7]]
+    """
+    ep, stage = sizes.get("ep", 1), sizes["tp"] * sizes["cp"] * sizes["dp"]
+    if stage % ep:
+        raise ValueError(f"expert-parallel size {ep} does not divide the TP x CP x DP = {stage} ranks of a "
+                         f"pipeline stage; choose an EP size that divides it")
+    groups = []
+    for base in range(0, stage * sizes["pp"], stage):
+        if kind == "ep":
+            groups += [list(range(base + start, base + start + ep)) for start in range(0, stage, ep)]
+        else:
+            groups += [list(range(base + offset, base + stage, ep)) for offset in range(ep)]
+    return groups
 
 
 def _rank_of(sizes, coords) -> int:
@@ -100,8 +130,9 @@ class ProcessGrid:
 
     Attributes: ``tp_size``, ``cp_size``, ``dp_size``, ``pp_size``, ``world_size``, ``rank``;
     this rank's coordinates ``tp_rank``, ``cp_rank``, ``dp_rank``, ``pp_rank``; the groups
-    ``tp_group``, ``cp_group``, ``dp_group``, ``pp_group``, ``mp_group`` (tp x pp), ``dp_cp_group``
-    and ``embedding_group`` (first and last stage of this rank's pipeline), with their member lists
+    ``tp_group``, ``cp_group``, ``dp_group``, ``pp_group``, ``mp_group`` (tp x pp), ``dp_cp_group``,
+    ``embedding_group`` (first and last stage of this rank's pipeline), ``ep_group`` and ``edp_group`` (the
+    expert groups, ``ep_size`` and ``ep_rank``), with their member lists
     in ``ranks[kind]``.
 
     With a virtual pipeline (interleaved schedule) each rank holds ``virtual_pp_size`` model chunks;
@@ -109,7 +140,7 @@ class ProcessGrid:
     """
 
     def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
-                 virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p"):
+                 virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p", ep: int = 1):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call megalite.parallel.launch.init_distributed() "
                                "(or torch.distributed.init_process_group) before initialize_grid()")
@@ -117,7 +148,7 @@ class ProcessGrid:
         self.rank = dist.get_rank()
         self.backend = dist.get_backend()
         self.dp_size = validate_grid(self.world_size, tp, pp, cp, dp)
-        self.tp_size, self.pp_size, self.cp_size = tp, pp, cp
+        self.tp_size, self.pp_size, self.cp_size, self.ep_size = tp, pp, cp, ep
         self.cp_comm_type = cp_comm_type   # how attention crosses the CP group (parallel/cp_attention.py)
         if virtual_pp is not None and virtual_pp > 1 and pp == 1:
             raise ValueError(f"a virtual pipeline of size {virtual_pp} needs a pipeline size > 1")
@@ -129,7 +160,7 @@ class ProcessGrid:
         self.ranks: Dict[str, List[int]] = {}
         self._groups: Dict[str, dist.ProcessGroup] = {}
         created: Dict[tuple, dist.ProcessGroup] = {}  # kinds with equal members share one group
-        for kind in list(GROUP_AXES) + ["embedding"]:
+        for kind in list(GROUP_AXES) + ["embedding"] + (["ep", "edp"] if ep > 1 else []):
             for members in grid_group_ranks(self.sizes, kind):
                 key = tuple(members)
                 if key not in created:
@@ -137,11 +168,12 @@ class ProcessGrid:
                     created[key] = dist.new_group(members) if len(members) < self.world_size else dist.group.WORLD
                 if self.rank in members:
                     self.ranks[kind], self._groups[kind] = members, created[key]
+        self.ep_rank = self.ranks["ep"].index(self.rank) if ep > 1 else 0
 
     # -- geometry -----------------------------------------------------------------------------
     @property
     def sizes(self) -> Dict[str, int]:
-        return {"tp": self.tp_size, "cp": self.cp_size, "dp": self.dp_size, "pp": self.pp_size}
+        return {"tp": self.tp_size, "cp": self.cp_size, "dp": self.dp_size, "pp": self.pp_size, "ep": self.ep_size}
 
     def coordinates(self, rank: int) -> Coordinates:
         tp = rank % self.tp_size
@@ -168,6 +200,9 @@ class ProcessGrid:
     mp_group = property(lambda self: self._groups["mp"])
     dp_cp_group = property(lambda self: self._groups["dp_cp"])
     embedding_group = property(lambda self: self._groups["embedding"])
+    # Expert parallelism (module docstring); built only when EP > 1 (None otherwise).
+    ep_group = property(lambda self: self._groups.get("ep"))
+    edp_group = property(lambda self: self._groups.get("edp"))   # expert gradients are reduced over it
 
     # -- pipeline -------------------------------------------------------------------------------
     def is_first_stage(self, chunk: int = 0) -> bool:
@@ -192,12 +227,12 @@ _GRID: Optional[ProcessGrid] = None
 
 
 def initialize_grid(tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
-                    virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p") -> ProcessGrid:
+                    virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p", ep: int = 1) -> ProcessGrid:
     """Build the grid (collective: every rank calls it with the same sizes) and make it current."""
     global _GRID
     if _GRID is not None:
         raise RuntimeError("the process grid is already initialized; call destroy_grid() first")
-    _GRID = ProcessGrid(tp=tp, pp=pp, cp=cp, dp=dp, virtual_pp=virtual_pp, cp_comm_type=cp_comm_type)
+    _GRID = ProcessGrid(tp=tp, pp=pp, cp=cp, dp=dp, virtual_pp=virtual_pp, cp_comm_type=cp_comm_type, ep=ep)
     return _GRID
 
 

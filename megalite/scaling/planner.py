@@ -89,6 +89,9 @@ def _configs(argv: Sequence[str], world_size: int, options: PlanOptions = PlanOp
         layers = _flag_value(argv, "--num-layers", 2)
         argv = with_flags(argv, {"--num-layers": layers + extra})
     model, parallel, optimizer, _data, training = parse_args(argv, world_size=world_size)
+    if model.num_experts is not None:
+        raise ValueError(f"--num-experts {model.num_experts}: the planner does not model experts yet (their memory "
+                         f"over --expert-model-parallel-size, the token dispatch); plan without --num-experts")
     if extra:
         model = dataclasses.replace(model, num_layers=model.num_layers - extra)
     return model, parallel, training, optimizer

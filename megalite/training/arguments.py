@@ -22,6 +22,7 @@ import yaml
 
 from megalite.config.flags import choices, flag_name
 from megalite.config.megatron_switches import add_switches, check_switches, switch_dests
+from megalite.config.moe_settings import check_expert_layout
 from megalite.config.settings import (
     CONFIG_CLASSES,
     DataConfig,
@@ -243,6 +244,7 @@ def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: O
     if training.train_samples is not None:
         training.train_iters = batches.num_iterations(training.train_samples)
     check_context_parallel(model, parallel)
+    check_expert_layout(model, parallel, training)
     pp = parallel.pipeline_model_parallel_size
     per_virtual = parallel.num_layers_per_virtual_pipeline_stage
     if per_virtual is not None:

@@ -9,9 +9,8 @@ One iteration (``train_step``; docs/architecture.md, "One training step")::
                -> finalize_model_grads (DP reduction, tied-embedding and sequence-parallel sums)
                -> optimizer.step() (clip, maybe skip on fp16 overflow) -> scheduler.step()
 
-The loss is averaged over micro-batches on the last pipeline stage, then summed over the pipeline
-and data-parallel groups so every rank logs the same number.  Only global rank 0 prints and writes
-``--log-json``.
+The loss is averaged over micro-batches on the last pipeline stage, then summed over the pipeline and
+data-parallel groups so every rank logs the same number.  Only global rank 0 prints and writes ``--log-json``.
 """
 from __future__ import annotations
 
@@ -53,6 +52,7 @@ from megalite.training.loss_normalization import average_loss, normalize_grads_p
 from megalite.training.memory_hygiene import ManualGarbageCollection, empty_unused_memory
 from megalite.training.metric_writers import build_writers
 from megalite.training.metrics import Logger
+from megalite.training.moe_step import begin_moe_step, end_moe_step
 from megalite.training.profiling import StepProfiler
 from megalite.training.run import Run
 from megalite.training.saved_settings import check_saved_model
@@ -84,10 +84,8 @@ def seed_everything(seed: int) -> None:
 
 # -- set up ----------------------------------------------------------------------------------------
 def setup(argv=None, world_size: Optional[int] = None) -> Run:
-    """Parse flags, start the grid, build model/optimizer/scheduler/data, resume if --load.
-
-    Raises ValueError / FileNotFoundError (one-line messages) on bad input, before training starts.
-    """
+    """Parse flags, start the grid, build model/optimizer/scheduler/data, resume if --load; raises ValueError /
+    FileNotFoundError (one-line messages) on bad input, before training starts."""
     started_at = time.time()
     model_cfg, parallel_cfg, opt_cfg, data_cfg, train_cfg = _parse_and_join(argv, world_size)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -105,7 +103,7 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
                                  pp=parallel_cfg.pipeline_model_parallel_size,
                                  cp=parallel_cfg.context_parallel_size,
                                  virtual_pp=parallel_cfg.virtual_pipeline_model_parallel_size,
-                                 cp_comm_type=parallel_cfg.cp_comm_type)
+                                 cp_comm_type=parallel_cfg.cp_comm_type, ep=parallel_cfg.expert_model_parallel_size)
     batch_schedule = run_batch_schedule(train_cfg, model_cfg.seq_length, grid.dp_size)
     # Dropout differs per pipeline stage (Megatron's seed offset); the TP tracker derives its own.
     seed_everything(model_cfg.seed + 100 * grid.pp_rank)
@@ -214,9 +212,8 @@ def no_sync_func(model: List[torch.nn.Module]):
 
 
 def train_step(run: Run, timeline: Optional[Timeline] = None, num_microbatches: Optional[int] = None) -> dict:
-    """One optimizer step over the global batch; returns the iteration's record (loss, lr, grad norm).
-
-    ``timeline`` (pipeline/timeline.py) records every forward/backward pass of this step.
+    """One optimizer step over the global batch; returns the iteration's record (loss, lr, grad norm, MoE
+    losses).  ``timeline`` (pipeline/timeline.py) records every forward/backward pass of this step.
     ``num_microbatches`` overrides the batch schedule's size of this step (per data-parallel rank)."""
     if num_microbatches is None:
         num_microbatches = run.batch_schedule.num_microbatches(run.consumed_samples)
@@ -225,6 +222,7 @@ def train_step(run: Run, timeline: Optional[Timeline] = None, num_microbatches: 
         chunk.train()
     run.optimizer.zero_grad()
     lr = run.scheduler.lr
+    begin_moe_step(float(run.optimizer.loss_scale), num_microbatches)
     losses = run.forward_backward(
         forward_step_func=forward_step_func(run, scale_loss=True), data_iterator=run.train_iter, model=run.model,
         num_microbatches=num_microbatches, seq_length=run.model_cfg.seq_length,
@@ -232,6 +230,7 @@ def train_step(run: Run, timeline: Optional[Timeline] = None, num_microbatches: 
         no_sync_func=no_sync_func(run.model), grid=run.grid, timeline=timeline)
     empty_unused_memory(run.train_cfg.empty_unused_memory_level, 1)
     finalize_model_grads(run.model, run.grid)
+    moe_losses = end_moe_step(run.model, run.grid, run.model_cfg, num_microbatches, run.device)
     if run.train_cfg.calculate_per_token_loss:
         normalize_grads_per_token(run.model, run.grid, losses, run.device)
     stepped, grad_norm = run.optimizer.step()
@@ -244,7 +243,7 @@ def train_step(run: Run, timeline: Optional[Timeline] = None, num_microbatches: 
             "global_batch_size": global_batch_size,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "loss_scale": float(run.optimizer.loss_scale), "skipped_steps": run.optimizer.num_skipped_steps,
-            "consumed_samples": run.consumed_samples}
+            "consumed_samples": run.consumed_samples, **moe_losses}
 
 
 @torch.no_grad()

@@ -31,6 +31,10 @@ from megalite.training.metric_writers import MetricWriter
 __all__ = ["Logger", "peak_memory_mb"]
 
 
+# The routers' auxiliary losses, logged after the lm loss when the model has experts (training/moe_step.py).
+MOE_LOSSES = ("load_balancing_loss", "z_loss")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: max allocated by torch; CPU: the process's peak resident set (Linux reports KiB)."""
     if device.type == "cuda":
@@ -102,7 +106,9 @@ class Logger:
         if self.train_cfg.log_throughput:
             line += f"throughput per GPU (TFLOP/s/GPU): {_mean(w, 'tflops_per_device'):.1f} | "
         line += (f"learning rate: {last['lr']:.6E} | global batch size: {last['global_batch_size']:5d} | "
-                 f"lm loss: {_mean(w, 'loss'):.6E} | loss scale: {last['loss_scale']:.1f} | "
+                 f"lm loss: {_mean(w, 'loss'):.6E} | ")
+        line += "".join(f"{name}: {_mean(w, name):.6E} | " for name in MOE_LOSSES if name in last)
+        line += (f"loss scale: {last['loss_scale']:.1f} | "
                  f"grad norm: {grad_norm:.3f} | "
                  f"number of skipped iterations: {last['skipped_steps'] - first_skipped:3d} | "
                  f"number of nan iterations: {nan_iterations:3d} | "

@@ -136,6 +136,8 @@ REFUSED_EXPORTS = {
                           "not both --use-rope-scaling"),
     "qk-norm-with-qkv-bias": (dict(LLAMA, qk_layernorm=True, add_qkv_bias=True), "no --add-qkv-bias"),
     "no-positions": (dict(position_embedding_type="none"), "--position-embedding-type none"),
+    "mixture-of-experts": (dict(LLAMA, add_bias_linear=False, num_experts=4),
+                           "exporting a mixture-of-experts model to Hugging Face"),
 }
 
 

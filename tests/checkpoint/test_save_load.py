@@ -38,6 +38,10 @@ LAYOUTS = {
     "tp2-pp2-sp": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                        "--sequence-parallel"]),           # one file per (tp, pp) shard; TP dropout streams
     "cp2": (2, ["--context-parallel-size", "2"]),          # RNG files per CP rank: CP-distinct dropout
+    # Experts replicated over DP 2, ZeRO-1; the expert biases (saved buffers) must come back too.
+    "moe-dp2-zero1": (2, ["--use-distributed-optimizer", "--disable-bias-linear", "--num-experts", "4",
+                          "--moe-aux-loss-coeff", "1e-2", "--moe-router-score-function", "sigmoid",
+                          "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2"]),
 }
 
 

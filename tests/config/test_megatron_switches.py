@@ -25,14 +25,21 @@ def _argv_of(switch):
     return [switch.flag] + ([switch.choices[-1]] if switch.choices else [])
 
 
+# The flags that set each field a switch requires (Megatron accepts the switch only beside them).
+MOE = ["--num-experts", "4", "--disable-bias-linear"]
+REQUIRED = {"use_distributed_optimizer": ["--use-distributed-optimizer"],
+            "overlap_grad_reduce": ["--overlap-grad-reduce"],
+            "moe_shared_expert_intermediate_size": MOE + ["--moe-shared-expert-intermediate-size", "8"],
+            "moe_grouped_gemm": MOE + ["--moe-grouped-gemm"]}
+
+
 def test_every_accepted_switch_parses_and_changes_no_setting():
-    plain = parse_args(BASE, world_size=1)
     for switch in ACCEPTED:
-        extra = ["--use-distributed-optimizer", "--overlap-grad-reduce"] if switch.requires else []
+        extra = [arg for name in switch.requires for arg in REQUIRED[name]]
         configs = parse_args(BASE + extra + _argv_of(switch), world_size=1)
-        if switch.on_field or extra:
-            continue   # a field megalite reads (compared in its own tests), or the required flags changed it
-        assert configs == plain, switch.flag
+        if switch.on_field:
+            continue   # a field megalite reads (compared in its own tests)
+        assert configs == parse_args(BASE + extra, world_size=1), switch.flag
 
 
 def test_every_switch_is_a_flag_of_the_parser_with_its_sentence():
@@ -62,6 +69,8 @@ def test_a_switch_is_refused_without_what_megatron_requires_with_it():
     with pytest.raises(ValueError, match="--overlap-param-gather needs --use-distributed-optimizer and "
                                          "--overlap-grad-reduce .* add --overlap-grad-reduce$"):
         parse_args(BASE + ["--overlap-param-gather", "--use-distributed-optimizer"], world_size=1)
+    with pytest.raises(ValueError, match="--moe-use-legacy-grouped-gemm needs --moe-grouped-gemm"):
+        parse_args(BASE + MOE + ["--moe-use-legacy-grouped-gemm"], world_size=1)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -60,3 +60,23 @@ def test_papers_parameter_and_flop_counts(published, a, h, layers):
     # Model FLOPs, Korthikanti et al. 2022 Eq. 7 (Narayanan's Eq. 3 without the recomputed forward).
     eq7 = 72 * batch * s * layers * h * h * (1 + s / (6 * h) + V / (12 * layers * h))
     assert flops.flops_per_iteration(cfg, batch, tp=1) == pytest.approx(eq7, rel=1e-12)
+
+
+def test_moe_flops_count_the_experts_a_token_visits():
+    # 3 layers, MoE in layers 0 and 2 (--moe-layer-freq 2): top-2 of 8 SwiGLU experts of width 48, shared 32.
+    cfg = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, seq_length=16,
+                      vocab_size=128, swiglu=True, add_bias_linear=False, num_experts=8, moe_ffn_hidden_size=48,
+                      moe_router_topk=2, moe_layer_freq=2, moe_shared_expert_intermediate_size=32)
+    s, h, V = 16, 64, 128
+    attention = 2 * h * 3 * h + 4 * s * h + 2 * h * h
+    dense_mlp, moe_mlp = 2 * 3 * h * 256, 2 * 3 * h * (2 * 48 + 32)
+    forward_per_token = 3 * attention + dense_mlp + 2 * moe_mlp + 2 * h * V
+    assert flops.flops_per_iteration(cfg, 1, tp=1) == pytest.approx(3 * s * forward_per_token, rel=1e-12)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(swiglu=True, moe_layer_freq=2, moe_shared_expert_intermediate_size=24)])
+def test_moe_parameter_count_matches_the_model(extra):
+    from megalite.model.gpt import GPTModel
+    cfg = ModelConfig(num_layers=3, hidden_size=16, num_attention_heads=2, vocab_size=64, add_bias_linear=False,
+                      num_experts=4, moe_ffn_hidden_size=12, **extra)
+    assert flops.count_parameters(cfg, tp=1) == sum(p.numel() for p in GPTModel(cfg).parameters())

@@ -101,3 +101,15 @@ def _hang_on_rank_one(rank, world_size):
 def test_harness_names_the_rank_that_hung():
     with pytest.raises(RanksHung, match=r"rank\(s\) \[1\] of 2"):
         run_on_ranks(_hang_on_rank_one, 2, timeout=3)
+
+
+def test_expert_groups_fold_into_each_stage():
+    from megalite.parallel.state import expert_group_ranks
+    sizes = {"tp": 1, "cp": 1, "dp": 4, "pp": 2, "ep": 2}      # docs/architecture.md's worked example
+    assert expert_group_ranks(sizes, "ep") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert expert_group_ranks(sizes, "edp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    sizes = {"tp": 2, "cp": 1, "dp": 2, "pp": 1, "ep": 4}      # EP spans TP x DP: one expert-DP rank each
+    assert expert_group_ranks(sizes, "ep") == [[0, 1, 2, 3]]
+    assert expert_group_ranks(sizes, "edp") == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="expert-parallel size 3 does not divide the TP x CP x DP = 4"):
+        expert_group_ranks({"tp": 1, "cp": 1, "dp": 4, "pp": 1, "ep": 3}, "ep")

@@ -1,7 +1,7 @@
 """Acceptance: the argument lists of Megatron-LM's current scripts (tests/training/megatron_scripts/*.txt,
-each naming its source and commit) parse and train a few iterations on 1 and 2 ranks, shrunk: sizes made
-tiny, paths pointed at a temporary folder, the FP8 flags removed (refused: tests/config/test_megatron_switches.py),
-every other flag name kept.
+each naming its source and commit) parse and train a few iterations on 1 and 2 ranks (Mixtral's also on 4),
+shrunk: sizes made tiny, paths pointed at a temporary folder, the FP8 flags removed (refused:
+tests/config/test_megatron_switches.py), every other flag name kept.
 
 Flags a Megatron runner adds outside the file (the modelopt configurations hold only the model) and the
 few this CPU test must add are in EXTRA, each with its reason."""
@@ -38,6 +38,11 @@ CASES = {
                 "--lr-warmup-samples": "4", "--profile-step-start": "2", "--profile-step-end": "3"},
         # --profile alone is Megatron's nsys capture; on a CPU the PyTorch profiler stands in.
         extra=["--use-pytorch-profiler"], iterations=3),
+    # Experts as the script sets them (2, over EP 2) except on one rank, where EP is 1; megalite has no SentencePiece
+    # Llama2Tokenizer, so the tokenizer is a Hugging Face one (the flag names are kept, the type's value changes).
+    "train_mixtral_8x7b_distributed": dict(
+        values={"--tokenizer-type": "HuggingFaceTokenizer", "--expert-model-parallel-size": "{ep}",
+                "--train-iters": "3"}, extra=[], iterations=3),
     "Llama-3.2-1B-Instruct": dict(values={}, extra=[], iterations=2, runner=True),
     "Qwen3-0.6B": dict(values={}, extra=[], iterations=2, runner=True),
     "Qwen2.5-0.5B-Instruct": dict(values={}, extra=[], iterations=2, runner=True),
@@ -64,7 +69,7 @@ def shrunk_argv(name, world_size, folder, files):
     values = {**TINY, **case["values"]}
     paths = {"DATA_PATH": files["data"], "VOCAB_FILE": files["vocab"], "MERGE_FILE": files["merges"],
              "CHECKPOINT_PATH": os.path.join(folder, "ckpt"), "TENSORBOARD_LOGS_PATH": os.path.join(folder, "tb"),
-             "DATA_CACHE_PATH": os.path.join(folder, "cache")}
+             "DATA_CACHE_PATH": os.path.join(folder, "cache"), "TOKENIZER_MODEL": files["tokenizer_json"]}
     argv = []
     for flag, value in read_arguments(name):
         if flag in REFUSED:
@@ -72,7 +77,7 @@ def shrunk_argv(name, world_size, folder, files):
         argv.append(flag)
         if value is not None:
             value = paths.get(value, values.get(flag, value))
-            argv.append(value.format(pp=world_size))
+            argv.append(value.format(pp=world_size, ep=min(world_size, 2)))
     runner = [v.format(tokenizer_json=files["tokenizer_json"], save=paths["CHECKPOINT_PATH"]) for v in RUNNER] \
         if case.get("runner") else []
     return argv + runner + case["extra"]
@@ -108,8 +113,8 @@ def _train(rank, world_size, argv):
     return pretrain(argv)
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name, world_size", [(name, size) for name in sorted(CASES) for size in (1, 2)]
+                         + [("train_mixtral_8x7b_distributed", 4)])   # DP 4 over EP 2
 def test_the_shrunk_script_trains(name, world_size, tmp_path, files):
     argv = shrunk_argv(name, world_size, str(tmp_path), files)
     histories = run_on_ranks(_train, world_size, argv, timeout=240)
@@ -119,3 +124,5 @@ def test_the_shrunk_script_trains(name, world_size, tmp_path, files):
     assert all([r["loss"] for r in other] == [r["loss"] for r in history] for other in histories)
     if name == "train_gpt3_175b_distributed":      # the step schedule: 2 until sample 4, then 4
         assert [r["global_batch_size"] for r in history] == [2, 2, 4, 4]
+    if name == "train_mixtral_8x7b_distributed":   # the balancing loss is logged beside the lm loss
+        assert all(math.isfinite(r["load_balancing_loss"]) and r["load_balancing_loss"] > 0 for r in history)

@@ -1,0 +1,82 @@
+"""The routed experts: tokens sorted by expert, every expert's MLP as one grouped GEMM, the results weighted
+and summed back into token order -- dropless, with no loop over tokens.
+
+Permutation.  With T tokens each sent to k experts, the T k (token, expert) pairs are sorted by expert
+(stably, so each expert's tokens keep their order): ``permuted[j] = tokens[order[j] // k]``, and expert e
+reads the ``counts[e]`` consecutive rows that follow the experts before it.  Unpermutation multiplies row j by
+its routing weight and adds it into token ``order[j] // k`` (index_add), the sum over the token's k experts.
+
+Experts.  All E experts' weights live in two tensors, ``weight1 [E, h, f]`` (``[E, h, 2f]`` with SwiGLU, gate
+and up interleaved per unit as in megalite/model/transformer.py's MLP) and ``weight2 [E, f, h]``, drawn whole
+from the seed (so splitting the experts over ranks later keeps each expert's values).  ``grouped_mm`` computes
+row block e times ``weight[e]`` for every e: one ``torch._grouped_mm`` call where torch, the device and the
+dtype support it (CUDA, bfloat16, compute capability 9.0 on), else a loop over the experts with the same math.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megalite.config.settings import ModelConfig
+from megalite.ops import swiglu
+from megalite.parallel.expert_parallel import ep_size
+from megalite.parallel.layers import new_parameter
+from megalite.parallel.param_info import Init
+
+__all__ = ["permute", "unpermute", "grouped_mm", "grouped_mm_available", "Experts"]
+
+
+def permute(tokens: torch.Tensor, indices: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, ...]:
+    """tokens [T, h], indices [T, k] -> (rows [T k, h] grouped by expert, order [T k], counts [E])."""
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return tokens.index_select(0, order // indices.shape[1]), order, counts
+
+
+def unpermute(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """rows [T k, h] from :func:`permute`'s order, weights [T, k] -> [T, h]: each token's weighted sum."""
+    topk = weights.shape[1]
+    weighted = rows * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(rows.dtype)
+    out = rows.new_zeros(num_tokens, rows.shape[1])
+    return out.index_add(0, order // topk, weighted)
+
+
+def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm serves x [N, in] @ weight [E, in, out] here."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and x.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """x [N, in] with its rows in E consecutive blocks of ``counts``, weight [E, in, out] -> [N, out]."""
+    if fused and grouped_mm_available(x, weight):
+        offsets = torch.cumsum(counts, dim=0).to(torch.int32)
+        return torch._grouped_mm(x, weight, offs=offsets)
+    blocks = x.split(counts.tolist(), dim=0)
+    return torch.cat([block @ weight[e] for e, block in enumerate(blocks)], dim=0)
+
+
+class Experts(nn.Module):
+    """rows [N, h] grouped by this rank's experts, counts [E / EP] -> [N, h]: each row through its expert's
+    MLP (GELU or SwiGLU, no biases)."""
+
+    def __init__(self, config: ModelConfig, output_init_std: float):
+        super().__init__()
+        experts, hidden, ffn = config.num_experts // ep_size(), config.hidden_size, config.moe_ffn_hidden_size
+        self.swiglu, self.fused = config.swiglu, config.moe_grouped_gemm
+        self.gelu_approximation = "tanh" if config.openai_gelu else "none"
+        # This rank's E / EP experts: rows ep_rank x E / EP on of the whole stack drawn from the seed.
+        self.weight1 = new_parameter((experts, hidden, 2 * ffn if self.swiglu else ffn),
+                                     Init("normal", config.init_method_std), expert_parallel=True)
+        self.weight2 = new_parameter((experts, ffn, hidden), Init("normal", output_init_std), expert_parallel=True)
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        hidden = grouped_mm(rows, self.weight1, counts, self.fused)
+        hidden = swiglu(hidden) if self.swiglu else F.gelu(hidden, approximate=self.gelu_approximation)
+        return grouped_mm(hidden, self.weight2, counts, self.fused)
+

@@ -1,0 +1,86 @@
+"""The MoE layer that replaces a transformer layer's MLP: x [s, b, h] -> [s, b, h].
+
+    weights, experts = router(x)                           (router.py; T = s b tokens, k experts each)
+    out[t] = sum over the k chosen e of weights[t, e] * Expert_e(x[t])        (experts.py)
+           + SharedExpert(x[t])                            (with --moe-shared-expert-intermediate-size)
+
+The router's auxiliary losses ride on ``out``'s backward (aux_loss.py).  Under expert parallelism each rank
+holds E / EP experts and the rows travel to their experts' ranks and back, or every rank sees every token of
+its EP group (megalite/parallel/expert_parallel.py: the alltoall and allgather dispatchers); the experts'
+gradients are then reduced over the expert-data-parallel group only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalite.config.settings import ModelConfig
+from megalite.model.moe import aux_loss
+from megalite.model.moe.experts import Experts, permute, unpermute
+from megalite.model.moe.router import TopKRouter
+from megalite.model.transformer import MLP
+from megalite.parallel.expert_parallel import combine, dispatch, ep_group, gather_tokens, reduce_scatter_tokens
+
+__all__ = ["MoELayer", "mlp_builder"]
+
+
+class MoELayer(nn.Module):
+    """Router, routed experts and the optional shared expert of global layer ``layer_number``."""
+
+    def __init__(self, config: ModelConfig, layer_number: int, output_init_std: float):
+        super().__init__()
+        self.num_experts, self.dispatcher = config.num_experts, config.moe_token_dispatcher_type
+        self.router = TopKRouter(config, layer_number)
+        self.experts = Experts(config, output_init_std)
+        self.shared_expert = None
+        if config.moe_shared_expert_intermediate_size is not None:
+            shared = dataclasses.replace(config, ffn_hidden_size=config.moe_shared_expert_intermediate_size)
+            self.shared_expert = MLP(shared, output_init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])                                         # [T, h]
+        weights, indices, kept, aux = self.router(x)                                # [T, k] each
+        if kept is not None:   # dropped pairs go to a last, uncomputed expert E (capacity.py)
+            indices = torch.where(kept, indices, torch.full_like(indices, self.num_experts))
+        group = ep_group()
+        if group is not None and self.dispatcher == "allgather":
+            out = self._allgather_experts(tokens, weights, indices, group).view_as(x)
+        else:
+            rows, order, counts = permute(tokens, indices, self.num_experts + (kept is not None))
+            if kept is not None:
+                served = int(counts[:self.num_experts].sum())
+                rows, order, counts = rows[:served], order[:served], counts[:self.num_experts]
+            if group is None:
+                results = self.experts(rows, counts)
+            else:   # the alltoall dispatcher: rows to the ranks of their experts and back
+                local_rows, local_counts, plan = dispatch(rows, counts, group)
+                results = combine(self.experts(local_rows, local_counts), plan, group)
+            out = unpermute(results, order, weights, tokens.shape[0]).view_as(x)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        return aux_loss.attach(out, aux) if aux is not None else out
+
+    def _allgather_experts(self, tokens, weights, indices, group) -> torch.Tensor:
+        """The allgather dispatcher (megalite/parallel/expert_parallel.py): this rank's experts over the whole
+        EP group's tokens; the rows of other ranks' experts go to a last, empty group and contribute zero."""
+        local = self.num_experts // dist.get_world_size(group)
+        all_tokens, all_weights = gather_tokens(tokens, group), gather_tokens(weights, group)
+        mine = gather_tokens(indices, group) - dist.get_rank(group) * local      # a dropped pair: E, not here
+        mine = torch.where((mine >= 0) & (mine < local), mine, torch.full_like(mine, local))
+        rows, order, counts = permute(all_tokens, mine, local + 1)
+        served = int(counts[:local].sum())
+        results = torch.cat([self.experts(rows[:served], counts[:local]), rows.new_zeros(rows[served:].shape)])
+        return reduce_scatter_tokens(unpermute(results, order, all_weights, all_tokens.shape[0]), group)
+
+
+def mlp_builder(config: ModelConfig):
+    """For TransformerBlock: the MLP of global layer i, an MoELayer where --moe-layer-freq puts one, else
+    None (the dense MLP)."""
+    def build(layer_number: int, output_init_std: float, sequence_parallel: bool):
+        if not config.is_moe_layer(layer_number):
+            return None
+        return MoELayer(config, layer_number, output_init_std)
+    return build

@@ -1,0 +1,118 @@
+"""Expert parallelism's communication: the experts of a layer are split over the EP group (E / EP per rank,
+megalite/parallel/state.py), so each token's rows travel to the ranks that hold its experts and back.
+
+The alltoall dispatcher.  Rows leave a rank grouped by global expert (megalite/model/moe/experts.py's
+permutation), so the rows for EP rank r are one contiguous block.  First the counts go (``[EP, E/EP]``, one
+all-to-all of E integers), so every rank knows how many rows it sends to and receives from each peer; then
+the rows go with those split sizes, and come back after the experts with the sizes swapped.  Received rows
+are ordered by source rank, then local expert; :func:`dispatch` regroups them by local expert for the
+grouped GEMM and :func:`combine` undoes that before the return trip.  The all-to-all's backward is the
+all-to-all with the split sizes swapped.  gloo serves ``all_to_all_single`` with split sizes on the CPU.
+
+The allgather dispatcher.  Every rank gathers the whole EP group's tokens, routing weights and choices
+(:func:`gather_tokens`; equal shapes, every rank has the same micro-batch), runs its own experts on the rows
+chosen for them, and the partial outputs -- zero for the rows of other ranks' experts -- are summed back to
+the ranks that own the tokens (:func:`reduce_scatter_tokens`).  More traffic than alltoall (every token to
+every rank), no count exchange.  Backward: the all-gather's is a reduce-scatter, and the other way round.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megalite.parallel import state
+from megalite.parallel.mappings import all_gather_along, reduce_scatter_along
+
+__all__ = ["ep_size", "ep_rank", "ep_group", "all_to_all", "dispatch", "combine", "gather_tokens",
+           "reduce_scatter_tokens"]
+
+
+def ep_group():
+    """The expert-parallel group, or None (EP 1 or no grid)."""
+    return state.get_grid().ep_group if state.grid_is_initialized() else None
+
+
+def ep_size() -> int:
+    return state.get_grid().ep_size if state.grid_is_initialized() else 1
+
+
+def ep_rank() -> int:
+    return state.get_grid().ep_rank if state.grid_is_initialized() else 0
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_splits: List[int], input_splits: List[int], group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        return _AllToAll.apply(grad.contiguous(), input_splits, output_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: List[int], input_splits: List[int], group) -> torch.Tensor:
+    """Rows of ``x`` in blocks of ``input_splits`` to each rank of ``group``; returns the blocks received
+    (``output_splits`` rows from each rank, in rank order); differentiable."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+def dispatch(rows: torch.Tensor, counts: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
+    """rows [N, h] grouped by global expert with ``counts`` [E] -> (this rank's rows grouped by local expert,
+    their counts [E / EP], what :func:`combine` needs to send the results back)."""
+    size = dist.get_world_size(group)
+    local_experts = counts.numel() // size
+    sent_counts = counts.reshape(size, local_experts)
+    received_counts = torch.empty_like(sent_counts)
+    dist.all_to_all_single(received_counts, sent_counts.contiguous(), group=group)      # [source, local expert]
+    input_splits, output_splits = sent_counts.sum(dim=1).tolist(), received_counts.sum(dim=1).tolist()
+    received = all_to_all(rows, output_splits, input_splits, group)
+    owner = torch.arange(local_experts, device=rows.device).repeat(size)                 # per (source, expert)
+    order = torch.argsort(torch.repeat_interleave(owner, received_counts.reshape(-1)), stable=True)
+    return received.index_select(0, order), received_counts.sum(dim=0), (order, input_splits, output_splits)
+
+
+def combine(results: torch.Tensor, plan: tuple, group) -> torch.Tensor:
+    """The experts' results (in :func:`dispatch`'s order) back to the ranks and order the rows came from."""
+    order, input_splits, output_splits = plan
+    by_source = results.index_select(0, torch.argsort(order))
+    return all_to_all(by_source, input_splits, output_splits, group)
+
+
+class _GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_along(x, 0, group, kind="ep_all_gather")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_along(grad, 0, ctx.group, kind="ep_reduce_scatter"), None
+
+
+class _ReduceScatterTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_along(x, 0, group, kind="ep_reduce_scatter")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_along(grad, 0, ctx.group, kind="ep_all_gather"), None
+
+
+def gather_tokens(x: torch.Tensor, group) -> torch.Tensor:
+    """Every EP rank's ``x`` [T, ...] concatenated in rank order, [EP T, ...]; differentiable for floats."""
+    if not x.is_floating_point():
+        return all_gather_along(x, 0, group, kind="ep_all_gather")
+    return _GatherTokens.apply(x, group)
+
+
+def reduce_scatter_tokens(x: torch.Tensor, group) -> torch.Tensor:
+    """[EP T, ...] summed over the EP ranks, this rank's T rows kept; differentiable."""
+    return _ReduceScatterTokens.apply(x, group)

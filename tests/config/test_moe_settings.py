@@ -1,0 +1,62 @@
+"""The MoE flags under Megatron-LM's names reach ModelConfig, and bad combinations are refused in one line."""
+import pytest
+
+from megalite.training.arguments import build_parser, parse_args
+
+BASE = ["--mock-data", "--disable-bias-linear"]
+
+
+def test_moe_flags_have_megatron_names_and_reach_fields():
+    flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+    for name in ("num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size",
+                 "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
+                 "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                 "moe_router_enable_expert_bias", "moe_router_dtype", "moe_expert_capacity_factor",
+                 "moe_token_drop_policy", "moe_pad_expert_input_to_capacity", "expert_model_parallel_size",
+                 "moe_token_dispatcher_type", "moe_grouped_gemm"):
+        assert flags[name] == "--" + name.replace("_", "-"), name
+    model, parallel = parse_args(BASE + [
+        "--num-experts", "8", "--moe-router-topk", "2", "--moe-layer-freq", "2", "--ffn-hidden-size", "96",
+        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-aux-loss-coeff", "1e-2",
+        "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-router-dtype", "fp32", "--moe-grouped-gemm",
+        "--num-layers", "4"])[:2]
+    assert (model.num_experts, model.moe_router_topk, model.moe_layer_freq) == (8, 2, 2)
+    assert model.moe_ffn_hidden_size == 96            # defaults to --ffn-hidden-size
+    assert model.moe_router_score_function == "sigmoid" and model.moe_router_enable_expert_bias
+    assert (model.moe_aux_loss_coeff, model.moe_router_load_balancing_type) == (1e-2, "seq_aux_loss")
+    assert [model.is_moe_layer(i) for i in range(4)] == [True, False, True, False]
+    assert parallel.expert_model_parallel_size == 1
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk 5 exceeds --num-experts 4"),
+    (["--moe-ffn-hidden-size", "32"], "--moe-ffn-hidden-size describes experts but --num-experts is not given"),
+    (["--num-experts", "4", "--moe-router-enable-expert-bias"], "needs --moe-router-score-function sigmoid"),
+    (["--num-experts", "4", "--moe-router-score-function", "sigmoid", "--moe-router-pre-softmax"],
+     "--moe-router-pre-softmax applies to --moe-router-score-function softmax only"),
+    (["--num-experts", "4", "--moe-router-score-function", "tanh"], "invalid choice: 'tanh'"),
+    (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"], "needs --moe-expert-capacity-factor"),
+    (["--num-experts", "4", "--moe-expert-capacity-factor", "0"], "--moe-expert-capacity-factor must be above 0"),
+    (["--num-experts", "0"], "--num-experts must be at least 1"),
+    (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 needs experts"),
+    (["--num-experts", "3", "--expert-model-parallel-size", "2"], "--num-experts 3 is not divisible by"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 with --num-experts"),
+    (["--num-experts", "4", "--save", "ckpt", "--expert-model-parallel-size", "2"],
+     "--save ckpt with --expert-model-parallel-size 2"),
+    (["--num-experts", "4", "--load", "ckpt", "--expert-model-parallel-size", "2"],
+     "--load ckpt with --expert-model-parallel-size 2"),
+    (["--num-experts", "4", "--context-parallel-size", "2", "--moe-router-load-balancing-type", "seq_aux_loss",
+      "--moe-aux-loss-coeff", "0.01"], "seq_aux_loss with --context-parallel-size 2 is not built yet"),
+    (["--num-experts", "8", "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide"),
+    (["--num-experts", "4", "--calculate-per-token-loss", "--moe-aux-loss-coeff", "0.01"],
+     "--calculate-per-token-loss with MoE auxiliary losses"),
+])
+def test_moe_refusals_name_the_value(argv, words):
+    with pytest.raises((ValueError, SystemExit)) as refused:
+        parse_args(BASE + argv, world_size=4)
+    assert words in str(refused.value)
+
+
+def test_experts_need_bias_free_linears():
+    with pytest.raises(ValueError, match="add --disable-bias-linear"):
+        parse_args(["--mock-data", "--num-experts", "4"])
