@@ -88,3 +88,14 @@ def test_data_without_end_of_document_tokens_is_refused_in_one_line():
 def test_the_flags_parse_with_megatrons_names():
     data = parse_args(["--mock-data", "--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"])[3]
     assert data.reset_position_ids and data.reset_attention_mask and data.eod_mask_loss
+
+
+def test_the_flags_on_real_data_need_the_tokenizer_that_names_the_eod():
+    from megalite.config.settings import DataConfig
+    from megalite.data.training_data import packing_from_config
+    data = DataConfig(data_path=["corpus"], eod_mask_loss=True)
+    with pytest.raises(ValueError, match="--eod-mask-loss needs the end-of-document token, which comes from "
+                                         "--tokenizer-type"):
+        packing_from_config(data, None, 100)
+    mock = DataConfig(mock_data=True, eod_mask_loss=True)
+    assert packing_from_config(mock, None, 100).eod == 99          # mock data: the last id
