@@ -35,7 +35,7 @@ from megalite.checkpoint.imported import save_one_rank
 from megalite.checkpoint.megatron_args import CHECKPOINT_VERSION, config_from_args, megatron_args
 from megalite.checkpoint.megatron_legacy_model import from_legacy_model, is_legacy_model, to_legacy_model
 from megalite.checkpoint.megatron_names import from_megatron, join_from_tp, split_for_tp, to_megatron
-from megalite.checkpoint.paths import TRACKER_FILE, iteration_dir
+from megalite.checkpoint.paths import TRACKER_FILE, iteration_dir, read_latest_iteration
 from megalite.config.settings import ModelConfig
 
 __all__ = ["FORMATS", "export_megatron", "import_megatron", "write_legacy", "read_legacy", "megatron_rank_dir"]
@@ -167,12 +167,11 @@ def _iteration_folder(root: str) -> Tuple[str, int]:
     tracker = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(tracker):
         raise FileNotFoundError(f"{root} has no {TRACKER_FILE}; point --load at a Megatron-LM checkpoint root")
-    text = open(tracker).read().strip()
-    if text == "release":
-        return os.path.join(root, "release"), 0
-    if not text.isdigit():
-        raise ValueError(f"{tracker} should hold an iteration number or 'release', found {text[:32]!r}")
-    return iteration_dir(root, int(text)), int(text)
+    with open(tracker, "rb") as f:
+        if f.read().decode("utf-8", errors="replace").strip() == "release":
+            return os.path.join(root, "release"), 0
+    iteration = read_latest_iteration(root)     # ASCII digits, or one line naming what the file holds
+    return iteration_dir(root, iteration), iteration
 
 
 def export_megatron(load: str, save: str, *, ckpt_format: str = "torch", tp: int = 1, pp: int = 1,

@@ -37,10 +37,9 @@ from megalite.parallel.block_attention import (
     forward_pairs,
     new_accumulators,
 )
-from megalite.parallel.collectives import all_gather_into, reduce_scatter_into
 from megalite.parallel.context_parallel import chunk_ids, cp_group, cp_rank, cp_size, merge_sequence
 from megalite.parallel.documents import Documents, span_pairs
-from megalite.parallel.mappings import comm_counter
+from megalite.parallel.mappings import all_gather_along, comm_counter, reduce_scatter_along
 from megalite.parallel.masked_attention import masked_attention
 
 __all__ = ["CP_COMM_TYPES", "attention", "pairs_between", "check_a2a_heads"]
@@ -162,11 +161,7 @@ class _Ring(torch.autograd.Function):
 # -- all_gather ------------------------------------------------------------------------------------------
 def _gather_kv(kv: torch.Tensor) -> torch.Tensor:
     """[2, b, g, 2c, d] on each rank -> [CP, 2, b, g, 2c, d], CP rank order."""
-    size = cp_size()
-    gathered = torch.empty((size * 2, *kv.shape[1:]), dtype=kv.dtype, device=kv.device)
-    all_gather_into(gathered, kv.contiguous(), group=cp_group())
-    comm_counter.add("cp_all_gather", gathered.numel() * gathered.element_size(), size)
-    return gathered.view(size, *kv.shape)
+    return all_gather_along(kv, 0, group=cp_group(), kind="cp_all_gather").view(cp_size(), *kv.shape)
 
 
 class _GatheredBlocks(torch.autograd.Function):
@@ -188,16 +183,16 @@ class _GatheredBlocks(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         size, rank, chunk = cp_size(), cp_rank(), q.shape[2] // 2
         kv_all = _gather_kv(torch.stack([k, v]))
+        dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkv_all = torch.zeros(kv_all.shape, dtype=torch.float32, device=q.device)
         for source in range(size):
-            backward_pairs(dout.contiguous(), q, kv_all[source, 0], kv_all[source, 1], out, lse,
+            backward_pairs(dout, q, kv_all[source, 0], kv_all[source, 1], out, lse,
                            pairs_between(rank, source, size, chunk, ctx.documents), dq, dkv_all[source, 0],
                            dkv_all[source, 1])
         del kv_all
-        dkv = torch.empty(dkv_all.shape[1:], dtype=torch.float32, device=q.device)
-        reduce_scatter_into(dkv, dkv_all.view(size * 2, *dkv_all.shape[2:]), group=cp_group())
-        comm_counter.add("cp_reduce_scatter", dkv_all.numel() * dkv_all.element_size(), size)
+        dkv = reduce_scatter_along(dkv_all.view(size * 2, *dkv_all.shape[2:]), 0, group=cp_group(),
+                                   kind="cp_reduce_scatter")
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
 
 

@@ -14,7 +14,7 @@ dtype support it (CUDA, bfloat16, compute capability 9.0 on), else a loop over t
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,14 @@ def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0)
 
 
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    """x [N, in] with its rows in E consecutive blocks of ``counts``, weight [E, in, out] -> [N, out]."""
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fused: bool = True,
+               sizes: Optional[List[int]] = None) -> torch.Tensor:
+    """x [N, in] with its rows in E consecutive blocks of ``counts``, weight [E, in, out] -> [N, out].
+    ``sizes``: ``counts`` already on the host (the loop over experts needs them there)."""
     if fused and grouped_mm_available(x, weight):
         offsets = torch.cumsum(counts, dim=0).to(torch.int32)
         return torch._grouped_mm(x, weight, offs=offsets)
-    blocks = x.split(counts.tolist(), dim=0)
+    blocks = x.split(sizes if sizes is not None else counts.tolist(), dim=0)
     return torch.cat([block @ weight[e] for e, block in enumerate(blocks)], dim=0)
 
 
@@ -76,7 +78,9 @@ class Experts(nn.Module):
         self.weight2 = new_parameter((experts, ffn, hidden), Init("normal", output_init_std), expert_parallel=True)
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        hidden = grouped_mm(rows, self.weight1, counts, self.fused)
+        # The loop over experts needs the counts on the host: one device-to-host copy for both GEMMs.
+        sizes = None if self.fused and grouped_mm_available(rows, self.weight1) else counts.tolist()
+        hidden = grouped_mm(rows, self.weight1, counts, self.fused, sizes)
         hidden = swiglu(hidden) if self.swiglu else F.gelu(hidden, approximate=self.gelu_approximation)
-        return grouped_mm(hidden, self.weight2, counts, self.fused)
+        return grouped_mm(hidden, self.weight2, counts, self.fused, sizes)
 
