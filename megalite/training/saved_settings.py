@@ -2,11 +2,13 @@
 that weights are never loaded into a model that would compute something else with them."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Dict
 
 from megalite.checkpoint.paths import rank_dir
 from megalite.checkpoint.reader import CheckpointReader
+from megalite.config.flags import flag_name
 from megalite.config.settings import ModelConfig, saved_model_fields
 
 __all__ = ["saved_model_settings", "check_saved_model", "checkpoint_model_defaults", "SAME_SHAPE_MATH"]
@@ -31,9 +33,10 @@ def check_saved_model(root: str, model: ModelConfig) -> None:
     """Refuse to load weights saved under other values of :data:`SAME_SHAPE_MATH` (one line; fields a
     checkpoint did not save, from before they existed, are taken as agreeing)."""
     saved = saved_model_settings(root)
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     for name in SAME_SHAPE_MATH:
         if name in saved and saved[name] != getattr(model, name):
-            flag = "--" + name.replace("_", "-")
+            flag = flag_name(fields[name])
             raise ValueError(f"--load {root} was trained with {flag} {saved[name]!r}, this run has "
                              f"{getattr(model, name)!r}: the weights would compute another model; give {flag} "
                              f"{saved[name]!r} (or --use-checkpoint-args)")
