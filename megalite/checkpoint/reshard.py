@@ -69,6 +69,7 @@ from megalite.log import print_rank0
 from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.optim.schedulers import LRScheduler
 from megalite.parallel.data_parallel import unwrap_model
+from megalite.parallel.param_gather import whole_parameters, write_back_shards
 from megalite.parallel.param_info import param_info
 from megalite.parallel.state import ProcessGrid
 
@@ -109,10 +110,12 @@ def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimize
         why = index.get("no_optimizer_because") or "it was saved without one"
         raise ValueError(f"--load {root}: iteration {iteration} holds no optimizer state this layout can load: "
                          f"{why}. To take the weights only, pass --no-load-optim (or --finetune)")
-    plan = _plan(model_chunks, optimizer if load_optimizer else None, grid, index,
-                 chunk_layer_numbers(model_chunks, layer_numbers))
     rng_file = _saved_rng_file(index["layout"], grid) if load_rng else None
-    paths = _fill(root, iteration, manifest, grid, plan, rng_file)
+    with whole_parameters(model_chunks):      # ZeRO-3 holds shards; the plan fills whole parameters
+        plan = _plan(model_chunks, optimizer if load_optimizer else None, grid, index,
+                     chunk_layer_numbers(model_chunks, layer_numbers))
+        paths = _fill(root, iteration, manifest, grid, plan, rng_file)
+        write_back_shards(model_chunks)
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):
         # Masters this run keeps and the checkpoint did not save (an fp32 run's) are the loaded weights.
         _reload_masters_not_loaded(optimizer, {id(out) for out, _, _ in plan})

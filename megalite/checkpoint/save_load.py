@@ -48,6 +48,7 @@ from megalite.checkpoint.reader import choose_iteration, load_file, required_man
 from megalite.optim.optimizer import MegaliteOptimizer
 from megalite.optim.schedulers import LRScheduler
 from megalite.parallel.data_parallel import unwrap_model
+from megalite.parallel.param_gather import whole_parameters, write_back_shards
 from megalite.parallel.param_info import param_info
 from megalite.parallel.random import get_rng_tracker
 from megalite.parallel.state import ProcessGrid
@@ -104,10 +105,16 @@ def partition_metadata(chunk: torch.nn.Module) -> dict:
 
 
 # -- save ------------------------------------------------------------------------------------------
-def saved_layout(grid: ProcessGrid, sharded_optimizer: bool) -> dict:
-    """What decides which files hold which tensors; a checkpoint loads file for file only at its own."""
-    return {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1, "cp": grid.cp_size,
-            "dp": grid.dp_size, "zero1": bool(sharded_optimizer)}
+def saved_layout(grid: ProcessGrid, sharded_optimizer) -> dict:
+    """What decides which files hold which tensors; a checkpoint loads file for file only at its own.
+
+    ``sharded_optimizer``: False, True (ZeRO-1), or the sharding strategy's name: ZeRO-3 cuts its buckets at
+    gather units (parallel/grad_buffer.py), so its optimizer pieces differ from ZeRO-1/2's."""
+    layout = {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1, "cp": grid.cp_size,
+              "dp": grid.dp_size, "zero1": bool(sharded_optimizer)}
+    if sharded_optimizer == "optim_grads_params":
+        layout["buckets_at_units"] = True
+    return layout
 
 
 def _describe_saved_tensors(model_chunks, optimizer, grid: ProcessGrid, shard: str, sharded_optimizer: bool,
@@ -168,10 +175,13 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     os.makedirs(folder, exist_ok=True)
     suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
     written = []
-    if grid.dp_rank == 0 and grid.cp_rank == 0:
-        written.append("model_optim_rng.pt")
-        _save(_model_file(iteration, model_chunks, optimizer, scheduler, grid, consumed_samples, settings,
-                          sharded_optimizer, layer_numbers), os.path.join(folder, written[-1]))
+    with whole_parameters(model_chunks):      # ZeRO-3: a collective over DP x CP, so every rank gathers
+        if grid.dp_rank == 0 and grid.cp_rank == 0:
+            written.append("model_optim_rng.pt")
+            _save(_model_file(iteration, model_chunks, optimizer, scheduler, grid, consumed_samples, settings,
+                              sharded_optimizer, layer_numbers), os.path.join(folder, written[-1]))
+        slices = _describe_saved_tensors(model_chunks, optimizer, grid, os.path.basename(folder),
+                                         sharded_optimizer, layer_numbers, suffix)
     if optimizer is not None and sharded_optimizer:
         written.append("optimizer_" + suffix)
         _save(optimizer.state_dict(), os.path.join(folder, written[-1]))
@@ -179,8 +189,6 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
     _save(get_rng_state(), os.path.join(folder, written[-1]))
     fsync_dir(folder)
     mine = {os.path.join(os.path.basename(folder), name): file_entry(os.path.join(folder, name)) for name in written}
-    slices = _describe_saved_tensors(model_chunks, optimizer, grid, os.path.basename(folder), sharded_optimizer,
-                                     layer_numbers, suffix)
     # Only rank 0 writes the index and the manifest, so only rank 0 receives every rank's part.
     everyone: Optional[list] = [None] * grid.world_size if grid.rank == 0 else None
     dist.gather_object((mine, slices), everyone, dst=0)
@@ -274,6 +282,13 @@ def stop_together(fault: Optional[str], grid: ProcessGrid, error: type = ValueEr
             raise error(f"rank {rank}: {other}")
 
 
+def _load_model_chunks(model_chunks: Sequence[torch.nn.Module], state: dict) -> None:
+    with whole_parameters(model_chunks):      # ZeRO-3 holds shards; the file holds whole parameters
+        for i, chunk in enumerate(model_chunks):
+            unwrap_model(chunk).load_state_dict(state[_model_key(i, len(model_chunks))])
+        write_back_shards(model_chunks)
+
+
 def load_same_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: MegaliteOptimizer,
                     scheduler: LRScheduler, grid: ProcessGrid, *,
                     iteration: Optional[int] = None, sharded_optimizer: bool = False,
@@ -312,8 +327,7 @@ def load_same_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimiz
                          f"virtual PP={saved['vpp']} CP={saved['cp']}, this run has TP={mine['tp']} PP={mine['pp']} "
                          f"virtual PP={mine['vpp']} CP={mine['cp']}; load it through "
                          f"megalite.checkpoint.reshard.load_any_layout, or run with the saved layout")
-    for i, chunk in enumerate(model_chunks):
-        unwrap_model(chunk).load_state_dict(state[_model_key(i, len(model_chunks))])
+    _load_model_chunks(model_chunks, state)
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()  # fp32 masters of a half-precision model follow the loaded weights
     if optimizer is not None and load_optimizer:

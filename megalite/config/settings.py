@@ -20,10 +20,11 @@ from megalite.parallel.pipeline.orders import PipelineSchedule
 
 # Choices that the code reading them imports from here (data/tokenizer.py; the decay styles from
 # training_settings.py, re-exported); the pipeline schedules live with their orders.
+ShardingStrategy = Literal["no_shard", "optim", "optim_grads", "optim_grads_params"]
 TokenizerType = Literal["GPT2BPETokenizer", "HuggingFaceTokenizer", "TikTokenizer", "NullTokenizer"]
 
-__all__ = ["ModelConfig", "OptimizerConfig", "ParallelConfig", "DataConfig", "TrainingConfig", "CONFIG_CLASSES",
-           "DecayStyle", "TokenizerType",
+__all__ = ["ModelConfig", "OptimizerConfig", "ShardingStrategy", "ParallelConfig", "DataConfig", "TrainingConfig",
+           "CONFIG_CLASSES", "DecayStyle", "TokenizerType",
            "check_batch_sizes", "saved_model_fields"]
 
 
@@ -53,7 +54,18 @@ class OptimizerConfig:
                                             "accumulation stays)")
     use_distributed_optimizer: bool = flag(False, "shard fp32 masters and Adam moments over data parallelism "
                                                   "(ZeRO-1)")
+    data_parallel_sharding_strategy: Optional[ShardingStrategy] = flag(
+        None, "what data parallelism shards over DP x CP: nothing, optimizer state (ZeRO-1), also gradients "
+              "(ZeRO-2), also parameters (ZeRO-3 / FSDP); default optim with --use-distributed-optimizer or "
+              "--use-megatron-fsdp / --use-torch-fsdp2 (docs/sharded_data_parallel.md)")
+    use_megatron_fsdp: bool = flag(False, "fully sharded data parallelism with megalite's own buckets; "
+                                          "--data-parallel-sharding-strategy says how much (default "
+                                          "optim_grads_params)")
+    use_torch_fsdp2: bool = flag(False, "Megatron's switch for FSDP2: megalite shards the same way "
+                                        "(optim_grads_params) with its own buckets (docs/sharded_data_parallel.md)")
     overlap_grad_reduce: bool = flag(False, "reduce gradient buckets during backward")
+    overlap_param_gather: bool = flag(False, "ZeRO-3: all-gather the next unit's parameters while this one "
+                                             "computes (ZeRO-1/2 gather after the step)")
     ddp_bucket_size: Optional[int] = flag(None, "elements per gradient bucket; default 40M", at_least=1)
 
     def __post_init__(self):
@@ -73,6 +85,32 @@ class OptimizerConfig:
         if self.min_loss_scale > self.initial_loss_scale:
             raise ValueError(f"--min-loss-scale {self.min_loss_scale} is above --initial-loss-scale "
                              f"{self.initial_loss_scale}")
+        self._check_sharding()
+
+    def _check_sharding(self) -> None:
+        explicit = self.data_parallel_sharding_strategy
+        if self.use_torch_fsdp2 and self.use_megatron_fsdp:
+            raise ValueError("--use-torch-fsdp2 and --use-megatron-fsdp are exclusive (as in Megatron-LM); keep one")
+        if self.use_torch_fsdp2 and explicit not in (None, "optim_grads_params"):
+            raise ValueError(f"--use-torch-fsdp2 shards parameters, gradients and optimizer state; it cannot "
+                             f"take --data-parallel-sharding-strategy {explicit}: drop one of them")
+        if explicit == "no_shard" and self.use_distributed_optimizer:
+            raise ValueError("--use-distributed-optimizer shards the optimizer state, "
+                             "--data-parallel-sharding-strategy no_shard shards nothing; drop one of them")
+        if self.overlap_param_gather and self.sharding_strategy() == "no_shard":
+            raise ValueError("--overlap-param-gather overlaps the all-gather of sharded parameters; add "
+                             "--use-distributed-optimizer or a --data-parallel-sharding-strategy other than no_shard")
+
+    def sharding_strategy(self) -> str:
+        """The strategy the flags ask for (parallel/grad_buffer.py lists what each keeps whole)."""
+        if self.data_parallel_sharding_strategy is not None:
+            return self.data_parallel_sharding_strategy
+        if self.use_megatron_fsdp or self.use_torch_fsdp2:
+            return "optim_grads_params"
+        return "optim" if self.use_distributed_optimizer else "no_shard"
+
+    def shards_optimizer(self) -> bool:
+        return self.sharding_strategy() != "no_shard"
 
     def decoupled_lr_range(self) -> Optional[Tuple[float, float]]:
         """(peak, end) rate of the embedding and output layer with --decoupled-lr, else None (Megatron's default

@@ -52,16 +52,16 @@ def wrap_for_data_parallel(chunks: Sequence[torch.nn.Module], opt_cfg: Optimizer
                            grid: ProcessGrid) -> List[torch.nn.Module]:
     """Wrap each chunk in megalite's DDP (contiguous fp32 grad buffer, bucketed reduction) when it helps.
 
-    DDP is needed for data parallelism with overlap or ZeRO-1, and gives half-precision models fp32
+    DDP is needed for data parallelism with overlap or a sharded strategy, and gives half-precision models fp32
     gradient accumulation.  A lone fp32 replica stays a plain module: finalize_model_grads handles
     plain modules (grads in ``.grad``), and there is nothing to reduce.
     """
     needed = grid.dp_size * grid.cp_size > 1 or opt_cfg.bf16 or opt_cfg.fp16 or \
-        opt_cfg.use_distributed_optimizer or opt_cfg.overlap_grad_reduce
+        opt_cfg.shards_optimizer() or opt_cfg.overlap_grad_reduce
     if not needed:
         return list(chunks)
     kwargs = {"overlap_grad_reduce": opt_cfg.overlap_grad_reduce,
-              "use_distributed_optimizer": opt_cfg.use_distributed_optimizer}
+              "sharding_strategy": opt_cfg.sharding_strategy(), "overlap_param_gather": opt_cfg.overlap_param_gather}
     if opt_cfg.grad_reduce_in_bf16:
         kwargs["reduce_dtype"] = torch.bfloat16
     if opt_cfg.ddp_bucket_size is not None:

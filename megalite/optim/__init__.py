@@ -20,13 +20,13 @@ def build_optimizer(model_chunks: Sequence[torch.nn.Module], opt_config: Optimiz
                     grid: Optional[ProcessGrid]) -> MegaliteOptimizer:
     """The optimizer for ``model_chunks`` (plain or DDP-wrapped modules, one per virtual pipeline chunk).
 
-    With ``--use-distributed-optimizer`` the chunks must be DDP-wrapped with
-    ``use_distributed_optimizer=True``, and the optimizer updates only this rank's ZeRO-1 shards.
+    Under a sharded strategy (``--use-distributed-optimizer``, ``--data-parallel-sharding-strategy``) the
+    chunks must be DDP-wrapped with that strategy, and the optimizer updates only this rank's shards.
     """
-    if opt_config.use_distributed_optimizer:
+    if opt_config.shards_optimizer():
         return MegaliteOptimizer(model_chunks, opt_config, grid, sharding=ZeroOneShards(model_chunks))
     if any(getattr(chunk, "use_distributed_optimizer", False) for chunk in model_chunks):
         # Such DDP only reduce-scatters: each rank's grads are valid in its own shard only.
-        raise ValueError("the model is wrapped for ZeRO-1 (use_distributed_optimizer) but the optimizer config "
-                         "does not set use_distributed_optimizer; set it for both or for neither")
+        raise ValueError("the model is wrapped for ZeRO-1/2/3 (a sharded strategy) but the optimizer config "
+                         "shards nothing; set the same strategy for both")
     return MegaliteOptimizer(model_chunks, opt_config, grid)

@@ -45,31 +45,34 @@ def zero1_bytes_per_param(param_bytes: int, dp_size: int) -> float:
 
 
 class ZeroOneShards:
-    """The ZeRO-1 sharding of :class:`~megalite.optim.optimizer.MegaliteOptimizer`: this rank's
-    shards of every bucket, then an all-gather of the updated parameters."""
+    """The sharding of :class:`~megalite.optim.optimizer.MegaliteOptimizer` under every sharded strategy
+    (ZeRO-1/2/3): this rank's shard of every bucket, then -- where the parameters are kept whole -- an
+    all-gather of the updated shards."""
 
     def __init__(self, ddp_chunks: Sequence[torch.nn.Module]):
         for i, chunk in enumerate(ddp_chunks):
             if not getattr(chunk, "use_distributed_optimizer", False):
-                raise ValueError(f"ZeRO-1 needs model chunk {i} wrapped in "
-                                 f"DistributedDataParallel(..., use_distributed_optimizer=True) before "
-                                 f"build_optimizer; got {type(chunk).__name__}")
+                raise ValueError(f"a sharded optimizer (ZeRO-1/2/3) needs model chunk {i} wrapped in "
+                                 f"DistributedDataParallel(..., sharding_strategy='optim' or another sharded "
+                                 f"strategy) before build_optimizer; got {type(chunk).__name__}")
         self.ddp_chunks = list(ddp_chunks)
 
     def pieces(self, params: Sequence[torch.nn.Parameter], grid: Optional[ProcessGrid]) -> List[Piece]:
         wanted = {id(p) for p in params}
         found = {}
         for chunk in self.ddp_chunks:
-            for buffer, bucket, start, end in chunk.owned_ranges():
+            for bucket, start, end in chunk.owned_ranges():
                 for param in bucket.params:
                     if id(param) not in wanted:
                         continue
-                    p_start, p_end = buffer.param_range[id(param)]
+                    p_start, p_end = bucket.param_range[id(param)]
                     lo, hi = max(start, p_start), min(end, p_end)
                     if lo < hi:  # a parameter lies in one bucket, so in at most one owned range
-                        found[id(param)] = (param, lo - p_start, hi - p_start)
-        return [make_piece(param, lo, hi, grid, sharded=True) for param, lo, hi in
-                (found[id(p)] for p in params if id(p) in found)]
+                        found[id(param)] = (param, lo - p_start, hi - p_start,
+                                            bucket.param_shard[lo - start:hi - start],
+                                            bucket.grad_shard[lo - start:hi - start])
+        return [make_piece(param, lo, hi, grid, sharded=True, model_view=model_view, grad_view=grad_view)
+                for param, lo, hi, model_view, grad_view in (found[id(p)] for p in params if id(p) in found)]
 
     def norm_groups(self, grid: Optional[ProcessGrid]) -> list:
         # Shards are disjoint over DP x CP as well as over the model-parallel group.
@@ -77,12 +80,14 @@ class ZeroOneShards:
 
     @torch.no_grad()
     def after_update(self) -> None:
-        """All-gather every bucket's updated parameter shards into the contiguous parameter buffer."""
+        """All-gather every bucket's updated shard into the whole parameters, where they are kept whole
+        (ZeRO-1/2; ZeRO-3's next forward gathers them, parallel/param_gather.py)."""
         for chunk in self.ddp_chunks:
-            for _, bucket, start, end in chunk.owned_ranges():
+            if chunk.sharding_strategy == "optim_grads_params":
+                continue
+            for bucket, _, _ in chunk.owned_ranges():
                 if bucket.group_size == 1:
                     continue
                 # A copy: the collective's input must not alias its output.  Expert buckets are sharded over
                 # the expert-data-parallel group, the rest over DP x CP (parallel/data_parallel.py).
-                local = bucket.param_data[start - bucket.offset:end - bucket.offset].clone()
-                all_gather_into(bucket.param_data, local, group=bucket.group)
+                all_gather_into(bucket.param_data, bucket.param_shard.clone(), group=bucket.group)

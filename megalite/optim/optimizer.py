@@ -33,6 +33,7 @@ from megalite.config.settings import OptimizerConfig
 from megalite.optim.adam import adam_step, adam_step_master  # fused kernels (csrc) behind these calls
 from megalite.optim.clip_grads import clip_grads_by_norm_, global_grad_norm, param_is_counted_in_norm
 from megalite.optim.mixed_precision import build_loss_scaler
+from megalite.parallel.param_info import local_shape
 from megalite.parallel.state import ProcessGrid
 
 
@@ -48,13 +49,17 @@ class Piece:
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     counted_in_norm: bool
+    grad_view: Optional[torch.Tensor] = None   # sharded strategies: this range of this rank's fp32 grad shard
 
     @property
     def has_own_master(self) -> bool:
         return self.master is not self.model_view
 
     def grad(self) -> torch.Tensor:
-        """fp32 gradient of the piece: a view of ``main_grad`` (DDP) or of/from ``.grad`` (plain module)."""
+        """fp32 gradient of the piece: a view of the grad shard (sharded DDP), of ``main_grad`` (DDP) or
+        of/from ``.grad`` (plain module)."""
+        if self.grad_view is not None:
+            return self.grad_view
         main_grad = getattr(self.param, "main_grad", None)
         if main_grad is not None:
             return main_grad.view(-1)[self.start:self.end]
@@ -64,11 +69,15 @@ class Piece:
 
 
 def make_piece(param: torch.nn.Parameter, start: int, end: int, grid: Optional[ProcessGrid],
-               sharded: bool = False) -> Piece:
-    model_view = param.detach().view(-1)[start:end]
+               sharded: bool = False, model_view: Optional[torch.Tensor] = None,
+               grad_view: Optional[torch.Tensor] = None) -> Piece:
+    """``model_view`` / ``grad_view``: where the range lives when not in the parameter itself (the shards
+    of a sharded strategy, parallel/grad_buffer.py)."""
+    if model_view is None:
+        model_view = param.detach().view(-1)[start:end]
     master = model_view if param.dtype == torch.float32 else model_view.float()  # .float() copies
     return Piece(param, start, end, model_view, master, torch.zeros_like(master), torch.zeros_like(master),
-                 param_is_counted_in_norm(param, grid, sharded))
+                 param_is_counted_in_norm(param, grid, sharded), grad_view)
 
 
 def unique_parameters(model_chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Parameter]:
@@ -82,7 +91,7 @@ def unique_parameters(model_chunks: Sequence[torch.nn.Module]) -> List[torch.nn.
 
 
 def uses_weight_decay(param: torch.nn.Parameter) -> bool:
-    return param.dim() > 1
+    return len(local_shape(param)) > 1   # (a ZeRO-3 parameter is empty between uses)
 
 
 # The parameters --decoupled-lr drives, as Megatron-LM marks them: the word embedding (first stage) and the
@@ -294,14 +303,14 @@ class MegaliteOptimizer:
     def memory_bytes(self) -> dict:
         """Bytes this rank holds for training state: model params, grads, fp32 masters, Adam moments.
 
-        Counts the DDP buffers (padded) where the model is DDP-wrapped.
+        Counts the DDP buffers (padded) where the model is DDP-wrapped: what they keep between steps (the
+        shards, under the sharded strategies that drop whole gradients or parameters).  ``num_params`` is the
+        parameters of this rank's chunks (whole, whatever is sharded).
         """
         params = unique_parameters(self.model_chunks)
         buffers = [b for chunk in self.model_chunks for b in getattr(chunk, "buffers_by_dtype", {}).values()]
         if buffers:
-            grad_bytes = sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers)
-            param_bytes = sum(b.param_data.numel() * b.param_data.element_size() if b.param_data is not None
-                              else sum(p.numel() * p.element_size() for p in b.params) for b in buffers)
+            param_bytes, grad_bytes = (sum(part) for part in zip(*(b.resident_bytes() for b in buffers)))
         else:
             grad_bytes = sum(p.numel() * p.element_size() for p in params)  # .grad has the param's dtype
             param_bytes = grad_bytes
@@ -309,7 +318,8 @@ class MegaliteOptimizer:
         return {"params": param_bytes, "grads": grad_bytes,
                 "master": sum(p.master.numel() * 4 for p in pieces if p.has_own_master),
                 "adam": sum((p.exp_avg.numel() + p.exp_avg_sq.numel()) * 4 for p in pieces),
-                "num_params": sum(p.numel() for p in params)}
+                "num_params": sum(end - start for b in buffers for start, end in b.param_range.values()) if buffers
+                else sum(p.numel() for p in params)}
 
     def bytes_per_param(self) -> float:
         """(params + grads + masters + Adam moments) bytes on this rank / parameters on this rank."""

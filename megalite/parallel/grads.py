@@ -12,17 +12,26 @@ After backward, three kinds of parameter still hold only part of their gradient:
    the sum over the TP group (Korthikanti et al. 2022, Sec. 4.2.2).
 
 After :func:`finalize_model_grads` every copy of a parameter holds the gradient of the
-single-process model (for ZeRO-1: within the range of the grad buffer this rank owns).
+single-process model (under a sharded strategy: within the range of the grad buffer this rank owns;
+the ranks of a TP group, and the first and last stage's tied embedding buckets, own the same ranges).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megalite.parallel.param_info import ParamInfo, param_info
 from megalite.parallel.state import ProcessGrid
+
+
+def local_grads(params: Sequence[torch.nn.Parameter], model_chunks: Sequence[torch.nn.Module],
+                create: bool = True) -> List[Optional[torch.Tensor]]:
+    """The tensors holding the params' gradients on this rank: the part a sharded DDP keeps (its
+    ``local_grad``), DDP's fp32 ``main_grad``, else ``.grad`` (zeros if unused, or None if not ``create``)."""
+    owner = {id(p): chunk for chunk in model_chunks if hasattr(chunk, "local_grad") for p in chunk.parameters()}
+    return [owner[id(p)].local_grad(p) if id(p) in owner else _grad_of(p) if create else p.grad for p in params]
 
 
 def _grad_of(param: torch.nn.Parameter) -> torch.Tensor:
@@ -83,7 +92,7 @@ def allreduce_embedding_grads(model_chunks: Sequence[torch.nn.Module], grid: Pro
     if grid.pp_size == 1 or not grid.is_embedding_rank:
         return
     tied = _params(model_chunks, lambda info: info.shared_embedding)
-    _all_reduce_coalesced([_grad_of(p) for p in tied], grid.embedding_group)
+    _all_reduce_coalesced(local_grads(tied, model_chunks), grid.embedding_group)
 
 
 @torch.no_grad()
@@ -92,7 +101,7 @@ def allreduce_sequence_parallel_grads(model_chunks: Sequence[torch.nn.Module], g
     if grid.tp_size == 1:
         return
     sequence_sharded = _params(model_chunks, lambda info: info.sequence_parallel)
-    _all_reduce_coalesced([_grad_of(p) for p in sequence_sharded], grid.tp_group)
+    _all_reduce_coalesced(local_grads(sequence_sharded, model_chunks), grid.tp_group)
 
 
 def finalize_model_grads(model_chunks: Sequence[torch.nn.Module], grid: ProcessGrid) -> None:

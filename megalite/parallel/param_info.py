@@ -15,9 +15,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["Init", "ParamInfo", "param_info", "set_param_info", "mark_shared_embedding"]
+__all__ = ["Init", "ParamInfo", "param_info", "set_param_info", "mark_shared_embedding", "local_shape",
+           "keep_local_shape"]
 
 _ATTRIBUTE = "_megalite_param_info"
+_SHAPE = "_megalite_local_shape"
 
 
 @dataclass(frozen=True)
@@ -85,3 +87,13 @@ def set_param_info(param: nn.Parameter, info: ParamInfo) -> nn.Parameter:
 def mark_shared_embedding(param: nn.Parameter) -> None:
     """Record that ``param`` is a copy of the tied word embedding (see :class:`ParamInfo`)."""
     set_param_info(param, replace(param_info(param), shared_embedding=True))
+
+
+def keep_local_shape(param: nn.Parameter) -> None:
+    """Remember the parameter's shape before ZeRO-3 drops it to an empty tensor (parallel/grad_buffer.py)."""
+    setattr(param, _SHAPE, param.shape)
+
+
+def local_shape(param: torch.Tensor) -> torch.Size:
+    """This rank's shape of the parameter (its TP shard), also while ZeRO-3 holds it dropped."""
+    return getattr(param, _SHAPE, param.shape)

@@ -163,7 +163,7 @@ def _resume(run: Run) -> None:
         check_saved_model(train_cfg.load, run.model_cfg)
         resumed = load_any_layout(
             train_cfg.load, run.model, run.optimizer, run.scheduler, run.grid, layer_numbers=run.layer_numbers,
-            sharded_optimizer=run.opt_cfg.use_distributed_optimizer,
+            sharded_optimizer=run.opt_cfg.shards_optimizer() and run.opt_cfg.sharding_strategy(),
             load_optimizer=not train_cfg.no_load_optim, load_rng=not train_cfg.no_load_rng,
             weights_only=train_cfg.finetune)
         run.iteration, run.consumed_samples = resumed.iteration, resumed.consumed_samples
@@ -277,7 +277,7 @@ def save(run: Run) -> None:
     checkpoint.save_checkpoint(run.train_cfg.save, run.iteration, run.model, run.optimizer, run.scheduler,
                                run.grid, consumed_samples=run.consumed_samples, run_id=run.run_id,
                                settings=run.settings(),
-                               sharded_optimizer=run.opt_cfg.use_distributed_optimizer,
+                               sharded_optimizer=run.opt_cfg.shards_optimizer() and run.opt_cfg.sharding_strategy(),
                                layer_numbers=run.layer_numbers)
     if not run.config_saved:   # only now does the run own the folder: save_checkpoint refuses another run's
         write_resolved_config(run, [run.train_cfg.save])

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.parallel.context_parallel import cp_group, cp_size
+from megalite.parallel.grads import local_grads
 from megalite.parallel.state import ProcessGrid
 
 __all__ = ["per_token_terms", "average_loss", "normalize_grads_per_token", "step_token_count"]
@@ -75,16 +76,12 @@ def normalize_grads_per_token(model_chunks: Sequence[torch.nn.Module], grid: Pro
                               device: torch.device) -> None:
     """After the DP x CP average of token-loss sums: multiply every gradient by DP CP / N."""
     factor = grid.dp_size * grid.cp_size / max(step_token_count(grid, losses, device), 1.0)
-    seen = set()
-    grads = []
+    seen, params = set(), []
     for chunk in model_chunks:
         for param in chunk.parameters():
-            if id(param) in seen or not param.requires_grad:
-                continue
-            seen.add(id(param))
-            grad = getattr(param, "main_grad", None)
-            grad = param.grad if grad is None else grad
-            if grad is not None:
-                grads.append(grad)
+            if id(param) not in seen and param.requires_grad:
+                seen.add(id(param))
+                params.append(param)
+    grads = [g for g in local_grads(params, model_chunks, create=False) if g is not None]
     if grads:
         torch._foreach_mul_(grads, factor)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from megalite.config.settings import OptimizerConfig
 from megalite.optim import build_optimizer
 from megalite.parallel import collectives
-from megalite.parallel.data_parallel import SHARD_ALIGNMENT, DistributedDataParallel, unwrap_model
+from megalite.parallel.data_parallel import DistributedDataParallel, unwrap_model
+from megalite.parallel.grad_buffer import SHARD_ALIGNMENT
 from megalite.parallel.grads import finalize_model_grads
 from megalite.parallel.state import initialize_grid
 from megalite.parallel.testing import run_on_ranks

@@ -19,7 +19,7 @@ def _reduce(rank, world_size, reduce_dtype, zero):
                                     reduce_dtype=reduce_dtype)
     model.module.weight.main_grad.copy_(_grads(rank))
     model.finish_grad_sync()
-    _, _, start, end = next(model.owned_ranges()) if zero else (None, None, 0, 64 * 16)
+    _, start, end = next(model.owned_ranges()) if zero else (None, 0, 64 * 16)
     return model.module.weight.main_grad.reshape(-1)[start:min(end, 64 * 16)].clone(), start
 
 
