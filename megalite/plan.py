@@ -122,14 +122,14 @@ def run(argv: List[str], prog: str) -> int:
         candidates = search(rest, hardware, world)
         fitting = [c for c in candidates if not c.reason]
         print(f"{len(fitting)} of {len(candidates)} layouts fit on {world} x {hardware.name}, fastest first:")
-        print(f"  {'layout':<44} {'TFLOP/s':>8} {'MFU':>6} {'iter s':>8} {'GiB':>6} {'bubble':>7}")
+        print(f"  {'layout':<62} {'TFLOP/s':>8} {'MFU':>6} {'iter s':>8} {'GiB':>6} {'bubble':>7}")
         for c in fitting:
             p = c.prediction
-            print(f"  {describe(c):<44} {p.tflops_per_gpu:8.1f} {100 * p.mfu:5.1f}% {p.iteration_time_s:8.3f} "
+            print(f"  {describe(c):<62} {p.tflops_per_gpu:8.1f} {100 * p.mfu:5.1f}% {p.iteration_time_s:8.3f} "
                   f"{p.memory_gb_per_gpu:6.1f} {p.bubble_fraction:7.3f}")
         print("rejected:")
         for c in candidates[len(fitting):]:
-            print(f"  {describe(c):<44} {c.reason}")
+            print(f"  {describe(c):<62} {c.reason}")
         if ours.json:
             print(json.dumps({"fits": [dict(summary(c.prediction), description=describe(c)) for c in fitting],
                               "rejected": [{"description": describe(c), "reason": c.reason}

@@ -1,10 +1,11 @@
 """The planner's own flags: what a published run used that megalite-train does not run.
 
 Megatron-LM's runs set flags whose effect is on time or memory alone (communication overlapped with
-compute, the pipeline split that counts the embedding and the loss as layers, FP8 GEMMs, sharded
-gradients and parameters).  megalite-train does not implement them; the planner accepts them, with
-Megatron's spelling, so a published command line can be predicted as it ran.  They travel in the same
-argv as the trainer's flags: ``split_plan_flags`` takes them out and the rest goes to ``parse_args``.
+compute, the pipeline split that counts the embedding and the loss as layers, FP8 GEMMs).  megalite-train
+does not implement most of them; the planner accepts them, with Megatron's spelling, so a published command
+line can be predicted as it ran.  They travel in the same argv as the trainer's flags: ``split_plan_flags``
+takes them out and the rest goes to ``parse_args``.  The two that megalite-train also reads
+(``--overlap-param-gather``, ``--data-parallel-sharding-strategy``) go to both.
 
     --tp-comm-overlap                         TP collectives split and overlapped with the GEMMs
                                               (needs --sequence-parallel, as in Megatron)
@@ -43,11 +44,12 @@ class PlanOptions:
     fp8_format: Optional[str] = None
     data_parallel_sharding_strategy: Optional[str] = None     # None: ZeRO-1 iff --use-distributed-optimizer
 
-    def sharding(self, use_distributed_optimizer: bool) -> str:
-        """The run's sharding strategy: the flag's, else ``optim`` with the distributed optimizer."""
+    def sharding(self, trainer_strategy: str) -> str:
+        """The run's sharding strategy: the flag's, else the trainer's reading of its flags
+        (``OptimizerConfig.sharding_strategy``: ``--use-distributed-optimizer``, ``--use-megatron-fsdp``, ...)."""
         if self.data_parallel_sharding_strategy is not None:
             return self.data_parallel_sharding_strategy
-        return "optim" if use_distributed_optimizer else "no_shard"
+        return trainer_strategy
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags megalite-train reads too (docs/sharded_data_parallel.md): they stay in the trainer's argv as well.
+SHARED_WITH_TRAINER = ("--overlap-param-gather", "--data-parallel-sharding-strategy")
+
+
 def split_plan_flags(argv: Sequence[str]) -> Tuple[PlanOptions, List[str]]:
     """(the planner's own flags, the trainer's flags) of ``argv``; a bad value is one ValueError line."""
-    known, rest = _parser().parse_known_args(list(argv))
-    return PlanOptions(**vars(known)), rest
+    argv = list(argv)
+    known, rest = _parser().parse_known_args(argv)
+    shared = []
+    for index, arg in enumerate(argv):
+        if arg.split("=", 1)[0] in SHARED_WITH_TRAINER:
+            takes_value = arg == "--data-parallel-sharding-strategy" and index + 1 < len(argv)
+            shared += [arg] + ([argv[index + 1]] if takes_value else [])
+    return PlanOptions(**vars(known)), rest + shared

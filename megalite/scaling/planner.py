@@ -5,7 +5,9 @@ micro-batch size (with a global batch given) or the virtual pipeline size (with 
 each is chosen among the values that parse, split and
 fit (micro-batch 1, 2, 4, 8, 16; virtual sizes that divide a stage's layers) for the highest model
 TFLOP/s per GPU (ties: less memory).  ``search`` enumerates whole layouts -- TP (a power of two within
-a node) x PP x DP x micro-batch x recompute x virtual size -- and says why each rejected one fails.
+a node) x PP x DP x micro-batch x recompute x virtual size, each with the run's data-parallel sharding or,
+when that does not fit and the run leaves the strategy open, the least sharding (ZeRO-1, 2, 3) that does --
+and says why each rejected one fails.
 """
 from __future__ import annotations
 
@@ -114,6 +116,8 @@ def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, worl
         layout = layout_of(parallel, training, optimizer, world_size, options)
         candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
                                  f"recompute={model.recompute_granularity or 'none'}")
+        if flags.get(SHARDING_FLAG):
+            candidate.description += f" {flags[SHARDING_FLAG]}"
         candidate.memory_gib = max(s.total for s in memory_per_stage(model, parallel, optimizer, layout,
                                                                          hardware=hardware)) / GIB
         if always_predict or candidate.memory_gib <= hardware.hbm_gb:
@@ -211,6 +215,8 @@ def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Can
     options, argv = split_plan_flags(argv)
     layers = _flag_value(argv, "--num-layers", 2) + extra_units(options)
     tp_sizes = [t for t in _divisors(hardware.gpus_per_node) if t & (t - 1) == 0 and world_size % t == 0]
+    open_sharding = options.data_parallel_sharding_strategy is None and not any(
+        given(argv, name) for name in ("--use-megatron-fsdp", "--use-torch-fsdp2"))
     candidates = []
     for tp in tp_sizes:
         for pp in _divisors(layers):
@@ -224,9 +230,28 @@ def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Can
                          "--recompute-granularity": recompute,
                          "--recompute-method": "uniform" if recompute == "full" else None,
                          "--recompute-num-layers": None, "--checkpoint-activations": None}
-                candidates.append(_try(argv, flags, hardware, world_size, options=options))
+                candidates.append(_try_sharding(argv, flags, hardware, world_size, options, open_sharding))
     fitting = sorted((c for c in candidates if not c.reason), key=lambda c: -c.prediction.tflops_per_gpu)
     return fitting + [c for c in candidates if c.reason]
+
+
+SHARDING_FLAG = "--data-parallel-sharding-strategy"
+STRONGER_SHARDING = ("optim", "optim_grads", "optim_grads_params")   # ZeRO-1, 2, 3
+
+
+def _try_sharding(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, world_size: int,
+                  options: PlanOptions, open_sharding: bool) -> Candidate:
+    """A layout with the run's sharding; if it does not fit for memory and the run leaves the strategy open,
+    the first of ZeRO-1, 2, 3 (in that order: each shards more and communicates more) with which it fits."""
+    candidate = _try(argv, flags, hardware, world_size, options=options)
+    if not open_sharding or candidate.memory_gib is None or not candidate.reason:
+        return candidate
+    for strategy in STRONGER_SHARDING:
+        sharded = _try(argv, {**flags, SHARDING_FLAG: strategy}, hardware, world_size,
+                       options=dataclasses.replace(options, data_parallel_sharding_strategy=strategy))
+        if not sharded.reason:
+            return sharded
+    return candidate
 
 
 def describe(candidate: Candidate) -> str:

@@ -114,7 +114,7 @@ class Layout:
     schedule: Optional[str]
     dtype: str
     options: PlanOptions = PlanOptions()
-    zero1_flag: bool = False       # --use-distributed-optimizer
+    trainer_sharding: str = "no_shard"   # the trainer's strategy (OptimizerConfig.sharding_strategy)
 
     @property
     def v(self) -> int:
@@ -123,7 +123,7 @@ class Layout:
     @property
     def sharding(self) -> str:
         """The sharding strategy over DP x CP (options.py): ``no_shard`` with one rank to shard over."""
-        return self.options.sharding(self.zero1_flag) if self.dp * self.cp > 1 else "no_shard"
+        return self.options.sharding(self.trainer_sharding) if self.dp * self.cp > 1 else "no_shard"
 
     @property
     def linear_dtype(self) -> str:
@@ -147,10 +147,10 @@ def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: Opt
         raise ValueError(f"global batch {gbs} is not divisible by micro-batch {b} x data-parallel {dp}")
     schedule = parallel.pipeline_schedule or default_schedule(pp, vpp)
     options = options or PlanOptions()
-    check_options(options, parallel.sequence_parallel, tp, options.sharding(optimizer.use_distributed_optimizer),
+    check_options(options, parallel.sequence_parallel, tp, options.sharding(optimizer.sharding_strategy()),
                   optimizer.overlap_grad_reduce)
     return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer), options,
-                  optimizer.use_distributed_optimizer)
+                  optimizer.sharding_strategy())
 
 
 def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Optional[OptimizerConfig], layout: Layout,

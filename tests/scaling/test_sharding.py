@@ -1,4 +1,4 @@
-"""ZeRO-1/2/3 (--data-parallel-sharding-strategy, a planner flag): what each shards in memory, what
+"""ZeRO-1/2/3 (--data-parallel-sharding-strategy, read by the trainer and the planner): what each shards in memory, what
 ZeRO-3 sends, and OPT-175B's FSDP layout fitting where the unsharded one does not."""
 import pytest
 
@@ -47,3 +47,35 @@ def test_opt_175b_fits_only_sharded():
     assert fsdp.memory_gb_per_gpu < zero1.memory_gb_per_gpu
     # ZeRO-3 pays per micro-batch what ZeRO-1 pays once per step
     assert fsdp.breakdown["exposed_communication"] >= 0 and fsdp.iteration_time_s > 0
+
+
+def test_the_trainers_fsdp_switches_set_the_planners_strategy():
+    """--use-megatron-fsdp and --use-torch-fsdp2 are trainer flags (ZeRO-3 by default): the planner reads them."""
+    fsdp = predict_argv(OPT + ["--data-parallel-sharding-strategy", "optim_grads_params"], A100, 992)
+    for switch in ("--use-megatron-fsdp", "--use-torch-fsdp2"):
+        predicted = predict_argv(OPT + [switch], A100, 992)
+        assert predicted.layout["sharding"] == "optim_grads_params"
+        assert predicted.memory_gb_per_gpu == pytest.approx(fsdp.memory_gb_per_gpu)
+    zero2 = predict_argv(OPT + ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads"], A100, 992)
+    assert zero2.layout["sharding"] == "optim_grads"
+
+
+# Parameters that dominate: ~6.4B parameters (16 bytes each unsharded) on 8 GPUs of 40 GB.
+BIG = ["--num-layers", "8", "--hidden-size", "8192", "--num-attention-heads", "64", "--seq-length", "1024",
+       "--max-position-embeddings", "1024", "--vocab-size", "32000", "--bf16", "--global-batch-size", "64"]
+
+
+def test_search_shards_only_the_layouts_that_need_it():
+    from megalite.scaling.planner import SHARDING_FLAG, search, with_flags
+    hardware = PRESETS["a100-40gb"]
+    candidates = search(BIG, hardware, 8)
+    sharded = [c for c in candidates if not c.reason and c.flags.get(SHARDING_FLAG)]
+    assert sharded, "some layout fits only with a sharded strategy"
+    assert {c.flags[SHARDING_FLAG] for c in sharded} <= {"optim", "optim_grads", "optim_grads_params"}
+    for candidate in sharded[:3]:   # each needed it: without it, the same layout does not fit
+        plain = predict_argv(with_flags(BIG, {**candidate.flags, SHARDING_FLAG: None}), hardware, 8)
+        assert not plain.fits, candidate.description
+        assert candidate.flags[SHARDING_FLAG] in candidate.description
+    # A strategy given on the command line is the run's: the search does not change it.
+    given = search(BIG + [SHARDING_FLAG, "optim"], hardware, 8)
+    assert not any(c.flags.get(SHARDING_FLAG) for c in given)
