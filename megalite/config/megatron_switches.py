@@ -74,9 +74,9 @@ ACCEPTED: Tuple[Switch, ...] = (
            choices=("torch", "torch_dist", "torch_dcp", "fsdp_dtensor")),
     Switch("--tiktoken-pattern", "megalite's TikTokenizer takes its split pattern from the tiktoken encoding "
            "named by --tokenizer-model; other tokenizers ignore it, as Megatron's do", choices=("v1", "v2")),
-    Switch("--overlap-param-gather", "under ZeRO-3 the next unit's parameters are gathered while this one "
-           "computes; under --use-distributed-optimizer (ZeRO-1/2) the updated shards are all-gathered right after "
-           "the step", requires=("use_distributed_optimizer",), on_field=True),
+    Switch("--overlap-param-gather", "as in Megatron: under ZeRO-1/2 the updated shards' all-gathers run into the "
+           "next forward, each layer waiting for its own; under ZeRO-3 the next layer's parameters are gathered "
+           "while this one computes", requires=("use_distributed_optimizer",), on_field=True),
     Switch("--moe-permute-fusion", "tokens are sorted to their experts and back by PyTorch's argsort, index_select "
            "and index_add (megalite/model/moe/experts.py); the same permutation"),
     Switch("--moe-shared-expert-overlap", "the shared expert runs after the routed experts, not overlapped with "

@@ -64,8 +64,8 @@ class OptimizerConfig:
     use_torch_fsdp2: bool = flag(False, "Megatron's switch for FSDP2: megalite shards the same way "
                                         "(optim_grads_params) with its own buckets (docs/sharded_data_parallel.md)")
     overlap_grad_reduce: bool = flag(False, "reduce gradient buckets during backward")
-    overlap_param_gather: bool = flag(False, "ZeRO-3: all-gather the next unit's parameters while this one "
-                                             "computes (ZeRO-1/2 gather after the step)")
+    overlap_param_gather: bool = flag(False, "all-gather sharded parameters while the model computes: ZeRO-3 the "
+                                             "next unit's, ZeRO-1/2 the step's update into the next forward")
     ddp_bucket_size: Optional[int] = flag(None, "elements per gradient bucket; default 40M", at_least=1)
 
     def __post_init__(self):

@@ -81,13 +81,19 @@ class ZeroOneShards:
     @torch.no_grad()
     def after_update(self) -> None:
         """All-gather every bucket's updated shard into the whole parameters, where they are kept whole
-        (ZeRO-1/2; ZeRO-3's next forward gathers them, parallel/param_gather.py)."""
+        (ZeRO-1/2; ZeRO-3's next forward gathers them, parallel/param_gather.py).  With
+        --overlap-param-gather the gathers are launched in forward order (the last bucket first: buckets are
+        laid out in reverse) and waited for by each unit's forward (param_gather.AfterStepGatherWait)."""
         for chunk in self.ddp_chunks:
             if chunk.sharding_strategy == "optim_grads_params":
                 continue
-            for bucket, _, _ in chunk.owned_ranges():
+            overlap = chunk.after_step_wait is not None
+            for bucket, _, _ in (reversed(list(chunk.owned_ranges())) if overlap else chunk.owned_ranges()):
                 if bucket.group_size == 1:
                     continue
                 # A copy: the collective's input must not alias its output.  Expert buckets are sharded over
                 # the expert-data-parallel group, the rest over DP x CP (parallel/data_parallel.py).
-                all_gather_into(bucket.param_data, bucket.param_shard.clone(), group=bucket.group)
+                local = bucket.param_shard.clone()
+                work = all_gather_into(bucket.param_data, local, group=bucket.group, async_op=overlap)
+                if overlap:
+                    bucket.gather_work, bucket.gather_input = work, local

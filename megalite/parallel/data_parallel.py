@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from megalite.parallel.collectives import reduce_scatter_into
 from megalite.parallel.grad_buffer import SHARDING_STRATEGIES, Bucket, GradBuffer, shards_grads, shards_params
-from megalite.parallel.param_gather import ParamGather, drop, gather_units, unit_assignment
+from megalite.parallel.param_gather import AfterStepGatherWait, ParamGather, drop, gather_units, unit_assignment
 from megalite.parallel.param_info import param_info
 from megalite.parallel.state import ProcessGrid
 
@@ -86,7 +86,7 @@ class DistributedDataParallel(torch.nn.Module):
     bucket's collective from the backward hooks (--overlap-grad-reduce).  ``sharding_strategy``: one of
     ``grad_buffer.SHARDING_STRATEGIES`` (--data-parallel-sharding-strategy); ``use_distributed_optimizer``
     is the older spelling of ``"optim"``.  ``overlap_param_gather``: ZeRO-3 prefetches the next unit's
-    parameters (param_gather.py).
+    parameters; ZeRO-1/2 let the after-step all-gathers run into the next forward (param_gather.py).
     """
 
     def __init__(self, module: torch.nn.Module, grid: ProcessGrid, bucket_size: Optional[int] = DEFAULT_BUCKET_SIZE,
@@ -124,6 +124,8 @@ class DistributedDataParallel(torch.nn.Module):
         self._names = {id(p): name for name, p in module.named_parameters()}
         self.param_gather = ParamGather(module, self.buckets, overlap_param_gather) if shards_params(strategy) \
             else None
+        self.after_step_wait = AfterStepGatherWait(module, self.buckets) \
+            if overlap_param_gather and strategy in ("optim", "optim_grads") else None
 
     def _build_buffers(self, params: List[torch.nn.Parameter]) -> None:
         by_dtype: Dict[tuple, List[torch.nn.Parameter]] = {}
@@ -269,6 +271,8 @@ class DistributedDataParallel(torch.nn.Module):
 
     def finish_grad_sync(self) -> None:
         """Launch what is left, wait for every bucket's collective, and re-arm for the next step."""
+        if self.after_step_wait is not None:   # a bucket no forward read: its gather must land before the update
+            self.after_step_wait.wait_all()
         if shards_grads(self.sharding_strategy):
             if self._next_bucket or self._callback_queued:   # a backward whose callback did not run
                 self._finish_backward()

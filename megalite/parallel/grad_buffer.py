@@ -68,6 +68,8 @@ class Bucket:
         self.work = None                # the in-flight reduction
         self.wire = None                # the bucket in the reduce dtype while its collective runs
         self.reduced = None             # ZeRO-2/3: the collective's output shard, added to grad_shard when done
+        self.gather_work = None         # an in-flight all-gather of the parameters (param_gather.py) ...
+        self.gather_input = None        # ... and its input, kept alive until it is done
         self.group = None               # the group its collectives span, its size and this rank's place in it
         self.group_size, self.group_rank = 1, 0   # (DistributedDataParallel sets them)
 

@@ -16,7 +16,8 @@ gathered copy before the unit's backward gives backward the same values; a dropp
 empty tensor, and the memory of the whole parameters is freed.
 
 Overlap (``--overlap-param-gather``): gathering a unit also launches the next unit's all-gather (the
-previous unit's in backward), so it travels while this unit computes.
+previous unit's in backward), so it travels while this unit computes.  Under ZeRO-1/2 the same flag lets
+the all-gathers after the optimizer step run into the next forward: :class:`AfterStepGatherWait`.
 """
 from __future__ import annotations
 
@@ -86,16 +87,22 @@ def drop(bucket: Bucket) -> None:
     bucket.release_params()
 
 
+def buckets_of_units(units: Sequence[torch.nn.Module], buckets: Sequence[Bucket]) -> List[List[Bucket]]:
+    """For each unit, the buckets holding its parameters (by bucket index)."""
+    bucket_of = {id(p): b for b in buckets for p in b.params}
+    result = []
+    for unit in units:
+        mine = {bucket_of[id(p)].index: bucket_of[id(p)] for p in unit.parameters() if id(p) in bucket_of}
+        result.append([mine[i] for i in sorted(mine)])
+    return result
+
+
 class ParamGather:
     """The hooks that gather a ZeRO-3 chunk's units around their forward and backward (module docstring)."""
 
     def __init__(self, module: torch.nn.Module, buckets: Sequence[Bucket], overlap: bool):
         self.units = gather_units(module)
-        bucket_of = {id(p): b for b in buckets for p in b.params}
-        self.unit_buckets: List[List[Bucket]] = []
-        for unit in self.units:
-            mine = {b.index: b for p in unit.parameters() if id(p) in bucket_of for b in [bucket_of[id(p)]]}
-            self.unit_buckets.append([mine[i] for i in sorted(mine)])
+        self.unit_buckets = buckets_of_units(self.units, buckets)
         covered = {id(b) for bs in self.unit_buckets for b in bs}
         self.root_buckets = [b for b in buckets if id(b) not in covered]
         self.overlap = overlap
@@ -153,6 +160,36 @@ class ParamGather:
             handle.remove()
 
 
+class AfterStepGatherWait:
+    """ZeRO-1/2 with ``--overlap-param-gather``: the optimizer launches the all-gathers of the updated shards
+    without waiting (``optim/distributed.py``, in forward order); each unit's forward pre-hook waits only for
+    the buckets it reads, so the gathers of later layers travel while earlier ones compute."""
+
+    def __init__(self, module: torch.nn.Module, buckets: Sequence[Bucket]):
+        units = gather_units(module)
+        self.buckets = list(buckets)
+        self.handles = [unit.register_forward_pre_hook(_waits_for(mine))
+                        for unit, mine in zip(units, buckets_of_units(units, buckets))]
+        self.handles.append(module.register_forward_pre_hook(_waits_for(self.buckets)))   # whatever no unit holds
+
+    def wait_all(self) -> None:
+        wait_after_step_gathers(self.buckets)
+
+
+def _waits_for(buckets: Sequence[Bucket]):
+    def hook(module, args):
+        wait_after_step_gathers(buckets)
+    return hook
+
+
+def wait_after_step_gathers(buckets: Sequence[Bucket]) -> None:
+    for bucket in buckets:
+        work = getattr(bucket, "gather_work", None)
+        if work is not None:
+            work.wait()
+            bucket.gather_work = bucket.gather_input = None
+
+
 def _tensors(output) -> List[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
@@ -169,8 +206,10 @@ def _gathered_buckets(model_chunks: Sequence[torch.nn.Module]) -> List[Bucket]:
 
 @contextlib.contextmanager
 def whole_parameters(model_chunks: Sequence[torch.nn.Module]):
-    """Every ZeRO-3 chunk's parameters whole for the duration (checkpoints read or write them); a no-op
-    for other chunks.  Values written into them reach the shards only through :func:`write_back_shards`."""
+    """Every chunk's parameters whole and current for the duration (checkpoints read or write them): ZeRO-3's
+    gathered, ZeRO-1/2's after-step gathers waited for.  Values written into ZeRO-3's whole parameters reach
+    the shards only through :func:`write_back_shards`."""
+    wait_after_step_gathers([b for chunk in model_chunks for b in getattr(chunk, "buckets", [])])
     buckets = _gathered_buckets(model_chunks)
     for bucket in buckets:
         finish_gather(bucket)
