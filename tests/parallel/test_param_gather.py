@@ -10,7 +10,14 @@ from megalite.parallel.data_parallel import DistributedDataParallel
 from megalite.parallel.param_gather import whole_parameters
 from megalite.parallel.state import initialize_grid
 from megalite.parallel.testing import run_on_ranks
-from tests.parallel.test_data_parallel import ToyMLP, flat_params, opt_config, single_rank_reference, toy_batch, train_toy
+from tests.parallel.test_data_parallel import (
+    ToyMLP,
+    flat_params,
+    opt_config,
+    single_rank_reference,
+    toy_batch,
+    train_toy,
+)
 
 STRATEGIES = ("optim_grads", "optim_grads_params")
 MATRIX = list(itertools.product(STRATEGIES, (1, 4), (False, True)))   # strategy, accumulation, overlap
