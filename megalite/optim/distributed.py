@@ -1,29 +1,31 @@
-"""ZeRO-1: fp32 masters and Adam moments sharded over data parallelism (--use-distributed-optimizer).
+"""The optimizer's sharding under ZeRO-1/2/3: fp32 masters and Adam moments split over data parallelism.
 
-Rajbhandari et al. 2020 ("ZeRO"), stage 1.  The DDP grad buffer is cut into buckets, each padded
-and split into N = DP x CP equal shards (``parallel/data_parallel.py``); DP rank r owns shard r of
-every bucket.  One step:
+Rajbhandari et al. 2020 ("ZeRO"), stages 1-3 (--use-distributed-optimizer, --data-parallel-sharding-strategy).
+The DDP buckets are padded and split into N = DP x CP equal shards (``parallel/grad_buffer.py``); DP rank r
+owns shard r of every bucket.  One step:
 
     reduce-scatter each bucket's grads  -> rank r holds the averaged grads of its shards   (DDP)
     norm / inf check over the shards, summed over model-parallel and DP x CP groups
     Adam on the owned shards only: fp32 masters and moments exist for 1/N of the model
-    all-gather each bucket's updated parameter shards -> every rank holds the full model again
+    ZeRO-1/2: all-gather each bucket's updated parameter shards -> every rank holds the full model again
+    ZeRO-3:   nothing: the next forward gathers each layer's shards when it needs them
 
 The update is a sum of per-element operations, so sharding it changes nothing numerically: a
-ZeRO-1 run equals the unsharded run (the parity tests check it).
+sharded run equals the unsharded run (the parity tests check it).
 
-Memory per parameter (bytes; N = DP x CP ranks sharing the optimizer state)::
+Memory per parameter between steps (bytes; N = DP x CP ranks; P = 2 for bf16/fp16 params, 4 for fp32; the
+fp32 master is the parameter itself for fp32 params)::
 
-    model parameter                      P    (2 for bf16/fp16, 4 for fp32)   not sharded
-    fp32 gradient (main_grad)            4                                    not sharded
-    fp32 master                          4/N  (0 for fp32 params: the parameter is its own master)
-    Adam exp_avg + exp_avg_sq            8/N
+                         parameter   fp32 grad   fp32 master      Adam moments    fp32      bf16
+    no_shard             P           4           4 (bf16 only)    8               16        18
+    optim       ZeRO-1   P           4           4/N              8/N             8+8/N     6+12/N
+    optim_grads ZeRO-2   P           4/N         4/N              8/N             4+12/N    2+16/N
+    optim_grads_params   P/N         4/N         4/N              8/N             16/N      18/N
+                ZeRO-3
 
-    bf16 params:  2 + 4 + (4 + 8)/N = 6 + 12/N        (vs 18 without ZeRO-1)
-    fp32 params:  4 + 4 + 8/N       = 8 + 8/N         (vs 16)
-
-measured on a rank as ``optimizer.bytes_per_param()``; bucket padding adds at most
-N x 64 elements per bucket.
+measured on a rank as ``optimizer.bytes_per_param()``; bucket padding adds at most N x 64 elements per
+bucket.  While a step runs, ZeRO-2/3 also hold the whole fp32 grads of the buckets being reduced (at most
+two in flight) and ZeRO-3 the whole parameters of the layers being computed (one, two with prefetch).
 """
 from __future__ import annotations
 
@@ -35,13 +37,21 @@ from megalite.optim.optimizer import Piece, make_piece
 from megalite.parallel.collectives import all_gather_into
 from megalite.parallel.state import ProcessGrid
 
-__all__ = ["ZeroOneShards", "zero1_bytes_per_param"]
+__all__ = ["ZeroOneShards", "zero1_bytes_per_param", "sharded_bytes_per_param"]
+
+
+def sharded_bytes_per_param(param_bytes: int, dp_size: int, strategy: str = "optim") -> float:
+    """The table in the module docstring: bytes per parameter between steps for ``param_bytes``-byte params."""
+    master_bytes = 0 if param_bytes == 4 else 4
+    sharded = {"no_shard": 1, "optim": dp_size, "optim_grads": dp_size, "optim_grads_params": dp_size}[strategy]
+    grads = 4 / dp_size if strategy in ("optim_grads", "optim_grads_params") else 4
+    params = param_bytes / dp_size if strategy == "optim_grads_params" else param_bytes
+    return params + grads + (master_bytes + 8) / sharded
 
 
 def zero1_bytes_per_param(param_bytes: int, dp_size: int) -> float:
-    """The formula in the module docstring: bytes per parameter for ``param_bytes``-byte params."""
-    master_bytes = 0 if param_bytes == 4 else 4
-    return param_bytes + 4 + (master_bytes + 8) / dp_size
+    """ZeRO-1's line of the table in the module docstring."""
+    return sharded_bytes_per_param(param_bytes, dp_size, "optim")
 
 
 class ZeroOneShards:
