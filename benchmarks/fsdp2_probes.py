@@ -9,12 +9,18 @@ Probes (each on its own forked gloo ranks; a probe that fails reports the first 
   functions run on the all-gathered plain tensors.  Reports whether it runs, the losses of two steps
   against one process, the gradient norm ``clip_grad_norm_`` sees on each rank against the true one,
   and how many parameters kept megalite's ``param_info``.
+- ``cp``: megalite CP=2 (one replica's sequences split over 2 ranks, attention across them), FSDP2 over
+  the DP x CP ranks; the losses of two steps against one process.
+- ``pp``: megalite PP=2 x DP=2, the 1F1B executor over 2 micro-batches, each stage's chunk sharded
+  over its DP group (untied embeddings, no clipping); the losses of two steps against one process.
 - ``ddp``: megalite's DistributedDataParallel (post-accumulate-grad hooks, ``main_grad``) wrapped
   around an FSDP2 model, and FSDP2 applied to the layers of a DDP-wrapped model.
 - ``adam``: megalite's fused ``adam_step`` on DTensor parameters, then on their local shards; and
   ``MegaliteOptimizer`` (``build_optimizer``) over an FSDP2 model.
 - ``bf16``: ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` on CPU: the sharded
   parameters stay fp32 (the master), compute in bf16; losses of two steps against fp32 one process.
+- ``sum``: FSDP2 told to sum gradients over the mesh instead of averaging them
+  (``set_gradient_divide_factor(1.0)``), as a loss normalized by the global token count would need.
 - ``ckpt``: what megalite's checkpoint code makes of an FSDP2 model: the tensor index's slice of a
   DTensor parameter (checkpoint/index.py), ``_own_storage`` (checkpoint/save_load.py), and a
   ``torch.save`` / ``torch.load(weights_only=True)`` round trip of the sharded state dict.
@@ -118,6 +124,84 @@ def _probe_tp(rank: int, world_size: int, shape: dict) -> dict:
             "param_info_kept": kept}
 
 
+def _probe_cp(rank: int, world_size: int, shape: dict) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from megalite.parallel.context_parallel import split_sequence
+    from megalite.parallel.state import initialize_grid
+
+    grid = initialize_grid(cp=2)                        # one replica, its sequences split over 2 CP ranks
+    model = shard_with_fsdp2(plain_model(shape), init_device_mesh("cpu", (world_size,)))  # mesh = DP x CP
+    optimizer = adamw(model)
+    losses = []
+    for i in range(2):
+        tokens, labels = (split_sequence(t, grid.cp_size, grid.cp_rank, dim=1) for t in batch(shape, i, 1, 0))
+        loss = torch_step(model, optimizer, tokens, labels, clip=0.0)   # equal token counts: mean of means
+        losses.append(_global_loss(loss, grid.cp_group, grid.cp_size))
+    return {"losses": losses}
+
+
+def _pp_micro_batch(shape: dict, step: int, micro: int, dp_size: int, dp_rank: int):
+    return batch(shape, 10 * step + micro, dp_size, dp_rank)
+
+
+def _probe_pp(rank: int, world_size: int, shape: dict) -> dict:
+    """PP=2 x DP=2, megalite's 1F1B executor over 2 micro-batches, each stage's chunk FSDP2-sharded over
+    its DP group; untied embeddings (the tied copy's PP sum is megalite's finalize_model_grads)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from megalite.model.build import build_model_chunks
+    from megalite.parallel.pipeline.schedules import get_forward_backward_func
+    from megalite.parallel.state import initialize_grid
+
+    grid = initialize_grid(pp=2, dp=2)                  # rank = dp + 2 * pp: mesh rows are PP, columns DP
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    chunk = shard_with_fsdp2(build_model_chunks(_untied(shape), grid)[0], mesh["dp"])
+    optimizer = adamw(chunk)
+    forward_backward = get_forward_backward_func(2, None, "1f1b")
+
+    def forward_step(data_iterator, model):
+        tokens, labels = next(data_iterator)
+        return model(tokens, labels=labels), lambda out: (out.mean(), {"lm loss": out.mean().detach()})
+
+    losses = []
+    for step in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        data = iter([_pp_micro_batch(shape, step, m, 2, grid.dp_rank) for m in range(2)])
+        dicts = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[chunk],
+                                 num_microbatches=2, seq_length=shape["seq"], micro_batch_size=shape["micro"],
+                                 grid=grid)
+        optimizer.step()
+        local_loss = torch.stack([d["lm loss"] for d in dicts]).mean() if dicts else torch.zeros(())
+        losses.append(_global_loss(local_loss, grid.dp_group, grid.dp_size))
+    found = [losses]
+    dist.broadcast_object_list(found, src=world_size - 1)   # the last stage's losses
+    return {"losses": found[0]}
+
+
+def _untied(shape: dict):
+    import dataclasses
+
+    from benchmarks.fsdp2_prototype import model_config
+
+    return dataclasses.replace(model_config(shape), untie_embeddings_and_output_weights=True)
+
+
+def pp_reference(shape: dict) -> dict:
+    """One process, untied, each step's 2 micro-batches x 2 DP ranks in one batch."""
+    from megalite.model.gpt import GPTModel
+
+    model = GPTModel(_untied(shape))
+    optimizer = adamw(model)
+    losses = []
+    for step in range(2):
+        parts = [_pp_micro_batch(shape, step, m, 2, r) for m in range(2) for r in range(2)]
+        tokens, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        losses.append(torch_step(model, optimizer, tokens, labels, clip=0.0).item())
+    return {"losses": losses}
+
+
 def _probe_ddp(rank: int, world_size: int, shape: dict) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -196,6 +280,18 @@ def _probe_bf16(rank: int, world_size: int, shape: dict) -> dict:
     return {"losses": losses, "sharded_param": str(p.dtype), "grad": str(p.grad.dtype), "layer_output": compute[0]}
 
 
+def _probe_sum(rank: int, world_size: int, shape: dict) -> dict:
+    """Gradients summed, not averaged, over the mesh (``set_gradient_divide_factor(1.0)``): what a loss
+    normalized by the global token count (--calculate-per-token-loss) would ask of FSDP2."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = shard_with_fsdp2(plain_model(shape), init_device_mesh("cpu", (world_size,)))
+    for module in [*model.decoder.layers, model]:
+        module.set_gradient_divide_factor(1.0)
+    tokens, labels = batch(shape, 0, world_size, rank)
+    return {"backward": attempt(lambda: model(tokens, labels=labels).mean().backward() or "ran")}
+
+
 def _probe_ckpt(rank: int, world_size: int, shape: dict) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -221,8 +317,10 @@ def _probe_ckpt(rank: int, world_size: int, shape: dict) -> dict:
             "save_load": attempt(round_trip)}
 
 
-PROBES: Dict[str, tuple] = {"tp": (_probe_tp, 4), "ddp": (_probe_ddp, 2), "adam": (_probe_adam, 2),
-                            "bf16": (_probe_bf16, 2), "ckpt": (_probe_ckpt, 2)}
+# name -> (the rank function, how many ranks)
+PROBES: Dict[str, tuple] = {"tp": (_probe_tp, 4), "cp": (_probe_cp, 2), "pp": (_probe_pp, 4),
+                            "ddp": (_probe_ddp, 2), "adam": (_probe_adam, 2), "bf16": (_probe_bf16, 2),
+                            "sum": (_probe_sum, 2), "ckpt": (_probe_ckpt, 2)}
 
 
 def run_probe(name: str, shape: dict = SHAPE, timeout: float = 120.0) -> object:
@@ -244,8 +342,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     results = {}
     for name in args.only:
         results[name] = run_probe(name)
-        if name in ("tp", "bf16"):
-            results[name + "_reference"] = reference(SHAPE, 2, 2)
+        if name in ("tp", "bf16", "cp"):
+            results[name + "_reference"] = reference(SHAPE, 1 if name == "cp" else 2, 2)
+        if name == "pp":
+            results["pp_reference"] = pp_reference(SHAPE)
         for key, value in ([(name, results[name])] + ([(name + "_reference", results[name + "_reference"])]
                                                       if name + "_reference" in results else [])):
             print(f"{key}: {value}", flush=True)

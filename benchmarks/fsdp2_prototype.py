@@ -3,7 +3,7 @@
     python -m benchmarks.fsdp2_prototype                       # 8 layers, h 1024, DP=4: table + parity
     python -m benchmarks.fsdp2_prototype --layers 2 --hidden 256 --dp 2 --steps 3
     python -m benchmarks.fsdp2_prototype --parity-only --dp 2  # only: one FSDP2 step == one process?
-    python -m benchmarks.fsdp2_probes                          # composition probes (TP, DDP, Adam, bf16, ckpt)
+    python -m benchmarks.fsdp2_probes                          # composition: TP, CP, PP, DDP, Adam, bf16, ckpt
 
 Each configuration runs on its own freshly forked gloo ranks (pure data parallelism, TP=1, fp32,
 dropout off, the same seed-drawn model and the same global batch of random tokens):
