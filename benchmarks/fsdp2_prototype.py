@@ -30,6 +30,9 @@ Measured per rank:
   (activations, FSDP2's all-gathered layers, the gradients in flight).
 - step time: the median over the timed steps after the warm-up ones, the slowest rank's.
 
+torch keeps no allocator statistics for the CPU (``torch.cpu`` has none; ``torch.accelerator``'s refuse
+without an accelerator), hence the kernel's counters as the cross-check of the tensor count.
+
 Run as a command, the benchmark restarts itself with glibc's mmap threshold fixed at 64 KiB
 (``MALLOC_MMAP_THRESHOLD_``, as benchmarks/long_context.py does) so that freed tensors leave the
 resident set and RSS tracks what is alive.
@@ -158,7 +161,7 @@ def _reset_peak() -> None:
         f.write("5")                                    # VmHWM restarts from the current resident set
 
 
-def _build_engine(engine: str, shape: dict, rank: int, world_size: int):
+def _build_engine(engine: str, shape: dict, world_size: int):
     """(model, step function, tensors held at rest) of one engine on this rank."""
     from megalite.model.gpt import GPTModel
 
@@ -189,7 +192,7 @@ def _measure_rank(rank: int, world_size: int, engine: str, shape: dict, warmup: 
 
     gc.collect()
     before = _status_kib("VmRSS")
-    model, step, held = _build_engine(engine, shape, rank, world_size)
+    model, step, held = _build_engine(engine, shape, world_size)
     _reset_peak()
     times = []
     try:
