@@ -14,7 +14,8 @@ dropout off, the same seed-drawn model and the same global batch of random token
   DeviceMesh of the ranks on "cpu"; ``torch.optim.AdamW`` (foreach) with the same two parameter
   groups (matrices decayed, 1-D parameters not) and ``clip_grad_norm_`` at the same threshold.
 - ``FSDP2 keep-fwd``: the same with ``reshard_after_forward=False``: a layer's gathered parameters
-  live from its forward to its backward (no second all-gather; ZeRO-2's steady-state memory).
+  live from its forward to its backward (no second all-gather; between steps the parameters are
+  sharded as under ZeRO-3).
 
 Measured per rank:
 
@@ -100,7 +101,7 @@ def shard_with_fsdp2(model: torch.nn.Module, mesh, mp_policy=None, reshard_after
                      ) -> torch.nn.Module:
     """fully_shard each TransformerLayer (its own all-gather / reduce-scatter group), then the root
     (embedding, final norm, output layer).  ``reshard_after_forward=False`` keeps each layer's
-    gathered parameters from its forward to its backward (ZeRO-2's memory, one all-gather fewer)."""
+    gathered parameters from its forward to its backward (one all-gather fewer, a higher peak)."""
     fully_shard = import_fully_shard()[0]
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
