@@ -58,7 +58,8 @@ LAYOUTS = [
     ("dp2-fp16", "fp16", 2, FP16_DP2, BOTH),
     ("dp2-bf16", "bf16", 2, [], BOTH),
     ("dp2-bf16-reduce-in-bf16", "bf16", 2, ["--grad-reduce-in-bf16"], BOTH),
-    ("dp2-recompute", "gpt", 2, RECOMPUTE, BOTH),    # ZeRO-3: the recomputed forward gathers again
+    ("dp2-recompute", "gpt", 2, RECOMPUTE, BOTH),    # ZeRO-3: the recomputed forward runs the hooks again
+    ("dp2-recompute-span-2", "gpt", 2, RECOMPUTE + ["--recompute-num-layers", "2"], ("zero3",)),
     ("dp2-ep2-moe", "moe", 2, EP2, BOTH),             # every expert on one rank: expert-DP size 1
     ("dp4-overlap", "gpt", 4, OVERLAP, ("zero2",)),
     ("dp4-overlap-gather", "gpt", 4, OVERLAP + ["--overlap-param-gather"], ("zero3",)),
@@ -102,7 +103,8 @@ def _train(rank, world_size, runs):
             at_rest = {"chunks": len(run.model), "buckets": sum(len(w.buckets) for w in wrappers),
                        "params": sum(1 for chunk in run.model for _ in chunk.parameters()),
                        "empty params": sum(p.numel() == 0 for chunk in run.model for p in chunk.parameters()),
-                       "whole grad buckets": sum(b.grad_data is not None for w in wrappers for b in w.buckets)}
+                       "whole grad buckets": sum(b.grad_data is not None for w in wrappers for b in w.buckets),
+                       "gathers": sum(w.param_gather.num_gathers for w in wrappers if w.param_gather is not None)}
             params = {}
             with whole_parameters(run.model):
                 for chunk in run.model:
@@ -210,3 +212,14 @@ def test_references_clip_and_skip(runs):
         assert all(norm > CLIP for norm in norms if norm is not None), (variant, norms)
     fp16_norms = [norm for _, norm, _ in references["fp16"][0]]
     assert fp16_norms[0] is None and fp16_norms[3] is None and None not in fp16_norms[1:3], fp16_norms
+
+
+def test_recomputed_forward_keeps_its_gathered_parameters_for_backward(runs):
+    """ZeRO-3 with full recompute: a step launches as many all-gathers as without recompute.  A span of one
+    layer is recomputed after its layer was gathered for backward; in a span of two, the first layer is
+    gathered by its recomputed forward and kept for its backward (one more all-gather if it were dropped)."""
+    _, per_rank = runs
+    for rank in per_rank[2]:
+        plain = rank["dp2-zero3"][3]["gathers"]
+        assert plain > 0
+        assert rank["dp2-recompute-zero3"][3]["gathers"] == rank["dp2-recompute-span-2-zero3"][3]["gathers"] == plain
