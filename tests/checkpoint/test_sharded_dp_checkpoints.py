@@ -223,3 +223,18 @@ def test_hugging_face_export_of_a_zero3_run_holds_its_weights(tmp_path):
     tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     ours = run_on_ranks(_megalite_logits, 1, save, tokens, [], timeout=120)[0][..., :100]
     torch.testing.assert_close(model(tokens).logits, ours, rtol=0, atol=ATOL)
+
+
+def test_zero1_and_zero2_save_one_layout_and_zero3_another():
+    """ZeRO-1 and ZeRO-2 cut the same optimizer pieces, so either loads the other's files as they are;
+    ZeRO-3 cuts its buckets at gather units: a reshard, named as such in its message."""
+    from types import SimpleNamespace
+
+    from megalite.checkpoint.reshard import describe_layout
+    from megalite.checkpoint.save_load import saved_layout
+    grid = SimpleNamespace(tp_size=1, pp_size=1, virtual_pp_size=None, cp_size=1, dp_size=2)
+    layouts = {strategy: saved_layout(grid, strategy) for strategy in ("optim", "optim_grads", "optim_grads_params")}
+    assert layouts["optim"] == layouts["optim_grads"] != layouts["optim_grads_params"]
+    assert describe_layout(layouts["optim_grads_params"]).endswith("DP=2 ZeRO-3")
+    assert describe_layout(layouts["optim"]).endswith("DP=2 ZeRO-1/2")
+    assert describe_layout(saved_layout(grid, False)).endswith("DP=2 no ZeRO")
