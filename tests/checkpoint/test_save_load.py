@@ -49,6 +49,8 @@ LAYOUTS = {
     "dp2-zero3-bf16": (2, ["--data-parallel-sharding-strategy", "optim_grads_params", "--bf16"]),
     "tp2-dp2-zero3": (4, ["--tensor-model-parallel-size", "2", "--data-parallel-sharding-strategy",
                           "optim_grads_params", "--overlap-param-gather"]),
+    "pp2-dp2-zero3": (4, ["--pipeline-model-parallel-size", "2", "--data-parallel-sharding-strategy",
+                          "optim_grads_params"]),      # the tied embedding's two copies, each sharded
     "moe-dp2-zero1": (2, ["--use-distributed-optimizer", "--disable-bias-linear", "--num-experts", "4",
                           "--moe-aux-loss-coeff", "1e-2", "--moe-router-score-function", "sigmoid",
                           "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2"]),
@@ -65,7 +67,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
     assert paths.read_latest_iteration(save) == 3
     assert os.path.isfile(os.path.join(save, "iter_0000003", "mp_rank_00_000", "model_optim_rng.pt"))
     if "--use-distributed-optimizer" in flags or "--data-parallel-sharding-strategy" in flags:
-        dp = world // (2 if "--tensor-model-parallel-size" in flags else 1)
+        def size(flag):
+            return int(flags[flags.index(flag) + 1]) if flag in flags else 1
+        dp = world // (size("--tensor-model-parallel-size") * size("--pipeline-model-parallel-size"))
         for dp_rank in range(dp):
             shard = f"optimizer_dp{dp_rank:03d}_cp000.pt"
             assert os.path.isfile(os.path.join(paths.rank_dir(save, 3, 0, 0), shard))

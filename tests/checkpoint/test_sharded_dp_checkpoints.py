@@ -31,10 +31,12 @@ LAYOUTS = {   # name: (ranks, flags)
     "single": (1, []),
     "dp2-zero1": (2, ["--use-distributed-optimizer"]),
     "dp2-zero3": (2, ZERO3),
-    "dp4-zero3": (4, ZERO3 + ["--overlap-param-gather", "--ddp-bucket-size", "500"]),
     "tp2-pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    # The tied embedding on two stages; prefetching, and several buckets per gather unit.
+    "pp2-dp2-zero3": (4, ZERO3 + ["--pipeline-model-parallel-size", "2", "--overlap-param-gather",
+                                  "--ddp-bucket-size", "500"]),
 }
-PAIRS = [("dp2-zero3", "single"), ("dp2-zero3", "dp2-zero1"), ("dp2-zero3", "tp2-pp2"), ("dp4-zero3", "dp2-zero3"),
+PAIRS = [("dp2-zero3", "single"), ("dp2-zero3", "dp2-zero1"), ("dp2-zero3", "tp2-pp2"), ("pp2-dp2-zero3", "dp2-zero3"),
          ("single", "dp2-zero3"), ("dp2-zero1", "dp2-zero3"), ("tp2-pp2", "dp2-zero3")]
 
 
@@ -121,7 +123,7 @@ def _resume_targets(tmp_path, pairs, flags):
 
 
 def test_zero3_checkpoints_reshard_in_and_out_and_continue_the_run(tmp_path):
-    curves = _train_sources(tmp_path, list(LAYOUTS), FLAGS)
+    curves = _train_sources(tmp_path, sorted({source for source, _ in PAIRS}), FLAGS)
     for name, curve in curves.items():
         # Every layout trains (and evaluates) the same model; float32 round-off.
         _assert_same_curve([(i, loss) for i, loss, _ in curve], [(i, loss) for i, loss, _ in curves["single"]])
