@@ -91,6 +91,7 @@ class ParamGather:
 
     def __init__(self, module: torch.nn.Module, buckets: Sequence[Bucket], overlap: bool):
         self.units = gather_units(module)
+        self.buckets = list(buckets)
         bucket_of = {id(p): b for b in buckets for p in b.params}
         self.unit_buckets: List[List[Bucket]] = []
         for unit in self.units:
@@ -105,6 +106,15 @@ class ParamGather:
             self.handles.append(unit.register_forward_pre_hook(self._pre_forward(i)))
             self.handles.append(unit.register_forward_hook(self._post_forward(i)))
         self.handles.append(module.register_forward_pre_hook(lambda *_: self._gather(self.root_buckets)))
+        self.handles.append(module.register_state_dict_pre_hook(self._refuse_dropped))
+
+    def _refuse_dropped(self, module, prefix, keep_vars) -> None:
+        # A dropped parameter is an empty tensor: a state dict of them would be silently empty.
+        if any(bucket.param_data is None for bucket in self.buckets):
+            raise RuntimeError("the state dict of a ZeRO-3 model (--data-parallel-sharding-strategy "
+                               "optim_grads_params) was asked for while its parameters are sharded; read it inside "
+                               "megalite.parallel.param_gather.whole_parameters(model_chunks), which every "
+                               "data-parallel rank enters")
 
     def _gather(self, buckets: Sequence[Bucket], prefetch: Optional[Sequence[Bucket]] = None) -> None:
         for bucket in buckets:

@@ -240,3 +240,29 @@ def test_zero1_and_zero2_save_one_layout_and_zero3_another():
     assert describe_layout(layouts["optim_grads_params"]).endswith("DP=2 ZeRO-3")
     assert describe_layout(layouts["optim"]).endswith("DP=2 ZeRO-1/2")
     assert describe_layout(saved_layout(grid, False)).endswith("DP=2 no ZeRO")
+
+
+def _state_dicts_of_zero3(rank, world_size, argv):
+    """The model's state dict asked for outside whole_parameters (the error), then inside (the shapes)."""
+    from megalite.parallel import state
+    from megalite.parallel.data_parallel import unwrap_model
+    from megalite.parallel.param_gather import whole_parameters
+    from megalite.training.loop import setup, train
+    run = setup(argv)
+    train(run)                      # a step, an evaluation and a save: the parameters are dropped after each
+    try:
+        unwrap_model(run.model[0]).state_dict()
+        refused = None
+    except RuntimeError as error:
+        refused = str(error)
+    with whole_parameters(run.model):
+        shapes = {k: tuple(v.shape) for k, v in run.model[0].state_dict().items()}
+    state.destroy_grid()
+    return refused, shapes
+
+
+def test_a_zero3_state_dict_outside_whole_parameters_is_refused_not_empty(tmp_path):
+    argv = FLAGS + ZERO3 + ["--train-iters", "1", "--eval-interval", "1", "--save", str(tmp_path / "ckpt")]
+    for refused, shapes in run_on_ranks(_state_dicts_of_zero3, 2, argv, timeout=120):
+        assert refused is not None and "read it inside megalite.parallel.param_gather.whole_parameters" in refused
+        assert shapes["embedding.word_embeddings.weight"] == (64, 32) and all(map(math.prod, shapes.values()))
