@@ -17,6 +17,9 @@ empty tensor, and the memory of the whole parameters is freed.
 
 Overlap (``--overlap-param-gather``): gathering a unit also launches the next unit's all-gather (the
 previous unit's in backward), so it travels while this unit computes.
+
+Outside a unit's forward and backward (checkpoints, exports, tests) the parameters are read inside
+:func:`whole_parameters`; a state dict asked for while they are dropped raises instead of holding empty tensors.
 """
 from __future__ import annotations
 
