@@ -126,6 +126,7 @@ def test_zero3_checkpoints_reshard_in_and_out_and_continue_the_run(tmp_path):
     curves = _train_sources(tmp_path, sorted({source for source, _ in PAIRS}), FLAGS)
     for name, curve in curves.items():
         # Every layout trains (and evaluates) the same model; float32 round-off.
+        assert [i for i, _, e in curve if e is not None] == [2, 4], name
         _assert_same_curve([(i, loss) for i, loss, _ in curve], [(i, loss) for i, loss, _ in curves["single"]])
         _assert_same_curve([(i, e) for i, _, e in curve if e is not None],
                            [(i, e) for i, _, e in curves["single"] if e is not None])
