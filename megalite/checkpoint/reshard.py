@@ -1,5 +1,5 @@
 """Load a checkpoint saved under one parallel layout into any other: TP, PP, virtual PP, CP, DP,
-ZeRO-1 on or off, SP on or off (SP changes no tensor's layout).
+no sharding or ZeRO-1/2/3 (--data-parallel-sharding-strategy), SP on or off (SP changes no tensor's layout).
 
     load_any_layout(root, model_chunks, optimizer, scheduler, grid, ...)
         the iteration's tensor index     -> tensor_index.pt (an iteration without one is refused)
@@ -79,8 +79,10 @@ Target = Tuple[torch.Tensor, Slice]    # (the 1-D tensor to fill, its slice desc
 
 
 def describe_layout(layout: dict) -> str:
+    # ZeRO-1 and ZeRO-2 save the same optimizer pieces; ZeRO-3's buckets are cut at gather units.
+    sharding = "ZeRO-3" if layout.get("buckets_at_units") else "ZeRO-1/2" if layout["zero1"] else "no ZeRO"
     return (f"TP={layout['tp']} PP={layout['pp']} virtual PP={layout['vpp']} CP={layout['cp']} DP={layout['dp']} "
-            f"ZeRO-1 {'on' if layout['zero1'] else 'off'}")
+            f"{sharding}")
 
 
 def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: Optional[MegaliteOptimizer],

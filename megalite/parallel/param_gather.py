@@ -18,6 +18,9 @@ empty tensor, and the memory of the whole parameters is freed.
 Overlap (``--overlap-param-gather``): gathering a unit also launches the next unit's all-gather (the
 previous unit's in backward), so it travels while this unit computes.  Under ZeRO-1/2 the same flag lets
 the all-gathers after the optimizer step run into the next forward: :class:`AfterStepGatherWait`.
+
+Outside a unit's forward and backward (checkpoints, exports, tests) the parameters are read inside
+:func:`whole_parameters`; a state dict asked for while they are dropped raises instead of holding empty tensors.
 """
 from __future__ import annotations
 
@@ -102,6 +105,7 @@ class ParamGather:
 
     def __init__(self, module: torch.nn.Module, buckets: Sequence[Bucket], overlap: bool):
         self.units = gather_units(module)
+        self.buckets = list(buckets)
         self.unit_buckets = buckets_of_units(self.units, buckets)
         covered = {id(b) for bs in self.unit_buckets for b in bs}
         self.root_buckets = [b for b in buckets if id(b) not in covered]
@@ -112,6 +116,15 @@ class ParamGather:
             self.handles.append(unit.register_forward_pre_hook(self._pre_forward(i)))
             self.handles.append(unit.register_forward_hook(self._post_forward(i)))
         self.handles.append(module.register_forward_pre_hook(lambda *_: self._gather(self.root_buckets)))
+        self.handles.append(module.register_state_dict_pre_hook(self._refuse_dropped))
+
+    def _refuse_dropped(self, module, prefix, keep_vars) -> None:
+        # A dropped parameter is an empty tensor: a state dict of them would be silently empty.
+        if any(bucket.param_data is None for bucket in self.buckets):
+            raise RuntimeError("the state dict of a ZeRO-3 model (--data-parallel-sharding-strategy "
+                               "optim_grads_params) was asked for while its parameters are sharded; read it inside "
+                               "megalite.parallel.param_gather.whole_parameters(model_chunks), which every "
+                               "data-parallel rank enters")
 
     def _gather(self, buckets: Sequence[Bucket], prefetch: Optional[Sequence[Bucket]] = None) -> None:
         for bucket in buckets:

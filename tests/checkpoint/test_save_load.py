@@ -20,13 +20,15 @@ TINY = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attent
 
 def _train_and_report(rank, world_size, argv):
     from megalite.parallel import state
+    from megalite.parallel.param_gather import whole_parameters
     from megalite.training.loop import setup, train
     run = setup(argv)
     history = train(run)
-    params = {f"{i}.{k}": v.detach().clone() for i, c in enumerate(run.model)
-              for k, v in unwrap_model(c).state_dict().items()}
+    with whole_parameters(run.model):     # ZeRO-3 keeps only shards between steps
+        params = {f"{i}.{k}": v.detach().clone() for i, c in enumerate(run.model)
+                  for k, v in unwrap_model(c).state_dict().items()}
     state.destroy_grid()
-    return [(r["iteration"], r["loss"], r["lr"], r["grad_norm"]) for r in history], params
+    return [(r["iteration"], r["loss"], r["lr"], r["grad_norm"], r.get("eval_loss")) for r in history], params
 
 
 # (ranks, extra flags): each layout resumes exactly; a new layout is one line.
@@ -39,6 +41,16 @@ LAYOUTS = {
                        "--sequence-parallel"]),           # one file per (tp, pp) shard; TP dropout streams
     "cp2": (2, ["--context-parallel-size", "2"]),          # RNG files per CP rank: CP-distinct dropout
     # Experts replicated over DP 2, ZeRO-1; the expert biases (saved buffers) must come back too.
+    # ZeRO-2 and ZeRO-3 (--data-parallel-sharding-strategy): the same files as ZeRO-1, but ZeRO-3 gathers
+    # the parameters to save them and writes its shards back on load; bf16: the fp32 masters round-trip.
+    "dp2-zero2": (2, ["--data-parallel-sharding-strategy", "optim_grads"]),
+    "dp2-zero3": (2, ["--data-parallel-sharding-strategy", "optim_grads_params"]),
+    "dp2-zero2-bf16": (2, ["--data-parallel-sharding-strategy", "optim_grads", "--bf16"]),
+    "dp2-zero3-bf16": (2, ["--data-parallel-sharding-strategy", "optim_grads_params", "--bf16"]),
+    "tp2-dp2-zero3": (4, ["--tensor-model-parallel-size", "2", "--data-parallel-sharding-strategy",
+                          "optim_grads_params", "--overlap-param-gather"]),
+    "pp2-dp2-zero3": (4, ["--pipeline-model-parallel-size", "2", "--data-parallel-sharding-strategy",
+                          "optim_grads_params"]),      # the tied embedding's two copies, each sharded
     "moe-dp2-zero1": (2, ["--use-distributed-optimizer", "--disable-bias-linear", "--num-experts", "4",
                           "--moe-aux-loss-coeff", "1e-2", "--moe-router-score-function", "sigmoid",
                           "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2"]),
@@ -54,8 +66,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
     first, _ = run_on_ranks(_train_and_report, world, argv + ["--save", save, "--exit-interval", "3"], timeout=120)[0]
     assert paths.read_latest_iteration(save) == 3
     assert os.path.isfile(os.path.join(save, "iter_0000003", "mp_rank_00_000", "model_optim_rng.pt"))
-    if "--use-distributed-optimizer" in flags:
-        for dp_rank in range(world):
+    if "--use-distributed-optimizer" in flags or "--data-parallel-sharding-strategy" in flags:
+        def size(flag):
+            return int(flags[flags.index(flag) + 1]) if flag in flags else 1
+        dp = world // (size("--tensor-model-parallel-size") * size("--pipeline-model-parallel-size"))
+        for dp_rank in range(dp):
             shard = f"optimizer_dp{dp_rank:03d}_cp000.pt"
             assert os.path.isfile(os.path.join(paths.rank_dir(save, 3, 0, 0), shard))
     second, resumed_params = run_on_ranks(_train_and_report, world, argv + ["--load", save], timeout=120)[0]
@@ -63,6 +78,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
     assert [r[0] for r in first] == [1, 2, 3] and [r[0] for r in second] == [4, 5, 6]
     assert first + second == straight                       # exact: loss, lr and grad norm of every iteration
     assert straight_params.keys() == resumed_params.keys()
+    assert all(value.numel() for value in straight_params.values())     # whole, not ZeRO-3's dropped params
     for name, value in straight_params.items():
         assert torch.equal(value, resumed_params[name]), name
 
