@@ -15,6 +15,11 @@ per unit (SwiGLU gate/up) precisely so that a TP rank's contiguous slice holds w
 tensor, and no per-parameter permutation is needed.  The two copies of a tied word embedding
 (first and last pipeline stage) are one logical tensor, ``embedding.word_embeddings.weight``.
 
+The experts' stacked weights ``[E, ...]`` (``ParamInfo.expert_parallel``) are split along dim 0 over the
+expert-parallel group instead: EP rank r's box holds experts ``[r E/EP, (r+1) E/EP)`` (:func:`tensor_box`),
+so a checkpoint of any EP loads at any other exactly as a TP split does (MoE runs at TP 1, so no box is
+split over both).
+
 Resharding works box by box: an element at local coordinate ``c`` of a box sits at ``c + offset``
 along the split dim, so two boxes of one logical tensor share a rectangle, copied as one strided
 slice (:func:`fill_slice`); a flat range is laid into its box first (the ZeRO-1 pieces of one TP
@@ -41,7 +46,8 @@ import torch
 from megalite.parallel.data_parallel import unwrap_model
 from megalite.parallel.param_info import param_info
 
-__all__ = ["Slice", "WORD_EMBEDDING", "VOCAB_ROWS", "global_name", "logical_box", "chunk_layer_numbers",
+__all__ = ["Slice", "Place", "WORD_EMBEDDING", "VOCAB_ROWS", "global_name", "logical_box", "tensor_box",
+           "is_expert_shard", "chunk_layer_numbers",
            "parameter_names", "describe_model", "describe_optimizer", "element_keys", "overlaps", "key_shape_of",
            "fill_slice"]
 
@@ -107,8 +113,8 @@ def global_name(local_name: str, layer_numbers: Sequence[int], tied_copy: bool) 
 
 
 def logical_box(tensor: torch.Tensor, dim: Optional[int], tp_rank: int, tp_size: int) -> dict:
-    """The logical shape and the TP-local box of a tensor split along ``dim`` into ``tp_size`` equal shards
-    (the box fields of a :class:`Slice`)."""
+    """The logical shape and the local box of a tensor split along ``dim`` into ``tp_size`` equal shards
+    (the box fields of a :class:`Slice`); :func:`tensor_box` picks the split of a model tensor."""
     local = list(tensor.shape)
     shape = list(local)
     offset = 0
@@ -118,18 +124,52 @@ def logical_box(tensor: torch.Tensor, dim: Optional[int], tp_rank: int, tp_size:
     return {"shape": shape, "dim": dim, "offset": offset, "local_shape": local}
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a rank sits among the splits a saved tensor can have: its TP and expert-parallel coordinates."""
+    tp_rank: int = 0
+    tp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+
+    @classmethod
+    def of(cls, grid) -> "Place":
+        return cls(grid.tp_rank, grid.tp_size, getattr(grid, "ep_rank", 0), getattr(grid, "ep_size", 1))
+
+
+def is_expert_shard(tensor: torch.Tensor, place: Place) -> bool:
+    """Whether the tensor is this rank's share of the experts' stacked weights (EP > 1): ranks of one
+    TP x CP x DP group hold different ones, so they are saved from each expert-parallel rank."""
+    return place.ep_size > 1 and param_info(tensor).expert_parallel
+
+
+def tensor_box(tensor: torch.Tensor, place: Place) -> dict:
+    """The box of a model tensor (or of the parameter of an optimizer piece): a TP shard along its partition
+    dim, or -- the experts' stacked weights under EP > 1 -- experts ``[ep_rank E/EP, (ep_rank+1) E/EP)``
+    of the global ``[E, ...]`` stack, along dim 0 (experts are never split over TP: MoE runs at TP 1)."""
+    info = param_info(tensor)
+    if is_expert_shard(tensor, place):
+        if info.partition_dim is not None and place.tp_size > 1:
+            raise ValueError("a tensor split over both TP and EP has no box of the tensor index; "
+                             "save with --tensor-model-parallel-size 1")
+        return logical_box(tensor, 0, place.ep_rank, place.ep_size)
+    return logical_box(tensor, info.partition_dim, place.tp_rank, place.tp_size)
+
+
 def describe_model(model_chunks: Sequence[torch.nn.Module], layer_numbers: Sequence[Sequence[int]],
-                   tp_rank: int, tp_size: int, file: str) -> List[Slice]:
-    """One slice (kind "param", the whole box) per state-dict entry of each chunk; ``where`` is
-    ``(chunk key, local name)`` inside ``file`` (the keys ``checkpoint.save_checkpoint`` writes)."""
+                   place: Place, file: str, keep=lambda tensor: True) -> List[Slice]:
+    """One slice (kind "param", the whole box) per state-dict entry of each chunk that ``keep`` accepts;
+    ``where`` is ``(chunk key, local name)`` inside ``file`` (the keys ``checkpoint.save_checkpoint`` writes)."""
     slices = []
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         for name, tensor in unwrap_model(chunk).state_dict(keep_vars=True).items():
+            if not keep(tensor):
+                continue
             info = param_info(tensor)
             slices.append(Slice(name=global_name(name, layer_numbers[index], info.shared_embedding), kind="param",
-                                **logical_box(tensor, info.partition_dim, tp_rank, tp_size), start=0,
-                                end=tensor.numel(), file=file, where=(key, name)))
+                                **tensor_box(tensor, place), start=0, end=tensor.numel(), file=file,
+                                where=(key, name)))
     return slices
 
 
@@ -151,13 +191,16 @@ def parameter_names(model_chunks: Sequence[torch.nn.Module],
     return names
 
 
-def describe_optimizer(optimizer, names: Dict[int, str], tp_rank: int, tp_size: int, file: str,
-                       root: Sequence = ()) -> List[Slice]:
+def describe_optimizer(optimizer, names: Dict[int, str], place: Place, file: str, root: Sequence = (),
+                       keep=lambda tensor: True) -> List[Slice]:
     """Slices of the optimizer's pieces (``MegaliteOptimizer.state_dict()['pieces']``, stored at ``root``
-    inside ``file``): the moments, and the fp32 master where the parameter has its own."""
+    inside ``file``) whose parameter ``keep`` accepts: the moments, and the fp32 master where the parameter
+    has its own.  ``where`` ends with the piece's position among all of this rank's pieces."""
     slices = []
     for i, piece in enumerate(optimizer.all_pieces()):
-        box = logical_box(piece.param, param_info(piece.param).partition_dim, tp_rank, tp_size)
+        if not keep(piece.param):
+            continue
+        box = tensor_box(piece.param, place)
         kinds = ("exp_avg", "exp_avg_sq") + (("master",) if piece.has_own_master else ())
         for kind in kinds:
             slices.append(Slice(name=names[id(piece.param)], kind=kind, **box, start=piece.start, end=piece.end,

@@ -1,4 +1,4 @@
-"""One process's view of a checkpoint of any TP x PP x ZeRO-1 layout: the full (TP=1, one-stage) state
+"""One process's view of a checkpoint of any TP x PP x EP x ZeRO-1 layout: the full (TP=1, one-stage) state
 dict, for generation and Hugging Face export.
 
 The files are read through reader.py (the manifest required, each file verified before it is read),
@@ -39,7 +39,9 @@ def merge_checkpoint(root: str, iteration: Optional[int] = None):
         raise ValueError(f"{reader.folder}: its tensor index lists no model parameters; it was not saved by "
                          f"megalite-train")
     read = SliceValues(lambda relative: reader.load(relative, mmap=True))
-    first = params[next(iter(params))][0].file
+    # The settings are in a model_optim_rng.pt (an experts file of EP > 1 holds only expert tensors).
+    first = next((part.file for parts in params.values() for part in parts if part.file.endswith("model_optim_rng.pt")),
+                 params[next(iter(params))][0].file)
     settings = read.open(first).get("settings") or {}
     if not isinstance(settings.get("model"), dict):
         raise CheckpointError(f"{reader.path(first)} holds no model settings; it was not saved by megalite-train")

@@ -1,4 +1,4 @@
-"""Load a checkpoint saved under one parallel layout into any other: TP, PP, virtual PP, CP, DP,
+"""Load a checkpoint saved under one parallel layout into any other: TP, PP, virtual PP, CP, DP, EP,
 no sharding or ZeRO-1/2/3 (--data-parallel-sharding-strategy), SP on or off (SP changes no tensor's layout).
 
     load_any_layout(root, model_chunks, optimizer, scheduler, grid, ...)
@@ -6,8 +6,9 @@ no sharding or ZeRO-1/2/3 (--data-parallel-sharding-strategy), SP on or off (SP 
         the saved layout == this run's   -> save_load.load_same_layout: file for file, bit for bit
         otherwise                        -> reshard:
 
-    for every tensor this rank holds in the NEW layout (a parameter's TP box; a ZeRO-1 piece of
-    its fp32 master and Adam moments), as a slice of its logical tensor (index.py):
+    for every tensor this rank holds in the NEW layout (a parameter's TP box, or its EP box of the
+    experts' stacked weights; a ZeRO-1 piece of its fp32 master and Adam moments), as a slice of its
+    logical tensor (index.py):
         sources  = the saved slices of the same logical tensor and kind whose elements meet it
         verify   = the files holding those sources, checked against the manifest on every rank
         fill     = copy the shared elements by global coordinates; vocabulary rows beyond the
@@ -46,14 +47,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megalite.checkpoint.index import (
+    Place,
     Slice,
     chunk_layer_numbers,
     fill_slice,
     global_name,
     key_shape_of,
-    logical_box,
     overlaps,
     parameter_names,
+    tensor_box,
 )
 from megalite.checkpoint.paths import TENSOR_INDEX, iteration_dir, rank_dir
 from megalite.checkpoint.reader import SliceValues, choose_iteration, load_file, required_manifest
@@ -82,7 +84,7 @@ def describe_layout(layout: dict) -> str:
     # ZeRO-1 and ZeRO-2 save the same optimizer pieces; ZeRO-3's buckets are cut at gather units.
     sharding = "ZeRO-3" if layout.get("buckets_at_units") else "ZeRO-1/2" if layout["zero1"] else "no ZeRO"
     return (f"TP={layout['tp']} PP={layout['pp']} virtual PP={layout['vpp']} CP={layout['cp']} DP={layout['dp']} "
-            f"{sharding}")
+            f"{'EP=%d ' % layout['ep'] if layout.get('ep', 1) > 1 else ''}{sharding}")
 
 
 def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: Optional[MegaliteOptimizer],
@@ -192,7 +194,7 @@ def _model_targets(model_chunks, layer_numbers: List[List[int]], grid: ProcessGr
             seen.add(id(tensor))
             info = param_info(tensor)
             target = Slice(name=global_name(name, numbers, info.shared_embedding), kind="param",
-                          **logical_box(tensor, info.partition_dim, grid.tp_rank, grid.tp_size),
+                          **tensor_box(tensor, Place.of(grid)),
                           start=0, end=tensor.numel())
             targets.append((tensor.detach().view(-1), target))
     return targets
@@ -205,7 +207,7 @@ def _optimizer_targets(optimizer: MegaliteOptimizer, names: Dict[int, str], grid
     targets = []
     for piece in optimizer.all_pieces():
         name = names[id(piece.param)]
-        box = logical_box(piece.param, param_info(piece.param).partition_dim, grid.tp_rank, grid.tp_size)
+        box = tensor_box(piece.param, Place.of(grid))
         tensors = {"exp_avg": piece.exp_avg, "exp_avg_sq": piece.exp_avg_sq}
         if piece.has_own_master and name in has_masters:
             tensors["master"] = piece.master

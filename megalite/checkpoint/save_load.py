@@ -7,6 +7,7 @@ Layout on disk, Megatron-LM's (one folder per tensor x pipeline rank)::
         model_optim_rng.pt     model (one entry per virtual chunk), optimizer, scheduler, iteration,
                                consumed samples, the run's settings; written by DP rank 0 of CP rank 0
         optimizer_dp{dp:03d}_cp{cp:03d}.pt   the optimizer shard of each DP rank (only with ZeRO-1)
+        experts_ep{ep:03d}.pt                under EP > 1: the experts of each EP rank but 0 (expert_files.py)
         rng_dp{dp:03d}_cp{cp:03d}.pt         every rank's RNG states (torch CPU/CUDA, python, numpy,
                                              the TP RNG tracker): dropout masks differ per rank
     SAVE/iter_0000010/tensor_index.pt               every saved tensor as a slice of a logical tensor
@@ -32,7 +33,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint.index import Slice, chunk_layer_numbers, describe_model, describe_optimizer, parameter_names
+from megalite.checkpoint.expert_files import (
+    describe_experts,
+    experts_file,
+    experts_state,
+    merge_experts,
+    reads_experts,
+    writes_experts,
+)
+from megalite.checkpoint.index import (
+    Place,
+    Slice,
+    chunk_layer_numbers,
+    describe_model,
+    describe_optimizer,
+    parameter_names,
+)
 from megalite.checkpoint.manifest import (
     MANIFEST,
     CheckpointError,
@@ -114,6 +130,8 @@ def saved_layout(grid: ProcessGrid, sharded_optimizer) -> dict:
               "dp": grid.dp_size, "zero1": bool(sharded_optimizer)}
     if sharded_optimizer == "optim_grads_params":
         layout["buckets_at_units"] = True
+    if grid.ep_size > 1:     # named only when used, so that an EP 1 layout reads as before EP existed
+        layout["ep"] = grid.ep_size
     return layout
 
 
@@ -124,13 +142,16 @@ def _describe_saved_tensors(model_chunks, optimizer, grid: ProcessGrid, shard: s
     slices = []
     names = parameter_names(model_chunks, layer_numbers)
     model_file = os.path.join(shard, "model_optim_rng.pt")
+    place = Place.of(grid)
     if grid.dp_rank == 0 and grid.cp_rank == 0:
-        slices += describe_model(model_chunks, layer_numbers, grid.tp_rank, grid.tp_size, model_file)
+        slices += describe_model(model_chunks, layer_numbers, place, model_file)
         if optimizer is not None and not sharded_optimizer:
-            slices += describe_optimizer(optimizer, names, grid.tp_rank, grid.tp_size, model_file, root=["optimizer"])
+            slices += describe_optimizer(optimizer, names, place, model_file, root=["optimizer"])
+    if writes_experts(grid):
+        slices += describe_experts(model_chunks, optimizer, names, layer_numbers, place,
+                                   os.path.join(shard, experts_file(grid.ep_rank)), sharded_optimizer)
     if optimizer is not None and sharded_optimizer:
-        slices += describe_optimizer(optimizer, names, grid.tp_rank, grid.tp_size,
-                                     os.path.join(shard, "optimizer_" + suffix))
+        slices += describe_optimizer(optimizer, names, place, os.path.join(shard, "optimizer_" + suffix))
     return slices
 
 
@@ -180,6 +201,10 @@ def save_checkpoint(root: str, iteration: int, model_chunks: Sequence[torch.nn.M
             written.append("model_optim_rng.pt")
             _save(_model_file(iteration, model_chunks, optimizer, scheduler, grid, consumed_samples, settings,
                               sharded_optimizer, layer_numbers), os.path.join(folder, written[-1]))
+        if writes_experts(grid):
+            written.append(experts_file(grid.ep_rank))
+            _save(experts_state(model_chunks, optimizer, Place.of(grid), sharded_optimizer),
+                  os.path.join(folder, written[-1]))
         slices = _describe_saved_tensors(model_chunks, optimizer, grid, os.path.basename(folder),
                                          sharded_optimizer, layer_numbers, suffix)
     if optimizer is not None and sharded_optimizer:
@@ -208,7 +233,7 @@ def _model_file(iteration: int, model_chunks, optimizer, scheduler, grid: Proces
         "iteration": iteration,
         "consumed_samples": consumed_samples,
         "layout": {"tp": grid.tp_size, "pp": grid.pp_size, "vpp": grid.virtual_pp_size or 1, "cp": grid.cp_size,
-                   "tp_rank": grid.tp_rank, "pp_rank": grid.pp_rank},
+                   "ep": grid.ep_size, "tp_rank": grid.tp_rank, "pp_rank": grid.pp_rank},
         "settings": settings or {},
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "partition_dims": [partition_metadata(c) for c in model_chunks],
@@ -247,8 +272,8 @@ class Resumed(NamedTuple):
 
 
 def _files_to_read(folder: str, suffix: str, sharded_optimizer: bool, load_optimizer: bool,
-                   load_rng: bool) -> List[str]:
-    names = ["model_optim_rng.pt"]
+                   load_rng: bool, experts: Optional[str]) -> List[str]:
+    names = ["model_optim_rng.pt"] + ([experts] if experts else [])
     if load_optimizer and sharded_optimizer:
         names.append("optimizer_" + suffix)
     if load_rng:
@@ -289,6 +314,16 @@ def _load_model_chunks(model_chunks: Sequence[torch.nn.Module], state: dict) -> 
         write_back_shards(model_chunks)
 
 
+def _check_same_layout(root: str, layout: dict, current: dict) -> None:
+    mine = {key: current.get(key, 1) for key in ("tp", "pp", "vpp", "cp", "ep")}
+    saved = {key: layout.get(key, 1) for key in mine}     # a layout that names no "cp" was saved at CP=1
+    if saved != mine:
+        raise ValueError(f"--load {root}: checkpoint was saved with TP={saved['tp']} PP={saved['pp']} "
+                         f"virtual PP={saved['vpp']} CP={saved['cp']} EP={saved['ep']}, this run has TP={mine['tp']} "
+                         f"PP={mine['pp']} virtual PP={mine['vpp']} CP={mine['cp']} EP={mine['ep']}; load it through "
+                         f"megalite.checkpoint.reshard.load_any_layout, or run with the saved layout")
+
+
 def load_same_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: MegaliteOptimizer,
                     scheduler: LRScheduler, grid: ProcessGrid, *,
                     iteration: Optional[int] = None, sharded_optimizer: bool = False,
@@ -315,24 +350,20 @@ def load_same_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimiz
                          f"checkpoint is incomplete; load another iteration")
     manifest = required_manifest(root, iteration)
     suffix = f"dp{grid.dp_rank:03d}_cp{grid.cp_rank:03d}.pt"
-    relatives = _files_to_read(folder, suffix, sharded_optimizer, load_optimizer and optimizer is not None, load_rng)
+    relatives = _files_to_read(folder, suffix, sharded_optimizer, load_optimizer and optimizer is not None, load_rng,
+                               reads_experts(grid))
     paths = verify_everywhere(root, iteration, relatives, manifest, grid)
     state = load_file(paths[relatives[0]])
-    layout = state["layout"]
-    current = saved_layout(grid, sharded_optimizer)
-    mine = {key: current[key] for key in ("tp", "pp", "vpp", "cp")}
-    saved = {key: layout.get(key, 1) for key in mine}     # a layout that names no "cp" was saved at CP=1
-    if saved != mine:
-        raise ValueError(f"--load {root}: checkpoint was saved with TP={saved['tp']} PP={saved['pp']} "
-                         f"virtual PP={saved['vpp']} CP={saved['cp']}, this run has TP={mine['tp']} PP={mine['pp']} "
-                         f"virtual PP={mine['vpp']} CP={mine['cp']}; load it through "
-                         f"megalite.checkpoint.reshard.load_any_layout, or run with the saved layout")
+    _check_same_layout(root, state["layout"], saved_layout(grid, sharded_optimizer))
+    if reads_experts(grid):     # this EP rank's experts replace EP rank 0's (expert_files.py)
+        merge_experts(state, load_file(paths[os.path.join(os.path.basename(folder), reads_experts(grid))]),
+                      len(model_chunks))
     _load_model_chunks(model_chunks, state)
     if optimizer is not None and hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()  # fp32 masters of a half-precision model follow the loaded weights
     if optimizer is not None and load_optimizer:
         if sharded_optimizer:
-            optimizer.load_state_dict(load_file(paths[relatives[1]]))
+            optimizer.load_state_dict(load_file(paths[os.path.join(os.path.basename(folder), "optimizer_" + suffix)]))
         elif "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
         else:

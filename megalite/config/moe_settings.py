@@ -114,7 +114,3 @@ def check_expert_layout(model: MoEFields, parallel, training) -> None:
                          f"{parallel.data_parallel_size} (x CP x TP); experts fold into those ranks")
     if training.calculate_per_token_loss and (model.moe_aux_loss_coeff or model.moe_z_loss_coeff):
         raise ValueError("--calculate-per-token-loss with MoE auxiliary losses is not built yet; drop one")
-    for name, folder in (("--save", training.save), ("--load", training.load)):
-        if folder and ep > 1:
-            raise ValueError(f"{name} {folder} with --expert-model-parallel-size {ep}: checkpoints do not describe "
-                             f"expert shards yet and would reload wrong; use --expert-model-parallel-size 1")

@@ -41,10 +41,6 @@ def test_moe_flags_have_megatron_names_and_reach_fields():
     (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 needs experts"),
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], "--num-experts 3 is not divisible by"),
     (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 with --num-experts"),
-    (["--num-experts", "4", "--save", "ckpt", "--expert-model-parallel-size", "2"],
-     "--save ckpt with --expert-model-parallel-size 2"),
-    (["--num-experts", "4", "--load", "ckpt", "--expert-model-parallel-size", "2"],
-     "--load ckpt with --expert-model-parallel-size 2"),
     (["--num-experts", "4", "--context-parallel-size", "2", "--moe-router-load-balancing-type", "seq_aux_loss",
       "--moe-aux-loss-coeff", "0.01"], "seq_aux_loss with --context-parallel-size 2 is not built yet"),
     (["--num-experts", "8", "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide"),
@@ -55,6 +51,14 @@ def test_moe_refusals_name_the_value(argv, words):
     with pytest.raises((ValueError, SystemExit)) as refused:
         parse_args(BASE + argv, world_size=4)
     assert words in str(refused.value)
+
+
+def test_checkpoints_under_expert_parallelism_are_accepted():
+    """They save every EP rank's experts and reshard to any EP (tests/checkpoint/test_moe_ep_checkpoint.py)."""
+    configs = parse_args(BASE + ["--num-experts", "4", "--expert-model-parallel-size", "2", "--save", "ckpt",
+                                 "--load", "ckpt"], world_size=4)
+    parallel, training = configs[1], next(c for c in configs if hasattr(c, "save"))
+    assert (parallel.expert_model_parallel_size, training.save, training.load) == (2, "ckpt", "ckpt")
 
 
 def test_experts_need_bias_free_linears():

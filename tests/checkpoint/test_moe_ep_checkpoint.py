@@ -1,0 +1,108 @@
+"""Checkpoints under expert parallelism: each EP rank's experts are saved (model_optim_rng.pt holds EP rank 0's,
+experts_ep{r:03d}.pt the others', megalite/checkpoint/expert_files.py) and described in the tensor index as boxes
+of the global [E, ...] stack, so a resume at the saved layout is bit for bit the uninterrupted run (without
+ZeRO, ZeRO-1 with the expert buckets sharded over the expert-DP group, ZeRO-3), and a resume at another EP
+(1, 2, 4), DP or PP follows it within float32 round-off: losses, and parameters after two Adam steps (which
+carry the moments).
+
+The model of test_reshard.py with 4 experts top-2 in every layer, a shared expert, both auxiliary losses and
+the expert bias; the alltoall dispatcher.  Source runs train 4 iterations saving at 2 and 4; resumed runs
+rewind to 2, train 2 and save."""
+import os
+
+import pytest
+import torch
+
+from megalite.checkpoint import merge, paths
+from megalite.checkpoint.hf import export_checkpoint
+from megalite.parallel.testing import run_on_ranks
+from tests.checkpoint.test_moe_checkpoint import MOE
+from tests.checkpoint.test_reshard import MODEL, _assert_same_curve, _assert_same_params, _train_runs
+
+ARGV = MODEL + MOE + ["--moe-token-dispatcher-type", "alltoall"]
+ZERO1 = ["--use-distributed-optimizer"]
+ZERO3 = ZERO1 + ["--data-parallel-sharding-strategy", "optim_grads_params"]
+
+
+def ep(size):
+    return ["--expert-model-parallel-size", str(size)]
+
+
+def _experts(state):
+    return {name: value for name, value in state.items() if ".experts.weight" in name}
+
+
+def _assert_bit_exact(resumed_curve, straight_curve, resumed_dir, straight_dir):
+    assert not isinstance(resumed_curve, str), resumed_curve
+    assert resumed_curve == straight_curve[2:]
+    resumed, _ = merge.merge_checkpoint(resumed_dir)
+    straight, _ = merge.merge_checkpoint(straight_dir, iteration=4)
+    assert set(resumed) == set(straight)
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
+
+
+def test_ep_checkpoints_resume_bit_exact_and_reshard_to_any_ep(tmp_path):
+    def folder(name):
+        return str(tmp_path / name)
+
+    def resume(source, flags, target):
+        return ARGV + flags + ["--load", folder(source), "--save", folder(target)], (folder(source), 2)
+
+    def straight(flags, name):
+        return ARGV + flags + ["--save", folder(name), "--save-interval", "2"], None
+
+    # 4 ranks (DP 4): EP2 x expert-DP2 with and without ZeRO-1, each resumed at its own layout; EP2 -> EP4;
+    # EP2 -> PP2 x DP2 x EP2 (each stage's folder holds its own experts file).
+    four = run_on_ranks(_train_runs, 4, [
+        straight(ep(2) + ZERO1, "ep2-zero1"), resume("ep2-zero1", ep(2) + ZERO1, "ep2-zero1-resumed"),
+        straight(ep(2), "ep2"), resume("ep2", ep(2), "ep2-resumed"),
+        resume("ep2-zero1", ep(4) + ZERO1, "ep2-to-ep4"),
+        resume("ep2", ep(2) + ["--pipeline-model-parallel-size", "2"], "ep2-to-pp2-ep2"),
+        straight(ep(2) + ZERO3, "ep2-zero3"), resume("ep2-zero3", ep(2) + ZERO3, "ep2-zero3-resumed")],
+        timeout=240)[0]
+    # 2 ranks: EP1 x DP2 with ZeRO-1 -> EP2 x DP2.  1 rank: EP2 (ZeRO-1) -> EP1.
+    two = run_on_ranks(_train_runs, 2, [straight(ZERO1, "ep1-dp2"), resume("ep1-dp2", ep(2), "ep1-to-ep2")],
+                       timeout=240)[0]
+    one = run_on_ranks(_train_runs, 1, [resume("ep2-zero1", [], "ep2-to-ep1"),
+                                        resume("ep2-zero3", [], "ep2-zero3-to-ep1")], timeout=240)[0]
+
+    for curve in (four[0], four[2], four[6], two[0]):
+        assert not isinstance(curve, str), curve
+        assert [i for i, _ in curve] == [1, 2, 3, 4]
+    for root, stage in (("ep2", 0), ("ep2-to-pp2-ep2", 0), ("ep2-to-pp2-ep2", 1)):
+        shard = paths.rank_dir(folder(root), 4, 0, stage)
+        assert sorted(f for f in os.listdir(shard) if f.startswith(("model", "experts"))) == \
+            ["experts_ep001.pt", "model_optim_rng.pt"], (root, stage)
+    _assert_bit_exact(four[1], four[0], folder("ep2-zero1-resumed"), folder("ep2-zero1"))
+    _assert_bit_exact(four[3], four[2], folder("ep2-resumed"), folder("ep2"))
+    _assert_bit_exact(four[7], four[6], folder("ep2-zero3-resumed"), folder("ep2-zero3"))
+
+    ep2, _ = merge.merge_checkpoint(folder("ep2-zero1"), iteration=4)
+    experts = _experts(ep2)
+    assert experts and all(value.shape[0] == 4 for value in experts.values())   # all 4 experts, from both files
+    for source, curve, target in (("ep2-zero1", four[4], "ep2-to-ep4"), ("ep2-zero1", one[0], "ep2-to-ep1"),
+                                  ("ep1-dp2", two[1], "ep1-to-ep2"), ("ep2", four[5], "ep2-to-pp2-ep2"),
+                                  ("ep2-zero3", one[1], "ep2-zero3-to-ep1")):
+        assert not isinstance(curve, str), f"{target}: {curve}"
+        sources = {"ep2-zero1": four[0], "ep2": four[2], "ep2-zero3": four[6], "ep1-dp2": two[0]}
+        _assert_same_curve(curve, sources[source][2:])
+        reference, _ = merge.merge_checkpoint(folder(source), iteration=4)
+        _assert_same_params(folder(target), reference)
+
+
+def test_an_ep2_checkpoint_is_read_whole_by_generation_and_conversion(tmp_path):
+    save = str(tmp_path / "ep2")
+    argv = ARGV + ep(2) + ["--train-iters", "1", "--save", save]
+    curve = run_on_ranks(_train_runs, 2, [(argv, None)], timeout=240)[0][0]
+    assert not isinstance(curve, str), curve
+    merged, _ = merge.merge_checkpoint(save)
+    model, _ = merge.load_model(save)      # megalite-generate's one-rank model: every expert in one stack
+    for name, value in model.state_dict().items():
+        if ".experts.weight" in name:
+            assert value.shape[0] == 4
+            assert torch.equal(value, merged[name]), name
+    assert not torch.equal(*merged["decoder.layers.0.mlp.experts.weight1"].chunk(2))
+    # Conversion merges the checkpoint through its tensor index first; then Hugging Face MoE export is refused.
+    with pytest.raises(ValueError, match="exporting a mixture-of-experts model to Hugging Face"):
+        export_checkpoint(save, str(tmp_path / "hf"), tokenizer=False)
