@@ -235,7 +235,7 @@ def test_zero1_and_zero2_save_one_layout_and_zero3_another():
 
     from megalite.checkpoint.reshard import describe_layout
     from megalite.checkpoint.save_load import saved_layout
-    grid = SimpleNamespace(tp_size=1, pp_size=1, virtual_pp_size=None, cp_size=1, dp_size=2)
+    grid = SimpleNamespace(tp_size=1, pp_size=1, virtual_pp_size=None, cp_size=1, dp_size=2, ep_size=1)
     layouts = {strategy: saved_layout(grid, strategy) for strategy in ("optim", "optim_grads", "optim_grads_params")}
     assert layouts["optim"] == layouts["optim_grads"] != layouts["optim_grads_params"]
     assert describe_layout(layouts["optim_grads_params"]).endswith("DP=2 ZeRO-3")
