@@ -17,6 +17,11 @@ empty tensor, and the memory of the whole parameters is freed.
 
 Overlap (``--overlap-param-gather``): gathering a unit also launches the next unit's all-gather (the
 previous unit's in backward), so it travels while this unit computes.
+
+What needs the parameters outside these two windows cannot run on them, and is refused at argument time
+(``training/arguments.py``, ``check_zero3_composes``): the zb-h1 pipeline schedule computes weight gradients
+after the unit's backward, when they are dropped again; a torch.compile'd layer's backward rejects the
+parameters re-pointed at their gathered copy (it takes them for tensors modified in place since its forward).
 """
 from __future__ import annotations
 
