@@ -26,19 +26,34 @@ __all__ = ["Switch", "ACCEPTED", "REFUSED", "FP8_NEEDS_TE", "refusal_reason", "a
 
 @dataclass(frozen=True)
 class Switch:
-    """``flag``: Megatron's spelling; ``choices``: the values it takes (None: a switch without a value);
-    ``instead``: what megalite does; ``requires``: the flags Megatron requires with it (as config field
-    names); ``on_field``: declared on a config field, not by this table."""
+    """``flag``: Megatron's spelling; ``choices``: the values it takes (None: a switch without a value, unless
+    ``value_type`` says it takes any value of that type); ``instead``: what megalite does; ``requires``: the
+    flags Megatron requires with it (config field names, or the flag of another switch of this table);
+    ``on_field``: declared on a config field, not by this table."""
 
     flag: str
     instead: str
     choices: Optional[Tuple[str, ...]] = None
     requires: Tuple[str, ...] = ()
     on_field: bool = False
+    value_type: Optional[type] = None
 
     @property
     def dest(self) -> str:
-        return "megatron_switch_" + self.flag[2:].replace("-", "_")
+        return _switch_dest(self.flag)
+
+
+def _switch_dest(flag: str) -> str:
+    return "megatron_switch_" + flag[2:].replace("-", "_")
+
+
+def _required_dest(name: str) -> str:
+    """Where the parsed flags hold a required flag: a config field, or another switch (named by its flag)."""
+    return _switch_dest(name) if name.startswith("--") else name
+
+
+def _required_flag(name: str) -> str:
+    return name if name.startswith("--") else "--" + name.replace("_", "-")
 
 
 _ONE_MODEL = "megalite has one GPT/LLaMA model (megalite/model/gpt.py) built from its own parallel layers"
@@ -77,6 +92,22 @@ ACCEPTED: Tuple[Switch, ...] = (
     Switch("--overlap-param-gather", "as in Megatron: under ZeRO-1/2 the updated shards' all-gathers run into the "
            "next forward, each layer waiting for its own; under ZeRO-3 the next layer's parameters are gathered "
            "while this one computes", requires=("use_distributed_optimizer",), on_field=True),
+    Switch("--no-check-for-nan-in-loss-and-grad", "megalite checks every step's gradient norm either way: an "
+           "inf/nan norm skips an --fp16 step (the loss scaler's signal) and stops a bf16 or fp32 run with one "
+           "error line, where Megatron without its check would go on training"),
+    Switch("--logging-level", "megalite's messages (the iteration line, warnings, errors) go through its own "
+           "`megalite` logger at INFO whatever the value; the level of Python's root logger is left alone",
+           value_type=int),
+    Switch("--init-model-with-meta-device", "each rank draws its parameters whole from the seed (TP-invariant "
+           "initialization) and, under ZeRO-3, keeps only its shard once the buckets are built; the values are "
+           "those of a run without the flag, and the whole model passes through memory once, at build"),
+    Switch("--use-nccl-ub", "megalite's collectives run on ordinary buffers (no NCCL user-buffer registration); "
+           "the same sums"),
+    Switch("--fsdp-double-buffer", "under ZeRO-3 each gathered bucket gets a fresh buffer, freed when its unit's "
+           "parameters are dropped (megalite/parallel/param_gather.py); no persistent pair of buffers, the same "
+           "values"),
+    Switch("--fsdp-manual-registration", "no NCCL buffer registration (see --use-nccl-ub)",
+           requires=("use_megatron_fsdp", "--use-nccl-ub")),
     Switch("--moe-permute-fusion", "tokens are sorted to their experts and back by PyTorch's argsort, index_select "
            "and index_add (megalite/model/moe/experts.py); the same permutation"),
     Switch("--moe-shared-expert-overlap", "the shared expert runs after the routed experts, not overlapped with "
@@ -118,7 +149,9 @@ def add_switches(parser: argparse.ArgumentParser) -> None:
         if switch.on_field:
             continue
         help_ = f"accepted for Megatron's scripts: {switch.instead}"
-        if switch.choices is None:
+        if switch.value_type is not None:
+            group.add_argument(switch.flag, dest=switch.dest, type=switch.value_type, default=None, help=help_)
+        elif switch.choices is None:
             group.add_argument(switch.flag, dest=switch.dest, action="store_true", help=help_)
         else:
             group.add_argument(switch.flag, dest=switch.dest, choices=switch.choices, default=None, help=help_)
@@ -135,13 +168,13 @@ def check_switches(namespace: Mapping[str, object]) -> None:
         if namespace.get(_refused_dest(flag)) not in (None, False):
             raise ValueError(f"{flag}: {refusal_reason(flag)}")
     for switch in ACCEPTED:
-        if switch.on_field or not namespace.get(switch.dest):
+        if switch.on_field or namespace.get(switch.dest) in (None, False):
             continue
-        missing = [name for name in switch.requires if not namespace.get(name)]
+        missing = [name for name in switch.requires if not namespace.get(_required_dest(name))]
         if missing:
-            needed = " and ".join("--" + name.replace("_", "-") for name in switch.requires)
+            needed = " and ".join(map(_required_flag, switch.requires))
             raise ValueError(f"{switch.flag} needs {needed} (as in Megatron-LM); add "
-                             f"{' '.join('--' + name.replace('_', '-') for name in missing)}")
+                             f"{' '.join(map(_required_flag, missing))}")
 
 
 def switch_dests() -> Tuple[str, ...]:
@@ -154,8 +187,9 @@ def table_markdown() -> str:
     (``python -m megalite.config.megatron_switches`` prints it)."""
     rows = ["| Megatron-LM flag | values | megalite |", "|---|---|---|"]
     for s in ACCEPTED:
-        values = ", ".join(s.choices) if s.choices else "(switch)" if not s.on_field else "(a config field)"
-        needs = f" Needs {' and '.join('--' + r.replace('_', '-') for r in s.requires)}, as in Megatron." \
+        values = ", ".join(s.choices) if s.choices else f"one {s.value_type.__name__}" if s.value_type else \
+            "(switch)" if not s.on_field else "(a config field)"
+        needs = f" Needs {' and '.join(map(_required_flag, s.requires))}, as in Megatron." \
             if s.requires else ""
         rows.append(f"| `{s.flag}` | {values} | accepted: {s.instead}.{needs} |")
     for flag, nargs in REFUSED.items():

@@ -21,6 +21,11 @@ the all-gathers after the optimizer step run into the next forward: :class:`Afte
 
 Outside a unit's forward and backward (checkpoints, exports, tests) the parameters are read inside
 :func:`whole_parameters`; a state dict asked for while they are dropped raises instead of holding empty tensors.
+
+What needs the parameters outside these two windows cannot run on them, and is refused at argument time
+(``training/arguments.py``, ``check_zero3_composes``): the zb-h1 pipeline schedule computes weight gradients
+after the unit's backward, when they are dropped again; a torch.compile'd layer's backward rejects the
+parameters re-pointed at their gathered copy (it takes them for tensors modified in place since its forward).
 """
 from __future__ import annotations
 

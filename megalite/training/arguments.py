@@ -273,6 +273,26 @@ def validate_together(model: ModelConfig, parallel: ParallelConfig, optimizer: O
         raise ValueError("--data-path needs --tokenizer-type (and its files) so the vocabulary size is known")
     if training.compile and model.recompute_granularity is not None:
         check_compile_with_recompute(model.recompute_granularity)
+    check_zero3_composes(parallel, optimizer, training, schedule)
+
+
+def check_zero3_composes(parallel: ParallelConfig, optimizer: OptimizerConfig, training: TrainingConfig,
+                         schedule: Optional[str]) -> None:
+    """ZeRO-3 gathers a unit's parameters for its forward and again for its backward, and drops them when
+    that backward ends (parallel/param_gather.py).  Refused: what reads them outside those windows (zero-bubble's
+    deferred weight gradients) or cannot take the parameters swapped under it (torch.compile's saved tensors)."""
+    if optimizer.sharding_strategy() != "optim_grads_params":
+        return
+    zero3 = ("--data-parallel-sharding-strategy optim_grads_params" if optimizer.data_parallel_sharding_strategy
+             else "--use-torch-fsdp2" if optimizer.use_torch_fsdp2 else "--use-megatron-fsdp")
+    if schedule == "zb-h1" and parallel.pipeline_model_parallel_size > 1:
+        raise ValueError(f"--pipeline-schedule zb-h1 with {zero3} (ZeRO-3): zero-bubble computes weight gradients "
+                         f"after the backward that gathers the parameters; use --pipeline-schedule 1f1b, or "
+                         f"--data-parallel-sharding-strategy optim_grads")
+    if training.compile:
+        raise ValueError(f"--compile with {zero3} (ZeRO-3): the compiled layers' backward takes the parameters "
+                         f"gathered again for it as modified in place and fails; drop --compile, or use "
+                         f"--data-parallel-sharding-strategy optim_grads")
 
 
 # The first torch where --compile with recompute was verified (tests/model/test_compile.py); torch

@@ -22,6 +22,8 @@ def _argv_of(switch):
         return [switch.flag, "flash"]
     if switch.flag == "--data-impl":
         return [switch.flag, "mmap"]
+    if switch.value_type is not None:
+        return [switch.flag, "30"]
     return [switch.flag] + ([switch.choices[-1]] if switch.choices else [])
 
 
@@ -30,7 +32,8 @@ MOE = ["--num-experts", "4", "--disable-bias-linear"]
 REQUIRED = {"use_distributed_optimizer": ["--use-distributed-optimizer"],
             "overlap_grad_reduce": ["--overlap-grad-reduce"],
             "moe_shared_expert_intermediate_size": MOE + ["--moe-shared-expert-intermediate-size", "8"],
-            "moe_grouped_gemm": MOE + ["--moe-grouped-gemm"]}
+            "moe_grouped_gemm": MOE + ["--moe-grouped-gemm"],
+            "use_megatron_fsdp": ["--use-megatron-fsdp"], "--use-nccl-ub": ["--use-nccl-ub"]}
 
 
 def test_every_accepted_switch_parses_and_changes_no_setting():
@@ -71,6 +74,11 @@ def test_a_switch_is_refused_without_what_megatron_requires_with_it():
         parse_args(BASE + ["--overlap-param-gather", "--overlap-grad-reduce"], world_size=1)
     with pytest.raises(ValueError, match="--moe-use-legacy-grouped-gemm needs --moe-grouped-gemm"):
         parse_args(BASE + MOE + ["--moe-use-legacy-grouped-gemm"], world_size=1)
+    # A required flag may be another switch of the table (named by its flag, not a config field).
+    with pytest.raises(ValueError) as error:
+        parse_args(BASE + ["--use-megatron-fsdp", "--fsdp-manual-registration"], world_size=1)
+    assert str(error.value) == ("--fsdp-manual-registration needs --use-megatron-fsdp and --use-nccl-ub (as in "
+                                "Megatron-LM); add --use-nccl-ub")
 
 
 @pytest.mark.parametrize("argv, message", [

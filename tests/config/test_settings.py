@@ -130,3 +130,41 @@ def test_configs_check_their_choices_when_built_directly():
         ModelConfig(normalization="BatchNorm")
     with pytest.raises(ValueError, match="--pipeline-schedule 'pipedream': choose one of gpipe, 1f1b"):
         ParallelConfig(pipeline_schedule="pipedream")
+
+
+# Sharding strategies that do not compose, refused in one line each (megalite.training.arguments.check_zero3_composes;
+# OptimizerConfig._check_sharding).
+ZERO3 = ["--data-parallel-sharding-strategy", "optim_grads_params"]
+ZB_H1 = ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "zb-h1"]
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--overlap-param-gather", "--overlap-grad-reduce"], 2,
+     "--overlap-param-gather overlaps the all-gather of sharded parameters; add --use-distributed-optimizer or a "
+     "--data-parallel-sharding-strategy other than no_shard"),
+    (["--use-torch-fsdp2", "--data-parallel-sharding-strategy", "optim"], 2,
+     "--use-torch-fsdp2 shards parameters, gradients and optimizer state; it cannot take "
+     "--data-parallel-sharding-strategy optim: drop one of them"),
+    (ZERO3 + ZB_H1, 4,
+     "--pipeline-schedule zb-h1 with --data-parallel-sharding-strategy optim_grads_params (ZeRO-3): zero-bubble "
+     "computes weight gradients after the backward that gathers the parameters; use --pipeline-schedule 1f1b, or "
+     "--data-parallel-sharding-strategy optim_grads"),
+    (["--use-megatron-fsdp", "--compile"], 2,
+     "--compile with --use-megatron-fsdp (ZeRO-3): the compiled layers' backward takes the parameters gathered "
+     "again for it as modified in place and fails; drop --compile, or use --data-parallel-sharding-strategy "
+     "optim_grads"),
+])
+def test_sharding_that_does_not_compose_is_refused_in_one_line(argv, world, message):
+    with pytest.raises(ValueError) as error:
+        parse_args(MOCK + argv, world_size=world)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("argv, world", [
+    (["--data-parallel-sharding-strategy", "optim_grads"] + ZB_H1, 4),   # ZeRO-2 keeps parameters whole
+    (ZERO3 + ["--pipeline-model-parallel-size", "2"], 4),                 # ZeRO-3 under 1F1B
+    (["--data-parallel-sharding-strategy", "optim_grads", "--compile"], 2),
+    (["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads", "--compile"], 2),
+])
+def test_the_neighbouring_combinations_are_accepted(argv, world):
+    parse_args(MOCK + argv, world_size=world)

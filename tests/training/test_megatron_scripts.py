@@ -1,7 +1,8 @@
 """Acceptance: the argument lists of Megatron-LM's current scripts (tests/training/megatron_scripts/*.txt,
 each naming its source and commit) parse and train a few iterations on 1 and 2 ranks (Mixtral's also on 4),
 shrunk: sizes made tiny, paths pointed at a temporary folder, the FP8 flags removed (refused:
-tests/config/test_megatron_switches.py), every other flag name kept.
+tests/config/test_megatron_switches.py), every other flag name kept.  The Megatron-FSDP script trains under
+ZeRO-3 on 2 ranks as on one.
 
 Flags a Megatron runner adds outside the file (the modelopt configurations hold only the model) and the
 few this CPU test must add are in EXTRA, each with its reason."""
@@ -10,7 +11,7 @@ import os
 
 import pytest
 
-from megalite.config.megatron_switches import REFUSED
+from megalite.config.megatron_switches import ACCEPTED, FP8_NEEDS_TE, REFUSED
 from megalite.parallel.testing import run_on_ranks
 from megalite.training.arguments import parse_args
 from tests.data.conftest import CORPUS, train_small_tokenizer, write_corpus
@@ -23,6 +24,13 @@ TINY = {
     "--seq-length": "16", "--max-position-embeddings": "16", "--micro-batch-size": "1", "--log-interval": "1",
     "--eval-iters": "1", "--vocab-size": "64", "--num-query-groups": "2", "--kv-channels": "8",
 }
+
+FSDP = "train_llama3_8b_fsdp_h100_fp8"
+# Its losses on 2 ranks under ZeRO-3 against 1 rank.  Both run the same bf16 forward per sample and sum the fp32
+# gradients in another order only; measured equal to the bit over 4 steps (losses 4.19 -> 3.93), but one bf16 ulp
+# of a weight flipped by that order would move a loss by ~1e-4.  A shard updated with this rank's gradient alone
+# (no reduce-scatter) moves the losses by more than 1e-2 by step 4.
+TOLERANCE = 1e-4
 
 # Per script: its own shrunk values (by flag), what a runner or this test adds, and the iterations it trains.
 CASES = {
@@ -43,6 +51,11 @@ CASES = {
     "train_mixtral_8x7b_distributed": dict(
         values={"--tokenizer-type": "HuggingFaceTokenizer", "--expert-model-parallel-size": "{ep}",
                 "--train-iters": "3"}, extra=[], iterations=3),
+    # At the script's rate (1.5e-4) a tiny model does not visibly learn in 4 steps: the rates are raised.
+    FSDP: dict(
+        values={"--global-batch-size": "4", "--train-samples": "16", "--lr-decay-samples": "16",
+                "--lr-warmup-samples": "4", "--lr": "3e-3", "--min-lr": "3e-4", "--decoupled-lr": "1e-2",
+                "--decoupled-min-lr": "1e-3"}, extra=[], iterations=4),
     "Llama-3.2-1B-Instruct": dict(values={}, extra=[], iterations=2, runner=True),
     "Qwen3-0.6B": dict(values={}, extra=[], iterations=2, runner=True),
     "Qwen2.5-0.5B-Instruct": dict(values={}, extra=[], iterations=2, runner=True),
@@ -64,7 +77,7 @@ def read_arguments(name):
     return pairs
 
 
-def shrunk_argv(name, world_size, folder, files):
+def shrunk_argv(name, world_size, folder, files, keep_refused=False):
     case = CASES[name]
     values = {**TINY, **case["values"]}
     paths = {"DATA_PATH": files["data"], "VOCAB_FILE": files["vocab"], "MERGE_FILE": files["merges"],
@@ -72,7 +85,7 @@ def shrunk_argv(name, world_size, folder, files):
              "DATA_CACHE_PATH": os.path.join(folder, "cache"), "TOKENIZER_MODEL": files["tokenizer_json"]}
     argv = []
     for flag, value in read_arguments(name):
-        if flag in REFUSED:
+        if flag in REFUSED and not keep_refused:
             continue
         argv.append(flag)
         if value is not None:
@@ -113,7 +126,8 @@ def _train(rank, world_size, argv):
     return pretrain(argv)
 
 
-@pytest.mark.parametrize("name, world_size", [(name, size) for name in sorted(CASES) for size in (1, 2)]
+@pytest.mark.parametrize("name, world_size", [(name, size) for name in sorted(CASES) if name != FSDP
+                                               for size in (1, 2)]
                          + [("train_mixtral_8x7b_distributed", 4)])   # DP 4 over EP 2
 def test_the_shrunk_script_trains(name, world_size, tmp_path, files):
     argv = shrunk_argv(name, world_size, str(tmp_path), files)
@@ -126,3 +140,57 @@ def test_the_shrunk_script_trains(name, world_size, tmp_path, files):
         assert [r["global_batch_size"] for r in history] == [2, 2, 4, 4]
     if name == "train_mixtral_8x7b_distributed":   # the balancing loss is logged beside the lm loss
         assert all(math.isfinite(r["load_balancing_loss"]) and r["load_balancing_loss"] > 0 for r in history)
+
+
+# -- the Megatron-FSDP script -------------------------------------------------------------------------------------
+
+
+def test_the_fsdp_script_as_written_is_refused_in_one_line_for_fp8(tmp_path, files):
+    argv = shrunk_argv(FSDP, 2, str(tmp_path), files, keep_refused=True)
+    assert "--fp8-format" in argv and "--fp8-param-gather" in argv
+    with pytest.raises(ValueError) as error:
+        parse_args(argv, world_size=2)
+    assert str(error.value) == f"--fp8-format: {FP8_NEEDS_TE}"
+
+
+def test_the_fsdp_script_without_fp8_gets_the_meaning_of_its_flags(tmp_path, files):
+    argv = shrunk_argv(FSDP, 2, str(tmp_path), files)
+    _, parallel, optimizer, _, training = parse_args(argv, world_size=2)
+    assert optimizer.use_megatron_fsdp and optimizer.sharding_strategy() == "optim_grads_params"
+    assert optimizer.use_distributed_optimizer and optimizer.overlap_grad_reduce and optimizer.overlap_param_gather
+    assert optimizer.decoupled_lr_range() == (1e-2, 1e-3) and training.calculate_per_token_loss
+    assert parallel.data_parallel_size == 2
+    # Every flag of the script that sets no config field is one of the accepted switches, with its sentence.
+    switches = {s.flag for s in ACCEPTED}
+    for flag in ("--init-model-with-meta-device", "--ckpt-format", "--use-nccl-ub", "--fsdp-double-buffer",
+                 "--fsdp-manual-registration", "--no-gradient-accumulation-fusion",
+                 "--no-check-for-nan-in-loss-and-grad", "--logging-level"):
+        assert flag in argv and flag in switches, flag
+
+
+def _train_and_look_at_the_shards(rank, world_size, argv):
+    from megalite.parallel.launch import shut_down_distributed
+    from megalite.training.loop import setup, train
+    run = setup(argv)
+    try:
+        history = train(run)
+        chunk = run.model[0]
+        return ([r["loss"] for r in history], chunk.sharding_strategy,
+                sum(p.numel() for p in chunk.module.parameters()),
+                sum(b.param_shard.numel() for b in chunk.buckets), sum(b.numel for b in chunk.buckets))
+    finally:
+        shut_down_distributed()
+
+
+def test_the_shrunk_fsdp_script_trains_under_zero3_as_on_one_rank(tmp_path, files):
+    one = run_on_ranks(_train_and_look_at_the_shards, 1, shrunk_argv(FSDP, 1, str(tmp_path / "one"), files),
+                       timeout=240)[0]
+    two = run_on_ranks(_train_and_look_at_the_shards, 2, shrunk_argv(FSDP, 2, str(tmp_path / "two"), files),
+                       timeout=240)
+    losses = one[0]
+    assert len(losses) == CASES[FSDP]["iterations"] and losses[-1] < losses[0]     # it trains
+    for history, strategy, resident, shard, whole in two:
+        assert strategy == "optim_grads_params"
+        # At rest each rank holds its half of every bucket and no whole parameter (ZeRO-3).
+        assert resident == 0 and shard * 2 == whole
+        assert history == pytest.approx(losses, rel=0, abs=TOLERANCE)
