@@ -11,6 +11,7 @@ the legacy ``rope_theta`` / ``rope_scaling`` alike).  Families:
     Qwen2ForCausalLM                    the same with a bias on Q, K and V (--add-qkv-bias)
     Qwen3ForCausalLM                    the same with per-head RMSNorm of q and k (--qk-layernorm)
     MixtralForCausalLM                  Mistral's layers with experts in every layer (hf_moe.py)
+    Qwen2MoeForCausalLM                 Qwen2's layers with experts and a gated shared expert (hf_moe.py)
     Qwen3MoeForCausalLM                 Qwen3's layers with experts in every layer (hf_moe.py)
 
 Export picks the family from the model's settings (``export_family``) and refuses a model none of
@@ -23,7 +24,6 @@ from typing import Any, Dict, List, Optional
 
 from megalite.checkpoint.hf_moe import (
     MOE_ARCHITECTURES,
-    REFUSED_MOE_TYPES,
     moe_export_family,
     moe_fields_from_hf,
     moe_hf_config,
@@ -83,8 +83,6 @@ def config_from_hf(hf_config) -> ModelConfig:
     math is carried over or refused."""
     hf = as_hf_config(hf_config)
     kind = hf.model_type
-    if kind in REFUSED_MOE_TYPES:
-        raise _refuse("model_type", kind, REFUSED_MOE_TYPES[kind])
     if kind not in ARCHITECTURES:
         raise _refuse("model_type", kind, f"megalite converts {', '.join(ARCHITECTURES)}")
     for name in getattr(hf, "architectures", None) or []:
@@ -145,8 +143,8 @@ def _llama_fields(hf, kind: str) -> Dict[str, Any]:
                   seq_length=seq, max_position_embeddings=hf.max_position_embeddings, norm_epsilon=hf.rms_norm_eps,
                   normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_bias_linear=False)
     attention_bias, mlp_bias = bool(getattr(hf, "attention_bias", False)), bool(getattr(hf, "mlp_bias", False))
-    if kind == "qwen2":
-        fields["add_qkv_bias"] = True
+    if kind in ("qwen2", "qwen2_moe"):
+        fields["add_qkv_bias"] = True   # Qwen2-MoE's qkv_bias may take it back (hf_moe.py)
     elif attention_bias and mlp_bias:
         fields["add_bias_linear"] = True
     elif attention_bias or mlp_bias:

@@ -1,9 +1,10 @@
-"""Mixture-of-experts models through Hugging Face (megalite/checkpoint/hf_moe.py): a tiny random Mixtral or
-Qwen3-MoE from transformers, with peaked attention and decisive routing (router and experts scaled), gives
-transformers' logits and loss in megalite (float32, 1e-5) whether its experts come saved one by one or
-stacked; a swapped gate/up, a reversed expert order or the other router normalization moves the logits by
-more than 1e-4; HF -> megalite -> HF gives back the saved tensors; a megalite MoE model exports to a folder
-transformers loads with megalite's logits, and imports back to the same tensors."""
+"""Mixture-of-experts models through Hugging Face (megalite/checkpoint/hf_moe.py): a tiny random Mixtral,
+Qwen2-MoE or Qwen3-MoE from transformers, with peaked attention and decisive routing (router and experts
+scaled), gives transformers' logits and loss in megalite (float32, 1e-5) whether its experts come saved one
+by one or stacked; a swapped gate/up, a reversed expert order, the other router normalization or a swapped
+shared expert moves the logits by more than 1e-4; HF -> megalite -> HF gives back the saved tensors; a
+megalite MoE model exports to a folder transformers loads with megalite's logits, and imports back to the
+same tensors."""
 import os
 
 import pytest
@@ -31,11 +32,14 @@ pytest.importorskip("safetensors")
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              num_experts_per_tok=2, max_position_embeddings=16384, bos_token_id=0, eos_token_id=0)
 QWEN3_MOE = dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=16)
+QWEN2_MOE = dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, shared_expert_intermediate_size=20)
 # name: (transformers family, config fields, megalite's --moe-router-pre-softmax for it)
 HF_VARIANTS = {
     "mixtral": ("Mixtral", dict(num_local_experts=4, intermediate_size=24, router_aux_loss_coef=0.02), False),
     "qwen3-moe-norm-topk": ("Qwen3Moe", dict(QWEN3_MOE, norm_topk_prob=True), False),
     "qwen3-moe-pre-softmax": ("Qwen3Moe", dict(QWEN3_MOE, norm_topk_prob=False, tie_word_embeddings=True), True),
+    "qwen2-moe": ("Qwen2Moe", dict(QWEN2_MOE, norm_topk_prob=False), True),
+    "qwen2-moe-norm-topk-no-qkv-bias": ("Qwen2Moe", dict(QWEN2_MOE, norm_topk_prob=True, qkv_bias=False), False),
 }
 # Router logits O(10): the chosen experts and their weights far from even, so a wrong routing shows.
 ROUTER_GAIN = 20.0
@@ -47,11 +51,11 @@ def build_hf_moe(kind: str, fields: dict):
     model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 param.add_(0.1 * torch.randn(param.shape))
-            elif name.endswith("mlp.gate.weight"):
+            elif name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
                 param.mul_(ROUTER_GAIN)
-            elif ".experts." in name:
+            elif ".experts." in name or ".shared_expert." in name:
                 param.mul_(MLP_GAIN)
     peak_hf_attention(model)
     return model
@@ -61,6 +65,12 @@ def _swap_gate_and_up(state):
     for name, weight in state.items():
         if name.endswith("experts.weight1"):
             state[name] = torch.stack([weight[..., 1::2], weight[..., 0::2]], -1).flatten(-2)
+
+
+def _swap_shared_gate_and_up(state):
+    for name, weight in state.items():
+        if name.endswith("shared_expert.linear_fc1.weight"):
+            state[name] = torch.stack([weight[1::2], weight[0::2]], 1).flatten(0, 1)
 
 
 def _reverse_experts(state):
@@ -103,7 +113,8 @@ def test_import_gives_transformers_logits_and_loss_and_exports_the_saved_tensors
     assert exported.keys() == saved.keys() and all(torch.equal(exported[name], saved[name]) for name in saved)
     assert hf_config["architectures"] == hf_model.config.architectures
     # Sensitivity: each silent mistake gives other logits.
-    for mistake in (_swap_gate_and_up, _reverse_experts):
+    shared = config.moe_shared_expert_intermediate_size is not None
+    for mistake in (_swap_gate_and_up, _reverse_experts) + ((_swap_shared_gate_and_up,) if shared else ()):
         wrong = dict(state)
         mistake(wrong)
         assert (_logits(config, wrong, ids, positions, labels) - theirs).abs().max().item() > WRONG, mistake
@@ -118,6 +129,10 @@ EXPORTS = {
     "mixtral-tied-top1": (dict(MOE, moe_router_topk=1), "MixtralForCausalLM"),
     "qwen3-moe": (dict(MOE, qk_layernorm=True, kv_channels=16), "Qwen3MoeForCausalLM"),
     "qwen3-moe-pre-softmax": (dict(MOE, qk_layernorm=True, moe_router_pre_softmax=True), "Qwen3MoeForCausalLM"),
+    "qwen2-moe": (dict(MOE, add_qkv_bias=True, moe_shared_expert_intermediate_size=20, moe_shared_expert_gate=True,
+                       moe_router_pre_softmax=True), "Qwen2MoeForCausalLM"),
+    "qwen2-moe-no-qkv-bias": (dict(MOE, moe_shared_expert_intermediate_size=20, moe_shared_expert_gate=True,
+                                   untie_embeddings_and_output_weights=True), "Qwen2MoeForCausalLM"),
 }
 
 

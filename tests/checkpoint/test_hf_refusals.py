@@ -52,9 +52,9 @@ REFUSED_FIELDS = {
     "qwen3-moe-mlp-only-layers": ("Qwen3Moe", dict(QWEN3_MOE, mlp_only_layers=[1]), "mlp_only_layers=[1]"),
     "qwen3-moe-sliding-window": ("Qwen3Moe", dict(QWEN3_MOE, use_sliding_window=True, sliding_window=64),
                                  "sliding_window=64"),
-    "qwen2-moe-shared-expert-gate": ("Qwen2Moe", dict(QWEN3_MOE, shared_expert_intermediate_size=16),
-                                     "model_type='qwen2_moe': Qwen2-MoE scales its shared expert by a learned "
-                                     "sigmoid gate (shared_expert_gate)"),
+    "qwen2-moe-sliding-window": ("Qwen2Moe", dict(QWEN3_MOE, shared_expert_intermediate_size=16,
+                                                 use_sliding_window=True, sliding_window=64, max_window_layers=2),
+                                 "sliding_window=64"),
 }
 
 
@@ -150,14 +150,16 @@ REFUSED_EXPORTS = {
     "no-positions": (dict(position_embedding_type="none"), "--position-embedding-type none"),
     "moe-learned-positions": (dict(add_bias_linear=False, num_experts=4), "Mixtral and Qwen3-MoE have RoPE"),
     "moe-every-other-layer": (dict(MOE, moe_layer_freq=2), "--moe-layer-freq 1"),
-    "moe-shared-expert": (dict(MOE, moe_shared_expert_intermediate_size=16),
-                          "no --moe-shared-expert-intermediate-size"),
+    "moe-ungated-shared-expert": (dict(MOE, moe_shared_expert_intermediate_size=16),
+                                  "--moe-shared-expert-gate with a shared expert"),
+    "moe-shared-expert-and-qk-norm": (dict(MOE, moe_shared_expert_intermediate_size=16, moe_shared_expert_gate=True,
+                                           qk_layernorm=True), "no --qk-layernorm with a shared expert"),
     "moe-sigmoid": (dict(MOE, moe_router_score_function="sigmoid"), "--moe-router-score-function softmax"),
     "moe-topk-scaling": (dict(MOE, moe_router_topk_scaling_factor=2.0), "no --moe-router-topk-scaling-factor"),
     "moe-expert-bias": (dict(MOE, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True),
                         "no --moe-router-enable-expert-bias"),
     "moe-token-dropping": (dict(MOE, moe_expert_capacity_factor=1.0), "no --moe-expert-capacity-factor"),
-    "moe-qkv-bias": (dict(MOE, add_qkv_bias=True), "no --add-qkv-bias"),
+    "moe-qkv-bias": (dict(MOE, add_qkv_bias=True), "no --add-qkv-bias without a shared expert"),
     "moe-pre-softmax-without-qk-norm": (dict(MOE, moe_router_pre_softmax=True),
                                         "--moe-router-pre-softmax without --qk-layernorm"),
 }
