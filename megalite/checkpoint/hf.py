@@ -8,7 +8,8 @@ and back.
 (``tools/convert_checkpoint.py`` and ``python -m megalite.checkpoint.hf`` are the same command.)
 
 The families and the fields carried or refused: ``hf_config.py``; the tensors: ``hf_tensors.py``; the
-tokenizer files: ``hf_tokenizer.py``.  Nothing is converted silently: a config field that changes the
+mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE): ``hf_moe.py``; the tokenizer files:
+``hf_tokenizer.py``.  Nothing is converted silently: a config field that changes the
 math and that megalite does not implement, or a tensor it would not use, is refused with one line.
 """
 from __future__ import annotations

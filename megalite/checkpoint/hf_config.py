@@ -10,6 +10,9 @@ the legacy ``rope_theta`` / ``rope_scaling`` alike).  Families:
     LlamaForCausalLM, MistralForCausalLM RoPE, RMSNorm, SwiGLU, grouped-query attention, any head dim
     Qwen2ForCausalLM                    the same with a bias on Q, K and V (--add-qkv-bias)
     Qwen3ForCausalLM                    the same with per-head RMSNorm of q and k (--qk-layernorm)
+    MixtralForCausalLM                  Mistral's layers with experts in every layer (hf_moe.py)
+    Qwen2MoeForCausalLM                 Qwen2's layers with experts and a gated shared expert (hf_moe.py)
+    Qwen3MoeForCausalLM                 Qwen3's layers with experts in every layer (hf_moe.py)
 
 Export picks the family from the model's settings (``export_family``) and refuses a model none of
 them can hold.  The tables of what is carried, refused and ignored are in README.md
@@ -19,6 +22,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+from megalite.checkpoint.hf_moe import (
+    MOE_ARCHITECTURES,
+    moe_export_family,
+    moe_fields_from_hf,
+    moe_hf_config,
+)
 from megalite.config.model_settings import ModelConfig
 
 __all__ = ["ARCHITECTURES", "IMPORT_SEQ_LENGTH_CAP", "config_from_hf", "export_family", "hf_config_dict",
@@ -26,8 +35,10 @@ __all__ = ["ARCHITECTURES", "IMPORT_SEQ_LENGTH_CAP", "config_from_hf", "export_f
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
                  "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", **MOE_ARCHITECTURES}
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", *MOE_ARCHITECTURES)
+# Families whose configured sliding window applies to every layer (no layer_types).
+WINDOWED_EVERYWHERE = ("mistral", "mixtral", "qwen3_moe")
 # An imported model trains on min(max_position_embeddings, this) tokens unless --seq-length says otherwise.
 IMPORT_SEQ_LENGTH_CAP = 4096
 # GELU flavours: transformers' name -> megalite's --openai-gelu (the tanh approximation) or not.
@@ -132,18 +143,20 @@ def _llama_fields(hf, kind: str) -> Dict[str, Any]:
                   seq_length=seq, max_position_embeddings=hf.max_position_embeddings, norm_epsilon=hf.rms_norm_eps,
                   normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_bias_linear=False)
     attention_bias, mlp_bias = bool(getattr(hf, "attention_bias", False)), bool(getattr(hf, "mlp_bias", False))
-    if kind == "qwen2":
-        fields["add_qkv_bias"] = True
+    if kind in ("qwen2", "qwen2_moe"):
+        fields["add_qkv_bias"] = True   # Qwen2-MoE's qkv_bias may take it back (hf_moe.py)
     elif attention_bias and mlp_bias:
         fields["add_bias_linear"] = True
     elif attention_bias or mlp_bias:
         name = "attention_bias" if attention_bias else "mlp_bias"
         raise _refuse(name, True, "megalite puts biases on every linear layer (attention_bias and mlp_bias "
                                   "together) or on Q, K and V alone (Qwen2), not on one of the two")
-    fields["qk_layernorm"] = kind == "qwen3"
+    fields["qk_layernorm"] = kind in ("qwen3", "qwen3_moe")
     if getattr(hf, "pretraining_tp", 1) not in (None, 1):
         raise _refuse("pretraining_tp", hf.pretraining_tp, "megalite computes the projections unsplit")
     fields.update(_rope_fields(hf))
+    if kind in MOE_ARCHITECTURES:
+        fields.update(moe_fields_from_hf(hf, kind))
     return fields
 
 
@@ -152,7 +165,7 @@ def _check_sliding_window(hf, kind: str, seq: int) -> None:
     if window is None:
         return
     layer_types = getattr(hf, "layer_types", None)
-    if kind == "mistral" or (layer_types and "sliding_attention" in layer_types):
+    if kind in WINDOWED_EVERYWHERE or (layer_types and "sliding_attention" in layer_types):
         longest = max(seq, getattr(hf, "max_position_embeddings", None) or seq)
         if window < longest:
             raise _refuse("sliding_window", window, f"megalite's attention reads the whole sequence (no sliding "
@@ -187,9 +200,10 @@ def _rope_fields(hf, partial_rotary: bool = False) -> Dict[str, Any]:
 # -- export -----------------------------------------------------------------------------------------
 def export_family(config: ModelConfig) -> str:
     """The Hugging Face family that holds ``config`` exactly, or ValueError naming what none holds."""
-    if config.num_experts is not None:
-        raise ValueError(f"--num-experts {config.num_experts}: exporting a mixture-of-experts model to Hugging Face "
-                         f"(Mixtral, Qwen-MoE) is not built yet; megalite cannot convert this model")
+    if config.num_experts is not None and config.position_embedding_type != "rope":
+        raise ValueError(f"--num-experts {config.num_experts} with --position-embedding-type "
+                         f"{config.position_embedding_type}: Mixtral and Qwen3-MoE have RoPE; megalite cannot "
+                         f"convert this model")
     if config.position_embedding_type == "learned_absolute":
         gpt2 = {"--normalization LayerNorm": config.normalization == "LayerNorm", "no --swiglu": not config.swiglu,
                 "linear biases": config.add_bias_linear, "no --qk-layernorm": not config.qk_layernorm,
@@ -211,6 +225,8 @@ def export_family(config: ModelConfig) -> str:
         llama = {"--normalization RMSNorm": config.normalization == "RMSNorm", "--swiglu": config.swiglu,
                  "--rotary-percent 1": config.rotary_percent == 1.0, **one_rope_scaling}
         _family_or_refuse("llama", llama, "a LLaMA-family model")
+        if config.num_experts is not None:
+            return moe_export_family(config)
         if config.qk_layernorm:
             return _family_or_refuse("qwen3", {"no linear biases": not config.add_bias_linear,
                                                "no --add-qkv-bias": not config.add_qkv_bias}, "Qwen3ForCausalLM")
@@ -262,4 +278,6 @@ def hf_config_dict(config: ModelConfig, family: Optional[str] = None) -> Dict[st
         out["attention_bias"] = False
     if family in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None)
+    if family in MOE_ARCHITECTURES:
+        out.update(moe_hf_config(config, family))
     return out

@@ -21,6 +21,7 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 
+from megalite.checkpoint.hf_moe import moe_layer_from_hf, moe_layer_to_hf
 from megalite.config.model_settings import ModelConfig
 
 __all__ = ["TensorSource", "to_hf_tensors", "from_hf_tensors", "IGNORED_BUFFER_SUFFIXES"]
@@ -156,6 +157,8 @@ def _llama_layer_to_hf(layer: Tensors, config: ModelConfig, i: int) -> Tensors:
     names = _llama_norm_names(config)
     for hf, ours in names:
         out[p + hf + ".weight"] = _norm_to_hf(layer[ours + ".weight"], config)
+    if config.is_moe_layer(i):
+        out.update(moe_layer_to_hf(layer, config, i))
     return out
 
 
@@ -217,10 +220,14 @@ def _llama_layer_from_hf(source: TensorSource, config: ModelConfig, i: int) -> T
         q, k, v = (source.take(p + f"self_attn.{x}_proj.{kind}") for x in "qkv")
         ours[f"self_attention.linear_qkv.{kind}"] = fuse_qkv(q, k, v, config)
     for kind in ("weight", "bias") if config.add_bias_linear else ("weight",):
+        ours[f"self_attention.linear_proj.{kind}"] = source.take(p + f"self_attn.o_proj.{kind}")
+        if config.is_moe_layer(i):
+            continue
         gate, up = source.take(p + f"mlp.gate_proj.{kind}"), source.take(p + f"mlp.up_proj.{kind}")
         ours[f"mlp.linear_fc1.{kind}"] = torch.stack([gate, up], 1).reshape(-1, *gate.shape[1:])
-        ours[f"self_attention.linear_proj.{kind}"] = source.take(p + f"self_attn.o_proj.{kind}")
         ours[f"mlp.linear_fc2.{kind}"] = source.take(p + f"mlp.down_proj.{kind}")
+    if config.is_moe_layer(i):
+        ours.update(moe_layer_from_hf(source, config, i))
     names = _llama_norm_names(config)
     for hf, name in names:
         ours[name + ".weight"] = source.take(p + hf + ".weight")

@@ -5,8 +5,9 @@ The model they describe (megalite/model/moe/): in every ``--moe-layer-freq``-th 
 ``--num-experts`` expert MLPs of width ``--moe-ffn-hidden-size`` (default ``--ffn-hidden-size``); a linear router
 scores the experts for each token and sends it to its ``--moe-router-topk`` best, whose outputs are summed,
 weighted by the router's probabilities; an optional shared expert (``--moe-shared-expert-intermediate-size``)
-reads every token.  Balancing: an auxiliary loss (whole micro-batch or per sequence), a z-loss on the router's
-logits, or a per-expert bias on the selection scores updated after each step (no loss at all).
+reads every token (scaled by a learned sigmoid gate with ``--moe-shared-expert-gate``).  Balancing: an
+auxiliary loss (whole micro-batch or per sequence), a z-loss on the router's logits, or a per-expert bias on
+the selection scores updated after each step (no loss at all).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class MoEFields:
                                at_least=1)
     moe_shared_expert_intermediate_size: Optional[int] = flag(
         None, "width of the shared expert that reads every token beside the routed ones; default none", at_least=1)
+    moe_shared_expert_gate: bool = flag(False, "scale the shared expert's output by sigmoid(x g), g a learned "
+                                               "[1, hidden] weight (Qwen2-MoE)")
     moe_router_topk: int = flag(2, "experts each token is sent to", at_least=1)
     moe_router_score_function: Literal["softmax", "sigmoid"] = flag("softmax", "how the router's logits become "
                                                                                "expert scores")
@@ -63,6 +66,7 @@ class MoEFields:
         given = [name for name, on in (
             ("--moe-ffn-hidden-size", self.moe_ffn_hidden_size is not None),
             ("--moe-shared-expert-intermediate-size", self.moe_shared_expert_intermediate_size is not None),
+            ("--moe-shared-expert-gate", self.moe_shared_expert_gate),
             ("--moe-router-enable-expert-bias", self.moe_router_enable_expert_bias),
             ("--moe-grouped-gemm", self.moe_grouped_gemm),
             ("--moe-expert-capacity-factor", self.moe_expert_capacity_factor is not None)) if on]
@@ -83,6 +87,9 @@ class MoEFields:
         if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
             raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (as in "
                              "Megatron-LM); add it")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            raise ValueError("--moe-shared-expert-gate gates the shared expert, which is not given; add "
+                             "--moe-shared-expert-intermediate-size")
         if self.moe_pad_expert_input_to_capacity and self.moe_expert_capacity_factor is None:
             raise ValueError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor (as in "
                              "Megatron-LM); add it")

@@ -16,6 +16,8 @@ from tests.checkpoint.test_hf_import import LLAMA3, build_hf
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+MIXTRAL = dict(num_local_experts=4)
+QWEN3_MOE = dict(num_experts=4, moe_intermediate_size=16)
 # name: (transformers class, config fields, the words the one-line refusal must hold)
 REFUSED_FIELDS = {
     "gpt2-relu": ("GPT2", dict(activation_function="relu"), "activation_function='relu'"),
@@ -44,6 +46,15 @@ REFUSED_FIELDS = {
     "qwen2-sliding-window": ("Qwen2", dict(use_sliding_window=True, sliding_window=64, max_window_layers=0),
                              "sliding_window=64"),
     "qwen3-attention-bias": ("Qwen3", dict(head_dim=16, attention_bias=True), "attention_bias=True"),
+    "mixtral-router-jitter": ("Mixtral", dict(MIXTRAL, router_jitter_noise=0.1), "router_jitter_noise=0.1"),
+    "mixtral-sliding-window": ("Mixtral", dict(MIXTRAL, sliding_window=64), "sliding_window=64"),
+    "qwen3-moe-sparse-step": ("Qwen3Moe", dict(QWEN3_MOE, decoder_sparse_step=2), "decoder_sparse_step=2"),
+    "qwen3-moe-mlp-only-layers": ("Qwen3Moe", dict(QWEN3_MOE, mlp_only_layers=[1]), "mlp_only_layers=[1]"),
+    "qwen3-moe-sliding-window": ("Qwen3Moe", dict(QWEN3_MOE, use_sliding_window=True, sliding_window=64),
+                                 "sliding_window=64"),
+    "qwen2-moe-sliding-window": ("Qwen2Moe", dict(QWEN3_MOE, shared_expert_intermediate_size=16,
+                                                 use_sliding_window=True, sliding_window=64, max_window_layers=2),
+                                 "sliding_window=64"),
 }
 
 
@@ -122,6 +133,7 @@ def _model(**fields):
 
 
 LLAMA = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, add_bias_linear=False)
+MOE = dict(LLAMA, num_experts=4)
 REFUSED_EXPORTS = {
     "gpt-gqa": (dict(num_query_groups=2), "one key/value group per head"),
     "gpt-kv-channels": (dict(kv_channels=16), "head dim = hidden / heads"),
@@ -136,8 +148,20 @@ REFUSED_EXPORTS = {
                           "not both --use-rope-scaling"),
     "qk-norm-with-qkv-bias": (dict(LLAMA, qk_layernorm=True, add_qkv_bias=True), "no --add-qkv-bias"),
     "no-positions": (dict(position_embedding_type="none"), "--position-embedding-type none"),
-    "mixture-of-experts": (dict(LLAMA, add_bias_linear=False, num_experts=4),
-                           "exporting a mixture-of-experts model to Hugging Face"),
+    "moe-learned-positions": (dict(add_bias_linear=False, num_experts=4), "Mixtral and Qwen3-MoE have RoPE"),
+    "moe-every-other-layer": (dict(MOE, moe_layer_freq=2), "--moe-layer-freq 1"),
+    "moe-ungated-shared-expert": (dict(MOE, moe_shared_expert_intermediate_size=16),
+                                  "--moe-shared-expert-gate with a shared expert"),
+    "moe-shared-expert-and-qk-norm": (dict(MOE, moe_shared_expert_intermediate_size=16, moe_shared_expert_gate=True,
+                                           qk_layernorm=True), "no --qk-layernorm with a shared expert"),
+    "moe-sigmoid": (dict(MOE, moe_router_score_function="sigmoid"), "--moe-router-score-function softmax"),
+    "moe-topk-scaling": (dict(MOE, moe_router_topk_scaling_factor=2.0), "no --moe-router-topk-scaling-factor"),
+    "moe-expert-bias": (dict(MOE, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True),
+                        "no --moe-router-enable-expert-bias"),
+    "moe-token-dropping": (dict(MOE, moe_expert_capacity_factor=1.0), "no --moe-expert-capacity-factor"),
+    "moe-qkv-bias": (dict(MOE, add_qkv_bias=True), "no --add-qkv-bias without a shared expert"),
+    "moe-pre-softmax-without-qk-norm": (dict(MOE, moe_router_pre_softmax=True),
+                                        "--moe-router-pre-softmax without --qk-layernorm"),
 }
 
 

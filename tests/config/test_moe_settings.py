@@ -9,6 +9,7 @@ BASE = ["--mock-data", "--disable-bias-linear"]
 def test_moe_flags_have_megatron_names_and_reach_fields():
     flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
     for name in ("num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size",
+                 "moe_shared_expert_gate",
                  "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
                  "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
                  "moe_router_enable_expert_bias", "moe_router_dtype", "moe_expert_capacity_factor",
@@ -36,6 +37,8 @@ def test_moe_flags_have_megatron_names_and_reach_fields():
      "--moe-router-pre-softmax applies to --moe-router-score-function softmax only"),
     (["--num-experts", "4", "--moe-router-score-function", "tanh"], "invalid choice: 'tanh'"),
     (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"], "needs --moe-expert-capacity-factor"),
+    (["--num-experts", "4", "--moe-shared-expert-gate"], "add --moe-shared-expert-intermediate-size"),
+    (["--moe-shared-expert-gate"], "--moe-shared-expert-gate describes experts but --num-experts is not given"),
     (["--num-experts", "4", "--moe-expert-capacity-factor", "0"], "--moe-expert-capacity-factor must be above 0"),
     (["--num-experts", "0"], "--num-experts must be at least 1"),
     (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 needs experts"),

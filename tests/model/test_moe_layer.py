@@ -34,11 +34,16 @@ def reference_layer(layer: MoELayer, x, cfg):
             out[t] += w * (hidden @ layer.experts.weight2[e])
     out = out.view_as(x)
     if layer.shared_expert is not None:
-        out = out + layer.shared_expert(x)
+        gate = 1.0
+        if layer.shared_expert_gate is not None:   # sigmoid(x . g), token by token
+            gate = torch.stack([torch.sigmoid(token @ layer.shared_expert_gate[0])
+                                for token in x.reshape(-1, x.shape[-1])]).view(*x.shape[:-1], 1)
+        out = out + gate * layer.shared_expert(x)
     return out
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(swiglu=True, moe_shared_expert_intermediate_size=8),
+                                   dict(moe_shared_expert_intermediate_size=8, moe_shared_expert_gate=True),
                                    dict(moe_router_score_function="sigmoid", moe_router_topk=3, moe_grouped_gemm=True),
                                    dict(moe_router_topk=1, moe_router_pre_softmax=True),
                                    dict(moe_expert_capacity_factor=0.5), dict(moe_expert_capacity_factor=0.5,

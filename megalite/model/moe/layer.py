@@ -3,6 +3,7 @@
     weights, experts = router(x)                           (router.py; T = s b tokens, k experts each)
     out[t] = sum over the k chosen e of weights[t, e] * Expert_e(x[t])        (experts.py)
            + SharedExpert(x[t])                            (with --moe-shared-expert-intermediate-size)
+             [x sigmoid(x[t] . g), g [1, h] learned]       (with --moe-shared-expert-gate)
 
 The router's auxiliary losses ride on ``out``'s backward (aux_loss.py).  Under expert parallelism each rank
 holds E / EP experts and the rows travel to their experts' ranks and back, or every rank sees every token of
@@ -15,6 +16,7 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from megalite.config.settings import ModelConfig
@@ -23,6 +25,8 @@ from megalite.model.moe.experts import Experts, permute, unpermute
 from megalite.model.moe.router import TopKRouter
 from megalite.model.transformer import MLP
 from megalite.parallel.expert_parallel import combine, dispatch, ep_group, gather_tokens, reduce_scatter_tokens
+from megalite.parallel.layers import new_parameter
+from megalite.parallel.param_info import Init
 
 __all__ = ["MoELayer", "mlp_builder"]
 
@@ -39,6 +43,9 @@ class MoELayer(nn.Module):
         if config.moe_shared_expert_intermediate_size is not None:
             shared = dataclasses.replace(config, ffn_hidden_size=config.moe_shared_expert_intermediate_size)
             self.shared_expert = MLP(shared, output_init_std)
+        self.shared_expert_gate = None
+        if config.moe_shared_expert_gate:
+            self.shared_expert_gate = new_parameter((1, config.hidden_size), Init("normal", config.init_method_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])                                         # [T, h]
@@ -60,7 +67,10 @@ class MoELayer(nn.Module):
                 results = combine(self.experts(local_rows, local_counts), plan, group)
             out = unpermute(results, order, weights, tokens.shape[0]).view_as(x)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(F.linear(x, self.shared_expert_gate.to(x.dtype)))
+            out = out + shared
         return aux_loss.attach(out, aux) if aux is not None else out
 
     def _allgather_experts(self, tokens, weights, indices, group) -> torch.Tensor:
