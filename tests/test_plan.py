@@ -82,7 +82,8 @@ def test_calibrate_calls_the_calibration_module(capsys, monkeypatch, tmp_path):
     (["--world-size", "8", "--num-layers", "3", "--pipeline-model-parallel-size", "2"], "3 layers do not split evenly"),
     (["--world-size", "1", "--num-layers", "8", "--hidden-size", "65536", "--num-attention-heads", "64",
       "--global-batch-size", "1", "--gpu", "a100-40gb"], "no micro-batch / virtual pipeline size fits"),
-    (["--num-experts", "4", "--disable-bias-linear"], "the planner does not model experts yet"),
+    (["--world-size", "8", "--num-experts", "4", "--disable-bias-linear", "--expert-model-parallel-size", "3"],
+     "--num-experts 4 is not divisible by --expert-model-parallel-size 3"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)
