@@ -1,11 +1,14 @@
 """The planner's mixture of experts (scaling/experts.py): FLOPs by hand, expert state over EP, the token
 dispatch's volume, and a Mixtral-shaped command line planned and searched."""
+import dataclasses
+
 import pytest
 
 from megalite.scaling import communication as comm
 from megalite.scaling import experts
 from megalite.scaling.compute import hardware_flops_per_iteration
 from megalite.scaling.hardware import PRESETS, Link
+from megalite.scaling.options import PlanOptions
 from megalite.scaling.planner import plan, search
 from megalite.scaling.predict import layout_of, memory_per_stage, predict
 from megalite.training.arguments import parse_args
@@ -58,7 +61,6 @@ def test_expert_gemms_do_the_same_work_at_any_ep(ep):
 def _memory(ep, sharding="optim", world=8):
     model, parallel, training, optimizer = configs("--expert-model-parallel-size", str(ep), "--global-batch-size",
                                                    "16", world=world)
-    from megalite.scaling.options import PlanOptions
     lay = layout_of(parallel, training, optimizer, world, PlanOptions(data_parallel_sharding_strategy=sharding))
     return memory_per_stage(model, parallel, optimizer, lay, hardware=H100)[0]
 
@@ -102,11 +104,25 @@ def test_the_allgather_dispatcher_gathers_the_groups_tokens():
     assert experts.dispatch_times(model, 2, 1, 4, 2, link) == pytest.approx((one_way, one_way))
 
 
+def test_the_dispatch_runs_on_the_ep_groups_link_and_expert_gradients_on_the_expert_dp_groups():
+    two_per_node = dataclasses.replace(H100, gpus_per_node=2)
+    eight = comm.GridStrides(1, 1, 8, 1, ep=8)       # one EP group of 8 consecutive ranks; expert-DP of 1
+    assert eight.ep_link(H100) == H100.intra_node
+    assert eight.ep_link(two_per_node) == Link(min(H100.intra_node.bandwidth_gbs, 2 * H100.inter_node.bandwidth_gbs),
+                                               H100.inter_node.latency_us)
+    two = comm.GridStrides(1, 1, 8, 1, ep=2)         # EP pairs inside a node; expert-DP: 4 ranks 2 apart
+    assert two.ep_link(two_per_node) == H100.intra_node
+    assert two.edp_link(two_per_node).latency_us == H100.inter_node.latency_us
+    assert two.edp_link(H100) == H100.intra_node
+    # EP 4 of 8 ranks at 4 per node: each EP group is a node, so ranks 0 and 4 (same experts) are a node apart
+    assert comm.GridStrides(1, 1, 8, 1, ep=4).edp_link(dataclasses.replace(H100, gpus_per_node=4)).latency_us == \
+        H100.inter_node.latency_us
+
+
 def test_dispatch_across_nodes_costs_more_than_inside_one():
     def exposed(ep, per_node):
         model, parallel, training, optimizer = configs("--expert-model-parallel-size", str(ep), "--global-batch-size",
                                                        "16", "--moe-token-dispatcher-type", "alltoall")
-        import dataclasses
         return predict(model, parallel, training, optimizer, dataclasses.replace(H100, gpus_per_node=per_node),
                        8).breakdown["exposed_communication"]
     assert exposed(8, 2) > exposed(8, 8) > exposed(1, 8)
