@@ -155,3 +155,25 @@ def test_search_tries_each_expert_parallel_size():
     for ep in (1, 2, 4):
         assert any(f"EP{ep}" in d for d in described), ep
     assert not any("EP8" in d for d in described)      # 8 does not divide the 4 ranks of DP x CP
+
+
+@pytest.mark.parametrize("freq, recompute", [(1, None), (2, None), (1, "full"), (2, "selective")])
+def test_one_expert_of_the_dense_width_costs_the_dense_layer_plus_router_and_permutation(freq, recompute):
+    from megalite.scaling.compute import backward_gemms, elementwise_seconds, gemm_seconds, layer_times
+    base = ["--mock-data", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length",
+            "32", "--max-position-embeddings", "32", "--vocab-size", "128", "--ffn-hidden-size", "48",
+            "--disable-bias-linear", "--bf16"]
+    dense, *_ = parse_args(base, world_size=1)
+    moe, *_ = parse_args(base + ["--num-experts", "1", "--moe-router-topk", "1", "--moe-layer-freq", str(freq)],
+                         world_size=1)
+    router = experts.expert_gemms(moe, 2)[0]
+    extra_f = gemm_seconds(router, H100, "bfloat16")
+    extra_b = sum(gemm_seconds(g, H100, "bfloat16") for g in backward_gemms(router))
+    permute_f, permute_b = elementwise_seconds("permute", 2 * 2 * 2 * 64 * 64, H100, "bfloat16")   # 2 x 2 e T k h
+    extra_f, extra_b = extra_f + permute_f, extra_b + permute_b
+    got = experts.mixed_layer_times(moe, 2, H100, "bfloat16", recompute=recompute)
+    want = layer_times(dense, 2, H100, "bfloat16", recompute=recompute)
+    share = 1 / freq
+    assert got.forward - want.forward == pytest.approx(share * extra_f)
+    assert (got.backward_input + got.backward_weight) - (want.backward_input + want.backward_weight) == pytest.approx(
+        share * (extra_b + (extra_f if recompute == "full" else 0.0)))
