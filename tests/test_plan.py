@@ -110,3 +110,10 @@ def test_a_whole_layout_that_does_not_fit_is_still_predicted(capsys):
                        "--num-attention-heads", "64", "--micro-batch-size", "1", "--json")
     result = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and not result["fits"] and result["memory_gb_per_gpu"] > 40 and "DOES NOT FIT" in out
+
+
+def test_an_moe_run_prints_its_expert_parallel_size(capsys):
+    code, out, _ = run(capsys, "--world-size", "8", "--gpu", "h100-sxm", *SMALL, "--disable-bias-linear",
+                       "--num-experts", "4", "--expert-model-parallel-size", "2", "--micro-batch-size", "1", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and ", DP 8, EP 2, bfloat16" in out.splitlines()[0] and result["layout"]["ep"] == 2

@@ -334,5 +334,5 @@ def _prediction(model: ModelConfig, parallel: ParallelConfig, optimizer: Optimiz
         layout=dict(tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp, vpp=lay.v, micro_batch_size=b,
                     num_microbatches=lay.num_microbatches, schedule=lay.schedule, recompute=recompute,
                     sequence_parallel=sp, dtype=dtype, world_size=world, zero1=optimizer.use_distributed_optimizer,
-                    sharding=lay.sharding),
+                    sharding=lay.sharding, ep=lay.ep),
         memory_gb_per_stage=[s.total / GIB for s in memories], hardware=hardware.name)
