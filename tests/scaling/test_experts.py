@@ -177,3 +177,16 @@ def test_one_expert_of_the_dense_width_costs_the_dense_layer_plus_router_and_per
     assert got.forward - want.forward == pytest.approx(share * extra_f)
     assert (got.backward_input + got.backward_weight) - (want.backward_input + want.backward_weight) == pytest.approx(
         share * (extra_b + (extra_f if recompute == "full" else 0.0)))
+
+
+@pytest.mark.parametrize("ep", [1, 8])
+def test_expert_gradients_are_reduced_over_the_expert_data_parallel_group(ep):
+    # DP 8, one micro-batch, no pipeline and no overlap: exposed = the layers' dispatch + the gradient all-reduces
+    model, parallel, training, optimizer = configs("--expert-model-parallel-size", str(ep), "--global-batch-size",
+                                                   "16", "--moe-token-dispatcher-type", "alltoall")
+    p = predict(model, parallel, training, optimizer, H100, 8)
+    memory = _memory(ep, "no_shard")
+    dispatch = sum(experts.dispatch_times(model, 2, 1, ep, 2, H100.intra_node))
+    dense = comm.all_reduce_time(4.0 * (memory.parameters - memory.expert_parameters), 8, H100.intra_node)
+    expert = comm.all_reduce_time(4.0 * memory.expert_parameters, 8 // ep, H100.intra_node)   # 0 at EP 8
+    assert p.breakdown["exposed_communication"] == pytest.approx(2 * dispatch + dense + expert)
