@@ -68,7 +68,8 @@ def format_prediction(prediction: Prediction, chosen: Sequence[str] = ()) -> str
     total = p.iteration_time_s
     lines = [
         f"{p.params / 1e9:.2f}B parameters on {layout['world_size']} x {p.hardware}: TP {layout['tp']}, "
-        f"PP {layout['pp']}, CP {layout['cp']}, DP {layout['dp']}, {layout['dtype']}",
+        f"PP {layout['pp']}, CP {layout['cp']}, DP {layout['dp']}"
+        f"{', EP %d' % layout['ep'] if layout.get('ep', 1) > 1 else ''}, {layout['dtype']}",
         f"  micro-batch size        {p.micro_batch_size}{tag['micro_batch_size']}, "
         f"{layout['num_microbatches']} micro-batches per step",
         f"  virtual pipeline size   {layout['vpp']}{tag['virtual_pipeline_model_parallel_size']}, "

@@ -82,7 +82,8 @@ def test_calibrate_calls_the_calibration_module(capsys, monkeypatch, tmp_path):
     (["--world-size", "8", "--num-layers", "3", "--pipeline-model-parallel-size", "2"], "3 layers do not split evenly"),
     (["--world-size", "1", "--num-layers", "8", "--hidden-size", "65536", "--num-attention-heads", "64",
       "--global-batch-size", "1", "--gpu", "a100-40gb"], "no micro-batch / virtual pipeline size fits"),
-    (["--num-experts", "4", "--disable-bias-linear"], "the planner does not model experts yet"),
+    (["--world-size", "8", "--num-experts", "4", "--disable-bias-linear", "--expert-model-parallel-size", "3"],
+     "--num-experts 4 is not divisible by --expert-model-parallel-size 3"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -109,3 +110,10 @@ def test_a_whole_layout_that_does_not_fit_is_still_predicted(capsys):
                        "--num-attention-heads", "64", "--micro-batch-size", "1", "--json")
     result = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and not result["fits"] and result["memory_gb_per_gpu"] > 40 and "DOES NOT FIT" in out
+
+
+def test_an_moe_run_prints_its_expert_parallel_size(capsys):
+    code, out, _ = run(capsys, "--world-size", "8", "--gpu", "h100-sxm", *SMALL, "--disable-bias-linear",
+                       "--num-experts", "4", "--expert-model-parallel-size", "2", "--micro-batch-size", "1", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and ", DP 8, EP 2, bfloat16" in out.splitlines()[0] and result["layout"]["ep"] == 2

@@ -7,6 +7,8 @@ and per-hop latency ``alpha`` (Thakur, Rabenseifner and Gropp 2005; NCCL's ring)
     all-gather       (n-1)/n * B / bw + (n-1) alpha           (B: the gathered size)
     reduce-scatter   (n-1)/n * B / bw + (n-1) alpha           (B: the size before scattering)
     point-to-point   B / bw + alpha
+    all-to-all       (n-1)/n * B / bw + (n-1) alpha       (B: what one rank sends, B/n to each rank,
+                                                           itself included; n-1 pairwise exchanges)
 
 Which link a group uses follows the Megatron grid order (TP fastest, then CP, DP, PP:
 ``rank = tp + TP*(cp + CP*(dp + DP*pp))``): a group whose members are ``stride`` ranks apart spans
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 
 from megalite.scaling.hardware import Hardware, Link
 
-__all__ = ["all_reduce_time", "all_gather_time", "reduce_scatter_time", "p2p_time", "group_link",
+__all__ = ["all_reduce_time", "all_gather_time", "reduce_scatter_time", "all_to_all_time", "p2p_time", "group_link",
            "GridStrides", "tp_collectives_per_layer", "tp_time_per_layer", "tp_embedding_time", "tp_logits_time",
            "pp_message_bytes", "dp_gradient_time", "zero1_gather_time", "kv_block_bytes", "cp_ring_times",
            "zero3_times"]
@@ -77,6 +79,11 @@ def reduce_scatter_time(nbytes: float, n: int, link: Link, gap_s: float = 0.0) -
     return _half_ring(nbytes, n, link.for_collective("reduce_scatter", gap_s))
 
 
+def all_to_all_time(nbytes: float, n: int, link: Link, gap_s: float = 0.0) -> float:
+    """Every rank sends ``nbytes / n`` to each of the ``n`` ranks (the expert dispatch; experts.py)."""
+    return _half_ring(nbytes, n, link.for_collective("all_to_all", gap_s))
+
+
 def p2p_time(nbytes: float, link: Link, gap_s: float = 0.0) -> float:
     link = link.for_collective("send_recv", gap_s)
     return nbytes / (link.bandwidth_gbs * 1e9) + link.latency_us * 1e-6
@@ -94,12 +101,22 @@ def group_link(hardware: Hardware, size: int, stride: int) -> Link:
 
 @dataclass(frozen=True)
 class GridStrides:
-    """Group sizes of a layout; strides follow ``rank = tp + TP*(cp + CP*(dp + DP*pp))``."""
+    """Group sizes of a layout; strides follow ``rank = tp + TP*(cp + CP*(dp + DP*pp))``; the expert groups
+    fold into a stage's ``TP x CP x DP`` ranks (layout.py)."""
 
     tp: int
     cp: int
     dp: int
     pp: int
+    ep: int = 1
+
+    def ep_link(self, hw: Hardware) -> Link:
+        """An expert-parallel group: ``EP`` consecutive ranks."""
+        return group_link(hw, self.ep, 1)
+
+    def edp_link(self, hw: Hardware) -> Link:
+        """An expert-data-parallel group: the ``TP x CP x DP / EP`` ranks ``EP`` apart holding the same experts."""
+        return group_link(hw, self.tp * self.cp * self.dp // self.ep, self.ep)
 
     def tp_link(self, hw: Hardware) -> Link:
         return group_link(hw, self.tp, 1)

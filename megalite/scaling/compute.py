@@ -62,7 +62,7 @@ from megalite.scaling.interpolate import interpolate
 
 __all__ = ["Gemm", "PassTimes", "gemm_rate", "gemm_seconds", "layer_gemms", "backward_gemms", "layer_times",
            "attention_core_times", "linear_times", "FLASH_BACKWARD_RATIO",
-           "logits_times", "hardware_flops_per_iteration", "element_size"]
+           "logits_times", "hardware_flops_per_iteration", "router_flops_per_iteration", "element_size"]
 
 _TILES = ((256, 128), (128, 256))
 # A fused kernel's backward runs five products per block (S = Q K^T again, dV, dP, dQ, dK) against the
@@ -321,16 +321,26 @@ def logits_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype
 
 def hardware_flops_per_iteration(model: ModelConfig, global_batch_size: int, recompute: Optional[str], *,
                                  tp: int) -> float:
-    """FLOPs the devices execute in one step: model FLOPs plus what recompute repeats.
+    """FLOPs the devices execute in one step: model FLOPs (and the MoE routers') plus what recompute repeats.
 
     Full recompute repeats every layer's forward: ``96 B s L h^2 (1 + s/6h + V/16Lh)`` for a GPT, the
     FLOPs Narayanan et al. 2021 (Eq. 3) count.  Selective repeats the attention core, ``4 B s^2 L h``.
     """
-    model_flops = flops_per_iteration(model, global_batch_size, tp=tp)
     s, h, layers = model.seq_length, model.hidden_size, model.num_layers
+    model_flops = flops_per_iteration(model, global_batch_size, tp=tp) + router_flops_per_iteration(
+        model, global_batch_size)
     if recompute == "full":
         logits = 6.0 * global_batch_size * s * h * model.padded_vocab_size(tp)
         return model_flops + (model_flops - logits) / 3
     if recompute == "selective":
         return model_flops + 4.0 * global_batch_size * s * s * layers * h
     return model_flops
+
+
+def router_flops_per_iteration(model: ModelConfig, global_batch_size: int) -> float:
+    """The MoE routers' GEMMs, ``6 B s h E`` per MoE layer (forward and backward): executed, but not in
+    Megatron-LM's model FLOPs (model/flops.py), so counted in the hardware FLOPs only."""
+    if model.num_experts is None:
+        return 0.0
+    moe_layers = sum(model.is_moe_layer(i) for i in range(model.num_layers))
+    return 6.0 * global_batch_size * model.seq_length * model.hidden_size * model.num_experts * moe_layers

@@ -35,7 +35,6 @@ micro-batch in flight; the last rank holds one micro-batch's fp32 logits and the
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -43,6 +42,7 @@ from megalite.config.settings import ModelConfig
 from megalite.model.flops import count_parameters
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 from megalite.scaling.activations import activation_bytes_per_layer, fused_attention
+from megalite.scaling.experts import expert_parameters_per_layer, moe_layer_activation_bytes, moe_share
 
 __all__ = ["StageMemory", "in_flight_formula", "parameter_split", "activation_bytes", "stage_memories"]
 
@@ -58,6 +58,7 @@ class StageMemory:
     optimizer: float
     activations: float
     logits: float
+    expert_parameters: float = 0.0   # elements of ``parameters`` that are routed experts' (experts.py)
 
     @property
     def total(self) -> float:
@@ -81,17 +82,16 @@ def in_flight_formula(schedule: Optional[str], p: int, v: int, m: int, rank: int
 
 def parameter_split(model: ModelConfig, tp: int):
     """(per-layer, embedding (+ positions), final norm) parameter counts of the whole model, the vocabulary
-    padded for ``tp`` tensor-parallel ranks."""
-    one = count_parameters(dataclasses.replace(model, num_layers=1), tp=tp)
-    per_layer = count_parameters(dataclasses.replace(model, num_layers=2), tp=tp) - one
+    padded for ``tp`` tensor-parallel ranks; per layer the average (an MoE model's layers differ with
+    --moe-layer-freq > 1)."""
     vocab = model.padded_vocab_size(tp)
     embedding = vocab * model.hidden_size
     if model.position_embedding_type == "learned_absolute":
         embedding += model.max_position_embeddings * model.hidden_size
-    final_norm = one - per_layer - embedding
-    if model.untie_embeddings_and_output_weights:
-        final_norm -= vocab * model.hidden_size
-    return per_layer, embedding, final_norm
+    final_norm = (2 if model.normalization == "LayerNorm" else 1) * model.hidden_size
+    output = vocab * model.hidden_size if model.untie_embeddings_and_output_weights else 0
+    layers = count_parameters(model, tp=tp) - embedding - final_norm - output
+    return layers / model.num_layers, embedding, final_norm
 
 
 def _layers_on_rank(model: ModelConfig, pp: int, vpp: Optional[int], rank: int, first: Optional[int],
@@ -108,12 +108,47 @@ def activation_bytes(model: ModelConfig, micro_batch: int, *, tp: int = 1, cp: i
     attention (``--attention-backend`` other than unfused/local, its dropout in the kernel where
     ``dropout_fused``: activations.fused_attention)."""
     dropout = model.hidden_dropout > 0 or model.attention_dropout > 0
-    return activation_bytes_per_layer(model.seq_length // cp, micro_batch, model.hidden_size,
-                                      model.num_attention_heads, tp=tp, sequence_parallel=sequence_parallel,
-                                      recompute=recompute, element_size=element_size,
-                                      ffn=model.ffn_hidden_size, dropout=dropout, kv_length=model.seq_length,
-                                      fused=fused_attention(model.attention_backend, model.attention_dropout,
-                                                            dropout_fused))
+    fused = fused_attention(model.attention_backend, model.attention_dropout, dropout_fused)
+    dense = activation_bytes_per_layer(model.seq_length // cp, micro_batch, model.hidden_size,
+                                       model.num_attention_heads, tp=tp, sequence_parallel=sequence_parallel,
+                                       recompute=recompute, element_size=element_size, ffn=model.ffn_hidden_size,
+                                       dropout=dropout, kv_length=model.seq_length, fused=fused)
+    share = moe_share(model)
+    if share == 0:
+        return dense
+    moe = moe_layer_activation_bytes(model, micro_batch, cp=cp, element_size=element_size, recompute=recompute,
+                                     dropout=dropout, fused=fused, sequence_parallel=sequence_parallel)
+    return (1 - share) * dense + share * moe
+
+
+def _model_state(dense: float, experts: float, sharding: str, shards: int, expert_shards: int,
+                 element_size: int, gathered: float) -> tuple:
+    """(weights, gradients, optimizer) bytes of ``dense`` and ``experts`` parameter elements on a rank, each
+    kind sharded as ``sharding`` says over its own group (DP x CP; the experts' over expert-DP), plus
+    ZeRO-3's ``gathered`` working elements (whole weights and fp32 gradients)."""
+    optimizer_bytes = (4 if element_size == 2 else 0) + 8
+
+    def sharded(stage_min: str, elements: float, group: int) -> float:
+        order = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+        return elements / group if order.index(sharding) >= order.index(stage_min) else elements
+
+    weights = element_size * (sharded("optim_grads_params", dense, shards)
+                              + sharded("optim_grads_params", experts, expert_shards) + gathered)
+    gradients = 4.0 * (sharded("optim_grads", dense, shards) + sharded("optim_grads", experts, expert_shards)
+                       + gathered)
+    optimizer = optimizer_bytes * (sharded("optim", dense, shards) + sharded("optim", experts, expert_shards))
+    return weights, gradients, optimizer
+
+
+def _chunk_activations(per_chunk: int, stored: float, whole: float, recompute: Optional[str],
+                       recompute_method: Optional[str], span: int) -> tuple:
+    """(bytes of one chunk's layers for one micro-batch, the working bytes of a recomputed span)."""
+    if recompute == "full" and recompute_method == "block":
+        recomputed = min(span, per_chunk)
+        return recomputed * stored + (per_chunk - recomputed) * whole, whole
+    if recompute == "full":
+        return per_chunk * stored / span, span * whole
+    return per_chunk * stored, 0.0
 
 
 def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp: int, dp: int,
@@ -123,50 +158,39 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
                    first_stage_layers: Optional[int] = None,
                    last_stage_layers: Optional[int] = None,
                    stage_counts: Optional[List[int]] = None, sharding: Optional[str] = None,
-                   dropout_fused: bool = True) -> List[StageMemory]:
+                   dropout_fused: bool = True, ep: int = 1) -> List[StageMemory]:
     """Memory of one rank of each pipeline stage; ``in_flight[r]`` (micro-batch, chunk) pairs held by rank r;
     ``stage_counts``: layers per virtual stage when the split is not the trainer's (pipeline_split.py);
-    ``sharding``: the strategy (default ``optim`` with ``zero1``, else ``no_shard``)."""
+    ``sharding``: the strategy (default ``optim`` with ``zero1``, else ``no_shard``); ``ep``: the experts split
+    over EP ranks, their state sharded over the ``TP x CP x DP / EP`` expert-data-parallel ranks."""
     sharding = sharding or ("optim" if zero1 else "no_shard")
-    shards = dp * cp
-    weight_shards = shards if sharding == "optim_grads_params" else 1
-    grad_shards = shards if sharding in ("optim_grads", "optim_grads_params") else 1
-    optimizer_shards = shards if sharding != "no_shard" else 1
     per_layer, embedding, final_norm = parameter_split(model, tp)
+    expert_per_layer = expert_parameters_per_layer(model)
     vocab = model.padded_vocab_size(tp)
     h, s, b = model.hidden_size, model.seq_length // cp, micro_batch
     stored = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=recompute,
                               element_size=element_size, dropout_fused=dropout_fused)
     whole = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=None,
                              element_size=element_size, dropout_fused=dropout_fused)
-    span = recompute_num_layers or 1
-    optimizer_bytes = (4 if element_size == 2 else 0) + 8
     out = []
     for rank in range(pp):
         chunks = _layers_on_rank(model, pp, vpp, rank, first_stage_layers, last_stage_layers, stage_counts)
         layers = sum(chunks)
-        params = layers * per_layer / tp
+        experts = layers * expert_per_layer / ep
+        params = layers * (per_layer - expert_per_layer) / tp
         if rank == 0:
             params += embedding / tp
         if rank == pp - 1:
             own_output = pp > 1 or model.untie_embeddings_and_output_weights   # else the embedding is it
             params += final_norm + (vocab * h / tp if own_output else 0.0)
-        per_chunk = max(chunks)
-        if recompute == "full" and recompute_method == "block":
-            recomputed = min(span, per_chunk)
-            chunk_bytes = recomputed * stored + (per_chunk - recomputed) * whole
-            working = whole
-        elif recompute == "full":
-            chunk_bytes = per_chunk * stored / span
-            working = span * whole
-        else:
-            chunk_bytes, working = per_chunk * stored, 0.0
+        chunk_bytes, working = _chunk_activations(max(chunks), stored, whole, recompute, recompute_method,
+                                                  recompute_num_layers or 1)
         activations = in_flight[rank] * chunk_bytes + working
         if rank == 0 and model.hidden_dropout > 0:
             activations += in_flight[rank] * s * b * h / (tp if sequence_parallel else 1)
         logits = 2 * 4.0 * s * b * vocab / tp if rank == pp - 1 else 0.0
-        gathered = 2 * per_layer / tp if weight_shards > 1 else 0.0    # ZeRO-3's working layers
-        out.append(StageMemory(rank, params, params * element_size / weight_shards + gathered * element_size,
-                               params * 4.0 / grad_shards + gathered * 4.0,
-                               params * optimizer_bytes / optimizer_shards, activations, logits))
+        zero3 = sharding == "optim_grads_params" and dp * cp > 1      # ZeRO-3's two whole working layers
+        gathered = 2 * ((per_layer - expert_per_layer) / tp + expert_per_layer / ep) if zero3 else 0.0
+        state = _model_state(params, experts, sharding, dp * cp, tp * cp * dp // ep, element_size, gathered)
+        out.append(StageMemory(rank, params + experts, *state, activations, logits, experts))
     return out

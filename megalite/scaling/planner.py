@@ -5,7 +5,8 @@ micro-batch size (with a global batch given) or the virtual pipeline size (with 
 each is chosen among the values that parse, split and
 fit (micro-batch 1, 2, 4, 8, 16; virtual sizes that divide a stage's layers) for the highest model
 TFLOP/s per GPU (ties: less memory).  ``search`` enumerates whole layouts -- TP (a power of two within
-a node) x PP x DP x micro-batch x recompute x virtual size, each with the run's data-parallel sharding or,
+a node) x PP x DP x micro-batch x recompute x virtual size (x EP for experts: each divisor of DP x CP that
+divides --num-experts), each with the run's data-parallel sharding or,
 when that does not fit and the run leaves the strategy open, the least sharding (ZeRO-1, 2, 3) that does --
 and says why each rejected one fails.
 """
@@ -91,9 +92,6 @@ def _configs(argv: Sequence[str], world_size: int, options: PlanOptions = PlanOp
         layers = _flag_value(argv, "--num-layers", 2)
         argv = with_flags(argv, {"--num-layers": layers + extra})
     model, parallel, optimizer, _data, training = parse_args(argv, world_size=world_size)
-    if model.num_experts is not None:
-        raise ValueError(f"--num-experts {model.num_experts}: the planner does not model experts yet (their memory "
-                         f"over --expert-model-parallel-size, the token dispatch); plan without --num-experts")
     if extra:
         model = dataclasses.replace(model, num_layers=model.num_layers - extra)
     return model, parallel, training, optimizer
@@ -116,6 +114,8 @@ def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, worl
         layout = layout_of(parallel, training, optimizer, world_size, options)
         candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
                                  f"recompute={model.recompute_granularity or 'none'}")
+        if model.num_experts is not None:
+            candidate.description += f" EP{layout.ep}"
         if flags.get(SHARDING_FLAG):
             candidate.description += f" {flags[SHARDING_FLAG]}"
         candidate.memory_gib = max(s.total for s in memory_per_stage(model, parallel, optimizer, layout,
@@ -209,6 +209,14 @@ def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _expert_sizes(experts: int, data_ranks: int) -> List[Optional[int]]:
+    """EP sizes to try: each divisor of the ``DP x CP`` ranks of a stage that divides the experts (the flag left
+    out for a dense model)."""
+    if not experts:
+        return [None]
+    return [ep for ep in _divisors(data_ranks) if experts % ep == 0]
+
+
 def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Candidate]:
     """Every layout of the model in ``argv`` on ``world_size`` devices: fitting ones first, ranked by
     model TFLOP/s per GPU, then the rejected ones with their reason."""
@@ -217,19 +225,22 @@ def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Can
     tp_sizes = [t for t in _divisors(hardware.gpus_per_node) if t & (t - 1) == 0 and world_size % t == 0]
     open_sharding = options.data_parallel_sharding_strategy is None and not any(
         given(argv, name) for name in ("--use-megatron-fsdp", "--use-torch-fsdp2"))
+    experts = _flag_value(argv, "--num-experts", 0)
     candidates = []
     for tp in tp_sizes:
         for pp in _divisors(layers):
             if world_size % (tp * pp):
                 continue
-            for mbs, recompute, vpp in itertools.product(MICRO_BATCHES, (None, "selective", "full"),
-                                                         _virtual_sizes(layers, pp)):
+            for mbs, recompute, vpp, ep in itertools.product(MICRO_BATCHES, (None, "selective", "full"),
+                                                             _virtual_sizes(layers, pp),
+                                                             _expert_sizes(experts, world_size // (tp * pp))):
                 flags = {"--tensor-model-parallel-size": tp, "--pipeline-model-parallel-size": pp,
                          "--micro-batch-size": mbs, "--virtual-pipeline-model-parallel-size": vpp,
                          "--num-layers-per-virtual-pipeline-stage": None, "--pipeline-schedule": None,
                          "--recompute-granularity": recompute,
                          "--recompute-method": "uniform" if recompute == "full" else None,
-                         "--recompute-num-layers": None, "--checkpoint-activations": None}
+                         "--recompute-num-layers": None, "--checkpoint-activations": None,
+                         "--expert-model-parallel-size": ep}
                 candidates.append(_try_sharding(argv, flags, hardware, world_size, options, open_sharding))
     fitting = sorted((c for c in candidates if not c.reason), key=lambda c: -c.prediction.tflops_per_gpu)
     return fitting + [c for c in candidates if c.reason]

@@ -22,21 +22,22 @@ from typing import Dict, List, Optional, Sequence
 
 from megalite.config.settings import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 from megalite.model.flops import count_parameters, flops_per_iteration
-from megalite.parallel.pipeline.orders import default_schedule
 from megalite.scaling import communication as comm
+from megalite.scaling import experts
 from megalite.scaling.compute import (
     PassTimes,
     attention_core_times,
     element_size,
     hardware_flops_per_iteration,
-    layer_times,
     linear_times,
     logits_times,
 )
+from megalite.scaling.experts import mixed_layer_times
 from megalite.scaling.hardware import Hardware
+from megalite.scaling.layout import Layout, layout_of, run_dtype
 from megalite.scaling.memory import StageMemory, activation_bytes, in_flight_formula, stage_memories
 from megalite.scaling.options import PlanOptions
-from megalite.scaling.overlap import behind, check_options, p2p_exposed, tp_exposed
+from megalite.scaling.overlap import behind, p2p_exposed, tp_exposed
 from megalite.scaling.pipeline_split import stage_layer_counts
 from megalite.scaling.schedule import pipeline_time
 
@@ -70,10 +71,6 @@ class Prediction:
         return asdict(self)
 
 
-def run_dtype(optimizer: OptimizerConfig) -> str:
-    return "bfloat16" if optimizer.bf16 else "float16" if optimizer.fp16 else "float32"
-
-
 def _stage_pass_times(chunks: Sequence[int], first: bool, last: bool, layer: PassTimes, logits: PassTimes,
                       layer_comm_f: float, layer_comm_b: float, p2p: float,
                       ends: Sequence[PassTimes] = (PassTimes(0.0, 0.0, 0.0),) * 2) -> PassTimes:
@@ -98,61 +95,6 @@ def with_host_overhead(times: PassTimes, seconds: float) -> PassTimes:
     return times.scaled((total + seconds) / total) if seconds and total > 0 else times
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The sizes of a run that the model reads, derived once from the configs."""
-
-    world: int
-    tp: int
-    pp: int
-    cp: int
-    dp: int
-    vpp: Optional[int]
-    micro_batch: int
-    global_batch: int
-    num_microbatches: int
-    schedule: Optional[str]
-    dtype: str
-    options: PlanOptions = PlanOptions()
-    trainer_sharding: str = "no_shard"   # the trainer's strategy (OptimizerConfig.sharding_strategy)
-
-    @property
-    def v(self) -> int:
-        return self.vpp or 1
-
-    @property
-    def sharding(self) -> str:
-        """The sharding strategy over DP x CP (options.py): ``no_shard`` with one rank to shard over."""
-        return self.options.sharding(self.trainer_sharding) if self.dp * self.cp > 1 else "no_shard"
-
-    @property
-    def linear_dtype(self) -> str:
-        """The linear layers' GEMM precision: FP8 with --fp8-format (either format: the same tensor-core
-        rate), else the run's."""
-        return "fp8" if self.options.fp8_format else self.dtype
-
-
-def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: OptimizerConfig,
-              world_size: Optional[int] = None, options: Optional[PlanOptions] = None) -> Layout:
-    world = world_size or parallel.world_size
-    tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                  parallel.context_parallel_size)
-    if world % (tp * pp * cp):
-        raise ValueError(f"world size {world} is not divisible by TP {tp} x PP {pp} x CP {cp}")
-    dp = world // (tp * pp * cp)
-    vpp = parallel.virtual_pipeline_model_parallel_size
-    b = training.micro_batch_size
-    gbs = training.global_batch_size or b * dp
-    if gbs % (b * dp):
-        raise ValueError(f"global batch {gbs} is not divisible by micro-batch {b} x data-parallel {dp}")
-    schedule = parallel.pipeline_schedule or default_schedule(pp, vpp)
-    options = options or PlanOptions()
-    check_options(options, parallel.sequence_parallel, tp, options.sharding(optimizer.sharding_strategy()),
-                  optimizer.overlap_grad_reduce)
-    return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer), options,
-                  optimizer.sharding_strategy())
-
-
 def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Optional[OptimizerConfig], layout: Layout,
                      in_flight: Optional[Sequence[int]] = None,
                      hardware: Optional[Hardware] = None) -> List[StageMemory]:
@@ -168,7 +110,7 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Op
                           recompute=model.recompute_granularity, recompute_method=model.recompute_method,
                           recompute_num_layers=model.recompute_num_layers,
                           stage_counts=_stage_counts(model, parallel, lay),
-                          dropout_fused=hardware is None or hardware.fused_attention_dropout)
+                          dropout_fused=hardware is None or hardware.fused_attention_dropout, ep=lay.ep)
 
 
 def _stage_counts(model: ModelConfig, parallel: ParallelConfig, lay: Layout) -> List[int]:
@@ -201,9 +143,11 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     if cp > 1:
         cp_f, cp_b = _cp_ring_exposed(model, lay, hardware, gap_f, gap_b)
     # full recompute repeats the forward's collectives inside the backward
-    layer_comm_f = tp_f + cp_f
-    layer_comm_b = tp_b + cp_b + ((tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b),
-                                              linears.forward, tp, overlapped, share) + cp_f) if full else 0.0)
+    moe_f, moe_b = experts.dispatch_times(model, b, cp, lay.ep, e, grid.ep_link(hardware), gap_f, gap_b)
+    layer_comm_f = tp_f + cp_f + moe_f
+    layer_comm_b = tp_b + cp_b + moe_b + ((tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b),
+                                                      linears.forward, tp, overlapped, share) + cp_f + moe_f)
+                                          if full else 0.0)
     p2p = 0.0
     if lay.pp > 1:   # a message follows one chunk's pass; the interleaved schedule hides it behind the next
         chunk_forward = layer.forward * model.num_layers / (lay.pp * lay.v)
@@ -260,13 +204,13 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``;
     ``options`` are the planner's own flags (options.py)."""
     lay = layout_of(parallel, training, optimizer, world_size, options)
-    grid = comm.GridStrides(lay.tp, lay.cp, lay.dp, lay.pp)
+    grid = comm.GridStrides(lay.tp, lay.cp, lay.dp, lay.pp, lay.ep)
     passes = _stage_passes(model, parallel, lay, hardware, grid)
     slowest = passes.slowest
     pipe = pipeline_time(lay.schedule, lay.pp, lay.v, lay.num_microbatches, slowest.forward,
                          slowest.backward_input, slowest.backward_weight)
     memories = memory_per_stage(model, parallel, optimizer, lay, pipe.in_flight, hardware)
-    outside = _outside_passes(model, optimizer, lay, hardware, grid, slowest, max(s.parameters for s in memories))
+    outside = _outside_passes(model, optimizer, lay, hardware, grid, slowest, max(memories, key=lambda s: s.parameters))
     iteration = (pipe.makespan + outside.dp_exposed + outside.zero_gather + outside.embedding_sync
                  + outside.optimizer + hardware.step_overhead_s)
     breakdown = _breakdown(passes, lay, pipe.makespan, outside, hardware)
@@ -277,9 +221,9 @@ def _stage_passes(model: ModelConfig, parallel: ParallelConfig, lay: Layout, har
                   grid: comm.GridStrides) -> _Passes:
     """Each pipeline stage's passes for one micro-batch: compute, host overhead and communication."""
     sp = parallel.sequence_parallel
-    layer = with_host_overhead(layer_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp,
-                                           sequence_parallel=sp, recompute=model.recompute_granularity,
-                                           linear_dtype=lay.linear_dtype),
+    layer = with_host_overhead(mixed_layer_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp,
+                                                 ep=lay.ep, sequence_parallel=sp,
+                                                 recompute=model.recompute_granularity, linear_dtype=lay.linear_dtype),
                                hardware.layer_overhead_s)
     logits = with_host_overhead(logits_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp),
                                 hardware.micro_batch_overhead_s)
@@ -298,10 +242,11 @@ def _with_zero3_gathers(model: ModelConfig, parallel: ParallelConfig, lay: Layou
     """Each stage's passes plus ZeRO-3's per-micro-batch traffic over DP x CP (communication.zero3_times),
     what of it the pass's compute does not hide (prefetched a layer ahead on a GPU)."""
     memories = memory_per_stage(model, parallel, None, lay, hardware=hardware)
-    link, e, overlapped = grid.dp_link(hardware), element_size(lay.dtype), hardware.overlaps_communication
+    e, overlapped = element_size(lay.dtype), hardware.overlaps_communication
     out = []
     for stage, memory in zip(stages, memories):
-        gather_f, gather_b = comm.zero3_times(memory.parameters, e, lay.dp * lay.cp, link)
+        times = [comm.zero3_times(n, e, size, link) for n, size, link in _state_groups(memory, lay, hardware, grid)]
+        gather_f, gather_b = sum(t[0] for t in times), sum(t[1] for t in times)
         share = hardware.overlap_sm_fraction
         out.append(stage + PassTimes(behind(gather_f, stage.forward, overlapped, share),
                                      behind(gather_b, stage.backward_input + stage.backward_weight, overlapped, share),
@@ -309,15 +254,22 @@ def _with_zero3_gathers(model: ModelConfig, parallel: ParallelConfig, lay: Layou
     return out
 
 
+def _state_groups(memory: StageMemory, lay: Layout, hardware: Hardware, grid: comm.GridStrides) -> list:
+    """(elements, group size, link) of a rank's gradient reductions: dense over DP x CP, experts over expert-DP."""
+    return experts.state_groups(memory.parameters, memory.expert_parameters, lay.dp * lay.cp, grid.dp_link(hardware),
+                                lay.edp, grid.edp_link(hardware))
+
+
 def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout, hardware: Hardware,
-                    grid: comm.GridStrides, slowest: PassTimes, params_on_rank: float) -> _OutsidePasses:
+                    grid: comm.GridStrides, slowest: PassTimes, heaviest: StageMemory) -> _OutsidePasses:
     """The step's costs after the pipeline: data-parallel gradient reduction (hidden behind the last
-    micro-batch's backward when overlapped), tied-embedding sync, optimizer step, ZeRO-1's gather."""
-    dp, cp, tp, e = lay.dp, lay.cp, lay.tp, element_size(lay.dtype)
-    dp_link = grid.dp_link(hardware)
+    micro-batch's backward when overlapped), tied-embedding sync, optimizer step, ZeRO-1's gather; the
+    experts' part over the expert-data-parallel group."""
+    tp, e = lay.tp, element_size(lay.dtype)
+    groups = _state_groups(heaviest, lay, hardware, grid)
     zero1 = lay.sharding != "no_shard"
     window = slowest.backward_input + slowest.backward_weight
-    dp_grad = comm.dp_gradient_time(params_on_rank, dp * cp, dp_link, zero1, gap_s=window)
+    dp_grad = sum(comm.dp_gradient_time(n, size, link, zero1, gap_s=window) for n, size, link in groups)
     if lay.sharding == "optim_grads_params":   # reduced and gathered with each micro-batch's passes instead
         dp_grad = 0.0
     overlapped = optimizer.overlap_grad_reduce and hardware.overlaps_communication
@@ -326,11 +278,11 @@ def _outside_passes(model: ModelConfig, optimizer: OptimizerConfig, lay: Layout,
     if lay.pp > 1 and not model.untie_embeddings_and_output_weights:
         embedding_bytes = 4.0 * model.padded_vocab_size(tp) * model.hidden_size / tp
         embedding_sync = comm.all_reduce_time(embedding_bytes, 2, grid.pp_link(hardware))
-    state_elements = params_on_rank / (dp * cp if zero1 else 1)
+    state_elements = sum(n / (size if zero1 else 1) for n, size, _link in groups)
     optimizer_bytes = state_elements * (32 + e)   # grad read + norm, master, m, v read and written, half copy
     rate = hardware.optimizer_bytes_per_s or hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     optimizer_time = optimizer_bytes / rate
-    zero_gather = comm.zero1_gather_time(params_on_rank, e, dp * cp, dp_link, optimizer_time) if zero1 else 0.0
+    zero_gather = sum(comm.zero1_gather_time(n, e, size, link, optimizer_time) for n, size, link in groups) * zero1
     if lay.sharding == "optim_grads_params":
         zero_gather = 0.0
     gather_overlapped = lay.options.overlap_param_gather and hardware.overlaps_communication
@@ -382,5 +334,5 @@ def _prediction(model: ModelConfig, parallel: ParallelConfig, optimizer: Optimiz
         layout=dict(tp=lay.tp, pp=lay.pp, cp=lay.cp, dp=lay.dp, vpp=lay.v, micro_batch_size=b,
                     num_microbatches=lay.num_microbatches, schedule=lay.schedule, recompute=recompute,
                     sequence_parallel=sp, dtype=dtype, world_size=world, zero1=optimizer.use_distributed_optimizer,
-                    sharding=lay.sharding),
+                    sharding=lay.sharding, ep=lay.ep),
         memory_gb_per_stage=[s.total / GIB for s in memories], hardware=hardware.name)

@@ -193,8 +193,32 @@ _OPT_175B = ("--num-layers", "96", "--hidden-size", "12288", "--num-attention-he
              "--overlap-grad-reduce")
 
 
+MEGATRON_MOE = ("NVIDIA/Megatron-LM, megatron/core/transformer/moe/README.md: '468 TFLOPS for Mixtral 8X7B bf16 "
+                "training' (MCore v0.9, the opening paragraph); the layout from its 'Reference Best Parallel Mapping' "
+                "table (MCore v0.8, 8 x H100 80GB per node, 8 x 400 Gbit/s InfiniBand)")
+
+# Mixtral 8x7B, dropless, as the MoE README's table and its example script run it: 32 layers, h 4,096, 32 heads,
+# 8 query groups, SwiGLU experts of width 14,336 (8 of them, top-2, aux loss 1e-2), RMSNorm, RoPE, untied,
+# no biases, no dropout, vocabulary 32K, sequence 4,096, bf16, 64 GPUs: TP 1, EP 8, PP 4, virtual size 8,
+# micro-batch 1, batch 256, the alltoall dispatcher, grouped GEMM, the distributed optimizer with overlapped
+# gradient reduction and parameter gather.  Not published beside the figure: that the 468 TFLOP/s run used
+# exactly this v0.8 mapping, and which FLOP count it used (Megatron's count later halved the causal attention
+# term; megalite's count keeps the full s^2, flops.py); --moe-permute-fusion has no megalite counterpart
+# (the permutation is priced at the memory bandwidth, experts.py).
+_MIXTRAL_8X7B = ("--num-layers", "32", "--hidden-size", "4096", "--ffn-hidden-size", "14336",
+                 "--num-attention-heads", "32", "--group-query-attention", "--num-query-groups", "8",
+                 "--seq-length", "4096", "--max-position-embeddings", "32768", "--vocab-size", "32000",
+                 "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+                 "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--hidden-dropout", "0",
+                 "--attention-dropout", "0", "--bf16", "--num-experts", "8", "--expert-model-parallel-size", "8",
+                 "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2", "--moe-grouped-gemm",
+                 "--moe-token-dispatcher-type", "alltoall", "--pipeline-model-parallel-size", "4",
+                 "--virtual-pipeline-model-parallel-size", "8", "--micro-batch-size", "1", "--global-batch-size",
+                 "256", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather")
+
+
 def later_runs() -> List[PublishedRun]:
-    """The H100-era runs (and OPT-175B), each with its source and exact configuration."""
+    """The H100-era runs (OPT-175B and Mixtral 8x7B among them), each with its source and exact configuration."""
     runs = [PublishedRun(f"Megatron H100 {p:g}B", MEGATRON_README, "h100-sxm", gpus,
                          _megatron_h100_flags(a, h, layers, tp, pp, batch), tflops, "megatron")
             for p, a, h, layers, tp, pp, gpus, batch, tflops in MEGATRON_H100_WEAK]
@@ -210,4 +234,6 @@ def later_runs() -> List[PublishedRun]:
              PublishedRun("Llama 3 405B 128K, CP 16", LLAMA3, "h100-sxm", 16384, _llama3(131072, 16, 128), 380,
                           "megatron", "DP 8")]
     runs.append(PublishedRun("OPT-175B FSDP", OPT, "a100-80gb", 992, _OPT_175B, 147, "megatron"))
+    runs.append(PublishedRun("Mixtral 8x7B, 64 GPUs", MEGATRON_MOE, "h100-sxm", 64, _MIXTRAL_8X7B, 468, "megatron",
+                             "DP 16, EP 8"))
     return runs

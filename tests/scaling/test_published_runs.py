@@ -1,5 +1,5 @@
 """The later published runs (published.later_runs: Megatron-LM's H100 table and strong scaling, Llama 3
-405B, OPT-175B), each planned as published from its preset alone -- no per-row constant.
+405B, OPT-175B, Megatron-LM's Mixtral 8x7B), each planned as published from its preset alone -- no per-row constant.
 
 Targets: every run fits its GPU as published (no false refusal), the model's parameter count is the
 source's, and the predicted TFLOP/s per GPU (in the source's FLOP convention) is within 15%.  The runs
@@ -16,7 +16,7 @@ KNOWN_OUTSIDE = {
     "Megatron H100 1.7B", "Megatron H100 7.1B", "Megatron H100 16B", "Megatron H100 32B", "Megatron H100 70B",
     "Megatron H100 177B", "Megatron H100 314B", "Megatron H100 462B", "Megatron H100 177B strong, 96 GPUs",
     "Megatron H100 177B strong, 4608 GPUs", "Llama 3 405B 8K, 8192 GPUs", "Llama 3 405B 8K, 16384 GPUs",
-    "Llama 3 405B 128K, CP 16",
+    "Llama 3 405B 128K, CP 16", "Mixtral 8x7B, 64 GPUs",
 }
 
 
@@ -26,7 +26,7 @@ def predictions():
 
 
 def test_every_run_is_listed_once(predictions):
-    assert len(predictions) == len(later_runs()) == 15
+    assert len(predictions) == len(later_runs()) == 16
     assert KNOWN_OUTSIDE <= set(predictions)
 
 
@@ -41,6 +41,7 @@ def test_parameter_counts_are_the_sources(predictions):
         assert p.params / 1e9 == pytest.approx(params, rel=0.04)
     assert predictions["Llama 3 405B 8K, 8192 GPUs"][1].prediction.params / 1e9 == pytest.approx(405, rel=0.01)
     assert predictions["OPT-175B FSDP"][1].prediction.params / 1e9 == pytest.approx(175, rel=0.01)
+    assert predictions["Mixtral 8x7B, 64 GPUs"][1].prediction.params / 1e9 == pytest.approx(46.7, rel=0.01)
 
 
 def _ratio(predictions, name):

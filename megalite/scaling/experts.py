@@ -1,0 +1,217 @@
+"""Mixture of experts in the performance model: an MoE layer's compute, activations, expert state and token
+dispatch (docs/scaling.md, Mixture of experts).
+
+For a rank's ``T = s b / CP`` tokens of a micro-batch, ``E`` experts of width ``f_e``
+(``--moe-ffn-hidden-size``), top-``k`` routing, a shared expert of width ``f_s`` (0 without one),
+``G = 2`` with SwiGLU (else 1), hidden ``h``, element size ``e`` and ``EP`` expert-parallel ranks:
+
+    router          [T, h] x [h, E]                                  (all tokens, every rank)
+    experts         E/EP local experts, each [T k EP / E, h] x [h, G f_e] and [T k EP / E, f_e] x [f_e, h]
+    shared expert   [T, h] x [h, G f_s] and [T, f_s] x [f_s, h]
+
+Routing is taken as balanced: each expert receives ``T k EP / E`` rows from its EP group, so every rank
+runs ``T k`` rows through its experts whatever EP is (what EP changes is whose tokens they are).  The
+rows are gathered into expert order before the experts and scattered back after (the permuted copies:
+``e T k h`` bytes read and written each way, at the memory bandwidth like every elementwise op), and
+the experts' activation function moves ``2 e T k f_e`` bytes.  Model FLOPs stay Megatron-LM's count
+(model/flops.py: the ``k`` routed experts and the shared expert, not the router); the router's
+``2 T h E`` per pass is executed, so it is in the pass times and the hardware FLOPs.
+
+Activations one MoE layer keeps for backward (beyond the attention part and the norms, which are the
+dense inventory's, activations.py): the permuted expert input ``e T k h``, the activation's input and
+fc2's input ``2 e T k f_e``, the expert outputs kept for the probability-weighted combine ``e T k h``, the
+router's fp32 probabilities ``4 T E``, and the shared expert's as a dense MLP of width ``f_s``.
+
+Expert state: a layer's ``E G' h f_e`` expert weights (``G' = 3`` with SwiGLU, else 2) are split over EP
+(each rank holds ``E/EP`` experts) and their gradients and optimizer state sharded, under ZeRO, over the
+expert-data-parallel group (``TP x CP x DP / EP`` ranks, ``EP`` apart; layout.py) -- the group their
+gradients are reduced over.  The dense parts (attention, norms, router, shared expert) stay as they were.
+
+Token dispatch, per MoE layer and micro-batch (``parallel/expert_parallel.py``):
+
+    alltoall    forward an all-to-all of the ``T k`` rows to the ranks of their experts (dispatch) and
+                one back (combine), each ``e T k h`` bytes a rank; backward the two again, reversed
+    allgather   forward the EP group's tokens all-gathered (``e T h EP`` gathered) and the partial outputs
+                reduce-scattered (``e T h EP`` before the scatter); backward the mirror (a reduce-scatter
+                of the input gradient, an all-gather of the output gradient)
+
+on the EP group's link (``EP`` consecutive ranks: inside a node when ``EP`` fits one), on the critical
+path (no overlap is modelled); full recompute repeats the forward's.  With one EP rank nothing moves.
+Layers are averaged: with ``--moe-layer-freq`` > 1 a layer's times and bytes are the MoE share of the
+layers times the MoE layer's plus the rest times the dense layer's.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from megalite.config.settings import ModelConfig
+from megalite.scaling import communication as comm
+from megalite.scaling.activations import activation_bytes_per_layer
+from megalite.scaling.compute import (
+    Gemm,
+    PassTimes,
+    backward_gemms,
+    elementwise_seconds,
+    gemm_seconds,
+    layer_gemms,
+    layer_times,
+)
+from megalite.scaling.hardware import Hardware, Link
+
+__all__ = ["moe_share", "expert_parameters_per_layer", "expert_gemms", "mixed_layer_times", "dispatch_bytes",
+           "dispatch_times", "moe_extra_activation_bytes", "moe_layer_activation_bytes", "state_groups"]
+
+
+def moe_share(model: ModelConfig) -> float:
+    """The fraction of the layers that hold experts (0 for a dense model)."""
+    if model.num_experts is None:
+        return 0.0
+    return sum(model.is_moe_layer(i) for i in range(model.num_layers)) / model.num_layers
+
+
+def _gated(model: ModelConfig) -> int:
+    return 2 if model.swiglu else 1
+
+
+def expert_parameters_per_layer(model: ModelConfig) -> float:
+    """The routed experts' weights of an average layer (whole model, before the EP split):
+    ``share x E (G + 1) h f_e``."""
+    if model.num_experts is None:
+        return 0.0
+    return moe_share(model) * model.num_experts * (_gated(model) + 1) * model.hidden_size * model.moe_ffn_hidden_size
+
+
+def _tokens(model: ModelConfig, micro_batch: int, cp: int) -> int:
+    return micro_batch * model.seq_length // cp
+
+
+def expert_gemms(model: ModelConfig, micro_batch: int, cp: int = 1, ep: int = 1) -> List[Gemm]:
+    """The forward GEMMs of one MoE layer's MLP on one rank: router, local experts (balanced), shared expert."""
+    tokens, h, gated = _tokens(model, micro_batch, cp), model.hidden_size, _gated(model)
+    experts, k, width = model.num_experts, model.moe_router_topk, model.moe_ffn_hidden_size
+    local = experts // ep
+    rows = max(1, round(tokens * k * ep / experts))     # rows per local expert
+    gemms = [Gemm("router", tokens, experts, h, layout="nt"),
+             Gemm("expert_fc1", rows, width * gated, h, local, layout="nt"),
+             Gemm("expert_fc2", rows, h, width, local, layout="nt")]
+    shared = model.moe_shared_expert_intermediate_size
+    if shared:
+        gemms += [Gemm("shared_fc1", tokens, shared * gated, h, layout="nt"),
+                  Gemm("shared_fc2", tokens, h, shared, layout="nt")]
+    return gemms
+
+
+def _linear_passes(gemms: List[Gemm], hardware: Hardware, dtype: str) -> PassTimes:
+    times = PassTimes(0.0, 0.0, 0.0)
+    for gemm in gemms:
+        grad_input, grad_weight = backward_gemms(gemm)
+        times = times + PassTimes(gemm_seconds(gemm, hardware, dtype), gemm_seconds(grad_input, hardware, dtype),
+                                  gemm_seconds(grad_weight, hardware, dtype))
+    return times
+
+
+def _elementwise(op: str, nbytes: float, hardware: Hardware, dtype: str) -> PassTimes:
+    forward, backward = elementwise_seconds(op, nbytes, hardware, dtype)
+    return PassTimes(forward, backward, 0.0)
+
+
+def _mlp_times(gemms: List[Gemm], activation_elements: float, permuted_bytes: float, hardware: Hardware,
+               dtype: str, linear_dtype: str, e: int, swiglu: bool) -> PassTimes:
+    times = _linear_passes(gemms, hardware, linear_dtype)
+    times = times + _elementwise("swiglu" if swiglu else "activation", 2 * e * activation_elements, hardware, dtype)
+    if permuted_bytes:
+        times = times + _elementwise("permute", permuted_bytes, hardware, dtype)
+    return times
+
+
+def _moe_layer(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, cp: int, ep: int,
+               sequence_parallel: bool, linear_dtype: str) -> PassTimes:
+    """One MoE layer without recompute: the dense layer less its MLP, plus the MoE MLP (module docstring)."""
+    e = 4 if dtype == "float32" else 2
+    tokens = _tokens(model, micro_batch, cp)
+    dense = layer_times(model, micro_batch, hardware, dtype, tp=1, cp=cp, sequence_parallel=sequence_parallel,
+                        linear_dtype=linear_dtype)
+    dense_mlp = [g for g in layer_gemms(model, micro_batch, 1, cp) if g.name in ("fc1", "fc2")]
+    mlp = _mlp_times(dense_mlp, tokens * model.ffn_hidden_size, 0.0, hardware, dtype, linear_dtype, e, model.swiglu)
+    rows = tokens * model.moe_router_topk
+    activated = rows * model.moe_ffn_hidden_size + tokens * (model.moe_shared_expert_intermediate_size or 0)
+    permuted = 2 * 2 * e * rows * model.hidden_size     # gathered into expert order, scattered back
+    moe = _mlp_times(expert_gemms(model, micro_batch, cp, ep), activated, permuted, hardware, dtype, linear_dtype, e,
+                     model.swiglu)
+    return dense + mlp.scaled(-1.0) + moe
+
+
+def mixed_layer_times(model: ModelConfig, micro_batch: int, hardware: Hardware, dtype: str, *, tp: int = 1,
+                      cp: int = 1, ep: int = 1, sequence_parallel: bool = False, recompute: Optional[str] = None,
+                      linear_dtype: Optional[str] = None) -> PassTimes:
+    """Compute seconds of an average layer (compute.layer_times for a dense model): the MoE share of the
+    layers at the MoE layer's time, the rest at the dense layer's; recompute as compute.py adds it."""
+    dense = layer_times(model, micro_batch, hardware, dtype, tp=tp, cp=cp, sequence_parallel=sequence_parallel,
+                        recompute=recompute, linear_dtype=linear_dtype)
+    share = moe_share(model)
+    if share == 0:
+        return dense
+    moe = _moe_layer(model, micro_batch, hardware, dtype, cp, ep, sequence_parallel, linear_dtype or dtype)
+    if recompute == "full":
+        moe = moe + PassTimes(0.0, moe.forward, 0.0)
+    elif recompute == "selective":   # the attention core again: what selective adds to the dense layer
+        plain = layer_times(model, micro_batch, hardware, dtype, tp=tp, cp=cp, sequence_parallel=sequence_parallel,
+                            linear_dtype=linear_dtype)
+        moe = moe + PassTimes(0.0, dense.backward_input - plain.backward_input, 0.0)
+    return dense.scaled(1 - share) + moe.scaled(share)
+
+
+def dispatch_bytes(model: ModelConfig, micro_batch: int, cp: int, element_size: int) -> float:
+    """Bytes of one all-to-all of the alltoall dispatcher on one rank: its ``T k`` rows of ``h``."""
+    return element_size * _tokens(model, micro_batch, cp) * model.moe_router_topk * model.hidden_size
+
+
+def dispatch_times(model: ModelConfig, micro_batch: int, cp: int, ep: int, element_size: int, link: Link,
+                   gap_forward_s: float = 0.0, gap_backward_s: float = 0.0) -> Tuple[float, float]:
+    """(forward, backward) seconds of an average layer's token dispatch and combine over the EP group."""
+    share = moe_share(model)
+    if share == 0 or ep <= 1:
+        return 0.0, 0.0
+    if model.moe_token_dispatcher_type == "alltoall":
+        rows = dispatch_bytes(model, micro_batch, cp, element_size)
+        return (share * 2 * comm.all_to_all_time(rows, ep, link, gap_forward_s),
+                share * 2 * comm.all_to_all_time(rows, ep, link, gap_backward_s))
+    gathered = element_size * _tokens(model, micro_batch, cp) * model.hidden_size * ep
+    forward = comm.all_gather_time(gathered, ep, link, gap_forward_s) + comm.reduce_scatter_time(gathered, ep, link,
+                                                                                                   gap_forward_s)
+    backward = (comm.all_gather_time(gathered, ep, link, gap_backward_s)
+                + comm.reduce_scatter_time(gathered, ep, link, gap_backward_s))
+    return share * forward, share * backward
+
+
+def moe_extra_activation_bytes(model: ModelConfig, micro_batch: int, *, cp: int = 1, element_size: int = 2,
+                               recompute: Optional[str] = None) -> float:
+    """What an MoE layer keeps for backward beyond a dense layer whose MLP has the shared expert's width
+    (module docstring), one micro-batch, one rank; nothing with full recompute."""
+    if model.num_experts is None or recompute == "full":
+        return 0.0
+    tokens, e = _tokens(model, micro_batch, cp), element_size
+    rows = tokens * model.moe_router_topk
+    return e * rows * (2 * model.hidden_size + 2 * model.moe_ffn_hidden_size) + 4.0 * tokens * model.num_experts
+
+
+def moe_layer_activation_bytes(model: ModelConfig, micro_batch: int, *, cp: int, element_size: int,
+                               recompute: Optional[str], dropout: bool, fused: bool, sequence_parallel: bool) -> float:
+    """One MoE layer's activation bytes on one rank: the dense inventory with the shared expert as its MLP,
+    plus the experts' (TP 1: MoE runs without tensor parallelism)."""
+    base = activation_bytes_per_layer(model.seq_length // cp, micro_batch, model.hidden_size,
+                                      model.num_attention_heads, tp=1, sequence_parallel=sequence_parallel,
+                                      recompute=recompute, element_size=element_size,
+                                      ffn=model.moe_shared_expert_intermediate_size or 0, dropout=dropout,
+                                      kv_length=model.seq_length, fused=fused)
+    return base + moe_extra_activation_bytes(model, micro_batch, cp=cp, element_size=element_size, recompute=recompute)
+
+
+def state_groups(elements: float, expert_elements: float, shards: int, link: Link, expert_shards: int,
+                 expert_link: Link) -> List[Tuple[float, int, Link]]:
+    """(parameter elements, group size, link) of each gradient-reduction group of a rank: the dense
+    parameters over DP x CP, the experts' over the expert-data-parallel group."""
+    groups = [(elements - expert_elements, shards, link)]
+    if expert_elements:
+        groups.append((expert_elements, expert_shards, expert_link))
+    return groups
