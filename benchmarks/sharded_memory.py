@@ -61,6 +61,14 @@ def _libc():
     return libc
 
 
+def measurable() -> bool:
+    """Whether this machine has what the benchmark reads: glibc >= 2.33 (mallinfo2) and Linux's peak-RSS reset."""
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2") and os.path.exists("/proc/self/clear_refs")
+    except OSError:
+        return False
+
+
 def allocated_bytes() -> int:
     """glibc's bytes in use: allocated heap chunks of every arena plus mmapped chunks."""
     info = _libc().mallinfo2()

@@ -1,13 +1,11 @@
 """benchmarks/sharded_memory.py --quick at DP=2: one row per configuration, and ZeRO-3 keeps only shards of
 the parameters between steps, as the allocator measures it."""
-import os
-
 import pytest
 
 from benchmarks import sharded_memory
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+@pytest.mark.skipif(not sharded_memory.measurable(), reason="needs glibc's mallinfo2 and Linux's peak-RSS reset")
 def test_quick_run_reports_each_configuration_and_zero3_shards_parameters(capsys):
     result = sharded_memory.main(["--quick", "--dp", "2", "--strategies", "no_shard", "optim_grads",
                                   "optim_grads_params", "--no-overlap", "--warmup", "1", "--steps", "1"])
