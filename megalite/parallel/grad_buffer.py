@@ -63,6 +63,7 @@ class Bucket:
         self.grad_data: Optional[torch.Tensor] = None    # fp32 [numel]; None at rest under ZeRO-2/3
         self.grad_shard: Optional[torch.Tensor] = None   # fp32 [numel / N] (sharded strategies)
         self.param_data: Optional[torch.Tensor] = None   # param dtype [numel]; None at rest under ZeRO-3
+        self.gathered: Optional[torch.Tensor] = None     # ZeRO-3: the one tensor every gather fills (below)
         self.param_shard: Optional[torch.Tensor] = None  # param dtype [numel / N] (sharded strategies)
         self.pending = set()            # ids of params whose grad has not arrived this step (or backward)
         self.work = None                # the in-flight reduction
@@ -107,6 +108,19 @@ class Bucket:
             param.main_grad = self.grad_data[start:end].view(self.shapes[id(param)])
 
     # -- whole parameters that come and go (ZeRO-3) ------------------------------------------------
+    # Every gather of a bucket fills the same tensor, ``gathered``, and a drop frees its memory by resizing
+    # its storage to nothing.  Autograd saves views of a unit's parameters in its forward (``F.linear``
+    # saves ``weight.t()``): they share that storage, so between the unit's forward and its backward they
+    # hold no memory, and the backward's gather refills what they see.  (A fresh tensor per gather would
+    # leave each forward's copy alive in the graph until backward: the whole model at the end of forward.)
+    def gather_target(self) -> torch.Tensor:
+        """``gathered``, its memory (re)allocated, for an all-gather to fill."""
+        if self.gathered is None:
+            self.gathered = torch.empty(self.numel, dtype=self.param_shard.dtype, device=self.param_shard.device)
+        else:
+            self.gathered.untyped_storage().resize_(self.numel * self.gathered.element_size())
+        return self.gathered
+
     def point_params(self) -> None:
         """Make each parameter a view of the whole bucket (``param_data`` holds it)."""
         for param in self.params:
@@ -115,6 +129,8 @@ class Bucket:
 
     def release_params(self) -> None:
         """Drop the whole parameters: each becomes an empty tensor until the next gather."""
+        if self.param_data is not None and self.param_data is self.gathered:
+            self.gathered.untyped_storage().resize_(0)
         self.param_data = None
         for param in self.params:
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)

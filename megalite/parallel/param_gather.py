@@ -74,7 +74,7 @@ def start_gather(bucket: Bucket) -> None:
         bucket.param_data = bucket.param_shard
         bucket.point_params()
         return
-    bucket.param_data = torch.empty(bucket.numel, dtype=bucket.param_shard.dtype, device=bucket.param_shard.device)
+    bucket.param_data = bucket.gather_target()
     bucket.gather_work = all_gather_into(bucket.param_data, bucket.param_shard, group=bucket.group, async_op=True)
 
 
