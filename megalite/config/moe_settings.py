@@ -109,13 +109,10 @@ def check_expert_layout(model: MoEFields, parallel, training) -> None:
     if model.num_experts % ep:
         raise ValueError(f"--num-experts {model.num_experts} is not divisible by --expert-model-parallel-size "
                          f"{ep}; each expert-parallel rank holds an equal share of the experts")
-    tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
+    tp = parallel.tensor_model_parallel_size
     if tp > 1:
         raise ValueError(f"--tensor-model-parallel-size {tp} with --num-experts: MoE runs with data, expert, "
                          f"pipeline and context parallelism only so far; use --tensor-model-parallel-size 1")
-    if cp > 1 and model.moe_router_load_balancing_type == "seq_aux_loss" and model.moe_aux_loss_coeff > 0:
-        raise ValueError(f"--moe-router-load-balancing-type seq_aux_loss with --context-parallel-size {cp} is not "
-                         f"built yet; use aux_loss or --context-parallel-size 1")
     if ep > 1 and parallel.data_parallel_size % ep:
         raise ValueError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size "
                          f"{parallel.data_parallel_size} (x CP x TP); experts fold into those ranks")

@@ -44,8 +44,6 @@ def test_moe_flags_have_megatron_names_and_reach_fields():
     (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 needs experts"),
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], "--num-experts 3 is not divisible by"),
     (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 with --num-experts"),
-    (["--num-experts", "4", "--context-parallel-size", "2", "--moe-router-load-balancing-type", "seq_aux_loss",
-      "--moe-aux-loss-coeff", "0.01"], "seq_aux_loss with --context-parallel-size 2 is not built yet"),
     (["--num-experts", "8", "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide"),
     (["--num-experts", "4", "--calculate-per-token-loss", "--moe-aux-loss-coeff", "0.01"],
      "--calculate-per-token-loss with MoE auxiliary losses"),
