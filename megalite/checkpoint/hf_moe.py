@@ -81,7 +81,8 @@ def moe_export_family(config: ModelConfig) -> str:
     """``mixtral``, ``qwen2_moe`` or ``qwen3_moe``: the family that holds an MoE ``config`` (already of the
     LLaMA kind), or ValueError naming what none holds."""
     shared = config.moe_shared_expert_intermediate_size is not None
-    needs = {"--moe-layer-freq 1 (experts in every layer)": config.moe_layer_freq == 1,
+    needs = {"--moe-layer-freq 1 (experts in every layer)":
+                 all(config.is_moe_layer(i) for i in range(config.num_layers)),
              "--moe-shared-expert-gate with a shared expert (Qwen2-MoE gates it)":
                  not shared or config.moe_shared_expert_gate,
              "no --qk-layernorm with a shared expert (Qwen2-MoE has no q/k norms)":

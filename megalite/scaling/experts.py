@@ -37,8 +37,9 @@ Token dispatch, per MoE layer and micro-batch (``parallel/expert_parallel.py``):
 
 on the EP group's link (``EP`` consecutive ranks: inside a node when ``EP`` fits one), on the critical
 path (no overlap is modelled); full recompute repeats the forward's.  With one EP rank nothing moves.
-Layers are averaged: with ``--moe-layer-freq`` > 1 a layer's times and bytes are the MoE share of the
-layers times the MoE layer's plus the rest times the dense layer's.
+Layers are averaged: with dense layers among them (``--moe-layer-freq`` > 1, or a list with 0s) a layer's
+times and bytes are the MoE share of the layers times the MoE layer's plus the rest times the dense layer's
+(every pipeline stage is given the average, wherever the list puts its dense layers).
 """
 from __future__ import annotations
 

@@ -149,7 +149,8 @@ REFUSED_EXPORTS = {
     "qk-norm-with-qkv-bias": (dict(LLAMA, qk_layernorm=True, add_qkv_bias=True), "no --add-qkv-bias"),
     "no-positions": (dict(position_embedding_type="none"), "--position-embedding-type none"),
     "moe-learned-positions": (dict(add_bias_linear=False, num_experts=4), "Mixtral and Qwen3-MoE have RoPE"),
-    "moe-every-other-layer": (dict(MOE, moe_layer_freq=2), "--moe-layer-freq 1"),
+    "moe-every-other-layer": (dict(MOE, num_layers=2, moe_layer_freq=2), "--moe-layer-freq 1"),
+    "moe-layer-list": (dict(MOE, num_layers=3, moe_layer_freq="[1,1,0]"), "--moe-layer-freq 1"),
     "moe-ungated-shared-expert": (dict(MOE, moe_shared_expert_intermediate_size=16),
                                   "--moe-shared-expert-gate with a shared expert"),
     "moe-shared-expert-and-qk-norm": (dict(MOE, moe_shared_expert_intermediate_size=16, moe_shared_expert_gate=True,
@@ -188,3 +189,7 @@ def test_transformers_older_than_5_is_refused_in_one_line():
         hf_config.check_transformers_version("4.57.1")
     hf_config.check_transformers_version("5.0.0")
     hf_config.check_transformers_version(transformers.__version__)    # the one installed here
+
+
+def test_a_layer_list_of_experts_everywhere_exports_as_every_layer():
+    assert export_family(_model(**MOE, num_layers=2, moe_layer_freq="[1]*2")) == export_family(_model(**MOE))
