@@ -87,6 +87,7 @@ def moe_export_family(config: ModelConfig) -> str:
                  not shared or config.moe_shared_expert_gate,
              "no --qk-layernorm with a shared expert (Qwen2-MoE has no q/k norms)":
                  not (shared and config.qk_layernorm),
+             "--disable-bias-linear (their experts have no biases)": not config.add_bias_linear,
              "--moe-router-score-function softmax": config.moe_router_score_function == "softmax",
              "no --moe-router-topk-scaling-factor": config.moe_router_topk_scaling_factor is None,
              "no --moe-router-enable-expert-bias": not config.moe_router_enable_expert_bias,

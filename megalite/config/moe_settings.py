@@ -80,9 +80,6 @@ class MoEFields:
             if given:
                 raise ValueError(f"{given[0]} describes experts but --num-experts is not given; add --num-experts")
             return
-        if self.add_bias_linear:
-            raise ValueError(f"--num-experts {self.num_experts}: experts without biases only so far (as Megatron-LM's "
-                             f"MoE models run); add --disable-bias-linear")
         if self.moe_ffn_hidden_size is None:
             self.moe_ffn_hidden_size = self.ffn_hidden_size
         if self.moe_router_topk > self.num_experts:

@@ -161,6 +161,7 @@ REFUSED_EXPORTS = {
                         "no --moe-router-enable-expert-bias"),
     "moe-token-dropping": (dict(MOE, moe_expert_capacity_factor=1.0), "no --moe-expert-capacity-factor"),
     "moe-qkv-bias": (dict(MOE, add_qkv_bias=True), "no --add-qkv-bias without a shared expert"),
+    "moe-expert-biases": (dict(MOE, add_bias_linear=True), "it needs --disable-bias-linear"),
     "moe-pre-softmax-without-qk-norm": (dict(MOE, moe_router_pre_softmax=True),
                                         "--moe-router-pre-softmax without --qk-layernorm"),
 }

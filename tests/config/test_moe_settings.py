@@ -63,9 +63,9 @@ def test_checkpoints_under_expert_parallelism_are_accepted():
     assert (parallel.expert_model_parallel_size, training.save, training.load) == (2, "ckpt", "ckpt")
 
 
-def test_experts_need_bias_free_linears():
-    with pytest.raises(ValueError, match="add --disable-bias-linear"):
-        parse_args(["--mock-data", "--num-experts", "4"])
+def test_experts_take_linear_biases():
+    """Without --disable-bias-linear each expert has its own biases (megalite/model/moe/experts.py)."""
+    assert parse_args(["--mock-data", "--num-experts", "4"])[0].add_bias_linear
 
 
 @pytest.mark.parametrize("text, layers, pattern", [

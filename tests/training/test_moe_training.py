@@ -143,3 +143,16 @@ def test_moe_training_curve_is_the_same_at_dp2_ep2_and_ep2_zero1():
     for world_size, layout in ((2, []), (2, ep2), (4, ep2 + ["--use-distributed-optimizer"])):
         for curve in run_on_ranks(_curve, world_size, argv + layout, timeout=180):
             torch.testing.assert_close(torch.tensor(curve), torch.tensor(reference), rtol=1e-4, atol=0)
+
+
+def test_expert_biases_train_the_same_at_ep2_with_either_dispatcher():
+    """Each expert's fc1 / fc2 biases (--disable-bias-linear dropped): zero at first, they move after the
+    first step, so the later steps check their forward at EP=2 too (alltoall; allgather with ZeRO-1)."""
+    argv = [flag for flag in ARGV if flag != "--disable-bias-linear"] + ["--lr", "1e-2", "--train-iters", "3"]
+    reference = run_on_ranks(_curve, 1, argv)[0]
+    without = run_on_ranks(_curve, 1, ARGV + ["--lr", "1e-2", "--train-iters", "3"])[0]
+    assert reference[2][0] != without[2][0]                  # the biases change the model
+    ep2 = ["--expert-model-parallel-size", "2"]
+    for layout in (ep2 + ["--moe-token-dispatcher-type", "alltoall"], ep2 + ["--use-distributed-optimizer"]):
+        for curve in run_on_ranks(_curve, 2, argv + layout, timeout=180):
+            torch.testing.assert_close(torch.tensor(curve), torch.tensor(reference), rtol=1e-4, atol=0)
