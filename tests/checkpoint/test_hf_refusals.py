@@ -48,8 +48,6 @@ REFUSED_FIELDS = {
     "qwen3-attention-bias": ("Qwen3", dict(head_dim=16, attention_bias=True), "attention_bias=True"),
     "mixtral-router-jitter": ("Mixtral", dict(MIXTRAL, router_jitter_noise=0.1), "router_jitter_noise=0.1"),
     "mixtral-sliding-window": ("Mixtral", dict(MIXTRAL, sliding_window=64), "sliding_window=64"),
-    "qwen3-moe-sparse-step": ("Qwen3Moe", dict(QWEN3_MOE, decoder_sparse_step=2), "decoder_sparse_step=2"),
-    "qwen3-moe-mlp-only-layers": ("Qwen3Moe", dict(QWEN3_MOE, mlp_only_layers=[1]), "mlp_only_layers=[1]"),
     "qwen3-moe-sliding-window": ("Qwen3Moe", dict(QWEN3_MOE, use_sliding_window=True, sliding_window=64),
                                  "sliding_window=64"),
     "qwen2-moe-sliding-window": ("Qwen2Moe", dict(QWEN3_MOE, shared_expert_intermediate_size=16,
