@@ -14,6 +14,10 @@ scaled by ``sigmoid(x g)`` with ``g = mlp.shared_expert_gate.weight [1, h]``: me
 --moe-shared-expert-intermediate-size with --moe-shared-expert-gate (``mlp.shared_expert.*``,
 ``mlp.shared_expert_gate``).
 
+Which layers hold experts.  Mixtral: all.  The Qwen models: layer i unless i is in ``mlp_only_layers`` or
+i + 1 is no multiple of ``decoder_sparse_step``; the others are dense MLPs of ``intermediate_size``
+(megalite's --ffn-hidden-size) -- a --moe-layer-freq list, written back as ``mlp_only_layers``.
+
 Experts.  transformers 5 holds each layer's experts stacked, ``experts.gate_up_proj [E, 2f, h]`` (gate rows,
 then up rows) and ``experts.down_proj [E, h, f]``, and saves them (``save_pretrained``, the models on the Hub)
 one expert at a time: Mixtral's ``block_sparse_moe.experts.{e}.w1`` (gate), ``w3`` (up), ``w2`` (down),
@@ -64,12 +68,11 @@ def moe_fields_from_hf(hf, kind: str) -> Dict[str, Any]:
     if kind == "mixtral":
         fields.update(moe_ffn_hidden_size=hf.intermediate_size, moe_router_pre_softmax=False)
         return fields
-    if hf.decoder_sparse_step != 1:
-        raise _refuse("decoder_sparse_step", hf.decoder_sparse_step, "megalite's --moe-layer-freq puts experts in "
-                                                                      "layers 0, freq, 2 freq, ...; only a step of "
-                                                                      "1 (every layer) is the same")
-    if hf.mlp_only_layers:
-        raise _refuse("mlp_only_layers", list(hf.mlp_only_layers), "megalite puts experts in every layer here")
+    # Experts in layer i unless it is in mlp_only_layers or (i + 1) is no multiple of decoder_sparse_step: a
+    # --moe-layer-freq list where any layer is dense.
+    pattern = [int(i not in hf.mlp_only_layers and (i + 1) % hf.decoder_sparse_step == 0)
+               for i in range(hf.num_hidden_layers)]
+    fields["moe_layer_freq"] = 1 if all(pattern) else pattern
     fields.update(moe_ffn_hidden_size=hf.moe_intermediate_size, moe_router_pre_softmax=not hf.norm_topk_prob)
     if kind == "qwen2_moe":
         fields.update(moe_shared_expert_intermediate_size=hf.shared_expert_intermediate_size,
@@ -81,11 +84,13 @@ def moe_export_family(config: ModelConfig) -> str:
     """``mixtral``, ``qwen2_moe`` or ``qwen3_moe``: the family that holds an MoE ``config`` (already of the
     LLaMA kind), or ValueError naming what none holds."""
     shared = config.moe_shared_expert_intermediate_size is not None
-    needs = {"--moe-layer-freq 1 (experts in every layer)": config.moe_layer_freq == 1,
+    needs = {"--moe-layer-freq 1 (experts in every layer) without --qk-layernorm or a shared expert (Mixtral has "
+             "no dense layers)": moe_family(config) != "mixtral" or not _dense_layers(config),
              "--moe-shared-expert-gate with a shared expert (Qwen2-MoE gates it)":
                  not shared or config.moe_shared_expert_gate,
              "no --qk-layernorm with a shared expert (Qwen2-MoE has no q/k norms)":
                  not (shared and config.qk_layernorm),
+             "--disable-bias-linear (their experts have no biases)": not config.add_bias_linear,
              "--moe-router-score-function softmax": config.moe_router_score_function == "softmax",
              "no --moe-router-topk-scaling-factor": config.moe_router_topk_scaling_factor is None,
              "no --moe-router-enable-expert-bias": not config.moe_router_enable_expert_bias,
@@ -112,12 +117,17 @@ def moe_hf_config(config: ModelConfig, family: str) -> Dict[str, Any]:
         return {**common, "num_local_experts": config.num_experts, "intermediate_size": config.moe_ffn_hidden_size,
                 "router_jitter_noise": 0.0, "sliding_window": None}
     qwen = {**common, "num_experts": config.num_experts, "moe_intermediate_size": config.moe_ffn_hidden_size,
-            "norm_topk_prob": not config.moe_router_pre_softmax, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "norm_topk_prob": not config.moe_router_pre_softmax, "decoder_sparse_step": 1,
+            "mlp_only_layers": _dense_layers(config),
             "use_sliding_window": False, "sliding_window": None}
     if family == "qwen2_moe":
         return {**qwen, "shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size,
                 "qkv_bias": config.add_qkv_bias}
     return {**qwen, "attention_bias": False}
+
+
+def _dense_layers(config: ModelConfig) -> List[int]:
+    return [i for i in range(config.num_layers) if not config.is_moe_layer(i)]
 
 
 def moe_family(config: ModelConfig) -> str:

@@ -1,7 +1,8 @@
 """Mixture-of-experts settings: :class:`MoEFields`, the MoE flags (Megatron-LM's names and meanings), which
 :class:`~megalite.config.model_settings.ModelConfig` inherits, and the rules among them.
 
-The model they describe (megalite/model/moe/): in every ``--moe-layer-freq``-th layer the MLP becomes
+The model they describe (megalite/model/moe/): in every ``--moe-layer-freq``-th layer (or the layers its list
+marks 1, config/layer_pattern.py) the MLP becomes
 ``--num-experts`` expert MLPs of width ``--moe-ffn-hidden-size`` (default ``--ffn-hidden-size``); a linear router
 scores the experts for each token and sends it to its ``--moe-router-topk`` best, whose outputs are summed,
 weighted by the router's probabilities; an optional shared expert (``--moe-shared-expert-intermediate-size``)
@@ -12,9 +13,10 @@ the selection scores updated after each step (no loss at all).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import List, Literal, Optional, Union
 
 from megalite.config.flags import flag
+from megalite.config.layer_pattern import moe_freq_type
 
 __all__ = ["MoEFields", "check_expert_layout"]
 
@@ -26,8 +28,9 @@ class MoEFields:
     num_experts: Optional[int] = flag(None, "experts per MoE layer; default none (a dense model)", at_least=1)
     moe_ffn_hidden_size: Optional[int] = flag(None, "width of each expert's MLP; default --ffn-hidden-size",
                                               at_least=1)
-    moe_layer_freq: int = flag(1, "every this many layers is an MoE layer (layer i when i %% freq == 0)",
-                               at_least=1)
+    moe_layer_freq: Union[int, List[int]] = flag(
+        1, "every this many layers is an MoE layer (layer i when i %% freq == 0), or a list of 0/1 per layer "
+           "such as '([1]*3+[0]*1)*3' (1: experts)", at_least=1, parse=moe_freq_type)
     moe_shared_expert_intermediate_size: Optional[int] = flag(
         None, "width of the shared expert that reads every token beside the routed ones; default none", at_least=1)
     moe_shared_expert_gate: bool = flag(False, "scale the shared expert's output by sigmoid(x g), g a learned "
@@ -70,13 +73,13 @@ class MoEFields:
             ("--moe-router-enable-expert-bias", self.moe_router_enable_expert_bias),
             ("--moe-grouped-gemm", self.moe_grouped_gemm),
             ("--moe-expert-capacity-factor", self.moe_expert_capacity_factor is not None)) if on]
+        if isinstance(self.moe_layer_freq, list) and len(self.moe_layer_freq) != self.num_layers:
+            raise ValueError(f"--moe-layer-freq gives {len(self.moe_layer_freq)} layers but --num-layers is "
+                             f"{self.num_layers}; give one 0/1 entry per layer")
         if self.num_experts is None:
             if given:
                 raise ValueError(f"{given[0]} describes experts but --num-experts is not given; add --num-experts")
             return
-        if self.add_bias_linear:
-            raise ValueError(f"--num-experts {self.num_experts}: experts without biases only so far (as Megatron-LM's "
-                             f"MoE models run); add --disable-bias-linear")
         if self.moe_ffn_hidden_size is None:
             self.moe_ffn_hidden_size = self.ffn_hidden_size
         if self.moe_router_topk > self.num_experts:
@@ -96,7 +99,11 @@ class MoEFields:
 
     def is_moe_layer(self, layer_number: int) -> bool:
         """Whether global layer ``layer_number`` (from 0) holds experts."""
-        return self.num_experts is not None and layer_number % self.moe_layer_freq == 0
+        if self.num_experts is None:
+            return False
+        if isinstance(self.moe_layer_freq, list):
+            return self.moe_layer_freq[layer_number] == 1
+        return layer_number % self.moe_layer_freq == 0
 
 
 def check_expert_layout(model: MoEFields, parallel, training) -> None:
@@ -109,13 +116,10 @@ def check_expert_layout(model: MoEFields, parallel, training) -> None:
     if model.num_experts % ep:
         raise ValueError(f"--num-experts {model.num_experts} is not divisible by --expert-model-parallel-size "
                          f"{ep}; each expert-parallel rank holds an equal share of the experts")
-    tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
+    tp = parallel.tensor_model_parallel_size
     if tp > 1:
         raise ValueError(f"--tensor-model-parallel-size {tp} with --num-experts: MoE runs with data, expert, "
                          f"pipeline and context parallelism only so far; use --tensor-model-parallel-size 1")
-    if cp > 1 and model.moe_router_load_balancing_type == "seq_aux_loss" and model.moe_aux_loss_coeff > 0:
-        raise ValueError(f"--moe-router-load-balancing-type seq_aux_loss with --context-parallel-size {cp} is not "
-                         f"built yet; use aux_loss or --context-parallel-size 1")
     if ep > 1 and parallel.data_parallel_size % ep:
         raise ValueError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size "
                          f"{parallel.data_parallel_size} (x CP x TP); experts fold into those ranks")

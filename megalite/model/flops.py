@@ -46,9 +46,9 @@ def count_parameters(config: ModelConfig, *, tp: int) -> int:
         + 2 * norm + head_norm                         # pre-attention and pre-MLP norms, the q/k norms
     )
     moe_layers, moe_change = sum(config.is_moe_layer(i) for i in range(layers)), 0
-    if moe_layers:   # an MoE layer's MLP: router, E experts (no biases), the shared expert -- not the dense MLP
-        shared = config.moe_shared_expert_intermediate_size or 0
-        moe_mlp = (config.num_experts * h + config.num_experts * (gated + 1) * h * config.moe_ffn_hidden_size
+    if moe_layers:   # an MoE layer's MLP: router, E experts (and their biases), the shared expert -- not the dense MLP
+        shared, f_e = config.moe_shared_expert_intermediate_size or 0, config.moe_ffn_hidden_size
+        moe_mlp = (config.num_experts * h + config.num_experts * ((gated + 1) * h * f_e + (gated * f_e + h) * bias)
                    + (gated + 1) * h * shared + (gated * shared + h) * bias * (shared > 0))
         moe_change = moe_layers * (moe_mlp - (h * f * gated + f * gated * bias + f * h + h * bias))
     vocab = config.padded_vocab_size(tp)

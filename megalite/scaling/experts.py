@@ -37,8 +37,9 @@ Token dispatch, per MoE layer and micro-batch (``parallel/expert_parallel.py``):
 
 on the EP group's link (``EP`` consecutive ranks: inside a node when ``EP`` fits one), on the critical
 path (no overlap is modelled); full recompute repeats the forward's.  With one EP rank nothing moves.
-Layers are averaged: with ``--moe-layer-freq`` > 1 a layer's times and bytes are the MoE share of the
-layers times the MoE layer's plus the rest times the dense layer's.
+Layers are averaged: with dense layers among them (``--moe-layer-freq`` > 1, or a list with 0s) a layer's
+times and bytes are the MoE share of the layers times the MoE layer's plus the rest times the dense layer's
+(every pipeline stage is given the average, wherever the list puts its dense layers).
 """
 from __future__ import annotations
 
@@ -74,11 +75,12 @@ def _gated(model: ModelConfig) -> int:
 
 
 def expert_parameters_per_layer(model: ModelConfig) -> float:
-    """The routed experts' weights of an average layer (whole model, before the EP split):
-    ``share x E (G + 1) h f_e``."""
+    """The routed experts' weights (and biases) of an average layer (whole model, before the EP split):
+    ``share x E ((G + 1) h f_e + (G f_e + h) bias)``."""
     if model.num_experts is None:
         return 0.0
-    return moe_share(model) * model.num_experts * (_gated(model) + 1) * model.hidden_size * model.moe_ffn_hidden_size
+    h, f_e, gated = model.hidden_size, model.moe_ffn_hidden_size, _gated(model)
+    return moe_share(model) * model.num_experts * ((gated + 1) * h * f_e + (gated * f_e + h) * model.add_bias_linear)
 
 
 def _tokens(model: ModelConfig, micro_batch: int, cp: int) -> int:

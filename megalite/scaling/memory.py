@@ -83,7 +83,7 @@ def in_flight_formula(schedule: Optional[str], p: int, v: int, m: int, rank: int
 def parameter_split(model: ModelConfig, tp: int):
     """(per-layer, embedding (+ positions), final norm) parameter counts of the whole model, the vocabulary
     padded for ``tp`` tensor-parallel ranks; per layer the average (an MoE model's layers differ with
-    --moe-layer-freq > 1)."""
+    --moe-layer-freq > 1 or a list with 0s)."""
     vocab = model.padded_vocab_size(tp)
     embedding = vocab * model.hidden_size
     if model.position_embedding_type == "learned_absolute":

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_typ
 
 import yaml
 
-from megalite.config.flags import choices, flag_name
+from megalite.config.flags import FieldParser, choices, flag_name
 from megalite.config.megatron_switches import add_switches, check_switches, switch_dests
 from megalite.config.moe_settings import check_expert_layout
 from megalite.config.settings import (
@@ -84,7 +84,10 @@ def build_parser() -> ArgumentParser:
             seen[f.name] = cls.__name__
             kind = _scalar_type(hints[f.name])
             kwargs = dict(dest=f.name, help=f.metadata["help"])
-            if kind is bool:
+            if f.metadata.get("parse"):   # one value, read by the field's own parser
+                kwargs.update(type=FieldParser(f.metadata["parse"], flag_name(f)), default=f.default,
+                              metavar=f.name.upper())
+            elif kind is bool:
                 # A switch turns the field away from its default (--disable-bias-linear sets add_bias_linear False).
                 kwargs.update(action="store_false" if f.default else "store_true", default=argparse.SUPPRESS)
             else:
@@ -172,6 +175,8 @@ def _yaml_value(path: str, key, action: argparse.Action, value):
         if not isinstance(value, bool):
             raise ValueError(f"--config {path}: {key} is a switch; give true or false, not {value!r}")
         return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if isinstance(action.type, FieldParser) and value is not None:
+        return action.type.from_config(path, value)
     if value is None:
         if action.default is not None:   # null would reach a field that has no "unset"
             raise ValueError(f"--config {path}: {key} is null; give it a value or remove the key (default "

@@ -40,7 +40,11 @@ HF_VARIANTS = {
     "qwen3-moe-pre-softmax": ("Qwen3Moe", dict(QWEN3_MOE, norm_topk_prob=False, tie_word_embeddings=True), True),
     "qwen2-moe": ("Qwen2Moe", dict(QWEN2_MOE, norm_topk_prob=False), True),
     "qwen2-moe-norm-topk-no-qkv-bias": ("Qwen2Moe", dict(QWEN2_MOE, norm_topk_prob=True, qkv_bias=False), False),
+    # dense layers among the MoE ones: --moe-layer-freq [0, 1] and [1, 0]
+    "qwen3-moe-sparse-step-2": ("Qwen3Moe", dict(QWEN3_MOE, norm_topk_prob=True, decoder_sparse_step=2), False),
+    "qwen2-moe-mlp-only-layer-1": ("Qwen2Moe", dict(QWEN2_MOE, norm_topk_prob=False, mlp_only_layers=[1]), True),
 }
+LAYER_PATTERNS = {"qwen3-moe-sparse-step-2": [0, 1], "qwen2-moe-mlp-only-layer-1": [1, 0]}
 # Router logits O(10): the chosen experts and their weights far from even, so a wrong routing shows.
 ROUTER_GAIN = 20.0
 
@@ -99,6 +103,7 @@ def test_import_gives_transformers_logits_and_loss_and_exports_the_saved_tensors
     ours, config = import_folder(folder)
     assert (config.num_experts, config.moe_router_topk, config.moe_router_pre_softmax) == (4, 2, pre_softmax)
     assert config.moe_ffn_hidden_size == 24 and config.moe_aux_loss_coeff == hf_model.config.router_aux_loss_coef
+    assert config.moe_layer_freq == LAYER_PATTERNS.get(variant, 1)
     ids, positions, labels = tokens_and_positions(True)
     theirs, their_loss = hf_logits_and_loss(hf_model, ids, positions, labels)
     logits, loss = megalite_logits_and_loss(ours, ids, positions, labels)
@@ -133,6 +138,7 @@ EXPORTS = {
                        moe_router_pre_softmax=True), "Qwen2MoeForCausalLM"),
     "qwen2-moe-no-qkv-bias": (dict(MOE, moe_shared_expert_intermediate_size=20, moe_shared_expert_gate=True,
                                    untie_embeddings_and_output_weights=True), "Qwen2MoeForCausalLM"),
+    "qwen3-moe-dense-first-layer": (dict(MOE, qk_layernorm=True, moe_layer_freq=[0, 1]), "Qwen3MoeForCausalLM"),
 }
 
 
@@ -151,6 +157,7 @@ def test_export_gives_megalite_logits_in_transformers_and_imports_back(tmp_path,
     # Back through import: the same tensors (the vocabulary's padding comes back as zeros).
     again, config = import_folder(folder)
     assert (config.moe_router_pre_softmax, config.moe_aux_loss_coeff) == (ours.config.moe_router_pre_softmax, 0.01)
+    assert config.moe_layer_freq == ours.config.moe_layer_freq
     for name, tensor in ours.state_dict().items():
         if "word_embeddings" not in name and "output_layer" not in name:
             assert torch.equal(again.state_dict()[name], tensor), name

@@ -48,8 +48,6 @@ REFUSED_FIELDS = {
     "qwen3-attention-bias": ("Qwen3", dict(head_dim=16, attention_bias=True), "attention_bias=True"),
     "mixtral-router-jitter": ("Mixtral", dict(MIXTRAL, router_jitter_noise=0.1), "router_jitter_noise=0.1"),
     "mixtral-sliding-window": ("Mixtral", dict(MIXTRAL, sliding_window=64), "sliding_window=64"),
-    "qwen3-moe-sparse-step": ("Qwen3Moe", dict(QWEN3_MOE, decoder_sparse_step=2), "decoder_sparse_step=2"),
-    "qwen3-moe-mlp-only-layers": ("Qwen3Moe", dict(QWEN3_MOE, mlp_only_layers=[1]), "mlp_only_layers=[1]"),
     "qwen3-moe-sliding-window": ("Qwen3Moe", dict(QWEN3_MOE, use_sliding_window=True, sliding_window=64),
                                  "sliding_window=64"),
     "qwen2-moe-sliding-window": ("Qwen2Moe", dict(QWEN3_MOE, shared_expert_intermediate_size=16,
@@ -149,7 +147,8 @@ REFUSED_EXPORTS = {
     "qk-norm-with-qkv-bias": (dict(LLAMA, qk_layernorm=True, add_qkv_bias=True), "no --add-qkv-bias"),
     "no-positions": (dict(position_embedding_type="none"), "--position-embedding-type none"),
     "moe-learned-positions": (dict(add_bias_linear=False, num_experts=4), "Mixtral and Qwen3-MoE have RoPE"),
-    "moe-every-other-layer": (dict(MOE, moe_layer_freq=2), "--moe-layer-freq 1"),
+    "moe-every-other-layer": (dict(MOE, num_layers=2, moe_layer_freq=2), "--moe-layer-freq 1"),
+    "moe-layer-list": (dict(MOE, num_layers=3, moe_layer_freq="[1,1,0]"), "--moe-layer-freq 1"),
     "moe-ungated-shared-expert": (dict(MOE, moe_shared_expert_intermediate_size=16),
                                   "--moe-shared-expert-gate with a shared expert"),
     "moe-shared-expert-and-qk-norm": (dict(MOE, moe_shared_expert_intermediate_size=16, moe_shared_expert_gate=True,
@@ -160,6 +159,7 @@ REFUSED_EXPORTS = {
                         "no --moe-router-enable-expert-bias"),
     "moe-token-dropping": (dict(MOE, moe_expert_capacity_factor=1.0), "no --moe-expert-capacity-factor"),
     "moe-qkv-bias": (dict(MOE, add_qkv_bias=True), "no --add-qkv-bias without a shared expert"),
+    "moe-expert-biases": (dict(MOE, add_bias_linear=True), "it needs --disable-bias-linear"),
     "moe-pre-softmax-without-qk-norm": (dict(MOE, moe_router_pre_softmax=True),
                                         "--moe-router-pre-softmax without --qk-layernorm"),
 }
@@ -188,3 +188,7 @@ def test_transformers_older_than_5_is_refused_in_one_line():
         hf_config.check_transformers_version("4.57.1")
     hf_config.check_transformers_version("5.0.0")
     hf_config.check_transformers_version(transformers.__version__)    # the one installed here
+
+
+def test_a_layer_list_of_experts_everywhere_exports_as_every_layer():
+    assert export_family(_model(**MOE, num_layers=2, moe_layer_freq="[1]*2")) == export_family(_model(**MOE))

@@ -27,3 +27,21 @@ def test_moe_checkpoint_reshards_from_dp2_zero1(tmp_path):
         assert not isinstance(curve, str), f"{target}: {curve}"
         _assert_same_curve(curve, straight[2:])
         _assert_same_params(folder, reference)
+
+
+def test_a_layer_list_checkpoint_at_pp2_names_global_layers_and_resumes_on_one_rank(tmp_path):
+    """--moe-layer-freq as a list: a pipeline stage builds the experts of its global layers (stage 1's first
+    layer is layer 2, which the list marks 1), the checkpoint names them so, and one rank resumes it."""
+    flags = MODEL + MOE + ["--moe-layer-freq", "[0,1,1,0]", "--train-iters", "2"]
+    source = str(tmp_path / "from-pp2")
+    straight = run_on_ranks(_train_runs, 2, [(flags + ["--pipeline-model-parallel-size", "2", "--save", source,
+                                                       "--save-interval", "1"], None)], timeout=240)[0][0]
+    assert not isinstance(straight, str), straight
+    reference, _ = merge.merge_checkpoint(source, iteration=2)
+    with_experts = sorted({name.split(".")[2] for name in reference if ".experts." in name})
+    assert with_experts == ["1", "2"]
+    folder = str(tmp_path / "to-single")
+    curve = run_on_ranks(_train_runs, 1, [(flags + ["--load", source, "--save", folder], (source, 1))])[0][0]
+    assert not isinstance(curve, str), curve
+    _assert_same_curve(curve, straight[1:])
+    _assert_same_params(folder, reference)

@@ -103,7 +103,27 @@ def test_an_ep2_checkpoint_is_read_whole_by_generation_and_conversion(tmp_path):
             assert value.shape[0] == 4
             assert torch.equal(value, merged[name]), name
     assert not torch.equal(*merged["decoder.layers.0.mlp.experts.weight1"].chunk(2))
-    # Conversion merges the checkpoint through its tensor index first; then this model (a shared expert without
-    # its gate, an expert bias: no Hugging Face family has them) is refused by the MoE exporter.
+    # Conversion merges the checkpoint through its tensor index first; then export refuses this model (sigmoid
+    # scores, expert bias, an ungated shared expert: no Hugging Face MoE family holds it).
     with pytest.raises(ValueError, match="does not convert to Hugging Face as Mixtral or Qwen-MoE"):
         export_checkpoint(save, str(tmp_path / "hf"), tokenizer=False)
+
+
+def test_expert_biases_are_split_over_ep_saved_by_each_ep_rank_and_reshard(tmp_path):
+    """With linear biases each expert has its own fc1 / fc2 bias, a box of the [E, ...] stack like its weights:
+    an EP2 checkpoint holds all four experts' biases (two from each EP rank's file) and resumes at EP1."""
+    argv = [flag for flag in ARGV if flag != "--disable-bias-linear"] + ["--train-iters", "2"]
+    source, target = str(tmp_path / "ep2"), str(tmp_path / "ep2-to-ep1")
+    straight = run_on_ranks(_train_runs, 2, [(argv + ep(2) + ["--save", source, "--save-interval", "1"], None)],
+                            timeout=240)[0][0]
+    assert not isinstance(straight, str), straight
+    reference, _ = merge.merge_checkpoint(source, iteration=2)
+    biases = {name: value for name, value in reference.items() if ".experts.bias" in name}
+    assert sorted({name.rsplit(".", 1)[1] for name in biases}) == ["bias1", "bias2"]
+    for name, value in biases.items():
+        assert value.shape[0] == 4, name
+        assert not torch.equal(*value.chunk(2)), name            # EP rank 1's experts are not EP rank 0's
+    curve = run_on_ranks(_train_runs, 1, [(argv + ["--load", source, "--save", target], (source, 1))])[0][0]
+    assert not isinstance(curve, str), curve
+    _assert_same_curve(curve, straight[1:])
+    _assert_same_params(target, reference)

@@ -1,5 +1,6 @@
 """The MoE flags under Megatron-LM's names reach ModelConfig, and bad combinations are refused in one line."""
 import pytest
+import yaml
 
 from megalite.training.arguments import build_parser, parse_args
 
@@ -44,8 +45,6 @@ def test_moe_flags_have_megatron_names_and_reach_fields():
     (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 needs experts"),
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], "--num-experts 3 is not divisible by"),
     (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 with --num-experts"),
-    (["--num-experts", "4", "--context-parallel-size", "2", "--moe-router-load-balancing-type", "seq_aux_loss",
-      "--moe-aux-loss-coeff", "0.01"], "seq_aux_loss with --context-parallel-size 2 is not built yet"),
     (["--num-experts", "8", "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide"),
     (["--num-experts", "4", "--calculate-per-token-loss", "--moe-aux-loss-coeff", "0.01"],
      "--calculate-per-token-loss with MoE auxiliary losses"),
@@ -64,6 +63,36 @@ def test_checkpoints_under_expert_parallelism_are_accepted():
     assert (parallel.expert_model_parallel_size, training.save, training.load) == (2, "ckpt", "ckpt")
 
 
-def test_experts_need_bias_free_linears():
-    with pytest.raises(ValueError, match="add --disable-bias-linear"):
-        parse_args(["--mock-data", "--num-experts", "4"])
+def test_experts_take_linear_biases():
+    """Without --disable-bias-linear each expert has its own biases (megalite/model/moe/experts.py)."""
+    assert parse_args(["--mock-data", "--num-experts", "4"])[0].add_bias_linear
+
+
+@pytest.mark.parametrize("text, layers, pattern", [
+    ("2", 4, [True, False, True, False]), ("[1,0,0,1]", 4, [True, False, False, True]),
+    ("([1]*3+[0]*1)*3", 12, [True, True, True, False] * 3), ("([0]+[1]*2)", 3, [False, True, True]),
+    ("2*[1,0]", 4, [True, False, True, False])])
+def test_moe_layer_freq_reads_megatrons_integer_and_list_forms(text, layers, pattern):
+    model = parse_args(BASE + ["--num-experts", "4", "--num-layers", str(layers), "--moe-layer-freq", text])[0]
+    assert [model.is_moe_layer(i) for i in range(layers)] == pattern
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[1,0,1]", "--moe-layer-freq gives 3 layers but --num-layers is 4"),
+    ("[1,0,2,1]", "each layer's entry is 1 (experts) or 0 (dense)"),
+    ("[__import__('os')]", "only digits, ',', '[', ']', '(', ')', '+' and '*' are read"),
+    ("[1]*[4]", "'*' repeats a list an integer number of times"), ("[1,0]+2", "'+' adds two integers or joins"),
+    ("([1],[0])", "only integers, lists, '+', '*' and parentheses are read"), ("[1]*10**9", "only integers, lists"),
+    ("([1]*4)*999999", "longer than any model"), ("[1,0", "not a valid expression"), ("0", "at least 1")])
+def test_moe_layer_freq_refuses_what_is_no_pattern_in_one_line(text, words):
+    with pytest.raises(ValueError) as refused:
+        parse_args(BASE + ["--num-experts", "4", "--num-layers", "4", "--moe-layer-freq", text])
+    assert words in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_moe_layer_list_round_trips_through_a_config_file(tmp_path):
+    from megalite.training.arguments import resolved_config
+    model = parse_args(BASE + ["--num-experts", "4", "--num-layers", "4", "--moe-layer-freq", "([0]+[1])*2"])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(resolved_config(model)))        # the list written as a YAML list
+    assert parse_args(["--config", str(path)])[0].moe_layer_freq == [0, 1, 0, 1]

@@ -74,9 +74,10 @@ def test_moe_flops_count_the_experts_a_token_visits():
     assert flops.flops_per_iteration(cfg, 1, tp=1) == pytest.approx(3 * s * forward_per_token, rel=1e-12)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(swiglu=True, moe_layer_freq=2, moe_shared_expert_intermediate_size=24)])
+@pytest.mark.parametrize("extra", [dict(), dict(swiglu=True, moe_layer_freq=2, moe_shared_expert_intermediate_size=24),
+                                   dict(add_bias_linear=True, swiglu=True, moe_layer_freq="[0,1,1]")])
 def test_moe_parameter_count_matches_the_model(extra):
     from megalite.model.gpt import GPTModel
-    cfg = ModelConfig(num_layers=3, hidden_size=16, num_attention_heads=2, vocab_size=64, add_bias_linear=False,
-                      num_experts=4, moe_ffn_hidden_size=12, **extra)
+    cfg = ModelConfig(**{**dict(num_layers=3, hidden_size=16, num_attention_heads=2, vocab_size=64,
+                                add_bias_linear=False, num_experts=4, moe_ffn_hidden_size=12), **extra})
     assert flops.count_parameters(cfg, tp=1) == sum(p.numel() for p in GPTModel(cfg).parameters())

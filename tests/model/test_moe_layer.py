@@ -30,8 +30,11 @@ def reference_layer(layer: MoELayer, x, cfg):
             if not keep:
                 continue
             hidden = token @ layer.experts.weight1[e]
+            if cfg.add_bias_linear:   # each expert's own biases; the weight scales fc2's bias too
+                hidden = hidden + layer.experts.bias1[e]
             hidden = reference.swiglu(hidden) if cfg.swiglu else F.gelu(hidden)
-            out[t] += w * (hidden @ layer.experts.weight2[e])
+            down = hidden @ layer.experts.weight2[e]
+            out[t] += w * (down + layer.experts.bias2[e] if cfg.add_bias_linear else down)
     out = out.view_as(x)
     if layer.shared_expert is not None:
         gate = 1.0
@@ -47,7 +50,11 @@ def reference_layer(layer: MoELayer, x, cfg):
                                    dict(moe_router_score_function="sigmoid", moe_router_topk=3, moe_grouped_gemm=True),
                                    dict(moe_router_topk=1, moe_router_pre_softmax=True),
                                    dict(moe_expert_capacity_factor=0.5), dict(moe_expert_capacity_factor=0.5,
-                                                                              moe_token_drop_policy="position")])
+                                                                              moe_token_drop_policy="position"),
+                                   dict(add_bias_linear=True),
+                                   dict(add_bias_linear=True, moe_expert_capacity_factor=0.5),
+                                   dict(add_bias_linear=True, swiglu=True, moe_grouped_gemm=True,
+                                        moe_shared_expert_intermediate_size=8)])
 def test_layer_matches_token_by_token(extra):
     cfg = moe_config(**extra)
     torch.manual_seed(0)
@@ -84,11 +91,30 @@ def test_permutation_round_trip_and_grouping():
 def test_grouped_mm_fallback_is_per_block_product():
     torch.manual_seed(3)
     counts = torch.tensor([3, 0, 2, 4])
-    x, weight = torch.randn(9, 5), torch.randn(4, 5, 6)
+    x, weight, bias = torch.randn(9, 5), torch.randn(4, 5, 6), torch.randn(4, 6)
     owner = torch.repeat_interleave(torch.arange(4), counts)
     expected = torch.stack([x[i] @ weight[owner[i]] for i in range(9)])
     for fused in (False, True):
         torch.testing.assert_close(grouped_mm(x, weight, counts, fused), expected)
+        torch.testing.assert_close(grouped_mm(x, weight, counts, fused, bias=bias), expected + bias[owner])
+
+
+def test_grouped_kernel_path_adds_each_experts_bias(monkeypatch):
+    """The torch._grouped_mm path's bias (repeated by the counts on the device), with the kernel replaced by
+    a per-block product so that it runs on the CPU."""
+    from megalite.model.moe import experts
+
+    def blocks(x, weight, offs):
+        starts = [0] + offs.tolist()[:-1]
+        return torch.cat([x[a:b] @ weight[e] for e, (a, b) in enumerate(zip(starts, offs.tolist()))])
+    monkeypatch.setattr(experts, "grouped_mm_available", lambda x, weight: True)
+    monkeypatch.setattr(torch, "_grouped_mm", blocks, raising=False)
+    torch.manual_seed(3)
+    counts = torch.tensor([3, 0, 2, 4])
+    x, weight, bias = torch.randn(9, 5), torch.randn(4, 5, 6), torch.randn(4, 6)
+    owner = torch.repeat_interleave(torch.arange(4), counts)
+    expected = torch.stack([x[i] @ weight[owner[i]] + bias[owner[i]] for i in range(9)])
+    torch.testing.assert_close(experts.grouped_mm(x, weight, counts, True, bias=bias), expected)
 
 
 def test_moe_layer_freq_places_experts_and_model_trains():
@@ -117,13 +143,14 @@ def test_grouped_mm_kernel_matches_the_loop_on_cuda():
     torch.manual_seed(5)
     x = torch.randn(48, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(4, 64, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(4, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     counts = torch.tensor([16, 0, 24, 8], device="cuda")
     if not grouped_mm_available(x, weight):
         pytest.skip("torch._grouped_mm does not serve this device / torch")
-    fused, loop = grouped_mm(x, weight, counts, True), grouped_mm(x, weight, counts, False)
+    fused, loop = grouped_mm(x, weight, counts, True, bias=bias), grouped_mm(x, weight, counts, False, bias=bias)
     torch.testing.assert_close(fused.float(), loop.float(), rtol=2e-2, atol=2e-2)
     probe = torch.randn_like(fused)
-    got = torch.autograd.grad((fused * probe).sum(), [x, weight])
-    want = torch.autograd.grad((loop * probe).sum(), [x, weight])
+    got = torch.autograd.grad((fused * probe).sum(), [x, weight, bias])
+    want = torch.autograd.grad((loop * probe).sum(), [x, weight, bias])
     for a, b in zip(got, want):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=5e-2)

@@ -157,8 +157,9 @@ def test_search_tries_each_expert_parallel_size():
     assert not any("EP8" in d for d in described)      # 8 does not divide the 4 ranks of DP x CP
 
 
-@pytest.mark.parametrize("freq, recompute", [(1, None), (2, None), (1, "full"), (2, "selective")])
-def test_one_expert_of_the_dense_width_costs_the_dense_layer_plus_router_and_permutation(freq, recompute):
+@pytest.mark.parametrize("freq, share, recompute", [(1, 1, None), (2, 0.5, None), (1, 1, "full"), (2, 0.5, "selective"),
+                                                    ("[0,1]", 0.5, None), ("[0]*2", 0, None)])
+def test_one_expert_of_the_dense_width_costs_the_dense_layer_plus_router_and_permutation(freq, share, recompute):
     from megalite.scaling.compute import backward_gemms, elementwise_seconds, gemm_seconds, layer_times
     base = ["--mock-data", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length",
             "32", "--max-position-embeddings", "32", "--vocab-size", "128", "--ffn-hidden-size", "48",
@@ -173,7 +174,7 @@ def test_one_expert_of_the_dense_width_costs_the_dense_layer_plus_router_and_per
     extra_f, extra_b = extra_f + permute_f, extra_b + permute_b
     got = experts.mixed_layer_times(moe, 2, H100, "bfloat16", recompute=recompute)
     want = layer_times(dense, 2, H100, "bfloat16", recompute=recompute)
-    share = 1 / freq
+    assert experts.moe_share(moe) == share     # the layers --moe-layer-freq (a number or a list) gives experts
     assert got.forward - want.forward == pytest.approx(share * extra_f)
     assert (got.backward_input + got.backward_weight) - (want.backward_input + want.backward_weight) == pytest.approx(
         share * (extra_b + (extra_f if recompute == "full" else 0.0)))

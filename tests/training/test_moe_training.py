@@ -2,8 +2,9 @@
 hand computation on one process (each micro-batch's lm loss plus its routers' weighted losses, averaged over
 the four micro-batches), at one rank, with experts replicated over DP=2 (plain and ZeRO-1), and with experts
 split over EP=2 and EP=4 ranks (the alltoall and allgather dispatchers; expert gradients reduced over the
-expert-data-parallel group), over two pipeline stages (the losses attached on a stage without the loss) and
-over two context-parallel ranks (the loads summed over CP)."""
+expert-data-parallel group), over two pipeline stages (the losses attached on a stage without the loss;
+experts placed by a --moe-layer-freq list of global layers) and over two context-parallel ranks (the loads
+summed over CP, for aux_loss and seq_aux_loss)."""
 import math
 
 import pytest
@@ -96,11 +97,13 @@ CAPACITY = ["--moe-expert-capacity-factor", "0.5", "--moe-token-drop-policy", "p
     (2, CP + BIAS), (4, CP + EP + ["2"]), (2, EP + ["2", "--use-distributed-optimizer"]),
     (4, EP + ["2", "--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "500"]),
     (2, BIAS + ["--recompute-granularity", "full", "--recompute-method", "uniform"]), (1, CAPACITY),
-    (2, EP + ["2"] + CAPACITY), (2, ["--expert-model-parallel-size", "2"] + CAPACITY)],
+    (2, EP + ["2"] + CAPACITY), (2, ["--expert-model-parallel-size", "2"] + CAPACITY),
+    (2, CP + ["--moe-router-load-balancing-type", "seq_aux_loss"]), (2, PP + ["--moe-layer-freq", "[0,1]"])],
     ids=["one rank", "DP=2", "DP=2 ZeRO-1", "DP=2 bias", "EP=2", "DP=4 EP=2", "DP=4 EP=4 bias", "EP=2 allgather",
          "DP=4 EP=2 allgather", "PP=2 bias", "PP=2 DP=2 EP=2", "DP=4 EP=2 overlapped buckets", "CP=2 bias",
          "CP=2 DP=2 EP=2", "EP=2 ZeRO-1", "DP=4 EP=2 ZeRO-1 overlapped",
-         "DP=2 bias full recompute", "capacity", "EP=2 capacity", "EP=2 allgather capacity"])
+         "DP=2 bias full recompute", "capacity", "EP=2 capacity", "EP=2 allgather capacity",
+         "CP=2 seq_aux_loss", "PP=2 layer list"])
 def test_moe_step_matches_the_hand_computation(world_size, layout):
     argv = ARGV + layout
     loss, norm, logged, biases = by_hand(argv)
@@ -139,4 +142,17 @@ def test_moe_training_curve_is_the_same_at_dp2_ep2_and_ep2_zero1():
     ep2 = ["--expert-model-parallel-size", "2"]
     for world_size, layout in ((2, []), (2, ep2), (4, ep2 + ["--use-distributed-optimizer"])):
         for curve in run_on_ranks(_curve, world_size, argv + layout, timeout=180):
+            torch.testing.assert_close(torch.tensor(curve), torch.tensor(reference), rtol=1e-4, atol=0)
+
+
+def test_expert_biases_train_the_same_at_ep2_with_either_dispatcher():
+    """Each expert's fc1 / fc2 biases (--disable-bias-linear dropped): zero at first, they move after the
+    first step, so the later steps check their forward at EP=2 too (alltoall; allgather with ZeRO-1)."""
+    argv = [flag for flag in ARGV if flag != "--disable-bias-linear"] + ["--lr", "1e-2", "--train-iters", "3"]
+    reference = run_on_ranks(_curve, 1, argv)[0]
+    without = run_on_ranks(_curve, 1, ARGV + ["--lr", "1e-2", "--train-iters", "3"])[0]
+    assert reference[2][0] != without[2][0]                  # the biases change the model
+    ep2 = ["--expert-model-parallel-size", "2"]
+    for layout in (ep2 + ["--moe-token-dispatcher-type", "alltoall"], ep2 + ["--use-distributed-optimizer"]):
+        for curve in run_on_ranks(_curve, 2, argv + layout, timeout=180):
             torch.testing.assert_close(torch.tensor(curve), torch.tensor(reference), rtol=1e-4, atol=0)

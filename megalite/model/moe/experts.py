@@ -53,19 +53,29 @@ def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fused: bool = True,
-               sizes: Optional[List[int]] = None) -> torch.Tensor:
-    """x [N, in] with its rows in E consecutive blocks of ``counts``, weight [E, in, out] -> [N, out].
-    ``sizes``: ``counts`` already on the host (the loop over experts needs them there)."""
+               sizes: Optional[List[int]] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [N, in] with its rows in E consecutive blocks of ``counts``, weight [E, in, out] (and bias [E, out])
+    -> [N, out]: block e times weight[e] (plus bias[e]).  ``sizes``: ``counts`` already on the host (the loop
+    over experts needs them there)."""
     if fused and grouped_mm_available(x, weight):
         offsets = torch.cumsum(counts, dim=0).to(torch.int32)
-        return torch._grouped_mm(x, weight, offs=offsets)
+        out = torch._grouped_mm(x, weight, offs=offsets)
+        if bias is None:
+            return out
+        # bias row e repeated for expert e's rows, without reading the counts on the host
+        return out + torch.repeat_interleave(bias.to(out.dtype), counts, dim=0, output_size=x.shape[0])
     blocks = x.split(sizes if sizes is not None else counts.tolist(), dim=0)
-    return torch.cat([block @ weight[e] for e, block in enumerate(blocks)], dim=0)
+    if bias is None:
+        return torch.cat([block @ weight[e] for e, block in enumerate(blocks)], dim=0)
+    return torch.cat([block @ weight[e] + bias[e] for e, block in enumerate(blocks)], dim=0)
 
 
 class Experts(nn.Module):
     """rows [N, h] grouped by this rank's experts, counts [E / EP] -> [N, h]: each row through its expert's
-    MLP (GELU or SwiGLU, no biases)."""
+    MLP (GELU or SwiGLU; with --add-bias-linear each expert's own fc1 and fc2 biases, as Megatron-LM's
+    grouped experts: ``bias1 [E, f]`` (``[E, 2f]`` interleaved as weight1's columns) and ``bias2 [E, h]``,
+    zeros at first, split over EP like the weights).  The router's weight multiplies the whole output,
+    fc2's bias included (layer.py's unpermute), as in Megatron."""
 
     def __init__(self, config: ModelConfig, output_init_std: float):
         super().__init__()
@@ -76,11 +86,15 @@ class Experts(nn.Module):
         self.weight1 = new_parameter((experts, hidden, 2 * ffn if self.swiglu else ffn),
                                      Init("normal", config.init_method_std), expert_parallel=True)
         self.weight2 = new_parameter((experts, ffn, hidden), Init("normal", output_init_std), expert_parallel=True)
+        self.bias1 = self.bias2 = None
+        if config.add_bias_linear:
+            self.bias1 = new_parameter((experts, self.weight1.shape[2]), Init("zeros"), expert_parallel=True)
+            self.bias2 = new_parameter((experts, hidden), Init("zeros"), expert_parallel=True)
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # The loop over experts needs the counts on the host: one device-to-host copy for both GEMMs.
         sizes = None if self.fused and grouped_mm_available(rows, self.weight1) else counts.tolist()
-        hidden = grouped_mm(rows, self.weight1, counts, self.fused, sizes)
+        hidden = grouped_mm(rows, self.weight1, counts, self.fused, sizes, self.bias1)
         hidden = swiglu(hidden) if self.swiglu else F.gelu(hidden, approximate=self.gelu_approximation)
-        return grouped_mm(hidden, self.weight2, counts, self.fused, sizes)
+        return grouped_mm(hidden, self.weight2, counts, self.fused, sizes, self.bias2)
 

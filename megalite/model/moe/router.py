@@ -17,11 +17,12 @@ in the training loss, megalite/model/moe/aux_loss.py):
     seq_aux_loss    the same per sequence (T = s), averaged over the micro-batch's sequences
     z-loss          mean over tokens of logsumexp(z)^2 (ST-MoE, Zoph et al. 2022)
 
-Under context parallelism each rank holds T / CP of the sequence's tokens: the loads N_e are summed over the
-CP group and rank r's share of the balancing loss is E / (k T_r^2 CP) sum_e P_e^r N_e (T_r its tokens, P^r
-its scores), which is CP times its part of the whole sequence's loss -- as the lm loss, because the gradients
-are averaged over DP x CP; the z-loss is each rank's mean, whose average over CP is the sequence's.  Logs are
-averaged over DP x CP (training/moe_step.py).
+Under context parallelism each rank holds T / CP of the sequence's tokens (for seq_aux_loss: s / CP of each
+sequence, in two chunks): the loads N_e (each sequence's, for seq_aux_loss) are summed over the CP group and
+rank r's share of the balancing loss is E / (k T_r^2 CP) sum_e P_e^r N_e (T_r its tokens, P^r its scores),
+which is CP times its part of the whole sequence's loss -- as the lm loss, because the gradients are averaged
+over DP x CP; the z-loss is each rank's mean, whose average over CP is the sequence's.  Logs are averaged over
+DP x CP (training/moe_step.py).
 
 The expert bias (aux-loss-free balancing, Wang et al. 2024) only chooses experts, never weights them; after
 each step it moves by ``--moe-router-bias-update-rate`` towards the mean load: +rate for an expert below it,
@@ -89,14 +90,19 @@ def switch_load_balancing_loss(scores: torch.Tensor, tokens_per_expert: torch.Te
 
 
 def sequence_load_balancing_loss(scores: torch.Tensor, routing_map: torch.Tensor, batch: int,
-                                 topk: int) -> torch.Tensor:
+                                 topk: int, group=None) -> torch.Tensor:
     """The switch loss of each sequence, averaged over the ``batch`` sequences; scores [s*b, E] and the routing
-    map [s*b, E] (True where a token goes to an expert) in sequence-major token order."""
+    map [s*b, E] (True where a token goes to an expert) in sequence-major token order.  ``group``: the CP
+    group holding the rest of each sequence, over which each sequence's loads are summed (this rank's share
+    of the loss, as the module docstring says for aux_loss)."""
     num_experts = scores.shape[1]
     seq = scores.shape[0] // batch
-    chosen = routing_map.to(scores.dtype).view(seq, batch, num_experts)
-    load = chosen.sum(dim=0) * (num_experts / (seq * topk))                  # [b, E]: 1 for an even load
-    return (load * scores.view(seq, batch, num_experts).mean(dim=0)).sum(dim=1).mean()
+    counts = routing_map.to(scores.dtype).view(seq, batch, num_experts).sum(dim=0)        # [b, E]
+    parts = 1 if group is None else dist.get_world_size(group)
+    if parts > 1:
+        dist.all_reduce(counts, group=group)
+    load = counts * (num_experts / (seq * topk))                  # [b, E]: 1 for an even load (one rank)
+    return (load * scores.view(seq, batch, num_experts).mean(dim=0)).sum(dim=1).mean() / parts
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -167,7 +173,8 @@ class TopKRouter(nn.Module):
                     dist.all_reduce(load, group=cp_group())
                 balance = switch_load_balancing_loss(scores, load, cfg.moe_router_topk) / cp_size()
             else:
-                balance = sequence_load_balancing_loss(scores, routing_map, batch, cfg.moe_router_topk)
+                balance = sequence_load_balancing_loss(scores, routing_map, batch, cfg.moe_router_topk,
+                                                       cp_group() if cp_size() > 1 else None)
             if self.counting:
                 aux_loss.record("load_balancing_loss", self.layer_number, balance)
             total = balance * cfg.moe_aux_loss_coeff
