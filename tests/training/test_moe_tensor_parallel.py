@@ -3,7 +3,8 @@ norm, logged auxiliary losses and expert-bias update equal the hand computation 
 (tests/training/test_moe_training.py's), and every parameter after the step equals the one-rank run's -- its TP
 shard, or its EP rank's experts.  The TP ranks route their own s/t tokens: the router's gradient is summed over
 TP, the balancing loss's loads over TP (x CP), the experts' gradients over the expert-data-parallel group that
-the TP ranks join."""
+the TP ranks join.  Layouts: TP2 with EP 1, 2 and 4, DP2, CP2, ZeRO-1, ZeRO-3 and PP2 (8 ranks; the parameters
+are compared where there is no pipeline)."""
 import pytest
 import torch
 
@@ -18,7 +19,8 @@ BASE = ARGV + ["--make-vocab-size-divisible-by", "32", "--lr", "1e-2", "--adam-e
 TP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 ALLTOALL = ["--moe-token-dispatcher-type", "alltoall"]
 LAYOUT_FLAGS = {"--tensor-model-parallel-size": 1, "--sequence-parallel": 0, "--expert-model-parallel-size": 1,
-                "--pipeline-model-parallel-size": 1, "--use-distributed-optimizer": 0}
+                "--pipeline-model-parallel-size": 1, "--context-parallel-size": 1, "--use-distributed-optimizer": 0,
+                "--data-parallel-sharding-strategy": 1}
 
 
 def one_rank(argv):
@@ -39,18 +41,22 @@ def _step(rank, world_size, argv):
     (name, tensor, TP partition dim, whether an expert stack) with its TP and EP rank) -- parameters only
     without a pipeline (the names are the one-stage model's)."""
     from megalite.model.moe.router import TopKRouter
+    from megalite.parallel.context_parallel import split_for_context_parallel
     from megalite.parallel.data_parallel import unwrap_model
+    from megalite.parallel.param_gather import whole_parameters
     from megalite.parallel.param_info import param_info
     from megalite.training.loop import setup, train_step
     run = setup(argv)
-    per_rank, dp_rank = 4 // run.grid.dp_size, run.grid.dp_rank
-    run.train_iter = iter([_batch(i) for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)])
+    per_rank, dp_rank, cp = 4 // run.grid.dp_size, run.grid.dp_rank, run.grid.cp_size
+    run.train_iter = iter([split_for_context_parallel(_batch(i), cp, run.grid.cp_rank)
+                           for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)])
     record = train_step(run)
     biases = {m.layer_number: m.expert_bias.tolist() for chunk in run.model for m in chunk.modules()
               if isinstance(m, TopKRouter) and m.expert_bias is not None}
-    params = [] if run.grid.pp_size > 1 else [
-        (name, param.detach().float().clone(), param_info(param).partition_dim, param_info(param).expert_parallel)
-        for name, param in unwrap_model(run.model[0]).named_parameters()]
+    with whole_parameters(run.model):   # (ZeRO-3 holds them dropped between steps)
+        params = [] if run.grid.pp_size > 1 else [
+            (name, param.detach().float().clone(), param_info(param).partition_dim, param_info(param).expert_parallel)
+            for name, param in unwrap_model(run.model[0]).named_parameters()]
     return (record["loss"], record["grad_norm"], [record["load_balancing_loss"], record["z_loss"]], biases,
             (params, run.grid.tp_rank, run.grid.tp_size, run.grid.ep_rank, run.grid.ep_size))
 
@@ -74,9 +80,12 @@ def assert_same_parameters(got, reference):
     (4, TP + ["--expert-model-parallel-size", "2"]),
     (4, TP + ALLTOALL + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
     (4, TP + ALLTOALL + ["--expert-model-parallel-size", "4"] + BIAS),
+    (4, TP + ["--context-parallel-size", "2", "--expert-model-parallel-size", "2"] + BIAS),
+    (4, TP + ALLTOALL + ["--expert-model-parallel-size", "2", "--data-parallel-sharding-strategy",
+                         "optim_grads_params"]),
     (8, TP + ALLTOALL + ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"])],
     ids=["TP=2 EP=1 bias", "TP=2 EP=2", "TP=2 DP=2 EP=2 allgather", "TP=2 DP=2 EP=2 ZeRO-1", "TP=2 DP=2 EP=4 bias",
-         "TP=2 PP=2 DP=2 EP=2"])
+         "TP=2 CP=2 EP=2 bias", "TP=2 DP=2 EP=2 ZeRO-3", "TP=2 PP=2 DP=2 EP=2"])
 def test_moe_step_under_tensor_parallelism_matches_one_rank(world_size, layout):
     argv = BASE + layout
     loss, norm, logged, biases = by_hand(one_rank(argv))
