@@ -3,8 +3,8 @@ norm, logged auxiliary losses and expert-bias update equal the hand computation 
 (tests/training/test_moe_training.py's), and every parameter after the step equals the one-rank run's -- its TP
 shard, or its EP rank's experts.  The TP ranks route their own s/t tokens: the router's gradient is summed over
 TP, the balancing loss's loads over TP (x CP), the experts' gradients over the expert-data-parallel group that
-the TP ranks join.  Layouts: TP2 with EP 1, 2 and 4, DP2, CP2, ZeRO-1, ZeRO-3 and PP2 (8 ranks; the parameters
-are compared where there is no pipeline)."""
+the TP ranks join.  Layouts: TP2 with EP 1, 2 and 4, DP2, CP2, ZeRO-1, ZeRO-3, full recompute and PP2 (8 ranks;
+the parameters are compared where there is no pipeline)."""
 import pytest
 import torch
 
@@ -77,6 +77,8 @@ def assert_same_parameters(got, reference):
 
 @pytest.mark.parametrize("world_size, layout", [
     (2, TP + BIAS), (2, TP + ALLTOALL + ["--expert-model-parallel-size", "2"]),
+    (2, TP + ALLTOALL + ["--expert-model-parallel-size", "2", "--recompute-granularity", "full", "--recompute-method",
+                         "uniform"]),
     (4, TP + ["--expert-model-parallel-size", "2"]),
     (4, TP + ALLTOALL + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
     (4, TP + ALLTOALL + ["--expert-model-parallel-size", "4"] + BIAS),
@@ -84,7 +86,8 @@ def assert_same_parameters(got, reference):
     (4, TP + ALLTOALL + ["--expert-model-parallel-size", "2", "--data-parallel-sharding-strategy",
                          "optim_grads_params"]),
     (8, TP + ALLTOALL + ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"])],
-    ids=["TP=2 EP=1 bias", "TP=2 EP=2", "TP=2 DP=2 EP=2 allgather", "TP=2 DP=2 EP=2 ZeRO-1", "TP=2 DP=2 EP=4 bias",
+    ids=["TP=2 EP=1 bias", "TP=2 EP=2", "TP=2 EP=2 full recompute",
+         "TP=2 DP=2 EP=2 allgather", "TP=2 DP=2 EP=2 ZeRO-1", "TP=2 DP=2 EP=4 bias",
          "TP=2 CP=2 EP=2 bias", "TP=2 DP=2 EP=2 ZeRO-3", "TP=2 PP=2 DP=2 EP=2"])
 def test_moe_step_under_tensor_parallelism_matches_one_rank(world_size, layout):
     argv = BASE + layout
