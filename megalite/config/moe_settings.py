@@ -116,12 +116,23 @@ def check_expert_layout(model: MoEFields, parallel, training) -> None:
     if model.num_experts % ep:
         raise ValueError(f"--num-experts {model.num_experts} is not divisible by --expert-model-parallel-size "
                          f"{ep}; each expert-parallel rank holds an equal share of the experts")
-    tp = parallel.tensor_model_parallel_size
-    if tp > 1:
-        raise ValueError(f"--tensor-model-parallel-size {tp} with --num-experts: MoE runs with data, expert, "
-                         f"pipeline and context parallelism only so far; use --tensor-model-parallel-size 1")
-    if ep > 1 and parallel.data_parallel_size % ep:
-        raise ValueError(f"--expert-model-parallel-size {ep} does not divide the data-parallel size "
-                         f"{parallel.data_parallel_size} (x CP x TP); experts fold into those ranks")
+    tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
+    etp = parallel.expert_tensor_parallel_size
+    if etp is not None and etp > 1:
+        raise ValueError(f"--expert-tensor-parallel-size {etp}: experts split over TP ranks are not built; use "
+                         f"--expert-tensor-parallel-size 1 (each expert whole on one rank)")
+    if tp > 1 and not parallel.sequence_parallel:
+        raise ValueError(f"--tensor-model-parallel-size {tp} with --num-experts needs --sequence-parallel (as "
+                         f"Megatron-LM requires); add it")
+    if model.moe_router_load_balancing_type == "seq_aux_loss" and model.moe_aux_loss_coeff > 0 and tp > 1:
+        raise ValueError(f"--moe-router-load-balancing-type seq_aux_loss with --tensor-model-parallel-size {tp} is "
+                         f"not built yet; use aux_loss or --tensor-model-parallel-size 1")
+    stage = tp * cp * parallel.data_parallel_size
+    if ep > 1 and stage % ep:
+        raise ValueError(f"--expert-model-parallel-size {ep} does not divide TP x CP x DP = {tp} x {cp} x "
+                         f"{parallel.data_parallel_size} = {stage}; experts fold into those ranks")
+    if tp > 1 and (training.save or training.load):
+        raise ValueError(f"--save / --load with --num-experts at --tensor-model-parallel-size {tp} is not built "
+                         f"yet; use --tensor-model-parallel-size 1 to keep checkpoints")
     if training.calculate_per_token_loss and (model.moe_aux_loss_coeff or model.moe_z_loss_coeff):
         raise ValueError("--calculate-per-token-loss with MoE auxiliary losses is not built yet; drop one")

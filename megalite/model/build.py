@@ -54,10 +54,11 @@ def wrap_for_data_parallel(chunks: Sequence[torch.nn.Module], opt_cfg: Optimizer
 
     DDP is needed for data parallelism with overlap or a sharded strategy, and gives half-precision models fp32
     gradient accumulation.  A lone fp32 replica stays a plain module: finalize_model_grads handles
-    plain modules (grads in ``.grad``), and there is nothing to reduce.
+    plain modules (grads in ``.grad``), and there is nothing to reduce -- unless the experts have groups of their
+    own (at TP > 1 their gradients are summed over the TP ranks, which saw different tokens).
     """
     needed = grid.dp_size * grid.cp_size > 1 or opt_cfg.bf16 or opt_cfg.fp16 or \
-        opt_cfg.shards_optimizer() or opt_cfg.overlap_grad_reduce
+        opt_cfg.shards_optimizer() or opt_cfg.overlap_grad_reduce or grid.edp_group is not None
     if not needed:
         return list(chunks)
     kwargs = {"overlap_grad_reduce": opt_cfg.overlap_grad_reduce,

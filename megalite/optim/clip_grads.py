@@ -11,9 +11,11 @@ Each rank holds pieces; a piece is counted on exactly one rank:
   rank once ``finalize_model_grads`` has summed the sequence-parallel ones) count on TP rank 0 only;
 - the tied word embedding lives on the first and the last pipeline stage (``ParamInfo.shared_embedding``,
   grads summed over the embedding group): it counts on the first stage only;
-- under expert parallelism each EP rank holds its own experts and counts them, the EP group is summed
-  over, and every other parameter (replicated over the EP group) counts on EP rank 0 only (under ZeRO-1
-  the expert buckets are sharded over the expert-DP group, so every piece is again counted once over DP x CP);
+- where the experts have groups of their own (EP > 1, or TP > 1: megalite/parallel/state.py) each EP rank
+  holds its own experts, equal over its expert-DP group (under ZeRO-1 sharded over it, every piece disjoint):
+  an expert counts on the first rank of its expert-DP group (every rank under ZeRO-1); the partial sums then
+  run over the whole grid (the model-parallel group, then DP x CP), so every other parameter counts on DP
+  and CP rank 0 only;
 - data-parallel and context-parallel replicas hold equal, already-averaged grads (DDP averages over
   DP x CP) and count nothing extra -- except under ZeRO-1, where each DP x CP rank holds a disjoint
   shard and counts it.
@@ -36,16 +38,19 @@ from megalite.parallel.state import ProcessGrid
 
 def param_is_counted_in_norm(param: torch.nn.Parameter, grid: Optional[ProcessGrid], sharded: bool = False) -> bool:
     """False for a copy whose gradient another rank of the same replica already counts (see module doc).
-    ``sharded``: a ZeRO-1 piece, disjoint from every other rank's, so never a copy over the EP group."""
+    ``sharded``: a ZeRO-1 piece, disjoint from every other rank's over DP x CP (experts: the expert-DP group)."""
     if grid is None:
         return True
     info = param_info(param)
+    experts_apart = getattr(grid, "edp_group", None) is not None
+    if info.expert_parallel and experts_apart:
+        return sharded or grid.ranks["edp"][0] == grid.rank
     if not info.tensor_parallel and grid.tp_rank != 0:
         return False
     if info.shared_embedding and grid.pp_size > 1 and grid.pp_rank != 0:
         return False
-    if not sharded and not info.expert_parallel and getattr(grid, "ep_rank", 0) != 0:
-        return False
+    if not sharded and experts_apart and (grid.dp_rank != 0 or grid.cp_rank != 0):
+        return False   # the norm is summed over DP x CP too (ReplicatedParams.norm_groups)
     return True
 
 

@@ -125,8 +125,11 @@ class ReplicatedParams:
         return [make_piece(p, 0, p.numel(), grid) for p in params]
 
     def norm_groups(self, grid: Optional[ProcessGrid]) -> list:
-        # Under expert parallelism the EP ranks hold different experts (clip_grads.py counts the rest once).
-        return [] if grid is None else [grid.mp_group, getattr(grid, "ep_group", None)]
+        # Where the experts have groups of their own, ranks of one replica hold different experts: the sum runs
+        # over the whole grid and clip_grads.py counts every other parameter on DP x CP rank 0 only.
+        if grid is None:
+            return []
+        return [grid.mp_group] + ([grid.dp_cp_group] if getattr(grid, "edp_group", None) is not None else [])
 
     def after_update(self) -> None:
         pass

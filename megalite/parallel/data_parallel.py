@@ -26,6 +26,8 @@ Averaging.  Each bucket is multiplied by 1/N before a SUM collective over the N 
 parallelism (megalite/parallel/state.py) the experts' own buckets are summed over the expert-data-parallel
 group only, still divided by N: each expert's gradient already sums the contributions of the tokens of every
 rank of its EP group (they travelled to it), so the sum over the expert-DP group covers all N ranks once.
+Under TP (expert TP 1) the TP ranks join those groups: each saw only its own s/t tokens of the micro-batch, so
+the sum over them is the replica's gradient, and N stays DP x CP.
 Under a sharded strategy those buckets are likewise sharded over the expert-DP group.
 With ``reduce_dtype=torch.bfloat16`` (--grad-reduce-in-bf16) the collective runs on a bf16 copy of the
 bucket (half the bytes on the wire, each term and the sum rounded to bf16), copied back when it ends.
@@ -130,7 +132,7 @@ class DistributedDataParallel(torch.nn.Module):
     def _build_buffers(self, params: List[torch.nn.Parameter]) -> None:
         by_dtype: Dict[tuple, List[torch.nn.Parameter]] = {}
         for param in reversed(params):  # reverse registration ~ the order backward produces grads
-            experts = self.grid.ep_size > 1 and param_info(param).expert_parallel
+            experts = self.grid.edp_group is not None and param_info(param).expert_parallel
             by_dtype.setdefault((experts, param.dtype), []).append(param)
         unit_of = unit_assignment(self.module, gather_units(self.module)) \
             if shards_params(self.sharding_strategy) else None
@@ -212,8 +214,8 @@ class DistributedDataParallel(torch.nn.Module):
         assert bucket.index == self._next_bucket
         self._next_bucket += 1
         sharded_grads = shards_grads(self.sharding_strategy)
-        if self.group_size == 1 and not sharded_grads:
-            return
+        if self.group_size == 1 and bucket.group_size == 1 and not sharded_grads:   # (an expert bucket's group
+            return                                                                  # may be larger or smaller than N)
         data = bucket.ensure_grad_data() if sharded_grads else bucket.grad_data
         data.mul_(1.0 / self.group_size)
         if self.reduce_dtype != data.dtype:

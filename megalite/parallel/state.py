@@ -16,10 +16,17 @@ Experts fold into data parallelism (Megatron-LM's expert groups): within one pip
 TP x CP x DP ranks, in rank order, are cut into expert-parallel (ep) groups of EP consecutive ranks,
 each of which holds all the experts of a layer, E / EP per rank; the ranks that hold the same experts
 form the expert-data-parallel (edp) group, over which expert gradients are reduced (EP x expert-DP =
-TP x CP x DP per stage; expert TP is 1).  Worked example, 8 ranks with DP=4, PP=2, EP=2::
+TP x CP x DP per stage; expert TP is 1: every expert whole on one rank).  Under TP the MoE layer sees
+each TP rank's own s/t tokens (sequence parallelism), so for the experts the TP ranks are more
+data-parallel ranks.  Worked example, 8 ranks with DP=4, PP=2, EP=2::
 
     ep groups     [0,1] [2,3] [4,5] [6,7]
     edp groups    [0,2] [1,3] [4,6] [5,7]
+
+and 8 ranks with TP=2, DP=2, PP=2, EP=2 (rank = tp + 2 (dp + 2 pp)): the EP groups are the TP groups,
+the edp groups join the ranks of equal TP rank, [0,2] [1,3] [4,6] [5,7].  With EP=1 and TP > 1 (a model
+with experts, ``moe=True``) there is no ep group and the edp group is the whole stage, TP x CP x DP.
+The groups exist only where they differ from the dense ones: EP > 1, or TP > 1 with experts.
 
 Every process group of a run is created here, by :func:`initialize_grid`, and read everywhere
 else through :func:`get_grid`.  ``torch.distributed.new_group`` must be called by every rank for
@@ -42,6 +49,7 @@ GROUP_AXES = {
     "pp": ("pp",),
     "mp": ("tp", "pp"),          # model-parallel: everything that holds one replica of the model
     "dp_cp": ("cp", "dp"),       # gradients are averaged over DP and CP together
+    "tp_cp": ("tp", "cp"),       # the ranks that share a micro-batch (MoE routers count its tokens over them)
 }
 AXES = ("tp", "cp", "dp", "pp")  # fastest first
 
@@ -131,16 +139,15 @@ class ProcessGrid:
     Attributes: ``tp_size``, ``cp_size``, ``dp_size``, ``pp_size``, ``world_size``, ``rank``;
     this rank's coordinates ``tp_rank``, ``cp_rank``, ``dp_rank``, ``pp_rank``; the groups
     ``tp_group``, ``cp_group``, ``dp_group``, ``pp_group``, ``mp_group`` (tp x pp), ``dp_cp_group``,
-    ``embedding_group`` (first and last stage of this rank's pipeline), ``ep_group`` and ``edp_group`` (the
-    expert groups, ``ep_size`` and ``ep_rank``), with their member lists
-    in ``ranks[kind]``.
+    ``tp_cp_group``, ``embedding_group`` (first and last stage of this rank's pipeline), ``ep_group`` and
+    ``edp_group`` (the expert groups, ``ep_size`` and ``ep_rank``), with their member lists in ``ranks[kind]``.
 
     With a virtual pipeline (interleaved schedule) each rank holds ``virtual_pp_size`` model chunks;
     :meth:`is_first_stage` and :meth:`is_last_stage` name the chunk they are asked about.
     """
 
     def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
-                 virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p", ep: int = 1):
+                 virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p", ep: int = 1, moe: bool = False):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call megalite.parallel.launch.init_distributed() "
                                "(or torch.distributed.init_process_group) before initialize_grid()")
@@ -160,7 +167,8 @@ class ProcessGrid:
         self.ranks: Dict[str, List[int]] = {}
         self._groups: Dict[str, dist.ProcessGroup] = {}
         created: Dict[tuple, dist.ProcessGroup] = {}  # kinds with equal members share one group
-        for kind in list(GROUP_AXES) + ["embedding"] + (["ep", "edp"] if ep > 1 else []):
+        expert_kinds = (["ep"] if ep > 1 else []) + (["edp"] if ep > 1 or (moe and tp > 1) else [])
+        for kind in list(GROUP_AXES) + ["embedding"] + expert_kinds:
             for members in grid_group_ranks(self.sizes, kind):
                 key = tuple(members)
                 if key not in created:
@@ -199,8 +207,10 @@ class ProcessGrid:
     pp_group = property(lambda self: self._groups["pp"])
     mp_group = property(lambda self: self._groups["mp"])
     dp_cp_group = property(lambda self: self._groups["dp_cp"])
+    tp_cp_group = property(lambda self: self._groups["tp_cp"])
     embedding_group = property(lambda self: self._groups["embedding"])
-    # Expert parallelism (module docstring); built only when EP > 1 (None otherwise).
+    # Expert parallelism (module docstring): ep only when EP > 1, edp also at EP 1 with experts and TP > 1
+    # (None otherwise: the experts are then replicated like any parameter, over DP x CP).
     ep_group = property(lambda self: self._groups.get("ep"))
     edp_group = property(lambda self: self._groups.get("edp"))   # expert gradients are reduced over it
 
@@ -227,12 +237,14 @@ _GRID: Optional[ProcessGrid] = None
 
 
 def initialize_grid(tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
-                    virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p", ep: int = 1) -> ProcessGrid:
+                    virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p", ep: int = 1,
+                    moe: bool = False) -> ProcessGrid:
     """Build the grid (collective: every rank calls it with the same sizes) and make it current."""
     global _GRID
     if _GRID is not None:
         raise RuntimeError("the process grid is already initialized; call destroy_grid() first")
-    _GRID = ProcessGrid(tp=tp, pp=pp, cp=cp, dp=dp, virtual_pp=virtual_pp, cp_comm_type=cp_comm_type, ep=ep)
+    _GRID = ProcessGrid(tp=tp, pp=pp, cp=cp, dp=dp, virtual_pp=virtual_pp, cp_comm_type=cp_comm_type, ep=ep,
+                        moe=moe)
     return _GRID
 
 

@@ -59,8 +59,17 @@ from megalite.scaling.compute import (
 )
 from megalite.scaling.hardware import Hardware, Link
 
-__all__ = ["moe_share", "expert_parameters_per_layer", "expert_gemms", "mixed_layer_times", "dispatch_bytes",
-           "dispatch_times", "moe_extra_activation_bytes", "moe_layer_activation_bytes", "state_groups"]
+__all__ = ["check_modelled", "moe_share", "expert_parameters_per_layer", "expert_gemms", "mixed_layer_times",
+           "dispatch_bytes", "dispatch_times", "moe_extra_activation_bytes", "moe_layer_activation_bytes",
+           "state_groups"]
+
+
+def check_modelled(model: ModelConfig, tp: int) -> None:
+    """The performance model's MoE layer runs at TP 1 (training also runs it at TP > 1 with sequence parallelism,
+    expert TP 1, which this model does not describe yet)."""
+    if model.num_experts is not None and tp > 1:
+        raise ValueError(f"--tensor-model-parallel-size {tp} with --num-experts: the performance model describes "
+                         f"MoE at --tensor-model-parallel-size 1 only so far; plan with 1")
 
 
 def moe_share(model: ModelConfig) -> float:

@@ -17,6 +17,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from megalite.scaling.experts import check_modelled
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.options import PlanOptions, split_plan_flags
 from megalite.scaling.pipeline_split import extra_units
@@ -112,6 +113,7 @@ def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, worl
     try:
         model, parallel, training, optimizer = _configs(with_flags(argv, flags), world_size, options)
         layout = layout_of(parallel, training, optimizer, world_size, options)
+        check_modelled(model, layout.tp)
         candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
                                  f"recompute={model.recompute_granularity or 'none'}")
         if model.num_experts is not None:

@@ -204,6 +204,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``;
     ``options`` are the planner's own flags (options.py)."""
     lay = layout_of(parallel, training, optimizer, world_size, options)
+    experts.check_modelled(model, lay.tp)
     grid = comm.GridStrides(lay.tp, lay.cp, lay.dp, lay.pp, lay.ep)
     passes = _stage_passes(model, parallel, lay, hardware, grid)
     slowest = passes.slowest

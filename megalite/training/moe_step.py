@@ -4,7 +4,8 @@ the step's log values.
 
 Logged as Megatron-LM names them, ``load_balancing_loss`` and ``z_loss``: each router's loss without its
 coefficient, averaged over the step's micro-batches, over the data- and context-parallel ranks (router.py: a
-CP rank's balancing loss is CP times its share) and over the MoE layers of the whole model (summed over the
+CP rank's balancing loss is CP times its share), summed over the TP ranks (each its share of the tokens under
+sequence parallelism) and averaged over the MoE layers of the whole model (summed over the
 pipeline stages first, each of which holds only its own layers' values).
 """
 from __future__ import annotations
@@ -41,13 +42,16 @@ def begin_moe_step(loss_scale: float, num_microbatches: int) -> None:
 @torch.no_grad()
 def update_expert_biases(model_chunks, grid: ProcessGrid) -> None:
     """Each expert bias += rate * sign(mean load - the expert's load), the loads summed over the step's
-    micro-batches and the data- and context-parallel ranks (so every replica moves its bias alike); the loads
+    micro-batches and the tensor- (sequence-parallel), data- and context-parallel ranks (so every replica moves its bias
+    alike); the loads
     are cleared."""
     routers = [m for chunk in model_chunks for m in chunk.modules()
                if isinstance(m, TopKRouter) and m.expert_bias is not None]
     if not routers:
         return
     loads = torch.stack([router.tokens_per_expert for router in routers])          # [routers, E]
+    if grid.tp_size > 1:   # sequence parallelism: each TP rank counted its own tokens
+        dist.all_reduce(loads, group=grid.tp_group)
     if grid.dp_size * grid.cp_size > 1:
         dist.all_reduce(loads, group=grid.dp_cp_group)
     for router, load in zip(routers, loads):
@@ -70,8 +74,8 @@ def end_moe_step(model_chunks, grid: ProcessGrid, config: ModelConfig, num_micro
     for i, name in enumerate(names):
         for layer, total in records.get(name, {}).items():
             values[i, layer] = float(total) / num_microbatches
-    if grid.pp_size > 1:
-        dist.all_reduce(values, group=grid.pp_group)
+    if grid.tp_size * grid.pp_size > 1:   # the stages' own layers; a TP rank's share of its tokens (router.py)
+        dist.all_reduce(values, group=grid.mp_group)
     if grid.dp_size * grid.cp_size > 1:
         dist.all_reduce(values, group=grid.dp_cp_group)
     moe_layers = [layer for layer in range(config.num_layers) if config.is_moe_layer(layer)]

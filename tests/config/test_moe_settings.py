@@ -44,7 +44,18 @@ def test_moe_flags_have_megatron_names_and_reach_fields():
     (["--num-experts", "0"], "--num-experts must be at least 1"),
     (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 needs experts"),
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], "--num-experts 3 is not divisible by"),
-    (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 with --num-experts"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2"],
+     "--tensor-model-parallel-size 2 with --num-experts needs --sequence-parallel"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--expert-tensor-parallel-size", "2"],
+     "--expert-tensor-parallel-size 2: experts split over TP ranks are not built"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--save", "ckpt"],
+     "--save / --load with --num-experts at --tensor-model-parallel-size 2 is not built yet"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "0.01"],
+     "seq_aux_loss with --tensor-model-parallel-size 2 is not built yet"),
+    (["--num-experts", "8", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide TP x CP x DP = 2 x 1 x 2"),
     (["--num-experts", "8", "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide"),
     (["--num-experts", "4", "--calculate-per-token-loss", "--moe-aux-loss-coeff", "0.01"],
      "--calculate-per-token-loss with MoE auxiliary losses"),
@@ -61,6 +72,14 @@ def test_checkpoints_under_expert_parallelism_are_accepted():
                                  "--load", "ckpt"], world_size=4)
     parallel, training = configs[1], next(c for c in configs if hasattr(c, "save"))
     assert (parallel.expert_model_parallel_size, training.save, training.load) == (2, "ckpt", "ckpt")
+
+
+def test_experts_fold_over_tensor_parallel_ranks():
+    """TP=2 with SP: EP may span the TP ranks (EP 4 at TP 2 x DP 2); expert TP 1 is the default and accepted."""
+    for extra in ([], ["--expert-tensor-parallel-size", "1"]):
+        parallel = parse_args(BASE + ["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                      "--expert-model-parallel-size", "4"] + extra, world_size=4)[1]
+        assert (parallel.expert_model_parallel_size, parallel.data_parallel_size) == (4, 2)
 
 
 def test_experts_take_linear_biases():

@@ -111,5 +111,10 @@ def test_expert_groups_fold_into_each_stage():
     sizes = {"tp": 2, "cp": 1, "dp": 2, "pp": 1, "ep": 4}      # EP spans TP x DP: one expert-DP rank each
     assert expert_group_ranks(sizes, "ep") == [[0, 1, 2, 3]]
     assert expert_group_ranks(sizes, "edp") == [[0], [1], [2], [3]]
+    sizes = {"tp": 2, "cp": 1, "dp": 2, "pp": 2, "ep": 2}      # TP=2 (expert TP 1): the EP groups are the TP groups
+    assert expert_group_ranks(sizes, "ep") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert expert_group_ranks(sizes, "edp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    sizes = {"tp": 2, "cp": 1, "dp": 2, "pp": 2, "ep": 1}      # EP 1 at TP 2: the expert-DP group is the stage
+    assert expert_group_ranks(sizes, "edp") == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(ValueError, match="expert-parallel size 3 does not divide the TP x CP x DP = 4"):
         expert_group_ranks({"tp": 1, "cp": 1, "dp": 4, "pp": 1, "ep": 3}, "ep")

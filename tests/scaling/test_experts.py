@@ -191,3 +191,10 @@ def test_expert_gradients_are_reduced_over_the_expert_data_parallel_group(ep):
     dense = comm.all_reduce_time(4.0 * (memory.parameters - memory.expert_parameters), 8, H100.intra_node)
     expert = comm.all_reduce_time(4.0 * memory.expert_parameters, 8 // ep, H100.intra_node)   # 0 at EP 8
     assert p.breakdown["exposed_communication"] == pytest.approx(2 * dispatch + dense + expert)
+
+
+def test_moe_at_tensor_parallel_sizes_above_one_is_not_modelled_yet():
+    """Training runs MoE at TP 2 with sequence parallelism; the performance model refuses it in one line."""
+    model, parallel, training, optimizer = configs("--tensor-model-parallel-size", "2", "--sequence-parallel")
+    with pytest.raises(ValueError, match="describes MoE at --tensor-model-parallel-size 1 only"):
+        predict(model, parallel, training, optimizer, H100, 8)

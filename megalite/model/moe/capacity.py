@@ -3,6 +3,9 @@ expert) pairs on this rank,
 
     C = ceil(T k / E * factor)        (T tokens of this rank, k experts each, E experts)
 
+(under TP with sequence parallelism T is the TP rank's s/t tokens, as in Megatron-LM, so a TP run drops other
+pairs than one process would)
+
 and the pairs beyond it are dropped: their weight becomes 0 and they are never computed, so a token whose k
 experts all dropped it adds nothing to the layer's output (the residual carries it).  Which pairs an expert
 keeps (``--moe-token-drop-policy``): ``probs`` the C of highest routing weight, ``position`` the first C in

@@ -8,7 +8,10 @@
 The router's auxiliary losses ride on ``out``'s backward (aux_loss.py).  Under expert parallelism each rank
 holds E / EP experts and the rows travel to their experts' ranks and back, or every rank sees every token of
 its EP group (megalite/parallel/expert_parallel.py: the alltoall and allgather dispatchers); the experts'
-gradients are then reduced over the expert-data-parallel group only.
+gradients are then reduced over the expert-data-parallel group only.  Under tensor parallelism (with sequence
+parallelism) x holds this TP rank's s/t tokens: the router and the experts (whole, expert TP 1) work on them
+alone, the TP ranks acting as more expert-parallel / expert-data-parallel ranks (parallel/state.py), while
+the shared expert is split over TP like a dense MLP (gathering the sequence, reduce-scattering its output).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from megalite.model.moe.router import TopKRouter
 from megalite.model.transformer import MLP
 from megalite.parallel.expert_parallel import combine, dispatch, ep_group, gather_tokens, reduce_scatter_tokens
 from megalite.parallel.layers import new_parameter
+from megalite.parallel.mappings import tp_size
 from megalite.parallel.param_info import Init
 
 __all__ = ["MoELayer", "mlp_builder"]
@@ -34,18 +38,23 @@ __all__ = ["MoELayer", "mlp_builder"]
 class MoELayer(nn.Module):
     """Router, routed experts and the optional shared expert of global layer ``layer_number``."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, output_init_std: float):
+    def __init__(self, config: ModelConfig, layer_number: int, output_init_std: float,
+                 sequence_parallel: bool = False):
         super().__init__()
+        if tp_size() > 1 and not sequence_parallel:
+            raise ValueError(f"an MoE layer at tensor-parallel size {tp_size()} needs sequence parallelism: each "
+                             f"TP rank routes its own tokens")
         self.num_experts, self.dispatcher = config.num_experts, config.moe_token_dispatcher_type
-        self.router = TopKRouter(config, layer_number)
+        self.router = TopKRouter(config, layer_number, sequence_parallel)
         self.experts = Experts(config, output_init_std)
         self.shared_expert = None
-        if config.moe_shared_expert_intermediate_size is not None:
+        if config.moe_shared_expert_intermediate_size is not None:   # split over TP as a dense MLP is
             shared = dataclasses.replace(config, ffn_hidden_size=config.moe_shared_expert_intermediate_size)
-            self.shared_expert = MLP(shared, output_init_std)
+            self.shared_expert = MLP(shared, output_init_std, sequence_parallel)
         self.shared_expert_gate = None
-        if config.moe_shared_expert_gate:
-            self.shared_expert_gate = new_parameter((1, config.hidden_size), Init("normal", config.init_method_std))
+        if config.moe_shared_expert_gate:   # replicated over TP, fed this rank's tokens under SP
+            self.shared_expert_gate = new_parameter((1, config.hidden_size), Init("normal", config.init_method_std),
+                                                    sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])                                         # [T, h]
@@ -92,5 +101,5 @@ def mlp_builder(config: ModelConfig):
     def build(layer_number: int, output_init_std: float, sequence_parallel: bool):
         if not config.is_moe_layer(layer_number):
             return None
-        return MoELayer(config, layer_number, output_init_std)
+        return MoELayer(config, layer_number, output_init_std, sequence_parallel)
     return build

@@ -24,6 +24,13 @@ which is CP times its part of the whole sequence's loss -- as the lm loss, becau
 over DP x CP; the z-loss is each rank's mean, whose average over CP is the sequence's.  Logs are averaged over
 DP x CP (training/moe_step.py).
 
+Under tensor parallelism the MoE layer runs with sequence parallelism: each TP rank routes its own s/t tokens
+with the router's weight replicated over TP, whose gradient is therefore summed over TP
+(``ParamInfo.sequence_parallel``, megalite/parallel/grads.py), not averaged.  The loads are summed over the
+TP x CP group, and a rank's balancing loss is its share, T_r = T / (TP CP): E / (k T_r^2 TP^2 CP) sum_e P_e^r
+N_e (CP times its part, as above; exactly its part over TP); the z-loss is its mean / TP.  The logged values
+are summed over TP (training/moe_step.py).
+
 The expert bias (aux-loss-free balancing, Wang et al. 2024) only chooses experts, never weights them; after
 each step it moves by ``--moe-router-bias-update-rate`` towards the mean load: +rate for an expert below it,
 -rate above (training/moe_step.py, with the loads summed over the step and the data-parallel ranks).
@@ -41,8 +48,10 @@ from megalite.config.settings import ModelConfig
 from megalite.model.moe import aux_loss
 from megalite.model.moe.capacity import capacity_masks, expert_capacity
 from megalite.parallel import random as tp_random
+from megalite.parallel import state
 from megalite.parallel.context_parallel import cp_group, cp_size
 from megalite.parallel.layers import new_parameter
+from megalite.parallel.mappings import tp_size
 from megalite.parallel.param_info import Init
 
 __all__ = ["topk_routing", "scores_for_aux_loss", "switch_load_balancing_loss", "sequence_load_balancing_loss",
@@ -116,10 +125,12 @@ class TopKRouter(nn.Module):
     ``layer_number``: the layer's global index, under which its losses are logged.
     """
 
-    def __init__(self, config: ModelConfig, layer_number: int):
+    def __init__(self, config: ModelConfig, layer_number: int, sequence_parallel: bool = False):
         super().__init__()
         self.config, self.layer_number = config, layer_number
-        self.weight = new_parameter((config.num_experts, config.hidden_size), Init("normal", config.init_method_std))
+        # Under SP each TP rank routes its own tokens: the weight's gradient is a partial sum over TP.
+        self.weight = new_parameter((config.num_experts, config.hidden_size), Init("normal", config.init_method_std),
+                                    sequence_parallel=sequence_parallel)
         self.dtype = _DTYPES[config.moe_router_dtype]
         self.counting = False   # whether the last forward counted its tokens and recorded its losses
         if config.moe_router_enable_expert_bias:   # state saved with the model, not trained by the optimizer
@@ -169,9 +180,9 @@ class TopKRouter(nn.Module):
             scores = scores_for_aux_loss(logits, cfg.moe_router_score_function)
             if cfg.moe_router_load_balancing_type == "aux_loss":
                 load = routing_map.sum(dim=0).to(scores.dtype)
-                if cp_size() > 1:   # the sequence's loads; this rank's share of the loss (module docstring)
-                    dist.all_reduce(load, group=cp_group())
-                balance = switch_load_balancing_loss(scores, load, cfg.moe_router_topk) / cp_size()
+                if tp_size() * cp_size() > 1:   # the micro-batch's loads; this rank's share (module docstring)
+                    dist.all_reduce(load, group=state.get_grid().tp_cp_group)
+                balance = switch_load_balancing_loss(scores, load, cfg.moe_router_topk) / (cp_size() * tp_size() ** 2)
             else:
                 balance = sequence_load_balancing_loss(scores, routing_map, batch, cfg.moe_router_topk,
                                                        cp_group() if cp_size() > 1 else None)
@@ -179,7 +190,7 @@ class TopKRouter(nn.Module):
                 aux_loss.record("load_balancing_loss", self.layer_number, balance)
             total = balance * cfg.moe_aux_loss_coeff
         if cfg.moe_z_loss_coeff:
-            z = z_loss(logits)
+            z = z_loss(logits) / tp_size()
             if self.counting:
                 aux_loss.record("z_loss", self.layer_number, z)
             total = z * cfg.moe_z_loss_coeff if total is None else total + z * cfg.moe_z_loss_coeff
