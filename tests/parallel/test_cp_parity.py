@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from megalite.parallel.testing import run_on_ranks
+from tests.parallel.tp_harness import run_layout_matrix
 
 STEPS = 4
 MODEL = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -107,12 +107,7 @@ def _train(rank, world_size, runs):
 
 @pytest.fixture(scope="module")
 def runs():
-    references = run_on_ranks(_train, 1, [(v, MODEL + VARIANTS[v] + TRAINING) for v in VARIANTS], timeout=300)[0]
-    by_world = {}
-    for name, variant, world, layout in CASES:
-        by_world.setdefault(world, []).append((name, MODEL + VARIANTS[variant] + TRAINING + layout))
-    per_rank = {world: run_on_ranks(_train, world, cases, timeout=400) for world, cases in by_world.items()}
-    return references, per_rank
+    return run_layout_matrix(_train, MODEL, VARIANTS, TRAINING, CASES)
 
 
 def assert_same_training(ranks, reference):

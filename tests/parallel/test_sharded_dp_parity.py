@@ -19,7 +19,7 @@ import os
 
 import pytest
 
-from megalite.parallel.testing import run_on_ranks
+from tests.parallel.tp_harness import run_layout_matrix
 
 STEPS = 4
 CLIP = 0.5
@@ -132,12 +132,7 @@ def _all_experts(tensor, param, grid):
 
 @pytest.fixture(scope="module")
 def runs():
-    references = run_on_ranks(_train, 1, [(v, MODEL + VARIANTS[v] + TRAINING) for v in VARIANTS], timeout=300)[0]
-    by_world = {}
-    for name, variant, world, layout in CASES:
-        by_world.setdefault(world, []).append((name, MODEL + VARIANTS[variant] + TRAINING + layout))
-    per_rank = {world: run_on_ranks(_train, world, cases, timeout=400) for world, cases in by_world.items()}
-    return references, per_rank
+    return run_layout_matrix(_train, MODEL, VARIANTS, TRAINING, CASES)
 
 
 # Tolerances, measured over the matrix (4 steps) and chosen with room.  What a real bug moves, measured by

@@ -59,3 +59,15 @@ def full_state(model, vocab_size: int, grads: bool = False) -> dict:
     """{name: full-shape parameter (or gradient)} of a possibly TP-split model."""
     return {name: gather_full(name, param.grad if grads else param, param, vocab_size)
             for name, param in model.named_parameters()}
+
+
+def run_layout_matrix(train, model: list, variants: dict, training: list, cases: list):
+    """(one-rank references by variant, {world size: per-rank results}) of a parity matrix: ``train(rank,
+    world_size, [(name, argv)])`` runs each case; ``cases`` are (name, variant, world size, layout flags), run
+    together per world size (one fork and rendezvous each)."""
+    from megalite.parallel.testing import run_on_ranks
+    references = run_on_ranks(train, 1, [(v, model + variants[v] + training) for v in variants], timeout=300)[0]
+    by_world = {}
+    for name, variant, world, layout in cases:
+        by_world.setdefault(world, []).append((name, model + variants[variant] + training + layout))
+    return references, {world: run_on_ranks(train, world, runs, timeout=400) for world, runs in by_world.items()}
