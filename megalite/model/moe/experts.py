@@ -60,7 +60,9 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fuse
         offsets = torch.cumsum(counts, dim=0).to(torch.int32)
         return torch._grouped_mm(x, weight, offs=offsets)
     blocks = x.split(sizes if sizes is not None else counts.tolist(), dim=0)
-    return torch.cat([block @ weight[e] for e, block in enumerate(blocks)], dim=0)
+    # unbind, not weight[e]: each select's backward would write a whole [E, in, out] gradient of zeros,
+    # E of them per GEMM (E^2 in / out elements); unbind's backward stacks the E expert gradients once.
+    return torch.cat([block @ expert for block, expert in zip(blocks, weight.unbind(0))], dim=0)
 
 
 class Experts(nn.Module):
