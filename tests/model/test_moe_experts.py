@@ -71,6 +71,8 @@ def test_experts_module_grouped_equals_loop_with_a_broadcast_gradient():
                          num_experts=4, moe_ffn_hidden_size=8, moe_grouped_gemm=True)
     torch.manual_seed(2)
     experts = Experts(config, output_init_std=0.02)
+    for weight in experts.parameters():        # new_parameter leaves them empty: the model draws them
+        torch.nn.init.normal_(weight, std=0.3)
     counts = torch.tensor([2, 0, 6, 3])
     rows = torch.randn(11, 16, requires_grad=True)
     _grouped_kernel_or_skip(rows, experts.weight1)
