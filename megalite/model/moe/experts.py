@@ -12,8 +12,8 @@ from the seed (so splitting the experts over ranks later keeps each expert's val
 row block e times ``weight[e]`` for every e: one ``torch._grouped_mm`` call where torch, the device and the
 dtype support it (CUDA, bfloat16, compute capability 9.0 on; the CPU in float32 or bfloat16 where torch has
 the kernel, as 2.13 does), else a loop over the experts with the same math.  On this 2-core CPU the kernel
-took 0.47-0.83x the loop's time for forward + backward at 8 and 64 experts, the least where each expert has
-few tokens (docs/moe.md, "Measured").
+took 0.47-0.93x the loop's time for forward + backward at 8 and 64 experts with up to 64 tokens per expert,
+the least where each expert has few, and the loop's time within noise at 256 (docs/moe.md, "Measured").
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _cpu_grouped_mm_works(dtype: torch.dtype) -> bool:
         out = torch._grouped_mm(x, torch.zeros(2, 8, 8, dtype=dtype), offs=torch.tensor([1, 2], dtype=torch.int32))
         out.backward(torch.ones_like(out))
         return True
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, TypeError):
         return False
 
 
