@@ -53,8 +53,9 @@ class MoEFields:
     moe_router_bias_update_rate: float = flag(1e-3, "how far the expert bias moves per step", at_least=0)
     moe_router_dtype: Optional[Literal["fp32", "fp64"]] = flag(None, "the router's logits and scores in this "
                                                                      "precision; default the model's")
-    moe_grouped_gemm: bool = flag(False, "compute the experts with one grouped GEMM (torch._grouped_mm where "
-                                         "the device supports it, else the same math per expert)")
+    moe_grouped_gemm: bool = flag(False, "compute the experts with one grouped GEMM (torch._grouped_mm on CUDA "
+                                         "sm90 bf16 and on the CPU where torch has it, else the same math per "
+                                         "expert)")
     moe_token_dispatcher_type: Literal["allgather", "alltoall"] = flag(
         "allgather", "how tokens reach the experts of other expert-parallel ranks")
     moe_expert_capacity_factor: Optional[float] = flag(None, "tokens an expert takes, as a multiple of an even "

@@ -10,10 +10,14 @@ Experts.  All E experts' weights live in two tensors, ``weight1 [E, h, f]`` (``[
 and up interleaved per unit as in megalite/model/transformer.py's MLP) and ``weight2 [E, f, h]``, drawn whole
 from the seed (so splitting the experts over ranks later keeps each expert's values).  ``grouped_mm`` computes
 row block e times ``weight[e]`` for every e: one ``torch._grouped_mm`` call where torch, the device and the
-dtype support it (CUDA, bfloat16, compute capability 9.0 on), else a loop over the experts with the same math.
+dtype support it (CUDA, bfloat16, compute capability 9.0 on; the CPU in float32 or bfloat16 where torch has
+the kernel, as 2.13 does), else a loop over the experts with the same math.  On this 2-core CPU the kernel
+took 0.47-0.93x the loop's time for forward + backward at 8 and 64 experts with up to 64 tokens per expert,
+the least where each expert has few, and the loop's time within noise at 256 (docs/moe.md, "Measured").
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -45,11 +49,30 @@ def unpermute(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, nu
     return out.index_add(0, order // topk, weighted)
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_grouped_mm_works(dtype: torch.dtype) -> bool:
+    """Whether this torch's torch._grouped_mm runs on the CPU in ``dtype`` (torch 2.13 does; older ones
+    serve CUDA only): one tiny call, forward and backward, tried once per dtype."""
+    try:
+        x = torch.zeros(2, 8, dtype=dtype, requires_grad=True)
+        out = torch._grouped_mm(x, torch.zeros(2, 8, 8, dtype=dtype), offs=torch.tensor([1, 2], dtype=torch.int32))
+        out.backward(torch.ones_like(out))
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
 def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm serves x [N, in] @ weight [E, in, out] here."""
-    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-            and weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-            and x.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0)
+    """Whether torch._grouped_mm serves x [N, in] @ weight [E, in, out] here: CUDA in bfloat16 from compute
+    capability 9.0, or the CPU where this torch has the kernel (float32 / bfloat16); rows of 16 bytes' multiples
+    and at least one row (the kernel's limits)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype or x.shape[0] == 0:
+        return False
+    if (x.shape[1] * x.element_size()) % 16 or (weight.shape[2] * x.element_size()) % 16:
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _cpu_grouped_mm_works(x.dtype)
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fused: bool = True,
@@ -59,15 +82,21 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fuse
     over experts needs them there)."""
     if fused and grouped_mm_available(x, weight):
         offsets = torch.cumsum(counts, dim=0).to(torch.int32)
-        out = torch._grouped_mm(x, weight, offs=offsets)
+        out = torch._grouped_mm(x.contiguous(), weight, offs=offsets)
+        if out.requires_grad:   # the kernel's backward refuses a broadcast gradient (strides 0), e.g. of a sum
+            out.register_hook(torch.Tensor.contiguous)
         if bias is None:
             return out
         # bias row e repeated for expert e's rows, without reading the counts on the host
         return out + torch.repeat_interleave(bias.to(out.dtype), counts, dim=0, output_size=x.shape[0])
     blocks = x.split(sizes if sizes is not None else counts.tolist(), dim=0)
+    # unbind, not weight[e]: each select's backward would write a whole [E, in, out] gradient of zeros,
+    # E of them per GEMM (E^2 in / out elements); unbind's backward stacks the E expert gradients once.
+    experts = weight.unbind(0)
     if bias is None:
-        return torch.cat([block @ weight[e] for e, block in enumerate(blocks)], dim=0)
-    return torch.cat([block @ weight[e] + bias[e] for e, block in enumerate(blocks)], dim=0)
+        return torch.cat([block @ expert for block, expert in zip(blocks, experts)], dim=0)
+    pairs = zip(blocks, experts, bias.unbind(0))
+    return torch.cat([block @ expert + expert_bias for block, expert, expert_bias in pairs], dim=0)
 
 
 class Experts(nn.Module):
