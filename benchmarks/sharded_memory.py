@@ -25,6 +25,11 @@ configuration's memory mixes with another's.  Per rank:
   around the ``wait()`` of each all-gather that parallel/param_gather.py launches.  Without prefetch a gather
   is waited for as soon as it is launched, so this is the all-gather time; with ``--overlap-param-gather``
   it is what compute did not hide.  ``hidden`` = 1 - (wait with prefetch) / (wait without).
+- reduce wait: seconds per step the rank waits for the gradient collectives (all-reduce, or reduce-scatter
+  into shards) that parallel/data_parallel.py launches, timed around each ``wait()``.  With ``--grad-overlap``
+  ZeRO-1 runs once more with ``--overlap-grad-reduce`` (its buckets launched from the backward hooks instead
+  of after backward): ``reduce hidden`` = 1 - (wait with) / (wait without).  ZeRO-2/3 always launch from the
+  hooks.
 
 Ratios: resident and peak over no_shard's, and ZeRO-2's resident over ZeRO-1's (the largest rank of each).
 """
@@ -107,14 +112,53 @@ class GatherClock:
         param_gather.all_gather_into = timed_all_gather
 
 
+class ReduceClock(GatherClock):
+    """Seconds spent in the ``wait()`` of DDP's gradient collectives (data_parallel.py's all-reduce and
+    reduce-scatter), and how many were launched."""
+
+    def install(self) -> None:
+        import torch.distributed as dist
+
+        from megalite.parallel import data_parallel
+        clock, reduce_scatter = self, data_parallel.reduce_scatter_into
+
+        def timed(launch):
+            def launch_timed(*args, **kwargs):
+                work = launch(*args, **kwargs)
+                if work is None:
+                    return None
+                clock.launched += 1
+                return _TimedWork(work, clock)
+            return launch_timed
+
+        class _Dist:   # torch.distributed as data_parallel.py sees it, its all-reduce timed
+            all_reduce = staticmethod(timed(dist.all_reduce))
+
+            def __getattr__(self, name):
+                return getattr(dist, name)
+        data_parallel.reduce_scatter_into = timed(reduce_scatter)
+        data_parallel.dist = _Dist()
+
+
+class _TimedWork:
+    def __init__(self, work, clock):
+        self.work, self.clock = work, clock
+
+    def wait(self):
+        start = time.perf_counter()
+        self.work.wait()
+        self.clock.waited += time.perf_counter() - start
+
+
 def _rank(rank: int, world_size: int, argv: List[str], warmup: int, steps: int) -> Dict[str, float]:
     os.environ["WORLD_SIZE"] = str(world_size)
     _libc().mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     from megalite.parallel import state
     from megalite.training.loop import setup, train_step
 
-    clock = GatherClock()
+    clock, reduce_clock = GatherClock(), ReduceClock()
     clock.install()
+    reduce_clock.install()
     gc.collect()
     base_alloc, base_rss = allocated_bytes(), _status_bytes("VmRSS")
     run = setup(argv)
@@ -125,12 +169,12 @@ def _rank(rank: int, world_size: int, argv: List[str], warmup: int, steps: int) 
         resident = allocated_bytes() - base_alloc
         resident_rss = _status_bytes("VmRSS") - base_rss
         accounted = run.optimizer.memory_bytes()
-        times, peaks, waits, launched, cpu = [], [], [], [], []
+        times, peaks, waits, launched, cpu, reduce_waits = [], [], [], [], [], []
         for _ in range(steps):
             gc.collect()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")                    # the peak restarts from the current resident set
-            clock.waited, clock.launched = 0.0, 0
+            clock.waited, clock.launched, reduce_clock.waited = 0.0, 0, 0.0
             start, start_cpu = time.perf_counter(), time.process_time()
             train_step(run)
             times.append(time.perf_counter() - start)
@@ -138,17 +182,18 @@ def _rank(rank: int, world_size: int, argv: List[str], warmup: int, steps: int) 
             peaks.append(_status_bytes("VmHWM") - base_rss)
             waits.append(clock.waited)
             launched.append(clock.launched)
+            reduce_waits.append(reduce_clock.waited)
     finally:
         state.destroy_grid()
     model_state = sum(accounted[k] for k in ("params", "grads", "master", "adam"))
     return {"resident": resident, "resident_rss": resident_rss, "peak": max(peaks),
             "step_s": statistics.median(times), "cpu_s": statistics.median(cpu),
-            "gather_wait_s": statistics.median(waits),
+            "gather_wait_s": statistics.median(waits), "reduce_wait_s": statistics.median(reduce_waits),
             "gathers": max(launched), "accounted": model_state, "num_params": accounted["num_params"],
             **{f"accounted_{k}": accounted[k] for k in ("params", "grads", "master", "adam")}}
 
 
-def flags(args, strategy: str, overlap: bool) -> List[str]:
+def flags(args, strategy: str, overlap: bool, grad_overlap: bool = False) -> List[str]:
     micro_batch = str(args.micro_batch_size)
     argv = (QUICK_MODEL if args.quick else MODEL) + [
         "--micro-batch-size", micro_batch, "--global-batch-size", str(args.micro_batch_size * args.dp),
@@ -157,16 +202,18 @@ def flags(args, strategy: str, overlap: bool) -> List[str]:
         "--data-parallel-sharding-strategy", strategy]
     if args.bucket_size:
         argv += ["--ddp-bucket-size", str(args.bucket_size)]
-    return argv + (["--overlap-param-gather"] if overlap else []) + (["--bf16"] if args.bf16 else [])
+    return argv + (["--overlap-param-gather"] if overlap else []) + (["--bf16"] if args.bf16 else []) + \
+        (["--overlap-grad-reduce"] if grad_overlap else [])
 
 
-def measure(args, strategy: str, overlap: bool) -> dict:
+def measure(args, strategy: str, overlap: bool, grad_overlap: bool = False) -> dict:
     from megalite.parallel.testing import run_on_ranks
 
-    ranks = run_on_ranks(_rank, args.dp, flags(args, strategy, overlap), args.warmup, args.steps, timeout=3600)
+    ranks = run_on_ranks(_rank, args.dp, flags(args, strategy, overlap, grad_overlap), args.warmup, args.steps,
+                         timeout=3600)
     row = {key: max(r[key] for r in ranks) for key in ranks[0]}    # the largest rank of each figure
     row["cpu_s"] = sum(r["cpu_s"] for r in ranks)                  # but CPU time of every rank together
-    return {"strategy": strategy, "overlap": overlap, **row}
+    return {"strategy": strategy, "overlap": overlap, "grad_overlap": grad_overlap, **row}
 
 
 def _ratio(value: float, base: Optional[dict], key: str) -> str:
@@ -176,28 +223,32 @@ def _ratio(value: float, base: Optional[dict], key: str) -> str:
 def table(rows: List[dict]) -> str:
     base = next((r for r in rows if r["strategy"] == "no_shard"), None)
     lines = [f"{'strategy':<22} {'resident MiB':>12} {'x none':>6} {'accounted':>9} {'other':>6} {'B/param':>7} "
-             f"{'peak MiB':>9} {'x none':>6} {'step s':>7} {'busy':>5} {'gathers':>7} {'wait s':>7}"]
+             f"{'peak MiB':>9} {'x none':>6} {'step s':>7} {'busy':>5} {'gathers':>7} {'wait s':>7} {'reduce s':>8}"]
     for row in rows:
-        name = NAMES[row["strategy"]] + (" +overlap" if row["overlap"] else "")
+        name = NAMES[row["strategy"]] + (" +overlap" if row["overlap"] else "") + \
+            (" +grad overlap" if row.get("grad_overlap") else "")
         per_param = row["resident"] / row["num_params"]
         lines.append(
             f"{name:<22} {row['resident'] / MIB:>12,.1f} {_ratio(row['resident'], base, 'resident'):>6} "
             f"{row['accounted'] / MIB:>9,.1f} {(row['resident'] - row['accounted']) / MIB:>6,.1f} {per_param:>7.2f} "
             f"{row['peak'] / MIB:>9,.1f} {_ratio(row['peak'], base, 'peak'):>6} {row['step_s']:>7.3f} "
             f"{row['cpu_s'] / (row['step_s'] * CORES):>5.2f} "
-            f"{row['gathers']:>7} {row['gather_wait_s']:>7.3f}")
+            f"{row['gathers']:>7} {row['gather_wait_s']:>7.3f} {row['reduce_wait_s']:>8.3f}")
     return "\n".join(lines)
 
 
 def summary(rows: List[dict]) -> Dict[str, float]:
     """The ratios the targets name (those whose rows were measured)."""
-    plain = {r["strategy"]: r for r in rows if not r["overlap"]}
+    plain = {r["strategy"]: r for r in rows if not r["overlap"] and not r.get("grad_overlap")}
     out = {}
     if "optim" in plain and "optim_grads" in plain:
         out["zero2_over_zero1_resident"] = plain["optim_grads"]["resident"] / plain["optim"]["resident"]
     if "no_shard" in plain and "optim_grads_params" in plain:
         out["zero3_over_none_resident"] = plain["optim_grads_params"]["resident"] / plain["no_shard"]["resident"]
         out["zero3_over_none_peak"] = plain["optim_grads_params"]["peak"] / plain["no_shard"]["peak"]
+    grad = next((r for r in rows if r.get("grad_overlap")), None)
+    if grad and grad["strategy"] in plain and plain[grad["strategy"]]["reduce_wait_s"] > 0:
+        out["reduce_wait_hidden"] = 1 - grad["reduce_wait_s"] / plain[grad["strategy"]]["reduce_wait_s"]
     overlapped = next((r for r in rows if r["overlap"]), None)
     if overlapped and "optim_grads_params" in plain and plain["optim_grads_params"]["gather_wait_s"] > 0:
         out["gather_wait_hidden"] = 1 - overlapped["gather_wait_s"] / plain["optim_grads_params"]["gather_wait_s"]
@@ -266,6 +317,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--no-overlap", action="store_true", help="skip ZeRO-3 with --overlap-param-gather")
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters (fp32 masters and gradients)")
+    parser.add_argument("--grad-overlap", action="store_true",
+                        help="also ZeRO-1 with --overlap-grad-reduce (the gradient reductions' hidden share)")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--bucket-size", type=int, help="--ddp-bucket-size (default megalite's)")
     parser.add_argument("--warmup", type=int, default=1, help="steps before anything is measured")
@@ -274,15 +327,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--probe-mib", type=float, default=0.0,
                         help="also time an all-gather of this many MiB alone, beside matmuls, and both at once")
     args = parser.parse_args(argv)
-    configs = [(s, False) for s in args.strategies]
+    configs = [(s, False, False) for s in args.strategies]
     if "optim_grads_params" in args.strategies and not args.no_overlap:
-        configs.append(("optim_grads_params", True))
+        configs.append(("optim_grads_params", True, False))
+    if args.grad_overlap and "optim" in args.strategies:
+        configs.append(("optim", False, True))
     print(f"# DP={args.dp} {'bf16' if args.bf16 else 'fp32'} {' '.join(QUICK_MODEL if args.quick else MODEL)} "
           f"--micro-batch-size {args.micro_batch_size}", flush=True)
     print(f"# before: {machine_load()}", flush=True)
     rows = []
-    for strategy, overlap in configs:
-        rows.append(measure(args, strategy, overlap))
+    for strategy, overlap, grad_overlap in configs:
+        rows.append(measure(args, strategy, overlap, grad_overlap))
         print(table(rows).splitlines()[-1], flush=True)
     print(table(rows))
     print(f"# after: {machine_load()}")

@@ -15,6 +15,7 @@ def test_quick_run_reports_each_configuration_and_zero3_shards_parameters(capsys
         assert row["resident"] > 0 and row["peak"] > 0 and row["step_s"] > 0, row
     none, zero2, zero3 = (rows[(s, False)] for s in ("no_shard", "optim_grads", "optim_grads_params"))
     assert zero3["gathers"] > 0 and zero2["gathers"] == 0
+    assert none["reduce_wait_s"] > 0 and zero2["reduce_wait_s"] > 0    # the gradient collectives were timed
     # Sharding the parameters over 2 ranks frees 2 of their 4 bytes each; ask for at least half of that, as
     # the allocator sees it, against ZeRO-2 (which differs from ZeRO-3 in the parameters only).
     param_bytes = 4 * zero3["num_params"]
