@@ -125,9 +125,6 @@ def check_expert_layout(model: MoEFields, parallel, training) -> None:
     if tp > 1 and not parallel.sequence_parallel:
         raise ValueError(f"--tensor-model-parallel-size {tp} with --num-experts needs --sequence-parallel (as "
                          f"Megatron-LM requires); add it")
-    if model.moe_router_load_balancing_type == "seq_aux_loss" and model.moe_aux_loss_coeff > 0 and tp > 1:
-        raise ValueError(f"--moe-router-load-balancing-type seq_aux_loss with --tensor-model-parallel-size {tp} is "
-                         f"not built yet; use aux_loss or --tensor-model-parallel-size 1")
     stage = tp * cp * parallel.data_parallel_size
     if ep > 1 and stage % ep:
         raise ValueError(f"--expert-model-parallel-size {ep} does not divide TP x CP x DP = {tp} x {cp} x "

@@ -210,38 +210,45 @@ def test_dropped_pairs_weigh_nothing_and_are_not_counted():
     torch.testing.assert_close(aux_loss.take_records()["load_balancing_loss"][0], expected.detach())
 
 
-def _sequence_loss_and_grad(rank, world_size, cp):
-    """The router's weighted seq_aux_loss over two sequences of 8 tokens, and its weight's gradient: averaged
-    over the CP ranks (as data parallelism averages them over DP x CP), each rank holding s / CP of each
-    sequence in the balanced split."""
+def _sequence_loss_and_grad(rank, world_size, cp, tp=1):
+    """The router's weighted seq_aux_loss over two sequences of 8 tokens, and its weight's gradient: summed over
+    the TP ranks (each routes its s / TP of every sequence, as sequence parallelism splits it; the weight's
+    gradient is a partial sum over TP) and averaged over the CP ranks (as data parallelism averages them over
+    DP x CP), each CP rank holding s / CP of each sequence in the balanced split."""
     from megalite.parallel import state
     from megalite.parallel.context_parallel import split_sequence
-    if cp > 1:
-        state.initialize_grid(cp=cp)
+    if cp * tp > 1:
+        grid = state.initialize_grid(tp=tp, cp=cp)
     cfg = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, add_bias_linear=False, num_experts=4,
                       moe_router_topk=2, moe_aux_loss_coeff=1.0, moe_router_load_balancing_type="seq_aux_loss")
-    router = TopKRouter(cfg, layer_number=0)
+    router = TopKRouter(cfg, layer_number=0, sequence_parallel=tp > 1)
     with torch.no_grad():
         router.weight.copy_(torch.randn(4, 8, generator=torch.Generator().manual_seed(3)))
     x = torch.randn(8, 2, 8, generator=torch.Generator().manual_seed(4))     # [s, b, h]: two sequences
-    # Sequence 0's tokens lean to expert 0 at the start and to expert 3 at the end, so each CP rank alone sees
-    # another load than the whole sequence's.
+    # Sequence 0's tokens lean to expert 0 at the start and to expert 3 at the end, so each CP or TP rank alone
+    # sees another load than the whole sequence's.
     x[:4, 0] += 2 * router.weight[0].detach()
     x[4:, 0] += 2 * router.weight[3].detach()
-    total = router(split_sequence(x, cp, rank % cp, dim=0) if cp > 1 else x)[3]
+    if cp > 1:
+        x = split_sequence(x, cp, grid.cp_rank, dim=0)
+    if tp > 1:
+        x = x.chunk(tp, dim=0)[grid.tp_rank]
+    total = router(x)[3]
     total.backward()
     loss, grad = total.detach(), router.weight.grad
-    if cp > 1:
+    if cp * tp > 1:
         torch.distributed.all_reduce(loss)
         torch.distributed.all_reduce(grad)
         state.destroy_grid()
     return float(loss) / cp, (grad / cp).tolist()
 
 
-def test_sequence_loss_under_context_parallelism_equals_one_rank():
-    """CP=2 gives one rank's seq_aux_loss and gradient: each sequence's loads summed over the CP group."""
+@pytest.mark.parametrize("world_size, cp, tp", [(2, 2, 1), (2, 1, 2), (4, 2, 2)], ids=["CP=2", "TP=2", "TP=2 CP=2"])
+def test_sequence_loss_under_context_and_tensor_parallelism_equals_one_rank(world_size, cp, tp):
+    """CP=2, TP=2 (sequence parallel) and both give one rank's seq_aux_loss and gradient: each sequence's loads
+    summed over the TP x CP group, each rank's loss its share."""
     from megalite.parallel.testing import run_on_ranks
     loss, grad = _sequence_loss_and_grad(0, 1, 1)
-    for got_loss, got_grad in run_on_ranks(_sequence_loss_and_grad, 2, 2):
+    for got_loss, got_grad in run_on_ranks(_sequence_loss_and_grad, world_size, cp, tp):
         assert got_loss == pytest.approx(loss, rel=1e-6)
         torch.testing.assert_close(torch.tensor(got_grad), torch.tensor(grad), rtol=1e-5, atol=1e-7)

@@ -2,9 +2,9 @@
 norm, logged auxiliary losses and expert-bias update equal the hand computation on one process
 (tests/training/test_moe_training.py's), and every parameter after the step equals the one-rank run's -- its TP
 shard, or its EP rank's experts.  The TP ranks route their own s/t tokens: the router's gradient is summed over
-TP, the balancing loss's loads over TP (x CP), the experts' gradients over the expert-data-parallel group that
-the TP ranks join.  Layouts: TP2 with EP 1, 2 and 4, DP2, CP2, ZeRO-1, ZeRO-3, full recompute and PP2 (8 ranks;
-the parameters are compared where there is no pipeline)."""
+TP, the balancing loss's loads (each sequence's, for seq_aux_loss) over TP (x CP), the experts' gradients over
+the expert-data-parallel group that the TP ranks join.  Layouts: TP2 with EP 1, 2 and 4, DP2, CP2, ZeRO-1,
+ZeRO-3, full recompute, seq_aux_loss and PP2 (8 ranks; the parameters are compared where there is no pipeline)."""
 import pytest
 import torch
 
@@ -18,6 +18,7 @@ BASE = ARGV + ["--make-vocab-size-divisible-by", "32", "--lr", "1e-2", "--adam-e
                "--moe-shared-expert-intermediate-size", "8", "--moe-shared-expert-gate"]
 TP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 ALLTOALL = ["--moe-token-dispatcher-type", "alltoall"]
+SEQ_AUX = ["--moe-router-load-balancing-type", "seq_aux_loss"]
 LAYOUT_FLAGS = {"--tensor-model-parallel-size": 1, "--sequence-parallel": 0, "--expert-model-parallel-size": 1,
                 "--pipeline-model-parallel-size": 1, "--context-parallel-size": 1, "--use-distributed-optimizer": 0,
                 "--data-parallel-sharding-strategy": 1}
@@ -85,10 +86,12 @@ def assert_same_parameters(got, reference):
     (4, TP + ["--context-parallel-size", "2", "--expert-model-parallel-size", "2"] + BIAS),
     (4, TP + ALLTOALL + ["--expert-model-parallel-size", "2", "--data-parallel-sharding-strategy",
                          "optim_grads_params"]),
-    (8, TP + ALLTOALL + ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"])],
+    (8, TP + ALLTOALL + ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    (2, TP + SEQ_AUX), (4, TP + SEQ_AUX + ["--context-parallel-size", "2", "--expert-model-parallel-size", "2"])],
     ids=["TP=2 EP=1 bias", "TP=2 EP=2", "TP=2 EP=2 full recompute",
          "TP=2 DP=2 EP=2 allgather", "TP=2 DP=2 EP=2 ZeRO-1", "TP=2 DP=2 EP=4 bias",
-         "TP=2 CP=2 EP=2 bias", "TP=2 DP=2 EP=2 ZeRO-3", "TP=2 PP=2 DP=2 EP=2"])
+         "TP=2 CP=2 EP=2 bias", "TP=2 DP=2 EP=2 ZeRO-3", "TP=2 PP=2 DP=2 EP=2", "TP=2 seq_aux_loss",
+         "TP=2 CP=2 EP=2 seq_aux_loss"])
 def test_moe_step_under_tensor_parallelism_matches_one_rank(world_size, layout):
     argv = BASE + layout
     loss, norm, logged, biases = by_hand(one_rank(argv))

@@ -28,8 +28,12 @@ Under tensor parallelism the MoE layer runs with sequence parallelism: each TP r
 with the router's weight replicated over TP, whose gradient is therefore summed over TP
 (``ParamInfo.sequence_parallel``, megalite/parallel/grads.py), not averaged.  The loads are summed over the
 TP x CP group, and a rank's balancing loss is its share, T_r = T / (TP CP): E / (k T_r^2 TP^2 CP) sum_e P_e^r
-N_e (CP times its part, as above; exactly its part over TP); the z-loss is its mean / TP.  The logged values
-are summed over TP (training/moe_step.py).
+N_e (CP times its part, as above; exactly its part over TP); the z-loss is its mean / TP.  seq_aux_loss the
+same per sequence: the rank holds s_r = s / (TP CP) tokens of each of the b sequences (rows t*b + j of
+``[s/TP * b, E]``: its own slice of every sequence, as SP splits the sequence dimension), each sequence's
+loads N_je are summed over TP x CP, and its share is mean_j E / (k s_r^2 TP^2 CP) sum_e P_je^r N_je (P_je^r the
+sum of its scores over its slice of sequence j); summed over the TP ranks the P^r sum to the sequence's and the
+shares to CP times its part.  The logged values are summed over TP (training/moe_step.py).
 
 The expert bias (aux-loss-free balancing, Wang et al. 2024) only chooses experts, never weights them; after
 each step it moves by ``--moe-router-bias-update-rate`` towards the mean load: +rate for an expert below it,
@@ -99,11 +103,11 @@ def switch_load_balancing_loss(scores: torch.Tensor, tokens_per_expert: torch.Te
 
 
 def sequence_load_balancing_loss(scores: torch.Tensor, routing_map: torch.Tensor, batch: int,
-                                 topk: int, group=None) -> torch.Tensor:
+                                 topk: int, group=None, tp: int = 1) -> torch.Tensor:
     """The switch loss of each sequence, averaged over the ``batch`` sequences; scores [s*b, E] and the routing
-    map [s*b, E] (True where a token goes to an expert) in sequence-major token order.  ``group``: the CP
-    group holding the rest of each sequence, over which each sequence's loads are summed (this rank's share
-    of the loss, as the module docstring says for aux_loss)."""
+    map [s*b, E] (True where a token goes to an expert) in sequence-major token order.  ``group``: the CP (or
+    TP x CP) group holding the rest of each sequence, over which each sequence's loads are summed; ``tp``: the
+    TP size within it.  The result is this rank's share of the loss (module docstring)."""
     num_experts = scores.shape[1]
     seq = scores.shape[0] // batch
     counts = routing_map.to(scores.dtype).view(seq, batch, num_experts).sum(dim=0)        # [b, E]
@@ -111,7 +115,7 @@ def sequence_load_balancing_loss(scores: torch.Tensor, routing_map: torch.Tensor
     if parts > 1:
         dist.all_reduce(counts, group=group)
     load = counts * (num_experts / (seq * topk))                  # [b, E]: 1 for an even load (one rank)
-    return (load * scores.view(seq, batch, num_experts).mean(dim=0)).sum(dim=1).mean() / parts
+    return (load * scores.view(seq, batch, num_experts).mean(dim=0)).sum(dim=1).mean() / (parts * tp)
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -184,8 +188,9 @@ class TopKRouter(nn.Module):
                     dist.all_reduce(load, group=state.get_grid().tp_cp_group)
                 balance = switch_load_balancing_loss(scores, load, cfg.moe_router_topk) / (cp_size() * tp_size() ** 2)
             else:
-                balance = sequence_load_balancing_loss(scores, routing_map, batch, cfg.moe_router_topk,
-                                                       cp_group() if cp_size() > 1 else None)
+                group = state.get_grid().tp_cp_group if tp_size() > 1 else cp_group() if cp_size() > 1 else None
+                balance = sequence_load_balancing_loss(scores, routing_map, batch, cfg.moe_router_topk, group,
+                                                       tp_size())
             if self.counting:
                 aux_loss.record("load_balancing_loss", self.layer_number, balance)
             total = balance * cfg.moe_aux_loss_coeff
