@@ -2,16 +2,21 @@
 
 Under EP the ranks of one TP x CP x DP group hold different experts: EP rank r holds experts
 ``[r E/EP, (r+1) E/EP)`` of every MoE layer's stacked weights (parallel/state.py), the same ones as the
-other ranks of its expert-data-parallel group.  ``model_optim_rng.pt`` is written by DP rank 0 of CP rank 0,
-which is EP rank 0, so it holds EP rank 0's experts; every other EP rank's experts (and, without ZeRO-1,
-their Adam moments and fp32 masters) are written beside it, in Megatron's (TP, PP) folder, by the first rank
-of that EP rank's expert-data-parallel group::
+other ranks of its expert-data-parallel group.  Experts are never split over TP, so each EP rank's experts
+are saved once per pipeline stage, by the first rank of its expert-DP group (the stage's r-th rank, whose
+TP coordinate is r mod TP): in its ``model_optim_rng.pt`` when it writes one (DP rank 0 of CP rank 0: EP
+rank 0, and under TP every EP rank r < TP), otherwise (and, without ZeRO-1, with their Adam moments and fp32
+masters) in its (TP, PP) folder beside that file::
 
     mp_rank_{tp:02d}_{pp:03d}/experts_ep{r:03d}.pt    {"model" or "model{i}": {local name: this EP rank's
                                                        stacked expert weights},
                                                        "optimizer": {"pieces": {piece number: moments,
                                                        master}}}   (the optimizer only without ZeRO-1)
 
+Only that copy is named in the tensor index; the ``model_optim_rng.pt`` of a TP folder written by another
+rank holds the same experts again, for a resume at the saved layout, which reads its own folder's files:
+with TP dividing EP or EP dividing TP (config/moe_settings.py refuses the rest), an EP rank's experts lie in
+its own folder, in its model file when ``ep_rank == tp_rank mod EP``, otherwise in its experts file.
 Under ZeRO-1 every rank's optimizer file already holds its own pieces, expert ones included (sharded over
 the expert-DP group).  The tensor index (index.py) names each of these tensors as a box of the global
 ``[E, ...]`` stack along dim 0, so a checkpoint of any EP loads at any other (reshard.py); at the saved layout
@@ -26,7 +31,8 @@ import torch
 from megalite.checkpoint.index import Place, Slice, describe_model, describe_optimizer, is_expert_shard
 from megalite.parallel.data_parallel import unwrap_model
 
-__all__ = ["experts_file", "writes_experts", "reads_experts", "experts_state", "describe_experts", "merge_experts"]
+__all__ = ["experts_file", "writes_experts", "indexes_model_experts", "reads_experts", "experts_state",
+           "describe_experts", "merge_experts"]
 
 
 def experts_file(ep_rank: int) -> str:
@@ -34,13 +40,26 @@ def experts_file(ep_rank: int) -> str:
 
 
 def writes_experts(grid) -> bool:
-    """Whether this rank writes its EP rank's experts file: EP rank > 0, first rank of its expert-DP group."""
-    return grid.ep_size > 1 and grid.ep_rank > 0 and grid.ranks["edp"][0] == grid.rank
+    """Whether this rank writes its EP rank's experts file: the first rank of its expert-DP group, when it
+    writes no ``model_optim_rng.pt`` (module docstring)."""
+    return grid.ep_size > 1 and grid.ranks["edp"][0] == grid.rank and not _writes_model_file(grid)
+
+
+def indexes_model_experts(grid) -> bool:
+    """Whether the experts in this rank's ``model_optim_rng.pt`` are the ones named in the tensor index."""
+    return grid.ep_size == 1 or grid.ranks["edp"][0] == grid.rank
 
 
 def reads_experts(grid) -> Optional[str]:
-    """The experts file a rank loads at the saved layout (None for EP rank 0 and without EP)."""
-    return experts_file(grid.ep_rank) if grid.ep_size > 1 and grid.ep_rank > 0 else None
+    """The experts file a rank loads at the saved layout: None where its folder's model file holds its
+    EP rank's experts (EP rank ``tp_rank mod EP``, written by the stage's rank ``tp_rank``) and without EP."""
+    if grid.ep_size == 1 or grid.ep_rank == grid.tp_rank % grid.ep_size:
+        return None
+    return experts_file(grid.ep_rank)
+
+
+def _writes_model_file(grid) -> bool:
+    return grid.dp_rank == 0 and grid.cp_rank == 0
 
 
 def _key(index: int, num_chunks: int) -> str:

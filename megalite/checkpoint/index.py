@@ -146,7 +146,7 @@ def is_expert_shard(tensor: torch.Tensor, place: Place) -> bool:
 def tensor_box(tensor: torch.Tensor, place: Place) -> dict:
     """The box of a model tensor (or of the parameter of an optimizer piece): a TP shard along its partition
     dim, or -- the experts' stacked weights under EP > 1 -- experts ``[ep_rank E/EP, (ep_rank+1) E/EP)``
-    of the global ``[E, ...]`` stack, along dim 0 (experts are never split over TP: MoE runs at TP 1)."""
+    of the global ``[E, ...]`` stack, along dim 0 (experts are never split over TP: expert TP is 1)."""
     info = param_info(tensor)
     if is_expert_shard(tensor, place):
         if info.partition_dim is not None and place.tp_size > 1:

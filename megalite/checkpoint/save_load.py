@@ -37,6 +37,7 @@ from megalite.checkpoint.expert_files import (
     describe_experts,
     experts_file,
     experts_state,
+    indexes_model_experts,
     merge_experts,
     reads_experts,
     writes_experts,
@@ -47,6 +48,7 @@ from megalite.checkpoint.index import (
     chunk_layer_numbers,
     describe_model,
     describe_optimizer,
+    is_expert_shard,
     parameter_names,
 )
 from megalite.checkpoint.manifest import (
@@ -144,9 +146,11 @@ def _describe_saved_tensors(model_chunks, optimizer, grid: ProcessGrid, shard: s
     model_file = os.path.join(shard, "model_optim_rng.pt")
     place = Place.of(grid)
     if grid.dp_rank == 0 and grid.cp_rank == 0:
-        slices += describe_model(model_chunks, layer_numbers, place, model_file)
+        keep = (lambda tensor: True) if indexes_model_experts(grid) else \
+            (lambda tensor: not is_expert_shard(tensor, place))     # indexed from their first writer's file
+        slices += describe_model(model_chunks, layer_numbers, place, model_file, keep=keep)
         if optimizer is not None and not sharded_optimizer:
-            slices += describe_optimizer(optimizer, names, place, model_file, root=["optimizer"])
+            slices += describe_optimizer(optimizer, names, place, model_file, root=["optimizer"], keep=keep)
     if writes_experts(grid):
         slices += describe_experts(model_chunks, optimizer, names, layer_numbers, place,
                                    os.path.join(shard, experts_file(grid.ep_rank)), sharded_optimizer)

@@ -129,8 +129,9 @@ def check_expert_layout(model: MoEFields, parallel, training) -> None:
     if ep > 1 and stage % ep:
         raise ValueError(f"--expert-model-parallel-size {ep} does not divide TP x CP x DP = {tp} x {cp} x "
                          f"{parallel.data_parallel_size} = {stage}; experts fold into those ranks")
-    if tp > 1 and (training.save or training.load):
-        raise ValueError(f"--save / --load with --num-experts at --tensor-model-parallel-size {tp} is not built "
-                         f"yet; use --tensor-model-parallel-size 1 to keep checkpoints")
+    if tp > 1 and ep > 1 and (training.save or training.load) and tp % ep and ep % tp:
+        raise ValueError(f"--save / --load with --expert-model-parallel-size {ep} at --tensor-model-parallel-size "
+                         f"{tp}: checkpoints need one to divide the other (checkpoint/expert_files.py); choose "
+                         f"such an EP")
     if training.calculate_per_token_loss and (model.moe_aux_loss_coeff or model.moe_z_loss_coeff):
         raise ValueError("--calculate-per-token-loss with MoE auxiliary losses is not built yet; drop one")

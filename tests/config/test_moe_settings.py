@@ -49,8 +49,6 @@ def test_moe_flags_have_megatron_names_and_reach_fields():
     (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
       "--expert-tensor-parallel-size", "2"],
      "--expert-tensor-parallel-size 2: experts split over TP ranks are not built"),
-    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--save", "ckpt"],
-     "--save / --load with --num-experts at --tensor-model-parallel-size 2 is not built yet"),
     (["--num-experts", "8", "--tensor-model-parallel-size", "2", "--sequence-parallel",
       "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide TP x CP x DP = 2 x 1 x 2"),
     (["--num-experts", "8", "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide"),
@@ -69,6 +67,18 @@ def test_checkpoints_under_expert_parallelism_are_accepted():
                                  "--load", "ckpt"], world_size=4)
     parallel, training = configs[1], next(c for c in configs if hasattr(c, "save"))
     assert (parallel.expert_model_parallel_size, training.save, training.load) == (2, "ckpt", "ckpt")
+
+
+def test_checkpoints_at_tp_and_ep_need_one_to_divide_the_other():
+    """TP2 x DP2 x EP2 and EP4 save (tests/checkpoint/test_moe_tp_checkpoint.py); TP2 x DP3 x EP3 is refused."""
+    tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--save", "ckpt", "--load", "ckpt"]
+    for experts, ep in (("4", "2"), ("4", "4")):
+        parallel = parse_args(BASE + tp2 + ["--num-experts", experts, "--expert-model-parallel-size", ep],
+                              world_size=4)[1]
+        assert parallel.expert_model_parallel_size == int(ep)
+    with pytest.raises(ValueError) as refused:
+        parse_args(BASE + tp2 + ["--num-experts", "6", "--expert-model-parallel-size", "3"], world_size=6)
+    assert "--expert-model-parallel-size 3 at --tensor-model-parallel-size 2" in str(refused.value)
 
 
 def test_experts_fold_over_tensor_parallel_ranks():
