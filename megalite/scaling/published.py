@@ -133,7 +133,7 @@ MEGATRON_README = ("NVIDIA/Megatron-LM README, images/model_table.png (commit f2
                    "megatron/training/training.py num_floating_point_operations: full s^2 attention, the logits, "
                    "GQA and SwiGLU's 3/2 (= flops.py); its MFU column is the same figure over 989")
 MEGATRON_STRONG = ("NVIDIA/Megatron-LM README, 'Strong Scaling Results' text: 177B from 96 to 4,608 H100s at "
-                   "batch 1,152, MFU 47% -> 42% (of 989 TFLOP/s)")
+                   "batch 1,152, MFU 47% -> 42% (of 989 TFLOP/s), text of commit f2e5db4 (the table's count)")
 LLAMA3 = ("Dubey et al. 2024, 'The Llama 3 Herd of Models', Table 4 (TFLOPs/GPU) and Sec. 3.3.2, whose MFU "
           "is 'MFU; Chowdhery et al. (2023)': PaLM's Appendix B count, 6N + 12LHQT, dense attention")
 OPT = "Zhang et al. 2022, 'OPT: Open Pre-trained Transformer Language Models', Sec. 2.4 (147 TFLOP/s per GPU)"
@@ -201,7 +201,9 @@ _OPT_175B = ("--num-layers", "96", "--hidden-size", "12288", "--num-attention-he
 
 MEGATRON_MOE = ("NVIDIA/Megatron-LM, megatron/core/transformer/moe/README.md: '468 TFLOPS for Mixtral 8X7B bf16 "
                 "training' (MCore v0.9, the opening paragraph); the layout from its 'Reference Best Parallel Mapping' "
-                "table (MCore v0.8, 8 x H100 80GB per node, 8 x 400 Gbit/s InfiniBand)")
+                "table (MCore v0.8, 8 x H100 80GB per node, 8 x 400 Gbit/s InfiniBand); the figure from commit "
+                "c230e0d (2024-11-21), counted by num_floating_point_operations as it stood then: full s^2 attention, "
+                "the k experts' MLP, the logits (= flops.py)")
 
 # Mixtral 8x7B, dropless, as the MoE README's table and its example script run it: 32 layers, h 4,096, 32 heads,
 # 8 query groups, SwiGLU experts of width 14,336 (8 of them, top-2, aux loss 1e-2), RMSNorm, RoPE, untied,
