@@ -78,7 +78,6 @@ def flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_length:
     return 12.0 * global_batch_size * s * layers * h * h * (attention + mlp + logits)
 
 
-
 def palm_flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_length: Optional[int] = None, *,
                              tp: int) -> float:
     """Model FLOPs of one training step as PaLM's MFU counts them (Chowdhery et al. 2022, Appendix B):
@@ -92,6 +91,7 @@ def palm_flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_le
     s = seq_length or config.seq_length
     attention = 12 * config.num_layers * config.num_attention_heads * config.head_dim * s
     return float(global_batch_size * s * (6 * count_parameters(config, tp=tp) + attention))
+
 
 # Dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
 _GPU_PEAK_TFLOPS = {  # name fragment: (bf16/fp16 tensor core, tf32 tensor core)
