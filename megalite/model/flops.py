@@ -78,6 +78,21 @@ def flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_length:
     return 12.0 * global_batch_size * s * layers * h * h * (attention + mlp + logits)
 
 
+def palm_flops_per_iteration(config: ModelConfig, global_batch_size: int, seq_length: Optional[int] = None, *,
+                             tp: int) -> float:
+    """Model FLOPs of one training step as PaLM's MFU counts them (Chowdhery et al. 2022, Appendix B):
+    ``6 N + 12 L H Q T`` per token, ``N`` every parameter (``count_parameters``: the embedding table too,
+    whose lookup the ``6 N`` charges as a matmul), ``H`` heads of dimension ``Q``, ``T`` the sequence
+    length -- dense attention, the causal mask not discounted.  A dense model's count: the formula has
+    no term for experts a token does not visit."""
+    if config.num_experts is not None:
+        raise ValueError(f"PaLM's 6N + 12LHQT counts a dense model; --num-experts {config.num_experts} has "
+                         f"experts a token does not visit: count it with flops_per_iteration")
+    s = seq_length or config.seq_length
+    attention = 12 * config.num_layers * config.num_attention_heads * config.head_dim * s
+    return float(global_batch_size * s * (6 * count_parameters(config, tp=tp) + attention))
+
+
 # Dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
 _GPU_PEAK_TFLOPS = {  # name fragment: (bf16/fp16 tensor core, tf32 tensor core)
     "H200": (989.0, 494.5),

@@ -17,6 +17,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from megalite.config.settings import ModelConfig
 from megalite.scaling.experts import check_modelled
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.options import PlanOptions, split_plan_flags
@@ -24,7 +25,8 @@ from megalite.scaling.pipeline_split import extra_units
 from megalite.scaling.predict import GIB, Prediction, layout_of, memory_per_stage, predict
 from megalite.training.arguments import build_parser, parse_args, yaml_defaults
 
-__all__ = ["Candidate", "with_flags", "given", "predict_argv", "plan", "search", "describe", "MICRO_BATCHES"]
+__all__ = ["Candidate", "with_flags", "given", "model_of", "predict_argv", "plan", "search", "describe",
+           "MICRO_BATCHES"]
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 MAX_VIRTUAL = 8
@@ -96,6 +98,12 @@ def _configs(argv: Sequence[str], world_size: int, options: PlanOptions = PlanOp
     if extra:
         model = dataclasses.replace(model, num_layers=model.num_layers - extra)
     return model, parallel, training, optimizer
+
+
+def model_of(argv: Sequence[str], world_size: int) -> ModelConfig:
+    """The model ``argv`` describes (the planner's own flags set aside), as the planner predicts it."""
+    options, argv = split_plan_flags(argv)
+    return _configs(argv, world_size, options)[0]
 
 
 def predict_argv(argv: Sequence[str], hardware: Hardware, world_size: int) -> Prediction:

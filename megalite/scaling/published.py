@@ -123,15 +123,19 @@ class PublishedRun(NamedTuple):
     flags: Tuple[str, ...]      # megalite-train flags plus the planner's own (options.py), as published
     tflops_per_gpu: float       # the published figure, in ``convention``
     convention: str             # "megatron": model FLOPs of Megatron-LM's num_floating_point_operations
-                                # (= flops.py); "eq3": Narayanan et al.'s Eq. 3, recompute included
+                                # (= flops.py); "eq3": Narayanan et al.'s Eq. 3, recompute included;
+                                # "palm": PaLM's MFU count, 6N + 12LHQT (flops.palm_flops_per_iteration)
     note: str = ""              # what the source leaves open and how the row fills it
 
 
 MEGATRON_README = ("NVIDIA/Megatron-LM README, images/model_table.png (commit f2e5db4, 2024-07-15, "
-                   "Megatron-Core r0.8.0), per-GPU teraFLOP/s column")
+                   "Megatron-Core r0.8.0), per-GPU teraFLOP/s column; counted by that commit's "
+                   "megatron/training/training.py num_floating_point_operations: full s^2 attention, the logits, "
+                   "GQA and SwiGLU's 3/2 (= flops.py); its MFU column is the same figure over 989")
 MEGATRON_STRONG = ("NVIDIA/Megatron-LM README, 'Strong Scaling Results' text: 177B from 96 to 4,608 H100s at "
-                   "batch 1,152, MFU 47% -> 42% (of 989 TFLOP/s)")
-LLAMA3 = "Dubey et al. 2024, 'The Llama 3 Herd of Models', Table 4 (TFLOPs/GPU) and Sec. 3.3.2"
+                   "batch 1,152, MFU 47% -> 42% (of 989 TFLOP/s), text of commit f2e5db4 (the table's count)")
+LLAMA3 = ("Dubey et al. 2024, 'The Llama 3 Herd of Models', Table 4 (TFLOPs/GPU) and Sec. 3.3.2, whose MFU "
+          "is 'MFU; Chowdhery et al. (2023)': PaLM's Appendix B count, 6N + 12LHQT, dense attention")
 OPT = "Zhang et al. 2022, 'OPT: Open Pre-trained Transformer Language Models', Sec. 2.4 (147 TFLOP/s per GPU)"
 
 # Megatron-LM's H100 GPT benchmark (README): seq 4,096, vocabulary 131,072, untied embeddings (the
@@ -164,8 +168,10 @@ def _megatron_h100_flags(heads: int, hidden: int, layers: int, tp: int, pp: int,
 # The first and last stages hold one layer fewer (the embedding and the loss count as layers), with
 # an interleaved schedule (Sec. 3.3.2); its FSDP keeps the parameters gathered between forward and
 # backward (no re-shard), so the traffic and memory are ZeRO-2's (optim_grads).  Not published:
-# micro-batch (1 assumed), virtual size (the planner chooses), TP overlap (off), FLOP convention
-# (compared with Megatron-LM's count; Table 4's MFU column is the same figure over 989 TFLOP/s).
+# micro-batch (1 assumed), virtual size (the planner chooses), TP overlap (off).  FLOP convention: Sec. 3.3.2
+# gives its MFU as PaLM's (Chowdhery et al.), whose Appendix B counts 6N + 12LHQT FLOPs a token -- every
+# parameter, and the attention over the full sequence (no causal discount); Table 4's MFU column is the
+# TFLOP/s column over 989 (43%, 41%, 38% beside 430, 400, 380: the figures are rounded).
 _LLAMA3_405B = ("--num-layers", "126", "--hidden-size", "16384", "--ffn-hidden-size", "53248",
                 "--num-attention-heads", "128", "--group-query-attention", "--num-query-groups", "8",
                 "--vocab-size", "128256", "--make-vocab-size-divisible-by", "128", "--swiglu",
@@ -195,16 +201,19 @@ _OPT_175B = ("--num-layers", "96", "--hidden-size", "12288", "--num-attention-he
 
 MEGATRON_MOE = ("NVIDIA/Megatron-LM, megatron/core/transformer/moe/README.md: '468 TFLOPS for Mixtral 8X7B bf16 "
                 "training' (MCore v0.9, the opening paragraph); the layout from its 'Reference Best Parallel Mapping' "
-                "table (MCore v0.8, 8 x H100 80GB per node, 8 x 400 Gbit/s InfiniBand)")
+                "table (MCore v0.8, 8 x H100 80GB per node, 8 x 400 Gbit/s InfiniBand); the figure from commit "
+                "c230e0d (2024-11-21), counted by num_floating_point_operations as it stood then: full s^2 attention, "
+                "the k experts' MLP, the logits (= flops.py)")
 
 # Mixtral 8x7B, dropless, as the MoE README's table and its example script run it: 32 layers, h 4,096, 32 heads,
 # 8 query groups, SwiGLU experts of width 14,336 (8 of them, top-2, aux loss 1e-2), RMSNorm, RoPE, untied,
 # no biases, no dropout, vocabulary 32K, sequence 4,096, bf16, 64 GPUs: TP 1, EP 8, PP 4, virtual size 8,
 # micro-batch 1, batch 256, the alltoall dispatcher, grouped GEMM, the distributed optimizer with overlapped
-# gradient reduction and parameter gather.  Not published beside the figure: that the 468 TFLOP/s run used
-# exactly this v0.8 mapping, and which FLOP count it used (Megatron's count later halved the causal attention
-# term; megalite's count keeps the full s^2, flops.py); --moe-permute-fusion has no megalite counterpart
-# (the permutation is priced at the memory bandwidth, experts.py).
+# gradient reduction and parameter gather.  FLOP count: the 468 came with commit c230e0d (2024-11-21, MCore
+# v0.9), when num_floating_point_operations charged the full s^2 attention and the k experts' MLP (= flops.py);
+# the causal halving came later (commit 8873b55, 2025-03-06).  Not published beside the figure: that the run
+# used exactly this v0.8 mapping; --moe-permute-fusion has no megalite counterpart (the permutation is priced
+# at the memory bandwidth, experts.py).
 _MIXTRAL_8X7B = ("--num-layers", "32", "--hidden-size", "4096", "--ffn-hidden-size", "14336",
                  "--num-attention-heads", "32", "--group-query-attention", "--num-query-groups", "8",
                  "--seq-length", "4096", "--max-position-embeddings", "32768", "--vocab-size", "32000",
@@ -228,11 +237,11 @@ def later_runs() -> List[PublishedRun]:
              PublishedRun("Megatron H100 177B strong, 4608 GPUs", MEGATRON_STRONG, "h100-sxm", 4608,
                           _megatron_h100_flags(96, 12288, 96, 8, 6, 1152), 0.42 * 989, "megatron", strong)]
     runs += [PublishedRun("Llama 3 405B 8K, 8192 GPUs", LLAMA3, "h100-sxm", 8192, _llama3(8192, 1, 2048), 430,
-                          "megatron", "DP 64"),
+                          "palm", "DP 64"),
              PublishedRun("Llama 3 405B 8K, 16384 GPUs", LLAMA3, "h100-sxm", 16384, _llama3(8192, 1, 2048), 400,
-                          "megatron", "DP 128"),
+                          "palm", "DP 128"),
              PublishedRun("Llama 3 405B 128K, CP 16", LLAMA3, "h100-sxm", 16384, _llama3(131072, 16, 128), 380,
-                          "megatron", "DP 8")]
+                          "palm", "DP 8")]
     runs.append(PublishedRun("OPT-175B FSDP", OPT, "a100-80gb", 992, _OPT_175B, 147, "megatron"))
     runs.append(PublishedRun("Mixtral 8x7B, 64 GPUs", MEGATRON_MOE, "h100-sxm", 64, _MIXTRAL_8X7B, 468, "megatron",
                              "DP 16, EP 8"))

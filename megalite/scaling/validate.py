@@ -14,8 +14,9 @@ from __future__ import annotations
 import sys
 from typing import List, Optional, Sequence, Tuple
 
+from megalite.model.flops import flops_per_iteration, palm_flops_per_iteration
 from megalite.scaling.hardware import PRESETS, Hardware
-from megalite.scaling.planner import Candidate, plan
+from megalite.scaling.planner import Candidate, model_of, plan, with_flags
 from megalite.scaling.published import (
     KORTHIKANTI_TABLE_3,
     NARAYANAN_TABLE_1,
@@ -48,9 +49,16 @@ def later_predictions() -> List[Tuple[PublishedRun, Candidate]]:
 
 
 def predicted_tflops(run: PublishedRun, candidate: Candidate) -> float:
-    """The prediction in the run's own FLOP convention."""
+    """The prediction in the run's own FLOP convention: Megatron-LM's count (the prediction's model
+    TFLOP/s), Narayanan's Eq. 3 (its hardware TFLOP/s), or PaLM's ``6N + 12LHQT`` (the model TFLOP/s
+    rescaled by the two counts' ratio, both linear in the batch)."""
     p = candidate.prediction
-    return p.hardware_tflops_per_gpu if run.convention == "eq3" else p.tflops_per_gpu
+    if run.convention == "eq3":
+        return p.hardware_tflops_per_gpu
+    if run.convention == "palm":
+        model, tp = model_of(with_flags(list(run.flags), candidate.flags), run.gpus), p.layout["tp"]
+        return p.tflops_per_gpu * palm_flops_per_iteration(model, 1, tp=tp) / flops_per_iteration(model, 1, tp=tp)
+    return p.tflops_per_gpu
 
 
 def _print_later() -> None:

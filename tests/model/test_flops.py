@@ -81,3 +81,25 @@ def test_moe_parameter_count_matches_the_model(extra):
     cfg = ModelConfig(**{**dict(num_layers=3, hidden_size=16, num_attention_heads=2, vocab_size=64,
                                 add_bias_linear=False, num_experts=4, moe_ffn_hidden_size=12), **extra})
     assert flops.count_parameters(cfg, tp=1) == sum(p.numel() for p in GPTModel(cfg).parameters())
+
+
+def test_palm_count_is_6n_plus_dense_attention():
+    # PaLM's Appendix B: 6N + 12 L H Q T a token, N every parameter.  Against Megatron's count it charges
+    # the embedding lookup (V h) and the norms as matmuls, and the same full-sequence attention.
+    cfg = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=160,
+                      seq_length=32, vocab_size=100, make_vocab_size_divisible_by=64, swiglu=True,
+                      normalization="RMSNorm", add_bias_linear=False, position_embedding_type="rope",
+                      untie_embeddings_and_output_weights=True)
+    L, h, s, V, B = 3, 64, 32, 128, 5
+    n = flops.count_parameters(cfg, tp=1)
+    assert flops.palm_flops_per_iteration(cfg, B, tp=1) == B * s * (6 * n + 12 * L * 8 * 8 * s)
+    norms = 2 * L * h + h
+    difference = flops.palm_flops_per_iteration(cfg, B, tp=1) - flops.flops_per_iteration(cfg, B, tp=1)
+    assert difference == pytest.approx(6 * B * s * (V * h + norms), rel=1e-12)
+
+
+def test_palm_count_refuses_experts():
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=128,
+                      num_experts=4, moe_ffn_hidden_size=64)
+    with pytest.raises(ValueError, match="--num-experts 4"):
+        flops.palm_flops_per_iteration(cfg, 1, tp=1)

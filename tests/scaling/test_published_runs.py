@@ -44,6 +44,18 @@ def test_parameter_counts_are_the_sources(predictions):
     assert predictions["Mixtral 8x7B, 64 GPUs"][1].prediction.params / 1e9 == pytest.approx(46.7, rel=0.01)
 
 
+def test_llama3_is_compared_in_palms_count(predictions):
+    # The paper's MFU is PaLM's (Chowdhery et al., Appendix B): 6N + 12 L H Q T FLOPs a token, the attention
+    # over the full sequence; 126 layers, 128 heads of 128, every parameter counted.
+    for name, seq in (("Llama 3 405B 8K, 8192 GPUs", 8192), ("Llama 3 405B 128K, CP 16", 131072)):
+        run, candidate = predictions[name]
+        p = candidate.prediction
+        assert run.convention == "palm"
+        tokens_per_s = 16 * 2 ** 20 / p.iteration_time_s      # 16M tokens a step (Table 4)
+        expected = tokens_per_s * (6 * p.params + 12 * 126 * 128 * 128 * seq) / run.gpus / 1e12
+        assert predicted_tflops(run, candidate) == pytest.approx(expected, rel=1e-9)
+
+
 def _ratio(predictions, name):
     run, candidate = predictions[name]
     return predicted_tflops(run, candidate) / run.tflops_per_gpu
