@@ -2,8 +2,8 @@
 experts_ep{r:03d}.pt the others', megalite/checkpoint/expert_files.py) and described in the tensor index as boxes
 of the global [E, ...] stack, so a resume at the saved layout is bit for bit the uninterrupted run (without
 ZeRO, ZeRO-1 with the expert buckets sharded over the expert-DP group, ZeRO-3), and a resume at another EP
-(1, 2, 4), DP or PP follows it within float32 round-off: losses, and parameters after two Adam steps (which
-carry the moments).
+(EP2 -> EP1, EP1 -> EP2, EP2 -> EP4, EP4 -> EP2), DP or PP follows it within float32 round-off: losses, and
+parameters after two Adam steps (which carry the moments).
 
 The model of test_reshard.py with 4 experts top-2 in every layer, a shared expert, both auxiliary losses and
 the expert bias; the alltoall dispatcher.  Source runs train 4 iterations saving at 2 and 4; resumed runs
@@ -53,13 +53,14 @@ def test_ep_checkpoints_resume_bit_exact_and_reshard_to_any_ep(tmp_path):
         return ARGV + flags + ["--save", folder(name), "--save-interval", "2"], None
 
     # 4 ranks (DP 4): EP2 x expert-DP2 with and without ZeRO-1, each resumed at its own layout; EP2 -> EP4;
-    # EP2 -> PP2 x DP2 x EP2 (each stage's folder holds its own experts file).
+    # EP2 -> PP2 x DP2 x EP2 (each stage's folder holds its own experts file); EP4 (DP4) -> EP2.
     four = run_on_ranks(_train_runs, 4, [
         straight(ep(2) + ZERO1, "ep2-zero1"), resume("ep2-zero1", ep(2) + ZERO1, "ep2-zero1-resumed"),
         straight(ep(2), "ep2"), resume("ep2", ep(2), "ep2-resumed"),
         resume("ep2-zero1", ep(4) + ZERO1, "ep2-to-ep4"),
         resume("ep2", ep(2) + ["--pipeline-model-parallel-size", "2"], "ep2-to-pp2-ep2"),
-        straight(ep(2) + ZERO3, "ep2-zero3"), resume("ep2-zero3", ep(2) + ZERO3, "ep2-zero3-resumed")],
+        straight(ep(2) + ZERO3, "ep2-zero3"), resume("ep2-zero3", ep(2) + ZERO3, "ep2-zero3-resumed"),
+        straight(ep(4), "ep4"), resume("ep4", ep(2), "ep4-to-ep2")],
         timeout=240)[0]
     # 2 ranks: EP1 x DP2 with ZeRO-1 -> EP2 x DP2.  1 rank: EP2 (ZeRO-1) -> EP1.
     two = run_on_ranks(_train_runs, 2, [straight(ZERO1, "ep1-dp2"), resume("ep1-dp2", ep(2), "ep1-to-ep2")],
@@ -67,7 +68,7 @@ def test_ep_checkpoints_resume_bit_exact_and_reshard_to_any_ep(tmp_path):
     one = run_on_ranks(_train_runs, 1, [resume("ep2-zero1", [], "ep2-to-ep1"),
                                         resume("ep2-zero3", [], "ep2-zero3-to-ep1")], timeout=240)[0]
 
-    for curve in (four[0], four[2], four[6], two[0]):
+    for curve in (four[0], four[2], four[6], four[8], two[0]):
         assert not isinstance(curve, str), curve
         assert [i for i, _ in curve] == [1, 2, 3, 4]
     for root, stage in (("ep2", 0), ("ep2-to-pp2-ep2", 0), ("ep2-to-pp2-ep2", 1)):
@@ -83,9 +84,9 @@ def test_ep_checkpoints_resume_bit_exact_and_reshard_to_any_ep(tmp_path):
     assert experts and all(value.shape[0] == 4 for value in experts.values())   # all 4 experts, from both files
     for source, curve, target in (("ep2-zero1", four[4], "ep2-to-ep4"), ("ep2-zero1", one[0], "ep2-to-ep1"),
                                   ("ep1-dp2", two[1], "ep1-to-ep2"), ("ep2", four[5], "ep2-to-pp2-ep2"),
-                                  ("ep2-zero3", one[1], "ep2-zero3-to-ep1")):
+                                  ("ep2-zero3", one[1], "ep2-zero3-to-ep1"), ("ep4", four[9], "ep4-to-ep2")):
         assert not isinstance(curve, str), f"{target}: {curve}"
-        sources = {"ep2-zero1": four[0], "ep2": four[2], "ep2-zero3": four[6], "ep1-dp2": two[0]}
+        sources = {"ep2-zero1": four[0], "ep2": four[2], "ep2-zero3": four[6], "ep1-dp2": two[0], "ep4": four[8]}
         _assert_same_curve(curve, sources[source][2:])
         reference, _ = merge.merge_checkpoint(folder(source), iteration=4)
         _assert_same_params(folder(target), reference)
