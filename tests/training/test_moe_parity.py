@@ -3,8 +3,9 @@ three training steps' lm loss, grad norm, logged balancing loss and z-loss, the 
 capacity dropped, and EVERY parameter after the steps (TP shards and EP ranks' experts gathered whole) equal
 the same flags' run on one process -- with the alltoall AND the allgather dispatcher at each layout.
 
-Layouts: EP2, EP4 (DP4), EP2 with ZeRO-1 (expert-DP 1 and 2), EP2 with TP2 + SP (expert TP 1), EP2 with PP2,
-EP2 with CP2, and the 8-rank TP2 x PP2 x DP2 + SP with EP2.  Capacity-bounded routing (``--moe-expert-capacity-
+Layouts: EP2, EP4 (DP4), EP2 with ZeRO-1 (expert-DP 1 and 2), EP2 with TP2 + SP (expert TP 1; over the TP
+pair, and with DP2), EP2 with PP2 (DP2), EP2 with CP2 (over the CP pair, and with DP2), and the 8-rank
+TP2 x PP2 x DP2 + SP with EP2.  Capacity-bounded routing (``--moe-expert-capacity-
 factor``, which drops pairs here: checked) at the layouts where each rank routes whole micro-batches, as one
 rank does -- DP2 with experts replicated, EP2, EP4, EP2 with ZeRO-1 and with PP2 -- with the number of dropped
 pairs per layer and step summed over the ranks equal to one rank's.  Under TP + SP or CP each rank routes its
@@ -35,6 +36,7 @@ TP2, PP2, CP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"], \
 # (name, variant, world size, layout flags); each runs with both dispatchers
 LAYOUTS = [
     ("ep2", "dropless", 2, EP2), ("ep2-zero1", "dropless", 2, EP2 + ZERO1), ("tp2-ep2", "dropless", 2, TP2 + EP2),
+    ("cp2-ep2", "dropless", 2, CP2 + EP2),    # the EP group is the CP pair: each expert takes both halves' rows
     ("dp2-capacity", "capacity", 2, []), ("ep2-capacity", "capacity", 2, EP2),
     ("dp4-ep4", "dropless", 4, EP4), ("dp4-ep2-zero1", "dropless", 4, EP2 + ZERO1),
     ("pp2-dp2-ep2", "dropless", 4, PP2 + EP2), ("cp2-dp2-ep2", "dropless", 4, CP2 + EP2),
