@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from tests.parallel.test_sharded_dp_parity import FP32, MODEL, _all_experts
+from tests.parallel.test_sharded_dp_parity import MODEL, _all_experts
 from tests.parallel.tp_harness import run_layout_matrix
 
 STEPS = 3
@@ -33,6 +33,11 @@ EP2, EP4 = ["--expert-model-parallel-size", "2"], ["--expert-model-parallel-size
 ZERO1 = ["--use-distributed-optimizer"]
 TP2, PP2, CP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"], \
     ["--pipeline-model-parallel-size", "2"], ["--context-parallel-size", "2"]
+# float32 sums in another order (the gradients over DP / EP / TP / CP, the pipeline's partial sums): measured over
+# every case, losses, grad norms, balancing losses, z-losses and validation losses within 1.2e-7 relative, the
+# parameters within 4.4e-7 absolute (lr 3e-3).  A capacity taken over the whole world's tokens, or expert
+# gradients averaged over the DP group instead of the expert-DP group, moved the losses by > 1e-5.
+REL, PARAM_ABS = 1e-6, 5e-6
 # (name, variant, world size, layout flags); each runs with both dispatchers
 LAYOUTS = [
     ("ep2", "dropless", 2, EP2), ("ep2-zero1", "dropless", 2, EP2 + ZERO1), ("tp2-ep2", "dropless", 2, TP2 + EP2),
@@ -126,12 +131,12 @@ def test_moe_layout_trains_like_one_rank(runs, case):
         # lm loss, grad norm, balancing loss, z-loss: float32 sums in another order
         for column in range(4):
             assert [s[column] for s in history] == pytest.approx([s[column] for s in ref_history],
-                                                                 rel=FP32["loss"] * 10), (rank, column)
+                                                                 rel=REL), (rank, column)
         if variant == "capacity":   # each layer's dropped pairs over the whole batch
             assert [s[4] for s in history] == [s[4] for s in ref_history], rank
-        assert eval_loss == pytest.approx(ref_eval, rel=FP32["loss"] * 10), rank
+        assert eval_loss == pytest.approx(ref_eval, rel=REL), rank
         for param_name, param in params.items():
-            torch.testing.assert_close(param, ref_params[param_name], rtol=0, atol=FP32["param_abs"],
+            torch.testing.assert_close(param, ref_params[param_name], rtol=0, atol=PARAM_ABS,
                                        msg=lambda m: f"rank {rank} {param_name}: {m}")
             seen.add(param_name)
     assert seen == set(ref_params), sorted(set(ref_params) ^ seen)
