@@ -1,16 +1,16 @@
 """Parity of an MoE model with one rank, issue 31's acceptance: at every expert-parallel layout below, each of
 three training steps' lm loss, grad norm, logged balancing loss and z-loss, the validation loss, the pairs the
 capacity dropped, and EVERY parameter after the steps (TP shards and EP ranks' experts gathered whole) equal
-the same flags' run on one process -- with the alltoall AND the allgather dispatcher at each layout.
+the same flags' run on one process -- with the alltoall AND the allgather dispatcher at each layout with EP.
 
 Layouts: EP2, EP4 (DP4), EP2 with ZeRO-1 (expert-DP 1 and 2), EP2 with TP2 + SP (expert TP 1; over the TP
 pair, and with DP2), EP2 with PP2 (DP2), EP2 with CP2 (over the CP pair, and with DP2), and the 8-rank
-TP2 x PP2 x DP2 + SP with EP2.  Capacity-bounded routing (``--moe-expert-capacity-
-factor``, which drops pairs here: checked) at the layouts where each rank routes whole micro-batches, as one
-rank does -- DP2 with experts replicated, EP2, EP4, EP2 with ZeRO-1 and with PP2 -- with the number of dropped
-pairs per layer and step summed over the ranks equal to one rank's.  Under TP + SP or CP each rank routes its
-own s/t (s/cp) tokens against a capacity of its share, as in Megatron-LM (megalite/model/moe/capacity.py), so
-other pairs drop than on one rank: no parity is claimed there.
+TP2 x PP2 x DP2 + SP with EP2.  Capacity-bounded routing (``--moe-expert-capacity-factor``, which drops pairs
+here: checked) at the layouts where each rank routes whole micro-batches, as one rank does -- DP2 with experts
+replicated, EP2 (also with the position policy and padding), EP4, EP2 with ZeRO-1 and with PP2 -- with the
+number of dropped pairs per layer and step, summed over the ranks, equal to one rank's.  Under TP + SP or CP
+each rank routes its own s/t (s/cp) tokens against a capacity of its share, as in Megatron-LM
+(megalite/model/moe/capacity.py), so other pairs drop than on one rank: no parity is claimed there.
 
 The model: tests/parallel/test_sharded_dp_parity.py's (2 layers, hidden 32, sequence 16), 4 experts top-2,
 balancing loss and z-loss, dropout off, float32; cases of one world size share one forked call.
@@ -28,7 +28,10 @@ TRAINING = ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iter
             "--log-interval", "1000", "--eval-iters", "1", "--clip-grad", "0"]
 MOE = ["--disable-bias-linear", "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "24",
        "--moe-aux-loss-coeff", "0.1", "--moe-z-loss-coeff", "0.01"]
-VARIANTS = {"dropless": MOE, "capacity": MOE + ["--moe-expert-capacity-factor", "1.0"]}
+CAPACITY = ["--moe-expert-capacity-factor", "1.0"]
+# the first chosen pairs kept, and the balancing loss counting the padded rows (capacity.py)
+POSITION = CAPACITY + ["--moe-token-drop-policy", "position", "--moe-pad-expert-input-to-capacity"]
+VARIANTS = {"dropless": MOE, "capacity": MOE + CAPACITY, "capacity-position-padded": MOE + POSITION}
 EP2, EP4 = ["--expert-model-parallel-size", "2"], ["--expert-model-parallel-size", "4"]
 ZERO1 = ["--use-distributed-optimizer"]
 TP2, PP2, CP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"], \
@@ -43,6 +46,7 @@ LAYOUTS = [
     ("ep2", "dropless", 2, EP2), ("ep2-zero1", "dropless", 2, EP2 + ZERO1), ("tp2-ep2", "dropless", 2, TP2 + EP2),
     ("cp2-ep2", "dropless", 2, CP2 + EP2),    # the EP group is the CP pair: each expert takes both halves' rows
     ("dp2-capacity", "capacity", 2, []), ("ep2-capacity", "capacity", 2, EP2),
+    ("ep2-capacity-position-padded", "capacity-position-padded", 2, EP2),
     ("dp4-ep4", "dropless", 4, EP4), ("dp4-ep2-zero1", "dropless", 4, EP2 + ZERO1),
     ("pp2-dp2-ep2", "dropless", 4, PP2 + EP2), ("cp2-dp2-ep2", "dropless", 4, CP2 + EP2),
     ("tp2-dp2-ep2", "dropless", 4, TP2 + EP2), ("dp4-ep4-capacity", "capacity", 4, EP4),
@@ -115,7 +119,7 @@ def runs():
 def test_capacity_drops_pairs_and_changes_the_model(runs):
     references, _ = runs
     capacity, dropless = references["capacity"][0], references["dropless"][0]
-    assert all(sum(step[4]) > 0 for step in capacity)            # every step drops some pairs
+    assert all(sum(step[4]) > 0 for step in capacity + references["capacity-position-padded"][0])   # every step drops
     assert all(sum(step[4]) == 0 for step in dropless)
     assert capacity[0][0] != pytest.approx(dropless[0][0], rel=1e-5)   # measured 7e-5 apart
     assert all(step[2] > 0 and step[3] > 0 for step in dropless)  # both auxiliary losses are on
@@ -133,7 +137,7 @@ def test_moe_layout_trains_like_one_rank(runs, case):
         for column in range(4):
             assert [s[column] for s in history] == pytest.approx([s[column] for s in ref_history],
                                                                  rel=REL), (rank, column)
-        if variant == "capacity":   # each layer's dropped pairs over the whole batch
+        if variant != "dropless":   # each layer's dropped pairs over the whole batch
             assert [s[4] for s in history] == [s[4] for s in ref_history], rank
         assert eval_loss == pytest.approx(ref_eval, rel=REL), rank
         for param_name, param in params.items():
