@@ -14,6 +14,11 @@ The allgather dispatcher.  Every rank gathers the whole EP group's tokens, routi
 chosen for them, and the partial outputs -- zero for the rows of other ranks' experts -- are summed back to
 the ranks that own the tokens (:func:`reduce_scatter_tokens`).  More traffic than alltoall (every token to
 every rank), no count exchange.  Backward: the all-gather's is a reduce-scatter, and the other way round.
+
+Counted in megalite/parallel/mappings.py's ``comm_counter``: the allgather dispatcher's collectives under
+``ep_all_gather`` / ``ep_reduce_scatter`` (its ring cost model); the alltoall dispatcher's row exchanges, forward
+and backward, under ``ep_all_to_all`` and the count exchange under ``ep_all_to_all_counts``, each as the bytes
+that leave this rank (the rows for the other ranks; the block a rank keeps is not sent).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.parallel import state
-from megalite.parallel.mappings import all_gather_along, reduce_scatter_along
+from megalite.parallel.mappings import all_gather_along, comm_counter, reduce_scatter_along
 
 __all__ = ["ep_size", "ep_rank", "ep_group", "all_to_all", "dispatch", "combine", "gather_tokens",
            "reduce_scatter_tokens"]
@@ -47,6 +52,7 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, output_splits: List[int], input_splits: List[int], group):
         ctx.splits, ctx.group = (output_splits, input_splits), group
         out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        _count("ep_all_to_all", x, input_splits, group)
         dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
         return out
 
@@ -54,6 +60,13 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
         return _AllToAll.apply(grad.contiguous(), input_splits, output_splits, ctx.group), None, None, None
+
+
+def _count(kind: str, x: torch.Tensor, input_splits: List[int], group) -> None:
+    """The bytes of ``x``'s rows that go to the other ranks of ``group`` (module docstring)."""
+    row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
+    comm_counter.bytes[kind] += (sum(input_splits) - input_splits[dist.get_rank(group)]) * row_bytes
+    comm_counter.calls[kind] += 1
 
 
 def all_to_all(x: torch.Tensor, output_splits: List[int], input_splits: List[int], group) -> torch.Tensor:
@@ -69,6 +82,7 @@ def dispatch(rows: torch.Tensor, counts: torch.Tensor, group) -> Tuple[torch.Ten
     local_experts = counts.numel() // size
     sent_counts = counts.reshape(size, local_experts)
     received_counts = torch.empty_like(sent_counts)
+    _count("ep_all_to_all_counts", sent_counts, [1] * size, group)
     dist.all_to_all_single(received_counts, sent_counts.contiguous(), group=group)      # [source, local expert]
     input_splits, output_splits = sent_counts.sum(dim=1).tolist(), received_counts.sum(dim=1).tolist()
     received = all_to_all(rows, output_splits, input_splits, group)

@@ -2,8 +2,8 @@
 experts_ep{r:03d}.pt the others', megalite/checkpoint/expert_files.py) and described in the tensor index as boxes
 of the global [E, ...] stack, so a resume at the saved layout is bit for bit the uninterrupted run (without
 ZeRO, ZeRO-1 with the expert buckets sharded over the expert-DP group, ZeRO-3), and a resume at another EP
-(1, 2, 4), DP or PP follows it within float32 round-off: losses, and parameters after two Adam steps (which
-carry the moments).
+(EP2 -> EP1, EP1 -> EP2, EP2 -> EP4, EP4 -> EP2), DP or PP follows it within float32 round-off: losses, and
+parameters after two Adam steps (which carry the moments).
 
 The model of test_reshard.py with 4 experts top-2 in every layer, a shared expert, both auxiliary losses and
 the expert bias; the alltoall dispatcher.  Source runs train 4 iterations saving at 2 and 4; resumed runs
@@ -52,18 +52,22 @@ def test_ep_checkpoints_resume_bit_exact_and_reshard_to_any_ep(tmp_path):
     def straight(flags, name):
         return ARGV + flags + ["--save", folder(name), "--save-interval", "2"], None
 
-    # 4 ranks (DP 4): EP2 x expert-DP2 with and without ZeRO-1, each resumed at its own layout; EP2 -> EP4;
-    # EP2 -> PP2 x DP2 x EP2 (each stage's folder holds its own experts file).
+    # 4 ranks (DP 4): EP2 x expert-DP2 with and without ZeRO-1, each resumed at its own layout; EP2 -> EP4
+    # (saving iterations 3 and 4); EP2 -> PP2 x DP2 x EP2 (each stage's folder holds its own experts file).
+    to_ep4, rewind = resume("ep2-zero1", ep(4) + ZERO1, "ep2-to-ep4")
     four = run_on_ranks(_train_runs, 4, [
         straight(ep(2) + ZERO1, "ep2-zero1"), resume("ep2-zero1", ep(2) + ZERO1, "ep2-zero1-resumed"),
-        straight(ep(2), "ep2"), resume("ep2", ep(2), "ep2-resumed"),
-        resume("ep2-zero1", ep(4) + ZERO1, "ep2-to-ep4"),
+        straight(ep(2), "ep2"), resume("ep2", ep(2), "ep2-resumed"), (to_ep4 + ["--save-interval", "1"], rewind),
         resume("ep2", ep(2) + ["--pipeline-model-parallel-size", "2"], "ep2-to-pp2-ep2"),
         straight(ep(2) + ZERO3, "ep2-zero3"), resume("ep2-zero3", ep(2) + ZERO3, "ep2-zero3-resumed")],
         timeout=240)[0]
-    # 2 ranks: EP1 x DP2 with ZeRO-1 -> EP2 x DP2.  1 rank: EP2 (ZeRO-1) -> EP1.
-    two = run_on_ranks(_train_runs, 2, [straight(ZERO1, "ep1-dp2"), resume("ep1-dp2", ep(2), "ep1-to-ep2")],
-                       timeout=240)[0]
+    # 2 ranks: EP1 x DP2 with ZeRO-1 -> EP2 x DP2; EP4 (ZeRO-1, iteration 3) -> EP2 x DP2 for the last step.
+    two = run_on_ranks(_train_runs, 2, [
+        straight(ZERO1, "ep1-dp2"), resume("ep1-dp2", ep(2), "ep1-to-ep2"),
+        (ARGV + ep(2) + ["--load", folder("ep2-to-ep4"), "--save", folder("ep4-to-ep2")], (folder("ep2-to-ep4"), 3))],
+        timeout=240)[0]
+    with open(os.path.join(folder("ep2-to-ep4"), paths.TRACKER_FILE), "w") as f:   # its newest again
+        f.write("4")
     one = run_on_ranks(_train_runs, 1, [resume("ep2-zero1", [], "ep2-to-ep1"),
                                         resume("ep2-zero3", [], "ep2-zero3-to-ep1")], timeout=240)[0]
 
@@ -83,10 +87,10 @@ def test_ep_checkpoints_resume_bit_exact_and_reshard_to_any_ep(tmp_path):
     assert experts and all(value.shape[0] == 4 for value in experts.values())   # all 4 experts, from both files
     for source, curve, target in (("ep2-zero1", four[4], "ep2-to-ep4"), ("ep2-zero1", one[0], "ep2-to-ep1"),
                                   ("ep1-dp2", two[1], "ep1-to-ep2"), ("ep2", four[5], "ep2-to-pp2-ep2"),
-                                  ("ep2-zero3", one[1], "ep2-zero3-to-ep1")):
+                                  ("ep2-zero3", one[1], "ep2-zero3-to-ep1"), ("ep2-zero1", two[2], "ep4-to-ep2")):
         assert not isinstance(curve, str), f"{target}: {curve}"
         sources = {"ep2-zero1": four[0], "ep2": four[2], "ep2-zero3": four[6], "ep1-dp2": two[0]}
-        _assert_same_curve(curve, sources[source][2:])
+        _assert_same_curve(curve, sources[source][-len(curve):])          # from iteration 3, or 4 (EP4 -> EP2)
         reference, _ = merge.merge_checkpoint(folder(source), iteration=4)
         _assert_same_params(folder(target), reference)
 

@@ -4,7 +4,8 @@ norm, logged auxiliary losses and expert-bias update equal the hand computation 
 shard, or its EP rank's experts.  The TP ranks route their own s/t tokens: the router's gradient is summed over
 TP, the balancing loss's loads (each sequence's, for seq_aux_loss) over TP (x CP), the experts' gradients over
 the expert-data-parallel group that the TP ranks join.  Layouts: TP2 with EP 1, 2 and 4, DP2, CP2, ZeRO-1,
-ZeRO-3, full recompute, seq_aux_loss and PP2 (8 ranks; the parameters are compared where there is no pipeline)."""
+ZeRO-3, full recompute, seq_aux_loss and PP2 (8 ranks; the parameters are compared where there is no pipeline
+here, and at TP2 x PP2 x DP2 with EP2 by tests/training/test_moe_parity.py)."""
 import pytest
 import torch
 
