@@ -47,8 +47,19 @@ def test_moe_flags_have_megatron_names_and_reach_fields():
     (["--num-experts", "4", "--tensor-model-parallel-size", "2"],
      "--tensor-model-parallel-size 2 with --num-experts needs --sequence-parallel"),
     (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-      "--expert-tensor-parallel-size", "2"],
-     "--expert-tensor-parallel-size 2: experts split over TP ranks are not built"),
+      "--expert-tensor-parallel-size", "4"],
+     "--expert-tensor-parallel-size 4 differs from --tensor-model-parallel-size 2; only 1 (each expert whole) or 2"),
+    (["--num-experts", "4", "--expert-tensor-parallel-size", "2"],
+     "--expert-tensor-parallel-size 2 differs from --tensor-model-parallel-size 1"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--expert-tensor-parallel-size", "2", "--moe-ffn-hidden-size", "7"],
+     "--moe-ffn-hidden-size 7 is not divisible by --expert-tensor-parallel-size 2"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "4"],
+     "--expert-model-parallel-size 4 x --expert-tensor-parallel-size 2 does not divide TP x CP x DP = 2 x 1 x 2"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--expert-tensor-parallel-size", "2", "--save", "ckpt"],
+     "--save / --load with --expert-tensor-parallel-size 2 is not built"),
     (["--num-experts", "8", "--tensor-model-parallel-size", "2", "--sequence-parallel",
       "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide TP x CP x DP = 2 x 1 x 2"),
     (["--num-experts", "8", "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide"),
@@ -87,6 +98,18 @@ def test_experts_fold_over_tensor_parallel_ranks():
         parallel = parse_args(BASE + ["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
                                       "--expert-model-parallel-size", "4"] + extra, world_size=4)[1]
         assert (parallel.expert_model_parallel_size, parallel.data_parallel_size) == (4, 2)
+
+
+def test_expert_tensor_parallelism_is_tp_and_refuses_expert_biases():
+    """--expert-tensor-parallel-size 2 at TP 2 (tests/training/test_moe_expert_tensor_parallel.py); the experts'
+    biases are not split over expert TP, so they are refused in one line."""
+    etp2 = ["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+            "--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "2"]
+    assert parse_args(BASE + etp2, world_size=4)[1].expert_tensor_parallel_size == 2
+    with pytest.raises(ValueError) as refused:
+        parse_args(["--mock-data"] + etp2, world_size=4)
+    assert "--expert-tensor-parallel-size 2 with expert biases is not built; add --disable-bias-linear" \
+        in str(refused.value)
 
 
 def test_experts_take_linear_biases():
