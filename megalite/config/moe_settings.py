@@ -128,7 +128,7 @@ def check_expert_layout(model: MoEFields, parallel, training) -> None:
         raise ValueError(f"{sizes} does not divide TP x CP x DP = {tp} x {cp} x {parallel.data_parallel_size} = "
                          f"{stage}; experts fold into those ranks")
     if etp > 1:
-        _check_expert_tensor_parallel(model, etp, tp, training)
+        _check_expert_tensor_parallel(model, etp, tp)
     if tp > 1 and ep > 1 and (training.save or training.load) and tp % ep and ep % tp:
         raise ValueError(f"--save / --load with --expert-model-parallel-size {ep} at --tensor-model-parallel-size "
                          f"{tp}: checkpoints need one to divide the other (checkpoint/expert_files.py); choose "
@@ -137,7 +137,7 @@ def check_expert_layout(model: MoEFields, parallel, training) -> None:
         raise ValueError("--calculate-per-token-loss with MoE auxiliary losses is not built yet; drop one")
 
 
-def _check_expert_tensor_parallel(model: MoEFields, etp: int, tp: int, training) -> None:
+def _check_expert_tensor_parallel(model: MoEFields, etp: int, tp: int) -> None:
     """The rules of --expert-tensor-parallel-size above 1 (each expert's ffn split over ETP ranks)."""
     if etp != tp:
         raise ValueError(f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size {tp}; "
@@ -148,6 +148,3 @@ def _check_expert_tensor_parallel(model: MoEFields, etp: int, tp: int, training)
     if model.add_bias_linear:
         raise ValueError(f"--expert-tensor-parallel-size {etp} with expert biases is not built; add "
                          f"--disable-bias-linear or use --expert-tensor-parallel-size 1")
-    if training.save or training.load:
-        raise ValueError(f"--save / --load with --expert-tensor-parallel-size {etp} is not built (the checkpoint "
-                         f"index splits experts over EP only); use --expert-tensor-parallel-size 1")
