@@ -129,7 +129,7 @@ def check_expert_layout(model: MoEFields, parallel, training) -> None:
                          f"{stage}; experts fold into those ranks")
     if etp > 1:
         _check_expert_tensor_parallel(model, etp, tp)
-    if tp > 1 and ep > 1 and (training.save or training.load) and tp % ep and ep % tp:
+    if tp > 1 and ep > 1 and etp == 1 and (training.save or training.load) and tp % ep and ep % tp:
         raise ValueError(f"--save / --load with --expert-model-parallel-size {ep} at --tensor-model-parallel-size "
                          f"{tp}: checkpoints need one to divide the other (checkpoint/expert_files.py); choose "
                          f"such an EP")

@@ -87,6 +87,10 @@ def test_checkpoints_at_tp_and_ep_need_one_to_divide_the_other():
     with pytest.raises(ValueError) as refused:
         parse_args(BASE + tp2 + ["--num-experts", "6", "--expert-model-parallel-size", "3"], world_size=6)
     assert "--expert-model-parallel-size 3 at --tensor-model-parallel-size 2" in str(refused.value)
+    # under expert TP = TP every TP folder's model file holds EP rank 0's slice: any EP saves
+    parallel = parse_args(BASE + tp2 + ["--num-experts", "6", "--expert-model-parallel-size", "3",
+                                        "--expert-tensor-parallel-size", "2"], world_size=12)[1]
+    assert (parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size) == (3, 2)
 
 
 def test_experts_fold_over_tensor_parallel_ranks():
