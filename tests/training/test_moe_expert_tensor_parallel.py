@@ -3,9 +3,9 @@ and expert-DP 1 on 4 ranks): each expert's ffn split over the TP group (fc1's co
 fc2's rows), the rows an EP rank receives gathered over expert TP and the partial outputs summed back.  One
 training step's loss, gradient norm, logged auxiliary losses and every parameter after the step equal the
 hand computation and the one-rank run (tests/training/test_moe_tensor_parallel.py's harness): both dispatchers,
-with and without --moe-grouped-gemm, GELU and SwiGLU experts, ZeRO-1 and ZeRO-3, expert TP 2 at EP 1, and on
-8 ranks TP2 x CP2 x DP2 with EP2 (expert-DP 2, over CP x DP) and TP2 x PP2 x DP2 with EP2 (losses and norm
-there; the parameters are compared where there is no pipeline)."""
+with and without --moe-grouped-gemm, GELU and SwiGLU experts, ZeRO-1 and ZeRO-3, expert TP 2 at EP 1 (with
+full recompute), and on 8 ranks TP2 x CP2 x DP2 with EP2 (expert-DP 2, over CP x DP) and TP2 x PP2 x DP2 with
+EP2 (losses and norm there; the parameters are compared where there is no pipeline)."""
 import pytest
 
 from megalite.parallel.testing import run_on_ranks
@@ -23,12 +23,14 @@ SWIGLU = ["--swiglu", "--moe-grouped-gemm"]
     (4, ETP2 + EP2 + ALLTOALL + SWIGLU + ["--use-distributed-optimizer"]),
     (4, ETP2 + EP2 + SWIGLU),
     (4, ETP2 + EP2 + ["--swiglu", "--data-parallel-sharding-strategy", "optim_grads_params"]),
-    (2, ETP2 + ALLTOALL + ["--swiglu"]), (2, ETP2 + ["--swiglu"]),
+    (2, ETP2 + ALLTOALL + ["--swiglu", "--recompute-granularity", "full", "--recompute-method", "uniform"]),
+    (2, ETP2 + ["--swiglu"]),
     (8, ETP2 + EP2 + ["--context-parallel-size", "2"]),
     (8, ETP2 + EP2 + ALLTOALL + ["--pipeline-model-parallel-size", "2"])],
     ids=["TP=2 DP=2 EP=2 ETP=2 alltoall", "ETP=2 EP=2 alltoall SwiGLU grouped ZeRO-1",
-         "ETP=2 EP=2 allgather SwiGLU grouped", "ETP=2 EP=2 allgather SwiGLU ZeRO-3", "TP=2 EP=1 ETP=2 alltoall",
-         "TP=2 EP=1 ETP=2 allgather", "TP=2 CP=2 DP=2 EP=2 ETP=2 allgather", "TP=2 PP=2 DP=2 EP=2 ETP=2"])
+         "ETP=2 EP=2 allgather SwiGLU grouped", "ETP=2 EP=2 allgather SwiGLU ZeRO-3",
+         "TP=2 EP=1 ETP=2 alltoall full recompute", "TP=2 EP=1 ETP=2 allgather",
+         "TP=2 CP=2 DP=2 EP=2 ETP=2 allgather", "TP=2 PP=2 DP=2 EP=2 ETP=2"])
 def test_moe_step_with_expert_tensor_parallelism_matches_one_rank(world_size, layout):
     argv = BASE + layout
     loss, norm, logged, _ = by_hand(one_rank(argv))
