@@ -1,16 +1,18 @@
 """MoE with expert tensor parallelism (--expert-tensor-parallel-size 2 = TP 2, sequence parallelism, EP 2, so DP 2
 and expert-DP 1 on 4 ranks): each expert's ffn split over the TP group (fc1's columns, whole SwiGLU units, and
 fc2's rows), the rows an EP rank receives gathered over expert TP and the partial outputs summed back.  One
-training step's loss, gradient norm, logged auxiliary losses and every parameter after the step equal the
-hand computation and the one-rank run (tests/training/test_moe_tensor_parallel.py's harness): both dispatchers,
-with and without --moe-grouped-gemm, GELU and SwiGLU experts, ZeRO-1 and ZeRO-3, expert TP 2 at EP 1 (with
-full recompute), and on 8 ranks TP2 x CP2 x DP2 with EP2 (expert-DP 2, over CP x DP) and TP2 x PP2 x DP2 with
-EP2 (losses and norm there; the parameters are compared where there is no pipeline)."""
+training step's loss, gradient norm, logged auxiliary losses (and expert-bias update) and every parameter after
+the step equal the hand computation and the one-rank run (tests/training/test_moe_tensor_parallel.py's
+harness): both dispatchers, with and without --moe-grouped-gemm, GELU and SwiGLU experts, ZeRO-1 and ZeRO-3,
+expert TP 2 at EP 1 (with full recompute, and with the router's expert bias), and on 8 ranks TP2 x CP2 x DP2
+with EP2 (expert-DP 2, over CP x DP) and TP2 x PP2 x DP2 with EP2 (losses and norm there; the parameters are
+compared where there is no pipeline)."""
 import pytest
+import torch
 
 from megalite.parallel.testing import run_on_ranks
 from tests.training.test_moe_tensor_parallel import BASE, TP, _step, assert_same_parameters, one_rank
-from tests.training.test_moe_training import by_hand
+from tests.training.test_moe_training import BIAS, by_hand
 
 ETP2 = TP + ["--expert-tensor-parallel-size", "2"]
 EP2 = ["--expert-model-parallel-size", "2"]
@@ -24,22 +26,25 @@ SWIGLU = ["--swiglu", "--moe-grouped-gemm"]
     (4, ETP2 + EP2 + SWIGLU),
     (4, ETP2 + EP2 + ["--swiglu", "--data-parallel-sharding-strategy", "optim_grads_params"]),
     (2, ETP2 + ALLTOALL + ["--swiglu", "--recompute-granularity", "full", "--recompute-method", "uniform"]),
-    (2, ETP2 + ["--swiglu"]),
+    (2, ETP2 + ["--swiglu"] + BIAS),
     (8, ETP2 + EP2 + ["--context-parallel-size", "2"]),
     (8, ETP2 + EP2 + ALLTOALL + ["--pipeline-model-parallel-size", "2"])],
     ids=["TP=2 DP=2 EP=2 ETP=2 alltoall", "ETP=2 EP=2 alltoall SwiGLU grouped ZeRO-1",
          "ETP=2 EP=2 allgather SwiGLU grouped", "ETP=2 EP=2 allgather SwiGLU ZeRO-3",
-         "TP=2 EP=1 ETP=2 alltoall full recompute", "TP=2 EP=1 ETP=2 allgather",
+         "TP=2 EP=1 ETP=2 alltoall full recompute", "TP=2 EP=1 ETP=2 allgather expert bias",
          "TP=2 CP=2 DP=2 EP=2 ETP=2 allgather", "TP=2 PP=2 DP=2 EP=2 ETP=2"])
 def test_moe_step_with_expert_tensor_parallelism_matches_one_rank(world_size, layout):
     argv = BASE + layout
-    loss, norm, logged, _ = by_hand(one_rank(argv))
+    loss, norm, logged, biases = by_hand(one_rank(argv))
     reference = run_on_ranks(_step, 1, one_rank(argv))[0]
     assert reference[0] == pytest.approx(loss, rel=1e-5) and reference[1] == pytest.approx(norm, rel=1e-4)
-    for got_loss, got_norm, got_logged, _, got_params in run_on_ranks(_step, world_size, argv, timeout=240):
+    for got_loss, got_norm, got_logged, got_biases, got_params in run_on_ranks(_step, world_size, argv, timeout=240):
         assert got_loss == pytest.approx(loss, rel=1e-5)
         assert got_norm == pytest.approx(norm, rel=1e-4)
         assert got_logged == pytest.approx(logged, rel=1e-5)
+        assert (not got_biases) == (layout[-len(BIAS):] != BIAS)
+        for layer, bias in got_biases.items():   # the expert-bias update (each TP rank's loads summed over TP)
+            torch.testing.assert_close(torch.tensor(bias), torch.tensor(biases[layer]))
         if got_params[0]:   # (without a pipeline: the names are the one-stage model's)
             # the experts' ffn is split: weight1 [E/EP, h, f/2] and weight2 [E/EP, f/2, h]
             split = {name: dim for name, _, dim, expert in got_params[0] if expert}
