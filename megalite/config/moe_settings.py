@@ -145,6 +145,3 @@ def _check_expert_tensor_parallel(model: MoEFields, etp: int, tp: int) -> None:
     if model.moe_ffn_hidden_size % etp:
         raise ValueError(f"--moe-ffn-hidden-size {model.moe_ffn_hidden_size} is not divisible by "
                          f"--expert-tensor-parallel-size {etp}; choose a multiple of {etp}")
-    if model.add_bias_linear:
-        raise ValueError(f"--expert-tensor-parallel-size {etp} with expert biases is not built; add "
-                         f"--disable-bias-linear or use --expert-tensor-parallel-size 1")

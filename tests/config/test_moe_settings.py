@@ -101,16 +101,14 @@ def test_experts_fold_over_tensor_parallel_ranks():
         assert (parallel.expert_model_parallel_size, parallel.data_parallel_size) == (4, 2)
 
 
-def test_expert_tensor_parallelism_is_tp_and_refuses_expert_biases():
-    """--expert-tensor-parallel-size 2 at TP 2 (tests/training/test_moe_expert_tensor_parallel.py); the experts'
-    biases are not split over expert TP, so they are refused in one line."""
+def test_expert_tensor_parallelism_is_tp_and_takes_expert_biases():
+    """--expert-tensor-parallel-size 2 at TP 2 (tests/training/test_moe_expert_tensor_parallel.py), with or
+    without the experts' biases."""
     etp2 = ["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
             "--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "2"]
-    assert parse_args(BASE + etp2, world_size=4)[1].expert_tensor_parallel_size == 2
-    with pytest.raises(ValueError) as refused:
-        parse_args(["--mock-data"] + etp2, world_size=4)
-    assert "--expert-tensor-parallel-size 2 with expert biases is not built; add --disable-bias-linear" \
-        in str(refused.value)
+    for flags in (BASE, ["--mock-data"]):
+        model, parallel = parse_args(flags + etp2, world_size=4)[:2]
+        assert parallel.expert_tensor_parallel_size == 2 and model.add_bias_linear == (flags != BASE)
 
 
 def test_experts_take_linear_biases():

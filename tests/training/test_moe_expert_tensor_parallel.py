@@ -12,7 +12,7 @@ import torch
 
 from megalite.parallel.testing import run_on_ranks
 from tests.training.test_moe_tensor_parallel import BASE, TP, _step, assert_same_parameters, one_rank
-from tests.training.test_moe_training import BIAS, by_hand
+from tests.training.test_moe_training import ARGV, BIAS, _curve, by_hand
 
 ETP2 = TP + ["--expert-tensor-parallel-size", "2"]
 EP2 = ["--expert-model-parallel-size", "2"]
@@ -50,3 +50,16 @@ def test_moe_step_with_expert_tensor_parallelism_matches_one_rank(world_size, la
             split = {name: dim for name, _, dim, expert in got_params[0] if expert}
             assert split and all(dim in (1, 2) for dim in split.values()), split
             assert_same_parameters(got_params, reference[4])
+
+
+@pytest.mark.parametrize("world_size, layout", [(4, ETP2 + EP2 + ALLTOALL + ["--use-distributed-optimizer"]),
+                                                (2, ETP2)], ids=["TP=2 DP=2 EP=2 ETP=2 alltoall ZeRO-1",
+                                                                 "TP=2 ETP=2 allgather"])
+def test_expert_biases_train_the_same_under_expert_tensor_parallelism(world_size, layout):
+    """Each expert's fc1 bias split as fc1's columns, its fc2 bias added once (by expert-TP rank 0) with its
+    gradient summed over TP: zero at first, they move after the first step, so three steps check their
+    forward too (tests/training/test_moe_training.py's curve: losses, grad norms, logged balancing loss)."""
+    argv = [flag for flag in ARGV if flag != "--disable-bias-linear"] + ["--lr", "1e-2", "--train-iters", "3"]
+    reference = run_on_ranks(_curve, 1, argv)[0]
+    for curve in run_on_ranks(_curve, world_size, argv + layout, timeout=180):
+        torch.testing.assert_close(torch.tensor(curve), torch.tensor(reference), rtol=1e-4, atol=0)
