@@ -61,5 +61,21 @@ def test_expert_biases_train_the_same_under_expert_tensor_parallelism(world_size
     forward too (tests/training/test_moe_training.py's curve: losses, grad norms, logged balancing loss)."""
     argv = [flag for flag in ARGV if flag != "--disable-bias-linear"] + ["--lr", "1e-2", "--train-iters", "3"]
     reference = run_on_ranks(_curve, 1, argv)[0]
-    for curve in run_on_ranks(_curve, world_size, argv + layout, timeout=180):
+    results = run_on_ranks(_curve_and_fc2_biases, world_size, argv + layout, timeout=180)
+    for curve, _ in results:
         torch.testing.assert_close(torch.tensor(curve), torch.tensor(reference), rtol=1e-4, atol=0)
+    # ranks 0 and 1 are the expert-TP pair of EP rank 0: their copies of the fc2 biases (only rank 0's is used)
+    # stay equal, so a checkpoint may take either
+    assert results[0][1] and all(torch.equal(results[0][1][name], results[1][1][name]) for name in results[0][1])
+    assert all(bool(bias.abs().sum() > 0) for bias in results[0][1].values())
+
+
+def _curve_and_fc2_biases(rank, world_size, argv):
+    """_curve's three steps, and this rank's fc2 biases after them."""
+    import megalite.training.loop as loop
+    from megalite.parallel.data_parallel import unwrap_model
+    runs, setup = [], loop.setup
+    loop.setup = lambda args: runs.append(setup(args)) or runs[-1]    # (_curve imports it when it runs)
+    curve = _curve(rank, world_size, argv)
+    return curve, {name: param.detach().clone() for name, param in unwrap_model(runs[0].model[0]).named_parameters()
+                   if name.endswith("experts.bias2")}
