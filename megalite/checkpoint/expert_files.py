@@ -5,7 +5,8 @@ Under EP the ranks of one TP x CP x DP group hold different experts: EP rank r h
 other ranks of its expert-data-parallel group.  At expert TP 1 experts are not split over TP, so each EP
 rank's experts are saved once per pipeline stage, by the first rank of its expert-DP group (the stage's r-th
 rank, whose TP coordinate is r mod TP); under expert TP = TP each (EP rank, ffn slice) is, by the first rank of
-its expert-DP group, whose TP coordinate is its expert-TP one.  That rank saves them in its
+its expert-DP group, whose TP coordinate is its expert-TP one (the fc2 biases, whole on every expert-TP rank and
+kept equal, are indexed from each).  That rank saves them in its
 ``model_optim_rng.pt`` when it writes one (DP rank 0 of CP rank 0: EP rank 0, and at expert TP 1 under TP every
 EP rank r < TP), otherwise (and, without ZeRO-1, with their Adam moments and fp32
 masters) in its (TP, PP) folder beside that file::
