@@ -2,10 +2,13 @@
 
 Under EP the ranks of one TP x CP x DP group hold different experts: EP rank r holds experts
 ``[r E/EP, (r+1) E/EP)`` of every MoE layer's stacked weights (parallel/state.py), the same ones as the
-other ranks of its expert-data-parallel group.  Experts are never split over TP, so each EP rank's experts
-are saved once per pipeline stage, by the first rank of its expert-DP group (the stage's r-th rank, whose
-TP coordinate is r mod TP): in its ``model_optim_rng.pt`` when it writes one (DP rank 0 of CP rank 0: EP
-rank 0, and under TP every EP rank r < TP), otherwise (and, without ZeRO-1, with their Adam moments and fp32
+other ranks of its expert-data-parallel group.  At expert TP 1 experts are not split over TP, so each EP
+rank's experts are saved once per pipeline stage, by the first rank of its expert-DP group (the stage's r-th
+rank, whose TP coordinate is r mod TP); under expert TP = TP each (EP rank, ffn slice) is, by the first rank of
+its expert-DP group, whose TP coordinate is its expert-TP one (the fc2 biases, whole on every expert-TP rank and
+kept equal, are indexed from each).  That rank saves them in its
+``model_optim_rng.pt`` when it writes one (DP rank 0 of CP rank 0: EP rank 0, and at expert TP 1 under TP every
+EP rank r < TP), otherwise (and, without ZeRO-1, with their Adam moments and fp32
 masters) in its (TP, PP) folder beside that file::
 
     mp_rank_{tp:02d}_{pp:03d}/experts_ep{r:03d}.pt    {"model" or "model{i}": {local name: this EP rank's
@@ -52,8 +55,9 @@ def indexes_model_experts(grid) -> bool:
 
 def reads_experts(grid) -> Optional[str]:
     """The experts file a rank loads at the saved layout: None where its folder's model file holds its
-    EP rank's experts (EP rank ``tp_rank mod EP``, written by the stage's rank ``tp_rank``) and without EP."""
-    if grid.ep_size == 1 or grid.ep_rank == grid.tp_rank % grid.ep_size:
+    EP rank's experts (EP rank ``(tp_rank // ETP) mod EP``, written by the stage's rank ``tp_rank``; under expert
+    TP = TP always EP rank 0, of this rank's ffn slice) and without EP."""
+    if grid.ep_size == 1 or grid.ep_rank == (grid.tp_rank // getattr(grid, "etp_size", 1)) % grid.ep_size:
         return None
     return experts_file(grid.ep_rank)
 

@@ -17,8 +17,10 @@ tensor, and no per-parameter permutation is needed.  The two copies of a tied wo
 
 The experts' stacked weights ``[E, ...]`` (``ParamInfo.expert_parallel``) are split along dim 0 over the
 expert-parallel group instead: EP rank r's box holds experts ``[r E/EP, (r+1) E/EP)`` (:func:`tensor_box`),
-so a checkpoint of any EP loads at any other exactly as a TP split does (MoE runs at TP 1, so no box is
-split over both).
+so a checkpoint of any EP loads at any other exactly as a TP split does.  Under expert tensor parallelism
+(ETP = TP) the experts' ffn dim is split over expert TP too: the box is split along two dims, ``dim`` and
+``offset`` then the pairs (0, ffn dim) and (EP offset, ETP offset); a box split along one dim keeps the plain
+integers (and so every index saved before).
 
 Resharding works box by box: an element at local coordinate ``c`` of a box sits at ``c + offset``
 along the split dim, so two boxes of one logical tensor share a rectangle, copied as one strided
@@ -65,8 +67,8 @@ class Slice:
     name: str                       # the logical tensor, under its global layer number
     kind: str                       # "param", "master", "exp_avg" or "exp_avg_sq"
     shape: Tuple[int, ...]          # the logical tensor's shape
-    dim: Optional[int]              # the box's split dim; None when the box is the whole tensor
-    offset: int                     # where the box starts along ``dim``
+    dim: Optional[int]              # the box's split dim; None when the box is the whole tensor (a tuple of
+    offset: int                     # dims, and of offsets, for experts split over EP and expert TP)
     local_shape: Tuple[int, ...]    # the box's shape
     start: int                      # the range [start, end) of the box's row-major elements
     end: int
@@ -74,12 +76,22 @@ class Slice:
     where: tuple = ()               # the keys leading to the values inside that file
 
     def __post_init__(self):
-        for name in ("shape", "local_shape", "where"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("shape", "local_shape", "where", "dim", "offset"):
+            if isinstance(getattr(self, name), (list, tuple)):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def splits(self) -> Dict[int, int]:
+        """{split dim: the box's offset along it} (empty for a whole tensor)."""
+        if self.dim is None:
+            return {}
+        return dict(zip(self.dim, self.offset)) if isinstance(self.dim, tuple) else {self.dim: self.offset}
 
     def to_saved(self) -> dict:
         saved = asdict(self)
-        return dict(saved, shape=list(self.shape), local_shape=list(self.local_shape), where=list(self.where))
+        pairs = {"dim": list(self.dim), "offset": list(self.offset)} if isinstance(self.dim, tuple) else {}
+        return dict(saved, shape=list(self.shape), local_shape=list(self.local_shape), where=list(self.where),
+                    **pairs)
 
     @classmethod
     def from_saved(cls, saved: dict) -> "Slice":
@@ -90,10 +102,12 @@ class Slice:
         part = cls(**saved)
         whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0   # noqa: E731
         shapes = (part.shape, part.local_shape)
+        pairs = isinstance(part.dim, tuple) and isinstance(part.offset, tuple) and len(part.dim) == len(part.offset)
+        dims, offsets = (part.dim, part.offset) if pairs else ((part.dim,), (part.offset,))
         if not (isinstance(part.name, str) and isinstance(part.kind, str) and all(map(whole, shapes[0] + shapes[1]))
-                and len(part.shape) == len(part.local_shape) and whole(part.offset) and whole(part.start)
+                and len(part.shape) == len(part.local_shape) and all(map(whole, offsets)) and whole(part.start)
                 and whole(part.end) and part.start <= part.end <= math.prod(part.local_shape)
-                and (part.dim is None or (whole(part.dim) and part.dim < len(part.shape)))):
+                and (part.dim is None or all(whole(d) and d < len(part.shape) for d in dims))):
             raise ValueError(f"the tensor index's slice of {part.name!r} ({part.kind}) holds values no save writes "
                              f"(shape {part.shape}, box {part.local_shape} at {part.offset} along {part.dim}, range "
                              f"{part.start}..{part.end}); the index is damaged")
@@ -131,10 +145,13 @@ class Place:
     tp_size: int = 1
     ep_rank: int = 0
     ep_size: int = 1
+    etp_rank: int = 0
+    etp_size: int = 1
 
     @classmethod
     def of(cls, grid) -> "Place":
-        return cls(grid.tp_rank, grid.tp_size, getattr(grid, "ep_rank", 0), getattr(grid, "ep_size", 1))
+        return cls(grid.tp_rank, grid.tp_size, getattr(grid, "ep_rank", 0), getattr(grid, "ep_size", 1),
+                   getattr(grid, "etp_rank", 0), getattr(grid, "etp_size", 1))
 
 
 def is_expert_shard(tensor: torch.Tensor, place: Place) -> bool:
@@ -146,14 +163,18 @@ def is_expert_shard(tensor: torch.Tensor, place: Place) -> bool:
 def tensor_box(tensor: torch.Tensor, place: Place) -> dict:
     """The box of a model tensor (or of the parameter of an optimizer piece): a TP shard along its partition
     dim, or -- the experts' stacked weights under EP > 1 -- experts ``[ep_rank E/EP, (ep_rank+1) E/EP)``
-    of the global ``[E, ...]`` stack, along dim 0 (experts are never split over TP: expert TP is 1)."""
+    of the global ``[E, ...]`` stack, along dim 0, and under expert TP its ffn slice along the partition dim too
+    (etp_rank of ETP: a box split along two dims)."""
     info = param_info(tensor)
-    if is_expert_shard(tensor, place):
-        if info.partition_dim is not None and place.tp_size > 1:
-            raise ValueError("a tensor split over both TP and EP has no box of the tensor index; "
-                             "save with --tensor-model-parallel-size 1")
-        return logical_box(tensor, 0, place.ep_rank, place.ep_size)
-    return logical_box(tensor, info.partition_dim, place.tp_rank, place.tp_size)
+    if not is_expert_shard(tensor, place):   # (under expert TP at EP 1 an expert is a TP shard: ETP = TP)
+        return logical_box(tensor, info.partition_dim, place.tp_rank, place.tp_size)
+    box = logical_box(tensor, 0, place.ep_rank, place.ep_size)
+    if info.partition_dim is None or place.etp_size == 1:
+        return box
+    ffn = logical_box(tensor, info.partition_dim, place.etp_rank, place.etp_size)
+    shape = [box["shape"][0]] + ffn["shape"][1:]
+    return {"shape": shape, "dim": (0, info.partition_dim), "offset": (box["offset"], ffn["offset"]),
+            "local_shape": box["local_shape"]}
 
 
 def describe_model(model_chunks: Sequence[torch.nn.Module], layer_numbers: Sequence[Sequence[int]],
@@ -220,11 +241,11 @@ def element_keys(part: Slice, key_shape: Sequence[int], start: Optional[int] = N
     flat = torch.arange(start, end, dtype=torch.int64)
     keys = torch.zeros_like(flat)
     stride = 1
+    splits = part.splits
     for d in reversed(range(len(part.local_shape))):
         coordinate = flat % part.local_shape[d]
         flat = flat // part.local_shape[d]
-        if d == part.dim:
-            coordinate = coordinate + part.offset
+        coordinate = coordinate + splits.get(d, 0)
         keys += coordinate * stride
         stride *= key_shape[d]
     return keys
@@ -252,8 +273,8 @@ def key_shape_of(target: Slice, sources: Sequence[Slice]) -> List[int]:
 
 def _box_ranges(part: Slice) -> List[range]:
     """The global coordinates the slice's box spans, per dim."""
-    return [range(part.offset, part.offset + size) if d == part.dim else range(size)
-            for d, size in enumerate(part.local_shape)]
+    splits = part.splits
+    return [range(splits.get(d, 0), splits.get(d, 0) + size) for d, size in enumerate(part.local_shape)]
 
 
 def _intersection(target: Slice, source: Slice) -> Optional[Tuple[tuple, tuple]]:
@@ -289,7 +310,7 @@ def fill_slice(out: torch.Tensor, target: Slice, sources: Sequence[Slice], read)
     by_box: Dict[tuple, List[Slice]] = {}
     for source in sources:
         if overlaps(source, target, key_shape):
-            by_box.setdefault((source.offset, tuple(source.local_shape)), []).append(source)
+            by_box.setdefault((tuple(source.splits.items()), tuple(source.local_shape)), []).append(source)
     for pieces in by_box.values():
         meeting = _intersection(target, pieces[0])
         if meeting is None:
@@ -316,7 +337,7 @@ def _check_only_padding_is_missing(missing: torch.Tensor, target: Slice, sources
     missing[target.end:] = False
     # Only vocabulary rows may be missing (see the module docstring); anything else is an error.
     if target.name in VOCAB_ROWS and target.local_shape:
-        first_row = target.offset if target.dim == 0 else 0
+        first_row = target.splits.get(0, 0)
         saved_local_rows = max(0, min(s.shape[0] for s in sources) - first_row)
         missing = missing.view(target.local_shape[0], -1)[:saved_local_rows]
     if bool(missing.any()):

@@ -84,7 +84,8 @@ def describe_layout(layout: dict) -> str:
     # ZeRO-1 and ZeRO-2 save the same optimizer pieces; ZeRO-3's buckets are cut at gather units.
     sharding = "ZeRO-3" if layout.get("buckets_at_units") else "ZeRO-1/2" if layout["zero1"] else "no ZeRO"
     return (f"TP={layout['tp']} PP={layout['pp']} virtual PP={layout['vpp']} CP={layout['cp']} DP={layout['dp']} "
-            f"{'EP=%d ' % layout['ep'] if layout.get('ep', 1) > 1 else ''}{sharding}")
+            f"{'EP=%d ' % layout['ep'] if layout.get('ep', 1) > 1 else ''}"
+            f"{'expert TP=%d ' % layout['etp'] if layout.get('etp', 1) > 1 else ''}{sharding}")
 
 
 def load_any_layout(root: str, model_chunks: Sequence[torch.nn.Module], optimizer: Optional[MegaliteOptimizer],

@@ -134,6 +134,8 @@ def saved_layout(grid: ProcessGrid, sharded_optimizer) -> dict:
         layout["buckets_at_units"] = True
     if grid.ep_size > 1:     # named only when used, so that an EP 1 layout reads as before EP existed
         layout["ep"] = grid.ep_size
+    if getattr(grid, "etp_size", 1) > 1:   # likewise expert TP (the experts' ffn split over TP)
+        layout["etp"] = grid.etp_size
     return layout
 
 

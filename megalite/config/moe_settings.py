@@ -118,20 +118,30 @@ def check_expert_layout(model: MoEFields, parallel, training) -> None:
         raise ValueError(f"--num-experts {model.num_experts} is not divisible by --expert-model-parallel-size "
                          f"{ep}; each expert-parallel rank holds an equal share of the experts")
     tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
-    etp = parallel.expert_tensor_parallel_size
-    if etp is not None and etp > 1:
-        raise ValueError(f"--expert-tensor-parallel-size {etp}: experts split over TP ranks are not built; use "
-                         f"--expert-tensor-parallel-size 1 (each expert whole on one rank)")
     if tp > 1 and not parallel.sequence_parallel:
         raise ValueError(f"--tensor-model-parallel-size {tp} with --num-experts needs --sequence-parallel (as "
                          f"Megatron-LM requires); add it")
+    etp = parallel.expert_tensor_parallel_size or 1
     stage = tp * cp * parallel.data_parallel_size
-    if ep > 1 and stage % ep:
-        raise ValueError(f"--expert-model-parallel-size {ep} does not divide TP x CP x DP = {tp} x {cp} x "
-                         f"{parallel.data_parallel_size} = {stage}; experts fold into those ranks")
-    if tp > 1 and ep > 1 and (training.save or training.load) and tp % ep and ep % tp:
+    if (ep > 1 or etp > 1) and stage % (ep * etp):
+        sizes = f"--expert-model-parallel-size {ep}" + (f" x --expert-tensor-parallel-size {etp}" if etp > 1 else "")
+        raise ValueError(f"{sizes} does not divide TP x CP x DP = {tp} x {cp} x {parallel.data_parallel_size} = "
+                         f"{stage}; experts fold into those ranks")
+    if etp > 1:
+        _check_expert_tensor_parallel(model, etp, tp)
+    if tp > 1 and ep > 1 and etp == 1 and (training.save or training.load) and tp % ep and ep % tp:
         raise ValueError(f"--save / --load with --expert-model-parallel-size {ep} at --tensor-model-parallel-size "
                          f"{tp}: checkpoints need one to divide the other (checkpoint/expert_files.py); choose "
                          f"such an EP")
     if training.calculate_per_token_loss and (model.moe_aux_loss_coeff or model.moe_z_loss_coeff):
         raise ValueError("--calculate-per-token-loss with MoE auxiliary losses is not built yet; drop one")
+
+
+def _check_expert_tensor_parallel(model: MoEFields, etp: int, tp: int) -> None:
+    """The rules of --expert-tensor-parallel-size above 1 (each expert's ffn split over ETP ranks)."""
+    if etp != tp:
+        raise ValueError(f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size {tp}; "
+                         f"only 1 (each expert whole) or {tp} (the TP group) are built: choose one of them")
+    if model.moe_ffn_hidden_size % etp:
+        raise ValueError(f"--moe-ffn-hidden-size {model.moe_ffn_hidden_size} is not divisible by "
+                         f"--expert-tensor-parallel-size {etp}; choose a multiple of {etp}")

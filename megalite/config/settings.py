@@ -131,7 +131,8 @@ class ParallelConfig:
                                               "over this many data-parallel ranks", at_least=1)
     expert_tensor_parallel_size: Optional[int] = flag(
         None, "tensor-parallel ranks of each expert: 1, each expert whole on one rank (the TP ranks serve as more "
-              "expert-parallel and expert-data-parallel ranks); default 1", at_least=1)
+              "expert-parallel and expert-data-parallel ranks), or TP, each expert's ffn split over the TP group as "
+              "a dense MLP is; default 1", at_least=1)
     cp_comm_type: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = flag(
         "p2p", "how attention reaches the other CP ranks' keys: a K/V ring, one all-gather, or heads exchanged "
                "all-to-all (docs/long_context.md)")

@@ -13,7 +13,8 @@ Each rank holds pieces; a piece is counted on exactly one rank:
   grads summed over the embedding group): it counts on the first stage only;
 - where the experts have groups of their own (EP > 1, or TP > 1: megalite/parallel/state.py) each EP rank
   holds its own experts, equal over its expert-DP group (under ZeRO-1 sharded over it, every piece disjoint):
-  an expert counts on the first rank of its expert-DP group (every rank under ZeRO-1); the partial sums then
+  an expert counts on the first rank of its expert-DP group (every rank under ZeRO-1; under expert TP its
+  ffn slices on every expert-TP rank, its fc2 bias, whole there, on the first); the partial sums then
   run over the whole grid (the model-parallel group, then DP x CP), so every other parameter counts on DP
   and CP rank 0 only;
 - data-parallel and context-parallel replicas hold equal, already-averaged grads (DDP averages over
@@ -43,8 +44,9 @@ def param_is_counted_in_norm(param: torch.nn.Parameter, grid: Optional[ProcessGr
         return True
     info = param_info(param)
     experts_apart = getattr(grid, "edp_group", None) is not None
-    if info.expert_parallel and experts_apart:
-        return sharded or grid.ranks["edp"][0] == grid.rank
+    if info.expert_parallel and experts_apart:   # (an expert tensor whole on every expert-TP rank: on the first)
+        whole_over_etp = not info.tensor_parallel and getattr(grid, "etp_rank", 0) != 0
+        return (sharded or grid.ranks["edp"][0] == grid.rank) and not whole_over_etp
     if not info.tensor_parallel and grid.tp_rank != 0:
         return False
     if info.shared_embedding and grid.pp_size > 1 and grid.pp_rank != 0:

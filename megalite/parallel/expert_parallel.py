@@ -19,6 +19,17 @@ Counted in megalite/parallel/mappings.py's ``comm_counter``: the allgather dispa
 ``ep_all_gather`` / ``ep_reduce_scatter`` (its ring cost model); the alltoall dispatcher's row exchanges, forward
 and backward, under ``ep_all_to_all`` and the count exchange under ``ep_all_to_all_counts``, each as the bytes
 that leave this rank (the rows for the other ranks; the block a rank keeps is not sent).
+
+Expert tensor parallelism (ETP > 1, parallel/state.py's etp group: the TP group).  Each rank holds an ffn slice
+of its experts: fc1's columns (with SwiGLU whole (gate, up) units) and fc2's rows, as a dense MLP is split over
+TP.  alltoall: after the EP all-to-all every rank of the etp group needs the rows of the whole group
+(:func:`gather_for_expert_tp`: the counts ``[ETP, E/EP]`` are gathered first, then each rank's rows go to every
+rank with those split sizes -- gloo gathers no unequal sizes -- and are regrouped by local expert); each rank's
+experts give partial sums of fc2's output for all of them, and :func:`reduce_scatter_from_expert_tp` sends each
+row's partials back to the rank it came from, which sums them (in etp rank order).  Backward: the partials'
+gradient is the output's, sent back; each rank's input gradient is the sum of every etp rank's partial one.
+allgather: the tokens are gathered over the tp_ep group (expert TP x EP), and the reduce-scatter over it sums
+both the other EP ranks' experts and the other ffn slices.
 """
 from __future__ import annotations
 
@@ -30,7 +41,8 @@ import torch.distributed as dist
 from megalite.parallel import state
 from megalite.parallel.mappings import all_gather_along, comm_counter, reduce_scatter_along
 
-__all__ = ["ep_size", "ep_rank", "ep_group", "all_to_all", "dispatch", "combine", "gather_tokens",
+__all__ = ["ep_size", "ep_rank", "ep_group", "etp_size", "etp_rank", "etp_group", "allgather_group", "all_to_all",
+           "dispatch", "combine", "gather_for_expert_tp", "reduce_scatter_from_expert_tp", "gather_tokens",
            "reduce_scatter_tokens"]
 
 
@@ -45,6 +57,28 @@ def ep_size() -> int:
 
 def ep_rank() -> int:
     return state.get_grid().ep_rank if state.grid_is_initialized() else 0
+
+
+def etp_size() -> int:
+    """Ranks each expert's ffn is split over (expert tensor parallelism; 1 without a grid)."""
+    return state.get_grid().etp_size if state.grid_is_initialized() else 1
+
+
+def etp_rank() -> int:
+    return state.get_grid().etp_rank if state.grid_is_initialized() else 0
+
+
+def etp_group():
+    """The expert-tensor-parallel group, or None (ETP 1 or no grid)."""
+    return state.get_grid().etp_group if state.grid_is_initialized() else None
+
+
+def allgather_group():
+    """The allgather dispatcher's group: expert TP x EP (the EP group at ETP 1), or None (both 1)."""
+    if not state.grid_is_initialized():
+        return None
+    grid = state.get_grid()
+    return grid.tp_ep_group if grid.etp_size > 1 else grid.ep_group
 
 
 class _AllToAll(torch.autograd.Function):
@@ -86,9 +120,16 @@ def dispatch(rows: torch.Tensor, counts: torch.Tensor, group) -> Tuple[torch.Ten
     dist.all_to_all_single(received_counts, sent_counts.contiguous(), group=group)      # [source, local expert]
     input_splits, output_splits = sent_counts.sum(dim=1).tolist(), received_counts.sum(dim=1).tolist()
     received = all_to_all(rows, output_splits, input_splits, group)
-    owner = torch.arange(local_experts, device=rows.device).repeat(size)                 # per (source, expert)
-    order = torch.argsort(torch.repeat_interleave(owner, received_counts.reshape(-1)), stable=True)
+    order = _by_local_expert(received_counts)
     return received.index_select(0, order), received_counts.sum(dim=0), (order, input_splits, output_splits)
+
+
+def _by_local_expert(received_counts: torch.Tensor) -> torch.Tensor:
+    """received_counts [source, local expert] of rows ordered by source, then expert -> the order that
+    groups them by local expert (each expert's rows by source)."""
+    sources, local_experts = received_counts.shape
+    owner = torch.arange(local_experts, device=received_counts.device).repeat(sources)     # per (source, expert)
+    return torch.argsort(torch.repeat_interleave(owner, received_counts.reshape(-1)), stable=True)
 
 
 def combine(results: torch.Tensor, plan: tuple, group) -> torch.Tensor:
@@ -96,6 +137,25 @@ def combine(results: torch.Tensor, plan: tuple, group) -> torch.Tensor:
     order, input_splits, output_splits = plan
     by_source = results.index_select(0, torch.argsort(order))
     return all_to_all(by_source, input_splits, output_splits, group)
+
+
+def gather_for_expert_tp(rows: torch.Tensor, counts: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
+    """rows [N, h] grouped by local expert with ``counts`` [E / EP] -> (every etp rank's rows grouped by local
+    expert, their counts [E / EP], what :func:`reduce_scatter_from_expert_tp` needs); the counts go first."""
+    size = dist.get_world_size(group)
+    received_counts = all_gather_along(counts.unsqueeze(0), 0, group, kind="etp_all_gather")   # [source, expert]
+    input_splits, output_splits = [rows.shape[0]] * size, received_counts.sum(dim=1).tolist()
+    received = all_to_all(rows.repeat(size, 1), output_splits, input_splits, group)
+    order = _by_local_expert(received_counts)
+    return received.index_select(0, order), received_counts.sum(dim=0), (order, input_splits, output_splits)
+
+
+def reduce_scatter_from_expert_tp(partials: torch.Tensor, plan: tuple, group) -> torch.Tensor:
+    """Each etp rank's partial fc2 outputs [sum of N, h] (:func:`gather_for_expert_tp`'s order) -> this rank's
+    N rows, the partials of its rows summed over the etp group in rank order."""
+    _, input_splits, _ = plan                                                       # [N] x ETP
+    returned = combine(partials, plan, group)                                       # [ETP N, h], by etp rank
+    return returned.unflatten(0, (len(input_splits), input_splits[0])).sum(dim=0)
 
 
 class _GatherTokens(torch.autograd.Function):

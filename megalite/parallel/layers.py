@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megalite.parallel.expert_parallel import ep_rank, ep_size
+from megalite.parallel.expert_parallel import ep_rank, ep_size, etp_rank, etp_size
 from megalite.parallel.mappings import (
     all_gather_along,
     all_reduce,
@@ -52,10 +52,10 @@ def name_seed(seed: int, name: str) -> int:
 
 def full_shape(param: torch.Tensor) -> Tuple[int, ...]:
     """The shape of ``param`` in the unpartitioned model."""
-    shape, dim = list(param.shape), param_info(param).partition_dim
-    if dim is not None:
-        shape[dim] *= tp_size()
-    if param_info(param).expert_parallel:     # the experts stacked on dim 0, E / EP of them here
+    shape, dim, experts = list(param.shape), param_info(param).partition_dim, param_info(param).expert_parallel
+    if dim is not None:   # an expert's ffn is split over expert TP, any other weight over TP
+        shape[dim] *= etp_size() if experts else tp_size()
+    if experts:           # the experts stacked on dim 0, E / EP of them here
         shape[0] *= ep_size()
     return tuple(shape)
 
@@ -72,7 +72,9 @@ def initialize_from_seed(named_params: Iterable[Tuple[str, nn.Parameter]], seed:
         if info.init is None:
             raise ValueError(f"parameter {name} has no init recipe; make it with new_parameter() or set its ParamInfo")
         full = info.init.full_tensor(full_shape(param), torch.Generator().manual_seed(name_seed(seed, name)))
-        if info.tensor_parallel:
+        if info.tensor_parallel and info.expert_parallel:
+            full = full.chunk(etp_size(), info.partition_dim)[etp_rank()]
+        elif info.tensor_parallel:
             full = full.chunk(size, info.partition_dim)[rank]
         if info.expert_parallel:
             full = full.chunk(ep_size(), 0)[ep_rank()]

@@ -58,6 +58,8 @@ class ParamInfo:
     ``init``: how the full tensor is drawn (None: nobody initializes it from the seed).
     ``expert_parallel``: the experts' stacked weights, dim 0 split over the expert-parallel group (each rank
     holds E / EP experts; megalite/parallel/state.py); gradients reduced over the expert-data-parallel group.
+    With ``partition_dim`` too (expert tensor parallelism, ETP = TP) that dim, the ffn, is split over the
+    expert-TP group: each rank holds f / ETP of every one of its experts.
     """
 
     partition_dim: Optional[int] = None

@@ -16,7 +16,7 @@ Experts fold into data parallelism (Megatron-LM's expert groups): within one pip
 TP x CP x DP ranks, in rank order, are cut into expert-parallel (ep) groups of EP consecutive ranks,
 each of which holds all the experts of a layer, E / EP per rank; the ranks that hold the same experts
 form the expert-data-parallel (edp) group, over which expert gradients are reduced (EP x expert-DP =
-TP x CP x DP per stage; expert TP is 1: every expert whole on one rank).  Under TP the MoE layer sees
+TP x CP x DP per stage with expert TP 1: every expert whole on one rank).  Under TP the MoE layer sees
 each TP rank's own s/t tokens (sequence parallelism), so for the experts the TP ranks are more
 data-parallel ranks.  Worked example, 8 ranks with DP=4, PP=2, EP=2::
 
@@ -27,6 +27,17 @@ and 8 ranks with TP=2, DP=2, PP=2, EP=2 (rank = tp + 2 (dp + 2 pp)): the EP grou
 the edp groups join the ranks of equal TP rank, [0,2] [1,3] [4,6] [5,7].  With EP=1 and TP > 1 (a model
 with experts, ``moe=True``) there is no ep group and the edp group is the whole stage, TP x CP x DP.
 The groups exist only where they differ from the dense ones: EP > 1, or TP > 1 with experts.
+
+Expert tensor parallelism (``--expert-tensor-parallel-size`` ETP = TP, config/moe_settings.py) splits each
+expert's ffn over ETP ranks; the stage's ranks are then ordered as Megatron-LM orders its expert grid,
+expert TP fastest, then EP, then expert-DP: local rank ``etp + ETP (ep + EP edp)``, so ETP x EP x expert-DP =
+TP x CP x DP.  With ETP = TP the etp groups are the tp groups and a rank's etp coordinate is its tp rank.
+Worked example, 8 ranks with TP=2, DP=2, PP=2, EP=2, ETP=2::
+
+    etp groups    [0,1] [2,3] [4,5] [6,7]   (the tp groups) each expert's ffn split in two
+    ep groups     [0,2] [1,3] [4,6] [5,7]   rank 0 holds experts 0 .. E/2-1 (ffn half 0), rank 2 the others
+    tp_ep groups  [0,1,2,3] [4,5,6,7]       every piece of a layer's experts (the allgather dispatcher's)
+    edp groups    [0] [1] ... [7]           expert-DP 1: no other rank holds the same piece
 
 Every process group of a run is created here, by :func:`initialize_grid`, and read everywhere
 else through :func:`get_grid`.  ``torch.distributed.new_group`` must be called by every rank for
@@ -68,7 +79,7 @@ def grid_group_ranks(sizes: Dict[str, int], kind: str) -> List[List[int]]:
     >>> grid_group_ranks({"tp": 2, "cp": 1, "dp": 2, "pp": 2}, "dp")
     [[0, 2], [1, 3], [4, 6], [5, 7]]
     """
-    if kind in ("ep", "edp"):
+    if kind in EXPERT_GROUP_AXES:
         return expert_group_ranks(sizes, kind)
     if kind == "embedding":
         return [[pipeline[0], pipeline[-1]] if len(pipeline) > 1 else pipeline
@@ -87,23 +98,41 @@ def grid_group_ranks(sizes: Dict[str, int], kind: str) -> List[List[int]]:
     return sorted(groups)
 
 
+EXPERT_GROUP_AXES = {
+    "ep": ("ep",),
+    "edp": ("edp",),
+    "etp": ("etp",),             # expert tensor parallelism: each expert's ffn split over these ranks
+    "tp_ep": ("etp", "ep"),      # the allgather dispatcher's group: every rank holding a piece of the experts
+}
+
+
 def expert_group_ranks(sizes: Dict[str, int], kind: str) -> List[List[int]]:
-    """The ep or edp groups (module docstring) for a grid of ``sizes`` with ``sizes["ep"]`` (default 1).
+    """The expert groups (module docstring) for a grid of ``sizes`` with ``sizes["ep"]`` and ``sizes["etp"]``
+    (default 1): within a stage, local rank ``etp + ETP (ep + EP edp)`` (Megatron-LM's tp-ep-dp order).
 
     >>> expert_group_ranks({"tp": 1, "cp": 1, "dp": 4, "pp": 2, "ep": 2}, "edp")
     [[0, 2], [1, 3], [4, 6], [5, 7]]
+    >>> expert_group_ranks({"tp": 2, "cp": 1, "dp": 2, "pp": 1, "ep": 2, "etp": 2}, "ep")
+    [[0, 2], [1, 3]]
     """
-    ep, stage = sizes.get("ep", 1), sizes["tp"] * sizes["cp"] * sizes["dp"]
-    if stage % ep:
-        raise ValueError(f"expert-parallel size {ep} does not divide the TP x CP x DP = {stage} ranks of a "
-                         f"pipeline stage; choose an EP size that divides it")
+    ep, etp, stage = sizes.get("ep", 1), sizes.get("etp", 1), sizes["tp"] * sizes["cp"] * sizes["dp"]
+    if stage % (ep * etp):
+        sizes = f"expert-parallel size {ep}" + (f" x expert tensor-parallel size {etp}" if etp > 1 else "")
+        raise ValueError(f"{sizes} does not divide the TP x CP x DP = {stage} ranks of a pipeline stage; choose "
+                         f"sizes whose product divides it")
+    expert_sizes = {"etp": etp, "ep": ep, "edp": stage // (ep * etp)}     # fastest first
+    spanned = EXPERT_GROUP_AXES[kind]
+    fixed = [a for a in expert_sizes if a not in spanned]
     groups = []
     for base in range(0, stage * sizes["pp"], stage):
-        if kind == "ep":
-            groups += [list(range(base + start, base + start + ep)) for start in range(0, stage, ep)]
-        else:
-            groups += [list(range(base + offset, base + stage, ep)) for offset in range(ep)]
-    return groups
+        for fixed_values in itertools.product(*(range(expert_sizes[a]) for a in fixed)):
+            coords = dict(zip(fixed, fixed_values))
+            members = []
+            for spanned_values in itertools.product(*(range(expert_sizes[a]) for a in spanned)):
+                coords.update(zip(spanned, spanned_values))
+                members.append(base + coords["etp"] + etp * (coords["ep"] + ep * coords["edp"]))
+            groups.append(sorted(members))
+    return sorted(groups)
 
 
 def _rank_of(sizes, coords) -> int:
@@ -140,14 +169,16 @@ class ProcessGrid:
     this rank's coordinates ``tp_rank``, ``cp_rank``, ``dp_rank``, ``pp_rank``; the groups
     ``tp_group``, ``cp_group``, ``dp_group``, ``pp_group``, ``mp_group`` (tp x pp), ``dp_cp_group``,
     ``tp_cp_group``, ``embedding_group`` (first and last stage of this rank's pipeline), ``ep_group`` and
-    ``edp_group`` (the expert groups, ``ep_size`` and ``ep_rank``), with their member lists in ``ranks[kind]``.
+    ``edp_group`` (the expert groups, ``ep_size`` and ``ep_rank``), ``etp_group`` and ``tp_ep_group`` (expert TP,
+    ``etp_size`` and ``etp_rank``), with their member lists in ``ranks[kind]``.
 
     With a virtual pipeline (interleaved schedule) each rank holds ``virtual_pp_size`` model chunks;
     :meth:`is_first_stage` and :meth:`is_last_stage` name the chunk they are asked about.
     """
 
     def __init__(self, tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
-                 virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p", ep: int = 1, moe: bool = False):
+                 virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p", ep: int = 1, moe: bool = False,
+                 etp: int = 1):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call megalite.parallel.launch.init_distributed() "
                                "(or torch.distributed.init_process_group) before initialize_grid()")
@@ -155,7 +186,7 @@ class ProcessGrid:
         self.rank = dist.get_rank()
         self.backend = dist.get_backend()
         self.dp_size = validate_grid(self.world_size, tp, pp, cp, dp)
-        self.tp_size, self.pp_size, self.cp_size, self.ep_size = tp, pp, cp, ep
+        self.tp_size, self.pp_size, self.cp_size, self.ep_size, self.etp_size = tp, pp, cp, ep, etp
         self.cp_comm_type = cp_comm_type   # how attention crosses the CP group (parallel/cp_attention.py)
         if virtual_pp is not None and virtual_pp > 1 and pp == 1:
             raise ValueError(f"a virtual pipeline of size {virtual_pp} needs a pipeline size > 1")
@@ -167,7 +198,8 @@ class ProcessGrid:
         self.ranks: Dict[str, List[int]] = {}
         self._groups: Dict[str, dist.ProcessGroup] = {}
         created: Dict[tuple, dist.ProcessGroup] = {}  # kinds with equal members share one group
-        expert_kinds = (["ep"] if ep > 1 else []) + (["edp"] if ep > 1 or (moe and tp > 1) else [])
+        expert_kinds = (["ep"] if ep > 1 else []) + (["edp"] if ep > 1 or (moe and tp > 1) else []) + \
+            (["etp", "tp_ep"] if etp > 1 else [])
         for kind in list(GROUP_AXES) + ["embedding"] + expert_kinds:
             for members in grid_group_ranks(self.sizes, kind):
                 key = tuple(members)
@@ -177,11 +209,13 @@ class ProcessGrid:
                 if self.rank in members:
                     self.ranks[kind], self._groups[kind] = members, created[key]
         self.ep_rank = self.ranks["ep"].index(self.rank) if ep > 1 else 0
+        self.etp_rank = self.ranks["etp"].index(self.rank) if etp > 1 else 0
 
     # -- geometry -----------------------------------------------------------------------------
     @property
     def sizes(self) -> Dict[str, int]:
-        return {"tp": self.tp_size, "cp": self.cp_size, "dp": self.dp_size, "pp": self.pp_size, "ep": self.ep_size}
+        return {"tp": self.tp_size, "cp": self.cp_size, "dp": self.dp_size, "pp": self.pp_size, "ep": self.ep_size,
+                "etp": self.etp_size}
 
     def coordinates(self, rank: int) -> Coordinates:
         tp = rank % self.tp_size
@@ -213,6 +247,9 @@ class ProcessGrid:
     # (None otherwise: the experts are then replicated like any parameter, over DP x CP).
     ep_group = property(lambda self: self._groups.get("ep"))
     edp_group = property(lambda self: self._groups.get("edp"))   # expert gradients are reduced over it
+    # Expert tensor parallelism (ETP > 1 only): the ranks splitting each expert's ffn, and those with EP.
+    etp_group = property(lambda self: self._groups.get("etp"))
+    tp_ep_group = property(lambda self: self._groups.get("tp_ep"))
 
     # -- pipeline -------------------------------------------------------------------------------
     def is_first_stage(self, chunk: int = 0) -> bool:
@@ -238,13 +275,13 @@ _GRID: Optional[ProcessGrid] = None
 
 def initialize_grid(tp: int = 1, pp: int = 1, cp: int = 1, dp: Optional[int] = None,
                     virtual_pp: Optional[int] = None, cp_comm_type: str = "p2p", ep: int = 1,
-                    moe: bool = False) -> ProcessGrid:
+                    moe: bool = False, etp: int = 1) -> ProcessGrid:
     """Build the grid (collective: every rank calls it with the same sizes) and make it current."""
     global _GRID
     if _GRID is not None:
         raise RuntimeError("the process grid is already initialized; call destroy_grid() first")
     _GRID = ProcessGrid(tp=tp, pp=pp, cp=cp, dp=dp, virtual_pp=virtual_pp, cp_comm_type=cp_comm_type, ep=ep,
-                        moe=moe)
+                        moe=moe, etp=etp)
     return _GRID
 
 

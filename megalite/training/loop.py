@@ -100,11 +100,11 @@ def setup(argv=None, world_size: Optional[int] = None) -> Run:
                     f"{train_cfg.eval_iters}) is skipped; give the split's second part a weight to evaluate")
 
     grid = state.initialize_grid(tp=parallel_cfg.tensor_model_parallel_size,
-                                 pp=parallel_cfg.pipeline_model_parallel_size,
-                                 cp=parallel_cfg.context_parallel_size,
+                                 pp=parallel_cfg.pipeline_model_parallel_size, cp=parallel_cfg.context_parallel_size,
                                  virtual_pp=parallel_cfg.virtual_pipeline_model_parallel_size,
                                  cp_comm_type=parallel_cfg.cp_comm_type, ep=parallel_cfg.expert_model_parallel_size,
-                                 moe=model_cfg.num_experts is not None)
+                                 moe=model_cfg.num_experts is not None,
+                                 etp=parallel_cfg.expert_tensor_parallel_size or 1)
     batch_schedule = run_batch_schedule(train_cfg, model_cfg.seq_length, grid.dp_size)
     # Dropout differs per pipeline stage (Megatron's seed offset); the TP tracker derives its own.
     seed_everything(model_cfg.seed + 100 * grid.pp_rank)

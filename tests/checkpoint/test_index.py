@@ -112,3 +112,35 @@ def test_a_slice_with_values_no_save_writes_is_named():
     for damage in ({"start": "0"}, {"end": 13}, {"dim": 2}, {"local_shape": [4]}, {"offset": -1}):
         with pytest.raises(ValueError, match="holds values no save writes"):
             Slice.from_saved(dict(saved, **damage))
+
+
+def _boxes_2d(full: torch.Tensor, ep: int, etp: int, dims=(0, 2)):
+    """(values, description) of ``full`` [E, h, f] split into ep x etp boxes along two dims (experts over EP, the
+    ffn over expert TP), each box whole."""
+    parts = []
+    for r, experts in enumerate(full.chunk(ep, dims[0])):
+        for t, box in enumerate(experts.chunk(etp, dims[1])):
+            parts.append((box.contiguous().view(-1).clone(), Slice(
+                name="w", kind="param", shape=full.shape, dim=dims, offset=(r * box.shape[dims[0]],
+                                                                            t * box.shape[dims[1]]),
+                local_shape=box.shape, start=0, end=box.numel())))
+    return parts
+
+
+@pytest.mark.parametrize("source, target", [((2, 2), (1, 1)), ((1, 1), (2, 2)), ((2, 2), (4, 1)), ((2, 2), (1, 2))])
+def test_boxes_split_along_two_dims_refill_any_other_split(source, target):
+    """Expert stacks under EP x expert TP (checkpoint/index.py): boxes split along dims 0 and 2 refill boxes of
+    another EP x ETP (or one whole box) exactly; the two-dim description survives the tensor index."""
+    full = torch.randn(4, 3, 8)
+    saved = [(v, Slice.from_saved(d.to_saved())) for v, d in _boxes_2d(full, *source)]
+    values = {id(desc): value for value, desc in saved}
+    for wanted, desc in _boxes_2d(full, *target):
+        out = torch.full((desc.end,), float("nan"))
+        fill_slice(out, desc, [d for _, d in saved], lambda part: values[id(part)])
+        assert torch.equal(out, wanted), desc
+
+
+def test_a_two_dim_box_with_unmatched_pairs_is_named():
+    saved = _boxes_2d(torch.zeros(4, 3, 8), 2, 2)[0][1].to_saved()
+    with pytest.raises(ValueError, match="the index is damaged"):
+        Slice.from_saved(dict(saved, offset=[0]))

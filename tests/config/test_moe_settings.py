@@ -50,8 +50,16 @@ def test_moe_flags_have_megatron_names_and_reach_fields():
     (["--num-experts", "4", "--tensor-model-parallel-size", "2"],
      "--tensor-model-parallel-size 2 with --num-experts needs --sequence-parallel"),
     (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-      "--expert-tensor-parallel-size", "2"],
-     "--expert-tensor-parallel-size 2: experts split over TP ranks are not built"),
+      "--expert-tensor-parallel-size", "4"],
+     "--expert-tensor-parallel-size 4 differs from --tensor-model-parallel-size 2; only 1 (each expert whole) or 2"),
+    (["--num-experts", "4", "--expert-tensor-parallel-size", "2"],
+     "--expert-tensor-parallel-size 2 differs from --tensor-model-parallel-size 1"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--expert-tensor-parallel-size", "2", "--moe-ffn-hidden-size", "7"],
+     "--moe-ffn-hidden-size 7 is not divisible by --expert-tensor-parallel-size 2"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "4"],
+     "--expert-model-parallel-size 4 x --expert-tensor-parallel-size 2 does not divide TP x CP x DP = 2 x 1 x 2"),
     (["--num-experts", "8", "--tensor-model-parallel-size", "2", "--sequence-parallel",
       "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide TP x CP x DP = 2 x 1 x 2"),
     (["--num-experts", "8", "--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 does not divide"),
@@ -82,6 +90,10 @@ def test_checkpoints_at_tp_and_ep_need_one_to_divide_the_other():
     with pytest.raises(ValueError) as refused:
         parse_args(BASE + tp2 + ["--num-experts", "6", "--expert-model-parallel-size", "3"], world_size=6)
     assert "--expert-model-parallel-size 3 at --tensor-model-parallel-size 2" in str(refused.value)
+    # under expert TP = TP every TP folder's model file holds EP rank 0's slice: any EP saves
+    parallel = parse_args(BASE + tp2 + ["--num-experts", "6", "--expert-model-parallel-size", "3",
+                                        "--expert-tensor-parallel-size", "2"], world_size=12)[1]
+    assert (parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size) == (3, 2)
 
 
 def test_experts_fold_over_tensor_parallel_ranks():
@@ -90,6 +102,16 @@ def test_experts_fold_over_tensor_parallel_ranks():
         parallel = parse_args(BASE + ["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
                                       "--expert-model-parallel-size", "4"] + extra, world_size=4)[1]
         assert (parallel.expert_model_parallel_size, parallel.data_parallel_size) == (4, 2)
+
+
+def test_expert_tensor_parallelism_is_tp_and_takes_expert_biases():
+    """--expert-tensor-parallel-size 2 at TP 2 (tests/training/test_moe_expert_tensor_parallel.py), with or
+    without the experts' biases."""
+    etp2 = ["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+            "--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "2"]
+    for flags in (BASE, ["--mock-data"]):
+        model, parallel = parse_args(flags + etp2, world_size=4)[:2]
+        assert parallel.expert_tensor_parallel_size == 2 and model.add_bias_linear == (flags != BASE)
 
 
 def test_experts_take_linear_biases():

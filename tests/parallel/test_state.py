@@ -118,3 +118,19 @@ def test_expert_groups_fold_into_each_stage():
     assert expert_group_ranks(sizes, "edp") == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(ValueError, match="expert-parallel size 3 does not divide the TP x CP x DP = 4"):
         expert_group_ranks({"tp": 1, "cp": 1, "dp": 4, "pp": 1, "ep": 3}, "ep")
+
+
+def test_expert_tensor_parallel_groups_order_expert_tp_first():
+    """ETP = TP = 2 (docs/architecture.md's second worked example): Megatron-LM's tp-ep-dp order within a stage,
+    local rank etp + ETP (ep + EP edp); the etp groups are the tp groups."""
+    from megalite.parallel.state import expert_group_ranks, grid_group_ranks
+    sizes = {"tp": 2, "cp": 1, "dp": 2, "pp": 2, "ep": 2, "etp": 2}
+    assert expert_group_ranks(sizes, "etp") == grid_group_ranks(sizes, "tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert expert_group_ranks(sizes, "ep") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert expert_group_ranks(sizes, "tp_ep") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert expert_group_ranks(sizes, "edp") == [[r] for r in range(8)]
+    sizes = {"tp": 2, "cp": 2, "dp": 2, "pp": 1, "ep": 2, "etp": 2}     # expert-DP 2 over CP x DP
+    assert expert_group_ranks(sizes, "ep") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert expert_group_ranks(sizes, "edp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    with pytest.raises(ValueError, match="expert-parallel size 4 x expert tensor-parallel size 2 does not divide"):
+        expert_group_ranks({"tp": 2, "cp": 1, "dp": 2, "pp": 1, "ep": 4, "etp": 2}, "ep")

@@ -21,6 +21,7 @@ TP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 ALLTOALL = ["--moe-token-dispatcher-type", "alltoall"]
 SEQ_AUX = ["--moe-router-load-balancing-type", "seq_aux_loss"]
 LAYOUT_FLAGS = {"--tensor-model-parallel-size": 1, "--sequence-parallel": 0, "--expert-model-parallel-size": 1,
+                "--expert-tensor-parallel-size": 1,
                 "--pipeline-model-parallel-size": 1, "--context-parallel-size": 1, "--use-distributed-optimizer": 0,
                 "--data-parallel-sharding-strategy": 1}
 

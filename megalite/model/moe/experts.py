@@ -26,7 +26,7 @@ from torch import nn
 
 from megalite.config.settings import ModelConfig
 from megalite.ops import swiglu
-from megalite.parallel.expert_parallel import ep_size
+from megalite.parallel.expert_parallel import ep_size, etp_rank, etp_size
 from megalite.parallel.layers import new_parameter
 from megalite.parallel.param_info import Init
 
@@ -101,29 +101,38 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fuse
 
 class Experts(nn.Module):
     """rows [N, h] grouped by this rank's experts, counts [E / EP] -> [N, h]: each row through its expert's
-    MLP (GELU or SwiGLU; with --add-bias-linear each expert's own fc1 and fc2 biases, as Megatron-LM's
-    grouped experts: ``bias1 [E, f]`` (``[E, 2f]`` interleaved as weight1's columns) and ``bias2 [E, h]``,
-    zeros at first, split over EP like the weights).  The router's weight multiplies the whole output,
-    fc2's bias included (layer.py's unpermute), as in Megatron."""
+    MLP (GELU or SwiGLU; under expert TP its ffn slice, a partial sum of the output that layer.py sums; with
+    --add-bias-linear each expert's own fc1 and fc2 biases, as Megatron-LM's grouped experts: ``bias1 [E, f]``
+    (``[E, 2f]`` interleaved as weight1's columns) and ``bias2 [E, h]``, zeros at first, split over EP like the
+    weights).  The router's weight multiplies the whole output, fc2's bias included (layer.py's unpermute), as
+    in Megatron."""
 
     def __init__(self, config: ModelConfig, output_init_std: float):
         super().__init__()
-        experts, hidden, ffn = config.num_experts // ep_size(), config.hidden_size, config.moe_ffn_hidden_size
+        split = etp_size()   # expert TP: this rank's slice of every expert's ffn, as a dense MLP's TP shard
+        experts, hidden, ffn = config.num_experts // ep_size(), config.hidden_size, config.moe_ffn_hidden_size // split
         self.swiglu, self.fused = config.swiglu, config.moe_grouped_gemm
         self.gelu_approximation = "tanh" if config.openai_gelu else "none"
-        # This rank's E / EP experts: rows ep_rank x E / EP on of the whole stack drawn from the seed.
+        # This rank's E / EP experts: rows ep_rank x E / EP on of the whole stack drawn from the seed, and of
+        # them (ETP > 1) fc1's columns and fc2's rows etp_rank x f / ETP on (whole (gate, up) units with SwiGLU).
         self.weight1 = new_parameter((experts, hidden, 2 * ffn if self.swiglu else ffn),
-                                     Init("normal", config.init_method_std), expert_parallel=True)
-        self.weight2 = new_parameter((experts, ffn, hidden), Init("normal", output_init_std), expert_parallel=True)
+                                     Init("normal", config.init_method_std), partition_dim=2 if split > 1 else None,
+                                     expert_parallel=True)
+        self.weight2 = new_parameter((experts, ffn, hidden), Init("normal", output_init_std),
+                                     partition_dim=1 if split > 1 else None, expert_parallel=True)
         self.bias1 = self.bias2 = None
-        if config.add_bias_linear:
-            self.bias1 = new_parameter((experts, self.weight1.shape[2]), Init("zeros"), expert_parallel=True)
-            self.bias2 = new_parameter((experts, hidden), Init("zeros"), expert_parallel=True)
+        if config.add_bias_linear:   # under expert TP, bias1 split as fc1's columns; bias2 whole on every rank,
+            # added by expert-TP rank 0 alone (the partial outputs are summed), its gradient summed over TP
+            self.bias1 = new_parameter((experts, self.weight1.shape[2]), Init("zeros"),
+                                       partition_dim=1 if split > 1 else None, expert_parallel=True)
+            self.bias2 = new_parameter((experts, hidden), Init("zeros"), sequence_parallel=split > 1,
+                                       expert_parallel=True)
+        self.adds_bias2 = etp_rank() == 0
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # The loop over experts needs the counts on the host: one device-to-host copy for both GEMMs.
         sizes = None if self.fused and grouped_mm_available(rows, self.weight1) else counts.tolist()
         hidden = grouped_mm(rows, self.weight1, counts, self.fused, sizes, self.bias1)
         hidden = swiglu(hidden) if self.swiglu else F.gelu(hidden, approximate=self.gelu_approximation)
-        return grouped_mm(hidden, self.weight2, counts, self.fused, sizes, self.bias2)
+        return grouped_mm(hidden, self.weight2, counts, self.fused, sizes, self.bias2 if self.adds_bias2 else None)
 

@@ -12,13 +12,15 @@ gradients are then reduced over the expert-data-parallel group only.  Under tens
 parallelism) x holds this TP rank's s/t tokens: the router and the experts (whole, expert TP 1) work on them
 alone, the TP ranks acting as more expert-parallel / expert-data-parallel ranks (parallel/state.py), while
 the shared expert is split over TP like a dense MLP (gathering the sequence, reduce-scattering its output).
+With expert TP = TP (--expert-tensor-parallel-size) each rank still routes its own s/t tokens, but holds an ffn
+slice of its experts: the rows its EP rank receives are gathered over the expert-TP group, every rank computes
+its slice for all of them, and the partial outputs are summed back to the rank that sent each row.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,7 +29,19 @@ from megalite.model.moe import aux_loss
 from megalite.model.moe.experts import Experts, permute, unpermute
 from megalite.model.moe.router import TopKRouter
 from megalite.model.transformer import MLP
-from megalite.parallel.expert_parallel import combine, dispatch, ep_group, gather_tokens, reduce_scatter_tokens
+from megalite.parallel.expert_parallel import (
+    allgather_group,
+    combine,
+    dispatch,
+    ep_group,
+    ep_rank,
+    ep_size,
+    etp_group,
+    gather_for_expert_tp,
+    gather_tokens,
+    reduce_scatter_from_expert_tp,
+    reduce_scatter_tokens,
+)
 from megalite.parallel.layers import new_parameter
 from megalite.parallel.mappings import tp_size
 from megalite.parallel.param_info import Init
@@ -61,7 +75,7 @@ class MoELayer(nn.Module):
         weights, indices, kept, aux = self.router(x)                                # [T, k] each
         if kept is not None:   # dropped pairs go to a last, uncomputed expert E (capacity.py)
             indices = torch.where(kept, indices, torch.full_like(indices, self.num_experts))
-        group = ep_group()
+        group = allgather_group()
         if group is not None and self.dispatcher == "allgather":
             out = self._allgather_experts(tokens, weights, indices, group).view_as(x)
         else:
@@ -69,11 +83,7 @@ class MoELayer(nn.Module):
             if kept is not None:
                 served = int(counts[:self.num_experts].sum())
                 rows, order, counts = rows[:served], order[:served], counts[:self.num_experts]
-            if group is None:
-                results = self.experts(rows, counts)
-            else:   # the alltoall dispatcher: rows to the ranks of their experts and back
-                local_rows, local_counts, plan = dispatch(rows, counts, group)
-                results = combine(self.experts(local_rows, local_counts), plan, group)
+            results = self._alltoall_experts(rows, counts)
             out = unpermute(results, order, weights, tokens.shape[0]).view_as(x)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
@@ -82,12 +92,27 @@ class MoELayer(nn.Module):
             out = out + shared
         return aux_loss.attach(out, aux) if aux is not None else out
 
+    def _alltoall_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [N, h] grouped by global expert, counts [E] -> the experts' outputs [N, h]: under EP the rows
+        travel to their experts' ranks and back (the alltoall dispatcher), under expert TP they are gathered
+        over the etp group and each row's partial outputs summed back (megalite/parallel/expert_parallel.py)."""
+        ep, etp = ep_group(), etp_group()
+        if ep is not None:
+            rows, counts, ep_plan = dispatch(rows, counts, ep)
+        if etp is not None:
+            rows, counts, etp_plan = gather_for_expert_tp(rows, counts, etp)
+        results = self.experts(rows, counts)
+        if etp is not None:
+            results = reduce_scatter_from_expert_tp(results, etp_plan, etp)
+        return combine(results, ep_plan, ep) if ep is not None else results
+
     def _allgather_experts(self, tokens, weights, indices, group) -> torch.Tensor:
-        """The allgather dispatcher (megalite/parallel/expert_parallel.py): this rank's experts over the whole
-        EP group's tokens; the rows of other ranks' experts go to a last, empty group and contribute zero."""
-        local = self.num_experts // dist.get_world_size(group)
+        """The allgather dispatcher (megalite/parallel/expert_parallel.py): this rank's experts (its ffn slice
+        under expert TP) over the tokens of the whole EP group (x expert TP); the rows of other ranks' experts go
+        to a last, empty group and contribute zero."""
+        local = self.num_experts // ep_size()
         all_tokens, all_weights = gather_tokens(tokens, group), gather_tokens(weights, group)
-        mine = gather_tokens(indices, group) - dist.get_rank(group) * local      # a dropped pair: E, not here
+        mine = gather_tokens(indices, group) - ep_rank() * local                 # a dropped pair: E, not here
         mine = torch.where((mine >= 0) & (mine < local), mine, torch.full_like(mine, local))
         rows, order, counts = permute(all_tokens, mine, local + 1)
         served = int(counts[:local].sum())

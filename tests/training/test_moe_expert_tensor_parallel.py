@@ -1,0 +1,81 @@
+"""MoE with expert tensor parallelism (--expert-tensor-parallel-size 2 = TP 2, sequence parallelism, EP 2, so DP 2
+and expert-DP 1 on 4 ranks): each expert's ffn split over the TP group (fc1's columns, whole SwiGLU units, and
+fc2's rows), the rows an EP rank receives gathered over expert TP and the partial outputs summed back.  One
+training step's loss, gradient norm, logged auxiliary losses (and expert-bias update) and every parameter after
+the step equal the hand computation and the one-rank run (tests/training/test_moe_tensor_parallel.py's
+harness): both dispatchers, with and without --moe-grouped-gemm, GELU and SwiGLU experts, ZeRO-1 and ZeRO-3,
+expert TP 2 at EP 1 (with full recompute, and with the router's expert bias), and on 8 ranks TP2 x CP2 x DP2
+with EP2 (expert-DP 2, over CP x DP) and TP2 x PP2 x DP2 with EP2 (losses and norm there; the parameters are
+compared where there is no pipeline)."""
+import pytest
+import torch
+
+from megalite.parallel.testing import run_on_ranks
+from tests.training.test_moe_tensor_parallel import BASE, TP, _step, assert_same_parameters, one_rank
+from tests.training.test_moe_training import ARGV, BIAS, _curve, by_hand
+
+ETP2 = TP + ["--expert-tensor-parallel-size", "2"]
+EP2 = ["--expert-model-parallel-size", "2"]
+ALLTOALL = ["--moe-token-dispatcher-type", "alltoall"]
+SWIGLU = ["--swiglu", "--moe-grouped-gemm"]
+
+
+@pytest.mark.parametrize("world_size, layout", [
+    (4, ETP2 + EP2 + ALLTOALL),
+    (4, ETP2 + EP2 + ALLTOALL + SWIGLU + ["--use-distributed-optimizer"]),
+    (4, ETP2 + EP2 + SWIGLU),
+    (4, ETP2 + EP2 + ["--swiglu", "--data-parallel-sharding-strategy", "optim_grads_params"]),
+    (2, ETP2 + ALLTOALL + ["--swiglu", "--recompute-granularity", "full", "--recompute-method", "uniform"]),
+    (2, ETP2 + ["--swiglu"] + BIAS),
+    (8, ETP2 + EP2 + ["--context-parallel-size", "2"]),
+    (8, ETP2 + EP2 + ALLTOALL + ["--pipeline-model-parallel-size", "2"])],
+    ids=["TP=2 DP=2 EP=2 ETP=2 alltoall", "ETP=2 EP=2 alltoall SwiGLU grouped ZeRO-1",
+         "ETP=2 EP=2 allgather SwiGLU grouped", "ETP=2 EP=2 allgather SwiGLU ZeRO-3",
+         "TP=2 EP=1 ETP=2 alltoall full recompute", "TP=2 EP=1 ETP=2 allgather expert bias",
+         "TP=2 CP=2 DP=2 EP=2 ETP=2 allgather", "TP=2 PP=2 DP=2 EP=2 ETP=2"])
+def test_moe_step_with_expert_tensor_parallelism_matches_one_rank(world_size, layout):
+    argv = BASE + layout
+    loss, norm, logged, biases = by_hand(one_rank(argv))
+    reference = run_on_ranks(_step, 1, one_rank(argv))[0]
+    assert reference[0] == pytest.approx(loss, rel=1e-5) and reference[1] == pytest.approx(norm, rel=1e-4)
+    for got_loss, got_norm, got_logged, got_biases, got_params in run_on_ranks(_step, world_size, argv, timeout=240):
+        assert got_loss == pytest.approx(loss, rel=1e-5)
+        assert got_norm == pytest.approx(norm, rel=1e-4)
+        assert got_logged == pytest.approx(logged, rel=1e-5)
+        assert (not got_biases) == (layout[-len(BIAS):] != BIAS)
+        for layer, bias in got_biases.items():   # the expert-bias update (each TP rank's loads summed over TP)
+            torch.testing.assert_close(torch.tensor(bias), torch.tensor(biases[layer]))
+        if got_params[0]:   # (without a pipeline: the names are the one-stage model's)
+            # the experts' ffn is split: weight1 [E/EP, h, f/2] and weight2 [E/EP, f/2, h]
+            split = {name: dim for name, _, dim, expert in got_params[0] if expert}
+            assert split and all(dim in (1, 2) for dim in split.values()), split
+            assert_same_parameters(got_params, reference[4])
+
+
+@pytest.mark.parametrize("world_size, layout", [(4, ETP2 + EP2 + ALLTOALL + ["--use-distributed-optimizer"]),
+                                                (2, ETP2)], ids=["TP=2 DP=2 EP=2 ETP=2 alltoall ZeRO-1",
+                                                                 "TP=2 ETP=2 allgather"])
+def test_expert_biases_train_the_same_under_expert_tensor_parallelism(world_size, layout):
+    """Each expert's fc1 bias split as fc1's columns, its fc2 bias added once (by expert-TP rank 0) with its
+    gradient summed over TP: zero at first, they move after the first step, so three steps check their
+    forward too (tests/training/test_moe_training.py's curve: losses, grad norms, logged balancing loss)."""
+    argv = [flag for flag in ARGV if flag != "--disable-bias-linear"] + ["--lr", "1e-2", "--train-iters", "3"]
+    reference = run_on_ranks(_curve, 1, argv)[0]
+    results = run_on_ranks(_curve_and_fc2_biases, world_size, argv + layout, timeout=180)
+    for curve, _ in results:
+        torch.testing.assert_close(torch.tensor(curve), torch.tensor(reference), rtol=1e-4, atol=0)
+    # ranks 0 and 1 are the expert-TP pair of EP rank 0: their copies of the fc2 biases (only rank 0's is used)
+    # stay equal, so a checkpoint may take either
+    assert results[0][1] and all(torch.equal(results[0][1][name], results[1][1][name]) for name in results[0][1])
+    assert all(bool(bias.abs().sum() > 0) for bias in results[0][1].values())
+
+
+def _curve_and_fc2_biases(rank, world_size, argv):
+    """_curve's three steps, and this rank's fc2 biases after them."""
+    import megalite.training.loop as loop
+    from megalite.parallel.data_parallel import unwrap_model
+    runs, setup = [], loop.setup
+    loop.setup = lambda args: runs.append(setup(args)) or runs[-1]    # (_curve imports it when it runs)
+    curve = _curve(rank, world_size, argv)
+    return curve, {name: param.detach().clone() for name, param in unwrap_model(runs[0].model[0]).named_parameters()
+                   if name.endswith("experts.bias2")}
