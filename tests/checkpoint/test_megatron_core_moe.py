@@ -21,7 +21,14 @@ import torch
 
 from megalite.checkpoint.convert import main as convert
 from megalite.parallel.testing import run_on_ranks
-from tests.checkpoint.test_megatron_core import ATOL, HAVE_MEGATRON_CORE, _cpu_only, _iteration_folder
+from tests.checkpoint.test_megatron_core import (
+    ATOL,
+    HAVE_MEGATRON_CORE,
+    _cpu_only,
+    _have_megatron_training,
+    _iteration_folder,
+    _megatron_lm_reads_args,
+)
 
 pytestmark = pytest.mark.skipif(not HAVE_MEGATRON_CORE, reason="megatron-core is not installed (docs/megatron.md)")
 
@@ -228,3 +235,22 @@ def test_megatron_core_moe_checkpoint_imports_with_its_logits(tmp_path):
     logits, margin = run_on_ranks(_megalite_logits_and_margin, 1, ours, timeout=120)[0]
     assert margin > 1e-3, margin
     torch.testing.assert_close(logits, theirs[0], rtol=0, atol=ATOL)
+
+
+# The MoE fields Megatron-LM's load_args_from_checkpoint takes from a checkpoint (tag core_v0.16.1).
+MOE_READ_BACK = ("num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_router_topk", "moe_token_dispatcher_type",
+                 "moe_router_pre_softmax", "moe_grouped_gemm", "moe_shared_expert_intermediate_size",
+                 "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor")
+
+
+@pytest.mark.skipif(not HAVE_MEGATRON_CORE or not _have_megatron_training(),
+                    reason="Megatron-LM's megatron.training (from its source, tag core_v0.16.1) is not importable")
+def test_megatron_lm_reads_the_exported_moe_args(tmp_path, megalite_moe_checkpoint):
+    """Megatron-LM's --use-checkpoint-args finds EP rank 0's file of an EP2 export (mp_rank_00_000) and reads
+    every MoE field it takes from a checkpoint."""
+    out = str(tmp_path / "megatron")
+    assert convert(["--to", "megatron", "--load", megalite_moe_checkpoint, "--save", out,
+                    "--expert-model-parallel-size", "2"]) == 0
+    read = run_on_ranks(_megatron_lm_reads_args, 1, out, "torch", MOE_READ_BACK, timeout=180)[0]
+    expected = vars(moe_hand_args())
+    assert read == {field: expected.get(field) for field in MOE_READ_BACK}
