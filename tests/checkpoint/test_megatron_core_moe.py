@@ -1,13 +1,15 @@
 """MoE checkpoints crossed with megatron-core itself (code nobody here wrote), on CPU over gloo with the local
 layer spec and SequentialMLP experts: megalite's export of an MoE model (a megalite checkpoint trained at
-DP2 x EP2, its routers made decisive) loads with strict=True into megatron-core's GPTModel at EP1 and EP2 and
-gives megalite's logits; a megatron-core MoE model's own state dicts, saved per rank in Megatron-LM's legacy
-layout at EP2 (mp_rank_00_00E), import into megalite with megatron-core's logits.
+DP2 x EP2, its routers made decisive) loads with strict=True into megatron-core's GPTModel at EP1, EP2 and
+TP2 x EP2 (expert TP 1) and gives megalite's logits, and Megatron-LM's own argument loader reads its MoE
+args; a megatron-core MoE model's own state dicts, saved per rank in Megatron-LM's legacy layout at EP2
+(mp_rank_00_00E), import into megalite with megatron-core's logits.
 
-Decisive routing: the routers' weights are scaled until each token's k-th and (k+1)-th expert scores lie
-far apart, so float32 round-off between the two implementations cannot change a choice, and an export that
-put any expert under another's index, or swapped SwiGLU's gate and up, moves the logits by far more than the
-tolerance (test_megatron_moe.py's mutation of the export shows it).  megatron-core's TEGroupedMLP (the
+Decisive routing: the routers' weights are scaled (by ROUTER_SCALE) so that each token's k-th and (k+1)-th
+selection scores lie more than 1e-3 apart (asserted), far beyond float32 round-off between the two
+implementations, so no choice can differ; an export that put an expert under another's index, or swapped
+SwiGLU's gate and up, moves the logits by far more than the tolerance (the export test mutates its files
+and shows it).  megatron-core's TEGroupedMLP (the
 grouped layout) needs Transformer Engine and is not built here.
 
 Needs megatron-core (tested with 0.16.1); skipped where it is not importable.  The rank processes answer
@@ -165,15 +167,16 @@ def _legacy_file(folder, ep):
     return os.path.join(folder, name, "model_optim_rng.pt")
 
 
-def _export_into_mcore(rank, world_size, root, ep):
-    """megatron-core's logits of the export at ``root`` loaded strictly; then with experts 0 and 1 of layer 0
-    exchanged, and with SwiGLU's gate and up halves of expert 0 exchanged (mutations that must show)."""
+def _export_into_mcore(rank, world_size, root, tp, ep):
+    """This rank's share [b, s, padded vocab / tp] of megatron-core's logits of the export at ``root`` loaded
+    strictly; then with experts 0 and 1 of layer 0 exchanged, and with SwiGLU's gate and up halves of expert 0
+    exchanged (mutations that must show)."""
     from megatron.core import parallel_state
-    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
+    parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
     saved = torch.load(_legacy_file(_iteration_folder(root), ep), weights_only=False)
-    model = mcore_moe_model(saved["args"], 1, 1, ep)
+    model = mcore_moe_model(saved["args"], tp, 1, ep)
     model.load_state_dict(saved["model"], strict=True)
-    logits = [_mcore_logits(model, TOKENS)[..., :VOCAB]]
+    logits = [_mcore_logits(model, TOKENS)]
     prefix = "decoder.layers.0.mlp.experts.local_experts.{}.linear_fc1.weight"
     model_state = saved["model"]
     swapped = {**model_state, prefix.format(0): model_state[prefix.format(1)],
@@ -182,21 +185,28 @@ def _export_into_mcore(rank, world_size, root, ep):
     halves = {**model_state, prefix.format(0): torch.cat([up, gate])}
     for mutated in (swapped, halves):
         model.load_state_dict(mutated, strict=True)
-        logits.append(_mcore_logits(model, TOKENS)[..., :VOCAB])
+        logits.append(_mcore_logits(model, TOKENS))
     return logits
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_moe_export_loads_into_megatron_core_with_the_same_logits(tmp_path, decisive_checkpoint, ep):
+@pytest.mark.parametrize("tp,ep", [(1, 1), (1, 2), (2, 2)])
+def test_moe_export_loads_into_megatron_core_with_the_same_logits(tmp_path, decisive_checkpoint, tp, ep):
+    """At TP2 x EP2 (expert TP 1, two ranks: TP rank r is EP rank r) each rank holds half the vocabulary's
+    logits and its shards of attention, dense and shared-expert weights; the routed experts are whole."""
     out = str(tmp_path / "megatron")
     assert convert(["--to", "megatron", "--load", decisive_checkpoint, "--save", out,
-                    "--expert-model-parallel-size", str(ep)]) == 0
+                    "--tensor-model-parallel-size", str(tp), "--expert-model-parallel-size", str(ep)]) == 0
     ours, margin = run_on_ranks(_megalite_logits_and_margin, 1, decisive_checkpoint, timeout=120)[0]
     assert margin > 1e-3, margin            # no choice within float32 round-off of another
-    for exact, swapped, halves in run_on_ranks(_export_into_mcore, ep, out, ep, timeout=240):
-        torch.testing.assert_close(exact, ours, rtol=0, atol=ATOL)
+    shares = run_on_ranks(_export_into_mcore, max(tp, ep), out, tp, ep, timeout=240)
+    if tp == 1:
+        runs = shares                       # each rank's own logits
+    else:                                   # the TP ranks' halves of the vocabulary joined
+        runs = [[torch.cat(parts, dim=-1) for parts in zip(*shares)]]
+    for exact, swapped, halves in runs:
+        torch.testing.assert_close(exact[..., :VOCAB], ours, rtol=0, atol=ATOL)
         for mutated in (swapped, halves):
-            assert (mutated - ours).abs().max() > 100 * ATOL
+            assert (mutated[..., :VOCAB] - ours).abs().max() > 100 * ATOL
 
 
 def _mcore_saves(rank, world_size, root, ep):
