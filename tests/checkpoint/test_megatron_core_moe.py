@@ -38,11 +38,12 @@ VOCAB = 100
 TOKENS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
-def moe_hand_args(tp=1, pp=1, ep=1):
+def moe_hand_args(tp=1, pp=1, ep=1, bias=False):
     """The args Megatron-LM's save_checkpoint would store for the test's MoE model (a LLaMA-style model,
     4 experts top-2 in every layer with a gated shared expert, sigmoid scores and the expert bias), written
-    here from Megatron-LM's flag names."""
-    return argparse.Namespace(
+    here from Megatron-LM's flag names; ``bias``: every linear with a bias (the experts' own fc1 / fc2 biases,
+    the router's), and no shared expert (megatron-core's have no bias)."""
+    args = argparse.Namespace(
         num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
         group_query_attention=True, kv_channels=8, seq_length=16, max_position_embeddings=16, padded_vocab_size=128,
         vocab_size=VOCAB, make_vocab_size_divisible_by=64, normalization="RMSNorm", norm_epsilon=1e-5, swiglu=True,
@@ -55,6 +56,10 @@ def moe_hand_args(tp=1, pp=1, ep=1):
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=None,
         moe_token_dispatcher_type="allgather", moe_grouped_gemm=False, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1)
+    if bias:
+        vars(args).update(add_bias_linear=True, add_qkv_bias=True, moe_shared_expert_intermediate_size=None,
+                          moe_shared_expert_gate=False)
+    return args
 
 
 def _cpu_only_moe():
@@ -207,6 +212,35 @@ def test_moe_export_loads_into_megatron_core_with_the_same_logits(tmp_path, deci
         torch.testing.assert_close(exact[..., :VOCAB], ours, rtol=0, atol=ATOL)
         for mutated in (swapped, halves):
             assert (mutated[..., :VOCAB] - ours).abs().max() > 100 * ATOL
+
+
+def _random_with_biases(rank, world_size, out):
+    """A one-rank megalite checkpoint of moe_hand_args(bias=True)'s model, every tensor perturbed (biases and
+    expert biases off zero), its routers decisive."""
+    from megalite.checkpoint.imported import save_one_rank
+    from megalite.checkpoint.megatron_args import config_from_args
+    from megalite.model.gpt import GPTModel
+    config = config_from_args(moe_hand_args(bias=True))
+    torch.manual_seed(3)
+    state = GPTModel(config).state_dict()
+    for name, tensor in state.items():
+        state[name] = tensor + torch.randn_like(tensor) * (0.01 if name.endswith("expert_bias") else 0.05)
+        if name.endswith("router.weight"):
+            state[name] = state[name] * ROUTER_SCALE
+    save_one_rank(config, state, out)
+
+
+def test_moe_export_with_biases_loads_into_megatron_core_with_the_same_logits(tmp_path):
+    """The experts' own fc1 / fc2 biases (fc2's scaled by the routing weight with its output, in both) and
+    megatron-core's router bias (exported as zeros) at EP2."""
+    ours_root, out = str(tmp_path / "megalite"), str(tmp_path / "megatron")
+    run_on_ranks(_random_with_biases, 1, ours_root, timeout=120)
+    assert convert(["--to", "megatron", "--load", ours_root, "--save", out, "--expert-model-parallel-size", "2"]) == 0
+    ours, margin = run_on_ranks(_megalite_logits_and_margin, 1, ours_root, timeout=120)[0]
+    assert margin > 1e-3, margin
+    for exact, swapped, halves in run_on_ranks(_export_into_mcore, 2, out, 1, 2, timeout=240):
+        torch.testing.assert_close(exact[..., :VOCAB], ours, rtol=0, atol=ATOL)
+        assert (swapped[..., :VOCAB] - ours).abs().max() > 100 * ATOL
 
 
 def _mcore_saves(rank, world_size, root, ep):
