@@ -48,7 +48,10 @@ def _moe_fields(args: Any) -> dict:
         raise ValueError("Megatron-LM's --moe-grouped-gemm with --transformer-impl local holds the legacy GroupedMLP "
                          "layout, which is not converted; save it with the Transformer Engine spec or without "
                          "--moe-grouped-gemm")
-    return {name: _get(args, name) for name in _MOE_FIELDS if _get(args, name) is not None}
+    fields = {name: _get(args, name) for name in _MOE_FIELDS if _get(args, name) is not None}
+    if fields.get("moe_token_dispatcher_type") not in ("allgather", "alltoall"):    # flex: how tokens travel,
+        fields.pop("moe_token_dispatcher_type", None)                               # not the model's math
+    return fields
 
 
 def megatron_args(config: ModelConfig, *, tp: int, pp: int, iteration: int, spec: str, ckpt_format: str,

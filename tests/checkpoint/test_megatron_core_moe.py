@@ -158,7 +158,8 @@ def _megalite_logits_and_margin(rank, world_size, root):
         top = scores.topk(router.config.moe_router_topk + 1, dim=-1).values
         gaps.append((top[:, -2] - top[:, -1]).min())
     for layer in model.decoder.layers:
-        layer.mlp.router.register_forward_hook(record)
+        if hasattr(layer.mlp, "router"):                   # an MoE layer
+            layer.mlp.router.register_forward_hook(record)
     with torch.no_grad():
         logits = model(TOKENS).float().permute(1, 0, 2)[..., :VOCAB]
     return logits, min(gaps).item()
@@ -214,13 +215,21 @@ def test_moe_export_loads_into_megatron_core_with_the_same_logits(tmp_path, deci
             assert (mutated[..., :VOCAB] - ours).abs().max() > 100 * ATOL
 
 
-def _random_with_biases(rank, world_size, out):
-    """A one-rank megalite checkpoint of moe_hand_args(bias=True)'s model, every tensor perturbed (biases and
-    expert biases off zero), its routers decisive."""
+# Models built from moe_hand_args without training: every linear with a bias; experts in layer 0 only, a dense
+# MLP in layer 1 (--moe-layer-freq [1,0]).
+VARIANTS = {"biases": {"bias": True}, "layer-list": {"moe_layer_freq": [1, 0]}}
+
+
+def _random_checkpoint(rank, world_size, out, variant):
+    """A one-rank megalite checkpoint of a VARIANTS model, every tensor perturbed (biases and expert biases
+    off zero), its routers decisive."""
     from megalite.checkpoint.imported import save_one_rank
     from megalite.checkpoint.megatron_args import config_from_args
     from megalite.model.gpt import GPTModel
-    config = config_from_args(moe_hand_args(bias=True))
+    changes = dict(VARIANTS[variant])
+    args = moe_hand_args(bias=changes.pop("bias", False))
+    vars(args).update(changes)
+    config = config_from_args(args)
     torch.manual_seed(3)
     state = GPTModel(config).state_dict()
     for name, tensor in state.items():
@@ -230,11 +239,12 @@ def _random_with_biases(rank, world_size, out):
     save_one_rank(config, state, out)
 
 
-def test_moe_export_with_biases_loads_into_megatron_core_with_the_same_logits(tmp_path):
-    """The experts' own fc1 / fc2 biases (fc2's scaled by the routing weight with its output, in both) and
-    megatron-core's router bias (exported as zeros) at EP2."""
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_moe_variants_load_into_megatron_core_with_the_same_logits(tmp_path, variant):
+    """At EP2: the experts' own fc1 / fc2 biases (fc2's scaled by the routing weight with its output, in both)
+    and megatron-core's router bias (exported as zeros); a dense layer beside an MoE layer."""
     ours_root, out = str(tmp_path / "megalite"), str(tmp_path / "megatron")
-    run_on_ranks(_random_with_biases, 1, ours_root, timeout=120)
+    run_on_ranks(_random_checkpoint, 1, ours_root, variant, timeout=120)
     assert convert(["--to", "megatron", "--load", ours_root, "--save", out, "--expert-model-parallel-size", "2"]) == 0
     ours, margin = run_on_ranks(_megalite_logits_and_margin, 1, ours_root, timeout=120)[0]
     assert margin > 1e-3, margin

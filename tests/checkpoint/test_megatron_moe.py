@@ -169,6 +169,25 @@ def test_shared_expert_names():
     _assert_same(state, from_megatron(theirs, config))
 
 
+def test_moe_args_cross_both_ways():
+    """Every MoE field megalite has is written under Megatron-LM's name and read back; a dispatcher megalite
+    lacks (flex) changes no math and imports as megalite's default; what megalite cannot hold is one line."""
+    from megalite.checkpoint.megatron_args import megatron_args
+    from tests.checkpoint.test_megatron_core_moe import moe_hand_args
+    config = _config(moe_layer_freq=[1, 0], moe_router_dtype="fp32", moe_expert_capacity_factor=1.5,
+                     moe_token_drop_policy="position", moe_z_loss_coeff=1e-3, moe_router_topk_scaling_factor=2.0)
+    args = megatron_args(config, tp=1, pp=1, iteration=1, spec="local", ckpt_format="torch", dtype=torch.float32,
+                         ep=2)
+    assert (args.num_experts, args.expert_model_parallel_size, args.expert_tensor_parallel_size) == (4, 2, 1)
+    assert config_from_args(args) == config
+    flex = moe_hand_args()
+    flex.moe_token_dispatcher_type = "flex"
+    assert config_from_args(flex).moe_token_dispatcher_type == "allgather"
+    flex.moe_router_load_balancing_type = "sinkhorn"
+    with pytest.raises(ValueError, match="--moe-router-load-balancing-type 'sinkhorn'"):
+        config_from_args(flex)
+
+
 def test_bad_moe_exports_are_one_line(tmp_path, megalite_moe_checkpoint, capsys):
     for flags, named in ((["--expert-model-parallel-size", "3"], "--expert-model-parallel-size 3 does not divide"),
                          (["--moe-grouped-gemm"], "--moe-grouped-gemm writes TEGroupedMLP's names"),
