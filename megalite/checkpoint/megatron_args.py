@@ -48,6 +48,10 @@ def _moe_fields(args: Any) -> dict:
         raise ValueError("Megatron-LM's --moe-grouped-gemm with --transformer-impl local holds the legacy GroupedMLP "
                          "layout, which is not converted; save it with the Transformer Engine spec or without "
                          "--moe-grouped-gemm")
+    balancing = _get(args, "moe_router_load_balancing_type")
+    if isinstance(balancing, (list, tuple)):        # Megatron-LM keeps a list only when it names several
+        raise ValueError(f"Megatron-LM's --moe-router-load-balancing-type {' '.join(balancing)}: megalite computes "
+                         f"one balancing loss per layer; this checkpoint cannot be converted")
     fields = {name: _get(args, name) for name in _MOE_FIELDS if _get(args, name) is not None}
     if fields.get("moe_token_dispatcher_type") not in ("allgather", "alltoall"):    # flex: how tokens travel,
         fields.pop("moe_token_dispatcher_type", None)                               # not the model's math

@@ -123,6 +123,8 @@ def _args(**changes):
     ({"num_experts": 8, "expert_tensor_parallel_size": 2}, "--expert-tensor-parallel-size 2"),
     ({"num_experts": 8, "tensor_model_parallel_size": 2}, "--expert-tensor-parallel-size 2"),   # Megatron: ETP = TP
     ({"num_experts": 8, "moe_router_num_groups": 2}, "--moe-router-num-groups 2"),
+    ({"num_experts": 8, "moe_router_load_balancing_type": ["aux_loss", "seq_aux_loss"],
+      "moe_aux_loss_coeff": [1e-2, 1e-3]}, "--moe-router-load-balancing-type aux_loss seq_aux_loss"),
     ({"num_experts": 8, "moe_grouped_gemm": True, "transformer_impl": "local"}, "legacy GroupedMLP"),
     ({"rotary_interleaved": True}, "--rotary-interleaved"),
     ({"add_bias_linear": True, "add_qkv_bias": False}, "--add-qkv-bias False with --add-bias-linear"),
