@@ -253,13 +253,14 @@ def test_moe_variants_load_into_megatron_core_with_the_same_logits(tmp_path, var
         assert (swapped[..., :VOCAB] - ours).abs().max() > 100 * ATOL
 
 
-def _mcore_saves(rank, world_size, root, ep):
-    """A randomly initialized megatron-core MoE model at EP ``ep`` saved per rank in Megatron-LM's legacy layout
-    (each EP rank's state_dict, its experts under local indices), its routers decisive and its expert biases
-    off zero; this rank's logits of TOKENS."""
+def _mcore_saves(rank, world_size, root, tp, ep):
+    """A randomly initialized megatron-core MoE model at TP ``tp`` x EP ``ep`` (expert TP 1) saved per rank in
+    Megatron-LM's legacy layout (each rank's state_dict, its experts under local indices: at TP2 x EP2 on two
+    ranks only mp_rank_00_000 and mp_rank_01_001), its routers decisive and its expert biases off zero; this
+    rank's share [b, s, padded vocab / tp] of the logits of TOKENS."""
     from megatron.core import parallel_state
-    args = moe_hand_args(ep=ep)
-    model = mcore_moe_model(args, 1, 1, ep)
+    args = moe_hand_args(tp=tp, ep=ep)
+    model = mcore_moe_model(args, tp, 1, ep)
     own = torch.Generator().manual_seed(100 + parallel_state.get_expert_model_parallel_rank())
     torch.manual_seed(5)                  # the same on every rank: replicated tensors stay equal
     with torch.no_grad():                 # megatron-core zeroes biases and sets norms to one at init
@@ -277,18 +278,23 @@ def _mcore_saves(rank, world_size, root, ep):
     if rank == 0:
         with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write("7")
-    return _mcore_logits(model, TOKENS)[..., :VOCAB]
+    return _mcore_logits(model, TOKENS)
 
 
-def test_megatron_core_moe_checkpoint_imports_with_its_logits(tmp_path):
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 2)])
+def test_megatron_core_moe_checkpoint_imports_with_its_logits(tmp_path, tp, ep):
     theirs_root, ours = str(tmp_path / "mcore"), str(tmp_path / "imported")
     os.makedirs(theirs_root)
-    theirs = run_on_ranks(_mcore_saves, 2, theirs_root, 2, timeout=240)
-    torch.testing.assert_close(theirs[1], theirs[0], rtol=0, atol=ATOL)
+    shares = run_on_ranks(_mcore_saves, max(tp, ep), theirs_root, tp, ep, timeout=240)
+    if tp == 1:                             # each EP rank's logits of the same tokens
+        torch.testing.assert_close(shares[1], shares[0], rtol=0, atol=ATOL)
+    theirs = torch.cat(shares, dim=-1) if tp > 1 else shares[0]
+    written = sorted(os.listdir(os.path.join(theirs_root, "iter_0000007")))    # TP rank r is EP rank r at TP2
+    assert written == (["mp_rank_00_000", "mp_rank_01_001"] if tp > 1 else ["mp_rank_00_000", "mp_rank_00_001"])
     assert convert(["--from", "megatron", "--load", theirs_root, "--save", ours]) == 0
     logits, margin = run_on_ranks(_megalite_logits_and_margin, 1, ours, timeout=120)[0]
     assert margin > 1e-3, margin
-    torch.testing.assert_close(logits, theirs[0], rtol=0, atol=ATOL)
+    torch.testing.assert_close(logits, theirs[..., :VOCAB], rtol=0, atol=ATOL)
 
 
 # The MoE fields Megatron-LM's load_args_from_checkpoint takes from a checkpoint (tag core_v0.16.1).
