@@ -3,7 +3,7 @@
 
     megalite-convert --to megatron --load CKPT --save DIR [--ckpt-format torch|torch_dist]
                      [--tensor-model-parallel-size T] [--pipeline-model-parallel-size P] [--megatron-spec local|te]
-                     [--use-legacy-models]
+                     [--use-legacy-models] [--expert-model-parallel-size E] [--moe-grouped-gemm]
     megalite-convert --from megatron --load DIR --save CKPT
     megalite-convert --to hf ... / --from hf ...            (see megalite/checkpoint/hf.py)
 """
@@ -29,6 +29,12 @@ def _megatron_parser(prog: str) -> argparse.ArgumentParser:
                         help="export: the TP size of the files (torch) and of the vocabulary padding")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                         help="export: the pipeline stages of the files (torch)")
+    parser.add_argument("--expert-model-parallel-size", type=int, default=1,
+                        help="export: the expert-parallel size of the files (torch): mp_rank_TT[_PPP]_EEE, each "
+                             "EP rank's experts under local indices")
+    parser.add_argument("--moe-grouped-gemm", action="store_true",
+                        help="export: the experts in TEGroupedMLP's layout (linear_fc1.weight{k}; with "
+                             "--megatron-spec te), else SequentialMLP's (local_experts.{k})")
     parser.add_argument("--megatron-spec", default="local", choices=["local", "te"],
                         help="export: megatron-core's layer spec the names follow: local modules "
                              "(get_gpt_layer_local_spec) or Transformer Engine's fused layer norms")
@@ -43,14 +49,16 @@ def _megatron_main(argv, prog: str) -> int:
     parser = _megatron_parser(prog)
     args = parser.parse_args(argv)
     for flag, value in (("--tensor-model-parallel-size", args.tensor_model_parallel_size),
-                        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size)):
+                        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size),
+                        ("--expert-model-parallel-size", args.expert_model_parallel_size)):
         if value < 1:
             parser.error(f"{flag} {value}: it must be at least 1")
     try:
         if args.to:
             written = export_megatron(args.load, args.save, ckpt_format=args.ckpt_format,
                                       tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                                      spec=args.megatron_spec, legacy_models=args.use_legacy_models)
+                                      spec=args.megatron_spec, legacy_models=args.use_legacy_models,
+                                      ep=args.expert_model_parallel_size, grouped=args.moe_grouped_gemm)
         else:
             written = import_megatron(args.load, args.save)
     except (ValueError, FileNotFoundError, KeyError) as error:

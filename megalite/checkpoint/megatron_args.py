@@ -5,10 +5,12 @@ refused by name when it holds a value megalite cannot hold (docs/megatron.md).""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 import torch
 
+from megalite.config.moe_settings import MoEFields
 from megalite.config.settings import ModelConfig
 
 __all__ = ["CHECKPOINT_VERSION", "megatron_args", "config_from_args"]
@@ -16,16 +18,51 @@ __all__ = ["CHECKPOINT_VERSION", "megatron_args", "config_from_args"]
 CHECKPOINT_VERSION = 3.0         # Megatron-LM's checkpoint_version for megatron-core models
 
 # Megatron-LM fields whose value megalite cannot reproduce: (field, the value megalite has).
-_FIXED = (("rotary_interleaved", False), ("squared_relu", False), ("num_experts", None),
+_FIXED = (("rotary_interleaved", False), ("squared_relu", False),
           ("virtual_pipeline_model_parallel_size", None), ("decoder_first_pipeline_num_layers", None),
-          ("decoder_last_pipeline_num_layers", None), ("multi_latent_attention", False), ("mtp_num_layers", None))
+          ("decoder_last_pipeline_num_layers", None), ("multi_latent_attention", False), ("mtp_num_layers", None),
+          ("moe_router_num_groups", None), ("moe_router_group_topk", None), ("moe_apply_probs_on_input", False),
+          ("moe_latent_size", None), ("moe_use_legacy_grouped_gemm", False))
+# The MoE flags, Megatron-LM's names and meanings (config/moe_settings.py): carried both ways as they are.
+_MOE_FIELDS = tuple(field.name for field in dataclasses.fields(MoEFields))
+
+
+def _moe_args(config: ModelConfig, ep: int, grouped: bool) -> dict:
+    """The MoE fields of ``args``: experts split over ``ep`` ranks, whole on each (expert TP 1), in
+    TEGroupedMLP's layout when ``grouped`` (--moe-grouped-gemm), else SequentialMLP's."""
+    if config.num_experts is None:
+        return dict(num_experts=None, expert_model_parallel_size=1)
+    return {**{name: getattr(config, name) for name in _MOE_FIELDS}, "moe_grouped_gemm": grouped,
+            "expert_model_parallel_size": ep, "expert_tensor_parallel_size": 1, "moe_use_legacy_grouped_gemm": False}
+
+
+def _moe_fields(args: Any) -> dict:
+    """ModelConfig's MoE fields of ``args`` (none for a dense model); experts split over TP refused."""
+    if not _get(args, "num_experts"):
+        return {}
+    etp = _get(args, "expert_tensor_parallel_size") or _get(args, "tensor_model_parallel_size", 1)
+    if etp > 1:
+        raise ValueError(f"Megatron-LM's --expert-tensor-parallel-size {etp}: experts split over TP ranks are "
+                         f"not converted; reshard it with Megatron-LM's tools/checkpoint to expert TP 1")
+    if _get(args, "moe_grouped_gemm") and _get(args, "transformer_impl") == "local":
+        raise ValueError("Megatron-LM's --moe-grouped-gemm with --transformer-impl local holds the legacy GroupedMLP "
+                         "layout, which is not converted; save it with the Transformer Engine spec or without "
+                         "--moe-grouped-gemm")
+    balancing = _get(args, "moe_router_load_balancing_type")
+    if isinstance(balancing, (list, tuple)):        # Megatron-LM keeps a list only when it names several
+        raise ValueError(f"Megatron-LM's --moe-router-load-balancing-type {' '.join(balancing)}: megalite computes "
+                         f"one balancing loss per layer; this checkpoint cannot be converted")
+    fields = {name: _get(args, name) for name in _MOE_FIELDS if _get(args, name) is not None}
+    if fields.get("moe_token_dispatcher_type") not in ("allgather", "alltoall"):    # flex: how tokens travel,
+        fields.pop("moe_token_dispatcher_type", None)                               # not the model's math
+    return fields
 
 
 def megatron_args(config: ModelConfig, *, tp: int, pp: int, iteration: int, spec: str, ckpt_format: str,
-                  dtype: torch.dtype, legacy_models: bool = False,
-                  tokenizer_type: str = "NullTokenizer") -> argparse.Namespace:
-    """Megatron-LM's ``args`` for ``config`` saved at ``tp`` x ``pp`` under layer ``spec`` (or as the model
-    before megatron-core, ``legacy_models``)."""
+                  dtype: torch.dtype, legacy_models: bool = False, tokenizer_type: str = "NullTokenizer",
+                  ep: int = 1, grouped: bool = False) -> argparse.Namespace:
+    """Megatron-LM's ``args`` for ``config`` saved at ``tp`` x ``pp`` (x ``ep`` for the experts) under layer
+    ``spec`` (or as the model before megatron-core, ``legacy_models``)."""
     rope = config.position_embedding_type == "rope"
     return argparse.Namespace(
         num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
@@ -35,7 +72,7 @@ def megatron_args(config: ModelConfig, *, tp: int, pp: int, iteration: int, spec
         vocab_size=config.vocab_size, padded_vocab_size=config.padded_vocab_size(tp),
         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
-        expert_model_parallel_size=1, normalization=config.normalization, norm_epsilon=config.norm_epsilon,
+        normalization=config.normalization, norm_epsilon=config.norm_epsilon,
         swiglu=config.swiglu, openai_gelu=config.openai_gelu, squared_relu=False,
         position_embedding_type=config.position_embedding_type, add_position_embedding=not rope,
         use_rotary_position_embeddings=rope, rotary_base=int(config.rotary_base) if rope else 10000,
@@ -47,7 +84,7 @@ def megatron_args(config: ModelConfig, *, tp: int, pp: int, iteration: int, spec
         apply_layernorm_1p=config.apply_layernorm_1p, qk_layernorm=config.qk_layernorm,
         apply_query_key_layer_scaling=False, hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout, init_method_std=config.init_method_std, seed=config.seed,
-        num_experts=None, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        **_moe_args(config, ep, grouped), fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, params_dtype=dtype,
         transformer_impl="local" if spec == "local" else "transformer_engine", use_legacy_models=legacy_models,
         bias_gelu_fusion=False,
         ckpt_format=ckpt_format, iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
@@ -97,4 +134,5 @@ def config_from_args(args: Any) -> ModelConfig:
         kv_channels=_get(args, "kv_channels") or hidden // heads, qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         add_qkv_bias=qkv_bias and not bias, apply_layernorm_1p=bool(_get(args, "apply_layernorm_1p", False)),
         untie_embeddings_and_output_weights=bool(_get(args, "untie_embeddings_and_output_weights", False)),
-        add_bias_linear=bias, init_method_std=_get(args, "init_method_std", 0.02), seed=_get(args, "seed", 1234))
+        add_bias_linear=bias, init_method_std=_get(args, "init_method_std", 0.02), seed=_get(args, "seed", 1234),
+        **_moe_fields(args))

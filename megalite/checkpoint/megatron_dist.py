@@ -99,14 +99,17 @@ def read_dist(folder: str) -> Tuple[Tensors, object]:
     if backend != "torch_dist":
         raise ValueError(f"{folder}/{METADATA_FILE} names sharded_backend {backend!r}; only torch_dist is read "
                          f"(convert zarr checkpoints with Megatron-LM first)")
+    # Megatron's own common.pt pickles an argparse.Namespace: read only checkpoints you trust.
+    common = torch.load(os.path.join(folder, COMMON_FILE), map_location="cpu", weights_only=False)
+    if getattr(common.get("args"), "num_experts", None):
+        raise ValueError(f"{folder}: experts in --ckpt-format torch_dist are not converted yet; convert it to the "
+                         f"legacy format with Megatron-LM's --ckpt-convert-format torch first")
     reader = dcp.FileSystemReader(folder)
     wanted = {}
     for key, meta in reader.read_metadata().state_dict_metadata.items():
         if isinstance(meta, TensorStorageMetadata) and key.startswith(_MODEL_KEYS):
             wanted[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
     dcp.load(wanted, storage_reader=reader, no_dist=True)
-    # Megatron's own common.pt pickles an argparse.Namespace: read only checkpoints you trust.
-    common = torch.load(os.path.join(folder, COMMON_FILE), map_location="cpu", weights_only=False)
     state: Tensors = {}
     for key, tensor in wanted.items():
         if key.startswith(_STACKED):

@@ -15,6 +15,10 @@ hold it.  Two renamings and one reordering separate it from megalite's single-ra
   ``[gate; up]`` and rank r of t holds ``[gate_r; up_r]``;
 - everything else (the fused QKV laid out per query group, ``linear_proj``, ``linear_fc2``, the
   embeddings, ``output_layer``, q/k layernorms) has the same name and layout.
+
+An MoE layer's experts, router and shared expert are megatron_experts.py's; its ``pre_mlp_norm`` is
+``pre_mlp_layernorm`` under either spec (megatron-core fuses the norm only into a dense MLP's fc1), its
+shared expert splits over TP as a dense MLP does, and its experts are whole on every TP rank (expert TP 1).
 """
 from __future__ import annotations
 
@@ -23,6 +27,13 @@ from typing import Dict, Optional
 
 import torch
 
+from megalite.checkpoint.megatron_experts import (
+    experts_from_megatron,
+    experts_to_megatron,
+    is_expert_tensor,
+    shared_from_megatron,
+    shared_to_megatron,
+)
 from megalite.config.settings import ModelConfig
 
 __all__ = ["SPECS", "to_megatron", "from_megatron", "partition_dim", "split_for_tp", "join_from_tp"]
@@ -35,30 +46,38 @@ _NORMS = (("input_norm.", "input_layernorm.", "self_attention.linear_qkv.layer_n
           ("pre_mlp_norm.", "pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "mlp.linear_fc1.weight",
-           "mlp.linear_fc1.bias")
-_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+           "mlp.linear_fc1.bias", "mlp.shared_experts.linear_fc1.weight")
+_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight", "mlp.shared_experts.linear_fc2.weight")
+_FC1 = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "shared_expert.linear_fc1.weight",
+        "shared_expert.linear_fc1.bias", "shared_experts.linear_fc1.weight")
 _VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def _fc1(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
+    """Whether ``name`` (megalite's or megatron-core's) is a dense or shared-expert fc1 (SwiGLU's gate and up)."""
+    return name.endswith(_FC1)
 
 
 def to_megatron(state: Tensors, config: ModelConfig, spec: str = "local",
-                padded_vocab: Optional[int] = None) -> Tensors:
+                padded_vocab: Optional[int] = None, experts: str = "sequential") -> Tensors:
     """The global megatron-core state of megalite's single-rank ``state``, the vocabulary rows padded
-    with zeros (or cut) to ``padded_vocab``."""
+    with zeros (or cut) to ``padded_vocab``, the experts in layout ``experts`` (megatron_experts.py)."""
     if spec not in SPECS:
         raise ValueError(f"layer spec {spec!r}: choose one of {', '.join(SPECS)}")
     out: Tensors = {}
     for name, tensor in state.items():
         if name == "output_layer.weight" and not config.untie_embeddings_and_output_weights:
             continue                                    # tied: megatron-core holds one copy
+        if is_expert_tensor(name):
+            out.update(experts_to_megatron(name, tensor, config.swiglu, experts))
+            continue
         if config.swiglu and _fc1(name):
             tensor = torch.cat([tensor[0::2], tensor[1::2]])
         if name in _VOCAB and padded_vocab is not None:
             tensor = _rows(tensor, padded_vocab)
-        out[_megatron_name(name, spec)] = tensor
+        if name.endswith("mlp.router.weight") and config.add_bias_linear:    # megatron-core's router bias
+            out[_megatron_name(name, spec, config)[:-len("weight")] + "bias"] = tensor.new_zeros(tensor.shape[0])
+        out[_megatron_name(shared_to_megatron(name), spec, config)] = tensor
     return out
 
 
@@ -66,10 +85,12 @@ def from_megatron(state: Tensors, config: ModelConfig) -> Tensors:
     """megalite's single-rank state dict (vocabulary padded for TP=1) of a global megatron-core state
     under either layer spec; Transformer Engine's ``_extra_state`` entries carry nothing and are dropped."""
     out: Tensors = {}
-    for name, tensor in state.items():
+    for name, tensor in experts_from_megatron(state, config.swiglu).items():
         if name.endswith("_extra_state"):
             continue
-        ours = _megalite_name(name)
+        ours = shared_from_megatron(_megalite_name(name), tensor)
+        if ours is None:                                # the router's bias, zero
+            continue
         if config.swiglu and _fc1(ours):
             gate, up = tensor.chunk(2)
             tensor = torch.stack([gate, up], 1).reshape(-1, *tensor.shape[1:])
@@ -88,7 +109,7 @@ def _rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
-def _megatron_name(name: str, spec: str) -> str:
+def _megatron_name(name: str, spec: str, config: ModelConfig) -> str:
     if name.startswith("final_norm."):
         return "decoder.final_layernorm." + name[len("final_norm."):]
     match = _LAYER.match(name)
@@ -96,7 +117,8 @@ def _megatron_name(name: str, spec: str) -> str:
         layer, rest = match.groups()
         for ours, local, te in _NORMS:
             if rest.startswith(ours):
-                rest = (local if spec == "local" else te) + rest[len(ours):]
+                apart = ours == "pre_mlp_norm." and config.is_moe_layer(int(layer))   # no dense fc1 to fuse into
+                rest = (local if spec == "local" or apart else te) + rest[len(ours):]
         return f"decoder.layers.{layer}.{rest}"
     return name
 

@@ -41,3 +41,20 @@ def megalite_checkpoint(tmp_path_factory):
             trained[family] = root
         return trained[family]
     return get
+
+
+# A LLaMA-style MoE model (4 experts top-2 in every layer, a gated shared expert, sigmoid scores with the expert
+# bias) as tests/checkpoint/test_megatron_core_moe.py's moe_hand_args describes it to megatron-core.
+MOE = FAMILIES["llama"] + ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "24",
+                           "--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-gate",
+                           "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                           "--moe-router-bias-update-rate", "1e-2", "--moe-aux-loss-coeff", "1e-2"]
+
+
+@pytest.fixture(scope="session")
+def megalite_moe_checkpoint(tmp_path_factory):
+    """The root of a megalite checkpoint of the MoE model trained at DP2 x EP2 (3 steps; its expert biases
+    moved off zero)."""
+    root = str(tmp_path_factory.mktemp("megalite-moe") / "ckpt")
+    run_on_ranks(_train, 2, COMMON + MOE + ["--expert-model-parallel-size", "2", "--save", root], timeout=240)
+    return root

@@ -120,7 +120,12 @@ def _args(**changes):
 
 
 @pytest.mark.parametrize("changes,named", [
-    ({"num_experts": 8}, "--num-experts"),
+    ({"num_experts": 8, "expert_tensor_parallel_size": 2}, "--expert-tensor-parallel-size 2"),
+    ({"num_experts": 8, "tensor_model_parallel_size": 2}, "--expert-tensor-parallel-size 2"),   # Megatron: ETP = TP
+    ({"num_experts": 8, "moe_router_num_groups": 2}, "--moe-router-num-groups 2"),
+    ({"num_experts": 8, "moe_router_load_balancing_type": ["aux_loss", "seq_aux_loss"],
+      "moe_aux_loss_coeff": [1e-2, 1e-3]}, "--moe-router-load-balancing-type aux_loss seq_aux_loss"),
+    ({"num_experts": 8, "moe_grouped_gemm": True, "transformer_impl": "local"}, "legacy GroupedMLP"),
     ({"rotary_interleaved": True}, "--rotary-interleaved"),
     ({"add_bias_linear": True, "add_qkv_bias": False}, "--add-qkv-bias False with --add-bias-linear"),
     ({"position_embedding_type": "relative"}, "--position-embedding-type relative"),
@@ -148,7 +153,7 @@ def test_bad_exports_and_imports_are_one_line(tmp_path, megalite_checkpoint, cap
     import shutil
     shutil.rmtree(os.path.join(torn, "iter_0000003", "mp_rank_01_001"))
     assert convert(["--from", "megatron", "--load", torn, "--save", str(tmp_path / "e")]) == 2
-    assert "lacks the shards of (TP rank, PP rank) [(1, 1)]" in capsys.readouterr().err
+    assert "lacks the files of TP rank 1 of pipeline stage 1" in capsys.readouterr().err
     virtual = str(tmp_path / "virtual")
     _export(save, virtual)
     path = os.path.join(virtual, "iter_0000003", "mp_rank_00", "model_optim_rng.pt")

@@ -251,9 +251,9 @@ def test_megatron_core_checkpoint_imports_with_its_logits_and_loss(tmp_path, fam
     assert losses[-1] == pytest.approx(expected, abs=ATOL)
 
 
-def _megatron_lm_reads_args(rank, world_size, root, ckpt_format):
+def _megatron_lm_reads_args(rank, world_size, root, ckpt_format, fields=None):
     """Megatron-LM's own parse_args + load_args_from_checkpoint (--use-checkpoint-args) on ``root``: the
-    model fields it takes from the checkpoint."""
+    model ``fields`` (READ_BACK's by default) it takes from the checkpoint."""
     import sys
     import types
 
@@ -269,7 +269,7 @@ def _megatron_lm_reads_args(rank, world_size, root, ckpt_format):
     sys.argv = ["pretrain_gpt.py", "--load", root, "--use-checkpoint-args", "--ckpt-format", ckpt_format,
                 "--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB)]
     args, _ = load_args_from_checkpoint(parse_args())
-    return {field: getattr(args, field) for field in READ_BACK}
+    return {field: getattr(args, field) for field in fields or READ_BACK}
 
 
 READ_BACK = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
