@@ -9,13 +9,12 @@ opt-in limit after cudaFuncSetAttribute(MaxDynamicSharedMemorySize); past that t
 kernels must take the shape.  The limits below are those cudaDeviceGetAttribute reports
 (MaxSharedMemoryPerBlock, ...PerBlockOptin, MaxGridDimX, MaxGridDimY)."""
 import functools
-import pathlib
-import shutil
 import subprocess
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.ops.host_driver import build
+
 KIB = 1024
 GRID_X, GRID_Y = 2 ** 31 - 1, 65535
 ARCHS = {"sm_61": (48 * KIB, 48 * KIB), "sm_70": (48 * KIB, 96 * KIB), "sm_75": (48 * KIB, 64 * KIB),
@@ -25,13 +24,7 @@ STATIC_BYTES = 272
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if compiler is None:
-        pytest.skip("no host C++ compiler")
-    binary = tmp_path_factory.mktemp("launch_plan") / "driver"
-    subprocess.run([compiler, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}",
-                    str(ROOT / "tests/ops/launch_plan_driver.cpp"), "-o", str(binary)], check=True)
-    return binary
+    return build("launch_plan_driver.cpp", tmp_path_factory.mktemp("launch_plan"))
 
 
 @functools.lru_cache(maxsize=None)
