@@ -3,9 +3,10 @@
 Tolerances: fp32 -- the kernel and the reference sum the same terms in a different order, so they
 differ by float32 round-off (rtol 1e-5 within a row); dweight and dbias are sums over all rows,
 whose round-off grows with the number of rows R, so their atol is 1e-5 * R / 100 (R up to 1000).
-bf16/fp16 -- both compute in fp32 and round the result once, so they agree to within one unit in
-the last place of the output format (2^-8 relative for bf16, 2^-11 for fp16) plus the fp32
-round-off, which can tip a rounding the other way: rtol 1 ulp, atol 1 ulp of values of size ~1.
+bf16/fp16 -- both compute in fp32 and round the result once; the fp32 round-off can tip a rounding
+the other way, so they agree to within one unit in the last place of the output format: at most
+2^-7 of the value for bf16 (8 significant bits) and 2^-10 for fp16 (11), the rtol; atol 1 ulp of
+values of size ~1.  (A bf16 rtol of 2^-8, half an ulp, fails on such a tip at some values from 4 up.)
 """
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from megalite.ops import layer_norm, reference, rms_norm
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5),   # dweight/dbias: scaled by rows, see below
-             torch.bfloat16: dict(rtol=2 ** -8, atol=2 ** -7),
+             torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -7),
              torch.float16: dict(rtol=2 ** -10, atol=2 ** -10)}
 
 
