@@ -167,6 +167,30 @@ def test_master_weight_mode(model_dtype, grad_dtype, adam_w_mode):
     assert all(torch.equal(a, b) for role_a, role_b in zip(gpu, before) for a, b in zip(role_a, role_b))
 
 
+@pytest.mark.parametrize("model_dtype, grad_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_master_weight_mode_misaligned_over_several_launches(model_dtype, grad_dtype):
+    """330 chunks (two launches, one tensor carried over), 30 tensors (past the 24 slots); the even
+    tensors' lists at element offsets that break the vector alignment (the scalar path, the large
+    tensor included), the odd ones aligned (the vector path), in both passes."""
+    from tests.ops.test_cuda_kernels import misaligned
+    gen = torch.Generator().manual_seed(4)
+    sizes = [330 * CHUNK + 5] + [1 + 37 * i for i in range(29)]
+    masters = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [(torch.randn(n, generator=gen) * 256).to(grad_dtype) for n in sizes]
+    case = [[m.to(model_dtype) for m in masters], grads, masters, [torch.zeros(n) for n in sizes],
+            [torch.zeros(n) for n in sizes]]
+    expected = copy.deepcopy(case)
+    gpu = [[misaligned(t.cuda(), 0 if i % 2 else (i // 2 + role) % 4) for i, t in enumerate(tensors)]
+           for role, tensors in enumerate(case)]
+    hyper = dict(ADAM_HYPER, grad_scale=256.0)
+    assert adam_step_master(*gpu, step=1, **hyper).item() == 0.0
+    adam_step_master_reference(*expected, step=1, **hyper, found_inf=torch.zeros(1))
+    for got, want in zip(gpu[2] + gpu[3] + gpu[4], expected[2] + expected[3] + expected[4]):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    for param, master in zip(gpu[0], gpu[2]):
+        assert torch.equal(param, master.to(model_dtype))
+
+
 def test_swiglu_second_grid_stride_pass():
     """More pairs than one pass of the capped grid (65535 * 8 blocks of 256 threads) covers: the
     scalar path (fp32 at an odd offset) past 2^27 pairs, the vector path (bf16, 4 pairs a step) past

@@ -102,12 +102,16 @@ def test_old_arithmetic_fails_at_hidden_6144(driver, cols):
         assert (fits, optin) == ((False, True) if arch == "sm_61" else (True, True)), arch
 
 
-def test_old_arithmetic_fails_above_the_opt_in_limit():
+def test_old_arithmetic_fails_above_the_opt_in_limit(driver):
     """On sm_75 (64 KiB opt-in) LayerNorm at 8,160-8,192 columns and on sm_61 (no opt-in) above 6,110
-    exceed what any block may have: the old arithmetic launched them anyway."""
+    exceed what any block may have: the old arithmetic launched them anyway; the plan sends them to
+    the general kernels."""
+    new = {(arch, c): fits for arch, rms, width, c, cached, fits, *_ in decisions(driver)["shared"]
+           if width == 8 and not rms}
     for arch, cols in (("sm_75", 8160), ("sm_75", 8192), ("sm_61", 6112), ("sm_61", 8192)):
         dynamic, opted_in = old_decision(cols, rms=False)
         assert launched_bytes_problem(arch, STATIC_BYTES, dynamic, opted_in) is not None
+        assert not new[(arch, cols)], (arch, cols)
 
 
 def test_column_reduction_splits_total_for_every_shape(driver):
