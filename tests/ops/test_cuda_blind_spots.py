@@ -236,6 +236,10 @@ def test_a_bad_input_raises_one_line_and_leaves_no_error():
     y = layer_norm(torch.randn(0, 6144, device="cuda", requires_grad=True), torch.ones(6144, device="cuda"), None,
                    1e-5)
     assert y.shape == (0, 6144)
+    x, w = torch.zeros(4, 0, device="cuda"), torch.ones(0, device="cuda")   # h = 0 by a direct call
+    y, mean, rstd = torch.ops.megalite.layer_norm_forward(x, w, w, 1e-5)
+    dx, dweight, dbias = torch.ops.megalite.layer_norm_backward(x, x, mean, rstd, w)
+    assert y.shape == dx.shape == (4, 0) and dweight.numel() == dbias.numel() == 0
 
 
 def test_more_rows_than_the_grid_is_refused_in_one_line():
