@@ -29,6 +29,19 @@ def openmp_flags():
     return ["-fopenmp"] if os.name != "nt" else ["/openmp"]
 
 
+def pybind11_include():
+    """pybind11's headers (pybind11/numpy.h needs no numpy headers): the pybind11 package's, else the
+    copy every torch wheel ships in torch/include -- an offline machine with torch but no pybind11
+    still builds megalite._data, and with it the CUDA extension in the same build."""
+    try:
+        import pybind11
+        return pybind11.get_include()
+    except ImportError:
+        from torch.utils import cpp_extension
+        return next(p for p in cpp_extension.include_paths()
+                    if os.path.exists(os.path.join(p, "pybind11", "pybind11.h")))
+
+
 def extensions():
     exts, cmdclass = [], {}
     from torch.utils import cpp_extension
@@ -58,12 +71,10 @@ def extensions():
 
     data_sources = sources("csrc/data/*.cpp")
     if data_sources:
-        import numpy
-        import pybind11
         from setuptools import Extension
         exts.append(Extension(
             "megalite._data", data_sources,
-            include_dirs=[pybind11.get_include(), numpy.get_include(), os.path.join(ROOT, "csrc")],
+            include_dirs=[pybind11_include(), os.path.join(ROOT, "csrc")],
             extra_compile_args=["-O3", "-std=c++17"] + openmp_flags(),
             extra_link_args=openmp_flags(),
             language="c++",

@@ -32,6 +32,10 @@ def parts_of(events: Iterable[Tuple[str, float]], calls: int) -> Dict[str, float
 
 
 def _device_events(fn, calls: int) -> List[Tuple[str, float]]:
+    """(kernel name, device microseconds) of fn's kernels over `calls` calls.  Only device-side events:
+    a host-side event (an operator, a runtime call) carries the time of the kernels it launched too,
+    and summing it with them would count those kernels twice."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -39,7 +43,8 @@ def _device_events(fn, calls: int) -> List[Tuple[str, float]]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return [(e.name, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0]
+    return [(e.key, e.self_device_time_total) for e in prof.key_averages()
+            if getattr(e, "device_type", None) == DeviceType.CUDA and e.self_device_time_total > 0]
 
 
 def measure(rows: int, hidden: int, dtype: torch.dtype, rms: bool, calls: int) -> Dict[str, float]:

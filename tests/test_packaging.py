@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import pathlib
 import re
+import sys
 from importlib import metadata
 
 import pytest
@@ -157,3 +158,25 @@ def test_require_names_the_install_command():
     with pytest.raises(ImportError, match="^megalite_absent is not installed: pip install megalite_absent$"):
         extras.require("megalite_absent")
     assert extras.require("json").__name__ == "json"
+
+
+def setup_helpers():
+    """setup.py's functions, without running setup() (the module's last lines)."""
+    source = (ROOT / "setup.py").read_text().split("ext_modules, cmdclass = extensions()")[0]
+    namespace = {"__file__": str(ROOT / "setup.py")}
+    saved = list(sys.path)
+    try:
+        exec(compile(source, "setup.py", "exec"), namespace)
+    finally:   # importing setuptools puts its _vendor folder on sys.path
+        sys.path[:] = saved
+    return namespace
+
+
+@pytest.mark.parametrize("with_package", [True, False])
+def test_setup_finds_pybind11_headers_with_or_without_the_package(monkeypatch, with_package):
+    """megalite._data needs pybind11's headers; an offline GPU node may lack the pybind11 package, and
+    a failed import would stop the whole build (the CUDA extension with it): torch's copy stands in."""
+    pytest.importorskip("pybind11") if with_package else monkeypatch.setitem(sys.modules, "pybind11", None)
+    include = pathlib.Path(setup_helpers()["pybind11_include"]())
+    assert (include / "pybind11" / "pybind11.h").is_file()
+    assert ("torch" in include.parts) != with_package

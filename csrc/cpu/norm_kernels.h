@@ -82,7 +82,7 @@ void layer_norm_forward_typed(const NormShape& shape, const T* x, const W* weigh
       const T* __restrict xr = x + r * cols;
       // Sum x - x[0], not x: with a large common offset (mean 1e4, spread 1) the plain fp32 sum would
       // lose the spread's digits; the shifted terms are of the spread's size (Chan et al. 1983, Sec. 3).
-      const float shift = load(xr[0]);
+      const float shift = cols > 0 ? load(xr[0]) : 0.f;   // an empty row has no x[0] (mean, rstd: NaN)
       const float mu = shift + row_sum(0, cols, [=](int64_t c) { return load(xr[c]) - shift; }) * inv_cols;
       if (r + 1 < rows) prefetch_row(xr + cols, cols);
       const float squares = row_sum(0, cols, [=](int64_t c) {

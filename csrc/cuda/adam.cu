@@ -17,6 +17,7 @@
 #include <string>
 
 #include "adam_math.h"
+#include "cuda/chunk_plan.h"
 #include "cuda/float_formats.cuh"
 #include "cuda/kernels.h"
 #include "cuda/launch_checks.h"
@@ -24,10 +25,10 @@
 namespace megalite::cuda {
 namespace {
 
-constexpr int kChunk = 65536;       // elements per block
+constexpr int64_t kChunk = kAdamChunks.chunk;           // elements per block
 constexpr int kThreads = 512;
-constexpr int kMaxTensors = 24;     // keeps TensorListMeta<5> under the 4 KiB kernel-argument limit
-constexpr int kMaxBlocks = 320;
+constexpr int kMaxTensors = kAdamChunks.max_tensors;    // TensorListMeta<5> under the 4 KiB argument limit
+constexpr int kMaxBlocks = kAdamChunks.max_blocks;
 constexpr int kVec = 4;             // elements per thread per iteration (one 16-byte fp32 load)
 static_assert(kChunk % kVec == 0, "chunks must start vector-aligned");
 
@@ -40,37 +41,23 @@ struct TensorListMeta {
 };
 static_assert(sizeof(TensorListMeta<5>) + 64 < 4096, "kernel arguments must fit in 4 KiB");
 
-// Fills TensorListMeta<Depth> from lists[role][tensor] and calls launch(meta, num_blocks) whenever it
-// is full (tensor slots or block slots), carrying a half-done tensor over into the next launch.
+// Fills TensorListMeta<Depth> from lists[role][tensor] as chunk_plan.h lays the launches out and calls
+// launch(meta, num_blocks) whenever it is full (tensor slots or block slots), a half-done tensor
+// carried over into slot 0 of the next launch.
 template <int Depth, typename Launch>
 void multi_tensor_apply(void* const* const* lists, const int64_t* numels, int64_t num_tensors, const Launch& launch) {
   TensorListMeta<Depth> meta;
-  int tensors = 0, blocks = 0;
-  for (int64_t t = 0; t < num_tensors; ++t) {
-    if (numels[t] == 0) continue;
-    for (int d = 0; d < Depth; ++d) meta.addresses[d][tensors] = lists[d][t];
-    meta.numels[tensors] = numels[t];
-    ++tensors;
-    const int64_t chunks = (numels[t] + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
-      meta.block_to_chunk[blocks] = static_cast<int>(c);
-      ++blocks;
-      const bool last_chunk = c == chunks - 1;
-      if (blocks == kMaxBlocks || (tensors == kMaxTensors && last_chunk)) {
-        launch(meta, blocks);
-        blocks = 0;
-        if (last_chunk) {
-          tensors = 0;
-        } else {   // the current tensor continues in the next launch, in slot 0
-          for (int d = 0; d < Depth; ++d) meta.addresses[d][0] = meta.addresses[d][tensors - 1];
-          meta.numels[0] = meta.numels[tensors - 1];
-          tensors = 1;
-        }
-      }
-    }
-  }
-  if (blocks > 0) launch(meta, blocks);
+  plan_chunks(
+      numels, num_tensors, kAdamChunks,
+      [&](int slot, int64_t t) {
+        for (int d = 0; d < Depth; ++d) meta.addresses[d][slot] = lists[d][t];
+        meta.numels[slot] = numels[t];
+      },
+      [&](int block, int slot, int64_t chunk) {
+        meta.block_to_tensor[block] = static_cast<unsigned char>(slot);
+        meta.block_to_chunk[block] = static_cast<int>(chunk);
+      },
+      [&](int blocks) { launch(meta, blocks); });
 }
 
 struct ChunkRange {

@@ -137,6 +137,7 @@ def test_moe_layer_freq_places_experts_and_model_trains():
     assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_grouped_mm_kernel_matches_the_loop_on_cuda():
     from megalite.model.moe.experts import grouped_mm_available

@@ -3,9 +3,10 @@ an autouse fixture for the modules that import it, and `on_side_stream`.
 
 A launch error (a bad configuration, too much shared memory) is not sticky: cudaGetLastError
 returns it once and clears it, and an unchecked launch leaves it for whichever call looks next.
-cudaPeekAtLastError reads it without clearing, through the CUDA runtime torch has loaded; where
-that library cannot be opened by name, a torch kernel launch stands in (torch checks
-cudaGetLastError after its own launches, so a pending error surfaces there)."""
+The fixture reads it with cudaGetLastError, through the CUDA runtime this process has loaded (found
+in /proc/self/maps; by name where that fails), so a leftover error fails the test that left it and
+not, again, every test after it; where no runtime can be opened, a torch kernel launch stands in
+(torch checks cudaGetLastError after its own launches, so a pending error surfaces there)."""
 import ctypes
 
 import pytest
@@ -14,8 +15,25 @@ import torch
 _RUNTIME_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
 
 
+def _loaded_runtime_path():
+    """The path of the libcudart this process has loaded (torch's, shared by megalite._cuda, which
+    links the same soname), from /proc/self/maps; None where there is none to read."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libcudart.so" in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def _runtime():
-    for name in _RUNTIME_NAMES:
+    """The loaded CUDA runtime first: an error is pending in the runtime that the launch went
+    through, and a second copy of libcudart opened by name would have its own (empty) state."""
+    loaded = _loaded_runtime_path()
+    for name in ((loaded,) if loaded else ()) + _RUNTIME_NAMES:
         try:
             return ctypes.CDLL(name)
         except OSError:
@@ -24,17 +42,18 @@ def _runtime():
 
 
 def pending_cuda_error() -> str:
-    """'' when no CUDA error is pending (after synchronizing), else the error's name."""
+    """'' when no CUDA error is pending (after synchronizing), else the error's name; the error is
+    taken (cleared) as it is read, so that one test's leftover does not fail every test after it."""
     torch.cuda.synchronize()   # raises on an asynchronous (sticky) error
     runtime = _runtime()
     if runtime is None:
         try:
-            torch.ones(1, device="cuda").add_(1)
+            torch.ones(1, device="cuda").add_(1)   # torch checks cudaGetLastError after its launches
             torch.cuda.synchronize()
         except RuntimeError as error:
             return str(error).splitlines()[0]
         return ""
-    status = runtime.cudaPeekAtLastError()
+    status = runtime.cudaGetLastError()
     if status == 0:
         return ""
     runtime.cudaGetErrorName.restype = ctypes.c_char_p

@@ -17,8 +17,9 @@ from megalite.optim.adam import adam_step, adam_step_master, adam_step_master_re
 from tests.ops.cuda_checks import no_pending_cuda_error  # noqa: F401 (autouse fixture)
 from tests.ops.test_norms import DTYPES, make_inputs, run_with_grads, tolerance
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not backend.native_available(torch.device("cuda")),
-                                reason="needs a CUDA device and the megalite._cuda extension")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available() or not backend.native_available(torch.device("cuda")),
+                                 reason="needs a CUDA device and the megalite._cuda extension")]
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (33, 77), (3, 4, 129), (1000, 64), (16, 4096), (2, 8195),

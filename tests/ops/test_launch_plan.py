@@ -9,13 +9,12 @@ opt-in limit after cudaFuncSetAttribute(MaxDynamicSharedMemorySize); past that t
 kernels must take the shape.  The limits below are those cudaDeviceGetAttribute reports
 (MaxSharedMemoryPerBlock, ...PerBlockOptin, MaxGridDimX, MaxGridDimY)."""
 import functools
-import pathlib
-import shutil
 import subprocess
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.ops.host_driver import build
+
 KIB = 1024
 GRID_X, GRID_Y = 2 ** 31 - 1, 65535
 ARCHS = {"sm_61": (48 * KIB, 48 * KIB), "sm_70": (48 * KIB, 96 * KIB), "sm_75": (48 * KIB, 64 * KIB),
@@ -25,13 +24,7 @@ STATIC_BYTES = 272
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if compiler is None:
-        pytest.skip("no host C++ compiler")
-    binary = tmp_path_factory.mktemp("launch_plan") / "driver"
-    subprocess.run([compiler, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}",
-                    str(ROOT / "tests/ops/launch_plan_driver.cpp"), "-o", str(binary)], check=True)
-    return binary
+    return build("launch_plan_driver.cpp", tmp_path_factory.mktemp("launch_plan"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,12 +102,16 @@ def test_old_arithmetic_fails_at_hidden_6144(driver, cols):
         assert (fits, optin) == ((False, True) if arch == "sm_61" else (True, True)), arch
 
 
-def test_old_arithmetic_fails_above_the_opt_in_limit():
+def test_old_arithmetic_fails_above_the_opt_in_limit(driver):
     """On sm_75 (64 KiB opt-in) LayerNorm at 8,160-8,192 columns and on sm_61 (no opt-in) above 6,110
-    exceed what any block may have: the old arithmetic launched them anyway."""
+    exceed what any block may have: the old arithmetic launched them anyway; the plan sends them to
+    the general kernels."""
+    new = {(arch, c): fits for arch, rms, width, c, cached, fits, *_ in decisions(driver)["shared"]
+           if width == 8 and not rms}
     for arch, cols in (("sm_75", 8160), ("sm_75", 8192), ("sm_61", 6112), ("sm_61", 8192)):
         dynamic, opted_in = old_decision(cols, rms=False)
         assert launched_bytes_problem(arch, STATIC_BYTES, dynamic, opted_in) is not None
+        assert not new[(arch, cols)], (arch, cols)
 
 
 def test_column_reduction_splits_total_for_every_shape(driver):

@@ -86,6 +86,7 @@ def test_cpu_operators_check_step_and_grad_scale():
         torch.ops.megalite.adam_step_master(model, model, t, t, t, found_inf, -3, *hyper, 1.0, True)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or not backend.native_available(torch.device("cuda")),
                     reason="needs a CUDA device and the megalite._cuda extension")
 def test_steps_saved_on_the_gpu_cost_no_host_sync():
