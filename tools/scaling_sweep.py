@@ -50,6 +50,8 @@ import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:   # predict with this checkout's megalite, as the runs train with it (PYTHONPATH below)
+    sys.path.insert(0, REPO)
 WARMUP = 2
 
 COMMON = ["--mock-data", "--vocab-size", "1024", "--make-vocab-size-divisible-by", "128", "--hidden-dropout", "0",
