@@ -36,8 +36,11 @@ micro-batch in flight; the last rank holds one micro-batch's fp32 logits and the
 On a calibrated CPU (``cpu_kernels``) a layer's activations are what PyTorch's CPU kernels save
 (cpu_activations.py, where its inventory is the model's layer): no score matrix without attention
 dropout, so selective recompute saves nothing there; the embedding's dropout mask has the
-activation's element size.  Every rank also holds the runtime's own memory (``runtime_bytes``: the
-interpreter, torch, the process group and a first step's lazily made state; calibration/baseline.py).
+activation's element size; the last rank also keeps, per micro-batch, the final norm's input
+(``e sbh``, ``/t`` with SP) and the output layer's input (``e sbh``, gathered under SP) -- found with
+saved-tensor hooks on a whole TP 2 model, with and without SP (docs/scaling.md).  Every rank also
+holds the runtime's own memory (``runtime_bytes``: the interpreter, torch, the process group and a
+first step's lazily made state; calibration/baseline.py).
 """
 from __future__ import annotations
 
@@ -205,6 +208,8 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
         activations = in_flight[rank] * chunk_bytes + working
         if rank == 0 and model.hidden_dropout > 0:
             activations += in_flight[rank] * mask * s * b * h / (tp if sequence_parallel else 1)
+        if rank == pp - 1 and cpu_kernels:   # the final norm's input and the output layer's (gathered) input
+            activations += in_flight[rank] * element_size * s * b * h * (1 + 1 / (tp if sequence_parallel else 1))
         logits = 2 * 4.0 * s * b * vocab / tp if rank == pp - 1 else 0.0
         zero3 = sharding == "optim_grads_params" and dp * cp > 1      # ZeRO-3's two whole working layers
         gathered = 2 * ((per_layer - expert_per_layer) / tp + expert_per_layer / ep) if zero3 else 0.0

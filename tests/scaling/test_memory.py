@@ -141,3 +141,19 @@ def test_cpu_memory_is_the_runtime_baseline_plus_the_cpu_kernels_activations():
     assert selective.memory_gb_per_gpu < plain.memory_gb_per_gpu
     # the GPU presets keep their accounting and no runtime baseline
     assert PRESETS["h100-sxm"].runtime_bytes == 0 and not PRESETS["h100-sxm"].cpu_activations
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_cpu_last_rank_keeps_the_final_norm_and_output_layer_inputs(sp):
+    """On CPU kernels the last rank's activations: L layers of the CPU inventory, plus the final norm's
+    input (sbh, /t with SP) and the output layer's gathered input (sbh), per micro-batch in flight."""
+    s, b, h, a, tp, layers = 128, 2, 64, 4, 2, 4
+    model = ModelConfig(num_layers=layers, hidden_size=h, num_attention_heads=a, seq_length=s, hidden_dropout=0.0,
+                        attention_dropout=0.0)
+    common = dict(micro_batch=b, tp=tp, pp=1, cp=1, dp=1, vpp=None, in_flight=[1], element_size=4, sequence_parallel=sp)
+    cpu = stage_memories(model, cpu_kernels=True, **common)[0]
+    layer = cpu_activation_bytes_per_layer(s, b, h, a, element_size=4, tp=tp, sequence_parallel=sp,
+                                           hidden_dropout=False, attention_dropout=False)
+    assert cpu.activations == layers * layer + 4 * s * b * h * (1 + 1 / (tp if sp else 1))
+    gpu = stage_memories(model, **common)[0]
+    assert gpu.activations == layers * activation_bytes(model, b, tp=tp, sequence_parallel=sp, element_size=4)
