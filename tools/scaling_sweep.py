@@ -26,10 +26,10 @@ thread count every figure the prediction reads was measured at, one-rank runs in
 
 and from ``megalite.scaling.predict.predict`` with the machine's calibration file (written first by
 ``megalite.calibration.calibrate`` if ``--calibration`` does not exist): the predicted step, bubble,
-memory per rank (the calibration's runtime baseline included) and the measured peak over it
-(``memory_ratio``), and the activation bytes of one layer as the prediction counts them (on a CPU
-calibration, as PyTorch's CPU kernels save them: ``scaling/cpu_activations.py``) and as that
-inventory counts them.
+memory of the most loaded rank and of rank 0 (the calibration's runtime baseline included) and
+rank 0's measured peak over rank 0's prediction (``memory_ratio``), and the activation bytes of
+one layer as the prediction counts them (on a CPU calibration, as PyTorch's CPU kernels save them:
+``scaling/cpu_activations.py``) and as that inventory counts them.
 
 Groups: model size (1 rank, hidden 128 to 512) and weak scaling (DP 1 -> 2 with the batch), TP vs
 PP vs DP at 2 ranks, micro-batch size under PP 2, the bubble against the micro-batch count for each
@@ -168,7 +168,7 @@ def predicted(config: Config, hardware) -> dict:
         attention_dropout=model.attention_dropout > 0)
     pipeline = parallel.pipeline_model_parallel_size > 1
     return {"pred_step_s": p.iteration_time_s, "pred_bubble": p.bubble_fraction if pipeline else None,
-            "pred_memory_mib": p.memory_gb_per_gpu * 1024,
+            "pred_memory_mib": p.memory_gb_per_gpu * 1024, "pred_rank0_mib": p.memory_gb_per_stage[0] * 1024,
             "pred_layer_act_mib": p.activation_bytes_per_layer / 2**20, "cpu_layer_act_mib": cpu_layer / 2**20,
             "pred_breakdown_s": p.breakdown}
 
@@ -187,8 +187,8 @@ def load_calibration(path: str, ranks: int):
 
 
 COLUMNS = ["group", "name", "ranks", "step_s", "pred_step_s", "step_ratio", "tokens_per_s", "bubble", "pred_bubble",
-           "peak_mib", "pred_memory_mib", "memory_ratio", "pred_layer_act_mib", "cpu_layer_act_mib", "cpu_step_s",
-           "cpu_ratio", "load", "cpu_share"]
+           "peak_mib", "pred_memory_mib", "pred_rank0_mib", "memory_ratio", "pred_layer_act_mib", "cpu_layer_act_mib",
+           "cpu_step_s", "cpu_ratio", "load", "cpu_share"]
 
 
 def format_value(value) -> str:
@@ -297,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         row.update(predicted(config, hardware))
         row["step_ratio"] = row["step_s"] / row["pred_step_s"]
         row["cpu_ratio"] = row["cpu_step_s"] / row["pred_step_s"]
-        row["memory_ratio"] = row["peak_mib"] / row["pred_memory_mib"]
+        row["memory_ratio"] = row["peak_mib"] / row["pred_rank0_mib"]   # rank 0's peak: rank 0's prediction
         print(f"{config.name:28s} measured {row['step_s']:.3f} s  predicted {row['pred_step_s']:.3f} s  "
               f"({row['step_ratio']:.2f}x)  [{row['wall_s']:.0f} s]", flush=True)
         rows.append(row)

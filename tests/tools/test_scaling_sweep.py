@@ -21,9 +21,9 @@ def test_smoke_sweep_writes_the_table(tmp_path):
     assert len(table) == 1 and list(table[0]) == scaling_sweep.COLUMNS
     row = table[0]
     for column in ("step_s", "pred_step_s", "step_ratio", "tokens_per_s", "peak_mib", "pred_memory_mib",
-                   "memory_ratio", "pred_layer_act_mib", "cpu_layer_act_mib"):
+                   "pred_rank0_mib", "memory_ratio", "pred_layer_act_mib", "cpu_layer_act_mib"):
         assert float(row[column]) > 0, column
-    assert float(row["memory_ratio"]) == pytest.approx(float(row["peak_mib"]) / float(row["pred_memory_mib"]))
+    assert float(row["memory_ratio"]) == pytest.approx(float(row["peak_mib"]) / float(row["pred_rank0_mib"]))
     # the prediction counts the calibration's runtime baseline, which the measured peak holds too
     with open(calibration) as f:
         assert float(row["pred_memory_mib"]) > json.load(f)["runtime_baseline"]["mib"]
