@@ -12,7 +12,8 @@ thread count every figure the prediction reads was measured at, one-rank runs in
     step s       median ``elapsed_ms`` of the steps after the first ``WARMUP`` (the last step is left
                  out when it records the pipeline timeline)
     tokens/s     global batch x sequence / step s
-    peak MiB     rank 0's peak resident set (CPU; it includes the interpreter and torch, ~0.3-0.5 GiB)
+    peak MiB     rank 0's peak resident set (CPU; it includes the interpreter, torch and the process
+                 group: the runtime baseline the calibration measures, calibration/baseline.py)
     bubble       the last step's measured bubble fraction (``--timeline``; pipeline runs only)
     cpu step s   median CPU time of rank 0's process in a step (``cpu_ms``): the wall step less what
                  the rank waited, on its peers or for a core; with one thread per rank, what the step
@@ -25,8 +26,10 @@ thread count every figure the prediction reads was measured at, one-rank runs in
 
 and from ``megalite.scaling.predict.predict`` with the machine's calibration file (written first by
 ``megalite.calibration.calibrate`` if ``--calibration`` does not exist): the predicted step, bubble,
-memory per rank, and the activation bytes of one layer both as the model counts them (Korthikanti
-et al.'s GPU accounting) and as PyTorch's CPU kernels save them (``scaling/cpu_activations.py``).
+memory of the most loaded rank and of rank 0 (the calibration's runtime baseline included) and
+rank 0's measured peak over rank 0's prediction (``memory_ratio``), and the activation bytes of
+one layer as the prediction counts them (on a CPU calibration, as PyTorch's CPU kernels save them:
+``scaling/cpu_activations.py``) and as that inventory counts them.
 
 Groups: model size (1 rank, hidden 128 to 512) and weak scaling (DP 1 -> 2 with the batch), TP vs
 PP vs DP at 2 ranks, micro-batch size under PP 2, the bubble against the micro-batch count for each
@@ -47,6 +50,8 @@ import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:   # predict with this checkout's megalite, as the runs train with it (PYTHONPATH below)
+    sys.path.insert(0, REPO)
 WARMUP = 2
 
 COMMON = ["--mock-data", "--vocab-size", "1024", "--make-vocab-size-divisible-by", "128", "--hidden-dropout", "0",
@@ -99,9 +104,16 @@ def grid(smoke: bool) -> List[Config]:
     return configs
 
 
-def run_config(config: Config, folder: str, iters: int, timeout: float, threads: int = 1) -> dict:
-    """Train ``config`` for ``iters`` steps at ``threads`` torch threads per rank; the measured figures
-    from its --log-json records."""
+def selected(config: Config, only: Optional[str]) -> bool:
+    """Whether ``config`` is among ``--only``'s comma-separated texts (each found in its group or name)."""
+    texts = [t.strip() for t in (only or "").split(",") if t.strip()]
+    return not texts or any(t in config.group or t in config.name for t in texts)
+
+
+def run_config(config: Config, folder: str, iters: int, timeout: float, threads: int = 1,
+               mmap_threshold: Optional[int] = None) -> dict:
+    """Train ``config`` for ``iters`` steps at ``threads`` torch threads per rank (glibc's mmap threshold
+    fixed at ``mmap_threshold`` bytes if given); the measured figures from its --log-json records."""
     slug = config.name.replace(" ", "_").replace(",", "")
     log = os.path.join(folder, f"{slug}.jsonl")
     pipeline = "--pipeline-model-parallel-size" in config.flags
@@ -112,6 +124,8 @@ def run_config(config: Config, folder: str, iters: int, timeout: float, threads:
                "-m", "megalite.train"] + argv
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     load_before = os.getloadavg()[0]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -154,7 +168,7 @@ def predicted(config: Config, hardware) -> dict:
         attention_dropout=model.attention_dropout > 0)
     pipeline = parallel.pipeline_model_parallel_size > 1
     return {"pred_step_s": p.iteration_time_s, "pred_bubble": p.bubble_fraction if pipeline else None,
-            "pred_memory_mib": p.memory_gb_per_gpu * 1024,
+            "pred_memory_mib": p.memory_gb_per_gpu * 1024, "pred_rank0_mib": p.memory_gb_per_stage[0] * 1024,
             "pred_layer_act_mib": p.activation_bytes_per_layer / 2**20, "cpu_layer_act_mib": cpu_layer / 2**20,
             "pred_breakdown_s": p.breakdown}
 
@@ -173,8 +187,8 @@ def load_calibration(path: str, ranks: int):
 
 
 COLUMNS = ["group", "name", "ranks", "step_s", "pred_step_s", "step_ratio", "tokens_per_s", "bubble", "pred_bubble",
-           "peak_mib", "pred_memory_mib", "pred_layer_act_mib", "cpu_layer_act_mib", "cpu_step_s", "cpu_ratio", "load",
-           "cpu_share"]
+           "peak_mib", "pred_memory_mib", "pred_rank0_mib", "memory_ratio", "pred_layer_act_mib", "cpu_layer_act_mib",
+           "cpu_step_s", "cpu_ratio", "load", "cpu_share"]
 
 
 def format_value(value) -> str:
@@ -195,7 +209,9 @@ def write_outputs(rows: List[dict], out: str, machine: str) -> None:
     lines = [f"machine: {machine}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(format_value(row.get(c)) for c in COLUMNS) + " |" for row in rows]
     within = [r for r in rows if abs(r["step_ratio"] - 1) <= 0.25]
-    lines += ["", f"step time within 25% of the prediction: {len(within)} of {len(rows)} configurations"]
+    memory_within = [r for r in rows if abs(r["memory_ratio"] - 1) <= 0.25]
+    lines += ["", f"step time within 25% of the prediction: {len(within)} of {len(rows)} configurations",
+              f"peak memory within 25% of the prediction: {len(memory_within)} of {len(rows)} configurations"]
     with open(os.path.join(out, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -248,20 +264,28 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser.add_argument("--calibration", help="calibration JSON (default OUT/calibration.json; measured if missing)")
     parser.add_argument("--iters", type=int, default=8, help=f"steps per run ({WARMUP} warm-up steps are not timed)")
     parser.add_argument("--smoke", action="store_true", help="one tiny configuration: checks the tool, not the model")
-    parser.add_argument("--only", help="run only the configurations whose group or name contains this text")
+    parser.add_argument("--only", help="run only the configurations whose group or name contains this text "
+                                       "(several: separated by commas, e.g. 'memory,model size,zb-h1')")
+    parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                        help="fix glibc's mmap threshold in the runs (MALLOC_MMAP_THRESHOLD_): every freed block of "
+                             "at least BYTES goes back to the system, so the peak resident set follows the live "
+                             "bytes (docs/scaling.md); the step times are then not the default runtime's")
     args = parser.parse_args(argv)
+    if args.malloc_mmap_threshold is not None and args.malloc_mmap_threshold < 0:
+        parser.error(f"--malloc-mmap-threshold {args.malloc_mmap_threshold}: give a size in bytes, 0 or more")
     if args.iters < WARMUP + 2:
         parser.error(f"--iters {args.iters}: at least {WARMUP + 2} (the first {WARMUP} are warm-up)")
     args.out = os.path.abspath(args.out)   # the runs start in OUT/runs: every path they get is absolute
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     hardware, threads = load_calibration(args.calibration or os.path.join(args.out, "calibration.json"), 2)
-    configs = [c for c in grid(args.smoke) if not args.only or args.only in c.group or args.only in c.name]
+    configs = [c for c in grid(args.smoke) if selected(c, args.only)]
     rows: List[Dict] = []
     for config in configs:
         row = {"group": config.group, "name": config.name, "ranks": config.ranks}
         for attempt in (1, 2):   # one retry: a run that aborts once (seen: at exit, after its last step) is rerun
             try:
-                row.update(run_config(config, os.path.join(args.out, "runs"), args.iters, timeout=600, threads=threads))
+                row.update(run_config(config, os.path.join(args.out, "runs"), args.iters, timeout=600, threads=threads,
+                                      mmap_threshold=args.malloc_mmap_threshold))
                 break
             except RuntimeError as error:
                 if attempt == 2:
@@ -269,9 +293,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                 print(f"{config.name}: failed, rerunning once: {str(error).splitlines()[1:2]}", flush=True)
         row["attempts"] = attempt
         row["threads_per_rank"] = threads
+        row["malloc_mmap_threshold"] = args.malloc_mmap_threshold
         row.update(predicted(config, hardware))
         row["step_ratio"] = row["step_s"] / row["pred_step_s"]
         row["cpu_ratio"] = row["cpu_step_s"] / row["pred_step_s"]
+        row["memory_ratio"] = row["peak_mib"] / row["pred_rank0_mib"]   # rank 0's peak: rank 0's prediction
         print(f"{config.name:28s} measured {row['step_s']:.3f} s  predicted {row['pred_step_s']:.3f} s  "
               f"({row['step_ratio']:.2f}x)  [{row['wall_s']:.0f} s]", flush=True)
         rows.append(row)

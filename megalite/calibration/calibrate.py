@@ -14,7 +14,8 @@ writes the calibration file that ``hardware.from_calibration`` reads (``megalite
      "attention": [{"heads", "s", "d", "dtype", "forward_tflops", "backward_tflops"}, ...],
      "elementwise": [{"op", "dtype", "bytes", "forward_gbs", "backward_gbs"}, ...],
      "collectives": {name: [{"gap_s": f, "bandwidth_gbs": f, "latency_us": f}, ...], ...},
-     "host_overhead": {"layer_s": f, "micro_batch_s": f, "step_s": f}}
+     "host_overhead": {"layer_s": f, "micro_batch_s": f, "step_s": f},
+     "runtime_baseline": {"import_mib": f, "step_mib": f, "mib": f}}
 
 plus what was measured to get there ("threads_per_rank", "samples": every collective timing).
 What each figure is:
@@ -39,6 +40,9 @@ What each figure is:
 - Host overhead (``calibration/overhead.py``): megalite's real training step at a vanishing width, split
   into a fixed cost per layer and micro-batch, per micro-batch and per step, less what the tables
   predict for the same runs.
+- Runtime baseline (``calibration/baseline.py``): rank 0's peak resident set, measured as the sweep
+  measures a run's, of ranks that only import the trainer and meet in a gloo group, and of
+  megalite's own run at a vanishing width: the memory a CPU rank holds beside its model's bytes.
 - Optimizer: megalite's fused AdamW on fp32 pieces, in the bytes ``predict`` charges per state
   element (``32 + e``: gradient read, master, both moments read and written, the parameter copy)
   per second.
@@ -61,6 +65,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from megalite.calibration.baseline import measure_runtime_baseline
 from megalite.calibration.ops import measure_attention, measure_elementwise
 from megalite.calibration.overhead import measure_overhead
 from megalite.calibration.timing import median_seconds
@@ -293,6 +298,7 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
         "torch": torch.__version__,
     }
     document["host_overhead"] = measure_overhead(document, quick)
+    document["runtime_baseline"] = measure_runtime_baseline(document, ranks, quick)
     bad = [key for key in ("memory_bandwidth_gbs", "optimizer_bytes_per_s") if not document[key] > 0]
     bad += [f"matmul {r}" for r in matmul if not (r["tflops"] > 0 and math.isfinite(r["tflops"]))]
     bad += [f"{table} {r}" for table in ("attention", "elementwise") for r in document[table]

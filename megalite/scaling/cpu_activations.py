@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-__all__ = ["SavedBytes", "cpu_layer_inventory", "cpu_activation_bytes_per_layer"]
+__all__ = ["SavedBytes", "cpu_layer_inventory", "cpu_activation_bytes_per_layer", "inventory_applies"]
 
 FP32 = 4
 
@@ -86,6 +86,16 @@ def cpu_layer_inventory(s: int, b: int, h: int, a: int, *, element_size: int, ff
         items += [SavedBytes("attention-out dropout mask", e * sbh, False),
                   SavedBytes("MLP-out dropout mask", e * sbh, False)]
     return items
+
+
+def inventory_applies(model, cp: int = 1) -> bool:
+    """Whether the inventory is this model's layer: LayerNorm, a GELU MLP, one K/V head per query head, a
+    learned or no position table (no RoPE), no experts, no QK norm, no context parallelism -- the layer the
+    test measures.  Elsewhere memory.py keeps Korthikanti's count."""
+    return (model.normalization == "LayerNorm" and not model.swiglu and model.num_experts is None
+            and model.num_query_groups in (None, model.num_attention_heads) and not model.qk_layernorm
+            and model.position_embedding_type != "rope" and not model.use_rotary_position_embeddings
+            and model.kv_channels in (None, model.hidden_size // model.num_attention_heads) and cp == 1)
 
 
 def cpu_activation_bytes_per_layer(s: int, b: int, h: int, a: int, *, element_size: int, tp: int = 1,

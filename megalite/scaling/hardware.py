@@ -101,6 +101,12 @@ class Hardware:
     layer_overhead_s: float = 0.0
     micro_batch_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
+    # A calibrated CPU: the runtime's own resident memory per rank (calibration/baseline.py), counted
+    # with the model's bytes; and activations as PyTorch's CPU kernels save them (cpu_activations.py).
+    # 0 and False on a GPU (its equivalent of the baseline, the CUDA context, is outside torch's
+    # allocator and what megalite reports there; docs/scaling.md).
+    runtime_bytes: float = 0.0
+    cpu_activations: bool = False
 
     def peak(self, dtype: str) -> float:
         """Peak TFLOP/s for ``dtype`` (float16 falls back to bfloat16's and the other way round)."""
@@ -187,6 +193,7 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
                          "all_gather": [...], "reduce_scatter": [...], "send_recv": [...]} (optional;
                          one fit per gap of compute before the call),
          "host_overhead": {"layer_s": f, "micro_batch_s": f, "step_s": f} (optional),
+         "runtime_baseline": {"mib": f, ...} (optional; calibration/baseline.py),
          "memory_gb": f (optional; default the machine's RAM)}
 
     The measured figures ARE the efficiencies: gemm_efficiency and memory_efficiency stay 1.  Files
@@ -217,6 +224,7 @@ def from_calibration(document: dict, name: str = "cpu", memory_gb: Optional[floa
             layer_overhead_s=float(overhead.get("layer_s", 0.0)),
             micro_batch_overhead_s=float(overhead.get("micro_batch_s", 0.0)),
             step_overhead_s=float(overhead.get("step_s", 0.0)),
+            runtime_bytes=float(document.get("runtime_baseline", {}).get("mib", 0.0)) * 2**20, cpu_activations=True,
             optimizer_bytes_per_s=(float(document["optimizer_bytes_per_s"])
                                    if document.get("optimizer_bytes_per_s") else None))
     except (KeyError, TypeError, ValueError) as error:

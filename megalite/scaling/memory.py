@@ -32,6 +32,15 @@ full recompute a rank also holds, during one layer's backward, that layer's full
 recomputed forward).  The first rank keeps the embedding's dropout mask (``sbh`` bytes) per
 micro-batch in flight; the last rank holds one micro-batch's fp32 logits and their gradient
 (``2 x 4 s b V / t``).
+
+On a calibrated CPU (``cpu_kernels``) a layer's activations are what PyTorch's CPU kernels save
+(cpu_activations.py, where its inventory is the model's layer): no score matrix without attention
+dropout, so selective recompute saves nothing there; the embedding's dropout mask has the
+activation's element size; the last rank also keeps, per micro-batch, the final norm's input
+(``e sbh``, ``/t`` with SP) and the output layer's input (``e sbh``, gathered under SP) -- found with
+saved-tensor hooks on a whole TP 2 model, with and without SP (docs/scaling.md).  Every rank also
+holds the runtime's own memory (``runtime_bytes``: the interpreter, torch, the process group and a
+first step's lazily made state; calibration/baseline.py).
 """
 from __future__ import annotations
 
@@ -42,6 +51,7 @@ from megalite.config.settings import ModelConfig
 from megalite.model.flops import count_parameters
 from megalite.parallel.pipeline.stages import virtual_stage_layer_counts
 from megalite.scaling.activations import activation_bytes_per_layer, fused_attention
+from megalite.scaling.cpu_activations import cpu_activation_bytes_per_layer, inventory_applies
 from megalite.scaling.experts import expert_parameters_per_layer, moe_layer_activation_bytes, moe_share
 
 __all__ = ["StageMemory", "in_flight_formula", "parameter_split", "activation_bytes", "stage_memories"]
@@ -59,10 +69,11 @@ class StageMemory:
     activations: float
     logits: float
     expert_parameters: float = 0.0   # elements of ``parameters`` that are routed experts' (experts.py)
+    runtime: float = 0.0             # the runtime's own bytes (a calibrated CPU's baseline)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.runtime
 
 
 def in_flight_formula(schedule: Optional[str], p: int, v: int, m: int, rank: int) -> int:
@@ -102,11 +113,17 @@ def _layers_on_rank(model: ModelConfig, pp: int, vpp: Optional[int], rank: int, 
 
 def activation_bytes(model: ModelConfig, micro_batch: int, *, tp: int = 1, cp: int = 1,
                      sequence_parallel: bool = False, recompute: Optional[str] = None, element_size: int = 2,
-                     dropout_fused: bool = True) -> float:
+                     dropout_fused: bool = True, cpu_kernels: bool = False) -> float:
     """One layer, one micro-batch, one rank: Korthikanti et al. 2022 (activations.py), 1-byte dropout
     masks when dropout is on, a CP rank's s/cp queries against all s keys; no score matrix with fused
     attention (``--attention-backend`` other than unfused/local, its dropout in the kernel where
-    ``dropout_fused``: activations.fused_attention)."""
+    ``dropout_fused``: activations.fused_attention).  ``cpu_kernels``: as PyTorch's CPU kernels save
+    them (cpu_activations.py), where its inventory is this model's layer."""
+    if cpu_kernels and inventory_applies(model, cp):
+        return cpu_activation_bytes_per_layer(
+            model.seq_length, micro_batch, model.hidden_size, model.num_attention_heads, element_size=element_size,
+            tp=tp, sequence_parallel=sequence_parallel, recompute=recompute, ffn=model.ffn_hidden_size,
+            hidden_dropout=model.hidden_dropout > 0, attention_dropout=model.attention_dropout > 0)
     dropout = model.hidden_dropout > 0 or model.attention_dropout > 0
     fused = fused_attention(model.attention_backend, model.attention_dropout, dropout_fused)
     dense = activation_bytes_per_layer(model.seq_length // cp, micro_batch, model.hidden_size,
@@ -158,20 +175,23 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
                    first_stage_layers: Optional[int] = None,
                    last_stage_layers: Optional[int] = None,
                    stage_counts: Optional[List[int]] = None, sharding: Optional[str] = None,
-                   dropout_fused: bool = True, ep: int = 1) -> List[StageMemory]:
+                   dropout_fused: bool = True, ep: int = 1, cpu_kernels: bool = False,
+                   runtime_bytes: float = 0.0) -> List[StageMemory]:
     """Memory of one rank of each pipeline stage; ``in_flight[r]`` (micro-batch, chunk) pairs held by rank r;
     ``stage_counts``: layers per virtual stage when the split is not the trainer's (pipeline_split.py);
     ``sharding``: the strategy (default ``optim`` with ``zero1``, else ``no_shard``); ``ep``: the experts split
-    over EP ranks, their state sharded over the ``TP x CP x DP / EP`` expert-data-parallel ranks."""
+    over EP ranks, their state sharded over the ``TP x CP x DP / EP`` expert-data-parallel ranks;
+    ``cpu_kernels`` and ``runtime_bytes``: a calibrated CPU's (module docstring)."""
     sharding = sharding or ("optim" if zero1 else "no_shard")
     per_layer, embedding, final_norm = parameter_split(model, tp)
     expert_per_layer = expert_parameters_per_layer(model)
     vocab = model.padded_vocab_size(tp)
     h, s, b = model.hidden_size, model.seq_length // cp, micro_batch
     stored = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=recompute,
-                              element_size=element_size, dropout_fused=dropout_fused)
+                              element_size=element_size, dropout_fused=dropout_fused, cpu_kernels=cpu_kernels)
     whole = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=None,
-                             element_size=element_size, dropout_fused=dropout_fused)
+                             element_size=element_size, dropout_fused=dropout_fused, cpu_kernels=cpu_kernels)
+    mask = element_size if cpu_kernels else 1   # bytes per element of the embedding's dropout mask
     out = []
     for rank in range(pp):
         chunks = _layers_on_rank(model, pp, vpp, rank, first_stage_layers, last_stage_layers, stage_counts)
@@ -187,10 +207,12 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
                                                   recompute_num_layers or 1)
         activations = in_flight[rank] * chunk_bytes + working
         if rank == 0 and model.hidden_dropout > 0:
-            activations += in_flight[rank] * s * b * h / (tp if sequence_parallel else 1)
+            activations += in_flight[rank] * mask * s * b * h / (tp if sequence_parallel else 1)
+        if rank == pp - 1 and cpu_kernels:   # the final norm's input and the output layer's (gathered) input
+            activations += in_flight[rank] * element_size * s * b * h * (1 + 1 / (tp if sequence_parallel else 1))
         logits = 2 * 4.0 * s * b * vocab / tp if rank == pp - 1 else 0.0
         zero3 = sharding == "optim_grads_params" and dp * cp > 1      # ZeRO-3's two whole working layers
         gathered = 2 * ((per_layer - expert_per_layer) / tp + expert_per_layer / ep) if zero3 else 0.0
         state = _model_state(params, experts, sharding, dp * cp, tp * cp * dp // ep, element_size, gathered)
-        out.append(StageMemory(rank, params + experts, *state, activations, logits, experts))
+        out.append(StageMemory(rank, params + experts, *state, activations, logits, experts, runtime_bytes))
     return out

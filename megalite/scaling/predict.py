@@ -110,7 +110,9 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Op
                           recompute=model.recompute_granularity, recompute_method=model.recompute_method,
                           recompute_num_layers=model.recompute_num_layers,
                           stage_counts=_stage_counts(model, parallel, lay),
-                          dropout_fused=hardware is None or hardware.fused_attention_dropout, ep=lay.ep)
+                          dropout_fused=hardware is None or hardware.fused_attention_dropout, ep=lay.ep,
+                          cpu_kernels=hardware is not None and hardware.cpu_activations,
+                          runtime_bytes=hardware.runtime_bytes if hardware is not None else 0.0)
 
 
 def _stage_counts(model: ModelConfig, parallel: ParallelConfig, lay: Layout) -> List[int]:
@@ -328,7 +330,8 @@ def _prediction(model: ModelConfig, parallel: ParallelConfig, optimizer: Optimiz
         mfu=tflops / hardware.peak(dtype), memory_gb_per_gpu=heaviest.total / GIB,
         activation_bytes_per_layer=activation_bytes(model, b, tp=lay.tp, cp=lay.cp, sequence_parallel=sp,
                                                     recompute=recompute, element_size=element_size(dtype),
-                                                    dropout_fused=hardware.fused_attention_dropout),
+                                                    dropout_fused=hardware.fused_attention_dropout,
+                                                    cpu_kernels=hardware.cpu_activations),
         bubble_fraction=bubble_fraction, micro_batch_size=b, virtual_pipeline_model_parallel_size=lay.vpp,
         fits=heaviest.total <= capacity and not math.isnan(heaviest.total),
         breakdown=breakdown,

@@ -53,6 +53,9 @@ def test_quick_calibration_has_the_schema(tmp_path):
     assert all(0 <= v < 0.1 for v in document["host_overhead"].values())
     assert hardware.layer_overhead_s == document["host_overhead"]["layer_s"]
     assert not hardware.overlaps_communication
+    baseline = document["runtime_baseline"]      # a real run's peak resident set: at least torch's import
+    assert baseline["import_mib"] is None and 100 < baseline["mib"] <= baseline["step_mib"] < 4096
+    assert hardware.runtime_bytes == baseline["mib"] * 2**20 and hardware.cpu_activations
 
 
 @pytest.mark.parametrize("n", [2, 4])

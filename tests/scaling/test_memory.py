@@ -1,15 +1,21 @@
 """The memory model: Korthikanti's activations (activations.py), the schedule's in-flight count in
 closed form against the simulator's, model state by hand, and Korthikanti et al. 2022's Table 3 runs."""
+import json
+from pathlib import Path
+
 import pytest
 
 from megalite.config.settings import ModelConfig
 from megalite.parallel.pipeline.orders import build_order
 from megalite.parallel.pipeline.simulator import peak_in_flight
 from megalite.scaling.activations import activation_bytes_per_layer
-from megalite.scaling.hardware import PRESETS
+from megalite.scaling.cpu_activations import cpu_activation_bytes_per_layer
+from megalite.scaling.hardware import PRESETS, from_calibration
 from megalite.scaling.memory import activation_bytes, in_flight_formula, parameter_split, stage_memories
 from megalite.scaling.planner import predict_argv
+from megalite.scaling.predict import predict
 from megalite.scaling.published import KORTHIKANTI_TABLE_3, model_flags
+from megalite.training.arguments import parse_args
 
 GPT_22B = dict(num_layers=48, hidden_size=6144, num_attention_heads=64, seq_length=2048, vocab_size=51200,
                attention_backend="unfused")
@@ -102,3 +108,52 @@ def test_scores_are_kept_where_the_fused_kernel_cannot_drop_out():
     model = ModelConfig(**dict(GPT_22B, attention_backend="auto"))      # attention dropout 0.1 by default
     assert activation_bytes(model, 1, dropout_fused=False) == activation_bytes(ModelConfig(**GPT_22B), 1)
     assert activation_bytes(model, 1) < activation_bytes(model, 1, dropout_fused=False)
+
+
+def _cpu_prediction(runtime_mib, *flags):
+    """predict() on a CPU calibration (tests/scaling/cpu_calibration.json) with ``runtime_mib`` of baseline."""
+    document = json.loads((Path(__file__).parent / "cpu_calibration.json").read_text())
+    document["runtime_baseline"] = {"import_mib": None, "step_mib": runtime_mib, "mib": runtime_mib}
+    argv = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "1024",
+            "--max-position-embeddings", "1024", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--vocab-size", "1024", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--tensor-model-parallel-size", "2", "--sequence-parallel", "--mock-data", *flags]
+    model, parallel, optimizer, _data, training = parse_args(argv, world_size=2)
+    return model, predict(model, parallel, training, optimizer, from_calibration(document), 2)
+
+
+def test_cpu_memory_is_the_runtime_baseline_plus_the_cpu_kernels_activations():
+    model, plain = _cpu_prediction(300.0)
+    _model, without = _cpu_prediction(0.0)
+    assert (plain.memory_gb_per_gpu - without.memory_gb_per_gpu) * 1024 == pytest.approx(300.0)
+    cpu_layer = cpu_activation_bytes_per_layer(1024, 2, 256, 8, element_size=4, tp=2, sequence_parallel=True,
+                                               hidden_dropout=False, attention_dropout=False)
+    assert plain.activation_bytes_per_layer == cpu_layer          # not Korthikanti's GPU count
+    model, dropout = _cpu_prediction(300.0, "--attention-dropout", "0.1")   # the math kernel: fp32 scores
+    cpu_layer = cpu_activation_bytes_per_layer(1024, 2, 256, 8, element_size=4, tp=2, sequence_parallel=True,
+                                               hidden_dropout=False, attention_dropout=True)
+    assert dropout.activation_bytes_per_layer == cpu_layer
+    gpu_layer = activation_bytes(model, 2, tp=2, sequence_parallel=True, element_size=4, dropout_fused=False)
+    assert gpu_layer < 0.8 * cpu_layer
+    # no scores are kept without attention dropout: selective recompute saves (nearly) nothing on a CPU
+    _model, selective = _cpu_prediction(300.0, "--recompute-granularity", "selective")
+    assert selective.memory_gb_per_gpu == pytest.approx(plain.memory_gb_per_gpu, rel=0.01)
+    assert selective.memory_gb_per_gpu < plain.memory_gb_per_gpu
+    # the GPU presets keep their accounting and no runtime baseline
+    assert PRESETS["h100-sxm"].runtime_bytes == 0 and not PRESETS["h100-sxm"].cpu_activations
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_cpu_last_rank_keeps_the_final_norm_and_output_layer_inputs(sp):
+    """On CPU kernels the last rank's activations: L layers of the CPU inventory, plus the final norm's
+    input (sbh, /t with SP) and the output layer's gathered input (sbh), per micro-batch in flight."""
+    s, b, h, a, tp, layers = 128, 2, 64, 4, 2, 4
+    model = ModelConfig(num_layers=layers, hidden_size=h, num_attention_heads=a, seq_length=s, hidden_dropout=0.0,
+                        attention_dropout=0.0)
+    common = dict(micro_batch=b, tp=tp, pp=1, cp=1, dp=1, vpp=None, in_flight=[1], element_size=4, sequence_parallel=sp)
+    cpu = stage_memories(model, cpu_kernels=True, **common)[0]
+    layer = cpu_activation_bytes_per_layer(s, b, h, a, element_size=4, tp=tp, sequence_parallel=sp,
+                                           hidden_dropout=False, attention_dropout=False)
+    assert cpu.activations == layers * layer + 4 * s * b * h * (1 + 1 / (tp if sp else 1))
+    gpu = stage_memories(model, **common)[0]
+    assert gpu.activations == layers * activation_bytes(model, b, tp=tp, sequence_parallel=sp, element_size=4)

@@ -4,6 +4,8 @@ is asserted: the measured-vs-predicted figures of the full sweep are in docs/sca
 import csv
 import json
 
+import pytest
+
 from megalite.calibration.calibrate import calibrate
 from tools import scaling_sweep
 
@@ -19,8 +21,12 @@ def test_smoke_sweep_writes_the_table(tmp_path):
     assert len(table) == 1 and list(table[0]) == scaling_sweep.COLUMNS
     row = table[0]
     for column in ("step_s", "pred_step_s", "step_ratio", "tokens_per_s", "peak_mib", "pred_memory_mib",
-                   "pred_layer_act_mib", "cpu_layer_act_mib"):
+                   "pred_rank0_mib", "memory_ratio", "pred_layer_act_mib", "cpu_layer_act_mib"):
         assert float(row[column]) > 0, column
+    assert float(row["memory_ratio"]) == pytest.approx(float(row["peak_mib"]) / float(row["pred_rank0_mib"]))
+    # the prediction counts the calibration's runtime baseline, which the measured peak holds too
+    with open(calibration) as f:
+        assert float(row["pred_memory_mib"]) > json.load(f)["runtime_baseline"]["mib"]
     assert row["bubble"] == "" and row["pred_bubble"] == ""      # one rank: no pipeline
     with open(out / "sweep.json") as f:
         document = json.load(f)
@@ -36,3 +42,10 @@ def test_too_few_iterations_are_refused(tmp_path, capsys):
     except SystemExit as exit:
         assert exit.code == 2
     assert "--iters 2: at least 4" in capsys.readouterr().err
+
+
+def test_only_takes_several_texts():
+    names = [c.name for c in scaling_sweep.grid(False) if scaling_sweep.selected(c, "memory, model size")]
+    assert names == ["h128 1 rank", "h256 1 rank", "h512 1 rank", "h256 TP2", "h256 TP2 SP", "h256 TP2 SP selective",
+                     "h256 TP2 SP full"]
+    assert len([c for c in scaling_sweep.grid(False) if scaling_sweep.selected(c, None)]) == 21
