@@ -1,7 +1,7 @@
 """Real training runs on this machine against the performance model's prediction for each.
 
-    python tools/scaling_sweep.py --out docs/images/scaling            # the grid below, ~10 minutes on 2 cores
-    python tools/scaling_sweep.py --out /tmp/sweep --smoke             # one tiny run: checks the tool
+    python -m tools.scaling_sweep --out docs/images/scaling            # the grid below, ~10 minutes on 2 cores
+    python -m tools.scaling_sweep --out /tmp/sweep --smoke             # one tiny run: checks the tool
 
 Every configuration is a real ``megalite-train`` run (``python -m torch.distributed.run --standalone
 -m megalite.train``) on mock data, fp32, dropout off, each rank at the calibration file's
@@ -50,8 +50,6 @@ import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:   # predict with this checkout's megalite, as the runs train with it (PYTHONPATH below)
-    sys.path.insert(0, REPO)
 WARMUP = 2
 
 COMMON = ["--mock-data", "--vocab-size", "1024", "--make-vocab-size-divisible-by", "128", "--hidden-dropout", "0",
