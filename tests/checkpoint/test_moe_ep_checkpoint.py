@@ -20,6 +20,21 @@ from tests.checkpoint.test_moe_checkpoint import MOE
 from tests.checkpoint.test_reshard import MODEL, _assert_same_curve, _assert_same_params, _train_runs
 
 ARGV = MODEL + MOE + ["--moe-token-dispatcher-type", "alltoall"]
+
+
+def run_builders(tmp_path):
+    """``folder(name)``: a run's save folder under ``tmp_path``; ``resume(source, flags, target)``: a run loading
+    ``source`` (the tests' (argv, (folder, iteration)) pair) and saving to ``target``; ``straight(flags, name)``:
+    a run from scratch saving every 2 iterations."""
+    def folder(name):
+        return str(tmp_path / name)
+
+    def resume(source, flags, target):
+        return ARGV + flags + ["--load", folder(source), "--save", folder(target)], (folder(source), 2)
+
+    def straight(flags, name):
+        return ARGV + flags + ["--save", folder(name), "--save-interval", "2"], None
+    return folder, resume, straight
 ZERO1 = ["--use-distributed-optimizer"]
 ZERO3 = ZERO1 + ["--data-parallel-sharding-strategy", "optim_grads_params"]
 
@@ -43,14 +58,7 @@ def _assert_bit_exact(resumed_curve, straight_curve, resumed_dir, straight_dir):
 
 
 def test_ep_checkpoints_resume_bit_exact_and_reshard_to_any_ep(tmp_path):
-    def folder(name):
-        return str(tmp_path / name)
-
-    def resume(source, flags, target):
-        return ARGV + flags + ["--load", folder(source), "--save", folder(target)], (folder(source), 2)
-
-    def straight(flags, name):
-        return ARGV + flags + ["--save", folder(name), "--save-interval", "2"], None
+    folder, resume, straight = run_builders(tmp_path)
 
     # 4 ranks (DP 4): EP2 x expert-DP2 with and without ZeRO-1, each resumed at its own layout; EP2 -> EP4
     # (saving iterations 3 and 4); EP2 -> PP2 x DP2 x EP2 (each stage's folder holds its own experts file).

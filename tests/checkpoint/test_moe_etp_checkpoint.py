@@ -11,7 +11,7 @@ import os
 
 from megalite.checkpoint import merge, paths
 from megalite.parallel.testing import run_on_ranks
-from tests.checkpoint.test_moe_ep_checkpoint import ARGV, ZERO1, _assert_bit_exact, ep
+from tests.checkpoint.test_moe_ep_checkpoint import ZERO1, _assert_bit_exact, ep, run_builders
 from tests.checkpoint.test_reshard import _assert_same_curve, _assert_same_params, _train_runs
 
 TP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
@@ -19,14 +19,7 @@ ETP2 = TP2 + ep(2) + ["--expert-tensor-parallel-size", "2"]
 
 
 def test_etp2_checkpoints_resume_bit_exact_and_reshard(tmp_path):
-    def folder(name):
-        return str(tmp_path / name)
-
-    def resume(source, flags, target):
-        return ARGV + flags + ["--load", folder(source), "--save", folder(target)], (folder(source), 2)
-
-    def straight(flags, name):
-        return ARGV + flags + ["--save", folder(name), "--save-interval", "2"], None
+    folder, resume, straight = run_builders(tmp_path)
 
     def biased(run):   # the experts with fc1 / fc2 biases (split with fc1's columns; fc2's whole per ETP pair)
         return [flag for flag in run[0] if flag != "--disable-bias-linear"], run[1]

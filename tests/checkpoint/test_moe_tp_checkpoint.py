@@ -10,21 +10,14 @@ import os
 
 from megalite.checkpoint import merge, paths
 from megalite.parallel.testing import run_on_ranks
-from tests.checkpoint.test_moe_ep_checkpoint import ARGV, _assert_bit_exact, ep
+from tests.checkpoint.test_moe_ep_checkpoint import _assert_bit_exact, ep, run_builders
 from tests.checkpoint.test_reshard import _assert_same_curve, _assert_same_params, _train_runs
 
 TP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 
 
 def test_tp2_moe_checkpoints_resume_bit_exact_and_reshard_to_one_rank(tmp_path):
-    def folder(name):
-        return str(tmp_path / name)
-
-    def resume(source, flags, target):
-        return ARGV + flags + ["--load", folder(source), "--save", folder(target)], (folder(source), 2)
-
-    def straight(flags, name):
-        return ARGV + flags + ["--save", folder(name), "--save-interval", "2"], None
+    folder, resume, straight = run_builders(tmp_path)
 
     one = run_on_ranks(_train_runs, 1, [straight([], "single")], timeout=240)[0]
     two = run_on_ranks(_train_runs, 2, [

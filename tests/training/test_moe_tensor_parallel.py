@@ -95,7 +95,13 @@ def assert_same_parameters(got, reference):
          "TP=2 CP=2 EP=2 bias", "TP=2 DP=2 EP=2 ZeRO-3", "TP=2 PP=2 DP=2 EP=2", "TP=2 seq_aux_loss",
          "TP=2 CP=2 EP=2 seq_aux_loss"])
 def test_moe_step_under_tensor_parallelism_matches_one_rank(world_size, layout):
-    argv = BASE + layout
+    assert_step_matches_one_rank(world_size, BASE + layout, "--moe-router-enable-expert-bias" in layout)
+
+
+def assert_step_matches_one_rank(world_size, argv, has_bias, check_split=None):
+    """One step at ``world_size`` ranks against the hand computation and the one-rank run: loss, grad norm,
+    logged auxiliary losses, the expert-bias update (present exactly when ``has_bias``) and, without a pipeline,
+    every parameter (``check_split(params)`` first, where given, on rank 0's parameter descriptions)."""
     loss, norm, logged, biases = by_hand(one_rank(argv))
     reference = run_on_ranks(_step, 1, one_rank(argv))[0]
     assert reference[0] == pytest.approx(loss, rel=1e-5) and reference[1] == pytest.approx(norm, rel=1e-4)
@@ -103,8 +109,10 @@ def test_moe_step_under_tensor_parallelism_matches_one_rank(world_size, layout):
         assert got_loss == pytest.approx(loss, rel=1e-5)
         assert got_norm == pytest.approx(norm, rel=1e-4)
         assert got_logged == pytest.approx(logged, rel=1e-5)
-        for layer, bias in got_biases.items():
+        for layer, bias in got_biases.items():   # the expert-bias update (each TP rank's loads summed over TP)
             torch.testing.assert_close(torch.tensor(bias), torch.tensor(biases[layer]))
-        assert (not got_biases) == ("--moe-router-enable-expert-bias" not in layout)
-        if got_params[0]:
+        assert bool(got_biases) == has_bias
+        if got_params[0]:   # (without a pipeline: the names are the one-stage model's)
+            if check_split is not None:
+                check_split(got_params[0])
             assert_same_parameters(got_params, reference[4])
