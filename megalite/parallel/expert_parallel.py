@@ -18,7 +18,8 @@ every rank), no count exchange.  Backward: the all-gather's is a reduce-scatter,
 Counted in megalite/parallel/mappings.py's ``comm_counter``: the allgather dispatcher's collectives under
 ``ep_all_gather`` / ``ep_reduce_scatter`` (its ring cost model); the alltoall dispatcher's row exchanges, forward
 and backward, under ``ep_all_to_all`` and the count exchange under ``ep_all_to_all_counts``, each as the bytes
-that leave this rank (the rows for the other ranks; the block a rank keeps is not sent).
+that leave this rank (the rows for the other ranks; the block a rank keeps is not sent); expert TP's exchanges
+under ``etp_all_gather`` (the counts) and ``etp_all_to_all`` (the rows and the partial outputs), the same way.
 
 Expert tensor parallelism (ETP > 1, parallel/state.py's etp group: the TP group).  Each rank holds an ffn slice
 of its experts: fc1's columns (with SwiGLU whole (gate, up) units) and fc2's rows, as a dense MLP is split over
@@ -83,17 +84,18 @@ def allgather_group():
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, output_splits: List[int], input_splits: List[int], group):
-        ctx.splits, ctx.group = (output_splits, input_splits), group
+    def forward(ctx, x, output_splits: List[int], input_splits: List[int], group, kind: str):
+        ctx.splits, ctx.group, ctx.kind = (output_splits, input_splits), group, kind
         out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
-        _count("ep_all_to_all", x, input_splits, group)
+        _count(kind, x, input_splits, group)
         dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        return _AllToAll.apply(grad.contiguous(), input_splits, output_splits, ctx.group), None, None, None
+        back = _AllToAll.apply(grad.contiguous(), input_splits, output_splits, ctx.group, ctx.kind)
+        return back, None, None, None, None
 
 
 def _count(kind: str, x: torch.Tensor, input_splits: List[int], group) -> None:
@@ -103,10 +105,11 @@ def _count(kind: str, x: torch.Tensor, input_splits: List[int], group) -> None:
     comm_counter.calls[kind] += 1
 
 
-def all_to_all(x: torch.Tensor, output_splits: List[int], input_splits: List[int], group) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, output_splits: List[int], input_splits: List[int], group,
+               kind: str = "ep_all_to_all") -> torch.Tensor:
     """Rows of ``x`` in blocks of ``input_splits`` to each rank of ``group``; returns the blocks received
-    (``output_splits`` rows from each rank, in rank order); differentiable."""
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+    (``output_splits`` rows from each rank, in rank order); differentiable; counted under ``kind``."""
+    return _AllToAll.apply(x, output_splits, input_splits, group, kind)
 
 
 def dispatch(rows: torch.Tensor, counts: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -132,11 +135,11 @@ def _by_local_expert(received_counts: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.repeat_interleave(owner, received_counts.reshape(-1)), stable=True)
 
 
-def combine(results: torch.Tensor, plan: tuple, group) -> torch.Tensor:
+def combine(results: torch.Tensor, plan: tuple, group, kind: str = "ep_all_to_all") -> torch.Tensor:
     """The experts' results (in :func:`dispatch`'s order) back to the ranks and order the rows came from."""
     order, input_splits, output_splits = plan
     by_source = results.index_select(0, torch.argsort(order))
-    return all_to_all(by_source, input_splits, output_splits, group)
+    return all_to_all(by_source, input_splits, output_splits, group, kind)
 
 
 def gather_for_expert_tp(rows: torch.Tensor, counts: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -145,7 +148,7 @@ def gather_for_expert_tp(rows: torch.Tensor, counts: torch.Tensor, group) -> Tup
     size = dist.get_world_size(group)
     received_counts = all_gather_along(counts.unsqueeze(0), 0, group, kind="etp_all_gather")   # [source, expert]
     input_splits, output_splits = [rows.shape[0]] * size, received_counts.sum(dim=1).tolist()
-    received = all_to_all(rows.repeat(size, 1), output_splits, input_splits, group)
+    received = all_to_all(rows.repeat(size, 1), output_splits, input_splits, group, kind="etp_all_to_all")
     order = _by_local_expert(received_counts)
     return received.index_select(0, order), received_counts.sum(dim=0), (order, input_splits, output_splits)
 
@@ -154,7 +157,7 @@ def reduce_scatter_from_expert_tp(partials: torch.Tensor, plan: tuple, group) ->
     """Each etp rank's partial fc2 outputs [sum of N, h] (:func:`gather_for_expert_tp`'s order) -> this rank's
     N rows, the partials of its rows summed over the etp group in rank order."""
     _, input_splits, _ = plan                                                       # [N] x ETP
-    returned = combine(partials, plan, group)                                       # [ETP N, h], by etp rank
+    returned = combine(partials, plan, group, kind="etp_all_to_all")               # [ETP N, h], by etp rank
     return returned.unflatten(0, (len(input_splits), input_splits[0])).sum(dim=0)
 
 

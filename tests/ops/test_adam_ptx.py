@@ -5,6 +5,7 @@ Fast math turns `a / b` into an approximate division and `sqrtf` into an approxi
 couple of ulps each); adam_update spells both with the correctly rounded intrinsics, so the PTX must
 hold div.rn / sqrt.rn and no approximate division, square root or reciprocal.  What fast math still
 changes -- contracted multiply-adds, flushed subnormals (.ftz) -- is what adam_math.h says."""
+import ast
 import os
 import pathlib
 import shutil
@@ -12,7 +13,8 @@ import subprocess
 
 import pytest
 
-CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
 KERNEL = """
 #include "adam_math.h"
 __global__ void update(float* p, float* m, float* v, const float* g, megalite::AdamHyper h) {
@@ -32,11 +34,18 @@ def nvcc():
     return found
 
 
+def setup_nvcc_flags():
+    """setup.py's NVCC_FLAGS, read without running setup.py."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and [getattr(t, "id", None) for t in node.targets] == ["NVCC_FLAGS"])
+
+
 def ptx_of(tmp_path, csrc=CSRC, arch="sm_90"):
     source = tmp_path / "adam_update.cu"
     source.write_text(KERNEL)
     out = tmp_path / "adam_update.ptx"
-    subprocess.run([nvcc(), "-ptx", f"-arch={arch}", "-O3", "--use_fast_math", "-std=c++17", f"-I{csrc}",
+    subprocess.run([nvcc(), "-ptx", f"-arch={arch}", *setup_nvcc_flags(), f"-I{csrc}",
                     str(source), "-o", str(out)], check=True, capture_output=True, text=True)
     return out.read_text()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megalite.parallel.testing import run_on_ranks
-from tests.training.test_moe_tensor_parallel import BASE, TP, assert_step_matches_one_rank
+from tests.training.test_moe_tensor_parallel import BASE, TP, _step, assert_step_matches_one_rank
 from tests.training.test_moe_training import ARGV, BIAS, _curve
 
 ETP2 = TP + ["--expert-tensor-parallel-size", "2"]
@@ -68,3 +68,19 @@ def _curve_and_fc2_biases(rank, world_size, argv):
     curve = _curve(rank, world_size, argv)
     return curve, {name: param.detach().clone() for name, param in unwrap_model(runs[0].model[0]).named_parameters()
                    if name.endswith("experts.bias2")}
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_capacity_bounded_routing_drops_as_at_expert_tp_1(dispatcher):
+    """Under TP + SP each rank's capacity is of its own tokens (megalite/model/moe/capacity.py), so one process is
+    no reference; splitting the experts' ffn must not change what is dropped: TP2+SP x EP2 with expert TP 2 gives
+    expert TP 1's loss, grad norm and logged aux losses, and both differ from the dropless step (pairs dropped)."""
+    layout = BASE + TP + EP2 + ["--moe-token-dispatcher-type", dispatcher]
+    capacity = ["--moe-expert-capacity-factor", "0.5", "--moe-token-drop-policy", "position"]
+    etp1 = run_on_ranks(_step, 4, layout + capacity, timeout=240)
+    etp2 = run_on_ranks(_step, 4, layout + capacity + ["--expert-tensor-parallel-size", "2"], timeout=240)
+    dropless = run_on_ranks(_step, 4, layout, timeout=240)[0]
+    for (loss1, norm1, logged1, *_), (loss2, norm2, logged2, *_) in zip(etp1, etp2):
+        assert loss2 == pytest.approx(loss1, rel=1e-6) and norm2 == pytest.approx(norm1, rel=1e-5)
+        assert logged2 == pytest.approx(logged1, rel=1e-6)
+    assert abs(etp1[0][0] - dropless[0]) > 1e-4

@@ -1,4 +1,4 @@
-"""Parity of an MoE model with one rank, issue 31's acceptance: at every expert-parallel layout below, each of
+"""Parity of an MoE model with one rank: at every expert-parallel layout below, each of
 three training steps' lm loss, grad norm, logged balancing loss and z-loss, the validation loss, the pairs the
 capacity dropped, and EVERY parameter after the steps (TP shards and EP ranks' experts gathered whole) equal
 the same flags' run on one process -- with the alltoall AND the allgather dispatcher at each layout with EP.
