@@ -83,10 +83,8 @@ def _train(rank, world_size, runs):
     parameter} of this rank's chunks, validation loss, {what this rank holds at rest})}."""
     os.environ["WORLD_SIZE"] = str(world_size)   # as torchrun would set it: the flags are checked against it
     from megalite.parallel import state
-    from megalite.parallel.data_parallel import DistributedDataParallel, unwrap_model
-    from megalite.parallel.param_gather import whole_parameters
+    from megalite.parallel.data_parallel import DistributedDataParallel
     from megalite.training.loop import evaluate, setup, train_step
-    from tests.parallel.tp_harness import gather_full
 
     results = {}
     for name, argv in runs:
@@ -105,16 +103,26 @@ def _train(rank, world_size, runs):
                        "empty params": sum(p.numel() == 0 for chunk in run.model for p in chunk.parameters()),
                        "whole grad buckets": sum(b.grad_data is not None for w in wrappers for b in w.buckets),
                        "gathers": sum(w.param_gather.num_gathers for w in wrappers if w.param_gather is not None)}
-            params = {}
-            with whole_parameters(run.model):
-                for chunk in run.model:
-                    for full_name, param in unwrap_model(chunk)._full_named_parameters():
-                        full = gather_full(full_name, param, param, run.model_cfg.vocab_size)
-                        params[full_name] = _all_experts(full, param, run.grid)
+            params = whole_model_parameters(run)
         finally:
             state.destroy_grid()
         results[name] = (history, params, eval_loss, at_rest)
     return results
+
+
+def whole_model_parameters(run):
+    """Every parameter of the one-stage model by its full name, whole: gathered under ZeRO-3, over TP
+    (tp_harness.gather_full) and, for expert stacks, over EP (:func:`_all_experts`)."""
+    from megalite.parallel.data_parallel import unwrap_model
+    from megalite.parallel.param_gather import whole_parameters
+    from tests.parallel.tp_harness import gather_full
+    params = {}
+    with whole_parameters(run.model):
+        for chunk in run.model:
+            for full_name, param in unwrap_model(chunk)._full_named_parameters():
+                full = gather_full(full_name, param, param, run.model_cfg.vocab_size)
+                params[full_name] = _all_experts(full, param, run.grid)
+    return params
 
 
 def _all_experts(tensor, param, grid):

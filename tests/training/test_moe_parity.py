@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from tests.parallel.test_sharded_dp_parity import MODEL, _all_experts
+from tests.parallel.test_sharded_dp_parity import MODEL, whole_model_parameters
 from tests.parallel.tp_harness import run_layout_matrix
 
 STEPS = 3
@@ -80,10 +80,7 @@ def _train(rank, world_size, runs):
     import torch.distributed as dist
 
     from megalite.parallel import state
-    from megalite.parallel.data_parallel import unwrap_model
-    from megalite.parallel.param_gather import whole_parameters
     from megalite.training.loop import evaluate, setup, train_step
-    from tests.parallel.tp_harness import gather_full
 
     results = {}
     for name, argv in runs:
@@ -99,12 +96,7 @@ def _train(rank, world_size, runs):
                 history.append((record["loss"], record["grad_norm"], record["load_balancing_loss"],
                                 record["z_loss"], step.tolist()))
             eval_loss = evaluate(run)["eval_loss"]
-            params = {}
-            with whole_parameters(run.model):
-                for chunk in run.model:
-                    for full_name, param in unwrap_model(chunk)._full_named_parameters():
-                        full = gather_full(full_name, param, param, run.model_cfg.vocab_size)
-                        params[full_name] = _all_experts(full, param, run.grid)
+            params = whole_model_parameters(run)
         finally:
             state.destroy_grid()
         results[name] = (history, params, eval_loss)
