@@ -54,7 +54,7 @@ from megalite.scaling.hardware import Hardware, Link
 __all__ = ["all_reduce_time", "all_gather_time", "reduce_scatter_time", "all_to_all_time", "p2p_time", "group_link",
            "GridStrides", "tp_collectives_per_layer", "tp_time_per_layer", "tp_embedding_time", "tp_logits_time",
            "pp_message_bytes", "dp_gradient_time", "zero1_gather_time", "kv_block_bytes", "cp_ring_times",
-           "zero3_times"]
+           "cp_exchange_times", "zero3_times"]
 
 
 def all_reduce_time(nbytes: float, n: int, link: Link, gap_s: float = 0.0) -> float:
@@ -184,6 +184,29 @@ def cp_ring_times(kv_block: float, cp: int, link: Link, gap_forward_s: float = 0
         return 0.0, 0.0
     return ((cp - 1) * p2p_time(kv_block, link, gap_forward_s),
             2 * (cp - 1) * p2p_time(kv_block, link, gap_backward_s))
+
+
+def cp_exchange_times(kv_block: float, query_block: float, cp: int, link: Link, comm_type: str = "p2p",
+                      gap_forward_s: float = 0.0, gap_backward_s: float = 0.0) -> tuple:
+    """(forward, backward) seconds of one layer's CP exchange by ``--cp-comm-type`` (docs/long_context.md's
+    table): ``p2p`` the K/V ring (cp_ring_times); ``all_gather`` one all-gather of every rank's ``kv_block``
+    forward, and backward that all-gather again and a reduce-scatter of dK/dV (``(C - 1) B`` and ``2 (C - 1) B``
+    sent); ``a2a`` four all-to-alls each way -- q and the output (``query_block`` each: one rank's
+    ``b (a/t) (s/C) d e``) and k and v (half of ``kv_block`` each): ``(C - 1)/C (2Q + B)``."""
+    if cp <= 1:
+        return 0.0, 0.0
+    if comm_type == "p2p":
+        return cp_ring_times(kv_block, cp, link, gap_forward_s, gap_backward_s)
+    if comm_type == "all_gather":
+        gathered = cp * kv_block
+        return (all_gather_time(gathered, cp, link, gap_forward_s),
+                all_gather_time(gathered, cp, link, gap_backward_s) + reduce_scatter_time(gathered, cp, link,
+                                                                                          gap_backward_s))
+    if comm_type == "a2a":
+        def four(gap_s: float) -> float:
+            return 2 * (all_to_all_time(query_block, cp, link, gap_s) + all_to_all_time(kv_block / 2, cp, link, gap_s))
+        return four(gap_forward_s), four(gap_backward_s)
+    raise ValueError(f"--cp-comm-type {comm_type} has no cost model; use p2p, all_gather or a2a")
 
 
 def pp_message_bytes(seq: int, micro_batch: int, hidden: int, element_size: int, tp: int,

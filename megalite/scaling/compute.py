@@ -3,12 +3,13 @@
 A pass is a list of GEMMs plus memory-bound elementwise work.  A GEMM ``[m, k] x [k, n]`` (``batch``
 of them) costs ``2 m n k batch`` FLOPs and runs at
 
-    rate = min(peak * gemm_efficiency * quantization(m, n),  intensity * HBM bandwidth * memory_efficiency)
+    rate = min(peak * gemm_efficiency * sustained * quantization(m, n),  intensity * HBM bandwidth * memory_efficiency)
     intensity = 2 m n k / (e (m k + k n + m n))                   (FLOPs per byte moved, e bytes/element)
 
-(the roofline: Williams, Waterman and Patterson 2009), where ``quantization`` is the useful fraction
-of the thread-block tiles (256 x 128 or 128 x 256) launched in whole waves over the SMs (NVIDIA's
-"Matrix Multiplication Background" guide: tile and wave quantization).  A calibration table of
+(the roofline: Williams, Waterman and Patterson 2009), where ``sustained`` is the share of the
+tensor-core rate a device keeps through whole steps (hardware.py, fitted in fit.py), ``quantization``
+is the useful fraction of the thread-block tiles (256 x 128 or 128 x 256) launched in whole waves over
+the SMs (NVIDIA's "Matrix Multiplication Background" guide: tile and wave quantization).  A calibration table of
 measured GEMM throughput replaces the formula: the rate is read at (m, n, k) between its grid points
 (interpolate.py), in the operands' layout (a linear layer's forward ``x @ W^T``, input gradient
 ``g @ W`` and weight gradient ``g^T @ x`` run different kernels, up to ~3x apart at some shapes on a
@@ -40,7 +41,7 @@ The attention core runs one of two ways (``--attention-backend``; activations.fu
   half of its ``(s/CP) x s`` block, Liu et al. 2023 "Ring Attention" / Megatron's CP), forward
   ``2 (ab/t) (s/CP) s d`` (half of the two products' ``4 ...``), backward 2.5 x that (five products
   instead of two: the scores are recomputed, then dV, dP, dQ, dK; Dao 2023 "FlashAttention-2",
-  Sec. 3.1.2), at ``peak x attention_efficiency`` (hardware.py).  No score bytes move through HBM.
+  Sec. 3.1.2), at ``peak x attention_efficiency x sustained`` (hardware.py).  No score bytes move through HBM.
 
 A calibration table of measured SDPA (a CPU) replaces both: it is what runs there.
 
@@ -138,7 +139,7 @@ def gemm_rate(gemm: Gemm, hardware: Hardware, dtype: str) -> float:
     memory_bound = gemm.flops / moved * hardware.hbm_gbs * hardware.memory_efficiency / 1e3
     efficiency = hardware.fp8_gemm_efficiency if dtype == "fp8" and hardware.fp8_gemm_efficiency else \
         hardware.gemm_efficiency
-    compute_bound = (hardware.peak(dtype) * efficiency
+    compute_bound = (hardware.peak(dtype) * efficiency * hardware.sustained_fraction
                      * quantization(gemm.m, gemm.n, gemm.batch, hardware.num_sms))
     return min(compute_bound, memory_bound)
 
@@ -227,8 +228,8 @@ def _core_times(model: ModelConfig, core: List[Gemm], core_bytes: float, hardwar
         flops = sum(g.flops for g in core)
         return flops / (rates[0] * 1e12), 2 * flops / (rates[1] * 1e12)
     if fused_attention(model.attention_backend, model.attention_dropout, hardware.fused_attention_dropout):
-        forward = CAUSAL_FRACTION * sum(g.flops for g in core) / (hardware.peak(dtype) * hardware.attention_efficiency
-                                                                  * 1e12)
+        rate = hardware.peak(dtype) * hardware.attention_efficiency * hardware.sustained_fraction
+        forward = CAUSAL_FRACTION * sum(g.flops for g in core) / (rate * 1e12)
         return forward, FLASH_BACKWARD_RATIO * forward
     bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency
     backward = sum(gemm_seconds(b, hardware, dtype) for g in core for b in backward_gemms(g))

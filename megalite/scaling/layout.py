@@ -40,6 +40,7 @@ class Layout:
     options: PlanOptions = PlanOptions()
     trainer_sharding: str = "no_shard"   # the trainer's strategy (OptimizerConfig.sharding_strategy)
     ep: int = 1                          # expert-parallel size (--expert-model-parallel-size)
+    cp_comm_type: str = "p2p"            # how CP reaches the other ranks' keys (--cp-comm-type)
 
     @property
     def v(self) -> int:
@@ -80,4 +81,4 @@ def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: Opt
     check_options(options, parallel.sequence_parallel, tp, options.sharding(optimizer.sharding_strategy()),
                   optimizer.overlap_grad_reduce)
     return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer), options,
-                  optimizer.sharding_strategy(), parallel.expert_model_parallel_size)
+                  optimizer.sharding_strategy(), parallel.expert_model_parallel_size, parallel.cp_comm_type)

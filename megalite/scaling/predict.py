@@ -143,7 +143,7 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
                       linears.backward_input + linears.backward_weight, tp, overlapped, share)
     cp_f = cp_b = 0.0
     if cp > 1:
-        cp_f, cp_b = _cp_ring_exposed(model, lay, hardware, gap_f, gap_b)
+        cp_f, cp_b = _cp_exposed(model, lay, hardware, gap_f, gap_b)
     # full recompute repeats the forward's collectives inside the backward
     moe_f, moe_b = experts.dispatch_times(model, b, cp, lay.ep, e, grid.ep_link(hardware), gap_f, gap_b)
     layer_comm_f = tp_f + cp_f + moe_f
@@ -164,17 +164,24 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     return layer_comm_f, layer_comm_b, p2p, ends
 
 
-def _cp_ring_exposed(model: ModelConfig, lay: Layout, hardware: Hardware, gap_f: float, gap_b: float) -> tuple:
-    """(forward, backward) seconds of one layer's CP K/V ring that the attention core does not hide
-    (communication.cp_ring_times); all of it where communication does not overlap compute."""
+def _cp_exposed(model: ModelConfig, lay: Layout, hardware: Hardware, gap_f: float, gap_b: float) -> tuple:
+    """(forward, backward) seconds of one layer's CP exchange (communication.cp_exchange_times) on the
+    critical path.  The ``p2p`` ring's transfers run beside the attention core, which hides up to its own
+    length of them where communication overlaps compute; ``all_gather`` and ``a2a`` complete before the
+    attention that needs them (as megalite runs them, and as Llama 3's all-gather CP was published: its
+    latency exposed), so all of it counts, as all of every type does where nothing overlaps."""
+    e = element_size(lay.dtype)
     kv_block = comm.kv_block_bytes(model.seq_length // lay.cp, lay.micro_batch, model.num_query_groups,
-                                   model.head_dim, element_size(lay.dtype), lay.tp)
-    ring_f, ring_b = comm.cp_ring_times(kv_block, lay.cp, comm.group_link(hardware, lay.cp, lay.tp), gap_f, gap_b)
-    if not hardware.overlaps_communication:
-        return ring_f, ring_b
+                                   model.head_dim, e, lay.tp)
+    query_block = lay.micro_batch * model.num_attention_heads * model.head_dim * model.seq_length // lay.cp * e / lay.tp
+    link = comm.group_link(hardware, lay.cp, lay.tp)
+    exchange_f, exchange_b = comm.cp_exchange_times(kv_block, query_block, lay.cp, link, lay.cp_comm_type, gap_f,
+                                                    gap_b)
+    if not hardware.overlaps_communication or lay.cp_comm_type != "p2p":
+        return exchange_f, exchange_b
     core_f, core_b = attention_core_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp)
     share = hardware.overlap_sm_fraction
-    return behind(ring_f, core_f, True, share), behind(ring_b, core_b, True, share)
+    return behind(exchange_f, core_f, True, share), behind(exchange_b, core_b, True, share)
 
 
 @dataclass(frozen=True)

@@ -185,8 +185,11 @@ _LLAMA3_405B = ("--num-layers", "126", "--hidden-size", "16384", "--ffn-hidden-s
 
 
 def _llama3(seq: int, cp: int, batch: int) -> Tuple[str, ...]:
+    # Sec. 3.3.2: context parallelism all-gathers K and V, then attends with the local queries ("the all-gather
+    # communication latency is exposed in the critical path").
+    cp_flags = ("--context-parallel-size", str(cp)) + (("--cp-comm-type", "all_gather") if cp > 1 else ())
     return _LLAMA3_405B + ("--seq-length", str(seq), "--max-position-embeddings", str(seq),
-                           "--context-parallel-size", str(cp), "--global-batch-size", str(batch))
+                           "--global-batch-size", str(batch)) + cp_flags
 
 
 # OPT-175B: 96 layers, h 12,288, 96 heads, GPT-2's vocabulary (50,272), sequence 2,048, fp16, FSDP

@@ -12,64 +12,26 @@ convention.  Prints Markdown tables (docs/scaling.md pastes them).
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
-from megalite.model.flops import flops_per_iteration, palm_flops_per_iteration
-from megalite.scaling.hardware import PRESETS, Hardware
-from megalite.scaling.planner import Candidate, model_of, plan, with_flags
-from megalite.scaling.published import (
-    KORTHIKANTI_TABLE_3,
-    NARAYANAN_TABLE_1,
-    PAPER_PLANNER_FLAGS,
-    KorthikantiRow,
-    NarayananRow,
-    PublishedRun,
-    korthikanti_flags,
-    later_runs,
-    narayanan_flags,
-)
+from megalite.scaling.compare import korthikanti_predictions, later_predictions, narayanan_predictions, predicted_tflops
+from megalite.scaling.fit import is_fit_run
+from megalite.scaling.hardware import PRESETS
 
-__all__ = ["narayanan_predictions", "korthikanti_predictions", "later_predictions", "predicted_tflops", "main"]
-
-
-def narayanan_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[NarayananRow, Candidate]]:
-    hardware = hardware or PRESETS["a100-80gb"]
-    return [(row, plan(narayanan_flags(row) + PAPER_PLANNER_FLAGS, hardware, row.gpus)) for row in NARAYANAN_TABLE_1]
-
-
-def korthikanti_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[KorthikantiRow, Candidate]]:
-    hardware = hardware or PRESETS["a100-80gb"]
-    return [(row, plan(korthikanti_flags(row) + PAPER_PLANNER_FLAGS, hardware, row.gpus))
-            for row in KORTHIKANTI_TABLE_3]
-
-
-def later_predictions() -> List[Tuple[PublishedRun, Candidate]]:
-    """Each later run (published.later_runs) planned as published on its preset."""
-    return [(run, plan(list(run.flags), PRESETS[run.gpu], run.gpus)) for run in later_runs()]
-
-
-def predicted_tflops(run: PublishedRun, candidate: Candidate) -> float:
-    """The prediction in the run's own FLOP convention: Megatron-LM's count (the prediction's model
-    TFLOP/s), Narayanan's Eq. 3 (its hardware TFLOP/s), or PaLM's ``6N + 12LHQT`` (the model TFLOP/s
-    rescaled by the two counts' ratio, both linear in the batch)."""
-    p = candidate.prediction
-    if run.convention == "eq3":
-        return p.hardware_tflops_per_gpu
-    if run.convention == "palm":
-        model, tp = model_of(with_flags(list(run.flags), candidate.flags), run.gpus), p.layout["tp"]
-        return p.tflops_per_gpu * palm_flops_per_iteration(model, 1, tp=tp) / flops_per_iteration(model, 1, tp=tp)
-    return p.tflops_per_gpu
+__all__ = ["narayanan_predictions", "korthikanti_predictions", "later_predictions", "main"]
 
 
 def _print_later() -> None:
-    print("\nLater runs, each as published (TFLOP/s per GPU in the source's convention)\n")
-    print("| run | preset | GPUs | published | predicted | ratio | mbs | vpp | GiB/GPU | fits |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\nLater runs, each as published (TFLOP/s per GPU in the source's convention; set 'fit': the runs "
+          "the preset's sustained_fraction is fitted to, scaling/fit.py)\n")
+    print("| run | preset | GPUs | published | predicted | ratio | mbs | vpp | GiB/GPU | fits | set |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run, candidate in later_predictions():
         p, predicted = candidate.prediction, predicted_tflops(run, candidate)
+        role = "fit" if is_fit_run(run) else "held out"
         print(f"| {run.name} | {run.gpu} | {run.gpus} | {run.tflops_per_gpu:.1f} | {predicted:.1f} | "
               f"{predicted / run.tflops_per_gpu:.3f} | {p.micro_batch_size} | {p.layout['vpp']} | "
-              f"{p.memory_gb_per_gpu:.1f} | {'yes' if p.fits else 'NO'} |")
+              f"{p.memory_gb_per_gpu:.1f} | {'yes' if p.fits else 'NO'} | {role} |")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

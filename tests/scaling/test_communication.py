@@ -104,3 +104,19 @@ def test_context_parallel_ring_passes_kv_blocks():
     assert forward == pytest.approx(3 * one)              # CP - 1 blocks in
     assert backward == pytest.approx(6 * one)             # K/V again and dK/dV
     assert comm.cp_ring_times(block, 1, LINK) == (0.0, 0.0)
+
+
+def test_context_parallel_exchange_by_comm_type():
+    # docs/long_context.md's table, per layer and rank: B one rank's K/V, Q its queries; LINK 100 GB/s, 10 us
+    kv, query, cp = 4e6, 16e6, 4
+    assert comm.cp_exchange_times(kv, query, cp, LINK, "p2p") == comm.cp_ring_times(kv, cp, LINK)
+    forward, backward = comm.cp_exchange_times(kv, query, cp, LINK, "all_gather")
+    assert forward == pytest.approx(3 * kv / 1e11 + 3e-5)                 # (C - 1) B sent, C - 1 hops
+    assert backward == pytest.approx(2 * forward)                          # gathered again, dK/dV reduce-scattered
+    forward, backward = comm.cp_exchange_times(kv, query, cp, LINK, "a2a")
+    assert forward == pytest.approx(3 / 4 * (2 * query + kv) / 1e11 + 4 * 3e-5)    # four all-to-alls
+    assert backward == pytest.approx(forward)
+    for comm_type in ("p2p", "all_gather", "a2a"):
+        assert comm.cp_exchange_times(kv, query, 1, LINK, comm_type) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="a2a\\+p2p"):
+        comm.cp_exchange_times(kv, query, cp, LINK, "a2a+p2p")

@@ -28,7 +28,26 @@ def test_large_gemm_runs_at_the_efficient_peak():
     # 27 x 27 tiles of 256 x 128 ... choose a shape that fills whole waves: 108 SMs x 4 waves
     gemm = Gemm("big", 256 * 12, 128 * 36, 8192)     # 12 x 36 = 432 tiles = 4 full waves
     assert quantization(gemm.m, gemm.n, 1, 108) == 1.0
-    assert gemm_rate(gemm, A100, "bfloat16") == pytest.approx(312 * 0.8)
+    assert gemm_rate(gemm, A100, "bfloat16") == pytest.approx(312 * 0.8 * A100.sustained_fraction)
+
+
+def test_the_sustained_fraction_scales_tensor_core_work_only():
+    # GEMMs (compute-bound) and fused attention run at the fraction; memory-bound GEMMs and elementwise work
+    # keep the HBM rate; a calibration's measured table is not scaled.
+    whole = dataclasses.replace(A100, sustained_fraction=1.0)
+    half = dataclasses.replace(A100, sustained_fraction=0.5)
+    big, thin = Gemm("big", 256 * 12, 128 * 36, 8192), Gemm("thin", 8192, 8192, 16)
+    assert gemm_rate(big, half, "bfloat16") == pytest.approx(0.5 * gemm_rate(big, whole, "bfloat16"))
+    assert gemm_rate(thin, half, "bfloat16") == gemm_rate(thin, whole, "bfloat16")      # memory-bound (k = 16)
+    model = ModelConfig(num_layers=2, hidden_size=1024, num_attention_heads=16, seq_length=4096, hidden_dropout=0.0,
+                        attention_dropout=0.0, attention_backend="flash")
+    core_whole = attention_core_times(model, 2, whole, "bfloat16")
+    assert attention_core_times(model, 2, half, "bfloat16") == pytest.approx(tuple(2 * t for t in core_whole))
+    assert elementwise_seconds("norm", 2 ** 20, half, "bfloat16") == elementwise_seconds("norm", 2 ** 20, whole,
+                                                                                          "bfloat16")
+    table = ((1024, 1024, 1024, "bfloat16", 100.0, "nn"),)
+    measured = Gemm("m", 1024, 1024, 1024)
+    assert gemm_rate(measured, dataclasses.replace(half, matmul=table), "bfloat16") == 100.0
 
 
 def test_wave_quantization_and_memory_bound():
@@ -44,8 +63,8 @@ def test_calibration_table_is_interpolated():
     assert gemm_rate(Gemm("a", 1024, 1024, 1024), hw, "float32") == 1.0
     middle = gemm_rate(Gemm("b", 2048, 2048, 2048), hw, "float32")
     assert middle == pytest.approx(2.0)               # equidistant in log space
-    assert gemm_rate(Gemm("c", 1024, 1024, 1024), hw, "bfloat16") == pytest.approx(312 * 0.8 * quantization(
-        1024, 1024, 1, 108))                          # no bf16 rows: the roofline
+    roofline = 312 * 0.8 * A100.sustained_fraction * quantization(1024, 1024, 1, 108)
+    assert gemm_rate(Gemm("c", 1024, 1024, 1024), hw, "bfloat16") == pytest.approx(roofline)   # no bf16 rows
 
 
 def test_a_linear_layer_reads_each_product_in_its_layout():
@@ -124,7 +143,7 @@ def test_fused_attention_is_priced_from_its_causal_flops():
     b, t, cp = 2, 2, 2
     core_flops = 4 * (b * 16 // t) * (4096 // cp) * 4096 * 64           # the scores and context products
     forward, backward = attention_core_times(fused, b, A100, "bfloat16", tp=t, cp=cp)
-    rate = 312e12 * A100.attention_efficiency
+    rate = 312e12 * A100.attention_efficiency * A100.sustained_fraction
     assert forward == pytest.approx(0.5 * core_flops / rate)             # the causal half skipped
     assert backward == pytest.approx(2.5 * forward)                      # five products against two
     # the layer's other work is the same either way; the unfused core costs more (full s x s, score bytes)

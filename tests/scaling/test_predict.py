@@ -142,3 +142,25 @@ def test_context_parallel_ring_runs_beside_the_attention_core_where_communicatio
     assert per_step > 0
     assert exposed.breakdown["exposed_communication"] - hidden.breakdown["exposed_communication"] == \
         pytest.approx(per_step, rel=1e-6)
+
+
+def test_context_parallel_all_gather_and_a2a_are_exposed_whole():
+    # The p2p ring hides behind the attention core; all_gather and a2a finish before the attention that needs
+    # them, so on a GPU their whole time is exposed (docs/scaling.md), and each type costs what its table says.
+    from megalite.scaling.compute import attention_core_times
+    flags = ["--context-parallel-size", "2", "--micro-batch-size", "1", "--global-batch-size", "8",
+             "--hidden-dropout", "0", "--attention-dropout", "0"]
+    quiet = dataclasses.replace(H100, overlap_sm_fraction=0.0)
+    ring = prediction(*flags, hardware=quiet).breakdown["exposed_communication"]
+    model, _parallel, _optimizer, _data, _training = parse_args(MODEL + flags, world_size=16)
+    block = comm.kv_block_bytes(1024, 1, 32, 128, 2, 1)
+    query = 1 * 32 * 128 * 1024 * 2
+    link = comm.group_link(quiet, 2, 1)
+    ring_f, ring_b = comm.cp_ring_times(block, 2, link)
+    core_f, core_b = attention_core_times(model, 1, quiet, "bfloat16", cp=2)
+    hidden = 16 * (min(ring_f, core_f) + min(ring_b, core_b))
+    for comm_type in ("all_gather", "a2a"):
+        exposed = prediction(*flags, "--cp-comm-type", comm_type, hardware=quiet).breakdown["exposed_communication"]
+        forward, backward = comm.cp_exchange_times(block, query, 2, link, comm_type)
+        assert forward > 0 and backward > 0
+        assert exposed - ring == pytest.approx(16 * (forward + backward) - (16 * (ring_f + ring_b) - hidden), rel=1e-6)

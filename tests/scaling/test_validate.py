@@ -5,9 +5,13 @@ Eq. 3 (recompute included).
 
 Why 15%: the paper's figure is end to end (data loading, logging, kernel-launch gaps, NCCL below its
 link rate), which the model does not see; its constants are data-sheet figures plus one GEMM
-efficiency and one memory efficiency for the whole A100 family (hardware.py)."""
+efficiency and one memory efficiency for the whole A100 family (hardware.py), and one fitted constant,
+the A100's ``sustained_fraction``, fitted to this table alone (scaling/fit.py): Korthikanti's rows and
+OPT-175B (test_published_runs.py) are held out of it."""
 import pytest
 
+from megalite.scaling.fit import fit_sustained_fraction
+from megalite.scaling.hardware import PRESETS
 from megalite.scaling.published import NARAYANAN_TABLE_1
 from megalite.scaling.validate import korthikanti_predictions, narayanan_predictions
 
@@ -49,3 +53,9 @@ def test_korthikanti_table_3_runs_plan_within_15_percent_of_their_mfu():
         predicted = 100 * candidate.prediction.mfu
         assert candidate.prediction.fits
         assert abs(predicted / row.mfu_percent - 1) <= TOLERANCE, (row.name, predicted, row.mfu_percent)
+
+
+def test_the_a100_fraction_is_the_fit_to_table_1_alone():
+    assert PRESETS["a100-80gb"].sustained_fraction == pytest.approx(fit_sustained_fraction("a100-80gb"), abs=2e-3)
+    assert PRESETS["a100-40gb"].sustained_fraction == PRESETS["a100-80gb"].sustained_fraction   # the same chip
+    assert PRESETS["a100-80gb"].sustained_fraction < 1

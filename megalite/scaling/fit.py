@@ -1,0 +1,82 @@
+"""The one fitted constant of a GPU preset: the share of its tensor-core rates kept through whole steps.
+
+``python -m megalite.scaling.fit [PRESET ...]`` prints it.  A kernel benchmark or a vendor's guide sets
+``gemm_efficiency`` and ``attention_efficiency`` (hardware.py, each with its public source); what such a
+figure does not see -- the clock a GPU holds at its power limit over hours of training, the gaps between
+kernels, the small kernels the model does not list -- is ``sustained_fraction``.  No public measurement of
+those exists (docs/scaling.md, Validation), so it is fitted, once per chip, to one source of published
+end-to-end runs on that chip:
+
+    the fraction f at which the median, over the fit set, of predicted / published TFLOP/s per GPU is 1,
+
+found by bisection (every ratio grows with f: only the tensor-core work is scaled by it).  The fit sets:
+
+    a100-80gb (and a100-40gb, the same chip)   Narayanan et al. 2021, Table 1 (ten runs, Eq. 3 FLOPs)
+    h100-sxm (and h200, the same chip)         Megatron-LM's H100 weak-scaling table (published.MEGATRON_README,
+                                               nine runs)
+
+Every other published run on the chip is held out of its fit and checks it: Korthikanti et al. 2022 and
+OPT-175B on the A100; the README's strong scaling, Llama 3 405B and Mixtral 8x7B on the H100
+(tests/scaling/test_validate.py, tests/scaling/test_published_runs.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from megalite.scaling.compare import later_predictions, narayanan_predictions, predicted_tflops
+from megalite.scaling.hardware import PRESETS, Hardware
+from megalite.scaling.published import MEGATRON_README, PublishedRun
+
+__all__ = ["NARAYANAN_SOURCE", "FIT_SOURCES", "is_fit_run", "fit_ratios", "fit_sustained_fraction", "main"]
+
+NARAYANAN_SOURCE = "Narayanan et al. 2021, Table 1"
+# The source each chip's fraction is fitted to, by the preset it is fitted on.
+FIT_SOURCES: Dict[str, str] = {"a100-80gb": NARAYANAN_SOURCE, "h100-sxm": MEGATRON_README}
+
+
+def is_fit_run(run: PublishedRun) -> bool:
+    """Whether a later run is in its preset's fit set (else it is held out)."""
+    return FIT_SOURCES.get(run.gpu) == run.source
+
+
+def fit_ratios(preset: str, hardware: Optional[Hardware] = None) -> List[float]:
+    """Predicted / published TFLOP/s per GPU of ``preset``'s fit set, each in its source's FLOP count,
+    planned on ``hardware`` (default the preset)."""
+    hardware = hardware or PRESETS[preset]
+    if FIT_SOURCES.get(preset) == NARAYANAN_SOURCE:
+        return [c.prediction.hardware_tflops_per_gpu / row.tflops_per_gpu for row, c in narayanan_predictions(hardware)]
+    if preset not in FIT_SOURCES:
+        raise ValueError(f"{preset} has no fit set; fitted presets: {', '.join(FIT_SOURCES)}")
+    return [predicted_tflops(run, c) / run.tflops_per_gpu for run, c in later_predictions(hardware)
+            if is_fit_run(run)]
+
+
+def fit_sustained_fraction(preset: str = "h100-sxm", tolerance: float = 1e-3) -> float:
+    """The fraction at which the fit set's median ratio is 1 (bisection on [0.3, 1])."""
+    low, high = 0.3, 1.0
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        if statistics.median(fit_ratios(preset, dataclasses.replace(PRESETS[preset], sustained_fraction=middle))) > 1:
+            high = middle
+        else:
+            low = middle
+    return (low + high) / 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    presets = list(sys.argv[1:] if argv is None else argv) or list(FIT_SOURCES)
+    for preset in presets:
+        if preset not in FIT_SOURCES:
+            print(f"fit: {preset} has no fit set; choose from {', '.join(FIT_SOURCES)}", file=sys.stderr)
+            return 2
+        fraction = fit_sustained_fraction(preset)
+        print(f"{preset}: sustained_fraction {fraction:.3f} (median ratio 1 over {len(fit_ratios(preset))} runs of "
+              f"{FIT_SOURCES[preset].split(',')[0]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""tools/planner_ablation.py: each column changes what its name says, and a run without the effect prints "-"."""
+import dataclasses
+
+from megalite.scaling.hardware import PRESETS
+from megalite.scaling.published import later_runs
+from tools import planner_ablation as ablation
+
+
+def test_each_change_turns_back_one_effect():
+    changes = {name: (flags, alter) for name, flags, alter in ablation.CHANGES}
+    llama_128k = next(run for run in later_runs() if "128K" in run.name)
+    readme_70b = next(run for run in later_runs() if run.name == "Megatron H100 70B")
+    ring = changes["CP ring"][0](list(llama_128k.flags))
+    assert "--cp-comm-type" not in ring and len(ring) == len(llama_128k.flags) - 2
+    assert changes["CP ring"][0](list(readme_70b.flags)) is None
+    assert ablation.ratio(readme_70b, None, PRESETS["h100-sxm"]) == "-"
+    off = changes["overlaps off"][0](list(readme_70b.flags))
+    assert not set(ablation.OVERLAPS) & set(off) and off[-1] == "--no-overlap-p2p-communication"
+    assert changes["unfused attention"][0]([])[-2:] == ["--attention-backend", "unfused"]
+    h100 = PRESETS["h100-sxm"]
+    assert changes["sustained 1"][1](h100) == dataclasses.replace(h100, sustained_fraction=1.0)
+    assert changes["no SM share"][1](h100).overlap_sm_fraction == 0.0
