@@ -109,14 +109,25 @@ class GridStrides:
     dp: int
     pp: int
     ep: int = 1
+    etp: int = 1
 
     def ep_link(self, hw: Hardware) -> Link:
-        """An expert-parallel group: ``EP`` consecutive ranks."""
-        return group_link(hw, self.ep, 1)
+        """An expert-parallel group: ``EP`` ranks ``ETP`` apart (the expert ranks of a stage run expert TP
+        fastest, then EP, then expert-DP: parallel/state.py)."""
+        return group_link(hw, self.ep, self.etp)
+
+    def etp_link(self, hw: Hardware) -> Link:
+        """An expert-tensor-parallel group: ``ETP`` consecutive ranks."""
+        return group_link(hw, self.etp, 1)
+
+    def expert_link(self, hw: Hardware) -> Link:
+        """The expert-TP x EP group (the allgather dispatcher's): ``ETP x EP`` consecutive ranks."""
+        return group_link(hw, self.ep * self.etp, 1)
 
     def edp_link(self, hw: Hardware) -> Link:
-        """An expert-data-parallel group: the ``TP x CP x DP / EP`` ranks ``EP`` apart holding the same experts."""
-        return group_link(hw, self.tp * self.cp * self.dp // self.ep, self.ep)
+        """An expert-data-parallel group: the ``TP x CP x DP / (EP ETP)`` ranks ``EP ETP`` apart holding the
+        same experts."""
+        return group_link(hw, self.tp * self.cp * self.dp // (self.ep * self.etp), self.ep * self.etp)
 
     def tp_link(self, hw: Hardware) -> Link:
         return group_link(hw, self.tp, 1)

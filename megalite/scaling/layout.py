@@ -41,6 +41,7 @@ class Layout:
     trainer_sharding: str = "no_shard"   # the trainer's strategy (OptimizerConfig.sharding_strategy)
     ep: int = 1                          # expert-parallel size (--expert-model-parallel-size)
     cp_comm_type: str = "p2p"            # how CP reaches the other ranks' keys (--cp-comm-type)
+    etp: int = 1                         # expert-tensor-parallel size (--expert-tensor-parallel-size: 1 or TP)
 
     @property
     def v(self) -> int:
@@ -49,7 +50,7 @@ class Layout:
     @property
     def edp(self) -> int:
         """The expert-data-parallel size: the ranks of a stage holding the same experts."""
-        return self.tp * self.cp * self.dp // self.ep
+        return self.tp * self.cp * self.dp // (self.ep * self.etp)
 
     @property
     def sharding(self) -> str:
@@ -81,4 +82,5 @@ def layout_of(parallel: ParallelConfig, training: TrainingConfig, optimizer: Opt
     check_options(options, parallel.sequence_parallel, tp, options.sharding(optimizer.sharding_strategy()),
                   optimizer.overlap_grad_reduce)
     return Layout(world, tp, pp, cp, dp, vpp, b, gbs, gbs // (b * dp), schedule, run_dtype(optimizer), options,
-                  optimizer.sharding_strategy(), parallel.expert_model_parallel_size, parallel.cp_comm_type)
+                  optimizer.sharding_strategy(), parallel.expert_model_parallel_size, parallel.cp_comm_type,
+                  parallel.expert_tensor_parallel_size or 1)

@@ -113,7 +113,7 @@ def _layers_on_rank(model: ModelConfig, pp: int, vpp: Optional[int], rank: int, 
 
 def activation_bytes(model: ModelConfig, micro_batch: int, *, tp: int = 1, cp: int = 1,
                      sequence_parallel: bool = False, recompute: Optional[str] = None, element_size: int = 2,
-                     dropout_fused: bool = True, cpu_kernels: bool = False) -> float:
+                     dropout_fused: bool = True, cpu_kernels: bool = False, etp: int = 1) -> float:
     """One layer, one micro-batch, one rank: Korthikanti et al. 2022 (activations.py), 1-byte dropout
     masks when dropout is on, a CP rank's s/cp queries against all s keys; no score matrix with fused
     attention (``--attention-backend`` other than unfused/local, its dropout in the kernel where
@@ -134,7 +134,7 @@ def activation_bytes(model: ModelConfig, micro_batch: int, *, tp: int = 1, cp: i
     if share == 0:
         return dense
     moe = moe_layer_activation_bytes(model, micro_batch, cp=cp, element_size=element_size, recompute=recompute,
-                                     dropout=dropout, fused=fused, sequence_parallel=sequence_parallel)
+                                     dropout=dropout, fused=fused, sequence_parallel=sequence_parallel, tp=tp, etp=etp)
     return (1 - share) * dense + share * moe
 
 
@@ -176,11 +176,12 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
                    last_stage_layers: Optional[int] = None,
                    stage_counts: Optional[List[int]] = None, sharding: Optional[str] = None,
                    dropout_fused: bool = True, ep: int = 1, cpu_kernels: bool = False,
-                   runtime_bytes: float = 0.0) -> List[StageMemory]:
+                   runtime_bytes: float = 0.0, etp: int = 1) -> List[StageMemory]:
     """Memory of one rank of each pipeline stage; ``in_flight[r]`` (micro-batch, chunk) pairs held by rank r;
     ``stage_counts``: layers per virtual stage when the split is not the trainer's (pipeline_split.py);
     ``sharding``: the strategy (default ``optim`` with ``zero1``, else ``no_shard``); ``ep``: the experts split
-    over EP ranks, their state sharded over the ``TP x CP x DP / EP`` expert-data-parallel ranks;
+    over EP (and expert-TP, ``etp``) ranks, their state sharded over the ``TP x CP x DP / (EP etp)``
+    expert-data-parallel ranks;
     ``cpu_kernels`` and ``runtime_bytes``: a calibrated CPU's (module docstring)."""
     sharding = sharding or ("optim" if zero1 else "no_shard")
     per_layer, embedding, final_norm = parameter_split(model, tp)
@@ -188,15 +189,15 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
     vocab = model.padded_vocab_size(tp)
     h, s, b = model.hidden_size, model.seq_length // cp, micro_batch
     stored = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=recompute,
-                              element_size=element_size, dropout_fused=dropout_fused, cpu_kernels=cpu_kernels)
+                              element_size=element_size, dropout_fused=dropout_fused, cpu_kernels=cpu_kernels, etp=etp)
     whole = activation_bytes(model, b, tp=tp, cp=cp, sequence_parallel=sequence_parallel, recompute=None,
-                             element_size=element_size, dropout_fused=dropout_fused, cpu_kernels=cpu_kernels)
+                             element_size=element_size, dropout_fused=dropout_fused, cpu_kernels=cpu_kernels, etp=etp)
     mask = element_size if cpu_kernels else 1   # bytes per element of the embedding's dropout mask
     out = []
     for rank in range(pp):
         chunks = _layers_on_rank(model, pp, vpp, rank, first_stage_layers, last_stage_layers, stage_counts)
         layers = sum(chunks)
-        experts = layers * expert_per_layer / ep
+        experts = layers * expert_per_layer / (ep * etp)
         params = layers * (per_layer - expert_per_layer) / tp
         if rank == 0:
             params += embedding / tp
@@ -212,7 +213,7 @@ def stage_memories(model: ModelConfig, *, micro_batch: int, tp: int, pp: int, cp
             activations += in_flight[rank] * element_size * s * b * h * (1 + 1 / (tp if sequence_parallel else 1))
         logits = 2 * 4.0 * s * b * vocab / tp if rank == pp - 1 else 0.0
         zero3 = sharding == "optim_grads_params" and dp * cp > 1      # ZeRO-3's two whole working layers
-        gathered = 2 * ((per_layer - expert_per_layer) / tp + expert_per_layer / ep) if zero3 else 0.0
-        state = _model_state(params, experts, sharding, dp * cp, tp * cp * dp // ep, element_size, gathered)
+        gathered = 2 * ((per_layer - expert_per_layer) / tp + expert_per_layer / (ep * etp)) if zero3 else 0.0
+        state = _model_state(params, experts, sharding, dp * cp, tp * cp * dp // (ep * etp), element_size, gathered)
         out.append(StageMemory(rank, params + experts, *state, activations, logits, experts, runtime_bytes))
     return out

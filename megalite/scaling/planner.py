@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from megalite.config.settings import ModelConfig
-from megalite.scaling.experts import check_modelled
 from megalite.scaling.hardware import Hardware
 from megalite.scaling.options import PlanOptions, split_plan_flags
 from megalite.scaling.pipeline_split import extra_units
@@ -121,7 +120,6 @@ def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, worl
     try:
         model, parallel, training, optimizer = _configs(with_flags(argv, flags), world_size, options)
         layout = layout_of(parallel, training, optimizer, world_size, options)
-        check_modelled(model, layout.tp)
         candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
                                  f"recompute={model.recompute_granularity or 'none'}")
         if model.num_experts is not None:
@@ -219,12 +217,12 @@ def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _expert_sizes(experts: int, data_ranks: int) -> List[Optional[int]]:
-    """EP sizes to try: each divisor of the ``DP x CP`` ranks of a stage that divides the experts (the flag left
-    out for a dense model)."""
+def _expert_sizes(experts: int, stage_ranks: int) -> List[Optional[int]]:
+    """EP sizes to try: each divisor of the ``TP x CP x DP`` ranks of a stage that divides the experts (the flag
+    left out for a dense model; the trainer refuses what does not divide with the run's expert TP)."""
     if not experts:
         return [None]
-    return [ep for ep in _divisors(data_ranks) if experts % ep == 0]
+    return [ep for ep in _divisors(stage_ranks) if experts % ep == 0]
 
 
 def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Candidate]:
@@ -243,7 +241,7 @@ def search(argv: Sequence[str], hardware: Hardware, world_size: int) -> List[Can
                 continue
             for mbs, recompute, vpp, ep in itertools.product(MICRO_BATCHES, (None, "selective", "full"),
                                                              _virtual_sizes(layers, pp),
-                                                             _expert_sizes(experts, world_size // (tp * pp))):
+                                                             _expert_sizes(experts, world_size // pp)):
                 flags = {"--tensor-model-parallel-size": tp, "--pipeline-model-parallel-size": pp,
                          "--micro-batch-size": mbs, "--virtual-pipeline-model-parallel-size": vpp,
                          "--num-layers-per-virtual-pipeline-stage": None, "--pipeline-schedule": None,

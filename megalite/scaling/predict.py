@@ -110,7 +110,7 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, optimizer: Op
                           recompute=model.recompute_granularity, recompute_method=model.recompute_method,
                           recompute_num_layers=model.recompute_num_layers,
                           stage_counts=_stage_counts(model, parallel, lay),
-                          dropout_fused=hardware is None or hardware.fused_attention_dropout, ep=lay.ep,
+                          dropout_fused=hardware is None or hardware.fused_attention_dropout, ep=lay.ep, etp=lay.etp,
                           cpu_kernels=hardware is not None and hardware.cpu_activations,
                           runtime_bytes=hardware.runtime_bytes if hardware is not None else 0.0)
 
@@ -137,17 +137,21 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     overlapped = lay.options.tp_comm_overlap and hardware.overlaps_communication
     linears = linear_times(model, b, hardware, lay.linear_dtype, tp=tp, cp=cp)
     share = hardware.overlap_sm_fraction
-    tp_f = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f), linears.forward, tp, overlapped,
-                      share)
-    tp_b = tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True),
+    moe_mlp = experts.tp_collectives_share(model)   # MoE layers without a shared expert: no TP collectives in the MLP
+    tp_f = tp_exposed(moe_mlp * comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f), linears.forward, tp,
+                      overlapped, share)
+    tp_b = tp_exposed(moe_mlp * comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True),
                       linears.backward_input + linears.backward_weight, tp, overlapped, share)
     cp_f = cp_b = 0.0
     if cp > 1:
         cp_f, cp_b = _cp_exposed(model, lay, hardware, gap_f, gap_b)
     # full recompute repeats the forward's collectives inside the backward
-    moe_f, moe_b = experts.dispatch_times(model, b, cp, lay.ep, e, grid.ep_link(hardware), gap_f, gap_b)
+    moe_f, moe_b = experts.dispatch_times(model, b, cp, lay.ep, e, grid.ep_link(hardware), gap_f, gap_b, tp=tp,
+                                          etp=lay.etp, etp_link=grid.etp_link(hardware),
+                                          group_link=grid.expert_link(hardware))
     layer_comm_f = tp_f + cp_f + moe_f
-    layer_comm_b = tp_b + cp_b + moe_b + ((tp_exposed(comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b),
+    layer_comm_b = tp_b + cp_b + moe_b + ((tp_exposed(moe_mlp * comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp,
+                                                                                       gap_b),
                                                       linears.forward, tp, overlapped, share) + cp_f + moe_f)
                                           if full else 0.0)
     p2p = 0.0
@@ -213,8 +217,7 @@ def predict(model: ModelConfig, parallel: ParallelConfig, training: TrainingConf
     ``hardware`` (default: ``parallel.world_size``).  The configs come from ``arguments.parse_args``;
     ``options`` are the planner's own flags (options.py)."""
     lay = layout_of(parallel, training, optimizer, world_size, options)
-    experts.check_modelled(model, lay.tp)
-    grid = comm.GridStrides(lay.tp, lay.cp, lay.dp, lay.pp, lay.ep)
+    grid = comm.GridStrides(lay.tp, lay.cp, lay.dp, lay.pp, lay.ep, lay.etp)
     passes = _stage_passes(model, parallel, lay, hardware, grid)
     slowest = passes.slowest
     pipe = pipeline_time(lay.schedule, lay.pp, lay.v, lay.num_microbatches, slowest.forward,
@@ -232,7 +235,7 @@ def _stage_passes(model: ModelConfig, parallel: ParallelConfig, lay: Layout, har
     """Each pipeline stage's passes for one micro-batch: compute, host overhead and communication."""
     sp = parallel.sequence_parallel
     layer = with_host_overhead(mixed_layer_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp,
-                                                 ep=lay.ep, sequence_parallel=sp,
+                                                 ep=lay.ep, etp=lay.etp, sequence_parallel=sp,
                                                  recompute=model.recompute_granularity, linear_dtype=lay.linear_dtype),
                                hardware.layer_overhead_s)
     logits = with_host_overhead(logits_times(model, lay.micro_batch, hardware, lay.dtype, tp=lay.tp, cp=lay.cp),

@@ -193,8 +193,64 @@ def test_expert_gradients_are_reduced_over_the_expert_data_parallel_group(ep):
     assert p.breakdown["exposed_communication"] == pytest.approx(2 * dispatch + dense + expert)
 
 
-def test_moe_at_tensor_parallel_sizes_above_one_is_not_modelled_yet():
-    """Training runs MoE at TP 2 with sequence parallelism; the performance model refuses it in one line."""
-    model, parallel, training, optimizer = configs("--tensor-model-parallel-size", "2", "--sequence-parallel")
-    with pytest.raises(ValueError, match="describes MoE at --tensor-model-parallel-size 1 only"):
-        predict(model, parallel, training, optimizer, H100, 8)
+TP2 = ("--tensor-model-parallel-size", "2", "--sequence-parallel")
+
+
+@pytest.mark.parametrize("etp", [1, 2])
+def test_tensor_parallel_ranks_split_the_moe_work_and_keep_its_flops(etp):
+    # Under TP (with SP) each rank routes its own s/TP tokens; expert TP gathers ETP times the rows for 1/ETP of
+    # the ffn; the shared expert is split as a dense MLP.  Summed over the TP ranks, every GEMM's FLOPs are one
+    # TP-1 rank's.
+    model, *_ = configs(*TP2, "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", str(etp))
+    one = {g.name: g for g in experts.expert_gemms(model, 2, 1, 2)}
+    split = {g.name: g for g in experts.expert_gemms(model, 2, 1, 2, tp=2, etp=etp)}
+    assert one.keys() == split.keys() == {"router", "expert_fc1", "expert_fc2", "shared_fc1", "shared_fc2"}
+    for name in one:
+        assert 2 * split[name].flops == pytest.approx(one[name].flops), name
+    tokens = 2 * 32 // 2
+    assert split["router"].m == tokens
+    assert (split["expert_fc1"].m, split["expert_fc1"].n) == (tokens * 2 * 2 * etp // 8, 2 * 48 // etp)
+    assert (split["shared_fc1"].m, split["shared_fc1"].n) == (2 * 32, 2 * 32 // 2)
+
+
+@pytest.mark.parametrize("etp", [1, 2])
+def test_expert_state_splits_over_ep_and_expert_tp(etp):
+    model, parallel, training, optimizer = configs(*TP2, "--expert-model-parallel-size", "2",
+                                                   "--expert-tensor-parallel-size", str(etp), "--global-batch-size",
+                                                   "8", "--use-distributed-optimizer")
+    layout = layout_of(parallel, training, optimizer, 8)
+    assert (layout.ep, layout.etp, layout.edp) == (2, etp, 8 // (2 * etp))
+    memory = memory_per_stage(model, parallel, optimizer, layout)[0]
+    assert memory.expert_parameters == pytest.approx(2 * experts.expert_parameters_per_layer(model) / (2 * etp))
+    p = predict(model, parallel, training, optimizer, H100, 8)
+    assert p.fits and p.iteration_time_s > 0
+
+
+def test_expert_tp_adds_its_gather_and_scatter_to_the_dispatch():
+    model, *_ = configs(*TP2, "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2",
+                        "--moe-token-dispatcher-type", "alltoall")
+    link, etp_link = Link(100.0, 10.0), Link(50.0, 5.0)
+    rows = 2 * (2 * 32 // 2) * 2 * 64                          # e x this rank's s/TP tokens x k x h
+    forward, backward = experts.dispatch_times(model, 2, 1, 2, 2, link, tp=2, etp=2, etp_link=etp_link)
+    exchange = 2 * comm.all_to_all_time(rows, 2, link)
+    gather = comm.all_gather_time(2 * rows, 2, etp_link) + comm.reduce_scatter_time(2 * rows, 2, etp_link)
+    assert forward == pytest.approx(exchange + gather) and backward == pytest.approx(forward)
+    plain, _ = experts.dispatch_times(model, 2, 1, 2, 2, link, tp=2, etp=1)
+    assert plain == pytest.approx(exchange)
+
+
+def test_moe_layers_without_a_shared_expert_skip_the_mlps_tp_collectives():
+    # The sequence-parallel gather and scatter around an MLP are half of a layer's TP collectives; an MoE layer
+    # runs them only for its shared expert.
+    with_shared, *_ = configs(*TP2)
+    assert experts.tp_collectives_share(with_shared) == 1.0
+    without = dataclasses.replace(with_shared, moe_shared_expert_intermediate_size=None)
+    assert experts.tp_collectives_share(without) == 0.5                    # both layers MoE
+    every_other = dataclasses.replace(without, moe_layer_freq=2)
+    assert experts.tp_collectives_share(every_other) == 0.75
+
+
+def test_mixtral_plans_at_tensor_parallel_size_two():
+    candidate = plan(MIXTRAL + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                "--expert-model-parallel-size", "8"], H100, 64)
+    assert candidate.prediction.fits and candidate.prediction.layout["tp"] == 2

@@ -9,7 +9,7 @@ every configuration; and the activations where Megatron's formula describes the 
 GPT layer: GELU MLP, multi-head attention, dropout; with sequence parallelism and selective recompute, or
 without SP), on the first pipeline stage.  What is allowed to differ, and why:
 
-- the replicated norms: megalite splits every layer parameter over TP (under 0.1% of the state);
+- the replicated norms and router: megalite splits every layer parameter over TP (under 0.1% of the state);
 - Megatron's 5% allowance for optimizer temporaries in its without-SP formula, which megalite does not count
   (divided out here);
 - on a one-stage run, the loss: megalite counts the fp32 logits and their gradient (8 bytes a logit, as its
@@ -43,7 +43,7 @@ def megatron_activations(case):
 
 def test_the_data_says_where_it_came_from():
     assert "theoretical_memory_usage.py" in DATA["source"] and "d98e8a64dd" in DATA["source"]
-    assert len(CASES) == 10 and len(ACTIVATIONS_COMPARED) == 4
+    assert len(CASES) == 12 and len(ACTIVATIONS_COMPARED) == 4
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
