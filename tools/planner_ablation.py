@@ -59,14 +59,18 @@ def ratio(run: PublishedRun, flags: Optional[List[str]], hardware: Hardware) -> 
     return f"{predicted_tflops(run, candidate) / run.tflops_per_gpu:.2f}"
 
 
+def row(run: PublishedRun) -> List[str]:
+    """The run's ratio as modelled, then with each change of CHANGES."""
+    hardware, flags = PRESETS[run.gpu], list(run.flags)
+    return [ratio(run, flags, hardware)] + [ratio(run, change(flags), alter(hardware))
+                                            for _name, change, alter in CHANGES]
+
+
 def main() -> int:
     print("| run | model | " + " | ".join(name for name, _flags, _hw in CHANGES) + " |")
     print("|---|---|" + "---|" * len(CHANGES))
     for run in later_runs():
-        hardware, flags = PRESETS[run.gpu], list(run.flags)
-        cells = [ratio(run, flags, hardware)]
-        cells += [ratio(run, change(flags), alter(hardware)) for _name, change, alter in CHANGES]
-        print(f"| {run.name} | " + " | ".join(cells) + " |")
+        print(f"| {run.name} | " + " | ".join(row(run)) + " |")
     return 0
 
 

@@ -1,9 +1,9 @@
 """The sizes of a run that the performance model reads (``Layout``), derived once from the configs.
 
-Expert parallelism folds into the data-parallel ranks of a stage as the trainer's grid builds it
-(docs/architecture.md, Expert groups): ``EP x expert-DP = TP x CP x DP`` (expert TP 1), an expert-parallel
-group being ``EP`` consecutive ranks of a stage and the expert-data-parallel group the ranks ``EP`` apart
-that hold the same experts.
+Expert parallelism folds into the ranks of a stage as the trainer's grid builds it (docs/architecture.md,
+Expert groups): ``ETP x EP x expert-DP = TP x CP x DP``, expert TP fastest (``ETP`` 1, or TP with
+``--expert-tensor-parallel-size``), an expert-parallel group being ``EP`` ranks ``ETP`` apart and the
+expert-data-parallel group the ranks ``EP x ETP`` apart that hold the same experts.
 """
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ def _try(argv: Sequence[str], flags: Dict[str, object], hardware: Hardware, worl
         candidate.description = (f"TP{layout.tp} PP{layout.pp} DP{layout.dp} mbs{layout.micro_batch} vpp{layout.v} "
                                  f"recompute={model.recompute_granularity or 'none'}")
         if model.num_experts is not None:
-            candidate.description += f" EP{layout.ep}"
+            candidate.description += f" EP{layout.ep}" + (f" ETP{layout.etp}" if layout.etp > 1 else "")
         if flags.get(SHARDING_FLAG):
             candidate.description += f" {flags[SHARDING_FLAG]}"
         candidate.memory_gib = max(s.total for s in memory_per_stage(model, parallel, optimizer, layout,

@@ -137,10 +137,10 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
     overlapped = lay.options.tp_comm_overlap and hardware.overlaps_communication
     linears = linear_times(model, b, hardware, lay.linear_dtype, tp=tp, cp=cp)
     share = hardware.overlap_sm_fraction
-    moe_mlp = experts.tp_collectives_share(model)   # MoE layers without a shared expert: no TP collectives in the MLP
-    tp_f = tp_exposed(moe_mlp * comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f), linears.forward, tp,
+    tp_share = experts.tp_collectives_share(model)   # MoE layers without a shared expert: no TP collectives in the MLP
+    tp_f = tp_exposed(tp_share * comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_f), linears.forward, tp,
                       overlapped, share)
-    tp_b = tp_exposed(moe_mlp * comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True),
+    tp_b = tp_exposed(tp_share * comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp, gap_b, backward=True),
                       linears.backward_input + linears.backward_weight, tp, overlapped, share)
     cp_f = cp_b = 0.0
     if cp > 1:
@@ -150,7 +150,7 @@ def _pass_communication(model: ModelConfig, lay: Layout, sp: bool, hardware: Har
                                           etp=lay.etp, etp_link=grid.etp_link(hardware),
                                           group_link=grid.expert_link(hardware))
     layer_comm_f = tp_f + cp_f + moe_f
-    layer_comm_b = tp_b + cp_b + moe_b + ((tp_exposed(moe_mlp * comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp,
+    layer_comm_b = tp_b + cp_b + moe_b + ((tp_exposed(tp_share * comm.tp_time_per_layer(tokens_bytes, tp, tp_link, sp,
                                                                                        gap_b),
                                                       linears.forward, tp, overlapped, share) + cp_f + moe_f)
                                           if full else 0.0)

@@ -154,7 +154,7 @@ def test_search_tries_each_expert_parallel_size():
     described = [c.description for c in search(argv, H100, 4) if c.description]
     for ep in (1, 2, 4):
         assert any(f"EP{ep}" in d for d in described), ep
-    assert not any("EP8" in d for d in described)      # 8 does not divide the 4 ranks of DP x CP
+    assert not any("EP8" in d for d in described)      # 8 does not divide the 4 ranks of TP x CP x DP
 
 
 @pytest.mark.parametrize("freq, share, recompute", [(1, 1, None), (2, 0.5, None), (1, 1, "full"), (2, 0.5, "selective"),
@@ -254,3 +254,39 @@ def test_mixtral_plans_at_tensor_parallel_size_two():
     candidate = plan(MIXTRAL + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                                 "--expert-model-parallel-size", "8"], H100, 64)
     assert candidate.prediction.fits and candidate.prediction.layout["tp"] == 2
+
+
+def test_expert_groups_lie_where_the_grid_puts_them():
+    # Expert TP fastest, then EP, then expert-DP (parallel/state.py): on nodes of 4, TP 4 x DP 4 with EP 2 and
+    # expert TP 4 puts an EP pair 4 ranks apart (across nodes) and expert TP inside a node; with expert TP 1
+    # the EP pair is two neighbours.  Expert-DP's members are EP x ETP apart.
+    hw = dataclasses.replace(H100, gpus_per_node=4)
+    wide = comm.GridStrides(tp=4, cp=1, dp=4, pp=1, ep=2, etp=4)
+    assert wide.ep_link(hw) == comm.group_link(hw, 2, 4) and wide.ep_link(hw).latency_us == hw.inter_node.latency_us
+    assert wide.etp_link(hw) == hw.intra_node
+    assert wide.expert_link(hw) == comm.group_link(hw, 8, 1)
+    assert wide.edp_link(hw) == comm.group_link(hw, 2, 8)
+    narrow = comm.GridStrides(tp=4, cp=1, dp=4, pp=1, ep=2, etp=1)
+    assert narrow.ep_link(hw) == hw.intra_node
+    assert narrow.edp_link(hw) == comm.group_link(hw, 8, 2)
+
+
+def test_the_allgather_dispatcher_gathers_over_expert_tp_times_ep():
+    model, *_ = configs(*TP2, "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2",
+                        "--moe-token-dispatcher-type", "allgather")
+    link, group = Link(100.0, 10.0), Link(40.0, 20.0)
+    gathered = 2 * (2 * 32 // 2) * 64 * 4                        # e x s/TP tokens x h x (EP x ETP)
+    forward, backward = experts.dispatch_times(model, 2, 1, 2, 2, link, tp=2, etp=2, group_link=group)
+    expected = comm.all_gather_time(gathered, 4, group) + comm.reduce_scatter_time(gathered, 4, group)
+    assert forward == pytest.approx(expected) and backward == pytest.approx(expected)
+
+
+def test_moe_activations_under_tp_and_expert_tp():
+    # A rank's s/TP tokens; expert TP keeps the gathered expert input (X times the rows of h) and the
+    # activation's and fc2's inputs at X times the rows of f/X.
+    model, *_ = configs(*TP2)
+    tokens, k, h, f, e, experts_count = 2 * 32 // 2, 2, 64, 48, 2, 8
+    for etp in (1, 2):
+        expected = e * tokens * k * ((etp + 1) * h + 2 * f) + 4 * tokens * experts_count
+        assert experts.moe_extra_activation_bytes(model, 2, tp=2, etp=etp) == expected
+    assert experts.moe_extra_activation_bytes(model, 2, tp=2, etp=2, recompute="full") == 0.0

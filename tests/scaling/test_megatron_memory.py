@@ -13,7 +13,8 @@ without SP), on the first pipeline stage.  What is allowed to differ, and why:
 - Megatron's 5% allowance for optimizer temporaries in its without-SP formula, which megalite does not count
   (divided out here);
 - on a one-stage run, the loss: megalite counts the fp32 logits and their gradient (8 bytes a logit, as its
-  cross-entropy keeps them), Megatron 2 bytes a logit (``test_one_stage_runs_count_the_logits``);
+  cross-entropy keeps them), Megatron's formula with sequence parallelism 4 (``4 s b h (1 + V/h) / t``; its
+  formula without SP, 2) (``test_one_stage_runs_count_the_logits``);
 - MoE layers, which Megatron's activation formula counts as dense (only the Mixtral state is compared).
 """
 import json

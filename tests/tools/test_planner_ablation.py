@@ -1,7 +1,11 @@
 """tools/planner_ablation.py: each column changes what its name says, and a run without the effect prints "-"."""
 import dataclasses
 
+import pytest
+
+from megalite.scaling.compare import predicted_tflops
 from megalite.scaling.hardware import PRESETS
+from megalite.scaling.planner import plan
 from megalite.scaling.published import later_runs
 from tools import planner_ablation as ablation
 
@@ -20,3 +24,15 @@ def test_each_change_turns_back_one_effect():
     h100 = PRESETS["h100-sxm"]
     assert changes["sustained 1"][1](h100) == dataclasses.replace(h100, sustained_fraction=1.0)
     assert changes["no SM share"][1](h100).overlap_sm_fraction == 0.0
+
+
+def test_a_row_is_the_validated_ratio_then_each_change():
+    # Mixtral (its sizes given: one plan per cell): the first cell is validate's ratio; "sustained 1" is the
+    # same run at the kernel figures alone, faster; no context parallelism, so no CP-ring cell.
+    run = next(run for run in later_runs() if run.name.startswith("Mixtral"))
+    cells = ablation.row(run)
+    expected = predicted_tflops(run, plan(list(run.flags), PRESETS[run.gpu], run.gpus)) / run.tflops_per_gpu
+    assert float(cells[0]) == pytest.approx(expected, abs=0.005)
+    names = [name for name, _flags, _alter in ablation.CHANGES]
+    assert float(cells[1 + names.index("sustained 1")]) > float(cells[0])
+    assert cells[1 + names.index("CP ring")] == "-"
