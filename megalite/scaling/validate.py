@@ -7,7 +7,9 @@ compared figure is the hardware TFLOP/s per GPU, FLOPs counted as the paper's Eq
 included).  Korthikanti et al. 2022, Table 3: the four configurations with sequence parallelism and
 selective recompute, model FLOPs utilization.  The later runs (published.later_runs: Megatron-LM's
 H100 scaling, Llama 3 405B, OPT-175B), each as published on its preset, compared in its source's FLOP
-convention.  Prints Markdown tables (docs/scaling.md pastes them).
+convention.  Each chip's one fitted constant (``sustained_fraction``, fit.py) is fitted to one of these
+sources -- the A100's to Narayanan's table, the H100's to Megatron-LM's README table -- and the tables say
+which rows are in-sample.  Prints Markdown tables (docs/scaling.md pastes them).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def _print_later() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     hardware = PRESETS["a100-80gb"]
-    print(f"Narayanan et al. 2021, Table 1, on the {hardware.name} preset (TFLOP/s per GPU, Eq. 3 FLOPs)\n")
+    print(f"Narayanan et al. 2021, Table 1, on the {hardware.name} preset (TFLOP/s per GPU, Eq. 3 FLOPs; the A100's "
+          f"fit set: its median sets sustained_fraction, scaling/fit.py)\n")
     print("| params | GPUs | TP | PP | batch | paper | predicted | ratio | mbs | vpp | bubble | GiB/GPU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row, candidate in narayanan_predictions(hardware):
