@@ -32,7 +32,8 @@ from megalite.scaling.hardware import PRESETS, Hardware
 from megalite.scaling.planner import plan
 from megalite.scaling.published import MEGATRON_README, PublishedRun, later_runs
 
-__all__ = ["NARAYANAN_SOURCE", "FIT_SOURCES", "is_fit_run", "fit_ratios", "fit_sustained_fraction", "fit_to",
+__all__ = ["NARAYANAN_SOURCE", "FIT_SOURCES", "is_fit_run", "fit_ratios", "median_ratio_at", "fit_sustained_fraction",
+           "fit_to",
            "sensitivity", "main"]
 
 NARAYANAN_SOURCE = "Narayanan et al. 2021, Table 1"
@@ -69,11 +70,14 @@ def _bisect(median_at: Callable[[float], float], tolerance: float) -> float:
     return (low + high) / 2
 
 
+def median_ratio_at(preset: str, fraction: float) -> float:
+    """The fit set's median ratio with ``preset``'s fraction set to ``fraction``."""
+    return statistics.median(fit_ratios(preset, dataclasses.replace(PRESETS[preset], sustained_fraction=fraction)))
+
+
 def fit_sustained_fraction(preset: str = "h100-sxm", tolerance: float = 1e-3) -> float:
     """The fraction at which the fit set's median ratio is 1."""
-    return _bisect(lambda f: statistics.median(fit_ratios(preset, dataclasses.replace(PRESETS[preset],
-                                                                                     sustained_fraction=f))),
-                   tolerance)
+    return _bisect(lambda f: median_ratio_at(preset, f), tolerance)
 
 
 def _ratio(run: PublishedRun, hardware: Hardware) -> float:

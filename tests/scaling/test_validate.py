@@ -10,7 +10,7 @@ the A100's ``sustained_fraction``, fitted to this table alone (scaling/fit.py): 
 OPT-175B (test_published_runs.py) are held out of it."""
 import pytest
 
-from megalite.scaling.fit import fit_sustained_fraction
+from megalite.scaling.fit import median_ratio_at
 from megalite.scaling.hardware import PRESETS
 from megalite.scaling.published import NARAYANAN_TABLE_1
 from megalite.scaling.validate import korthikanti_predictions, narayanan_predictions
@@ -56,6 +56,8 @@ def test_korthikanti_table_3_runs_plan_within_15_percent_of_their_mfu():
 
 
 def test_the_a100_fraction_is_the_fit_to_table_1_alone():
-    assert PRESETS["a100-80gb"].sustained_fraction == pytest.approx(fit_sustained_fraction("a100-80gb"), abs=2e-3)
+    # The fit's root lies within 0.002 of the stored fraction: Table 1's median ratio crosses 1 between the two.
+    fraction = PRESETS["a100-80gb"].sustained_fraction
+    assert median_ratio_at("a100-80gb", fraction - 2e-3) < 1 < median_ratio_at("a100-80gb", fraction + 2e-3)
     assert PRESETS["a100-40gb"].sustained_fraction == PRESETS["a100-80gb"].sustained_fraction   # the same chip
     assert PRESETS["a100-80gb"].sustained_fraction < 1
