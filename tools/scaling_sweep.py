@@ -99,6 +99,13 @@ def grid(smoke: bool) -> List[Config]:
                                          "--recompute-method", "uniform"])):
         configs.append(Config("memory (TP2, seq 1024)", f"h256 {name}", 2,
                               model_flags(256, seq=1024) + batch_flags(2, 4) + tp2 + flags))
+    moe = ["--num-experts", "8", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "512",
+           "--moe-token-dispatcher-type", "alltoall"]
+    for name, ranks, flags in (("1 rank", 1, []), ("DP2 EP2", 2, ["--expert-model-parallel-size", "2"]),
+                               ("TP2 SP EP2", 2, tp2 + ["--sequence-parallel", "--expert-model-parallel-size", "2"]),
+                               ("TP2 SP ETP2", 2, tp2 + ["--sequence-parallel", "--expert-tensor-parallel-size", "2"])):
+        configs.append(Config("MoE (8 experts, top-2)", f"h256 MoE {name}", ranks,
+                              model_flags(256) + batch_flags(2, 8) + moe + flags))
     return configs
 
 

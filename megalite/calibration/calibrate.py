@@ -27,12 +27,13 @@ What each figure is:
   widths and head dimensions ``n``, ``k``), from 32 to 2048.
 - Memory bandwidth: ``c = a + b`` over tensors far larger than the caches, ``3 x bytes / t`` (two
   reads, one write): what the model's memory-bound passes (norms, softmax, GELU) see.
-- Network: all-reduce, all-gather, reduce-scatter and a send/recv pair over ``ranks`` forked gloo
-  ranks on this machine, each at several sizes and each call after 2 ms, then 8 ms, of compute (as
-  in a step: ``time_collectives``), fitted to the alpha-beta ring model of ``communication.py``
-  (``t = hops x alpha + bytes_factor x B / bw``, hops = 2(n-1), n-1, n-1, 1 and bytes_factor =
-  2(n-1)/n, (n-1)/n, (n-1)/n, 1) by least squares on relative error: all four together at 2 ms
-  (``network``) and each alone at each gap (``collectives``, what the model uses).  One machine
+- Network: all-reduce, all-gather, reduce-scatter, a send/recv pair and an all-to-all (the expert
+  dispatch) over ``ranks`` forked gloo ranks on this machine, each at several sizes and each call
+  after 2 ms, then 8 ms, of compute (as in a step: ``time_collectives``), fitted to the alpha-beta
+  ring model of ``communication.py`` (``t = hops x alpha + bytes_factor x B / bw``, hops = 2(n-1),
+  n-1, n-1, 1, n-1 and bytes_factor = 2(n-1)/n, (n-1)/n, (n-1)/n, 1, (n-1)/n) by least squares on
+  relative error: all five together at 2 ms (``network``) and each alone at each gap
+  (``collectives``, what the model uses).  One machine
   has one network: ``inter_node`` = ``intra_node``, ``gpus_per_node`` = ranks.
 - Attention core and elementwise ops (``calibration/ops.py``): SDPA with megalite's head copies by
   (heads, s, d) and LayerNorm, GELU, the residual add and the cross-entropy by size, forward and
@@ -91,6 +92,7 @@ COLLECTIVES: Dict[str, Callable[[int], Tuple[float, float]]] = {
     "all_gather": lambda n: (float(n - 1), (n - 1) / n),
     "reduce_scatter": lambda n: (float(n - 1), (n - 1) / n),
     "send_recv": lambda n: (1.0, 1.0),
+    "all_to_all": lambda n: (float(n - 1), (n - 1) / n),   # the expert dispatch (B: what one rank sends)
 }
 
 
@@ -203,10 +205,12 @@ def time_collectives(rank: int, world_size: int, sizes: Sequence[int], repeats: 
             else:
                 dist.recv(full, peer)
                 dist.send(full, peer)
+        exchanged = torch.empty_like(full)
         ops = {"all_reduce": (lambda: dist.all_reduce(full)),
                "all_gather": (lambda: all_gather_into(full, part)),
                "reduce_scatter": (lambda: reduce_scatter_into(part, full)),
-               "send_recv": send_recv}
+               "send_recv": send_recv,
+               "all_to_all": (lambda: dist.all_to_all_single(exchanged, full))}
         def after_work(op: Callable[[], object]) -> float:
             op()
             chains = []

@@ -36,15 +36,17 @@ shared expert) stay as they were.  With expert TP the permuted expert input is k
 Token dispatch, per MoE layer and micro-batch (``parallel/expert_parallel.py``):
 
     alltoall    forward an all-to-all of the ``T k`` rows to the ranks of their experts (dispatch) and
-                one back (combine), each ``e T k h`` bytes a rank; backward the two again, reversed
+                one back (combine), each ``e T k h`` bytes a rank, after an all-to-all of the rows'
+                counts per expert (``8 E`` bytes); backward the two again, reversed
     allgather   forward the EP group's tokens all-gathered (``e T h EP`` gathered) and the partial outputs
                 reduce-scattered (``e T h EP`` before the scatter); backward the mirror (a reduce-scatter
                 of the input gradient, an all-gather of the output gradient)
 
 on the EP group's link (``EP`` ranks ``X`` apart: inside a node when they fit one), on the critical path
 (no overlap is modelled); full recompute repeats the forward's.  With one EP rank nothing moves.  With
-expert TP the alltoall dispatcher also all-gathers the received rows over the expert-TP group and
-reduce-scatters their partial outputs back (``e T k h X`` each way, on the TP group's link), and the
+expert TP the alltoall dispatcher also passes the received rows to every rank of the expert-TP group and
+their partial outputs back, an all-to-all each way (``e T k h X`` a rank sends: the volume of an all-gather
+and a reduce-scatter; the counts all-gathered first), on the TP group's link, and the
 allgather dispatcher gathers over expert TP x EP (``X`` times the rows).  An MoE layer without a shared
 expert runs no TP collectives in its MLP: the sequence-parallel gather and scatter around it (half of a
 dense layer's TP traffic) are left out for that share of the layers (``tp_collectives_share``).
@@ -204,11 +206,15 @@ def dispatch_times(model: ModelConfig, micro_batch: int, cp: int, ep: int, eleme
         return 0.0, 0.0
     if model.moe_token_dispatcher_type == "alltoall":
         rows = dispatch_bytes(model, micro_batch, cp, element_size, tp)
+        etp_link = etp_link or link
 
         def one_way(gap_s: float) -> float:
             exchange = 2 * comm.all_to_all_time(rows, ep, link, gap_s) if ep > 1 else 0.0
-            return exchange + (_gather_and_scatter(rows * etp, etp, etp_link or link, gap_s) if etp > 1 else 0.0)
-        return share * one_way(gap_forward_s), share * one_way(gap_backward_s)
+            return exchange + (2 * comm.all_to_all_time(rows * etp, etp, etp_link, gap_s) if etp > 1 else 0.0)
+        counts = 8.0 * model.num_experts           # int64 rows per expert, exchanged before the forward's rows
+        count_time = ((comm.all_to_all_time(counts, ep, link, gap_forward_s) if ep > 1 else 0.0)
+                      + (comm.all_gather_time(counts / ep * etp, etp, etp_link, gap_forward_s) if etp > 1 else 0.0))
+        return share * (one_way(gap_forward_s) + count_time), share * one_way(gap_backward_s)
     size = ep * etp
     gathered = element_size * _tokens(model, micro_batch, cp, tp) * model.hidden_size * size
     group = group_link or link

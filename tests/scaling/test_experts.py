@@ -233,10 +233,12 @@ def test_expert_tp_adds_its_gather_and_scatter_to_the_dispatch():
     rows = 2 * (2 * 32 // 2) * 2 * 64                          # e x this rank's s/TP tokens x k x h
     forward, backward = experts.dispatch_times(model, 2, 1, 2, 2, link, tp=2, etp=2, etp_link=etp_link)
     exchange = 2 * comm.all_to_all_time(rows, 2, link)
-    gather = comm.all_gather_time(2 * rows, 2, etp_link) + comm.reduce_scatter_time(2 * rows, 2, etp_link)
-    assert forward == pytest.approx(exchange + gather) and backward == pytest.approx(forward)
-    plain, _ = experts.dispatch_times(model, 2, 1, 2, 2, link, tp=2, etp=1)
-    assert plain == pytest.approx(exchange)
+    gather = 2 * comm.all_to_all_time(2 * rows, 2, etp_link)     # the rows to the expert-TP pair and back
+    counts = comm.all_to_all_time(8 * 8, 2, link) + comm.all_gather_time(8 * 8 / 2 * 2, 2, etp_link)
+    assert backward == pytest.approx(exchange + gather) and forward == pytest.approx(backward + counts)
+    plain, plain_back = experts.dispatch_times(model, 2, 1, 2, 2, link, tp=2, etp=1)
+    assert plain_back == pytest.approx(exchange)
+    assert plain == pytest.approx(exchange + comm.all_to_all_time(64, 2, link))
 
 
 def test_moe_layers_without_a_shared_expert_skip_the_mlps_tp_collectives():

@@ -48,4 +48,6 @@ def test_only_takes_several_texts():
     names = [c.name for c in scaling_sweep.grid(False) if scaling_sweep.selected(c, "memory, model size")]
     assert names == ["h128 1 rank", "h256 1 rank", "h512 1 rank", "h256 TP2", "h256 TP2 SP", "h256 TP2 SP selective",
                      "h256 TP2 SP full"]
-    assert len([c for c in scaling_sweep.grid(False) if scaling_sweep.selected(c, None)]) == 21
+    assert len([c for c in scaling_sweep.grid(False) if scaling_sweep.selected(c, None)]) == 25
+    assert [c.name for c in scaling_sweep.grid(False) if scaling_sweep.selected(c, "MoE")] == [
+        "h256 MoE 1 rank", "h256 MoE DP2 EP2", "h256 MoE TP2 SP EP2", "h256 MoE TP2 SP ETP2"]
