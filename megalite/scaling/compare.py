@@ -23,7 +23,7 @@ from megalite.scaling.published import (
     narayanan_flags,
 )
 
-__all__ = ["narayanan_predictions", "korthikanti_predictions", "later_predictions", "predicted_tflops"]
+__all__ = ["narayanan_predictions", "korthikanti_predictions", "later_predictions", "ratio", "predicted_tflops"]
 
 
 def narayanan_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[NarayananRow, Candidate]]:
@@ -38,11 +38,16 @@ def korthikanti_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[K
             for row in KORTHIKANTI_TABLE_3]
 
 
-def later_predictions(hardware: Optional[Hardware] = None) -> List[Tuple[PublishedRun, Candidate]]:
-    """Each later run (published.later_runs) planned as published on its preset (or on ``hardware``, for
-    the runs of that preset only)."""
-    runs = [run for run in later_runs() if hardware is None or run.gpu == hardware.name]
-    return [(run, plan(list(run.flags), hardware or PRESETS[run.gpu], run.gpus)) for run in runs]
+def later_predictions() -> List[Tuple[PublishedRun, Candidate]]:
+    """Each later run (published.later_runs) planned as published on its preset."""
+    return [(run, plan(list(run.flags), PRESETS[run.gpu], run.gpus)) for run in later_runs()]
+
+
+def ratio(run: PublishedRun, hardware: Optional[Hardware] = None) -> float:
+    """Predicted / published TFLOP/s per GPU of a later run, in its own count, planned on ``hardware``
+    (default its preset)."""
+    candidate = plan(list(run.flags), hardware or PRESETS[run.gpu], run.gpus)
+    return predicted_tflops(run, candidate) / run.tflops_per_gpu
 
 
 def predicted_tflops(run: PublishedRun, candidate: Candidate) -> float:

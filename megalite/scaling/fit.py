@@ -27,9 +27,8 @@ import statistics
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
-from megalite.scaling.compare import later_predictions, narayanan_predictions, predicted_tflops
+from megalite.scaling.compare import narayanan_predictions, ratio
 from megalite.scaling.hardware import PRESETS, Hardware
-from megalite.scaling.planner import plan
 from megalite.scaling.published import MEGATRON_README, PublishedRun, later_runs
 
 __all__ = ["NARAYANAN_SOURCE", "FIT_SOURCES", "is_fit_run", "fit_ratios", "median_ratio_at", "fit_sustained_fraction",
@@ -54,8 +53,7 @@ def fit_ratios(preset: str, hardware: Optional[Hardware] = None) -> List[float]:
         return [c.prediction.hardware_tflops_per_gpu / row.tflops_per_gpu for row, c in narayanan_predictions(hardware)]
     if preset not in FIT_SOURCES:
         raise ValueError(f"{preset} has no fit set; fitted presets: {', '.join(FIT_SOURCES)}")
-    return [predicted_tflops(run, c) / run.tflops_per_gpu for run, c in later_predictions(hardware)
-            if is_fit_run(run)]
+    return [ratio(run, hardware) for run in later_runs() if run.gpu == preset and is_fit_run(run)]
 
 
 def _bisect(median_at: Callable[[float], float], tolerance: float) -> float:
@@ -80,14 +78,10 @@ def fit_sustained_fraction(preset: str = "h100-sxm", tolerance: float = 1e-3) ->
     return _bisect(lambda f: median_ratio_at(preset, f), tolerance)
 
 
-def _ratio(run: PublishedRun, hardware: Hardware) -> float:
-    return predicted_tflops(run, plan(list(run.flags), hardware, run.gpus)) / run.tflops_per_gpu
-
-
 def fit_to(runs: Sequence[PublishedRun], preset: str, tolerance: float = 1e-3) -> float:
     """The fraction at which the median ratio of ``runs`` (later runs on ``preset``) would be 1."""
     return _bisect(lambda f: statistics.median(
-        _ratio(run, dataclasses.replace(PRESETS[preset], sustained_fraction=f)) for run in runs), tolerance)
+        ratio(run, dataclasses.replace(PRESETS[preset], sustained_fraction=f)) for run in runs), tolerance)
 
 
 def sensitivity(preset: str = "h100-sxm") -> None:
@@ -100,7 +94,7 @@ def sensitivity(preset: str = "h100-sxm") -> None:
     print(f"{preset}, each fit run left out: the other runs' fraction, the left-out run's ratio at it")
     for run in fitted:
         fraction = fit_to([other for other in fitted if other is not run], preset)
-        left_out = _ratio(run, dataclasses.replace(PRESETS[preset], sustained_fraction=fraction))
+        left_out = ratio(run, dataclasses.replace(PRESETS[preset], sustained_fraction=fraction))
         print(f"  {run.name}: {fraction:.3f}, {left_out:.3f}")
     held_out = [run for run in runs if not is_fit_run(run)]
     print("each held-out run alone, then each held-out source")
