@@ -35,17 +35,17 @@ __all__ = ["measure_runtime_baseline"]
 
 def _rank_main(out: str) -> None:
     """One rank under torch.distributed.run: the trainer imported, gloo up, rank 0's peak RSS to ``out``."""
-    import resource
 
     import torch
     import torch.distributed as dist
 
     import megalite.training.loop  # noqa: F401  (what a run's process imports before its model exists)
     from megalite.parallel.launch import init_distributed, shut_down_distributed
+    from megalite.training.metrics import peak_memory_mb
 
     init_distributed("gloo")
     dist.all_reduce(torch.ones(1024))
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    peak_mib = peak_memory_mb(torch.device("cpu"))     # what a run's log reports as its peak
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump({"peak_mib": peak_mib, "threads": torch.get_num_threads()}, f)

@@ -116,10 +116,10 @@ def write_legacy(state: Tensors, config: ModelConfig, root: str, *, tp: int, pp:
     for stage in range(pp):
         staged = _stage_state(state, config, stage, pp, spec)
         for ep_rank, share in enumerate(split_for_ep(staged, config.num_experts, ep) if ep > 1 else [staged]):
+            shards = {name: None if tensor is None else split_for_tp(name, tensor, tp, config.swiglu)
+                      for name, tensor in share.items()}       # each tensor split once, not once per TP rank
             for rank in range(tp):
-                model = {name: (None if tensor is None else
-                                split_for_tp(name, tensor, tp, config.swiglu)[rank].clone())
-                         for name, tensor in share.items()}
+                model = {name: None if pieces is None else pieces[rank].clone() for name, pieces in shards.items()}
                 if legacy_models:
                     model = to_legacy_model(model, tied)
                 folder = megatron_rank_dir(root, iteration, rank, stage, pp, ep_rank, ep)
