@@ -105,7 +105,8 @@ def write_legacy(state: Tensors, config: ModelConfig, root: str, *, tp: int, pp:
     if config.num_layers % pp:
         raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {config.num_layers}; "
                          f"Megatron-LM splits layers evenly across stages")
-    if ep > 1 and (config.num_experts or 1) % ep:
+    _check_experts(config, "torch", spec, ep, grouped)
+    if ep > 1 and config.num_experts % ep:
         raise ValueError(f"--expert-model-parallel-size {ep} does not divide the model's {config.num_experts} "
                          f"experts; choose a divisor of the expert count")
     config.check_tensor_parallel(tp)
