@@ -27,7 +27,7 @@ from typing import Dict, List
 import torch
 
 __all__ = ["LAYOUTS", "is_expert_tensor", "experts_to_megatron", "experts_from_megatron", "shared_to_megatron",
-           "shared_from_megatron", "expert_index", "split_for_ep", "join_from_ep"]
+           "shared_from_megatron", "expert_index", "split_for_ep", "join_from_ep", "to_gate_up", "from_gate_up"]
 
 Tensors = Dict[str, torch.Tensor]
 LAYOUTS = ("sequential", "grouped")
@@ -52,6 +52,17 @@ def _expert_name(prefix: str, linear: str, param: str, expert: int, layout: str)
     return f"{prefix}{linear}.{param}{expert}"
 
 
+def to_gate_up(tensor: torch.Tensor) -> torch.Tensor:
+    """A SwiGLU fc1's rows from megalite's interleaved (gate_0, up_0, gate_1, ...) to megatron-core's [gate; up]."""
+    return torch.cat([tensor[0::2], tensor[1::2]])
+
+
+def from_gate_up(tensor: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_gate_up`: megatron-core's [gate; up] rows interleaved as megalite's."""
+    gate, up = tensor.chunk(2)
+    return torch.stack([gate, up], 1).reshape(-1, *tensor.shape[1:])
+
+
 def experts_to_megatron(name: str, stacked: torch.Tensor, swiglu: bool, layout: str) -> Tensors:
     """megalite's stacked ``name`` [E, ...] as E megatron-core tensors under global indices."""
     prefix, part = _STACKED.match(name).groups()
@@ -61,7 +72,7 @@ def experts_to_megatron(name: str, stacked: torch.Tensor, swiglu: bool, layout: 
         if param == "weight":
             tensor = tensor.t()                                       # x @ W  ->  nn.Linear's [out, in]
         if swiglu and linear == "linear_fc1":                         # (gate_0, up_0, ...) -> [gate; up]
-            tensor = torch.cat([tensor[0::2], tensor[1::2]])
+            tensor = to_gate_up(tensor)
         out[_expert_name(prefix, linear, param, expert, layout)] = tensor.contiguous()
     return out
 
@@ -89,7 +100,7 @@ def experts_from_megatron(state: Tensors, swiglu: bool) -> Tensors:
             raise ValueError(f"{name}: the checkpoint holds experts {sorted(by_expert)}, not 0..{len(by_expert) - 1}")
         tensors = [by_expert[expert] for expert in range(len(by_expert))]
         if swiglu and name.endswith("1"):                             # [gate; up] -> (gate_0, up_0, ...)
-            tensors = [torch.stack(tensor.chunk(2), 1).reshape(tensor.shape) for tensor in tensors]
+            tensors = [from_gate_up(tensor) for tensor in tensors]
         if name.endswith(("weight1", "weight2")):
             tensors = [tensor.t() for tensor in tensors]
         out[name] = torch.stack(tensors)

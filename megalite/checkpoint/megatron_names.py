@@ -30,9 +30,11 @@ import torch
 from megalite.checkpoint.megatron_experts import (
     experts_from_megatron,
     experts_to_megatron,
+    from_gate_up,
     is_expert_tensor,
     shared_from_megatron,
     shared_to_megatron,
+    to_gate_up,
 )
 from megalite.config.settings import ModelConfig
 
@@ -72,7 +74,7 @@ def to_megatron(state: Tensors, config: ModelConfig, spec: str = "local",
             out.update(experts_to_megatron(name, tensor, config.swiglu, experts))
             continue
         if config.swiglu and _fc1(name):
-            tensor = torch.cat([tensor[0::2], tensor[1::2]])
+            tensor = to_gate_up(tensor)
         if name in _VOCAB and padded_vocab is not None:
             tensor = _rows(tensor, padded_vocab)
         if name.endswith("mlp.router.weight") and config.add_bias_linear:    # megatron-core's router bias
@@ -92,8 +94,7 @@ def from_megatron(state: Tensors, config: ModelConfig) -> Tensors:
         if ours is None:                                # the router's bias, zero
             continue
         if config.swiglu and _fc1(ours):
-            gate, up = tensor.chunk(2)
-            tensor = torch.stack([gate, up], 1).reshape(-1, *tensor.shape[1:])
+            tensor = from_gate_up(tensor)
         if ours in _VOCAB:
             tensor = _rows(tensor, config.padded_vocab_size(1))
         out[ours] = tensor
