@@ -260,6 +260,7 @@ def _mcore_saves(rank, world_size, root, tp, ep):
     rank's share [b, s, padded vocab / tp] of the logits of TOKENS."""
     from megatron.core import parallel_state
     args = moe_hand_args(tp=tp, ep=ep)
+    torch.manual_seed(3)                  # megatron-core's CPU init draws from torch's global generator
     model = mcore_moe_model(args, tp, 1, ep)
     own = torch.Generator().manual_seed(100 + parallel_state.get_expert_model_parallel_rank())
     torch.manual_seed(5)                  # the same on every rank: replicated tensors stay equal
