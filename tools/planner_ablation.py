@@ -12,6 +12,8 @@ the run's own sizes do not):
                         blocking (``--no-overlap-p2p-communication``)
     no SM share         an overlapped collective takes no SMs from the compute beside it
     CP ring             ``--cp-comm-type p2p`` (runs with context parallelism only)
+    cuDNN attention     the device's default fused attention kernel for FlashAttention-2 (runs that name
+                        ``--attention-backend flash`` only)
 """
 from __future__ import annotations
 
@@ -37,6 +39,12 @@ def _cp_ring(flags: List[str]) -> Optional[List[str]]:
     return flags[:index] + flags[index + 2:]
 
 
+def _default_kernel(flags: List[str]) -> Optional[List[str]]:
+    if "flash" not in flags:
+        return None
+    return flags + ["--attention-backend", "auto"]
+
+
 Change = Tuple[str, Callable[[List[str]], Optional[List[str]]], Callable[[Hardware], Hardware]]
 CHANGES: List[Change] = [
     ("sustained 1", lambda flags: flags, lambda hw: dataclasses.replace(hw, sustained_fraction=1.0)),
@@ -44,6 +52,7 @@ CHANGES: List[Change] = [
     ("overlaps off", _without_overlaps, lambda hw: hw),
     ("no SM share", lambda flags: flags, lambda hw: dataclasses.replace(hw, overlap_sm_fraction=0.0)),
     ("CP ring", _cp_ring, lambda hw: hw),
+    ("cuDNN attention", _default_kernel, lambda hw: hw),
 ]
 
 

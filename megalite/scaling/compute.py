@@ -41,7 +41,8 @@ The attention core runs one of two ways (``--attention-backend``; activations.fu
   half of its ``(s/CP) x s`` block, Liu et al. 2023 "Ring Attention" / Megatron's CP), forward
   ``2 (ab/t) (s/CP) s d`` (half of the two products' ``4 ...``), backward 2.5 x that (five products
   instead of two: the scores are recomputed, then dV, dP, dQ, dK; Dao 2023 "FlashAttention-2",
-  Sec. 3.1.2), at ``peak x attention_efficiency x sustained`` (hardware.py).  No score bytes move through HBM.
+  Sec. 3.1.2), at ``peak x attention_efficiency x sustained`` (hardware.py; ``flash`` at FlashAttention-2's
+  own share where the device has one).  No score bytes move through HBM.
 
 A calibration table of measured SDPA (a CPU) replaces both: it is what runs there.
 
@@ -220,7 +221,7 @@ def attention_rates(hardware: Hardware, dtype: str, heads: int, s: int, d: int) 
 def _core_times(model: ModelConfig, core: List[Gemm], core_bytes: float, hardware: Hardware, dtype: str) -> tuple:
     """(forward, backward) seconds of the attention core: measured SDPA when the calibration has it
     (and attention dropout is off: the table is of the dropout-free kernel); else a fused kernel's
-    FLOPs (causal half skipped) at ``peak x attention_efficiency``; else (unfused) its GEMMs plus the
+    FLOPs (causal half skipped) at ``peak x`` the kernel's share; else (unfused) its GEMMs plus the
     softmax/dropout bytes at the memory bandwidth."""
     scores = core[0]
     rates = attention_rates(hardware, dtype, scores.batch, model.seq_length, model.head_dim)
@@ -228,7 +229,8 @@ def _core_times(model: ModelConfig, core: List[Gemm], core_bytes: float, hardwar
         flops = sum(g.flops for g in core)
         return flops / (rates[0] * 1e12), 2 * flops / (rates[1] * 1e12)
     if fused_attention(model.attention_backend, model.attention_dropout, hardware.fused_attention_dropout):
-        rate = hardware.peak(dtype) * hardware.attention_efficiency * hardware.sustained_fraction
+        share = hardware.fused_attention_efficiency(model.attention_backend)
+        rate = hardware.peak(dtype) * share * hardware.sustained_fraction
         forward = CAUSAL_FRACTION * sum(g.flops for g in core) / (rate * 1e12)
         return forward, FLASH_BACKWARD_RATIO * forward
     bandwidth = hardware.hbm_gbs * 1e9 * hardware.memory_efficiency

@@ -10,6 +10,8 @@ A :class:`Hardware` holds what the performance model reads, each figure from a d
     num_sms                streaming multiprocessors (for GEMM tile and wave quantization); 0 = none
     gemm_efficiency        the fraction of peak a large, well-shaped GEMM reaches
     memory_efficiency      the fraction of the HBM bandwidth a streaming kernel reaches
+    attention_efficiency   the fraction of peak the device's default fused attention kernel reaches on its FLOPs;
+                           flash_attention_efficiency the same for FlashAttention-2 (``--attention-backend flash``)
     sustained_fraction     the share of the tensor-core rates (gemm_efficiency, attention_efficiency) a device
                            keeps through whole training steps; fitted to published runs (scaling/fit.py)
     matmul                 optional measured GEMM throughput by shape: (m, n, k, dtype, tflops, layout),
@@ -81,8 +83,12 @@ class Hardware:
     gemm_efficiency: float = 1.0
     memory_efficiency: float = 1.0
     # A fused (flash) attention kernel's share of peak on its FLOPs, forward and backward alike
-    # (compute.py); a calibration's measured SDPA table replaces it.
+    # (compute.py): the kernel ``--attention-backend`` auto and fused run on the device; a calibration's
+    # measured SDPA table replaces it.
     attention_efficiency: float = 0.5
+    # The same for Tri Dao's FlashAttention-2 (``--attention-backend flash``) where it differs from the
+    # kernel above (0: the same).
+    flash_attention_efficiency: float = 0.0
     # The share of the SMs an overlapped communication kernel holds while it runs (overlap.py): the
     # compute beside it runs on the rest.  0 where nothing overlaps.
     overlap_sm_fraction: float = 0.0
@@ -116,6 +122,13 @@ class Hardware:
     # allocator and what megalite reports there; docs/scaling.md).
     runtime_bytes: float = 0.0
     cpu_activations: bool = False
+
+    def fused_attention_efficiency(self, attention_backend: str) -> float:
+        """The fused attention kernel's share of peak: FlashAttention-2's for ``flash`` where the device
+        has its own figure, else the device's default fused kernel's."""
+        if attention_backend == "flash" and self.flash_attention_efficiency:
+            return self.flash_attention_efficiency
+        return self.attention_efficiency
 
     def peak(self, dtype: str) -> float:
         """Peak TFLOP/s for ``dtype`` (float16 falls back to bfloat16's and the other way round)."""
@@ -174,11 +187,12 @@ _HOPPER = dict(peak_tflops={"bfloat16": 989.0, "float16": 989.0, "float32": 67.0
                # Streaming copies reach ~90% of HBM3's 3.35 TB/s (~3.0-3.1 TB/s in public device-to-device
                # copy measurements), as on the A100.
                memory_efficiency=0.90,
-               # Fused attention on H100 (Shah et al. 2024, "FlashAttention-3"): FlashAttention-2 reaches 35%
-               # of peak, FlashAttention-3 up to 75% in forward; backward at head dimension 128 and sequence
-               # 4k, cuDNN's fused kernel (what Megatron-LM runs through Transformer Engine) reaches 499
-               # TFLOP/s, 0.50 of peak -- the figure used for both passes, not fitted to a row.
-               attention_efficiency=0.50,
+               # Fused attention on H100 (Shah et al. 2024, "FlashAttention-3", backward speed at head
+               # dimension 128, sequence 4k): cuDNN's fused kernel reaches 499 TFLOP/s, 0.50 of peak; it is
+               # what Transformer Engine runs on Hopper when both it and FlashAttention apply (NeMo's
+               # memory-optimization guide), so Megatron-LM's default.  FlashAttention-2 reaches 310,
+               # 0.31.  The backward figures serve both passes, as on the A100; none is fitted to a row.
+               attention_efficiency=0.50, flash_attention_efficiency=0.31,
                # Fitted (scaling/fit.py) so that the median of Megatron-LM's nine H100 weak-scaling runs
                # (README table, published.py) is predicted at its published TFLOP/s; the other H100 runs of
                # published.py are held out of the fit (docs/scaling.md).

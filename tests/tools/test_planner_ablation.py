@@ -20,6 +20,8 @@ def test_each_change_turns_back_one_effect():
     off = changes["overlaps off"][0](list(readme_70b.flags))
     assert not set(ablation.OVERLAPS) & set(off) and off[-1] == "--no-overlap-p2p-communication"
     assert changes["unfused attention"][0]([])[-2:] == ["--attention-backend", "unfused"]
+    assert changes["cuDNN attention"][0](list(llama_128k.flags))[-2:] == ["--attention-backend", "auto"]
+    assert changes["cuDNN attention"][0](list(readme_70b.flags)) is None
     h100 = PRESETS["h100-sxm"]
     assert changes["sustained 1"][1](h100) == dataclasses.replace(h100, sustained_fraction=1.0)
     assert changes["no SM share"][1](h100).overlap_sm_fraction == 0.0
