@@ -49,6 +49,8 @@ import sys
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
+from megalite.calibration.allocator import ENV
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARMUP = 2
 
@@ -129,8 +131,9 @@ def run_config(config: Config, folder: str, iters: int, timeout: float, threads:
                "-m", "megalite.train"] + argv
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop(ENV, None)          # the calibration's setting, not whatever this shell exported
     if mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+        env[ENV] = str(mmap_threshold)
     load_before = os.getloadavg()[0]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -178,17 +181,30 @@ def predicted(config: Config, hardware) -> dict:
             "pred_breakdown_s": p.breakdown}
 
 
-def load_calibration(path: str, ranks: int):
-    """(Hardware, threads per rank) of the calibration file at ``path``, measured first if missing."""
+def load_calibration(path: str, ranks: int, mmap_threshold: Optional[int] = None):
+    """(Hardware, threads per rank, glibc's mmap threshold) of the calibration file at ``path``, measured
+    first if missing (under ``mmap_threshold`` if given).  The runs take the file's threshold: a step's
+    allocations cost what the calibration measured only under the same setting (calibration/allocator.py);
+    a different ``mmap_threshold`` is a ValueError naming both."""
+    from megalite.calibration.allocator import fix_threshold
     from megalite.scaling.hardware import from_calibration
 
     if not os.path.exists(path):
         from megalite.calibration.calibrate import calibrate
         print(f"measuring this machine -> {path}", flush=True)
+        if mmap_threshold is not None:
+            fix_threshold(mmap_threshold)
         calibrate(path, ranks)
     with open(path) as f:
         document = json.load(f)
-    return from_calibration(document, path), int(document.get("threads_per_rank", 1))
+    calibrated = document.get("malloc_mmap_threshold")
+    if mmap_threshold is not None and mmap_threshold != calibrated:
+        setting = f"with glibc's mmap threshold fixed at {calibrated}" if calibrated is not None else \
+            "with glibc's default mmap threshold"
+        raise ValueError(f"--malloc-mmap-threshold {mmap_threshold}: the calibration {path} was measured {setting}; "
+                         f"calibrate under the runs' setting (python -m megalite.calibration.calibrate FILE "
+                         f"--malloc-mmap-threshold {mmap_threshold}) or leave the flag out")
+    return from_calibration(document, path), int(document.get("threads_per_rank", 1)), calibrated
 
 
 COLUMNS = ["group", "name", "ranks", "step_s", "pred_step_s", "step_ratio", "tokens_per_s", "bubble", "pred_bubble",
@@ -204,14 +220,16 @@ def format_value(value) -> str:
     return str(value)
 
 
-def write_outputs(rows: List[dict], out: str, machine: str) -> None:
+def write_outputs(rows: List[dict], out: str, machine: str, mmap_threshold: Optional[int] = None) -> None:
     with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump({"machine": machine, "rows": rows}, f, indent=1)
+        json.dump({"machine": machine, "malloc_mmap_threshold": mmap_threshold, "rows": rows}, f, indent=1)
     with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"machine: {machine}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    allocator = "glibc's default" if mmap_threshold is None else f"fixed at {mmap_threshold} bytes"
+    lines = [f"machine: {machine}", f"glibc mmap threshold (runs and calibration): {allocator}", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(format_value(row.get(c)) for c in COLUMNS) + " |" for row in rows]
     within = [r for r in rows if abs(r["step_ratio"] - 1) <= 0.25]
     memory_within = [r for r in rows if abs(r["memory_ratio"] - 1) <= 0.25]
@@ -274,15 +292,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
                         help="fix glibc's mmap threshold in the runs (MALLOC_MMAP_THRESHOLD_): every freed block of "
                              "at least BYTES goes back to the system, so the peak resident set follows the live "
-                             "bytes (docs/scaling.md); the step times are then not the default runtime's")
+                             "bytes (docs/scaling.md). Default: the calibration file's setting, which the runs must "
+                             "share (a calibration measured here takes the flag's)")
     args = parser.parse_args(argv)
-    if args.malloc_mmap_threshold is not None and args.malloc_mmap_threshold < 0:
-        parser.error(f"--malloc-mmap-threshold {args.malloc_mmap_threshold}: give a size in bytes, 0 or more")
     if args.iters < WARMUP + 2:
         parser.error(f"--iters {args.iters}: at least {WARMUP + 2} (the first {WARMUP} are warm-up)")
     args.out = os.path.abspath(args.out)   # the runs start in OUT/runs: every path they get is absolute
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-    hardware, threads = load_calibration(args.calibration or os.path.join(args.out, "calibration.json"), 2)
+    try:
+        hardware, threads, mmap_threshold = load_calibration(
+            args.calibration or os.path.join(args.out, "calibration.json"), 2, args.malloc_mmap_threshold)
+    except ValueError as error:
+        parser.error(str(error))
     configs = [c for c in grid(args.smoke) if selected(c, args.only)]
     rows: List[Dict] = []
     for config in configs:
@@ -290,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         for attempt in (1, 2):   # one retry: a run that aborts once (seen: at exit, after its last step) is rerun
             try:
                 row.update(run_config(config, os.path.join(args.out, "runs"), args.iters, timeout=600, threads=threads,
-                                      mmap_threshold=args.malloc_mmap_threshold))
+                                      mmap_threshold=mmap_threshold))
                 break
             except RuntimeError as error:
                 if attempt == 2:
@@ -298,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                 print(f"{config.name}: failed, rerunning once: {str(error).splitlines()[1:2]}", flush=True)
         row["attempts"] = attempt
         row["threads_per_rank"] = threads
-        row["malloc_mmap_threshold"] = args.malloc_mmap_threshold
+        row["malloc_mmap_threshold"] = mmap_threshold
         row.update(predicted(config, hardware))
         row["step_ratio"] = row["step_s"] / row["pred_step_s"]
         row["cpu_ratio"] = row["cpu_step_s"] / row["pred_step_s"]
@@ -306,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         print(f"{config.name:28s} measured {row['step_s']:.3f} s  predicted {row['pred_step_s']:.3f} s  "
               f"({row['step_ratio']:.2f}x)  [{row['wall_s']:.0f} s]", flush=True)
         rows.append(row)
-    write_outputs(rows, args.out, hardware.name)
+    write_outputs(rows, args.out, hardware.name, mmap_threshold)
     plot(rows, args.out)
     return rows
 

@@ -15,7 +15,8 @@ writes the calibration file that ``hardware.from_calibration`` reads (``megalite
      "elementwise": [{"op", "dtype", "bytes", "forward_gbs", "backward_gbs"}, ...],
      "collectives": {name: [{"gap_s": f, "bandwidth_gbs": f, "latency_us": f}, ...], ...},
      "host_overhead": {"layer_s": f, "micro_batch_s": f, "step_s": f},
-     "runtime_baseline": {"import_mib": f, "step_mib": f, "mib": f}}
+     "runtime_baseline": {"import_mib": f, "step_mib": f, "mib": f},
+     "malloc_mmap_threshold": int | null}
 
 plus what was measured to get there ("threads_per_rank", "samples": every collective timing).
 What each figure is:
@@ -44,6 +45,9 @@ What each figure is:
 - Runtime baseline (``calibration/baseline.py``): rank 0's peak resident set, measured as the sweep
   measures a run's, of ranks that only import the trainer and meet in a gloo group, and of
   megalite's own run at a vanishing width: the memory a CPU rank holds beside its model's bytes.
+- Allocator: glibc's mmap threshold the measurements ran under (``MALLOC_MMAP_THRESHOLD_``; null: glibc's
+  default, which raises it as blocks are freed): it changes both the peak resident set and what a step's
+  allocations cost, so runs compared with the file share it (``calibration/allocator.py``).
 - Optimizer: megalite's fused AdamW on fp32 pieces, in the bytes ``predict`` charges per state
   element (``32 + e``: gradient read, master, both moments read and written, the parameter copy)
   per second.
@@ -66,6 +70,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from megalite.calibration.allocator import fix_threshold, threshold_from_env
 from megalite.calibration.baseline import measure_runtime_baseline
 from megalite.calibration.ops import measure_attention, measure_elementwise
 from megalite.calibration.overhead import measure_overhead
@@ -260,6 +265,7 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
     """
     if ranks < 2:
         raise ValueError(f"--ranks {ranks}: collectives need at least 2 ranks")
+    mmap_threshold = threshold_from_env()
     from megalite.parallel.testing import run_on_ranks
 
     cores = os.cpu_count() or 1
@@ -300,6 +306,7 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
         "samples": [{"collective": name, "gap_s": gap, "bytes": nbytes, "seconds": seconds}
                     for gap, samples in by_gap.items() for name, nbytes, seconds in samples],
         "torch": torch.__version__,
+        "malloc_mmap_threshold": mmap_threshold,
     }
     document["host_overhead"] = measure_overhead(document, quick)
     document["runtime_baseline"] = measure_runtime_baseline(document, ranks, quick)
@@ -319,8 +326,13 @@ def main(argv=None) -> None:
     parser.add_argument("path", help="the calibration JSON to write")
     parser.add_argument("--ranks", type=int, default=2, help="gloo ranks of the collective measurements")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks the file, not the machine")
+    parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                        help="fix glibc's mmap threshold while measuring, as MALLOC_MMAP_THRESHOLD_=BYTES would: the "
+                             "runs planned with the file should run under the same setting (docs/scaling.md)")
     args = parser.parse_args(argv)
     try:
+        if args.malloc_mmap_threshold is not None:
+            fix_threshold(args.malloc_mmap_threshold)
         document = calibrate(args.path, args.ranks, args.quick)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")

@@ -6,16 +6,21 @@ import json
 
 import pytest
 
+from megalite.calibration.allocator import ENV
 from megalite.calibration.calibrate import calibrate
 from tools import scaling_sweep
 
 
-def test_smoke_sweep_writes_the_table(tmp_path):
+def test_smoke_sweep_writes_the_table(tmp_path, monkeypatch):
     calibration = tmp_path / "machine.json"
+    monkeypatch.setenv(ENV, "131072")          # recorded by the calibration; the runs take it from the file
     calibrate(str(calibration), ranks=2, quick=True)
+    monkeypatch.delenv(ENV)
     out = tmp_path / "sweep"
     rows = scaling_sweep.main(["--out", str(out), "--smoke", "--iters", "4", "--calibration", str(calibration)])
     assert [row["name"] for row in rows] == ["h64 1 rank"]
+    assert rows[0]["malloc_mmap_threshold"] == 131072
+    assert "glibc mmap threshold (runs and calibration): fixed at 131072 bytes" in (out / "sweep.md").read_text()
     with open(out / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 1 and list(table[0]) == scaling_sweep.COLUMNS
@@ -51,3 +56,15 @@ def test_only_takes_several_texts():
     assert len([c for c in scaling_sweep.grid(False) if scaling_sweep.selected(c, None)]) == 25
     assert [c.name for c in scaling_sweep.grid(False) if scaling_sweep.selected(c, "MoE")] == [
         "h256 MoE 1 rank", "h256 MoE DP2 EP2", "h256 MoE TP2 SP EP2", "h256 MoE TP2 SP ETP2"]
+
+
+def test_runs_under_another_allocator_setting_than_the_calibration_are_refused(tmp_path, capsys):
+    calibration = tmp_path / "machine.json"
+    calibration.write_text(json.dumps({"malloc_mmap_threshold": None}))
+    with pytest.raises(SystemExit) as exit:
+        scaling_sweep.main(["--out", str(tmp_path / "sweep"), "--smoke", "--iters", "4", "--calibration",
+                            str(calibration), "--malloc-mmap-threshold", "131072"])
+    assert exit.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--malloc-mmap-threshold 131072" in message and "glibc's default mmap threshold" in message
+    assert str(calibration) in message
