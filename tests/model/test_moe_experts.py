@@ -9,7 +9,7 @@ from megalite.model.moe.experts import Experts, grouped_mm, grouped_mm_available
 
 
 class _CountWritten(TorchDispatchMode):
-    """Sums the elements of every tensor the dispatched ops return (what they wrote)."""
+    """Sums the elements of every tensor the dispatched ops write: what they return, or their out= tensors."""
 
     def __init__(self):
         super().__init__()
@@ -17,8 +17,12 @@ class _CountWritten(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor) and not func._schema.is_mutable and func.is_view is False:
+        if func._schema.is_mutable:      # an in-place or out= op writes its out tensor(s), the result
+            written = (kwargs or {}).get("out", out)
+        else:
+            written = out if func.is_view is False else []
+        for tensor in written if isinstance(written, (tuple, list)) else [written]:
+            if isinstance(tensor, torch.Tensor):
                 self.elements += tensor.numel()
         return out
 

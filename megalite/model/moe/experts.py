@@ -11,13 +11,14 @@ and up interleaved per unit as in megalite/model/transformer.py's MLP) and ``wei
 from the seed (so splitting the experts over ranks later keeps each expert's values).  ``grouped_mm`` computes
 row block e times ``weight[e]`` for every e: one ``torch._grouped_mm`` call where torch, the device and the
 dtype support it (CUDA, bfloat16, compute capability 9.0 on; the CPU in float32 or bfloat16 where torch has
-the kernel, as 2.13 does), else a loop over the experts with the same math.  On this 2-core CPU the kernel
-took 0.47-0.93x the loop's time for forward + backward at 8 and 64 experts with up to 64 tokens per expert,
-the least where each expert has few, and the loop's time within noise at 256 (docs/moe.md, "Measured").
+the kernel, as 2.13 does), else a loop over the experts with the same math, each block's product and
+gradients written in place (``_ExpertLoop``).  On this 2-core CPU the kernel took 0.64-1.02x the loop's time
+for forward + backward at 8 and 64 experts (docs/moe.md, "The loop writes each block in place").
 """
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import List, Optional, Tuple
 
 import torch
@@ -89,14 +90,51 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, fuse
             return out
         # bias row e repeated for expert e's rows, without reading the counts on the host
         return out + torch.repeat_interleave(bias.to(out.dtype), counts, dim=0, output_size=x.shape[0])
-    blocks = x.split(sizes if sizes is not None else counts.tolist(), dim=0)
-    # unbind, not weight[e]: each select's backward would write a whole [E, in, out] gradient of zeros,
-    # E of them per GEMM (E^2 in / out elements); unbind's backward stacks the E expert gradients once.
-    experts = weight.unbind(0)
-    if bias is None:
-        return torch.cat([block @ expert for block, expert in zip(blocks, experts)], dim=0)
-    pairs = zip(blocks, experts, bias.unbind(0))
-    return torch.cat([block @ expert + expert_bias for block, expert, expert_bias in pairs], dim=0)
+    return _ExpertLoop.apply(x, weight, bias, list(sizes if sizes is not None else counts.tolist()))
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """The loop over experts, each block's product written straight into its rows of one output, and in
+    backward each block's input gradient into its rows and each expert's weight gradient into its slice:
+    no per-expert results joined by a copy (``cat``) and no per-expert gradients stacked (the unbind or
+    split of autograd's own loop), so every element is written once, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes):
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], weight.shape[2])
+        for e, (start, end) in enumerate(_spans(sizes)):
+            if bias is None:
+                torch.mm(x[start:end], weight[e], out=out[start:end])
+            else:
+                torch.addmm(bias[e], x[start:end], weight[e], out=out[start:end])
+        ctx.save_for_backward(x, weight)
+        ctx.sizes, ctx.has_bias = sizes, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        spans = _spans(ctx.sizes)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x.new_empty(x.shape)
+            for e, (start, end) in enumerate(spans):
+                torch.mm(grad[start:end], weight[e].t(), out=grad_x[start:end])
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight.new_empty(weight.shape)
+            for e, (start, end) in enumerate(spans):
+                torch.mm(x[start:end].t(), grad[start:end], out=grad_weight[e])    # zeros for no rows
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = torch.stack([grad[start:end].sum(0) for start, end in spans])
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _spans(sizes: List[int]) -> List[Tuple[int, int]]:
+    """(start, end) rows of each expert's block, from the blocks' sizes."""
+    ends = list(itertools.accumulate(sizes))
+    return list(zip([0] + ends[:-1], ends))
 
 
 class Experts(nn.Module):
