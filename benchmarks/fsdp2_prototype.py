@@ -51,7 +51,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_"
+from megalite.calibration.allocator import ENV as MALLOC_ENV
+
 LR, WEIGHT_DECAY, CLIP = 1e-3, 0.01, 1.0
 CLEAR_GRADIENT = 1e-5     # |first-step gradient| well above Adam's eps (1e-8)
 ENGINES = {"ddp": "megalite DDP", "fsdp2": "FSDP2", "fsdp2-keep": "FSDP2 keep-fwd"}

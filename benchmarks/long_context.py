@@ -31,10 +31,11 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from megalite.calibration.allocator import ENV as MALLOC_ENV
+
 MODEL = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4", "--vocab-size", "1024",
          "--position-embedding-type", "rope",
          "--make-vocab-size-divisible-by", "128", "--hidden-dropout", "0", "--attention-dropout", "0"]
-MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_"
 QUICK_MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--vocab-size", "128",
                "--make-vocab-size-divisible-by", "32", "--hidden-dropout", "0", "--attention-dropout", "0"]
 

@@ -41,8 +41,8 @@ import time
 from typing import Dict, List, Optional
 
 from benchmarks.side_by_side import alternating
+from megalite.calibration.allocator import fix_threshold
 
-M_MMAP_THRESHOLD = -3     # glibc's mallopt parameter
 EXPERTS = ["--num-experts", "8", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2"]
 # (model flags, micro-batch, expert width f) of the full and the quick run.
 SHAPES = {
@@ -152,8 +152,8 @@ def _memory_rank(rank: int, world_size: int, argv: List[str]) -> Dict[str, float
     from megalite.parallel.param_info import param_info
     from megalite.training.loop import setup, train_step
 
+    fix_threshold(64 * 1024)
     libc = ctypes.CDLL(None)
-    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     before = _resident_bytes(libc)
     run = setup(argv)
     try:

@@ -43,13 +43,14 @@ import statistics
 import time
 from typing import Dict, List, Optional
 
+from megalite.calibration.allocator import fix_threshold
+
 MODEL = ["--num-layers", "8", "--hidden-size", "1024", "--num-attention-heads", "16", "--vocab-size", "8192",
          "--seq-length", "64", "--max-position-embeddings", "64"]
 QUICK_MODEL = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--vocab-size", "512",
                "--seq-length", "16", "--max-position-embeddings", "16"]
 STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 NAMES = {"no_shard": "no_shard", "optim": "ZeRO-1", "optim_grads": "ZeRO-2", "optim_grads_params": "ZeRO-3"}
-M_MMAP_THRESHOLD = -3      # glibc's mallopt parameter
 MIB = 2 ** 20
 CORES = len(os.sched_getaffinity(0))
 
@@ -152,7 +153,7 @@ class _TimedWork:
 
 def _rank(rank: int, world_size: int, argv: List[str], warmup: int, steps: int) -> Dict[str, float]:
     os.environ["WORLD_SIZE"] = str(world_size)
-    _libc().mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    fix_threshold(64 * 1024)
     from megalite.parallel import state
     from megalite.training.loop import setup, train_step
 
