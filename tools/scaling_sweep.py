@@ -31,6 +31,12 @@ rank 0's measured peak over rank 0's prediction (``memory_ratio``), and the acti
 one layer as the prediction counts them (on a CPU calibration, as PyTorch's CPU kernels save them:
 ``scaling/cpu_activations.py``) and as that inventory counts them.
 
+The runs share their calibration's allocator setting (its ``malloc_mmap_threshold``; a calibration measured
+here takes ``--malloc-mmap-threshold``): glibc's default keeps freed blocks resident, so the peak exceeds
+the live bytes the model counts, while a fixed threshold returns them at the price of faulting them in
+again each step -- which the prediction includes only if the calibration was measured that way
+(calibration/allocator.py, docs/scaling.md "Peak memory").
+
 Groups: model size (1 rank, hidden 128 to 512) and weak scaling (DP 1 -> 2 with the batch), TP vs
 PP vs DP at 2 ranks, micro-batch size under PP 2, the bubble against the micro-batch count for each
 schedule, and memory under TP 2 with SP and selective / full recompute.  Writes ``sweep.csv``,
