@@ -23,6 +23,10 @@ divided by the measured rate:
       add            the residual add x + y; backward: autograd's      bytes = 3 e n
                      accumulation of the residual gradient (one add)
       cross_entropy  megalite's vocab-parallel cross-entropy (fp32)   bytes = (e + 8) n   (n = tokens x V)
+      permute        an MoE layer's token permutation and its         bytes = 4 e n       (n = rows x h)
+                     weighted unpermutation (model/moe/experts.py's
+                     permute, unpermute; top-2 of 8 experts, rows
+                     of 256, the routing weights' gradient included)
 
   at several ``n`` (small tensors pay PyTorch's per-op dispatch, which the bandwidth alone misses).
 
@@ -49,6 +53,7 @@ ELEMENTWISE_SIZES = tuple(2 ** p for p in range(14, 23))   # every power of two:
 ELEMENTWISE_SIZES_QUICK = (2 ** 12, 2 ** 14)
 _NORM_WIDTH = 256
 _VOCAB = 1024
+_TOPK, _EXPERTS = 2, 8
 
 
 def _forward_backward_seconds(make: Callable[[], tuple], min_time: float, keep: bool = True):
@@ -91,6 +96,7 @@ def measure_attention(dtypes: Dict[str, torch.dtype], quick: bool, min_time: flo
 
 def _elementwise_ops(dtype: torch.dtype) -> Dict[str, tuple]:
     """op -> (make(n) -> (inputs, forward, grad), counted forward bytes per element at this dtype)."""
+    from megalite.model.moe.experts import permute, unpermute
     from megalite.ops import layer_norm
     from megalite.parallel.layers import vocab_parallel_cross_entropy
 
@@ -115,8 +121,19 @@ def _elementwise_ops(dtype: torch.dtype) -> Dict[str, tuple]:
         target = torch.randint(0, _VOCAB, (n // _VOCAB, 1))
         return (logits,), (lambda x: vocab_parallel_cross_entropy(x, target)), torch.ones(n // _VOCAB, 1)
 
+    def permuted(n):
+        tokens = n // (_NORM_WIDTH * _TOPK)
+        x = torch.randn(tokens, _NORM_WIDTH).to(dtype).requires_grad_()
+        weights = torch.rand(tokens, _TOPK).requires_grad_()
+        indices = torch.randint(0, _EXPERTS, (tokens, _TOPK), generator=torch.Generator().manual_seed(0))
+
+        def forward(x, weights):
+            rows, order, _counts = permute(x, indices, _EXPERTS)
+            return unpermute(rows, order, weights, tokens)
+        return (x, weights), forward, torch.randn_like(x)
+
     return {"norm": (norm, 2 * e), "activation": (activation, 2 * e), "add": (add, 3 * e),
-            "cross_entropy": (cross_entropy, e + 8)}
+            "cross_entropy": (cross_entropy, e + 8), "permute": (permuted, 4 * e)}
 
 
 def measure_elementwise(dtypes: Dict[str, torch.dtype], quick: bool, min_time: float) -> List[dict]:

@@ -34,7 +34,8 @@ def test_quick_calibration_has_the_schema(tmp_path):
         (dtype, heads, s, d) for dtype in ("float32", "bfloat16") for heads, s, d in ATTENTION_GRID_QUICK}
     assert all(r["forward_tflops"] > 0 and r["backward_tflops"] > 0 for r in document["attention"])
     assert {(r["dtype"], r["op"]) for r in document["elementwise"]} == {
-        (dtype, op) for dtype in ("float32", "bfloat16") for op in ("norm", "activation", "add", "cross_entropy")}
+        (dtype, op) for dtype in ("float32", "bfloat16")
+        for op in ("norm", "activation", "add", "cross_entropy", "permute")}
     assert all(r["bytes"] > 0 and r["forward_gbs"] > 0 and r["backward_gbs"] > 0 for r in document["elementwise"])
     hardware = from_calibration(document)
     assert hardware.peak("float32") == document["peak_tflops"]["float32"]

@@ -292,3 +292,20 @@ def test_moe_activations_under_tp_and_expert_tp():
         expected = e * tokens * k * ((etp + 1) * h + 2 * f) + 4 * tokens * experts_count
         assert experts.moe_extra_activation_bytes(model, 2, tp=2, etp=etp) == expected
     assert experts.moe_extra_activation_bytes(model, 2, tp=2, etp=2, recompute="full") == 0.0
+
+
+def test_a_calibrated_permutation_rate_prices_the_moe_permutation():
+    # A calibration's measured "permute" row (calibration/ops.py: megalite's permute and unpermute) replaces the
+    # memory bandwidth for the permutation's 2 x 2 e T k h bytes: forward at its forward rate, backward at its own.
+    moe, *_ = parse_args(["--mock-data", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                          "--seq-length", "32", "--max-position-embeddings", "32", "--vocab-size", "128",
+                          "--num-experts", "4", "--moe-router-topk", "2", "--disable-bias-linear", "--bf16"],
+                         world_size=1)
+    permuted = 2 * 2 * 2 * (2 * 32 * 2) * 64          # bytes: 2 x 2 e, T = 2 x 32 tokens, k = 2, h = 64
+    slow = dataclasses.replace(H100, elementwise=(("permute", "bfloat16", permuted, 1.0, 0.5),))
+    plain = experts.mixed_layer_times(moe, 2, H100, "bfloat16")
+    measured = experts.mixed_layer_times(moe, 2, slow, "bfloat16")
+    bandwidth = H100.hbm_gbs * 1e9 * H100.memory_efficiency
+    assert measured.forward - plain.forward == pytest.approx(permuted / 1e9 - permuted / bandwidth)
+    assert measured.backward_input - plain.backward_input == pytest.approx(
+        2 * permuted / 0.5e9 - 2 * permuted / bandwidth)
