@@ -310,15 +310,20 @@ def calibrate(path: str, ranks: int = 2, quick: bool = False) -> dict:
     }
     document["host_overhead"] = measure_overhead(document, quick)
     document["runtime_baseline"] = measure_runtime_baseline(document, ranks, quick)
+    _check_positive(document)
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1)
+    return document
+
+
+def _check_positive(document: dict) -> None:
+    """A RuntimeError naming the first figures a calibration measured as zero, negative or not finite."""
     bad = [key for key in ("memory_bandwidth_gbs", "optimizer_bytes_per_s") if not document[key] > 0]
-    bad += [f"matmul {r}" for r in matmul if not (r["tflops"] > 0 and math.isfinite(r["tflops"]))]
+    bad += [f"matmul {r}" for r in document["matmul"] if not (r["tflops"] > 0 and math.isfinite(r["tflops"]))]
     bad += [f"{table} {r}" for table in ("attention", "elementwise") for r in document[table]
             if not all(v > 0 and math.isfinite(v) for k, v in r.items() if k.endswith(("tflops", "gbs")))]
     if bad:
         raise RuntimeError(f"calibration measured non-positive figures: {bad[:3]}")
-    with open(path, "w") as f:
-        json.dump(document, f, indent=1)
-    return document
 
 
 def main(argv=None) -> None:
