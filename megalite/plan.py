@@ -100,6 +100,14 @@ def _calibrate(path: str) -> int:
     return 0
 
 
+def _allocator_note(calibration: Optional[str]) -> None:
+    """Under a CPU calibration's prediction: the allocator setting its figures hold for."""
+    if calibration:
+        from megalite.calibration.allocator import plan_note
+        with open(calibration) as f:
+            print(plan_note(json.load(f).get("malloc_mmap_threshold")))
+
+
 def run(argv: List[str], prog: str) -> int:
     ours, rest = build_parser(prog).parse_known_args(argv)
     if ours.help:
@@ -131,6 +139,7 @@ def run(argv: List[str], prog: str) -> int:
         print("rejected:")
         for c in candidates[len(fitting):]:
             print(f"  {describe(c):<62} {c.reason}")
+        _allocator_note(ours.calibration)
         if ours.json:
             print(json.dumps({"fits": [dict(summary(c.prediction), description=describe(c)) for c in fitting],
                               "rejected": [{"description": describe(c), "reason": c.reason}
@@ -138,6 +147,7 @@ def run(argv: List[str], prog: str) -> int:
         return 0
     best = plan(rest, hardware, world)
     print(format_prediction(best.prediction, best.chosen))
+    _allocator_note(ours.calibration)
     if ours.json:
         print(json.dumps(dict(summary(best.prediction), chosen=best.chosen)))
     return 0

@@ -64,6 +64,18 @@ def test_cpu_calibration(capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and result["hardware"] == "example-cpu" and result["layout"]["dtype"] == "float32"
     assert result["mfu"] == pytest.approx(result["tflops_per_gpu"] / 0.2)
+    # the example file records no allocator setting: glibc's default, whose resident peak can exceed the model's
+    assert "ran with glibc's default allocator" in out and "MALLOC_MMAP_THRESHOLD_=524288" in out
+
+
+def test_a_calibration_under_a_fixed_threshold_names_it(capsys, tmp_path):
+    document = json.loads(pathlib.Path(EXAMPLE).read_text())
+    document["malloc_mmap_threshold"] = 524288
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps(document))
+    code, out, _ = run(capsys, "--gpu", "cpu", "--calibration", str(fixed), "--world-size", "2",
+                       "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4")
+    assert code == 0 and "ran with MALLOC_MMAP_THRESHOLD_=524288: the step times and peak hold for runs with" in out
 
 
 def test_calibrate_calls_the_calibration_module(capsys, monkeypatch, tmp_path):

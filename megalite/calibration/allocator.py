@@ -17,7 +17,7 @@ import ctypes.util
 import os
 from typing import Mapping, Optional
 
-__all__ = ["ENV", "MAX_THRESHOLD", "threshold_from_env", "check_threshold", "fix_threshold"]
+__all__ = ["ENV", "MAX_THRESHOLD", "threshold_from_env", "check_threshold", "fix_threshold", "plan_note"]
 
 ENV = "MALLOC_MMAP_THRESHOLD_"
 # glibc refuses a threshold above HEAP_MAX_SIZE / 2: 32 MiB on a 64-bit machine.
@@ -55,3 +55,13 @@ def fix_threshold(nbytes: int) -> None:
         raise ValueError(f"--malloc-mmap-threshold {nbytes}: this C library has no glibc mallopt; "
                          f"leave the flag out here")
     os.environ[ENV] = str(nbytes)
+
+
+def plan_note(threshold: Optional[int]) -> str:
+    """The line megalite-plan prints under a CPU calibration's prediction: which allocator setting its step
+    times and peak hold for (the calibration's ``malloc_mmap_threshold``; docs/scaling.md, "Peak memory")."""
+    if threshold is None:
+        return ("note: this calibration ran with glibc's default allocator, which keeps freed blocks resident: "
+                "a rank's peak can exceed the memory above (up to 1.41x measured, docs/scaling.md \"Peak memory\"); "
+                f"for a peak that follows it, calibrate and run with {ENV}=524288")
+    return f"note: this calibration ran with {ENV}={threshold}: the step times and peak hold for runs with the same"
