@@ -40,7 +40,8 @@ def _cp_ring(flags: List[str]) -> Optional[List[str]]:
 
 
 def _default_kernel(flags: List[str]) -> Optional[List[str]]:
-    if "flash" not in flags:
+    backends = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == "--attention-backend"]
+    if backends[-1:] != ["flash"]:
         return None
     return flags + ["--attention-backend", "auto"]
 

@@ -55,7 +55,7 @@ import sys
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
-from megalite.calibration.allocator import ENV
+from megalite.calibration.allocator import ENV, check_threshold
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARMUP = 2
@@ -306,6 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args.out = os.path.abspath(args.out)   # the runs start in OUT/runs: every path they get is absolute
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     try:
+        if args.malloc_mmap_threshold is not None:
+            check_threshold(args.malloc_mmap_threshold, "--malloc-mmap-threshold")
         hardware, threads, mmap_threshold = load_calibration(
             args.calibration or os.path.join(args.out, "calibration.json"), 2, args.malloc_mmap_threshold)
     except ValueError as error:
